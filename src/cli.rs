@@ -5,17 +5,19 @@ use crate::error::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "rcx", version, about = "Reward models on ranked preferences, and reward collapse")]
+#[command(
+    name = "rcx",
+    version,
+    about = "Reward models on ranked preferences, and reward collapse"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
-}
+pub enum Command {}
 
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-    }
+    match cli.command {}
 }
