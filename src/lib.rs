@@ -2,5 +2,14 @@
 
 pub mod backend;
 pub mod cli;
+pub mod config;
+pub mod data;
 pub mod error;
+pub mod eval;
 pub mod loss;
+pub mod model;
+pub mod plot;
+pub mod safetensors;
+pub mod theory;
+pub mod tokenizer;
+pub mod train;
