@@ -2,6 +2,7 @@
 //! prompt-aware ones. A utility U is maximised over ranked pairs; the loss of a pair whose
 //! reward difference is x = r_better - r_worse is -U(x).
 
+use crate::backend::Float;
 use crate::error::{Error, Result};
 
 /// Whether a prompt is open-ended (wants spread rewards) or closed-ended (polarized ones).
@@ -189,4 +190,187 @@ impl LossSpec {
     pub fn is_prompt_aware(&self) -> bool {
         matches!(self, LossSpec::PromptAware { .. })
     }
+}
+
+/// The logistic function, written so that neither branch overflows: exp is only ever taken
+/// of a non-positive number.
+pub fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// The number of ranked pairs of a batch: sum over prompts of K_p (K_p - 1) / 2.
+pub fn pair_count(ks: &[usize]) -> usize {
+    ks.iter().map(|&k| k * k.saturating_sub(1) / 2).sum()
+}
+
+/// Checks the shapes of a batch and picks each prompt's utility. Shape mismatches are bugs
+/// of the caller (internal); an untyped prompt under a prompt-aware loss is bad data (user).
+fn utilities_per_prompt(
+    n_scores: usize,
+    ks: &[usize],
+    types: &[Option<PromptType>],
+    spec: &LossSpec,
+    eps: f64,
+) -> Result<Vec<Utility>> {
+    if ks.len() != types.len() {
+        return Err(Error::internal(format!(
+            "ranking loss: {} prompt sizes but {} prompt types",
+            ks.len(),
+            types.len()
+        )));
+    }
+    if let Some(p) = ks.iter().position(|&k| k < 2) {
+        return Err(Error::internal(format!(
+            "ranking loss: prompt {p} has {} completions, at least 2 are needed for a pair",
+            ks[p]
+        )));
+    }
+    let total: usize = ks.iter().sum();
+    if total != n_scores {
+        return Err(Error::internal(format!(
+            "ranking loss: the prompt sizes add up to {total} but {n_scores} scores were given"
+        )));
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(Error::internal(format!(
+            "ranking loss: eps must be positive, got {eps}"
+        )));
+    }
+    types
+        .iter()
+        .enumerate()
+        .map(|(p, &t)| {
+            spec.utility_for(t).ok_or_else(|| {
+                Error::user(format!(
+                    "prompt {p} of the batch has no type (open/closed), which the \
+                     prompt-aware loss needs to pick its utility"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Mean over all ranked pairs of -U(r_i - r_j), and its gradient with respect to the
+/// rewards written into `drewards` (overwritten). Shapes as in
+/// `ranking_loss_forward_backward`, already checked.
+fn ranking_loss_of_rewards_with_grad(
+    rewards: &[f64],       // [sum_p K_p]
+    ks: &[usize],          // [P]
+    utilities: &[Utility], // [P]
+    eps: f64,
+    drewards: &mut [f64], // [sum_p K_p]
+) -> f64 {
+    // The paper's code averages over every pair of the batch, so a prompt with more
+    // completions weighs more (K(K-1)/2 pairs).
+    let scale = 1.0 / pair_count(ks) as f64;
+    drewards.fill(0.0);
+    let mut loss = 0.0;
+    let mut start = 0;
+    for (&k, utility) in ks.iter().zip(utilities) {
+        let r = &rewards[start..start + k];
+        let dr = &mut drewards[start..start + k];
+        for i in 0..k {
+            for j in i + 1..k {
+                // i is ranked above j: the utility rewards r_i - r_j being large.
+                let (u, slope) = utility.value_and_slope(r[i] - r[j], eps);
+                loss -= u * scale;
+                dr[i] -= slope * scale;
+                dr[j] += slope * scale;
+            }
+        }
+        start += k;
+    }
+    loss
+}
+
+/// The batch ranking loss evaluated on rewards directly (in [0, 1], best first per prompt),
+/// in f64: for analysis, e.g. the loss at the theoretical optimum.
+pub fn ranking_loss_of_rewards(
+    rewards: &[f64],              // [sum_p K_p]
+    ks: &[usize],                 // [P]
+    types: &[Option<PromptType>], // [P]
+    spec: &LossSpec,
+    eps: f64,
+) -> Result<f64> {
+    let utilities = utilities_per_prompt(rewards.len(), ks, types, spec, eps)?;
+    let mut drewards = vec![0.0; rewards.len()]; // [sum_p K_p]
+    Ok(ranking_loss_of_rewards_with_grad(
+        rewards,
+        ks,
+        &utilities,
+        eps,
+        &mut drewards,
+    ))
+}
+
+/// logits: [sum_p K_p], completions of each prompt contiguous, best first; ks[p] = K_p (>= 2).
+/// Returns the mean over all ranked pairs of the batch of -U(r_i - r_j), r = sigmoid(logit),
+/// and writes dlogits (same shape, = d loss / d logit, OVERWRITTEN not accumulated).
+///
+/// Each completion is scored once and all K(K-1)/2 pairs are formed on the K rewards (the
+/// authors' code ran both sequences of every pair through the encoder). Under a
+/// prompt-aware loss the utility is chosen per prompt from `types[p]` (the authors' code
+/// chose it once per batch from the last prompt). The arithmetic is done in f64 whatever F
+/// is: it is O(K^2) scalars per prompt, negligible beside the encoder, and it keeps the
+/// steep utilities (x_inv2 has slope 2000 at 0) accurate in f32 training.
+pub fn ranking_loss_forward_backward<F: Float>(
+    logits: &[F],                 // [sum_p K_p]
+    ks: &[usize],                 // [P]
+    types: &[Option<PromptType>], // [P]
+    spec: &LossSpec,
+    eps: f64,
+    dlogits: &mut [F], // [sum_p K_p]
+) -> Result<F> {
+    if dlogits.len() != logits.len() {
+        return Err(Error::internal(format!(
+            "ranking loss: {} logits but room for {} gradients",
+            logits.len(),
+            dlogits.len()
+        )));
+    }
+    let utilities = utilities_per_prompt(logits.len(), ks, types, spec, eps)?;
+    let rewards: Vec<f64> = logits.iter().map(|s| sigmoid(s.to_f64())).collect(); // [sum_p K_p]
+    let mut drewards = vec![0.0; rewards.len()]; // [sum_p K_p]
+    let loss = ranking_loss_of_rewards_with_grad(&rewards, ks, &utilities, eps, &mut drewards);
+    for ((ds, &r), &dr) in dlogits.iter_mut().zip(&rewards).zip(&drewards) {
+        // d sigmoid(s) / ds = r (1 - r)
+        *ds = F::from_f64(dr * r * (1.0 - r));
+    }
+    Ok(F::from_f64(loss))
+}
+
+/// Rewards closer than this count as a tie in `pairwise_accuracy`.
+pub const TIE_TOLERANCE: f64 = 1e-3;
+
+/// Counts, over all ranked pairs (i above j) of each prompt, those ordered correctly
+/// (r_i - r_j > 1e-3) and the ties (|r_i - r_j| <= 1e-3). Returns (correct, ties, total).
+/// rewards: [sum_p K_p], best first per prompt, as for the loss.
+pub fn pairwise_accuracy(rewards: &[f64], ks: &[usize]) -> (usize, usize, usize) {
+    assert_eq!(
+        ks.iter().sum::<usize>(),
+        rewards.len(),
+        "pairwise_accuracy: prompt sizes do not match the rewards"
+    );
+    let (mut correct, mut ties) = (0, 0);
+    let mut start = 0;
+    for &k in ks {
+        let r = &rewards[start..start + k];
+        for i in 0..k {
+            for j in i + 1..k {
+                let x = r[i] - r[j];
+                if x.abs() <= TIE_TOLERANCE {
+                    ties += 1;
+                } else if x > 0.0 {
+                    correct += 1;
+                }
+            }
+        }
+        start += k;
+    }
+    (correct, ties, pair_count(ks))
 }
