@@ -16,8 +16,13 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Validate training config files.
+    CheckConfig(crate::config::CheckConfigArgs),
+}
 
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {}
+    match cli.command {
+        Command::CheckConfig(a) => crate::config::cmd_check_config(a),
+    }
 }

@@ -1,1 +1,633 @@
-//! config (in progress)
+//! The YAML training config of `rcx train`, and `rcx check-config`.
+//!
+//! Keys and defaults follow Hugging Face's `TrainingArguments` where it has the key (the
+//! paper's runs were configured that way). Every check is made while the YAML is read, so
+//! that each error carries the key path and line serde_yaml_ng knows; an error is one line:
+//! `FILE:LINE: KEY: what was wrong, what is allowed`.
+//!
+//! Relative paths (`datasets`, `eval_datasets`, `output_dir`) are resolved against the
+//! current directory of the process, not against the config file, as Hugging Face does.
+//! `model_name` is not checked for existence here: a model folder may be fetched after the
+//! config is written; the model loader checks it at train time.
+
+use crate::error::{Error, Result};
+use crate::loss::{LossSpec, Utility};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The models rcx builds from scratch by name; any other `model_name` is a path to a
+/// Hugging Face model folder.
+pub const BUILTIN_MODELS: [&str; 3] = ["bert-tiny", "bert-mini", "bert-small"];
+
+/// Learning-rate schedule after the linear warmup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Linear decay to 0 at `max_steps` (Hugging Face's default).
+    Linear,
+    /// Half a cosine from the peak to 0 at `max_steps`.
+    Cosine,
+    /// Constant after warmup.
+    Constant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// CUDA when a device is usable, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    Bf16,
+}
+
+/// A validated training config. Built only by `Config::load`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `bert-tiny`, `bert-mini`, `bert-small` (from scratch) or a Hugging Face folder.
+    pub model_name: String,
+    pub learning_rate: f64,
+    pub scheduler: Scheduler,
+    /// Fraction of `max_steps` spent in linear warmup, in [0, 1].
+    pub warmup_ratio: f64,
+    pub gradient_accumulation_steps: usize,
+    /// Prompts (each with all its completions) per micro-batch.
+    pub per_device_train_batch_size: usize,
+    /// Tokens per completion (prompt + answer), longer ones truncated.
+    pub max_length: usize,
+    /// Optimizer steps.
+    pub max_steps: usize,
+    pub eval_steps: usize,
+    pub save_steps: usize,
+    pub logging_steps: usize,
+    /// Absolute: resolved against the current directory.
+    pub output_dir: PathBuf,
+    pub loss: LossSpec,
+    /// For display: `adaptive`, `x_inv`, or `open=x_inv,closed=x`.
+    pub loss_name: String,
+    /// The shift of the extended utilities (> 0).
+    pub eps: f64,
+    /// The entries as written: shipped set names or paths.
+    pub datasets: Vec<String>,
+    /// The training files they name, absolute.
+    pub train_files: Vec<PathBuf>,
+    /// The evaluation entries as written (default: the shipped set, eval split).
+    pub eval_datasets: Vec<String>,
+    /// The evaluation files they name, absolute.
+    pub eval_files: Vec<PathBuf>,
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping threshold (> 0).
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub device: Device,
+    pub dtype: DType,
+    /// Overrides the model's hidden and attention dropout when set, in [0, 1).
+    pub dropout: Option<f64>,
+    /// Evaluate on at most this many prompts (all when unset).
+    pub eval_max_prompts: Option<usize>,
+}
+
+/// The YAML as written; every field is checked by its deserializer so that errors carry
+/// the key and line.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(deserialize_with = "model_name")]
+    model_name: String,
+    #[serde(default = "default_learning_rate", deserialize_with = "positive_f64")]
+    learning_rate: f64,
+    #[serde(default = "default_scheduler")]
+    scheduler: Scheduler,
+    #[serde(default, deserialize_with = "unit_interval")]
+    warmup_ratio: f64,
+    #[serde(default = "one", deserialize_with = "positive_usize")]
+    gradient_accumulation_steps: usize,
+    #[serde(default = "default_batch", deserialize_with = "positive_usize")]
+    per_device_train_batch_size: usize,
+    #[serde(default = "default_max_length", deserialize_with = "positive_usize")]
+    max_length: usize,
+    #[serde(deserialize_with = "positive_usize")]
+    max_steps: usize,
+    #[serde(default = "default_every", deserialize_with = "positive_usize")]
+    eval_steps: usize,
+    #[serde(default = "default_every", deserialize_with = "positive_usize")]
+    save_steps: usize,
+    #[serde(default = "default_logging_steps", deserialize_with = "positive_usize")]
+    logging_steps: usize,
+    #[serde(deserialize_with = "output_dir")]
+    output_dir: PathBuf,
+    loss: NamedLoss,
+    #[serde(default = "default_eps", deserialize_with = "positive_f64")]
+    eps: f64,
+    datasets: TrainDatasets,
+    #[serde(default)]
+    eval_datasets: Option<EvalDatasets>,
+    #[serde(default, deserialize_with = "non_negative_f64")]
+    weight_decay: f64,
+    #[serde(default = "default_max_grad_norm", deserialize_with = "positive_f64")]
+    max_grad_norm: f64,
+    #[serde(default = "default_seed")]
+    seed: u64,
+    #[serde(default = "default_device")]
+    device: Device,
+    #[serde(default = "default_dtype")]
+    dtype: DType,
+    #[serde(default, deserialize_with = "dropout")]
+    dropout: Option<f64>,
+    #[serde(default, deserialize_with = "optional_positive_usize")]
+    eval_max_prompts: Option<usize>,
+}
+
+// Hugging Face Trainer's defaults, where it has the key.
+fn default_learning_rate() -> f64 {
+    5e-5
+}
+fn default_scheduler() -> Scheduler {
+    Scheduler::Linear
+}
+fn one() -> usize {
+    1
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_max_length() -> usize {
+    512
+}
+fn default_every() -> usize {
+    500
+}
+fn default_logging_steps() -> usize {
+    10
+}
+fn default_eps() -> f64 {
+    0.1
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_device() -> Device {
+    Device::Auto
+}
+fn default_dtype() -> DType {
+    DType::F32
+}
+
+// The range checks run inside the visitors: an error raised there gets the key path and
+// line from serde_yaml_ng, one raised after deserializing the value would not.
+
+/// A number (integers accepted) that must satisfy `ok`; `expected` says what is allowed.
+struct NumberVisitor {
+    expected: &'static str,
+    ok: fn(f64) -> bool,
+}
+
+impl Visitor<'_> for NumberVisitor {
+    type Value = f64;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.expected)
+    }
+
+    fn visit_f64<E: de::Error>(self, x: f64) -> std::result::Result<f64, E> {
+        if (self.ok)(x) {
+            Ok(x)
+        } else {
+            Err(E::custom(format!("must be {}, got {x}", self.expected)))
+        }
+    }
+
+    fn visit_i64<E: de::Error>(self, x: i64) -> std::result::Result<f64, E> {
+        self.visit_f64(x as f64)
+    }
+
+    fn visit_u64<E: de::Error>(self, x: u64) -> std::result::Result<f64, E> {
+        self.visit_f64(x as f64)
+    }
+}
+
+fn positive_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    d.deserialize_f64(NumberVisitor {
+        expected: "a positive number",
+        ok: |x| x.is_finite() && x > 0.0,
+    })
+}
+
+fn non_negative_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    d.deserialize_f64(NumberVisitor {
+        expected: "a number >= 0",
+        ok: |x| x.is_finite() && x >= 0.0,
+    })
+}
+
+fn unit_interval<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    d.deserialize_f64(NumberVisitor {
+        expected: "a number in [0, 1]",
+        ok: |x| (0.0..=1.0).contains(&x),
+    })
+}
+
+fn dropout<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<f64>, D::Error> {
+    d.deserialize_f64(NumberVisitor {
+        expected: "a number in [0, 1)",
+        ok: |x| (0.0..1.0).contains(&x),
+    })
+    .map(Some)
+}
+
+/// A positive integer (counts of steps, prompts, tokens).
+struct PositiveIntVisitor;
+
+impl Visitor<'_> for PositiveIntVisitor {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a positive integer")
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> std::result::Result<usize, E> {
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(E::custom(format!("must be a positive integer, got {n}"))),
+        }
+    }
+
+    fn visit_i64<E: de::Error>(self, n: i64) -> std::result::Result<usize, E> {
+        match u64::try_from(n) {
+            Ok(n) => self.visit_u64(n),
+            Err(_) => Err(E::custom(format!("must be a positive integer, got {n}"))),
+        }
+    }
+}
+
+fn positive_usize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    // i64, so that a negative number reaches visit_i64 and gets the range message.
+    d.deserialize_i64(PositiveIntVisitor)
+}
+
+fn optional_positive_usize<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<usize>, D::Error> {
+    positive_usize(d).map(Some)
+}
+
+/// A string that must not be blank; `expected` says what is allowed.
+struct NonEmptyVisitor {
+    expected: &'static str,
+}
+
+impl Visitor<'_> for NonEmptyVisitor {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.expected)
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<String, E> {
+        if s.trim().is_empty() {
+            return Err(E::custom(format!("must not be empty: {}", self.expected)));
+        }
+        Ok(s.to_string())
+    }
+}
+
+fn model_name<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    d.deserialize_str(NonEmptyVisitor {
+        expected: "bert-tiny, bert-mini, bert-small or a path to a Hugging Face model folder",
+    })
+}
+
+fn output_dir<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<PathBuf, D::Error> {
+    let dir = d.deserialize_str(NonEmptyVisitor {
+        expected: "a path to the run's folder",
+    })?;
+    // Cannot fail on user input, only when the current directory is gone.
+    absolute(Path::new(&dir)).map_err(de::Error::custom)
+}
+
+fn absolute(path: &Path) -> std::result::Result<PathBuf, String> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(path))
+        .map_err(|e| format!("cannot resolve `{}`: {e}", path.display()))
+}
+
+/// The name of the data set shipped with rcx.
+const SHIPPED_SET: &str = "kjv-jargon";
+
+/// The file of a shipped set's split: `data/<set>/{train,eval}.jsonl` under the crate, or
+/// under `$RCX_DATA_DIR` when set. `None` when `entry` is not a shipped set name.
+// Stand-in for `crate::data::resolve_dataset`, to be replaced by it at merge.
+fn resolve_dataset(entry: &str, eval_split: bool) -> Option<PathBuf> {
+    if entry != SHIPPED_SET {
+        return None;
+    }
+    let root = std::env::var_os("RCX_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data")));
+    let split = if eval_split {
+        "eval.jsonl"
+    } else {
+        "train.jsonl"
+    };
+    Some(root.join(entry).join(split))
+}
+
+/// A list of data set entries with the files they name. Each entry is a shipped set name or
+/// a path to an existing file; a missing file fails with the entry's index.
+struct Datasets<const EVAL: bool> {
+    entries: Vec<String>,
+    files: Vec<PathBuf>,
+}
+
+type TrainDatasets = Datasets<false>;
+type EvalDatasets = Datasets<true>;
+
+/// One entry, checked as its own element so that serde_yaml_ng reports its index and line.
+struct DatasetEntry<const EVAL: bool> {
+    entry: String,
+    file: PathBuf,
+}
+
+struct DatasetEntryVisitor<const EVAL: bool>;
+
+impl<const EVAL: bool> Visitor<'_> for DatasetEntryVisitor<EVAL> {
+    type Value = DatasetEntry<EVAL>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "`{SHIPPED_SET}` or a path to a data file")
+    }
+
+    fn visit_str<E: de::Error>(self, entry: &str) -> std::result::Result<Self::Value, E> {
+        if let Some(file) = resolve_dataset(entry.trim(), EVAL) {
+            // The shipped set's files are checked when the data are loaded.
+            return Ok(DatasetEntry {
+                entry: entry.to_string(),
+                file,
+            });
+        }
+        let file = absolute(Path::new(entry)).map_err(E::custom)?;
+        if !file.is_file() {
+            return Err(E::custom(format!(
+                "no such file `{}` (relative paths are taken from the current directory), \
+                 and not a shipped set name (`{SHIPPED_SET}`)",
+                file.display()
+            )));
+        }
+        Ok(DatasetEntry {
+            entry: entry.to_string(),
+            file,
+        })
+    }
+}
+
+impl<'de, const EVAL: bool> Deserialize<'de> for DatasetEntry<EVAL> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_str(DatasetEntryVisitor::<EVAL>)
+    }
+}
+
+struct DatasetsVisitor<const EVAL: bool>;
+
+impl<'de, const EVAL: bool> Visitor<'de> for DatasetsVisitor<EVAL> {
+    type Value = Datasets<EVAL>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a list of data sets, e.g. [{SHIPPED_SET}]")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let (mut entries, mut files) = (Vec::new(), Vec::new());
+        while let Some(DatasetEntry::<EVAL> { entry, file }) = seq.next_element()? {
+            entries.push(entry);
+            files.push(file);
+        }
+        if entries.is_empty() {
+            return Err(de::Error::custom(format!(
+                "must list at least one data set (`{SHIPPED_SET}` or a path to a data file)"
+            )));
+        }
+        Ok(Datasets { entries, files })
+    }
+}
+
+impl<'de, const EVAL: bool> Deserialize<'de> for Datasets<EVAL> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_seq(DatasetsVisitor::<EVAL>)
+    }
+}
+
+/// `loss:` as a name (`x_inv`, `adaptive`, ...) or a mapping `{open: UTIL, closed: UTIL}`,
+/// with the name it is displayed under.
+struct NamedLoss {
+    spec: LossSpec,
+    name: String,
+}
+
+impl<'de> Deserialize<'de> for NamedLoss {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(NamedLossVisitor)
+    }
+}
+
+struct NamedLossVisitor;
+
+impl<'de> Visitor<'de> for NamedLossVisitor {
+    type Value = NamedLoss;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a loss name or a mapping {open: UTILITY, closed: UTILITY}")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> std::result::Result<NamedLoss, E> {
+        let spec = LossSpec::parse(name).map_err(E::custom)?;
+        Ok(NamedLoss {
+            spec,
+            name: name.trim().to_string(),
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<NamedLoss, A::Error> {
+        let (mut open, mut closed) = (None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            let slot = match key.as_str() {
+                "open" => &mut open,
+                "closed" => &mut closed,
+                other => {
+                    return Err(de::Error::custom(format!(
+                        "unknown key `{other}` in the loss mapping: expected `open` and `closed`"
+                    )));
+                }
+            };
+            if slot.is_some() {
+                return Err(de::Error::custom(format!("`{key}` given twice")));
+            }
+            let name = map.next_value::<String>()?;
+            let utility =
+                Utility::parse(&name).map_err(|e| de::Error::custom(format!("{key}: {e}")))?;
+            *slot = Some(utility);
+        }
+        match (open, closed) {
+            (Some(open), Some(closed)) => Ok(NamedLoss {
+                name: format!("open={},closed={}", open.name(), closed.name()),
+                spec: LossSpec::PromptAware { open, closed },
+            }),
+            _ => Err(de::Error::custom(
+                "the loss mapping needs both `open` and `closed` utilities",
+            )),
+        }
+    }
+}
+
+/// Every key, in the order of the docs, for the error on an empty file.
+const KEYS: [&str; 23] = [
+    "model_name",
+    "learning_rate",
+    "scheduler",
+    "warmup_ratio",
+    "gradient_accumulation_steps",
+    "per_device_train_batch_size",
+    "max_length",
+    "max_steps",
+    "eval_steps",
+    "save_steps",
+    "logging_steps",
+    "output_dir",
+    "loss",
+    "eps",
+    "datasets",
+    "eval_datasets",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "device",
+    "dtype",
+    "dropout",
+    "eval_max_prompts",
+];
+
+impl Config {
+    /// Reads and validates a config file. Errors are user errors of one line that name the
+    /// file, the key and, when known, the line.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses config text; `path` names it in the errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let file = path.display();
+        if text.lines().all(|l| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l == "---"
+        }) {
+            return Err(Error::user(format!(
+                "{file}: empty config; required keys: model_name, max_steps, output_dir, \
+                 loss, datasets"
+            )));
+        }
+        let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(&file, &e))?;
+        let eval = match raw.eval_datasets {
+            Some(eval) => eval,
+            None => {
+                let file = resolve_dataset(SHIPPED_SET, true).ok_or_else(|| {
+                    Error::internal(format!("the shipped set `{SHIPPED_SET}` does not resolve"))
+                })?;
+                Datasets {
+                    entries: vec![SHIPPED_SET.to_string()],
+                    files: vec![file],
+                }
+            }
+        };
+        Ok(Config {
+            model_name: raw.model_name,
+            learning_rate: raw.learning_rate,
+            scheduler: raw.scheduler,
+            warmup_ratio: raw.warmup_ratio,
+            gradient_accumulation_steps: raw.gradient_accumulation_steps,
+            per_device_train_batch_size: raw.per_device_train_batch_size,
+            max_length: raw.max_length,
+            max_steps: raw.max_steps,
+            eval_steps: raw.eval_steps,
+            save_steps: raw.save_steps,
+            logging_steps: raw.logging_steps,
+            output_dir: raw.output_dir,
+            loss: raw.loss.spec,
+            loss_name: raw.loss.name,
+            eps: raw.eps,
+            datasets: raw.datasets.entries,
+            train_files: raw.datasets.files,
+            eval_datasets: eval.entries,
+            eval_files: eval.files,
+            weight_decay: raw.weight_decay,
+            max_grad_norm: raw.max_grad_norm,
+            seed: raw.seed,
+            device: raw.device,
+            dtype: raw.dtype,
+            dropout: raw.dropout,
+            eval_max_prompts: raw.eval_max_prompts,
+        })
+    }
+
+    /// Whether `model_name` names a model rcx builds from scratch (else it is a folder).
+    pub fn is_builtin_model(&self) -> bool {
+        BUILTIN_MODELS.contains(&self.model_name.as_str())
+    }
+}
+
+/// Rewrites a serde_yaml_ng error (`KEY: message at line L column C`) as
+/// `FILE:L: KEY: message`, on one line.
+fn yaml_error(file: &impl fmt::Display, err: &serde_yaml_ng::Error) -> Error {
+    let mut message = err.to_string();
+    let prefix = match err.location() {
+        Some(loc) => {
+            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+            if let Some(stripped) = message.strip_suffix(&suffix) {
+                message = stripped.to_string();
+            }
+            format!("{file}:{}", loc.line())
+        }
+        None => file.to_string(),
+    };
+    // The top level is the private RawConfig; say what it is instead.
+    let message = message.replace("struct RawConfig", "a mapping of config keys");
+    let mut line = format!("{prefix}: {}", message.replace('\n', " "));
+    if message.starts_with("missing field") {
+        line.push_str(&format!(" (keys: {})", KEYS.join(", ")));
+    }
+    Error::user(line)
+}
+
+/// `rcx check-config FILE...`
+#[derive(clap::Args, Debug)]
+pub struct CheckConfigArgs {
+    /// Config files to validate.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// Validates each file in turn, printing `FILE: ok`; stops at the first bad one with its
+/// one-line error (exit code 2).
+pub fn cmd_check_config(args: CheckConfigArgs) -> Result<()> {
+    for file in &args.files {
+        Config::load(file)?;
+        println!("{}: ok", file.display());
+    }
+    Ok(())
+}
