@@ -465,23 +465,15 @@ impl<'de> Visitor<'de> for NamedLossVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<NamedLoss, A::Error> {
         let (mut open, mut closed) = (None, None);
-        while let Some(key) = map.next_key::<String>()? {
-            let slot = match key.as_str() {
-                "open" => &mut open,
-                "closed" => &mut closed,
-                other => {
-                    return Err(de::Error::custom(format!(
-                        "unknown key `{other}` in the loss mapping: expected `open` and `closed`"
-                    )));
-                }
+        while let Some(key) = map.next_key::<PromptTypeKey>()? {
+            let (slot, name) = match key {
+                PromptTypeKey::Open => (&mut open, "open"),
+                PromptTypeKey::Closed => (&mut closed, "closed"),
             };
             if slot.is_some() {
-                return Err(de::Error::custom(format!("`{key}` given twice")));
+                return Err(de::Error::custom(format!("`{name}` given twice")));
             }
-            let name = map.next_value::<String>()?;
-            let utility =
-                Utility::parse(&name).map_err(|e| de::Error::custom(format!("{key}: {e}")))?;
-            *slot = Some(utility);
+            *slot = Some(map.next_value::<UtilityName>()?.0);
         }
         match (open, closed) {
             (Some(open), Some(closed)) => Ok(NamedLoss {
@@ -492,6 +484,39 @@ impl<'de> Visitor<'de> for NamedLossVisitor {
                 "the loss mapping needs both `open` and `closed` utilities",
             )),
         }
+    }
+}
+
+/// A key of the `{open, closed}` mapping; read by serde's derive so that an unknown key
+/// is reported at its own line.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PromptTypeKey {
+    Open,
+    Closed,
+}
+
+/// One utility name of the `{open, closed}` mapping, parsed inside its own visitor so
+/// that an error names `loss.open` or `loss.closed` and its line.
+struct UtilityName(Utility);
+
+struct UtilityNameVisitor;
+
+impl Visitor<'_> for UtilityNameVisitor {
+    type Value = UtilityName;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a utility name")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> std::result::Result<UtilityName, E> {
+        Utility::parse(name).map(UtilityName).map_err(E::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for UtilityName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_str(UtilityNameVisitor)
     }
 }
 
