@@ -6,7 +6,8 @@
 //! `FILE:LINE: KEY: what was wrong, what is allowed`.
 //!
 //! Relative paths (`datasets`, `eval_datasets`, `output_dir`) are resolved against the
-//! current directory of the process, not against the config file, as Hugging Face does.
+//! current directory of the process, not against the config file (as Hugging Face does
+//! with `output_dir`).
 //! `model_name` is not checked for existence here: a model folder may be fetched after the
 //! config is written; the model loader checks it at train time.
 
@@ -520,32 +521,8 @@ impl<'de> Deserialize<'de> for UtilityName {
     }
 }
 
-/// Every key, in the order of the docs, for the error on an empty file.
-const KEYS: [&str; 23] = [
-    "model_name",
-    "learning_rate",
-    "scheduler",
-    "warmup_ratio",
-    "gradient_accumulation_steps",
-    "per_device_train_batch_size",
-    "max_length",
-    "max_steps",
-    "eval_steps",
-    "save_steps",
-    "logging_steps",
-    "output_dir",
-    "loss",
-    "eps",
-    "datasets",
-    "eval_datasets",
-    "weight_decay",
-    "max_grad_norm",
-    "seed",
-    "device",
-    "dtype",
-    "dropout",
-    "eval_max_prompts",
-];
+/// The keys without a default.
+const REQUIRED_KEYS: &str = "model_name, loss, datasets, output_dir, max_steps";
 
 impl Config {
     /// Reads and validates a config file. Errors are user errors of one line that name the
@@ -563,8 +540,7 @@ impl Config {
             l.is_empty() || l.starts_with('#') || l == "---"
         }) {
             return Err(Error::user(format!(
-                "{file}: empty config; required keys: model_name, max_steps, output_dir, \
-                 loss, datasets"
+                "{file}: empty config; required keys: {REQUIRED_KEYS}"
             )));
         }
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(&file, &e))?;
@@ -634,7 +610,7 @@ fn yaml_error(file: &impl fmt::Display, err: &serde_yaml_ng::Error) -> Error {
     let message = message.replace("struct RawConfig", "a mapping of config keys");
     let mut line = format!("{prefix}: {}", message.replace('\n', " "));
     if message.starts_with("missing field") {
-        line.push_str(&format!(" (keys: {})", KEYS.join(", ")));
+        line.push_str(&format!(" (required keys: {REQUIRED_KEYS})"));
     }
     Error::user(line)
 }
