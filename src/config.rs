@@ -53,6 +53,8 @@ pub enum DType {
 /// A validated training config. Built only by `Config::load`.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The file it was read from, to name it in later errors.
+    pub path: PathBuf,
     /// `bert-tiny`, `bert-mini`, `bert-small` (from scratch) or a Hugging Face folder.
     pub model_name: String,
     pub learning_rate: f64,
@@ -557,6 +559,7 @@ impl Config {
             }
         };
         Ok(Config {
+            path: path.to_path_buf(),
             model_name: raw.model_name,
             learning_rate: raw.learning_rate,
             scheduler: raw.scheduler,

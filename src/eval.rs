@@ -1,1 +1,222 @@
-//! eval (in progress)
+//! Evaluation of a reward model's scores on ranked prompts: pairwise accuracy, the reward
+//! distribution at each completion rank per prompt type, and the collapse gap.
+
+use crate::loss::{PromptType, TIE_TOLERANCE};
+use serde::Serialize;
+
+/// The scores of one prompt's completions, best first as in the data.
+#[derive(Clone, Debug)]
+pub struct PromptScores {
+    pub prompt_type: Option<PromptType>,
+    pub rewards: Vec<f64>, // [K]
+}
+
+/// The rewards at one rank across prompts.
+#[derive(Clone, Debug, Serialize)]
+pub struct RankStats {
+    pub mean: f64,
+    pub std: f64,
+    pub p10: f64,
+    pub p90: f64,
+}
+
+/// Per prompt type: accuracy and the reward distribution at each rank.
+#[derive(Clone, Debug, Serialize)]
+pub struct TypeStats {
+    pub prompt_type: &'static str,
+    pub prompts: usize,
+    /// Fraction of ranked pairs ordered correctly (ties count as not correct).
+    pub pairwise_accuracy: f64,
+    /// Fraction of ranked pairs whose rewards are within 1e-3 (a tie, not a wrong order).
+    pub tie_rate: f64,
+    /// Fraction of wrongly ordered pairs (beyond the tie tolerance).
+    pub wrong_rate: f64,
+    /// Pairs across the two halves of the ranking (the long cluster against the short one
+    /// for the closed-ended construction): the accuracy that U = x is meant to reach,
+    /// since it drives the rewards inside each cluster to ties.
+    pub cross_half_accuracy: f64,
+    /// Rewards by response index as the paper plots them: index 1 = worst (shortest).
+    /// Only prompts with the most common K count.
+    pub ranks: Vec<RankStats>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub prompts: usize,
+    pub pairwise_accuracy: f64,
+    pub tie_rate: f64,
+    pub by_type: Vec<TypeStats>,
+    /// Mean over response indices of |mean_open - mean_closed|; None without both types.
+    pub collapse_gap: Option<f64>,
+}
+
+impl EvalReport {
+    pub fn for_type(&self, name: &str) -> Option<&TypeStats> {
+        self.by_type.iter().find(|t| t.prompt_type == name)
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    // Linear interpolation between order statistics, as numpy's default.
+    let pos = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+fn rank_stats(values: &mut [f64]) -> RankStats {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    values.sort_by(f64::total_cmp);
+    RankStats { mean, std: var.sqrt(), p10: percentile(values, 0.1), p90: percentile(values, 0.9) }
+}
+
+/// Pair counts (correct, ties, total, cross-half correct, cross-half total) of one prompt.
+fn pair_counts(r: &[f64]) -> [usize; 5] {
+    let k = r.len();
+    let mut c = [0; 5];
+    for i in 0..k {
+        for j in i + 1..k {
+            let x = r[i] - r[j];
+            let correct = x > TIE_TOLERANCE;
+            c[0] += correct as usize;
+            c[1] += (x.abs() <= TIE_TOLERANCE) as usize;
+            c[2] += 1;
+            if i < k / 2 && j >= k / 2 {
+                c[3] += correct as usize;
+                c[4] += 1;
+            }
+        }
+    }
+    c
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+fn type_stats(name: &'static str, scores: &[&PromptScores]) -> TypeStats {
+    let mut counts = [0usize; 5];
+    for s in scores {
+        for (total, c) in counts.iter_mut().zip(pair_counts(&s.rewards)) {
+            *total += c;
+        }
+    }
+    // The most common K, so that ranks line up across prompts.
+    let mut ks: Vec<usize> = scores.iter().map(|s| s.rewards.len()).collect();
+    ks.sort_unstable();
+    let modal_k = ks
+        .chunk_by(|a, b| a == b)
+        .max_by_key(|run| run.len())
+        .map(|run| run[0])
+        .unwrap_or(0);
+    let ranks = (0..modal_k)
+        .map(|index| {
+            // Index 0 here is the worst completion: the last of the data's best-first list.
+            let mut values: Vec<f64> = scores
+                .iter()
+                .filter(|s| s.rewards.len() == modal_k)
+                .map(|s| s.rewards[modal_k - 1 - index])
+                .collect();
+            rank_stats(&mut values)
+        })
+        .collect();
+    TypeStats {
+        prompt_type: name,
+        prompts: scores.len(),
+        pairwise_accuracy: ratio(counts[0], counts[2]),
+        tie_rate: ratio(counts[1], counts[2]),
+        wrong_rate: ratio(counts[2] - counts[0] - counts[1], counts[2]),
+        cross_half_accuracy: ratio(counts[3], counts[4]),
+        ranks,
+    }
+}
+
+/// Summarises the scores of an evaluation set.
+pub fn summarize(scores: &[PromptScores]) -> EvalReport {
+    let mut by_type = Vec::new();
+    for (name, ty) in
+        [("open", Some(PromptType::Open)), ("closed", Some(PromptType::Closed)), ("untyped", None)]
+    {
+        let group: Vec<&PromptScores> = scores.iter().filter(|s| s.prompt_type == ty).collect();
+        if !group.is_empty() {
+            by_type.push(type_stats(name, &group));
+        }
+    }
+    let all: Vec<&PromptScores> = scores.iter().collect();
+    let overall = type_stats("all", &all);
+    let collapse_gap = match (
+        by_type.iter().find(|t| t.prompt_type == "open"),
+        by_type.iter().find(|t| t.prompt_type == "closed"),
+    ) {
+        (Some(open), Some(closed)) if open.ranks.len() == closed.ranks.len() => {
+            let k = open.ranks.len() as f64;
+            Some(
+                open.ranks.iter().zip(&closed.ranks).map(|(o, c)| (o.mean - c.mean).abs()).sum::<f64>()
+                    / k,
+            )
+        }
+        _ => None,
+    };
+    EvalReport {
+        prompts: scores.len(),
+        pairwise_accuracy: overall.pairwise_accuracy,
+        tie_rate: overall.tie_rate,
+        by_type,
+        collapse_gap,
+    }
+}
+
+/// `rcx score`: one JSON line per completion of a ranking file.
+#[derive(clap::Args, Debug)]
+pub struct ScoreArgs {
+    /// A model folder written by `rcx train` (or any Hugging Face BERT folder).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// A ranking JSON-lines file.
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// Token limit per sequence (default: the model's training max_length).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ScoreLine {
+    prompt_index: usize,
+    completion_index: usize,
+    logit: f32,
+    reward: f64,
+}
+
+pub fn cmd_score(args: ScoreArgs) -> crate::error::Result<()> {
+    use std::io::Write;
+    let (model, tok, trained_length) = crate::checkpoint::load_for_scoring(&args.model)?;
+    let max_length = args.max_length.unwrap_or(trained_length);
+    let set = crate::train::PromptSet::open(&[args.data.clone()], &tok, max_length)?;
+    let mut ws = crate::model::Workspace::new();
+    let (_, logits, _) = crate::train::score_set(
+        &model,
+        &mut ws,
+        &set,
+        None,
+        8,
+        tok.pad_id(),
+        |_, _, _| Ok(0.0),
+    )?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for (prompt_index, prompt) in logits.iter().enumerate() {
+        for (completion_index, &logit) in prompt.iter().enumerate() {
+            let line = ScoreLine {
+                prompt_index,
+                completion_index,
+                logit,
+                reward: crate::loss::sigmoid(logit as f64),
+            };
+            let text = serde_json::to_string(&line).map_err(|e| crate::error::Error::internal(e.to_string()))?;
+            writeln!(out, "{text}").map_err(|e| crate::error::Error::internal(format!("stdout: {e}")))?;
+        }
+    }
+    out.flush().map_err(|e| crate::error::Error::internal(format!("stdout: {e}")))
+}

@@ -1,14 +1,17 @@
 //! rcx: training reward models on ranked preferences, and studying reward collapse.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod hf_config;
 pub mod loss;
 pub mod model;
 pub mod plot;
+pub mod rng;
 pub mod safetensors;
 pub mod theory;
 pub mod tokenizer;

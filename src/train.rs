@@ -1,1 +1,427 @@
-//! train (in progress)
+//! `rcx train`: the training loop. AdamW with decoupled weight decay, linear warmup then
+//! linear, cosine or constant learning rate, clipping by global norm, gradient
+//! accumulation, periodic evaluation into `metrics.jsonl` and atomic checkpoints.
+//!
+//! Every random stream (data order, dropout) is derived from (seed, step), so a run is a
+//! pure function of its config, and resuming from a checkpoint continues bit for bit.
+
+use crate::backend::cpu::{adamw_update, global_norm_squared};
+use crate::checkpoint::{self, TrainState};
+use crate::config::{Config, Scheduler};
+use crate::data::TokenizedSet;
+use crate::error::{Error, Result};
+use crate::eval::{EvalReport, PromptScores, summarize};
+use crate::loss::{PromptType, ranking_loss_forward_backward, sigmoid};
+use crate::model::{Batch, BertModel, Dropout, Workspace};
+use crate::rng::{Rng, derive_seed};
+use crate::tokenizer::Tokenizer;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// The run's YAML config (see configs/).
+    pub config: PathBuf,
+    /// Continue from the newest checkpoint in the config's output_dir.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this optimizer step (the schedule still follows max_steps): for tests of
+    /// resuming and for quick looks.
+    #[arg(long)]
+    pub stop_at: Option<usize>,
+    /// Start again in an output_dir that already holds a run, deleting its checkpoints.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// How a run starts and stops, besides its config.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    pub resume: bool,
+    pub overwrite: bool,
+    pub stop_at: Option<usize>,
+    pub quiet: bool,
+}
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const ADAM_EPS: f64 = 1e-8;
+/// Salts of the random streams derived from the seed.
+const STREAM_DATA: u64 = 1;
+const STREAM_DROPOUT: u64 = 2;
+
+/// The learning rate at optimizer step `step` (0-based), as Hugging Face's schedulers.
+pub fn learning_rate(cfg: &Config, step: usize) -> f64 {
+    let total = cfg.max_steps as f64;
+    let warmup = (cfg.warmup_ratio * total).ceil();
+    let s = step as f64;
+    let factor = if s < warmup {
+        s / warmup.max(1.0)
+    } else {
+        let progress = ((s - warmup) / (total - warmup).max(1.0)).min(1.0);
+        match cfg.scheduler {
+            Scheduler::Linear => 1.0 - progress,
+            Scheduler::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Scheduler::Constant => 1.0,
+        }
+    };
+    cfg.learning_rate * factor
+}
+
+/// The prompts of every data set of a run, indexed as one list.
+pub struct PromptSet {
+    sets: Vec<TokenizedSet>,
+    index: Vec<(u32, u32)>, // [prompts] (set, prompt within set)
+}
+
+impl PromptSet {
+    pub fn open(paths: &[PathBuf], tok: &Tokenizer, max_length: usize) -> Result<PromptSet> {
+        let mut sets = Vec::new();
+        let mut index = Vec::new();
+        for (s, path) in paths.iter().enumerate() {
+            let set = TokenizedSet::open_or_build(path, tok, max_length, false)?;
+            index.extend((0..set.len()).map(|p| (s as u32, p as u32)));
+            sets.push(set);
+        }
+        if index.is_empty() {
+            return Err(Error::user("the data sets hold no prompts"));
+        }
+        Ok(PromptSet { sets, index })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub fn prompt_type(&self, i: usize) -> Option<PromptType> {
+        let (s, p) = self.index[i];
+        self.sets[s as usize].prompt_type(p as usize)
+    }
+
+    pub fn num_completions(&self, i: usize) -> usize {
+        let (s, p) = self.index[i];
+        self.sets[s as usize].num_completions(p as usize)
+    }
+
+    /// The padded batch of every completion of these prompts, with K and the type of each.
+    pub fn batch(
+        &self,
+        prompts: &[usize],
+        pad_id: u32,
+    ) -> (Batch, Vec<usize>, Vec<Option<PromptType>>) {
+        let mut seqs = Vec::new();
+        let mut ks = Vec::with_capacity(prompts.len());
+        let mut types = Vec::with_capacity(prompts.len());
+        for &i in prompts {
+            let (s, p) = self.index[i];
+            let set = &self.sets[s as usize];
+            let k = set.num_completions(p as usize);
+            seqs.extend((0..k).map(|j| set.completion(p as usize, j)));
+            ks.push(k);
+            types.push(set.prompt_type(p as usize));
+        }
+        (Batch::from_sequences(seqs, pad_id), ks, types)
+    }
+}
+
+/// The training order: a fresh seeded permutation of the prompts every epoch.
+struct DataOrder {
+    seed: u64,
+    epoch: usize,
+    perm: Vec<usize>,
+}
+
+impl DataOrder {
+    fn new(seed: u64, n: usize) -> DataOrder {
+        let mut order = DataOrder { seed, epoch: usize::MAX, perm: (0..n).collect() };
+        order.set_epoch(0);
+        order
+    }
+
+    fn set_epoch(&mut self, epoch: usize) {
+        if epoch != self.epoch {
+            self.perm.sort_unstable();
+            Rng::new(derive_seed(self.seed, &[STREAM_DATA, epoch as u64])).shuffle(&mut self.perm);
+            self.epoch = epoch;
+        }
+    }
+
+    /// The prompt at a position of the endless stream of epochs.
+    fn at(&mut self, position: usize) -> usize {
+        let n = self.perm.len();
+        self.set_epoch(position / n);
+        self.perm[position % n]
+    }
+}
+
+/// Scores every prompt of a set in evaluation mode (no dropout), `prompts_per_batch` at a
+/// time, and returns the scores with the mean pair loss.
+pub fn score_set(
+    model: &BertModel<f32>,
+    ws: &mut Workspace<f32>,
+    set: &PromptSet,
+    limit: Option<usize>,
+    prompts_per_batch: usize,
+    pad_id: u32,
+    mut loss_of: impl FnMut(&[f32], &[usize], &[Option<PromptType>]) -> Result<f64>,
+) -> Result<(Vec<PromptScores>, Vec<Vec<f32>>, f64)> {
+    let n = limit.map_or(set.len(), |l| l.min(set.len()));
+    let mut scores = Vec::with_capacity(n);
+    let mut logits_all = Vec::with_capacity(n);
+    let (mut loss_sum, mut pairs) = (0.0, 0usize);
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(prompts_per_batch.max(1)) {
+        let (batch, ks, types) = set.batch(chunk, pad_id);
+        let logits = model.forward(ws, &batch, None)?;
+        let chunk_pairs: usize = ks.iter().map(|k| k * (k - 1) / 2).sum();
+        loss_sum += loss_of(logits, &ks, &types)? * chunk_pairs as f64;
+        pairs += chunk_pairs;
+        let mut start = 0;
+        for (&k, &ty) in ks.iter().zip(&types) {
+            let l = &logits[start..start + k];
+            scores.push(PromptScores {
+                prompt_type: ty,
+                rewards: l.iter().map(|&s| sigmoid(s as f64)).collect(),
+            });
+            logits_all.push(l.to_vec());
+            start += k;
+        }
+    }
+    Ok((scores, logits_all, loss_sum / pairs.max(1) as f64))
+}
+
+/// One line of metrics.jsonl.
+#[derive(serde::Serialize)]
+struct MetricsLine<'a> {
+    step: usize,
+    train_loss: f64,
+    learning_rate: f64,
+    eval_loss: f64,
+    elapsed_s: f64,
+    #[serde(flatten)]
+    report: &'a EvalReport,
+}
+
+fn progress(step: usize, max: usize, loss: f64, lr: f64, prompts_per_s: f64, eta_s: f64) {
+    let eta = eta_s.max(0.0) as u64;
+    eprint!(
+        "\rstep {step}/{max}  loss {loss:.4}  lr {lr:.2e}  {prompts_per_s:.1} prompts/s  ETA {}m{:02}s   ",
+        eta / 60,
+        eta % 60
+    );
+    let _ = std::io::stderr().flush();
+}
+
+/// Runs `rcx train`.
+pub fn cmd_train(args: TrainArgs) -> Result<()> {
+    let cfg = Config::load(&args.config)?;
+    let opts = RunOptions {
+        resume: args.resume,
+        overwrite: args.overwrite,
+        stop_at: args.stop_at,
+        quiet: args.quiet,
+    };
+    train(&cfg, opts)
+}
+
+pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
+    let RunOptions { resume, overwrite, stop_at, quiet } = opts;
+    let started = Instant::now();
+    checkpoint::ensure_writable_dir(&cfg.output_dir)?;
+    let (mut model, tok, vocab) = checkpoint::model_for_training(cfg)?;
+    let pad_id = tok.pad_id();
+    let train_set = PromptSet::open(&cfg.train_files, &tok, cfg.max_length)?;
+    let eval_set = PromptSet::open(&cfg.eval_files, &tok, cfg.max_length)?;
+    if cfg.loss.is_prompt_aware() {
+        if let Some(i) = (0..train_set.len()).find(|&i| train_set.prompt_type(i).is_none()) {
+            return Err(Error::user(format!(
+                "{}: loss `{}` chooses its utility by prompt type, but training prompt {i} has no \
+                 `prompt_type`",
+                cfg.path.display(),
+                cfg.loss_name
+            )));
+        }
+    }
+
+    let total = model.num_params();
+    let mut grads = vec![0f32; total]; // [params]
+    let mut m = vec![0f32; total]; // [params] AdamW first moment
+    let mut v = vec![0f32; total]; // [params] AdamW second moment
+    let mut start_step = 0;
+    if resume {
+        match checkpoint::latest(&cfg.output_dir)? {
+            Some(dir) => {
+                let state = checkpoint::load_train_state(&dir, &mut model, &mut m, &mut v)?;
+                if state.seed != cfg.seed {
+                    return Err(Error::user(format!(
+                        "{}: the checkpoint was written with seed {} but the config says {}",
+                        dir.display(),
+                        state.seed,
+                        cfg.seed
+                    )));
+                }
+                start_step = state.step;
+                if !quiet {
+                    eprintln!("resuming from {} (step {})", dir.display(), state.step);
+                }
+            }
+            None => {
+                return Err(Error::user(format!(
+                    "--resume: no checkpoint in {}",
+                    cfg.output_dir.display()
+                )));
+            }
+        }
+    } else {
+        checkpoint::start_fresh(&cfg.output_dir, overwrite)?;
+    }
+
+    let dropout_p = cfg.dropout.unwrap_or(model.config.hidden_dropout_prob);
+    let mut ws = Workspace::new();
+    let mut order = DataOrder::new(cfg.seed, train_set.len());
+    let accum = cfg.gradient_accumulation_steps;
+    let per_step = cfg.per_device_train_batch_size * accum;
+    let end_step = stop_at.map_or(cfg.max_steps, |s| s.min(cfg.max_steps));
+    let mut dlogits: Vec<f32> = Vec::new();
+    let loop_started = Instant::now();
+    let mut recent_loss = 0.0;
+    let eval_loss = |logits: &[f32], ks: &[usize], types: &[Option<PromptType>]| -> Result<f64> {
+        let mut d = vec![0f32; logits.len()];
+        ranking_loss_forward_backward(logits, ks, types, &cfg.loss, cfg.eps, &mut d).map(f64::from)
+    };
+
+    for step in start_step..end_step {
+        grads.fill(0.0);
+        let mut step_loss = 0.0;
+        for micro in 0..accum {
+            let first = step * per_step + micro * cfg.per_device_train_batch_size;
+            let prompts: Vec<usize> =
+                (first..first + cfg.per_device_train_batch_size).map(|p| order.at(p)).collect();
+            let (batch, ks, types) = train_set.batch(&prompts, pad_id);
+            let dropout = (dropout_p > 0.0).then(|| Dropout {
+                p: dropout_p,
+                seed: derive_seed(cfg.seed, &[STREAM_DROPOUT, step as u64, micro as u64]),
+            });
+            let logits = model.forward(&mut ws, &batch, dropout)?;
+            dlogits.resize(logits.len(), 0.0);
+            let loss =
+                ranking_loss_forward_backward(logits, &ks, &types, &cfg.loss, cfg.eps, &mut dlogits)?;
+            // The step's loss is the mean of its micro-batches' means, as the HF Trainer.
+            for d in dlogits.iter_mut() {
+                *d /= accum as f32;
+            }
+            step_loss += loss as f64 / accum as f64;
+            model.backward(&mut ws, &batch, dropout, &dlogits, &mut grads);
+        }
+
+        let norm = global_norm_squared(&grads).sqrt();
+        if !step_loss.is_finite() || !norm.is_finite() {
+            return Err(Error::internal(format!(
+                "step {}: the {} is not finite; stopping (the last good checkpoint in {} is kept)",
+                step + 1,
+                if step_loss.is_finite() { "gradient norm" } else { "loss" },
+                cfg.output_dir.display()
+            )));
+        }
+        // torch.nn.utils.clip_grad_norm_'s factor.
+        let clip = (cfg.max_grad_norm / (norm + 1e-6)).min(1.0);
+        let lr = learning_rate(cfg, step);
+        for spec in &model.layout.tensors {
+            let r = spec.range();
+            let wd = if spec.decay { cfg.weight_decay } else { 0.0 };
+            adamw_update(
+                &mut model.params[r.clone()],
+                &grads[r.clone()],
+                &mut m[r.clone()],
+                &mut v[r],
+                step as u64 + 1,
+                lr,
+                BETA1,
+                BETA2,
+                ADAM_EPS,
+                wd,
+                clip,
+            );
+        }
+        let done = step + 1;
+        recent_loss = if step == start_step { step_loss } else { 0.9 * recent_loss + 0.1 * step_loss };
+
+        if !quiet && (done % cfg.logging_steps == 0 || done == end_step) {
+            let elapsed = loop_started.elapsed().as_secs_f64();
+            let rate = ((done - start_step) * per_step) as f64 / elapsed.max(1e-9);
+            let eta = (end_step - done) as f64 * per_step as f64 / rate.max(1e-9);
+            progress(done, cfg.max_steps, recent_loss, lr, rate, eta);
+        }
+        if done % cfg.eval_steps == 0 || done == cfg.max_steps {
+            let (scores, _, loss) =
+                score_set(&model, &mut ws, &eval_set, cfg.eval_max_prompts, 8, pad_id, eval_loss)?;
+            let report = summarize(&scores);
+            let line = MetricsLine {
+                step: done,
+                train_loss: step_loss,
+                learning_rate: lr,
+                eval_loss: loss,
+                elapsed_s: started.elapsed().as_secs_f64(),
+                report: &report,
+            };
+            checkpoint::append_metrics(&cfg.output_dir, &line)?;
+            if !quiet {
+                eprintln!();
+                eprintln!("{}", eval_summary_line(done, loss, &report));
+            }
+        }
+        if done % cfg.save_steps == 0 || done == cfg.max_steps {
+            let state = TrainState { step: done, seed: cfg.seed };
+            checkpoint::save_checkpoint(cfg, &model, &vocab, &m, &v, &state)?;
+        }
+    }
+    if end_step == cfg.max_steps {
+        checkpoint::save_final(cfg, &model, &vocab)?;
+    }
+    if !quiet {
+        eprintln!(
+            "done: {} steps in {:.1}s; model in {}",
+            end_step - start_step,
+            started.elapsed().as_secs_f64(),
+            cfg.output_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// A one-line human summary of an evaluation.
+pub fn eval_summary_line(step: usize, loss: f64, r: &EvalReport) -> String {
+    let mut s = format!("eval @ step {step}: loss {loss:.4}  pairwise acc {:.3}", r.pairwise_accuracy);
+    if let Some(open) = r.for_type("open") {
+        s += &format!("  open acc {:.3}", open.pairwise_accuracy);
+    }
+    if let Some(closed) = r.for_type("closed") {
+        s += &format!(
+            "  closed acc {:.3} (ties {:.3}, long-vs-short {:.3})",
+            closed.pairwise_accuracy, closed.tie_rate, closed.cross_half_accuracy
+        );
+    }
+    if let Some(gap) = r.collapse_gap {
+        s += &format!("  collapse gap {gap:.3}");
+    }
+    s
+}
+
+/// The vocabulary a model folder carries, else the shipped one.
+pub fn vocab_path(model_dir: Option<&Path>) -> PathBuf {
+    if let Some(dir) = model_dir {
+        let p = dir.join("vocab.txt");
+        if p.exists() {
+            return p;
+        }
+    }
+    crate::data::data_dir().join("vocab.txt")
+}
