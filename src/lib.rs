@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod hf_config;
 pub mod loss;
 pub mod model;
 pub mod plot;
