@@ -16,8 +16,13 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Build ranking data sets
+    Data(crate::data::DataArgs),
+}
 
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {}
+    match cli.command {
+        Command::Data(a) => crate::data::cmd_data(a),
+    }
 }
