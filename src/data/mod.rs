@@ -166,7 +166,7 @@ pub(crate) fn parse_json_object(
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(Error::user(format!(
-            "{}: found a JSON {}, expected a JSON object",
+            "{}: found {}, expected a JSON object",
             at(),
             json_kind(&other)
         ))),
@@ -187,7 +187,7 @@ pub(crate) fn string_field<'a>(
     match obj.get(key) {
         Some(Value::String(s)) => Ok(s),
         Some(other) => Err(Error::user(format!(
-            "{}:{}: field \"{key}\" is a {}, expected a string",
+            "{}:{}: field \"{key}\" is {}, expected a string",
             path.display(),
             line_no,
             json_kind(other)
@@ -203,11 +203,11 @@ pub(crate) fn string_field<'a>(
 fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -245,7 +245,7 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
                     Value::String(s) => completions.push(s.clone()),
                     other => {
                         return Err(Error::user(format!(
-                            "{}: completions[{j}] is a {}, expected a string",
+                            "{}: completions[{j}] is {}, expected a string",
                             at(),
                             json_kind(other)
                         )));
@@ -263,7 +263,7 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
         }
         Some(other) => {
             return Err(Error::user(format!(
-                "{}: field \"completions\" is a {}, expected an array of strings",
+                "{}: field \"completions\" is {}, expected an array of strings",
                 at(),
                 json_kind(other)
             )));
