@@ -15,12 +15,27 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A fresh, empty folder for one test.
-fn scratch(test: &str) -> PathBuf {
+/// A fresh, empty folder for one test, removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+fn scratch(test: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("rcx-data-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
@@ -341,7 +356,7 @@ fn longform_is_deterministic_and_atomic() {
     assert_eq!(first, again);
     assert_ne!(first, other);
     // Only the outputs are left in the folder: no temporary files.
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
+    let mut names: Vec<String> = std::fs::read_dir(&*dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
