@@ -17,12 +17,21 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Train a reward model from a YAML config.
+    Train(crate::train::TrainArgs),
+    /// Score every completion of a ranking file with a trained model.
+    Score(crate::eval::ScoreArgs),
     /// Validate training config files.
     CheckConfig(crate::config::CheckConfigArgs),
+    /// Build ranking data sets.
+    Data(crate::data::DataArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(a) => crate::train::cmd_train(a),
+        Command::Score(a) => crate::eval::cmd_score(a),
         Command::CheckConfig(a) => crate::config::cmd_check_config(a),
+        Command::Data(a) => crate::data::cmd_data(a),
     }
 }

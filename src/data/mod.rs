@@ -1,1 +1,332 @@
-//! data (in progress)
+//! Ranking data sets: the JSON-lines format, the shipped default set, the paper's LongForm
+//! construction (`longform`) and the tokenized, memory-mapped cache (`cache`).
+//!
+//! One record per line:
+//! `{"prompt": str, "completions": [best, ..., worst], "prompt_type": "open"|"closed"}`
+//! with any K >= 2 completions and `prompt_type` optional. A pairwise record
+//! `{"prompt", "chosen", "rejected"}` reads as K = 2 without a type. Blank lines are ignored;
+//! unknown fields are ignored.
+
+pub mod cache;
+pub mod longform;
+
+use crate::error::{Error, Result};
+pub use crate::loss::PromptType;
+use serde_json::{Map, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+/// The name of the data set shipped under data/ and used when a config names no other.
+pub const SHIPPED_SET: &str = "kjv-jargon";
+
+/// One prompt and its completions ranked best first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RankingRecord {
+    pub prompt: String,
+    pub completions: Vec<String>,
+    pub prompt_type: Option<PromptType>,
+}
+
+/// The records of a file and how many bad lines were skipped (always 0 unless skip_bad).
+#[derive(Debug)]
+pub struct ReadReport {
+    pub records: Vec<RankingRecord>,
+    pub skipped: usize,
+}
+
+/// Reads a ranking file. A bad line is an error naming FILE:LINE, or with `skip_bad` is
+/// skipped and counted. A file without any good record is an error either way.
+pub fn read_rankings(path: &Path, skip_bad: bool) -> Result<ReadReport> {
+    let mut records = Vec::new();
+    let skipped = for_each_line(path, |line_no, bytes| {
+        match parse_ranking_line(path, line_no, bytes, skip_bad)? {
+            Some(record) => {
+                records.push(record);
+                Ok(LineOutcome::Kept)
+            }
+            None => Ok(LineOutcome::Skipped),
+        }
+    })?;
+    if records.is_empty() {
+        return Err(no_records_error(path, skipped));
+    }
+    Ok(ReadReport { records, skipped })
+}
+
+/// The data set file for `entry` if it names a shipped set (train or eval split); None
+/// when the caller should treat `entry` as a path.
+pub fn resolve_dataset(entry: &str, eval_split: bool) -> Option<PathBuf> {
+    if entry != SHIPPED_SET {
+        return None;
+    }
+    let data_dir = match std::env::var_os("RCX_DATA_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data")),
+    };
+    let file = if eval_split {
+        "eval.jsonl"
+    } else {
+        "train.jsonl"
+    };
+    Some(data_dir.join(entry).join(file))
+}
+
+/// `rcx data ...`: tools that make ranking data sets.
+#[derive(clap::Args, Debug)]
+pub struct DataArgs {
+    #[command(subcommand)]
+    pub command: DataCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DataCommand {
+    /// Build a ranking set from LongForm-style {"input","output"} lines (paper section 4).
+    Longform(longform::LongformArgs),
+}
+
+pub fn cmd_data(args: DataArgs) -> Result<()> {
+    match args.command {
+        DataCommand::Longform(a) => longform::cmd_longform(a),
+    }
+}
+
+/// What a per-line callback did with its line.
+pub(crate) enum LineOutcome {
+    Kept,
+    Skipped,
+}
+
+/// Calls `f(line_no, bytes)` for every non-blank line (1-based numbers, without the line
+/// end) without holding the whole file in memory; returns how many lines `f` skipped.
+pub(crate) fn for_each_line(
+    path: &Path,
+    mut f: impl FnMut(usize, &[u8]) -> Result<LineOutcome>,
+) -> Result<usize> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut buf = Vec::new();
+    let mut line_no = 0usize;
+    let mut skipped = 0usize;
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        let line = trim_line_end(&buf);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if let LineOutcome::Skipped = f(line_no, line)? {
+            skipped += 1;
+        }
+    }
+    Ok(skipped)
+}
+
+fn trim_line_end(buf: &[u8]) -> &[u8] {
+    let mut end = buf.len();
+    while end > 0 && (buf[end - 1] == b'\n' || buf[end - 1] == b'\r') {
+        end -= 1;
+    }
+    &buf[..end]
+}
+
+pub(crate) fn no_records_error(path: &Path, skipped: usize) -> Error {
+    if skipped == 0 {
+        Error::user(format!(
+            "{}: no records: the file is empty, expected JSON lines",
+            path.display()
+        ))
+    } else {
+        Error::user(format!(
+            "{}: no records: all {skipped} non-blank lines were bad and skipped",
+            path.display()
+        ))
+    }
+}
+
+/// Parses one line as a JSON object; the error names FILE:LINE.
+pub(crate) fn parse_json_object(
+    path: &Path,
+    line_no: usize,
+    bytes: &[u8],
+) -> Result<Map<String, Value>> {
+    let at = || format!("{}:{}", path.display(), line_no);
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        Error::user(format!(
+            "{}: invalid UTF-8 at byte {}, expected UTF-8 text",
+            at(),
+            e.valid_up_to()
+        ))
+    })?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(Error::user(format!(
+            "{}: found {}, expected a JSON object",
+            at(),
+            json_kind(&other)
+        ))),
+        Err(e) => Err(Error::user(format!(
+            "{}: malformed JSON ({e}), expected one JSON object per line",
+            at()
+        ))),
+    }
+}
+
+/// The string field `key` of a line's object; the error names FILE:LINE and the key.
+pub(crate) fn string_field<'a>(
+    path: &Path,
+    line_no: usize,
+    obj: &'a Map<String, Value>,
+    key: &str,
+) -> Result<&'a str> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(Error::user(format!(
+            "{}:{}: field \"{key}\" is {}, expected a string",
+            path.display(),
+            line_no,
+            json_kind(other)
+        ))),
+        None => Err(Error::user(format!(
+            "{}:{}: missing field \"{key}\", expected a string",
+            path.display(),
+            line_no
+        ))),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// One ranking line: Ok(Some) for a good record, Ok(None) for a bad one when skipping.
+pub(crate) fn parse_ranking_line(
+    path: &Path,
+    line_no: usize,
+    bytes: &[u8],
+    skip_bad: bool,
+) -> Result<Option<RankingRecord>> {
+    match parse_ranking_record(path, line_no, bytes) {
+        Ok(record) => Ok(Some(record)),
+        Err(Error::User(_)) if skip_bad => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<RankingRecord> {
+    let at = || format!("{}:{}", path.display(), line_no);
+    let obj = parse_json_object(path, line_no, bytes)?;
+    let prompt = string_field(path, line_no, &obj, "prompt")?.to_string();
+
+    let has_pair = obj.contains_key("chosen") || obj.contains_key("rejected");
+    let completions = match obj.get("completions") {
+        Some(_) if has_pair => {
+            return Err(Error::user(format!(
+                "{}: both \"completions\" and \"chosen\"/\"rejected\", expected one form",
+                at()
+            )));
+        }
+        Some(Value::Array(items)) => {
+            let mut completions = Vec::with_capacity(items.len());
+            for (j, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) => completions.push(s.clone()),
+                    other => {
+                        return Err(Error::user(format!(
+                            "{}: completions[{j}] is {}, expected a string",
+                            at(),
+                            json_kind(other)
+                        )));
+                    }
+                }
+            }
+            if completions.len() < 2 {
+                return Err(Error::user(format!(
+                    "{}: {} completion(s), expected at least 2 ranked best first",
+                    at(),
+                    completions.len()
+                )));
+            }
+            completions
+        }
+        Some(other) => {
+            return Err(Error::user(format!(
+                "{}: field \"completions\" is {}, expected an array of strings",
+                at(),
+                json_kind(other)
+            )));
+        }
+        None if has_pair => vec![
+            string_field(path, line_no, &obj, "chosen")?.to_string(),
+            string_field(path, line_no, &obj, "rejected")?.to_string(),
+        ],
+        None => {
+            return Err(Error::user(format!(
+                "{}: missing field \"completions\", expected an array of at least 2 strings \
+                 (or \"chosen\" and \"rejected\")",
+                at()
+            )));
+        }
+    };
+    if let Some(j) = completions.iter().position(String::is_empty) {
+        return Err(Error::user(format!(
+            "{}: completion {j} is an empty string, expected text",
+            at()
+        )));
+    }
+
+    let prompt_type = match obj.get("prompt_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "open" => Some(PromptType::Open),
+        Some(Value::String(s)) if s == "closed" => Some(PromptType::Closed),
+        Some(other) => {
+            return Err(Error::user(format!(
+                "{}: prompt_type is {other}, expected \"open\" or \"closed\"",
+                at()
+            )));
+        }
+    };
+    Ok(RankingRecord {
+        prompt,
+        completions,
+        prompt_type,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so
+/// that readers never see a half-written file.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path_beside(path);
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// A temporary name beside `path`, unique to this process.
+pub(crate) fn temp_path_beside(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
