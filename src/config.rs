@@ -11,6 +11,7 @@
 //! `model_name` is not checked for existence here: a model folder may be fetched after the
 //! config is written; the model loader checks it at train time.
 
+use crate::data::{SHIPPED_SET, resolve_dataset};
 use crate::error::{Error, Result};
 use crate::loss::{LossSpec, Utility};
 use serde::Deserialize;
@@ -328,26 +329,6 @@ fn absolute(path: &Path) -> std::result::Result<PathBuf, String> {
         .map_err(|e| format!("cannot resolve `{}`: {e}", path.display()))
 }
 
-/// The name of the data set shipped with rcx.
-const SHIPPED_SET: &str = "kjv-jargon";
-
-/// The file of a shipped set's split: `data/<set>/{train,eval}.jsonl` under the crate, or
-/// under `$RCX_DATA_DIR` when set. `None` when `entry` is not a shipped set name.
-// Stand-in for `crate::data::resolve_dataset`, to be replaced by it at merge.
-fn resolve_dataset(entry: &str, eval_split: bool) -> Option<PathBuf> {
-    if entry != SHIPPED_SET {
-        return None;
-    }
-    let root = std::env::var_os("RCX_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data")));
-    let split = if eval_split {
-        "eval.jsonl"
-    } else {
-        "train.jsonl"
-    };
-    Some(root.join(entry).join(split))
-}
 
 /// A list of data set entries with the files they name. Each entry is a shipped set name or
 /// a path to an existing file; a missing file fails with the entry's index.

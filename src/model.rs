@@ -618,6 +618,15 @@ impl<F: Float> BertModel<F> {
         Ok(a.logits)
     }
 
+    /// What the last `forward` on this workspace computed: the encoder's last hidden state
+    /// [B, T, C], the pooler output [B, C] (before the head's dropout) and the logits [B].
+    pub fn outputs<'w>(&self, ws: &'w Workspace<F>) -> (&'w [F], &'w [F], &'w [F]) {
+        let len = acts_len(&self.config, ws.b, ws.t);
+        let a = carve_acts(&self.config, &ws.acts[..len], ws.b, ws.t);
+        let last = a.layers.last().map_or(a.emb_drop, |l| l.ln2);
+        (last, a.pooled, a.logits)
+    }
+
     /// The backward pass of the last `forward` on this workspace (same batch, same dropout):
     /// adds d loss / d parameter into `grads` [layout.total], given `dlogits` [B].
     pub fn backward(

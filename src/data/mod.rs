@@ -10,6 +10,8 @@
 pub mod cache;
 pub mod longform;
 
+pub use cache::TokenizedSet;
+
 use crate::error::{Error, Result};
 pub use crate::loss::PromptType;
 use serde_json::{Map, Value};
@@ -59,16 +61,20 @@ pub fn resolve_dataset(entry: &str, eval_split: bool) -> Option<PathBuf> {
     if entry != SHIPPED_SET {
         return None;
     }
-    let data_dir = match std::env::var_os("RCX_DATA_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data")),
-    };
     let file = if eval_split {
         "eval.jsonl"
     } else {
         "train.jsonl"
     };
-    Some(data_dir.join(entry).join(file))
+    Some(data_dir().join(entry).join(file))
+}
+
+/// The folder of the shipped data and vocabulary: `$RCX_DATA_DIR`, else the crate's `data/`.
+pub fn data_dir() -> PathBuf {
+    match std::env::var_os("RCX_DATA_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data")),
+    }
 }
 
 /// `rcx data ...`: tools that make ranking data sets.
