@@ -479,7 +479,7 @@ fn attention_probs_are_a_masked_softmax() {
                 let row = &probs[((seq * nh + head) * t + i) * t..][..t];
                 assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
                 // Reference: softmax over real keys of q·k/√hs (all keys when none is real).
-                let any_real = mask[seq * t..(seq + 1) * t].iter().any(|&m| m == 1);
+                let any_real = mask[seq * t..(seq + 1) * t].contains(&1);
                 let score = |j: usize| {
                     let dot: f64 = (0..hs)
                         .map(|d| {
@@ -491,12 +491,12 @@ fn attention_probs_are_a_masked_softmax() {
                 };
                 let allowed = |j: usize| !any_real || mask[seq * t + j] == 1;
                 let z: f64 = (0..t).filter(|&j| allowed(j)).map(|j| score(j).exp()).sum();
-                for j in 0..t {
+                for (j, &p) in row.iter().enumerate() {
                     let expected = if allowed(j) { score(j).exp() / z } else { 0.0 };
                     if !allowed(j) {
-                        assert_eq!(row[j], 0.0, "padded key {j} got weight");
+                        assert_eq!(p, 0.0, "padded key {j} got weight");
                     }
-                    assert!((row[j] - expected).abs() < 1e-12);
+                    assert!((p - expected).abs() < 1e-12);
                 }
                 for d in 0..hs {
                     let e: f64 = (0..t)
@@ -800,7 +800,8 @@ fn f32_forwards_match_f64() {
     assert_close_f32("layernorm mean", &m32, &m64);
     assert_close_f32("layernorm rstd", &r32, &r64);
 
-    let elementwise: [(&str, fn(&mut [f64], &[f64]), fn(&mut [f32], &[f32])); 4] = [
+    type Op<F> = fn(&mut [F], &[F]);
+    let elementwise: [(&str, Op<f64>, Op<f32>); 4] = [
         ("gelu", gelu_forward::<f64>, gelu_forward::<f32>),
         ("tanh", tanh_forward::<f64>, tanh_forward::<f32>),
         (

@@ -157,7 +157,7 @@ fn check_shapes(
         "embedding: token_type_ids is not [b*t]"
     );
     assert!(
-        wte_len % c == 0 && wpe_len % c == 0 && wtt_len % c == 0,
+        wte_len.is_multiple_of(c) && wpe_len.is_multiple_of(c) && wtt_len.is_multiple_of(c),
         "embedding: tables are not [_, c]"
     );
     let (vocab, max_pos, n_types) = (wte_len / c, wpe_len / c, wtt_len / c);
