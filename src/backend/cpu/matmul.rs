@@ -7,11 +7,9 @@ use rayon::prelude::*;
 use super::{COLUMN_CHUNK, ELEMENTWISE_CHUNK, SendPtr};
 use crate::backend::Float;
 
-/// Largest tile edge of `gemm_parallel`; tiles halve (down to `MIN_TILE`) until there are
-/// at least `TARGET_TILES` of them, so small outputs still use every core.
-const MAX_TILE: usize = 256;
+/// Tiles of `gemm_parallel` are never cut below this edge (unless the matrix is smaller),
+/// and are cut at multiples of it, so no tile ends inside a microkernel block.
 const MIN_TILE: usize = 32;
-const TARGET_TILES: usize = 64;
 
 /// A gemm operand: a matrix inside `data` with element (i, j) at `i * rs + j * cs`.
 #[derive(Clone, Copy)]
@@ -21,26 +19,35 @@ pub(crate) struct Strided<'a, F> {
     pub(crate) cs: usize,
 }
 
-/// The tile edge for an m x n output: depends on the shape only, never on the thread count.
-fn tile_edge(m: usize, n: usize) -> usize {
-    let mut edge = MAX_TILE;
-    while edge > MIN_TILE && m.div_ceil(edge) * n.div_ceil(edge) < TARGET_TILES {
-        edge /= 2;
+/// The tile shape for an m x n output on `threads` threads: halve the longer side until
+/// there are two tiles per thread (for balance) or tiles reach MIN_TILE. No more tiles than
+/// that: each tile re-packs its panels of a and b, which costs time.
+fn tile_shape(m: usize, n: usize, threads: usize) -> (usize, usize) {
+    let round_up = |x: usize| x.div_ceil(MIN_TILE) * MIN_TILE;
+    let (mut tile_m, mut tile_n) = (m, n);
+    while m.div_ceil(tile_m) * n.div_ceil(tile_n) < 2 * threads {
+        if tile_m >= tile_n && tile_m > MIN_TILE {
+            tile_m = round_up(tile_m.div_ceil(2));
+        } else if tile_n > MIN_TILE {
+            tile_n = round_up(tile_n.div_ceil(2));
+        } else {
+            break;
+        }
     }
-    edge
+    (tile_m, tile_n)
 }
 
-/// c[m, n] (row-major, row stride `rsc`) = alpha · a[m, k] · b[k, n] + beta · c, run as one
+/// c[m, n] (row-major, row stride `rsc`) = a[m, k] · b[k, n] + beta · c, run as one
 /// single-threaded gemm per 2-D tile of c, tiles in parallel. Each tile spans all of k, and
-/// matrixmultiply computes an element of c by the same sequence of operations wherever it
-/// lies in a tile, so the result is bit-identical for any tiling and any thread count.
+/// matrixmultiply computes an element of c by the same operations wherever it lies in a
+/// tile (its edge path differs from the full-tile path only in how alpha is rounded, and
+/// alpha is 1 here), so the result is bit-identical for any tiling and thread count.
 /// With beta == 0, c need not be initialised.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_parallel<F: Float>(
     m: usize,
     k: usize,
     n: usize,
-    alpha: F,
     a: Strided<'_, F>,
     b: Strided<'_, F>,
     beta: F,
@@ -65,13 +72,13 @@ pub(crate) fn gemm_parallel<F: Float>(
             "gemm: b too small"
         );
     }
-    let edge = tile_edge(m, n);
-    let tiles_n = n.div_ceil(edge);
-    let tiles = m.div_ceil(edge) * tiles_n;
+    let (tile_m, tile_n) = tile_shape(m, n, rayon::current_num_threads());
+    let tiles_n = n.div_ceil(tile_n);
+    let tiles = m.div_ceil(tile_m) * tiles_n;
     let c_ptr = SendPtr(c.as_mut_ptr());
     (0..tiles).into_par_iter().for_each(|tile| {
-        let (i0, j0) = ((tile / tiles_n) * edge, (tile % tiles_n) * edge);
-        let (rows, cols) = (edge.min(m - i0), edge.min(n - j0));
+        let (i0, j0) = ((tile / tiles_n) * tile_m, (tile % tiles_n) * tile_n);
+        let (rows, cols) = (tile_m.min(m - i0), tile_n.min(n - j0));
         // SAFETY: the asserts above bound every address of a, b and c; tiles are disjoint
         // blocks of c, so no two tasks write the same element, and c (a &mut) aliases
         // neither a nor b.
@@ -80,7 +87,7 @@ pub(crate) fn gemm_parallel<F: Float>(
                 rows,
                 k,
                 cols,
-                alpha,
+                F::ONE,
                 a.data.as_ptr().add(i0 * a.rs),
                 a.rs as isize,
                 a.cs as isize,
@@ -140,7 +147,7 @@ pub fn matmul_forward<F: Float>(
         rs: 1,
         cs: c,
     };
-    gemm_parallel(n, c, oc, F::ONE, inp, weight_t, beta, out, oc);
+    gemm_parallel(n, c, oc, inp, weight_t, beta, out, oc);
 }
 
 /// dinp[n, c] += dout[n, oc] · weight[oc, c]; dweight[oc, c] += dout^T · inp[n, c];
@@ -180,7 +187,7 @@ pub fn matmul_backward<F: Float>(
         rs: c,
         cs: 1,
     };
-    gemm_parallel(n, oc, c, F::ONE, dout_rows, weight_rows, F::ONE, dinp, c);
+    gemm_parallel(n, oc, c, dout_rows, weight_rows, F::ONE, dinp, c);
     // dout^T [oc, n] is dout read with swapped strides.
     let dout_t = Strided {
         data: dout,
@@ -192,7 +199,7 @@ pub fn matmul_backward<F: Float>(
         rs: c,
         cs: 1,
     };
-    gemm_parallel(oc, n, c, F::ONE, dout_t, inp_rows, F::ONE, dweight, c);
+    gemm_parallel(oc, n, c, dout_t, inp_rows, F::ONE, dweight, c);
     if let Some(dbias) = dbias {
         assert_eq!(dbias.len(), oc, "matmul_backward: dbias is not [oc]");
         add_column_sums(dbias, dout, oc);

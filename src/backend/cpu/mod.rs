@@ -2,9 +2,10 @@
 //! Layouts are row-major; shapes are written beside every argument.
 //!
 //! Conventions: forward outputs are overwritten; every backward ADDS (+=) into all of its
-//! gradient outputs (the caller zeroes them). Work is spread over all cores with rayon, in
-//! partitions that do not depend on the thread count, so every result (reductions
-//! included) is the same bit for bit whatever the number of threads.
+//! gradient outputs (the caller zeroes them). Work is spread over all cores with rayon;
+//! reductions use partitions fixed by the shapes alone, and gemm tiles leave every element
+//! to the same operations wherever it lands, so every result is the same bit for bit
+//! whatever the number of threads.
 
 mod adamw;
 mod attention;
