@@ -1,0 +1,321 @@
+//! Multi-head softmax attention with a key padding mask, heads interleaved along channels
+//! as in Hugging Face BERT: head h of a [b, t, nh*hs] tensor is channels h*hs..(h+1)*hs.
+//! Parallel over (sequence, head); each head's products are matrixmultiply gemms whose
+//! strides pick the head's channels out of the interleaved rows.
+
+use rayon::prelude::*;
+
+use super::SendPtr;
+use crate::backend::Float;
+
+/// out[b, t, nh*hs] = softmax(q kᵀ / √hs, keys at padding excluded) · v, per sequence and
+/// head; probs[b, nh, t, t] keeps the softmax for the backward. mask[b, t]: 1 = real
+/// token, 0 = padding. Padded keys get exactly zero weight (HF adds finfo.min to their
+/// scores); rows of padded queries are computed like any other. A sequence with no real
+/// token at all attends uniformly to every key, as HF's finfo.min does.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward<F: Float>(
+    out: &mut [F],
+    probs: &mut [F],
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    mask: &[u8],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) {
+    check_shapes(
+        "attention_forward",
+        out.len(),
+        probs.len(),
+        q,
+        k,
+        v,
+        mask,
+        b,
+        t,
+        nh,
+        hs,
+    );
+    if probs.is_empty() {
+        return;
+    }
+    let channels = nh * hs;
+    let scale = F::from_f64(1.0 / (hs as f64).sqrt());
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    probs
+        .par_chunks_mut(t * t)
+        .enumerate()
+        .for_each(|(seq_head, probs)| {
+            let (seq, head) = (seq_head / nh, seq_head % nh);
+            // First element of this head in the [b, t, nh*hs] tensors; rows are `channels` apart.
+            let base = seq * t * channels + head * hs;
+            let mask = &mask[seq * t..(seq + 1) * t];
+            // SAFETY: check_shapes makes every [t, hs] block at `base` with row stride
+            // `channels` lie inside q, k, v and out; probs is this task's own [t, t] slice;
+            // tasks write disjoint heads of out, and out aliases no input.
+            unsafe {
+                // probs = scale · q kᵀ (kᵀ: k read with swapped strides)
+                F::gemm(
+                    t,
+                    hs,
+                    t,
+                    scale,
+                    q.as_ptr().add(base),
+                    channels as isize,
+                    1,
+                    k.as_ptr().add(base),
+                    1,
+                    channels as isize,
+                    F::ZERO,
+                    probs.as_mut_ptr(),
+                    t as isize,
+                    1,
+                );
+            }
+            let any_real = mask.iter().any(|&m| m != 0);
+            for row in probs.chunks_exact_mut(t) {
+                masked_softmax_row(row, mask, any_real);
+            }
+            unsafe {
+                // out = probs · v
+                F::gemm(
+                    t,
+                    t,
+                    hs,
+                    F::ONE,
+                    probs.as_ptr(),
+                    t as isize,
+                    1,
+                    v.as_ptr().add(base),
+                    channels as isize,
+                    1,
+                    F::ZERO,
+                    out_ptr.get().add(base),
+                    channels as isize,
+                    1,
+                );
+            }
+        });
+}
+
+/// Softmax of one row of scores in place, over the keys that are real (all keys when none
+/// is); excluded keys get exactly 0. Subtracts the row maximum so exp cannot overflow.
+fn masked_softmax_row<F: Float>(row: &mut [F], mask: &[u8], any_real: bool) {
+    let allowed = |j: usize| !any_real || mask[j] != 0;
+    let mut max = F::ZERO;
+    let mut first = true;
+    for (j, &s) in row.iter().enumerate() {
+        if allowed(j) && (first || s > max) {
+            max = s;
+            first = false;
+        }
+    }
+    let mut sum = 0.0f64;
+    for (j, s) in row.iter_mut().enumerate() {
+        if allowed(j) {
+            *s = (*s - max).exp();
+            sum += s.to_f64();
+        } else {
+            *s = F::ZERO;
+        }
+    }
+    let inv_sum = F::from_f64(1.0 / sum);
+    for s in row.iter_mut() {
+        *s *= inv_sum;
+    }
+}
+
+/// dq, dk, dv [b, t, nh*hs] += the gradients of attention_forward given dout [b, t, nh*hs]
+/// and the saved probs [b, nh, t, t]:
+///   dv += pᵀ dout; dp = dout vᵀ; ds = p ∘ (dp - rowsum(p ∘ dp));
+///   dq += ds k / √hs; dk += dsᵀ q / √hs.
+/// Padded keys have p = 0, hence ds = 0: no gradient reaches them through the scores.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<F: Float>(
+    dq: &mut [F],
+    dk: &mut [F],
+    dv: &mut [F],
+    dout: &[F],
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    probs: &[F],
+    mask: &[u8],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) {
+    check_shapes(
+        "attention_backward",
+        dout.len(),
+        probs.len(),
+        q,
+        k,
+        v,
+        mask,
+        b,
+        t,
+        nh,
+        hs,
+    );
+    let activations = b * t * nh * hs;
+    assert_eq!(
+        dq.len(),
+        activations,
+        "attention_backward: dq is not [b, t, nh*hs]"
+    );
+    assert_eq!(
+        dk.len(),
+        activations,
+        "attention_backward: dk is not [b, t, nh*hs]"
+    );
+    assert_eq!(
+        dv.len(),
+        activations,
+        "attention_backward: dv is not [b, t, nh*hs]"
+    );
+    if probs.is_empty() {
+        return;
+    }
+    let channels = nh * hs;
+    let scale = F::from_f64(1.0 / (hs as f64).sqrt());
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
+    (0..b * nh).into_par_iter().for_each_init(
+        // dscores [t, t]: scratch, one per rayon job rather than per head.
+        || vec![F::ZERO; t * t],
+        |dscores, seq_head| {
+            let (seq, head) = (seq_head / nh, seq_head % nh);
+            let base = seq * t * channels + head * hs;
+            let probs = &probs[seq_head * t * t..(seq_head + 1) * t * t];
+            let ch = channels as isize;
+            let ti = t as isize;
+            // SAFETY: as in the forward: every [t, hs] block at `base` with row stride
+            // `channels` lies inside its tensor (check_shapes and the asserts above);
+            // tasks write disjoint heads of dq, dk, dv, which alias no input or each other.
+            unsafe {
+                // dv += probsᵀ · dout (probsᵀ: probs read with swapped strides)
+                F::gemm(
+                    t,
+                    t,
+                    hs,
+                    F::ONE,
+                    probs.as_ptr(),
+                    1,
+                    ti,
+                    dout.as_ptr().add(base),
+                    ch,
+                    1,
+                    F::ONE,
+                    dv_ptr.get().add(base),
+                    ch,
+                    1,
+                );
+                // dprobs = dout · vᵀ
+                F::gemm(
+                    t,
+                    hs,
+                    t,
+                    F::ONE,
+                    dout.as_ptr().add(base),
+                    ch,
+                    1,
+                    v.as_ptr().add(base),
+                    1,
+                    ch,
+                    F::ZERO,
+                    dscores.as_mut_ptr(),
+                    ti,
+                    1,
+                );
+            }
+            // Through the softmax: ds = p (dp - Σ_j p dp), row by row.
+            for (p_row, d_row) in probs.chunks_exact(t).zip(dscores.chunks_exact_mut(t)) {
+                let dot: f64 = p_row
+                    .iter()
+                    .zip(d_row.iter())
+                    .map(|(p, d)| p.to_f64() * d.to_f64())
+                    .sum();
+                let dot = F::from_f64(dot);
+                for (d, &p) in d_row.iter_mut().zip(p_row) {
+                    *d = p * (*d - dot);
+                }
+            }
+            unsafe {
+                // dq += scale · dscores · k
+                F::gemm(
+                    t,
+                    t,
+                    hs,
+                    scale,
+                    dscores.as_ptr(),
+                    ti,
+                    1,
+                    k.as_ptr().add(base),
+                    ch,
+                    1,
+                    F::ONE,
+                    dq_ptr.get().add(base),
+                    ch,
+                    1,
+                );
+                // dk += scale · dscoresᵀ · q
+                F::gemm(
+                    t,
+                    t,
+                    hs,
+                    scale,
+                    dscores.as_ptr(),
+                    1,
+                    ti,
+                    q.as_ptr().add(base),
+                    ch,
+                    1,
+                    F::ONE,
+                    dk_ptr.get().add(base),
+                    ch,
+                    1,
+                );
+            }
+        },
+    );
+}
+
+/// Shapes shared by the forward and the backward; panics name the op and the mismatch.
+#[allow(clippy::too_many_arguments)]
+fn check_shapes<F>(
+    op: &str,
+    activations_len: usize,
+    probs_len: usize,
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    mask: &[u8],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) {
+    let activations = b * t * nh * hs;
+    assert_eq!(
+        activations_len, activations,
+        "{op}: out/dout is not [b, t, nh*hs]"
+    );
+    assert_eq!(q.len(), activations, "{op}: q is not [b, t, nh*hs]");
+    assert_eq!(k.len(), activations, "{op}: k is not [b, t, nh*hs]");
+    assert_eq!(v.len(), activations, "{op}: v is not [b, t, nh*hs]");
+    assert_eq!(
+        probs_len,
+        b * nh * t * t,
+        "{op}: probs is not [b, nh, t, t]"
+    );
+    assert_eq!(mask.len(), b * t, "{op}: mask is not [b, t]");
+    assert!(hs > 0, "{op}: head size must be positive");
+}

@@ -1,0 +1,136 @@
+//! LayerNorm over the last dimension (BERT uses eps = 1e-12). Row statistics and the
+//! normalisation are computed in f64 whatever F is, and rounded once.
+
+use rayon::prelude::*;
+
+use super::COLUMN_CHUNK;
+use crate::backend::Float;
+
+/// out[n, c] = (inp - mean) · rstd · weight[c] + bias[c], row by row; saves mean[n] and
+/// rstd[n] = 1 / sqrt(biased variance + eps) for the backward.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward<F: Float>(
+    out: &mut [F],
+    mean: &mut [F],
+    rstd: &mut [F],
+    inp: &[F],
+    weight: &[F],
+    bias: &[F],
+    n: usize,
+    c: usize,
+    eps: f64,
+) {
+    assert_eq!(out.len(), n * c, "layernorm_forward: out is not [n, c]");
+    assert_eq!(inp.len(), n * c, "layernorm_forward: inp is not [n, c]");
+    assert_eq!(mean.len(), n, "layernorm_forward: mean is not [n]");
+    assert_eq!(rstd.len(), n, "layernorm_forward: rstd is not [n]");
+    assert_eq!(weight.len(), c, "layernorm_forward: weight is not [c]");
+    assert_eq!(bias.len(), c, "layernorm_forward: bias is not [c]");
+    if out.is_empty() {
+        return;
+    }
+    out.par_chunks_mut(c)
+        .zip(inp.par_chunks(c))
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .for_each(|((out_row, inp_row), (mean_i, rstd_i))| {
+            // Two passes: the centred sum of squares does not cancel like E[x²] - E[x]².
+            let m = inp_row.iter().map(|x| x.to_f64()).sum::<f64>() / c as f64;
+            let var = inp_row
+                .iter()
+                .map(|x| (x.to_f64() - m) * (x.to_f64() - m))
+                .sum::<f64>()
+                / c as f64;
+            let rs = 1.0 / (var + eps).sqrt();
+            for (((o, x), w), b) in out_row.iter_mut().zip(inp_row).zip(weight).zip(bias) {
+                let norm = (x.to_f64() - m) * rs;
+                *o = F::from_f64(norm * w.to_f64() + b.to_f64());
+            }
+            *mean_i = F::from_f64(m);
+            *rstd_i = F::from_f64(rs);
+        });
+}
+
+/// dinp[n, c] += ∂L/∂inp; dweight[c] += Σ_rows dout · norm; dbias[c] += Σ_rows dout,
+/// with norm = (inp - mean) · rstd recomputed from the saved statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward<F: Float>(
+    dinp: &mut [F],
+    dweight: &mut [F],
+    dbias: &mut [F],
+    dout: &[F],
+    inp: &[F],
+    weight: &[F],
+    mean: &[F],
+    rstd: &[F],
+    n: usize,
+    c: usize,
+) {
+    assert_eq!(dinp.len(), n * c, "layernorm_backward: dinp is not [n, c]");
+    assert_eq!(dout.len(), n * c, "layernorm_backward: dout is not [n, c]");
+    assert_eq!(inp.len(), n * c, "layernorm_backward: inp is not [n, c]");
+    assert_eq!(dweight.len(), c, "layernorm_backward: dweight is not [c]");
+    assert_eq!(dbias.len(), c, "layernorm_backward: dbias is not [c]");
+    assert_eq!(weight.len(), c, "layernorm_backward: weight is not [c]");
+    assert_eq!(mean.len(), n, "layernorm_backward: mean is not [n]");
+    assert_eq!(rstd.len(), n, "layernorm_backward: rstd is not [n]");
+    if dinp.is_empty() {
+        return;
+    }
+    // dinp, row by row: with dnorm = weight · dout,
+    // dinp = rstd · (dnorm - mean(dnorm) - norm · mean(dnorm · norm)).
+    dinp.par_chunks_mut(c)
+        .zip(dout.par_chunks(c))
+        .zip(inp.par_chunks(c))
+        .zip(mean.par_iter().zip(rstd.par_iter()))
+        .for_each(|(((dinp_row, dout_row), inp_row), (m, rs))| {
+            let (m, rs) = (m.to_f64(), rs.to_f64());
+            let (mut dnorm_sum, mut dnorm_norm_sum) = (0.0f64, 0.0f64);
+            for ((x, w), d) in inp_row.iter().zip(weight).zip(dout_row) {
+                let norm = (x.to_f64() - m) * rs;
+                let dnorm = w.to_f64() * d.to_f64();
+                dnorm_sum += dnorm;
+                dnorm_norm_sum += dnorm * norm;
+            }
+            let dnorm_mean = dnorm_sum / c as f64;
+            let dnorm_norm_mean = dnorm_norm_sum / c as f64;
+            for (((di, x), w), d) in dinp_row.iter_mut().zip(inp_row).zip(weight).zip(dout_row) {
+                let norm = (x.to_f64() - m) * rs;
+                let dnorm = w.to_f64() * d.to_f64();
+                let grad = (dnorm - dnorm_mean - norm * dnorm_norm_mean) * rs;
+                *di = F::from_f64(di.to_f64() + grad);
+            }
+        });
+    // dweight and dbias: each task owns a block of columns and sums over all rows in order,
+    // so the result does not depend on the thread count.
+    dweight
+        .par_chunks_mut(COLUMN_CHUNK)
+        .zip(dbias.par_chunks_mut(COLUMN_CHUNK))
+        .enumerate()
+        .for_each(|(chunk_index, (dweight, dbias))| {
+            let j0 = chunk_index * COLUMN_CHUNK;
+            let j1 = j0 + dweight.len();
+            let mut acc_weight = [0.0f64; COLUMN_CHUNK];
+            let mut acc_bias = [0.0f64; COLUMN_CHUNK];
+            for i in 0..n {
+                let (m, rs) = (mean[i].to_f64(), rstd[i].to_f64());
+                let inp_row = &inp[i * c + j0..i * c + j1];
+                let dout_row = &dout[i * c + j0..i * c + j1];
+                for (((aw, ab), x), d) in acc_weight
+                    .iter_mut()
+                    .zip(acc_bias.iter_mut())
+                    .zip(inp_row)
+                    .zip(dout_row)
+                {
+                    let d = d.to_f64();
+                    *aw += d * (x.to_f64() - m) * rs;
+                    *ab += d;
+                }
+            }
+            for (dw, aw) in dweight.iter_mut().zip(acc_weight) {
+                *dw = F::from_f64(dw.to_f64() + aw);
+            }
+            for (db, ab) in dbias.iter_mut().zip(acc_bias) {
+                *db = F::from_f64(db.to_f64() + ab);
+            }
+        });
+}
