@@ -16,8 +16,13 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Encode a text (or a pair) with a BERT WordPiece vocabulary; prints the ids as JSON.
+    Tokenize(crate::tokenizer::TokenizeArgs),
+}
 
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {}
+    match cli.command {
+        Command::Tokenize(a) => crate::tokenizer::cmd_tokenize(a),
+    }
 }
