@@ -61,7 +61,11 @@ impl Tokenizer {
     pub fn from_vocab_file(path: &Path) -> Result<Tokenizer> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let text = std::str::from_utf8(&bytes).map_err(|e| {
-            let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
             Error::user(format!(
                 "{}:{line}: not valid UTF-8; expected a UTF-8 text vocabulary, one token per line",
                 path.display()
@@ -383,7 +387,7 @@ fn push_decomposed(c: char, out: &mut String, marks: &mut Vec<(char, u8)>) {
             V_BASE + (s % (V_COUNT * T_COUNT)) / T_COUNT,
             T_BASE + s % T_COUNT,
         ];
-        let count = if s % T_COUNT == 0 { 2 } else { 3 };
+        let count = if s.is_multiple_of(T_COUNT) { 2 } else { 3 };
         for &j in &jamo[..count] {
             push_nfd_char(char::from_u32(j).unwrap_or(c), out, marks);
         }
@@ -505,7 +509,12 @@ pub fn cmd_tokenize(args: TokenizeArgs) -> Result<()> {
         None => tokenizer.encode(&args.text, args.max_length),
     };
     // The layout of Python's json.dumps, so that output compares byte for byte.
-    let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    let list = |ids: &[u32]| {
+        ids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!(
         "{{\"input_ids\": [{}], \"token_type_ids\": [{}]}}",
         list(&encoding.input_ids),
