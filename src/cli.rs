@@ -25,6 +25,8 @@ pub enum Command {
     CheckConfig(crate::config::CheckConfigArgs),
     /// Build ranking data sets.
     Data(crate::data::DataArgs),
+    /// Tokenize a text (or a pair) as BERT's uncased WordPiece.
+    Tokenize(crate::tokenizer::TokenizeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -33,5 +35,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => crate::eval::cmd_score(a),
         Command::CheckConfig(a) => crate::config::cmd_check_config(a),
         Command::Data(a) => crate::data::cmd_data(a),
+        Command::Tokenize(a) => crate::tokenizer::cmd_tokenize(a),
     }
 }

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Generate src/tokenizer/unicode_tables.rs: the character tables rcx's BERT tokenizer needs.
+
+The reference is Hugging Face `tokenizers` (BertTokenizerFast's backend). Its pieces use
+different Unicode versions (categories from an old crate, NFD from another, lowercase from
+the Rust std it was built with), so no single Unicode database reproduces it. We therefore
+probe the reference itself, one code point at a time, and record what it does:
+
+  clean      BertNormalizer(clean_text) alone: removed, turned into ' ', or kept
+  pretok     BertPreTokenizer on 'a' + c + 'b': whitespace, punctuation, or word char
+  decompose  NFD of one char (Hangul syllables are algorithmic and checked, not stored)
+  mark       BertNormalizer(strip_accents) alone on an undecomposable char: dropped = Mn
+  lowercase  Lowercase of one char (it maps char by char; no final-sigma context)
+  ccc        canonical combining classes: values come from Python's unicodedata (they are
+             stable across Unicode versions); whether the reference knows a char's class is
+             probed by whether its NFD reorders the char against U+0345 (ccc 240) or U+0334
+             (ccc 1).
+
+Usage: $PYTHON scripts/gen_unicode_tables.py   (PYTHON must have `tokenizers`; ~30 s)
+"""
+
+import os
+import sys
+import unicodedata
+
+from tokenizers import normalizers, pre_tokenizers
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "src", "tokenizer", "unicode_tables.rs")
+
+clean = normalizers.BertNormalizer(
+    clean_text=True, handle_chinese_chars=False, strip_accents=False, lowercase=False
+)
+strip = normalizers.BertNormalizer(
+    clean_text=False, handle_chinese_chars=False, strip_accents=True, lowercase=False
+)
+nfd = normalizers.NFD()
+lower = normalizers.Lowercase()
+pretok = pre_tokenizers.BertPreTokenizer()
+
+S_BASE, L_BASE, V_BASE, T_BASE = 0xAC00, 0x1100, 0x1161, 0x11A7
+V_COUNT, T_COUNT, S_COUNT = 21, 28, 11172
+
+
+def hangul_nfd(cp):
+    s = cp - S_BASE
+    out = chr(L_BASE + s // (V_COUNT * T_COUNT)) + chr(V_BASE + (s % (V_COUNT * T_COUNT)) // T_COUNT)
+    if s % T_COUNT:
+        out += chr(T_BASE + s % T_COUNT)
+    return out
+
+
+clean_remove, clean_space = [], []
+pretok_space, pretok_punct = [], []
+decompose, marks, lowercase, ccc = [], [], [], []
+
+for cp in range(0x110000):
+    if 0xD800 <= cp <= 0xDFFF:
+        continue  # surrogates cannot occur in a Rust &str
+    c = chr(cp)
+
+    r = clean.normalize_str(c)
+    if r == "":
+        clean_remove.append(cp)
+    elif r == " " and c != " ":
+        clean_space.append(cp)
+    else:
+        assert r == c, (hex(cp), r)
+
+    words = [w for w, _ in pretok.pre_tokenize_str("a" + c + "b")]
+    if words == ["a", "b"]:
+        pretok_space.append(cp)
+    elif words == ["a", c, "b"]:
+        pretok_punct.append(cp)
+    else:
+        assert words == ["a" + c + "b"], (hex(cp), words)
+
+    d = nfd.normalize_str(c)
+    if S_BASE <= cp < S_BASE + S_COUNT:
+        assert d == hangul_nfd(cp), hex(cp)
+    elif d != c:
+        decompose.append((cp, d))
+    else:
+        s = strip.normalize_str(c)
+        if s == "":
+            marks.append(cp)
+        else:
+            assert s == c, (hex(cp), s)
+        v = unicodedata.combining(c)
+        if v:
+            if v < 240:
+                known = nfd.normalize_str("\u0345" + c) == c + "\u0345"
+            else:
+                known = nfd.normalize_str(c + "\u0334") == "\u0334" + c
+            if known:
+                ccc.append((cp, v))
+
+    lo = lower.normalize_str(c)
+    if lo != c:
+        lowercase.append((cp, lo))
+
+# Every char a decomposition produces must itself be undecomposable (full NFD).
+for cp, d in decompose:
+    for x in d:
+        assert nfd.normalize_str(x) == x, (hex(cp), d)
+
+
+def ranges(cps):
+    out = []
+    for cp in cps:
+        if out and out[-1][1] == cp - 1:
+            out[-1][1] = cp
+        else:
+            out.append([cp, cp])
+    return out
+
+
+def ccc_ranges(pairs):
+    out = []
+    for cp, v in pairs:
+        if out and out[-1][1] == cp - 1 and out[-1][2] == v:
+            out[-1][1] = cp
+        else:
+            out.append([cp, cp, v])
+    return out
+
+
+def rust_str(s):
+    return '"' + "".join("\\u{%X}" % ord(x) for x in s) + '"'
+
+
+def emit(f, doc, name, ty, items, per_line):
+    f.write(f"\n/// {doc}\n#[rustfmt::skip]\npub static {name}: &[{ty}] = &[\n")
+    for i in range(0, len(items), per_line):
+        f.write("    " + " ".join(x + "," for x in items[i : i + per_line]) + "\n")
+    f.write("];\n")
+
+
+def emit_ranges(f, doc, name, cps):
+    items = ["(0x%X, 0x%X)" % (a, b) for a, b in ranges(cps)]
+    emit(f, doc + " Inclusive ranges, sorted.", name, "(u32, u32)", items, 6)
+
+
+with open(OUT + ".tmp", "w", encoding="ascii") as f:
+    f.write(
+        "//! Character tables of the BERT tokenizer, probed from Hugging Face `tokenizers`.\n"
+        "//! Generated by scripts/gen_unicode_tables.py; do not edit by hand.\n"
+    )
+    emit_ranges(f, "Chars the clean-up step removes (NUL, U+FFFD, controls, formats).", "CLEAN_REMOVE", clean_remove)
+    emit_ranges(f, "Chars the clean-up step turns into a plain space.", "CLEAN_SPACE", clean_space)
+    emit_ranges(f, "Chars the pre-tokenizer splits on and drops.", "PRETOK_SPACE", pretok_space)
+    emit_ranges(f, "Chars the pre-tokenizer isolates as one-char words.", "PRETOK_PUNCT", pretok_punct)
+    emit_ranges(f, "Undecomposable chars that accent stripping drops (nonspacing marks).", "NONSPACING_MARK", marks)
+    emit(
+        f,
+        "Canonical combining classes (non-zero only): (first, last, class), sorted.",
+        "COMBINING_CLASS",
+        "(u32, u32, u8)",
+        ["(0x%X, 0x%X, %d)" % tuple(r) for r in ccc_ranges(ccc)],
+        5,
+    )
+    emit(
+        f,
+        "Full canonical decompositions (NFD), Hangul syllables excluded: sorted by char.",
+        "DECOMPOSE",
+        "(u32, &str)",
+        ["(0x%X, %s)" % (cp, rust_str(d)) for cp, d in decompose],
+        3,
+    )
+    emit(
+        f,
+        "Lowercase mappings of chars that change: sorted by char.",
+        "LOWERCASE",
+        "(u32, &str)",
+        ["(0x%X, %s)" % (cp, rust_str(d)) for cp, d in lowercase],
+        4,
+    )
+os.replace(OUT + ".tmp", OUT)
+print(
+    f"wrote {OUT}: remove {len(clean_remove)} space {len(clean_space)} pretok_space {len(pretok_space)} "
+    f"punct {len(pretok_punct)} marks {len(marks)} ccc {len(ccc)} decompose {len(decompose)} "
+    f"lowercase {len(lowercase)}",
+    file=sys.stderr,
+)
