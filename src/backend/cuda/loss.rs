@@ -98,7 +98,9 @@ impl CudaRuntime {
         check_len(op, "logits", logits.len(), batch.completions)?;
         check_len(op, "dlogits", dlogits.len(), batch.completions)?;
         if !(eps.is_finite() && eps > 0.0) {
-            return Err(Error::internal(format!("{op}: eps must be positive, got {eps}")));
+            return Err(Error::internal(format!(
+                "{op}: eps must be positive, got {eps}"
+            )));
         }
         let mut prompt_loss = self.zeros::<f64>(batch.prompts)?; // [P], sums of -U
         let f = self.function("ranking_loss", "ranking_loss_forward_backward")?;

@@ -87,7 +87,18 @@ impl CudaRuntime {
             None => 0.0,
         };
         // Column-major: outᵀ [oc, n] = (weightᵀ)ᵀ [oc, c] · inpᵀ [c, n].
-        self.sgemm(op, (CUBLAS_OP_T, CUBLAS_OP_N), (oc, n, c), weight, c, inp, c, beta, out, oc)
+        self.sgemm(
+            op,
+            (CUBLAS_OP_T, CUBLAS_OP_N),
+            (oc, n, c),
+            weight,
+            c,
+            inp,
+            c,
+            beta,
+            out,
+            oc,
+        )
     }
 
     /// dinp[n, c] += dout · weight; dweight[oc, c] += doutᵀ · inp; dbias[oc] += column sums
@@ -115,9 +126,31 @@ impl CudaRuntime {
             return Ok(());
         }
         // dinpᵀ [c, n] += weightᵀ [c, oc] · doutᵀ [oc, n]
-        self.sgemm(op, (CUBLAS_OP_N, CUBLAS_OP_N), (c, n, oc), weight, c, dout, oc, 1.0, dinp, c)?;
+        self.sgemm(
+            op,
+            (CUBLAS_OP_N, CUBLAS_OP_N),
+            (c, n, oc),
+            weight,
+            c,
+            dout,
+            oc,
+            1.0,
+            dinp,
+            c,
+        )?;
         // dweightᵀ [c, oc] += inpᵀ [c, n] · dout [n, oc]
-        self.sgemm(op, (CUBLAS_OP_N, CUBLAS_OP_T), (c, oc, n), inp, c, dout, oc, 1.0, dweight, c)?;
+        self.sgemm(
+            op,
+            (CUBLAS_OP_N, CUBLAS_OP_T),
+            (c, oc, n),
+            inp,
+            c,
+            dout,
+            oc,
+            1.0,
+            dweight,
+            c,
+        )?;
         if let Some(dbias) = dbias {
             self.bias_backward(dbias, dout, n, oc)?;
         }

@@ -86,8 +86,15 @@ impl TokenBatch {
                 "{op}: sequences of {t} tokens but only {max_pos} positions"
             )));
         }
-        for (ids, limit, what) in [(input_ids, vocab, "token id"), (token_type_ids, ntypes, "token type")] {
-            if let Some((at, id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= limit) {
+        for (ids, limit, what) in [
+            (input_ids, vocab, "token id"),
+            (token_type_ids, ntypes, "token type"),
+        ] {
+            if let Some((at, id)) = ids
+                .iter()
+                .enumerate()
+                .find(|&(_, &id)| id as usize >= limit)
+            {
                 return Err(Error::internal(format!(
                     "{op}: {what} {id} at position {at} is outside the table of {limit} rows"
                 )));
@@ -127,8 +134,16 @@ impl CudaRuntime {
             return Ok(());
         }
         let f = self.function("embedding", &format!("embedding_forward_{}", T::SUFFIX))?;
-        let (bt_i, t_i, c_i) = (dim(op, "b*t", bt)?, dim(op, "t", tokens.t)?, dim(op, "c", c)?);
-        let cfg = launch_config(blocks(op, bt * c, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let (bt_i, t_i, c_i) = (
+            dim(op, "b*t", bt)?,
+            dim(op, "t", tokens.t)?,
+            dim(op, "c", c)?,
+        );
+        let cfg = launch_config(
+            blocks(op, bt * c, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
         let mut launch = self.stream().launch_builder(&f);
         launch
             .arg(out)
@@ -165,8 +180,14 @@ impl CudaRuntime {
             return Ok(());
         }
         let c_i = dim(op, "c", c)?;
-        let rows = self.function("embedding", &format!("embedding_backward_rows_{}", T::SUFFIX))?;
-        for (table, lists) in [(&mut *dwte, &tokens.word_rows), (&mut *dwtt, &tokens.type_rows)] {
+        let rows = self.function(
+            "embedding",
+            &format!("embedding_backward_rows_{}", T::SUFFIX),
+        )?;
+        for (table, lists) in [
+            (&mut *dwte, &tokens.word_rows),
+            (&mut *dwtt, &tokens.type_rows),
+        ] {
             let cfg = launch_config(blocks(op, lists.distinct, 1)?, ELEMENTWISE_THREADS, 0);
             let mut launch = self.stream().launch_builder(&rows);
             launch
@@ -178,10 +199,16 @@ impl CudaRuntime {
                 .arg(&c_i);
             unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         }
-        let positions =
-            self.function("embedding", &format!("embedding_backward_positions_{}", T::SUFFIX))?;
+        let positions = self.function(
+            "embedding",
+            &format!("embedding_backward_positions_{}", T::SUFFIX),
+        )?;
         let (b_i, t_i) = (dim(op, "b", b)?, dim(op, "t", t)?);
-        let cfg = launch_config(blocks(op, t * c, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch_config(
+            blocks(op, t * c, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
         let mut launch = self.stream().launch_builder(&positions);
         launch.arg(dwpe).arg(dout).arg(&b_i).arg(&t_i).arg(&c_i);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -203,7 +230,17 @@ impl CudaRuntime {
         eps: f64,
     ) -> Result<()> {
         let op = "layernorm_forward";
-        check_layernorm(op, out.len(), mean.len(), rstd.len(), inp.len(), weight.len(), bias.len(), n, c)?;
+        check_layernorm(
+            op,
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            inp.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
         if out.is_empty() {
             return Ok(());
         }
@@ -244,13 +281,26 @@ impl CudaRuntime {
         eps: f64,
     ) -> Result<()> {
         let op = "residual_layernorm_forward";
-        check_layernorm(op, out.len(), mean.len(), rstd.len(), a.len(), weight.len(), bias.len(), n, c)?;
+        check_layernorm(
+            op,
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            a.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
         check_len(op, "sum", sum.len(), n * c)?;
         check_len(op, "b", b.len(), n * c)?;
         if out.is_empty() {
             return Ok(());
         }
-        let f = self.function("layernorm", &format!("residual_layernorm_forward_{}", T::SUFFIX))?;
+        let f = self.function(
+            "layernorm",
+            &format!("residual_layernorm_forward_{}", T::SUFFIX),
+        )?;
         let (n_i, c_i, eps_f) = (dim(op, "n", n)?, dim(op, "c", c)?, eps as f32);
         let cfg = launch_config(blocks(op, n * 32, ROW_THREADS)?, ROW_THREADS, 0);
         let mut launch = self.stream().launch_builder(&f);
@@ -287,14 +337,27 @@ impl CudaRuntime {
         c: usize,
     ) -> Result<()> {
         let op = "layernorm_backward";
-        check_layernorm(op, dinp.len(), mean.len(), rstd.len(), inp.len(), weight.len(), dbias.len(), n, c)?;
+        check_layernorm(
+            op,
+            dinp.len(),
+            mean.len(),
+            rstd.len(),
+            inp.len(),
+            weight.len(),
+            dbias.len(),
+            n,
+            c,
+        )?;
         check_len(op, "dout", dout.len(), n * c)?;
         check_len(op, "dweight", dweight.len(), c)?;
         if dinp.is_empty() {
             return Ok(());
         }
         let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
-        let input = self.function("layernorm", &format!("layernorm_backward_input_{}", T::SUFFIX))?;
+        let input = self.function(
+            "layernorm",
+            &format!("layernorm_backward_input_{}", T::SUFFIX),
+        )?;
         let cfg = launch_config(blocks(op, n * 32, ROW_THREADS)?, ROW_THREADS, 0);
         let mut launch = self.stream().launch_builder(&input);
         launch
@@ -307,7 +370,10 @@ impl CudaRuntime {
             .arg(&n_i)
             .arg(&c_i);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        let params = self.function("layernorm", &format!("layernorm_backward_params_{}", T::SUFFIX))?;
+        let params = self.function(
+            "layernorm",
+            &format!("layernorm_backward_params_{}", T::SUFFIX),
+        )?;
         let cfg = launch_config(blocks(op, c, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
         let mut launch = self.stream().launch_builder(&params);
         launch
@@ -341,7 +407,11 @@ impl CudaRuntime {
         }
         let f = self.function("activation", &format!("bias_gelu_forward_{}", T::SUFFIX))?;
         let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
-        let cfg = launch_config(blocks(op, n * c, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch_config(
+            blocks(op, n * c, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(inp).arg(bias).arg(&n_i).arg(&c_i);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -373,13 +443,24 @@ impl CudaRuntime {
         let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
         let cfg = launch_config(blocks(op, c, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
         let mut launch = self.stream().launch_builder(&f);
-        launch.arg(dinp).arg(dbias).arg(dout).arg(inp).arg(bias).arg(&n_i).arg(&c_i);
+        launch
+            .arg(dinp)
+            .arg(dbias)
+            .arg(dout)
+            .arg(inp)
+            .arg(bias)
+            .arg(&n_i)
+            .arg(&c_i);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }
 
     /// out = tanh(inp), elementwise.
-    pub fn tanh_forward<T: Activation>(&self, out: &mut CudaSlice<T>, inp: &CudaSlice<T>) -> Result<()> {
+    pub fn tanh_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        inp: &CudaSlice<T>,
+    ) -> Result<()> {
         let op = "tanh_forward";
         check_len(op, "out", out.len(), inp.len())?;
         if out.is_empty() {
@@ -387,7 +468,11 @@ impl CudaRuntime {
         }
         let f = self.function("activation", &format!("tanh_forward_{}", T::SUFFIX))?;
         let len = inp.len();
-        let cfg = launch_config(blocks(op, len, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(inp).arg(&len);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -409,7 +494,11 @@ impl CudaRuntime {
         }
         let f = self.function("activation", &format!("tanh_backward_{}", T::SUFFIX))?;
         let len = dinp.len();
-        let cfg = launch_config(blocks(op, len, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(dinp).arg(out).arg(dout).arg(&len);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -432,7 +521,11 @@ impl CudaRuntime {
         }
         let f = self.function("activation", &format!("residual_forward_{}", T::SUFFIX))?;
         let len = out.len();
-        let cfg = launch_config(blocks(op, len, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(a).arg(b).arg(&len);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -456,9 +549,19 @@ impl CudaRuntime {
         }
         let f = self.function("dropout", &format!("dropout_forward_{}", T::SUFFIX))?;
         let len = out.len();
-        let cfg = launch_config(blocks(op, len, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
         let mut launch = self.stream().launch_builder(&f);
-        launch.arg(out).arg(inp).arg(&len).arg(&p).arg(&scale).arg(&seed);
+        launch
+            .arg(out)
+            .arg(inp)
+            .arg(&len)
+            .arg(&p)
+            .arg(&scale)
+            .arg(&seed);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }
@@ -479,9 +582,19 @@ impl CudaRuntime {
         }
         let f = self.function("dropout", &format!("dropout_backward_{}", T::SUFFIX))?;
         let len = dinp.len();
-        let cfg = launch_config(blocks(op, len, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
         let mut launch = self.stream().launch_builder(&f);
-        launch.arg(dinp).arg(dout).arg(&len).arg(&p).arg(&scale).arg(&seed);
+        launch
+            .arg(dinp)
+            .arg(dout)
+            .arg(&len)
+            .arg(&p)
+            .arg(&scale)
+            .arg(&seed);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }
@@ -495,7 +608,11 @@ impl CudaRuntime {
         }
         let f = self.function("dropout", "dropout_mask")?;
         let len = keep.len();
-        let cfg = launch_config(blocks(op, len, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(keep).arg(&len).arg(&p).arg(&seed);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -533,7 +650,11 @@ impl CudaRuntime {
         let cfg = launch_config(blocks(op, b * nh * t, 1)?, ATTENTION_THREADS, shared);
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(probs).arg(q).arg(k).arg(v).arg(mask);
-        launch.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
+        launch
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3]);
         let scale = attention_scale(hs);
         launch.arg(&scale);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -580,17 +701,46 @@ impl CudaRuntime {
         let scale = attention_scale(hs);
         let grid = blocks(op, b * nh * t, 1)?;
 
-        let query = self.function("attention", &format!("attention_backward_query_{}", T::SUFFIX))?;
+        let query = self.function(
+            "attention",
+            &format!("attention_backward_query_{}", T::SUFFIX),
+        )?;
         let mut launch = self.stream().launch_builder(&query);
-        launch.arg(dq).arg(&mut *dscores).arg(dout).arg(k).arg(v).arg(probs);
-        launch.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&scale);
-        unsafe { launch.launch(launch_config(grid, ATTENTION_THREADS, shared)) }.map_err(driver(op))?;
+        launch
+            .arg(dq)
+            .arg(&mut *dscores)
+            .arg(dout)
+            .arg(k)
+            .arg(v)
+            .arg(probs);
+        launch
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3])
+            .arg(&scale);
+        unsafe { launch.launch(launch_config(grid, ATTENTION_THREADS, shared)) }
+            .map_err(driver(op))?;
 
-        let key = self.function("attention", &format!("attention_backward_key_{}", T::SUFFIX))?;
+        let key = self.function(
+            "attention",
+            &format!("attention_backward_key_{}", T::SUFFIX),
+        )?;
         let key_threads = hs.div_ceil(32).clamp(1, 8) * 32;
         let mut launch = self.stream().launch_builder(&key);
-        launch.arg(dk).arg(dv).arg(dout).arg(q).arg(probs).arg(&*dscores);
-        launch.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&scale);
+        launch
+            .arg(dk)
+            .arg(dv)
+            .arg(dout)
+            .arg(q)
+            .arg(probs)
+            .arg(&*dscores);
+        launch
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3])
+            .arg(&scale);
         unsafe { launch.launch(launch_config(grid, key_threads, 0)) }.map_err(driver(op))?;
         Ok(())
     }
@@ -641,7 +791,11 @@ impl CudaRuntime {
         }
         let f = self.function("pool", &format!("{kernel}_{}", T::SUFFIX))?;
         let (b_i, t_i, c_i) = (dim(op, "b", b)?, dim(op, "t", t)?, dim(op, "c", c)?);
-        let cfg = launch_config(blocks(op, b * c, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch_config(
+            blocks(op, b * c, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(written).arg(read).arg(&b_i).arg(&t_i).arg(&c_i);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -651,7 +805,7 @@ impl CudaRuntime {
 
 /// A table [rows, c] must be a whole number of rows.
 fn check_table(op: &str, name: &str, len: usize, c: usize) -> Result<()> {
-    if c > 0 && len % c == 0 {
+    if c > 0 && len.is_multiple_of(c) {
         Ok(())
     } else {
         Err(Error::internal(format!(
@@ -690,7 +844,12 @@ fn dropout_scale(op: &str, p: f64) -> Result<f32> {
 }
 
 fn attention_dims(op: &str, b: usize, t: usize, nh: usize, hs: usize) -> Result<[i32; 4]> {
-    Ok([dim(op, "b", b)?, dim(op, "t", t)?, dim(op, "nh", nh)?, dim(op, "hs", hs)?])
+    Ok([
+        dim(op, "b", b)?,
+        dim(op, "t", t)?,
+        dim(op, "nh", nh)?,
+        dim(op, "hs", hs)?,
+    ])
 }
 
 fn attention_scale(hs: usize) -> f32 {

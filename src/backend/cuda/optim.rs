@@ -126,7 +126,13 @@ impl CudaRuntime {
         }
         let f = self.function("optimizer", "adamw_update_bf16_copy")?;
         let mut launch = self.stream().launch_builder(&f);
-        launch.arg(params).arg(params_bf16).arg(grads).arg(m).arg(v).arg(&len);
+        launch
+            .arg(params)
+            .arg(params_bf16)
+            .arg(grads)
+            .arg(m)
+            .arg(v)
+            .arg(&len);
         for a in &args {
             launch.arg(a);
         }

@@ -116,16 +116,21 @@ impl CudaRuntime {
 
     /// A device copy of `host`.
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream
-            .clone_htod(host)
-            .map_err(driver(&format!("copy {} elements to the device", host.len())))
+        self.stream.clone_htod(host).map_err(driver(&format!(
+            "copy {} elements to the device",
+            host.len()
+        )))
     }
 
     /// A host copy of `device` (waits for the launches writing it).
-    pub fn download<T: DeviceRepr + Default + Clone>(&self, device: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream
-            .clone_dtoh(device)
-            .map_err(driver(&format!("copy {} elements to the host", device.len())))
+    pub fn download<T: DeviceRepr + Default + Clone>(
+        &self,
+        device: &CudaSlice<T>,
+    ) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(device).map_err(driver(&format!(
+            "copy {} elements to the host",
+            device.len()
+        )))
     }
 
     /// `len` zeroed elements on the device.
@@ -144,10 +149,9 @@ impl CudaRuntime {
         if let Some(f) = functions.get(name) {
             return Ok(f.clone());
         }
-        let loaded = self
-            .modules
-            .get(module)
-            .ok_or_else(|| Error::internal(format!("CUDA kernel file {module}.cu is not embedded")))?;
+        let loaded = self.modules.get(module).ok_or_else(|| {
+            Error::internal(format!("CUDA kernel file {module}.cu is not embedded"))
+        })?;
         let f = loaded
             .load_function(name)
             .map_err(driver(&format!("find kernel {name} in {module}.cu")))?;
