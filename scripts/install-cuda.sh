@@ -21,4 +21,6 @@ rm -rf "$target"
     nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88
 
 "$nvcc" --version
+# build.rs watches nvcc only once it has found it: make cargo rerun it now.
+touch build.rs
 echo "install-cuda: nvcc installed at $nvcc"
