@@ -3,6 +3,7 @@
 //! same code trains in f32 and is gradient-checked in f64.
 
 pub mod cpu;
+pub mod cuda;
 
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};

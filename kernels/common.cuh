@@ -1,0 +1,57 @@
+// Shared helpers of the rcx kernels: bf16 <-> fp32 conversion (activations may be stored
+// in bf16, all arithmetic is fp32 or wider) and deterministic warp/block reductions.
+#pragma once
+#include <cuda_bf16.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+// Butterfly sums: every lane ends with the same value, summed in a fixed order, so the
+// result never depends on scheduling (run-to-run identical).
+template <typename T> __device__ __forceinline__ T warp_sum(T v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Block-wide sum, broadcast to every thread. blockDim.x must be a multiple of 32 (<= 1024).
+// Every thread of the block must call it (it synchronises).
+template <typename T> __device__ T block_sum(T v) {
+    __shared__ T partial[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // a previous call may still be reading `partial`
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : T(0);
+    return warp_sum(v);
+}
+
+// Block-wide max, broadcast to every thread; same contract as block_sum.
+__device__ inline float block_max(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// Each kernel file instantiates its templates for float and bf16 activations through a
+// macro KERNELS(T, SUFFIX) that emits `extern "C"` entry points named <kernel>_f32 and
+// <kernel>_bf16; the Rust side picks one by suffix.

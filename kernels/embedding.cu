@@ -1,0 +1,62 @@
+// BERT embeddings: out = wte[token] + wpe[position] + wtt[token type]. Tables are fp32
+// (master weights); the output may be bf16. The backward never uses atomics: the word and
+// type tables are updated one row per block over a host-built list of the positions that
+// use the row (ascending), and the position table one element per thread summing over the
+// batch, so gradients are identical run to run.
+#include "common.cuh"
+
+// out[b*t, c]; input_ids, token_type_ids [b*t]; wte[v, c]; wpe[maxpos, c]; wtt[ntypes, c].
+// Ids were checked on the host (< v, < ntypes) and t <= maxpos.
+template <typename T>
+__device__ void embedding_forward(T* out, const uint32_t* input_ids, const uint32_t* token_type_ids,
+                                  const float* wte, const float* wpe, const float* wtt, int bt, int t,
+                                  int c) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)bt * c) return;
+    const size_t row = idx / c, ch = idx % c;
+    const size_t position = row % t;
+    const float x = wte[(size_t)input_ids[row] * c + ch] + wpe[position * c + ch] +
+                    wtt[(size_t)token_type_ids[row] * c + ch];
+    out[idx] = from_float<T>(x);
+}
+
+// dtable[rows, c] += sum of dout[p, :] over the positions p of each used row.
+// rows[u]: the table row of block u; starts[u]..starts[u+1] index `positions` [b*t].
+template <typename T>
+__device__ void embedding_backward_rows(float* dtable, const T* dout, const int* rows, const int* starts,
+                                        const int* positions, int c) {
+    const int u = blockIdx.x;
+    const size_t row = rows[u];
+    for (int ch = threadIdx.x; ch < c; ch += blockDim.x) {
+        float acc = 0.0f;
+        for (int k = starts[u]; k < starts[u + 1]; k++) acc += to_float(dout[(size_t)positions[k] * c + ch]);
+        dtable[row * c + ch] += acc;
+    }
+}
+
+// dwpe[0..t, c] += sum over the batch of dout[b, position, c].
+template <typename T>
+__device__ void embedding_backward_positions(float* dwpe, const T* dout, int b, int t, int c) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)t * c) return;
+    float acc = 0.0f;
+    for (int bi = 0; bi < b; bi++) acc += to_float(dout[(size_t)bi * t * c + idx]);
+    dwpe[idx] += acc;
+}
+
+#define KERNELS(T, SUFFIX)                                                                             \
+    extern "C" __global__ void embedding_forward_##SUFFIX(                                            \
+        T* out, const uint32_t* input_ids, const uint32_t* token_type_ids, const float* wte,           \
+        const float* wpe, const float* wtt, int bt, int t, int c) {                                     \
+        embedding_forward<T>(out, input_ids, token_type_ids, wte, wpe, wtt, bt, t, c);                 \
+    }                                                                                                  \
+    extern "C" __global__ void embedding_backward_rows_##SUFFIX(                                      \
+        float* dtable, const T* dout, const int* rows, const int* starts, const int* positions, int c) { \
+        embedding_backward_rows<T>(dtable, dout, rows, starts, positions, c);                         \
+    }                                                                                                  \
+    extern "C" __global__ void embedding_backward_positions_##SUFFIX(float* dwpe, const T* dout, int b, \
+                                                                     int t, int c) {                   \
+        embedding_backward_positions<T>(dwpe, dout, b, t, c);                                          \
+    }
+KERNELS(float, f32)
+KERNELS(bf16, bf16)

@@ -1,0 +1,192 @@
+//! The linear layer out = inp · Wᵀ + b on cuBLAS (fp32 SGEMM), with its bias kernels.
+//! cuBLAS is column-major: a row-major [r, c] matrix is its column-major transpose, so
+//! every product below is written for the transposes.
+
+use cudarc::cublas::Gemm;
+use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::{GemmConfig, sys::cublasOperation_t};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::ops::launch_config;
+use super::runtime::{Activation, CudaRuntime, blocks, check_len, dim, driver};
+use crate::error::Result;
+
+const THREADS: usize = 256;
+
+impl CudaRuntime {
+    /// out[n, oc] = bias[oc] on every row.
+    pub fn bias_broadcast_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        bias: &CudaSlice<f32>,
+        n: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let op = "bias_broadcast_forward";
+        check_len(op, "out", out.len(), n * oc)?;
+        check_len(op, "bias", bias.len(), oc)?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("matmul", &format!("bias_broadcast_forward_{}", T::SUFFIX))?;
+        let (n_i, oc_i) = (dim(op, "n", n)?, dim(op, "oc", oc)?);
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(out).arg(bias).arg(&n_i).arg(&oc_i);
+        let cfg = launch_config(blocks(op, n * oc, THREADS)?, THREADS, 0);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// dbias[oc] += column sums of dout[n, oc] (deterministic, no atomics).
+    pub fn bias_backward<T: Activation>(
+        &self,
+        dbias: &mut CudaSlice<f32>,
+        dout: &CudaSlice<T>,
+        n: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let op = "bias_backward";
+        check_len(op, "dbias", dbias.len(), oc)?;
+        check_len(op, "dout", dout.len(), n * oc)?;
+        if dout.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("matmul", &format!("bias_backward_{}", T::SUFFIX))?;
+        let (n_i, oc_i) = (dim(op, "n", n)?, dim(op, "oc", oc)?);
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(dbias).arg(dout).arg(&n_i).arg(&oc_i);
+        let cfg = launch_config(blocks(op, oc, THREADS)?, THREADS, 0);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// out[n, oc] = inp[n, c] · weight[oc, c]ᵀ + bias[oc] (bias optional).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let op = "matmul_forward";
+        check_len(op, "out", out.len(), n * oc)?;
+        check_len(op, "inp", inp.len(), n * c)?;
+        check_len(op, "weight", weight.len(), oc * c)?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let beta = match bias {
+            Some(bias) => {
+                self.bias_broadcast_forward(out, bias, n, oc)?;
+                1.0
+            }
+            None => 0.0,
+        };
+        // Column-major: outᵀ [oc, n] = (weightᵀ)ᵀ [oc, c] · inpᵀ [c, n].
+        self.sgemm(
+            op,
+            (CUBLAS_OP_T, CUBLAS_OP_N),
+            (oc, n, c),
+            weight,
+            c,
+            inp,
+            c,
+            beta,
+            out,
+            oc,
+        )
+    }
+
+    /// dinp[n, c] += dout · weight; dweight[oc, c] += doutᵀ · inp; dbias[oc] += column sums
+    /// of dout (when given).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_backward(
+        &self,
+        dinp: &mut CudaSlice<f32>,
+        dweight: &mut CudaSlice<f32>,
+        dbias: Option<&mut CudaSlice<f32>>,
+        dout: &CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let op = "matmul_backward";
+        check_len(op, "dinp", dinp.len(), n * c)?;
+        check_len(op, "dweight", dweight.len(), oc * c)?;
+        check_len(op, "dout", dout.len(), n * oc)?;
+        check_len(op, "inp", inp.len(), n * c)?;
+        check_len(op, "weight", weight.len(), oc * c)?;
+        if n * c * oc == 0 {
+            return Ok(());
+        }
+        // dinpᵀ [c, n] += weightᵀ [c, oc] · doutᵀ [oc, n]
+        self.sgemm(
+            op,
+            (CUBLAS_OP_N, CUBLAS_OP_N),
+            (c, n, oc),
+            weight,
+            c,
+            dout,
+            oc,
+            1.0,
+            dinp,
+            c,
+        )?;
+        // dweightᵀ [c, oc] += inpᵀ [c, n] · dout [n, oc]
+        self.sgemm(
+            op,
+            (CUBLAS_OP_N, CUBLAS_OP_T),
+            (c, oc, n),
+            inp,
+            c,
+            dout,
+            oc,
+            1.0,
+            dweight,
+            c,
+        )?;
+        if let Some(dbias) = dbias {
+            self.bias_backward(dbias, dout, n, oc)?;
+        }
+        Ok(())
+    }
+
+    /// Column-major C [m, n] = op(A) · op(B) + beta · C with op(A) [m, k], op(B) [k, n].
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm(
+        &self,
+        op: &str,
+        (transa, transb): (cublasOperation_t, cublasOperation_t),
+        (m, n, k): (usize, usize, usize),
+        a: &CudaSlice<f32>,
+        lda: usize,
+        b: &CudaSlice<f32>,
+        ldb: usize,
+        beta: f32,
+        c: &mut CudaSlice<f32>,
+        ldc: usize,
+    ) -> Result<()> {
+        let cfg = GemmConfig {
+            transa,
+            transb,
+            m: dim(op, "m", m)?,
+            n: dim(op, "n", n)?,
+            k: dim(op, "k", k)?,
+            alpha: 1.0f32,
+            lda: dim(op, "lda", lda)?,
+            ldb: dim(op, "ldb", ldb)?,
+            beta,
+            ldc: dim(op, "ldc", ldc)?,
+        };
+        let blas = self.blas()?;
+        // SAFETY: the callers checked every buffer against the shapes, which bound all the
+        // elements the GEMM touches given these leading dimensions.
+        unsafe { blas.gemm(cfg, a, b, c) }.map_err(driver(&format!("{op}: cuBLAS SGEMM")))
+    }
+}

@@ -1,0 +1,17 @@
+//! The CUDA backend: kernels compiled ahead of time by build.rs from kernels/*.cu and
+//! embedded in the crate, launched through cudarc with the driver loaded at run time, so
+//! rcx builds and runs (CPU only) on machines without CUDA. Each kernel has one typed
+//! launch wrapper, a method of `CudaRuntime`, mirroring the CPU op it is checked against.
+
+mod kernels;
+mod loss;
+mod matmul;
+mod ops;
+mod optim;
+mod runtime;
+
+pub use kernels::{KERNEL_IMAGES, KERNELS_BUILT, KERNELS_NOT_BUILT_REASON, KernelImage};
+pub use loss::RankingBatch;
+pub use ops::TokenBatch;
+pub use optim::AdamWStep;
+pub use runtime::{Activation, CudaRuntime, available};

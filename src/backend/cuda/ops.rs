@@ -1,0 +1,868 @@
+//! Launch wrappers of the model's kernels, one method per kernel entry point, mirroring the
+//! CPU ops (src/backend/cpu): forward outputs are overwritten, backward gradients are
+//! ADDED to. Buffers are row-major; shapes beside every argument. Activations are
+//! `T: Activation` (f32 or bf16), weights and their gradients fp32. Every length is checked
+//! against the shapes before a launch, so a wrong call is an error, never a wild access.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::runtime::{Activation, CudaRuntime, blocks, check_len, dim, driver};
+use crate::error::{Error, Result};
+
+/// Threads per block of the elementwise kernels.
+const ELEMENTWISE_THREADS: usize = 256;
+/// Threads per block of the one-warp-per-row kernels (8 rows per block).
+const ROW_THREADS: usize = 256;
+/// Threads per block of the attention row kernels.
+const ATTENTION_THREADS: usize = 128;
+
+pub(crate) fn launch_config(grid: u32, threads: usize, shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes,
+    }
+}
+
+/// The token ids of one batch on the device, checked against the table sizes once, with
+/// the row lists the deterministic embedding backward walks: for every distinct id, the
+/// positions that use it, ascending.
+pub struct TokenBatch {
+    pub b: usize,
+    pub t: usize,
+    input_ids: CudaSlice<u32>,      // [b*t]
+    token_type_ids: CudaSlice<u32>, // [b*t]
+    word_rows: RowLists,
+    type_rows: RowLists,
+}
+
+/// Positions grouped by table row (CSR): block u of the backward adds the positions
+/// positions[starts[u]..starts[u+1]] into table row rows[u].
+struct RowLists {
+    distinct: usize,
+    rows: CudaSlice<i32>,      // [distinct]
+    starts: CudaSlice<i32>,    // [distinct + 1]
+    positions: CudaSlice<i32>, // [b*t]
+}
+
+impl RowLists {
+    fn new(rt: &CudaRuntime, ids: &[u32]) -> Result<RowLists> {
+        let mut order: Vec<i32> = (0..dim("embedding", "b*t", ids.len())?).collect();
+        // Stable: equal ids keep their positions ascending, the CPU's summation order.
+        order.sort_by_key(|&p| ids[p as usize]);
+        let (mut rows, mut starts) = (Vec::new(), Vec::new());
+        for (k, &p) in order.iter().enumerate() {
+            let id = ids[p as usize] as i32;
+            if rows.last() != Some(&id) {
+                rows.push(id);
+                starts.push(k as i32);
+            }
+        }
+        starts.push(order.len() as i32);
+        Ok(RowLists {
+            distinct: rows.len(),
+            rows: rt.upload(&rows)?,
+            starts: rt.upload(&starts)?,
+            positions: rt.upload(&order)?,
+        })
+    }
+}
+
+impl TokenBatch {
+    /// input_ids, token_type_ids [b*t]; ids must be < vocab, types < ntypes, t <= max_pos.
+    pub fn new(
+        rt: &CudaRuntime,
+        input_ids: &[u32],
+        token_type_ids: &[u32],
+        b: usize,
+        t: usize,
+        (vocab, max_pos, ntypes): (usize, usize, usize),
+    ) -> Result<TokenBatch> {
+        let op = "embedding";
+        check_len(op, "input_ids", input_ids.len(), b * t)?;
+        check_len(op, "token_type_ids", token_type_ids.len(), b * t)?;
+        if t > max_pos {
+            return Err(Error::internal(format!(
+                "{op}: sequences of {t} tokens but only {max_pos} positions"
+            )));
+        }
+        for (ids, limit, what) in [
+            (input_ids, vocab, "token id"),
+            (token_type_ids, ntypes, "token type"),
+        ] {
+            if let Some((at, id)) = ids
+                .iter()
+                .enumerate()
+                .find(|&(_, &id)| id as usize >= limit)
+            {
+                return Err(Error::internal(format!(
+                    "{op}: {what} {id} at position {at} is outside the table of {limit} rows"
+                )));
+            }
+        }
+        Ok(TokenBatch {
+            b,
+            t,
+            input_ids: rt.upload(input_ids)?,
+            token_type_ids: rt.upload(token_type_ids)?,
+            word_rows: RowLists::new(rt, input_ids)?,
+            type_rows: RowLists::new(rt, token_type_ids)?,
+        })
+    }
+}
+
+impl CudaRuntime {
+    /// out[b*t, c] = wte[input_ids] + wpe[position] + wtt[token_type_ids].
+    /// wte [vocab, c], wpe [max_pos, c], wtt [ntypes, c], all fp32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        tokens: &TokenBatch,
+        wte: &CudaSlice<f32>,
+        wpe: &CudaSlice<f32>,
+        wtt: &CudaSlice<f32>,
+        c: usize,
+    ) -> Result<()> {
+        let op = "embedding_forward";
+        let bt = tokens.b * tokens.t;
+        check_len(op, "out", out.len(), bt * c)?;
+        check_table(op, "wte", wte.len(), c)?;
+        check_table(op, "wpe", wpe.len(), c)?;
+        check_table(op, "wtt", wtt.len(), c)?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("embedding", &format!("embedding_forward_{}", T::SUFFIX))?;
+        let (bt_i, t_i, c_i) = (
+            dim(op, "b*t", bt)?,
+            dim(op, "t", tokens.t)?,
+            dim(op, "c", c)?,
+        );
+        let cfg = launch_config(
+            blocks(op, bt * c, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
+        let mut launch = self.stream().launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(&tokens.input_ids)
+            .arg(&tokens.token_type_ids)
+            .arg(wte)
+            .arg(wpe)
+            .arg(wtt)
+            .arg(&bt_i)
+            .arg(&t_i)
+            .arg(&c_i);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// dwte, dwpe, dwtt += the gradients of embedding_forward given dout [b*t, c].
+    /// Deterministic: no atomics (see kernels/embedding.cu).
+    pub fn embedding_backward<T: Activation>(
+        &self,
+        dwte: &mut CudaSlice<f32>,
+        dwpe: &mut CudaSlice<f32>,
+        dwtt: &mut CudaSlice<f32>,
+        dout: &CudaSlice<T>,
+        tokens: &TokenBatch,
+        c: usize,
+    ) -> Result<()> {
+        let op = "embedding_backward";
+        let (b, t) = (tokens.b, tokens.t);
+        check_len(op, "dout", dout.len(), b * t * c)?;
+        check_table(op, "dwte", dwte.len(), c)?;
+        check_table(op, "dwpe", dwpe.len(), c)?;
+        check_table(op, "dwtt", dwtt.len(), c)?;
+        if dout.is_empty() {
+            return Ok(());
+        }
+        let c_i = dim(op, "c", c)?;
+        let rows = self.function(
+            "embedding",
+            &format!("embedding_backward_rows_{}", T::SUFFIX),
+        )?;
+        for (table, lists) in [
+            (&mut *dwte, &tokens.word_rows),
+            (&mut *dwtt, &tokens.type_rows),
+        ] {
+            let cfg = launch_config(blocks(op, lists.distinct, 1)?, ELEMENTWISE_THREADS, 0);
+            let mut launch = self.stream().launch_builder(&rows);
+            launch
+                .arg(table)
+                .arg(dout)
+                .arg(&lists.rows)
+                .arg(&lists.starts)
+                .arg(&lists.positions)
+                .arg(&c_i);
+            unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        }
+        let positions = self.function(
+            "embedding",
+            &format!("embedding_backward_positions_{}", T::SUFFIX),
+        )?;
+        let (b_i, t_i) = (dim(op, "b", b)?, dim(op, "t", t)?);
+        let cfg = launch_config(
+            blocks(op, t * c, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
+        let mut launch = self.stream().launch_builder(&positions);
+        launch.arg(dwpe).arg(dout).arg(&b_i).arg(&t_i).arg(&c_i);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// out[n, c] = LayerNorm(inp[n, c]) · weight[c] + bias[c]; saves mean[n], rstd[n].
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        mean: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        inp: &CudaSlice<T>,
+        weight: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) -> Result<()> {
+        let op = "layernorm_forward";
+        check_layernorm(
+            op,
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            inp.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("layernorm", &format!("layernorm_forward_{}", T::SUFFIX))?;
+        let (n_i, c_i, eps_f) = (dim(op, "n", n)?, dim(op, "c", c)?, eps as f32);
+        let cfg = launch_config(blocks(op, n * 32, ROW_THREADS)?, ROW_THREADS, 0);
+        let mut launch = self.stream().launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(mean)
+            .arg(rstd)
+            .arg(inp)
+            .arg(weight)
+            .arg(bias)
+            .arg(&n_i)
+            .arg(&c_i)
+            .arg(&eps_f);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// The residual add fused with the LayerNorm after it: sum[n, c] = a + b (saved: it is
+    /// the next residual stream and the input the backward needs), out = LayerNorm(sum).
+    /// Its backward is layernorm_backward on `sum`; the gradient then goes to both a and b.
+    #[allow(clippy::too_many_arguments)]
+    pub fn residual_layernorm_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        sum: &mut CudaSlice<T>,
+        mean: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        weight: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) -> Result<()> {
+        let op = "residual_layernorm_forward";
+        check_layernorm(
+            op,
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            a.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        )?;
+        check_len(op, "sum", sum.len(), n * c)?;
+        check_len(op, "b", b.len(), n * c)?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let f = self.function(
+            "layernorm",
+            &format!("residual_layernorm_forward_{}", T::SUFFIX),
+        )?;
+        let (n_i, c_i, eps_f) = (dim(op, "n", n)?, dim(op, "c", c)?, eps as f32);
+        let cfg = launch_config(blocks(op, n * 32, ROW_THREADS)?, ROW_THREADS, 0);
+        let mut launch = self.stream().launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(sum)
+            .arg(mean)
+            .arg(rstd)
+            .arg(a)
+            .arg(b)
+            .arg(weight)
+            .arg(bias)
+            .arg(&n_i)
+            .arg(&c_i)
+            .arg(&eps_f);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// dinp[n, c], dweight[c], dbias[c] += the gradients of layernorm_forward given dout.
+    /// Two launches: the input gradient row by row, then the column sums.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward<T: Activation>(
+        &self,
+        dinp: &mut CudaSlice<T>,
+        dweight: &mut CudaSlice<f32>,
+        dbias: &mut CudaSlice<f32>,
+        dout: &CudaSlice<T>,
+        inp: &CudaSlice<T>,
+        weight: &CudaSlice<f32>,
+        mean: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "layernorm_backward";
+        check_layernorm(
+            op,
+            dinp.len(),
+            mean.len(),
+            rstd.len(),
+            inp.len(),
+            weight.len(),
+            dbias.len(),
+            n,
+            c,
+        )?;
+        check_len(op, "dout", dout.len(), n * c)?;
+        check_len(op, "dweight", dweight.len(), c)?;
+        if dinp.is_empty() {
+            return Ok(());
+        }
+        let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
+        let input = self.function(
+            "layernorm",
+            &format!("layernorm_backward_input_{}", T::SUFFIX),
+        )?;
+        let cfg = launch_config(blocks(op, n * 32, ROW_THREADS)?, ROW_THREADS, 0);
+        let mut launch = self.stream().launch_builder(&input);
+        launch
+            .arg(dinp)
+            .arg(dout)
+            .arg(inp)
+            .arg(weight)
+            .arg(mean)
+            .arg(rstd)
+            .arg(&n_i)
+            .arg(&c_i);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        let params = self.function(
+            "layernorm",
+            &format!("layernorm_backward_params_{}", T::SUFFIX),
+        )?;
+        let cfg = launch_config(blocks(op, c, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let mut launch = self.stream().launch_builder(&params);
+        launch
+            .arg(dweight)
+            .arg(dbias)
+            .arg(dout)
+            .arg(inp)
+            .arg(mean)
+            .arg(rstd)
+            .arg(&n_i)
+            .arg(&c_i);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// out[n, c] = gelu(inp[n, c] + bias[c]), exact erf form.
+    pub fn bias_gelu_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        inp: &CudaSlice<T>,
+        bias: &CudaSlice<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "bias_gelu_forward";
+        check_len(op, "out", out.len(), n * c)?;
+        check_len(op, "inp", inp.len(), n * c)?;
+        check_len(op, "bias", bias.len(), c)?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("activation", &format!("bias_gelu_forward_{}", T::SUFFIX))?;
+        let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
+        let cfg = launch_config(
+            blocks(op, n * c, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(out).arg(inp).arg(bias).arg(&n_i).arg(&c_i);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// With g = dout · gelu'(inp + bias): dinp[n, c] += g, dbias[c] += column sums of g.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bias_gelu_backward<T: Activation>(
+        &self,
+        dinp: &mut CudaSlice<T>,
+        dbias: &mut CudaSlice<f32>,
+        dout: &CudaSlice<T>,
+        inp: &CudaSlice<T>,
+        bias: &CudaSlice<f32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "bias_gelu_backward";
+        check_len(op, "dinp", dinp.len(), n * c)?;
+        check_len(op, "dout", dout.len(), n * c)?;
+        check_len(op, "inp", inp.len(), n * c)?;
+        check_len(op, "dbias", dbias.len(), c)?;
+        check_len(op, "bias", bias.len(), c)?;
+        if dinp.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("activation", &format!("bias_gelu_backward_{}", T::SUFFIX))?;
+        let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
+        let cfg = launch_config(blocks(op, c, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let mut launch = self.stream().launch_builder(&f);
+        launch
+            .arg(dinp)
+            .arg(dbias)
+            .arg(dout)
+            .arg(inp)
+            .arg(bias)
+            .arg(&n_i)
+            .arg(&c_i);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// out = tanh(inp), elementwise.
+    pub fn tanh_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        inp: &CudaSlice<T>,
+    ) -> Result<()> {
+        let op = "tanh_forward";
+        check_len(op, "out", out.len(), inp.len())?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("activation", &format!("tanh_forward_{}", T::SUFFIX))?;
+        let len = inp.len();
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(out).arg(inp).arg(&len);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// dinp += dout · (1 - out²), from the saved output.
+    pub fn tanh_backward<T: Activation>(
+        &self,
+        dinp: &mut CudaSlice<T>,
+        out: &CudaSlice<T>,
+        dout: &CudaSlice<T>,
+    ) -> Result<()> {
+        let op = "tanh_backward";
+        check_len(op, "out", out.len(), dinp.len())?;
+        check_len(op, "dout", dout.len(), dinp.len())?;
+        if dinp.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("activation", &format!("tanh_backward_{}", T::SUFFIX))?;
+        let len = dinp.len();
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(dinp).arg(out).arg(dout).arg(&len);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// out = a + b, elementwise. (Its backward is a plain copy of dout into both inputs'
+    /// gradients, which the caller does by accumulating dout where it is needed.)
+    pub fn residual_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+    ) -> Result<()> {
+        let op = "residual_forward";
+        check_len(op, "a", a.len(), out.len())?;
+        check_len(op, "b", b.len(), out.len())?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("activation", &format!("residual_forward_{}", T::SUFFIX))?;
+        let len = out.len();
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(out).arg(a).arg(b).arg(&len);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// Inverted dropout: out = inp / (1 - p) where element i is kept, else 0; the mask is
+    /// the CPU's `dropout_keep(seed, i, p)` bit for bit. p in [0, 1].
+    pub fn dropout_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        inp: &CudaSlice<T>,
+        p: f64,
+        seed: u64,
+    ) -> Result<()> {
+        let op = "dropout_forward";
+        check_len(op, "out", out.len(), inp.len())?;
+        let scale = dropout_scale(op, p)?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("dropout", &format!("dropout_forward_{}", T::SUFFIX))?;
+        let len = out.len();
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
+        let mut launch = self.stream().launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(inp)
+            .arg(&len)
+            .arg(&p)
+            .arg(&scale)
+            .arg(&seed);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// dinp += dout / (1 - p) where element i was kept (same p and seed as the forward).
+    pub fn dropout_backward<T: Activation>(
+        &self,
+        dinp: &mut CudaSlice<T>,
+        dout: &CudaSlice<T>,
+        p: f64,
+        seed: u64,
+    ) -> Result<()> {
+        let op = "dropout_backward";
+        check_len(op, "dout", dout.len(), dinp.len())?;
+        let scale = dropout_scale(op, p)?;
+        if dinp.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("dropout", &format!("dropout_backward_{}", T::SUFFIX))?;
+        let len = dinp.len();
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
+        let mut launch = self.stream().launch_builder(&f);
+        launch
+            .arg(dinp)
+            .arg(dout)
+            .arg(&len)
+            .arg(&p)
+            .arg(&scale)
+            .arg(&seed);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// keep[i] = 1 if element i survives dropout (p, seed), else 0: the mask alone.
+    pub fn dropout_mask(&self, keep: &mut CudaSlice<u8>, p: f64, seed: u64) -> Result<()> {
+        let op = "dropout_mask";
+        dropout_scale(op, p)?;
+        if keep.is_empty() {
+            return Ok(());
+        }
+        let f = self.function("dropout", "dropout_mask")?;
+        let len = keep.len();
+        let cfg = launch_config(
+            blocks(op, len, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(keep).arg(&len).arg(&p).arg(&seed);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// out[b, t, nh*hs] = softmax(q kᵀ / √hs over the real keys) · v; probs [b, nh, t, t]
+    /// saved. mask [b, t]: 1 real token, 0 padding. As the CPU: padded keys get weight 0,
+    /// a sequence with no real token attends uniformly.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        probs: &mut CudaSlice<f32>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        mask: &CudaSlice<u8>,
+        (b, t, nh, hs): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let op = "attention_forward";
+        let act = b * t * nh * hs;
+        check_len(op, "out", out.len(), act)?;
+        check_len(op, "q", q.len(), act)?;
+        check_len(op, "k", k.len(), act)?;
+        check_len(op, "v", v.len(), act)?;
+        check_len(op, "probs", probs.len(), b * nh * t * t)?;
+        check_len(op, "mask", mask.len(), b * t)?;
+        if probs.is_empty() || hs == 0 {
+            return Ok(());
+        }
+        let shared = attention_shared_bytes(op, t)?;
+        let f = self.function("attention", &format!("attention_forward_{}", T::SUFFIX))?;
+        let dims = attention_dims(op, b, t, nh, hs)?;
+        let cfg = launch_config(blocks(op, b * nh * t, 1)?, ATTENTION_THREADS, shared);
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(out).arg(probs).arg(q).arg(k).arg(v).arg(mask);
+        launch
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3]);
+        let scale = attention_scale(hs);
+        launch.arg(&scale);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// dq, dk, dv [b, t, nh*hs] += the gradients of attention_forward given dout and the
+    /// saved probs. dscores [b, nh, t, t] is scratch (overwritten). The mask is not needed:
+    /// it is encoded in probs (0 at padded keys).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward<T: Activation>(
+        &self,
+        dq: &mut CudaSlice<T>,
+        dk: &mut CudaSlice<T>,
+        dv: &mut CudaSlice<T>,
+        dscores: &mut CudaSlice<f32>,
+        dout: &CudaSlice<T>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        probs: &CudaSlice<f32>,
+        (b, t, nh, hs): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let op = "attention_backward";
+        let act = b * t * nh * hs;
+        for (name, len) in [
+            ("dq", dq.len()),
+            ("dk", dk.len()),
+            ("dv", dv.len()),
+            ("dout", dout.len()),
+            ("q", q.len()),
+            ("k", k.len()),
+            ("v", v.len()),
+        ] {
+            check_len(op, name, len, act)?;
+        }
+        check_len(op, "probs", probs.len(), b * nh * t * t)?;
+        check_len(op, "dscores", dscores.len(), b * nh * t * t)?;
+        if probs.is_empty() || hs == 0 {
+            return Ok(());
+        }
+        let shared = attention_shared_bytes(op, t)?;
+        let dims = attention_dims(op, b, t, nh, hs)?;
+        let scale = attention_scale(hs);
+        let grid = blocks(op, b * nh * t, 1)?;
+
+        let query = self.function(
+            "attention",
+            &format!("attention_backward_query_{}", T::SUFFIX),
+        )?;
+        let mut launch = self.stream().launch_builder(&query);
+        launch
+            .arg(dq)
+            .arg(&mut *dscores)
+            .arg(dout)
+            .arg(k)
+            .arg(v)
+            .arg(probs);
+        launch
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3])
+            .arg(&scale);
+        unsafe { launch.launch(launch_config(grid, ATTENTION_THREADS, shared)) }
+            .map_err(driver(op))?;
+
+        let key = self.function(
+            "attention",
+            &format!("attention_backward_key_{}", T::SUFFIX),
+        )?;
+        let key_threads = hs.div_ceil(32).clamp(1, 8) * 32;
+        let mut launch = self.stream().launch_builder(&key);
+        launch
+            .arg(dk)
+            .arg(dv)
+            .arg(dout)
+            .arg(q)
+            .arg(probs)
+            .arg(&*dscores);
+        launch
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3])
+            .arg(&scale);
+        unsafe { launch.launch(launch_config(grid, key_threads, 0)) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// out[b, c] = inp[b, 0, c] with inp [b, t, c]: the [CLS] position.
+    pub fn cls_pool_forward<T: Activation>(
+        &self,
+        out: &mut CudaSlice<T>,
+        inp: &CudaSlice<T>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "cls_pool_forward";
+        check_len(op, "out", out.len(), b * c)?;
+        check_len(op, "inp", inp.len(), b * t * c)?;
+        self.pool_launch(op, "cls_pool_forward", out, inp, b, t, c)
+    }
+
+    /// dinp[b, 0, c] += dout[b, c]; the other positions get nothing.
+    pub fn cls_pool_backward<T: Activation>(
+        &self,
+        dinp: &mut CudaSlice<T>,
+        dout: &CudaSlice<T>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "cls_pool_backward";
+        check_len(op, "dinp", dinp.len(), b * t * c)?;
+        check_len(op, "dout", dout.len(), b * c)?;
+        self.pool_launch(op, "cls_pool_backward", dinp, dout, b, t, c)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pool_launch<T: Activation>(
+        &self,
+        op: &str,
+        kernel: &str,
+        written: &mut CudaSlice<T>,
+        read: &CudaSlice<T>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        if b * t * c == 0 {
+            return Ok(());
+        }
+        let f = self.function("pool", &format!("{kernel}_{}", T::SUFFIX))?;
+        let (b_i, t_i, c_i) = (dim(op, "b", b)?, dim(op, "t", t)?, dim(op, "c", c)?);
+        let cfg = launch_config(
+            blocks(op, b * c, ELEMENTWISE_THREADS)?,
+            ELEMENTWISE_THREADS,
+            0,
+        );
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(written).arg(read).arg(&b_i).arg(&t_i).arg(&c_i);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+}
+
+/// A table [rows, c] must be a whole number of rows.
+fn check_table(op: &str, name: &str, len: usize, c: usize) -> Result<()> {
+    if c > 0 && len.is_multiple_of(c) {
+        Ok(())
+    } else {
+        Err(Error::internal(format!(
+            "{op}: {name} has {len} elements, not a whole number of rows of {c}"
+        )))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_layernorm(
+    op: &str,
+    act: usize,
+    mean: usize,
+    rstd: usize,
+    inp: usize,
+    weight: usize,
+    bias: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    check_len(op, "output", act, n * c)?;
+    check_len(op, "input", inp, n * c)?;
+    check_len(op, "mean", mean, n)?;
+    check_len(op, "rstd", rstd, n)?;
+    check_len(op, "weight", weight, c)?;
+    check_len(op, "bias", bias, c)
+}
+
+/// 1 / (1 - p) rounded to fp32, as the CPU's f32 ops do; p must be in [0, 1].
+fn dropout_scale(op: &str, p: f64) -> Result<f32> {
+    if (0.0..=1.0).contains(&p) {
+        Ok((1.0 / (1.0 - p)) as f32)
+    } else {
+        Err(Error::internal(format!("{op}: p = {p} is not in [0, 1]")))
+    }
+}
+
+fn attention_dims(op: &str, b: usize, t: usize, nh: usize, hs: usize) -> Result<[i32; 4]> {
+    Ok([
+        dim(op, "b", b)?,
+        dim(op, "t", t)?,
+        dim(op, "nh", nh)?,
+        dim(op, "hs", hs)?,
+    ])
+}
+
+fn attention_scale(hs: usize) -> f32 {
+    (1.0 / (hs as f64).sqrt()) as f32
+}
+
+/// One row of t scores in shared memory; 48 KiB is available without opting in.
+fn attention_shared_bytes(op: &str, t: usize) -> Result<u32> {
+    let bytes = t * std::mem::size_of::<f32>();
+    if bytes > 48 * 1024 {
+        return Err(Error::internal(format!(
+            "{op}: sequences of {t} tokens need {bytes} bytes of shared memory per row, over 48 KiB"
+        )));
+    }
+    Ok(bytes as u32)
+}

@@ -1,0 +1,143 @@
+//! Gradient clipping and the optimizer step on the device (kernels/optimizer.cu).
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::ops::launch_config;
+use super::runtime::{CudaRuntime, blocks, check_len, driver};
+use crate::error::{Error, Result};
+
+/// Blocks of the first reduction stage per gradient buffer. Fixed (not per device) so the
+/// summation order, hence the result, is the same on every GPU.
+const NORM_BLOCKS: usize = 256;
+const NORM_THREADS: usize = 512;
+const ADAMW_THREADS: usize = 256;
+
+/// AdamW hyper-parameters of one step (PyTorch's torch.optim.AdamW).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    /// Counts from 1.
+    pub step: u64,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Multiplies the gradients: the clip factor, 1 when not clipping.
+    pub grad_scale: f64,
+}
+
+impl AdamWStep {
+    /// (beta1, beta2, eps, decay, step_size, bias_correction2_sqrt, grad_scale), the
+    /// kernel's f64 arguments, computed as the CPU reference does.
+    fn kernel_args(&self) -> Result<[f64; 7]> {
+        if self.step == 0 {
+            return Err(Error::internal("adamw_update: step counts from 1"));
+        }
+        let bias_correction1 = 1.0 - self.beta1.powf(self.step as f64);
+        let bias_correction2_sqrt = (1.0 - self.beta2.powf(self.step as f64)).sqrt();
+        Ok([
+            self.beta1,
+            self.beta2,
+            self.eps,
+            1.0 - self.lr * self.weight_decay,
+            self.lr / bias_correction1,
+            bias_correction2_sqrt,
+            self.grad_scale,
+        ])
+    }
+}
+
+impl CudaRuntime {
+    /// Sum of squares of every element of every buffer, accumulated in f64 (one small copy
+    /// to the host). Deterministic: fixed partition, fixed reduction trees.
+    pub fn global_norm_squared(&self, grads: &[&CudaSlice<f32>]) -> Result<f64> {
+        let op = "global_norm_squared";
+        let count = grads.len() * NORM_BLOCKS;
+        if count == 0 {
+            return Ok(0.0);
+        }
+        let mut partials = self.zeros::<f64>(count)?; // [buffers * NORM_BLOCKS]
+        let partial = self.function("optimizer", "global_norm_squared_partial")?;
+        for (i, g) in grads.iter().enumerate() {
+            let len = g.len();
+            let mut slot = partials.slice_mut(i * NORM_BLOCKS..(i + 1) * NORM_BLOCKS);
+            let mut launch = self.stream().launch_builder(&partial);
+            launch.arg(&mut slot).arg(*g).arg(&len);
+            let cfg = launch_config(NORM_BLOCKS as u32, NORM_THREADS, 0);
+            unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        }
+        let mut total = self.zeros::<f64>(1)?;
+        let finish = self.function("optimizer", "global_norm_squared_finish")?;
+        let count_i = count as i32;
+        let mut launch = self.stream().launch_builder(&finish);
+        launch.arg(&mut total).arg(&partials).arg(&count_i);
+        unsafe { launch.launch(launch_config(1, 1024, 0)) }.map_err(driver(op))?;
+        Ok(self.download(&total)?[0])
+    }
+
+    /// One AdamW step on fp32 master weights params, with moments m, v, all [len].
+    pub fn adamw_update(
+        &self,
+        params: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        let op = "adamw_update";
+        let len = params.len();
+        check_len(op, "grads", grads.len(), len)?;
+        check_len(op, "m", m.len(), len)?;
+        check_len(op, "v", v.len(), len)?;
+        let args = hp.kernel_args()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let f = self.function("optimizer", "adamw_update")?;
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(params).arg(grads).arg(m).arg(v).arg(&len);
+        for a in &args {
+            launch.arg(a);
+        }
+        let cfg = launch_config(blocks(op, len, ADAMW_THREADS)?, ADAMW_THREADS, 0);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// adamw_update that also writes params_bf16 [len], the bf16 copy a bf16 forward reads.
+    pub fn adamw_update_bf16_copy(
+        &self,
+        params: &mut CudaSlice<f32>,
+        params_bf16: &mut CudaSlice<half::bf16>,
+        grads: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        let op = "adamw_update_bf16_copy";
+        let len = params.len();
+        check_len(op, "params_bf16", params_bf16.len(), len)?;
+        check_len(op, "grads", grads.len(), len)?;
+        check_len(op, "m", m.len(), len)?;
+        check_len(op, "v", v.len(), len)?;
+        let args = hp.kernel_args()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let f = self.function("optimizer", "adamw_update_bf16_copy")?;
+        let mut launch = self.stream().launch_builder(&f);
+        launch
+            .arg(params)
+            .arg(params_bf16)
+            .arg(grads)
+            .arg(m)
+            .arg(v)
+            .arg(&len);
+        for a in &args {
+            launch.arg(a);
+        }
+        let cfg = launch_config(blocks(op, len, ADAMW_THREADS)?, ADAMW_THREADS, 0);
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        Ok(())
+    }
+}
