@@ -67,19 +67,27 @@ fn from_hf(hf: &HfBertConfig) -> BertConfig {
 /// The pooler and the one-output head are initialised as BERT does when absent.
 pub fn load_model_dir(dir: &Path, seed: u64) -> Result<BertModel<f32>> {
     if !dir.is_dir() {
-        return Err(Error::user(format!("{}: no such model folder", dir.display())));
+        return Err(Error::user(format!(
+            "{}: no such model folder",
+            dir.display()
+        )));
     }
     let config = from_hf(&read_hf_config(&dir.join("config.json"))?);
     config.validate(&dir.join("config.json").display().to_string())?;
     let weights = SafeTensors::open(&dir.join("model.safetensors"))?;
     let mut model = BertModel::<f32>::init(config, seed);
-    let has_prefix = weights.get("bert.embeddings.word_embeddings.weight").is_some();
+    let has_prefix = weights
+        .get("bert.embeddings.word_embeddings.weight")
+        .is_some();
     let mut filled = 0;
     for spec in model.layout.tensors.clone() {
         let stored = if has_prefix {
             spec.name.clone()
         } else {
-            spec.name.strip_prefix("bert.").unwrap_or(&spec.name).to_string()
+            spec.name
+                .strip_prefix("bert.")
+                .unwrap_or(&spec.name)
+                .to_string()
         };
         let optional = spec.name.starts_with("bert.pooler") || spec.name.starts_with("classifier");
         if weights.get(&stored).is_none() {
@@ -96,7 +104,10 @@ pub fn load_model_dir(dir: &Path, seed: u64) -> Result<BertModel<f32>> {
         filled += 1;
     }
     if filled == 0 {
-        return Err(Error::user(format!("{}: no BERT tensors found", dir.display())));
+        return Err(Error::user(format!(
+            "{}: no BERT tensors found",
+            dir.display()
+        )));
     }
     Ok(model)
 }
@@ -105,7 +116,10 @@ pub fn load_model_dir(dir: &Path, seed: u64) -> Result<BertModel<f32>> {
 /// Returns the model, its tokenizer and the vocabulary file.
 pub fn model_for_training(cfg: &Config) -> Result<(BertModel<f32>, Tokenizer, PathBuf)> {
     let (model, vocab) = match BertConfig::named(&cfg.model_name) {
-        Some(arch) => (BertModel::init(arch, cfg.seed), crate::train::vocab_path(None)),
+        Some(arch) => (
+            BertModel::init(arch, cfg.seed),
+            crate::train::vocab_path(None),
+        ),
         None => {
             let dir = Path::new(&cfg.model_name);
             if !dir.is_dir() {
@@ -117,7 +131,10 @@ pub fn model_for_training(cfg: &Config) -> Result<(BertModel<f32>, Tokenizer, Pa
                     BertConfig::NAMES.join(", ")
                 )));
             }
-            (load_model_dir(dir, cfg.seed)?, crate::train::vocab_path(Some(dir)))
+            (
+                load_model_dir(dir, cfg.seed)?,
+                crate::train::vocab_path(Some(dir)),
+            )
         }
     };
     let tok = Tokenizer::from_vocab_file(&vocab)?;
@@ -147,7 +164,8 @@ pub fn load_for_scoring(dir: &Path) -> Result<(BertModel<f32>, Tokenizer, usize)
 
 /// Creates the output folder and checks that it can be written.
 pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| Error::user(format!("output_dir {}: {e}", dir.display())))?;
+    fs::create_dir_all(dir)
+        .map_err(|e| Error::user(format!("output_dir {}: {e}", dir.display())))?;
     let probe = dir.join(".rcx-write-probe");
     fs::write(&probe, b"")
         .and_then(|_| fs::remove_file(&probe))
@@ -162,10 +180,10 @@ fn checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
         let Some(step) = name.to_str().and_then(|n| n.strip_prefix("checkpoint-")) else {
             continue;
         };
-        if let Ok(step) = step.parse::<usize>() {
-            if entry.path().join("trainer_state.json").is_file() {
-                found.push((step, entry.path()));
-            }
+        if let Ok(step) = step.parse::<usize>()
+            && entry.path().join("trainer_state.json").is_file()
+        {
+            found.push((step, entry.path()));
         }
     }
     found.sort();
@@ -180,14 +198,14 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
 /// A fresh run must not silently destroy an earlier one's checkpoints.
 pub fn start_fresh(dir: &Path, overwrite: bool) -> Result<()> {
     let existing = checkpoints(dir)?;
-    if let Some((step, _)) = existing.last() {
-        if !overwrite {
-            return Err(Error::user(format!(
-                "output_dir {} already holds a run (checkpoint-{step}): pass --resume to continue \
+    if let Some((step, _)) = existing.last()
+        && !overwrite
+    {
+        return Err(Error::user(format!(
+            "output_dir {} already holds a run (checkpoint-{step}): pass --resume to continue \
                  it or --overwrite to start again",
-                dir.display()
-            )));
-        }
+            dir.display()
+        )));
     }
     for (_, path) in existing {
         fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
@@ -211,31 +229,56 @@ pub fn append_metrics<T: Serialize>(dir: &Path, line: &T) -> Result<()> {
     writeln!(file, "{text}").map_err(|e| Error::io(&path, e))
 }
 
-fn tensor_list<'a>(layout: &'a ParamLayout, arena: &'a [f32], suffix: &str) -> Vec<(String, &'a [usize], &'a [f32])> {
+fn tensor_list<'a>(
+    layout: &'a ParamLayout,
+    arena: &'a [f32],
+    suffix: &str,
+) -> Vec<(String, &'a [usize], &'a [f32])> {
     layout
         .tensors
         .iter()
-        .map(|t| (format!("{}{suffix}", t.name), &t.shape[..], &arena[t.range()]))
+        .map(|t| {
+            (
+                format!("{}{suffix}", t.name),
+                &t.shape[..],
+                &arena[t.range()],
+            )
+        })
         .collect()
 }
 
 fn write_tensors(path: &Path, list: &[(String, &[usize], &[f32])]) -> Result<()> {
-    let refs: Vec<(&str, &[usize], &[f32])> = list.iter().map(|(n, s, d)| (n.as_str(), *s, *d)).collect();
+    let refs: Vec<(&str, &[usize], &[f32])> =
+        list.iter().map(|(n, s, d)| (n.as_str(), *s, *d)).collect();
     write_f32(path, &refs, &[("format", "pt")])
 }
 
 /// Writes a model folder's files into `dir` (each file atomically).
-fn write_model_files(dir: &Path, cfg: &Config, model: &BertModel<f32>, tok_vocab: &Path) -> Result<()> {
-    write_tensors(&dir.join("model.safetensors"), &tensor_list(&model.layout, &model.params, ""))?;
+fn write_model_files(
+    dir: &Path,
+    cfg: &Config,
+    model: &BertModel<f32>,
+    tok_vocab: &Path,
+) -> Result<()> {
+    write_tensors(
+        &dir.join("model.safetensors"),
+        &tensor_list(&model.layout, &model.params, ""),
+    )?;
     write_hf_config(&dir.join("config.json"), &to_hf(&model.config), 1)?;
     let vocab = dir.join("vocab.txt");
     if tok_vocab != vocab {
         fs::copy(tok_vocab, &vocab).map_err(|e| Error::io(&vocab, e))?;
     }
-    let meta = RcxMeta { max_length: cfg.max_length, loss: cfg.loss_name.clone() };
+    let meta = RcxMeta {
+        max_length: cfg.max_length,
+        loss: cfg.loss_name.clone(),
+    };
     let meta_path = dir.join("rcx.json");
-    fs::write(&meta_path, serde_json::to_string_pretty(&meta).unwrap_or_default())
-        .map_err(|e| Error::io(&meta_path, e))
+    fs::write(
+        &meta_path,
+        serde_json::to_string_pretty(&meta).unwrap_or_default(),
+    )
+    .map_err(|e| Error::io(&meta_path, e))
 }
 
 /// Saves `checkpoint-<step>` atomically and keeps the two newest.
@@ -258,8 +301,11 @@ pub fn save_checkpoint(
     moments.extend(tensor_list(&model.layout, v, ".exp_avg_sq"));
     write_tensors(&tmp.join("optimizer.safetensors"), &moments)?;
     let state_path = tmp.join("trainer_state.json");
-    fs::write(&state_path, serde_json::to_string_pretty(state).unwrap_or_default())
-        .map_err(|e| Error::io(&state_path, e))?;
+    fs::write(
+        &state_path,
+        serde_json::to_string_pretty(state).unwrap_or_default(),
+    )
+    .map_err(|e| Error::io(&state_path, e))?;
     let dest = out.join(format!("checkpoint-{}", state.step));
     if dest.exists() {
         fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
@@ -289,8 +335,10 @@ pub fn load_train_state(
     model.params.copy_from_slice(&saved.params);
     let moments = SafeTensors::open(&dir.join("optimizer.safetensors"))?;
     for spec in &model.layout.tensors {
-        m[spec.range()].copy_from_slice(&moments.read_f32(&format!("{}.exp_avg", spec.name), &spec.shape)?);
-        v[spec.range()].copy_from_slice(&moments.read_f32(&format!("{}.exp_avg_sq", spec.name), &spec.shape)?);
+        m[spec.range()]
+            .copy_from_slice(&moments.read_f32(&format!("{}.exp_avg", spec.name), &spec.shape)?);
+        v[spec.range()]
+            .copy_from_slice(&moments.read_f32(&format!("{}.exp_avg_sq", spec.name), &spec.shape)?);
     }
     let state_path = dir.join("trainer_state.json");
     let text = fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;

@@ -329,7 +329,6 @@ fn absolute(path: &Path) -> std::result::Result<PathBuf, String> {
         .map_err(|e| format!("cannot resolve `{}`: {e}", path.display()))
 }
 
-
 /// A list of data set entries with the files they name. Each entry is a shipped set name or
 /// a path to an existing file; a missing file fails with the entry's index.
 struct Datasets<const EVAL: bool> {

@@ -68,7 +68,12 @@ fn rank_stats(values: &mut [f64]) -> RankStats {
     let mean = values.iter().sum::<f64>() / n;
     let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
     values.sort_by(f64::total_cmp);
-    RankStats { mean, std: var.sqrt(), p10: percentile(values, 0.1), p90: percentile(values, 0.9) }
+    RankStats {
+        mean,
+        std: var.sqrt(),
+        p10: percentile(values, 0.1),
+        p90: percentile(values, 0.9),
+    }
 }
 
 /// Pair counts (correct, ties, total, cross-half correct, cross-half total) of one prompt.
@@ -135,9 +140,11 @@ fn type_stats(name: &'static str, scores: &[&PromptScores]) -> TypeStats {
 /// Summarises the scores of an evaluation set.
 pub fn summarize(scores: &[PromptScores]) -> EvalReport {
     let mut by_type = Vec::new();
-    for (name, ty) in
-        [("open", Some(PromptType::Open)), ("closed", Some(PromptType::Closed)), ("untyped", None)]
-    {
+    for (name, ty) in [
+        ("open", Some(PromptType::Open)),
+        ("closed", Some(PromptType::Closed)),
+        ("untyped", None),
+    ] {
         let group: Vec<&PromptScores> = scores.iter().filter(|s| s.prompt_type == ty).collect();
         if !group.is_empty() {
             by_type.push(type_stats(name, &group));
@@ -152,7 +159,11 @@ pub fn summarize(scores: &[PromptScores]) -> EvalReport {
         (Some(open), Some(closed)) if open.ranks.len() == closed.ranks.len() => {
             let k = open.ranks.len() as f64;
             Some(
-                open.ranks.iter().zip(&closed.ranks).map(|(o, c)| (o.mean - c.mean).abs()).sum::<f64>()
+                open.ranks
+                    .iter()
+                    .zip(&closed.ranks)
+                    .map(|(o, c)| (o.mean - c.mean).abs())
+                    .sum::<f64>()
                     / k,
             )
         }
@@ -193,17 +204,12 @@ pub fn cmd_score(args: ScoreArgs) -> crate::error::Result<()> {
     use std::io::Write;
     let (model, tok, trained_length) = crate::checkpoint::load_for_scoring(&args.model)?;
     let max_length = args.max_length.unwrap_or(trained_length);
-    let set = crate::train::PromptSet::open(&[args.data.clone()], &tok, max_length)?;
+    let set = crate::train::PromptSet::open(std::slice::from_ref(&args.data), &tok, max_length)?;
     let mut ws = crate::model::Workspace::new();
-    let (_, logits, _) = crate::train::score_set(
-        &model,
-        &mut ws,
-        &set,
-        None,
-        8,
-        tok.pad_id(),
-        |_, _, _| Ok(0.0),
-    )?;
+    let (_, logits, _) =
+        crate::train::score_set(&model, &mut ws, &set, None, 8, tok.pad_id(), |_, _, _| {
+            Ok(0.0)
+        })?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     for (prompt_index, prompt) in logits.iter().enumerate() {
@@ -214,9 +220,12 @@ pub fn cmd_score(args: ScoreArgs) -> crate::error::Result<()> {
                 logit,
                 reward: crate::loss::sigmoid(logit as f64),
             };
-            let text = serde_json::to_string(&line).map_err(|e| crate::error::Error::internal(e.to_string()))?;
-            writeln!(out, "{text}").map_err(|e| crate::error::Error::internal(format!("stdout: {e}")))?;
+            let text = serde_json::to_string(&line)
+                .map_err(|e| crate::error::Error::internal(e.to_string()))?;
+            writeln!(out, "{text}")
+                .map_err(|e| crate::error::Error::internal(format!("stdout: {e}")))?;
         }
     }
-    out.flush().map_err(|e| crate::error::Error::internal(format!("stdout: {e}")))
+    out.flush()
+        .map_err(|e| crate::error::Error::internal(format!("stdout: {e}")))
 }

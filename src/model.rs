@@ -55,8 +55,13 @@ impl BertConfig {
         })
     }
 
-    pub const NAMES: &'static [&'static str] =
-        &["bert-tiny", "bert-mini", "bert-small", "bert-medium", "bert-base"];
+    pub const NAMES: &'static [&'static str] = &[
+        "bert-tiny",
+        "bert-mini",
+        "bert-small",
+        "bert-medium",
+        "bert-base",
+    ];
 
     pub fn head_size(&self) -> usize {
         self.hidden_size / self.num_attention_heads
@@ -78,7 +83,7 @@ impl BertConfig {
                 return Err(Error::user(format!("{origin}: `{key}` must be positive")));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::user(format!(
                 "{origin}: `hidden_size` ({}) must be a multiple of `num_attention_heads` ({})",
                 self.hidden_size, self.num_attention_heads
@@ -86,10 +91,15 @@ impl BertConfig {
         }
         for (key, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
-            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
         ] {
             if !(0.0..1.0).contains(&p) {
-                return Err(Error::user(format!("{origin}: `{key}` must be in [0, 1), got {p}")));
+                return Err(Error::user(format!(
+                    "{origin}: `{key}` must be in [0, 1), got {p}"
+                )));
             }
         }
         Ok(())
@@ -136,14 +146,28 @@ impl ParamLayout {
         let mut total = 0;
         let mut add = |name: String, shape: Vec<usize>| {
             let decay = shape.len() == 2 && !name.contains("LayerNorm");
-            let spec = TensorSpec { name, shape, offset: total, decay };
+            let spec = TensorSpec {
+                name,
+                shape,
+                offset: total,
+                decay,
+            };
             total += spec.len();
             tensors.push(spec);
         };
         let e = "bert.embeddings";
-        add(format!("{e}.word_embeddings.weight"), vec![cfg.vocab_size, c]);
-        add(format!("{e}.position_embeddings.weight"), vec![cfg.max_position_embeddings, c]);
-        add(format!("{e}.token_type_embeddings.weight"), vec![cfg.type_vocab_size, c]);
+        add(
+            format!("{e}.word_embeddings.weight"),
+            vec![cfg.vocab_size, c],
+        );
+        add(
+            format!("{e}.position_embeddings.weight"),
+            vec![cfg.max_position_embeddings, c],
+        );
+        add(
+            format!("{e}.token_type_embeddings.weight"),
+            vec![cfg.type_vocab_size, c],
+        );
         add(format!("{e}.LayerNorm.weight"), vec![c]);
         add(format!("{e}.LayerNorm.bias"), vec![c]);
         for l in 0..cfg.num_hidden_layers {
@@ -210,29 +234,29 @@ impl<S: Split> Carver<S> {
 
 /// The parameters of one encoder layer, as slices of the arena (mutable for gradients).
 pub struct LayerParams<S> {
-    pub q_w: S, // [C, C]
-    pub q_b: S, // [C]
-    pub k_w: S, // [C, C]
-    pub k_b: S, // [C]
-    pub v_w: S, // [C, C]
-    pub v_b: S, // [C]
-    pub o_w: S, // [C, C]
-    pub o_b: S, // [C]
-    pub ln1_w: S, // [C]
-    pub ln1_b: S, // [C]
+    pub q_w: S,    // [C, C]
+    pub q_b: S,    // [C]
+    pub k_w: S,    // [C, C]
+    pub k_b: S,    // [C]
+    pub v_w: S,    // [C, C]
+    pub v_b: S,    // [C]
+    pub o_w: S,    // [C, C]
+    pub o_b: S,    // [C]
+    pub ln1_w: S,  // [C]
+    pub ln1_b: S,  // [C]
     pub ffn1_w: S, // [I, C]
     pub ffn1_b: S, // [I]
     pub ffn2_w: S, // [C, I]
     pub ffn2_b: S, // [C]
-    pub ln2_w: S, // [C]
-    pub ln2_b: S, // [C]
+    pub ln2_w: S,  // [C]
+    pub ln2_b: S,  // [C]
 }
 
 /// All parameters in the arena order of `ParamLayout::new`.
 pub struct Params<S> {
-    pub wte: S, // [V, C]
-    pub wpe: S, // [P, C]
-    pub wtt: S, // [types, C]
+    pub wte: S,      // [V, C]
+    pub wpe: S,      // [P, C]
+    pub wtt: S,      // [types, C]
     pub emb_ln_w: S, // [C]
     pub emb_ln_b: S, // [C]
     pub layers: Vec<LayerParams<S>>,
@@ -309,11 +333,11 @@ struct LayerActs<S> {
 }
 
 struct Acts<S> {
-    emb: S,       // [N, C] word + position + type
-    emb_mean: S,  // [N]
-    emb_rstd: S,  // [N]
-    emb_ln: S,    // [N, C]
-    emb_drop: S,  // [N, C] input of layer 0
+    emb: S,      // [N, C] word + position + type
+    emb_mean: S, // [N]
+    emb_rstd: S, // [N]
+    emb_ln: S,   // [N, C]
+    emb_drop: S, // [N, C] input of layer 0
     layers: Vec<LayerActs<S>>,
     cls: S,         // [B, C]
     pool_pre: S,    // [B, C]
@@ -323,13 +347,23 @@ struct Acts<S> {
 }
 
 fn acts_len(cfg: &BertConfig, b: usize, t: usize) -> usize {
-    let (n, c, i, nh) = (b * t, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
+    let (n, c, i, nh) = (
+        b * t,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+    );
     let per_layer = 12 * n * c + 4 * n + 2 * n * i + b * nh * t * t;
     3 * n * c + 2 * n + cfg.num_hidden_layers * per_layer + 4 * b * c + b
 }
 
 fn carve_acts<S: Split>(cfg: &BertConfig, arena: S, b: usize, t: usize) -> Acts<S> {
-    let (n, c, i, nh) = (b * t, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads);
+    let (n, c, i, nh) = (
+        b * t,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+    );
     let mut k = Carver { rest: arena };
     Acts {
         emb: k.take(n * c),
@@ -466,7 +500,12 @@ pub struct Workspace<F> {
 
 impl<F: Float> Workspace<F> {
     pub fn new() -> Self {
-        Workspace { acts: Vec::new(), scratch: GradScratch::default(), b: 0, t: 0 }
+        Workspace {
+            acts: Vec::new(),
+            scratch: GradScratch::default(),
+            b: 0,
+            t: 0,
+        }
     }
 
     /// Bytes held by the activation arena.
@@ -504,7 +543,11 @@ impl<F: Float> BertModel<F> {
         if pad < config.vocab_size {
             params[pad * c..(pad + 1) * c].fill(F::ZERO);
         }
-        BertModel { config, layout, params }
+        BertModel {
+            config,
+            layout,
+            params,
+        }
     }
 
     pub fn from_params(config: BertConfig, params: Vec<F>) -> Result<BertModel<F>> {
@@ -516,7 +559,11 @@ impl<F: Float> BertModel<F> {
                 layout.total
             )));
         }
-        Ok(BertModel { config, layout, params })
+        Ok(BertModel {
+            config,
+            layout,
+            params,
+        })
     }
 
     pub fn num_params(&self) -> usize {
@@ -531,13 +578,21 @@ impl<F: Float> BertModel<F> {
                 batch.t, cfg.max_position_embeddings
             )));
         }
-        if let Some(&id) = batch.input_ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        if let Some(&id) = batch
+            .input_ids
+            .iter()
+            .find(|&&id| id as usize >= cfg.vocab_size)
+        {
             return Err(Error::user(format!(
                 "token id {id} is outside the model's vocabulary of {}: the vocab.txt does not match the model",
                 cfg.vocab_size
             )));
         }
-        if let Some(&ty) = batch.token_type_ids.iter().find(|&&ty| ty as usize >= cfg.type_vocab_size) {
+        if let Some(&ty) = batch
+            .token_type_ids
+            .iter()
+            .find(|&&ty| ty as usize >= cfg.type_vocab_size)
+        {
             return Err(Error::user(format!(
                 "token type {ty} is outside the model's {} token types",
                 cfg.type_vocab_size
@@ -584,7 +639,9 @@ impl<F: Float> BertModel<F> {
             t,
             c,
         );
-        layernorm_forward(a.emb_ln, a.emb_mean, a.emb_rstd, a.emb, p.emb_ln_w, p.emb_ln_b, n, c, eps);
+        layernorm_forward(
+            a.emb_ln, a.emb_mean, a.emb_rstd, a.emb, p.emb_ln_w, p.emb_ln_b, n, c, eps,
+        );
         let (pd, seed) = site_seed(dropout, SITE_EMB);
         dropout_forward(a.emb_drop, a.emb_ln, pd, seed);
 
@@ -593,19 +650,50 @@ impl<F: Float> BertModel<F> {
             matmul_forward(la.q, input, lp.q_w, Some(lp.q_b), n, c, c);
             matmul_forward(la.k, input, lp.k_w, Some(lp.k_b), n, c, c);
             matmul_forward(la.v, input, lp.v_w, Some(lp.v_b), n, c, c);
-            attention_forward(la.ctx, la.probs, la.q, la.k, la.v, &batch.mask, b, t, nh, hs);
+            attention_forward(
+                la.ctx,
+                la.probs,
+                la.q,
+                la.k,
+                la.v,
+                &batch.mask,
+                b,
+                t,
+                nh,
+                hs,
+            );
             matmul_forward(la.attn_proj, la.ctx, lp.o_w, Some(lp.o_b), n, c, c);
             let (pd, seed) = site_seed(dropout, site_attn(l));
             dropout_forward(la.attn_drop, la.attn_proj, pd, seed);
             residual_forward(la.res1, input, la.attn_drop);
-            layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.res1, lp.ln1_w, lp.ln1_b, n, c, eps);
+            layernorm_forward(
+                la.ln1,
+                la.ln1_mean,
+                la.ln1_rstd,
+                la.res1,
+                lp.ln1_w,
+                lp.ln1_b,
+                n,
+                c,
+                eps,
+            );
             matmul_forward(la.ffn_pre, la.ln1, lp.ffn1_w, Some(lp.ffn1_b), n, c, i);
             gelu_forward(la.ffn_gelu, la.ffn_pre);
             matmul_forward(la.ffn_out, la.ffn_gelu, lp.ffn2_w, Some(lp.ffn2_b), n, i, c);
             let (pd, seed) = site_seed(dropout, site_ffn(l));
             dropout_forward(la.ffn_drop, la.ffn_out, pd, seed);
             residual_forward(la.res2, la.ln1, la.ffn_drop);
-            layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.res2, lp.ln2_w, lp.ln2_b, n, c, eps);
+            layernorm_forward(
+                la.ln2,
+                la.ln2_mean,
+                la.ln2_rstd,
+                la.res2,
+                lp.ln2_w,
+                lp.ln2_b,
+                n,
+                c,
+                eps,
+            );
             input = la.ln2;
         }
 
@@ -639,7 +727,10 @@ impl<F: Float> BertModel<F> {
     ) {
         let cfg = &self.config;
         let (b, t) = (batch.b, batch.t);
-        assert!(ws.b == b && ws.t == t, "backward must follow a forward on the same batch");
+        assert!(
+            ws.b == b && ws.t == t,
+            "backward must follow a forward on the same batch"
+        );
         let (n, c, i, nh, hs) = (
             b * t,
             cfg.hidden_size,
@@ -655,7 +746,17 @@ impl<F: Float> BertModel<F> {
 
         // Head and pooler.
         let d_pool = zeroed(&mut s.d_pool, b * c);
-        matmul_backward(d_pool, g.head_w, Some(g.head_b), dlogits, a.pooled_drop, p.head_w, b, c, 1);
+        matmul_backward(
+            d_pool,
+            g.head_w,
+            Some(g.head_b),
+            dlogits,
+            a.pooled_drop,
+            p.head_w,
+            b,
+            c,
+            1,
+        );
         let d_pool_pre = zeroed(&mut s.d_pool_pre, b * c);
         {
             let (pd, seed) = site_seed(dropout, SITE_POOL);
@@ -664,7 +765,17 @@ impl<F: Float> BertModel<F> {
             tanh_backward(d_pool_pre, a.pooled, d_pooled);
         }
         let d_cls = zeroed(&mut s.d_k, b * c);
-        matmul_backward(d_cls, g.pool_w, Some(g.pool_b), d_pool_pre, a.cls, p.pool_w, b, c, c);
+        matmul_backward(
+            d_cls,
+            g.pool_w,
+            Some(g.pool_b),
+            d_pool_pre,
+            a.cls,
+            p.pool_w,
+            b,
+            c,
+            c,
+        );
         let mut d_out = std::mem::take(&mut s.d_out);
         cls_pool_backward(zeroed(&mut d_out, n * c), d_cls, b, t, c);
 
@@ -673,29 +784,69 @@ impl<F: Float> BertModel<F> {
         let mut d_in = std::mem::take(&mut s.d_in);
         for l in (0..cfg.num_hidden_layers).rev() {
             let (la, lp, lg) = (&a.layers[l], &p.layers[l], &mut g.layers[l]);
-            let input: &[F] = if l == 0 { a.emb_drop } else { a.layers[l - 1].ln2 };
+            let input: &[F] = if l == 0 {
+                a.emb_drop
+            } else {
+                a.layers[l - 1].ln2
+            };
 
             let d_res2 = zeroed(&mut s.d_res2, n * c);
             layernorm_backward(
-                d_res2, lg.ln2_w, lg.ln2_b, &d_out, la.res2, lp.ln2_w, la.ln2_mean, la.ln2_rstd, n, c,
+                d_res2,
+                lg.ln2_w,
+                lg.ln2_b,
+                &d_out,
+                la.res2,
+                lp.ln2_w,
+                la.ln2_mean,
+                la.ln2_rstd,
+                n,
+                c,
             );
             let d_ffn_out = zeroed(&mut s.d_ffn_out, n * c);
             let (pd, seed) = site_seed(dropout, site_ffn(l));
             dropout_backward(d_ffn_out, d_res2, pd, seed);
             let d_ffn_gelu = zeroed(&mut s.d_ffn_gelu, n * i);
             matmul_backward(
-                d_ffn_gelu, lg.ffn2_w, Some(lg.ffn2_b), d_ffn_out, la.ffn_gelu, lp.ffn2_w, n, i, c,
+                d_ffn_gelu,
+                lg.ffn2_w,
+                Some(lg.ffn2_b),
+                d_ffn_out,
+                la.ffn_gelu,
+                lp.ffn2_w,
+                n,
+                i,
+                c,
             );
             let d_ffn_pre = zeroed(&mut s.d_ffn_pre, n * i);
             gelu_backward(d_ffn_pre, la.ffn_pre, d_ffn_gelu);
             // ln1 feeds both the residual and the feed-forward block.
             let d_ln1 = zeroed(&mut s.d_ln1, n * c);
             d_ln1.copy_from_slice(d_res2);
-            matmul_backward(d_ln1, lg.ffn1_w, Some(lg.ffn1_b), d_ffn_pre, la.ln1, lp.ffn1_w, n, c, i);
+            matmul_backward(
+                d_ln1,
+                lg.ffn1_w,
+                Some(lg.ffn1_b),
+                d_ffn_pre,
+                la.ln1,
+                lp.ffn1_w,
+                n,
+                c,
+                i,
+            );
 
             let d_res1 = zeroed(&mut d_in, n * c);
             layernorm_backward(
-                d_res1, lg.ln1_w, lg.ln1_b, d_ln1, la.res1, lp.ln1_w, la.ln1_mean, la.ln1_rstd, n, c,
+                d_res1,
+                lg.ln1_w,
+                lg.ln1_b,
+                d_ln1,
+                la.res1,
+                lp.ln1_w,
+                la.ln1_mean,
+                la.ln1_rstd,
+                n,
+                c,
             );
             let d_attn = zeroed(&mut s.d_attn, n * c);
             let (pd, seed) = site_seed(dropout, site_attn(l));
@@ -705,11 +856,55 @@ impl<F: Float> BertModel<F> {
             let d_q = zeroed(&mut s.d_q, n * c);
             let d_k = zeroed(&mut s.d_k, n * c);
             let d_v = zeroed(&mut s.d_v, n * c);
-            attention_backward(d_q, d_k, d_v, d_ctx, la.q, la.k, la.v, la.probs, &batch.mask, b, t, nh, hs);
+            attention_backward(
+                d_q,
+                d_k,
+                d_v,
+                d_ctx,
+                la.q,
+                la.k,
+                la.v,
+                la.probs,
+                &batch.mask,
+                b,
+                t,
+                nh,
+                hs,
+            );
             // The layer input feeds the residual (already in d_in) and q, k, v.
-            matmul_backward(&mut d_in, lg.q_w, Some(lg.q_b), &s.d_q, input, lp.q_w, n, c, c);
-            matmul_backward(&mut d_in, lg.k_w, Some(lg.k_b), &s.d_k, input, lp.k_w, n, c, c);
-            matmul_backward(&mut d_in, lg.v_w, Some(lg.v_b), &s.d_v, input, lp.v_w, n, c, c);
+            matmul_backward(
+                &mut d_in,
+                lg.q_w,
+                Some(lg.q_b),
+                &s.d_q,
+                input,
+                lp.q_w,
+                n,
+                c,
+                c,
+            );
+            matmul_backward(
+                &mut d_in,
+                lg.k_w,
+                Some(lg.k_b),
+                &s.d_k,
+                input,
+                lp.k_w,
+                n,
+                c,
+                c,
+            );
+            matmul_backward(
+                &mut d_in,
+                lg.v_w,
+                Some(lg.v_b),
+                &s.d_v,
+                input,
+                lp.v_w,
+                n,
+                c,
+                c,
+            );
             std::mem::swap(&mut d_out, &mut d_in);
         }
 
@@ -721,7 +916,17 @@ impl<F: Float> BertModel<F> {
         layernorm_backward(
             d_emb, g.emb_ln_w, g.emb_ln_b, &d_in, a.emb, p.emb_ln_w, a.emb_mean, a.emb_rstd, n, c,
         );
-        embedding_backward(g.wte, g.wpe, g.wtt, d_emb, &batch.input_ids, &batch.token_type_ids, b, t, c);
+        embedding_backward(
+            g.wte,
+            g.wpe,
+            g.wtt,
+            d_emb,
+            &batch.input_ids,
+            &batch.token_type_ids,
+            b,
+            t,
+            c,
+        );
         let pad = cfg.pad_token_id as usize;
         if pad < cfg.vocab_size {
             g.wte[pad * c..(pad + 1) * c].fill(F::ZERO);

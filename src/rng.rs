@@ -16,9 +16,11 @@ pub fn mix64(mut z: u64) -> u64 {
 
 /// Derives an independent stream seed from a base seed and a list of integers.
 pub fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
-    parts.iter().fold(mix64(seed ^ 0x5851_f42d_4c95_7f2d), |acc, &p| {
-        mix64(acc ^ p.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    })
+    parts
+        .iter()
+        .fold(mix64(seed ^ 0x5851_f42d_4c95_7f2d), |acc, &p| {
+            mix64(acc ^ p.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        })
 }
 
 impl Rng {

@@ -141,7 +141,11 @@ struct DataOrder {
 
 impl DataOrder {
     fn new(seed: u64, n: usize) -> DataOrder {
-        let mut order = DataOrder { seed, epoch: usize::MAX, perm: (0..n).collect() };
+        let mut order = DataOrder {
+            seed,
+            epoch: usize::MAX,
+            perm: (0..n).collect(),
+        };
         order.set_epoch(0);
         order
     }
@@ -233,22 +237,27 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
 }
 
 pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
-    let RunOptions { resume, overwrite, stop_at, quiet } = opts;
+    let RunOptions {
+        resume,
+        overwrite,
+        stop_at,
+        quiet,
+    } = opts;
     let started = Instant::now();
     checkpoint::ensure_writable_dir(&cfg.output_dir)?;
     let (mut model, tok, vocab) = checkpoint::model_for_training(cfg)?;
     let pad_id = tok.pad_id();
     let train_set = PromptSet::open(&cfg.train_files, &tok, cfg.max_length)?;
     let eval_set = PromptSet::open(&cfg.eval_files, &tok, cfg.max_length)?;
-    if cfg.loss.is_prompt_aware() {
-        if let Some(i) = (0..train_set.len()).find(|&i| train_set.prompt_type(i).is_none()) {
-            return Err(Error::user(format!(
-                "{}: loss `{}` chooses its utility by prompt type, but training prompt {i} has no \
+    if cfg.loss.is_prompt_aware()
+        && let Some(i) = (0..train_set.len()).find(|&i| train_set.prompt_type(i).is_none())
+    {
+        return Err(Error::user(format!(
+            "{}: loss `{}` chooses its utility by prompt type, but training prompt {i} has no \
                  `prompt_type`",
-                cfg.path.display(),
-                cfg.loss_name
-            )));
-        }
+            cfg.path.display(),
+            cfg.loss_name
+        )));
     }
 
     let total = model.num_params();
@@ -303,8 +312,9 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
         let mut step_loss = 0.0;
         for micro in 0..accum {
             let first = step * per_step + micro * cfg.per_device_train_batch_size;
-            let prompts: Vec<usize> =
-                (first..first + cfg.per_device_train_batch_size).map(|p| order.at(p)).collect();
+            let prompts: Vec<usize> = (first..first + cfg.per_device_train_batch_size)
+                .map(|p| order.at(p))
+                .collect();
             let (batch, ks, types) = train_set.batch(&prompts, pad_id);
             let dropout = (dropout_p > 0.0).then(|| Dropout {
                 p: dropout_p,
@@ -312,8 +322,14 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
             });
             let logits = model.forward(&mut ws, &batch, dropout)?;
             dlogits.resize(logits.len(), 0.0);
-            let loss =
-                ranking_loss_forward_backward(logits, &ks, &types, &cfg.loss, cfg.eps, &mut dlogits)?;
+            let loss = ranking_loss_forward_backward(
+                logits,
+                &ks,
+                &types,
+                &cfg.loss,
+                cfg.eps,
+                &mut dlogits,
+            )?;
             // The step's loss is the mean of its micro-batches' means, as the HF Trainer.
             for d in dlogits.iter_mut() {
                 *d /= accum as f32;
@@ -327,7 +343,11 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
             return Err(Error::internal(format!(
                 "step {}: the {} is not finite; stopping (the last good checkpoint in {} is kept)",
                 step + 1,
-                if step_loss.is_finite() { "gradient norm" } else { "loss" },
+                if step_loss.is_finite() {
+                    "gradient norm"
+                } else {
+                    "loss"
+                },
                 cfg.output_dir.display()
             )));
         }
@@ -352,7 +372,11 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
             );
         }
         let done = step + 1;
-        recent_loss = if step == start_step { step_loss } else { 0.9 * recent_loss + 0.1 * step_loss };
+        recent_loss = if step == start_step {
+            step_loss
+        } else {
+            0.9 * recent_loss + 0.1 * step_loss
+        };
 
         if !quiet && (done % cfg.logging_steps == 0 || done == end_step) {
             let elapsed = loop_started.elapsed().as_secs_f64();
@@ -361,8 +385,15 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
             progress(done, cfg.max_steps, recent_loss, lr, rate, eta);
         }
         if done % cfg.eval_steps == 0 || done == cfg.max_steps {
-            let (scores, _, loss) =
-                score_set(&model, &mut ws, &eval_set, cfg.eval_max_prompts, 8, pad_id, eval_loss)?;
+            let (scores, _, loss) = score_set(
+                &model,
+                &mut ws,
+                &eval_set,
+                cfg.eval_max_prompts,
+                8,
+                pad_id,
+                eval_loss,
+            )?;
             let report = summarize(&scores);
             let line = MetricsLine {
                 step: done,
@@ -379,7 +410,10 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
             }
         }
         if done % cfg.save_steps == 0 || done == cfg.max_steps {
-            let state = TrainState { step: done, seed: cfg.seed };
+            let state = TrainState {
+                step: done,
+                seed: cfg.seed,
+            };
             checkpoint::save_checkpoint(cfg, &model, &vocab, &m, &v, &state)?;
         }
     }
@@ -399,7 +433,10 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
 
 /// A one-line human summary of an evaluation.
 pub fn eval_summary_line(step: usize, loss: f64, r: &EvalReport) -> String {
-    let mut s = format!("eval @ step {step}: loss {loss:.4}  pairwise acc {:.3}", r.pairwise_accuracy);
+    let mut s = format!(
+        "eval @ step {step}: loss {loss:.4}  pairwise acc {:.3}",
+        r.pairwise_accuracy
+    );
     if let Some(open) = r.for_type("open") {
         s += &format!("  open acc {:.3}", open.pairwise_accuracy);
     }

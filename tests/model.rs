@@ -34,7 +34,11 @@ fn tiny_batch(rng: &mut Rng) -> (Batch, Vec<usize>, Vec<Option<PromptType>>) {
         })
         .collect();
     let batch = Batch::from_sequences(seqs.iter().map(|(i, t)| (&i[..], &t[..])), 0);
-    (batch, vec![3, 2], vec![Some(PromptType::Open), Some(PromptType::Closed)])
+    (
+        batch,
+        vec![3, 2],
+        vec![Some(PromptType::Open), Some(PromptType::Closed)],
+    )
 }
 
 /// Random non-trivial parameters: BERT's init plus noise on LayerNorm and biases, so that
@@ -49,24 +53,34 @@ fn random_model(rng: &mut Rng) -> BertModel<f64> {
     model
 }
 
+/// A batch with its ranking: K per prompt and each prompt's type.
+struct Ranked {
+    batch: Batch,
+    ks: Vec<usize>,
+    types: Vec<Option<PromptType>>,
+}
+
 fn loss_of(
     model: &BertModel<f64>,
     ws: &mut Workspace<f64>,
-    batch: &Batch,
-    ks: &[usize],
-    types: &[Option<PromptType>],
+    data: &Ranked,
     spec: &LossSpec,
     dropout: Option<Dropout>,
     dlogits: &mut Vec<f64>,
 ) -> f64 {
-    let logits = model.forward(ws, batch, dropout).unwrap();
+    let logits = model.forward(ws, &data.batch, dropout).unwrap();
     dlogits.resize(logits.len(), 0.0);
-    ranking_loss_forward_backward(logits, ks, types, spec, 0.1, dlogits).unwrap()
+    ranking_loss_forward_backward(logits, &data.ks, &data.types, spec, 0.1, dlogits).unwrap()
 }
 
 /// ||a - b|| / max(||a||, ||b||), per tensor: robust where single entries are ~0.
 fn relative_error(a: &[f64], b: &[f64]) -> f64 {
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let norm_a: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
     let norm_b: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
     diff / norm_a.max(norm_b).max(1e-300)
@@ -78,7 +92,16 @@ fn gradient_check(spec: LossSpec, dropout: Option<Dropout>) {
     let (batch, ks, types) = tiny_batch(&mut rng);
     let mut ws = Workspace::new();
     let mut dlogits = Vec::new();
-    loss_of(&model, &mut ws, &batch, &ks, &types, &spec, dropout, &mut dlogits);
+    loss_of(
+        &model,
+        &mut ws,
+        &batch,
+        &ks,
+        &types,
+        &spec,
+        dropout,
+        &mut dlogits,
+    );
     let mut grads = vec![0.0; model.num_params()];
     model.backward(&mut ws, &batch, dropout, &dlogits, &mut grads);
 
@@ -89,9 +112,27 @@ fn gradient_check(spec: LossSpec, dropout: Option<Dropout>) {
         for idx in spec_t.range() {
             let saved = model.params[idx];
             model.params[idx] = saved + h;
-            let up = loss_of(&model, &mut ws, &batch, &ks, &types, &spec, dropout, &mut scratch);
+            let up = loss_of(
+                &model,
+                &mut ws,
+                &batch,
+                &ks,
+                &types,
+                &spec,
+                dropout,
+                &mut scratch,
+            );
             model.params[idx] = saved - h;
-            let down = loss_of(&model, &mut ws, &batch, &ks, &types, &spec, dropout, &mut scratch);
+            let down = loss_of(
+                &model,
+                &mut ws,
+                &batch,
+                &ks,
+                &types,
+                &spec,
+                dropout,
+                &mut scratch,
+            );
             model.params[idx] = saved;
             numeric.push((up - down) / (2.0 * h));
         }
@@ -102,8 +143,16 @@ fn gradient_check(spec: LossSpec, dropout: Option<Dropout>) {
             // its true gradient is zero: analytic up to rounding, numeric up to the
             // difference quotient's noise (loss rounding / h, about 1e-8).
             let max_abs = |g: &[f64]| g.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-            assert!(max_abs(analytic) < 1e-12, "{}: analytic gradient should vanish", spec_t.name);
-            assert!(max_abs(&numeric) < 1e-7, "{}: numeric gradient should vanish", spec_t.name);
+            assert!(
+                max_abs(analytic) < 1e-12,
+                "{}: analytic gradient should vanish",
+                spec_t.name
+            );
+            assert!(
+                max_abs(&numeric) < 1e-7,
+                "{}: numeric gradient should vanish",
+                spec_t.name
+            );
             continue;
         }
         let err = relative_error(analytic, &numeric);
@@ -113,7 +162,11 @@ fn gradient_check(spec: LossSpec, dropout: Option<Dropout>) {
             "{}: the gradient is exactly zero, the check would prove nothing",
             spec_t.name
         );
-        assert!(err < 1e-6, "{}: relative error {err:e} (|grad| {norm:e})", spec_t.name);
+        assert!(
+            err < 1e-6,
+            "{}: relative error {err:e} (|grad| {norm:e})",
+            spec_t.name
+        );
     }
 }
 
@@ -156,7 +209,10 @@ fn padding_does_not_change_a_sequence_logit() {
     let mut ws = Workspace::new();
     let alone = Batch::from_sequences([(&short.0[..], &short.1[..])], 0);
     let a = model.forward(&mut ws, &alone, None).unwrap()[0];
-    let both = Batch::from_sequences([(&short.0[..], &short.1[..]), (&long.0[..], &long.1[..])], 0);
+    let both = Batch::from_sequences(
+        [(&short.0[..], &short.1[..]), (&long.0[..], &long.1[..])],
+        0,
+    );
     let b = model.forward(&mut ws, &both, None).unwrap()[0];
     assert!((a - b).abs() < 1e-12, "alone {a} vs padded {b}");
 }

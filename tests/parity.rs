@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 const TOLERANCE: f32 = 1e-4;
 
 fn fixture(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
@@ -18,13 +20,29 @@ fn ints(v: &Value) -> Vec<Vec<u32>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|row| row.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
         .collect()
 }
 
 fn dense(v: &Value) -> (Vec<usize>, Vec<f32>) {
-    let shape = v["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-    let data = v["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let shape = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let data = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
     (shape, data)
 }
 
@@ -44,7 +62,10 @@ fn batch_of(f: &Value) -> Batch {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn run(model: &BertModel<f32>, batch: &Batch) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -60,9 +81,16 @@ fn tiny_checkpoint_logits_hidden_states_and_pooler_match_transformers() {
     let model = load_model_dir(&dir, 0).unwrap();
     let f = fixture("tiny-bert-logits.json");
     let batch = batch_of(&f);
-    assert!(batch.mask.contains(&0), "the fixture batch must hold padding");
+    assert!(
+        batch.mask.contains(&0),
+        "the fixture batch must hold padding"
+    );
     let (hidden, pooled, logits) = run(&model, &batch);
-    for (name, ours) in [("logits", &logits), ("pooler_output", &pooled), ("last_hidden_state", &hidden)] {
+    for (name, ours) in [
+        ("logits", &logits),
+        ("pooler_output", &pooled),
+        ("last_hidden_state", &hidden),
+    ] {
         let (_, expected) = dense(&f[name]);
         let err = max_abs_diff(ours, &expected);
         assert!(err < TOLERANCE, "{name}: max abs error {err:e}");
@@ -80,15 +108,24 @@ fn minilm_hidden_states_match_transformers() {
     let dir = minilm_dir();
     if !dir.join("model.safetensors").exists() {
         // .ci/run fetches it; a developer machine may not have it yet.
-        eprintln!("SKIPPED: {} is absent; run scripts/fetch-minilm.sh", dir.display());
+        eprintln!(
+            "SKIPPED: {} is absent; run scripts/fetch-minilm.sh",
+            dir.display()
+        );
         return;
     }
     let model = load_model_dir(&dir, 0).unwrap();
     let f = fixture("minilm-hidden.json");
     let batch = batch_of(&f);
-    assert!(batch.mask.contains(&0), "the fixture batch must hold padding");
+    assert!(
+        batch.mask.contains(&0),
+        "the fixture batch must hold padding"
+    );
     let (hidden, _, _) = run(&model, &batch);
     let (_, expected) = dense(&f["last_hidden_state"]);
     let err = max_abs_diff(&hidden, &expected);
-    assert!(err < TOLERANCE, "MiniLM last hidden state: max abs error {err:e}");
+    assert!(
+        err < TOLERANCE,
+        "MiniLM last hidden state: max abs error {err:e}"
+    );
 }
