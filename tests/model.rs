@@ -90,20 +90,12 @@ fn gradient_check(spec: LossSpec, dropout: Option<Dropout>) {
     let mut rng = Rng::new(42);
     let mut model = random_model(&mut rng);
     let (batch, ks, types) = tiny_batch(&mut rng);
+    let data = Ranked { batch, ks, types };
     let mut ws = Workspace::new();
     let mut dlogits = Vec::new();
-    loss_of(
-        &model,
-        &mut ws,
-        &batch,
-        &ks,
-        &types,
-        &spec,
-        dropout,
-        &mut dlogits,
-    );
+    loss_of(&model, &mut ws, &data, &spec, dropout, &mut dlogits);
     let mut grads = vec![0.0; model.num_params()];
-    model.backward(&mut ws, &batch, dropout, &dlogits, &mut grads);
+    model.backward(&mut ws, &data.batch, dropout, &dlogits, &mut grads);
 
     let h = 1e-6;
     let mut scratch = Vec::new();
@@ -112,27 +104,9 @@ fn gradient_check(spec: LossSpec, dropout: Option<Dropout>) {
         for idx in spec_t.range() {
             let saved = model.params[idx];
             model.params[idx] = saved + h;
-            let up = loss_of(
-                &model,
-                &mut ws,
-                &batch,
-                &ks,
-                &types,
-                &spec,
-                dropout,
-                &mut scratch,
-            );
+            let up = loss_of(&model, &mut ws, &data, &spec, dropout, &mut scratch);
             model.params[idx] = saved - h;
-            let down = loss_of(
-                &model,
-                &mut ws,
-                &batch,
-                &ks,
-                &types,
-                &spec,
-                dropout,
-                &mut scratch,
-            );
+            let down = loss_of(&model, &mut ws, &data, &spec, dropout, &mut scratch);
             model.params[idx] = saved;
             numeric.push((up - down) / (2.0 * h));
         }
