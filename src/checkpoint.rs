@@ -23,11 +23,14 @@ pub struct TrainState {
     pub seed: u64,
 }
 
-/// rcx's own notes beside a model: the sequence length it was trained with.
+/// rcx's own notes beside a model (`rcx.json`): how it was trained, so that scoring and
+/// evaluation use the same sequence length and know each prompt type's utility.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct RcxMeta {
-    max_length: usize,
-    loss: String,
+pub struct ModelMeta {
+    pub max_length: usize,
+    /// The loss name as `LossSpec::parse` reads it.
+    pub loss: String,
+    pub eps: f64,
 }
 
 fn to_hf(cfg: &BertConfig) -> HfBertConfig {
@@ -149,17 +152,19 @@ pub fn model_for_training(cfg: &Config) -> Result<(BertModel<f32>, Tokenizer, Pa
     Ok((model, tok, vocab))
 }
 
-/// A model folder written by rcx (or any HF BERT folder) with its tokenizer and the
-/// max_length it was trained with (512 when unknown).
-pub fn load_for_scoring(dir: &Path) -> Result<(BertModel<f32>, Tokenizer, usize)> {
+/// A model folder written by rcx (or any HF BERT folder) with its tokenizer and its
+/// `rcx.json` notes, when it has them.
+pub fn load_for_scoring(dir: &Path) -> Result<(BertModel<f32>, Tokenizer, Option<ModelMeta>)> {
     let model = load_model_dir(dir, 0)?;
     let tok = Tokenizer::from_vocab_file(&crate::train::vocab_path(Some(dir)))?;
-    let max_length = fs::read_to_string(dir.join("rcx.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<RcxMeta>(&s).ok())
-        .map_or(512, |m| m.max_length);
-    let max_length = max_length.min(model.config.max_position_embeddings);
-    Ok((model, tok, max_length))
+    let meta_path = dir.join("rcx.json");
+    let meta = match fs::read_to_string(&meta_path) {
+        Ok(text) => Some(serde_json::from_str::<ModelMeta>(&text).map_err(|e| {
+            Error::user(format!("{}:{}: {e}", meta_path.display(), e.line()))
+        })?),
+        Err(_) => None,
+    };
+    Ok((model, tok, meta))
 }
 
 /// Creates the output folder and checks that it can be written.
@@ -269,9 +274,10 @@ fn write_model_files(
     if tok_vocab != vocab {
         fs::copy(tok_vocab, &vocab).map_err(|e| Error::io(&vocab, e))?;
     }
-    let meta = RcxMeta {
+    let meta = ModelMeta {
         max_length: cfg.max_length,
         loss: cfg.loss_name.clone(),
+        eps: cfg.eps,
     };
     let meta_path = dir.join("rcx.json");
     fs::write(

@@ -21,6 +21,8 @@ pub enum Command {
     Train(crate::train::TrainArgs),
     /// Score every completion of a ranking file with a trained model.
     Score(crate::eval::ScoreArgs),
+    /// Evaluate a trained model: rewards per prompt type and rank, collapse gap, theory.
+    Eval(crate::eval::EvalArgs),
     /// Validate training config files.
     CheckConfig(crate::config::CheckConfigArgs),
     /// Build ranking data sets.
@@ -33,6 +35,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => crate::train::cmd_train(a),
         Command::Score(a) => crate::eval::cmd_score(a),
+        Command::Eval(a) => crate::eval::cmd_eval(a),
         Command::CheckConfig(a) => crate::config::cmd_check_config(a),
         Command::Data(a) => crate::data::cmd_data(a),
         Command::Tokenize(a) => crate::tokenizer::cmd_tokenize(a),

@@ -1,8 +1,12 @@
 //! Evaluation of a reward model's scores on ranked prompts: pairwise accuracy, the reward
-//! distribution at each completion rank per prompt type, and the collapse gap.
+//! distribution at each completion rank per prompt type, the collapse gap, and the distance
+//! to the theory's prediction. `rcx eval` and `rcx score`.
 
-use crate::loss::{PromptType, TIE_TOLERANCE};
+use crate::error::{Error, Result};
+use crate::loss::{LossSpec, PromptType, TIE_TOLERANCE, Utility};
 use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
 
 /// The scores of one prompt's completions, best first as in the data.
 #[derive(Clone, Debug)]
@@ -38,6 +42,19 @@ pub struct TypeStats {
     /// Rewards by response index as the paper plots them: index 1 = worst (shortest).
     /// Only prompts with the most common K count.
     pub ranks: Vec<RankStats>,
+    /// The theory's optimum for the utility this type is trained with, when known.
+    pub prediction: Option<Prediction>,
+}
+
+/// The optimum of max sum_{i<j} U(r_i - r_j) for K completions, beside the measured means.
+#[derive(Clone, Debug, Serialize)]
+pub struct Prediction {
+    pub utility: String,
+    pub eps: f64,
+    /// Ascending: index 1 = worst, as `ranks`.
+    pub optimum: Vec<f64>,
+    /// Mean over response indices of |mean reward - optimum|.
+    pub distance: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -134,11 +151,20 @@ fn type_stats(name: &'static str, scores: &[&PromptScores]) -> TypeStats {
         wrong_rate: ratio(counts[2] - counts[0] - counts[1], counts[2]),
         cross_half_accuracy: ratio(counts[3], counts[4]),
         ranks,
+        prediction: None,
     }
 }
 
-/// Summarises the scores of an evaluation set.
-pub fn summarize(scores: &[PromptScores]) -> EvalReport {
+fn prediction(utility: Utility, eps: f64, ranks: &[RankStats]) -> Result<Prediction> {
+    let optimum = crate::theory::solve(&utility, eps, ranks.len())?;
+    let distance = ranks.iter().zip(&optimum).map(|(r, o)| (r.mean - o).abs()).sum::<f64>()
+        / ranks.len() as f64;
+    Ok(Prediction { utility: utility.name(), eps, optimum, distance })
+}
+
+/// Summarises the scores of an evaluation set. With the loss the model was trained with
+/// (and its eps), each prompt type's rewards are compared with the theory's optimum.
+pub fn summarize(scores: &[PromptScores], loss: Option<(&LossSpec, f64)>) -> Result<EvalReport> {
     let mut by_type = Vec::new();
     for (name, ty) in [
         ("open", Some(PromptType::Open)),
@@ -147,7 +173,14 @@ pub fn summarize(scores: &[PromptScores]) -> EvalReport {
     ] {
         let group: Vec<&PromptScores> = scores.iter().filter(|s| s.prompt_type == ty).collect();
         if !group.is_empty() {
-            by_type.push(type_stats(name, &group));
+            let mut stats = type_stats(name, &group);
+            let utility = loss.and_then(|(spec, eps)| Some((spec.utility_for(ty)?, eps)));
+            if let Some((utility, eps)) = utility {
+                if stats.ranks.len() >= 2 {
+                    stats.prediction = Some(prediction(utility, eps, &stats.ranks)?);
+                }
+            }
+            by_type.push(stats);
         }
     }
     let all: Vec<&PromptScores> = scores.iter().collect();
@@ -169,13 +202,65 @@ pub fn summarize(scores: &[PromptScores]) -> EvalReport {
         }
         _ => None,
     };
-    EvalReport {
+    Ok(EvalReport {
         prompts: scores.len(),
         pairwise_accuracy: overall.pairwise_accuracy,
         tie_rate: overall.tie_rate,
         by_type,
         collapse_gap,
+    })
+}
+
+/// The report as a table for people.
+pub fn report_table(r: &EvalReport) -> String {
+    let mut s = String::new();
+    s += &format!(
+        "{} prompts   pairwise accuracy {:.4}   ties {:.4}",
+        r.prompts, r.pairwise_accuracy, r.tie_rate
+    );
+    if let Some(gap) = r.collapse_gap {
+        s += &format!("   collapse gap {gap:.4}");
     }
+    s += "\n\ntype     prompts  accuracy  ties    wrong   long-vs-short  utility      dist-to-pred\n";
+    for t in &r.by_type {
+        let (utility, dist) = match &t.prediction {
+            Some(p) => (format!("{} (eps {})", p.utility, p.eps), format!("{:.4}", p.distance)),
+            None => ("-".into(), "-".into()),
+        };
+        s += &format!(
+            "{:<8} {:>7}  {:>8.4}  {:.4}  {:.4}  {:>13.4}  {:<12} {}\n",
+            t.prompt_type,
+            t.prompts,
+            t.pairwise_accuracy,
+            t.tie_rate,
+            t.wrong_rate,
+            t.cross_half_accuracy,
+            utility,
+            dist
+        );
+    }
+    for t in &r.by_type {
+        s += &format!(
+            "\n{}: reward by response index (1 = worst)\nindex  mean    std     p10     p90     optimum\n",
+            t.prompt_type
+        );
+        for (i, rank) in t.ranks.iter().enumerate() {
+            let optimum = t
+                .prediction
+                .as_ref()
+                .map_or("-".to_string(), |p| format!("{:.4}", p.optimum[i]));
+            s += &format!(
+                "{:>5}  {:.4}  {:.4}  {:.4}  {:.4}  {}\n",
+                i + 1,
+                rank.mean,
+                rank.std,
+                rank.p10,
+                rank.p90,
+                optimum
+            );
+        }
+    }
+    s
 }
 
 /// `rcx score`: one JSON line per completion of a ranking file.
@@ -200,10 +285,20 @@ struct ScoreLine {
     reward: f64,
 }
 
-pub fn cmd_score(args: ScoreArgs) -> crate::error::Result<()> {
-    use std::io::Write;
-    let (model, tok, trained_length) = crate::checkpoint::load_for_scoring(&args.model)?;
-    let max_length = args.max_length.unwrap_or(trained_length);
+/// The sequence length for scoring: asked, else the training one, else 512; never more
+/// than the model's positions.
+fn scoring_length(
+    asked: Option<usize>,
+    meta: Option<&crate::checkpoint::ModelMeta>,
+    positions: usize,
+) -> usize {
+    asked.or(meta.map(|m| m.max_length)).unwrap_or(512).min(positions)
+}
+
+pub fn cmd_score(args: ScoreArgs) -> Result<()> {
+    let (model, tok, meta) = crate::checkpoint::load_for_scoring(&args.model)?;
+    let max_length =
+        scoring_length(args.max_length, meta.as_ref(), model.config.max_position_embeddings);
     let set = crate::train::PromptSet::open(std::slice::from_ref(&args.data), &tok, max_length)?;
     let mut ws = crate::model::Workspace::new();
     let (_, logits, _) =
@@ -220,12 +315,65 @@ pub fn cmd_score(args: ScoreArgs) -> crate::error::Result<()> {
                 logit,
                 reward: crate::loss::sigmoid(logit as f64),
             };
-            let text = serde_json::to_string(&line)
-                .map_err(|e| crate::error::Error::internal(e.to_string()))?;
-            writeln!(out, "{text}")
-                .map_err(|e| crate::error::Error::internal(format!("stdout: {e}")))?;
+            let text = serde_json::to_string(&line).map_err(|e| Error::internal(e.to_string()))?;
+            writeln!(out, "{text}").map_err(|e| Error::internal(format!("stdout: {e}")))?;
         }
     }
-    out.flush()
-        .map_err(|e| crate::error::Error::internal(format!("stdout: {e}")))
+    out.flush().map_err(|e| Error::internal(format!("stdout: {e}")))
+}
+
+/// `rcx eval`: the reward distribution per prompt type and rank, accuracy, collapse gap
+/// and distance to the theory's prediction, as a table or JSON.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// A model folder written by `rcx train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A ranking JSON-lines file (default: the shipped set's eval split).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The loss whose optimum to compare with (default: the one the model was trained with).
+    #[arg(long)]
+    pub loss: Option<String>,
+    /// The shift eps of the extended utilities (default: the training value).
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// Token limit per sequence (default: the model's training max_length).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn cmd_eval(args: EvalArgs) -> Result<()> {
+    let (model, tok, meta) = crate::checkpoint::load_for_scoring(&args.model)?;
+    let max_length =
+        scoring_length(args.max_length, meta.as_ref(), model.config.max_position_embeddings);
+    let data = match args.data {
+        Some(path) => path,
+        None => crate::data::resolve_dataset(crate::data::SHIPPED_SET, true)
+            .ok_or_else(|| Error::internal("the shipped eval split does not resolve"))?,
+    };
+    let loss_name = args.loss.or(meta.as_ref().map(|m| m.loss.clone()));
+    let spec = loss_name.as_deref().map(LossSpec::parse).transpose()?;
+    let eps = args.eps.or(meta.as_ref().map(|m| m.eps)).unwrap_or(0.1);
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::user(format!("--eps must be a number >= 0, got {eps}")));
+    }
+    let set = crate::train::PromptSet::open(std::slice::from_ref(&data), &tok, max_length)?;
+    let mut ws = crate::model::Workspace::new();
+    let (scores, _, _) =
+        crate::train::score_set(&model, &mut ws, &set, None, 8, tok.pad_id(), |_, _, _| {
+            Ok(0.0)
+        })?;
+    let report = summarize(&scores, spec.as_ref().map(|s| (s, eps)))?;
+    if args.json {
+        let text = serde_json::to_string(&report).map_err(|e| Error::internal(e.to_string()))?;
+        println!("{text}");
+    } else {
+        println!("rcx eval: {} on {}", args.model.display(), data.display());
+        print!("{}", report_table(&report));
+    }
+    Ok(())
 }

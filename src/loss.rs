@@ -154,9 +154,20 @@ pub enum LossSpec {
 }
 
 impl LossSpec {
-    /// Parses a loss name: any utility name, or `adaptive` (open: x_inv, closed: x) and
-    /// `adaptive2` (open: x_inv2, closed: x2).
+    /// Parses a loss name: any utility name, `adaptive` (open: x_inv, closed: x),
+    /// `adaptive2` (open: x_inv2, closed: x2), or `open=UTILITY,closed=UTILITY` (the name
+    /// the config gives a mapping).
     pub fn parse(name: &str) -> Result<LossSpec> {
+        if let Some((open, closed)) = name
+            .trim()
+            .strip_prefix("open=")
+            .and_then(|rest| rest.split_once(",closed="))
+        {
+            return Ok(LossSpec::PromptAware {
+                open: Utility::parse(open)?,
+                closed: Utility::parse(closed)?,
+            });
+        }
         match name.trim() {
             "adaptive" => Ok(LossSpec::PromptAware {
                 open: Utility::XInv,

@@ -394,7 +394,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
                 pad_id,
                 eval_loss,
             )?;
-            let report = summarize(&scores);
+            let report = summarize(&scores, Some((&cfg.loss, cfg.eps)))?;
             let line = MetricsLine {
                 step: done,
                 train_loss: step_loss,
