@@ -16,8 +16,13 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// The optimal rewards of the theory for n ranked completions, and their limit.
+    Theory(crate::theory::TheoryArgs),
+}
 
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {}
+    match cli.command {
+        Command::Theory(a) => crate::theory::cmd_theory(a),
+    }
 }
