@@ -512,7 +512,7 @@ fn tick_text(value: f64, ticks: &[f64]) -> String {
         .map(|w| (w[1] - w[0]).abs())
         .fold(f64::INFINITY, f64::min);
     let decimals = if spacing.is_finite() && spacing > 0.0 {
-        (-spacing.log10() + 1e-9).ceil().clamp(0.0, 6.0) as usize
+        (-spacing.log10() - 1e-9).ceil().clamp(0.0, 6.0) as usize
     } else {
         2
     };

@@ -25,7 +25,7 @@ enum Shape {
 fn shape(utility: &Utility) -> Shape {
     match *utility {
         Utility::X => Shape::Linear,
-        Utility::Power(g) if g == 1.0 => Shape::Linear,
+        Utility::Power(1.0) => Shape::Linear,
         Utility::X2 => Shape::Convex,
         Utility::Power(g) if g > 1.0 => Shape::Convex,
         _ => Shape::StrictlyConcave,
@@ -242,7 +242,7 @@ fn cholesky(a: &mut [f64], d: usize) -> bool {
         for p in 0..j {
             diag -= a[j * d + p] * a[j * d + p];
         }
-        if !(diag > 0.0) {
+        if diag.is_nan() || diag <= 0.0 {
             return false;
         }
         let diag = diag.sqrt();
@@ -317,6 +317,7 @@ fn solve_concave(utility: &Utility, eps: f64, n: usize) -> Result<Vec<f64>> {
         vec![1.0 / m as f64; h] // [h] uniform gaps
     };
     let mut tables = PairTables::new(n);
+    let mut previous_move = f64::INFINITY;
     let dot = |a: &[f64], c: &[f64]| a.iter().zip(c).map(|(x, y)| x * y).sum::<f64>();
 
     const MAX_ITERATIONS: usize = 500;
@@ -391,8 +392,11 @@ fn solve_concave(utility: &Utility, eps: f64, n: usize) -> Result<Vec<f64>> {
         let step_b: f64 = -(0..b).map(|k| ratio(k) * full_step[k]).sum::<f64>();
         let reward_move =
             (0..b).map(|k| weight[k] * full_step[k].abs()).sum::<f64>() + weight[b] * step_b.abs();
-        // Rounding in the gradient (sums of ~n^2/2 slopes) stalls the step near 1e-10.
-        if reward_move < 1e-9 {
+        // Newton's steps shrink quadratically until rounding in the gradient (sums of ~n^2/2
+        // slopes) stalls them, near 1e-10 at n = 1000: stop at 1e-13 or at a stall below 1e-8.
+        let stalled = reward_move < 1e-8 && reward_move > 0.25 * previous_move;
+        previous_move = reward_move;
+        if reward_move < 1e-13 || stalled {
             let total: f64 = dot(&e, &weight);
             let gaps: Vec<f64> = unfold(&e).iter().map(|d| d / total).collect();
             return Ok(rewards_from_gaps(&gaps));
@@ -486,7 +490,7 @@ pub fn kkt_residual(utility: &Utility, eps: f64, rewards: &[f64]) -> f64 {
         .map(|k| grad[k])
         .collect();
     let lambda = open.iter().sum::<f64>() / open.len() as f64;
-    if !(lambda > 0.0) {
+    if lambda.is_nan() || lambda <= 0.0 {
         return f64::INFINITY;
     }
     let mut worst: f64 = 0.0;
