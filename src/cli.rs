@@ -25,6 +25,8 @@ pub enum Command {
     Eval(crate::eval::EvalArgs),
     /// Validate training config files.
     CheckConfig(crate::config::CheckConfigArgs),
+    /// Solve the theory's reward optimum for a utility, and compare it with its limit.
+    Theory(crate::theory::TheoryArgs),
     /// Build ranking data sets.
     Data(crate::data::DataArgs),
     /// Tokenize a text (or a pair) as BERT's uncased WordPiece.
@@ -37,6 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => crate::eval::cmd_score(a),
         Command::Eval(a) => crate::eval::cmd_eval(a),
         Command::CheckConfig(a) => crate::config::cmd_check_config(a),
+        Command::Theory(a) => crate::theory::cmd_theory(a),
         Command::Data(a) => crate::data::cmd_data(a),
         Command::Tokenize(a) => crate::tokenizer::cmd_tokenize(a),
     }
