@@ -159,9 +159,10 @@ pub fn load_for_scoring(dir: &Path) -> Result<(BertModel<f32>, Tokenizer, Option
     let tok = Tokenizer::from_vocab_file(&crate::train::vocab_path(Some(dir)))?;
     let meta_path = dir.join("rcx.json");
     let meta = match fs::read_to_string(&meta_path) {
-        Ok(text) => Some(serde_json::from_str::<ModelMeta>(&text).map_err(|e| {
-            Error::user(format!("{}:{}: {e}", meta_path.display(), e.line()))
-        })?),
+        Ok(text) => Some(
+            serde_json::from_str::<ModelMeta>(&text)
+                .map_err(|e| Error::user(format!("{}:{}: {e}", meta_path.display(), e.line())))?,
+        ),
         Err(_) => None,
     };
     Ok((model, tok, meta))

@@ -157,9 +157,18 @@ fn type_stats(name: &'static str, scores: &[&PromptScores]) -> TypeStats {
 
 fn prediction(utility: Utility, eps: f64, ranks: &[RankStats]) -> Result<Prediction> {
     let optimum = crate::theory::solve(&utility, eps, ranks.len())?;
-    let distance = ranks.iter().zip(&optimum).map(|(r, o)| (r.mean - o).abs()).sum::<f64>()
+    let distance = ranks
+        .iter()
+        .zip(&optimum)
+        .map(|(r, o)| (r.mean - o).abs())
+        .sum::<f64>()
         / ranks.len() as f64;
-    Ok(Prediction { utility: utility.name(), eps, optimum, distance })
+    Ok(Prediction {
+        utility: utility.name(),
+        eps,
+        optimum,
+        distance,
+    })
 }
 
 /// Summarises the scores of an evaluation set. With the loss the model was trained with
@@ -175,10 +184,8 @@ pub fn summarize(scores: &[PromptScores], loss: Option<(&LossSpec, f64)>) -> Res
         if !group.is_empty() {
             let mut stats = type_stats(name, &group);
             let utility = loss.and_then(|(spec, eps)| Some((spec.utility_for(ty)?, eps)));
-            if let Some((utility, eps)) = utility {
-                if stats.ranks.len() >= 2 {
-                    stats.prediction = Some(prediction(utility, eps, &stats.ranks)?);
-                }
+            if let Some((utility, eps)) = utility.filter(|_| stats.ranks.len() >= 2) {
+                stats.prediction = Some(prediction(utility, eps, &stats.ranks)?);
             }
             by_type.push(stats);
         }
@@ -221,14 +228,17 @@ pub fn report_table(r: &EvalReport) -> String {
     if let Some(gap) = r.collapse_gap {
         s += &format!("   collapse gap {gap:.4}");
     }
-    s += "\n\ntype     prompts  accuracy  ties    wrong   long-vs-short  utility      dist-to-pred\n";
+    s += "\n\ntype     prompts  accuracy  ties    wrong   long-vs-short  utility          dist-to-pred\n";
     for t in &r.by_type {
         let (utility, dist) = match &t.prediction {
-            Some(p) => (format!("{} (eps {})", p.utility, p.eps), format!("{:.4}", p.distance)),
+            Some(p) => (
+                format!("{} (eps {})", p.utility, p.eps),
+                format!("{:.4}", p.distance),
+            ),
             None => ("-".into(), "-".into()),
         };
         s += &format!(
-            "{:<8} {:>7}  {:>8.4}  {:.4}  {:.4}  {:>13.4}  {:<12} {}\n",
+            "{:<8} {:>7}  {:>8.4}  {:.4}  {:.4}  {:>13.4}  {:<16} {}\n",
             t.prompt_type,
             t.prompts,
             t.pairwise_accuracy,
@@ -292,13 +302,19 @@ fn scoring_length(
     meta: Option<&crate::checkpoint::ModelMeta>,
     positions: usize,
 ) -> usize {
-    asked.or(meta.map(|m| m.max_length)).unwrap_or(512).min(positions)
+    asked
+        .or(meta.map(|m| m.max_length))
+        .unwrap_or(512)
+        .min(positions)
 }
 
 pub fn cmd_score(args: ScoreArgs) -> Result<()> {
     let (model, tok, meta) = crate::checkpoint::load_for_scoring(&args.model)?;
-    let max_length =
-        scoring_length(args.max_length, meta.as_ref(), model.config.max_position_embeddings);
+    let max_length = scoring_length(
+        args.max_length,
+        meta.as_ref(),
+        model.config.max_position_embeddings,
+    );
     let set = crate::train::PromptSet::open(std::slice::from_ref(&args.data), &tok, max_length)?;
     let mut ws = crate::model::Workspace::new();
     let (_, logits, _) =
@@ -319,7 +335,8 @@ pub fn cmd_score(args: ScoreArgs) -> Result<()> {
             writeln!(out, "{text}").map_err(|e| Error::internal(format!("stdout: {e}")))?;
         }
     }
-    out.flush().map_err(|e| Error::internal(format!("stdout: {e}")))
+    out.flush()
+        .map_err(|e| Error::internal(format!("stdout: {e}")))
 }
 
 /// `rcx eval`: the reward distribution per prompt type and rank, accuracy, collapse gap
@@ -348,8 +365,11 @@ pub struct EvalArgs {
 
 pub fn cmd_eval(args: EvalArgs) -> Result<()> {
     let (model, tok, meta) = crate::checkpoint::load_for_scoring(&args.model)?;
-    let max_length =
-        scoring_length(args.max_length, meta.as_ref(), model.config.max_position_embeddings);
+    let max_length = scoring_length(
+        args.max_length,
+        meta.as_ref(),
+        model.config.max_position_embeddings,
+    );
     let data = match args.data {
         Some(path) => path,
         None => crate::data::resolve_dataset(crate::data::SHIPPED_SET, true)
@@ -359,7 +379,9 @@ pub fn cmd_eval(args: EvalArgs) -> Result<()> {
     let spec = loss_name.as_deref().map(LossSpec::parse).transpose()?;
     let eps = args.eps.or(meta.as_ref().map(|m| m.eps)).unwrap_or(0.1);
     if !(eps.is_finite() && eps >= 0.0) {
-        return Err(Error::user(format!("--eps must be a number >= 0, got {eps}")));
+        return Err(Error::user(format!(
+            "--eps must be a number >= 0, got {eps}"
+        )));
     }
     let set = crate::train::PromptSet::open(std::slice::from_ref(&data), &tok, max_length)?;
     let mut ws = crate::model::Workspace::new();
