@@ -48,9 +48,9 @@ fn config(dir: &Path, name: &str, overrides: &[(&str, &str)]) -> (PathBuf, PathB
         ("warmup_ratio", "0.1".to_string()),
         ("per_device_train_batch_size", "4".to_string()),
         ("max_length", "48".to_string()),
-        ("max_steps", "40".to_string()),
+        ("max_steps", "20".to_string()),
         ("eval_steps", "5".to_string()),
-        ("save_steps", "20".to_string()),
+        ("save_steps", "10".to_string()),
         ("seed", "1".to_string()),
     ]
     .into_iter()
@@ -127,7 +127,7 @@ fn x_inv_learns_the_length_ranking() {
     train(&cfg, &[]);
     let lines = metrics(&out);
     let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
-    assert_eq!(steps, (1..=8).map(|i| 5 * i).collect::<Vec<u64>>());
+    assert_eq!(steps, [5, 10, 15, 20]);
     let first = lines[0]["eval_loss"].as_f64().unwrap();
     let last = lines.last().unwrap()["eval_loss"].as_f64().unwrap();
     // x_inv's pair loss is 0 for tied rewards and -9.09 for a perfect 1-vs-0 pair; an
@@ -147,13 +147,13 @@ fn x_inv_learns_the_length_ranking() {
         );
     }
     // Two newest checkpoints kept; each is complete.
-    assert_eq!(checkpoint_names(&out), ["checkpoint-20", "checkpoint-40"]);
+    assert_eq!(checkpoint_names(&out), ["checkpoint-10", "checkpoint-20"]);
     for file in [
         "model.safetensors",
         "optimizer.safetensors",
         "trainer_state.json",
     ] {
-        assert!(out.join("checkpoint-40").join(file).is_file());
+        assert!(out.join("checkpoint-20").join(file).is_file());
     }
 }
 
@@ -203,23 +203,20 @@ fn stop_and_resume_matches_an_uninterrupted_run_bit_for_bit() {
     let (ma, mb) = (metrics(&out_a), metrics(&out_b));
     assert_eq!(ma.len(), 6);
     assert_eq!(ma, mb);
-}
 
-#[test]
-fn resume_from_an_older_checkpoint_rewrites_the_later_metrics() {
     // A run killed after its step-6 evaluation but before any save past checkpoint-4:
     // resuming from 4 computes steps 5 and 6 again; metrics.jsonl must not list them twice.
-    let dir = scratch("resume-older");
-    let (cfg_a, out_a) = config(&dir, "a", RESUME_KEYS);
-    let (cfg_b, out_b) = config(&dir, "b", RESUME_KEYS);
-    train(&cfg_a, &[]);
-    train(&cfg_b, &["--stop-at", "6"]);
-    std::fs::remove_dir_all(out_b.join("checkpoint-6")).unwrap();
-    let before = metrics(&out_b);
-    assert_eq!(before.len(), 3, "evaluations at 2, 4 and 6 before the kill");
-    train(&cfg_b, &["--resume"]);
-    assert_eq!(metrics(&out_a), metrics(&out_b));
-    assert!(read(&out_a.join("model.safetensors")) == read(&out_b.join("model.safetensors")));
+    let (cfg_c, out_c) = config(&dir, "c", RESUME_KEYS);
+    train(&cfg_c, &["--stop-at", "6"]);
+    std::fs::remove_dir_all(out_c.join("checkpoint-6")).unwrap();
+    assert_eq!(
+        metrics(&out_c).len(),
+        3,
+        "evaluations at 2, 4 and 6 before the kill"
+    );
+    train(&cfg_c, &["--resume"]);
+    assert_eq!(metrics(&out_c), ma);
+    assert!(read(&out_c.join("model.safetensors")) == read(&out_a.join("model.safetensors")));
 }
 
 #[test]
