@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hf_config::{HfBertConfig, read_hf_config, write_hf_config};
 use crate::model::{BertConfig, BertModel, ParamLayout};
-use crate::safetensors::{SafeTensors, write_f32};
+use crate::safetensors::{SafeTensors, write_atomic, write_f32};
 use crate::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -49,6 +49,11 @@ fn to_hf(cfg: &BertConfig) -> HfBertConfig {
     }
 }
 
+/// The f64 of an f32's shortest decimal (what Python reads from the same config.json).
+fn widen(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
 fn from_hf(hf: &HfBertConfig) -> BertConfig {
     BertConfig {
         vocab_size: hf.vocab_size,
@@ -58,10 +63,12 @@ fn from_hf(hf: &HfBertConfig) -> BertConfig {
         intermediate_size: hf.intermediate_size,
         max_position_embeddings: hf.max_position_embeddings,
         type_vocab_size: hf.type_vocab_size,
-        // Read as f32 by the config reader; 1e-12 and 1e-5 survive the round trip.
-        layer_norm_eps: hf.layer_norm_eps as f64,
-        hidden_dropout_prob: hf.hidden_dropout_prob as f64,
-        attention_probs_dropout_prob: hf.attention_probs_dropout_prob as f64,
+        // Read as f32 by the config reader: widened through their shortest decimals, so
+        // that 1e-12 and 0.1 come back as the f64 values written (`as f64` would give
+        // 9.99e-13, and a resumed run would find its checkpoint's architecture changed).
+        layer_norm_eps: widen(hf.layer_norm_eps),
+        hidden_dropout_prob: widen(hf.hidden_dropout_prob),
+        attention_probs_dropout_prob: widen(hf.attention_probs_dropout_prob),
         pad_token_id: 0,
     }
 }
@@ -233,6 +240,32 @@ pub fn append_metrics<T: Serialize>(dir: &Path, line: &T) -> Result<()> {
         .open(&path)
         .map_err(|e| Error::io(&path, e))?;
     writeln!(file, "{text}").map_err(|e| Error::io(&path, e))
+}
+
+/// On resume from checkpoint `step`, drops the metrics lines of later steps: the resumed
+/// run evaluates them again, and they would otherwise appear twice. A line that does not
+/// parse (torn by a kill while it was written) goes too.
+pub fn truncate_metrics(dir: &Path, step: usize) -> Result<()> {
+    let path = dir.join("metrics.jsonl");
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                .is_some_and(|s| s <= step as u64)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    if kept.len() != text.len() {
+        write_atomic(&path, kept.as_bytes())?;
+    }
+    Ok(())
 }
 
 fn tensor_list<'a>(

@@ -7,7 +7,7 @@
 
 use crate::backend::cpu::{adamw_update, global_norm_squared};
 use crate::checkpoint::{self, TrainState};
-use crate::config::{Config, Scheduler};
+use crate::config::{Config, DType, Device, Scheduler};
 use crate::data::TokenizedSet;
 use crate::error::{Error, Result};
 use crate::eval::{EvalReport, PromptScores, summarize};
@@ -26,8 +26,8 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in the config's output_dir.
     #[arg(long)]
     pub resume: bool,
-    /// Stop after this optimizer step (the schedule still follows max_steps): for tests of
-    /// resuming and for quick looks.
+    /// Stop after this optimizer step, saving a checkpoint there (the schedule still follows
+    /// max_steps): for tests of resuming and for quick looks.
     #[arg(long)]
     pub stop_at: Option<usize>,
     /// Start again in an output_dir that already holds a run, deleting its checkpoints.
@@ -224,6 +224,33 @@ fn progress(step: usize, max: usize, loss: f64, lr: f64, prompts_per_s: f64, eta
     let _ = std::io::stderr().flush();
 }
 
+/// The training loop runs on the CPU backend only: the CUDA kernels exist and are checked
+/// against their CPU twins, but no training path drives them yet. So `device: cuda` and
+/// `dtype: bf16` (which only a CUDA path could run) are errors, not a silent CPU f32 run;
+/// `device: auto` means the CPU.
+fn check_device(cfg: &Config) -> Result<()> {
+    if cfg.device == Device::Cuda {
+        // Say too whether this machine could run CUDA at all, for when the path exists.
+        let here = match crate::backend::cuda::available() {
+            Ok(()) => "a CUDA device is present".to_string(),
+            Err(why) => why,
+        };
+        return Err(Error::user(format!(
+            "{}: device: cuda: rcx train has no CUDA training path yet, it trains on the CPU \
+             only ({here}); use `device: cpu` or `device: auto`",
+            cfg.path.display()
+        )));
+    }
+    if cfg.dtype == DType::Bf16 {
+        return Err(Error::user(format!(
+            "{}: dtype: bf16 needs the CUDA backend; the CPU backend trains in f32 (use \
+             `dtype: f32`)",
+            cfg.path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Runs `rcx train`.
 pub fn cmd_train(args: TrainArgs) -> Result<()> {
     let cfg = Config::load(&args.config)?;
@@ -244,6 +271,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
         quiet,
     } = opts;
     let started = Instant::now();
+    check_device(cfg)?;
     checkpoint::ensure_writable_dir(&cfg.output_dir)?;
     let (mut model, tok, vocab) = checkpoint::model_for_training(cfg)?;
     let pad_id = tok.pad_id();
@@ -278,6 +306,8 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
                     )));
                 }
                 start_step = state.step;
+                // Evaluations after the checkpoint are about to be run again.
+                checkpoint::truncate_metrics(&cfg.output_dir, start_step)?;
                 if !quiet {
                     eprintln!("resuming from {} (step {})", dir.display(), state.step);
                 }
@@ -409,7 +439,8 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
                 eprintln!("{}", eval_summary_line(done, loss, &report));
             }
         }
-        if done % cfg.save_steps == 0 || done == cfg.max_steps {
+        // Also at --stop-at, so that --resume continues from there and loses nothing.
+        if done % cfg.save_steps == 0 || done == cfg.max_steps || done == end_step {
             let state = TrainState {
                 step: done,
                 seed: cfg.seed,
