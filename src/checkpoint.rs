@@ -208,6 +208,20 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(checkpoints(dir)?.pop().map(|(_, p)| p))
 }
 
+/// Removes what a save killed half-way left behind (`.checkpoint-<step>.tmp/`): never a
+/// checkpoint, only in the way.
+pub fn remove_partial_saves(dir: &Path) -> Result<()> {
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".checkpoint-") && name.ends_with(".tmp") {
+            fs::remove_dir_all(entry.path()).map_err(|e| Error::io(&entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
 /// A fresh run must not silently destroy an earlier one's checkpoints.
 pub fn start_fresh(dir: &Path, overwrite: bool) -> Result<()> {
     let existing = checkpoints(dir)?;

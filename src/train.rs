@@ -322,6 +322,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
     } else {
         checkpoint::start_fresh(&cfg.output_dir, overwrite)?;
     }
+    checkpoint::remove_partial_saves(&cfg.output_dir)?;
 
     let dropout_p = cfg.dropout.unwrap_or(model.config.hidden_dropout_prob);
     let mut ws = Workspace::new();
