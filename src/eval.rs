@@ -317,10 +317,7 @@ pub fn cmd_score(args: ScoreArgs) -> Result<()> {
     );
     let set = crate::train::PromptSet::open(std::slice::from_ref(&args.data), &tok, max_length)?;
     let mut ws = crate::model::Workspace::new();
-    let (_, logits, _) =
-        crate::train::score_set(&model, &mut ws, &set, None, 8, tok.pad_id(), |_, _, _| {
-            Ok(0.0)
-        })?;
+    let logits = crate::train::score_set(&model, &mut ws, &set, None, 8, tok.pad_id())?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     for (prompt_index, prompt) in logits.iter().enumerate() {
@@ -385,10 +382,8 @@ pub fn cmd_eval(args: EvalArgs) -> Result<()> {
     }
     let set = crate::train::PromptSet::open(std::slice::from_ref(&data), &tok, max_length)?;
     let mut ws = crate::model::Workspace::new();
-    let (scores, _, _) =
-        crate::train::score_set(&model, &mut ws, &set, None, 8, tok.pad_id(), |_, _, _| {
-            Ok(0.0)
-        })?;
+    let logits = crate::train::score_set(&model, &mut ws, &set, None, 8, tok.pad_id())?;
+    let scores = crate::train::prompt_scores(&set, &logits);
     let report = summarize(&scores, spec.as_ref().map(|s| (s, eps)))?;
     if args.json {
         let text = serde_json::to_string(&report).map_err(|e| Error::internal(e.to_string()))?;

@@ -11,7 +11,7 @@ use crate::config::{Config, DType, Device, Scheduler};
 use crate::data::TokenizedSet;
 use crate::error::{Error, Result};
 use crate::eval::{EvalReport, PromptScores, summarize};
-use crate::loss::{PromptType, ranking_loss_forward_backward, sigmoid};
+use crate::loss::{PromptType, ranking_loss_forward_backward, ranking_loss_of_rewards, sigmoid};
 use crate::model::{Batch, BertModel, Dropout, Workspace};
 use crate::rng::{Rng, derive_seed};
 use crate::tokenizer::Tokenizer;
@@ -166,8 +166,8 @@ impl DataOrder {
     }
 }
 
-/// Scores every prompt of a set in evaluation mode (no dropout), `prompts_per_batch` at a
-/// time, and returns the scores with the mean pair loss.
+/// The logits of every prompt of a set (the first `limit`), best first per prompt, in
+/// evaluation mode (no dropout), `prompts_per_batch` prompts per forward pass.
 pub fn score_set(
     model: &BertModel<f32>,
     ws: &mut Workspace<f32>,
@@ -175,31 +175,43 @@ pub fn score_set(
     limit: Option<usize>,
     prompts_per_batch: usize,
     pad_id: u32,
-    mut loss_of: impl FnMut(&[f32], &[usize], &[Option<PromptType>]) -> Result<f64>,
-) -> Result<(Vec<PromptScores>, Vec<Vec<f32>>, f64)> {
+) -> Result<Vec<Vec<f32>>> {
     let n = limit.map_or(set.len(), |l| l.min(set.len()));
-    let mut scores = Vec::with_capacity(n);
-    let mut logits_all = Vec::with_capacity(n);
-    let (mut loss_sum, mut pairs) = (0.0, 0usize);
+    let mut all = Vec::with_capacity(n);
     let ids: Vec<usize> = (0..n).collect();
     for chunk in ids.chunks(prompts_per_batch.max(1)) {
-        let (batch, ks, types) = set.batch(chunk, pad_id);
+        let (batch, ks, _) = set.batch(chunk, pad_id);
         let logits = model.forward(ws, &batch, None)?;
-        let chunk_pairs: usize = ks.iter().map(|k| k * (k - 1) / 2).sum();
-        loss_sum += loss_of(logits, &ks, &types)? * chunk_pairs as f64;
-        pairs += chunk_pairs;
         let mut start = 0;
-        for (&k, &ty) in ks.iter().zip(&types) {
-            let l = &logits[start..start + k];
-            scores.push(PromptScores {
-                prompt_type: ty,
-                rewards: l.iter().map(|&s| sigmoid(s as f64)).collect(),
-            });
-            logits_all.push(l.to_vec());
+        for k in ks {
+            all.push(logits[start..start + k].to_vec());
             start += k;
         }
     }
-    Ok((scores, logits_all, loss_sum / pairs.max(1) as f64))
+    Ok(all)
+}
+
+/// Rewards and types of scored prompts, for `eval::summarize`.
+pub fn prompt_scores(set: &PromptSet, logits: &[Vec<f32>]) -> Vec<PromptScores> {
+    logits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| PromptScores {
+            prompt_type: set.prompt_type(i),
+            rewards: l.iter().map(|&s| sigmoid(s as f64)).collect(),
+        })
+        .collect()
+}
+
+/// The mean pair loss over scored prompts, as in training but without dropout.
+fn eval_loss(scores: &[PromptScores], cfg: &Config) -> Result<f64> {
+    let rewards: Vec<f64> = scores
+        .iter()
+        .flat_map(|s| s.rewards.iter().copied())
+        .collect();
+    let ks: Vec<usize> = scores.iter().map(|s| s.rewards.len()).collect();
+    let types: Vec<Option<PromptType>> = scores.iter().map(|s| s.prompt_type).collect();
+    ranking_loss_of_rewards(&rewards, &ks, &types, &cfg.loss, cfg.eps)
 }
 
 /// One line of metrics.jsonl.
@@ -333,10 +345,6 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
     let mut dlogits: Vec<f32> = Vec::new();
     let loop_started = Instant::now();
     let mut recent_loss = 0.0;
-    let eval_loss = |logits: &[f32], ks: &[usize], types: &[Option<PromptType>]| -> Result<f64> {
-        let mut d = vec![0f32; logits.len()];
-        ranking_loss_forward_backward(logits, ks, types, &cfg.loss, cfg.eps, &mut d).map(f64::from)
-    };
 
     for step in start_step..end_step {
         grads.fill(0.0);
@@ -416,15 +424,9 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
             progress(done, cfg.max_steps, recent_loss, lr, rate, eta);
         }
         if done % cfg.eval_steps == 0 || done == cfg.max_steps {
-            let (scores, _, loss) = score_set(
-                &model,
-                &mut ws,
-                &eval_set,
-                cfg.eval_max_prompts,
-                8,
-                pad_id,
-                eval_loss,
-            )?;
+            let logits = score_set(&model, &mut ws, &eval_set, cfg.eval_max_prompts, 8, pad_id)?;
+            let scores = prompt_scores(&eval_set, &logits);
+            let loss = eval_loss(&scores, cfg)?;
             let report = summarize(&scores, Some((&cfg.loss, cfg.eps)))?;
             let line = MetricsLine {
                 step: done,

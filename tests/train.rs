@@ -272,7 +272,10 @@ fn score_prints_the_library_logits_in_file_order() {
     // tokenizer makes of the data file as read here.
     let (model, tok, meta) = load_for_scoring(&out).unwrap();
     let meta = meta.expect("rcx writes rcx.json beside its models");
-    assert_eq!(meta.max_length, 48, "rcx.json carries the training max_length");
+    assert_eq!(
+        meta.max_length, 48,
+        "rcx.json carries the training max_length"
+    );
     assert_eq!(meta.loss, "x_inv");
     let max_length = meta.max_length;
     let mut ws = Workspace::new();
