@@ -15,7 +15,7 @@
 //! Without a GPU every test prints why it was skipped and passes; RCX_REQUIRE_GPU=1 makes a
 //! skip a failure (scripts/gpu-check.sh sets it).
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rcx::backend::cpu::{adamw_update, global_norm_squared};
@@ -97,6 +97,9 @@ fn ranked_batch(seed: u64) -> Ranked {
 
 fn rel_norm_error(gpu: &[f32], cpu: &[f32]) -> f64 {
     assert_eq!(gpu.len(), cpu.len());
+    if gpu.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
     let diff: f64 = gpu
         .iter()
         .zip(cpu)
@@ -191,30 +194,18 @@ fn cpu_adamw(
     norm
 }
 
-/// Every gradient tensor by name, norm-relative.
+/// Every gradient tensor by name, norm-relative (an all-zero CPU tensor fails: each one
+/// must be exercised), and the padding row exactly zero.
 fn check_gradients(gpu: &[f32], cpu: &[f32], model: &BertModel<f32>) {
-    let mut checked = 0;
     for spec in &model.layout.tensors {
         let r = spec.range();
-        let (g, c) = (&gpu[r.clone()], &cpu[r]);
-        if c.iter().all(|&x| x == 0.0) {
-            // Only the padding row's table parts, never a whole tensor here.
-            assert!(g.iter().all(|&x| x == 0.0), "{}: gpu not zero", spec.name);
-            continue;
-        }
-        let err = rel_norm_error(g, c);
+        let err = rel_norm_error(&gpu[r.clone()], &cpu[r]);
         assert!(
-            err <= 1e-3 && g.iter().all(|x| x.is_finite()),
+            err <= 1e-3,
             "gradient {}: relative error {err:e}",
             spec.name
         );
-        checked += 1;
     }
-    assert_eq!(
-        checked,
-        model.layout.tensors.len(),
-        "a gradient was all zero"
-    );
     let pad = model.config.pad_token_id as usize * model.config.hidden_size;
     assert!(
         gpu[pad..pad + model.config.hidden_size]
@@ -367,7 +358,11 @@ fn tiny_bert_checkpoint_forward_matches_cpu_and_transformers() {
     let Some(rt) = gpu("tiny_bert_checkpoint_forward_matches_cpu_and_transformers") else {
         return;
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    // RCX_ROOT: where the fixtures are when the test executable runs away from its build
+    // tree (scripts/gpu-check.sh on a lent GPU machine).
+    let root = std::env::var_os("RCX_ROOT")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from)
+        .join("tests/fixtures/parity");
     let model = load_model_dir(&root.join("tiny-bert"), 0).unwrap();
     let fixture: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("tiny-bert-logits.json")).unwrap())

@@ -21,7 +21,7 @@ pub fn device(bench: &str) -> Result<Option<Arc<CudaRuntime>>> {
             Ok(Some(Arc::new(rt)))
         }
         Err(why) if std::env::var("RCX_REQUIRE_GPU").is_ok_and(|v| v == "1") => Err(
-            Error::internal(format!("{bench}: RCX_REQUIRE_GPU=1 but no GPU: {why}")),
+            Error::internal(format!("RCX_REQUIRE_GPU=1 but no GPU: {why}")),
         ),
         Err(why) => {
             println!("{bench}: skipped, no GPU: {why}");
