@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::ops::launch_config;
-use super::runtime::{CudaRuntime, check_len, dim, driver};
+use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, check_len, dim, driver};
 use crate::error::{Error, Result};
 use crate::loss::{LossSpec, PromptType, Utility};
 
@@ -89,12 +89,14 @@ impl CudaRuntime {
     /// small copy to the host). eps > 0 is the utilities' shift.
     pub fn ranking_loss_forward_backward(
         &self,
-        dlogits: &mut CudaSlice<f32>,
-        logits: &CudaSlice<f32>,
+        dlogits: &mut impl DeviceWrite<f32>,
+        logits: &impl DeviceRead<f32>,
         batch: &RankingBatch,
         eps: f64,
     ) -> Result<f64> {
         let op = "ranking_loss_forward_backward";
+        let dlogits = &mut dlogits.view_mut();
+        let logits = &logits.view();
         check_len(op, "logits", logits.len(), batch.completions)?;
         check_len(op, "dlogits", dlogits.len(), batch.completions)?;
         if !(eps.is_finite() && eps > 0.0) {

@@ -5,10 +5,12 @@
 use cudarc::cublas::Gemm;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{GemmConfig, sys::cublasOperation_t};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
 use super::ops::launch_config;
-use super::runtime::{Activation, CudaRuntime, blocks, check_len, dim, driver};
+use super::runtime::{
+    Activation, CudaRuntime, DeviceRead, DeviceWrite, blocks, check_len, dim, driver,
+};
 use crate::error::Result;
 
 const THREADS: usize = 256;
@@ -17,12 +19,14 @@ impl CudaRuntime {
     /// out[n, oc] = bias[oc] on every row.
     pub fn bias_broadcast_forward<T: Activation>(
         &self,
-        out: &mut CudaSlice<T>,
-        bias: &CudaSlice<f32>,
+        out: &mut impl DeviceWrite<T>,
+        bias: &impl DeviceRead<f32>,
         n: usize,
         oc: usize,
     ) -> Result<()> {
         let op = "bias_broadcast_forward";
+        let out = &mut out.view_mut();
+        let bias = &bias.view();
         check_len(op, "out", out.len(), n * oc)?;
         check_len(op, "bias", bias.len(), oc)?;
         if out.is_empty() {
@@ -40,12 +44,14 @@ impl CudaRuntime {
     /// dbias[oc] += column sums of dout[n, oc] (deterministic, no atomics).
     pub fn bias_backward<T: Activation>(
         &self,
-        dbias: &mut CudaSlice<f32>,
-        dout: &CudaSlice<T>,
+        dbias: &mut impl DeviceWrite<f32>,
+        dout: &impl DeviceRead<T>,
         n: usize,
         oc: usize,
     ) -> Result<()> {
         let op = "bias_backward";
+        let dbias = &mut dbias.view_mut();
+        let dout = &dout.view();
         check_len(op, "dbias", dbias.len(), oc)?;
         check_len(op, "dout", dout.len(), n * oc)?;
         if dout.is_empty() {
@@ -64,15 +70,20 @@ impl CudaRuntime {
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_forward(
         &self,
-        out: &mut CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
+        out: &mut impl DeviceWrite<f32>,
+        inp: &impl DeviceRead<f32>,
+        weight: &impl DeviceRead<f32>,
+        bias: Option<&impl DeviceRead<f32>>,
         n: usize,
         c: usize,
         oc: usize,
     ) -> Result<()> {
         let op = "matmul_forward";
+        let out = &mut out.view_mut();
+        let inp = &inp.view();
+        let weight = &weight.view();
+        let bias_view = bias.map(|b| b.view());
+        let bias = bias_view.as_ref();
         check_len(op, "out", out.len(), n * oc)?;
         check_len(op, "inp", inp.len(), n * c)?;
         check_len(op, "weight", weight.len(), oc * c)?;
@@ -106,17 +117,24 @@ impl CudaRuntime {
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_backward(
         &self,
-        dinp: &mut CudaSlice<f32>,
-        dweight: &mut CudaSlice<f32>,
-        dbias: Option<&mut CudaSlice<f32>>,
-        dout: &CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
+        dinp: &mut impl DeviceWrite<f32>,
+        dweight: &mut impl DeviceWrite<f32>,
+        dbias: Option<&mut impl DeviceWrite<f32>>,
+        dout: &impl DeviceRead<f32>,
+        inp: &impl DeviceRead<f32>,
+        weight: &impl DeviceRead<f32>,
         n: usize,
         c: usize,
         oc: usize,
     ) -> Result<()> {
         let op = "matmul_backward";
+        let dinp = &mut dinp.view_mut();
+        let dweight = &mut dweight.view_mut();
+        let dout = &dout.view();
+        let inp = &inp.view();
+        let weight = &weight.view();
+        let mut dbias_view = dbias.map(|d| d.view_mut());
+        let dbias = dbias_view.as_mut();
         check_len(op, "dinp", dinp.len(), n * c)?;
         check_len(op, "dweight", dweight.len(), oc * c)?;
         check_len(op, "dout", dout.len(), n * oc)?;
@@ -164,12 +182,12 @@ impl CudaRuntime {
         op: &str,
         (transa, transb): (cublasOperation_t, cublasOperation_t),
         (m, n, k): (usize, usize, usize),
-        a: &CudaSlice<f32>,
+        a: &CudaView<'_, f32>,
         lda: usize,
-        b: &CudaSlice<f32>,
+        b: &CudaView<'_, f32>,
         ldb: usize,
         beta: f32,
-        c: &mut CudaSlice<f32>,
+        c: &mut CudaViewMut<'_, f32>,
         ldc: usize,
     ) -> Result<()> {
         let cfg = GemmConfig {

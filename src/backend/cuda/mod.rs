@@ -6,12 +6,14 @@
 mod kernels;
 mod loss;
 mod matmul;
+mod model;
 mod ops;
 mod optim;
 mod runtime;
 
 pub use kernels::{KERNEL_IMAGES, KERNELS_BUILT, KERNELS_NOT_BUILT_REASON, KernelImage};
 pub use loss::RankingBatch;
+pub use model::{CudaTrainer, MicroBatch, OptimStep, StepStats, train_step_cuda};
 pub use ops::TokenBatch;
 pub use optim::AdamWStep;
-pub use runtime::{Activation, CudaRuntime, available};
+pub use runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, available};

@@ -4,9 +4,11 @@
 //! `T: Activation` (f32 or bf16), weights and their gradients fp32. Every length is checked
 //! against the shapes before a launch, so a wrong call is an error, never a wild access.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::runtime::{Activation, CudaRuntime, blocks, check_len, dim, driver};
+use super::runtime::{
+    Activation, CudaRuntime, DeviceRead, DeviceWrite, blocks, check_len, dim, driver,
+};
 use crate::error::{Error, Result};
 
 /// Threads per block of the elementwise kernels.
@@ -117,14 +119,18 @@ impl CudaRuntime {
     #[allow(clippy::too_many_arguments)]
     pub fn embedding_forward<T: Activation>(
         &self,
-        out: &mut CudaSlice<T>,
+        out: &mut impl DeviceWrite<T>,
         tokens: &TokenBatch,
-        wte: &CudaSlice<f32>,
-        wpe: &CudaSlice<f32>,
-        wtt: &CudaSlice<f32>,
+        wte: &impl DeviceRead<f32>,
+        wpe: &impl DeviceRead<f32>,
+        wtt: &impl DeviceRead<f32>,
         c: usize,
     ) -> Result<()> {
         let op = "embedding_forward";
+        let out = &mut out.view_mut();
+        let wte = &wte.view();
+        let wpe = &wpe.view();
+        let wtt = &wtt.view();
         let bt = tokens.b * tokens.t;
         check_len(op, "out", out.len(), bt * c)?;
         check_table(op, "wte", wte.len(), c)?;
@@ -163,14 +169,18 @@ impl CudaRuntime {
     /// Deterministic: no atomics (see kernels/embedding.cu).
     pub fn embedding_backward<T: Activation>(
         &self,
-        dwte: &mut CudaSlice<f32>,
-        dwpe: &mut CudaSlice<f32>,
-        dwtt: &mut CudaSlice<f32>,
-        dout: &CudaSlice<T>,
+        dwte: &mut impl DeviceWrite<f32>,
+        dwpe: &mut impl DeviceWrite<f32>,
+        dwtt: &mut impl DeviceWrite<f32>,
+        dout: &impl DeviceRead<T>,
         tokens: &TokenBatch,
         c: usize,
     ) -> Result<()> {
         let op = "embedding_backward";
+        let dwte = &mut dwte.view_mut();
+        let dwpe = &mut dwpe.view_mut();
+        let dwtt = &mut dwtt.view_mut();
+        let dout = &dout.view();
         let (b, t) = (tokens.b, tokens.t);
         check_len(op, "dout", dout.len(), b * t * c)?;
         check_table(op, "dwte", dwte.len(), c)?;
@@ -219,17 +229,23 @@ impl CudaRuntime {
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_forward<T: Activation>(
         &self,
-        out: &mut CudaSlice<T>,
-        mean: &mut CudaSlice<f32>,
-        rstd: &mut CudaSlice<f32>,
-        inp: &CudaSlice<T>,
-        weight: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        out: &mut impl DeviceWrite<T>,
+        mean: &mut impl DeviceWrite<f32>,
+        rstd: &mut impl DeviceWrite<f32>,
+        inp: &impl DeviceRead<T>,
+        weight: &impl DeviceRead<f32>,
+        bias: &impl DeviceRead<f32>,
         n: usize,
         c: usize,
         eps: f64,
     ) -> Result<()> {
         let op = "layernorm_forward";
+        let out = &mut out.view_mut();
+        let mean = &mut mean.view_mut();
+        let rstd = &mut rstd.view_mut();
+        let inp = &inp.view();
+        let weight = &weight.view();
+        let bias = &bias.view();
         check_layernorm(
             op,
             out.len(),
@@ -268,19 +284,27 @@ impl CudaRuntime {
     #[allow(clippy::too_many_arguments)]
     pub fn residual_layernorm_forward<T: Activation>(
         &self,
-        out: &mut CudaSlice<T>,
-        sum: &mut CudaSlice<T>,
-        mean: &mut CudaSlice<f32>,
-        rstd: &mut CudaSlice<f32>,
-        a: &CudaSlice<T>,
-        b: &CudaSlice<T>,
-        weight: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        out: &mut impl DeviceWrite<T>,
+        sum: &mut impl DeviceWrite<T>,
+        mean: &mut impl DeviceWrite<f32>,
+        rstd: &mut impl DeviceWrite<f32>,
+        a: &impl DeviceRead<T>,
+        b: &impl DeviceRead<T>,
+        weight: &impl DeviceRead<f32>,
+        bias: &impl DeviceRead<f32>,
         n: usize,
         c: usize,
         eps: f64,
     ) -> Result<()> {
         let op = "residual_layernorm_forward";
+        let out = &mut out.view_mut();
+        let sum = &mut sum.view_mut();
+        let mean = &mut mean.view_mut();
+        let rstd = &mut rstd.view_mut();
+        let a = &a.view();
+        let b = &b.view();
+        let weight = &weight.view();
+        let bias = &bias.view();
         check_layernorm(
             op,
             out.len(),
@@ -325,18 +349,26 @@ impl CudaRuntime {
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_backward<T: Activation>(
         &self,
-        dinp: &mut CudaSlice<T>,
-        dweight: &mut CudaSlice<f32>,
-        dbias: &mut CudaSlice<f32>,
-        dout: &CudaSlice<T>,
-        inp: &CudaSlice<T>,
-        weight: &CudaSlice<f32>,
-        mean: &CudaSlice<f32>,
-        rstd: &CudaSlice<f32>,
+        dinp: &mut impl DeviceWrite<T>,
+        dweight: &mut impl DeviceWrite<f32>,
+        dbias: &mut impl DeviceWrite<f32>,
+        dout: &impl DeviceRead<T>,
+        inp: &impl DeviceRead<T>,
+        weight: &impl DeviceRead<f32>,
+        mean: &impl DeviceRead<f32>,
+        rstd: &impl DeviceRead<f32>,
         n: usize,
         c: usize,
     ) -> Result<()> {
         let op = "layernorm_backward";
+        let dinp = &mut dinp.view_mut();
+        let dweight = &mut dweight.view_mut();
+        let dbias = &mut dbias.view_mut();
+        let dout = &dout.view();
+        let inp = &inp.view();
+        let weight = &weight.view();
+        let mean = &mean.view();
+        let rstd = &rstd.view();
         check_layernorm(
             op,
             dinp.len(),
@@ -392,13 +424,16 @@ impl CudaRuntime {
     /// out[n, c] = gelu(inp[n, c] + bias[c]), exact erf form.
     pub fn bias_gelu_forward<T: Activation>(
         &self,
-        out: &mut CudaSlice<T>,
-        inp: &CudaSlice<T>,
-        bias: &CudaSlice<f32>,
+        out: &mut impl DeviceWrite<T>,
+        inp: &impl DeviceRead<T>,
+        bias: &impl DeviceRead<f32>,
         n: usize,
         c: usize,
     ) -> Result<()> {
         let op = "bias_gelu_forward";
+        let out = &mut out.view_mut();
+        let inp = &inp.view();
+        let bias = &bias.view();
         check_len(op, "out", out.len(), n * c)?;
         check_len(op, "inp", inp.len(), n * c)?;
         check_len(op, "bias", bias.len(), c)?;
@@ -422,15 +457,20 @@ impl CudaRuntime {
     #[allow(clippy::too_many_arguments)]
     pub fn bias_gelu_backward<T: Activation>(
         &self,
-        dinp: &mut CudaSlice<T>,
-        dbias: &mut CudaSlice<f32>,
-        dout: &CudaSlice<T>,
-        inp: &CudaSlice<T>,
-        bias: &CudaSlice<f32>,
+        dinp: &mut impl DeviceWrite<T>,
+        dbias: &mut impl DeviceWrite<f32>,
+        dout: &impl DeviceRead<T>,
+        inp: &impl DeviceRead<T>,
+        bias: &impl DeviceRead<f32>,
         n: usize,
         c: usize,
     ) -> Result<()> {
         let op = "bias_gelu_backward";
+        let dinp = &mut dinp.view_mut();
+        let dbias = &mut dbias.view_mut();
+        let dout = &dout.view();
+        let inp = &inp.view();
+        let bias = &bias.view();
         check_len(op, "dinp", dinp.len(), n * c)?;
         check_len(op, "dout", dout.len(), n * c)?;
         check_len(op, "inp", inp.len(), n * c)?;
@@ -458,10 +498,12 @@ impl CudaRuntime {
     /// out = tanh(inp), elementwise.
     pub fn tanh_forward<T: Activation>(
         &self,
-        out: &mut CudaSlice<T>,
-        inp: &CudaSlice<T>,
+        out: &mut impl DeviceWrite<T>,
+        inp: &impl DeviceRead<T>,
     ) -> Result<()> {
         let op = "tanh_forward";
+        let out = &mut out.view_mut();
+        let inp = &inp.view();
         check_len(op, "out", out.len(), inp.len())?;
         if out.is_empty() {
             return Ok(());
@@ -482,11 +524,14 @@ impl CudaRuntime {
     /// dinp += dout · (1 - out²), from the saved output.
     pub fn tanh_backward<T: Activation>(
         &self,
-        dinp: &mut CudaSlice<T>,
-        out: &CudaSlice<T>,
-        dout: &CudaSlice<T>,
+        dinp: &mut impl DeviceWrite<T>,
+        out: &impl DeviceRead<T>,
+        dout: &impl DeviceRead<T>,
     ) -> Result<()> {
         let op = "tanh_backward";
+        let dinp = &mut dinp.view_mut();
+        let out = &out.view();
+        let dout = &dout.view();
         check_len(op, "out", out.len(), dinp.len())?;
         check_len(op, "dout", dout.len(), dinp.len())?;
         if dinp.is_empty() {
@@ -509,11 +554,14 @@ impl CudaRuntime {
     /// gradients, which the caller does by accumulating dout where it is needed.)
     pub fn residual_forward<T: Activation>(
         &self,
-        out: &mut CudaSlice<T>,
-        a: &CudaSlice<T>,
-        b: &CudaSlice<T>,
+        out: &mut impl DeviceWrite<T>,
+        a: &impl DeviceRead<T>,
+        b: &impl DeviceRead<T>,
     ) -> Result<()> {
         let op = "residual_forward";
+        let out = &mut out.view_mut();
+        let a = &a.view();
+        let b = &b.view();
         check_len(op, "a", a.len(), out.len())?;
         check_len(op, "b", b.len(), out.len())?;
         if out.is_empty() {
@@ -536,12 +584,14 @@ impl CudaRuntime {
     /// the CPU's `dropout_keep(seed, i, p)` bit for bit. p in [0, 1].
     pub fn dropout_forward<T: Activation>(
         &self,
-        out: &mut CudaSlice<T>,
-        inp: &CudaSlice<T>,
+        out: &mut impl DeviceWrite<T>,
+        inp: &impl DeviceRead<T>,
         p: f64,
         seed: u64,
     ) -> Result<()> {
         let op = "dropout_forward";
+        let out = &mut out.view_mut();
+        let inp = &inp.view();
         check_len(op, "out", out.len(), inp.len())?;
         let scale = dropout_scale(op, p)?;
         if out.is_empty() {
@@ -569,12 +619,14 @@ impl CudaRuntime {
     /// dinp += dout / (1 - p) where element i was kept (same p and seed as the forward).
     pub fn dropout_backward<T: Activation>(
         &self,
-        dinp: &mut CudaSlice<T>,
-        dout: &CudaSlice<T>,
+        dinp: &mut impl DeviceWrite<T>,
+        dout: &impl DeviceRead<T>,
         p: f64,
         seed: u64,
     ) -> Result<()> {
         let op = "dropout_backward";
+        let dinp = &mut dinp.view_mut();
+        let dout = &dout.view();
         check_len(op, "dout", dout.len(), dinp.len())?;
         let scale = dropout_scale(op, p)?;
         if dinp.is_empty() {
@@ -600,8 +652,9 @@ impl CudaRuntime {
     }
 
     /// keep[i] = 1 if element i survives dropout (p, seed), else 0: the mask alone.
-    pub fn dropout_mask(&self, keep: &mut CudaSlice<u8>, p: f64, seed: u64) -> Result<()> {
+    pub fn dropout_mask(&self, keep: &mut impl DeviceWrite<u8>, p: f64, seed: u64) -> Result<()> {
         let op = "dropout_mask";
+        let keep = &mut keep.view_mut();
         dropout_scale(op, p)?;
         if keep.is_empty() {
             return Ok(());
@@ -625,15 +678,21 @@ impl CudaRuntime {
     #[allow(clippy::too_many_arguments)]
     pub fn attention_forward<T: Activation>(
         &self,
-        out: &mut CudaSlice<T>,
-        probs: &mut CudaSlice<f32>,
-        q: &CudaSlice<T>,
-        k: &CudaSlice<T>,
-        v: &CudaSlice<T>,
-        mask: &CudaSlice<u8>,
+        out: &mut impl DeviceWrite<T>,
+        probs: &mut impl DeviceWrite<f32>,
+        q: &impl DeviceRead<T>,
+        k: &impl DeviceRead<T>,
+        v: &impl DeviceRead<T>,
+        mask: &impl DeviceRead<u8>,
         (b, t, nh, hs): (usize, usize, usize, usize),
     ) -> Result<()> {
         let op = "attention_forward";
+        let out = &mut out.view_mut();
+        let probs = &mut probs.view_mut();
+        let q = &q.view();
+        let k = &k.view();
+        let v = &v.view();
+        let mask = &mask.view();
         let act = b * t * nh * hs;
         check_len(op, "out", out.len(), act)?;
         check_len(op, "q", q.len(), act)?;
@@ -667,18 +726,27 @@ impl CudaRuntime {
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward<T: Activation>(
         &self,
-        dq: &mut CudaSlice<T>,
-        dk: &mut CudaSlice<T>,
-        dv: &mut CudaSlice<T>,
-        dscores: &mut CudaSlice<f32>,
-        dout: &CudaSlice<T>,
-        q: &CudaSlice<T>,
-        k: &CudaSlice<T>,
-        v: &CudaSlice<T>,
-        probs: &CudaSlice<f32>,
+        dq: &mut impl DeviceWrite<T>,
+        dk: &mut impl DeviceWrite<T>,
+        dv: &mut impl DeviceWrite<T>,
+        dscores: &mut impl DeviceWrite<f32>,
+        dout: &impl DeviceRead<T>,
+        q: &impl DeviceRead<T>,
+        k: &impl DeviceRead<T>,
+        v: &impl DeviceRead<T>,
+        probs: &impl DeviceRead<f32>,
         (b, t, nh, hs): (usize, usize, usize, usize),
     ) -> Result<()> {
         let op = "attention_backward";
+        let dq = &mut dq.view_mut();
+        let dk = &mut dk.view_mut();
+        let dv = &mut dv.view_mut();
+        let dscores = &mut dscores.view_mut();
+        let dout = &dout.view();
+        let q = &q.view();
+        let k = &k.view();
+        let v = &v.view();
+        let probs = &probs.view();
         let act = b * t * nh * hs;
         for (name, len) in [
             ("dq", dq.len()),
@@ -727,6 +795,7 @@ impl CudaRuntime {
             &format!("attention_backward_key_{}", T::SUFFIX),
         )?;
         let key_threads = hs.div_ceil(32).clamp(1, 8) * 32;
+        let dscores = dscores.as_view();
         let mut launch = self.stream().launch_builder(&key);
         launch
             .arg(dk)
@@ -734,7 +803,7 @@ impl CudaRuntime {
             .arg(dout)
             .arg(q)
             .arg(probs)
-            .arg(&*dscores);
+            .arg(&dscores);
         launch
             .arg(&dims[0])
             .arg(&dims[1])
@@ -748,13 +817,15 @@ impl CudaRuntime {
     /// out[b, c] = inp[b, 0, c] with inp [b, t, c]: the [CLS] position.
     pub fn cls_pool_forward<T: Activation>(
         &self,
-        out: &mut CudaSlice<T>,
-        inp: &CudaSlice<T>,
+        out: &mut impl DeviceWrite<T>,
+        inp: &impl DeviceRead<T>,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
         let op = "cls_pool_forward";
+        let out = &mut out.view_mut();
+        let inp = &inp.view();
         check_len(op, "out", out.len(), b * c)?;
         check_len(op, "inp", inp.len(), b * t * c)?;
         self.pool_launch(op, "cls_pool_forward", out, inp, b, t, c)
@@ -763,13 +834,15 @@ impl CudaRuntime {
     /// dinp[b, 0, c] += dout[b, c]; the other positions get nothing.
     pub fn cls_pool_backward<T: Activation>(
         &self,
-        dinp: &mut CudaSlice<T>,
-        dout: &CudaSlice<T>,
+        dinp: &mut impl DeviceWrite<T>,
+        dout: &impl DeviceRead<T>,
         b: usize,
         t: usize,
         c: usize,
     ) -> Result<()> {
         let op = "cls_pool_backward";
+        let dinp = &mut dinp.view_mut();
+        let dout = &dout.view();
         check_len(op, "dinp", dinp.len(), b * t * c)?;
         check_len(op, "dout", dout.len(), b * c)?;
         self.pool_launch(op, "cls_pool_backward", dinp, dout, b, t, c)
@@ -780,8 +853,8 @@ impl CudaRuntime {
         &self,
         op: &str,
         kernel: &str,
-        written: &mut CudaSlice<T>,
-        read: &CudaSlice<T>,
+        written: &mut CudaViewMut<'_, T>,
+        read: &CudaView<'_, T>,
         b: usize,
         t: usize,
         c: usize,

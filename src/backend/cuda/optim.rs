@@ -3,7 +3,7 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::ops::launch_config;
-use super::runtime::{CudaRuntime, blocks, check_len, driver};
+use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, blocks, check_len, driver};
 use crate::error::{Error, Result};
 
 /// Blocks of the first reduction stage per gradient buffer. Fixed (not per device) so the
@@ -78,13 +78,17 @@ impl CudaRuntime {
     /// One AdamW step on fp32 master weights params, with moments m, v, all [len].
     pub fn adamw_update(
         &self,
-        params: &mut CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
+        params: &mut impl DeviceWrite<f32>,
+        grads: &impl DeviceRead<f32>,
+        m: &mut impl DeviceWrite<f32>,
+        v: &mut impl DeviceWrite<f32>,
         hp: &AdamWStep,
     ) -> Result<()> {
         let op = "adamw_update";
+        let params = &mut params.view_mut();
+        let grads = &grads.view();
+        let m = &mut m.view_mut();
+        let v = &mut v.view_mut();
         let len = params.len();
         check_len(op, "grads", grads.len(), len)?;
         check_len(op, "m", m.len(), len)?;
@@ -107,14 +111,19 @@ impl CudaRuntime {
     /// adamw_update that also writes params_bf16 [len], the bf16 copy a bf16 forward reads.
     pub fn adamw_update_bf16_copy(
         &self,
-        params: &mut CudaSlice<f32>,
-        params_bf16: &mut CudaSlice<half::bf16>,
-        grads: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
+        params: &mut impl DeviceWrite<f32>,
+        params_bf16: &mut impl DeviceWrite<half::bf16>,
+        grads: &impl DeviceRead<f32>,
+        m: &mut impl DeviceWrite<f32>,
+        v: &mut impl DeviceWrite<f32>,
         hp: &AdamWStep,
     ) -> Result<()> {
         let op = "adamw_update_bf16_copy";
+        let params = &mut params.view_mut();
+        let params_bf16 = &mut params_bf16.view_mut();
+        let grads = &grads.view();
+        let m = &mut m.view_mut();
+        let v = &mut v.view_mut();
         let len = params.len();
         check_len(op, "params_bf16", params_bf16.len(), len)?;
         check_len(op, "grads", grads.len(), len)?;

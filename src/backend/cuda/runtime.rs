@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DeviceRepr, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -25,6 +26,47 @@ impl Activation for f32 {
 
 impl Activation for half::bf16 {
     const SUFFIX: &'static str = "bf16";
+}
+
+/// A device buffer a kernel reads: a whole `CudaSlice` or a view of part of one (the
+/// model's tensors are views of its arenas).
+pub trait DeviceRead<T> {
+    fn view(&self) -> CudaView<'_, T>;
+}
+
+/// A device buffer a kernel writes: a whole `CudaSlice` or a mutable view of part of one.
+pub trait DeviceWrite<T>: DeviceRead<T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T>;
+}
+
+impl<T> DeviceRead<T> for CudaSlice<T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.as_view()
+    }
+}
+
+impl<T> DeviceWrite<T> for CudaSlice<T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.as_view_mut()
+    }
+}
+
+impl<T> DeviceRead<T> for CudaView<'_, T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.slice(..)
+    }
+}
+
+impl<T> DeviceRead<T> for CudaViewMut<'_, T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.as_view()
+    }
+}
+
+impl<T> DeviceWrite<T> for CudaViewMut<'_, T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.slice_mut(..)
+    }
 }
 
 /// Whether the CUDA backend can run here; the error says why not (built without kernels,

@@ -1,0 +1,169 @@
+//! One whole training step of a BERT-base-sized reward model on the GPU (`cargo bench
+//! --bench gpu_step`): 12 layers, hidden 768, 12 heads, sequence 512, dropout 0.1, f32,
+//! AdamW with clipping, the loss with U = x_inv. A prompt with 8 ranked completions is
+//! trained two ways with the same loss value:
+//! - all pairs: the 8 completions once, the fused loss over its 28 pairs (8 sequences);
+//! - the paper's pair-duplicated way: each of the 28 pairs as its own 2-completion batch
+//!   entry (56 sequences), 7x the encoder work.
+//!
+//! Time per step: host clock around `train_step_cuda` and a synchronize (the step brings its
+//! loss and norm back anyway), after warm-up steps; the median of several steps. The last
+//! line is JSON for scripts/gpu-check.sh. Without a GPU it says it skipped and exits 0.
+//! STATUS: compiled, never run on a GPU when written.
+
+// Shared with the kernel lab, which uses all of it.
+#[allow(dead_code)]
+mod common;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use rcx::backend::cuda::{CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
+use rcx::error::Result;
+use rcx::loss::{LossSpec, PromptType};
+use rcx::model::{Batch, BertConfig, BertModel, Dropout};
+
+use common::Rng;
+
+const K: usize = 8;
+const T: usize = 512;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpu_step: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn steps_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Full-length sequences of random ids (no padding, as the PyTorch script).
+fn sequences(rng: &mut Rng, count: usize, vocab: u32) -> Vec<Vec<u32>> {
+    (0..count)
+        .map(|_| rng.below(T, vocab - 1).iter().map(|id| id + 1).collect())
+        .collect()
+}
+
+fn batch_of(seqs: &[&Vec<u32>]) -> Batch {
+    let types = vec![0u8; T];
+    Batch::from_sequences(seqs.iter().map(|s| (&s[..], &types[..])), 0)
+}
+
+/// Median seconds per step over `steps` steps after `warmup`.
+fn time_steps(
+    trainer: &mut CudaTrainer,
+    micro: &MicroBatch<'_>,
+    spec: &LossSpec,
+    warmup: usize,
+    steps: usize,
+) -> Result<(f64, f64)> {
+    let mut times = Vec::with_capacity(steps);
+    let mut last_loss = f64::NAN;
+    for s in 0..warmup + steps {
+        let opt = OptimStep {
+            step: s as u64 + 1,
+            lr: 1e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+        };
+        let started = Instant::now();
+        let stats = train_step_cuda(trainer, std::slice::from_ref(micro), spec, 0.01, &opt)?;
+        trainer.runtime().synchronize()?;
+        let seconds = started.elapsed().as_secs_f64();
+        if s >= warmup {
+            times.push(seconds);
+        }
+        last_loss = stats.loss;
+        println!(
+            "  step {}: {:.1} ms  loss {:.5}  grad norm {:.4}",
+            s + 1,
+            seconds * 1e3,
+            stats.loss,
+            stats.grad_norm
+        );
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], last_loss))
+}
+
+fn run() -> Result<()> {
+    let Some(rt) = common::device("gpu_step")? else {
+        return Ok(());
+    };
+    let cfg = BertConfig::named("bert-base").expect("a known name");
+    let model = BertModel::<f32>::init(cfg.clone(), 1);
+    println!("bert-base reward model: {} parameters", model.num_params());
+    let mut trainer = CudaTrainer::new(rt, &model)?;
+    let spec = LossSpec::parse("x_inv")?;
+    let mut rng = Rng(2023);
+    let completions = sequences(&mut rng, K, cfg.vocab_size as u32);
+    let warmup = steps_from_env("RCX_BENCH_WARMUP", 2);
+
+    // All pairs: one prompt, its K completions once.
+    let all = batch_of(&completions.iter().collect::<Vec<_>>());
+    let ks = [K];
+    let types = [Some(PromptType::Open)];
+    let micro = MicroBatch {
+        batch: &all,
+        ks: &ks,
+        types: &types,
+        dropout: Some(Dropout { p: 0.1, seed: 7 }),
+    };
+    println!("all pairs: {K} sequences of {T}, {} pairs", K * (K - 1) / 2);
+    let steps = steps_from_env("RCX_BENCH_STEPS", 10);
+    let (all_pairs_s, all_pairs_loss) = time_steps(&mut trainer, &micro, &spec, warmup, steps)?;
+
+    // Pair-duplicated: every ranked pair (i < j) as its own two-completion entry.
+    let mut pair_seqs = Vec::new();
+    for i in 0..K {
+        for j in i + 1..K {
+            pair_seqs.push(&completions[i]);
+            pair_seqs.push(&completions[j]);
+        }
+    }
+    let pairs = pair_seqs.len() / 2;
+    let dup = batch_of(&pair_seqs);
+    let dup_ks = vec![2; pairs];
+    let dup_types = vec![Some(PromptType::Open); pairs];
+    let micro = MicroBatch {
+        batch: &dup,
+        ks: &dup_ks,
+        types: &dup_types,
+        dropout: Some(Dropout { p: 0.1, seed: 7 }),
+    };
+    println!(
+        "pair-duplicated: {} sequences of {T}, {pairs} pairs",
+        2 * pairs
+    );
+    let steps = steps_from_env("RCX_BENCH_DUP_STEPS", 4);
+    let (dup_s, dup_loss) = time_steps(&mut trainer, &micro, &spec, warmup.min(1), steps)?;
+
+    println!(
+        "rcx f32 step: all pairs {:.1} ms, pair-duplicated {:.1} ms ({:.2}x)",
+        all_pairs_s * 1e3,
+        dup_s * 1e3,
+        dup_s / all_pairs_s
+    );
+    println!(
+        "{{\"bench\": \"rcx_gpu_step\", \"dtype\": \"f32\", \"all_pairs_ms\": {:.3}, \
+         \"pair_duplicated_ms\": {:.3}, \"ratio\": {:.3}, \"all_pairs_loss\": {:.6}, \
+         \"pair_duplicated_loss\": {:.6}}}",
+        all_pairs_s * 1e3,
+        dup_s * 1e3,
+        dup_s / all_pairs_s,
+        all_pairs_loss,
+        dup_loss
+    );
+    Ok(())
+}

@@ -1,0 +1,902 @@
+//! The kernel lab (`cargo bench --bench kernels`), in llm.c's spirit: every CUDA kernel is
+//! first checked against its CPU twin on fresh random non-zero inputs (outputs poisoned
+//! with NaN), then timed at BERT-base sizes (B=8, T=512, C=768, 12 heads, I=3072; the
+//! optimizer over 110M parameters): CUDA events, warm-up, median of many runs, input sets
+//! rotated so that the working set exceeds L2. Each line prints the achieved GB/s (bytes:
+//! every input read once, every output written once) or TFLOP/s beside the device's
+//! measured ceilings: a 1 GiB device-to-device copy and a cuBLAS SGEMM of 8192³.
+//!
+//! Without a GPU it says it skipped and exits 0; a failed check exits 1.
+//! STATUS: compiled, never run on a GPU when written.
+
+mod common;
+
+use std::process::ExitCode;
+
+use cudarc::driver::CudaSlice;
+use rcx::backend::cpu;
+use rcx::backend::cuda::{AdamWStep, CudaRuntime, RankingBatch, TokenBatch};
+use rcx::error::{Error, Result};
+use rcx::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
+use rcx::model::{BertConfig, ParamLayout};
+
+use common::{Rng, median_ms};
+
+/// BERT-base at sequence 512, 8 completions.
+const B: usize = 8;
+const T: usize = 512;
+const C: usize = 768;
+const NH: usize = 12;
+const HS: usize = 64;
+const I: usize = 3072;
+const N: usize = B * T;
+/// Validation shapes: odd, padded, small enough for the CPU twin.
+const CB: usize = 3;
+const CT: usize = 37;
+const CN: usize = CB * CT;
+
+const WARMUP: usize = 5;
+const REPS: usize = 30;
+/// Rotate input sets until they span this many bytes (H200's L2 is 50 MB).
+const ROTATE_BYTES: usize = 256 << 20;
+
+/// ‖gpu − cpu‖ / ‖cpu‖ above which a check fails (f32 arithmetic lands far under).
+const F32_TOLERANCE: f64 = 1e-4;
+
+enum Rate {
+    Bytes(f64),
+    Flops(f64),
+    Launch,
+}
+
+struct Lab {
+    rt: std::sync::Arc<CudaRuntime>,
+    rng: Rng,
+    copy_gbs: f64,
+    sgemm_tflops: f64,
+    failures: Vec<String>,
+    rows: Vec<String>,
+}
+
+fn sets_for(bytes_per_set: usize) -> usize {
+    ROTATE_BYTES.div_ceil(bytes_per_set.max(1)).clamp(1, 16)
+}
+
+fn rel_error(gpu: &[f32], cpu: &[f32]) -> f64 {
+    if gpu.len() != cpu.len() {
+        return f64::INFINITY;
+    }
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&g, &c) in gpu.iter().zip(cpu) {
+        diff += (g as f64 - c as f64).powi(2);
+        norm += (c as f64).powi(2);
+    }
+    let err = (diff / norm.max(1e-300)).sqrt();
+    if err.is_nan() { f64::INFINITY } else { err }
+}
+
+impl Lab {
+    fn up(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        self.rt.upload(host)
+    }
+
+    fn down(&self, device: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.rt.download(device)
+    }
+
+    fn nan(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.rt.upload(&vec![f32::NAN; len])
+    }
+
+    /// `sets` device copies of fresh random values.
+    fn random_sets(&mut self, len: usize, scale: f32, sets: usize) -> Result<Vec<CudaSlice<f32>>> {
+        let host = self.rng.values(len, scale);
+        (0..sets).map(|_| self.up(&host)).collect()
+    }
+
+    fn check(&mut self, name: &str, parts: &[(&str, Vec<f32>, Vec<f32>)]) -> f64 {
+        let mut worst = 0.0f64;
+        for (part, gpu, cpu) in parts {
+            let err = rel_error(gpu, cpu);
+            if err > F32_TOLERANCE {
+                self.failures
+                    .push(format!("{name} {part}: relative error {err:.2e}"));
+            }
+            worst = worst.max(err);
+        }
+        worst
+    }
+
+    fn row(&mut self, name: &str, shape: &str, err: f64, ms: f64, rate: Rate) {
+        let achieved = match rate {
+            Rate::Bytes(bytes) => {
+                let gbs = bytes / (ms * 1e-3) / 1e9;
+                format!(
+                    "{gbs:8.1} GB/s  {:5.1}% of copy",
+                    100.0 * gbs / self.copy_gbs
+                )
+            }
+            Rate::Flops(flops) => {
+                let tflops = flops / (ms * 1e-3) / 1e12;
+                format!(
+                    "{tflops:8.2} TFLOP/s {:5.1}% of SGEMM",
+                    100.0 * tflops / self.sgemm_tflops
+                )
+            }
+            Rate::Launch => "  (launch-bound: time only)".to_string(),
+        };
+        let line = format!(
+            "{name:<28} {shape:<26} err {err:8.1e}  {:9.1} us  {achieved}",
+            ms * 1e3
+        );
+        println!("{line}");
+        self.rows.push(line);
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("kernel lab: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<bool> {
+    let Some(rt) = common::device("kernel lab")? else {
+        return Ok(true);
+    };
+    let mut lab = Lab {
+        rt,
+        rng: Rng(0x5eed),
+        copy_gbs: 0.0,
+        sgemm_tflops: 0.0,
+        failures: Vec::new(),
+        rows: Vec::new(),
+    };
+    ceilings(&mut lab)?;
+    embedding(&mut lab)?;
+    layernorm(&mut lab)?;
+    gelu(&mut lab)?;
+    dropout(&mut lab)?;
+    bias_backward(&mut lab)?;
+    attention(&mut lab)?;
+    matmul(&mut lab)?;
+    ranking_loss(&mut lab)?;
+    optimizer(&mut lab)?;
+    println!();
+    println!(
+        "ceilings: copy {:.0} GB/s (read + write), SGEMM {:.1} TFLOP/s",
+        lab.copy_gbs, lab.sgemm_tflops
+    );
+    if lab.failures.is_empty() {
+        println!("kernel lab: every kernel matches its CPU twin");
+        Ok(true)
+    } else {
+        for f in &lab.failures {
+            println!("FAILED {f}");
+        }
+        Ok(false)
+    }
+}
+
+/// The two ceilings every rate is read against.
+fn ceilings(lab: &mut Lab) -> Result<()> {
+    let len = (1usize << 30) / 4;
+    let src = lab.rt.zeros::<f32>(len)?;
+    let mut dst = lab.rt.zeros::<f32>(len)?;
+    let stream = lab.rt.stream().clone();
+    let ms = median_ms(&lab.rt, 3, 10, |_| {
+        stream
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(|e| Error::internal(format!("CUDA: copy: {e}")))
+    })?;
+    lab.copy_gbs = 2.0 * (len * 4) as f64 / (ms * 1e-3) / 1e9;
+    drop((src, dst));
+
+    let s = 8192;
+    let a = lab.random_sets(s * s, 1.0, 1)?.remove(0);
+    let w = lab.random_sets(s * s, 1.0, 1)?.remove(0);
+    let mut out = lab.rt.zeros::<f32>(s * s)?;
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.matmul_forward(&mut out, &a, &w, None::<&CudaSlice<f32>>, s, s, s)
+    })?;
+    lab.sgemm_tflops = 2.0 * (s as f64).powi(3) / (ms * 1e-3) / 1e12;
+    println!(
+        "copy 1 GiB: {:.0} GB/s; cuBLAS SGEMM 8192^3: {:.1} TFLOP/s",
+        lab.copy_gbs, lab.sgemm_tflops
+    );
+    Ok(())
+}
+
+fn embedding(lab: &mut Lab) -> Result<()> {
+    let (v, types) = (30522, 2);
+    let tables = (v, T, types);
+    // Check.
+    let ids = lab.rng.below(CN, v as u32);
+    let tys = lab.rng.below(CN, types as u32);
+    let (wte, wpe, wtt) = (
+        lab.rng.values(v * C, 0.1),
+        lab.rng.values(T * C, 0.1),
+        lab.rng.values(types * C, 0.1),
+    );
+    let mut cpu_out = vec![0.0; CN * C];
+    cpu::embedding_forward(&mut cpu_out, &ids, &tys, &wte, &wpe, &wtt, CB, CT, C);
+    let tokens = TokenBatch::new(&lab.rt, &ids, &tys, CB, CT, tables)?;
+    let (wte_d, wpe_d, wtt_d) = (lab.up(&wte)?, lab.up(&wpe)?, lab.up(&wtt)?);
+    let mut out = lab.nan(CN * C)?;
+    lab.rt
+        .embedding_forward(&mut out, &tokens, &wte_d, &wpe_d, &wtt_d, C)?;
+    let err = lab.check("embedding_forward", &[("out", lab.down(&out)?, cpu_out)]);
+    // Time.
+    let ids = lab.rng.below(N, v as u32);
+    let tys = lab.rng.below(N, types as u32);
+    let tokens = TokenBatch::new(&lab.rt, &ids, &tys, B, T, tables)?;
+    let sets = sets_for(N * C * 4);
+    let mut outs: Vec<_> = (0..sets)
+        .map(|_| lab.rt.zeros::<f32>(N * C))
+        .collect::<Result<_>>()?;
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        rt.embedding_forward(&mut outs[i % sets], &tokens, &wte_d, &wpe_d, &wtt_d, C)
+    })?;
+    let bytes = (2 * N * C + T * C) * 4 + 2 * N * 4;
+    lab.row(
+        "embedding_forward",
+        "8x512x768",
+        err,
+        ms,
+        Rate::Bytes(bytes as f64),
+    );
+    Ok(())
+}
+
+fn layernorm(lab: &mut Lab) -> Result<()> {
+    let eps = 1e-12;
+    // Check the forward, the fused residual forward and the backward.
+    let (a, b) = (lab.rng.values(CN * C, 1.0), lab.rng.values(CN * C, 1.0));
+    let (w, bias) = (lab.rng.values(C, 1.0), lab.rng.values(C, 1.0));
+    let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+    let (mut out, mut mean, mut rstd) = (vec![0.0; CN * C], vec![0.0; CN], vec![0.0; CN]);
+    cpu::layernorm_forward(&mut out, &mut mean, &mut rstd, &sum, &w, &bias, CN, C, eps);
+    let (a_d, b_d, w_d, bias_d) = (lab.up(&a)?, lab.up(&b)?, lab.up(&w)?, lab.up(&bias)?);
+    let (mut out_d, mut sum_d, mut mean_d, mut rstd_d) = (
+        lab.nan(CN * C)?,
+        lab.nan(CN * C)?,
+        lab.nan(CN)?,
+        lab.nan(CN)?,
+    );
+    lab.rt.residual_layernorm_forward(
+        &mut out_d,
+        &mut sum_d,
+        &mut mean_d,
+        &mut rstd_d,
+        &a_d,
+        &b_d,
+        &w_d,
+        &bias_d,
+        CN,
+        C,
+        eps,
+    )?;
+    let fused_err = lab.check(
+        "residual_layernorm_forward",
+        &[
+            ("out", lab.down(&out_d)?, out.clone()),
+            ("sum", lab.down(&sum_d)?, sum.clone()),
+            ("rstd", lab.down(&rstd_d)?, rstd.clone()),
+        ],
+    );
+    let mut plain_d = lab.nan(CN * C)?;
+    let sum_in = lab.up(&sum)?;
+    lab.rt.layernorm_forward(
+        &mut plain_d,
+        &mut mean_d,
+        &mut rstd_d,
+        &sum_in,
+        &w_d,
+        &bias_d,
+        CN,
+        C,
+        eps,
+    )?;
+    let fwd_err = lab.check("layernorm_forward", &[("out", lab.down(&plain_d)?, out)]);
+    let dout = lab.rng.values(CN * C, 1.0);
+    let (mut dinp, mut dw, mut db) = (
+        lab.rng.values(CN * C, 1.0),
+        lab.rng.values(C, 1.0),
+        lab.rng.values(C, 1.0),
+    );
+    let (mut dinp_d, mut dw_d, mut db_d) = (lab.up(&dinp)?, lab.up(&dw)?, lab.up(&db)?);
+    let (dout_d, mean_in, rstd_in) = (lab.up(&dout)?, lab.up(&mean)?, lab.up(&rstd)?);
+    lab.rt.layernorm_backward(
+        &mut dinp_d,
+        &mut dw_d,
+        &mut db_d,
+        &dout_d,
+        &sum_in,
+        &w_d,
+        &mean_in,
+        &rstd_in,
+        CN,
+        C,
+    )?;
+    cpu::layernorm_backward(
+        &mut dinp, &mut dw, &mut db, &dout, &sum, &w, &mean, &rstd, CN, C,
+    );
+    let bwd_err = lab.check(
+        "layernorm_backward",
+        &[
+            ("dinp", lab.down(&dinp_d)?, dinp),
+            ("dweight", lab.down(&dw_d)?, dw),
+            ("dbias", lab.down(&db_d)?, db),
+        ],
+    );
+
+    // Time at N x C.
+    let act = N * C;
+    let sets = sets_for(act * 4 * 4);
+    let inputs = lab.random_sets(act, 1.0, sets)?;
+    let others = lab.random_sets(act, 1.0, sets)?;
+    let mut outs: Vec<_> = (0..sets)
+        .map(|_| lab.rt.zeros::<f32>(act))
+        .collect::<Result<_>>()?;
+    let mut sums: Vec<_> = (0..sets)
+        .map(|_| lab.rt.zeros::<f32>(act))
+        .collect::<Result<_>>()?;
+    let mut means: Vec<_> = (0..sets)
+        .map(|_| lab.rt.zeros::<f32>(N))
+        .collect::<Result<_>>()?;
+    let mut rstds: Vec<_> = (0..sets)
+        .map(|_| lab.rt.zeros::<f32>(N))
+        .collect::<Result<_>>()?;
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        rt.layernorm_forward(
+            &mut outs[s],
+            &mut means[s],
+            &mut rstds[s],
+            &inputs[s],
+            &w_d,
+            &bias_d,
+            N,
+            C,
+            eps,
+        )
+    })?;
+    lab.row(
+        "layernorm_forward",
+        "4096x768",
+        fwd_err,
+        ms,
+        Rate::Bytes((2 * act * 4) as f64),
+    );
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        rt.residual_layernorm_forward(
+            &mut outs[s],
+            &mut sums[s],
+            &mut means[s],
+            &mut rstds[s],
+            &inputs[s],
+            &others[s],
+            &w_d,
+            &bias_d,
+            N,
+            C,
+            eps,
+        )
+    })?;
+    lab.row(
+        "residual_layernorm_forward",
+        "4096x768",
+        fused_err,
+        ms,
+        Rate::Bytes((4 * act * 4) as f64),
+    );
+    // Backward: outs as dinp (+=), inputs as dout, others as the forward input.
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        rt.layernorm_backward(
+            &mut outs[s],
+            &mut dw_d,
+            &mut db_d,
+            &inputs[s],
+            &others[s],
+            &w_d,
+            &means[s],
+            &rstds[s],
+            N,
+            C,
+        )
+    })?;
+    lab.row(
+        "layernorm_backward",
+        "4096x768",
+        bwd_err,
+        ms,
+        Rate::Bytes((4 * act * 4) as f64),
+    );
+    Ok(())
+}
+
+fn gelu(lab: &mut Lab) -> Result<()> {
+    let (inp, bias) = (lab.rng.values(CN * I, 2.0), lab.rng.values(I, 1.0));
+    let pre: Vec<f32> = inp
+        .iter()
+        .enumerate()
+        .map(|(k, x)| x + bias[k % I])
+        .collect();
+    let mut out = vec![0.0; CN * I];
+    cpu::gelu_forward(&mut out, &pre);
+    let (inp_d, bias_d) = (lab.up(&inp)?, lab.up(&bias)?);
+    let mut out_d = lab.nan(CN * I)?;
+    lab.rt
+        .bias_gelu_forward(&mut out_d, &inp_d, &bias_d, CN, I)?;
+    let fwd_err = lab.check("bias_gelu_forward", &[("out", lab.down(&out_d)?, out)]);
+    let dout = lab.rng.values(CN * I, 1.0);
+    let mut dinp = lab.rng.values(CN * I, 1.0);
+    let mut dbias = lab.rng.values(I, 1.0);
+    let (mut dinp_d, mut dbias_d, dout_d) = (lab.up(&dinp)?, lab.up(&dbias)?, lab.up(&dout)?);
+    lab.rt
+        .bias_gelu_backward(&mut dinp_d, &mut dbias_d, &dout_d, &inp_d, &bias_d, CN, I)?;
+    // The CPU twin: g = dout · gelu'(inp + bias) added into dinp, its column sums into dbias.
+    let mut g = vec![0.0; CN * I];
+    cpu::gelu_backward(&mut g, &pre, &dout);
+    for (dinp_row, g_row) in dinp.chunks_mut(I).zip(g.chunks(I)) {
+        for ((d, db), x) in dinp_row.iter_mut().zip(dbias.iter_mut()).zip(g_row) {
+            *d += x;
+            *db += x;
+        }
+    }
+    let bwd_err = lab.check(
+        "bias_gelu_backward",
+        &[
+            ("dinp", lab.down(&dinp_d)?, dinp),
+            ("dbias", lab.down(&dbias_d)?, dbias),
+        ],
+    );
+
+    let act = N * I;
+    let sets = sets_for(act * 4 * 3);
+    let inputs = lab.random_sets(act, 2.0, sets)?;
+    let douts = lab.random_sets(act, 1.0, sets)?;
+    let mut outs: Vec<_> = (0..sets)
+        .map(|_| lab.rt.zeros::<f32>(act))
+        .collect::<Result<_>>()?;
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        rt.bias_gelu_forward(&mut outs[i % sets], &inputs[i % sets], &bias_d, N, I)
+    })?;
+    lab.row(
+        "bias_gelu_forward",
+        "4096x3072",
+        fwd_err,
+        ms,
+        Rate::Bytes((2 * act * 4) as f64),
+    );
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        rt.bias_gelu_backward(
+            &mut outs[s],
+            &mut dbias_d,
+            &douts[s],
+            &inputs[s],
+            &bias_d,
+            N,
+            I,
+        )
+    })?;
+    lab.row(
+        "bias_gelu_backward",
+        "4096x3072",
+        bwd_err,
+        ms,
+        Rate::Bytes((4 * act * 4) as f64),
+    );
+    Ok(())
+}
+
+fn dropout(lab: &mut Lab) -> Result<()> {
+    let (p, seed) = (0.1, 42);
+    let inp = lab.rng.values(CN * C, 1.0);
+    let mut out = vec![0.0; CN * C];
+    cpu::dropout_forward(&mut out, &inp, p, seed);
+    let inp_d = lab.up(&inp)?;
+    let mut out_d = lab.nan(CN * C)?;
+    lab.rt.dropout_forward(&mut out_d, &inp_d, p, seed)?;
+    let err = lab.check("dropout_forward", &[("out", lab.down(&out_d)?, out)]);
+    let act = N * C;
+    let sets = sets_for(act * 4 * 2);
+    let inputs = lab.random_sets(act, 1.0, sets)?;
+    let mut outs: Vec<_> = (0..sets)
+        .map(|_| lab.rt.zeros::<f32>(act))
+        .collect::<Result<_>>()?;
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        rt.dropout_forward(&mut outs[i % sets], &inputs[i % sets], p, seed)
+    })?;
+    lab.row(
+        "dropout_forward",
+        "4096x768",
+        err,
+        ms,
+        Rate::Bytes((2 * act * 4) as f64),
+    );
+    Ok(())
+}
+
+fn bias_backward(lab: &mut Lab) -> Result<()> {
+    let dout = lab.rng.values(CN * C, 1.0);
+    let mut dbias = lab.rng.values(C, 1.0);
+    let mut dbias_d = lab.up(&dbias)?;
+    lab.rt.bias_backward(&mut dbias_d, &lab.up(&dout)?, CN, C)?;
+    for row in dout.chunks(C) {
+        for (d, x) in dbias.iter_mut().zip(row) {
+            *d += x;
+        }
+    }
+    let err = lab.check("bias_backward", &[("dbias", lab.down(&dbias_d)?, dbias)]);
+    let sets = sets_for(N * C * 4);
+    let douts = lab.random_sets(N * C, 1.0, sets)?;
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        rt.bias_backward(&mut dbias_d, &douts[i % sets], N, C)
+    })?;
+    lab.row(
+        "bias_backward",
+        "4096x768",
+        err,
+        ms,
+        Rate::Bytes((N * C * 4) as f64),
+    );
+    Ok(())
+}
+
+fn padding_mask(rng: &mut Rng, b: usize, t: usize) -> Vec<u8> {
+    let mut mask = vec![0u8; b * t];
+    for seq in 0..b {
+        let real = 1 + (rng.next_u64() as usize % t);
+        mask[seq * t..seq * t + real].fill(1);
+    }
+    mask
+}
+
+fn attention(lab: &mut Lab) -> Result<()> {
+    let dims = (CB, CT, NH, HS);
+    let act = CN * C;
+    let (q, k, v) = (
+        lab.rng.values(act, 1.0),
+        lab.rng.values(act, 1.0),
+        lab.rng.values(act, 1.0),
+    );
+    let mask = padding_mask(&mut lab.rng, CB, CT);
+    let scores = CB * NH * CT * CT;
+    let (mut out, mut probs) = (vec![0.0; act], vec![0.0; scores]);
+    cpu::attention_forward(&mut out, &mut probs, &q, &k, &v, &mask, CB, CT, NH, HS);
+    let (q_d, k_d, v_d, mask_d) = (lab.up(&q)?, lab.up(&k)?, lab.up(&v)?, lab.rt.upload(&mask)?);
+    let (mut out_d, mut probs_d) = (lab.nan(act)?, lab.nan(scores)?);
+    lab.rt
+        .attention_forward(&mut out_d, &mut probs_d, &q_d, &k_d, &v_d, &mask_d, dims)?;
+    let fwd_err = lab.check(
+        "attention_forward",
+        &[
+            ("out", lab.down(&out_d)?, out),
+            ("probs", lab.down(&probs_d)?, probs.clone()),
+        ],
+    );
+    let dout = lab.rng.values(act, 1.0);
+    let (mut dq, mut dk, mut dv) = (
+        lab.rng.values(act, 1.0),
+        lab.rng.values(act, 1.0),
+        lab.rng.values(act, 1.0),
+    );
+    let (mut dq_d, mut dk_d, mut dv_d) = (lab.up(&dq)?, lab.up(&dk)?, lab.up(&dv)?);
+    let mut dscores_d = lab.nan(scores)?;
+    let probs_in = lab.up(&probs)?;
+    lab.rt.attention_backward(
+        &mut dq_d,
+        &mut dk_d,
+        &mut dv_d,
+        &mut dscores_d,
+        &lab.up(&dout)?,
+        &q_d,
+        &k_d,
+        &v_d,
+        &probs_in,
+        dims,
+    )?;
+    cpu::attention_backward(
+        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, CB, CT, NH, HS,
+    );
+    let bwd_err = lab.check(
+        "attention_backward",
+        &[
+            ("dq", lab.down(&dq_d)?, dq),
+            ("dk", lab.down(&dk_d)?, dk),
+            ("dv", lab.down(&dv_d)?, dv),
+        ],
+    );
+
+    // Time at 8 x 512, 12 heads of 64; the big buffers (probs: 100 MB) need no rotation.
+    let dims = (B, T, NH, HS);
+    let act = N * C;
+    let scores = B * NH * T * T;
+    let (q_d, k_d, v_d) = (
+        lab.random_sets(act, 1.0, 1)?.remove(0),
+        lab.random_sets(act, 1.0, 1)?.remove(0),
+        lab.random_sets(act, 1.0, 1)?.remove(0),
+    );
+    let mask_d = lab.rt.upload(&padding_mask(&mut lab.rng, B, T))?;
+    let (mut out_d, mut probs_d) = (lab.rt.zeros::<f32>(act)?, lab.rt.zeros::<f32>(scores)?);
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.attention_forward(&mut out_d, &mut probs_d, &q_d, &k_d, &v_d, &mask_d, dims)
+    })?;
+    let flops = 4.0 * (B * NH * T * T * HS) as f64;
+    lab.row(
+        "attention_forward",
+        "8x512, 12x64",
+        fwd_err,
+        ms,
+        Rate::Flops(flops),
+    );
+    let (mut dq_d, mut dk_d, mut dv_d) = (
+        lab.rt.zeros::<f32>(act)?,
+        lab.rt.zeros::<f32>(act)?,
+        lab.rt.zeros::<f32>(act)?,
+    );
+    let mut dscores_d = lab.rt.zeros::<f32>(scores)?;
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.attention_backward(
+            &mut dq_d,
+            &mut dk_d,
+            &mut dv_d,
+            &mut dscores_d,
+            &out_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &probs_d,
+            dims,
+        )
+    })?;
+    lab.row(
+        "attention_backward",
+        "8x512, 12x64",
+        bwd_err,
+        ms,
+        Rate::Flops(2.0 * flops),
+    );
+    Ok(())
+}
+
+fn matmul(lab: &mut Lab) -> Result<()> {
+    let (cc, coc) = (C, I);
+    let (inp, w, bias) = (
+        lab.rng.values(CN * cc, 1.0),
+        lab.rng.values(coc * cc, 0.05),
+        lab.rng.values(coc, 1.0),
+    );
+    let mut out = vec![0.0; CN * coc];
+    cpu::matmul_forward(&mut out, &inp, &w, Some(&bias), CN, cc, coc);
+    let (inp_d, w_d, bias_d) = (lab.up(&inp)?, lab.up(&w)?, lab.up(&bias)?);
+    let mut out_d = lab.nan(CN * coc)?;
+    lab.rt
+        .matmul_forward(&mut out_d, &inp_d, &w_d, Some(&bias_d), CN, cc, coc)?;
+    let fwd_err = lab.check("matmul_forward", &[("out", lab.down(&out_d)?, out)]);
+    let dout = lab.rng.values(CN * coc, 1.0);
+    let (mut dinp, mut dw, mut db) = (
+        lab.rng.values(CN * cc, 1.0),
+        lab.rng.values(coc * cc, 1.0),
+        lab.rng.values(coc, 1.0),
+    );
+    let (mut dinp_d, mut dw_d, mut db_d) = (lab.up(&dinp)?, lab.up(&dw)?, lab.up(&db)?);
+    lab.rt.matmul_backward(
+        &mut dinp_d,
+        &mut dw_d,
+        Some(&mut db_d),
+        &lab.up(&dout)?,
+        &inp_d,
+        &w_d,
+        CN,
+        cc,
+        coc,
+    )?;
+    cpu::matmul_backward(
+        &mut dinp,
+        &mut dw,
+        Some(&mut db),
+        &dout,
+        &inp,
+        &w,
+        CN,
+        cc,
+        coc,
+    );
+    let bwd_err = lab.check(
+        "matmul_backward",
+        &[
+            ("dinp", lab.down(&dinp_d)?, dinp),
+            ("dweight", lab.down(&dw_d)?, dw),
+            ("dbias", lab.down(&db_d)?, db),
+        ],
+    );
+
+    // Time the feed-forward up-projection [4096, 768] x [3072, 768]ᵀ.
+    let sets = sets_for((N * cc + N * coc) * 4);
+    let inputs = lab.random_sets(N * cc, 1.0, sets)?;
+    let w_d = lab.random_sets(coc * cc, 0.05, 1)?.remove(0);
+    let mut outs: Vec<_> = (0..sets)
+        .map(|_| lab.rt.zeros::<f32>(N * coc))
+        .collect::<Result<_>>()?;
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        rt.matmul_forward(
+            &mut outs[i % sets],
+            &inputs[i % sets],
+            &w_d,
+            Some(&bias_d),
+            N,
+            cc,
+            coc,
+        )
+    })?;
+    let flops = 2.0 * (N * cc * coc) as f64;
+    lab.row(
+        "matmul_forward (+bias)",
+        "4096x768 -> 3072",
+        fwd_err,
+        ms,
+        Rate::Flops(flops),
+    );
+    let mut dinps: Vec<_> = (0..sets)
+        .map(|_| lab.rt.zeros::<f32>(N * cc))
+        .collect::<Result<_>>()?;
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        rt.matmul_backward(
+            &mut dinps[s],
+            &mut dw_d,
+            Some(&mut db_d),
+            &outs[s],
+            &inputs[s],
+            &w_d,
+            N,
+            cc,
+            coc,
+        )
+    })?;
+    lab.row(
+        "matmul_backward (+bias)",
+        "4096x768 -> 3072",
+        bwd_err,
+        ms,
+        Rate::Flops(2.0 * flops),
+    );
+    Ok(())
+}
+
+fn ranking_loss(lab: &mut Lab) -> Result<()> {
+    let spec = LossSpec::parse("adaptive")?;
+    let eps = 0.01;
+    let ks = vec![8, 2, 5, 11, 3];
+    let types: Vec<_> = (0..ks.len())
+        .map(|p| {
+            Some(if p % 2 == 0 {
+                PromptType::Open
+            } else {
+                PromptType::Closed
+            })
+        })
+        .collect();
+    let total: usize = ks.iter().sum();
+    let logits = lab.rng.values(total, 2.0);
+    let mut dlogits = vec![0.0f32; total];
+    let cpu_loss = ranking_loss_forward_backward(&logits, &ks, &types, &spec, eps, &mut dlogits)?;
+    let batch = RankingBatch::new(&lab.rt, &ks, &types, &spec)?;
+    let logits_d = lab.up(&logits)?;
+    let mut dlogits_d = lab.nan(total)?;
+    let gpu_loss = lab
+        .rt
+        .ranking_loss_forward_backward(&mut dlogits_d, &logits_d, &batch, eps)?;
+    let err = lab.check(
+        "ranking_loss",
+        &[
+            ("loss", vec![gpu_loss as f32], vec![cpu_loss]),
+            ("dlogits", lab.down(&dlogits_d)?, dlogits),
+        ],
+    );
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, WARMUP, REPS, |_| {
+        rt.ranking_loss_forward_backward(&mut dlogits_d, &logits_d, &batch, eps)
+            .map(|_| ())
+    })?;
+    lab.row(
+        "ranking_loss (+ loss to host)",
+        "5 prompts, K 2..11",
+        err,
+        ms,
+        Rate::Launch,
+    );
+    Ok(())
+}
+
+fn optimizer(lab: &mut Lab) -> Result<()> {
+    // Check on 100k elements, time on bert-base's 110M.
+    let len = 100_003;
+    let (mut p, g) = (lab.rng.values(len, 1.0), lab.rng.values(len, 0.1));
+    let mut m = lab.rng.values(len, 0.01);
+    let mut v: Vec<f32> = lab.rng.values(len, 0.001).iter().map(|x| x.abs()).collect();
+    let hp = AdamWStep {
+        step: 3,
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        grad_scale: 0.5,
+    };
+    let (mut p_d, g_d, mut m_d, mut v_d) = (lab.up(&p)?, lab.up(&g)?, lab.up(&m)?, lab.up(&v)?);
+    let norm_gpu = lab.rt.global_norm_squared(&[&g_d])?;
+    let norm_cpu = cpu::global_norm_squared(&g);
+    lab.rt
+        .adamw_update(&mut p_d, &g_d, &mut m_d, &mut v_d, &hp)?;
+    cpu::adamw_update(
+        &mut p,
+        &g,
+        &mut m,
+        &mut v,
+        hp.step,
+        hp.lr,
+        hp.beta1,
+        hp.beta2,
+        hp.eps,
+        hp.weight_decay,
+        hp.grad_scale,
+    );
+    let norm_err = lab.check(
+        "global_norm_squared",
+        &[("norm", vec![norm_gpu as f32], vec![norm_cpu as f32])],
+    );
+    let adam_err = lab.check(
+        "adamw_update",
+        &[
+            ("params", lab.down(&p_d)?, p),
+            ("m", lab.down(&m_d)?, m),
+            ("v", lab.down(&v_d)?, v),
+        ],
+    );
+    let params = ParamLayout::new(&BertConfig::named("bert-base").expect("a known name")).total;
+    let big = |lab: &mut Lab, scale: f32| -> Result<CudaSlice<f32>> {
+        let host = lab.rng.values(params, scale);
+        lab.up(&host)
+    };
+    let (mut p_d, g_d, mut m_d) = (big(lab, 1.0)?, big(lab, 0.1)?, big(lab, 0.01)?);
+    let mut v_d = lab.rt.zeros::<f32>(params)?;
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, 2, 10, |_| rt.global_norm_squared(&[&g_d]).map(|_| ()))?;
+    lab.row(
+        "global_norm_squared",
+        "110M",
+        norm_err,
+        ms,
+        Rate::Bytes((params * 4) as f64),
+    );
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.adamw_update(&mut p_d, &g_d, &mut m_d, &mut v_d, &hp)
+    })?;
+    lab.row(
+        "adamw_update",
+        "110M",
+        adam_err,
+        ms,
+        Rate::Bytes((params * 7 * 4) as f64),
+    );
+    Ok(())
+}

@@ -1,0 +1,188 @@
+"""The PyTorch baseline of benches/gpu_step.rs: the same BERT-base reward-model training
+step on the same GPU, timed the same way.
+
+BertForSequenceClassification (num_labels=1) from a config (12 layers, hidden 768, 12
+heads, random init, dropout 0.1, transformers' default attention), one prompt with 8
+completions of 512 random tokens, rewards r = sigmoid(logit), the all-pairs loss
+-mean_{i<j} U(r_i - r_j) with rcx's extended x_inv utility (eps 0.01: 1/eps - 1/(x+eps) for
+x > 0, 100x below), global-norm clipping to 1, AdamW (lr 1e-5, weight decay 0.01 off biases
+and LayerNorm weights, as the HF Trainer).
+
+Modes, in order: fp32-eager, bf16-eager (autocast, fp32 master weights), bf16-compile,
+fp32-compile (torch.compile of the model), and bf16-eager-dup: the paper's pair-duplicated
+way (28 pairs as 56 sequences). "fp32" leaves TF32 off, as rcx's SGEMMs. Each step is timed
+with CUDA events after warm-up; the median is printed as one JSON line per mode as soon as
+it is known, so a timeout keeps the finished ones. Modes that would start after --budget-s
+are skipped (and say so).
+
+Needs only torch and transformers (present on the lent GPU machine; nothing is installed).
+Usage: $PYTHON scripts/bench_torch_gpu.py [--steps 10] [--warmup 3] [--budget-s 240]
+NOT RUN YET: written on a machine without a GPU.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+K = 8
+T = 512
+EPS = 0.01
+MODES = ["fp32-eager", "bf16-eager", "bf16-compile", "fp32-compile", "bf16-eager-dup"]
+
+
+def emit(record):
+    print(json.dumps(record), flush=True)
+
+
+def x_inv_loss(logits, pairs_i, pairs_j):
+    """-mean over pairs of U(r_i - r_j), U = rcx's extended x_inv, in fp32."""
+    import torch
+
+    r = torch.sigmoid(logits.float())
+    x = r[pairs_i] - r[pairs_j]
+    positive = 1.0 / EPS - 1.0 / (x.clamp(min=0.0) + EPS)
+    u = torch.where(x > 0, positive, 100.0 * x)
+    return -u.mean()
+
+
+def build(torch, transformers, device):
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        num_labels=1,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).to(device)
+    model.train()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-5,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
+    return model, optimizer
+
+
+def batch_for(torch, device, duplicated):
+    """Input ids [S, T]: the 8 completions, or every pair (i < j) as two rows; and the
+    ranked pairs over the rows (best first)."""
+    g = torch.Generator().manual_seed(2023)
+    completions = torch.randint(1, 30522, (K, T), generator=g)
+    pairs = torch.triu_indices(K, K, 1)
+    if duplicated:
+        rows = torch.stack([pairs[0], pairs[1]], dim=1).reshape(-1)
+        ids = completions[rows]
+        n = pairs.shape[1]
+        pairs_i = torch.arange(0, 2 * n, 2)
+        pairs_j = pairs_i + 1
+    else:
+        ids, pairs_i, pairs_j = completions, pairs[0], pairs[1]
+    return ids.to(device), pairs_i.to(device), pairs_j.to(device)
+
+
+def run_mode(torch, transformers, mode, steps, warmup):
+    device = torch.device("cuda")
+    dtype = "bf16" if mode.startswith("bf16") else "fp32"
+    compiled = "compile" in mode
+    duplicated = mode.endswith("-dup")
+    model, optimizer = build(torch, transformers, device)
+    forward = torch.compile(model) if compiled else model
+    ids, pairs_i, pairs_j = batch_for(torch, device, duplicated)
+    mask = torch.ones_like(ids)
+    types = torch.zeros_like(ids)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            logits = forward(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        loss = x_inv_loss(logits.squeeze(-1), pairs_i, pairs_j)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss, norm
+
+    started = time.time()
+    step()  # the first step compiles (compile modes) and allocates
+    torch.cuda.synchronize()
+    first_s = time.time() - started
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss, norm = step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return {
+        "bench": "torch_gpu_step",
+        "mode": mode,
+        "way": "pair_duplicated" if duplicated else "all_pairs",
+        "sequences": int(ids.shape[0]),
+        "median_ms": round(statistics.median(times), 3),
+        "min_ms": round(min(times), 3),
+        "first_step_s": round(first_s, 2),
+        "steps": steps,
+        "loss": float(loss),
+        "grad_norm": float(norm),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=240.0)
+    parser.add_argument("--modes", default=",".join(MODES))
+    args = parser.parse_args()
+    import torch
+    import transformers
+
+    if not torch.cuda.is_available():
+        emit({"bench": "torch_gpu_step", "skipped": "torch sees no CUDA device"})
+        return 0
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    emit(
+        {
+            "bench": "torch_gpu_step_env",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(0),
+        }
+    )
+    started = time.time()
+    results = {}
+    for mode in args.modes.split(","):
+        elapsed = time.time() - started
+        if elapsed > args.budget_s:
+            emit({"bench": "torch_gpu_step", "mode": mode, "skipped": f"budget spent ({elapsed:.0f} s)"})
+            continue
+        steps = max(3, args.steps // 2) if mode.endswith("-dup") else args.steps
+        try:
+            record = run_mode(torch, transformers, mode, steps, args.warmup)
+            results[mode] = record["median_ms"]
+            emit(record)
+        except Exception as e:  # one failing mode (e.g. compile) must not hide the others
+            emit({"bench": "torch_gpu_step", "mode": mode, "error": f"{type(e).__name__}: {e}"[:500]})
+        torch.cuda.empty_cache()
+    emit({"bench": "torch_gpu_step_summary", "median_ms": results, "total_s": round(time.time() - started, 1)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

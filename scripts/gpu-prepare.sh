@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Builds, HERE (no GPU needed), everything scripts/gpu-check.sh runs on a lent GPU machine,
+# which has no Rust toolchain and no registry: the release binary, the GPU test executables
+# and the GPU benchmark executables, all with the CUDA kernels embedded (RCX_REQUIRE_CUDA=1,
+# so a missing nvcc or a kernel that does not compile fails here). They land in the ignored
+# folder gpu-bundle/ (stripped; must stay under 60 MiB, the device tool carries 64 MiB),
+# with a MANIFEST naming the commit and this checkout's path.
+#
+# Then, with the device tool: run(command="bash scripts/gpu-check.sh", carry=["gpu-bundle"]).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RCX_REQUIRE_CUDA=1
+PYTHON=${PYTHON:-python3}
+bundle=gpu-bundle
+staging=$bundle.tmp
+rm -rf "$staging"
+mkdir -p "$staging/tests" "$staging/benches"
+
+# Prints "name<TAB>path" for every executable of the given kind in cargo's JSON messages.
+executables() {
+    "$PYTHON" -c '
+import json, sys
+kind = sys.argv[1]
+for line in sys.stdin:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    if msg.get("reason") == "compiler-artifact" and msg.get("executable") and kind in msg["target"]["kind"]:
+        print(msg["target"]["name"] + "\t" + msg["executable"])
+' "$1"
+}
+
+echo "gpu-prepare: release binary"
+cargo build --release --bin rcx
+cp target/release/rcx "$staging/rcx"
+
+echo "gpu-prepare: GPU test executables"
+cargo test --release --no-run --message-format=json --test cuda_kernels --test cuda_model \
+    | executables test >"$staging/tests.txt"
+echo "gpu-prepare: GPU bench executables"
+cargo bench --no-run --message-format=json --bench kernels --bench gpu_step \
+    | executables bench >"$staging/benches.txt"
+for list in tests benches; do
+    [ -s "$staging/$list.txt" ] || { echo "gpu-prepare: cargo named no $list executable" >&2; exit 1; }
+    while IFS=$'\t' read -r name path; do
+        cp "$path" "$staging/$list/$name"
+    done <"$staging/$list.txt"
+    rm "$staging/$list.txt"
+done
+for n in cuda_kernels cuda_model; do
+    [ -x "$staging/tests/$n" ] || { echo "gpu-prepare: tests/$n missing" >&2; exit 1; }
+done
+for n in kernels gpu_step; do
+    [ -x "$staging/benches/$n" ] || { echo "gpu-prepare: benches/$n missing" >&2; exit 1; }
+done
+if command -v strip >/dev/null; then
+    strip "$staging/rcx" "$staging"/tests/* "$staging"/benches/*
+fi
+
+nvcc_bin=$(command -v nvcc || echo .cuda/nvidia/cu13/bin/nvcc)
+{
+    echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- src kernels tests benches build.rs Cargo.toml || echo ' (with uncommitted changes)')"
+    echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+    echo "nvcc: $("$nvcc_bin" --version 2>/dev/null | tail -1)"
+    (cd "$staging" && find . -type f ! -name MANIFEST -exec sha256sum {} + | sort -k2)
+} >"$staging/MANIFEST"
+# The test executables know the build tree's path (env!("CARGO_MANIFEST_DIR")); gpu-check.sh
+# links it to the carried tree when that path does not exist there.
+pwd >"$staging/MANIFEST_DIR"
+
+bytes=$(du -sb "$staging" | cut -f1)
+limit=$((60 * 1024 * 1024))
+if [ "$bytes" -gt "$limit" ]; then
+    echo "gpu-prepare: the bundle is $bytes bytes, over 60 MiB; the device tool carries 64 MiB" >&2
+    du -sh "$staging"/* "$staging"/*/* >&2
+    exit 1
+fi
+rm -rf "$bundle"
+mv "$staging" "$bundle"
+echo "gpu-prepare: $bundle/ ready, $((bytes / 1024 / 1024)) MiB:"
+ls -l "$bundle" "$bundle/tests" "$bundle/benches"

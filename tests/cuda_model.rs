@@ -1,0 +1,421 @@
+//! The reward model on the device (rcx::backend::cuda::CudaTrainer) against the CPU model:
+//! one whole training step of a small random model (logits, loss, every gradient tensor,
+//! the gradient norm, the AdamW update), a second step with gradient accumulation, and
+//! forward parity on the committed tiny-bert checkpoint.
+//!
+//! Tolerances (f32 on both sides, different summation orders: cuBLAS vs matrixmultiply,
+//! warp reductions vs sequential sums):
+//! - logits: |gpu - cpu| <= 1e-4 · (|cpu| + mean |cpu|);
+//! - loss, gradient norm: relative 1e-4;
+//! - every gradient tensor: ‖gpu - cpu‖ / ‖cpu‖ <= 1e-3 (f32 arithmetic lands far under);
+//! - the AdamW update, given the device's own gradients: relative 1e-5 per element, as
+//!   tests/cuda_kernels.rs (the update amplifies tiny gradient differences near zero, so it
+//!   is checked against the CPU optimizer on the same gradients, not on the CPU's).
+//!
+//! Without a GPU every test prints why it was skipped and passes; RCX_REQUIRE_GPU=1 makes a
+//! skip a failure (scripts/gpu-check.sh sets it).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rcx::backend::cpu::{adamw_update, global_norm_squared};
+use rcx::backend::cuda::{self, CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
+use rcx::checkpoint::load_model_dir;
+use rcx::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
+use rcx::model::{Batch, BertConfig, BertModel, Dropout, Workspace};
+use rcx::rng::Rng;
+
+/// The device, or None after printing why the test is skipped.
+fn gpu(test: &str) -> Option<Arc<CudaRuntime>> {
+    match cuda::available() {
+        Ok(()) => Some(Arc::new(
+            CudaRuntime::new(0).expect("CUDA is available but the runtime failed"),
+        )),
+        Err(why) => {
+            assert!(
+                std::env::var("RCX_REQUIRE_GPU").map_or(true, |v| v != "1"),
+                "{test}: RCX_REQUIRE_GPU=1 but no GPU: {why}"
+            );
+            eprintln!("{test}: skipped, no GPU: {why}");
+            None
+        }
+    }
+}
+
+/// Small but not degenerate: 4 heads of 16, odd feed-forward width, 2 layers.
+fn small_config() -> BertConfig {
+    BertConfig {
+        vocab_size: 61,
+        hidden_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 96,
+        max_position_embeddings: 32,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        pad_token_id: 0,
+    }
+}
+
+/// BERT's init plus noise on everything past the word table's padding row, so that no
+/// gradient vanishes by symmetry (LayerNorm weights away from 1, biases away from 0).
+fn random_model(seed: u64) -> BertModel<f32> {
+    let cfg = small_config();
+    let mut model = BertModel::<f32>::init(cfg.clone(), seed);
+    let mut rng = Rng::new(seed ^ 0xABCD);
+    for p in model.params.iter_mut().skip(cfg.hidden_size) {
+        *p += (0.05 * rng.normal()) as f32;
+    }
+    model
+}
+
+/// A padded batch of every completion of some prompts, with K and the type of each.
+type Ranked = (Batch, Vec<usize>, Vec<Option<PromptType>>);
+
+/// Prompts with K = 3, 2, 4 completions of 5..=20 tokens (padded; token 0 only as padding).
+fn ranked_batch(seed: u64) -> Ranked {
+    let mut rng = Rng::new(seed);
+    let ks = vec![3, 2, 4];
+    let types = vec![
+        Some(PromptType::Open),
+        Some(PromptType::Closed),
+        Some(PromptType::Open),
+    ];
+    let seqs: Vec<(Vec<u32>, Vec<u8>)> = (0..ks.iter().sum::<usize>())
+        .map(|_| {
+            let len = 5 + rng.below(16);
+            let ids = (0..len).map(|_| 1 + rng.below(60) as u32).collect();
+            let segment = (0..len).map(|j| (j >= len / 2) as u8).collect();
+            (ids, segment)
+        })
+        .collect();
+    let batch = Batch::from_sequences(seqs.iter().map(|(i, t)| (&i[..], &t[..])), 0);
+    (batch, ks, types)
+}
+
+fn rel_norm_error(gpu: &[f32], cpu: &[f32]) -> f64 {
+    assert_eq!(gpu.len(), cpu.len());
+    if gpu.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let diff: f64 = gpu
+        .iter()
+        .zip(cpu)
+        .map(|(&g, &c)| (g as f64 - c as f64).powi(2))
+        .sum();
+    let norm: f64 = cpu.iter().map(|&c| (c as f64).powi(2)).sum();
+    (diff / norm.max(1e-300)).sqrt()
+}
+
+fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], rtol: f64) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths differ");
+    let mean_abs = cpu.iter().map(|x| x.abs() as f64).sum::<f64>() / cpu.len().max(1) as f64;
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        let tol = rtol * (c.abs() as f64 + mean_abs);
+        assert!(
+            (g as f64 - c as f64).abs() <= tol && g.is_finite(),
+            "{what}[{i}]: gpu {g} vs cpu {c} (tolerance {tol:e})"
+        );
+    }
+}
+
+fn assert_rel(what: &str, gpu: f64, cpu: f64, rtol: f64) {
+    assert!(
+        (gpu - cpu).abs() <= rtol * cpu.abs() && gpu.is_finite(),
+        "{what}: gpu {gpu} vs cpu {cpu} (relative tolerance {rtol:e})"
+    );
+}
+
+const OPT: OptimStep = OptimStep {
+    step: 1,
+    lr: 1e-3,
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-8,
+    weight_decay: 0.01,
+    // Small enough that the clip is active: the scale path is exercised.
+    max_grad_norm: 0.05,
+};
+
+/// src/train.rs's step on the CPU for one or more micro-batches: returns (loss, grads).
+fn cpu_gradients(
+    model: &BertModel<f32>,
+    micro: &[(Ranked, Dropout)],
+    spec: &LossSpec,
+    eps: f64,
+) -> (f64, Vec<f32>) {
+    let mut ws = Workspace::new();
+    let mut grads = vec![0f32; model.num_params()];
+    let mut step_loss = 0.0;
+    let accum = micro.len();
+    for ((batch, ks, types), dropout) in micro {
+        let logits = model.forward(&mut ws, batch, Some(*dropout)).unwrap();
+        let mut dlogits = vec![0f32; logits.len()];
+        let loss =
+            ranking_loss_forward_backward(logits, ks, types, spec, eps, &mut dlogits).unwrap();
+        for d in dlogits.iter_mut() {
+            *d /= accum as f32;
+        }
+        step_loss += loss as f64 / accum as f64;
+        model.backward(&mut ws, batch, Some(*dropout), &dlogits, &mut grads);
+    }
+    (step_loss, grads)
+}
+
+/// AdamW of src/train.rs on the CPU from `grads`, per tensor with its decay flag.
+fn cpu_adamw(
+    model: &mut BertModel<f32>,
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    opt: &OptimStep,
+) -> f64 {
+    let norm = global_norm_squared(grads).sqrt();
+    let clip = (opt.max_grad_norm / (norm + 1e-6)).min(1.0);
+    for spec in &model.layout.tensors {
+        let r = spec.range();
+        let wd = if spec.decay { opt.weight_decay } else { 0.0 };
+        adamw_update(
+            &mut model.params[r.clone()],
+            &grads[r.clone()],
+            &mut m[r.clone()],
+            &mut v[r],
+            opt.step,
+            opt.lr,
+            opt.beta1,
+            opt.beta2,
+            opt.eps,
+            wd,
+            clip,
+        );
+    }
+    norm
+}
+
+/// Every gradient tensor by name, norm-relative (an all-zero CPU tensor fails: each one
+/// must be exercised), and the padding row exactly zero.
+fn check_gradients(gpu: &[f32], cpu: &[f32], model: &BertModel<f32>) {
+    for spec in &model.layout.tensors {
+        let r = spec.range();
+        let err = rel_norm_error(&gpu[r.clone()], &cpu[r]);
+        assert!(
+            err <= 1e-3,
+            "gradient {}: relative error {err:e}",
+            spec.name
+        );
+    }
+    let pad = model.config.pad_token_id as usize * model.config.hidden_size;
+    assert!(
+        gpu[pad..pad + model.config.hidden_size]
+            .iter()
+            .all(|&x| x == 0.0),
+        "the padding row must get no gradient"
+    );
+}
+
+#[test]
+fn training_step_matches_cpu() {
+    let Some(rt) = gpu("training_step_matches_cpu") else {
+        return;
+    };
+    let spec = LossSpec::parse("adaptive").unwrap();
+    let eps = 0.01;
+    let mut model = random_model(3);
+    let (batch, ks, types) = ranked_batch(11);
+    let dropout = Dropout { p: 0.1, seed: 77 };
+    let mut trainer = CudaTrainer::new(rt, &model).unwrap();
+    assert_eq!(trainer.download_params().unwrap(), model.params, "upload");
+
+    // Forward with dropout: the same masks, the same logits.
+    let mut ws = Workspace::new();
+    let cpu_logits = model
+        .forward(&mut ws, &batch, Some(dropout))
+        .unwrap()
+        .to_vec();
+    let gpu_logits = trainer.forward(&batch, Some(dropout)).unwrap();
+    assert_close("logits", &gpu_logits, &cpu_logits, 1e-4);
+    let spread = cpu_logits.iter().cloned().fold(f32::MIN, f32::max)
+        - cpu_logits.iter().cloned().fold(f32::MAX, f32::min);
+    assert!(
+        spread > 1e-3,
+        "the logits must differ (the check has teeth)"
+    );
+
+    // One whole step.
+    let micro = [MicroBatch {
+        batch: &batch,
+        ks: &ks,
+        types: &types,
+        dropout: Some(dropout),
+    }];
+    let stats = train_step_cuda(&mut trainer, &micro, &spec, eps, &OPT).unwrap();
+    let (cpu_loss, cpu_grads) = cpu_gradients(
+        &model,
+        &[((batch.clone(), ks.clone(), types.clone()), dropout)],
+        &spec,
+        eps,
+    );
+    assert_rel("loss", stats.loss, cpu_loss, 1e-4);
+    let gpu_grads = trainer.download_grads().unwrap();
+    check_gradients(&gpu_grads, &cpu_grads, &model);
+    let cpu_norm = global_norm_squared(&cpu_grads).sqrt();
+    assert_rel("gradient norm", stats.grad_norm, cpu_norm, 1e-4);
+    assert!(
+        cpu_norm > OPT.max_grad_norm,
+        "the test means to clip: norm {cpu_norm}"
+    );
+
+    // The update, from the device's gradients on the CPU optimizer.
+    let before = model.params.clone();
+    let total = model.num_params();
+    let (mut m, mut v) = (vec![0f32; total], vec![0f32; total]);
+    let norm_of_gpu_grads = cpu_adamw(&mut model, &gpu_grads, &mut m, &mut v, &OPT);
+    assert_rel(
+        "gradient norm of the device's gradients",
+        stats.grad_norm,
+        norm_of_gpu_grads,
+        1e-9,
+    );
+    let gpu_params = trainer.download_params().unwrap();
+    assert_close("updated parameters", &gpu_params, &model.params, 1e-5);
+    let (gpu_m, gpu_v) = trainer.download_moments().unwrap();
+    assert_close("first moment", &gpu_m, &m, 1e-5);
+    assert_close("second moment", &gpu_v, &v, 1e-5);
+    let moved = gpu_params
+        .iter()
+        .zip(&before)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        moved > total / 2,
+        "only {moved} of {total} parameters moved"
+    );
+}
+
+#[test]
+fn accumulated_step_matches_cpu() {
+    let Some(rt) = gpu("accumulated_step_matches_cpu") else {
+        return;
+    };
+    let spec = LossSpec::parse("x").unwrap();
+    let eps = 0.01;
+    let mut model = random_model(5);
+    let first = ranked_batch(21);
+    let second = ranked_batch(22);
+    let dropouts = [Dropout { p: 0.1, seed: 1 }, Dropout { p: 0.1, seed: 2 }];
+    let mut trainer = CudaTrainer::new(rt, &model).unwrap();
+    // Start from non-zero moments and a later step, as after a resume.
+    let total = model.num_params();
+    let mut rng = Rng::new(9);
+    let mut m: Vec<f32> = (0..total).map(|_| (1e-3 * rng.normal()) as f32).collect();
+    let mut v: Vec<f32> = (0..total)
+        .map(|_| (1e-6 * rng.normal().abs()) as f32)
+        .collect();
+    trainer.upload_moments(&m, &v).unwrap();
+    let opt = OptimStep { step: 7, ..OPT };
+
+    let micro = [
+        MicroBatch {
+            batch: &first.0,
+            ks: &first.1,
+            types: &first.2,
+            dropout: Some(dropouts[0]),
+        },
+        MicroBatch {
+            batch: &second.0,
+            ks: &second.1,
+            types: &second.2,
+            dropout: Some(dropouts[1]),
+        },
+    ];
+    let stats = train_step_cuda(&mut trainer, &micro, &spec, eps, &opt).unwrap();
+    let (cpu_loss, cpu_grads) = cpu_gradients(
+        &model,
+        &[(first.clone(), dropouts[0]), (second.clone(), dropouts[1])],
+        &spec,
+        eps,
+    );
+    assert_rel("accumulated loss", stats.loss, cpu_loss, 1e-4);
+    let gpu_grads = trainer.download_grads().unwrap();
+    check_gradients(&gpu_grads, &cpu_grads, &model);
+    cpu_adamw(&mut model, &gpu_grads, &mut m, &mut v, &opt);
+    assert_close(
+        "parameters after a resumed step",
+        &trainer.download_params().unwrap(),
+        &model.params,
+        1e-5,
+    );
+
+    // Parameters uploaded in one copy replace the arena.
+    trainer.upload_params(&model.params).unwrap();
+    assert_eq!(trainer.download_params().unwrap(), model.params);
+}
+
+#[test]
+fn tiny_bert_checkpoint_forward_matches_cpu_and_transformers() {
+    let Some(rt) = gpu("tiny_bert_checkpoint_forward_matches_cpu_and_transformers") else {
+        return;
+    };
+    // RCX_ROOT: where the fixtures are when the test executable runs away from its build
+    // tree (scripts/gpu-check.sh on a lent GPU machine).
+    let root = std::env::var_os("RCX_ROOT")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from)
+        .join("tests/fixtures/parity");
+    let model = load_model_dir(&root.join("tiny-bert"), 0).unwrap();
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("tiny-bert-logits.json")).unwrap())
+            .unwrap();
+    let rows = |key: &str| -> Vec<Vec<u64>> {
+        fixture[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let (ids, types, mask) = (
+        rows("input_ids"),
+        rows("token_type_ids"),
+        rows("attention_mask"),
+    );
+    let batch = Batch {
+        b: ids.len(),
+        t: ids[0].len(),
+        input_ids: ids.concat().into_iter().map(|x| x as u32).collect(),
+        token_type_ids: types.concat().into_iter().map(|x| x as u32).collect(),
+        mask: mask.concat().into_iter().map(|x| x as u8).collect(),
+    };
+    assert!(
+        batch.mask.contains(&0),
+        "the fixture batch must hold padding"
+    );
+    let expected: Vec<f32> = fixture["logits"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+
+    let mut trainer = CudaTrainer::new(rt, &model).unwrap();
+    let gpu_logits = trainer.forward(&batch, None).unwrap();
+    let mut ws = Workspace::new();
+    let cpu_logits = model.forward(&mut ws, &batch, None).unwrap();
+    assert_close("tiny-bert logits vs CPU", &gpu_logits, cpu_logits, 1e-4);
+    let worst = gpu_logits
+        .iter()
+        .zip(&expected)
+        .map(|(g, e)| (g - e).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "tiny-bert logits vs transformers: max abs error {worst:e}"
+    );
+}
