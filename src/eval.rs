@@ -317,7 +317,13 @@ pub fn cmd_score(args: ScoreArgs) -> Result<()> {
     );
     let set = crate::train::PromptSet::open(std::slice::from_ref(&args.data), &tok, max_length)?;
     let mut ws = crate::model::Workspace::new();
-    let logits = crate::train::score_set(&model, &mut ws, &set, None, 8, tok.pad_id())?;
+    let logits = crate::train::score_set(
+        |batch| Ok(model.forward(&mut ws, batch, None)?.to_vec()),
+        &set,
+        None,
+        8,
+        tok.pad_id(),
+    )?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     for (prompt_index, prompt) in logits.iter().enumerate() {
@@ -382,7 +388,13 @@ pub fn cmd_eval(args: EvalArgs) -> Result<()> {
     }
     let set = crate::train::PromptSet::open(std::slice::from_ref(&data), &tok, max_length)?;
     let mut ws = crate::model::Workspace::new();
-    let logits = crate::train::score_set(&model, &mut ws, &set, None, 8, tok.pad_id())?;
+    let logits = crate::train::score_set(
+        |batch| Ok(model.forward(&mut ws, batch, None)?.to_vec()),
+        &set,
+        None,
+        8,
+        tok.pad_id(),
+    )?;
     let scores = crate::train::prompt_scores(&set, &logits);
     let report = summarize(&scores, spec.as_ref().map(|s| (s, eps)))?;
     if args.json {

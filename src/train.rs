@@ -6,6 +6,7 @@
 //! pure function of its config, and resuming from a checkpoint continues bit for bit.
 
 use crate::backend::cpu::{adamw_update, global_norm_squared};
+use crate::backend::cuda::{CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, DType, Device, Scheduler};
 use crate::data::TokenizedSet;
@@ -17,6 +18,7 @@ use crate::rng::{Rng, derive_seed};
 use crate::tokenizer::Tokenizer;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -169,8 +171,7 @@ impl DataOrder {
 /// The logits of every prompt of a set (the first `limit`), best first per prompt, in
 /// evaluation mode (no dropout), `prompts_per_batch` prompts per forward pass.
 pub fn score_set(
-    model: &BertModel<f32>,
-    ws: &mut Workspace<f32>,
+    mut forward: impl FnMut(&Batch) -> Result<Vec<f32>>,
     set: &PromptSet,
     limit: Option<usize>,
     prompts_per_batch: usize,
@@ -181,7 +182,7 @@ pub fn score_set(
     let ids: Vec<usize> = (0..n).collect();
     for chunk in ids.chunks(prompts_per_batch.max(1)) {
         let (batch, ks, _) = set.batch(chunk, pad_id);
-        let logits = model.forward(ws, &batch, None)?;
+        let logits = forward(&batch)?;
         let mut start = 0;
         for k in ks {
             all.push(logits[start..start + k].to_vec());
@@ -240,27 +241,156 @@ fn progress(step: usize, max: usize, loss: f64, lr: f64, prompts_per_s: f64, eta
 /// against their CPU twins, but no training path drives them yet. So `device: cuda` and
 /// `dtype: bf16` (which only a CUDA path could run) are errors, not a silent CPU f32 run;
 /// `device: auto` means the CPU.
-fn check_device(cfg: &Config) -> Result<()> {
-    if cfg.device == Device::Cuda {
-        // Say too whether this machine could run CUDA at all, for when the path exists.
-        let here = match crate::backend::cuda::available() {
-            Ok(()) => "a CUDA device is present".to_string(),
-            Err(why) => why,
-        };
-        return Err(Error::user(format!(
-            "{}: device: cuda: rcx train has no CUDA training path yet, it trains on the CPU \
-             only ({here}); use `device: cpu` or `device: auto`",
-            cfg.path.display()
-        )));
-    }
+/// Where the training step runs, as the config's `device` and `dtype` ask.
+enum Engine {
+    Cpu(CpuStep),
+    Cuda(CudaTrainer),
+}
+
+/// The CPU step's buffers, kept across steps.
+struct CpuStep {
+    ws: Workspace<f32>,
+    grads: Vec<f32>,   // [params]
+    dlogits: Vec<f32>, // [completions of a micro-batch]
+}
+
+fn choose_engine(cfg: &Config, model: &BertModel<f32>) -> Result<Engine> {
+    let cuda = crate::backend::cuda::available();
+    let use_cuda = match (cfg.device, &cuda) {
+        (Device::Cpu, _) => false,
+        (Device::Auto, available) => available.is_ok(),
+        (Device::Cuda, Ok(())) => true,
+        (Device::Cuda, Err(why)) => {
+            return Err(Error::user(format!(
+                "{}: device: cuda: {why}; use `device: cpu` or `device: auto`",
+                cfg.path.display()
+            )));
+        }
+    };
     if cfg.dtype == DType::Bf16 {
+        // The CPU backend is f32 (and f64 for checks); the CUDA trainer is f32 so far.
         return Err(Error::user(format!(
-            "{}: dtype: bf16 needs the CUDA backend; the CPU backend trains in f32 (use \
-             `dtype: f32`)",
-            cfg.path.display()
+            "{}: dtype: bf16 is not implemented in rcx train yet (the {} trainer runs f32); use              `dtype: f32`",
+            cfg.path.display(),
+            if use_cuda { "CUDA" } else { "CPU" }
         )));
     }
-    Ok(())
+    if use_cuda {
+        let rt = Arc::new(CudaRuntime::new(0)?);
+        return Ok(Engine::Cuda(CudaTrainer::new(rt, model)?));
+    }
+    Ok(Engine::Cpu(CpuStep {
+        ws: Workspace::new(),
+        grads: vec![0.0; model.num_params()],
+        dlogits: Vec::new(),
+    }))
+}
+
+/// One micro-batch of a step: the padded completions, K and type per prompt, dropout.
+struct Micro {
+    batch: Batch,
+    ks: Vec<usize>,
+    types: Vec<Option<PromptType>>,
+    dropout: Option<Dropout>,
+}
+
+impl CpuStep {
+    /// Forward, loss and backward over the micro-batches, then clipping and AdamW. The
+    /// parameters are left untouched when the loss or the gradient is not finite.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        model: &mut BertModel<f32>,
+        m: &mut [f32],
+        v: &mut [f32],
+        micros: &[Micro],
+        cfg: &Config,
+        step: usize,
+        lr: f64,
+    ) -> Result<(f64, f64)> {
+        self.grads.fill(0.0);
+        let mut step_loss = 0.0;
+        let accum = micros.len();
+        for mb in micros {
+            let logits = model.forward(&mut self.ws, &mb.batch, mb.dropout)?;
+            self.dlogits.resize(logits.len(), 0.0);
+            let loss = ranking_loss_forward_backward(
+                logits,
+                &mb.ks,
+                &mb.types,
+                &cfg.loss,
+                cfg.eps,
+                &mut self.dlogits,
+            )?;
+            // The step's loss is the mean of its micro-batches' means, as the HF Trainer.
+            for d in self.dlogits.iter_mut() {
+                *d /= accum as f32;
+            }
+            step_loss += loss as f64 / accum as f64;
+            model.backward(
+                &mut self.ws,
+                &mb.batch,
+                mb.dropout,
+                &self.dlogits,
+                &mut self.grads,
+            );
+        }
+        let norm = global_norm_squared(&self.grads).sqrt();
+        if !step_loss.is_finite() || !norm.is_finite() {
+            return Ok((step_loss, norm));
+        }
+        // torch.nn.utils.clip_grad_norm_'s factor.
+        let clip = (cfg.max_grad_norm / (norm + 1e-6)).min(1.0);
+        for spec in &model.layout.tensors {
+            let r = spec.range();
+            let wd = if spec.decay { cfg.weight_decay } else { 0.0 };
+            adamw_update(
+                &mut model.params[r.clone()],
+                &self.grads[r.clone()],
+                &mut m[r.clone()],
+                &mut v[r],
+                step as u64 + 1,
+                lr,
+                BETA1,
+                BETA2,
+                ADAM_EPS,
+                wd,
+                clip,
+            );
+        }
+        Ok((step_loss, norm))
+    }
+}
+
+impl Engine {
+    fn name(&self) -> String {
+        match self {
+            Engine::Cpu(_) => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Engine::Cuda(gpu) => {
+                let device = gpu.runtime().device_name();
+                format!("cuda ({})", device.unwrap_or_else(|e| e.to_string()))
+            }
+        }
+    }
+
+    /// Evaluation-mode logits of a batch.
+    fn forward_eval(&mut self, model: &BertModel<f32>, batch: &Batch) -> Result<Vec<f32>> {
+        match self {
+            Engine::Cpu(cpu) => Ok(model.forward(&mut cpu.ws, batch, None)?.to_vec()),
+            Engine::Cuda(gpu) => gpu.forward(batch, None),
+        }
+    }
+
+    /// Brings the device's parameters and moments into the host arenas (for a checkpoint).
+    fn sync_to_host(&self, model: &mut BertModel<f32>, m: &mut [f32], v: &mut [f32]) -> Result<()> {
+        if let Engine::Cuda(gpu) = self {
+            model.params = gpu.download_params()?;
+            let (dm, dv) = gpu.download_moments()?;
+            m.copy_from_slice(&dm);
+            v.copy_from_slice(&dv);
+        }
+        Ok(())
+    }
 }
 
 /// Runs `rcx train`.
@@ -283,7 +413,6 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
         quiet,
     } = opts;
     let started = Instant::now();
-    check_device(cfg)?;
     checkpoint::ensure_writable_dir(&cfg.output_dir)?;
     let (mut model, tok, vocab) = checkpoint::model_for_training(cfg)?;
     let pad_id = tok.pad_id();
@@ -301,7 +430,6 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
     }
 
     let total = model.num_params();
-    let mut grads = vec![0f32; total]; // [params]
     let mut m = vec![0f32; total]; // [params] AdamW first moment
     let mut v = vec![0f32; total]; // [params] AdamW second moment
     let mut start_step = 0;
@@ -335,49 +463,73 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
         checkpoint::start_fresh(&cfg.output_dir, overwrite)?;
     }
     checkpoint::remove_partial_saves(&cfg.output_dir)?;
+    let mut engine = choose_engine(cfg, &model)?;
+    if let Engine::Cuda(gpu) = &mut engine {
+        gpu.upload_moments(&m, &v)?;
+    }
+    if !quiet {
+        eprintln!(
+            "training {} ({} parameters) on {}",
+            cfg.model_name,
+            total,
+            engine.name()
+        );
+    }
 
     let dropout_p = cfg.dropout.unwrap_or(model.config.hidden_dropout_prob);
-    let mut ws = Workspace::new();
     let mut order = DataOrder::new(cfg.seed, train_set.len());
     let accum = cfg.gradient_accumulation_steps;
     let per_step = cfg.per_device_train_batch_size * accum;
     let end_step = stop_at.map_or(cfg.max_steps, |s| s.min(cfg.max_steps));
-    let mut dlogits: Vec<f32> = Vec::new();
     let loop_started = Instant::now();
     let mut recent_loss = 0.0;
 
     for step in start_step..end_step {
-        grads.fill(0.0);
-        let mut step_loss = 0.0;
-        for micro in 0..accum {
-            let first = step * per_step + micro * cfg.per_device_train_batch_size;
-            let prompts: Vec<usize> = (first..first + cfg.per_device_train_batch_size)
-                .map(|p| order.at(p))
-                .collect();
-            let (batch, ks, types) = train_set.batch(&prompts, pad_id);
-            let dropout = (dropout_p > 0.0).then(|| Dropout {
-                p: dropout_p,
-                seed: derive_seed(cfg.seed, &[STREAM_DROPOUT, step as u64, micro as u64]),
-            });
-            let logits = model.forward(&mut ws, &batch, dropout)?;
-            dlogits.resize(logits.len(), 0.0);
-            let loss = ranking_loss_forward_backward(
-                logits,
-                &ks,
-                &types,
-                &cfg.loss,
-                cfg.eps,
-                &mut dlogits,
-            )?;
-            // The step's loss is the mean of its micro-batches' means, as the HF Trainer.
-            for d in dlogits.iter_mut() {
-                *d /= accum as f32;
+        let lr = learning_rate(cfg, step);
+        let micros: Vec<Micro> = (0..accum)
+            .map(|micro| {
+                let first = step * per_step + micro * cfg.per_device_train_batch_size;
+                let prompts: Vec<usize> = (first..first + cfg.per_device_train_batch_size)
+                    .map(|p| order.at(p))
+                    .collect();
+                let (batch, ks, types) = train_set.batch(&prompts, pad_id);
+                let dropout = (dropout_p > 0.0).then(|| Dropout {
+                    p: dropout_p,
+                    seed: derive_seed(cfg.seed, &[STREAM_DROPOUT, step as u64, micro as u64]),
+                });
+                Micro {
+                    batch,
+                    ks,
+                    types,
+                    dropout,
+                }
+            })
+            .collect();
+        let (step_loss, norm) = match &mut engine {
+            Engine::Cpu(cpu) => cpu.run(&mut model, &mut m, &mut v, &micros, cfg, step, lr)?,
+            Engine::Cuda(gpu) => {
+                let device_micros: Vec<MicroBatch> = micros
+                    .iter()
+                    .map(|mb| MicroBatch {
+                        batch: &mb.batch,
+                        ks: &mb.ks,
+                        types: &mb.types,
+                        dropout: mb.dropout,
+                    })
+                    .collect();
+                let opt = OptimStep {
+                    step: step as u64 + 1,
+                    lr,
+                    beta1: BETA1,
+                    beta2: BETA2,
+                    eps: ADAM_EPS,
+                    weight_decay: cfg.weight_decay,
+                    max_grad_norm: cfg.max_grad_norm,
+                };
+                let stats = train_step_cuda(gpu, &device_micros, &cfg.loss, cfg.eps, &opt)?;
+                (stats.loss, stats.grad_norm)
             }
-            step_loss += loss as f64 / accum as f64;
-            model.backward(&mut ws, &batch, dropout, &dlogits, &mut grads);
-        }
-
-        let norm = global_norm_squared(&grads).sqrt();
+        };
         if !step_loss.is_finite() || !norm.is_finite() {
             return Err(Error::internal(format!(
                 "step {}: the {} is not finite; stopping (the last good checkpoint in {} is kept)",
@@ -389,26 +541,6 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
                 },
                 cfg.output_dir.display()
             )));
-        }
-        // torch.nn.utils.clip_grad_norm_'s factor.
-        let clip = (cfg.max_grad_norm / (norm + 1e-6)).min(1.0);
-        let lr = learning_rate(cfg, step);
-        for spec in &model.layout.tensors {
-            let r = spec.range();
-            let wd = if spec.decay { cfg.weight_decay } else { 0.0 };
-            adamw_update(
-                &mut model.params[r.clone()],
-                &grads[r.clone()],
-                &mut m[r.clone()],
-                &mut v[r],
-                step as u64 + 1,
-                lr,
-                BETA1,
-                BETA2,
-                ADAM_EPS,
-                wd,
-                clip,
-            );
         }
         let done = step + 1;
         recent_loss = if step == start_step {
@@ -424,7 +556,13 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
             progress(done, cfg.max_steps, recent_loss, lr, rate, eta);
         }
         if done % cfg.eval_steps == 0 || done == cfg.max_steps {
-            let logits = score_set(&model, &mut ws, &eval_set, cfg.eval_max_prompts, 8, pad_id)?;
+            let logits = score_set(
+                |batch| engine.forward_eval(&model, batch),
+                &eval_set,
+                cfg.eval_max_prompts,
+                8,
+                pad_id,
+            )?;
             let scores = prompt_scores(&eval_set, &logits);
             let loss = eval_loss(&scores, cfg)?;
             let report = summarize(&scores, Some((&cfg.loss, cfg.eps)))?;
@@ -448,10 +586,12 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
                 step: done,
                 seed: cfg.seed,
             };
+            engine.sync_to_host(&mut model, &mut m, &mut v)?;
             checkpoint::save_checkpoint(cfg, &model, &vocab, &m, &v, &state)?;
         }
     }
     if end_step == cfg.max_steps {
+        engine.sync_to_host(&mut model, &mut m, &mut v)?;
         checkpoint::save_final(cfg, &model, &vocab)?;
     }
     if !quiet {
