@@ -177,6 +177,7 @@ pub fn reward_histogram_panel(title: &str, scores: &[PromptScores], bins: usize)
         .y_label("density")
         .x_range(0.0, 1.0)
         .legend(LegendPosition::UpperRight);
+    let mut tallest: f64 = 0.0;
     for (name, ty) in [
         ("open", Some(PromptType::Open)),
         ("closed", Some(PromptType::Closed)),
@@ -191,14 +192,17 @@ pub fn reward_histogram_panel(title: &str, scores: &[PromptScores], bins: usize)
             continue;
         }
         let label = format!("{} ({} rewards)", type_label(name), values.len());
+        let histogram = Histogram::of_values(&values, bins, (0.0, 1.0), true);
+        tallest = histogram.heights.iter().cloned().fold(tallest, f64::max);
         panel = panel.histogram(
-            Histogram::of_values(&values, bins, (0.0, 1.0), true)
+            histogram
                 .label(&label)
                 .color(type_color(name))
                 .opacity(0.45),
         );
     }
-    panel
+    // From 0: the bars stand on the axis; headroom above for the legend.
+    panel.y_range(0.0, 1.25 * tallest.max(1.0))
 }
 
 fn steps(records: &[MetricsRecord]) -> Vec<f64> {
@@ -210,6 +214,13 @@ fn per_step(records: &[MetricsRecord], value: impl Fn(&MetricsRecord) -> Option<
         .iter()
         .map(|r| value(r).unwrap_or(f64::NAN))
         .collect()
+}
+
+/// The largest collapse gap any run recorded (0 without one).
+pub fn largest_gap(runs: &[(String, Vec<MetricsRecord>)]) -> f64 {
+    runs.iter()
+        .flat_map(|(_, records)| records.iter().filter_map(|r| r.report.collapse_gap))
+        .fold(0.0, f64::max)
 }
 
 /// Training curves against step: eval loss, pairwise accuracy and collapse gap. For one
@@ -291,7 +302,22 @@ pub fn training_curves(runs: &[(String, Vec<MetricsRecord>)]) -> Figure {
         loss = loss.legend(LegendPosition::Hidden);
         gap = gap.legend(LegendPosition::Hidden);
     }
-    Figure::new().panel(loss).panel(accuracy).panel(gap)
+    // Steps from 0, the gap from 0 so that its size reads at a glance.
+    let last_step = runs
+        .iter()
+        .flat_map(|(_, records)| records.iter().map(|r| r.step))
+        .max()
+        .unwrap_or(1) as f64;
+    let headroom = if single {
+        1.15
+    } else {
+        1.0 + 0.3 * runs.len() as f64
+    };
+    let gap = gap.y_range(0.0, headroom * largest_gap(runs).max(0.01));
+    Figure::new()
+        .panel(loss.x_range(0.0, last_step))
+        .panel(accuracy.x_range(0.0, last_step))
+        .panel(gap.x_range(0.0, last_step))
 }
 
 /// `rcx plot`: several runs' reward panels side by side (the paper's figure), or their

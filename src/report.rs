@@ -6,8 +6,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::eval::{EvalReport, PromptScores, TypeStats, summarize};
 use crate::figures::{
-    MetricsRecord, loss_title, paper_figure, read_metrics, reward_histogram_panel, reward_panel,
-    training_curves,
+    MetricsRecord, largest_gap, loss_title, paper_figure, read_metrics, reward_histogram_panel,
+    reward_panel, training_curves,
 };
 use crate::loss::LossSpec;
 use crate::plot::{Figure, LegendPosition, Line, PALETTE, Panel};
@@ -301,8 +301,7 @@ pub fn figure_files(runs: &[RunResult]) -> Vec<(String, Figure)> {
             .collect();
         if !panels.is_empty() {
             let title = format!(
-                "Mean reward by response index on the {} prompts (band: 10-90 percentile; dashed: \
-                 optimum, eps 0.1)",
+                "{} prompts: mean reward by response index",
                 split_name(on_train)
             );
             out.push((
@@ -331,25 +330,42 @@ pub fn figure_files(runs: &[RunResult]) -> Vec<(String, Figure)> {
         ));
     }
     if !runs.is_empty() {
-        let mut gap = Panel::new("collapse gap on the eval prompts during training")
+        let curves: Vec<(String, Vec<MetricsRecord>)> = runs
+            .iter()
+            .map(|r| (r.name.clone(), r.metrics.clone()))
+            .collect();
+        let last_step = runs.iter().map(|r| r.steps).max().unwrap_or(1) as f64;
+        // Headroom above the curves for the legend, one row per run.
+        let top = (1.0 + 0.3 * runs.len() as f64) * largest_gap(&curves).max(SEPARATION_GAP_MIN);
+        let mut gap = Panel::new("collapse gap on the eval prompts")
             .x_label("step")
             .y_label("mean |open - closed|")
+            .x_range(0.0, last_step)
+            .y_range(0.0, top)
             .legend(LegendPosition::UpperRight);
-        for (i, run) in runs.iter().enumerate() {
-            let xs = run.metrics.iter().map(|m| m.step as f64).collect();
-            let ys = run
-                .metrics
+        for bound in [COLLAPSE_GAP_MAX, SEPARATION_GAP_MIN] {
+            gap = gap.line(
+                Line::new(vec![0.0, last_step], vec![bound, bound])
+                    .color("#999999")
+                    .dashed()
+                    .width(1.0),
+            );
+        }
+        for (i, (name, records)) in curves.iter().enumerate() {
+            let xs = records.iter().map(|m| m.step as f64).collect();
+            let ys = records
                 .iter()
                 .map(|m| m.report.collapse_gap.unwrap_or(f64::NAN))
                 .collect();
-            let mut line = Line::new(xs, ys)
-                .label(&run.name)
-                .color(PALETTE[i % PALETTE.len()])
-                .markers();
-            if run.name != "logsigmoid" {
-                line = line.width(1.2);
-            }
-            gap = gap.line(line);
+            // Log-sigmoid is the run whose gap the paper follows across training.
+            let width = if name == "logsigmoid" { 2.5 } else { 1.2 };
+            gap = gap.line(
+                Line::new(xs, ys)
+                    .label(name)
+                    .color(PALETTE[i % PALETTE.len()])
+                    .width(width)
+                    .markers(),
+            );
         }
         out.push(("collapse_gap_by_step.svg".into(), Figure::new().panel(gap)));
     }
@@ -371,12 +387,24 @@ pub fn results_markdown(r: &Reproduction) -> String {
         "{TRAIN_SUBSET} training prompts, and compares the mean reward at each response index \
          with the theory's optimum for n = 8 (`rcx theory`).\n\n"
     );
-    let _ = writeln!(
+    let _ = write!(
         s,
-        "Total wall time: **{}** on {}.\n",
+        "Total wall time: **{}** on {}.",
         minutes(r.total_wall_s),
         r.machine
     );
+    let reused: Vec<&RunResult> = r.runs.iter().filter(|run| run.reused).collect();
+    if !reused.is_empty() {
+        let _ = write!(
+            s,
+            " {} of the runs were trained earlier and reused (`--reuse`): their {} of training \
+             are not in that total; training every run took {} in all.",
+            reused.len(),
+            minutes(reused.iter().map(|run| run.train_wall_s).sum()),
+            minutes(r.runs.iter().map(|run| run.train_wall_s).sum())
+        );
+    }
+    s += "\n\n";
     s += "Why this size: the paper fine-tuned DeBERTa-v3-base for 1,000 steps on a GPU. Here the \
           five runs train bert-tiny (2 layers, hidden 128, 2 heads, 4.4M parameters) from scratch \
           for 800 steps of 4 prompts x 8 completions (about 1.9 passes over the 1,696 training \
@@ -481,7 +509,8 @@ pub fn results_markdown(r: &Reproduction) -> String {
         gap_by_step_table(&mut s, run);
         let _ = writeln!(
             s,
-            "\n![collapse gap by step]({})\n",
+            "\n![collapse gap by step]({})\n\nEvery run's gap; the dashed lines are the bounds \
+             {COLLAPSE_GAP_MAX} and {SEPARATION_GAP_MIN}.\n",
             fig("collapse_gap_by_step.svg")
         );
     }
