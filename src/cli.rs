@@ -23,6 +23,10 @@ pub enum Command {
     Score(crate::eval::ScoreArgs),
     /// Evaluate a trained model: rewards per prompt type and rank, collapse gap, theory.
     Eval(crate::eval::EvalArgs),
+    /// Draw runs' reward panels side by side (the paper's figure), curves or histograms.
+    Plot(crate::figures::PlotArgs),
+    /// Train the paper's runs, evaluate them and write docs/results.md with figures.
+    Reproduce(crate::report::ReproduceArgs),
     /// Validate training config files.
     CheckConfig(crate::config::CheckConfigArgs),
     /// Solve the theory's reward optimum for a utility, and compare it with its limit.
@@ -38,6 +42,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => crate::train::cmd_train(a),
         Command::Score(a) => crate::eval::cmd_score(a),
         Command::Eval(a) => crate::eval::cmd_eval(a),
+        Command::Plot(a) => crate::figures::cmd_plot(a),
+        Command::Reproduce(a) => crate::report::cmd_reproduce(a),
         Command::CheckConfig(a) => crate::config::cmd_check_config(a),
         Command::Theory(a) => crate::theory::cmd_theory(a),
         Command::Data(a) => crate::data::cmd_data(a),

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::loss::{LossSpec, PromptType, TIE_TOLERANCE, Utility};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -16,7 +16,7 @@ pub struct PromptScores {
 }
 
 /// The rewards at one rank across prompts.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RankStats {
     pub mean: f64,
     pub std: f64,
@@ -25,9 +25,9 @@ pub struct RankStats {
 }
 
 /// Per prompt type: accuracy and the reward distribution at each rank.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TypeStats {
-    pub prompt_type: &'static str,
+    pub prompt_type: String,
     pub prompts: usize,
     /// Fraction of ranked pairs ordered correctly (ties count as not correct).
     pub pairwise_accuracy: f64,
@@ -47,7 +47,7 @@ pub struct TypeStats {
 }
 
 /// The optimum of max sum_{i<j} U(r_i - r_j) for K completions, beside the measured means.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Prediction {
     pub utility: String,
     pub eps: f64,
@@ -57,7 +57,7 @@ pub struct Prediction {
     pub distance: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EvalReport {
     pub prompts: usize,
     pub pairwise_accuracy: f64,
@@ -117,7 +117,7 @@ fn ratio(a: usize, b: usize) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }
 
-fn type_stats(name: &'static str, scores: &[&PromptScores]) -> TypeStats {
+fn type_stats(name: &str, scores: &[&PromptScores]) -> TypeStats {
     let mut counts = [0usize; 5];
     for s in scores {
         for (total, c) in counts.iter_mut().zip(pair_counts(&s.rewards)) {
@@ -144,7 +144,7 @@ fn type_stats(name: &'static str, scores: &[&PromptScores]) -> TypeStats {
         })
         .collect();
     TypeStats {
-        prompt_type: name,
+        prompt_type: name.to_string(),
         prompts: scores.len(),
         pairwise_accuracy: ratio(counts[0], counts[2]),
         tie_rate: ratio(counts[1], counts[2]),

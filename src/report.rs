@@ -1,0 +1,753 @@
+//! `rcx reproduce`: trains the paper's five runs (and one on the pretrained MiniLM-L6),
+//! evaluates every final model on training and evaluation prompts, draws the figures and
+//! writes `docs/results.md` with the issue's targets judged PASS or MISS.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::eval::{EvalReport, PromptScores, TypeStats, summarize};
+use crate::figures::{
+    MetricsRecord, largest_gap, loss_title, paper_figure, read_metrics, reward_histogram_panel,
+    reward_panel, training_curves,
+};
+use crate::loss::LossSpec;
+use crate::plot::{Figure, LegendPosition, Line, PALETTE, Panel};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The paper's five runs, in the order of its figure.
+pub const PAPER_RUNS: [&str; 5] = ["x", "x_inv", "log", "logsigmoid", "x_adaptive"];
+/// The prompt-aware run on the pretrained MiniLM-L6.
+pub const MINILM_RUN: &str = "minilm_x_adaptive";
+/// Where `scripts/fetch-minilm.sh` puts the pretrained model.
+pub const MINILM_DIR: &str = ".models/all-MiniLM-L6-v2";
+/// How many training prompts (the first of the file) each final model is scored on:
+/// enough for stable means per rank, cheap next to training.
+pub const TRAIN_SUBSET: usize = 300;
+/// The issue's bounds: collapse gap at most this for a single utility...
+pub const COLLAPSE_GAP_MAX: f64 = 0.03;
+/// ...at least this for the prompt-aware utility...
+pub const SEPARATION_GAP_MIN: f64 = 0.15;
+/// ...and every mean curve within this of its predicted optimum.
+pub const OPTIMUM_DISTANCE_MAX: f64 = 0.03;
+
+/// A model's scores on a ranking file, summarised against the optimum of the utility it
+/// was trained with (eps as trained) and against the pure form of the theory (eps = 0).
+pub struct Scored {
+    pub scores: Vec<PromptScores>,
+    pub report: EvalReport,
+    pub pure: EvalReport,
+}
+
+/// Summaries of scores against the trained optimum and the pure one.
+pub fn score_summaries(
+    scores: Vec<PromptScores>,
+    spec: Option<&LossSpec>,
+    eps: f64,
+) -> Result<Scored> {
+    let report = summarize(&scores, spec.map(|s| (s, eps)))?;
+    let pure = summarize(&scores, spec.map(|s| (s, 0.0)))?;
+    Ok(Scored {
+        scores,
+        report,
+        pure,
+    })
+}
+
+/// Scores the final model of a run folder on the first `limit` prompts of `data`.
+pub fn evaluate_model(dir: &Path, data: &Path, limit: Option<usize>) -> Result<Scored> {
+    let (model, tok, meta) = crate::checkpoint::load_for_scoring(dir)?;
+    let max_length = meta
+        .as_ref()
+        .map_or(512, |m| m.max_length)
+        .min(model.config.max_position_embeddings);
+    let set = crate::train::PromptSet::open(&[data.to_path_buf()], &tok, max_length)?;
+    let mut ws = crate::model::Workspace::new();
+    let (scores, _, _) =
+        crate::train::score_set(&model, &mut ws, &set, limit, 8, tok.pad_id(), |_, _, _| {
+            Ok(0.0)
+        })?;
+    let spec = meta
+        .as_ref()
+        .map(|m| LossSpec::parse(&m.loss))
+        .transpose()?;
+    score_summaries(scores, spec.as_ref(), meta.as_ref().map_or(0.1, |m| m.eps))
+}
+
+/// One run's measurements.
+pub struct RunResult {
+    pub name: String,
+    pub loss: String,
+    pub model: String,
+    pub steps: usize,
+    /// Training wall time, from the run's last metrics line (start to last evaluation).
+    pub train_wall_s: f64,
+    /// Scoring the train subset and the eval split after training.
+    pub eval_wall_s: f64,
+    /// Whether a finished run was reused instead of trained again (`--reuse`).
+    pub reused: bool,
+    pub on_train: Scored,
+    pub on_eval: Scored,
+    pub metrics: Vec<MetricsRecord>,
+}
+
+/// Everything results.md reports.
+pub struct Reproduction {
+    pub runs: Vec<RunResult>,
+    /// Runs not made, with the reason.
+    pub skipped: Vec<(String, String)>,
+    pub total_wall_s: f64,
+    /// Where it ran: cores and load, for reading the wall times.
+    pub machine: String,
+    /// results.md's links to figures are relative to its folder: `figures/NAME.svg`.
+    pub figures_dir: String,
+}
+
+/// One row of the PASS/MISS table.
+pub struct Check {
+    pub run: String,
+    pub split: &'static str,
+    pub what: String,
+    pub measured: f64,
+    pub target: String,
+    pub pass: bool,
+    /// Extra facts beside the judged number (the pure-form distance).
+    pub note: String,
+}
+
+fn split_name(on_train: bool) -> &'static str {
+    if on_train { "train" } else { "eval" }
+}
+
+/// The issue's targets for one run: the gap (coinciding for a single utility, separated
+/// for a prompt-aware one) on train and eval prompts, and every curve's distance to the
+/// optimum of its trained utility (eps as trained; the pure form's distance as a note).
+pub fn checks(run: &RunResult) -> Vec<Check> {
+    let mut out = Vec::new();
+    let prompt_aware = LossSpec::parse(&run.loss).is_ok_and(|s| s.is_prompt_aware());
+    for (on_train, scored) in [(true, &run.on_train), (false, &run.on_eval)] {
+        let split = split_name(on_train);
+        if let Some(gap) = scored.report.collapse_gap {
+            let (what, target, pass) = if prompt_aware {
+                (
+                    "types separate: collapse gap",
+                    format!(">= {SEPARATION_GAP_MIN}"),
+                    gap >= SEPARATION_GAP_MIN,
+                )
+            } else {
+                (
+                    "types coincide: collapse gap",
+                    format!("<= {COLLAPSE_GAP_MAX}"),
+                    gap <= COLLAPSE_GAP_MAX,
+                )
+            };
+            out.push(Check {
+                run: run.name.clone(),
+                split,
+                what: what.into(),
+                measured: gap,
+                target,
+                pass,
+                note: String::new(),
+            });
+        }
+        for (t, pure) in scored.report.by_type.iter().zip(&scored.pure.by_type) {
+            let (Some(p), Some(pp)) = (&t.prediction, &pure.prediction) else {
+                continue;
+            };
+            out.push(Check {
+                run: run.name.clone(),
+                split,
+                what: format!(
+                    "{} curve to optimum of {} (eps {})",
+                    t.prompt_type, p.utility, p.eps
+                ),
+                measured: p.distance,
+                target: format!("<= {OPTIMUM_DISTANCE_MAX}"),
+                pass: p.distance <= OPTIMUM_DISTANCE_MAX,
+                note: format!(
+                    "pure form (eps 0): {:.4} {}",
+                    pp.distance,
+                    pass_word(pp.distance <= OPTIMUM_DISTANCE_MAX)
+                ),
+            });
+        }
+    }
+    out
+}
+
+fn pass_word(pass: bool) -> &'static str {
+    if pass { "PASS" } else { "MISS" }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.4}"))
+}
+
+fn minutes(seconds: f64) -> String {
+    format!("{:.1} min", seconds / 60.0)
+}
+
+/// The distance of one type's curve to its optimum: trained eps and pure, "a / b".
+fn distances(scored: &Scored, ty: &str) -> String {
+    let d = |r: &EvalReport| {
+        r.for_type(ty)
+            .and_then(|t| t.prediction.as_ref())
+            .map(|p| p.distance)
+    };
+    match (d(&scored.report), d(&scored.pure)) {
+        (Some(a), Some(b)) => format!("{a:.4} / {b:.4}"),
+        _ => "-".into(),
+    }
+}
+
+fn summary_table(s: &mut String, runs: &[RunResult], on_train: bool) {
+    let _ = writeln!(
+        s,
+        "| run | prompts | collapse gap | open acc | closed acc | closed ties | closed wrong | \
+         closed long-vs-short | open dist (eps 0.1 / pure) | closed dist (eps 0.1 / pure) |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    for run in runs {
+        let scored = if on_train {
+            &run.on_train
+        } else {
+            &run.on_eval
+        };
+        let r = &scored.report;
+        let stat = |ty: &str, f: fn(&TypeStats) -> f64| fmt_opt(r.for_type(ty).map(f));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            run.name,
+            r.prompts,
+            fmt_opt(r.collapse_gap),
+            stat("open", |t| t.pairwise_accuracy),
+            stat("closed", |t| t.pairwise_accuracy),
+            stat("closed", |t| t.tie_rate),
+            stat("closed", |t| t.wrong_rate),
+            stat("closed", |t| t.cross_half_accuracy),
+            distances(scored, "open"),
+            distances(scored, "closed"),
+        );
+    }
+}
+
+/// The collapse gap at every evaluation of a run, with the per-type accuracies.
+fn gap_by_step_table(s: &mut String, run: &RunResult) {
+    let _ = writeln!(
+        s,
+        "| step | collapse gap | open acc | closed acc | closed ties | eval loss |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for m in &run.metrics {
+        let r = &m.report;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.4} |",
+            m.step,
+            fmt_opt(r.collapse_gap),
+            fmt_opt(r.for_type("open").map(|t| t.pairwise_accuracy)),
+            fmt_opt(r.for_type("closed").map(|t| t.pairwise_accuracy)),
+            fmt_opt(r.for_type("closed").map(|t| t.tie_rate)),
+            m.eval_loss
+        );
+    }
+}
+
+/// The theory's n = K optima (pure and as trained) beside a run's measured means on the
+/// eval prompts, per prompt type.
+fn optima_table(s: &mut String, run: &RunResult) {
+    let r = &run.on_eval;
+    for (t, pure) in r.report.by_type.iter().zip(&r.pure.by_type) {
+        let (Some(p), Some(pp)) = (&t.prediction, &pure.prediction) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "\n`{}`, {} prompts, U = `{}`:\n\n| index | optimum, pure (eps 0) | optimum, eps {} | \
+             measured mean | p10 | p90 |\n|---|---|---|---|---|---|",
+            run.name, t.prompt_type, p.utility, p.eps
+        );
+        for (i, rank) in t.ranks.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                i + 1,
+                pp.optimum[i],
+                p.optimum[i],
+                rank.mean,
+                rank.p10,
+                rank.p90
+            );
+        }
+    }
+}
+
+/// Figures of a reproduction, by file name under the figures folder.
+pub fn figure_files(runs: &[RunResult]) -> Vec<(String, Figure)> {
+    let mut out = Vec::new();
+    let paper: Vec<&RunResult> = runs
+        .iter()
+        .filter(|r| PAPER_RUNS.contains(&r.name.as_str()))
+        .collect();
+    for on_train in [false, true] {
+        let panels: Vec<(String, &EvalReport)> = paper
+            .iter()
+            .map(|r| {
+                let scored = if on_train { &r.on_train } else { &r.on_eval };
+                (loss_title(&r.loss), &scored.report)
+            })
+            .collect();
+        if !panels.is_empty() {
+            let title = format!(
+                "{} prompts: mean reward by response index",
+                split_name(on_train)
+            );
+            out.push((
+                format!("paper_figure_{}.svg", split_name(on_train)),
+                paper_figure(Some(&title), &panels),
+            ));
+        }
+    }
+    for run in runs {
+        let title = format!("{} ({})", run.name, loss_title(&run.loss));
+        out.push((
+            format!("{}_panels.svg", run.name),
+            Figure::new()
+                .title(&title)
+                .panel(reward_panel("eval prompts", &run.on_eval.report))
+                .panel(reward_panel("train prompts", &run.on_train.report))
+                .panel(reward_histogram_panel(
+                    "rewards, eval prompts",
+                    &run.on_eval.scores,
+                    40,
+                )),
+        ));
+        out.push((
+            format!("{}_curves.svg", run.name),
+            training_curves(&[(run.name.clone(), run.metrics.clone())]).title(&title),
+        ));
+    }
+    if !runs.is_empty() {
+        let curves: Vec<(String, Vec<MetricsRecord>)> = runs
+            .iter()
+            .map(|r| (r.name.clone(), r.metrics.clone()))
+            .collect();
+        let last_step = runs.iter().map(|r| r.steps).max().unwrap_or(1) as f64;
+        // Headroom above the curves for the legend, one row per run.
+        let top = (1.0 + 0.3 * runs.len() as f64) * largest_gap(&curves).max(SEPARATION_GAP_MIN);
+        let mut gap = Panel::new("collapse gap on the eval prompts")
+            .x_label("step")
+            .y_label("mean |open - closed|")
+            .x_range(0.0, last_step)
+            .y_range(0.0, top)
+            .legend(LegendPosition::UpperRight);
+        for bound in [COLLAPSE_GAP_MAX, SEPARATION_GAP_MIN] {
+            gap = gap.line(
+                Line::new(vec![0.0, last_step], vec![bound, bound])
+                    .color("#999999")
+                    .dashed()
+                    .width(1.0),
+            );
+        }
+        for (i, (name, records)) in curves.iter().enumerate() {
+            let xs = records.iter().map(|m| m.step as f64).collect();
+            let ys = records
+                .iter()
+                .map(|m| m.report.collapse_gap.unwrap_or(f64::NAN))
+                .collect();
+            // Log-sigmoid is the run whose gap the paper follows across training.
+            let width = if name == "logsigmoid" { 2.5 } else { 1.2 };
+            gap = gap.line(
+                Line::new(xs, ys)
+                    .label(name)
+                    .color(PALETTE[i % PALETTE.len()])
+                    .width(width)
+                    .markers(),
+            );
+        }
+        out.push(("collapse_gap_by_step.svg".into(), Figure::new().panel(gap)));
+    }
+    out
+}
+
+/// The markdown of results.md.
+pub fn results_markdown(r: &Reproduction) -> String {
+    let fig = |name: &str| format!("{}/{name}", r.figures_dir);
+    let mut s = String::new();
+    s += "# Results: reward collapse, reproduced with rcx\n\n";
+    s += "Written by `rcx reproduce` (do not edit by hand: rerun it). It trains the paper's five \
+          runs (`configs/x.yml`, `x_inv`, `log`, `logsigmoid`, `x_adaptive`) on the shipped \
+          kjv-jargon set, one prompt-aware run on the pretrained MiniLM-L6 \
+          (`configs/minilm_x_adaptive.yml`), then scores every final model on the eval split \
+          and on the first ";
+    let _ = write!(
+        s,
+        "{TRAIN_SUBSET} training prompts, and compares the mean reward at each response index \
+         with the theory's optimum for n = 8 (`rcx theory`).\n\n"
+    );
+    let _ = write!(
+        s,
+        "Total wall time: **{}** on {}.",
+        minutes(r.total_wall_s),
+        r.machine
+    );
+    let reused: Vec<&RunResult> = r.runs.iter().filter(|run| run.reused).collect();
+    if !reused.is_empty() {
+        let _ = write!(
+            s,
+            " {} of the runs were trained earlier and reused (`--reuse`): their {} of training \
+             are not in that total; training every run took {} in all.",
+            reused.len(),
+            minutes(reused.iter().map(|run| run.train_wall_s).sum()),
+            minutes(r.runs.iter().map(|run| run.train_wall_s).sum())
+        );
+    }
+    s += "\n\n";
+    s += "Why this size: the paper fine-tuned DeBERTa-v3-base for 1,000 steps on a GPU. Here the \
+          five runs train bert-tiny (2 layers, hidden 128, 2 heads, 4.4M parameters) from scratch \
+          for 800 steps of 4 prompts x 8 completions (about 1.9 passes over the 1,696 training \
+          prompts), which takes about 7 minutes per run on two idle cores, so that the five \
+          runs and a 150-step MiniLM-L6 fine-tune fit in 60 minutes on a 2-core CPU. 800 steps \
+          is where the training curves have flattened (see the per-run curves below): open-ended \
+          pairwise accuracy is near 1 and the closed-ended long-vs-short accuracy is 1 well \
+          before the end, so the rewards have settled near the interpolating optimum the theory \
+          describes.\n\n";
+    let _ = writeln!(
+        s,
+        "Distances are the mean over the 8 response indices of |measured mean reward - \
+         optimum|. Two optima are reported: the one of the extended utility that training \
+         maximises (shifted by eps = 0.1, the authors' form) and the pure form of the paper's \
+         theory (eps = 0, the paper's dashed lines). The targets are judged on the first; the \
+         second is in the notes.\n"
+    );
+    for (name, why) in &r.skipped {
+        let _ = writeln!(s, "Skipped `{name}`: {why}\n");
+    }
+
+    s += "## Targets (issue 5)\n\n";
+    s += "| run | prompts | check | measured | target | result | note |\n|---|---|---|---|---|---|---|\n";
+    let mut misses = Vec::new();
+    for run in &r.runs {
+        for c in checks(run) {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.4} | {} | {} | {} |",
+                c.run,
+                c.split,
+                c.what,
+                c.measured,
+                c.target,
+                pass_word(c.pass),
+                c.note
+            );
+            if !c.pass {
+                misses.push(c);
+            }
+        }
+    }
+    if misses.is_empty() {
+        s += "\nEvery target is met.\n\n";
+    } else {
+        let _ = writeln!(
+            s,
+            "\n{} of the checks miss; they are kept as measured. Where each one misses (the \
+             response indices farthest from the optimum):\n",
+            misses.len()
+        );
+        for c in &misses {
+            let _ = writeln!(s, "- {}", miss_detail(r, c));
+        }
+        s += "\n";
+    }
+
+    s += "## Per run\n\nWall time is training (from its start to the last evaluation) and, \
+          after it, scoring the eval split and the training subset.\n\n";
+    s += "| run | loss | model | steps | train wall | scoring wall |\n|---|---|---|---|---|---|\n";
+    for run in &r.runs {
+        let _ = writeln!(
+            s,
+            "| {} | `{}` ({}) | {} | {} | {}{} | {:.0} s |",
+            run.name,
+            run.loss,
+            loss_title(&run.loss),
+            run.model,
+            run.steps,
+            minutes(run.train_wall_s),
+            if run.reused { " (reused)" } else { "" },
+            run.eval_wall_s
+        );
+    }
+    s += "\nOn the eval prompts (the held-out split):\n\n";
+    summary_table(&mut s, &r.runs, false);
+    let _ = write!(
+        s,
+        "\nOn the training prompts (the first {TRAIN_SUBSET} of the training file):\n\n"
+    );
+    summary_table(&mut s, &r.runs, true);
+    s += "\nAccuracy counts a pair as correct when the better completion's reward is higher \
+          by more than 1e-3; ties (within 1e-3) are reported apart from wrong orders, since \
+          U = x is meant to tie the completions inside each cluster of a closed-ended prompt. \
+          Long-vs-short is the accuracy over pairs across the two clusters.\n\n";
+
+    s += "## The paper's figure\n\n";
+    let _ = writeln!(
+        s,
+        "![paper figure, eval prompts]({})\n\n![paper figure, train prompts]({})\n",
+        fig("paper_figure_eval.svg"),
+        fig("paper_figure_train.svg")
+    );
+    s += "Each panel: mean reward against response index (1 = worst), open-ended prompts in \
+          blue, closed-ended in red, shaded between the 10th and 90th percentiles, the optimum \
+          of the trained utility (eps 0.1) dashed.\n\n";
+
+    if let Some(run) = r.runs.iter().find(|run| run.name == "logsigmoid") {
+        s += "## Log-sigmoid: the collapse gap across training\n\n";
+        s += "The paper sees the two prompt types differ early in training and coincide by the \
+              end. The gap on the eval prompts at every evaluation:\n\n";
+        gap_by_step_table(&mut s, run);
+        let _ = writeln!(
+            s,
+            "\n![collapse gap by step]({})\n\nEvery run's gap; the dashed lines are the bounds \
+             {COLLAPSE_GAP_MAX} and {SEPARATION_GAP_MIN}.\n",
+            fig("collapse_gap_by_step.svg")
+        );
+    }
+
+    s += "## The theory's optima for n = 8 beside the measured means (eval prompts)\n";
+    for run in &r.runs {
+        optima_table(&mut s, run);
+    }
+    s += "\n## Figures per run\n\nFor each run: the panel on the eval and the train prompts \
+          and the histogram of every reward per prompt type; then the training curves (eval \
+          loss, pairwise accuracy, collapse gap against step).\n\n";
+    for run in &r.runs {
+        let _ = writeln!(
+            s,
+            "### {}\n\n![{} panels]({})\n\n![{} curves]({})\n",
+            run.name,
+            run.name,
+            fig(&format!("{}_panels.svg", run.name)),
+            run.name,
+            fig(&format!("{}_curves.svg", run.name))
+        );
+    }
+    s
+}
+
+/// A missed check, with the response indices farthest from the optimum.
+fn miss_detail(r: &Reproduction, c: &Check) -> String {
+    let Some(run) = r.runs.iter().find(|run| run.name == c.run) else {
+        return c.what.clone();
+    };
+    let scored = if c.split == "train" {
+        &run.on_train
+    } else {
+        &run.on_eval
+    };
+    let mut s = format!(
+        "`{}` on {} prompts, {}: {:.4} (target {}).",
+        c.run, c.split, c.what, c.measured, c.target
+    );
+    if c.what.starts_with("types") {
+        if let (Some(o), Some(cl)) = (
+            scored.report.for_type("open"),
+            scored.report.for_type("closed"),
+        ) {
+            let mut diffs: Vec<(usize, f64, f64)> = o
+                .ranks
+                .iter()
+                .zip(&cl.ranks)
+                .enumerate()
+                .map(|(i, (a, b))| (i + 1, a.mean, b.mean))
+                .collect();
+            diffs.sort_by(|a, b| (b.1 - b.2).abs().total_cmp(&(a.1 - a.2).abs()));
+            for (i, a, b) in diffs.iter().take(3) {
+                let _ = write!(s, " Index {i}: open {a:.3}, closed {b:.3}.");
+            }
+        }
+        return s;
+    }
+    let ty = c.what.split(' ').next().unwrap_or("");
+    if let (Some(t), Some(pure)) = (scored.report.for_type(ty), scored.pure.for_type(ty))
+        && let (Some(p), Some(pp)) = (&t.prediction, &pure.prediction)
+    {
+        let mut rows: Vec<usize> = (0..t.ranks.len()).collect();
+        rows.sort_by(|&a, &b| {
+            (t.ranks[b].mean - p.optimum[b])
+                .abs()
+                .total_cmp(&(t.ranks[a].mean - p.optimum[a]).abs())
+        });
+        for &i in rows.iter().take(3) {
+            let _ = write!(
+                s,
+                " Index {}: mean {:.3}, optimum {:.3} (pure {:.3}).",
+                i + 1,
+                t.ranks[i].mean,
+                p.optimum[i],
+                pp.optimum[i]
+            );
+        }
+    }
+    s
+}
+
+/// `rcx reproduce`: train the paper's runs, evaluate them, write docs/results.md with
+/// figures.
+#[derive(clap::Args, Debug)]
+pub struct ReproduceArgs {
+    /// The markdown report; figures go to `figures/` beside it.
+    #[arg(long, default_value = "docs/results.md")]
+    pub out: PathBuf,
+    /// The folder of the runs (each in DIR/NAME); runs there are overwritten.
+    #[arg(long, default_value = "runs/reproduce")]
+    pub runs: PathBuf,
+    /// The folder of the configs NAME.yml.
+    #[arg(long, default_value = "configs")]
+    pub configs: PathBuf,
+    /// Leave out the pretrained MiniLM-L6 run.
+    #[arg(long)]
+    pub skip_minilm: bool,
+    /// Only these runs, comma-separated (x, x_inv, log, logsigmoid, x_adaptive,
+    /// minilm_x_adaptive).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Option<Vec<String>>,
+    /// Keep a run that already finished in DIR/NAME (its final model and a metrics.jsonl
+    /// reaching max_steps) instead of training it again: to rewrite the report.
+    #[arg(long)]
+    pub reuse: bool,
+}
+
+fn machine_description(threads: usize) -> String {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .map_or(String::new(), |l| format!(", load average {l} at the end"));
+    format!("a CPU with {threads} threads used{load}")
+}
+
+/// A finished run: a final model beside a metrics.jsonl whose last step is max_steps.
+fn finished(cfg: &Config) -> bool {
+    cfg.output_dir.join("model.safetensors").is_file()
+        && read_metrics(&cfg.output_dir.join("metrics.jsonl"))
+            .is_ok_and(|m| m.last().is_some_and(|l| l.step == cfg.max_steps))
+}
+
+pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
+    let started = Instant::now();
+    let mut names: Vec<&str> = PAPER_RUNS.to_vec();
+    names.push(MINILM_RUN);
+    if let Some(only) = &args.only {
+        for name in only {
+            if !names.contains(&name.as_str()) {
+                return Err(Error::user(format!(
+                    "--only: unknown run `{name}`: expected some of {}",
+                    names.join(", ")
+                )));
+            }
+        }
+        names.retain(|n| only.iter().any(|o| o == n));
+    }
+    let mut skipped = Vec::new();
+    if names.contains(&MINILM_RUN) {
+        let why = if args.skip_minilm {
+            Some("--skip-minilm was given".to_string())
+        } else if !Path::new(MINILM_DIR).join("config.json").is_file() {
+            Some(format!(
+                "{MINILM_DIR} is not there (scripts/fetch-minilm.sh fetches it)"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            eprintln!("rcx reproduce: skipping {MINILM_RUN}: {why}");
+            skipped.push((MINILM_RUN.to_string(), why));
+            names.retain(|n| *n != MINILM_RUN);
+        }
+    }
+    let train_data = crate::data::resolve_dataset(crate::data::SHIPPED_SET, false)
+        .ok_or_else(|| Error::internal("the shipped train split does not resolve"))?;
+    let eval_data = crate::data::resolve_dataset(crate::data::SHIPPED_SET, true)
+        .ok_or_else(|| Error::internal("the shipped eval split does not resolve"))?;
+
+    let mut runs = Vec::new();
+    for name in names {
+        let mut cfg = Config::load(&args.configs.join(format!("{name}.yml")))?;
+        cfg.output_dir = args.runs.join(name);
+        let reused = args.reuse && finished(&cfg);
+        if reused {
+            eprintln!(
+                "rcx reproduce: {name}: reusing {}",
+                cfg.output_dir.display()
+            );
+        } else {
+            eprintln!(
+                "rcx reproduce: {name}: training {} steps into {}",
+                cfg.max_steps,
+                cfg.output_dir.display()
+            );
+            let options = crate::train::RunOptions {
+                overwrite: true,
+                quiet: true,
+                ..Default::default()
+            };
+            crate::train::train(&cfg, options)?;
+        }
+        let metrics = read_metrics(&cfg.output_dir.join("metrics.jsonl"))?;
+        let scoring = Instant::now();
+        let on_eval = evaluate_model(&cfg.output_dir, &eval_data, None)?;
+        let on_train = evaluate_model(&cfg.output_dir, &train_data, Some(TRAIN_SUBSET))?;
+        let run = RunResult {
+            name: name.to_string(),
+            loss: cfg.loss_name.clone(),
+            model: cfg.model_name.clone(),
+            steps: cfg.max_steps,
+            train_wall_s: metrics.last().map_or(0.0, |m| m.elapsed_s),
+            eval_wall_s: scoring.elapsed().as_secs_f64(),
+            reused,
+            on_train,
+            on_eval,
+            metrics,
+        };
+        eprintln!(
+            "rcx reproduce: {name}: trained in {}, collapse gap eval {} train {}",
+            minutes(run.train_wall_s),
+            fmt_opt(run.on_eval.report.collapse_gap),
+            fmt_opt(run.on_train.report.collapse_gap)
+        );
+        runs.push(run);
+    }
+
+    let figures_dir = args.out.parent().unwrap_or(Path::new(".")).join("figures");
+    std::fs::create_dir_all(&figures_dir).map_err(|e| Error::io(&figures_dir, e))?;
+    for (file, figure) in figure_files(&runs) {
+        figure.write(&figures_dir.join(file))?;
+    }
+    let report = Reproduction {
+        runs,
+        skipped,
+        total_wall_s: started.elapsed().as_secs_f64(),
+        machine: machine_description(rayon::current_num_threads()),
+        figures_dir: "figures".into(),
+    };
+    write_atomically(&args.out, &results_markdown(&report))?;
+    eprintln!(
+        "rcx reproduce: wrote {} and {} in {}",
+        args.out.display(),
+        figures_dir.display(),
+        minutes(report.total_wall_s)
+    );
+    Ok(())
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text).map_err(|e| Error::io(path, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}

@@ -1,0 +1,427 @@
+//! The figure builders, the PASS/MISS checks and the results.md writer on synthetic
+//! scores and metrics (no training), and `rcx plot` / `rcx reproduce` argument handling.
+
+use rcx::eval::{EvalReport, PromptScores, summarize};
+use rcx::figures::{
+    MetricsRecord, paper_figure, read_metrics, reward_histogram_panel, reward_panel,
+    training_curves,
+};
+use rcx::loss::{LossSpec, PromptType, Utility};
+use rcx::plot::Series;
+use rcx::report::{
+    Reproduction, RunResult, checks, figure_files, results_markdown, score_summaries,
+};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("report-tests")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A prompt whose rewards are `ascending` (index 1 = worst) plus `shift`, stored best first
+/// as the data is.
+fn prompt(ty: PromptType, ascending: &[f64], shift: f64) -> PromptScores {
+    PromptScores {
+        prompt_type: Some(ty),
+        rewards: ascending
+            .iter()
+            .rev()
+            .map(|r| (r + shift).clamp(0.0, 1.0))
+            .collect(),
+    }
+}
+
+/// Open prompts at `open` and closed ones at `closed`, a few of each, with a small spread
+/// (symmetric, so that the means are exactly the given curves).
+fn scores(open: &[f64], closed: &[f64]) -> Vec<PromptScores> {
+    let mut out = Vec::new();
+    for shift in [-0.002, 0.0, 0.002] {
+        out.push(prompt(PromptType::Open, open, shift));
+        out.push(prompt(PromptType::Closed, closed, shift));
+    }
+    out
+}
+
+fn optimum(name: &str, eps: f64) -> Vec<f64> {
+    rcx::theory::solve(&Utility::parse(name).unwrap(), eps, 8).unwrap()
+}
+
+fn metrics(report: &EvalReport, steps: &[usize]) -> Vec<MetricsRecord> {
+    steps
+        .iter()
+        .map(|&step| MetricsRecord {
+            step,
+            train_loss: -1.0,
+            learning_rate: 1e-3,
+            eval_loss: -1.0 - step as f64 / 1000.0,
+            elapsed_s: step as f64,
+            report: report.clone(),
+        })
+        .collect()
+}
+
+fn run(name: &str, loss: &str, s: Vec<PromptScores>) -> RunResult {
+    let spec = LossSpec::parse(loss).unwrap();
+    let on_eval = score_summaries(s.clone(), Some(&spec), 0.1).unwrap();
+    let on_train = score_summaries(s, Some(&spec), 0.1).unwrap();
+    let metrics = metrics(&on_eval.report, &[100, 200]);
+    RunResult {
+        name: name.into(),
+        loss: loss.into(),
+        model: "bert-tiny".into(),
+        steps: 200,
+        train_wall_s: 90.0,
+        eval_wall_s: 3.0,
+        reused: false,
+        on_train,
+        on_eval,
+        metrics,
+    }
+}
+
+/// An adaptive run exactly at its optimum: open on x_inv's, closed on the step.
+fn adaptive_run() -> RunResult {
+    run(
+        "x_adaptive",
+        "adaptive",
+        scores(&optimum("x_inv", 0.1), &optimum("x", 0.1)),
+    )
+}
+
+fn count(svg: &str, needle: &str) -> usize {
+    svg.matches(needle).count()
+}
+
+#[test]
+fn metrics_lines_read_back_and_bad_lines_name_file_and_line() {
+    let dir = scratch("metrics");
+    let report = adaptive_run().on_eval.report;
+    // The shape rcx train writes: the step fields with the report flattened beside them.
+    let mut line = serde_json::to_value(&report).unwrap();
+    let fields = line.as_object_mut().unwrap();
+    fields.insert("step".into(), serde_json::json!(200));
+    for (key, value) in [
+        ("train_loss", -2.0),
+        ("learning_rate", 1e-4),
+        ("eval_loss", -3.0),
+        ("elapsed_s", 12.5),
+    ] {
+        fields.insert(key.into(), serde_json::json!(value));
+    }
+    let path = dir.join("metrics.jsonl");
+    std::fs::write(&path, format!("{line}\n")).unwrap();
+    let records = read_metrics(&path).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].step, 200);
+    assert_eq!(records[0].elapsed_s, 12.5);
+    assert_eq!(records[0].report.collapse_gap, report.collapse_gap);
+    assert_eq!(records[0].report.by_type[1].prompt_type, "closed");
+
+    std::fs::write(&path, format!("{line}\n{{\"step\": 1}}\n")).unwrap();
+    let err = read_metrics(&path).unwrap_err().to_string();
+    assert!(err.contains("metrics.jsonl:2:"), "{err}");
+}
+
+#[test]
+fn reward_panel_draws_bands_means_and_one_optimum_per_utility() {
+    let adaptive = adaptive_run().on_eval.report;
+    let figure = paper_figure(None, &[("adaptive".into(), &adaptive)]);
+    let svg = figure.to_svg();
+    assert_eq!(count(&svg, "class=\"band\""), 2);
+    // Two mean lines and, the types having different utilities, two dashed optima.
+    assert_eq!(count(&svg, "class=\"line\""), 4);
+    let dashed_paths = svg
+        .lines()
+        .filter(|l| l.contains("class=\"line\"") && l.contains("stroke-dasharray"))
+        .count();
+    assert_eq!(dashed_paths, 2);
+    assert!(svg.contains("open optimum x_inv") && svg.contains("closed optimum x"));
+
+    // The open mean at index 2 is drawn where the frame maps it.
+    let open_mean = adaptive.for_type("open").unwrap().ranks[1].mean;
+    let (px, py) = figure.frame(0).unwrap().to_px(2.0, open_mean);
+    assert!(
+        svg.contains(&format!("L{px:.2},{py:.2}")),
+        "no point at ({px:.2},{py:.2})"
+    );
+
+    // A single utility shares one optimum: one dashed line, in the optimum's colour.
+    let single = summarize(
+        &scores(&optimum("log", 0.1), &optimum("log", 0.1)),
+        Some((&LossSpec::parse("log").unwrap(), 0.1)),
+    )
+    .unwrap();
+    let panel = reward_panel("log", &single);
+    let dashed: Vec<_> = panel
+        .series
+        .iter()
+        .filter(|s| matches!(s, Series::Line(l) if l.dashed))
+        .collect();
+    assert_eq!(dashed.len(), 1);
+    let Series::Line(line) = dashed[0] else {
+        unreachable!()
+    };
+    assert_eq!(line.ys, optimum("log", 0.1));
+    assert_eq!(line.xs, (1..=8).map(f64::from).collect::<Vec<_>>());
+}
+
+#[test]
+fn paper_figure_puts_runs_side_by_side_titled() {
+    let a = adaptive_run().on_eval.report;
+    let figure = paper_figure(
+        Some("all"),
+        &[
+            ("U = x".into(), &a),
+            ("U = log x".into(), &a),
+            ("U = -1/x".into(), &a),
+        ],
+    );
+    assert_eq!(figure.panels.len(), 3);
+    let svg = figure.to_svg();
+    assert_eq!(count(&svg, "<g class=\"panel\">"), 3);
+    for title in ["U = x", "U = log x", "U = -1/x"] {
+        assert!(svg.contains(&format!(">{title}</text>")), "{title}");
+    }
+    // Panels do not overlap: each frame starts right of the previous one's end.
+    let (f0, f1) = (figure.frame(0).unwrap(), figure.frame(1).unwrap());
+    assert!(f1.left > f0.left + f0.width);
+}
+
+#[test]
+fn histograms_are_densities_per_prompt_type() {
+    let s = scores(&optimum("x_inv", 0.1), &optimum("x", 0.1));
+    let panel = reward_histogram_panel("h", &s, 20);
+    let hists: Vec<_> = panel
+        .series
+        .iter()
+        .filter_map(|s| match s {
+            Series::Histogram(h) => Some(h),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(hists.len(), 2);
+    for h in &hists {
+        let area: f64 = h
+            .edges
+            .windows(2)
+            .zip(&h.heights)
+            .map(|(e, h)| (e[1] - e[0]) * h)
+            .sum();
+        assert!((area - 1.0).abs() < 1e-9, "area {area}");
+    }
+    // The closed step puts all its mass in the two end bins.
+    let closed = hists[1];
+    let ends = (closed.heights[0] + closed.heights[19]) * 0.05;
+    assert!((ends - 1.0).abs() < 1e-9, "{ends}");
+    assert!(hists[0].label.as_deref().unwrap().contains("24 rewards"));
+}
+
+#[test]
+fn training_curves_have_loss_accuracy_and_gap_panels() {
+    let a = adaptive_run();
+    let one = training_curves(&[("x_adaptive".into(), a.metrics.clone())]);
+    assert_eq!(one.panels.len(), 3);
+    // One run: all, open, closed and closed long-vs-short.
+    assert_eq!(one.panels[1].series.len(), 4);
+    let Series::Line(gap) = &one.panels[2].series[0] else {
+        panic!()
+    };
+    assert_eq!(gap.xs, vec![100.0, 200.0]);
+    assert_eq!(gap.ys[0], a.on_eval.report.collapse_gap.unwrap());
+
+    // Several runs: one line per run in each panel; a run without both types has no gap.
+    let mut untyped = a.metrics.clone();
+    for m in &mut untyped {
+        m.report.collapse_gap = None;
+    }
+    let many = training_curves(&[("a".into(), a.metrics.clone()), ("b".into(), untyped)]);
+    assert!(many.panels.iter().all(|p| p.series.len() == 2));
+    let Series::Line(gap_b) = &many.panels[2].series[1] else {
+        panic!()
+    };
+    assert!(gap_b.ys.iter().all(|v| v.is_nan()));
+    assert!(many.to_svg().ends_with("</svg>\n"));
+}
+
+#[test]
+fn checks_pass_at_the_optimum_and_miss_away_from_it() {
+    let good = checks(&adaptive_run());
+    // Per split: the gap and the two curves.
+    assert_eq!(good.len(), 6);
+    assert!(
+        good.iter().all(|c| c.pass),
+        "{:?}",
+        good.iter().map(|c| &c.what).collect::<Vec<_>>()
+    );
+    assert!(
+        good.iter()
+            .any(|c| c.what.contains("separate") && c.measured >= 0.15)
+    );
+
+    // U = x with both types on the step: the types coincide; the pure optimum is the same.
+    let x = run("x", "x", scores(&optimum("x", 0.1), &optimum("x", 0.1)));
+    let c = checks(&x);
+    assert!(c.iter().all(|c| c.pass));
+    assert!(
+        c.iter()
+            .any(|c| c.what.contains("coincide") && c.measured == 0.0)
+    );
+
+    // x_inv with the closed curve 0.05 above the open one: the gap and that curve miss.
+    let open = optimum("x_inv", 0.1);
+    let closed: Vec<f64> = open.iter().map(|r| r + 0.05).collect();
+    let shifted = run("x_inv", "x_inv", scores(&open, &closed));
+    let c = checks(&shifted);
+    let gap = c
+        .iter()
+        .find(|c| c.split == "eval" && c.what.contains("gap"))
+        .unwrap();
+    assert!(!gap.pass);
+    assert!((gap.measured - 0.05).abs() < 0.01, "{}", gap.measured);
+    let closed_check = c
+        .iter()
+        .find(|c| c.split == "eval" && c.what.starts_with("closed"))
+        .unwrap();
+    assert!(!closed_check.pass && closed_check.note.contains("pure form"));
+    let open_check = c
+        .iter()
+        .find(|c| c.split == "eval" && c.what.starts_with("open"))
+        .unwrap();
+    assert!(open_check.pass);
+}
+
+#[test]
+fn results_markdown_holds_targets_tables_theory_and_figure_links() {
+    let open = optimum("x_inv", 0.1);
+    let closed: Vec<f64> = open.iter().map(|r| r + 0.05).collect();
+    let mut logsigmoid = run("logsigmoid", "logsigmoid", scores(&open, &closed));
+    logsigmoid.metrics = metrics(&logsigmoid.on_eval.report, &[100, 200, 300]);
+    let r = Reproduction {
+        runs: vec![adaptive_run(), logsigmoid],
+        skipped: vec![("minilm_x_adaptive".into(), "--skip-minilm was given".into())],
+        total_wall_s: 600.0,
+        machine: "a test".into(),
+        figures_dir: "figures".into(),
+    };
+    let md = results_markdown(&r);
+    assert!(md.contains("Total wall time: **10.0 min** on a test."));
+    assert!(md.contains("Skipped `minilm_x_adaptive`: --skip-minilm was given"));
+    // PASS rows for the adaptive run, MISS rows for the shifted one, with their details.
+    assert!(md.contains("| x_adaptive | eval | types separate: collapse gap |"));
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("| logsigmoid | train | types coincide")
+                && l.contains("| MISS |"))
+    );
+    assert!(md.contains("of the checks miss"));
+    assert!(md.contains("`logsigmoid` on eval prompts, types coincide"));
+    // The log-sigmoid gap at every evaluation.
+    for step in [100, 200, 300] {
+        let gap = r.runs[1].metrics[0].report.collapse_gap.unwrap();
+        assert!(
+            md.contains(&format!("\n| {step} | {gap:.4} |")),
+            "step {step}"
+        );
+    }
+    // The theory's pure x_inv optimum (the paper's dashed line) beside the eps = 0.1 one.
+    let pure = optimum("x_inv", 0.0);
+    assert!((pure[1] - 0.121).abs() < 1e-3);
+    assert!(md.contains(&format!("| 2 | {:.3} | {:.3} |", pure[1], open[1])));
+    for link in [
+        "figures/paper_figure_eval.svg",
+        "figures/paper_figure_train.svg",
+        "figures/x_adaptive_panels.svg",
+        "figures/logsigmoid_curves.svg",
+        "figures/collapse_gap_by_step.svg",
+    ] {
+        assert!(md.contains(&format!("({link})")), "{link}");
+    }
+    // Every linked figure is one that figure_files writes.
+    let files: Vec<String> = figure_files(&r.runs).into_iter().map(|(f, _)| f).collect();
+    for link in md.split("](figures/").skip(1) {
+        let name = &link[..link.find(')').unwrap()];
+        assert!(files.iter().any(|f| f == name), "{name} not written");
+    }
+}
+
+#[test]
+fn figure_files_are_well_formed_svg() {
+    let runs = vec![
+        adaptive_run(),
+        run("x", "x", scores(&optimum("x", 0.1), &optimum("x", 0.1))),
+    ];
+    let files = figure_files(&runs);
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"paper_figure_eval.svg") && names.contains(&"x_curves.svg"));
+    for (name, figure) in &files {
+        let svg = figure.to_svg();
+        assert!(
+            svg.starts_with("<svg") && svg.ends_with("</svg>\n"),
+            "{name}"
+        );
+        assert_eq!(
+            count(&svg, "<g class=\"panel\">"),
+            figure.panels.len(),
+            "{name}"
+        );
+        assert!(!svg.contains("NaN"), "{name}");
+    }
+}
+
+#[test]
+fn plot_command_draws_runs_from_metrics_and_reports_bad_input() {
+    let dir = scratch("plot-cli");
+    let report = adaptive_run().on_eval.report;
+    for name in ["a", "b"] {
+        let run = dir.join(name);
+        std::fs::create_dir_all(&run).unwrap();
+        let mut line = serde_json::to_value(&report).unwrap();
+        let fields = line.as_object_mut().unwrap();
+        for key in [
+            "step",
+            "train_loss",
+            "learning_rate",
+            "eval_loss",
+            "elapsed_s",
+        ] {
+            fields.insert(key.into(), serde_json::json!(1));
+        }
+        std::fs::write(run.join("metrics.jsonl"), format!("{line}\n")).unwrap();
+    }
+    let out = dir.join("fig.svg");
+    let status = Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args([
+            "plot",
+            dir.join("a").to_str().unwrap(),
+            dir.join("b").to_str().unwrap(),
+        ])
+        .args(["--out", out.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let svg = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(count(&svg, "<g class=\"panel\">"), 2);
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args(["plot", dir.join("nope").to_str().unwrap(), "--out"])
+        .arg(dir.join("x.svg"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("metrics.jsonl"));
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args(["reproduce", "--only", "x,bogus", "--out"])
+        .arg(dir.join("r.md"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("unknown run `bogus`"), "{err}");
+    assert!(!dir.join("r.md").exists());
+}
