@@ -297,7 +297,7 @@ struct ScoreLine {
 
 /// The sequence length for scoring: asked, else the training one, else 512; never more
 /// than the model's positions.
-fn scoring_length(
+pub fn scoring_length(
     asked: Option<usize>,
     meta: Option<&crate::checkpoint::ModelMeta>,
     positions: usize,
