@@ -142,10 +142,7 @@ fn train_step(s: &mut StepState, batch: &Batch, ks: &[usize], step: u64) -> f32 
         seed: derive_seed(1, &[step]),
     });
     s.grads.fill(0.0);
-    let logits = s
-        .model
-        .forward(&mut s.ws, batch, dropout)
-        .expect("forward");
+    let logits = s.model.forward(&mut s.ws, batch, dropout).expect("forward");
     s.dlogits.resize(logits.len(), 0.0);
     let loss = ranking_loss_forward_backward(logits, ks, &types, &spec, EPS, &mut s.dlogits)
         .expect("loss");
@@ -212,7 +209,7 @@ fn run_config(opts: &Options, config: &str) -> Result<(), String> {
     println!(
         "RESULT impl=rcx config={config} seqs={} tokens={SEQ_LEN} threads={} steps={} \
          median_ms={median:.1} min_ms={:.1} max_ms={:.1} cpu_ms={cpu_median:.0} peak_mib={:.1} \
-         activation_mib={:.1} loss={loss:.6}",
+         activation_mib={:.1} loss={loss:?}",
         batch.b,
         rayon::current_num_threads(),
         times_ms.len(),

@@ -45,6 +45,7 @@ macro_rules! with_avx2 {
         portable($($arg),*)
     }};
 }
+pub(crate) use with_avx2;
 
 /// Below this exp is 0 in f32 (e^-104 is under the smallest subnormal); clamping there
 /// keeps 2^k a normal f64.
