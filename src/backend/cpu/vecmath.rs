@@ -47,6 +47,31 @@ macro_rules! with_avx2 {
 }
 pub(crate) use with_avx2;
 
+/// As `with_avx2`, for integer-heavy loops that need AVX-512's 64-bit multiply and
+/// conversions (vpmullq, vcvtuqq2pd) to vectorise; integer results are exact, so both
+/// builds compute the same bits.
+macro_rules! with_avx512 {
+    ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {{
+        #[inline(always)]
+        fn portable($($arg: $ty),*) $body
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+        fn $name($($arg: $ty),*) {
+            portable($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { $name($($arg),*) };
+        }
+        portable($($arg),*)
+    }};
+}
+pub(crate) use with_avx512;
+
 /// Below this exp is 0 in f32 (e^-104 is under the smallest subnormal); clamping there
 /// keeps 2^k a normal f64.
 const EXP_LOW: f64 = -120.0;
