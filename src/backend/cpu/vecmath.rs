@@ -76,9 +76,9 @@ pub(crate) use with_avx512;
 /// keeps 2^k a normal f64.
 const EXP_LOW: f64 = -120.0;
 
-/// e^y for y <= 0 (larger y are not clamped and must not exceed ~700), in f64: y = k ln2
-/// + r with |r| <= ln2/2, e^r by its Taylor series to r^10 (error < 1e-11), 2^k built in
-/// the exponent bits. NaN stays NaN; -inf gives 0.
+/// e^y for y <= 0 (larger y are not clamped and must not exceed ~700), in f64: write
+/// y = k ln2 + r with |r| <= ln2/2, take e^r by its Taylor series to r^10 (error < 1e-11)
+/// and build 2^k in the exponent bits. NaN stays NaN; -inf gives 0.
 #[inline(always)]
 fn exp_f64(y: f64) -> f64 {
     // Adding 1.5 · 2^52 rounds to an integer held in the low mantissa bits.
