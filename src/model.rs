@@ -320,15 +320,15 @@ struct LayerActs<S> {
     probs: S,    // [B, NH, T, T]
     ctx: S,      // [N, C] attention output, heads concatenated
     res1: S,     // [N, C] layer input + attention branch
-    ln1_mean: S,  // [N]
-    ln1_rstd: S,  // [N]
-    ln1: S,       // [N, C]
-    ffn_pre: S,   // [N, I]
-    ffn_gelu: S,  // [N, I]
-    res2: S,      // [N, C] ln1 + feed-forward branch
-    ln2_mean: S,  // [N]
-    ln2_rstd: S,  // [N]
-    ln2: S,       // [N, C] the layer's output
+    ln1_mean: S, // [N]
+    ln1_rstd: S, // [N]
+    ln1: S,      // [N, C]
+    ffn_pre: S,  // [N, I]
+    ffn_gelu: S, // [N, I]
+    res2: S,     // [N, C] ln1 + feed-forward branch
+    ln2_mean: S, // [N]
+    ln2_rstd: S, // [N]
+    ln2: S,      // [N, C] the layer's output
 }
 
 struct Acts<S> {
@@ -678,7 +678,15 @@ impl<F: Float> BertModel<F> {
             );
             matmul_forward(la.ffn_pre, la.ln1, lp.ffn1_w, Some(lp.ffn1_b), n, c, i);
             gelu_forward(la.ffn_gelu, la.ffn_pre);
-            matmul_forward(&mut *a.branch, la.ffn_gelu, lp.ffn2_w, Some(lp.ffn2_b), n, i, c);
+            matmul_forward(
+                &mut *a.branch,
+                la.ffn_gelu,
+                lp.ffn2_w,
+                Some(lp.ffn2_b),
+                n,
+                i,
+                c,
+            );
             let (pd, seed) = site_seed(dropout, site_ffn(l));
             dropout_forward(&mut *a.branch_drop, a.branch, pd, seed);
             residual_forward(la.res2, la.ln1, a.branch_drop);
