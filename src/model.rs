@@ -309,27 +309,26 @@ pub fn carve_params<S: Split>(cfg: &BertConfig, arena: S) -> Params<S> {
     }
 }
 
-/// The activations of one encoder layer saved for backward.
+/// The activations of one encoder layer saved for backward. The outputs of the attention
+/// projection and of the feed-forward block, and their dropouts, are not among them: the
+/// backward needs neither (dropout redraws its mask from the seed), so every layer writes
+/// them into the shared `Acts::branch` and `Acts::branch_drop`.
 struct LayerActs<S> {
-    q: S,         // [N, C]
-    k: S,         // [N, C]
-    v: S,         // [N, C]
-    probs: S,     // [B, NH, T, T]
-    ctx: S,       // [N, C] attention output, heads concatenated
-    attn_proj: S, // [N, C]
-    attn_drop: S, // [N, C]
-    res1: S,      // [N, C] layer input + attention branch
-    ln1_mean: S,  // [N]
-    ln1_rstd: S,  // [N]
-    ln1: S,       // [N, C]
-    ffn_pre: S,   // [N, I]
-    ffn_gelu: S,  // [N, I]
-    ffn_out: S,   // [N, C]
-    ffn_drop: S,  // [N, C]
-    res2: S,      // [N, C] ln1 + feed-forward branch
-    ln2_mean: S,  // [N]
-    ln2_rstd: S,  // [N]
-    ln2: S,       // [N, C] the layer's output
+    q: S,        // [N, C]
+    k: S,        // [N, C]
+    v: S,        // [N, C]
+    probs: S,    // [B, NH, T, T]
+    ctx: S,      // [N, C] attention output, heads concatenated
+    res1: S,     // [N, C] layer input + attention branch
+    ln1_mean: S, // [N]
+    ln1_rstd: S, // [N]
+    ln1: S,      // [N, C]
+    ffn_pre: S,  // [N, I]
+    ffn_gelu: S, // [N, I]
+    res2: S,     // [N, C] ln1 + feed-forward branch
+    ln2_mean: S, // [N]
+    ln2_rstd: S, // [N]
+    ln2: S,      // [N, C] the layer's output
 }
 
 struct Acts<S> {
@@ -339,6 +338,8 @@ struct Acts<S> {
     emb_ln: S,   // [N, C]
     emb_drop: S, // [N, C] input of layer 0
     layers: Vec<LayerActs<S>>,
+    branch: S,      // [N, C] a layer's attention projection, then its feed-forward output
+    branch_drop: S, // [N, C] the same after dropout
     cls: S,         // [B, C]
     pool_pre: S,    // [B, C]
     pooled: S,      // [B, C]
@@ -353,8 +354,8 @@ fn acts_len(cfg: &BertConfig, b: usize, t: usize) -> usize {
         cfg.intermediate_size,
         cfg.num_attention_heads,
     );
-    let per_layer = 12 * n * c + 4 * n + 2 * n * i + b * nh * t * t;
-    3 * n * c + 2 * n + cfg.num_hidden_layers * per_layer + 4 * b * c + b
+    let per_layer = 8 * n * c + 4 * n + 2 * n * i + b * nh * t * t;
+    5 * n * c + 2 * n + cfg.num_hidden_layers * per_layer + 4 * b * c + b
 }
 
 fn carve_acts<S: Split>(cfg: &BertConfig, arena: S, b: usize, t: usize) -> Acts<S> {
@@ -378,22 +379,20 @@ fn carve_acts<S: Split>(cfg: &BertConfig, arena: S, b: usize, t: usize) -> Acts<
                 v: k.take(n * c),
                 probs: k.take(b * nh * t * t),
                 ctx: k.take(n * c),
-                attn_proj: k.take(n * c),
-                attn_drop: k.take(n * c),
                 res1: k.take(n * c),
                 ln1_mean: k.take(n),
                 ln1_rstd: k.take(n),
                 ln1: k.take(n * c),
                 ffn_pre: k.take(n * i),
                 ffn_gelu: k.take(n * i),
-                ffn_out: k.take(n * c),
-                ffn_drop: k.take(n * c),
                 res2: k.take(n * c),
                 ln2_mean: k.take(n),
                 ln2_rstd: k.take(n),
                 ln2: k.take(n * c),
             })
             .collect(),
+        branch: k.take(n * c),
+        branch_drop: k.take(n * c),
         cls: k.take(b * c),
         pool_pre: k.take(b * c),
         pooled: k.take(b * c),
@@ -662,10 +661,10 @@ impl<F: Float> BertModel<F> {
                 nh,
                 hs,
             );
-            matmul_forward(la.attn_proj, la.ctx, lp.o_w, Some(lp.o_b), n, c, c);
+            matmul_forward(&mut *a.branch, la.ctx, lp.o_w, Some(lp.o_b), n, c, c);
             let (pd, seed) = site_seed(dropout, site_attn(l));
-            dropout_forward(la.attn_drop, la.attn_proj, pd, seed);
-            residual_forward(la.res1, input, la.attn_drop);
+            dropout_forward(&mut *a.branch_drop, a.branch, pd, seed);
+            residual_forward(la.res1, input, a.branch_drop);
             layernorm_forward(
                 la.ln1,
                 la.ln1_mean,
@@ -679,10 +678,18 @@ impl<F: Float> BertModel<F> {
             );
             matmul_forward(la.ffn_pre, la.ln1, lp.ffn1_w, Some(lp.ffn1_b), n, c, i);
             gelu_forward(la.ffn_gelu, la.ffn_pre);
-            matmul_forward(la.ffn_out, la.ffn_gelu, lp.ffn2_w, Some(lp.ffn2_b), n, i, c);
+            matmul_forward(
+                &mut *a.branch,
+                la.ffn_gelu,
+                lp.ffn2_w,
+                Some(lp.ffn2_b),
+                n,
+                i,
+                c,
+            );
             let (pd, seed) = site_seed(dropout, site_ffn(l));
-            dropout_forward(la.ffn_drop, la.ffn_out, pd, seed);
-            residual_forward(la.res2, la.ln1, la.ffn_drop);
+            dropout_forward(&mut *a.branch_drop, a.branch, pd, seed);
+            residual_forward(la.res2, la.ln1, a.branch_drop);
             layernorm_forward(
                 la.ln2,
                 la.ln2_mean,

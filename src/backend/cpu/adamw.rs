@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::ELEMENTWISE_CHUNK;
+use super::vecmath::{as_f32, as_f32_mut, with_avx2};
 use crate::backend::Float;
 
 /// One AdamW step over a flat parameter buffer, exactly PyTorch's formula with g =
@@ -44,20 +45,61 @@ pub fn adamw_update<F: Float>(
     let bias_correction2_sqrt = (1.0 - beta2.powf(step as f64)).sqrt();
     let step_size = lr / bias_correction1;
     let decay = 1.0 - lr * weight_decay;
+    let hyper = Hyper {
+        beta1,
+        beta2,
+        eps,
+        grad_scale,
+        bias_correction2_sqrt,
+        step_size,
+        decay,
+    };
     params
         .par_chunks_mut(ELEMENTWISE_CHUNK)
         .zip(grads.par_chunks(ELEMENTWISE_CHUNK))
         .zip(m.par_chunks_mut(ELEMENTWISE_CHUNK))
         .zip(v.par_chunks_mut(ELEMENTWISE_CHUNK))
         .for_each(|(((params, grads), m), v)| {
-            for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m).zip(v) {
-                let g = g.to_f64() * grad_scale;
-                let m_new = beta1 * m.to_f64() + (1.0 - beta1) * g;
-                let v_new = beta2 * v.to_f64() + (1.0 - beta2) * g * g;
-                let denom = v_new.sqrt() / bias_correction2_sqrt + eps;
-                *p = F::from_f64(p.to_f64() * decay - step_size * m_new / denom);
-                *m = F::from_f64(m_new);
-                *v = F::from_f64(v_new);
+            // f32 (training) through a loop the compiler may widen to AVX2; same bits.
+            if let (Some(params), Some(grads), Some(m), Some(v)) = (
+                as_f32_mut(params),
+                as_f32(grads),
+                as_f32_mut(m),
+                as_f32_mut(v),
+            ) {
+                adamw_chunk_f32(params, grads, m, v, &hyper);
+            } else {
+                adamw_chunk(params, grads, m, v, &hyper);
             }
         });
+}
+
+/// The step's constants.
+struct Hyper {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    grad_scale: f64,
+    bias_correction2_sqrt: f64,
+    step_size: f64,
+    decay: f64,
+}
+
+#[inline(always)]
+fn adamw_chunk<F: Float>(params: &mut [F], grads: &[F], m: &mut [F], v: &mut [F], h: &Hyper) {
+    for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m).zip(v) {
+        let g = g.to_f64() * h.grad_scale;
+        let m_new = h.beta1 * m.to_f64() + (1.0 - h.beta1) * g;
+        let v_new = h.beta2 * v.to_f64() + (1.0 - h.beta2) * g * g;
+        let denom = v_new.sqrt() / h.bias_correction2_sqrt + h.eps;
+        *p = F::from_f64(p.to_f64() * h.decay - h.step_size * m_new / denom);
+        *m = F::from_f64(m_new);
+        *v = F::from_f64(v_new);
+    }
+}
+
+fn adamw_chunk_f32(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h: &Hyper) {
+    with_avx2!(adamw_avx2(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h: &Hyper) {
+        adamw_chunk(params, grads, m, v, h)
+    })
 }

@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use super::SendPtr;
+use super::vecmath::{as_f32_mut, exp_nonpositive_f32};
 use crate::backend::Float;
 
 /// out[b, t, nh*hs] = softmax(q kᵀ / √hs, keys at padding excluded) · v, per sequence and
@@ -102,7 +103,8 @@ pub fn attention_forward<F: Float>(
 }
 
 /// Softmax of one row of scores in place, over the keys that are real (all keys when none
-/// is); excluded keys get exactly 0. Subtracts the row maximum so exp cannot overflow.
+/// is); excluded keys get exactly 0 (e^-inf). Subtracts the row maximum so exp cannot
+/// overflow. In f32 the exps are `vecmath`'s (vectorised).
 fn masked_softmax_row<F: Float>(row: &mut [F], mask: &[u8], any_real: bool) {
     let allowed = |j: usize| !any_real || mask[j] != 0;
     let mut max = F::ZERO;
@@ -113,15 +115,15 @@ fn masked_softmax_row<F: Float>(row: &mut [F], mask: &[u8], any_real: bool) {
             first = false;
         }
     }
-    let mut sum = 0.0f64;
+    let excluded = F::from_f64(f64::NEG_INFINITY);
     for (j, s) in row.iter_mut().enumerate() {
-        if allowed(j) {
-            *s = (*s - max).exp();
-            sum += s.to_f64();
-        } else {
-            *s = F::ZERO;
-        }
+        *s = if allowed(j) { *s - max } else { excluded };
     }
+    match as_f32_mut(row) {
+        Some(row32) => exp_nonpositive_f32(row32),
+        None => row.iter_mut().for_each(|s| *s = s.exp()),
+    }
+    let sum: f64 = row.iter().map(|s| s.to_f64()).sum();
     let inv_sum = F::from_f64(1.0 / sum);
     for s in row.iter_mut() {
         *s *= inv_sum;

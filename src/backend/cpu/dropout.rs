@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::ELEMENTWISE_CHUNK;
+use super::vecmath::{as_f32, as_f32_mut, with_avx512};
 use crate::backend::Float;
 
 /// 2^64 / φ, the splitmix64 increment; also spreads consecutive indices apart.
@@ -13,6 +14,7 @@ const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 /// z = splitmix64(seed ^ index·GOLDEN_GAMMA); u = (z >> 11) / 2^53, uniform on [0, 1) in
 /// steps of 2^-53; keep iff u >= p. Only 64-bit integer arithmetic and one exact f64
 /// comparison (equivalently: z >> 11 >= p · 2^53), so any device reproduces it bit for bit.
+#[inline(always)]
 pub fn dropout_keep(seed: u64, index: u64, p: f64) -> bool {
     let mut z = (seed ^ index.wrapping_mul(GOLDEN_GAMMA)).wrapping_add(GOLDEN_GAMMA);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -43,10 +45,14 @@ pub fn dropout_forward<F: Float>(out: &mut [F], inp: &[F], p: f64, seed: u64) {
         .enumerate()
         .for_each(|(chunk_index, (out, inp))| {
             let first = (chunk_index * ELEMENTWISE_CHUNK) as u64;
-            for (i, (o, &x)) in out.iter_mut().zip(inp).enumerate() {
-                let keep = dropout_keep(seed, first + i as u64, p);
-                *o = if keep { x * scale } else { F::ZERO };
+            if let (Some(out), Some(inp)) = (as_f32_mut(out), as_f32(inp)) {
+                let scale = scale.to_f64() as f32;
+                with_avx512!(forward_avx512(out: &mut [f32], inp: &[f32], first: u64, seed: u64, p: f64, scale: f32) {
+                    forward_chunk(out, inp, first, seed, p, scale)
+                });
+                return;
             }
+            forward_chunk(out, inp, first, seed, p, scale);
         });
 }
 
@@ -67,10 +73,32 @@ pub fn dropout_backward<F: Float>(dinp: &mut [F], dout: &[F], p: f64, seed: u64)
         .enumerate()
         .for_each(|(chunk_index, (dinp, dout))| {
             let first = (chunk_index * ELEMENTWISE_CHUNK) as u64;
-            for (i, (di, &d)) in dinp.iter_mut().zip(dout).enumerate() {
-                if p == 0.0 || dropout_keep(seed, first + i as u64, p) {
-                    *di += d * scale;
-                }
+            if let (Some(dinp), Some(dout)) = (as_f32_mut(dinp), as_f32(dout)) {
+                let scale = scale.to_f64() as f32;
+                with_avx512!(backward_avx512(dinp: &mut [f32], dout: &[f32], first: u64, seed: u64, p: f64, scale: f32) {
+                    backward_chunk(dinp, dout, first, seed, p, scale)
+                });
+                return;
             }
+            backward_chunk(dinp, dout, first, seed, p, scale);
         });
+}
+
+/// One chunk of the forward; `first` is the index of its first element.
+#[inline(always)]
+fn forward_chunk<F: Float>(out: &mut [F], inp: &[F], first: u64, seed: u64, p: f64, scale: F) {
+    for (i, (o, &x)) in out.iter_mut().zip(inp).enumerate() {
+        let keep = dropout_keep(seed, first + i as u64, p);
+        *o = if keep { x * scale } else { F::ZERO };
+    }
+}
+
+/// One chunk of the backward; `first` is the index of its first element.
+#[inline(always)]
+fn backward_chunk<F: Float>(dinp: &mut [F], dout: &[F], first: u64, seed: u64, p: f64, scale: F) {
+    for (i, (di, &d)) in dinp.iter_mut().zip(dout).enumerate() {
+        if p == 0.0 || dropout_keep(seed, first + i as u64, p) {
+            *di += d * scale;
+        }
+    }
 }

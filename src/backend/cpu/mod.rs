@@ -18,6 +18,7 @@ mod norm;
 mod pool;
 mod residual;
 mod tanh;
+mod vecmath;
 
 pub use adamw::*;
 pub use attention::*;
