@@ -85,12 +85,12 @@ pub fn load_model_dir(dir: &Path, seed: u64) -> Result<BertModel<f32>> {
     let config = from_hf(&read_hf_config(&dir.join("config.json"))?);
     config.validate(&dir.join("config.json").display().to_string())?;
     let weights = SafeTensors::open(&dir.join("model.safetensors"))?;
-    let mut model = BertModel::<f32>::init(config, seed);
+    let mut model = BertModel::<f32>::zeros(config);
     let has_prefix = weights
         .get("bert.embeddings.word_embeddings.weight")
         .is_some();
     let mut filled = 0;
-    for spec in model.layout.tensors.clone() {
+    for (index, spec) in model.layout.tensors.clone().into_iter().enumerate() {
         let stored = if has_prefix {
             spec.name.clone()
         } else {
@@ -102,6 +102,7 @@ pub fn load_model_dir(dir: &Path, seed: u64) -> Result<BertModel<f32>> {
         let optional = spec.name.starts_with("bert.pooler") || spec.name.starts_with("classifier");
         if weights.get(&stored).is_none() {
             if optional {
+                model.init_tensor(index, seed);
                 continue;
             }
             return Err(Error::user(format!(

@@ -524,28 +524,44 @@ impl<F: Float> BertModel<F> {
     /// A model initialised as BERT does: normal(0, 0.02) weights and embeddings (the padding
     /// row of the word table zero), zero biases, unit LayerNorm weights.
     pub fn init(config: BertConfig, seed: u64) -> BertModel<F> {
+        let mut model = BertModel::zeros(config);
+        for index in 0..model.layout.tensors.len() {
+            model.init_tensor(index, seed);
+        }
+        model
+    }
+
+    /// All parameters zero: the arena a checkpoint is read into.
+    pub fn zeros(config: BertConfig) -> BertModel<F> {
         let layout = ParamLayout::new(&config);
-        let mut params = vec![F::ZERO; layout.total];
-        let mut rng = Rng::new(derive_seed(seed, &[0x1417]));
-        for spec in &layout.tensors {
-            let values = &mut params[spec.range()];
-            if spec.name.contains("LayerNorm.weight") {
-                values.fill(F::ONE);
-            } else if spec.shape.len() == 2 {
-                for x in values.iter_mut() {
-                    *x = F::from_f64(0.02 * rng.normal());
-                }
-            }
-        }
-        let c = config.hidden_size;
-        let pad = config.pad_token_id as usize;
-        if pad < config.vocab_size {
-            params[pad * c..(pad + 1) * c].fill(F::ZERO);
-        }
+        let params = vec![F::ZERO; layout.total];
         BertModel {
             config,
             layout,
             params,
+        }
+    }
+
+    /// BERT's initialisation of tensor `index` of the layout, from a stream of its own so
+    /// that a tensor missing from a pretrained checkpoint (the pooler, the head) is drawn
+    /// alone.
+    pub fn init_tensor(&mut self, index: usize, seed: u64) {
+        let spec = &self.layout.tensors[index];
+        let values = &mut self.params[spec.range()];
+        let mut rng = Rng::new(derive_seed(seed, &[0x1417, index as u64]));
+        if spec.name.contains("LayerNorm.weight") {
+            values.fill(F::ONE);
+        } else if spec.shape.len() == 2 {
+            for x in values.iter_mut() {
+                *x = F::from_f64(0.02 * rng.normal());
+            }
+        } else {
+            values.fill(F::ZERO);
+        }
+        let c = self.config.hidden_size;
+        let pad = self.config.pad_token_id as usize;
+        if spec.name.ends_with("word_embeddings.weight") && pad < self.config.vocab_size {
+            values[pad * c..(pad + 1) * c].fill(F::ZERO);
         }
     }
 
