@@ -138,7 +138,8 @@ fn train_step(s: &mut StepState, batch: &Batch, ks: &[usize], step: u64) -> f32 
     let spec = LossSpec::Single(Utility::XInv);
     let types = vec![Some(PromptType::Open); ks.len()];
     let dropout = Some(Dropout {
-        p: DROPOUT,
+        hidden: DROPOUT,
+        attention: DROPOUT,
         seed: derive_seed(1, &[step]),
     });
     s.grads.fill(0.0);
