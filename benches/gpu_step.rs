@@ -118,7 +118,11 @@ fn run() -> Result<()> {
         batch: &all,
         ks: &ks,
         types: &types,
-        dropout: Some(Dropout { p: 0.1, seed: 7 }),
+        dropout: Some(Dropout {
+            hidden: 0.1,
+            attention: 0.1,
+            seed: 7,
+        }),
     };
     println!("all pairs: {K} sequences of {T}, {} pairs", K * (K - 1) / 2);
     let steps = steps_from_env("RCX_BENCH_STEPS", 10);
@@ -140,7 +144,11 @@ fn run() -> Result<()> {
         batch: &dup,
         ks: &dup_ks,
         types: &dup_types,
-        dropout: Some(Dropout { p: 0.1, seed: 7 }),
+        dropout: Some(Dropout {
+            hidden: 0.1,
+            attention: 0.1,
+            seed: 7,
+        }),
     };
     println!(
         "pair-duplicated: {} sequences of {T}, {pairs} pairs",

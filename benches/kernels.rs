@@ -578,11 +578,21 @@ fn attention(lab: &mut Lab) -> Result<()> {
     let mask = padding_mask(&mut lab.rng, CB, CT);
     let scores = CB * NH * CT * CT;
     let (mut out, mut probs) = (vec![0.0; act], vec![0.0; scores]);
-    cpu::attention_forward(&mut out, &mut probs, &q, &k, &v, &mask, CB, CT, NH, HS);
+    cpu::attention_forward(
+        &mut out, &mut probs, &q, &k, &v, &mask, CB, CT, NH, HS, None,
+    );
     let (q_d, k_d, v_d, mask_d) = (lab.up(&q)?, lab.up(&k)?, lab.up(&v)?, lab.rt.upload(&mask)?);
     let (mut out_d, mut probs_d) = (lab.nan(act)?, lab.nan(scores)?);
-    lab.rt
-        .attention_forward(&mut out_d, &mut probs_d, &q_d, &k_d, &v_d, &mask_d, dims)?;
+    lab.rt.attention_forward(
+        &mut out_d,
+        &mut probs_d,
+        &q_d,
+        &k_d,
+        &v_d,
+        &mask_d,
+        dims,
+        None,
+    )?;
     let fwd_err = lab.check(
         "attention_forward",
         &[
@@ -610,9 +620,10 @@ fn attention(lab: &mut Lab) -> Result<()> {
         &v_d,
         &probs_in,
         dims,
+        None,
     )?;
     cpu::attention_backward(
-        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, CB, CT, NH, HS,
+        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, CB, CT, NH, HS, None,
     );
     let bwd_err = lab.check(
         "attention_backward",
@@ -636,7 +647,16 @@ fn attention(lab: &mut Lab) -> Result<()> {
     let (mut out_d, mut probs_d) = (lab.rt.zeros::<f32>(act)?, lab.rt.zeros::<f32>(scores)?);
     let rt = lab.rt.clone();
     let ms = median_ms(&rt, 2, 10, |_| {
-        rt.attention_forward(&mut out_d, &mut probs_d, &q_d, &k_d, &v_d, &mask_d, dims)
+        rt.attention_forward(
+            &mut out_d,
+            &mut probs_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &mask_d,
+            dims,
+            None,
+        )
     })?;
     let flops = 4.0 * (B * NH * T * T * HS) as f64;
     lab.row(
@@ -664,6 +684,7 @@ fn attention(lab: &mut Lab) -> Result<()> {
             &v_d,
             &probs_d,
             dims,
+            None,
         )
     })?;
     lab.row(

@@ -1,7 +1,7 @@
 //! One training step of the MiniLM-L6 reward model on the CPU: forward, ranking loss
 //! (x_inv, eps 0.1), backward, global gradient norm with clipping, AdamW over every
-//! parameter; dropout 0.1 on. Two configurations of the same 8 completions (one prompt,
-//! all 28 ranked pairs):
+//! parameter; dropout 0.1 on (hidden and attention probabilities, as HF in training).
+//! Two configurations of the same 8 completions (one prompt, all 28 ranked pairs):
 //!   all-pairs: each completion through the encoder once (8 sequences of 128 tokens);
 //!   paper:     both sides of every pair through the encoder (56 sequences), as the
 //!              authors' code did, the same loss on the 28 pair rewards.
@@ -138,7 +138,8 @@ fn train_step(s: &mut StepState, batch: &Batch, ks: &[usize], step: u64) -> f32 
     let spec = LossSpec::Single(Utility::XInv);
     let types = vec![Some(PromptType::Open); ks.len()];
     let dropout = Some(Dropout {
-        p: DROPOUT,
+        hidden: DROPOUT,
+        attention: DROPOUT,
         seed: derive_seed(1, &[step]),
     });
     s.grads.fill(0.0);

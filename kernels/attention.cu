@@ -4,16 +4,29 @@
 // over the allowed keys, so it never overflows. A sequence with no real token at all
 // attends uniformly to every key, as HF's finfo.min mask (and the CPU reference) does.
 //
+// Dropout on the probabilities (training): the weights that multiply v are
+// w = p ∘ keep · drop_scale, keep = dropout_keep(seed, index in probs, drop_p), drop_scale =
+// 1 / (1 - drop_p) rounded to fp32 by the host, as the CPU. probs holds p, before dropout;
+// the backward redraws the mask. drop_p == 0: no dropout, no hashing.
+//
 // This first version stores the probabilities [b, nh, t, t] like the CPU reference, and
 // runs one block per (sequence, head, query row). The goal is a flash-style kernel that
 // keeps tiles of K/V in shared memory and never writes the t x t matrix.
 #include "common.cuh"
 
+// The weight that multiplies v of the probability at `index` in probs: dropped or not.
+__device__ __forceinline__ float dropped_weight(float p, size_t index, double drop_p, float drop_scale,
+                                                uint64_t seed) {
+    if (drop_p == 0.0) return p;
+    return dropout_keep(seed, index, drop_p) ? p * drop_scale : 0.0f;
+}
+
 // One block per (bi, h, i), blockIdx.x = (bi*nh + h)*t + i, which is also the row index of
 // probs [b, nh, t, t]. Dynamic shared memory: t floats (the scores, then the weights).
 template <typename T>
 __device__ void attention_forward(T* out, float* probs, const T* q, const T* k, const T* v,
-                                  const uint8_t* mask, int b, int t, int nh, int hs, float scale) {
+                                  const uint8_t* mask, int b, int t, int nh, int hs, float scale,
+                                  double drop_p, float drop_scale, uint64_t seed) {
     extern __shared__ float weights[];  // [t]
     const int i = blockIdx.x % t, h = (blockIdx.x / t) % nh, bi = blockIdx.x / (t * nh);
     const size_t channels = (size_t)nh * hs;
@@ -46,7 +59,7 @@ __device__ void attention_forward(T* out, float* probs, const T* q, const T* k, 
     float* probs_row = probs + (size_t)blockIdx.x * t;
     for (int j = threadIdx.x; j < t; j += blockDim.x) {
         const float p = weights[j] * inv_sum;
-        weights[j] = p;
+        weights[j] = dropped_weight(p, (size_t)blockIdx.x * t + j, drop_p, drop_scale, seed);
         probs_row[j] = p;
     }
     __syncthreads();
@@ -59,11 +72,13 @@ __device__ void attention_forward(T* out, float* probs, const T* q, const T* k, 
 }
 
 // First half of the backward, one block per query row (same grid as the forward):
-// dp_j = dout_i · v_j; ds_j = p_ij (dp_j - sum_j' p_ij' dp_j'), saved in dscores
-// [b, nh, t, t] for the second half; dq_i += scale · sum_j ds_j k_j.
+// dw_j = dout_i · v_j; dp_j = dw_j through the dropout (keep_ij · drop_scale, or 1 without);
+// ds_j = p_ij (dp_j - sum_j' p_ij' dp_j'), saved in dscores [b, nh, t, t] for the second
+// half; dq_i += scale · sum_j ds_j k_j.
 template <typename T>
 __device__ void attention_backward_query(T* dq, float* dscores, const T* dout, const T* k, const T* v,
-                                         const float* probs, int b, int t, int nh, int hs, float scale) {
+                                         const float* probs, int b, int t, int nh, int hs, float scale,
+                                         double drop_p, float drop_scale, uint64_t seed) {
     extern __shared__ float dscore_row[];  // [t]
     const int i = blockIdx.x % t, h = (blockIdx.x / t) % nh, bi = blockIdx.x / (t * nh);
     const size_t channels = (size_t)nh * hs;
@@ -75,6 +90,7 @@ __device__ void attention_backward_query(T* dq, float* dscores, const T* dout, c
         const T* v_j = v + ((size_t)bi * t + j) * channels + head;
         float dp = 0.0f;
         for (int d = 0; d < hs; d++) dp += to_float(dout_i[d]) * to_float(v_j[d]);
+        dp = dropped_weight(dp, (size_t)blockIdx.x * t + j, drop_p, drop_scale, seed);
         dscore_row[j] = dp;
         local_dot += probs_row[j] * dp;
     }
@@ -94,11 +110,13 @@ __device__ void attention_backward_query(T* dq, float* dscores, const T* dout, c
 }
 
 // Second half, one block per key row j, blockIdx.x = (bi*nh + h)*t + j, threads over hs:
-// dk_j += scale · sum_i ds_ij q_i; dv_j += sum_i p_ij dout_i. Each output element is
-// summed by one thread over i in order: deterministic.
+// dk_j += scale · sum_i ds_ij q_i; dv_j += sum_i w_ij dout_i (w: the forward's weights,
+// p after dropout). Each output element is summed by one thread over i in order:
+// deterministic.
 template <typename T>
 __device__ void attention_backward_key(T* dk, T* dv, const T* dout, const T* q, const float* probs,
-                                       const float* dscores, int b, int t, int nh, int hs, float scale) {
+                                       const float* dscores, int b, int t, int nh, int hs, float scale,
+                                       double drop_p, float drop_scale, uint64_t seed) {
     const int j = blockIdx.x % t, h = (blockIdx.x / t) % nh, bi = blockIdx.x / (t * nh);
     const size_t channels = (size_t)nh * hs;
     const size_t head = (size_t)h * hs;
@@ -108,7 +126,8 @@ __device__ void attention_backward_key(T* dk, T* dv, const T* dout, const T* q, 
         for (int i = 0; i < t; i++) {
             const size_t at = ((size_t)bi * t + i) * channels + head + d;
             acc_k += dscores[matrix + (size_t)i * t + j] * to_float(q[at]);
-            acc_v += probs[matrix + (size_t)i * t + j] * to_float(dout[at]);
+            const size_t index = matrix + (size_t)i * t + j;
+            acc_v += dropped_weight(probs[index], index, drop_p, drop_scale, seed) * to_float(dout[at]);
         }
         const size_t at_j = ((size_t)bi * t + j) * channels + head + d;
         dk[at_j] = from_float<T>(to_float(dk[at_j]) + scale * acc_k);
@@ -117,20 +136,22 @@ __device__ void attention_backward_key(T* dk, T* dv, const T* dout, const T* q, 
 }
 
 #define KERNELS(T, SUFFIX)                                                                              \
-    extern "C" __global__ void attention_forward_##SUFFIX(T* out, float* probs, const T* q, const T* k, \
-                                                          const T* v, const uint8_t* mask, int b, int t, \
-                                                          int nh, int hs, float scale) {               \
-        attention_forward<T>(out, probs, q, k, v, mask, b, t, nh, hs, scale);                          \
+    extern "C" __global__ void attention_forward_##SUFFIX(                                             \
+        T* out, float* probs, const T* q, const T* k, const T* v, const uint8_t* mask, int b, int t,   \
+        int nh, int hs, float scale, double drop_p, float drop_scale, uint64_t seed) {                 \
+        attention_forward<T>(out, probs, q, k, v, mask, b, t, nh, hs, scale, drop_p, drop_scale, seed); \
     }                                                                                                   \
     extern "C" __global__ void attention_backward_query_##SUFFIX(                                      \
         T* dq, float* dscores, const T* dout, const T* k, const T* v, const float* probs, int b, int t, \
-        int nh, int hs, float scale) {                                                                  \
-        attention_backward_query<T>(dq, dscores, dout, k, v, probs, b, t, nh, hs, scale);              \
+        int nh, int hs, float scale, double drop_p, float drop_scale, uint64_t seed) {                 \
+        attention_backward_query<T>(dq, dscores, dout, k, v, probs, b, t, nh, hs, scale, drop_p,       \
+                                    drop_scale, seed);                                                  \
     }                                                                                                   \
-    extern "C" __global__ void attention_backward_key_##SUFFIX(T* dk, T* dv, const T* dout, const T* q, \
-                                                               const float* probs, const float* dscores, \
-                                                               int b, int t, int nh, int hs, float scale) { \
-        attention_backward_key<T>(dk, dv, dout, q, probs, dscores, b, t, nh, hs, scale);               \
+    extern "C" __global__ void attention_backward_key_##SUFFIX(                                        \
+        T* dk, T* dv, const T* dout, const T* q, const float* probs, const float* dscores, int b,      \
+        int t, int nh, int hs, float scale, double drop_p, float drop_scale, uint64_t seed) {          \
+        attention_backward_key<T>(dk, dv, dout, q, probs, dscores, b, t, nh, hs, scale, drop_p,        \
+                                  drop_scale, seed);                                                    \
     }
 KERNELS(float, f32)
 KERNELS(bf16, bf16)

@@ -15,6 +15,21 @@ template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
 
+#define GOLDEN_GAMMA 0x9E3779B97F4A7C15ull
+
+// Whether element `index` survives dropout with probability p under `seed`: bit for bit the
+// CPU's `dropout_keep` (src/backend/cpu/dropout.rs), splitmix64 of seed ^ index·GOLDEN_GAMMA,
+// the top 53 bits as a uniform u on [0, 1), keep iff u >= p.
+__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t index, double p) {
+    uint64_t z = (seed ^ (index * GOLDEN_GAMMA)) + GOLDEN_GAMMA;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    // Exact: z >> 11 < 2^53 converts without rounding and 2^-53 is a power of two.
+    const double uniform = (double)(z >> 11) * (1.0 / 9007199254740992.0);
+    return uniform >= p;
+}
+
 // Butterfly sums: every lane ends with the same value, summed in a fixed order, so the
 // result never depends on scheduling (run-to-run identical).
 template <typename T> __device__ __forceinline__ T warp_sum(T v) {

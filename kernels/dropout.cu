@@ -2,19 +2,8 @@
 // the CPU's `dropout_keep` (src/backend/cpu/dropout.rs): splitmix64 of
 // seed ^ index·GOLDEN_GAMMA, the top 53 bits as a uniform u on [0, 1), keep iff u >= p.
 // Nothing is stored between forward and backward.
+// The hash, dropout_keep, is in common.cuh: attention drops its probabilities with it too.
 #include "common.cuh"
-
-#define GOLDEN_GAMMA 0x9E3779B97F4A7C15ull
-
-__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t index, double p) {
-    uint64_t z = (seed ^ (index * GOLDEN_GAMMA)) + GOLDEN_GAMMA;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    // Exact: z >> 11 < 2^53 converts without rounding and 2^-53 is a power of two.
-    const double uniform = (double)(z >> 11) * (1.0 / 9007199254740992.0);
-    return uniform >= p;
-}
 
 // out[i] = inp[i] · scale where kept, else 0; scale = 1 / (1 - p) rounded to fp32 by the
 // host, as the CPU does. p == 0 keeps everything (scale 1).

@@ -439,28 +439,50 @@ impl Batch {
     }
 }
 
-/// Dropout in training: the probability and the seed of this forward pass. Each dropout
-/// site draws its mask from a seed derived from this one and the site's index.
+/// Dropout in training: the probabilities (`hidden` on the embeddings, the attention and
+/// feed-forward outputs and the pooler; `attention` on the attention probabilities, as
+/// Hugging Face's two config keys) and the seed of this forward pass. Each dropout site
+/// draws its mask from a seed derived from this one and the site's index.
 #[derive(Clone, Copy, Debug)]
 pub struct Dropout {
-    pub p: f64,
+    pub hidden: f64,
+    pub attention: f64,
     pub seed: u64,
 }
 
-/// Indices of the dropout sites, so forward and backward derive the same seeds.
-fn site_seed(dropout: Option<Dropout>, site: u64) -> (f64, u64) {
+/// Indices of the dropout sites, so forward and backward (and the CUDA model,
+/// src/backend/cuda/model.rs) derive the same seeds. (p, seed) of a hidden-dropout site.
+pub(crate) fn site_seed(dropout: Option<Dropout>, site: u64) -> (f64, u64) {
     match dropout {
-        Some(d) => (d.p, derive_seed(d.seed, &[site])),
+        Some(d) => (d.hidden, derive_seed(d.seed, &[site])),
         None => (0.0, 0),
     }
 }
-const SITE_EMB: u64 = 0;
-const SITE_POOL: u64 = 1;
-fn site_attn(layer: usize) -> u64 {
+pub(crate) const SITE_EMB: u64 = 0;
+pub(crate) const SITE_POOL: u64 = 1;
+pub(crate) fn site_attn(layer: usize) -> u64 {
     2 + 2 * layer as u64
 }
-fn site_ffn(layer: usize) -> u64 {
+pub(crate) fn site_ffn(layer: usize) -> u64 {
     3 + 2 * layer as u64
+}
+/// The attention probabilities of a layer: sites from 2^32 up, above every hidden site
+/// (2 + 2·layers), so that adding them left the other masks as they were.
+fn site_attn_probs(layer: usize) -> u64 {
+    (1 << 32) + layer as u64
+}
+
+/// The attention-probability dropout of a layer; None when off.
+pub(crate) fn attention_dropout(
+    dropout: Option<Dropout>,
+    layer: usize,
+) -> Option<AttentionDropout> {
+    dropout
+        .filter(|d| d.attention > 0.0)
+        .map(|d| AttentionDropout {
+            p: d.attention,
+            seed: derive_seed(d.seed, &[site_attn_probs(layer)]),
+        })
 }
 
 /// Scratch buffers of the backward pass, reused by every layer.
@@ -676,6 +698,7 @@ impl<F: Float> BertModel<F> {
                 t,
                 nh,
                 hs,
+                attention_dropout(dropout, l),
             );
             matmul_forward(&mut *a.branch, la.ctx, lp.o_w, Some(lp.o_b), n, c, c);
             let (pd, seed) = site_seed(dropout, site_attn(l));
@@ -893,6 +916,7 @@ impl<F: Float> BertModel<F> {
                 t,
                 nh,
                 hs,
+                attention_dropout(dropout, l),
             );
             // The layer input feeds the residual (already in d_in) and q, k, v.
             matmul_backward(

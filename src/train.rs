@@ -476,7 +476,10 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
         );
     }
 
-    let dropout_p = cfg.dropout.unwrap_or(model.config.hidden_dropout_prob);
+    let hidden_p = cfg.dropout.unwrap_or(model.config.hidden_dropout_prob);
+    let attention_p = cfg
+        .dropout
+        .unwrap_or(model.config.attention_probs_dropout_prob);
     let mut order = DataOrder::new(cfg.seed, train_set.len());
     let accum = cfg.gradient_accumulation_steps;
     let per_step = cfg.per_device_train_batch_size * accum;
@@ -493,8 +496,9 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
                     .map(|p| order.at(p))
                     .collect();
                 let (batch, ks, types) = train_set.batch(&prompts, pad_id);
-                let dropout = (dropout_p > 0.0).then(|| Dropout {
-                    p: dropout_p,
+                let dropout = (hidden_p > 0.0 || attention_p > 0.0).then(|| Dropout {
+                    hidden: hidden_p,
+                    attention: attention_p,
                     seed: derive_seed(cfg.seed, &[STREAM_DROPOUT, step as u64, micro as u64]),
                 });
                 Micro {

@@ -81,6 +81,7 @@ fn softmax_f32_matches_f64_and_masks_exactly() {
         t,
         1,
         hs,
+        None,
     );
     attention_forward(
         &mut out64,
@@ -93,6 +94,7 @@ fn softmax_f32_matches_f64_and_masks_exactly() {
         t,
         1,
         hs,
+        None,
     );
     for (i, (&a, &b)) in probs32.iter().zip(&probs64).enumerate() {
         if mask[i % t] == 0 {

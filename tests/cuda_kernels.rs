@@ -642,7 +642,13 @@ fn attention_matches_cpu() {
         return;
     };
     let mut rng = Rng(5);
-    for &(b, t, nh, hs) in &SHAPES {
+    // Without and with dropout on the probabilities: the same mask as the CPU's, bit for
+    // bit (a differing element would move the outputs far beyond the tolerances).
+    let dropouts = [None, Some(cpu::AttentionDropout { p: 0.3, seed: 9 })];
+    for (&(b, t, nh, hs), dropout) in SHAPES
+        .iter()
+        .flat_map(|s| dropouts.iter().map(move |d| (s, *d)))
+    {
         let act = b * t * nh * hs;
         let (q, k, v) = (
             rng.values(act, 2.0),
@@ -651,7 +657,9 @@ fn attention_matches_cpu() {
         );
         let mask = padding_mask(&mut rng, b, t);
         let (mut out, mut probs) = (vec![0.0f32; act], vec![0.0f32; b * nh * t * t]);
-        cpu::attention_forward(&mut out, &mut probs, &q, &k, &v, &mask, b, t, nh, hs);
+        cpu::attention_forward(
+            &mut out, &mut probs, &q, &k, &v, &mask, b, t, nh, hs, dropout,
+        );
         let (q_d, k_d, v_d, mask_d) = (
             rt.upload(&q).unwrap(),
             rt.upload(&k).unwrap(),
@@ -670,16 +678,17 @@ fn attention_matches_cpu() {
             &v_d,
             &mask_d,
             (b, t, nh, hs),
+            dropout,
         )
         .unwrap();
         assert_close(
-            "attention_forward out",
+            &format!("attention_forward out, {dropout:?}"),
             &rt.download(&out_d).unwrap(),
             &out,
             F32_SUM,
         );
         assert_close(
-            "attention_forward probs",
+            &format!("attention_forward probs, {dropout:?}"),
             &rt.download(&probs_d).unwrap(),
             &probs,
             F32_SUM,
@@ -708,32 +717,35 @@ fn attention_matches_cpu() {
             &v_d,
             &rt.upload(&probs).unwrap(),
             (b, t, nh, hs),
+            dropout,
         )
         .unwrap();
         cpu::attention_backward(
-            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, b, t, nh, hs,
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, b, t, nh, hs, dropout,
         );
         assert_close(
-            "attention_backward dq",
+            &format!("attention_backward dq, {dropout:?}"),
             &rt.download(&dq_d).unwrap(),
             &dq,
             F32_SUM,
         );
         assert_close(
-            "attention_backward dk",
+            &format!("attention_backward dk, {dropout:?}"),
             &rt.download(&dk_d).unwrap(),
             &dk,
             F32_SUM,
         );
         assert_close(
-            "attention_backward dv",
+            &format!("attention_backward dv, {dropout:?}"),
             &rt.download(&dv_d).unwrap(),
             &dv,
             F32_SUM,
         );
 
         let (q16, k16, v16) = (round_bf16(&q), round_bf16(&k), round_bf16(&v));
-        cpu::attention_forward(&mut out, &mut probs, &q16, &k16, &v16, &mask, b, t, nh, hs);
+        cpu::attention_forward(
+            &mut out, &mut probs, &q16, &k16, &v16, &mask, b, t, nh, hs, dropout,
+        );
         let mut out16 = rt.upload(&to_bf16(&nan(act))).unwrap();
         rt.attention_forward(
             &mut out16,
@@ -743,10 +755,11 @@ fn attention_matches_cpu() {
             &rt.upload(&to_bf16(&v16)).unwrap(),
             &mask_d,
             (b, t, nh, hs),
+            dropout,
         )
         .unwrap();
         assert_close(
-            "attention_forward bf16",
+            &format!("attention_forward bf16, {dropout:?}"),
             &from_bf16(&rt.download(&out16).unwrap()),
             &out,
             BF16,

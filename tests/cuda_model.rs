@@ -224,7 +224,11 @@ fn training_step_matches_cpu() {
     let eps = 0.01;
     let mut model = random_model(3);
     let (batch, ks, types) = ranked_batch(11);
-    let dropout = Dropout { p: 0.1, seed: 77 };
+    let dropout = Dropout {
+        hidden: 0.1,
+        attention: 0.2,
+        seed: 77,
+    };
     let mut trainer = CudaTrainer::new(rt, &model).unwrap();
     assert_eq!(trainer.download_params().unwrap(), model.params, "upload");
 
@@ -304,7 +308,12 @@ fn accumulated_step_matches_cpu() {
     let mut model = random_model(5);
     let first = ranked_batch(21);
     let second = ranked_batch(22);
-    let dropouts = [Dropout { p: 0.1, seed: 1 }, Dropout { p: 0.1, seed: 2 }];
+    let dropout = |seed| Dropout {
+        hidden: 0.1,
+        attention: 0.1,
+        seed,
+    };
+    let dropouts = [dropout(1), dropout(2)];
     let mut trainer = CudaTrainer::new(rt, &model).unwrap();
     // Start from non-zero moments and a later step, as after a resume.
     let total = model.num_params();

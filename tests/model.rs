@@ -152,7 +152,13 @@ fn whole_model_gradient_matches_finite_differences_in_eval_mode() {
 #[test]
 fn whole_model_gradient_matches_finite_differences_with_dropout_and_adaptive_loss() {
     let spec = LossSpec::parse("adaptive2").unwrap();
-    gradient_check(spec, Some(Dropout { p: 0.2, seed: 99 }));
+    // Both dropouts on, with different rates: hidden and attention probabilities.
+    let dropout = Dropout {
+        hidden: 0.2,
+        attention: 0.3,
+        seed: 99,
+    };
+    gradient_check(spec, Some(dropout));
 }
 
 #[test]
@@ -164,13 +170,68 @@ fn dropout_is_a_function_of_its_seed_and_off_in_eval() {
     let eval_a = model.forward(&mut ws, &batch, None).unwrap().to_vec();
     let eval_b = model.forward(&mut ws, &batch, None).unwrap().to_vec();
     assert_eq!(eval_a, eval_b);
-    let d = |seed| Some(Dropout { p: 0.3, seed });
+    let d = |seed| {
+        Some(Dropout {
+            hidden: 0.3,
+            attention: 0.3,
+            seed,
+        })
+    };
     let train_a = model.forward(&mut ws, &batch, d(1)).unwrap().to_vec();
     let train_b = model.forward(&mut ws, &batch, d(1)).unwrap().to_vec();
     let train_c = model.forward(&mut ws, &batch, d(2)).unwrap().to_vec();
     assert_eq!(train_a, train_b, "same seed, same mask");
     assert_ne!(train_a, train_c, "another seed, another mask");
     assert_ne!(train_a, eval_a, "dropout must change the training forward");
+}
+
+/// Attention-probability dropout acts on its own; adding it left the hidden sites' masks
+/// as they were: hidden dropout alone gives the logits the model gave before it existed.
+#[test]
+fn attention_dropout_is_its_own_site() {
+    let mut rng = Rng::new(5);
+    let model = random_model(&mut rng);
+    let (batch, _, _) = tiny_batch(&mut rng);
+    let mut ws = Workspace::new();
+    let eval = model.forward(&mut ws, &batch, None).unwrap().to_vec();
+    let mut logits = |hidden, attention| {
+        let dropout = Dropout {
+            hidden,
+            attention,
+            seed: 1,
+        };
+        model
+            .forward(&mut ws, &batch, Some(dropout))
+            .unwrap()
+            .to_vec()
+    };
+    // Printed by the model before attention dropout, with hidden dropout 0.3, seed 1.
+    let before = [
+        -0.3460858297231196,
+        -0.7139984486173574,
+        -0.5096626777187385,
+        -0.2048838714576674,
+        -0.6852822328527933,
+    ];
+    let hidden_only = logits(0.3, 0.0);
+    for (now, then) in hidden_only.iter().zip(before) {
+        assert!(
+            (now - then).abs() < 1e-12,
+            "hidden dropout moved: {now} vs {then}"
+        );
+    }
+    let both = logits(0.3, 0.3);
+    assert_ne!(both, hidden_only, "attention dropout changed nothing");
+    let attention_only = logits(0.0, 0.3);
+    assert_ne!(
+        attention_only, eval,
+        "attention dropout alone changed nothing"
+    );
+    assert_eq!(
+        logits(0.0, 0.0),
+        eval,
+        "p = 0 everywhere must be evaluation"
+    );
 }
 
 #[test]

@@ -230,6 +230,8 @@ fn gradcheck_embedding() {
     );
 }
 
+/// Without and with dropout on the probabilities (the mask is fixed by the seed, so the
+/// function stays smooth and central differences apply).
 #[test]
 fn gradcheck_attention() {
     let mut rng = Rng(6);
@@ -238,31 +240,36 @@ fn gradcheck_attention() {
     // The second sequence ends in two padding tokens.
     let mask = [1u8, 1, 1, 1, 1, 1, 1, 1, 0, 0];
     let scaled = |v: Vec<f64>| v.iter().map(|x| 2.0 * x).collect::<Vec<_>>();
-    let inputs = vec![
-        ("q", scaled(rng.vec(len))),
-        ("k", scaled(rng.vec(len))),
-        ("v", rng.vec(len)),
-    ];
-    gradcheck(
-        "attention",
-        inputs,
-        len,
-        |x, out| {
-            let mut probs = vec![0.0; b * nh * t * t];
-            attention_forward(out, &mut probs, &x[0], &x[1], &x[2], &mask, b, t, nh, hs);
-        },
-        |x, dout, g| {
-            let (mut out, mut probs) = (vec![0.0; len], vec![0.0; b * nh * t * t]);
-            attention_forward(
-                &mut out, &mut probs, &x[0], &x[1], &x[2], &mask, b, t, nh, hs,
-            );
-            let [dq, dk, dv] = g else { unreachable!() };
-            attention_backward(
-                dq, dk, dv, dout, &x[0], &x[1], &x[2], &probs, &mask, b, t, nh, hs,
-            );
-        },
-        &mut rng,
-    );
+    let dropped = Some(AttentionDropout { p: 0.3, seed: 11 });
+    for (op, dropout) in [("attention", None), ("attention+dropout", dropped)] {
+        let inputs = vec![
+            ("q", scaled(rng.vec(len))),
+            ("k", scaled(rng.vec(len))),
+            ("v", rng.vec(len)),
+        ];
+        gradcheck(
+            op,
+            inputs,
+            len,
+            |x, out| {
+                let mut probs = vec![0.0; b * nh * t * t];
+                attention_forward(
+                    out, &mut probs, &x[0], &x[1], &x[2], &mask, b, t, nh, hs, dropout,
+                );
+            },
+            |x, dout, g| {
+                let (mut out, mut probs) = (vec![0.0; len], vec![0.0; b * nh * t * t]);
+                attention_forward(
+                    &mut out, &mut probs, &x[0], &x[1], &x[2], &mask, b, t, nh, hs, dropout,
+                );
+                let [dq, dk, dv] = g else { unreachable!() };
+                attention_backward(
+                    dq, dk, dv, dout, &x[0], &x[1], &x[2], &probs, &mask, b, t, nh, hs, dropout,
+                );
+            },
+            &mut rng,
+        );
+    }
 }
 
 #[test]
@@ -471,7 +478,7 @@ fn attention_probs_are_a_masked_softmax() {
     let mask = [1u8, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     let (q, k, v) = (rng.vec(len), rng.vec(len), rng.vec(len));
     let (mut out, mut probs) = (vec![0.0; len], vec![0.0; b * nh * t * t]);
-    attention_forward(&mut out, &mut probs, &q, &k, &v, &mask, b, t, nh, hs);
+    attention_forward(&mut out, &mut probs, &q, &k, &v, &mask, b, t, nh, hs, None);
     let ch = nh * hs;
     for seq in 0..b {
         for head in 0..nh {
@@ -516,9 +523,102 @@ fn attention_softmax_is_safe_for_large_scores() {
     let k = [1.0f32, 0.5, 0.0];
     let v = [1.0f32, 2.0, 3.0];
     let (mut out, mut probs) = (vec![0.0f32; 3], vec![0.0f32; 9]);
-    attention_forward(&mut out, &mut probs, &q, &k, &v, &[1, 1, 1], b, t, nh, hs);
+    attention_forward(
+        &mut out,
+        &mut probs,
+        &q,
+        &k,
+        &v,
+        &[1, 1, 1],
+        b,
+        t,
+        nh,
+        hs,
+        None,
+    );
     assert!(probs.iter().all(|p| p.is_finite()));
     assert!((probs[0] - 1.0).abs() < 1e-6 && (out[0] - 1.0).abs() < 1e-5);
+}
+
+/// The dropped attention against a naive reference: probs stay the softmax (the same as
+/// without dropout), the output is Σ_j probs ∘ keep / (1 - p) · v with keep the
+/// `dropout_keep` mask over the probs buffer's indices, dv likewise; p = 0 is no dropout
+/// bit for bit.
+#[test]
+fn attention_dropout_uses_the_dropout_keep_mask() {
+    let mut rng = Rng(21);
+    let (b, t, nh, hs) = (2, 7, 3, 4);
+    let len = b * t * nh * hs;
+    let scores = b * nh * t * t;
+    let mask = [1u8, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0];
+    let (q, k, v, dout) = (rng.vec(len), rng.vec(len), rng.vec(len), rng.vec(len));
+    let (p, seed) = (0.3, 5);
+    let dropout = Some(AttentionDropout { p, seed });
+    let run = |dropout: Option<AttentionDropout>| {
+        let (mut out, mut probs) = (vec![0.0; len], vec![0.0; scores]);
+        attention_forward(
+            &mut out, &mut probs, &q, &k, &v, &mask, b, t, nh, hs, dropout,
+        );
+        let mut dv = vec![0.0; len];
+        let (mut dq, mut dk) = (vec![0.0; len], vec![0.0; len]);
+        attention_backward(
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, b, t, nh, hs, dropout,
+        );
+        (out, probs, dq, dk, dv)
+    };
+    let plain = run(None);
+    let (out, probs, _, _, dv) = run(dropout);
+    assert!(
+        plain
+            .1
+            .iter()
+            .zip(&probs)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "probs must stay the softmax before dropout"
+    );
+    let zero_p = run(Some(AttentionDropout { p: 0.0, seed }));
+    for (name, a, z) in [
+        ("out", &plain.0, &zero_p.0),
+        ("dq", &plain.2, &zero_p.2),
+        ("dk", &plain.3, &zero_p.3),
+        ("dv", &plain.4, &zero_p.4),
+    ] {
+        assert!(
+            a.iter().zip(z).all(|(a, z)| a.to_bits() == z.to_bits()),
+            "p = 0 changed {name}"
+        );
+    }
+
+    let ch = nh * hs;
+    let weight = |index: usize| {
+        let kept = dropout_keep(seed, index as u64, p);
+        if kept { probs[index] / (1.0 - p) } else { 0.0 }
+    };
+    let mut dropped_real = 0;
+    for seq in 0..b {
+        for head in 0..nh {
+            for i in 0..t {
+                let row = ((seq * nh + head) * t + i) * t;
+                dropped_real += (0..t)
+                    .filter(|&j| mask[seq * t + j] == 1 && !dropout_keep(seed, (row + j) as u64, p))
+                    .count();
+                for d in 0..hs {
+                    let at = |pos: usize| (seq * t + pos) * ch + head * hs + d;
+                    let expected: f64 = (0..t).map(|j| weight(row + j) * v[at(j)]).sum();
+                    assert!((out[at(i)] - expected).abs() < 1e-12, "out[{}]", at(i));
+                    // dv at key i: Σ over queries r of w[r, i] dout[r].
+                    let expected_dv: f64 = (0..t)
+                        .map(|r| weight(((seq * nh + head) * t + r) * t + i) * dout[at(r)])
+                        .sum();
+                    assert!((dv[at(i)] - expected_dv).abs() < 1e-12, "dv[{}]", at(i));
+                }
+            }
+        }
+    }
+    assert!(
+        dropped_real > 20,
+        "only {dropped_real} real weights dropped: the test checks too little"
+    );
 }
 
 #[test]
@@ -855,21 +955,17 @@ fn f32_forwards_match_f64() {
     let (mut o64, mut p64) = (vec![0.0; n * c], vec![0.0; b * nh * t * t]);
     let (mut o32, mut p32) = (vec![0.0f32; n * c], vec![0.0f32; b * nh * t * t]);
     let k = f32_exact(rng.vec(n * c).iter().map(|x| 2.0 * x).collect());
-    attention_forward(&mut o64, &mut p64, &inp, &k, &inp, &mask, b, t, nh, hs);
-    attention_forward(
-        &mut o32,
-        &mut p32,
-        &inp32,
-        &to_f32(&k),
-        &inp32,
-        &mask,
-        b,
-        t,
-        nh,
-        hs,
-    );
-    assert_close_f32("attention", &o32, &o64);
-    assert_close_f32("attention probs", &p32, &p64);
+    let k32 = to_f32(&k);
+    for dropout in [None, Some(AttentionDropout { p: 0.25, seed: 3 })] {
+        attention_forward(
+            &mut o64, &mut p64, &inp, &k, &inp, &mask, b, t, nh, hs, dropout,
+        );
+        attention_forward(
+            &mut o32, &mut p32, &inp32, &k32, &inp32, &mask, b, t, nh, hs, dropout,
+        );
+        assert_close_f32("attention", &o32, &o64);
+        assert_close_f32("attention probs", &p32, &p64);
+    }
 }
 
 // ---------------------------------------------------------------- determinism
@@ -990,22 +1086,24 @@ fn backwards_are_deterministic_across_thread_counts() {
         to_f32(&rng.vec(len)),
     );
     let attn_dout = to_f32(&rng.vec(len));
+    // With dropout on the probabilities: the mask must not depend on the partition either.
+    let dropout = Some(AttentionDropout { p: 0.1, seed: 17 });
     let attention = || {
         let (q, k, v) = (&q[..], &k[..], &v[..]);
         let (mut out, mut probs) = (vec![0.0f32; len], vec![0.0f32; b * nh * t * t]);
-        attention_forward(&mut out, &mut probs, q, k, v, &mask, b, t, nh, hs);
+        attention_forward(&mut out, &mut probs, q, k, v, &mask, b, t, nh, hs, dropout);
         let (mut dq, mut dk, mut dv) = (vec![0.0f32; len], vec![0.0f32; len], vec![0.0f32; len]);
         attention_backward(
-            &mut dq, &mut dk, &mut dv, &attn_dout, q, k, v, &probs, &mask, b, t, nh, hs,
+            &mut dq, &mut dk, &mut dv, &attn_dout, q, k, v, &probs, &mask, b, t, nh, hs, dropout,
         );
-        [dq, dk, dv]
+        [out, dq, dk, dv]
     };
     let one = with_threads(1, || (matmul(), layernorm(), attention()));
     let two = with_threads(2, || (matmul(), layernorm(), attention()));
     for (name, x, y) in [
-        ("matmul", &one.0, &two.0),
-        ("layernorm", &one.1, &two.1),
-        ("attention", &one.2, &two.2),
+        ("matmul", &one.0[..], &two.0[..]),
+        ("layernorm", &one.1[..], &two.1[..]),
+        ("attention", &one.2[..], &two.2[..]),
     ] {
         for (a, b) in x.iter().zip(y) {
             assert_bitwise_equal(name, a, b);

@@ -6,14 +6,38 @@
 use rayon::prelude::*;
 
 use super::SendPtr;
+use super::dropout::dropout_forward_at;
 use super::vecmath::{as_f32_mut, exp_nonpositive_f32};
 use crate::backend::Float;
 
-/// out[b, t, nh*hs] = softmax(q kᵀ / √hs, keys at padding excluded) · v, per sequence and
-/// head; probs[b, nh, t, t] keeps the softmax for the backward. mask[b, t]: 1 = real
-/// token, 0 = padding. Padded keys get exactly zero weight (HF adds finfo.min to their
-/// scores); rows of padded queries are computed like any other. A sequence with no real
-/// token at all attends uniformly to every key, as HF's finfo.min does.
+/// Dropout on the attention probabilities (Hugging Face's `attention_probs_dropout_prob`):
+/// the weights that multiply v are probs ∘ keep / (1 - p), keep[i] = dropout_keep(seed, i,
+/// p) with i the element's index in probs [b, nh, t, t]. Only the softmax is stored; the
+/// dropped weights are redrawn from the seed wherever they are needed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionDropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+/// The dropout to apply: None when off (absent or p = 0, which leaves results exactly
+/// those without dropout). p must be in [0, 1).
+fn active_dropout(op: &str, dropout: Option<AttentionDropout>) -> Option<AttentionDropout> {
+    let dropout = dropout.filter(|d| d.p != 0.0)?;
+    assert!(
+        (0.0..1.0).contains(&dropout.p),
+        "{op}: dropout p = {} is not in [0, 1)",
+        dropout.p
+    );
+    Some(dropout)
+}
+
+/// out[b, t, nh*hs] = dropout(softmax(q kᵀ / √hs, keys at padding excluded)) · v, per
+/// sequence and head; probs[b, nh, t, t] keeps the softmax (before dropout) for the
+/// backward. mask[b, t]: 1 = real token, 0 = padding. Padded keys get exactly zero weight
+/// (HF adds finfo.min to their scores); rows of padded queries are computed like any other.
+/// A sequence with no real token at all attends uniformly to every key, as HF's finfo.min
+/// does. `dropout`: see AttentionDropout; None in evaluation.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<F: Float>(
     out: &mut [F],
@@ -26,6 +50,7 @@ pub fn attention_forward<F: Float>(
     t: usize,
     nh: usize,
     hs: usize,
+    dropout: Option<AttentionDropout>,
 ) {
     check_shapes(
         "attention_forward",
@@ -43,13 +68,15 @@ pub fn attention_forward<F: Float>(
     if probs.is_empty() {
         return;
     }
+    let dropout = active_dropout("attention_forward", dropout);
     let channels = nh * hs;
     let scale = F::from_f64(1.0 / (hs as f64).sqrt());
     let out_ptr = SendPtr(out.as_mut_ptr());
-    probs
-        .par_chunks_mut(t * t)
-        .enumerate()
-        .for_each(|(seq_head, probs)| {
+    probs.par_chunks_mut(t * t).enumerate().for_each_init(
+        // dropped [t, t]: the head's weights after dropout; scratch, one per rayon job
+        // rather than per head, empty without dropout.
+        || vec![F::ZERO; if dropout.is_some() { t * t } else { 0 }],
+        |dropped, (seq_head, probs)| {
             let (seq, head) = (seq_head / nh, seq_head % nh);
             // First element of this head in the [b, t, nh*hs] tensors; rows are `channels` apart.
             let base = seq * t * channels + head * hs;
@@ -80,14 +107,22 @@ pub fn attention_forward<F: Float>(
             for row in probs.chunks_exact_mut(t) {
                 masked_softmax_row(row, mask, any_real);
             }
+            let weights: &[F] = match dropout {
+                Some(d) => {
+                    let first = (seq_head * t * t) as u64;
+                    dropout_forward_at(dropped, probs, first, d.p, d.seed);
+                    dropped
+                }
+                None => probs,
+            };
             unsafe {
-                // out = probs · v
+                // out = weights · v
                 F::gemm(
                     t,
                     t,
                     hs,
                     F::ONE,
-                    probs.as_ptr(),
+                    weights.as_ptr(),
                     t as isize,
                     1,
                     v.as_ptr().add(base),
@@ -99,7 +134,8 @@ pub fn attention_forward<F: Float>(
                     1,
                 );
             }
-        });
+        },
+    );
 }
 
 /// Softmax of one row of scores in place, over the keys that are real (all keys when none
@@ -130,9 +166,10 @@ fn masked_softmax_row<F: Float>(row: &mut [F], mask: &[u8], any_real: bool) {
     }
 }
 
-/// dq, dk, dv [b, t, nh*hs] += the gradients of attention_forward given dout [b, t, nh*hs]
-/// and the saved probs [b, nh, t, t]:
-///   dv += pᵀ dout; dp = dout vᵀ; ds = p ∘ (dp - rowsum(p ∘ dp));
+/// dq, dk, dv [b, t, nh*hs] += the gradients of attention_forward given dout [b, t, nh*hs],
+/// the saved probs p [b, nh, t, t] and the forward's dropout. With w = p ∘ keep / (1 - p)
+/// the weights that multiplied v (w = p without dropout):
+///   dv += wᵀ dout; dw = dout vᵀ; dp = dw ∘ keep / (1 - p); ds = p ∘ (dp - rowsum(p ∘ dp));
 ///   dq += ds k / √hs; dk += dsᵀ q / √hs.
 /// Padded keys have p = 0, hence ds = 0: no gradient reaches them through the scores.
 #[allow(clippy::too_many_arguments)]
@@ -150,6 +187,7 @@ pub fn attention_backward<F: Float>(
     t: usize,
     nh: usize,
     hs: usize,
+    dropout: Option<AttentionDropout>,
 ) {
     check_shapes(
         "attention_backward",
@@ -183,6 +221,7 @@ pub fn attention_backward<F: Float>(
     if probs.is_empty() {
         return;
     }
+    let dropout = active_dropout("attention_backward", dropout);
     let channels = nh * hs;
     let scale = F::from_f64(1.0 / (hs as f64).sqrt());
     let (dq_ptr, dk_ptr, dv_ptr) = (
@@ -191,25 +230,38 @@ pub fn attention_backward<F: Float>(
         SendPtr(dv.as_mut_ptr()),
     );
     (0..b * nh).into_par_iter().for_each_init(
-        // dscores [t, t]: scratch, one per rayon job rather than per head.
-        || vec![F::ZERO; t * t],
-        |dscores, seq_head| {
+        // dscores [t, t] and dropped [t, t] (empty without dropout): scratch, one per
+        // rayon job rather than per head.
+        || {
+            let dropped_len = if dropout.is_some() { t * t } else { 0 };
+            (vec![F::ZERO; t * t], vec![F::ZERO; dropped_len])
+        },
+        |(dscores, dropped), seq_head| {
             let (seq, head) = (seq_head / nh, seq_head % nh);
             let base = seq * t * channels + head * hs;
             let probs = &probs[seq_head * t * t..(seq_head + 1) * t * t];
+            let first = (seq_head * t * t) as u64;
+            // The forward's weights: the same mask, redrawn from the seed.
+            let weights: &[F] = match dropout {
+                Some(d) => {
+                    dropout_forward_at(dropped, probs, first, d.p, d.seed);
+                    dropped
+                }
+                None => probs,
+            };
             let ch = channels as isize;
             let ti = t as isize;
             // SAFETY: as in the forward: every [t, hs] block at `base` with row stride
             // `channels` lies inside its tensor (check_shapes and the asserts above);
             // tasks write disjoint heads of dq, dk, dv, which alias no input or each other.
             unsafe {
-                // dv += probsᵀ · dout (probsᵀ: probs read with swapped strides)
+                // dv += weightsᵀ · dout (weightsᵀ: weights read with swapped strides)
                 F::gemm(
                     t,
                     t,
                     hs,
                     F::ONE,
-                    probs.as_ptr(),
+                    weights.as_ptr(),
                     1,
                     ti,
                     dout.as_ptr().add(base),
@@ -220,7 +272,7 @@ pub fn attention_backward<F: Float>(
                     ch,
                     1,
                 );
-                // dprobs = dout · vᵀ
+                // dweights = dout · vᵀ
                 F::gemm(
                     t,
                     hs,
@@ -237,6 +289,12 @@ pub fn attention_backward<F: Float>(
                     ti,
                     1,
                 );
+            }
+            // Through the dropout: dprobs = dweights ∘ keep / (1 - p), into `dropped`
+            // (its weights are used), then swapped into dscores.
+            if let Some(d) = dropout {
+                dropout_forward_at(dropped, dscores, first, d.p, d.seed);
+                std::mem::swap(dscores, dropped);
             }
             // Through the softmax: ds = p (dp - Σ_j p dp), row by row.
             for (p_row, d_row) in probs.chunks_exact(t).zip(dscores.chunks_exact_mut(t)) {

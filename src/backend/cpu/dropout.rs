@@ -39,21 +39,35 @@ pub fn dropout_forward<F: Float>(out: &mut [F], inp: &[F], p: f64, seed: u64) {
         out.copy_from_slice(inp);
         return;
     }
-    let scale = F::from_f64(1.0 / (1.0 - p));
     out.par_chunks_mut(ELEMENTWISE_CHUNK)
         .zip(inp.par_chunks(ELEMENTWISE_CHUNK))
         .enumerate()
         .for_each(|(chunk_index, (out, inp))| {
             let first = (chunk_index * ELEMENTWISE_CHUNK) as u64;
-            if let (Some(out), Some(inp)) = (as_f32_mut(out), as_f32(inp)) {
-                let scale = scale.to_f64() as f32;
-                with_avx512!(forward_avx512(out: &mut [f32], inp: &[f32], first: u64, seed: u64, p: f64, scale: f32) {
-                    forward_chunk(out, inp, first, seed, p, scale)
-                });
-                return;
-            }
-            forward_chunk(out, inp, first, seed, p, scale);
+            dropout_forward_at(out, inp, first, p, seed);
         });
+}
+
+/// dropout_forward of a stretch of a larger buffer whose first element has index `first`
+/// there, on the calling thread: for ops that are parallel already (attention drops its
+/// probabilities one head at a time). Same mask, same values as over the whole buffer.
+pub(crate) fn dropout_forward_at<F: Float>(
+    out: &mut [F],
+    inp: &[F],
+    first: u64,
+    p: f64,
+    seed: u64,
+) {
+    debug_assert_eq!(out.len(), inp.len());
+    let scale = F::from_f64(1.0 / (1.0 - p));
+    if let (Some(out), Some(inp)) = (as_f32_mut(out), as_f32(inp)) {
+        let scale = scale.to_f64() as f32;
+        with_avx512!(forward_avx512(out: &mut [f32], inp: &[f32], first: u64, seed: u64, p: f64, scale: f32) {
+            forward_chunk(out, inp, first, seed, p, scale)
+        });
+        return;
+    }
+    forward_chunk(out, inp, first, seed, p, scale);
 }
 
 /// dinp[i] += dout[i] / (1 - p) where element i was kept (same seed as the forward).

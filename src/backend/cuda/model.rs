@@ -31,10 +31,11 @@ use super::optim::AdamWStep;
 use super::runtime::{CudaRuntime, driver};
 use crate::error::{Error, Result};
 use crate::loss::{LossSpec, PromptType};
+// The dropout sites are src/model.rs's own, so the device draws the very masks the CPU draws.
 use crate::model::{
-    Batch, BertConfig, BertModel, Dropout, LayerParams, ParamLayout, Params, Split, carve_params,
+    Batch, BertConfig, BertModel, Dropout, LayerParams, ParamLayout, Params, SITE_EMB, SITE_POOL,
+    Split, attention_dropout, carve_params, site_attn, site_ffn, site_seed,
 };
-use crate::rng::derive_seed;
 
 /// A device view that can be cut in two, both halves keeping the lifetime of the whole (as
 /// `<[T]>::split_at_mut` does for host slices), so an arena can be carved into named views.
@@ -322,23 +323,6 @@ fn carve_arena<V: Cut>(
     Ok((acts, scratch))
 }
 
-/// The dropout sites of src/model.rs (site_seed, SITE_EMB, SITE_POOL, site_attn,
-/// site_ffn): the same indices, so the device draws the very masks the CPU draws.
-fn site_seed(dropout: Option<Dropout>, site: u64) -> (f64, u64) {
-    match dropout {
-        Some(d) => (d.p, derive_seed(d.seed, &[site])),
-        None => (0.0, 0),
-    }
-}
-const SITE_EMB: u64 = 0;
-const SITE_POOL: u64 = 1;
-fn site_attn(layer: usize) -> u64 {
-    2 + 2 * layer as u64
-}
-fn site_ffn(layer: usize) -> u64 {
-    3 + 2 * layer as u64
-}
-
 /// A host batch on the device: token ids (with the embedding backward's row lists) and
 /// the padding mask.
 struct DeviceBatch {
@@ -456,6 +440,7 @@ fn forward(
             &la.v,
             &batch.mask,
             (b, t, nh, hs),
+            attention_dropout(dropout, l),
         )?;
         rt.matmul_forward(&mut la.attn_proj, &la.ctx, &lp.o_w, Some(&lp.o_b), n, c, c)?;
         let (pd, seed) = site_seed(dropout, site_attn(l));
@@ -700,6 +685,7 @@ fn backward(
             &la.v,
             &la.probs,
             (b, t, nh, hs),
+            attention_dropout(dropout, l),
         )?;
         // The layer input feeds the residual (already in d_in) and q, k, v.
         for (d, w_grad, b_grad, w) in [

@@ -9,6 +9,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelA
 use super::runtime::{
     Activation, CudaRuntime, DeviceRead, DeviceWrite, blocks, check_len, dim, driver,
 };
+use crate::backend::cpu::AttentionDropout;
 use crate::error::{Error, Result};
 
 /// Threads per block of the elementwise kernels.
@@ -672,9 +673,10 @@ impl CudaRuntime {
         Ok(())
     }
 
-    /// out[b, t, nh*hs] = softmax(q kᵀ / √hs over the real keys) · v; probs [b, nh, t, t]
-    /// saved. mask [b, t]: 1 real token, 0 padding. As the CPU: padded keys get weight 0,
-    /// a sequence with no real token attends uniformly.
+    /// out[b, t, nh*hs] = dropout(softmax(q kᵀ / √hs over the real keys)) · v; probs
+    /// [b, nh, t, t] saved, before dropout. mask [b, t]: 1 real token, 0 padding. As the
+    /// CPU: padded keys get weight 0, a sequence with no real token attends uniformly, and
+    /// the dropout mask is the CPU's (`AttentionDropout`) bit for bit.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_forward<T: Activation>(
         &self,
@@ -685,6 +687,7 @@ impl CudaRuntime {
         v: &impl DeviceRead<T>,
         mask: &impl DeviceRead<u8>,
         (b, t, nh, hs): (usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
     ) -> Result<()> {
         let op = "attention_forward";
         let out = &mut out.view_mut();
@@ -715,14 +718,15 @@ impl CudaRuntime {
             .arg(&dims[2])
             .arg(&dims[3]);
         let scale = attention_scale(hs);
-        launch.arg(&scale);
+        let (drop_p, drop_scale, seed) = attention_dropout_args(op, dropout)?;
+        launch.arg(&scale).arg(&drop_p).arg(&drop_scale).arg(&seed);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }
 
-    /// dq, dk, dv [b, t, nh*hs] += the gradients of attention_forward given dout and the
-    /// saved probs. dscores [b, nh, t, t] is scratch (overwritten). The mask is not needed:
-    /// it is encoded in probs (0 at padded keys).
+    /// dq, dk, dv [b, t, nh*hs] += the gradients of attention_forward given dout, the
+    /// saved probs and the forward's dropout. dscores [b, nh, t, t] is scratch
+    /// (overwritten). The mask is not needed: it is encoded in probs (0 at padded keys).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward<T: Activation>(
         &self,
@@ -736,6 +740,7 @@ impl CudaRuntime {
         v: &impl DeviceRead<T>,
         probs: &impl DeviceRead<f32>,
         (b, t, nh, hs): (usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
     ) -> Result<()> {
         let op = "attention_backward";
         let dq = &mut dq.view_mut();
@@ -767,6 +772,7 @@ impl CudaRuntime {
         let shared = attention_shared_bytes(op, t)?;
         let dims = attention_dims(op, b, t, nh, hs)?;
         let scale = attention_scale(hs);
+        let (drop_p, drop_scale, seed) = attention_dropout_args(op, dropout)?;
         let grid = blocks(op, b * nh * t, 1)?;
 
         let query = self.function(
@@ -786,7 +792,10 @@ impl CudaRuntime {
             .arg(&dims[1])
             .arg(&dims[2])
             .arg(&dims[3])
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&drop_p)
+            .arg(&drop_scale)
+            .arg(&seed);
         unsafe { launch.launch(launch_config(grid, ATTENTION_THREADS, shared)) }
             .map_err(driver(op))?;
 
@@ -809,7 +818,10 @@ impl CudaRuntime {
             .arg(&dims[1])
             .arg(&dims[2])
             .arg(&dims[3])
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&drop_p)
+            .arg(&drop_scale)
+            .arg(&seed);
         unsafe { launch.launch(launch_config(grid, key_threads, 0)) }.map_err(driver(op))?;
         Ok(())
     }
@@ -923,6 +935,19 @@ fn attention_dims(op: &str, b: usize, t: usize, nh: usize, hs: usize) -> Result<
         dim(op, "nh", nh)?,
         dim(op, "hs", hs)?,
     ])
+}
+
+/// The kernels' (drop_p, drop_scale, seed): p = 0 (no hashing) when there is no dropout;
+/// p must be in [0, 1).
+fn attention_dropout_args(op: &str, dropout: Option<AttentionDropout>) -> Result<(f64, f32, u64)> {
+    match dropout {
+        None => Ok((0.0, 1.0, 0)),
+        Some(d) if (0.0..1.0).contains(&d.p) => Ok((d.p, dropout_scale(op, d.p)?, d.seed)),
+        Some(d) => Err(Error::internal(format!(
+            "{op}: dropout p = {} is not in [0, 1)",
+            d.p
+        ))),
+    }
 }
 
 fn attention_scale(hs: usize) -> f32 {
