@@ -460,6 +460,11 @@ pub fn results_markdown(r: &Reproduction) -> String {
             let _ = writeln!(s, "- {}", miss_detail(r, c));
         }
         s += "\n";
+        for run in &r.runs {
+            if let Some(note) = dead_model_note(run) {
+                let _ = writeln!(s, "{note}\n");
+            }
+        }
     }
 
     s += "## Per run\n\nWall time is training (from its start to the last evaluation) and, \
@@ -534,6 +539,56 @@ pub fn results_markdown(r: &Reproduction) -> String {
         );
     }
     s
+}
+
+/// Whether every pair of every prompt ties: the rewards no longer depend on the input.
+fn all_tied(report: &EvalReport) -> bool {
+    report.prompts > 0 && report.tie_rate >= DEAD_TIE_RATE
+}
+
+/// A tie rate this close to 1 over every prompt means one reward for everything.
+const DEAD_TIE_RATE: f64 = 0.999;
+
+/// When a run's final model gives every completion the same reward: when that began in
+/// training and what the last evaluation before it measured.
+pub fn dead_model_note(run: &RunResult) -> Option<String> {
+    if !all_tied(&run.on_eval.report) {
+        return None;
+    }
+    let reward = run.on_eval.report.by_type.first()?.ranks.first()?.mean;
+    let first_dead = run.metrics.iter().position(|m| all_tied(&m.report))?;
+    let mut s = format!(
+        "`{}`: the final model gives every completion of every prompt the same reward \
+         ({reward:.4}): its output no longer depends on its input, and training did not leave \
+         that state. Its collapse gap of 0 is that of a constant, not of the curve the theory \
+         predicts, so the gap check passes vacuously. It first appears at the evaluation of \
+         step {} and lasts to the end (step {}).",
+        run.name,
+        run.metrics[first_dead].step,
+        run.metrics.last().map_or(0, |m| m.step)
+    );
+    if let Some(healthy) = first_dead.checked_sub(1).map(|i| &run.metrics[i]) {
+        let r = &healthy.report;
+        let _ = write!(
+            s,
+            " At step {} the model still ranked: collapse gap {}, open accuracy {}, closed \
+             long-vs-short {}; mean rewards by index, open {}, closed {}.",
+            healthy.step,
+            fmt_opt(r.collapse_gap),
+            fmt_opt(r.for_type("open").map(|t| t.pairwise_accuracy)),
+            fmt_opt(r.for_type("closed").map(|t| t.cross_half_accuracy)),
+            means(r, "open"),
+            means(r, "closed")
+        );
+    }
+    Some(s)
+}
+
+fn means(report: &EvalReport, ty: &str) -> String {
+    report.for_type(ty).map_or("-".into(), |t| {
+        let values: Vec<String> = t.ranks.iter().map(|r| format!("{:.2}", r.mean)).collect();
+        format!("[{}]", values.join(", "))
+    })
 }
 
 /// A missed check, with the response indices farthest from the optimum.

@@ -9,7 +9,8 @@ use rcx::figures::{
 use rcx::loss::{LossSpec, PromptType, Utility};
 use rcx::plot::Series;
 use rcx::report::{
-    Reproduction, RunResult, checks, figure_files, results_markdown, score_summaries,
+    Reproduction, RunResult, checks, dead_model_note, figure_files, results_markdown,
+    score_summaries,
 };
 use std::path::PathBuf;
 use std::process::Command;
@@ -424,4 +425,51 @@ fn plot_command_draws_runs_from_metrics_and_reports_bad_input() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("unknown run `bogus`"), "{err}");
     assert!(!dir.join("r.md").exists());
+}
+
+#[test]
+fn a_model_with_one_reward_for_everything_is_reported_with_its_last_healthy_step() {
+    let constant = [0.0004; 8];
+    let mut dead = run("x", "x", scores(&constant, &constant));
+    // The constant rewards tie every pair; with the spread of `scores` they would not.
+    for scored in [&mut dead.on_eval, &mut dead.on_train] {
+        for p in &mut scored.scores {
+            p.rewards = vec![0.0004; 8];
+        }
+        let spec = LossSpec::parse("x").unwrap();
+        *scored = score_summaries(scored.scores.clone(), Some(&spec), 0.1).unwrap();
+    }
+    let healthy = adaptive_run().on_eval.report;
+    dead.metrics = vec![
+        metrics(&healthy, &[100]).remove(0),
+        metrics(&dead.on_eval.report, &[200]).remove(0),
+        metrics(&dead.on_eval.report, &[300]).remove(0),
+    ];
+    let note = dead_model_note(&dead).expect("a dead model is noted");
+    assert!(note.contains("same reward (0.0004)"), "{note}");
+    assert!(
+        note.contains("step 200 and lasts to the end (step 300)"),
+        "{note}"
+    );
+    assert!(
+        note.contains("At step 100 the model still ranked"),
+        "{note}"
+    );
+    // The gap passes vacuously, the curves miss; the markdown carries the note.
+    let c = checks(&dead);
+    assert!(c.iter().any(|c| c.what.contains("gap") && c.pass));
+    assert!(
+        c.iter()
+            .filter(|c| c.what.contains("curve"))
+            .all(|c| !c.pass)
+    );
+    let md = results_markdown(&Reproduction {
+        runs: vec![dead],
+        skipped: vec![],
+        total_wall_s: 1.0,
+        machine: "m".into(),
+        figures_dir: "figures".into(),
+    });
+    assert!(md.contains(&note));
+    assert!(dead_model_note(&adaptive_run()).is_none());
 }
