@@ -332,7 +332,10 @@ fn results_markdown_holds_targets_tables_theory_and_figure_links() {
     // The theory's pure x_inv optimum (the paper's dashed line) beside the eps = 0.1 one.
     let pure = optimum("x_inv", 0.0);
     assert!((pure[1] - 0.121).abs() < 1e-3);
-    assert!(md.contains(&format!("| 2 | {:.3} | {:.3} |", pure[1], open[1])));
+    assert!(md.contains(&format!(
+        "| 2 | {:.3} | {:.3} | {:.3} |",
+        pure[1], open[1], open[1]
+    )));
     for link in [
         "figures/paper_figure_eval.svg",
         "figures/paper_figure_train.svg",
