@@ -19,6 +19,9 @@ use std::time::Instant;
 pub const PAPER_RUNS: [&str; 5] = ["x", "x_inv", "log", "logsigmoid", "x_adaptive"];
 /// The prompt-aware run on the pretrained MiniLM-L6.
 pub const MINILM_RUN: &str = "minilm_x_adaptive";
+/// Runs made only when `--only` names them: `x` at the other runs' rate 1e-3, where its
+/// network stops depending on its input (why configs/x.yml runs at 5e-4).
+pub const EXTRA_RUNS: [&str; 1] = ["x_lr1e-3"];
 /// Where `scripts/fetch-minilm.sh` puts the pretrained model.
 pub const MINILM_DIR: &str = ".models/all-MiniLM-L6-v2";
 /// How many training prompts (the first of the file) each final model is scored on:
@@ -101,6 +104,8 @@ pub struct Reproduction {
     pub machine: String,
     /// results.md's links to figures are relative to its folder: `figures/NAME.svg`.
     pub figures_dir: String,
+    /// The command line that made it.
+    pub command: String,
 }
 
 /// One row of the PASS/MISS table.
@@ -408,6 +413,7 @@ pub fn results_markdown(r: &Reproduction) -> String {
         "{TRAIN_SUBSET} training prompts, and compares the mean reward at each response index \
          with the theory's optimum for n = 8 (`rcx theory`).\n\n"
     );
+    let _ = writeln!(s, "Made by `{}`.\n", r.command);
     let _ = write!(
         s,
         "Total wall time: **{}** on {}.",
@@ -434,8 +440,12 @@ pub fn results_markdown(r: &Reproduction) -> String {
           were set on the main run, `x_adaptive`: by 800 its open-ended pairwise accuracy is \
           near 1 and its closed-ended long-vs-short accuracy is 1, and its curves have \
           flattened (see its training curves below), so the rewards have settled near the \
-          interpolating optimum the theory describes. The other runs use the same settings \
-          unchanged.\n\n";
+          interpolating optimum the theory describes. The other runs use the same settings, \
+          except `x`, which runs at half the rate (5e-4): at 1e-3 its network stopped \
+          depending on its input between steps 400 and 600 and never recovered (that run is \
+          `x_lr1e-3`, made with `--only x_lr1e-3`, and shown below when included). U = x is \
+          linear: it keeps pushing each cluster's rewards towards 0 and 1, so nothing bounds the \
+          logits, the likely reason the network saturated.\n\n";
     let _ = writeln!(
         s,
         "Distances are the mean over the 8 response indices of |measured mean reward - \
@@ -687,7 +697,7 @@ pub struct ReproduceArgs {
     #[arg(long)]
     pub skip_minilm: bool,
     /// Only these runs, comma-separated (x, x_inv, log, logsigmoid, x_adaptive,
-    /// minilm_x_adaptive).
+    /// minilm_x_adaptive, and x_lr1e-3, which is made only when named here).
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
     /// Keep a run that already finished in DIR/NAME (its final model and a metrics.jsonl
@@ -715,16 +725,20 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
     let started = Instant::now();
     let mut names: Vec<&str> = PAPER_RUNS.to_vec();
     names.push(MINILM_RUN);
-    if let Some(only) = &args.only {
-        for name in only {
-            if !names.contains(&name.as_str()) {
-                return Err(Error::user(format!(
-                    "--only: unknown run `{name}`: expected some of {}",
-                    names.join(", ")
-                )));
+    names.extend(EXTRA_RUNS);
+    match &args.only {
+        Some(only) => {
+            for name in only {
+                if !names.contains(&name.as_str()) {
+                    return Err(Error::user(format!(
+                        "--only: unknown run `{name}`: expected some of {}",
+                        names.join(", ")
+                    )));
+                }
             }
+            names.retain(|n| only.iter().any(|o| o == n));
         }
-        names.retain(|n| only.iter().any(|o| o == n));
+        None => names.retain(|n| !EXTRA_RUNS.contains(n)),
     }
     let mut skipped = Vec::new();
     if names.contains(&MINILM_RUN) {
@@ -807,6 +821,10 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
         total_wall_s: started.elapsed().as_secs_f64(),
         machine: machine_description(rayon::current_num_threads()),
         figures_dir: "figures".into(),
+        command: std::iter::once("rcx".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
     };
     write_atomically(&args.out, &results_markdown(&report))?;
     eprintln!(

@@ -308,8 +308,10 @@ fn results_markdown_holds_targets_tables_theory_and_figure_links() {
         total_wall_s: 600.0,
         machine: "a test".into(),
         figures_dir: "figures".into(),
+        command: "rcx reproduce".into(),
     };
     let md = results_markdown(&r);
+    assert!(md.contains("Made by `rcx reproduce`."));
     assert!(md.contains("Total wall time: **10.0 min** on a test."));
     assert!(md.contains("Skipped `minilm_x_adaptive`: --skip-minilm was given"));
     // PASS rows for the adaptive run, MISS rows for the shifted one, with their details.
@@ -472,6 +474,7 @@ fn a_model_with_one_reward_for_everything_is_reported_with_its_last_healthy_step
         total_wall_s: 1.0,
         machine: "m".into(),
         figures_dir: "figures".into(),
+        command: "rcx reproduce".into(),
     });
     assert!(md.contains(&note));
     assert!(dead_model_note(&adaptive_run()).is_none());
