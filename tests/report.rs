@@ -479,3 +479,32 @@ fn a_model_with_one_reward_for_everything_is_reported_with_its_last_healthy_step
     assert!(md.contains(&note));
     assert!(dead_model_note(&adaptive_run()).is_none());
 }
+
+#[test]
+fn run_titles_are_losses_and_shared_ones_name_their_folder() {
+    let dir = scratch("titles");
+    let mut dirs = Vec::new();
+    for (name, loss) in [
+        ("x", "x"),
+        ("x_lr1e-3", "x"),
+        ("x_adaptive", "adaptive"),
+        ("bare", ""),
+    ] {
+        let run = dir.join(name);
+        std::fs::create_dir_all(&run).unwrap();
+        if !loss.is_empty() {
+            let meta = format!("{{\"max_length\": 160, \"loss\": \"{loss}\", \"eps\": 0.1}}");
+            std::fs::write(run.join("rcx.json"), meta).unwrap();
+        }
+        dirs.push(run);
+    }
+    assert_eq!(
+        rcx::figures::run_titles(&dirs),
+        vec![
+            "U = x (x)",
+            "U = x (x_lr1e-3)",
+            "prompt-aware (open -1/x, closed x)",
+            "bare"
+        ]
+    );
+}
