@@ -421,14 +421,21 @@ pub fn results_markdown(r: &Reproduction) -> String {
         r.machine
     );
     let reused: Vec<&RunResult> = r.runs.iter().filter(|run| run.reused).collect();
+    let default_runs = r
+        .runs
+        .iter()
+        .filter(|run| !EXTRA_RUNS.contains(&run.name.as_str()));
     if !reused.is_empty() {
         let _ = write!(
             s,
             " {} of the runs were trained earlier and reused (`--reuse`): their {} of training \
-             are not in that total; training every run took {} in all.",
+             are not in that total. Training the default runs (all but {}) took {} and \
+             scoring them {}: a fresh `rcx reproduce` takes about the sum.",
             reused.len(),
             minutes(reused.iter().map(|run| run.train_wall_s).sum()),
-            minutes(r.runs.iter().map(|run| run.train_wall_s).sum())
+            EXTRA_RUNS.join(", "),
+            minutes(default_runs.clone().map(|run| run.train_wall_s).sum()),
+            minutes(default_runs.map(|run| run.eval_wall_s).sum())
         );
     }
     s += "\n\n";
