@@ -298,8 +298,9 @@ pub fn training_curves(runs: &[(String, Vec<MetricsRecord>)]) -> Figure {
                 .markers(),
         );
     }
+    // One legend per figure is enough: the loss panel's would cover its curves.
+    loss = loss.legend(LegendPosition::Hidden);
     if single {
-        loss = loss.legend(LegendPosition::Hidden);
         gap = gap.legend(LegendPosition::Hidden);
     }
     // Steps from 0, the gap from 0 so that its size reads at a glance.
@@ -352,19 +353,37 @@ pub fn run_loss(dir: &Path) -> Option<String> {
 
 /// A run's panel title: its loss as the paper writes it, else the folder's name.
 pub fn run_title(dir: &Path) -> String {
-    match run_loss(dir) {
-        Some(loss) => loss_title(&loss),
-        None => dir
-            .file_name()
-            .map_or("run".into(), |n| n.to_string_lossy().into_owned()),
-    }
+    run_loss(dir).map_or_else(|| folder_name(dir), |loss| loss_title(&loss))
+}
+
+fn folder_name(dir: &Path) -> String {
+    dir.file_name()
+        .map_or("run".into(), |n| n.to_string_lossy().into_owned())
+}
+
+/// Panel titles for several runs: their losses, with the folder's name beside any loss
+/// that two runs share.
+pub fn run_titles(dirs: &[PathBuf]) -> Vec<String> {
+    let titles: Vec<String> = dirs.iter().map(|d| run_title(d)).collect();
+    titles
+        .iter()
+        .zip(dirs)
+        .map(|(title, dir)| {
+            if titles.iter().filter(|t| *t == title).count() > 1 {
+                format!("{title} ({})", folder_name(dir))
+            } else {
+                title.clone()
+            }
+        })
+        .collect()
 }
 
 pub fn cmd_plot(args: PlotArgs) -> Result<()> {
+    let titles = run_titles(&args.runs);
     let figure = if args.curves {
         let mut runs = Vec::new();
         for dir in &args.runs {
-            runs.push((run_title(dir), read_metrics(&dir.join("metrics.jsonl"))?));
+            runs.push((folder_name(dir), read_metrics(&dir.join("metrics.jsonl"))?));
         }
         training_curves(&runs)
     } else if args.histograms || args.data.is_some() {
@@ -374,28 +393,24 @@ pub fn cmd_plot(args: PlotArgs) -> Result<()> {
                 .ok_or_else(|| Error::internal("the shipped eval split does not resolve"))?,
         };
         let mut figure = Figure::new();
-        for dir in &args.runs {
+        for (dir, title) in args.runs.iter().zip(&titles) {
             let scored = crate::report::evaluate_model(dir, &data, None)?;
-            let title = run_title(dir);
             figure = figure.panel(if args.histograms {
-                reward_histogram_panel(&title, &scored.scores, 40)
+                reward_histogram_panel(title, &scored.scores, 40)
             } else {
-                reward_panel(&title, &scored.report)
+                reward_panel(title, &scored.report)
             });
         }
         figure
     } else {
-        let mut reports = Vec::new();
-        for dir in &args.runs {
+        let mut figure = Figure::new();
+        for (dir, title) in args.runs.iter().zip(&titles) {
             let records = read_metrics(&dir.join("metrics.jsonl"))?;
-            let last = records.last().map(|r| r.report.clone());
-            reports.push((run_title(dir), last));
+            if let Some(last) = records.last() {
+                figure = figure.panel(reward_panel(title, &last.report));
+            }
         }
-        let runs: Vec<(String, &EvalReport)> = reports
-            .iter()
-            .filter_map(|(name, r)| Some((name.clone(), r.as_ref()?)))
-            .collect();
-        paper_figure(None, &runs)
+        figure
     };
     figure.write(&args.out)?;
     eprintln!("wrote {}", args.out.display());

@@ -19,6 +19,9 @@ use std::time::Instant;
 pub const PAPER_RUNS: [&str; 5] = ["x", "x_inv", "log", "logsigmoid", "x_adaptive"];
 /// The prompt-aware run on the pretrained MiniLM-L6.
 pub const MINILM_RUN: &str = "minilm_x_adaptive";
+/// Runs made only when `--only` names them: `x` at the other runs' rate 1e-3, where its
+/// network stops depending on its input (why configs/x.yml runs at 5e-4).
+pub const EXTRA_RUNS: [&str; 1] = ["x_lr1e-3"];
 /// Where `scripts/fetch-minilm.sh` puts the pretrained model.
 pub const MINILM_DIR: &str = ".models/all-MiniLM-L6-v2";
 /// How many training prompts (the first of the file) each final model is scored on:
@@ -103,6 +106,8 @@ pub struct Reproduction {
     pub machine: String,
     /// results.md's links to figures are relative to its folder: `figures/NAME.svg`.
     pub figures_dir: String,
+    /// The command line that made it.
+    pub command: String,
 }
 
 /// One row of the PASS/MISS table.
@@ -258,31 +263,52 @@ fn gap_by_step_table(s: &mut String, run: &RunResult) {
 }
 
 /// The theory's n = K optima (pure and as trained) beside a run's measured means on the
-/// eval prompts, per prompt type.
+/// eval prompts: per prompt type three columns.
 fn optima_table(s: &mut String, run: &RunResult) {
     let r = &run.on_eval;
-    for (t, pure) in r.report.by_type.iter().zip(&r.pure.by_type) {
-        let (Some(p), Some(pp)) = (&t.prediction, &pure.prediction) else {
-            continue;
-        };
-        let _ = writeln!(
+    let typed: Vec<(
+        &TypeStats,
+        &crate::eval::Prediction,
+        &crate::eval::Prediction,
+    )> = r
+        .report
+        .by_type
+        .iter()
+        .zip(&r.pure.by_type)
+        .filter_map(|(t, pure)| Some((t, t.prediction.as_ref()?, pure.prediction.as_ref()?)))
+        .collect();
+    let Some(k) = typed.iter().map(|(t, _, _)| t.ranks.len()).max() else {
+        return;
+    };
+    let _ = write!(
+        s,
+        "\n`{}` ({}):\n\n| index |",
+        run.name,
+        loss_title(&run.loss)
+    );
+    for (t, p, _) in &typed {
+        let _ = write!(
             s,
-            "\n`{}`, {} prompts, U = `{}`:\n\n| index | optimum, pure (eps 0) | optimum, eps {} | \
-             measured mean | p10 | p90 |\n|---|---|---|---|---|---|",
-            run.name, t.prompt_type, p.utility, p.eps
+            " {ty}: `{u}` pure | {ty}: `{u}` eps {eps} | {ty}: measured |",
+            ty = t.prompt_type,
+            u = p.utility,
+            eps = p.eps
         );
-        for (i, rank) in t.ranks.iter().enumerate() {
-            let _ = writeln!(
+    }
+    let _ = write!(s, "\n|---|{}\n", "---|---|---|".repeat(typed.len()));
+    for i in 0..k {
+        let _ = write!(s, "| {} |", i + 1);
+        for (t, p, pure) in &typed {
+            let cell = |v: Option<&f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+            let _ = write!(
                 s,
-                "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
-                i + 1,
-                pp.optimum[i],
-                p.optimum[i],
-                rank.mean,
-                rank.p10,
-                rank.p90
+                " {} | {} | {} |",
+                cell(pure.optimum.get(i)),
+                cell(p.optimum.get(i)),
+                cell(t.ranks.get(i).map(|r| &r.mean))
             );
         }
+        s.push('\n');
     }
 }
 
@@ -389,6 +415,7 @@ pub fn results_markdown(r: &Reproduction) -> String {
         "{TRAIN_SUBSET} training prompts, and compares the mean reward at each response index \
          with the theory's optimum for n = 8 (`rcx theory`).\n\n"
     );
+    let _ = writeln!(s, "Made by `{}`.\n", r.command);
     let _ = write!(
         s,
         "Total wall time: **{}** on {}.",
@@ -396,14 +423,21 @@ pub fn results_markdown(r: &Reproduction) -> String {
         r.machine
     );
     let reused: Vec<&RunResult> = r.runs.iter().filter(|run| run.reused).collect();
+    let default_runs = r
+        .runs
+        .iter()
+        .filter(|run| !EXTRA_RUNS.contains(&run.name.as_str()));
     if !reused.is_empty() {
         let _ = write!(
             s,
             " {} of the runs were trained earlier and reused (`--reuse`): their {} of training \
-             are not in that total; training every run took {} in all.",
+             are not in that total. Training the default runs (all but {}) took {} and \
+             scoring them {}: a fresh `rcx reproduce` takes about the sum.",
             reused.len(),
             minutes(reused.iter().map(|run| run.train_wall_s).sum()),
-            minutes(r.runs.iter().map(|run| run.train_wall_s).sum())
+            EXTRA_RUNS.join(", "),
+            minutes(default_runs.clone().map(|run| run.train_wall_s).sum()),
+            minutes(default_runs.map(|run| run.eval_wall_s).sum())
         );
     }
     s += "\n\n";
@@ -411,11 +445,16 @@ pub fn results_markdown(r: &Reproduction) -> String {
           five runs train bert-tiny (2 layers, hidden 128, 2 heads, 4.4M parameters) from scratch \
           for 800 steps of 4 prompts x 8 completions (about 1.9 passes over the 1,696 training \
           prompts), which takes about 7 minutes per run on two idle cores, so that the five \
-          runs and a 150-step MiniLM-L6 fine-tune fit in 60 minutes on a 2-core CPU. 800 steps \
-          is where the training curves have flattened (see the per-run curves below): open-ended \
-          pairwise accuracy is near 1 and the closed-ended long-vs-short accuracy is 1 well \
-          before the end, so the rewards have settled near the interpolating optimum the theory \
-          describes.\n\n";
+          runs and a 150-step MiniLM-L6 fine-tune fit in 60 minutes on a 2-core CPU. The steps \
+          were set on the main run, `x_adaptive`: by 800 its open-ended pairwise accuracy is \
+          near 1 and its closed-ended long-vs-short accuracy is 1, and its curves have \
+          flattened (see its training curves below), so the rewards have settled near the \
+          interpolating optimum the theory describes. The other runs use the same settings, \
+          except `x`, which runs at half the rate (5e-4): at 1e-3 its network stopped \
+          depending on its input between steps 400 and 600 and never recovered (that run is \
+          `x_lr1e-3`, made with `--only x_lr1e-3`, and shown below when included). U = x is \
+          linear: it keeps pushing each cluster's rewards towards 0 and 1, so nothing bounds the \
+          logits, the likely reason the network saturated.\n\n";
     let _ = writeln!(
         s,
         "Distances are the mean over the 8 response indices of |measured mean reward - \
@@ -462,6 +501,11 @@ pub fn results_markdown(r: &Reproduction) -> String {
             let _ = writeln!(s, "- {}", miss_detail(r, c));
         }
         s += "\n";
+        for run in &r.runs {
+            if let Some(note) = dead_model_note(run) {
+                let _ = writeln!(s, "{note}\n");
+            }
+        }
     }
 
     s += "## Per run\n\nWall time is training (from its start to the last evaluation) and, \
@@ -538,6 +582,56 @@ pub fn results_markdown(r: &Reproduction) -> String {
     s
 }
 
+/// Whether every pair of every prompt ties: the rewards no longer depend on the input.
+fn all_tied(report: &EvalReport) -> bool {
+    report.prompts > 0 && report.tie_rate >= DEAD_TIE_RATE
+}
+
+/// A tie rate this close to 1 over every prompt means one reward for everything.
+const DEAD_TIE_RATE: f64 = 0.999;
+
+/// When a run's final model gives every completion the same reward: when that began in
+/// training and what the last evaluation before it measured.
+pub fn dead_model_note(run: &RunResult) -> Option<String> {
+    if !all_tied(&run.on_eval.report) {
+        return None;
+    }
+    let reward = run.on_eval.report.by_type.first()?.ranks.first()?.mean;
+    let first_dead = run.metrics.iter().position(|m| all_tied(&m.report))?;
+    let mut s = format!(
+        "`{}`: the final model gives every completion of every prompt the same reward \
+         ({reward:.4}): its output no longer depends on its input, and training did not leave \
+         that state. Its collapse gap of 0 is that of a constant, not of the curve the theory \
+         predicts, so the gap check passes vacuously. It first appears at the evaluation of \
+         step {} and lasts to the end (step {}).",
+        run.name,
+        run.metrics[first_dead].step,
+        run.metrics.last().map_or(0, |m| m.step)
+    );
+    if let Some(healthy) = first_dead.checked_sub(1).map(|i| &run.metrics[i]) {
+        let r = &healthy.report;
+        let _ = write!(
+            s,
+            " At step {} the model still ranked: collapse gap {}, open accuracy {}, closed \
+             long-vs-short {}; mean rewards by index, open {}, closed {}.",
+            healthy.step,
+            fmt_opt(r.collapse_gap),
+            fmt_opt(r.for_type("open").map(|t| t.pairwise_accuracy)),
+            fmt_opt(r.for_type("closed").map(|t| t.cross_half_accuracy)),
+            means(r, "open"),
+            means(r, "closed")
+        );
+    }
+    Some(s)
+}
+
+fn means(report: &EvalReport, ty: &str) -> String {
+    report.for_type(ty).map_or("-".into(), |t| {
+        let values: Vec<String> = t.ranks.iter().map(|r| format!("{:.2}", r.mean)).collect();
+        format!("[{}]", values.join(", "))
+    })
+}
+
 /// A missed check, with the response indices farthest from the optimum.
 fn miss_detail(r: &Reproduction, c: &Check) -> String {
     let Some(run) = r.runs.iter().find(|run| run.name == c.run) else {
@@ -612,7 +706,7 @@ pub struct ReproduceArgs {
     #[arg(long)]
     pub skip_minilm: bool,
     /// Only these runs, comma-separated (x, x_inv, log, logsigmoid, x_adaptive,
-    /// minilm_x_adaptive).
+    /// minilm_x_adaptive, and x_lr1e-3, which is made only when named here).
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
     /// Keep a run that already finished in DIR/NAME (its final model and a metrics.jsonl
@@ -640,16 +734,20 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
     let started = Instant::now();
     let mut names: Vec<&str> = PAPER_RUNS.to_vec();
     names.push(MINILM_RUN);
-    if let Some(only) = &args.only {
-        for name in only {
-            if !names.contains(&name.as_str()) {
-                return Err(Error::user(format!(
-                    "--only: unknown run `{name}`: expected some of {}",
-                    names.join(", ")
-                )));
+    names.extend(EXTRA_RUNS);
+    match &args.only {
+        Some(only) => {
+            for name in only {
+                if !names.contains(&name.as_str()) {
+                    return Err(Error::user(format!(
+                        "--only: unknown run `{name}`: expected some of {}",
+                        names.join(", ")
+                    )));
+                }
             }
+            names.retain(|n| only.iter().any(|o| o == n));
         }
-        names.retain(|n| only.iter().any(|o| o == n));
+        None => names.retain(|n| !EXTRA_RUNS.contains(n)),
     }
     let mut skipped = Vec::new();
     if names.contains(&MINILM_RUN) {
@@ -732,6 +830,10 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
         total_wall_s: started.elapsed().as_secs_f64(),
         machine: machine_description(rayon::current_num_threads()),
         figures_dir: "figures".into(),
+        command: std::iter::once("rcx".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
     };
     write_atomically(&args.out, &results_markdown(&report))?;
     eprintln!(

@@ -9,7 +9,8 @@ use rcx::figures::{
 use rcx::loss::{LossSpec, PromptType, Utility};
 use rcx::plot::Series;
 use rcx::report::{
-    Reproduction, RunResult, checks, figure_files, results_markdown, score_summaries,
+    Reproduction, RunResult, checks, dead_model_note, figure_files, results_markdown,
+    score_summaries,
 };
 use std::path::PathBuf;
 use std::process::Command;
@@ -307,8 +308,10 @@ fn results_markdown_holds_targets_tables_theory_and_figure_links() {
         total_wall_s: 600.0,
         machine: "a test".into(),
         figures_dir: "figures".into(),
+        command: "rcx reproduce".into(),
     };
     let md = results_markdown(&r);
+    assert!(md.contains("Made by `rcx reproduce`."));
     assert!(md.contains("Total wall time: **10.0 min** on a test."));
     assert!(md.contains("Skipped `minilm_x_adaptive`: --skip-minilm was given"));
     // PASS rows for the adaptive run, MISS rows for the shifted one, with their details.
@@ -331,7 +334,10 @@ fn results_markdown_holds_targets_tables_theory_and_figure_links() {
     // The theory's pure x_inv optimum (the paper's dashed line) beside the eps = 0.1 one.
     let pure = optimum("x_inv", 0.0);
     assert!((pure[1] - 0.121).abs() < 1e-3);
-    assert!(md.contains(&format!("| 2 | {:.3} | {:.3} |", pure[1], open[1])));
+    assert!(md.contains(&format!(
+        "| 2 | {:.3} | {:.3} | {:.3} |",
+        pure[1], open[1], open[1]
+    )));
     for link in [
         "figures/paper_figure_eval.svg",
         "figures/paper_figure_train.svg",
@@ -424,4 +430,81 @@ fn plot_command_draws_runs_from_metrics_and_reports_bad_input() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("unknown run `bogus`"), "{err}");
     assert!(!dir.join("r.md").exists());
+}
+
+#[test]
+fn a_model_with_one_reward_for_everything_is_reported_with_its_last_healthy_step() {
+    let constant = [0.0004; 8];
+    let mut dead = run("x", "x", scores(&constant, &constant));
+    // The constant rewards tie every pair; with the spread of `scores` they would not.
+    for scored in [&mut dead.on_eval, &mut dead.on_train] {
+        for p in &mut scored.scores {
+            p.rewards = vec![0.0004; 8];
+        }
+        let spec = LossSpec::parse("x").unwrap();
+        *scored = score_summaries(scored.scores.clone(), Some(&spec), 0.1).unwrap();
+    }
+    let healthy = adaptive_run().on_eval.report;
+    dead.metrics = vec![
+        metrics(&healthy, &[100]).remove(0),
+        metrics(&dead.on_eval.report, &[200]).remove(0),
+        metrics(&dead.on_eval.report, &[300]).remove(0),
+    ];
+    let note = dead_model_note(&dead).expect("a dead model is noted");
+    assert!(note.contains("same reward (0.0004)"), "{note}");
+    assert!(
+        note.contains("step 200 and lasts to the end (step 300)"),
+        "{note}"
+    );
+    assert!(
+        note.contains("At step 100 the model still ranked"),
+        "{note}"
+    );
+    // The gap passes vacuously, the curves miss; the markdown carries the note.
+    let c = checks(&dead);
+    assert!(c.iter().any(|c| c.what.contains("gap") && c.pass));
+    assert!(
+        c.iter()
+            .filter(|c| c.what.contains("curve"))
+            .all(|c| !c.pass)
+    );
+    let md = results_markdown(&Reproduction {
+        runs: vec![dead],
+        skipped: vec![],
+        total_wall_s: 1.0,
+        machine: "m".into(),
+        figures_dir: "figures".into(),
+        command: "rcx reproduce".into(),
+    });
+    assert!(md.contains(&note));
+    assert!(dead_model_note(&adaptive_run()).is_none());
+}
+
+#[test]
+fn run_titles_are_losses_and_shared_ones_name_their_folder() {
+    let dir = scratch("titles");
+    let mut dirs = Vec::new();
+    for (name, loss) in [
+        ("x", "x"),
+        ("x_lr1e-3", "x"),
+        ("x_adaptive", "adaptive"),
+        ("bare", ""),
+    ] {
+        let run = dir.join(name);
+        std::fs::create_dir_all(&run).unwrap();
+        if !loss.is_empty() {
+            let meta = format!("{{\"max_length\": 160, \"loss\": \"{loss}\", \"eps\": 0.1}}");
+            std::fs::write(run.join("rcx.json"), meta).unwrap();
+        }
+        dirs.push(run);
+    }
+    assert_eq!(
+        rcx::figures::run_titles(&dirs),
+        vec![
+            "U = x (x)",
+            "U = x (x_lr1e-3)",
+            "prompt-aware (open -1/x, closed x)",
+            "bare"
+        ]
+    );
 }
