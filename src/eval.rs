@@ -295,35 +295,48 @@ struct ScoreLine {
     reward: f64,
 }
 
-/// The sequence length for scoring: asked, else the training one, else 512; never more
-/// than the model's positions.
-pub fn scoring_length(
-    asked: Option<usize>,
-    meta: Option<&crate::checkpoint::ModelMeta>,
-    positions: usize,
-) -> usize {
-    asked
-        .or(meta.map(|m| m.max_length))
-        .unwrap_or(512)
-        .min(positions)
+/// A model folder's logits on a ranking file, in evaluation mode.
+pub struct ScoredFile {
+    pub set: crate::train::PromptSet,
+    pub logits: Vec<Vec<f32>>, // [prompts][K] best first
+    /// The model's `rcx.json` notes, when it has them.
+    pub meta: Option<crate::checkpoint::ModelMeta>,
 }
 
-pub fn cmd_score(args: ScoreArgs) -> Result<()> {
-    let (model, tok, meta) = crate::checkpoint::load_for_scoring(&args.model)?;
-    let max_length = scoring_length(
-        args.max_length,
-        meta.as_ref(),
-        model.config.max_position_embeddings,
-    );
-    let set = crate::train::PromptSet::open(std::slice::from_ref(&args.data), &tok, max_length)?;
+impl ScoredFile {
+    pub fn prompt_scores(&self) -> Vec<PromptScores> {
+        crate::train::prompt_scores(&self.set, &self.logits)
+    }
+}
+
+/// Scores the first `limit` prompts of `data` with the model in `model_dir`. Sequences are
+/// cut to `max_length`, else to the length the model was trained with, else to 512, never
+/// past the model's positions.
+pub fn score_file(
+    model_dir: &std::path::Path,
+    data: &std::path::Path,
+    max_length: Option<usize>,
+    limit: Option<usize>,
+) -> Result<ScoredFile> {
+    let (model, tok, meta) = crate::checkpoint::load_for_scoring(model_dir)?;
+    let max_length = max_length
+        .or(meta.as_ref().map(|m| m.max_length))
+        .unwrap_or(512)
+        .min(model.config.max_position_embeddings);
+    let set = crate::train::PromptSet::open(&[data.to_path_buf()], &tok, max_length)?;
     let mut ws = crate::model::Workspace::new();
     let logits = crate::train::score_set(
         |batch| Ok(model.forward(&mut ws, batch, None)?.to_vec()),
         &set,
-        None,
+        limit,
         8,
         tok.pad_id(),
     )?;
+    Ok(ScoredFile { set, logits, meta })
+}
+
+pub fn cmd_score(args: ScoreArgs) -> Result<()> {
+    let logits = score_file(&args.model, &args.data, args.max_length, None)?.logits;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     for (prompt_index, prompt) in logits.iter().enumerate() {
@@ -367,35 +380,22 @@ pub struct EvalArgs {
 }
 
 pub fn cmd_eval(args: EvalArgs) -> Result<()> {
-    let (model, tok, meta) = crate::checkpoint::load_for_scoring(&args.model)?;
-    let max_length = scoring_length(
-        args.max_length,
-        meta.as_ref(),
-        model.config.max_position_embeddings,
-    );
     let data = match args.data {
         Some(path) => path,
         None => crate::data::resolve_dataset(crate::data::SHIPPED_SET, true)
             .ok_or_else(|| Error::internal("the shipped eval split does not resolve"))?,
     };
-    let loss_name = args.loss.or(meta.as_ref().map(|m| m.loss.clone()));
+    let scored = score_file(&args.model, &data, args.max_length, None)?;
+    let meta = scored.meta.as_ref();
+    let loss_name = args.loss.or(meta.map(|m| m.loss.clone()));
     let spec = loss_name.as_deref().map(LossSpec::parse).transpose()?;
-    let eps = args.eps.or(meta.as_ref().map(|m| m.eps)).unwrap_or(0.1);
+    let eps = args.eps.or(meta.map(|m| m.eps)).unwrap_or(0.1);
     if !(eps.is_finite() && eps >= 0.0) {
         return Err(Error::user(format!(
             "--eps must be a number >= 0, got {eps}"
         )));
     }
-    let set = crate::train::PromptSet::open(std::slice::from_ref(&data), &tok, max_length)?;
-    let mut ws = crate::model::Workspace::new();
-    let logits = crate::train::score_set(
-        |batch| Ok(model.forward(&mut ws, batch, None)?.to_vec()),
-        &set,
-        None,
-        8,
-        tok.pad_id(),
-    )?;
-    let scores = crate::train::prompt_scores(&set, &logits);
+    let scores = scored.prompt_scores();
     let report = summarize(&scores, spec.as_ref().map(|s| (s, eps)))?;
     if args.json {
         let text = serde_json::to_string(&report).map_err(|e| Error::internal(e.to_string()))?;

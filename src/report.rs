@@ -59,19 +59,9 @@ pub fn score_summaries(
 
 /// Scores the final model of a run folder on the first `limit` prompts of `data`.
 pub fn evaluate_model(dir: &Path, data: &Path, limit: Option<usize>) -> Result<Scored> {
-    let (model, tok, meta) = crate::checkpoint::load_for_scoring(dir)?;
-    let max_length =
-        crate::eval::scoring_length(None, meta.as_ref(), model.config.max_position_embeddings);
-    let set = crate::train::PromptSet::open(&[data.to_path_buf()], &tok, max_length)?;
-    let mut ws = crate::model::Workspace::new();
-    let logits = crate::train::score_set(
-        |batch| Ok(model.forward(&mut ws, batch, None)?.to_vec()),
-        &set,
-        limit,
-        8,
-        tok.pad_id(),
-    )?;
-    let scores = crate::train::prompt_scores(&set, &logits);
+    let scored = crate::eval::score_file(dir, data, None, limit)?;
+    let scores = scored.prompt_scores();
+    let meta = scored.meta;
     let spec = meta
         .as_ref()
         .map(|m| LossSpec::parse(&m.loss))
