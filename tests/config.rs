@@ -63,6 +63,7 @@ fn every_shipped_config_loads() {
         "x_adaptive",
         "x_inv",
         "x_inv2",
+        "x_lr1e-3",
     ];
     assert_eq!(names, expected);
 }
