@@ -587,22 +587,6 @@ impl<F: Float> BertModel<F> {
         }
     }
 
-    pub fn from_params(config: BertConfig, params: Vec<F>) -> Result<BertModel<F>> {
-        let layout = ParamLayout::new(&config);
-        if params.len() != layout.total {
-            return Err(Error::internal(format!(
-                "parameter arena holds {} values, the layout needs {}",
-                params.len(),
-                layout.total
-            )));
-        }
-        Ok(BertModel {
-            config,
-            layout,
-            params,
-        })
-    }
-
     pub fn num_params(&self) -> usize {
         self.layout.total
     }
