@@ -434,17 +434,20 @@ pub fn results_markdown(r: &Reproduction) -> String {
     s += "Why this size: the paper fine-tuned DeBERTa-v3-base for 1,000 steps on a GPU. Here the \
           five runs train bert-tiny (2 layers, hidden 128, 2 heads, 4.4M parameters) from scratch \
           for 800 steps of 4 prompts x 8 completions (about 1.9 passes over the 1,696 training \
-          prompts), which takes about 7 minutes per run on two idle cores, so that the five \
-          runs and a 150-step MiniLM-L6 fine-tune fit in 60 minutes on a 2-core CPU. The steps \
+          prompts), which took 2 to 4 minutes per run on two cores here (about 7 while the \
+          machine was shared with other jobs), so that the five runs and a 150-step MiniLM-L6 \
+          fine-tune fit in 60 minutes on a 2-core CPU with room to spare. The steps \
           were set on the main run, `x_adaptive`: by 800 its open-ended pairwise accuracy is \
           near 1 and its closed-ended long-vs-short accuracy is 1, and its curves have \
           flattened (see its training curves below), so the rewards have settled near the \
           interpolating optimum the theory describes. The other runs use the same settings, \
-          except `x`, which runs at half the rate (5e-4): at 1e-3 its network stopped \
-          depending on its input between steps 400 and 600 and never recovered (that run is \
-          `x_lr1e-3`, made with `--only x_lr1e-3`, and shown below when included). U = x is \
-          linear: it keeps pushing each cluster's rewards towards 0 and 1, so nothing bounds the \
-          logits, the likely reason the network saturated.\n\n";
+          except `x`, which runs at half the rate (5e-4): in an earlier reproduction (before \
+          rcx applied dropout to the attention probabilities) its network at 1e-3 stopped \
+          depending on its input between steps 400 and 600 and never recovered. `x_lr1e-3` \
+          keeps that setting (made with `--only x_lr1e-3`, shown below when included), so each \
+          reproduction shows whether it happens again. U = x is linear: it keeps pushing each \
+          cluster's rewards towards 0 and 1, so nothing bounds the logits, the likely reason \
+          a network can saturate.\n\n";
     let _ = writeln!(
         s,
         "Distances are the mean over the 8 response indices of |measured mean reward - \
