@@ -6,73 +6,29 @@ use rcx::hf_config::{HfBertConfig, write_hf_config};
 use rcx::model::{BertConfig, BertModel};
 use rcx::safetensors::write_f32;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/train")
-        .join(name)
-}
+mod common;
+use common::{fixture, rcx};
 
-/// An empty folder of this test's own under cargo's scratch space.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("cli-errors")
-        .join(name);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("cli-errors", name)
 }
 
-/// Writes `dir/run.yml`, a one-step bert-tiny run on the length ranking into `dir/run`,
-/// with `overrides` replacing or adding keys. Returns (config, output_dir).
+/// Writes `dir/run.yml`, a one-step run on the length ranking into `dir/run`, with
+/// `overrides` replacing or adding keys. Returns (config, output_dir).
 fn config(dir: &Path, overrides: &[(&str, &str)]) -> (PathBuf, PathBuf) {
-    let out = dir.join("run");
-    let mut keys: Vec<(String, String)> = [
-        ("model_name", "bert-tiny".to_string()),
-        ("loss", "x_inv".to_string()),
-        (
-            "datasets",
-            format!("[{}]", fixture("lengths.jsonl").display()),
-        ),
-        (
-            "eval_datasets",
-            format!("[{}]", fixture("lengths_eval.jsonl").display()),
-        ),
-        ("output_dir", out.display().to_string()),
-        ("per_device_train_batch_size", "2".to_string()),
-        ("max_length", "32".to_string()),
-        ("max_steps", "1".to_string()),
-        ("eval_max_prompts", "2".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    for &(key, value) in overrides {
-        match keys.iter_mut().find(|(k, _)| k == key) {
-            Some(entry) => entry.1 = value.to_string(),
-            None => keys.push((key.to_string(), value.to_string())),
-        }
-    }
-    let text: String = keys.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
-    let path = dir.join("run.yml");
-    std::fs::write(&path, text).unwrap();
-    (path, out)
-}
-
-fn rcx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rcx"))
-        .args(args)
-        .output()
-        .expect("the rcx binary runs")
+    let base = [
+        ("per_device_train_batch_size", "2"),
+        ("max_length", "32"),
+        ("max_steps", "1"),
+        ("eval_max_prompts", "2"),
+    ];
+    common::write_config(dir, "run", &base, overrides)
 }
 
 fn train(config: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["train", config.to_str().unwrap(), "--quiet"];
-    args.extend_from_slice(extra);
-    rcx(&args)
+    common::rcx_train(config, extra)
 }
 
 /// Exit code 2, no panic, one stderr line holding every one of `needles`.

@@ -12,67 +12,29 @@ use rcx::checkpoint::load_for_scoring;
 use rcx::model::{Batch, Workspace};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/train")
-        .join(name)
-}
+mod common;
+use common::{fixture, rcx, rcx_train, write_config};
 
-/// An empty folder of this test's own under cargo's scratch space.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("train-tests")
-        .join(name);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("train-tests", name)
 }
 
-/// Writes `dir/NAME.yml`: a small bert-tiny run on the length ranking into `dir/NAME`,
-/// with `overrides` replacing or adding keys. Returns (config, output_dir).
+/// Writes `dir/NAME.yml`: a 20-step run on the length ranking into `dir/NAME`, with
+/// `overrides` replacing or adding keys. Returns (config, output_dir).
 fn config(dir: &Path, name: &str, overrides: &[(&str, &str)]) -> (PathBuf, PathBuf) {
-    let out = dir.join(name);
-    let train = fixture("lengths.jsonl");
-    let eval = fixture("lengths_eval.jsonl");
-    let mut keys: Vec<(String, String)> = [
-        ("model_name", "bert-tiny".to_string()),
-        ("loss", "x_inv".to_string()),
-        ("datasets", format!("[{}]", train.display())),
-        ("eval_datasets", format!("[{}]", eval.display())),
-        ("output_dir", out.display().to_string()),
-        ("learning_rate", "1.0e-3".to_string()),
-        ("warmup_ratio", "0.1".to_string()),
-        ("per_device_train_batch_size", "4".to_string()),
-        ("max_length", "48".to_string()),
-        ("max_steps", "20".to_string()),
-        ("eval_steps", "5".to_string()),
-        ("save_steps", "10".to_string()),
-        ("seed", "1".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    for &(key, value) in overrides {
-        match keys.iter_mut().find(|(k, _)| k == key) {
-            Some(entry) => entry.1 = value.to_string(),
-            None => keys.push((key.to_string(), value.to_string())),
-        }
-    }
-    let text: String = keys.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
-    let path = dir.join(format!("{name}.yml"));
-    std::fs::write(&path, text).unwrap();
-    (path, out)
-}
-
-fn rcx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rcx"))
-        .args(args)
-        .output()
-        .expect("the rcx binary runs")
+    let base = [
+        ("learning_rate", "1.0e-3"),
+        ("warmup_ratio", "0.1"),
+        ("per_device_train_batch_size", "4"),
+        ("max_length", "48"),
+        ("max_steps", "20"),
+        ("eval_steps", "5"),
+        ("save_steps", "10"),
+        ("seed", "1"),
+    ];
+    write_config(dir, name, &base, overrides)
 }
 
 /// Runs rcx and fails the test with its stderr unless it succeeds.
@@ -88,9 +50,14 @@ fn rcx_ok(args: &[&str]) -> Output {
 }
 
 fn train(config: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["train", config.to_str().unwrap(), "--quiet"];
-    args.extend_from_slice(extra);
-    rcx_ok(&args)
+    let out = rcx_train(config, extra);
+    assert!(
+        out.status.success(),
+        "rcx train {extra:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// The lines of a run's metrics.jsonl, without the wall-clock field (which differs from

@@ -1,0 +1,73 @@
+//! Scaffolding shared by the tests that drive the built `rcx` binary: fixtures, scratch
+//! folders and small run configs over the length-ranking fixture.
+
+#![allow(dead_code)] // each test crate uses its own part of this module
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/train")
+        .join(name)
+}
+
+/// An empty folder `group/name` of a test's own under cargo's scratch space.
+pub fn scratch(group: &str, name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(group)
+        .join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes `dir/NAME.yml`: a bert-tiny `x_inv` run on the length ranking into `dir/NAME`,
+/// with `base` then `overrides` replacing or adding keys. Returns (config, output_dir).
+pub fn write_config(
+    dir: &Path,
+    name: &str,
+    base: &[(&str, &str)],
+    overrides: &[(&str, &str)],
+) -> (PathBuf, PathBuf) {
+    let out = dir.join(name);
+    let mut keys: Vec<(String, String)> = vec![
+        ("model_name".into(), "bert-tiny".into()),
+        ("loss".into(), "x_inv".into()),
+        (
+            "datasets".into(),
+            format!("[{}]", fixture("lengths.jsonl").display()),
+        ),
+        (
+            "eval_datasets".into(),
+            format!("[{}]", fixture("lengths_eval.jsonl").display()),
+        ),
+        ("output_dir".into(), out.display().to_string()),
+    ];
+    for &(key, value) in base.iter().chain(overrides) {
+        match keys.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value.to_string(),
+            None => keys.push((key.to_string(), value.to_string())),
+        }
+    }
+    let text: String = keys.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+    let path = dir.join(format!("{name}.yml"));
+    std::fs::write(&path, text).unwrap();
+    (path, out)
+}
+
+pub fn rcx(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args(args)
+        .output()
+        .expect("the rcx binary runs")
+}
+
+/// `rcx train CONFIG --quiet EXTRA...`
+pub fn rcx_train(config: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", config.to_str().unwrap(), "--quiet"];
+    args.extend_from_slice(extra);
+    rcx(&args)
+}
