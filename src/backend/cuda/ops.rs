@@ -590,31 +590,7 @@ impl CudaRuntime {
         p: f64,
         seed: u64,
     ) -> Result<()> {
-        let op = "dropout_forward";
-        let out = &mut out.view_mut();
-        let inp = &inp.view();
-        check_len(op, "out", out.len(), inp.len())?;
-        let scale = dropout_scale(op, p)?;
-        if out.is_empty() {
-            return Ok(());
-        }
-        let f = self.function("dropout", &format!("dropout_forward_{}", T::SUFFIX))?;
-        let len = out.len();
-        let cfg = launch_config(
-            blocks(op, len, ELEMENTWISE_THREADS)?,
-            ELEMENTWISE_THREADS,
-            0,
-        );
-        let mut launch = self.stream().launch_builder(&f);
-        launch
-            .arg(out)
-            .arg(inp)
-            .arg(&len)
-            .arg(&p)
-            .arg(&scale)
-            .arg(&seed);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        self.dropout_launch("dropout_forward", out, inp, p, seed)
     }
 
     /// dinp += dout / (1 - p) where element i was kept (same p and seed as the forward).
@@ -625,16 +601,27 @@ impl CudaRuntime {
         p: f64,
         seed: u64,
     ) -> Result<()> {
-        let op = "dropout_backward";
-        let dinp = &mut dinp.view_mut();
-        let dout = &dout.view();
-        check_len(op, "dout", dout.len(), dinp.len())?;
+        self.dropout_launch("dropout_backward", dinp, dout, p, seed)
+    }
+
+    /// The two dropout kernels take the same arguments: (written, read, len, p, scale, seed).
+    fn dropout_launch<T: Activation>(
+        &self,
+        op: &str,
+        written: &mut impl DeviceWrite<T>,
+        read: &impl DeviceRead<T>,
+        p: f64,
+        seed: u64,
+    ) -> Result<()> {
+        let written = &mut written.view_mut();
+        let read = &read.view();
+        check_len(op, "input", read.len(), written.len())?;
         let scale = dropout_scale(op, p)?;
-        if dinp.is_empty() {
+        if written.is_empty() {
             return Ok(());
         }
-        let f = self.function("dropout", &format!("dropout_backward_{}", T::SUFFIX))?;
-        let len = dinp.len();
+        let f = self.function("dropout", &format!("{op}_{}", T::SUFFIX))?;
+        let len = written.len();
         let cfg = launch_config(
             blocks(op, len, ELEMENTWISE_THREADS)?,
             ELEMENTWISE_THREADS,
@@ -642,8 +629,8 @@ impl CudaRuntime {
         );
         let mut launch = self.stream().launch_builder(&f);
         launch
-            .arg(dinp)
-            .arg(dout)
+            .arg(written)
+            .arg(read)
             .arg(&len)
             .arg(&p)
             .arg(&scale)
