@@ -27,7 +27,7 @@ template <typename T>
 __device__ void attention_forward(T* out, float* probs, const T* q, const T* k, const T* v,
                                   const uint8_t* mask, int b, int t, int nh, int hs, float scale,
                                   double drop_p, float drop_scale, uint64_t seed) {
-    extern __shared__ float weights[];  // [t]
+    float* weights = dynamic_shared<float>();  // [t]
     const int i = blockIdx.x % t, h = (blockIdx.x / t) % nh, bi = blockIdx.x / (t * nh);
     const size_t channels = (size_t)nh * hs;
     const T* q_i = q + ((size_t)bi * t + i) * channels + (size_t)h * hs;
@@ -79,7 +79,7 @@ template <typename T>
 __device__ void attention_backward_query(T* dq, float* dscores, const T* dout, const T* k, const T* v,
                                          const float* probs, int b, int t, int nh, int hs, float scale,
                                          double drop_p, float drop_scale, uint64_t seed) {
-    extern __shared__ float dscore_row[];  // [t]
+    float* dscore_row = dynamic_shared<float>();  // [t]
     const int i = blockIdx.x % t, h = (blockIdx.x / t) % nh, bi = blockIdx.x / (t * nh);
     const size_t channels = (size_t)nh * hs;
     const size_t head = (size_t)h * hs;

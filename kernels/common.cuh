@@ -67,6 +67,13 @@ __device__ inline float block_max(float v) {
     return warp_max(v);
 }
 
+// The launch's dynamic shared memory as an array of T (the launch sets its size). One
+// declaration for every kernel, so the CPU emulation of the kernels can provide it.
+template <typename T> __device__ __forceinline__ T* dynamic_shared() {
+    extern __shared__ __align__(16) unsigned char dynamic_shared_bytes[];
+    return reinterpret_cast<T*>(dynamic_shared_bytes);
+}
+
 // Each kernel file instantiates its templates for float and bf16 activations through a
 // macro KERNELS(T, SUFFIX) that emits `extern "C"` entry points named <kernel>_f32 and
 // <kernel>_bf16; the Rust side picks one by suffix.
