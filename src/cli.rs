@@ -35,6 +35,8 @@ pub enum Command {
     Data(crate::data::DataArgs),
     /// Tokenize a text (or a pair) as BERT's uncased WordPiece.
     Tokenize(crate::tokenizer::TokenizeArgs),
+    /// Check every backward of the CPU reference against central finite differences.
+    Gradcheck(crate::gradcheck::GradcheckArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -48,5 +50,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Theory(a) => crate::theory::cmd_theory(a),
         Command::Data(a) => crate::data::cmd_data(a),
         Command::Tokenize(a) => crate::tokenizer::cmd_tokenize(a),
+        Command::Gradcheck(a) => crate::gradcheck::cmd_gradcheck(a),
     }
 }

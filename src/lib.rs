@@ -8,6 +8,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod figures;
+pub mod gradcheck;
 pub mod hf_config;
 pub mod loss;
 pub mod model;

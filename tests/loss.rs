@@ -48,15 +48,6 @@ fn random_logits(ks: &[usize], seed: u64) -> Vec<f64> {
     logits
 }
 
-/// Counts the pairs ordered rightly (x > 0) and wrongly (x < 0), to make sure a batch
-/// exercises both branches of every utility.
-fn branch_counts(logits: &[f64], ks: &[usize]) -> (usize, usize) {
-    let rewards: Vec<f64> = logits.iter().map(|&s| sigmoid(s)).collect();
-    let (correct, ties, total) = pairwise_accuracy(&rewards, ks);
-    assert_eq!(ties, 0);
-    (correct, total - correct)
-}
-
 fn loss_f64(
     logits: &[f64],
     ks: &[usize],
@@ -66,33 +57,6 @@ fn loss_f64(
     let mut dlogits = vec![f64::NAN; logits.len()];
     let loss = ranking_loss_forward_backward(logits, ks, types, spec, EPS, &mut dlogits).unwrap();
     (loss, dlogits)
-}
-
-/// Central differences of step 1e-6 on every logit; the analytic gradient must agree to a
-/// relative error below 1e-6 (relative to the largest gradient entry, so that an entry
-/// that is nearly zero is not judged on rounding noise alone).
-fn check_gradient(ks: &[usize], types: &[Option<PromptType>], spec: &LossSpec, seed: u64) {
-    let logits = random_logits(ks, seed);
-    let (right, wrong) = branch_counts(&logits, ks);
-    assert!(right > 0 && wrong > 0, "the batch must hold both branches");
-    let (_, analytic) = loss_f64(&logits, ks, types, spec);
-    let h = 1e-6;
-    let scale = analytic.iter().fold(0.0f64, |m, g| m.max(g.abs()));
-    assert!(scale > 0.0);
-    for i in 0..logits.len() {
-        let mut plus = logits.clone();
-        plus[i] += h;
-        let mut minus = logits.clone();
-        minus[i] -= h;
-        let numeric =
-            (loss_f64(&plus, ks, types, spec).0 - loss_f64(&minus, ks, types, spec).0) / (2.0 * h);
-        let err = (numeric - analytic[i]).abs() / scale.max(numeric.abs());
-        assert!(
-            err < 1e-6,
-            "{spec:?}: dlogit[{i}] analytic {} numeric {numeric} rel err {err:e}",
-            analytic[i]
-        );
-    }
 }
 
 const KS: [usize; 4] = [2, 3, 8, 3];
@@ -121,30 +85,17 @@ fn all_utilities() -> Vec<Utility> {
     .collect()
 }
 
+/// Every utility (untyped prompts under a single utility) and the prompt-aware specs,
+/// through `rcx::gradcheck`, on both branches of every utility.
 #[test]
-fn gradient_matches_finite_differences_for_every_utility() {
-    for (n, utility) in all_utilities().into_iter().enumerate() {
-        // Untyped prompts are fine under a single utility.
-        let types = [None, Some(PromptType::Closed), None, Some(PromptType::Open)];
-        check_gradient(&KS, &types, &LossSpec::Single(utility), 11 + n as u64);
-    }
-}
-
-#[test]
-fn gradient_matches_finite_differences_for_prompt_aware_losses() {
-    let custom = LossSpec::PromptAware {
-        open: Utility::NegPower(0.5),
-        closed: Utility::LogSigmoid,
-    };
-    for (n, spec) in [
-        LossSpec::parse("adaptive").unwrap(),
-        LossSpec::parse("adaptive2").unwrap(),
-        custom,
-    ]
-    .iter()
-    .enumerate()
-    {
-        check_gradient(&KS, &TYPES, spec, 101 + n as u64);
+fn gradient_matches_finite_differences_for_every_utility_and_prompt_aware_spec() {
+    for seed in [11, 12] {
+        let checks = rcx::gradcheck::loss_checks(seed).unwrap();
+        assert_eq!(checks.len(), all_utilities().len() + 3);
+        for check in &checks {
+            assert_eq!(check.entries, KS.iter().sum::<usize>(), "{check}");
+            assert!(check.passed(), "seed {seed}: {check}");
+        }
     }
 }
 

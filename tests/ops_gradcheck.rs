@@ -2,14 +2,13 @@
 //! sanity checks, f32 against f64, dropout's mask, AdamW against PyTorch, and determinism
 //! under different thread counts.
 //!
-//! Gradient check: with a random dout, L(x) = Σ dout · forward(x); the numerical gradient is
-//! (L(x + h e_i) - L(x - h e_i)) / 2h with h = 1e-6; the analytic one is what the backward
-//! ADDS to a gradient buffer pre-filled with random values (so overwriting instead of adding
-//! fails). Error: rel = |a - n| / max(|a| + |n|, 1e-8), and every element must have
-//! rel < 1e-6.
+//! The gradient checks themselves live in `rcx::gradcheck` (also run by `rcx gradcheck`):
+//! with a random dout, L(x) = Σ dout · forward(x), central differences against what the
+//! backward ADDS to a pre-filled gradient buffer.
 
 use rcx::backend::Float;
 use rcx::backend::cpu::*;
+use rcx::gradcheck::{check_op, nonzero_values, op_checks};
 
 /// splitmix64: reproducible test data without a crate.
 struct Rng(u64);
@@ -40,280 +39,93 @@ impl Rng {
     }
 }
 
-const H: f64 = 1e-6;
-const GRAD_TOL: f64 = 1e-6;
+/// The ops `rcx::gradcheck::op_checks` must cover: every backward of src/backend/cpu/.
+const OPS: [&str; 11] = [
+    "matmul+bias",
+    "matmul",
+    "layernorm",
+    "gelu",
+    "tanh",
+    "embedding",
+    "attention",
+    "attention+dropout",
+    "dropout",
+    "cls_pool",
+    "residual",
+];
 
-fn rel_err(a: f64, n: f64) -> f64 {
-    (a - n).abs() / (a.abs() + n.abs()).max(1e-8)
-}
-
-/// Checks every input of an op. `inputs` are the differentiable inputs (name, values);
-/// `forward(inputs, out)` overwrites out; `backward(inputs, dout, grads)` adds into grads,
-/// one buffer per input.
-fn gradcheck(
-    op: &str,
-    mut inputs: Vec<(&str, Vec<f64>)>,
-    out_len: usize,
-    forward: impl Fn(&[Vec<f64>], &mut [f64]),
-    backward: impl Fn(&[Vec<f64>], &[f64], &mut [Vec<f64>]),
-    rng: &mut Rng,
-) {
-    let dout = rng.vec(out_len);
-    let mut values: Vec<Vec<f64>> = inputs.iter().map(|(_, v)| v.clone()).collect();
-    let prefill: Vec<Vec<f64>> = values.iter().map(|v| rng.vec(v.len())).collect();
-    let mut grads = prefill.clone();
-    backward(&values, &dout, &mut grads);
-    let mut out = vec![0.0; out_len];
-    let mut loss = |values: &[Vec<f64>]| {
-        forward(values, &mut out);
-        out.iter().zip(&dout).map(|(o, d)| o * d).sum::<f64>()
-    };
-    let mut worst = 0.0f64;
-    for (i, (name, _)) in inputs.iter_mut().enumerate() {
-        for j in 0..values[i].len() {
-            let x = values[i][j];
-            values[i][j] = x + H;
-            let plus = loss(&values);
-            values[i][j] = x - H;
-            let minus = loss(&values);
-            values[i][j] = x;
-            let numeric = (plus - minus) / (2.0 * H);
-            let analytic = grads[i][j] - prefill[i][j];
-            let rel = rel_err(analytic, numeric);
-            assert!(
-                rel < GRAD_TOL,
-                "{op}: d{name}[{j}] analytic {analytic} numeric {numeric} rel {rel:e}"
-            );
-            worst = worst.max(rel);
+#[test]
+fn every_op_backward_matches_central_differences() {
+    for seed in [1, 2, 3] {
+        let checks = op_checks(seed);
+        let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, OPS);
+        for check in &checks {
+            assert!(check.entries > 0, "{check}");
+            assert!(check.passed(), "seed {seed}: {check}");
         }
     }
-    eprintln!("{op}: worst rel {worst:e}");
 }
 
-// ---------------------------------------------------------------- gradient checks
-
+/// The checker must be able to fail: a GELU backward that is off by 0.1% (about what a
+/// wrong constant gives), one that overwrites instead of adding, and one that drops a
+/// term, are each caught.
 #[test]
-fn gradcheck_matmul() {
-    let mut rng = Rng(1);
-    let (n, c, oc) = (5, 7, 3);
-    for with_bias in [true, false] {
-        let mut inputs = vec![("inp", rng.vec(n * c)), ("weight", rng.vec(oc * c))];
-        if with_bias {
-            inputs.push(("bias", rng.vec(oc)));
-        }
-        gradcheck(
-            if with_bias { "matmul+bias" } else { "matmul" },
-            inputs,
-            n * oc,
-            |x, out| matmul_forward(out, &x[0], &x[1], x.get(2).map(|b| &b[..]), n, c, oc),
-            |x, dout, g| {
-                let (dinp, rest) = g.split_at_mut(1);
-                let (dweight, dbias) = rest.split_at_mut(1);
-                let dbias = dbias.first_mut().map(|b| &mut b[..]);
-                matmul_backward(
-                    &mut dinp[0],
-                    &mut dweight[0],
-                    dbias,
-                    dout,
-                    &x[0],
-                    &x[1],
-                    n,
-                    c,
-                    oc,
-                );
-            },
-            &mut rng,
-        );
-    }
-}
-
-#[test]
-fn gradcheck_layernorm() {
-    let mut rng = Rng(2);
-    let (n, c) = (5, 7);
-    let inp: Vec<f64> = rng.vec(n * c).iter().map(|x| 3.0 * x + 0.5).collect();
-    let inputs = vec![("inp", inp), ("weight", rng.vec(c)), ("bias", rng.vec(c))];
-    let stats = |x: &[Vec<f64>]| {
-        let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-        layernorm_forward(
-            &mut out, &mut mean, &mut rstd, &x[0], &x[1], &x[2], n, c, 1e-12,
-        );
-        (mean, rstd)
-    };
-    gradcheck(
-        "layernorm",
-        inputs,
-        n * c,
-        |x, out| {
-            let (mut mean, mut rstd) = (vec![0.0; n], vec![0.0; n]);
-            layernorm_forward(out, &mut mean, &mut rstd, &x[0], &x[1], &x[2], n, c, 1e-12);
-        },
-        |x, dout, g| {
-            let (mean, rstd) = stats(x);
-            let [dinp, dweight, dbias] = g else {
-                unreachable!()
-            };
-            layernorm_backward(dinp, dweight, dbias, dout, &x[0], &x[1], &mean, &rstd, n, c);
-        },
-        &mut rng,
-    );
-}
-
-#[test]
-fn gradcheck_gelu() {
-    let mut rng = Rng(3);
-    let inp: Vec<f64> = rng.vec(35).iter().map(|x| 3.0 * x).collect();
-    gradcheck(
+fn gradcheck_catches_wrong_backwards() {
+    let mut rng = rcx::rng::Rng::new(5);
+    let inp: Vec<f64> = nonzero_values(&mut rng, 20)
+        .iter()
+        .map(|x| 2.0 * x)
+        .collect();
+    let right = check_op(
         "gelu",
-        vec![("inp", inp)],
-        35,
+        vec![("inp", inp.clone())],
+        20,
         |x, out| gelu_forward(out, &x[0]),
         |x, dout, g| gelu_backward(&mut g[0], &x[0], dout),
         &mut rng,
     );
-}
-
-#[test]
-fn gradcheck_tanh() {
-    let mut rng = Rng(4);
-    let inp: Vec<f64> = rng.vec(35).iter().map(|x| 2.0 * x).collect();
-    gradcheck(
-        "tanh",
-        vec![("inp", inp)],
-        35,
-        |x, out| tanh_forward(out, &x[0]),
+    assert!(right.passed(), "{right}");
+    let off_by_a_little = check_op(
+        "gelu scaled",
+        vec![("inp", inp.clone())],
+        20,
+        |x, out| gelu_forward(out, &x[0]),
         |x, dout, g| {
-            let mut out = vec![0.0; x[0].len()];
-            tanh_forward(&mut out, &x[0]);
-            tanh_backward(&mut g[0], &out, dout);
+            let scaled: Vec<f64> = dout.iter().map(|d| d * 1.001).collect();
+            gelu_backward(&mut g[0], &x[0], &scaled)
         },
         &mut rng,
     );
-}
-
-#[test]
-fn gradcheck_embedding() {
-    let mut rng = Rng(5);
-    let (b, t, c, vocab, max_pos, n_types) = (2, 3, 5, 7, 4, 2);
-    // Repeated ids and types, so the scatter-add must accumulate.
-    let input_ids = [3u32, 0, 3, 6, 3, 1];
-    let token_type_ids = [0u32, 1, 1, 0, 0, 1];
-    let inputs = vec![
-        ("wte", rng.vec(vocab * c)),
-        ("wpe", rng.vec(max_pos * c)),
-        ("wtt", rng.vec(n_types * c)),
-    ];
-    gradcheck(
-        "embedding",
-        inputs,
-        b * t * c,
-        |x, out| {
-            embedding_forward(
-                out,
-                &input_ids,
-                &token_type_ids,
-                &x[0],
-                &x[1],
-                &x[2],
-                b,
-                t,
-                c,
-            )
-        },
-        |_, dout, g| {
-            let [dwte, dwpe, dwtt] = g else {
-                unreachable!()
-            };
-            embedding_backward(dwte, dwpe, dwtt, dout, &input_ids, &token_type_ids, b, t, c);
+    assert!(!off_by_a_little.passed(), "{off_by_a_little}");
+    let overwriting = check_op(
+        "gelu overwriting",
+        vec![("inp", inp.clone())],
+        20,
+        |x, out| gelu_forward(out, &x[0]),
+        |x, dout, g| {
+            g[0].fill(0.0);
+            gelu_backward(&mut g[0], &x[0], dout)
         },
         &mut rng,
     );
-}
-
-/// Without and with dropout on the probabilities (the mask is fixed by the seed, so the
-/// function stays smooth and central differences apply).
-#[test]
-fn gradcheck_attention() {
-    let mut rng = Rng(6);
-    let (b, t, nh, hs) = (2, 5, 2, 3);
-    let len = b * t * nh * hs;
-    // The second sequence ends in two padding tokens.
-    let mask = [1u8, 1, 1, 1, 1, 1, 1, 1, 0, 0];
-    let scaled = |v: Vec<f64>| v.iter().map(|x| 2.0 * x).collect::<Vec<_>>();
-    let dropped = Some(AttentionDropout { p: 0.3, seed: 11 });
-    for (op, dropout) in [("attention", None), ("attention+dropout", dropped)] {
-        let inputs = vec![
-            ("q", scaled(rng.vec(len))),
-            ("k", scaled(rng.vec(len))),
-            ("v", rng.vec(len)),
-        ];
-        gradcheck(
-            op,
-            inputs,
-            len,
-            |x, out| {
-                let mut probs = vec![0.0; b * nh * t * t];
-                attention_forward(
-                    out, &mut probs, &x[0], &x[1], &x[2], &mask, b, t, nh, hs, dropout,
-                );
-            },
-            |x, dout, g| {
-                let (mut out, mut probs) = (vec![0.0; len], vec![0.0; b * nh * t * t]);
-                attention_forward(
-                    &mut out, &mut probs, &x[0], &x[1], &x[2], &mask, b, t, nh, hs, dropout,
-                );
-                let [dq, dk, dv] = g else { unreachable!() };
-                attention_backward(
-                    dq, dk, dv, dout, &x[0], &x[1], &x[2], &probs, &mask, b, t, nh, hs, dropout,
-                );
-            },
-            &mut rng,
-        );
-    }
-}
-
-#[test]
-fn gradcheck_dropout() {
-    let mut rng = Rng(7);
-    let (p, seed) = (0.3, 42);
-    gradcheck(
-        "dropout",
-        vec![("inp", rng.vec(35))],
-        35,
-        |x, out| dropout_forward(out, &x[0], p, seed),
-        |_, dout, g| dropout_backward(&mut g[0], dout, p, seed),
-        &mut rng,
-    );
-}
-
-#[test]
-fn gradcheck_cls_pool() {
-    let mut rng = Rng(8);
-    let (b, t, c) = (2, 3, 5);
-    gradcheck(
-        "cls_pool",
-        vec![("inp", rng.vec(b * t * c))],
-        b * c,
-        |x, out| cls_pool_forward(out, &x[0], b, t, c),
-        |_, dout, g| cls_pool_backward(&mut g[0], dout, b, t, c),
-        &mut rng,
-    );
-}
-
-#[test]
-fn gradcheck_residual() {
-    let mut rng = Rng(9);
-    gradcheck(
-        "residual",
-        vec![("a", rng.vec(35)), ("b", rng.vec(35))],
-        35,
+    assert!(!overwriting.passed(), "{overwriting}");
+    // Residual: out = a + b; a backward that forgets db.
+    let a = nonzero_values(&mut rng, 20);
+    let forgetting = check_op(
+        "residual without db",
+        vec![("a", a.clone()), ("b", a)],
+        20,
         |x, out| residual_forward(out, &x[0], &x[1]),
         |_, dout, g| {
-            let [da, db] = g else { unreachable!() };
-            residual_backward(da, db, dout);
+            for (d, o) in g[0].iter_mut().zip(dout) {
+                *d += o;
+            }
         },
         &mut rng,
     );
+    assert!(!forgetting.passed(), "{forgetting}");
+    assert_eq!(forgetting.worst_at.chars().next(), Some('d'));
 }
 
 // ---------------------------------------------------------------- forward sanity
@@ -1112,4 +924,26 @@ fn backwards_are_deterministic_across_thread_counts() {
     let norm1 = with_threads(1, || global_norm_squared(&one.0[1]));
     let norm2 = with_threads(2, || global_norm_squared(&one.0[1]));
     assert_eq!(norm1.to_bits(), norm2.to_bits());
+}
+
+/// `rcx gradcheck` runs the same checks and prints one JSON object per check.
+#[test]
+fn gradcheck_command_reports_every_op() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args(["gradcheck", "--suite", "ops", "--json", "--seed", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = lines.iter().map(|l| l["check"].as_str().unwrap()).collect();
+    assert_eq!(names, OPS);
+    assert!(lines.iter().all(|l| l["passed"] == true));
 }

@@ -1,0 +1,736 @@
+//! Numerical gradient checks of the CPU reference, in f64: every op's backward, the ranking
+//! loss under every utility, and the whole reward model, each against central finite
+//! differences. `rcx gradcheck` prints them as a table; the test suite asserts them
+//! (tests/ops_gradcheck.rs, tests/loss.rs, tests/model.rs).
+//!
+//! Every check returns its worst error next to its tolerance instead of stopping at the
+//! first bad element, so one run shows how far every backward is from its numerical twin.
+
+use std::fmt;
+
+use crate::backend::cpu::{
+    AttentionDropout, attention_backward, attention_forward, cls_pool_backward, cls_pool_forward,
+    dropout_backward, dropout_forward, embedding_backward, embedding_forward, gelu_backward,
+    gelu_forward, layernorm_backward, layernorm_forward, matmul_backward, matmul_forward,
+    residual_backward, residual_forward, tanh_backward, tanh_forward,
+};
+use crate::error::{Error, Result};
+use crate::loss::{
+    LossSpec, PromptType, Utility, pairwise_accuracy, ranking_loss_forward_backward, sigmoid,
+};
+use crate::model::{Batch, BertConfig, BertModel, Dropout, Workspace};
+use crate::rng::Rng;
+
+/// Step of the central differences: (f(x + h) - f(x - h)) / 2h has error O(h² f''') from
+/// the function and O(ε |f| / h) from rounding; at 1e-5 both stay near 1e-10 in f64 for the
+/// ops here (1e-6 let rounding noise reach 1e-6 relative on the small entries).
+pub const STEP: f64 = 1e-5;
+
+/// The tolerance of every check: above the difference quotient's own error (the worst seen
+/// over 40 seeds is 3.3e-7, the whole model with dropout), far below what a wrong term or
+/// constant in a backward gives (1e-3 and up).
+pub const TOLERANCE: f64 = 1e-6;
+
+/// How one check measures its error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// |a - n| / max(|a| + |n|, 1e-3 · max_j |a_j|) over the elements of each input: an
+    /// entry 10³ times smaller than the input's largest is judged against that floor, not on
+    /// the difference quotient's rounding noise (~1e-10 absolute) alone.
+    Elementwise,
+    /// |a - n| / max(max_i |a_i|, |n|), worst over the elements: judged against the
+    /// largest gradient, so an entry that is nearly zero is not judged on rounding alone.
+    ScaledByLargest,
+    /// ||a - n|| / max(||a||, ||n||) per parameter tensor, worst over the tensors.
+    PerTensor,
+}
+
+impl Metric {
+    fn name(self) -> &'static str {
+        match self {
+            Metric::Elementwise => "elementwise",
+            Metric::ScaledByLargest => "vs largest",
+            Metric::PerTensor => "per tensor",
+        }
+    }
+}
+
+/// The outcome of one gradient check.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: String,
+    /// Gradient entries compared.
+    pub entries: usize,
+    pub metric: Metric,
+    pub worst: f64,
+    /// Where the worst error is, e.g. "dweight[3]".
+    pub worst_at: String,
+    pub tolerance: f64,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.worst < self.tolerance
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<28} {:>7} {:<11} {:>9.2e} {:<34} {:>7.0e}  {}",
+            self.name,
+            self.entries,
+            self.metric.name(),
+            self.worst,
+            self.worst_at,
+            self.tolerance,
+            if self.passed() { "pass" } else { "FAIL" }
+        )
+    }
+}
+
+/// Records the worst error of a check as entries are compared.
+struct Worst {
+    entries: usize,
+    worst: f64,
+    worst_at: String,
+}
+
+impl Worst {
+    fn new() -> Worst {
+        Worst {
+            entries: 0,
+            worst: 0.0,
+            worst_at: String::from("-"),
+        }
+    }
+
+    fn see(&mut self, error: f64, at: impl FnOnce() -> String) {
+        self.entries += 1;
+        // A NaN is the worst error there is and stays the worst.
+        if !self.worst.is_nan() && (error.is_nan() || error > self.worst) {
+            self.worst = error;
+            self.worst_at = at();
+        }
+    }
+
+    fn check(self, name: &str, metric: Metric) -> Check {
+        Check {
+            name: name.to_string(),
+            entries: self.entries,
+            metric,
+            worst: self.worst,
+            worst_at: self.worst_at,
+            tolerance: TOLERANCE,
+        }
+    }
+}
+
+/// `len` values uniform on ±[0.1, 1), so that every input matters and none sits at 0.
+pub fn nonzero_values(rng: &mut Rng, len: usize) -> Vec<f64> {
+    (0..len)
+        .map(|_| {
+            let x = 0.1 + 0.9 * rng.uniform();
+            if rng.next_u64() & 1 == 0 { x } else { -x }
+        })
+        .collect()
+}
+
+/// The floor of the elementwise metric, relative to the input's largest gradient entry.
+const ELEMENT_FLOOR: f64 = 1e-3;
+
+/// Checks every input of an op. With a random dout, L(x) = Σ dout · forward(x);
+/// `forward(inputs, out)` overwrites out; `backward(inputs, dout, grads)` must ADD into
+/// grads (one buffer per input), which are pre-filled with random values so that a backward
+/// that overwrites instead of adding fails.
+pub fn check_op(
+    name: &str,
+    inputs: Vec<(&str, Vec<f64>)>,
+    out_len: usize,
+    forward: impl Fn(&[Vec<f64>], &mut [f64]),
+    backward: impl Fn(&[Vec<f64>], &[f64], &mut [Vec<f64>]),
+    rng: &mut Rng,
+) -> Check {
+    let dout = nonzero_values(rng, out_len);
+    let mut values: Vec<Vec<f64>> = inputs.iter().map(|(_, v)| v.clone()).collect();
+    let prefill: Vec<Vec<f64>> = values
+        .iter()
+        .map(|v| nonzero_values(rng, v.len()))
+        .collect();
+    let mut grads = prefill.clone();
+    backward(&values, &dout, &mut grads);
+    let mut out = vec![0.0; out_len];
+    let mut loss = |values: &[Vec<f64>]| {
+        forward(values, &mut out);
+        out.iter().zip(&dout).map(|(o, d)| o * d).sum::<f64>()
+    };
+    let mut worst = Worst::new();
+    for (i, (input, _)) in inputs.iter().enumerate() {
+        let analytic: Vec<f64> = grads[i]
+            .iter()
+            .zip(&prefill[i])
+            .map(|(g, p)| g - p)
+            .collect();
+        let floor = ELEMENT_FLOOR * analytic.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+        for j in 0..values[i].len() {
+            let x = values[i][j];
+            values[i][j] = x + STEP;
+            let plus = loss(&values);
+            values[i][j] = x - STEP;
+            let minus = loss(&values);
+            values[i][j] = x;
+            let numeric = (plus - minus) / (2.0 * STEP);
+            let a = analytic[j];
+            let error = (a - numeric).abs() / (a.abs() + numeric.abs()).max(floor).max(1e-300);
+            worst.see(error, || format!("d{input}[{j}]"));
+        }
+    }
+    worst.check(name, Metric::Elementwise)
+}
+
+/// Every CPU op's backward (src/backend/cpu/), at small odd shapes.
+pub fn op_checks(seed: u64) -> Vec<Check> {
+    let mut rng = Rng::new(seed);
+    let mut checks = Vec::new();
+    let scaled = |v: Vec<f64>, s: f64| v.iter().map(|x| s * x).collect::<Vec<_>>();
+
+    let (n, c, oc) = (5, 7, 3);
+    for with_bias in [true, false] {
+        let mut inputs = vec![
+            ("inp", nonzero_values(&mut rng, n * c)),
+            ("weight", nonzero_values(&mut rng, oc * c)),
+        ];
+        if with_bias {
+            inputs.push(("bias", nonzero_values(&mut rng, oc)));
+        }
+        checks.push(check_op(
+            if with_bias { "matmul+bias" } else { "matmul" },
+            inputs,
+            n * oc,
+            |x, out| matmul_forward(out, &x[0], &x[1], x.get(2).map(|b| &b[..]), n, c, oc),
+            |x, dout, g| {
+                let (dinp, rest) = g.split_at_mut(1);
+                let (dweight, dbias) = rest.split_at_mut(1);
+                let dbias = dbias.first_mut().map(|b| &mut b[..]);
+                matmul_backward(
+                    &mut dinp[0],
+                    &mut dweight[0],
+                    dbias,
+                    dout,
+                    &x[0],
+                    &x[1],
+                    n,
+                    c,
+                    oc,
+                );
+            },
+            &mut rng,
+        ));
+    }
+
+    // Inputs off-centre and spread, so mean and variance both matter.
+    let inp: Vec<f64> = nonzero_values(&mut rng, n * c)
+        .iter()
+        .map(|x| 3.0 * x + 0.5)
+        .collect();
+    let (weight, bias) = (nonzero_values(&mut rng, c), nonzero_values(&mut rng, c));
+    let layernorm = |x: &[Vec<f64>], out: &mut [f64], mean: &mut [f64], rstd: &mut [f64]| {
+        layernorm_forward(out, mean, rstd, &x[0], &x[1], &x[2], n, c, 1e-12);
+    };
+    checks.push(check_op(
+        "layernorm",
+        vec![("inp", inp), ("weight", weight), ("bias", bias)],
+        n * c,
+        |x, out| layernorm(x, out, &mut vec![0.0; n], &mut vec![0.0; n]),
+        |x, dout, g| {
+            let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+            layernorm(x, &mut out, &mut mean, &mut rstd);
+            let [dinp, dweight, dbias] = g else {
+                unreachable!("three inputs")
+            };
+            layernorm_backward(dinp, dweight, dbias, dout, &x[0], &x[1], &mean, &rstd, n, c);
+        },
+        &mut rng,
+    ));
+
+    let inp = scaled(nonzero_values(&mut rng, 35), 3.0);
+    checks.push(check_op(
+        "gelu",
+        vec![("inp", inp)],
+        35,
+        |x, out| gelu_forward(out, &x[0]),
+        |x, dout, g| gelu_backward(&mut g[0], &x[0], dout),
+        &mut rng,
+    ));
+
+    let inp = scaled(nonzero_values(&mut rng, 35), 2.0);
+    checks.push(check_op(
+        "tanh",
+        vec![("inp", inp)],
+        35,
+        |x, out| tanh_forward(out, &x[0]),
+        |x, dout, g| {
+            let mut out = vec![0.0; x[0].len()];
+            tanh_forward(&mut out, &x[0]);
+            tanh_backward(&mut g[0], &out, dout);
+        },
+        &mut rng,
+    ));
+
+    let (b, t, c, vocab, max_pos, n_types) = (2, 3, 5, 7, 4, 2);
+    // Repeated ids and types, so the scatter-add must accumulate.
+    let input_ids = [3u32, 0, 3, 6, 3, 1];
+    let token_type_ids = [0u32, 1, 1, 0, 0, 1];
+    let inputs = vec![
+        ("wte", nonzero_values(&mut rng, vocab * c)),
+        ("wpe", nonzero_values(&mut rng, max_pos * c)),
+        ("wtt", nonzero_values(&mut rng, n_types * c)),
+    ];
+    checks.push(check_op(
+        "embedding",
+        inputs,
+        b * t * c,
+        |x, out| {
+            embedding_forward(
+                out,
+                &input_ids,
+                &token_type_ids,
+                &x[0],
+                &x[1],
+                &x[2],
+                b,
+                t,
+                c,
+            )
+        },
+        |_, dout, g| {
+            let [dwte, dwpe, dwtt] = g else {
+                unreachable!("three inputs")
+            };
+            embedding_backward(dwte, dwpe, dwtt, dout, &input_ids, &token_type_ids, b, t, c);
+        },
+        &mut rng,
+    ));
+
+    // Without and with dropout on the probabilities (the mask is fixed by the seed, so the
+    // function stays smooth and central differences apply). The second sequence ends in two
+    // padding tokens.
+    let (b, t, nh, hs) = (2, 5, 2, 3);
+    let len = b * t * nh * hs;
+    let mask = [1u8, 1, 1, 1, 1, 1, 1, 1, 0, 0];
+    let dropped = Some(AttentionDropout { p: 0.3, seed: 11 });
+    for (name, dropout) in [("attention", None), ("attention+dropout", dropped)] {
+        let inputs = vec![
+            ("q", scaled(nonzero_values(&mut rng, len), 2.0)),
+            ("k", scaled(nonzero_values(&mut rng, len), 2.0)),
+            ("v", nonzero_values(&mut rng, len)),
+        ];
+        let attention = |x: &[Vec<f64>], out: &mut [f64], probs: &mut [f64]| {
+            attention_forward(
+                out, probs, &x[0], &x[1], &x[2], &mask, b, t, nh, hs, dropout,
+            );
+        };
+        checks.push(check_op(
+            name,
+            inputs,
+            len,
+            |x, out| attention(x, out, &mut vec![0.0; b * nh * t * t]),
+            |x, dout, g| {
+                let (mut out, mut probs) = (vec![0.0; len], vec![0.0; b * nh * t * t]);
+                attention(x, &mut out, &mut probs);
+                let [dq, dk, dv] = g else {
+                    unreachable!("three inputs")
+                };
+                attention_backward(
+                    dq, dk, dv, dout, &x[0], &x[1], &x[2], &probs, &mask, b, t, nh, hs, dropout,
+                );
+            },
+            &mut rng,
+        ));
+    }
+
+    let (p, dropout_seed) = (0.3, 42);
+    checks.push(check_op(
+        "dropout",
+        vec![("inp", nonzero_values(&mut rng, 35))],
+        35,
+        |x, out| dropout_forward(out, &x[0], p, dropout_seed),
+        |_, dout, g| dropout_backward(&mut g[0], dout, p, dropout_seed),
+        &mut rng,
+    ));
+
+    let (b, t, c) = (2, 3, 5);
+    checks.push(check_op(
+        "cls_pool",
+        vec![("inp", nonzero_values(&mut rng, b * t * c))],
+        b * c,
+        |x, out| cls_pool_forward(out, &x[0], b, t, c),
+        |_, dout, g| cls_pool_backward(&mut g[0], dout, b, t, c),
+        &mut rng,
+    ));
+
+    checks.push(check_op(
+        "residual",
+        vec![
+            ("a", nonzero_values(&mut rng, 35)),
+            ("b", nonzero_values(&mut rng, 35)),
+        ],
+        35,
+        |x, out| residual_forward(out, &x[0], &x[1]),
+        |_, dout, g| {
+            let [da, db] = g else {
+                unreachable!("two inputs")
+            };
+            residual_backward(da, db, dout);
+        },
+        &mut rng,
+    ));
+    checks
+}
+
+/// The ε of the utilities' extended forms in the loss checks.
+pub const LOSS_EPS: f64 = 0.1;
+
+/// Logits for prompts of sizes `ks`, drawn so that no pair of a prompt lies within 1e-3 of
+/// the kink at x = 0 (differences of step 1e-6 stay on one branch), and so that the batch
+/// holds both rightly and wrongly ordered pairs (both branches of every utility).
+fn loss_logits(rng: &mut Rng, ks: &[usize]) -> Vec<f64> {
+    loop {
+        let mut logits = Vec::new();
+        for &k in ks {
+            'draw: loop {
+                let candidate: Vec<f64> = (0..k).map(|_| 6.0 * rng.uniform() - 3.0).collect();
+                for i in 0..k {
+                    for j in i + 1..k {
+                        if (sigmoid(candidate[i]) - sigmoid(candidate[j])).abs() < 1e-3 {
+                            continue 'draw;
+                        }
+                    }
+                }
+                logits.extend(candidate);
+                break;
+            }
+        }
+        let rewards: Vec<f64> = logits.iter().map(|&s| sigmoid(s)).collect();
+        let (right, _, total) = pairwise_accuracy(&rewards, ks);
+        if right > 0 && right < total {
+            return logits;
+        }
+    }
+}
+
+/// The batch ranking loss's dlogits for one spec, on prompts of sizes `ks` and types
+/// `types` (the metric is judged against the largest entry: see `Metric`).
+pub fn check_loss(
+    name: &str,
+    spec: &LossSpec,
+    ks: &[usize],
+    types: &[Option<PromptType>],
+    rng: &mut Rng,
+) -> Result<Check> {
+    let logits = loss_logits(rng, ks);
+    let loss = |logits: &[f64], dlogits: &mut [f64]| {
+        ranking_loss_forward_backward(logits, ks, types, spec, LOSS_EPS, dlogits)
+    };
+    let mut analytic = vec![f64::NAN; logits.len()];
+    loss(&logits, &mut analytic)?;
+    let largest = analytic.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+    let mut scratch = vec![0.0; logits.len()];
+    let mut worst = Worst::new();
+    for i in 0..logits.len() {
+        let mut shifted = logits.clone();
+        shifted[i] = logits[i] + STEP;
+        let plus = loss(&shifted, &mut scratch)?;
+        shifted[i] = logits[i] - STEP;
+        let minus = loss(&shifted, &mut scratch)?;
+        let numeric = (plus - minus) / (2.0 * STEP);
+        let error = (numeric - analytic[i]).abs() / largest.max(numeric.abs()).max(1e-300);
+        worst.see(error, || format!("dlogit[{i}]"));
+    }
+    Ok(worst.check(name, Metric::ScaledByLargest))
+}
+
+/// The utilities of the paper and the families around them.
+pub const UTILITIES: [&str; 10] = [
+    "x",
+    "x2",
+    "log",
+    "x_inv",
+    "x_inv2",
+    "logsigmoid",
+    "power:0.5",
+    "power:2",
+    "neg_power:0.5",
+    "neg_power:2",
+];
+
+/// The loss under every utility (with untyped prompts, which a single utility allows) and
+/// under the prompt-aware specs, on prompts of K = 2, 3, 8, 3.
+pub fn loss_checks(seed: u64) -> Result<Vec<Check>> {
+    let mut rng = Rng::new(seed);
+    let ks = [2, 3, 8, 3];
+    let untyped = [None, Some(PromptType::Closed), None, Some(PromptType::Open)];
+    let typed = [
+        Some(PromptType::Open),
+        Some(PromptType::Closed),
+        Some(PromptType::Open),
+        Some(PromptType::Closed),
+    ];
+    let mut checks = Vec::new();
+    for name in UTILITIES {
+        let spec = LossSpec::Single(Utility::parse(name)?);
+        checks.push(check_loss(
+            &format!("loss {name}"),
+            &spec,
+            &ks,
+            &untyped,
+            &mut rng,
+        )?);
+    }
+    let custom = LossSpec::PromptAware {
+        open: Utility::NegPower(0.5),
+        closed: Utility::LogSigmoid,
+    };
+    for (name, spec) in [
+        ("loss adaptive", LossSpec::parse("adaptive")?),
+        ("loss adaptive2", LossSpec::parse("adaptive2")?),
+        ("loss {neg_power:0.5, logsigmoid}", custom),
+    ] {
+        checks.push(check_loss(name, &spec, &ks, &typed, &mut rng)?);
+    }
+    Ok(checks)
+}
+
+/// The model of the whole-model checks: 2 layers, hidden 8, 2 heads, with both dropouts'
+/// rates set (used only when a check turns dropout on).
+pub fn tiny_config() -> BertConfig {
+    BertConfig {
+        vocab_size: 23,
+        hidden_size: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 12,
+        max_position_embeddings: 16,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        pad_token_id: 0,
+    }
+}
+
+/// A batch with its ranking: K per prompt and each prompt's type.
+pub struct Ranked {
+    pub batch: Batch,
+    pub ks: Vec<usize>,
+    pub types: Vec<Option<PromptType>>,
+}
+
+/// Two prompts (K = 3, open, and K = 2, closed), sequences of different lengths, padded;
+/// token 0 only as padding (its row gets no gradient, as nn.Embedding(padding_idx=0)).
+pub fn tiny_ranked_batch(rng: &mut Rng) -> Ranked {
+    let lengths = [7, 5, 3, 6, 4];
+    let seqs: Vec<(Vec<u32>, Vec<u8>)> = lengths
+        .iter()
+        .map(|&len| {
+            let ids = (0..len).map(|_| 1 + rng.below(22) as u32).collect();
+            let types = (0..len).map(|j| (j >= len / 2) as u8).collect();
+            (ids, types)
+        })
+        .collect();
+    Ranked {
+        batch: Batch::from_sequences(seqs.iter().map(|(i, t)| (&i[..], &t[..])), 0),
+        ks: vec![3, 2],
+        types: vec![Some(PromptType::Open), Some(PromptType::Closed)],
+    }
+}
+
+/// BERT's init plus noise on every parameter but the word table's padding row (the first
+/// hidden_size entries), so that no gradient vanishes by symmetry (LayerNorm weights of
+/// exactly 1, biases of exactly 0).
+pub fn tiny_random_model(rng: &mut Rng) -> BertModel<f64> {
+    let config = tiny_config();
+    let skip = config.hidden_size;
+    let mut model = BertModel::<f64>::init(config, 7);
+    for p in model.params.iter_mut().skip(skip) {
+        *p += 0.3 * rng.normal();
+    }
+    model
+}
+
+/// The loss of the model on `data` under `spec`; dlogits receives d loss / d logit.
+pub fn model_loss(
+    model: &BertModel<f64>,
+    ws: &mut Workspace<f64>,
+    data: &Ranked,
+    spec: &LossSpec,
+    dropout: Option<Dropout>,
+    dlogits: &mut Vec<f64>,
+) -> Result<f64> {
+    let logits = model.forward(ws, &data.batch, dropout)?;
+    dlogits.resize(logits.len(), 0.0);
+    ranking_loss_forward_backward(logits, &data.ks, &data.types, spec, LOSS_EPS, dlogits)
+}
+
+/// ||a - b|| / max(||a||, ||b||): robust where single entries are ~0.
+pub fn relative_l2_error(a: &[f64], b: &[f64]) -> f64 {
+    let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    diff / norm(a).max(norm(b)).max(1e-300)
+}
+
+/// The whole model's backward (src/model.rs) with the ranking loss on top, every parameter
+/// against central differences, judged per tensor. A tensor whose gradient is zero on both
+/// sides proves nothing and fails, except the two that are zero by construction: the
+/// attention key biases (softmax ignores a shift shared by all of a query's scores; both
+/// sides must then be ~0) and the word table, whose padding row gets nothing.
+pub fn check_model(
+    name: &str,
+    spec: &LossSpec,
+    dropout: Option<Dropout>,
+    seed: u64,
+) -> Result<Check> {
+    let mut rng = Rng::new(seed);
+    let mut model = tiny_random_model(&mut rng);
+    let data = tiny_ranked_batch(&mut rng);
+    let mut ws = Workspace::new();
+    let mut dlogits = Vec::new();
+    model_loss(&model, &mut ws, &data, spec, dropout, &mut dlogits)?;
+    let mut grads = vec![0.0; model.num_params()];
+    model.backward(&mut ws, &data.batch, dropout, &dlogits, &mut grads);
+
+    let mut scratch = Vec::new();
+    let mut worst = Worst::new();
+    for tensor in model.layout.tensors.clone() {
+        let mut numeric = Vec::with_capacity(tensor.len());
+        for idx in tensor.range() {
+            let saved = model.params[idx];
+            model.params[idx] = saved + STEP;
+            let up = model_loss(&model, &mut ws, &data, spec, dropout, &mut scratch)?;
+            model.params[idx] = saved - STEP;
+            let down = model_loss(&model, &mut ws, &data, spec, dropout, &mut scratch)?;
+            model.params[idx] = saved;
+            numeric.push((up - down) / (2.0 * STEP));
+        }
+        let analytic = &grads[tensor.range()];
+        let max_abs = |g: &[f64]| g.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let error = if tensor.name.ends_with("attention.self.key.bias") {
+            // Analytic zero up to rounding; numeric up to the quotient's noise (~1e-8):
+            // scaled so that either above its bound counts as a failure.
+            (max_abs(analytic) / 1e-12).max(max_abs(&numeric) / 1e-7) * TOLERANCE
+        } else if max_abs(analytic) == 0.0 && !tensor.name.ends_with("word_embeddings.weight") {
+            f64::INFINITY
+        } else {
+            relative_l2_error(analytic, &numeric)
+        };
+        worst.see(error, || tensor.name.clone());
+    }
+    let mut check = worst.check(name, Metric::PerTensor);
+    check.entries = model.num_params();
+    Ok(check)
+}
+
+/// The whole model in eval mode under x_inv, and in training mode (hidden and attention
+/// dropout at different rates) under the prompt-aware adaptive2.
+pub fn model_checks(seed: u64) -> Result<Vec<Check>> {
+    let dropout = Dropout {
+        hidden: 0.2,
+        attention: 0.3,
+        seed: 99,
+    };
+    Ok(vec![
+        check_model(
+            "model, eval, x_inv",
+            &LossSpec::Single(Utility::XInv),
+            None,
+            seed,
+        )?,
+        check_model(
+            "model, dropout, adaptive2",
+            &LossSpec::parse("adaptive2")?,
+            Some(dropout),
+            seed,
+        )?,
+    ])
+}
+
+/// Which checks `rcx gradcheck` runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    Ops,
+    Loss,
+    Model,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GradcheckArgs {
+    /// The suites to run (repeatable); all three when absent.
+    #[arg(long = "suite", value_enum)]
+    pub suites: Vec<Suite>,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// One JSON object per check instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `rcx gradcheck`: runs the suites, prints one line per check, fails when one does.
+pub fn cmd_gradcheck(args: GradcheckArgs) -> Result<()> {
+    let suites = if args.suites.is_empty() {
+        vec![Suite::Ops, Suite::Loss, Suite::Model]
+    } else {
+        args.suites
+    };
+    if !args.json {
+        println!(
+            "central differences in f64, step {STEP:e}; \"vs largest\" divides by the largest \
+             gradient entry"
+        );
+        println!(
+            "{:<28} {:>7} {:<11} {:>9} {:<34} {:>7}  result",
+            "check", "entries", "metric", "worst", "where", "tol"
+        );
+    }
+    let mut failed = 0;
+    let mut total = 0;
+    for suite in suites {
+        let checks = match suite {
+            Suite::Ops => op_checks(args.seed),
+            Suite::Loss => loss_checks(args.seed)?,
+            Suite::Model => model_checks(args.seed)?,
+        };
+        for check in checks {
+            total += 1;
+            failed += usize::from(!check.passed());
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "check": check.name,
+                        "entries": check.entries,
+                        "metric": check.metric.name(),
+                        "worst": check.worst,
+                        "where": check.worst_at,
+                        "tolerance": check.tolerance,
+                        "passed": check.passed(),
+                    })
+                );
+            } else {
+                println!("{check}");
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Error::internal(format!(
+            "gradcheck: {failed} of {total} checks failed"
+        )));
+    }
+    Ok(())
+}
