@@ -392,26 +392,32 @@ pub fn op_checks(seed: u64) -> Vec<Check> {
 /// The ε of the utilities' extended forms in the loss checks.
 pub const LOSS_EPS: f64 = 0.1;
 
-/// Logits for prompts of sizes `ks`, drawn so that no pair of a prompt lies within 1e-3 of
-/// the kink at x = 0 (differences of step 1e-6 stay on one branch), and so that the batch
-/// holds both rightly and wrongly ordered pairs (both branches of every utility).
-fn loss_logits(rng: &mut Rng, ks: &[usize]) -> Vec<f64> {
-    loop {
-        let mut logits = Vec::new();
-        for &k in ks {
-            'draw: loop {
-                let candidate: Vec<f64> = (0..k).map(|_| 6.0 * rng.uniform() - 3.0).collect();
-                for i in 0..k {
-                    for j in i + 1..k {
-                        if (sigmoid(candidate[i]) - sigmoid(candidate[j])).abs() < 1e-3 {
-                            continue 'draw;
-                        }
+/// Logits for prompts of sizes `ks`, drawn on [-3, 3) so that no pair of a prompt lies
+/// within 1e-3 (in reward) of the kink at x = 0: differences of step STEP stay on one branch.
+pub fn spaced_logits(rng: &mut Rng, ks: &[usize]) -> Vec<f64> {
+    let mut logits = Vec::new();
+    for &k in ks {
+        'draw: loop {
+            let candidate: Vec<f64> = (0..k).map(|_| 6.0 * rng.uniform() - 3.0).collect();
+            for i in 0..k {
+                for j in i + 1..k {
+                    if (sigmoid(candidate[i]) - sigmoid(candidate[j])).abs() < 1e-3 {
+                        continue 'draw;
                     }
                 }
-                logits.extend(candidate);
-                break;
             }
+            logits.extend(candidate);
+            break;
         }
+    }
+    logits
+}
+
+/// `spaced_logits` with both rightly and wrongly ordered pairs in the batch, so that both
+/// branches of every utility are checked (`ks` must hold at least two pairs).
+fn two_branch_logits(rng: &mut Rng, ks: &[usize]) -> Vec<f64> {
+    loop {
+        let logits = spaced_logits(rng, ks);
         let rewards: Vec<f64> = logits.iter().map(|&s| sigmoid(s)).collect();
         let (right, _, total) = pairwise_accuracy(&rewards, ks);
         if right > 0 && right < total {
@@ -429,7 +435,7 @@ pub fn check_loss(
     types: &[Option<PromptType>],
     rng: &mut Rng,
 ) -> Result<Check> {
-    let logits = loss_logits(rng, ks);
+    let logits = two_branch_logits(rng, ks);
     let loss = |logits: &[f64], dlogits: &mut [f64]| {
         ranking_loss_forward_backward(logits, ks, types, spec, LOSS_EPS, dlogits)
     };

@@ -14,38 +14,9 @@ fn logit(r: f64) -> f64 {
     (r / (1.0 - r)).ln()
 }
 
-/// A small deterministic generator (xorshift), so that the test needs no crate.
-struct Rng(u64);
-
-impl Rng {
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        lo + (hi - lo) * ((self.0 >> 11) as f64 / (1u64 << 53) as f64)
-    }
-}
-
-/// Logits for prompts of sizes `ks`, drawn so that no pair of a prompt lies within 1e-3 of
-/// the kink at x = 0 (finite differences of step 1e-6 stay on one branch).
+/// Logits for prompts of sizes `ks`, no pair of a prompt near the kink at x = 0.
 fn random_logits(ks: &[usize], seed: u64) -> Vec<f64> {
-    let mut rng = Rng(seed);
-    let mut logits = Vec::new();
-    for &k in ks {
-        'draw: loop {
-            let candidate: Vec<f64> = (0..k).map(|_| rng.uniform(-3.0, 3.0)).collect();
-            for i in 0..k {
-                for j in i + 1..k {
-                    if (sigmoid(candidate[i]) - sigmoid(candidate[j])).abs() < 1e-3 {
-                        continue 'draw;
-                    }
-                }
-            }
-            logits.extend(candidate);
-            break;
-        }
-    }
-    logits
+    rcx::gradcheck::spaced_logits(&mut rcx::rng::Rng::new(seed), ks)
 }
 
 fn loss_f64(
