@@ -212,21 +212,6 @@ pub mod launch {
     }
 }
 
-/// Raises `f`'s dynamic shared memory limit when `shape` needs more than the default.
-fn allow_shared(op: &str, f: &CudaFunction, shape: LaunchShape) -> Result<()> {
-    if shape.shared_bytes > launch::DEFAULT_SHARED_BYTES {
-        f.set_attribute(
-            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            shape.shared_bytes as i32,
-        )
-        .map_err(driver(&format!(
-            "{op}: allow {} bytes of shared memory",
-            shape.shared_bytes
-        )))?;
-    }
-    Ok(())
-}
-
 /// The token ids of one batch on the device, checked against the table sizes once, with
 /// the row lists the deterministic embedding backward walks: for every distinct id, the
 /// positions that use it, ascending.
@@ -1036,7 +1021,7 @@ impl CudaRuntime {
             "attention",
             &format!("flash_attention_forward_{}", T::SUFFIX),
         )?;
-        allow_shared(op, &f, shape)?;
+        self.allow_shared(op, &f, shape)?;
         let dims = attention_dims(op, b, t, nh, hs)?;
         let scale = attention_scale(hs);
         let (drop_p, drop_scale, seed) = attention_dropout_args(op, dropout)?;
@@ -1129,7 +1114,7 @@ impl CudaRuntime {
             "attention",
             &format!("flash_attention_backward_key_{}", T::SUFFIX),
         )?;
-        allow_shared(op, &key, tiles_shape)?;
+        self.allow_shared(op, &key, tiles_shape)?;
         let mut launch = self.stream().launch_builder(&key);
         launch.arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v);
         launch.arg(lse).arg(&row_dot).arg(mask);
@@ -1145,7 +1130,7 @@ impl CudaRuntime {
             "attention",
             &format!("flash_attention_backward_query_{}", T::SUFFIX),
         )?;
-        allow_shared(op, &query, tiles_shape)?;
+        self.allow_shared(op, &query, tiles_shape)?;
         let mut launch = self.stream().launch_builder(&query);
         launch.arg(dq).arg(dout).arg(q).arg(k).arg(v);
         launch.arg(lse).arg(&row_dot).arg(mask);
@@ -1156,6 +1141,25 @@ impl CudaRuntime {
             .arg(&dims[3]);
         launch.arg(&scale).arg(&drop_p).arg(&drop_scale).arg(&seed);
         unsafe { launch.launch(tiles_shape.config()) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// Raises `f`'s dynamic shared memory limit when `shape` needs more than the default.
+    fn allow_shared(&self, op: &str, f: &CudaFunction, shape: LaunchShape) -> Result<()> {
+        if shape.shared_bytes > launch::DEFAULT_SHARED_BYTES {
+            // cudarc's set_attribute does not make the context current itself.
+            self.context()
+                .bind_to_thread()
+                .map_err(driver(&format!("{op}: bind the context")))?;
+            f.set_attribute(
+                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shape.shared_bytes as i32,
+            )
+            .map_err(driver(&format!(
+                "{op}: allow {} bytes of shared memory",
+                shape.shared_bytes
+            )))?;
+        }
         Ok(())
     }
 
