@@ -164,6 +164,7 @@ fn run() -> Result<bool> {
     dropout(&mut lab)?;
     bias_backward(&mut lab)?;
     attention(&mut lab)?;
+    flash_attention(&mut lab)?;
     matmul(&mut lab)?;
     ranking_loss(&mut lab)?;
     optimizer(&mut lab)?;
@@ -660,7 +661,7 @@ fn attention(lab: &mut Lab) -> Result<()> {
     })?;
     let flops = 4.0 * (B * NH * T * T * HS) as f64;
     lab.row(
-        "attention_forward",
+        "attention_forward v1",
         "8x512, 12x64",
         fwd_err,
         ms,
@@ -688,7 +689,130 @@ fn attention(lab: &mut Lab) -> Result<()> {
         )
     })?;
     lab.row(
-        "attention_backward",
+        "attention_backward v1",
+        "8x512, 12x64",
+        bwd_err,
+        ms,
+        Rate::Flops(2.0 * flops),
+    );
+    Ok(())
+}
+
+/// Version 2 (flash) of attention: validated against the CPU twin (without and with
+/// dropout on the probabilities), then timed at BERT-base sizes like version 1.
+fn flash_attention(lab: &mut Lab) -> Result<()> {
+    let dims = (CB, CT, NH, HS);
+    let act = CN * C;
+    let rows = CB * NH * CT;
+    let (mut fwd_err, mut bwd_err) = (0.0f64, 0.0f64);
+    for dropout in [None, Some(cpu::AttentionDropout { p: 0.1, seed: 3 })] {
+        let (q, k, v) = (
+            lab.rng.values(act, 1.0),
+            lab.rng.values(act, 1.0),
+            lab.rng.values(act, 1.0),
+        );
+        let mask = padding_mask(&mut lab.rng, CB, CT);
+        let (mut out, mut probs) = (vec![0.0; act], vec![0.0; CB * NH * CT * CT]);
+        cpu::attention_forward(
+            &mut out, &mut probs, &q, &k, &v, &mask, CB, CT, NH, HS, dropout,
+        );
+        let (q_d, k_d, v_d, mask_d) =
+            (lab.up(&q)?, lab.up(&k)?, lab.up(&v)?, lab.rt.upload(&mask)?);
+        let (mut out_d, mut lse_d) = (lab.nan(act)?, lab.nan(rows)?);
+        lab.rt.flash_attention_forward(
+            &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, dropout,
+        )?;
+        let name = format!("flash_attention_forward {dropout:?}");
+        fwd_err = fwd_err.max(lab.check(&name, &[("out", lab.down(&out_d)?, out)]));
+        let dout = lab.rng.values(act, 1.0);
+        let (mut dq, mut dk, mut dv) = (
+            lab.rng.values(act, 1.0),
+            lab.rng.values(act, 1.0),
+            lab.rng.values(act, 1.0),
+        );
+        let (mut dq_d, mut dk_d, mut dv_d) = (lab.up(&dq)?, lab.up(&dk)?, lab.up(&dv)?);
+        let mut row_dot_d = lab.nan(rows)?;
+        lab.rt.flash_attention_backward(
+            &mut dq_d,
+            &mut dk_d,
+            &mut dv_d,
+            &mut row_dot_d,
+            &lab.up(&dout)?,
+            &out_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &lse_d,
+            &mask_d,
+            dims,
+            dropout,
+        )?;
+        cpu::attention_backward(
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, CB, CT, NH, HS, dropout,
+        );
+        let name = format!("flash_attention_backward {dropout:?}");
+        bwd_err = bwd_err.max(lab.check(
+            &name,
+            &[
+                ("dq", lab.down(&dq_d)?, dq),
+                ("dk", lab.down(&dk_d)?, dk),
+                ("dv", lab.down(&dv_d)?, dv),
+            ],
+        ));
+    }
+
+    // Time at 8 x 512, 12 heads of 64, as version 1 (no probabilities to write or read).
+    let dims = (B, T, NH, HS);
+    let act = N * C;
+    let rows = B * NH * T;
+    let (q_d, k_d, v_d) = (
+        lab.random_sets(act, 1.0, 1)?.remove(0),
+        lab.random_sets(act, 1.0, 1)?.remove(0),
+        lab.random_sets(act, 1.0, 1)?.remove(0),
+    );
+    let mask_d = lab.rt.upload(&padding_mask(&mut lab.rng, B, T))?;
+    let (mut out_d, mut lse_d) = (lab.rt.zeros::<f32>(act)?, lab.rt.zeros::<f32>(rows)?);
+    let rt = lab.rt.clone();
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.flash_attention_forward(
+            &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, None,
+        )
+    })?;
+    let flops = 4.0 * (B * NH * T * T * HS) as f64;
+    lab.row(
+        "flash_attention_forward v2",
+        "8x512, 12x64",
+        fwd_err,
+        ms,
+        Rate::Flops(flops),
+    );
+    let (mut dq_d, mut dk_d, mut dv_d) = (
+        lab.rt.zeros::<f32>(act)?,
+        lab.rt.zeros::<f32>(act)?,
+        lab.rt.zeros::<f32>(act)?,
+    );
+    let mut row_dot_d = lab.rt.zeros::<f32>(rows)?;
+    let dout_d = lab.random_sets(act, 1.0, 1)?.remove(0);
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.flash_attention_backward(
+            &mut dq_d,
+            &mut dk_d,
+            &mut dv_d,
+            &mut row_dot_d,
+            &dout_d,
+            &out_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &lse_d,
+            &mask_d,
+            dims,
+            None,
+        )
+    })?;
+    // Useful FLOPs, as version 1's (dv, dp, dq, dk); the recomputed scores are not counted.
+    lab.row(
+        "flash_attention_backward v2",
         "8x512, 12x64",
         bwd_err,
         ms,

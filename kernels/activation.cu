@@ -23,21 +23,28 @@ __device__ void bias_gelu_forward(T* out, const T* inp, const float* bias, int n
 }
 
 // With g = dout * gelu'(inp + bias): dinp[n, c] += g; dbias[c] += sum over rows of g.
-// One thread per column walking the rows in order: deterministic without atomics.
+// Block-tiled column reduction as bias_backward (kernels/matmul.cu): block x covers columns
+// 32x..32x+31 with 1024 threads, thread (warp w, lane l) handles column 32x + l at rows
+// w, w + 32, ... (writing each dinp element once), column_tile_sum adds the 32 slices in a
+// fixed order: deterministic without atomics. Grid ceil(c / 32).
 template <typename T>
 __device__ void bias_gelu_backward(T* dinp, float* dbias, const T* dout, const T* inp, const float* bias,
                                    int n, int c) {
-    const int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= c) return;
-    const float b = bias[col];
+    const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
+    const int col = blockIdx.x * 32 + lane;
     float acc = 0.0f;
-    for (int row = 0; row < n; row++) {
-        const size_t at = (size_t)row * c + col;
-        const float g = to_float(dout[at]) * gelu_slope(to_float(inp[at]) + b);
-        dinp[at] = from_float<T>(to_float(dinp[at]) + g);
-        acc += g;
+    if (col < c) {
+        const float b = bias[col];
+        for (int row = slice; row < n; row += 32) {
+            const size_t at = (size_t)row * c + col;
+            const float g = to_float(dout[at]) * gelu_slope(to_float(inp[at]) + b);
+            dinp[at] = from_float<T>(to_float(dinp[at]) + g);
+            acc += g;
+        }
     }
-    dbias[col] += acc;
+    const float total = column_tile_sum(acc);  // column blockIdx.x * 32 + slice
+    const int out_col = blockIdx.x * 32 + slice;
+    if (lane == 0 && out_col < c) dbias[out_col] += total;
 }
 
 template <typename T> __device__ void tanh_forward(T* out, const T* inp, size_t len) {

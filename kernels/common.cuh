@@ -77,3 +77,17 @@ template <typename T> __device__ __forceinline__ T* dynamic_shared() {
 // Each kernel file instantiates its templates for float and bf16 activations through a
 // macro KERNELS(T, SUFFIX) that emits `extern "C"` entry points named <kernel>_f32 and
 // <kernel>_bf16; the Rust side picks one by suffix.
+
+// The last step of a block-tiled column reduction (bias, GELU, LayerNorm and embedding
+// backward): the block is 32 warps of 32 lanes (1024 threads), warp w a slice of the rows,
+// lane l its partial sum of column l of the block's 32 columns. Returns, in every lane of
+// warp w, the total of column w over the 32 slices, summed by the same butterfly every run
+// (run-to-run identical). Every thread must call it (it synchronises).
+__device__ inline float column_tile_sum(float partial) {
+    __shared__ float tile[32][33];  // [slice][column]; the pad makes the transposed read conflict-free
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // a previous call may still be reading `tile`
+    tile[warp][lane] = partial;
+    __syncthreads();
+    return warp_sum(tile[lane][warp]);
+}

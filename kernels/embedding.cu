@@ -2,7 +2,8 @@
 // (master weights); the output may be bf16. The backward never uses atomics: the word and
 // type tables are updated one row per block over a host-built list of the positions that
 // use the row (ascending), and the position table one element per thread summing over the
-// batch, so gradients are identical run to run.
+// batch, so gradients are identical run to run. Rows used by many positions (the type
+// table) take the tiled variant, a column reduction over their positions.
 #include "common.cuh"
 
 // out[b*t, c]; input_ids, token_type_ids [b*t]; wte[v, c]; wpe[maxpos, c]; wtt[ntypes, c].
@@ -34,6 +35,26 @@ __device__ void embedding_backward_rows(float* dtable, const T* dout, const int*
     }
 }
 
+// embedding_backward_rows as a block-tiled column reduction, for rows used by many
+// positions: grid (ceil(c / 32), distinct rows); block (x, u) covers columns 32x..32x+31 of
+// table row rows[u] with 1024 threads, thread (warp w, lane l) sums column 32x + l over the
+// positions starts[u] + w, + 32, ... (each warp reads 32 consecutive columns of a dout row),
+// column_tile_sum adds the 32 slices in a fixed order: deterministic.
+template <typename T>
+__device__ void embedding_backward_rows_tiled(float* dtable, const T* dout, const int* rows, const int* starts,
+                                              const int* positions, int c) {
+    const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
+    const int u = blockIdx.y;
+    const int col = blockIdx.x * 32 + lane;
+    float acc = 0.0f;
+    if (col < c) {
+        for (int k = starts[u] + slice; k < starts[u + 1]; k += 32) acc += to_float(dout[(size_t)positions[k] * c + col]);
+    }
+    const float total = column_tile_sum(acc);  // column blockIdx.x * 32 + slice
+    const int out_col = blockIdx.x * 32 + slice;
+    if (lane == 0 && out_col < c) dtable[(size_t)rows[u] * c + out_col] += total;
+}
+
 // dwpe[0..t, c] += sum over the batch of dout[b, position, c].
 template <typename T>
 __device__ void embedding_backward_positions(float* dwpe, const T* dout, int b, int t, int c) {
@@ -53,6 +74,10 @@ __device__ void embedding_backward_positions(float* dwpe, const T* dout, int b, 
     extern "C" __global__ void embedding_backward_rows_##SUFFIX(                                      \
         float* dtable, const T* dout, const int* rows, const int* starts, const int* positions, int c) { \
         embedding_backward_rows<T>(dtable, dout, rows, starts, positions, c);                         \
+    }                                                                                                  \
+    extern "C" __global__ void embedding_backward_rows_tiled_##SUFFIX(                                \
+        float* dtable, const T* dout, const int* rows, const int* starts, const int* positions, int c) { \
+        embedding_backward_rows_tiled<T>(dtable, dout, rows, starts, positions, c);                   \
     }                                                                                                  \
     extern "C" __global__ void embedding_backward_positions_##SUFFIX(float* dwpe, const T* dout, int b, \
                                                                      int t, int c) {                   \

@@ -64,22 +64,32 @@ __device__ void layernorm_backward_input(T* dinp, const T* dout, const T* inp, c
     }
 }
 
-// dweight[c] += sum_rows dout * norm; dbias[c] += sum_rows dout. One thread per column,
-// rows in order: deterministic, and coalesced across the threads of a warp.
+// dweight[c] += sum_rows dout * norm; dbias[c] += sum_rows dout. Block-tiled column
+// reduction as bias_backward (kernels/matmul.cu): block x covers columns 32x..32x+31 with
+// 1024 threads, thread (warp w, lane l) sums column 32x + l over rows w, w + 32, ...
+// (coalesced; mean and rstd are one broadcast per row), column_tile_sum adds the 32 slices
+// in a fixed order: deterministic. Grid ceil(c / 32).
 template <typename T>
 __device__ void layernorm_backward_params(float* dweight, float* dbias, const T* dout, const T* inp,
                                           const float* mean, const float* rstd, int n, int c) {
-    const int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= c) return;
+    const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
+    const int col = blockIdx.x * 32 + lane;
     float acc_weight = 0.0f, acc_bias = 0.0f;
-    for (int row = 0; row < n; row++) {
-        const size_t at = (size_t)row * c + col;
-        const float d = to_float(dout[at]);
-        acc_weight += d * (to_float(inp[at]) - mean[row]) * rstd[row];
-        acc_bias += d;
+    if (col < c) {
+        for (int row = slice; row < n; row += 32) {
+            const size_t at = (size_t)row * c + col;
+            const float d = to_float(dout[at]);
+            acc_weight += d * (to_float(inp[at]) - mean[row]) * rstd[row];
+            acc_bias += d;
+        }
     }
-    dweight[col] += acc_weight;
-    dbias[col] += acc_bias;
+    const float total_weight = column_tile_sum(acc_weight);  // column blockIdx.x * 32 + slice
+    const float total_bias = column_tile_sum(acc_bias);
+    const int out_col = blockIdx.x * 32 + slice;
+    if (lane == 0 && out_col < c) {
+        dweight[out_col] += total_weight;
+        dbias[out_col] += total_bias;
+    }
 }
 
 #define KERNELS(T, SUFFIX)                                                                            \

@@ -767,6 +767,522 @@ fn attention_matches_cpu() {
     }
 }
 
+/// Version 2 (flash) shapes (b, t, nh, hs): odd t (1, 7, 33, 130), head sizes 32, 64, 24,
+/// 33 and 128 (the largest, whose backward asks for more than 48 KiB of shared memory).
+/// With b > 1 the last sequence is all padding (padding_mask).
+const FLASH_SHAPES: [(usize, usize, usize, usize); 6] = [
+    (1, 1, 2, 32),
+    (2, 7, 3, 24),
+    (3, 33, 2, 64),
+    (2, 130, 2, 32),
+    (2, 17, 1, 33),
+    (2, 40, 1, 128),
+];
+
+/// lse [b, nh, t] = log Σ_j exp(s_ij) over the allowed keys, s = q_i · k_j / √hs, in f64.
+#[allow(clippy::too_many_arguments)]
+fn reference_lse(
+    q: &[f32],
+    k: &[f32],
+    mask: &[u8],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) -> Vec<f32> {
+    let channels = nh * hs;
+    let scale = 1.0 / (hs as f64).sqrt();
+    let mut lse = Vec::with_capacity(b * nh * t);
+    for bi in 0..b {
+        let mask_b = &mask[bi * t..(bi + 1) * t];
+        let any_real = mask_b.iter().any(|&m| m != 0);
+        for h in 0..nh {
+            for i in 0..t {
+                let row = |x: &[f32], r: usize| {
+                    let at = (bi * t + r) * channels + h * hs;
+                    x[at..at + hs].to_vec()
+                };
+                let q_i = row(q, i);
+                let scores: Vec<f64> = (0..t)
+                    .filter(|&j| !any_real || mask_b[j] != 0)
+                    .map(|j| {
+                        let k_j = row(k, j);
+                        scale
+                            * q_i
+                                .iter()
+                                .zip(&k_j)
+                                .map(|(&a, &c)| a as f64 * c as f64)
+                                .sum::<f64>()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                lse.push((max + sum.ln()) as f32);
+            }
+        }
+    }
+    lse
+}
+
+/// Version 2 (flash) against the CPU twin and against version 1, f32 and bf16, with and
+/// without dropout (the CPU's mask bit for bit). Tolerances: forward out and lse 1e-5
+/// (F32), the gradients 1e-4 (F32_SUM: sums over t queries or keys of recomputed
+/// probabilities), bf16 1e-2.
+#[test]
+fn flash_attention_matches_cpu() {
+    let Some(rt) = gpu("flash_attention_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng(11);
+    let dropouts = [None, Some(cpu::AttentionDropout { p: 0.2, seed: 77 })];
+    for (&(b, t, nh, hs), dropout) in FLASH_SHAPES
+        .iter()
+        .flat_map(|s| dropouts.iter().map(move |d| (s, *d)))
+    {
+        let dims = (b, t, nh, hs);
+        let case = format!("{dims:?}, {dropout:?}");
+        let (act, rows) = (b * t * nh * hs, b * nh * t);
+        let (q, k, v) = (
+            rng.values(act, 2.0),
+            rng.values(act, 2.0),
+            rng.values(act, 1.0),
+        );
+        let mask = padding_mask(&mut rng, b, t);
+        let (mut out, mut probs) = (vec![0.0f32; act], vec![0.0f32; b * nh * t * t]);
+        cpu::attention_forward(
+            &mut out, &mut probs, &q, &k, &v, &mask, b, t, nh, hs, dropout,
+        );
+        let (q_d, k_d, v_d, mask_d) = (
+            rt.upload(&q).unwrap(),
+            rt.upload(&k).unwrap(),
+            rt.upload(&v).unwrap(),
+            rt.upload(&mask).unwrap(),
+        );
+        let (mut out_d, mut lse_d) = (
+            rt.upload(&nan(act)).unwrap(),
+            rt.upload(&nan(rows)).unwrap(),
+        );
+        rt.flash_attention_forward(
+            &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, dropout,
+        )
+        .unwrap();
+        let out_v2 = rt.download(&out_d).unwrap();
+        assert_close(
+            &format!("flash_attention_forward out, {case}"),
+            &out_v2,
+            &out,
+            F32,
+        );
+        assert_close(
+            &format!("flash_attention_forward lse, {case}"),
+            &rt.download(&lse_d).unwrap(),
+            &reference_lse(&q, &k, &mask, b, t, nh, hs),
+            F32,
+        );
+        // Version 1 on the same inputs: the two GPU versions agree.
+        let (mut out_v1_d, mut probs_d) = (
+            rt.upload(&nan(act)).unwrap(),
+            rt.upload(&nan(probs.len())).unwrap(),
+        );
+        rt.attention_forward(
+            &mut out_v1_d,
+            &mut probs_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &mask_d,
+            dims,
+            dropout,
+        )
+        .unwrap();
+        let out_v1 = rt.download(&out_v1_d).unwrap();
+        assert_close(
+            &format!("attention v1 vs v2 out, {case}"),
+            &out_v2,
+            &out_v1,
+            F32,
+        );
+
+        let dout = rng.values(act, 1.0);
+        let (dq0, dk0, dv0) = (
+            rng.values(act, 1.0),
+            rng.values(act, 1.0),
+            rng.values(act, 1.0),
+        );
+        let dout_d = rt.upload(&dout).unwrap();
+        let (mut dq_d, mut dk_d, mut dv_d) = (
+            rt.upload(&dq0).unwrap(),
+            rt.upload(&dk0).unwrap(),
+            rt.upload(&dv0).unwrap(),
+        );
+        let mut row_dot = rt.upload(&nan(rows)).unwrap();
+        rt.flash_attention_backward(
+            &mut dq_d,
+            &mut dk_d,
+            &mut dv_d,
+            &mut row_dot,
+            &dout_d,
+            &out_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &lse_d,
+            &mask_d,
+            dims,
+            dropout,
+        )
+        .unwrap();
+        let (mut dq, mut dk, mut dv) = (dq0.clone(), dk0.clone(), dv0.clone());
+        cpu::attention_backward(
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, b, t, nh, hs, dropout,
+        );
+        let v2 = [
+            rt.download(&dq_d).unwrap(),
+            rt.download(&dk_d).unwrap(),
+            rt.download(&dv_d).unwrap(),
+        ];
+        for (name, gpu, cpu) in [
+            ("dq", &v2[0], &dq),
+            ("dk", &v2[1], &dk),
+            ("dv", &v2[2], &dv),
+        ] {
+            assert_close(
+                &format!("flash_attention_backward {name}, {case}"),
+                gpu,
+                cpu,
+                F32_SUM,
+            );
+        }
+        // Version 1's backward from the same starting gradients.
+        let (mut dq1_d, mut dk1_d, mut dv1_d) = (
+            rt.upload(&dq0).unwrap(),
+            rt.upload(&dk0).unwrap(),
+            rt.upload(&dv0).unwrap(),
+        );
+        let mut dscores = rt.upload(&nan(probs.len())).unwrap();
+        rt.attention_backward(
+            &mut dq1_d,
+            &mut dk1_d,
+            &mut dv1_d,
+            &mut dscores,
+            &dout_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &probs_d,
+            dims,
+            dropout,
+        )
+        .unwrap();
+        for (name, v1, v2) in [
+            ("dq", &dq1_d, &v2[0]),
+            ("dk", &dk1_d, &v2[1]),
+            ("dv", &dv1_d, &v2[2]),
+        ] {
+            assert_close(
+                &format!("attention v1 vs v2 {name}, {case}"),
+                v2,
+                &rt.download(v1).unwrap(),
+                F32_SUM,
+            );
+        }
+
+        // bf16 activations: the CPU sees the same rounded inputs.
+        let (q16, k16, v16, dout16) = (
+            round_bf16(&q),
+            round_bf16(&k),
+            round_bf16(&v),
+            round_bf16(&dout),
+        );
+        cpu::attention_forward(
+            &mut out, &mut probs, &q16, &k16, &v16, &mask, b, t, nh, hs, dropout,
+        );
+        let (q16_d, k16_d, v16_d) = (
+            rt.upload(&to_bf16(&q16)).unwrap(),
+            rt.upload(&to_bf16(&k16)).unwrap(),
+            rt.upload(&to_bf16(&v16)).unwrap(),
+        );
+        let mut out16 = rt.upload(&to_bf16(&nan(act))).unwrap();
+        let mut lse16 = rt.upload(&nan(rows)).unwrap();
+        rt.flash_attention_forward(
+            &mut out16, &mut lse16, &q16_d, &k16_d, &v16_d, &mask_d, dims, dropout,
+        )
+        .unwrap();
+        assert_close(
+            &format!("flash_attention_forward bf16, {case}"),
+            &from_bf16(&rt.download(&out16).unwrap()),
+            &out,
+            BF16,
+        );
+        let (dq16_0, dk16_0, dv16_0) = (round_bf16(&dq0), round_bf16(&dk0), round_bf16(&dv0));
+        let (mut dq16_d, mut dk16_d, mut dv16_d) = (
+            rt.upload(&to_bf16(&dq16_0)).unwrap(),
+            rt.upload(&to_bf16(&dk16_0)).unwrap(),
+            rt.upload(&to_bf16(&dv16_0)).unwrap(),
+        );
+        rt.flash_attention_backward(
+            &mut dq16_d,
+            &mut dk16_d,
+            &mut dv16_d,
+            &mut row_dot,
+            &rt.upload(&to_bf16(&dout16)).unwrap(),
+            &out16,
+            &q16_d,
+            &k16_d,
+            &v16_d,
+            &lse16,
+            &mask_d,
+            dims,
+            dropout,
+        )
+        .unwrap();
+        let (mut dq, mut dk, mut dv) = (dq16_0, dk16_0, dv16_0);
+        cpu::attention_backward(
+            &mut dq, &mut dk, &mut dv, &dout16, &q16, &k16, &v16, &probs, &mask, b, t, nh, hs,
+            dropout,
+        );
+        for (name, gpu, cpu) in [
+            ("dq", &dq16_d, &dq),
+            ("dk", &dk16_d, &dk),
+            ("dv", &dv16_d, &dv),
+        ] {
+            assert_close(
+                &format!("flash_attention_backward bf16 {name}, {case}"),
+                &from_bf16(&rt.download(gpu).unwrap()),
+                cpu,
+                BF16,
+            );
+        }
+    }
+    // Head sizes over 128 are refused before any launch.
+    let (mut out_d, mut lse_d) = (rt.zeros::<f32>(129).unwrap(), rt.zeros::<f32>(1).unwrap());
+    let one = rt.zeros::<f32>(129).unwrap();
+    let mask_d = rt.upload(&[1u8]).unwrap();
+    assert!(
+        rt.flash_attention_forward(
+            &mut out_d,
+            &mut lse_d,
+            &one,
+            &one,
+            &one,
+            &mask_d,
+            (1, 1, 1, 129),
+            None
+        )
+        .is_err()
+    );
+}
+
+/// The block-tiled column reductions (bias_backward, bias_gelu_backward's dbias,
+/// layernorm_backward's dweight and dbias, the tiled embedding backward) at shapes around
+/// the 32-column tile and the 32 row slices, against the CPU, and run to run identical
+/// (bit for bit). Tolerance F32_SUM (1e-4): sums over up to 4099 rows.
+#[test]
+fn column_reductions_match_cpu() {
+    let Some(rt) = gpu("column_reductions_match_cpu") else {
+        return;
+    };
+    let mut rng = Rng(12);
+    for &(n, c) in &[(1usize, 1usize), (31, 33), (33, 65), (1000, 97), (4099, 45)] {
+        let dout = rng.values(n * c, 1.0);
+        let dbias0 = rng.values(c, 1.0);
+        let dout_d = rt.upload(&dout).unwrap();
+
+        // bias_backward: the CPU twin is matmul_backward's bias part.
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let mut dbias_d = rt.upload(&dbias0).unwrap();
+            rt.bias_backward(&mut dbias_d, &dout_d, n, c).unwrap();
+            runs.push(rt.download(&dbias_d).unwrap());
+        }
+        let (inner, mut dinp, mut dweight, mut dbias) =
+            (3, vec![0.0f32; n * 3], vec![0.0f32; c * 3], dbias0.clone());
+        cpu::matmul_backward(
+            &mut dinp,
+            &mut dweight,
+            Some(&mut dbias[..]),
+            &dout,
+            &rng.values(n * inner, 1.0),
+            &rng.values(c * inner, 1.0),
+            n,
+            inner,
+            c,
+        );
+        assert_close(&format!("bias_backward {n}x{c}"), &runs[0], &dbias, F32_SUM);
+        assert_eq!(runs[0], runs[1], "bias_backward {n}x{c}: runs differ");
+        let mut dbias16_d = rt.upload(&dbias0).unwrap();
+        rt.bias_backward(&mut dbias16_d, &rt.upload(&to_bf16(&dout)).unwrap(), n, c)
+            .unwrap();
+        let mut dbias16 = dbias0.clone();
+        for (i, x) in round_bf16(&dout).iter().enumerate() {
+            dbias16[i % c] += x;
+        }
+        assert_close(
+            &format!("bias_backward bf16 {n}x{c}"),
+            &rt.download(&dbias16_d).unwrap(),
+            &dbias16,
+            F32_SUM,
+        );
+
+        // bias_gelu_backward's column sums.
+        let (inp, bias) = (rng.values(n * c, 2.0), rng.values(c, 1.0));
+        let dinp0 = rng.values(n * c, 1.0);
+        let (inp_d, bias_d) = (rt.upload(&inp).unwrap(), rt.upload(&bias).unwrap());
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let (mut dinp_d, mut dbias_d) =
+                (rt.upload(&dinp0).unwrap(), rt.upload(&dbias0).unwrap());
+            rt.bias_gelu_backward(&mut dinp_d, &mut dbias_d, &dout_d, &inp_d, &bias_d, n, c)
+                .unwrap();
+            runs.push((
+                rt.download(&dinp_d).unwrap(),
+                rt.download(&dbias_d).unwrap(),
+            ));
+        }
+        let pre: Vec<f32> = inp
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| x + bias[i % c])
+            .collect();
+        let mut g = vec![0.0f32; n * c];
+        cpu::gelu_backward(&mut g, &pre, &dout);
+        let (mut dinp, mut dbias) = (dinp0.clone(), dbias0.clone());
+        for (i, x) in g.iter().enumerate() {
+            dinp[i] += x;
+            dbias[i % c] += x;
+        }
+        assert_close(
+            &format!("bias_gelu_backward dinp {n}x{c}"),
+            &runs[0].0,
+            &dinp,
+            F32,
+        );
+        assert_close(
+            &format!("bias_gelu_backward dbias {n}x{c}"),
+            &runs[0].1,
+            &dbias,
+            F32_SUM,
+        );
+        assert_eq!(runs[0], runs[1], "bias_gelu_backward {n}x{c}: runs differ");
+
+        // layernorm_backward's parameter sums.
+        let (weight, lbias) = (rng.values(c, 1.0), rng.values(c, 1.0));
+        let (mut out, mut mean, mut rstd) = (vec![0.0f32; n * c], vec![0.0f32; n], vec![0.0f32; n]);
+        cpu::layernorm_forward(
+            &mut out, &mut mean, &mut rstd, &inp, &weight, &lbias, n, c, 1e-12,
+        );
+        let dw0 = rng.values(c, 1.0);
+        let (w_d, mean_d, rstd_d) = (
+            rt.upload(&weight).unwrap(),
+            rt.upload(&mean).unwrap(),
+            rt.upload(&rstd).unwrap(),
+        );
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let (mut dinp_d, mut dw_d, mut db_d) = (
+                rt.upload(&dinp0).unwrap(),
+                rt.upload(&dw0).unwrap(),
+                rt.upload(&dbias0).unwrap(),
+            );
+            rt.layernorm_backward(
+                &mut dinp_d,
+                &mut dw_d,
+                &mut db_d,
+                &dout_d,
+                &inp_d,
+                &w_d,
+                &mean_d,
+                &rstd_d,
+                n,
+                c,
+            )
+            .unwrap();
+            runs.push((rt.download(&dw_d).unwrap(), rt.download(&db_d).unwrap()));
+        }
+        let (mut dinp, mut dw, mut db) = (dinp0.clone(), dw0.clone(), dbias0.clone());
+        cpu::layernorm_backward(
+            &mut dinp, &mut dw, &mut db, &dout, &inp, &weight, &mean, &rstd, n, c,
+        );
+        assert_close(
+            &format!("layernorm_backward dweight {n}x{c}"),
+            &runs[0].0,
+            &dw,
+            F32_SUM,
+        );
+        assert_close(
+            &format!("layernorm_backward dbias {n}x{c}"),
+            &runs[0].1,
+            &db,
+            F32_SUM,
+        );
+        assert_eq!(runs[0], runs[1], "layernorm_backward {n}x{c}: runs differ");
+    }
+
+    // Embedding tables whose rows are used by many positions (>= 32 per row on average)
+    // take the tiled kernel: both tables here (3 word ids, 2 types over 4 x 50 positions).
+    let (b, t, c, vocab, max_pos, ntypes) = (4, 50, 45, 3, 50, 2);
+    let ids = rng.below(b * t, vocab as u32);
+    let types = rng.below(b * t, ntypes as u32);
+    let tokens = TokenBatch::new(&rt, &ids, &types, b, t, (vocab, max_pos, ntypes)).unwrap();
+    let dout = rng.values(b * t * c, 1.0);
+    let (dwte0, dwpe0, dwtt0) = (
+        rng.values(vocab * c, 1.0),
+        rng.values(max_pos * c, 1.0),
+        rng.values(ntypes * c, 1.0),
+    );
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let (mut dwte_d, mut dwpe_d, mut dwtt_d) = (
+            rt.upload(&dwte0).unwrap(),
+            rt.upload(&dwpe0).unwrap(),
+            rt.upload(&dwtt0).unwrap(),
+        );
+        rt.embedding_backward(
+            &mut dwte_d,
+            &mut dwpe_d,
+            &mut dwtt_d,
+            &rt.upload(&dout).unwrap(),
+            &tokens,
+            c,
+        )
+        .unwrap();
+        runs.push((rt.download(&dwte_d).unwrap(), rt.download(&dwtt_d).unwrap()));
+    }
+    let (mut dwte, mut dwpe, mut dwtt) = (dwte0, dwpe0, dwtt0);
+    cpu::embedding_backward(
+        &mut dwte, &mut dwpe, &mut dwtt, &dout, &ids, &types, b, t, c,
+    );
+    assert_close("embedding_backward tiled dwte", &runs[0].0, &dwte, F32_SUM);
+    assert_close("embedding_backward tiled dwtt", &runs[0].1, &dwtt, F32_SUM);
+    assert_eq!(runs[0], runs[1], "embedding_backward tiled: runs differ");
+}
+
+/// The launch shapes are pure functions of the shapes; spot-check the ones the kernels
+/// rely on (runs without a GPU).
+#[test]
+fn launch_shapes_follow_the_kernels() {
+    use cuda::launch;
+    let shape = launch::column_tiles("t", 45).unwrap();
+    assert_eq!((shape.grid, shape.block), ((2, 1, 1), 1024));
+    let shape = launch::flash_forward("t", 2, 33, 3, 64).unwrap();
+    assert_eq!((shape.grid, shape.block), ((3, 6, 1), 128));
+    assert_eq!(
+        shape.shared_bytes as usize,
+        4 * (16 * 64 + 32 * 65 + 32 * 64)
+    );
+    // hs = 128: the backward's tiles need more than the default 48 KiB.
+    let shape = launch::flash_backward("t", 1, 512, 12, 128).unwrap();
+    assert_eq!(
+        shape.shared_bytes as usize,
+        4 * (2 * 16 * 128 + 2 * 32 * 129)
+    );
+    assert!(shape.shared_bytes > launch::DEFAULT_SHARED_BYTES);
+    assert!(shape.shared_bytes <= launch::MAX_SHARED_BYTES);
+    assert!(launch::flash_forward("t", 1, 8, 1, 129).is_err());
+    assert!(launch::flash_forward("t", 70_000, 8, 1, 64).is_err());
+    assert!(launch::attention_rows("t", 1, 20_000, 1).is_err());
+}
+
 #[test]
 fn cls_pool_matches_cpu() {
     let Some(rt) = gpu("cls_pool_matches_cpu") else {

@@ -7,7 +7,7 @@ use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
-use super::ops::launch_config;
+use super::ops::{launch, launch_config};
 use super::runtime::{
     Activation, CudaRuntime, DeviceRead, DeviceWrite, blocks, check_len, dim, driver,
 };
@@ -61,7 +61,7 @@ impl CudaRuntime {
         let (n_i, oc_i) = (dim(op, "n", n)?, dim(op, "oc", oc)?);
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(dbias).arg(dout).arg(&n_i).arg(&oc_i);
-        let cfg = launch_config(blocks(op, oc, THREADS)?, THREADS, 0);
+        let cfg = launch::column_tiles(op, oc)?.config();
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }

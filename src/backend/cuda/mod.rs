@@ -14,6 +14,6 @@ mod runtime;
 pub use kernels::{KERNEL_IMAGES, KERNELS_BUILT, KERNELS_NOT_BUILT_REASON, KernelImage};
 pub use loss::RankingBatch;
 pub use model::{CudaTrainer, MicroBatch, OptimStep, StepStats, train_step_cuda};
-pub use ops::TokenBatch;
+pub use ops::{TokenBatch, launch};
 pub use optim::AdamWStep;
 pub use runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, available};

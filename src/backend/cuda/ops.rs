@@ -4,26 +4,211 @@
 //! `T: Activation` (f32 or bf16), weights and their gradients fp32. Every length is checked
 //! against the shapes before a launch, so a wrong call is an error, never a wild access.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::runtime::{
-    Activation, CudaRuntime, DeviceRead, DeviceWrite, blocks, check_len, dim, driver,
-};
+use super::runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, check_len, dim, driver};
 use crate::backend::cpu::AttentionDropout;
 use crate::error::{Error, Result};
-
-/// Threads per block of the elementwise kernels.
-const ELEMENTWISE_THREADS: usize = 256;
-/// Threads per block of the one-warp-per-row kernels (8 rows per block).
-const ROW_THREADS: usize = 256;
-/// Threads per block of the attention row kernels.
-const ATTENTION_THREADS: usize = 128;
+use launch::LaunchShape;
 
 pub(crate) fn launch_config(grid: u32, threads: usize, shared_mem_bytes: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid, 1, 1),
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes,
+    }
+}
+
+/// The launch shape of every kernel of this file (and of bias_backward), as pure functions
+/// of the tensor shapes: no device needed, so a CPU emulation of the kernels runs the very
+/// grids the GPU gets. The constants restate the kernels' own (kernels/*.cu); each function
+/// names the kernels it serves. Errors: a shape that no grid can cover.
+pub mod launch {
+    use cudarc::driver::LaunchConfig;
+
+    use crate::backend::cuda::runtime::blocks;
+    use crate::error::{Error, Result};
+
+    /// Threads per block of the elementwise kernels (one thread per element).
+    pub const ELEMENTWISE_THREADS: usize = 256;
+    /// Threads per block of the one-warp-per-row kernels (8 rows per block).
+    pub const ROW_THREADS: usize = 256;
+    /// Threads per block of version 1 of attention (one block per query row).
+    pub const ATTENTION_THREADS: usize = 128;
+    /// Columns per block of the column reductions, and row slices per block: one warp per
+    /// slice (COLUMN_TILE x COLUMN_SLICES threads; kernels/common.cuh column_tile_sum).
+    pub const COLUMN_TILE: usize = 32;
+    pub const COLUMN_SLICES: usize = 32;
+    /// The flash attention tiles (kernels/attention.cu): FLASH_ROWS own rows per block (4
+    /// warps of 4), streamed tiles of FLASH_TILE rows, head sizes up to FLASH_MAX_HEAD.
+    pub const FLASH_ROWS: usize = 16;
+    pub const FLASH_TILE: usize = 32;
+    pub const FLASH_THREADS: usize = 128;
+    pub const FLASH_MAX_HEAD: usize = 128;
+    /// Dynamic shared memory a kernel may use without opting in; launch wrappers raise the
+    /// kernel's limit for a shape that needs more.
+    pub const DEFAULT_SHARED_BYTES: u32 = 48 * 1024;
+    /// The most the flash kernels may ask for: what every compute capability >= 8.0 allows.
+    pub const MAX_SHARED_BYTES: u32 = 99 * 1024;
+
+    /// Grid (x, y, z), threads per block (1-D) and dynamic shared memory of one launch.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct LaunchShape {
+        pub grid: (u32, u32, u32),
+        pub block: u32,
+        pub shared_bytes: u32,
+    }
+
+    impl LaunchShape {
+        fn new(grid: (u32, u32, u32), block: usize, shared_bytes: u32) -> LaunchShape {
+            LaunchShape {
+                grid,
+                block: block as u32,
+                shared_bytes,
+            }
+        }
+
+        pub fn config(self) -> LaunchConfig {
+            LaunchConfig {
+                grid_dim: self.grid,
+                block_dim: (self.block, 1, 1),
+                shared_mem_bytes: self.shared_bytes,
+            }
+        }
+    }
+
+    /// One thread per element of `len` (> 0): embedding_forward,
+    /// embedding_backward_positions, bias_gelu_forward, tanh_*, residual_forward, dropout_*,
+    /// cls_pool_*.
+    pub fn elementwise(op: &str, len: usize) -> Result<LaunchShape> {
+        let grid = blocks(op, len, ELEMENTWISE_THREADS)?;
+        Ok(LaunchShape::new((grid, 1, 1), ELEMENTWISE_THREADS, 0))
+    }
+
+    /// One warp per row of `rows`: layernorm_forward, residual_layernorm_forward,
+    /// layernorm_backward_input, flash_attention_backward_dot.
+    pub fn warp_rows(op: &str, rows: usize) -> Result<LaunchShape> {
+        let grid = blocks(op, rows * 32, ROW_THREADS)?;
+        Ok(LaunchShape::new((grid, 1, 1), ROW_THREADS, 0))
+    }
+
+    /// Column sums of a [rows, c] matrix, one block per COLUMN_TILE columns of COLUMN_TILE
+    /// x COLUMN_SLICES threads: bias_backward, bias_gelu_backward, layernorm_backward_params.
+    pub fn column_tiles(op: &str, c: usize) -> Result<LaunchShape> {
+        let grid = blocks(op, c, COLUMN_TILE)?;
+        Ok(LaunchShape::new(
+            (grid, 1, 1),
+            COLUMN_TILE * COLUMN_SLICES,
+            0,
+        ))
+    }
+
+    /// embedding_backward_rows: one block per used table row, threads over the channels
+    /// (for tables whose rows are used by few positions each: the word table).
+    pub fn embedding_rows(op: &str, distinct: usize) -> Result<LaunchShape> {
+        let grid = blocks(op, distinct, 1)?;
+        Ok(LaunchShape::new((grid, 1, 1), ELEMENTWISE_THREADS, 0))
+    }
+
+    /// embedding_backward_rows_tiled: the column reduction of each used row's positions,
+    /// grid (column tiles of c, distinct rows) (for rows used by many positions: the type
+    /// table).
+    pub fn embedding_rows_tiled(op: &str, c: usize, distinct: usize) -> Result<LaunchShape> {
+        let grid = (blocks(op, c, COLUMN_TILE)?, y_blocks(op, distinct)?, 1);
+        Ok(LaunchShape::new(grid, COLUMN_TILE * COLUMN_SLICES, 0))
+    }
+
+    /// Version 1 of attention, attention_forward and attention_backward_query: one block per
+    /// (sequence, head, query row), a row of t fp32 scores in shared memory (<= 48 KiB).
+    pub fn attention_rows(op: &str, b: usize, t: usize, nh: usize) -> Result<LaunchShape> {
+        let bytes = t * std::mem::size_of::<f32>();
+        if bytes > DEFAULT_SHARED_BYTES as usize {
+            return Err(Error::internal(format!(
+                "{op}: sequences of {t} tokens need {bytes} bytes of shared memory per row, over 48 KiB"
+            )));
+        }
+        let grid = blocks(op, b * nh * t, 1)?;
+        Ok(LaunchShape::new(
+            (grid, 1, 1),
+            ATTENTION_THREADS,
+            bytes as u32,
+        ))
+    }
+
+    /// Version 1's attention_backward_key: one block per (sequence, head, key row), one
+    /// thread per head dim (a whole number of warps, at most 256).
+    pub fn attention_key_rows(
+        op: &str,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<LaunchShape> {
+        let grid = blocks(op, b * nh * t, 1)?;
+        Ok(LaunchShape::new(
+            (grid, 1, 1),
+            hs.div_ceil(32).clamp(1, 8) * 32,
+            0,
+        ))
+    }
+
+    /// flash_attention_forward: grid (query tiles of FLASH_ROWS, b*nh); shared: own queries
+    /// [FLASH_ROWS, hs], keys [FLASH_TILE, hs|1], values [FLASH_TILE, hs], fp32.
+    pub fn flash_forward(
+        op: &str,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<LaunchShape> {
+        let floats = FLASH_ROWS * hs + FLASH_TILE * (hs | 1) + FLASH_TILE * hs;
+        flash_shape(op, b, t, nh, hs, floats)
+    }
+
+    /// flash_attention_backward_key (grid over key tiles) and flash_attention_backward_query
+    /// (grid over query tiles): (tiles of FLASH_ROWS, b*nh); shared: two own tiles
+    /// [FLASH_ROWS, hs] and two streamed tiles [FLASH_TILE, hs|1], fp32.
+    pub fn flash_backward(
+        op: &str,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<LaunchShape> {
+        let floats = 2 * FLASH_ROWS * hs + 2 * FLASH_TILE * (hs | 1);
+        flash_shape(op, b, t, nh, hs, floats)
+    }
+
+    fn flash_shape(
+        op: &str,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        floats: usize,
+    ) -> Result<LaunchShape> {
+        if hs == 0 || hs > FLASH_MAX_HEAD {
+            return Err(Error::internal(format!(
+                "{op}: head size {hs} is outside 1..={FLASH_MAX_HEAD}"
+            )));
+        }
+        // hs <= 128 keeps this under MAX_SHARED_BYTES (about 49 KiB at most).
+        let bytes = (floats * std::mem::size_of::<f32>()) as u32;
+        debug_assert!(bytes <= MAX_SHARED_BYTES);
+        let grid = (blocks(op, t, FLASH_ROWS)?, y_blocks(op, b * nh)?, 1);
+        Ok(LaunchShape::new(grid, FLASH_THREADS, bytes))
+    }
+
+    /// A grid's y extent: at most 65535 blocks.
+    fn y_blocks(op: &str, count: usize) -> Result<u32> {
+        if (1..=65535).contains(&count) {
+            Ok(count as u32)
+        } else {
+            Err(Error::internal(format!(
+                "{op}: {count} blocks along the grid's y axis, the limit is 65535"
+            )))
+        }
     }
 }
 
@@ -146,11 +331,7 @@ impl CudaRuntime {
             dim(op, "t", tokens.t)?,
             dim(op, "c", c)?,
         );
-        let cfg = launch_config(
-            blocks(op, bt * c, ELEMENTWISE_THREADS)?,
-            ELEMENTWISE_THREADS,
-            0,
-        );
+        let cfg = launch::elementwise(op, bt * c)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch
             .arg(out)
@@ -195,12 +376,27 @@ impl CudaRuntime {
             "embedding",
             &format!("embedding_backward_rows_{}", T::SUFFIX),
         )?;
+        let rows_tiled = self.function(
+            "embedding",
+            &format!("embedding_backward_rows_tiled_{}", T::SUFFIX),
+        )?;
         for (table, lists) in [
             (&mut *dwte, &tokens.word_rows),
             (&mut *dwtt, &tokens.type_rows),
         ] {
-            let cfg = launch_config(blocks(op, lists.distinct, 1)?, ELEMENTWISE_THREADS, 0);
-            let mut launch = self.stream().launch_builder(&rows);
+            // Rows used by many positions each (the type table) are column reductions over
+            // their positions; rows used by few (the word table) get one block each. The
+            // choice depends on the ids only: the sums stay identical run to run.
+            let (kernel, shape) = if b * t >= launch::COLUMN_SLICES * lists.distinct {
+                (
+                    &rows_tiled,
+                    launch::embedding_rows_tiled(op, c, lists.distinct)?,
+                )
+            } else {
+                (&rows, launch::embedding_rows(op, lists.distinct)?)
+            };
+            let cfg = shape.config();
+            let mut launch = self.stream().launch_builder(kernel);
             launch
                 .arg(table)
                 .arg(dout)
@@ -215,11 +411,7 @@ impl CudaRuntime {
             &format!("embedding_backward_positions_{}", T::SUFFIX),
         )?;
         let (b_i, t_i) = (dim(op, "b", b)?, dim(op, "t", t)?);
-        let cfg = launch_config(
-            blocks(op, t * c, ELEMENTWISE_THREADS)?,
-            ELEMENTWISE_THREADS,
-            0,
-        );
+        let cfg = launch::elementwise(op, t * c)?.config();
         let mut launch = self.stream().launch_builder(&positions);
         launch.arg(dwpe).arg(dout).arg(&b_i).arg(&t_i).arg(&c_i);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -263,7 +455,7 @@ impl CudaRuntime {
         }
         let f = self.function("layernorm", &format!("layernorm_forward_{}", T::SUFFIX))?;
         let (n_i, c_i, eps_f) = (dim(op, "n", n)?, dim(op, "c", c)?, eps as f32);
-        let cfg = launch_config(blocks(op, n * 32, ROW_THREADS)?, ROW_THREADS, 0);
+        let cfg = launch::warp_rows(op, n)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch
             .arg(out)
@@ -327,7 +519,7 @@ impl CudaRuntime {
             &format!("residual_layernorm_forward_{}", T::SUFFIX),
         )?;
         let (n_i, c_i, eps_f) = (dim(op, "n", n)?, dim(op, "c", c)?, eps as f32);
-        let cfg = launch_config(blocks(op, n * 32, ROW_THREADS)?, ROW_THREADS, 0);
+        let cfg = launch::warp_rows(op, n)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch
             .arg(out)
@@ -391,7 +583,7 @@ impl CudaRuntime {
             "layernorm",
             &format!("layernorm_backward_input_{}", T::SUFFIX),
         )?;
-        let cfg = launch_config(blocks(op, n * 32, ROW_THREADS)?, ROW_THREADS, 0);
+        let cfg = launch::warp_rows(op, n)?.config();
         let mut launch = self.stream().launch_builder(&input);
         launch
             .arg(dinp)
@@ -407,7 +599,7 @@ impl CudaRuntime {
             "layernorm",
             &format!("layernorm_backward_params_{}", T::SUFFIX),
         )?;
-        let cfg = launch_config(blocks(op, c, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch::column_tiles(op, c)?.config();
         let mut launch = self.stream().launch_builder(&params);
         launch
             .arg(dweight)
@@ -443,11 +635,7 @@ impl CudaRuntime {
         }
         let f = self.function("activation", &format!("bias_gelu_forward_{}", T::SUFFIX))?;
         let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
-        let cfg = launch_config(
-            blocks(op, n * c, ELEMENTWISE_THREADS)?,
-            ELEMENTWISE_THREADS,
-            0,
-        );
+        let cfg = launch::elementwise(op, n * c)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(inp).arg(bias).arg(&n_i).arg(&c_i);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -482,7 +670,7 @@ impl CudaRuntime {
         }
         let f = self.function("activation", &format!("bias_gelu_backward_{}", T::SUFFIX))?;
         let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
-        let cfg = launch_config(blocks(op, c, ELEMENTWISE_THREADS)?, ELEMENTWISE_THREADS, 0);
+        let cfg = launch::column_tiles(op, c)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch
             .arg(dinp)
@@ -511,11 +699,7 @@ impl CudaRuntime {
         }
         let f = self.function("activation", &format!("tanh_forward_{}", T::SUFFIX))?;
         let len = inp.len();
-        let cfg = launch_config(
-            blocks(op, len, ELEMENTWISE_THREADS)?,
-            ELEMENTWISE_THREADS,
-            0,
-        );
+        let cfg = launch::elementwise(op, len)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(inp).arg(&len);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -540,11 +724,7 @@ impl CudaRuntime {
         }
         let f = self.function("activation", &format!("tanh_backward_{}", T::SUFFIX))?;
         let len = dinp.len();
-        let cfg = launch_config(
-            blocks(op, len, ELEMENTWISE_THREADS)?,
-            ELEMENTWISE_THREADS,
-            0,
-        );
+        let cfg = launch::elementwise(op, len)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(dinp).arg(out).arg(dout).arg(&len);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -570,11 +750,7 @@ impl CudaRuntime {
         }
         let f = self.function("activation", &format!("residual_forward_{}", T::SUFFIX))?;
         let len = out.len();
-        let cfg = launch_config(
-            blocks(op, len, ELEMENTWISE_THREADS)?,
-            ELEMENTWISE_THREADS,
-            0,
-        );
+        let cfg = launch::elementwise(op, len)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(a).arg(b).arg(&len);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -622,11 +798,7 @@ impl CudaRuntime {
         }
         let f = self.function("dropout", &format!("{op}_{}", T::SUFFIX))?;
         let len = written.len();
-        let cfg = launch_config(
-            blocks(op, len, ELEMENTWISE_THREADS)?,
-            ELEMENTWISE_THREADS,
-            0,
-        );
+        let cfg = launch::elementwise(op, len)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch
             .arg(written)
@@ -649,17 +821,14 @@ impl CudaRuntime {
         }
         let f = self.function("dropout", "dropout_mask")?;
         let len = keep.len();
-        let cfg = launch_config(
-            blocks(op, len, ELEMENTWISE_THREADS)?,
-            ELEMENTWISE_THREADS,
-            0,
-        );
+        let cfg = launch::elementwise(op, len)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(keep).arg(&len).arg(&p).arg(&seed);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }
 
+    /// Version 1 ("stored probabilities"; the model uses flash_attention_forward):
     /// out[b, t, nh*hs] = dropout(softmax(q kᵀ / √hs over the real keys)) · v; probs
     /// [b, nh, t, t] saved, before dropout. mask [b, t]: 1 real token, 0 padding. As the
     /// CPU: padded keys get weight 0, a sequence with no real token attends uniformly, and
@@ -693,10 +862,9 @@ impl CudaRuntime {
         if probs.is_empty() || hs == 0 {
             return Ok(());
         }
-        let shared = attention_shared_bytes(op, t)?;
+        let cfg = launch::attention_rows(op, b, t, nh)?.config();
         let f = self.function("attention", &format!("attention_forward_{}", T::SUFFIX))?;
         let dims = attention_dims(op, b, t, nh, hs)?;
-        let cfg = launch_config(blocks(op, b * nh * t, 1)?, ATTENTION_THREADS, shared);
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(probs).arg(q).arg(k).arg(v).arg(mask);
         launch
@@ -711,8 +879,8 @@ impl CudaRuntime {
         Ok(())
     }
 
-    /// dq, dk, dv [b, t, nh*hs] += the gradients of attention_forward given dout, the
-    /// saved probs and the forward's dropout. dscores [b, nh, t, t] is scratch
+    /// Version 1 ("stored probabilities"): dq, dk, dv [b, t, nh*hs] += the gradients of
+    /// attention_forward given dout, the saved probs and the forward's dropout. dscores [b, nh, t, t] is scratch
     /// (overwritten). The mask is not needed: it is encoded in probs (0 at padded keys).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward<T: Activation>(
@@ -756,11 +924,11 @@ impl CudaRuntime {
         if probs.is_empty() || hs == 0 {
             return Ok(());
         }
-        let shared = attention_shared_bytes(op, t)?;
+        let query_shape = launch::attention_rows(op, b, t, nh)?;
+        let key_shape = launch::attention_key_rows(op, b, t, nh, hs)?;
         let dims = attention_dims(op, b, t, nh, hs)?;
         let scale = attention_scale(hs);
         let (drop_p, drop_scale, seed) = attention_dropout_args(op, dropout)?;
-        let grid = blocks(op, b * nh * t, 1)?;
 
         let query = self.function(
             "attention",
@@ -783,14 +951,12 @@ impl CudaRuntime {
             .arg(&drop_p)
             .arg(&drop_scale)
             .arg(&seed);
-        unsafe { launch.launch(launch_config(grid, ATTENTION_THREADS, shared)) }
-            .map_err(driver(op))?;
+        unsafe { launch.launch(query_shape.config()) }.map_err(driver(op))?;
 
         let key = self.function(
             "attention",
             &format!("attention_backward_key_{}", T::SUFFIX),
         )?;
-        let key_threads = hs.div_ceil(32).clamp(1, 8) * 32;
         let dscores = dscores.as_view();
         let mut launch = self.stream().launch_builder(&key);
         launch
@@ -809,7 +975,191 @@ impl CudaRuntime {
             .arg(&drop_p)
             .arg(&drop_scale)
             .arg(&seed);
-        unsafe { launch.launch(launch_config(grid, key_threads, 0)) }.map_err(driver(op))?;
+        unsafe { launch.launch(key_shape.config()) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// Version 2 of attention_forward, flash-style: the same out [b, t, nh*hs] without the
+    /// [b, nh, t, t] probabilities; lse [b, nh, t] (fp32) saves log Σ_j exp(s_ij) over the
+    /// allowed keys of each query row, from which the backward recomputes them. Same mask,
+    /// uniform case and dropout mask as version 1 and the CPU. hs <= 128.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_forward<T: Activation>(
+        &self,
+        out: &mut impl DeviceWrite<T>,
+        lse: &mut impl DeviceWrite<f32>,
+        q: &impl DeviceRead<T>,
+        k: &impl DeviceRead<T>,
+        v: &impl DeviceRead<T>,
+        mask: &impl DeviceRead<u8>,
+        (b, t, nh, hs): (usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        let op = "flash_attention_forward";
+        let out = &mut out.view_mut();
+        let lse = &mut lse.view_mut();
+        let q = &q.view();
+        let k = &k.view();
+        let v = &v.view();
+        let mask = &mask.view();
+        let act = b * t * nh * hs;
+        for (name, len) in [
+            ("out", out.len()),
+            ("q", q.len()),
+            ("k", k.len()),
+            ("v", v.len()),
+        ] {
+            check_len(op, name, len, act)?;
+        }
+        check_len(op, "lse", lse.len(), b * nh * t)?;
+        check_len(op, "mask", mask.len(), b * t)?;
+        if lse.is_empty() || hs == 0 {
+            return Ok(());
+        }
+        let shape = launch::flash_forward(op, b, t, nh, hs)?;
+        let f = self.function(
+            "attention",
+            &format!("flash_attention_forward_{}", T::SUFFIX),
+        )?;
+        self.allow_shared(op, &f, shape)?;
+        let dims = attention_dims(op, b, t, nh, hs)?;
+        let scale = attention_scale(hs);
+        let (drop_p, drop_scale, seed) = attention_dropout_args(op, dropout)?;
+        let mut launch = self.stream().launch_builder(&f);
+        launch.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
+        launch
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3]);
+        launch.arg(&scale).arg(&drop_p).arg(&drop_scale).arg(&seed);
+        unsafe { launch.launch(shape.config()) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// Version 2 of attention_backward: dq, dk, dv [b, t, nh*hs] += the gradients of
+    /// flash_attention_forward given dout, its output `out` (unchanged since), its lse and
+    /// the same mask and dropout. row_dot [b, nh, t] is scratch (overwritten). Three
+    /// launches, no atomics (deterministic): row_dot = dout · out per query row, then dk and
+    /// dv per key tile, then dq per query tile, each recomputing the probabilities.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_backward<T: Activation>(
+        &self,
+        dq: &mut impl DeviceWrite<T>,
+        dk: &mut impl DeviceWrite<T>,
+        dv: &mut impl DeviceWrite<T>,
+        row_dot: &mut impl DeviceWrite<f32>,
+        dout: &impl DeviceRead<T>,
+        out: &impl DeviceRead<T>,
+        q: &impl DeviceRead<T>,
+        k: &impl DeviceRead<T>,
+        v: &impl DeviceRead<T>,
+        lse: &impl DeviceRead<f32>,
+        mask: &impl DeviceRead<u8>,
+        (b, t, nh, hs): (usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        let op = "flash_attention_backward";
+        let dq = &mut dq.view_mut();
+        let dk = &mut dk.view_mut();
+        let dv = &mut dv.view_mut();
+        let row_dot = &mut row_dot.view_mut();
+        let dout = &dout.view();
+        let out = &out.view();
+        let q = &q.view();
+        let k = &k.view();
+        let v = &v.view();
+        let lse = &lse.view();
+        let mask = &mask.view();
+        let act = b * t * nh * hs;
+        for (name, len) in [
+            ("dq", dq.len()),
+            ("dk", dk.len()),
+            ("dv", dv.len()),
+            ("dout", dout.len()),
+            ("out", out.len()),
+            ("q", q.len()),
+            ("k", k.len()),
+            ("v", v.len()),
+        ] {
+            check_len(op, name, len, act)?;
+        }
+        check_len(op, "lse", lse.len(), b * nh * t)?;
+        check_len(op, "row_dot", row_dot.len(), b * nh * t)?;
+        check_len(op, "mask", mask.len(), b * t)?;
+        if lse.is_empty() || hs == 0 {
+            return Ok(());
+        }
+        let dot_shape = launch::warp_rows(op, b * nh * t)?;
+        let tiles_shape = launch::flash_backward(op, b, t, nh, hs)?;
+        let dims = attention_dims(op, b, t, nh, hs)?;
+        let scale = attention_scale(hs);
+        let (drop_p, drop_scale, seed) = attention_dropout_args(op, dropout)?;
+
+        let dot = self.function(
+            "attention",
+            &format!("flash_attention_backward_dot_{}", T::SUFFIX),
+        )?;
+        let mut launch = self.stream().launch_builder(&dot);
+        launch.arg(&mut *row_dot).arg(dout).arg(out);
+        launch
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3]);
+        unsafe { launch.launch(dot_shape.config()) }.map_err(driver(op))?;
+        let row_dot = row_dot.as_view();
+
+        let key = self.function(
+            "attention",
+            &format!("flash_attention_backward_key_{}", T::SUFFIX),
+        )?;
+        self.allow_shared(op, &key, tiles_shape)?;
+        let mut launch = self.stream().launch_builder(&key);
+        launch.arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v);
+        launch.arg(lse).arg(&row_dot).arg(mask);
+        launch
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3]);
+        launch.arg(&scale).arg(&drop_p).arg(&drop_scale).arg(&seed);
+        unsafe { launch.launch(tiles_shape.config()) }.map_err(driver(op))?;
+
+        let query = self.function(
+            "attention",
+            &format!("flash_attention_backward_query_{}", T::SUFFIX),
+        )?;
+        self.allow_shared(op, &query, tiles_shape)?;
+        let mut launch = self.stream().launch_builder(&query);
+        launch.arg(dq).arg(dout).arg(q).arg(k).arg(v);
+        launch.arg(lse).arg(&row_dot).arg(mask);
+        launch
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2])
+            .arg(&dims[3]);
+        launch.arg(&scale).arg(&drop_p).arg(&drop_scale).arg(&seed);
+        unsafe { launch.launch(tiles_shape.config()) }.map_err(driver(op))?;
+        Ok(())
+    }
+
+    /// Raises `f`'s dynamic shared memory limit when `shape` needs more than the default.
+    fn allow_shared(&self, op: &str, f: &CudaFunction, shape: LaunchShape) -> Result<()> {
+        if shape.shared_bytes > launch::DEFAULT_SHARED_BYTES {
+            // cudarc's set_attribute does not make the context current itself.
+            self.context()
+                .bind_to_thread()
+                .map_err(driver(&format!("{op}: bind the context")))?;
+            f.set_attribute(
+                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shape.shared_bytes as i32,
+            )
+            .map_err(driver(&format!(
+                "{op}: allow {} bytes of shared memory",
+                shape.shared_bytes
+            )))?;
+        }
         Ok(())
     }
 
@@ -863,11 +1213,7 @@ impl CudaRuntime {
         }
         let f = self.function("pool", &format!("{kernel}_{}", T::SUFFIX))?;
         let (b_i, t_i, c_i) = (dim(op, "b", b)?, dim(op, "t", t)?, dim(op, "c", c)?);
-        let cfg = launch_config(
-            blocks(op, b * c, ELEMENTWISE_THREADS)?,
-            ELEMENTWISE_THREADS,
-            0,
-        );
+        let cfg = launch::elementwise(op, b * c)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(written).arg(read).arg(&b_i).arg(&t_i).arg(&c_i);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
@@ -939,15 +1285,4 @@ fn attention_dropout_args(op: &str, dropout: Option<AttentionDropout>) -> Result
 
 fn attention_scale(hs: usize) -> f32 {
     (1.0 / (hs as f64).sqrt()) as f32
-}
-
-/// One row of t scores in shared memory; 48 KiB is available without opting in.
-fn attention_shared_bytes(op: &str, t: usize) -> Result<u32> {
-    let bytes = t * std::mem::size_of::<f32>();
-    if bytes > 48 * 1024 {
-        return Err(Error::internal(format!(
-            "{op}: sequences of {t} tokens need {bytes} bytes of shared memory per row, over 48 KiB"
-        )));
-    }
-    Ok(bytes as u32)
 }
