@@ -205,6 +205,11 @@ fn check_gradients(gpu: &[f32], cpu: &[f32], model: &BertModel<f32>, rtol: f64) 
         let r = spec.range();
         let share = global * (r.len() as f64 / cpu.len() as f64).sqrt();
         let own = global_norm_squared(&cpu[r.clone()]).sqrt();
+        assert!(
+            own > 0.0,
+            "gradient {}: all zero on the CPU; the test must exercise every tensor",
+            spec.name
+        );
         let diff: Vec<f32> = gpu[r.clone()]
             .iter()
             .zip(&cpu[r.clone()])
