@@ -1,14 +1,17 @@
 //! One whole training step of a BERT-base-sized reward model on the GPU (`cargo bench
-//! --bench gpu_step`): 12 layers, hidden 768, 12 heads, sequence 512, dropout 0.1, f32,
-//! AdamW with clipping, the loss with U = x_inv. A prompt with 8 ranked completions is
-//! trained two ways with the same loss value:
+//! --bench gpu_step`): 12 layers, hidden 768, 12 heads, sequence 512, dropout 0.1, AdamW
+//! with clipping, the loss with U = x_inv, in bf16 (fp32 master weights, as PyTorch's
+//! autocast baseline) and in f32. A prompt with 8 ranked completions is trained two ways
+//! with the same loss value:
 //! - all pairs: the 8 completions once, the fused loss over its 28 pairs (8 sequences);
 //! - the paper's pair-duplicated way: each of the 28 pairs as its own 2-completion batch
 //!   entry (56 sequences), 7x the encoder work.
 //!
 //! Time per step: host clock around `train_step_cuda` and a synchronize (the step brings its
-//! loss and norm back anyway), after warm-up steps; the median of several steps. The last
-//! line is JSON for scripts/gpu-check.sh. Without a GPU it says it skipped and exits 0.
+//! loss and norm back anyway), after warm-up steps; the median of several steps. bf16 runs
+//! first (the number compared with PyTorch bf16), each dtype from the same initial weights;
+//! each ends with a summary line and a JSON line for scripts/gpu-check.sh, so a timeout keeps
+//! the finished ones. Without a GPU it says it skipped and exits 0.
 //! STATUS: compiled, never run on a GPU when written.
 
 // Shared with the kernel lab, which uses all of it.
@@ -18,7 +21,10 @@ mod common;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use rcx::backend::cuda::{CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
+use std::sync::Arc;
+
+use rcx::backend::cuda::{CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
+use rcx::config::DType;
 use rcx::error::Result;
 use rcx::loss::{LossSpec, PromptType};
 use rcx::model::{Batch, BertConfig, BertModel, Dropout};
@@ -104,7 +110,21 @@ fn run() -> Result<()> {
     let cfg = BertConfig::named("bert-base").expect("a known name");
     let model = BertModel::<f32>::init(cfg.clone(), 1);
     println!("bert-base reward model: {} parameters", model.num_params());
-    let mut trainer = CudaTrainer::new(rt, &model)?;
+    for (dtype, name) in [(DType::Bf16, "bf16"), (DType::F32, "f32")] {
+        // One trainer at a time: the pair-duplicated activations take tens of GiB.
+        bench_dtype(&rt, &model, dtype, name)?;
+    }
+    Ok(())
+}
+
+fn bench_dtype(
+    rt: &Arc<CudaRuntime>,
+    model: &BertModel<f32>,
+    dtype: DType,
+    name: &str,
+) -> Result<()> {
+    let cfg = &model.config;
+    let mut trainer = CudaTrainer::new(rt.clone(), model, dtype)?;
     let spec = LossSpec::parse("x_inv")?;
     let mut rng = Rng(2023);
     let completions = sequences(&mut rng, K, cfg.vocab_size as u32);
@@ -124,7 +144,10 @@ fn run() -> Result<()> {
             seed: 7,
         }),
     };
-    println!("all pairs: {K} sequences of {T}, {} pairs", K * (K - 1) / 2);
+    println!(
+        "{name} all pairs: {K} sequences of {T}, {} pairs",
+        K * (K - 1) / 2
+    );
     let steps = steps_from_env("RCX_BENCH_STEPS", 10);
     let (all_pairs_s, all_pairs_loss) = time_steps(&mut trainer, &micro, &spec, warmup, steps)?;
 
@@ -151,20 +174,20 @@ fn run() -> Result<()> {
         }),
     };
     println!(
-        "pair-duplicated: {} sequences of {T}, {pairs} pairs",
+        "{name} pair-duplicated: {} sequences of {T}, {pairs} pairs",
         2 * pairs
     );
     let steps = steps_from_env("RCX_BENCH_DUP_STEPS", 4);
     let (dup_s, dup_loss) = time_steps(&mut trainer, &micro, &spec, warmup.min(1), steps)?;
 
     println!(
-        "rcx f32 step: all pairs {:.1} ms, pair-duplicated {:.1} ms ({:.2}x)",
+        "rcx {name} step: all pairs {:.1} ms, pair-duplicated {:.1} ms ({:.2}x)",
         all_pairs_s * 1e3,
         dup_s * 1e3,
         dup_s / all_pairs_s
     );
     println!(
-        "{{\"bench\": \"rcx_gpu_step\", \"dtype\": \"f32\", \"all_pairs_ms\": {:.3}, \
+        "{{\"bench\": \"rcx_gpu_step\", \"dtype\": \"{name}\", \"all_pairs_ms\": {:.3}, \
          \"pair_duplicated_ms\": {:.3}, \"ratio\": {:.3}, \"all_pairs_loss\": {:.6}, \
          \"pair_duplicated_loss\": {:.6}}}",
         all_pairs_s * 1e3,

@@ -4,7 +4,7 @@
 #   1. nvidia-smi, and libcublas located among PyTorch's pip packages (LD_LIBRARY_PATH);
 #   2. every GPU test executable with RCX_REQUIRE_GPU=1 (a skip is then a failure);
 #   3. the kernel lab (each kernel vs its CPU twin, then GB/s or TFLOP/s vs copy and SGEMM);
-#   4. the BERT-base training step bench (all pairs vs pair-duplicated);
+#   4. the BERT-base training step bench, bf16 and f32 (all pairs vs pair-duplicated);
 #   5. the PyTorch baseline of the same step (scripts/bench_torch_gpu.py).
 # Each part runs under `timeout` within one overall budget (RCX_GPU_BUDGET_S, 450 s by
 # default, under the 8 minutes the issue allows), writes its full log under $OUT, and a short
@@ -61,7 +61,7 @@ summary() {
     case $1 in
         test-*) grep -h "test result:" "$log" | tail -1 | cut -c1-70 ;;
         kernel-lab) grep -h "^ceilings:\|^FAILED" "$log" | head -2 | tr '\n' ' ' | cut -c1-90 ;;
-        gpu-step) grep -h "^rcx f32 step:" "$log" | tail -1 | cut -c1-90 ;;
+        gpu-step) grep -h "^rcx [a-z0-9]* step:" "$log" | sed 's/^rcx //; s/ step:/:/' | tr '\n' ' ' | cut -c1-120 ;;
         torch) grep -h '"torch_gpu_step_summary"' "$log" | tail -1 | cut -c1-120 ;;
         *) tail -n 1 "$log" | cut -c1-80 ;;
     esac

@@ -44,10 +44,16 @@ pub enum Device {
     Cuda,
 }
 
+/// The training arithmetic. Checkpoints hold fp32 weights either way, so a run can move
+/// between the two (and between CPU and GPU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
+    /// f32 throughout (the CPU backend, or the CUDA trainer).
     F32,
+    /// bf16 activations and GEMM inputs with fp32 accumulation, fp32 master weights, fp32
+    /// gradients and AdamW moments: the CUDA trainer only (`device: cuda`, or `auto` on a
+    /// machine with a GPU); with the CPU, `rcx train` refuses it.
     Bf16,
 }
 

@@ -237,11 +237,8 @@ fn progress(step: usize, max: usize, loss: f64, lr: f64, prompts_per_s: f64, eta
     let _ = std::io::stderr().flush();
 }
 
-/// The training loop runs on the CPU backend only: the CUDA kernels exist and are checked
-/// against their CPU twins, but no training path drives them yet. So `device: cuda` and
-/// `dtype: bf16` (which only a CUDA path could run) are errors, not a silent CPU f32 run;
-/// `device: auto` means the CPU.
-/// Where the training step runs, as the config's `device` and `dtype` ask.
+/// Where the training step runs, as the config's `device` and `dtype` ask: the CPU
+/// backend (f32), or the CUDA trainer in f32 or bf16.
 enum Engine {
     Cpu(CpuStep),
     Cuda(CudaTrainer),
@@ -254,7 +251,9 @@ struct CpuStep {
     dlogits: Vec<f32>, // [completions of a micro-batch]
 }
 
-fn choose_engine(cfg: &Config, model: &BertModel<f32>) -> Result<Engine> {
+/// Whether the run trains on the GPU, as `device` and `dtype` ask and the machine allows;
+/// decided before anything is read or written, so a refused run leaves no trace.
+fn wants_cuda(cfg: &Config) -> Result<bool> {
     let cuda = crate::backend::cuda::available();
     let use_cuda = match (cfg.device, &cuda) {
         (Device::Cpu, _) => false,
@@ -267,17 +266,24 @@ fn choose_engine(cfg: &Config, model: &BertModel<f32>) -> Result<Engine> {
             )));
         }
     };
-    if cfg.dtype == DType::Bf16 {
-        // The CPU backend is f32 (and f64 for checks); the CUDA trainer is f32 so far.
+    if cfg.dtype == DType::Bf16 && !use_cuda {
+        // The CPU backend computes in f32 (f64 for checks): no silent f32 run for bf16.
+        let instead = match (cfg.device, &cuda) {
+            (Device::Auto, Err(why)) => format!("`device: auto` found no GPU ({why})"),
+            _ => "`device: cpu` trains in f32".to_string(),
+        };
         return Err(Error::user(format!(
-            "{}: dtype: bf16 is not implemented in rcx train yet (the {} trainer runs f32); use              `dtype: f32`",
-            cfg.path.display(),
-            if use_cuda { "CUDA" } else { "CPU" }
+            "{}: dtype: bf16 needs the CUDA device, but {instead}; use `dtype: f32` or `device: cuda`",
+            cfg.path.display()
         )));
     }
+    Ok(use_cuda)
+}
+
+fn choose_engine(cfg: &Config, model: &BertModel<f32>, use_cuda: bool) -> Result<Engine> {
     if use_cuda {
         let rt = Arc::new(CudaRuntime::new(0)?);
-        return Ok(Engine::Cuda(CudaTrainer::new(rt, model)?));
+        return Ok(Engine::Cuda(CudaTrainer::new(rt, model, cfg.dtype)?));
     }
     Ok(Engine::Cpu(CpuStep {
         ws: Workspace::new(),
@@ -368,7 +374,14 @@ impl Engine {
             Engine::Cpu(_) => format!("cpu ({} threads)", rayon::current_num_threads()),
             Engine::Cuda(gpu) => {
                 let device = gpu.runtime().device_name();
-                format!("cuda ({})", device.unwrap_or_else(|e| e.to_string()))
+                let dtype = match gpu.dtype() {
+                    DType::F32 => "f32",
+                    DType::Bf16 => "bf16",
+                };
+                format!(
+                    "cuda ({}, {dtype})",
+                    device.unwrap_or_else(|e| e.to_string())
+                )
             }
         }
     }
@@ -413,6 +426,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
         quiet,
     } = opts;
     let started = Instant::now();
+    let use_cuda = wants_cuda(cfg)?;
     checkpoint::ensure_writable_dir(&cfg.output_dir)?;
     let (mut model, tok, vocab) = checkpoint::model_for_training(cfg)?;
     let pad_id = tok.pad_id();
@@ -463,7 +477,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
         checkpoint::start_fresh(&cfg.output_dir, overwrite)?;
     }
     checkpoint::remove_partial_saves(&cfg.output_dir)?;
-    let mut engine = choose_engine(cfg, &model)?;
+    let mut engine = choose_engine(cfg, &model, use_cuda)?;
     if let Engine::Cuda(gpu) = &mut engine {
         gpu.upload_moments(&m, &v)?;
     }

@@ -363,14 +363,21 @@ fn device_cuda_without_a_gpu_is_refused_with_the_reason() {
 }
 
 #[test]
-fn bf16_training_is_refused_until_implemented() {
+fn bf16_without_the_cuda_device_is_refused() {
+    // The CPU backend is f32: `dtype: bf16` there is an error naming the key, not a
+    // silent f32 run. `device: auto` falls back to the CPU only on a machine without a GPU.
     let dir = scratch("bf16");
-    for device in ["cpu", "auto"] {
-        let (cfg, _) = config(&dir, &[("device", device), ("dtype", "bf16")]);
+    let mut devices = vec!["cpu"];
+    if rcx::backend::cuda::available().is_err() {
+        devices.push("auto");
+    }
+    for device in devices {
+        let (cfg, out) = config(&dir, &[("device", device), ("dtype", "bf16")]);
         assert_user_error(
             &train(&cfg, &[]),
-            &[cfg.to_str().unwrap(), "dtype: bf16", "f32"],
+            &[cfg.to_str().unwrap(), "dtype: bf16", "device", "f32"],
         );
+        assert!(!out.join("metrics.jsonl").exists());
     }
 }
 

@@ -1,19 +1,39 @@
-//! The linear layer out = inp · Wᵀ + b on cuBLAS (fp32 SGEMM), with its bias kernels.
+//! The linear layer out = inp · Wᵀ + b on cuBLAS, with its bias kernels. Activations and
+//! the weights the product reads are `T` (f32, or bf16: the bf16 copy of the fp32 master
+//! weights); every product accumulates in fp32 (cublasGemmEx, CUBLAS_COMPUTE_32F), and the
+//! weight gradient is accumulated into an fp32 buffer whatever T is.
 //! cuBLAS is column-major: a row-major [r, c] matrix is its column-major transpose, so
 //! every product below is written for the transposes.
 
-use cudarc::cublas::Gemm;
+use std::ffi::c_void;
+
+use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-use cudarc::cublas::{GemmConfig, sys::cublasOperation_t};
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::ops::{launch, launch_config};
 use super::runtime::{
     Activation, CudaRuntime, DeviceRead, DeviceWrite, blocks, check_len, dim, driver,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 const THREADS: usize = 256;
+
+/// An element type cuBLAS multiplies: its `cudaDataType` for cublasGemmEx.
+pub trait GemmElement: Activation {
+    const CUBLAS_TYPE: cudaDataType_t;
+}
+
+impl GemmElement for f32 {
+    const CUBLAS_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_32F;
+}
+
+impl GemmElement for half::bf16 {
+    const CUBLAS_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_16BF;
+}
 
 impl CudaRuntime {
     /// out[n, oc] = bias[oc] on every row.
@@ -66,13 +86,14 @@ impl CudaRuntime {
         Ok(())
     }
 
-    /// out[n, oc] = inp[n, c] · weight[oc, c]ᵀ + bias[oc] (bias optional).
+    /// out[n, oc] = inp[n, c] · weight[oc, c]ᵀ + bias[oc] (bias optional, fp32), in fp32
+    /// arithmetic, rounded to T once at the end.
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_forward(
+    pub fn matmul_forward<T: GemmElement>(
         &self,
-        out: &mut impl DeviceWrite<f32>,
-        inp: &impl DeviceRead<f32>,
-        weight: &impl DeviceRead<f32>,
+        out: &mut impl DeviceWrite<T>,
+        inp: &impl DeviceRead<T>,
+        weight: &impl DeviceRead<T>,
         bias: Option<&impl DeviceRead<f32>>,
         n: usize,
         c: usize,
@@ -98,7 +119,7 @@ impl CudaRuntime {
             None => 0.0,
         };
         // Column-major: outᵀ [oc, n] = (weightᵀ)ᵀ [oc, c] · inpᵀ [c, n].
-        self.sgemm(
+        self.gemm(
             op,
             (CUBLAS_OP_T, CUBLAS_OP_N),
             (oc, n, c),
@@ -113,16 +134,17 @@ impl CudaRuntime {
     }
 
     /// dinp[n, c] += dout · weight; dweight[oc, c] += doutᵀ · inp; dbias[oc] += column sums
-    /// of dout (when given).
+    /// of dout (when given). The weight and bias gradients are fp32 whatever T is: with
+    /// bf16 activations the product over the n rows still accumulates, and lands, in fp32.
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_backward(
+    pub fn matmul_backward<T: GemmElement>(
         &self,
-        dinp: &mut impl DeviceWrite<f32>,
+        dinp: &mut impl DeviceWrite<T>,
         dweight: &mut impl DeviceWrite<f32>,
         dbias: Option<&mut impl DeviceWrite<f32>>,
-        dout: &impl DeviceRead<f32>,
-        inp: &impl DeviceRead<f32>,
-        weight: &impl DeviceRead<f32>,
+        dout: &impl DeviceRead<T>,
+        inp: &impl DeviceRead<T>,
+        weight: &impl DeviceRead<T>,
         n: usize,
         c: usize,
         oc: usize,
@@ -144,7 +166,7 @@ impl CudaRuntime {
             return Ok(());
         }
         // dinpᵀ [c, n] += weightᵀ [c, oc] · doutᵀ [oc, n]
-        self.sgemm(
+        self.gemm(
             op,
             (CUBLAS_OP_N, CUBLAS_OP_N),
             (c, n, oc),
@@ -157,7 +179,7 @@ impl CudaRuntime {
             c,
         )?;
         // dweightᵀ [c, oc] += inpᵀ [c, n] · dout [n, oc]
-        self.sgemm(
+        self.gemm(
             op,
             (CUBLAS_OP_N, CUBLAS_OP_T),
             (c, oc, n),
@@ -175,36 +197,101 @@ impl CudaRuntime {
         Ok(())
     }
 
-    /// Column-major C [m, n] = op(A) · op(B) + beta · C with op(A) [m, k], op(B) [k, n].
+    /// Column-major C [m, n] = op(A) · op(B) + beta · C with op(A) [m, k], op(B) [k, n]:
+    /// cublasGemmEx with A and B of type AB, C of type CE, fp32 compute (CUBLAS_COMPUTE_32F:
+    /// plain fp32 FMA for fp32 inputs, as SGEMM, never TF32; bf16 products on the tensor
+    /// cores with fp32 accumulation). Every operand is checked to hold the elements the
+    /// shapes and leading dimensions reach before cuBLAS sees a pointer.
     #[allow(clippy::too_many_arguments)]
-    fn sgemm(
+    fn gemm<AB: GemmElement, CE: GemmElement>(
         &self,
         op: &str,
         (transa, transb): (cublasOperation_t, cublasOperation_t),
         (m, n, k): (usize, usize, usize),
-        a: &CudaView<'_, f32>,
+        a: &CudaView<'_, AB>,
         lda: usize,
-        b: &CudaView<'_, f32>,
+        b: &CudaView<'_, AB>,
         ldb: usize,
         beta: f32,
-        c: &mut CudaViewMut<'_, f32>,
+        c: &mut CudaViewMut<'_, CE>,
         ldc: usize,
     ) -> Result<()> {
-        let cfg = GemmConfig {
-            transa,
-            transb,
-            m: dim(op, "m", m)?,
-            n: dim(op, "n", n)?,
-            k: dim(op, "k", k)?,
-            alpha: 1.0f32,
-            lda: dim(op, "lda", lda)?,
-            ldb: dim(op, "ldb", ldb)?,
-            beta,
-            ldc: dim(op, "ldc", ldc)?,
-        };
+        check_operand(op, "A", a.len(), transa, (m, k), lda)?;
+        check_operand(op, "B", b.len(), transb, (k, n), ldb)?;
+        check_operand(op, "C", c.len(), CUBLAS_OP_N, (m, n), ldc)?;
+        let (m_i, n_i, k_i) = (dim(op, "m", m)?, dim(op, "n", n)?, dim(op, "k", k)?);
+        let (lda_i, ldb_i, ldc_i) = (
+            dim(op, "lda", lda)?,
+            dim(op, "ldb", ldb)?,
+            dim(op, "ldc", ldc)?,
+        );
+        // With CUBLAS_COMPUTE_32F the scalars are fp32, read from the host (the handle's
+        // default pointer mode).
+        let alpha = 1.0f32;
         let blas = self.blas()?;
-        // SAFETY: the callers checked every buffer against the shapes, which bound all the
-        // elements the GEMM touches given these leading dimensions.
-        unsafe { blas.gemm(cfg, a, b, c) }.map_err(driver(&format!("{op}: cuBLAS SGEMM")))
+        let stream = self.stream();
+        let (a_ptr, _a_read) = a.device_ptr(stream);
+        let (b_ptr, _b_read) = b.device_ptr(stream);
+        let (c_ptr, _c_write) = c.device_ptr_mut(stream);
+        // SAFETY: the handle runs on this runtime's stream (runtime.rs `blas`); A, B and C
+        // hold every element the GEMM touches (checked above), their types are the declared
+        // AB and CE, and alpha, beta outlive the call, which only enqueues the work.
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                transa,
+                transb,
+                m_i,
+                n_i,
+                k_i,
+                (&alpha as *const f32).cast::<c_void>(),
+                a_ptr as *const c_void,
+                AB::CUBLAS_TYPE,
+                lda_i,
+                b_ptr as *const c_void,
+                AB::CUBLAS_TYPE,
+                ldb_i,
+                (&beta as *const f32).cast::<c_void>(),
+                c_ptr as *mut c_void,
+                CE::CUBLAS_TYPE,
+                ldc_i,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(driver(&format!("{op}: cuBLAS GemmEx")))
     }
+}
+
+/// Checks that a column-major operand of cublasGemmEx, op(X) [rows, cols] stored with
+/// leading dimension `ld`, fits its buffer of `len` elements: stored untransposed it is
+/// [rows, cols], transposed [cols, rows]; ld covers a stored column and the last stored
+/// column ends inside the buffer.
+fn check_operand(
+    op: &str,
+    name: &str,
+    len: usize,
+    trans: cublasOperation_t,
+    (rows, cols): (usize, usize),
+    ld: usize,
+) -> Result<()> {
+    let (stored_rows, stored_cols) = match trans {
+        CUBLAS_OP_N => (rows, cols),
+        _ => (cols, rows),
+    };
+    if ld < stored_rows.max(1) {
+        return Err(Error::internal(format!(
+            "{op}: {name}'s leading dimension {ld} is under its {stored_rows} stored rows"
+        )));
+    }
+    let reach = match stored_cols {
+        0 => 0,
+        _ => ld * (stored_cols - 1) + stored_rows,
+    };
+    if reach > len {
+        return Err(Error::internal(format!(
+            "{op}: {name} has {len} elements, the GEMM reaches {reach}"
+        )));
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! rcx builds and runs (CPU only) on machines without CUDA. Each kernel has one typed
 //! launch wrapper, a method of `CudaRuntime`, mirroring the CPU op it is checked against.
 
+mod cast;
 mod kernels;
 mod loss;
 mod matmul;
@@ -11,8 +12,10 @@ mod ops;
 mod optim;
 mod runtime;
 
+pub use cast::ModelFloat;
 pub use kernels::{KERNEL_IMAGES, KERNELS_BUILT, KERNELS_NOT_BUILT_REASON, KernelImage};
 pub use loss::RankingBatch;
+pub use matmul::GemmElement;
 pub use model::{CudaTrainer, MicroBatch, OptimStep, StepStats, train_step_cuda};
 pub use ops::{TokenBatch, launch};
 pub use optim::AdamWStep;

@@ -1,12 +1,21 @@
-//! The BERT reward model of src/model.rs on the device, f32 throughout, and `CudaTrainer`:
-//! one whole training step (forward, fused ranking loss, backward, global norm, clipping,
-//! AdamW) on the GPU, with only the loss and the gradient norm coming back to the host.
+//! The BERT reward model of src/model.rs on the device, and `CudaTrainer`: one whole
+//! training step (forward, fused ranking loss, backward, global norm, clipping, AdamW) on
+//! the GPU, with only the loss and the gradient norm coming back to the host.
 //!
-//! Parameters, gradients and the two AdamW moments are one device allocation each, in the
-//! layout of `ParamLayout` (carved by the CPU model's own `carve_params`), so a checkpoint's
-//! arena goes up or comes down in one copy. Activations and the backward's scratch share a
-//! fourth allocation, grown to the largest batch seen. Every tensor is a cudarc view of its
-//! arena; the kernel wrappers take views.
+//! Two activation types (`DType`): f32 throughout, or bf16 activations and GEMM inputs
+//! with fp32 accumulation everywhere (cuBLAS compute 32F, fp32 arithmetic in the kernels),
+//! fp32 master weights, gradients and AdamW moments, and a bf16 copy of the weights that
+//! the encoder's GEMMs read, rounded from the master at upload and refreshed by the fused
+//! AdamW. What stays fp32 whatever the type: LayerNorm parameters and statistics, biases,
+//! the embedding tables, the attention's saved state, and the pooler head (B rows only;
+//! the loss reads fp32 logits).
+//!
+//! Parameters, gradients and the two AdamW moments are one fp32 device allocation each, in
+//! the layout of `ParamLayout` (carved by the CPU model's own `carve_params`), so a
+//! checkpoint's arena goes up or comes down in one copy, whatever the type: a run moves
+//! between CPU and GPU, f32 and bf16. Activations and the backward's scratch live in two
+//! more allocations (one of the activation type, one fp32), grown to the largest batch seen.
+//! Every tensor is a cudarc view of its arena; the kernel wrappers take views.
 //!
 //! Forward and backward mirror `BertModel::forward`/`backward` op for op: the same dropout
 //! sites and seeds, the same order, the same saved activations, with two fusions that compute
@@ -24,11 +33,15 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use half::bf16;
 
+use super::cast::ModelFloat;
 use super::loss::RankingBatch;
 use super::ops::TokenBatch;
 use super::optim::AdamWStep;
-use super::runtime::{CudaRuntime, driver};
+use super::runtime::{Activation, CudaRuntime, driver};
+use crate::backend::cpu::AttentionDropout;
+use crate::config::DType;
 use crate::error::{Error, Result};
 use crate::loss::{LossSpec, PromptType};
 // The dropout sites are src/model.rs's own, so the device draws the very masks the CPU draws.
@@ -169,98 +182,126 @@ impl<V: Cut> Carver<V> {
     }
 }
 
+// ---- ATTENTION: what the attention saves for its backward, and its backward's scratch ----
+// The one place that knows the attention kernels' buffers (with `attention_forward_layer` and
+// `attention_backward_layer` below). Today the kernels save the probabilities [B, NH, T, T];
+// a flash-style kernel saves a logsumexp [B, NH, T] instead and needs no score scratch.
+
+/// fp32 elements the attention of one layer saves for its backward.
+fn attention_saved_len(b: usize, t: usize, nh: usize) -> usize {
+    b * nh * t * t
+}
+
+/// fp32 elements of the attention backward's scratch (one layer at a time).
+fn attention_scratch_len(b: usize, t: usize, nh: usize) -> usize {
+    b * nh * t * t
+}
+
+// ---- the activation arenas ----
+// Two arenas: one of the activation type T (f32 or bf16) for every [N, C] and [N, I]
+// tensor, one of fp32 for what stays fp32 whatever T is: LayerNorm statistics, the
+// attention's saved state and scratch, and the pooler head (tiny, and the loss reads fp32
+// logits). `A` is a view of the first, `F` of the second.
+
 /// The activations of one encoder layer saved for backward (as src/model.rs).
-struct LayerActs<V> {
-    q: V,         // [N, C]
-    k: V,         // [N, C]
-    v: V,         // [N, C]
-    probs: V,     // [B, NH, T, T]
-    ctx: V,       // [N, C] attention output, heads concatenated
-    attn_proj: V, // [N, C]
-    attn_drop: V, // [N, C]
-    res1: V,      // [N, C] layer input + attention branch
-    ln1_mean: V,  // [N]
-    ln1_rstd: V,  // [N]
-    ln1: V,       // [N, C]
-    ffn_pre: V,   // [N, I] ln1 · W1ᵀ, WITHOUT the bias (the GELU kernel adds it)
-    ffn_gelu: V,  // [N, I]
-    ffn_out: V,   // [N, C]
-    ffn_drop: V,  // [N, C]
-    res2: V,      // [N, C] ln1 + feed-forward branch
-    ln2_mean: V,  // [N]
-    ln2_rstd: V,  // [N]
-    ln2: V,       // [N, C] the layer's output
+struct LayerActs<A, F> {
+    q: A,               // [N, C]
+    k: A,               // [N, C]
+    v: A,               // [N, C]
+    attention_saved: F, // attention_saved_len: the probabilities [B, NH, T, T]
+    ctx: A,             // [N, C] attention output, heads concatenated
+    attn_proj: A,       // [N, C]
+    attn_drop: A,       // [N, C]
+    res1: A,            // [N, C] layer input + attention branch
+    ln1_mean: F,        // [N]
+    ln1_rstd: F,        // [N]
+    ln1: A,             // [N, C]
+    ffn_pre: A,         // [N, I] ln1 · W1ᵀ, WITHOUT the bias (the GELU kernel adds it)
+    ffn_gelu: A,        // [N, I]
+    ffn_out: A,         // [N, C]
+    ffn_drop: A,        // [N, C]
+    res2: A,            // [N, C] ln1 + feed-forward branch
+    ln2_mean: F,        // [N]
+    ln2_rstd: F,        // [N]
+    ln2: A,             // [N, C] the layer's output
 }
 
-struct Acts<V> {
-    emb: V,      // [N, C] word + position + type
-    emb_mean: V, // [N]
-    emb_rstd: V, // [N]
-    emb_ln: V,   // [N, C]
-    emb_drop: V, // [N, C] input of layer 0
-    layers: Vec<LayerActs<V>>,
-    cls: V,         // [B, C]
-    pool_pre: V,    // [B, C]
-    pooled: V,      // [B, C]
-    pooled_drop: V, // [B, C]
-    logits: V,      // [B]
+struct Acts<A, F> {
+    emb: A,      // [N, C] word + position + type
+    emb_mean: F, // [N]
+    emb_rstd: F, // [N]
+    emb_ln: A,   // [N, C]
+    emb_drop: A, // [N, C] input of layer 0
+    layers: Vec<LayerActs<A, F>>,
+    cls: A,         // [B, C] the [CLS] rows of the last layer
+    pool_in: F,     // [B, C] cls in fp32: the pooler head runs in fp32
+    pool_pre: F,    // [B, C]
+    pooled: F,      // [B, C]
+    pooled_drop: F, // [B, C]
+    logits: F,      // [B]
 }
 
-/// The backward's buffers (src/model.rs's GradScratch, plus the attention's score
-/// gradients and dlogits, which live on the device too).
-struct Scratch<V> {
-    d_out: V,      // [N, C] gradient of the current layer's output
-    d_in: V,       // [N, C] gradient of its input, being accumulated
-    d_res2: V,     // [N, C]
-    d_ffn_out: V,  // [N, C]
-    d_ffn_gelu: V, // [N, I]
-    d_ffn_pre: V,  // [N, I]
-    d_ln1: V,      // [N, C]
-    d_attn: V,     // [N, C]
-    d_ctx: V,      // [N, C]
-    d_q: V,        // [N, C]
-    d_k: V,        // [N, C]
-    d_v: V,        // [N, C]
-    dscores: V,    // [B, NH, T, T] attention score gradients
-    d_pool: V,     // [B, C]
-    d_pooled: V,   // [B, C]
-    d_pool_pre: V, // [B, C]
-    d_cls: V,      // [B, C]
-    dlogits: V,    // [B]
+/// The backward's buffers (src/model.rs's GradScratch, plus the attention's scratch and
+/// dlogits, which live on the device too).
+struct Scratch<A, F> {
+    d_out: A,             // [N, C] gradient of the current layer's output
+    d_in: A,              // [N, C] gradient of its input, being accumulated
+    d_res2: A,            // [N, C]
+    d_ffn_out: A,         // [N, C]
+    d_ffn_gelu: A,        // [N, I]
+    d_ffn_pre: A,         // [N, I]
+    d_ln1: A,             // [N, C]
+    d_attn: A,            // [N, C]
+    d_ctx: A,             // [N, C]
+    d_q: A,               // [N, C]
+    d_k: A,               // [N, C]
+    d_v: A,               // [N, C]
+    d_cls: A,             // [B, C] d_pool_in in T
+    attention_scratch: F, // attention_scratch_len: the score gradients [B, NH, T, T]
+    d_pool: F,            // [B, C]
+    d_pooled: F,          // [B, C]
+    d_pool_pre: F,        // [B, C]
+    d_pool_in: F,         // [B, C]
+    dlogits: F,           // [B]
 }
 
-/// Elements of the activation arena for B sequences of T tokens: activations + scratch.
-fn arena_len(cfg: &BertConfig, b: usize, t: usize) -> usize {
+/// Elements of the two activation arenas (T, fp32) for B sequences of T tokens:
+/// activations + scratch, exactly what `carve_arena` takes.
+fn arena_lens(cfg: &BertConfig, b: usize, t: usize) -> (usize, usize) {
     let (n, c, i, nh) = (
         b * t,
         cfg.hidden_size,
         cfg.intermediate_size,
         cfg.num_attention_heads,
     );
-    let scores = b * nh * t * t;
-    let per_layer = 12 * n * c + 4 * n + 2 * n * i + scores;
-    let acts = 3 * n * c + 2 * n + cfg.num_hidden_layers * per_layer + 4 * b * c + b;
-    let scratch = 10 * n * c + 2 * n * i + scores + 4 * b * c + b;
-    acts + scratch
+    let layers = cfg.num_hidden_layers;
+    let typed_acts = 3 * n * c + layers * (12 * n * c + 2 * n * i) + b * c;
+    let typed_scratch = 10 * n * c + 2 * n * i + b * c;
+    let f32_acts = 2 * n + layers * (4 * n + attention_saved_len(b, t, nh)) + 4 * b * c + b;
+    let f32_scratch = attention_scratch_len(b, t, nh) + 4 * b * c + b;
+    (typed_acts + typed_scratch, f32_acts + f32_scratch)
 }
 
-fn carve_arena<V: Cut>(
+type Carved<A, F> = (Acts<A, F>, Scratch<A, F>);
+
+fn carve_arena<A: Cut, F: Cut>(
     cfg: &BertConfig,
-    arena: V,
+    typed: A,
+    fp32: F,
     b: usize,
     t: usize,
-) -> Result<(Acts<V>, Scratch<V>)> {
+) -> Result<Carved<A, F>> {
     let (n, c, i, nh) = (
         b * t,
         cfg.hidden_size,
         cfg.intermediate_size,
         cfg.num_attention_heads,
     );
-    let scores = b * nh * t * t;
-    let mut k = Carver { rest: Some(arena) };
+    let mut k = Carver { rest: Some(typed) };
+    let mut f = Carver { rest: Some(fp32) };
     let emb = k.take(n * c)?;
-    let emb_mean = k.take(n)?;
-    let emb_rstd = k.take(n)?;
+    let emb_mean = f.take(n)?;
+    let emb_rstd = f.take(n)?;
     let emb_ln = k.take(n * c)?;
     let emb_drop = k.take(n * c)?;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -269,21 +310,21 @@ fn carve_arena<V: Cut>(
             q: k.take(n * c)?,
             k: k.take(n * c)?,
             v: k.take(n * c)?,
-            probs: k.take(scores)?,
+            attention_saved: f.take(attention_saved_len(b, t, nh))?,
             ctx: k.take(n * c)?,
             attn_proj: k.take(n * c)?,
             attn_drop: k.take(n * c)?,
             res1: k.take(n * c)?,
-            ln1_mean: k.take(n)?,
-            ln1_rstd: k.take(n)?,
+            ln1_mean: f.take(n)?,
+            ln1_rstd: f.take(n)?,
             ln1: k.take(n * c)?,
             ffn_pre: k.take(n * i)?,
             ffn_gelu: k.take(n * i)?,
             ffn_out: k.take(n * c)?,
             ffn_drop: k.take(n * c)?,
             res2: k.take(n * c)?,
-            ln2_mean: k.take(n)?,
-            ln2_rstd: k.take(n)?,
+            ln2_mean: f.take(n)?,
+            ln2_rstd: f.take(n)?,
             ln2: k.take(n * c)?,
         });
     }
@@ -295,10 +336,11 @@ fn carve_arena<V: Cut>(
         emb_drop,
         layers,
         cls: k.take(b * c)?,
-        pool_pre: k.take(b * c)?,
-        pooled: k.take(b * c)?,
-        pooled_drop: k.take(b * c)?,
-        logits: k.take(b)?,
+        pool_in: f.take(b * c)?,
+        pool_pre: f.take(b * c)?,
+        pooled: f.take(b * c)?,
+        pooled_drop: f.take(b * c)?,
+        logits: f.take(b)?,
     };
     let scratch = Scratch {
         d_out: k.take(n * c)?,
@@ -313,12 +355,13 @@ fn carve_arena<V: Cut>(
         d_q: k.take(n * c)?,
         d_k: k.take(n * c)?,
         d_v: k.take(n * c)?,
-        dscores: k.take(scores)?,
-        d_pool: k.take(b * c)?,
-        d_pooled: k.take(b * c)?,
-        d_pool_pre: k.take(b * c)?,
         d_cls: k.take(b * c)?,
-        dlogits: k.take(b)?,
+        attention_scratch: f.take(attention_scratch_len(b, t, nh))?,
+        d_pool: f.take(b * c)?,
+        d_pooled: f.take(b * c)?,
+        d_pool_pre: f.take(b * c)?,
+        d_pool_in: f.take(b * c)?,
+        dlogits: f.take(b)?,
     };
     Ok((acts, scratch))
 }
@@ -387,24 +430,30 @@ impl DeviceBatch {
     }
 }
 
+/// The parameters as the forward and backward read them: the fp32 master arena (embedding
+/// tables, biases, LayerNorm, the pooler head) and the weights the encoder's GEMMs read, in
+/// T (for f32 the master arena itself, for bf16 its bf16 copy).
+struct Weights<'a, T> {
+    master: Params<CudaView<'a, f32>>,
+    gemm: Params<CudaView<'a, T>>,
+}
+
+/// The activations and scratch of one batch: views of the two activation arenas.
+type ActViews<'a, T> = Carved<CudaViewMut<'a, T>, CudaViewMut<'a, f32>>;
+
 /// BertModel::forward on the device: writes every activation of `a`, the logits last.
-fn forward(
+fn forward<T: ModelFloat>(
     rt: &CudaRuntime,
     cfg: &BertConfig,
-    p: &Params<CudaView<'_, f32>>,
-    a: &mut Acts<CudaViewMut<'_, f32>>,
+    w: &Weights<'_, T>,
+    a: &mut Acts<CudaViewMut<'_, T>, CudaViewMut<'_, f32>>,
     batch: &DeviceBatch,
     dropout: Option<Dropout>,
 ) -> Result<()> {
     let (b, t) = (batch.b, batch.t);
-    let (n, c, i, nh, hs) = (
-        b * t,
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_attention_heads,
-        cfg.head_size(),
-    );
+    let (n, c, i) = (b * t, cfg.hidden_size, cfg.intermediate_size);
     let eps = cfg.layer_norm_eps;
+    let p = &w.master;
 
     rt.embedding_forward(&mut a.emb, &batch.tokens, &p.wte, &p.wpe, &p.wtt, c)?;
     rt.layernorm_forward(
@@ -424,25 +473,17 @@ fn forward(
     for l in 0..cfg.num_hidden_layers {
         let (below, rest) = a.layers.split_at_mut(l);
         let la = &mut rest[0];
-        let input: &CudaViewMut<'_, f32> = match below.last() {
+        let input: &CudaViewMut<'_, T> = match below.last() {
             Some(prev) => &prev.ln2,
             None => &a.emb_drop,
         };
-        let lp = &p.layers[l];
-        rt.matmul_forward(&mut la.q, input, &lp.q_w, Some(&lp.q_b), n, c, c)?;
-        rt.matmul_forward(&mut la.k, input, &lp.k_w, Some(&lp.k_b), n, c, c)?;
-        rt.matmul_forward(&mut la.v, input, &lp.v_w, Some(&lp.v_b), n, c, c)?;
-        rt.attention_forward(
-            &mut la.ctx,
-            &mut la.probs,
-            &la.q,
-            &la.k,
-            &la.v,
-            &batch.mask,
-            (b, t, nh, hs),
-            attention_dropout(dropout, l),
-        )?;
-        rt.matmul_forward(&mut la.attn_proj, &la.ctx, &lp.o_w, Some(&lp.o_b), n, c, c)?;
+        // GEMM weights in T, biases and LayerNorm parameters fp32.
+        let (lw, lp) = (&w.gemm.layers[l], &p.layers[l]);
+        rt.matmul_forward(&mut la.q, input, &lw.q_w, Some(&lp.q_b), n, c, c)?;
+        rt.matmul_forward(&mut la.k, input, &lw.k_w, Some(&lp.k_b), n, c, c)?;
+        rt.matmul_forward(&mut la.v, input, &lw.v_w, Some(&lp.v_b), n, c, c)?;
+        attention_forward_layer(rt, cfg, la, batch, attention_dropout(dropout, l))?;
+        rt.matmul_forward(&mut la.attn_proj, &la.ctx, &lw.o_w, Some(&lp.o_b), n, c, c)?;
         let (pd, seed) = site_seed(dropout, site_attn(l));
         rt.dropout_forward(&mut la.attn_drop, &la.attn_proj, pd, seed)?;
         // res1 = input + attn_drop; ln1 = LayerNorm(res1).
@@ -462,7 +503,7 @@ fn forward(
         rt.matmul_forward(
             &mut la.ffn_pre,
             &la.ln1,
-            &lp.ffn1_w,
+            &lw.ffn1_w,
             None::<&CudaView<'_, f32>>,
             n,
             c,
@@ -472,7 +513,7 @@ fn forward(
         rt.matmul_forward(
             &mut la.ffn_out,
             &la.ffn_gelu,
-            &lp.ffn2_w,
+            &lw.ffn2_w,
             Some(&lp.ffn2_b),
             n,
             i,
@@ -496,12 +537,22 @@ fn forward(
         )?;
     }
 
-    let last: &CudaViewMut<'_, f32> = match a.layers.last() {
+    // The pooler head in fp32 on the master weights: B rows only, and the loss reads fp32.
+    let last: &CudaViewMut<'_, T> = match a.layers.last() {
         Some(layer) => &layer.ln2,
         None => &a.emb_drop,
     };
     rt.cls_pool_forward(&mut a.cls, last, b, t, c)?;
-    rt.matmul_forward(&mut a.pool_pre, &a.cls, &p.pool_w, Some(&p.pool_b), b, c, c)?;
+    T::to_f32(rt, &mut a.pool_in, &a.cls.as_view())?;
+    rt.matmul_forward(
+        &mut a.pool_pre,
+        &a.pool_in,
+        &p.pool_w,
+        Some(&p.pool_b),
+        b,
+        c,
+        c,
+    )?;
     rt.tanh_forward(&mut a.pooled, &a.pool_pre)?;
     let (pd, seed) = site_seed(dropout, SITE_POOL);
     rt.dropout_forward(&mut a.pooled_drop, &a.pooled, pd, seed)?;
@@ -516,36 +567,85 @@ fn forward(
     )
 }
 
+// ---- ATTENTION: the one forward call and the one backward call of the attention ----
+
+/// ctx = attention(q, k, v) of one layer, saving what its backward needs.
+fn attention_forward_layer<T: ModelFloat>(
+    rt: &CudaRuntime,
+    cfg: &BertConfig,
+    la: &mut LayerActs<CudaViewMut<'_, T>, CudaViewMut<'_, f32>>,
+    batch: &DeviceBatch,
+    dropout: Option<AttentionDropout>,
+) -> Result<()> {
+    let dims = (batch.b, batch.t, cfg.num_attention_heads, cfg.head_size());
+    rt.attention_forward(
+        &mut la.ctx,
+        &mut la.attention_saved,
+        &la.q,
+        &la.k,
+        &la.v,
+        &batch.mask,
+        dims,
+        dropout,
+    )
+}
+
+/// d_q, d_k, d_v += the attention's input gradients given d_ctx (each zeroed here first).
+fn attention_backward_layer<T: ModelFloat>(
+    rt: &CudaRuntime,
+    cfg: &BertConfig,
+    la: &LayerActs<CudaViewMut<'_, T>, CudaViewMut<'_, f32>>,
+    s: &mut Scratch<CudaViewMut<'_, T>, CudaViewMut<'_, f32>>,
+    batch: &DeviceBatch,
+    dropout: Option<AttentionDropout>,
+) -> Result<()> {
+    let dims = (batch.b, batch.t, cfg.num_attention_heads, cfg.head_size());
+    zero(rt, &mut s.d_q)?;
+    zero(rt, &mut s.d_k)?;
+    zero(rt, &mut s.d_v)?;
+    rt.attention_backward(
+        &mut s.d_q,
+        &mut s.d_k,
+        &mut s.d_v,
+        &mut s.attention_scratch,
+        &s.d_ctx,
+        &la.q,
+        &la.k,
+        &la.v,
+        &la.attention_saved,
+        dims,
+        dropout,
+    )
+}
+
+// ---- end of ATTENTION ----
+
 /// Zeroes a scratch view before a backward op adds into it (the CPU's `zeroed`).
-fn zero(rt: &CudaRuntime, view: &mut CudaViewMut<'_, f32>) -> Result<()> {
+fn zero<E: Activation>(rt: &CudaRuntime, view: &mut CudaViewMut<'_, E>) -> Result<()> {
     rt.stream()
         .memset_zeros(view)
         .map_err(driver("zero a scratch buffer"))
 }
 
-/// BertModel::backward on the device: adds d loss / d parameter into `g`, given
-/// s.dlogits [B] and the activations of the forward on the same batch and dropout.
+/// BertModel::backward on the device: adds d loss / d parameter into `g` (fp32, whatever
+/// T is), given s.dlogits [B] and the activations of the forward on the same batch and
+/// dropout.
 #[allow(clippy::too_many_arguments)]
-fn backward(
+fn backward<T: ModelFloat>(
     rt: &CudaRuntime,
     cfg: &BertConfig,
-    p: &Params<CudaView<'_, f32>>,
+    w: &Weights<'_, T>,
     g: &mut Params<CudaViewMut<'_, f32>>,
-    a: &Acts<CudaViewMut<'_, f32>>,
-    s: &mut Scratch<CudaViewMut<'_, f32>>,
+    a: &Acts<CudaViewMut<'_, T>, CudaViewMut<'_, f32>>,
+    s: &mut Scratch<CudaViewMut<'_, T>, CudaViewMut<'_, f32>>,
     batch: &DeviceBatch,
     dropout: Option<Dropout>,
 ) -> Result<()> {
     let (b, t) = (batch.b, batch.t);
-    let (n, c, i, nh, hs) = (
-        b * t,
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_attention_heads,
-        cfg.head_size(),
-    );
+    let (n, c, i) = (b * t, cfg.hidden_size, cfg.intermediate_size);
+    let p = &w.master;
 
-    // Head and pooler.
+    // Head and pooler, fp32.
     zero(rt, &mut s.d_pool)?;
     rt.matmul_backward(
         &mut s.d_pool,
@@ -563,26 +663,32 @@ fn backward(
     let (pd, seed) = site_seed(dropout, SITE_POOL);
     rt.dropout_backward(&mut s.d_pooled, &s.d_pool, pd, seed)?;
     rt.tanh_backward(&mut s.d_pool_pre, &a.pooled, &s.d_pooled)?;
-    zero(rt, &mut s.d_cls)?;
+    zero(rt, &mut s.d_pool_in)?;
     rt.matmul_backward(
-        &mut s.d_cls,
+        &mut s.d_pool_in,
         &mut g.pool_w,
         Some(&mut g.pool_b),
         &s.d_pool_pre,
-        &a.cls,
+        &a.pool_in,
         &p.pool_w,
         b,
         c,
         c,
     )?;
+    T::from_f32(rt, &mut s.d_cls, &s.d_pool_in.as_view())?;
     zero(rt, &mut s.d_out)?;
     rt.cls_pool_backward(&mut s.d_out, &s.d_cls, b, t, c)?;
 
     // Encoder layers, last to first: `d_out` holds the gradient of the layer's output,
     // `d_in` accumulates that of its input and becomes `d_out` of the layer below.
     for l in (0..cfg.num_hidden_layers).rev() {
-        let (la, lp, lg) = (&a.layers[l], &p.layers[l], &mut g.layers[l]);
-        let input: &CudaViewMut<'_, f32> = if l == 0 {
+        let (la, lw, lp, lg) = (
+            &a.layers[l],
+            &w.gemm.layers[l],
+            &p.layers[l],
+            &mut g.layers[l],
+        );
+        let input: &CudaViewMut<'_, T> = if l == 0 {
             &a.emb_drop
         } else {
             &a.layers[l - 1].ln2
@@ -611,7 +717,7 @@ fn backward(
             Some(&mut lg.ffn2_b),
             &s.d_ffn_out,
             &la.ffn_gelu,
-            &lp.ffn2_w,
+            &lw.ffn2_w,
             n,
             i,
             c,
@@ -637,7 +743,7 @@ fn backward(
             None::<&mut CudaViewMut<'_, f32>>,
             &s.d_ffn_pre,
             &la.ln1,
-            &lp.ffn1_w,
+            &lw.ffn1_w,
             n,
             c,
             i,
@@ -666,34 +772,19 @@ fn backward(
             Some(&mut lg.o_b),
             &s.d_attn,
             &la.ctx,
-            &lp.o_w,
+            &lw.o_w,
             n,
             c,
             c,
         )?;
-        zero(rt, &mut s.d_q)?;
-        zero(rt, &mut s.d_k)?;
-        zero(rt, &mut s.d_v)?;
-        rt.attention_backward(
-            &mut s.d_q,
-            &mut s.d_k,
-            &mut s.d_v,
-            &mut s.dscores,
-            &s.d_ctx,
-            &la.q,
-            &la.k,
-            &la.v,
-            &la.probs,
-            (b, t, nh, hs),
-            attention_dropout(dropout, l),
-        )?;
+        attention_backward_layer(rt, cfg, la, s, batch, attention_dropout(dropout, l))?;
         // The layer input feeds the residual (already in d_in) and q, k, v.
-        for (d, w_grad, b_grad, w) in [
-            (&s.d_q, &mut lg.q_w, &mut lg.q_b, &lp.q_w),
-            (&s.d_k, &mut lg.k_w, &mut lg.k_b, &lp.k_w),
-            (&s.d_v, &mut lg.v_w, &mut lg.v_b, &lp.v_w),
+        for (d, w_grad, b_grad, weight) in [
+            (&s.d_q, &mut lg.q_w, &mut lg.q_b, &lw.q_w),
+            (&s.d_k, &mut lg.k_w, &mut lg.k_b, &lw.k_w),
+            (&s.d_v, &mut lg.v_w, &mut lg.v_b, &lw.v_w),
         ] {
-            rt.matmul_backward(&mut s.d_in, w_grad, Some(b_grad), d, input, w, n, c, c)?;
+            rt.matmul_backward(&mut s.d_in, w_grad, Some(b_grad), d, input, weight, n, c, c)?;
         }
         std::mem::swap(&mut s.d_out, &mut s.d_in);
     }
@@ -765,24 +856,44 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
-/// The reward model's training state on one GPU: the four parameter-shaped arenas and the
-/// activation arena.
+/// The reward model's training state on one GPU: the four fp32 parameter-shaped arenas
+/// (master weights, gradients, the AdamW moments), the activation arenas, and for bf16 the
+/// bf16 copy of the weights.
 pub struct CudaTrainer {
     rt: Arc<CudaRuntime>,
     config: BertConfig,
     layout: ParamLayout,
-    params: CudaSlice<f32>, // [layout.total]
+    params: CudaSlice<f32>, // [layout.total] fp32 master weights
     grads: CudaSlice<f32>,  // [layout.total]
     m: CudaSlice<f32>,      // [layout.total] AdamW first moment
     v: CudaSlice<f32>,      // [layout.total] AdamW second moment
-    acts: CudaSlice<f32>,   // activations + backward scratch, grown to the largest batch
+    precision: Precision,
+    /// The fp32 activations whatever the type (see `carve_arena`), grown with the typed arena.
+    acts_f32: CudaSlice<f32>,
     /// Consecutive tensors with the same weight-decay flag: one AdamW launch each.
     decay_runs: Vec<(Range<usize>, bool)>,
 }
 
+/// The activation type and the buffers of that type.
+enum Precision {
+    F32 {
+        acts: CudaSlice<f32>, // activations + backward scratch in f32, grown to the largest batch
+    },
+    Bf16 {
+        /// [layout.total] the master weights rounded to bf16, in `ParamLayout` (so one
+        /// carve names its tensors and one AdamW launch per run refreshes it). The encoder's
+        /// GEMMs read it; the rest (tables, biases, LayerNorm, the head) read the fp32
+        /// master, so those parts of the copy are written and never read: a few percent
+        /// of the model, kept for the single layout.
+        weights: CudaSlice<bf16>,
+        acts: CudaSlice<bf16>, // activations + backward scratch in bf16
+    },
+}
+
 impl CudaTrainer {
-    /// Uploads `model`'s parameter arena in one copy; gradients and moments start at zero.
-    pub fn new(rt: Arc<CudaRuntime>, model: &BertModel<f32>) -> Result<CudaTrainer> {
+    /// Uploads `model`'s parameter arena in one copy (and rounds it to the bf16 copy for
+    /// `DType::Bf16`); gradients and moments start at zero.
+    pub fn new(rt: Arc<CudaRuntime>, model: &BertModel<f32>, dtype: DType) -> Result<CudaTrainer> {
         let total = model.layout.total;
         let mut decay_runs: Vec<(Range<usize>, bool)> = Vec::new();
         for spec in &model.layout.tensors {
@@ -793,12 +904,25 @@ impl CudaTrainer {
                 _ => decay_runs.push((spec.range(), spec.decay)),
             }
         }
+        let params = rt.upload(&model.params)?;
+        let precision = match dtype {
+            DType::F32 => Precision::F32 { acts: rt.zeros(1)? },
+            DType::Bf16 => {
+                let mut weights = rt.zeros::<bf16>(total)?;
+                rt.cast_f32_to_bf16(&mut weights, &params)?;
+                Precision::Bf16 {
+                    weights,
+                    acts: rt.zeros(1)?,
+                }
+            }
+        };
         Ok(CudaTrainer {
-            params: rt.upload(&model.params)?,
+            params,
             grads: rt.zeros(total)?,
             m: rt.zeros(total)?,
             v: rt.zeros(total)?,
-            acts: rt.zeros(1)?,
+            precision,
+            acts_f32: rt.zeros(1)?,
             config: model.config.clone(),
             layout: model.layout.clone(),
             decay_runs,
@@ -814,13 +938,25 @@ impl CudaTrainer {
         &self.layout
     }
 
-    /// Replaces the parameters (e.g. from a checkpoint) in one copy.
+    /// The activation type this trainer computes in.
+    pub fn dtype(&self) -> DType {
+        match self.precision {
+            Precision::F32 { .. } => DType::F32,
+            Precision::Bf16 { .. } => DType::Bf16,
+        }
+    }
+
+    /// Replaces the parameters (e.g. from a checkpoint) in one copy, and their bf16 copy.
     pub fn upload_params(&mut self, params: &[f32]) -> Result<()> {
         self.check_arena("parameters", params.len())?;
         self.rt
             .stream()
             .memcpy_htod(params, &mut self.params)
-            .map_err(driver("upload the parameters"))
+            .map_err(driver("upload the parameters"))?;
+        if let Precision::Bf16 { weights, .. } = &mut self.precision {
+            self.rt.cast_f32_to_bf16(weights, &self.params)?;
+        }
+        Ok(())
     }
 
     /// Replaces the AdamW moments (resuming from a checkpoint).
@@ -836,9 +972,23 @@ impl CudaTrainer {
             .map_err(driver("upload the second moments"))
     }
 
-    /// The parameter arena in `ParamLayout` order (for a checkpoint).
+    /// The fp32 master parameters in `ParamLayout` order (for a checkpoint).
     pub fn download_params(&self) -> Result<Vec<f32>> {
         self.rt.download(&self.params)
+    }
+
+    /// The parameters as the encoder's GEMMs read them, as f32: the master weights for
+    /// f32, their bf16 copy widened for bf16.
+    pub fn download_gemm_weights(&self) -> Result<Vec<f32>> {
+        match &self.precision {
+            Precision::F32 { .. } => self.download_params(),
+            Precision::Bf16 { weights, .. } => Ok(self
+                .rt
+                .download(weights)?
+                .into_iter()
+                .map(f32::from)
+                .collect()),
+        }
     }
 
     /// The gradients of the last step (left in place after the update).
@@ -862,34 +1012,54 @@ impl CudaTrainer {
         }
     }
 
-    /// Grows the activation arena to hold a batch of b x t.
+    /// Grows the activation arenas to hold a batch of b x t.
     fn reserve(&mut self, b: usize, t: usize) -> Result<()> {
-        let need = arena_len(&self.config, b, t);
-        if self.acts.len() < need {
-            // Free the old arena first: the new one may need most of the device.
-            self.acts = self.rt.zeros(1)?;
-            self.acts = self.rt.zeros(need).map_err(|e| {
-                Error::internal(format!(
-                    "{e} (the activations of {b} sequences of {t} tokens need {:.2} GiB)",
-                    need as f64 * 4.0 / (1u64 << 30) as f64
-                ))
-            })?;
+        let (typed, fp32) = arena_lens(&self.config, b, t);
+        let bytes = match self.precision {
+            Precision::F32 { .. } => 4 * typed + 4 * fp32,
+            Precision::Bf16 { .. } => 2 * typed + 4 * fp32,
+        };
+        let need = |e: Error| {
+            Error::internal(format!(
+                "{e} (the activations of {b} sequences of {t} tokens need {:.2} GiB)",
+                bytes as f64 / (1u64 << 30) as f64
+            ))
+        };
+        let rt = &self.rt;
+        match &mut self.precision {
+            Precision::F32 { acts } => grow(rt, acts, typed).map_err(need)?,
+            Precision::Bf16 { acts, .. } => grow(rt, acts, typed).map_err(need)?,
         }
-        Ok(())
+        grow(rt, &mut self.acts_f32, fp32).map_err(need)
     }
 
     /// The forward pass alone; returns the logits [B]. With `dropout`, training mode.
     pub fn forward(&mut self, batch: &Batch, dropout: Option<Dropout>) -> Result<Vec<f32>> {
         let device_batch = DeviceBatch::new(&self.rt, &self.config, batch)?;
         self.reserve(batch.b, batch.t)?;
-        let cfg = &self.config;
-        let p = device_params(cfg, self.params.as_view())?;
-        let (mut a, _) = carve_arena(cfg, self.acts.as_view_mut(), batch.b, batch.t)?;
-        forward(&self.rt, cfg, &p, &mut a, &device_batch, dropout)?;
-        self.rt
-            .stream()
-            .clone_dtoh(&a.logits)
-            .map_err(driver("copy the logits to the host"))
+        let (rt, cfg) = (&self.rt, &self.config);
+        let master = device_params(cfg, self.params.as_view())?;
+        let fp32 = self.acts_f32.as_view_mut();
+        match &mut self.precision {
+            Precision::F32 { acts } => {
+                let w = Weights {
+                    gemm: device_params(cfg, self.params.as_view())?,
+                    master,
+                };
+                let (mut a, _) = carve_arena(cfg, acts.as_view_mut(), fp32, batch.b, batch.t)?;
+                forward(rt, cfg, &w, &mut a, &device_batch, dropout)?;
+                download_logits(rt, &a.logits)
+            }
+            Precision::Bf16 { weights, acts } => {
+                let w = Weights {
+                    gemm: device_params(cfg, weights.as_view())?,
+                    master,
+                };
+                let (mut a, _) = carve_arena(cfg, acts.as_view_mut(), fp32, batch.b, batch.t)?;
+                forward(rt, cfg, &w, &mut a, &device_batch, dropout)?;
+                download_logits(rt, &a.logits)
+            }
+        }
     }
 
     /// Zeroes the gradient arena (the start of a step).
@@ -914,42 +1084,40 @@ impl CudaTrainer {
         let device_batch = DeviceBatch::new(&self.rt, &self.config, batch)?;
         let ranking = RankingBatch::new(&self.rt, micro.ks, micro.types, loss)?;
         self.reserve(batch.b, batch.t)?;
-        let rt = &self.rt;
-        let cfg = &self.config;
-        let p = device_params(cfg, self.params.as_view())?;
+        let (rt, cfg) = (&self.rt, &self.config);
+        let master = device_params(cfg, self.params.as_view())?;
         let mut g = device_params(cfg, self.grads.as_view_mut())?;
-        let (mut a, mut s) = carve_arena(cfg, self.acts.as_view_mut(), batch.b, batch.t)?;
-        forward(rt, cfg, &p, &mut a, &device_batch, micro.dropout)?;
-        let value = rt.ranking_loss_forward_backward(&mut s.dlogits, &a.logits, &ranking, eps)?;
-        if micro_batches > 1 {
-            // As the CPU loop: the f32 dlogits divided by the count (B values: a round
-            // trip through the host costs less than a kernel of its own).
-            let mut dlogits = rt
-                .stream()
-                .clone_dtoh(&s.dlogits)
-                .map_err(driver("copy dlogits to the host"))?;
-            for d in dlogits.iter_mut() {
-                *d /= micro_batches as f32;
+        let fp32 = self.acts_f32.as_view_mut();
+        let job = Accumulate {
+            batch: &device_batch,
+            ranking: &ranking,
+            dropout: micro.dropout,
+            eps,
+            micro_batches,
+        };
+        match &mut self.precision {
+            Precision::F32 { acts } => {
+                let w = Weights {
+                    gemm: device_params(cfg, self.params.as_view())?,
+                    master,
+                };
+                let views = carve_arena(cfg, acts.as_view_mut(), fp32, batch.b, batch.t)?;
+                job.run(rt, cfg, &w, &mut g, views)
             }
-            rt.stream()
-                .memcpy_htod(&dlogits, &mut s.dlogits)
-                .map_err(driver("copy dlogits to the device"))?;
+            Precision::Bf16 { weights, acts } => {
+                let w = Weights {
+                    gemm: device_params(cfg, weights.as_view())?,
+                    master,
+                };
+                let views = carve_arena(cfg, acts.as_view_mut(), fp32, batch.b, batch.t)?;
+                job.run(rt, cfg, &w, &mut g, views)
+            }
         }
-        backward(
-            rt,
-            cfg,
-            &p,
-            &mut g,
-            &a,
-            &mut s,
-            &device_batch,
-            micro.dropout,
-        )?;
-        Ok(value)
     }
 
-    /// The global gradient norm, then (when finite) clipping and AdamW. Returns the norm
-    /// before clipping; a non-finite norm leaves the parameters untouched.
+    /// The global gradient norm, then (when finite) clipping and AdamW on the fp32 master
+    /// weights, which also refreshes their bf16 copy for bf16. Returns the norm before
+    /// clipping; a non-finite norm leaves the parameters untouched.
     pub fn clip_and_update(&mut self, opt: &OptimStep) -> Result<f64> {
         let norm = self.rt.global_norm_squared(&[&self.grads])?.sqrt();
         if !norm.is_finite() {
@@ -967,15 +1135,79 @@ impl CudaTrainer {
                 weight_decay: if *decay { opt.weight_decay } else { 0.0 },
                 grad_scale: clip,
             };
-            self.rt.adamw_update(
-                &mut self.params.slice_mut(range.clone()),
-                &self.grads.slice(range.clone()),
-                &mut self.m.slice_mut(range.clone()),
-                &mut self.v.slice_mut(range.clone()),
-                &hp,
-            )?;
+            let params = &mut self.params.slice_mut(range.clone());
+            let grads = &self.grads.slice(range.clone());
+            let m = &mut self.m.slice_mut(range.clone());
+            let v = &mut self.v.slice_mut(range.clone());
+            match &mut self.precision {
+                Precision::F32 { .. } => self.rt.adamw_update(params, grads, m, v, &hp)?,
+                Precision::Bf16 { weights, .. } => self.rt.adamw_update_bf16_copy(
+                    params,
+                    &mut weights.slice_mut(range.clone()),
+                    grads,
+                    m,
+                    v,
+                    &hp,
+                )?,
+            }
         }
         Ok(norm)
+    }
+}
+
+/// Replaces `arena` with a zeroed one of `len` elements when it is smaller.
+fn grow<E: Activation>(rt: &CudaRuntime, arena: &mut CudaSlice<E>, len: usize) -> Result<()> {
+    if arena.len() < len {
+        // Free the old arena first: the new one may need most of the device.
+        *arena = rt.zeros(1)?;
+        *arena = rt.zeros(len)?;
+    }
+    Ok(())
+}
+
+fn download_logits(rt: &CudaRuntime, logits: &CudaViewMut<'_, f32>) -> Result<Vec<f32>> {
+    rt.stream()
+        .clone_dtoh(logits)
+        .map_err(driver("copy the logits to the host"))
+}
+
+/// One micro-batch's forward, loss and backward, whatever the activation type.
+struct Accumulate<'a> {
+    batch: &'a DeviceBatch,
+    ranking: &'a RankingBatch,
+    dropout: Option<Dropout>,
+    eps: f64,
+    micro_batches: usize,
+}
+
+impl Accumulate<'_> {
+    fn run<T: ModelFloat>(
+        &self,
+        rt: &CudaRuntime,
+        cfg: &BertConfig,
+        w: &Weights<'_, T>,
+        g: &mut Params<CudaViewMut<'_, f32>>,
+        (mut a, mut s): ActViews<'_, T>,
+    ) -> Result<f64> {
+        forward(rt, cfg, w, &mut a, self.batch, self.dropout)?;
+        let value =
+            rt.ranking_loss_forward_backward(&mut s.dlogits, &a.logits, self.ranking, self.eps)?;
+        if self.micro_batches > 1 {
+            // As the CPU loop: the f32 dlogits divided by the count (B values: a round
+            // trip through the host costs less than a kernel of its own).
+            let mut dlogits = rt
+                .stream()
+                .clone_dtoh(&s.dlogits)
+                .map_err(driver("copy dlogits to the host"))?;
+            for d in dlogits.iter_mut() {
+                *d /= self.micro_batches as f32;
+            }
+            rt.stream()
+                .memcpy_htod(&dlogits, &mut s.dlogits)
+                .map_err(driver("copy dlogits to the device"))?;
+        }
+        backward(rt, cfg, w, g, &a, &mut s, self.batch, self.dropout)?;
+        Ok(value)
     }
 }
 
