@@ -184,17 +184,20 @@ impl<V: Cut> Carver<V> {
 
 // ---- ATTENTION: what the attention saves for its backward, and its backward's scratch ----
 // The one place that knows the attention kernels' buffers (with `attention_forward_layer` and
-// `attention_backward_layer` below). Today the kernels save the probabilities [B, NH, T, T];
-// a flash-style kernel saves a logsumexp [B, NH, T] instead and needs no score scratch.
+// `attention_backward_layer` below). The model runs the flash-style kernels (version 2 of
+// kernels/attention.cu): they never store the T x T probabilities; the forward saves each
+// query row's logsumexp and the backward recomputes the probabilities from it.
 
-/// fp32 elements the attention of one layer saves for its backward.
+/// fp32 elements the attention of one layer saves for its backward: the logsumexp
+/// [B, NH, T].
 fn attention_saved_len(b: usize, t: usize, nh: usize) -> usize {
-    b * nh * t * t
+    b * nh * t
 }
 
-/// fp32 elements of the attention backward's scratch (one layer at a time).
+/// fp32 elements of the attention backward's scratch (one layer at a time): the row dots
+/// D = dctx · ctx [B, NH, T].
 fn attention_scratch_len(b: usize, t: usize, nh: usize) -> usize {
-    b * nh * t * t
+    b * nh * t
 }
 
 // ---- the activation arenas ----
@@ -208,7 +211,7 @@ struct LayerActs<A, F> {
     q: A,               // [N, C]
     k: A,               // [N, C]
     v: A,               // [N, C]
-    attention_saved: F, // attention_saved_len: the probabilities [B, NH, T, T]
+    attention_saved: F, // attention_saved_len: the logsumexp [B, NH, T]
     ctx: A,             // [N, C] attention output, heads concatenated
     attn_proj: A,       // [N, C]
     attn_drop: A,       // [N, C]
@@ -257,7 +260,7 @@ struct Scratch<A, F> {
     d_k: A,               // [N, C]
     d_v: A,               // [N, C]
     d_cls: A,             // [B, C] d_pool_in in T
-    attention_scratch: F, // attention_scratch_len: the score gradients [B, NH, T, T]
+    attention_scratch: F, // attention_scratch_len: the row dots [B, NH, T]
     d_pool: F,            // [B, C]
     d_pooled: F,          // [B, C]
     d_pool_pre: F,        // [B, C]
@@ -578,7 +581,7 @@ fn attention_forward_layer<T: ModelFloat>(
     dropout: Option<AttentionDropout>,
 ) -> Result<()> {
     let dims = (batch.b, batch.t, cfg.num_attention_heads, cfg.head_size());
-    rt.attention_forward(
+    rt.flash_attention_forward(
         &mut la.ctx,
         &mut la.attention_saved,
         &la.q,
@@ -603,16 +606,19 @@ fn attention_backward_layer<T: ModelFloat>(
     zero(rt, &mut s.d_q)?;
     zero(rt, &mut s.d_k)?;
     zero(rt, &mut s.d_v)?;
-    rt.attention_backward(
+    // la.ctx is the forward's output, untouched since (the projection only reads it).
+    rt.flash_attention_backward(
         &mut s.d_q,
         &mut s.d_k,
         &mut s.d_v,
         &mut s.attention_scratch,
         &s.d_ctx,
+        &la.ctx,
         &la.q,
         &la.k,
         &la.v,
         &la.attention_saved,
+        &batch.mask,
         dims,
         dropout,
     )
