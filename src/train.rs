@@ -549,8 +549,11 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
             }
         };
         if !step_loss.is_finite() || !norm.is_finite() {
-            return Err(Error::internal(format!(
-                "step {}: the {} is not finite; stopping (the last good checkpoint in {} is kept)",
+            // Divergence follows from the config's optimisation settings: a user error.
+            return Err(Error::user(format!(
+                "{}: learning_rate: training diverged at step {} (the {} is not finite); \
+                 lower learning_rate or max_grad_norm (the last good checkpoint in {} is kept)",
+                cfg.path.display(),
                 step + 1,
                 if step_loss.is_finite() {
                     "gradient norm"

@@ -307,8 +307,12 @@ fn a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_its_checkpoint()
     assert!(!result.status.success(), "the run did not stop: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("step 2:") && stderr.contains("not finite"),
+        stderr.contains(cfg.to_str().unwrap())
+            && stderr.contains("learning_rate")
+            && stderr.contains("diverged at step 2")
+            && stderr.contains("not finite"),
         "{stderr}"
     );
     // Step 1 was finite and saved; nothing of step 2 was written.
