@@ -1240,7 +1240,7 @@ fn emulator_indices_and_collectives_follow_cuda() {
         let expected = [
             value(lane ^ 5),
             value(if lane + 3 < 32 { lane + 3 } else { lane }),
-            value(lane.saturating_sub(2).max(if lane >= 2 { 0 } else { lane })),
+            value(if lane >= 2 { lane - 2 } else { lane }),
             value(7),
             ballot as i32,
             1,
@@ -1366,7 +1366,7 @@ fn emulator_reports_what_a_gpu_would_hang_or_fault_on() {
     let why = launch_error(emu, "emu_divergent_barriers", cfg(1, 64, 0), (out.ptr(),));
     assert_mentions(&why, &["divergent __syncthreads", "emu_divergent_barriers"]);
 
-    let out = emu.upload(&vec![0f32; 40]);
+    let out = emu.upload(&[0f32; 40]);
     let why = launch_error(emu, "emu_partial_warp", cfg(1, 40, 0), (out.ptr(),));
     assert_mentions(
         &why,
@@ -1384,26 +1384,26 @@ fn emulator_reports_what_a_gpu_would_hang_or_fault_on() {
     );
 
     // One element past a buffer's end, and the element before its start.
-    let buffer = emu.upload(&vec![0f32; 37]);
+    let buffer = emu.upload(&[0f32; 37]);
     let why = launch_error(emu, "emu_write_at", cfg(1, 32, 0), (buffer.ptr(), 37i32));
     assert_mentions(
         &why,
         &["illegal memory access past the end of a device buffer"],
     );
-    let mut full_page = emu.upload(&vec![0f32; 1024]);
+    let full_page = emu.upload(&vec![0f32; 1024]);
     let why = launch_error(emu, "emu_write_at", cfg(1, 32, 0), (full_page.ptr(), -1i32));
     assert_mentions(
         &why,
         &["illegal memory access before the start of a device buffer"],
     );
-    full_page = emu.upload(&vec![0f32; 1]);
+    // In bounds: the last element.
     emu.run(
         "selftest",
         "emu_write_at",
         cfg(1, 32, 0),
-        (full_page.ptr(), 0i32),
+        (buffer.ptr(), 36i32),
     );
-    assert_eq!(full_page.read(), [1.0]);
+    assert_eq!(buffer.read()[36], 1.0);
 
     // Dynamic shared memory: past a size that is not a multiple of 16 (caught by the
     // padding's canary), and past one that is (the guard page).
@@ -1421,7 +1421,7 @@ fn emulator_reports_what_a_gpu_would_hang_or_fault_on() {
     assert_mentions(&why, &["dynamic shared memory"]);
     emu.run("selftest", "emu_shared_write_at", cfg(1, 32, 20), (4i32,));
 
-    let ints = emu.upload(&vec![0i32; 32]);
+    let ints = emu.upload(&[0i32; 32]);
     let why = launch_error(emu, "emu_divide", cfg(1, 32, 0), (ints.ptr(), 0i32));
     assert_mentions(&why, &["integer division by zero"]);
 

@@ -243,6 +243,17 @@ pub struct Launch {
     pub shared_bytes: usize,
 }
 
+/// A wrapper's own configuration (cudarc's LaunchConfig), where it exposes one.
+impl From<cudarc::driver::LaunchConfig> for Launch {
+    fn from(c: cudarc::driver::LaunchConfig) -> Launch {
+        Launch {
+            grid: c.grid_dim,
+            block: c.block_dim,
+            shared_bytes: c.shared_mem_bytes as usize,
+        }
+    }
+}
+
 /// ops.rs's `launch_config(grid, threads, shared)`: one-dimensional grid and block.
 pub fn cfg(grid: u32, threads: usize, shared_bytes: usize) -> Launch {
     Launch {
