@@ -1268,6 +1268,26 @@ fn emulator_indices_and_collectives_follow_cuda() {
     assert_eq!(out.read(), expected);
 }
 
+#[test]
+fn emulator_exposes_a_missing_barrier() {
+    let Some(emu) = emu_or_skip("emulator_exposes_a_missing_barrier") else {
+        return;
+    };
+    let threads = 64usize;
+    let out = emu.upload(&vec![0f32; 2 * threads]);
+    emu.run(
+        "selftest",
+        "emu_missing_barrier",
+        cfg(2, threads, threads * 4),
+        (out.ptr(),),
+    );
+    let got = out.read();
+    // Forward (block 0): threads read their successor's slot before it is written; backward
+    // (block 1): the last thread reads slot 0 before thread 0 writes it.
+    assert!(got[..threads - 1].iter().all(|x| x.is_nan()), "{got:?}");
+    assert!(got[2 * threads - 1].is_nan(), "{got:?}");
+}
+
 /// (z, y, x) of a 3-D extent, x fastest.
 fn itertools((x, y, z): (u32, u32, u32)) -> impl Iterator<Item = (u32, u32, u32)> {
     (0..z).flat_map(move |k| (0..y).flat_map(move |j| (0..x).map(move |i| (k, j, i))))

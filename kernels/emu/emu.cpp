@@ -83,12 +83,18 @@ unsigned block_threads = 0, done_count = 0, block_arrived = 0;
 unsigned warp_arrived[MAX_BLOCK_THREADS / 32];
 unsigned ready_queue[MAX_BLOCK_THREADS];
 unsigned ready_head = 0, ready_count = 0;
+// Odd blocks start and release their threads in reverse order, so a missing barrier
+// between threads shows in one of the two orders (a read of a slot not yet written).
+bool reverse_order = false;
 std::string failure;     // set by a fiber that found an error, before it leaves for good
 char fault_message[512];  // written by the signal handler
 thread_local std::string last_error;
 
 struct sigaction previous_segv, previous_bus, previous_fpe;
 bool handlers_installed = false;
+
+// The i-th thread of the block in this block's order.
+Fiber* nth(unsigned i) { return &fibers[reverse_order ? block_threads - 1 - i : i]; }
 
 void push_ready(Fiber* f) {
     f->state = READY;
@@ -278,7 +284,8 @@ __attribute__((noinline)) void run_grid() {
                 done_count = block_arrived = 0;
                 memset(warp_arrived, 0, sizeof warp_arrived);
                 ready_head = ready_count = 0;
-                for (unsigned i = 0; i < block_threads; i++) push_ready(&fibers[i]);
+                reverse_order = (bx + grid.x * (by + grid.y * bz)) % 2 == 1;
+                for (unsigned i = 0; i < block_threads; i++) push_ready(nth(i));
                 while (done_count < block_threads) {
                     if (ready_count == 0) {
                         failure = diagnose_stuck();
@@ -343,7 +350,7 @@ __attribute__((visibility("default"))) int rcx_emu_block_barrier(int kind, int p
     block_arrived = 0;
     for (unsigned i = 0; i < block_threads; i++) {
         fibers[i].block_result = result;
-        if (&fibers[i] != self) push_ready(&fibers[i]);
+        if (nth(i) != self) push_ready(nth(i));
     }
     self->state = RUNNING;
     return result;
@@ -393,7 +400,8 @@ __attribute__((visibility("default"))) uint64_t rcx_emu_warp_exchange(int kind, 
         }
         ballot |= (uint64_t)(f->bits & 1u) << l;
     }
-    for (unsigned l = 0; l < 32; l++) {
+    for (unsigned i = 0; i < 32; i++) {
+        const unsigned l = reverse_order ? 31 - i : i;
         if (!(mask >> l & 1u)) continue;
         Fiber* f = &fibers[base + l];
         f->warp_result = f->source < 0 ? ballot : fibers[base + f->source].bits;

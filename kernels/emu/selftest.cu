@@ -88,3 +88,11 @@ extern "C" __global__ void emu_shared_write_at(int at) {
 
 // An integer division by `divisor`.
 extern "C" __global__ void emu_divide(int* out, int divisor) { out[threadIdx.x] = 1000 / divisor; }
+
+// emu_shared_exchange without its barrier: a race on a GPU, poison (NaN) read here, in
+// one block or the other (even blocks run their threads forward, odd ones backward).
+extern "C" __global__ void emu_missing_barrier(float* out) {
+    float* slots = dynamic_shared<float>();
+    slots[threadIdx.x] = (float)threadIdx.x;
+    out[blockIdx.x * blockDim.x + threadIdx.x] = slots[(threadIdx.x + 1) % blockDim.x];
+}
