@@ -1,7 +1,9 @@
 // Shared helpers of the rcx kernels: bf16 <-> fp32 conversion (activations may be stored
 // in bf16, all arithmetic is fp32 or wider) and deterministic warp/block reductions.
 #pragma once
+#ifndef RCX_EMULATE  // the CPU emulation (kernels/emu/emu.h) defines bf16 itself
 #include <cuda_bf16.h>
+#endif
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -70,8 +72,12 @@ __device__ inline float block_max(float v) {
 // The launch's dynamic shared memory as an array of T (the launch sets its size). One
 // declaration for every kernel, so the CPU emulation of the kernels can provide it.
 template <typename T> __device__ __forceinline__ T* dynamic_shared() {
+#ifdef RCX_EMULATE
+    return reinterpret_cast<T*>(rcx_emu_dynamic_shared());
+#else
     extern __shared__ __align__(16) unsigned char dynamic_shared_bytes[];
     return reinterpret_cast<T*>(dynamic_shared_bytes);
+#endif
 }
 
 // Each kernel file instantiates its templates for float and bf16 activations through a

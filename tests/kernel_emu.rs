@@ -1,0 +1,1457 @@
+//! Every CUDA kernel (kernels/*.cu) run on the CPU emulator of the CUDA execution model
+//! (kernels/emu) and checked against its CPU twin (rcx::backend::cpu, rcx::loss). Runs
+//! without a GPU, so CI exercises the kernels' index math, bounds, synchronisation and
+//! numerics; it cannot catch driver misuse or races only real hardware shows (tests/
+//! cuda_kernels.rs does that on a GPU).
+//!
+//! Each launch uses the grid, block and shared memory of its launch wrapper in
+//! src/backend/cuda (the `Launch configurations` section below mirrors them). Inputs are
+//! random and non-zero, outputs poisoned with NaN before every launch, gradients start
+//! random (so `+=` versus `=` shows), in f32 and bf16, at odd shapes. The reference is the
+//! CPU op in f64 on the same (bf16-rounded) inputs; |emu - cpu| <= rtol (|cpu| + mean |cpu|)
+//! with rtol 1e-5 in f32 (1e-4 for long f32 sums), 1e-2 in bf16.
+//!
+//! To add a kernel case: one `emu.run(file, &sym::<T>("kernel"), <config>, (args...))`
+//! with the config from the section below (add a function there if the wrapper is new) and
+//! the arguments exactly as the wrapper's `.arg(...)` list (int: i32, size_t: usize,
+//! uint64_t: u64, float: f32, double: f64, buffers: `buf.ptr()`), then compare outputs.
+//!
+//! Without g++ (or $CXX) the tests print why and pass; RCX_REQUIRE_EMU=1 (set by .ci/run)
+//! makes that a failure.
+
+mod emu;
+
+use emu::{Buf, Emu, Launch, blocks, cfg, emu_or_skip};
+use half::bf16;
+use rcx::backend::cpu::{self, AttentionDropout};
+use rcx::loss::{LossSpec, PromptType, Utility};
+
+const F32: f64 = 1e-5;
+const F32_SUM: f64 = 1e-4;
+const BF16: f64 = 1e-2;
+
+// ---- Launch configurations, as in src/backend/cuda/{ops,matmul,loss,optim}.rs ----------
+
+/// ops.rs ELEMENTWISE_THREADS, matmul.rs THREADS, optim.rs ADAMW_THREADS.
+const ELEMENTWISE_THREADS: usize = 256;
+/// ops.rs ROW_THREADS: one warp per row.
+const ROW_THREADS: usize = 256;
+/// ops.rs ATTENTION_THREADS.
+const ATTENTION_THREADS: usize = 128;
+/// loss.rs THREADS.
+const LOSS_THREADS: usize = 64;
+/// optim.rs NORM_BLOCKS, NORM_THREADS.
+const NORM_BLOCKS: usize = 256;
+const NORM_THREADS: usize = 512;
+
+/// One thread per element of `total`.
+fn elementwise(total: usize) -> Launch {
+    cfg(blocks(total, ELEMENTWISE_THREADS), ELEMENTWISE_THREADS, 0)
+}
+
+/// One warp per row: layernorm forward, residual_layernorm, layernorm_backward_input.
+fn warp_rows(n: usize) -> Launch {
+    cfg(blocks(n * 32, ROW_THREADS), ROW_THREADS, 0)
+}
+
+/// One thread per column: bias_backward, bias_gelu_backward, layernorm_backward_params.
+fn columns(c: usize) -> Launch {
+    cfg(blocks(c, ELEMENTWISE_THREADS), ELEMENTWISE_THREADS, 0)
+}
+
+/// embedding_backward_rows: one block per distinct table row.
+fn embedding_rows(distinct: usize) -> Launch {
+    cfg(blocks(distinct, 1), ELEMENTWISE_THREADS, 0)
+}
+
+/// attention_forward, attention_backward_query: one block per (sequence, head, row), a row
+/// of t floats of dynamic shared memory.
+fn attention_rows(b: usize, nh: usize, t: usize) -> Launch {
+    cfg(blocks(b * nh * t, 1), ATTENTION_THREADS, t * 4)
+}
+
+/// attention_backward_key: one block per key row, threads over hs.
+fn attention_keys(b: usize, nh: usize, t: usize, hs: usize) -> Launch {
+    cfg(blocks(b * nh * t, 1), hs.div_ceil(32).clamp(1, 8) * 32, 0)
+}
+
+/// ranking_loss_forward_backward: one block per prompt.
+fn ranking_loss(prompts: usize) -> Launch {
+    cfg(prompts as u32, LOSS_THREADS, 0)
+}
+
+fn norm_partial() -> Launch {
+    cfg(NORM_BLOCKS as u32, NORM_THREADS, 0)
+}
+
+fn norm_finish() -> Launch {
+    cfg(1, 1024, 0)
+}
+
+// ---- Activation types, inputs and comparisons ------------------------------------------
+
+/// The activation types of the kernels, `<kernel>_f32` and `<kernel>_bf16`.
+trait Act: Copy + 'static {
+    const SUFFIX: &'static str;
+    /// Tolerance of outputs stored in this type.
+    const RTOL: f64;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Act for f32 {
+    const SUFFIX: &'static str = "f32";
+    const RTOL: f64 = F32;
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Act for bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const RTOL: f64 = BF16;
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+fn sym<T: Act>(kernel: &str) -> String {
+    format!("{kernel}_{}", T::SUFFIX)
+}
+
+/// The larger of T's tolerance and `rtol` (a bf16 output is never better than bf16).
+fn tol<T: Act>(rtol: f64) -> f64 {
+    T::RTOL.max(rtol)
+}
+
+/// Deterministic splitmix64 stream, so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-scale, scale] with |x| >= scale/20: non-zero.
+    fn values(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                let u = (self.next_u64() >> 11) as f32 / (1u64 << 53) as f32;
+                let magnitude = scale * (0.05 + 0.95 * u);
+                if self.next_u64() & 1 == 0 {
+                    magnitude
+                } else {
+                    -magnitude
+                }
+            })
+            .collect()
+    }
+
+    fn below(&mut self, len: usize, limit: u32) -> Vec<u32> {
+        (0..len)
+            .map(|_| (self.next_u64() % limit as u64) as u32)
+            .collect()
+    }
+}
+
+/// Values as T stores them (what both sides then see), in T.
+fn act<T: Act>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}
+
+/// The f64 view of values of T.
+fn wide<T: Act>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f32() as f64).collect()
+}
+
+fn poison<T: Act>(len: usize) -> Vec<T> {
+    vec![T::from_f32(f32::NAN); len]
+}
+
+fn assert_close(what: &str, emu: &[f64], cpu: &[f64], rtol: f64) {
+    assert_eq!(emu.len(), cpu.len(), "{what}: lengths differ");
+    let mean_abs = cpu.iter().map(|x| x.abs()).sum::<f64>() / cpu.len().max(1) as f64;
+    for (i, (&e, &c)) in emu.iter().zip(cpu).enumerate() {
+        let tol = rtol * (c.abs() + mean_abs);
+        assert!(
+            (e - c).abs() <= tol,
+            "{what}[{i}]: emulated {e} vs cpu {c} (tolerance {tol:e}, {} elements)",
+            cpu.len()
+        );
+    }
+}
+
+/// Compares a buffer of T against the f64 reference.
+fn check<T: Act>(what: &str, buf: &Buf<T>, cpu: &[f64], rtol: f64) {
+    assert_close(
+        &format!("{what} ({})", T::SUFFIX),
+        &wide(&buf.read()),
+        cpu,
+        tol::<T>(rtol),
+    );
+}
+
+/// Odd shapes (b, t, nh, hs): padded sequences, the last sequence of a batch all padding,
+/// a head size that is not a multiple of 32, a sequence longer than a block of threads.
+const ATTENTION_SHAPES: [(usize, usize, usize, usize); 4] = [
+    (2, 7, 3, 16),
+    (3, 13, 5, 8),
+    (1, 33, 2, 48),
+    (2, 131, 1, 12),
+];
+
+fn padding_mask(rng: &mut Rng, b: usize, t: usize) -> Vec<u8> {
+    let mut mask = vec![0u8; b * t];
+    for seq in 0..b {
+        let real = if b > 1 && seq == b - 1 {
+            0
+        } else {
+            1 + (rng.next_u64() as usize % t)
+        };
+        mask[seq * t..seq * t + real].fill(1);
+    }
+    mask
+}
+
+/// Runs `case` for f32 and bf16 activations.
+macro_rules! both_types {
+    ($case:ident, $($arg:expr),*) => {
+        $case::<f32>($($arg),*);
+        $case::<bf16>($($arg),*);
+    };
+}
+
+// ---- Kernel cases -------------------------------------------------------------------
+
+fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, usize, usize)) {
+    let file = "embedding";
+    let (vocab, max_pos, ntypes) = (23usize, t + 3, 2usize);
+    // Few distinct ids, so rows repeat and the backward really sums.
+    let ids = rng.below(b * t, vocab as u32);
+    let types = rng.below(b * t, ntypes as u32);
+    let (wte, wpe, wtt) = (
+        rng.values(vocab * c, 1.0),
+        rng.values(max_pos * c, 1.0),
+        rng.values(ntypes * c, 1.0),
+    );
+    let (ids_d, types_d) = (emu.upload(&ids), emu.upload(&types));
+    let (wte_d, wpe_d, wtt_d) = (emu.upload(&wte), emu.upload(&wpe), emu.upload(&wtt));
+    let out = emu.upload(&poison::<T>(b * t * c));
+    let bt = b * t;
+    emu.run(
+        file,
+        &sym::<T>("embedding_forward"),
+        elementwise(bt * c),
+        (
+            out.ptr(),
+            ids_d.ptr(),
+            types_d.ptr(),
+            wte_d.ptr(),
+            wpe_d.ptr(),
+            wtt_d.ptr(),
+            bt as i32,
+            t as i32,
+            c as i32,
+        ),
+    );
+    let mut expected = vec![0.0f64; bt * c];
+    let w = |v: &[f32]| wide(v);
+    cpu::embedding_forward(
+        &mut expected,
+        &ids,
+        &types,
+        &w(&wte),
+        &w(&wpe),
+        &w(&wtt),
+        b,
+        t,
+        c,
+    );
+    check("embedding_forward", &out, &expected, F32);
+
+    let dout: Vec<T> = act(&rng.values(bt * c, 1.0));
+    let (dwte, dwpe, dwtt) = (
+        rng.values(vocab * c, 1.0),
+        rng.values(max_pos * c, 1.0),
+        rng.values(ntypes * c, 1.0),
+    );
+    let (dwte_d, dwpe_d, dwtt_d) = (emu.upload(&dwte), emu.upload(&dwpe), emu.upload(&dwtt));
+    let dout_d = emu.upload(&dout);
+    for (table, ids) in [(&dwte_d, &ids), (&dwtt_d, &types)] {
+        let lists = RowLists::new(ids);
+        let (rows, starts, positions) = (
+            emu.upload(&lists.rows),
+            emu.upload(&lists.starts),
+            emu.upload(&lists.positions),
+        );
+        emu.run(
+            file,
+            &sym::<T>("embedding_backward_rows"),
+            embedding_rows(lists.rows.len()),
+            (
+                table.ptr(),
+                dout_d.ptr(),
+                rows.ptr(),
+                starts.ptr(),
+                positions.ptr(),
+                c as i32,
+            ),
+        );
+    }
+    emu.run(
+        file,
+        &sym::<T>("embedding_backward_positions"),
+        elementwise(t * c),
+        (dwpe_d.ptr(), dout_d.ptr(), b as i32, t as i32, c as i32),
+    );
+    let (mut dwte64, mut dwpe64, mut dwtt64) = (w(&dwte), w(&dwpe), w(&dwtt));
+    cpu::embedding_backward(
+        &mut dwte64,
+        &mut dwpe64,
+        &mut dwtt64,
+        &wide(&dout),
+        &ids,
+        &types,
+        b,
+        t,
+        c,
+    );
+    for (name, buf, cpu) in [
+        ("embedding_backward dwte", &dwte_d, &dwte64),
+        ("embedding_backward dwpe", &dwpe_d, &dwpe64),
+        ("embedding_backward dwtt", &dwtt_d, &dwtt64),
+    ] {
+        check(name, buf, cpu, F32_SUM);
+    }
+}
+
+/// ops.rs RowLists: for every distinct id, the positions that use it, ascending (CSR).
+struct RowLists {
+    rows: Vec<i32>,
+    starts: Vec<i32>,
+    positions: Vec<i32>,
+}
+
+impl RowLists {
+    fn new(ids: &[u32]) -> RowLists {
+        let mut positions: Vec<i32> = (0..ids.len() as i32).collect();
+        positions.sort_by_key(|&p| ids[p as usize]);
+        let (mut rows, mut starts) = (Vec::new(), Vec::new());
+        for (k, &p) in positions.iter().enumerate() {
+            let id = ids[p as usize] as i32;
+            if rows.last() != Some(&id) {
+                rows.push(id);
+                starts.push(k as i32);
+            }
+        }
+        starts.push(positions.len() as i32);
+        RowLists {
+            rows,
+            starts,
+            positions,
+        }
+    }
+}
+
+#[test]
+fn embedding_matches_cpu() {
+    let Some(emu) = emu_or_skip("embedding_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng(1);
+    for shape in [(2, 7, 48), (3, 13, 40), (1, 33, 96)] {
+        both_types!(embedding_case, emu, &mut rng, shape);
+    }
+}
+
+fn layernorm_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usize)) {
+    let file = "layernorm";
+    let eps = 1e-12f64;
+    let (a, b): (Vec<T>, Vec<T>) = (act(&rng.values(n * c, 2.0)), act(&rng.values(n * c, 2.0)));
+    let (weight, bias) = (rng.values(c, 1.0), rng.values(c, 1.0));
+    // The residual sum as T stores it: the kernel normalises the stored sum.
+    let sum: Vec<T> = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| T::from_f32(x.to_f32() + y.to_f32()))
+        .collect();
+    let (mut out, mut mean, mut rstd) = (vec![0.0f64; n * c], vec![0.0f64; n], vec![0.0f64; n]);
+    cpu::layernorm_forward(
+        &mut out,
+        &mut mean,
+        &mut rstd,
+        &wide(&sum),
+        &wide(&weight),
+        &wide(&bias),
+        n,
+        c,
+        eps,
+    );
+    let (w_d, b_d, sum_in) = (emu.upload(&weight), emu.upload(&bias), emu.upload(&sum));
+    let (out_d, mean_d, rstd_d) = (
+        emu.upload(&poison::<T>(n * c)),
+        emu.upload(&poison::<f32>(n)),
+        emu.upload(&poison::<f32>(n)),
+    );
+    emu.run(
+        file,
+        &sym::<T>("layernorm_forward"),
+        warp_rows(n),
+        (
+            out_d.ptr(),
+            mean_d.ptr(),
+            rstd_d.ptr(),
+            sum_in.ptr(),
+            w_d.ptr(),
+            b_d.ptr(),
+            n as i32,
+            c as i32,
+            eps as f32,
+        ),
+    );
+    check("layernorm_forward out", &out_d, &out, F32);
+    check("layernorm_forward mean", &mean_d, &mean, F32);
+    check("layernorm_forward rstd", &rstd_d, &rstd, F32);
+
+    let (out_d, sum_d, mean_d, rstd_d) = (
+        emu.upload(&poison::<T>(n * c)),
+        emu.upload(&poison::<T>(n * c)),
+        emu.upload(&poison::<f32>(n)),
+        emu.upload(&poison::<f32>(n)),
+    );
+    let (a_d, b_in) = (emu.upload(&a), emu.upload(&b));
+    emu.run(
+        file,
+        &sym::<T>("residual_layernorm_forward"),
+        warp_rows(n),
+        (
+            out_d.ptr(),
+            sum_d.ptr(),
+            mean_d.ptr(),
+            rstd_d.ptr(),
+            a_d.ptr(),
+            b_in.ptr(),
+            w_d.ptr(),
+            b_d.ptr(),
+            n as i32,
+            c as i32,
+            eps as f32,
+        ),
+    );
+    check("residual_layernorm_forward sum", &sum_d, &wide(&sum), F32);
+    check("residual_layernorm_forward out", &out_d, &out, F32);
+    check("residual_layernorm_forward rstd", &rstd_d, &rstd, F32);
+
+    // The backward from the saved (fp32) statistics, the same on both sides.
+    let mean32: Vec<f32> = mean.iter().map(|&x| x as f32).collect();
+    let rstd32: Vec<f32> = rstd.iter().map(|&x| x as f32).collect();
+    let dout: Vec<T> = act(&rng.values(n * c, 1.0));
+    let dinp: Vec<T> = act(&rng.values(n * c, 1.0));
+    let (dweight, dbias) = (rng.values(c, 1.0), rng.values(c, 1.0));
+    let (dinp_d, dweight_d, dbias_d, dout_d) = (
+        emu.upload(&dinp),
+        emu.upload(&dweight),
+        emu.upload(&dbias),
+        emu.upload(&dout),
+    );
+    let (mean_d, rstd_d) = (emu.upload(&mean32), emu.upload(&rstd32));
+    emu.run(
+        file,
+        &sym::<T>("layernorm_backward_input"),
+        warp_rows(n),
+        (
+            dinp_d.ptr(),
+            dout_d.ptr(),
+            sum_in.ptr(),
+            w_d.ptr(),
+            mean_d.ptr(),
+            rstd_d.ptr(),
+            n as i32,
+            c as i32,
+        ),
+    );
+    emu.run(
+        file,
+        &sym::<T>("layernorm_backward_params"),
+        columns(c),
+        (
+            dweight_d.ptr(),
+            dbias_d.ptr(),
+            dout_d.ptr(),
+            sum_in.ptr(),
+            mean_d.ptr(),
+            rstd_d.ptr(),
+            n as i32,
+            c as i32,
+        ),
+    );
+    let (mut dinp64, mut dweight64, mut dbias64) = (wide(&dinp), wide(&dweight), wide(&dbias));
+    cpu::layernorm_backward(
+        &mut dinp64,
+        &mut dweight64,
+        &mut dbias64,
+        &wide(&dout),
+        &wide(&sum),
+        &wide(&weight),
+        &wide(&mean32),
+        &wide(&rstd32),
+        n,
+        c,
+    );
+    check("layernorm_backward dinp", &dinp_d, &dinp64, F32_SUM);
+    check(
+        "layernorm_backward dweight",
+        &dweight_d,
+        &dweight64,
+        F32_SUM,
+    );
+    check("layernorm_backward dbias", &dbias_d, &dbias64, F32_SUM);
+}
+
+#[test]
+fn layernorm_matches_cpu() {
+    let Some(emu) = emu_or_skip("layernorm_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng(2);
+    // n not a multiple of the 8 rows of a block; c below, at and above 32, and odd.
+    for shape in [(1, 33), (14, 48), (9, 200), (3, 7)] {
+        both_types!(layernorm_case, emu, &mut rng, shape);
+    }
+}
+
+fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usize)) {
+    let file = "activation";
+    let inp: Vec<T> = act(&rng.values(n * c, 3.0));
+    let bias = rng.values(c, 1.0);
+    let (inp_d, bias_d) = (emu.upload(&inp), emu.upload(&bias));
+    // The kernel adds the bias in fp32; the reference takes that same sum.
+    let pre: Vec<f64> = inp
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (x.to_f32() + bias[i % c]) as f64)
+        .collect();
+    let mut expected = vec![0.0f64; n * c];
+    cpu::gelu_forward(&mut expected, &pre);
+    let out_d = emu.upload(&poison::<T>(n * c));
+    emu.run(
+        file,
+        &sym::<T>("bias_gelu_forward"),
+        elementwise(n * c),
+        (out_d.ptr(), inp_d.ptr(), bias_d.ptr(), n as i32, c as i32),
+    );
+    check("bias_gelu_forward", &out_d, &expected, F32);
+
+    let dout: Vec<T> = act(&rng.values(n * c, 1.0));
+    let dinp: Vec<T> = act(&rng.values(n * c, 1.0));
+    let dbias = rng.values(c, 1.0);
+    let (dinp_d, dbias_d, dout_d) = (emu.upload(&dinp), emu.upload(&dbias), emu.upload(&dout));
+    emu.run(
+        file,
+        &sym::<T>("bias_gelu_backward"),
+        columns(c),
+        (
+            dinp_d.ptr(),
+            dbias_d.ptr(),
+            dout_d.ptr(),
+            inp_d.ptr(),
+            bias_d.ptr(),
+            n as i32,
+            c as i32,
+        ),
+    );
+    let mut dpre = vec![0.0f64; n * c];
+    cpu::gelu_backward(&mut dpre, &pre, &wide(&dout));
+    let (mut dinp64, mut dbias64) = (wide(&dinp), wide(&dbias));
+    for (i, g) in dpre.iter().enumerate() {
+        dinp64[i] += g;
+        dbias64[i % c] += g;
+    }
+    check("bias_gelu_backward dinp", &dinp_d, &dinp64, F32);
+    check("bias_gelu_backward dbias", &dbias_d, &dbias64, F32_SUM);
+
+    let len = n * c;
+    let mut expected = vec![0.0f64; len];
+    cpu::tanh_forward(&mut expected, &wide(&inp));
+    let out_d = emu.upload(&poison::<T>(len));
+    emu.run(
+        file,
+        &sym::<T>("tanh_forward"),
+        elementwise(len),
+        (out_d.ptr(), inp_d.ptr(), len),
+    );
+    check("tanh_forward", &out_d, &expected, F32);
+    let out: Vec<T> = out_d.read();
+    let dinp_d = emu.upload(&dinp);
+    emu.run(
+        file,
+        &sym::<T>("tanh_backward"),
+        elementwise(len),
+        (dinp_d.ptr(), out_d.ptr(), dout_d.ptr(), len),
+    );
+    let mut dinp64 = wide(&dinp);
+    cpu::tanh_backward(&mut dinp64, &wide(&out), &wide(&dout));
+    check("tanh_backward", &dinp_d, &dinp64, F32);
+
+    let other: Vec<T> = act(&rng.values(len, 1.0));
+    cpu::residual_forward(&mut expected, &wide(&inp), &wide(&other));
+    let (out_d, other_d) = (emu.upload(&poison::<T>(len)), emu.upload(&other));
+    emu.run(
+        file,
+        &sym::<T>("residual_forward"),
+        elementwise(len),
+        (out_d.ptr(), inp_d.ptr(), other_d.ptr(), len),
+    );
+    check("residual_forward", &out_d, &expected, F32);
+}
+
+#[test]
+fn activations_match_cpu() {
+    let Some(emu) = emu_or_skip("activations_match_cpu") else {
+        return;
+    };
+    let mut rng = Rng(3);
+    for shape in [(1, 7), (13, 96), (70, 300)] {
+        both_types!(activation_case, emu, &mut rng, shape);
+    }
+}
+
+fn bias_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, oc): (usize, usize)) {
+    let file = "matmul";
+    let bias = rng.values(oc, 1.0);
+    let (out_d, bias_d) = (emu.upload(&poison::<T>(n * oc)), emu.upload(&bias));
+    emu.run(
+        file,
+        &sym::<T>("bias_broadcast_forward"),
+        elementwise(n * oc),
+        (out_d.ptr(), bias_d.ptr(), n as i32, oc as i32),
+    );
+    let expected: Vec<f64> = (0..n * oc).map(|i| bias[i % oc] as f64).collect();
+    check("bias_broadcast_forward", &out_d, &expected, F32);
+
+    let dout: Vec<T> = act(&rng.values(n * oc, 1.0));
+    let dbias = rng.values(oc, 1.0);
+    let (dbias_d, dout_d) = (emu.upload(&dbias), emu.upload(&dout));
+    emu.run(
+        file,
+        &sym::<T>("bias_backward"),
+        columns(oc),
+        (dbias_d.ptr(), dout_d.ptr(), n as i32, oc as i32),
+    );
+    let mut expected = wide(&dbias);
+    for (i, d) in wide(&dout).iter().enumerate() {
+        expected[i % oc] += d;
+    }
+    assert_close(
+        &format!("bias_backward ({})", T::SUFFIX),
+        &wide(&dbias_d.read()),
+        &expected,
+        F32_SUM,
+    );
+}
+
+#[test]
+fn bias_kernels_match_cpu() {
+    let Some(emu) = emu_or_skip("bias_kernels_match_cpu") else {
+        return;
+    };
+    let mut rng = Rng(4);
+    for shape in [(1, 5), (17, 96), (70, 301)] {
+        both_types!(bias_case, emu, &mut rng, shape);
+    }
+}
+
+fn dropout_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (len, p, seed): (usize, f64, u64)) {
+    let file = "dropout";
+    // The wrapper's scale: 1 / (1 - p) rounded to fp32.
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let inp: Vec<T> = act(&rng.values(len, 1.0));
+    let (inp_d, out_d) = (emu.upload(&inp), emu.upload(&poison::<T>(len)));
+    emu.run(
+        file,
+        &sym::<T>("dropout_forward"),
+        elementwise(len),
+        (out_d.ptr(), inp_d.ptr(), len, p, scale, seed),
+    );
+    // Bit for bit: the CPU's f32 dropout on the same values, stored as T.
+    let mut expected = vec![0.0f32; len];
+    cpu::dropout_forward(&mut expected, &wide32(&inp), p, seed);
+    let expected: Vec<f32> = expected.iter().map(|&x| T::from_f32(x).to_f32()).collect();
+    assert_eq!(
+        wide32(&out_d.read()),
+        expected,
+        "dropout_forward ({}) len {len} p {p} seed {seed}",
+        T::SUFFIX
+    );
+
+    let dout: Vec<T> = act(&rng.values(len, 1.0));
+    let dinp: Vec<T> = act(&rng.values(len, 1.0));
+    let (dinp_d, dout_d) = (emu.upload(&dinp), emu.upload(&dout));
+    emu.run(
+        file,
+        &sym::<T>("dropout_backward"),
+        elementwise(len),
+        (dinp_d.ptr(), dout_d.ptr(), len, p, scale, seed),
+    );
+    let mut expected = wide32(&dinp);
+    cpu::dropout_backward(&mut expected, &wide32(&dout), p, seed);
+    let expected: Vec<f32> = expected.iter().map(|&x| T::from_f32(x).to_f32()).collect();
+    assert_eq!(
+        wide32(&dinp_d.read()),
+        expected,
+        "dropout_backward ({}) len {len} p {p} seed {seed}",
+        T::SUFFIX
+    );
+}
+
+fn wide32<T: Act>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+#[test]
+fn dropout_matches_cpu_bit_for_bit() {
+    let Some(emu) = emu_or_skip("dropout_matches_cpu_bit_for_bit") else {
+        return;
+    };
+    let mut rng = Rng(5);
+    for case in [
+        (1usize, 0.5, 0u64),
+        (1000, 0.1, 42),
+        (4097, 0.3, u64::MAX),
+        (777, 0.0, 7),
+        (64, 1.0, 9),
+    ] {
+        let (len, p, seed) = case;
+        let keep_d = emu.upload(&vec![2u8; len]);
+        emu.run(
+            "dropout",
+            "dropout_mask",
+            elementwise(len),
+            (keep_d.ptr(), len, p, seed),
+        );
+        let keep: Vec<u8> = (0..len as u64)
+            .map(|i| cpu::dropout_keep(seed, i, p) as u8)
+            .collect();
+        assert_eq!(
+            keep_d.read(),
+            keep,
+            "dropout_mask len {len} p {p} seed {seed}"
+        );
+        both_types!(dropout_case, emu, &mut rng, case);
+    }
+}
+
+fn attention_case<T: Act>(
+    emu: &'static Emu,
+    rng: &mut Rng,
+    (b, t, nh, hs): (usize, usize, usize, usize),
+    dropout: Option<AttentionDropout>,
+) {
+    let file = "attention";
+    let act_len = b * t * nh * hs;
+    let probs_len = b * nh * t * t;
+    let (q, k, v): (Vec<T>, Vec<T>, Vec<T>) = (
+        act(&rng.values(act_len, 1.0)),
+        act(&rng.values(act_len, 1.0)),
+        act(&rng.values(act_len, 1.0)),
+    );
+    let mask = padding_mask(rng, b, t);
+    let (mut out, mut probs) = (vec![0.0f64; act_len], vec![0.0f64; probs_len]);
+    let (q64, k64, v64) = (wide(&q), wide(&k), wide(&v));
+    cpu::attention_forward(
+        &mut out, &mut probs, &q64, &k64, &v64, &mask, b, t, nh, hs, dropout,
+    );
+    // The wrapper's scalars: scale and drop_scale rounded to fp32; p = 0 without dropout.
+    let scale = (1.0 / (hs as f64).sqrt()) as f32;
+    let (drop_p, drop_scale, seed) = match dropout {
+        Some(d) => (d.p, (1.0 / (1.0 - d.p)) as f32, d.seed),
+        None => (0.0, 1.0f32, 0u64),
+    };
+    let (q_d, k_d, v_d, mask_d) = (
+        emu.upload(&q),
+        emu.upload(&k),
+        emu.upload(&v),
+        emu.upload(&mask),
+    );
+    let (out_d, probs_d) = (
+        emu.upload(&poison::<T>(act_len)),
+        emu.upload(&poison::<f32>(probs_len)),
+    );
+    let (b_i, t_i, nh_i, hs_i) = (b as i32, t as i32, nh as i32, hs as i32);
+    emu.run(
+        file,
+        &sym::<T>("attention_forward"),
+        attention_rows(b, nh, t),
+        (
+            out_d.ptr(),
+            probs_d.ptr(),
+            q_d.ptr(),
+            k_d.ptr(),
+            v_d.ptr(),
+            mask_d.ptr(),
+            b_i,
+            t_i,
+            nh_i,
+            hs_i,
+            scale,
+            drop_p,
+            drop_scale,
+            seed,
+        ),
+    );
+    let what = format!("attention {:?} dropout {:?}", (b, t, nh, hs), dropout);
+    check(&format!("{what} forward out"), &out_d, &out, F32_SUM);
+    check(&format!("{what} forward probs"), &probs_d, &probs, F32);
+
+    // The backward from the same (fp32) probabilities on both sides.
+    let probs32: Vec<f32> = probs.iter().map(|&x| x as f32).collect();
+    let dout: Vec<T> = act(&rng.values(act_len, 1.0));
+    let (dq, dk, dv): (Vec<T>, Vec<T>, Vec<T>) = (
+        act(&rng.values(act_len, 1.0)),
+        act(&rng.values(act_len, 1.0)),
+        act(&rng.values(act_len, 1.0)),
+    );
+    let (dq_d, dk_d, dv_d) = (emu.upload(&dq), emu.upload(&dk), emu.upload(&dv));
+    let (dout_d, probs_d) = (emu.upload(&dout), emu.upload(&probs32));
+    let dscores_d = emu.upload(&poison::<f32>(probs_len));
+    emu.run(
+        file,
+        &sym::<T>("attention_backward_query"),
+        attention_rows(b, nh, t),
+        (
+            dq_d.ptr(),
+            dscores_d.ptr(),
+            dout_d.ptr(),
+            k_d.ptr(),
+            v_d.ptr(),
+            probs_d.ptr(),
+            b_i,
+            t_i,
+            nh_i,
+            hs_i,
+            scale,
+            drop_p,
+            drop_scale,
+            seed,
+        ),
+    );
+    emu.run(
+        file,
+        &sym::<T>("attention_backward_key"),
+        attention_keys(b, nh, t, hs),
+        (
+            dk_d.ptr(),
+            dv_d.ptr(),
+            dout_d.ptr(),
+            q_d.ptr(),
+            probs_d.ptr(),
+            dscores_d.ptr(),
+            b_i,
+            t_i,
+            nh_i,
+            hs_i,
+            scale,
+            drop_p,
+            drop_scale,
+            seed,
+        ),
+    );
+    let (mut dq64, mut dk64, mut dv64) = (wide(&dq), wide(&dk), wide(&dv));
+    cpu::attention_backward(
+        &mut dq64,
+        &mut dk64,
+        &mut dv64,
+        &wide(&dout),
+        &q64,
+        &k64,
+        &v64,
+        &wide(&probs32),
+        &mask,
+        b,
+        t,
+        nh,
+        hs,
+        dropout,
+    );
+    check(&format!("{what} backward dq"), &dq_d, &dq64, F32_SUM);
+    check(&format!("{what} backward dk"), &dk_d, &dk64, F32_SUM);
+    check(&format!("{what} backward dv"), &dv_d, &dv64, F32_SUM);
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(emu) = emu_or_skip("attention_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng(6);
+    for shape in ATTENTION_SHAPES {
+        both_types!(attention_case, emu, &mut rng, shape, None);
+    }
+}
+
+#[test]
+fn attention_with_dropout_matches_cpu() {
+    let Some(emu) = emu_or_skip("attention_with_dropout_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng(7);
+    for (i, shape) in ATTENTION_SHAPES.into_iter().enumerate() {
+        let dropout = Some(AttentionDropout {
+            p: 0.1 + 0.1 * i as f64,
+            seed: 1000 + i as u64,
+        });
+        both_types!(attention_case, emu, &mut rng, shape, dropout);
+    }
+}
+
+fn pool_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, usize, usize)) {
+    let file = "pool";
+    let inp: Vec<T> = act(&rng.values(b * t * c, 1.0));
+    let (inp_d, out_d) = (emu.upload(&inp), emu.upload(&poison::<T>(b * c)));
+    let dims = (b as i32, t as i32, c as i32);
+    emu.run(
+        file,
+        &sym::<T>("cls_pool_forward"),
+        elementwise(b * c),
+        (out_d.ptr(), inp_d.ptr(), dims.0, dims.1, dims.2),
+    );
+    let mut expected = vec![0.0f64; b * c];
+    cpu::cls_pool_forward(&mut expected, &wide(&inp), b, t, c);
+    check("cls_pool_forward", &out_d, &expected, F32);
+
+    let dout: Vec<T> = act(&rng.values(b * c, 1.0));
+    let dinp: Vec<T> = act(&rng.values(b * t * c, 1.0));
+    let (dinp_d, dout_d) = (emu.upload(&dinp), emu.upload(&dout));
+    emu.run(
+        file,
+        &sym::<T>("cls_pool_backward"),
+        elementwise(b * c),
+        (dinp_d.ptr(), dout_d.ptr(), dims.0, dims.1, dims.2),
+    );
+    let mut expected = wide(&dinp);
+    cpu::cls_pool_backward(&mut expected, &wide(&dout), b, t, c);
+    check("cls_pool_backward", &dinp_d, &expected, F32);
+}
+
+#[test]
+fn pool_matches_cpu() {
+    let Some(emu) = emu_or_skip("pool_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng(8);
+    for shape in [(1, 1, 5), (3, 7, 48), (5, 3, 257)] {
+        both_types!(pool_case, emu, &mut rng, shape);
+    }
+}
+
+/// loss.rs utility_code: the kernel's UTILITY_* id and exponent.
+fn utility_code(u: Utility) -> (i32, f64) {
+    match u {
+        Utility::X => (0, 0.0),
+        Utility::X2 => (1, 0.0),
+        Utility::Log => (2, 0.0),
+        Utility::XInv => (3, 0.0),
+        Utility::XInv2 => (4, 0.0),
+        Utility::LogSigmoid => (5, 0.0),
+        Utility::Power(g) => (6, g),
+        Utility::NegPower(g) => (7, g),
+    }
+}
+
+#[test]
+fn ranking_loss_matches_cpu_for_every_utility() {
+    let Some(emu) = emu_or_skip("ranking_loss_matches_cpu_for_every_utility") else {
+        return;
+    };
+    let mut rng = Rng(9);
+    // Prompts of 2..=70 completions: K above the block's 64 threads loops.
+    let ks = [2usize, 5, 8, 3, 11, 70, 4];
+    let types: Vec<Option<PromptType>> = (0..ks.len())
+        .map(|p| {
+            Some(if p % 2 == 0 {
+                PromptType::Open
+            } else {
+                PromptType::Closed
+            })
+        })
+        .collect();
+    let total: usize = ks.iter().sum();
+    let specs = [
+        "x",
+        "x2",
+        "log",
+        "x_inv",
+        "x_inv2",
+        "logsigmoid",
+        "power:0.5",
+        "power:3",
+        "neg_power:1.5",
+        "adaptive",
+        "adaptive2",
+        "open=logsigmoid,closed=power:2",
+    ];
+    for (s, name) in specs.iter().enumerate() {
+        let spec = LossSpec::parse(name).unwrap();
+        for eps in [1e-3, 0.1] {
+            // Logits spread wide enough that some pairs are inverted (x < 0 branches).
+            let logits = rng.values(total, 4.0);
+            let logits64 = wide(&logits);
+            let mut expected = vec![0.0f64; total];
+            let loss = rcx::loss::ranking_loss_forward_backward(
+                &logits64,
+                &ks,
+                &types,
+                &spec,
+                eps,
+                &mut expected,
+            )
+            .unwrap();
+            // loss.rs RankingBatch: offsets, per-prompt utility and exponent, pair count.
+            let mut offsets = vec![0i32];
+            let (mut utility, mut exponent) = (Vec::new(), Vec::new());
+            for (&k, &ty) in ks.iter().zip(&types) {
+                let (code, g) = utility_code(spec.utility_for(ty).unwrap());
+                utility.push(code);
+                exponent.push(g);
+                offsets.push(offsets.last().unwrap() + k as i32);
+            }
+            let pairs = rcx::loss::pair_count(&ks);
+            let scale = 1.0 / pairs as f64;
+            let prompt_loss = emu.upload(&vec![f64::NAN; ks.len()]);
+            let dlogits = emu.upload(&poison::<f32>(total));
+            let (logits_d, offsets_d) = (emu.upload(&logits), emu.upload(&offsets));
+            let (utility_d, exponent_d) = (emu.upload(&utility), emu.upload(&exponent));
+            emu.run(
+                "ranking_loss",
+                "ranking_loss_forward_backward",
+                ranking_loss(ks.len()),
+                (
+                    prompt_loss.ptr(),
+                    dlogits.ptr(),
+                    logits_d.ptr(),
+                    offsets_d.ptr(),
+                    utility_d.ptr(),
+                    exponent_d.ptr(),
+                    eps,
+                    scale,
+                ),
+            );
+            let what = format!("ranking loss `{name}` eps {eps} (spec {s})");
+            let emu_loss = prompt_loss.read().iter().sum::<f64>() * scale;
+            assert_close(&format!("{what} loss"), &[emu_loss], &[loss], 1e-12);
+            assert_close(
+                &format!("{what} dlogits"),
+                &wide(&dlogits.read()),
+                &expected,
+                F32,
+            );
+        }
+    }
+}
+
+#[test]
+fn global_norm_and_adamw_match_cpu() {
+    let Some(emu) = emu_or_skip("global_norm_and_adamw_match_cpu") else {
+        return;
+    };
+    let mut rng = Rng(10);
+    let file = "optimizer";
+    // optim.rs global_norm_squared: NORM_BLOCKS partials per buffer, then one block sums
+    // them. Buffers shorter and longer than one grid-stride sweep (256 · 512).
+    let grads = [
+        rng.values(1, 1.0),
+        rng.values(1000, 1.0),
+        rng.values(NORM_BLOCKS * NORM_THREADS + 77, 1.0),
+    ];
+    let partials = emu.upload(&vec![f64::NAN; grads.len() * NORM_BLOCKS]);
+    let grads_d: Vec<Buf<f32>> = grads.iter().map(|g| emu.upload(g)).collect();
+    for (i, g) in grads_d.iter().enumerate() {
+        // SAFETY: slot i of partials, NORM_BLOCKS elements inside the buffer.
+        let slot = unsafe { partials.ptr().add(i * NORM_BLOCKS) };
+        emu.run(
+            file,
+            "global_norm_squared_partial",
+            norm_partial(),
+            (slot, g.ptr(), grads[i].len()),
+        );
+    }
+    let total = emu.upload(&[f64::NAN]);
+    emu.run(
+        file,
+        "global_norm_squared_finish",
+        norm_finish(),
+        (
+            total.ptr(),
+            partials.ptr(),
+            (grads.len() * NORM_BLOCKS) as i32,
+        ),
+    );
+    let expected: f64 = grads.iter().map(|g| cpu::global_norm_squared(g)).sum();
+    assert_close("global_norm_squared", &total.read(), &[expected], 1e-12);
+
+    // AdamW: each element in f64 and rounded once, as the CPU: bit for bit.
+    for (len, step, grad_scale) in [(1usize, 1u64, 1.0f64), (1000, 7, 0.37), (4099, 300, 1.0)] {
+        let (lr, beta1, beta2, eps, weight_decay) = (1e-3, 0.9, 0.999, 1e-8, 0.01);
+        let params = rng.values(len, 1.0);
+        let grads = rng.values(len, 1.0);
+        let m = rng.values(len, 0.1);
+        let v: Vec<f32> = rng.values(len, 0.01).iter().map(|x| x.abs()).collect();
+        let (mut p_cpu, mut m_cpu, mut v_cpu) = (params.clone(), m.clone(), v.clone());
+        cpu::adamw_update(
+            &mut p_cpu,
+            &grads,
+            &mut m_cpu,
+            &mut v_cpu,
+            step,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            grad_scale,
+        );
+        // optim.rs AdamWStep::kernel_args.
+        let bias_correction1 = 1.0 - beta1.powf(step as f64);
+        let bias_correction2_sqrt = (1.0 - beta2.powf(step as f64)).sqrt();
+        let args = (
+            beta1,
+            beta2,
+            eps,
+            1.0 - lr * weight_decay,
+            lr / bias_correction1,
+            bias_correction2_sqrt,
+            grad_scale,
+        );
+        for with_copy in [false, true] {
+            let (p_d, g_d, m_d, v_d) = (
+                emu.upload(&params),
+                emu.upload(&grads),
+                emu.upload(&m),
+                emu.upload(&v),
+            );
+            let copy_d = emu.upload(&poison::<bf16>(len));
+            if with_copy {
+                emu.run(
+                    file,
+                    "adamw_update_bf16_copy",
+                    elementwise(len),
+                    (
+                        p_d.ptr(),
+                        copy_d.ptr(),
+                        g_d.ptr(),
+                        m_d.ptr(),
+                        v_d.ptr(),
+                        len,
+                        args.0,
+                        args.1,
+                        args.2,
+                        args.3,
+                        args.4,
+                        args.5,
+                        args.6,
+                    ),
+                );
+                let expected: Vec<u16> =
+                    p_cpu.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+                let got: Vec<u16> = copy_d.read().iter().map(|x| x.to_bits()).collect();
+                assert_eq!(got, expected, "adamw_update_bf16_copy copy, len {len}");
+            } else {
+                emu.run(
+                    file,
+                    "adamw_update",
+                    elementwise(len),
+                    (
+                        p_d.ptr(),
+                        g_d.ptr(),
+                        m_d.ptr(),
+                        v_d.ptr(),
+                        len,
+                        args.0,
+                        args.1,
+                        args.2,
+                        args.3,
+                        args.4,
+                        args.5,
+                        args.6,
+                    ),
+                );
+            }
+            let kernel = if with_copy {
+                "adamw_update_bf16_copy"
+            } else {
+                "adamw_update"
+            };
+            assert_eq!(p_d.read(), p_cpu, "{kernel} params, len {len} step {step}");
+            assert_eq!(m_d.read(), m_cpu, "{kernel} m, len {len}");
+            assert_eq!(v_d.read(), v_cpu, "{kernel} v, len {len}");
+        }
+    }
+}
+
+// ---- The emulator itself (kernels/emu/selftest.cu) ------------------------------------
+
+#[test]
+fn emulator_indices_and_collectives_follow_cuda() {
+    let Some(emu) = emu_or_skip("emulator_indices_and_collectives_follow_cuda") else {
+        return;
+    };
+    let file = "selftest";
+    let (grid, block) = ((3u32, 2u32, 2u32), (4u32, 3u32, 2u32));
+    let threads = (grid.0 * grid.1 * grid.2 * block.0 * block.1 * block.2) as usize;
+    let out = emu.upload(&vec![u32::MAX; threads * 12]);
+    let launch = Launch {
+        grid,
+        block,
+        shared_bytes: 0,
+    };
+    emu.run(file, "emu_indices", launch, (out.ptr(),));
+    let got = out.read();
+    let mut at = 0;
+    for (bz, by, bx) in itertools(grid) {
+        for (tz, ty, tx) in itertools(block) {
+            let expected = [
+                tx, ty, tz, bx, by, bz, block.0, block.1, block.2, grid.0, grid.1, grid.2,
+            ];
+            assert_eq!(got[at * 12..at * 12 + 12], expected, "thread {at}");
+            at += 1;
+        }
+    }
+
+    let threads = 96usize;
+    let out = emu.upload(&vec![i32::MIN; threads * 9]);
+    emu.run(file, "emu_collectives", cfg(1, threads, 0), (out.ptr(),));
+    let got = out.read();
+    for t in 0..threads {
+        let (lane, base) = (t % 32, t - t % 32);
+        let value = |l: usize| 100 * (base + l) as i32;
+        let ballot = (0..32)
+            .filter(|l| (base + l) % 3 == 0)
+            .fold(0u32, |m, l| m | 1 << l);
+        let expected = [
+            value(lane ^ 5),
+            value(if lane + 3 < 32 { lane + 3 } else { lane }),
+            value(if lane >= 2 { lane - 2 } else { lane }),
+            value(7),
+            ballot as i32,
+            1,
+            0,
+            32,
+            (0..96).sum::<i32>(),
+        ];
+        assert_eq!(got[t * 9..t * 9 + 9], expected, "thread {t}");
+    }
+
+    let (blocks_n, threads) = (3usize, 40usize);
+    let out = emu.upload(&vec![f32::NAN; blocks_n * threads]);
+    emu.run(
+        file,
+        "emu_shared_exchange",
+        cfg(blocks_n as u32, threads, threads * 4),
+        (out.ptr(),),
+    );
+    let expected: Vec<f32> = (0..blocks_n * threads)
+        .map(|i| {
+            let (b, next) = (i / threads, (i % threads + 1) % threads);
+            (b * 1000 + next) as f32 - next as f32
+        })
+        .collect();
+    assert_eq!(out.read(), expected);
+}
+
+#[test]
+fn emulator_exposes_a_missing_barrier() {
+    let Some(emu) = emu_or_skip("emulator_exposes_a_missing_barrier") else {
+        return;
+    };
+    let threads = 64usize;
+    let out = emu.upload(&vec![0f32; 2 * threads]);
+    emu.run(
+        "selftest",
+        "emu_missing_barrier",
+        cfg(2, threads, threads * 4),
+        (out.ptr(),),
+    );
+    let got = out.read();
+    // Forward (block 0): threads read their successor's slot before it is written; backward
+    // (block 1): the last thread reads slot 0 before thread 0 writes it.
+    assert!(got[..threads - 1].iter().all(|x| x.is_nan()), "{got:?}");
+    assert!(got[2 * threads - 1].is_nan(), "{got:?}");
+}
+
+/// (z, y, x) of a 3-D extent, x fastest.
+fn itertools((x, y, z): (u32, u32, u32)) -> impl Iterator<Item = (u32, u32, u32)> {
+    (0..z).flat_map(move |k| (0..y).flat_map(move |j| (0..x).map(move |i| (k, j, i))))
+}
+
+#[test]
+fn emulator_bf16_conversions_are_cudas() {
+    let Some(emu) = emu_or_skip("emulator_bf16_conversions_are_cudas") else {
+        return;
+    };
+    let mut values = vec![
+        0.0f32,
+        -0.0,
+        1.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-40, // subnormal
+        // Ties: exactly half way between two bf16 values, even below and odd below.
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::from_bits(0x3f80_8001),
+        f32::from_bits(0x7f7f_ffff), // rounds to infinity
+    ];
+    let mut rng = Rng(11);
+    values.extend(
+        (0..2000)
+            .map(|_| f32::from_bits(rng.next_u64() as u32))
+            .filter(|x| !x.is_nan()),
+    );
+    let n = values.len();
+    let (in_d, bits_d, back_d) = (
+        emu.upload(&values),
+        emu.upload(&vec![0u16; n]),
+        emu.upload(&vec![0f32; n]),
+    );
+    emu.run(
+        "selftest",
+        "emu_bf16",
+        elementwise(n),
+        (bits_d.ptr(), back_d.ptr(), in_d.ptr(), n as i32),
+    );
+    // half rounds to nearest even like CUDA; outside NaN their bits agree.
+    let expected: Vec<u16> = values
+        .iter()
+        .map(|&x| bf16::from_f32(x).to_bits())
+        .collect();
+    assert_eq!(bits_d.read(), expected);
+    let back: Vec<u32> = back_d.read().iter().map(|x| x.to_bits()).collect();
+    let expected: Vec<u32> = expected.iter().map(|&b| (b as u32) << 16).collect();
+    assert_eq!(back, expected);
+    // NaN stays NaN: CUDA's canonical 0x7fff.
+    let nan_d = emu.upload(&[f32::NAN, f32::from_bits(0xffc0_0001)]);
+    emu.run(
+        "selftest",
+        "emu_bf16",
+        elementwise(2),
+        (bits_d.ptr(), back_d.ptr(), nan_d.ptr(), 2i32),
+    );
+    assert_eq!(bits_d.read()[..2], [0x7fff, 0x7fff]);
+}
+
+/// The launch error of a kernel that misbehaves: the emulator reports it, never hangs.
+fn launch_error<A: emu::KernelArgs>(emu: &Emu, kernel: &str, launch: Launch, args: A) -> String {
+    match emu.launch("selftest", kernel, launch, args) {
+        Ok(()) => panic!("{kernel}: the emulator should have reported an error"),
+        Err(why) => why,
+    }
+}
+
+fn assert_mentions(why: &str, words: &[&str]) {
+    for word in words {
+        assert!(why.contains(word), "`{why}` should mention `{word}`");
+    }
+}
+
+#[test]
+fn emulator_reports_what_a_gpu_would_hang_or_fault_on() {
+    let Some(emu) = emu_or_skip("emulator_reports_what_a_gpu_would_hang_or_fault_on") else {
+        return;
+    };
+    let why = launch_error(emu, "emu_exit_before_barrier", cfg(2, 64, 0), (5i32,));
+    assert_mentions(
+        &why,
+        &[
+            "block (0,0,0)",
+            "deadlock",
+            "63 of 64 threads wait at __syncthreads",
+            "exited",
+            "thread (5,0,0)",
+        ],
+    );
+
+    let out = emu.upload(&vec![0i32; 64]);
+    let why = launch_error(emu, "emu_divergent_barriers", cfg(1, 64, 0), (out.ptr(),));
+    assert_mentions(&why, &["divergent __syncthreads", "emu_divergent_barriers"]);
+
+    let out = emu.upload(&[0f32; 40]);
+    let why = launch_error(emu, "emu_partial_warp", cfg(1, 40, 0), (out.ptr(),));
+    assert_mentions(
+        &why,
+        &["__shfl_xor_sync", "0xffffffff", "warp 1 has only 8 lanes"],
+    );
+
+    let why = launch_error(emu, "emu_lane_exits", cfg(1, 64, 0), (out.ptr(),));
+    assert_mentions(
+        &why,
+        &[
+            "deadlock",
+            "__shfl_xor_sync",
+            "lanes 0 (exited) never arrive",
+        ],
+    );
+
+    // One element past a buffer's end, and the element before its start.
+    let buffer = emu.upload(&[0f32; 37]);
+    let why = launch_error(emu, "emu_write_at", cfg(1, 32, 0), (buffer.ptr(), 37i32));
+    assert_mentions(
+        &why,
+        &["illegal memory access past the end of a device buffer"],
+    );
+    let full_page = emu.upload(&vec![0f32; 1024]);
+    let why = launch_error(emu, "emu_write_at", cfg(1, 32, 0), (full_page.ptr(), -1i32));
+    assert_mentions(
+        &why,
+        &["illegal memory access before the start of a device buffer"],
+    );
+    // In bounds: the last element.
+    emu.run(
+        "selftest",
+        "emu_write_at",
+        cfg(1, 32, 0),
+        (buffer.ptr(), 36i32),
+    );
+    assert_eq!(buffer.read()[36], 1.0);
+
+    // Dynamic shared memory: past a size that is not a multiple of 16 (caught by the
+    // padding's canary), and past one that is (the guard page).
+    let why = launch_error(emu, "emu_shared_write_at", cfg(1, 32, 20), (5i32,));
+    assert_mentions(
+        &why,
+        &["wrote byte 20 of dynamic shared memory, past the 20 bytes"],
+    );
+    let why = launch_error(emu, "emu_shared_write_at", cfg(1, 32, 32), (8i32,));
+    assert_mentions(
+        &why,
+        &["past the end of the launch's dynamic shared memory"],
+    );
+    let why = launch_error(emu, "emu_shared_write_at", cfg(1, 32, 0), (0i32,));
+    assert_mentions(&why, &["dynamic shared memory"]);
+    emu.run("selftest", "emu_shared_write_at", cfg(1, 32, 20), (4i32,));
+
+    let ints = emu.upload(&[0i32; 32]);
+    let why = launch_error(emu, "emu_divide", cfg(1, 32, 0), (ints.ptr(), 0i32));
+    assert_mentions(&why, &["integer division by zero"]);
+
+    // Configurations a GPU refuses.
+    for bad in [cfg(1, 2048, 0), cfg(0, 32, 0), cfg(1, 32, 64 * 1024)] {
+        let why = launch_error(emu, "emu_divide", bad, (ints.ptr(), 1i32));
+        assert_mentions(&why, &["invalid launch configuration"]);
+    }
+
+    // After all of that, launches work again.
+    emu.run("selftest", "emu_divide", cfg(1, 32, 0), (ints.ptr(), 7i32));
+    assert_eq!(ints.read(), vec![142; 32]);
+}
