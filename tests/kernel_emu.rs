@@ -21,72 +21,24 @@
 
 mod emu;
 
-use emu::{Buf, Emu, Launch, blocks, cfg, emu_or_skip};
+use emu::{Buf, Emu, Launch, cfg, emu_or_skip};
 use half::bf16;
 use rcx::backend::cpu::{self, AttentionDropout};
+use rcx::backend::cuda::launch::{self, LaunchShape};
 use rcx::loss::{LossSpec, PromptType, Utility};
 
 const F32: f64 = 1e-5;
 const F32_SUM: f64 = 1e-4;
 const BF16: f64 = 1e-2;
 
-// ---- Launch configurations, as in src/backend/cuda/{ops,matmul,loss,optim}.rs ----------
-
-/// ops.rs ELEMENTWISE_THREADS, matmul.rs THREADS, optim.rs ADAMW_THREADS.
-const ELEMENTWISE_THREADS: usize = 256;
-/// ops.rs ROW_THREADS: one warp per row.
-const ROW_THREADS: usize = 256;
-/// ops.rs ATTENTION_THREADS.
-const ATTENTION_THREADS: usize = 128;
-/// loss.rs THREADS.
-const LOSS_THREADS: usize = 64;
-/// optim.rs NORM_BLOCKS, NORM_THREADS.
-const NORM_BLOCKS: usize = 256;
-const NORM_THREADS: usize = 512;
-
-/// One thread per element of `total`.
-fn elementwise(total: usize) -> Launch {
-    cfg(blocks(total, ELEMENTWISE_THREADS), ELEMENTWISE_THREADS, 0)
+/// A launch wrapper's shape (rcx::backend::cuda::launch) as the emulator's launch. The
+/// shape functions refuse only sizes no case here uses.
+fn emu_launch(shape: rcx::error::Result<LaunchShape>) -> Launch {
+    Launch::from(shape.expect("a launch shape for the test's sizes"))
 }
 
-/// One warp per row: layernorm forward, residual_layernorm, layernorm_backward_input.
-fn warp_rows(n: usize) -> Launch {
-    cfg(blocks(n * 32, ROW_THREADS), ROW_THREADS, 0)
-}
-
-/// One thread per column: bias_backward, bias_gelu_backward, layernorm_backward_params.
-fn columns(c: usize) -> Launch {
-    cfg(blocks(c, ELEMENTWISE_THREADS), ELEMENTWISE_THREADS, 0)
-}
-
-/// embedding_backward_rows: one block per distinct table row.
-fn embedding_rows(distinct: usize) -> Launch {
-    cfg(blocks(distinct, 1), ELEMENTWISE_THREADS, 0)
-}
-
-/// attention_forward, attention_backward_query: one block per (sequence, head, row), a row
-/// of t floats of dynamic shared memory.
-fn attention_rows(b: usize, nh: usize, t: usize) -> Launch {
-    cfg(blocks(b * nh * t, 1), ATTENTION_THREADS, t * 4)
-}
-
-/// attention_backward_key: one block per key row, threads over hs.
-fn attention_keys(b: usize, nh: usize, t: usize, hs: usize) -> Launch {
-    cfg(blocks(b * nh * t, 1), hs.div_ceil(32).clamp(1, 8) * 32, 0)
-}
-
-/// ranking_loss_forward_backward: one block per prompt.
-fn ranking_loss(prompts: usize) -> Launch {
-    cfg(prompts as u32, LOSS_THREADS, 0)
-}
-
-fn norm_partial() -> Launch {
-    cfg(NORM_BLOCKS as u32, NORM_THREADS, 0)
-}
-
-fn norm_finish() -> Launch {
-    cfg(1, 1024, 0)
-}
+/// The op name the shape functions put in their errors.
+const OP: &str = "kernel_emu";
 
 // ---- Activation types, inputs and comparisons ------------------------------------------
 
@@ -201,6 +153,11 @@ fn check<T: Act>(what: &str, buf: &Buf<T>, cpu: &[f64], rtol: f64) {
     );
 }
 
+/// Odd shapes (n, c) of the column reductions (launch::column_tiles: tiles of 32 columns,
+/// 32 slices of rows): one row and one column, partial tiles and slices, several tiles,
+/// many rows per slice.
+const COLUMN_SHAPES: [(usize, usize); 4] = [(1, 1), (7, 45), (130, 33), (4099, 37)];
+
 /// Odd shapes (b, t, nh, hs): padded sequences, the last sequence of a batch all padding,
 /// a head size that is not a multiple of 32, a sequence longer than a block of threads.
 const ATTENTION_SHAPES: [(usize, usize, usize, usize); 4] = [
@@ -233,7 +190,12 @@ macro_rules! both_types {
 
 // ---- Kernel cases -------------------------------------------------------------------
 
-fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, usize, usize)) {
+/// Returns the backward kernels the two tables took (ops.rs chooses by the ids).
+fn embedding_case<T: Act>(
+    emu: &'static Emu,
+    rng: &mut Rng,
+    (b, t, c): (usize, usize, usize),
+) -> [&'static str; 2] {
     let file = "embedding";
     let (vocab, max_pos, ntypes) = (23usize, t + 3, 2usize);
     // Few distinct ids, so rows repeat and the backward really sums.
@@ -251,7 +213,7 @@ fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, u
     emu.run(
         file,
         &sym::<T>("embedding_forward"),
-        elementwise(bt * c),
+        emu_launch(launch::elementwise(OP, bt * c)),
         (
             out.ptr(),
             ids_d.ptr(),
@@ -287,17 +249,20 @@ fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, u
     );
     let (dwte_d, dwpe_d, dwtt_d) = (emu.upload(&dwte), emu.upload(&dwpe), emu.upload(&dwtt));
     let dout_d = emu.upload(&dout);
-    for (table, ids) in [(&dwte_d, &ids), (&dwtt_d, &types)] {
+    let mut kernels = [""; 2];
+    for (used, (table, ids)) in kernels.iter_mut().zip([(&dwte_d, &ids), (&dwtt_d, &types)]) {
         let lists = RowLists::new(ids);
         let (rows, starts, positions) = (
             emu.upload(&lists.rows),
             emu.upload(&lists.starts),
             emu.upload(&lists.positions),
         );
+        let (kernel, shape) = launch::embedding_table(OP, bt, c, lists.rows.len()).unwrap();
+        *used = kernel;
         emu.run(
             file,
-            &sym::<T>("embedding_backward_rows"),
-            embedding_rows(lists.rows.len()),
+            &sym::<T>(kernel),
+            shape.into(),
             (
                 table.ptr(),
                 dout_d.ptr(),
@@ -311,7 +276,7 @@ fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, u
     emu.run(
         file,
         &sym::<T>("embedding_backward_positions"),
-        elementwise(t * c),
+        emu_launch(launch::elementwise(OP, t * c)),
         (dwpe_d.ptr(), dout_d.ptr(), b as i32, t as i32, c as i32),
     );
     let (mut dwte64, mut dwpe64, mut dwtt64) = (w(&dwte), w(&dwpe), w(&dwtt));
@@ -333,6 +298,7 @@ fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, u
     ] {
         check(name, buf, cpu, F32_SUM);
     }
+    kernels
 }
 
 /// ops.rs RowLists: for every distinct id, the positions that use it, ascending (CSR).
@@ -369,8 +335,22 @@ fn embedding_matches_cpu() {
         return;
     };
     let mut rng = Rng(1);
-    for shape in [(2, 7, 48), (3, 13, 40), (1, 33, 96)] {
-        both_types!(embedding_case, emu, &mut rng, shape);
+    let mut used = Vec::new();
+    // 23 word ids and 2 types: few positions per row take the per-row kernel, many (b*t
+    // >= 32 rows' worth) the tiled one; c below, above and not a multiple of 32.
+    for shape in [
+        (2, 7, 48),
+        (3, 13, 40),
+        (1, 33, 96),
+        (3, 70, 45),
+        (8, 100, 33),
+    ] {
+        used.extend(embedding_case::<f32>(emu, &mut rng, shape));
+        used.extend(embedding_case::<bf16>(emu, &mut rng, shape));
+    }
+    for kernel in ["embedding_backward_rows", "embedding_backward_rows_tiled"] {
+        let tables = used.iter().filter(|&&k| k == kernel).count();
+        assert!(tables >= 4, "{kernel} ran for {tables} tables: {used:?}");
     }
 }
 
@@ -406,7 +386,7 @@ fn layernorm_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usiz
     emu.run(
         file,
         &sym::<T>("layernorm_forward"),
-        warp_rows(n),
+        emu_launch(launch::warp_rows(OP, n)),
         (
             out_d.ptr(),
             mean_d.ptr(),
@@ -433,7 +413,7 @@ fn layernorm_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usiz
     emu.run(
         file,
         &sym::<T>("residual_layernorm_forward"),
-        warp_rows(n),
+        emu_launch(launch::warp_rows(OP, n)),
         (
             out_d.ptr(),
             sum_d.ptr(),
@@ -468,7 +448,7 @@ fn layernorm_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usiz
     emu.run(
         file,
         &sym::<T>("layernorm_backward_input"),
-        warp_rows(n),
+        emu_launch(launch::warp_rows(OP, n)),
         (
             dinp_d.ptr(),
             dout_d.ptr(),
@@ -483,7 +463,7 @@ fn layernorm_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usiz
     emu.run(
         file,
         &sym::<T>("layernorm_backward_params"),
-        columns(c),
+        emu_launch(launch::column_tiles(OP, c)),
         (
             dweight_d.ptr(),
             dbias_d.ptr(),
@@ -524,8 +504,10 @@ fn layernorm_matches_cpu() {
         return;
     };
     let mut rng = Rng(2);
-    // n not a multiple of the 8 rows of a block; c below, at and above 32, and odd.
-    for shape in [(1, 33), (14, 48), (9, 200), (3, 7)] {
+    // n not a multiple of the 8 rows of a block; c below, at and above 32, and odd; the
+    // column tiles (32 columns, 32 row slices) with a single row and column, partial tiles
+    // and slices, and more rows than slices.
+    for shape in COLUMN_SHAPES.into_iter().chain([(14, 48), (9, 200)]) {
         both_types!(layernorm_case, emu, &mut rng, shape);
     }
 }
@@ -547,7 +529,7 @@ fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usi
     emu.run(
         file,
         &sym::<T>("bias_gelu_forward"),
-        elementwise(n * c),
+        emu_launch(launch::elementwise(OP, n * c)),
         (out_d.ptr(), inp_d.ptr(), bias_d.ptr(), n as i32, c as i32),
     );
     check("bias_gelu_forward", &out_d, &expected, F32);
@@ -559,7 +541,7 @@ fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usi
     emu.run(
         file,
         &sym::<T>("bias_gelu_backward"),
-        columns(c),
+        emu_launch(launch::column_tiles(OP, c)),
         (
             dinp_d.ptr(),
             dbias_d.ptr(),
@@ -587,7 +569,7 @@ fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usi
     emu.run(
         file,
         &sym::<T>("tanh_forward"),
-        elementwise(len),
+        emu_launch(launch::elementwise(OP, len)),
         (out_d.ptr(), inp_d.ptr(), len),
     );
     check("tanh_forward", &out_d, &expected, F32);
@@ -596,7 +578,7 @@ fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usi
     emu.run(
         file,
         &sym::<T>("tanh_backward"),
-        elementwise(len),
+        emu_launch(launch::elementwise(OP, len)),
         (dinp_d.ptr(), out_d.ptr(), dout_d.ptr(), len),
     );
     let mut dinp64 = wide(&dinp);
@@ -609,7 +591,7 @@ fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usi
     emu.run(
         file,
         &sym::<T>("residual_forward"),
-        elementwise(len),
+        emu_launch(launch::elementwise(OP, len)),
         (out_d.ptr(), inp_d.ptr(), other_d.ptr(), len),
     );
     check("residual_forward", &out_d, &expected, F32);
@@ -621,7 +603,7 @@ fn activations_match_cpu() {
         return;
     };
     let mut rng = Rng(3);
-    for shape in [(1, 7), (13, 96), (70, 300)] {
+    for shape in COLUMN_SHAPES.into_iter().chain([(13, 96), (70, 300)]) {
         both_types!(activation_case, emu, &mut rng, shape);
     }
 }
@@ -633,7 +615,7 @@ fn bias_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, oc): (usize, usize)) 
     emu.run(
         file,
         &sym::<T>("bias_broadcast_forward"),
-        elementwise(n * oc),
+        emu_launch(launch::elementwise(OP, n * oc)),
         (out_d.ptr(), bias_d.ptr(), n as i32, oc as i32),
     );
     let expected: Vec<f64> = (0..n * oc).map(|i| bias[i % oc] as f64).collect();
@@ -645,7 +627,7 @@ fn bias_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, oc): (usize, usize)) 
     emu.run(
         file,
         &sym::<T>("bias_backward"),
-        columns(oc),
+        emu_launch(launch::column_tiles(OP, oc)),
         (dbias_d.ptr(), dout_d.ptr(), n as i32, oc as i32),
     );
     let mut expected = wide(&dbias);
@@ -666,7 +648,7 @@ fn bias_kernels_match_cpu() {
         return;
     };
     let mut rng = Rng(4);
-    for shape in [(1, 5), (17, 96), (70, 301)] {
+    for shape in COLUMN_SHAPES.into_iter().chain([(17, 96), (70, 301)]) {
         both_types!(bias_case, emu, &mut rng, shape);
     }
 }
@@ -680,7 +662,7 @@ fn dropout_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (len, p, seed): (usize
     emu.run(
         file,
         &sym::<T>("dropout_forward"),
-        elementwise(len),
+        emu_launch(launch::elementwise(OP, len)),
         (out_d.ptr(), inp_d.ptr(), len, p, scale, seed),
     );
     // Bit for bit: the CPU's f32 dropout on the same values, stored as T.
@@ -700,7 +682,7 @@ fn dropout_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (len, p, seed): (usize
     emu.run(
         file,
         &sym::<T>("dropout_backward"),
-        elementwise(len),
+        emu_launch(launch::elementwise(OP, len)),
         (dinp_d.ptr(), dout_d.ptr(), len, p, scale, seed),
     );
     let mut expected = wide32(&dinp);
@@ -736,7 +718,7 @@ fn dropout_matches_cpu_bit_for_bit() {
         emu.run(
             "dropout",
             "dropout_mask",
-            elementwise(len),
+            emu_launch(launch::elementwise(OP, len)),
             (keep_d.ptr(), len, p, seed),
         );
         let keep: Vec<u8> = (0..len as u64)
@@ -791,7 +773,7 @@ fn attention_case<T: Act>(
     emu.run(
         file,
         &sym::<T>("attention_forward"),
-        attention_rows(b, nh, t),
+        emu_launch(launch::attention_rows(OP, b, t, nh)),
         (
             out_d.ptr(),
             probs_d.ptr(),
@@ -827,7 +809,7 @@ fn attention_case<T: Act>(
     emu.run(
         file,
         &sym::<T>("attention_backward_query"),
-        attention_rows(b, nh, t),
+        emu_launch(launch::attention_rows(OP, b, t, nh)),
         (
             dq_d.ptr(),
             dscores_d.ptr(),
@@ -848,7 +830,7 @@ fn attention_case<T: Act>(
     emu.run(
         file,
         &sym::<T>("attention_backward_key"),
-        attention_keys(b, nh, t, hs),
+        emu_launch(launch::attention_key_rows(OP, b, t, nh, hs)),
         (
             dk_d.ptr(),
             dv_d.ptr(),
@@ -922,7 +904,7 @@ fn pool_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, usize,
     emu.run(
         file,
         &sym::<T>("cls_pool_forward"),
-        elementwise(b * c),
+        emu_launch(launch::elementwise(OP, b * c)),
         (out_d.ptr(), inp_d.ptr(), dims.0, dims.1, dims.2),
     );
     let mut expected = vec![0.0f64; b * c];
@@ -935,7 +917,7 @@ fn pool_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, usize,
     emu.run(
         file,
         &sym::<T>("cls_pool_backward"),
-        elementwise(b * c),
+        emu_launch(launch::elementwise(OP, b * c)),
         (dinp_d.ptr(), dout_d.ptr(), dims.0, dims.1, dims.2),
     );
     let mut expected = wide(&dinp);
@@ -1034,7 +1016,7 @@ fn ranking_loss_matches_cpu_for_every_utility() {
             emu.run(
                 "ranking_loss",
                 "ranking_loss_forward_backward",
-                ranking_loss(ks.len()),
+                emu_launch(launch::ranking_loss(OP, ks.len())),
                 (
                     prompt_loss.ptr(),
                     dlogits.ptr(),
@@ -1071,17 +1053,17 @@ fn global_norm_and_adamw_match_cpu() {
     let grads = [
         rng.values(1, 1.0),
         rng.values(1000, 1.0),
-        rng.values(NORM_BLOCKS * NORM_THREADS + 77, 1.0),
+        rng.values(launch::NORM_BLOCKS * launch::NORM_THREADS + 77, 1.0),
     ];
-    let partials = emu.upload(&vec![f64::NAN; grads.len() * NORM_BLOCKS]);
+    let partials = emu.upload(&vec![f64::NAN; grads.len() * launch::NORM_BLOCKS]);
     let grads_d: Vec<Buf<f32>> = grads.iter().map(|g| emu.upload(g)).collect();
     for (i, g) in grads_d.iter().enumerate() {
         // SAFETY: slot i of partials, NORM_BLOCKS elements inside the buffer.
-        let slot = unsafe { partials.ptr().add(i * NORM_BLOCKS) };
+        let slot = unsafe { partials.ptr().add(i * launch::NORM_BLOCKS) };
         emu.run(
             file,
             "global_norm_squared_partial",
-            norm_partial(),
+            launch::norm_partial().into(),
             (slot, g.ptr(), grads[i].len()),
         );
     }
@@ -1089,11 +1071,11 @@ fn global_norm_and_adamw_match_cpu() {
     emu.run(
         file,
         "global_norm_squared_finish",
-        norm_finish(),
+        launch::norm_finish().into(),
         (
             total.ptr(),
             partials.ptr(),
-            (grads.len() * NORM_BLOCKS) as i32,
+            (grads.len() * launch::NORM_BLOCKS) as i32,
         ),
     );
     let expected: f64 = grads.iter().map(|g| cpu::global_norm_squared(g)).sum();
@@ -1144,7 +1126,7 @@ fn global_norm_and_adamw_match_cpu() {
                 emu.run(
                     file,
                     "adamw_update_bf16_copy",
-                    elementwise(len),
+                    emu_launch(launch::elementwise(OP, len)),
                     (
                         p_d.ptr(),
                         copy_d.ptr(),
@@ -1169,7 +1151,7 @@ fn global_norm_and_adamw_match_cpu() {
                 emu.run(
                     file,
                     "adamw_update",
-                    elementwise(len),
+                    emu_launch(launch::elementwise(OP, len)),
                     (
                         p_d.ptr(),
                         g_d.ptr(),
@@ -1213,6 +1195,7 @@ fn emulator_indices_and_collectives_follow_cuda() {
         grid,
         block,
         shared_bytes: 0,
+        shared_limit: None,
     };
     emu.run(file, "emu_indices", launch, (out.ptr(),));
     let got = out.read();
@@ -1328,7 +1311,7 @@ fn emulator_bf16_conversions_are_cudas() {
     emu.run(
         "selftest",
         "emu_bf16",
-        elementwise(n),
+        emu_launch(launch::elementwise(OP, n)),
         (bits_d.ptr(), back_d.ptr(), in_d.ptr(), n as i32),
     );
     // half rounds to nearest even like CUDA; outside NaN their bits agree.
@@ -1345,7 +1328,7 @@ fn emulator_bf16_conversions_are_cudas() {
     emu.run(
         "selftest",
         "emu_bf16",
-        elementwise(2),
+        emu_launch(launch::elementwise(OP, 2)),
         (bits_d.ptr(), back_d.ptr(), nan_d.ptr(), 2i32),
     );
     assert_eq!(bits_d.read()[..2], [0x7fff, 0x7fff]);
