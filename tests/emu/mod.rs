@@ -331,6 +331,7 @@ kernel_args!(A, B, C, D, E, F, G, H, I, J, K, L, M);
 kernel_args!(A, B, C, D, E, F, G, H, I, J, K, L, M, N);
 kernel_args!(A, B, C, D, E, F, G, H, I, J, K, L, M, N, O);
 kernel_args!(A, B, C, D, E, F, G, H, I, J, K, L, M, N, O, P);
+kernel_args!(A, B, C, D, E, F, G, H, I, J, K, L, M, N, O, P, Q);
 
 struct Call<A> {
     kernel: *const c_void,
