@@ -29,7 +29,7 @@ pub mod launch {
     pub const ROW_THREADS: usize = 256;
     /// Threads per block of version 1 of attention (one block per query row).
     pub const ATTENTION_THREADS: usize = 128;
-    /// Threads per prompt block of the ranking loss; a prompt's completions beyond loop.
+    /// Threads per prompt block of the ranking loss; a prompt's further completions loop.
     pub const LOSS_THREADS: usize = 64;
     /// Blocks of the gradient norm's first stage per gradient buffer, of NORM_THREADS
     /// threads. Fixed (not per device) so the summation order, hence the result, is the
