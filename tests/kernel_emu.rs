@@ -4,16 +4,19 @@
 //! numerics; it cannot catch driver misuse or races only real hardware shows (tests/
 //! cuda_kernels.rs does that on a GPU).
 //!
-//! Each launch uses the grid, block and shared memory of its launch wrapper in
-//! src/backend/cuda (the `Launch configurations` section below mirrors them). Inputs are
+//! Each launch takes its grid, block and shared memory from the same pure function of
+//! `rcx::backend::cuda::launch` as its launch wrapper in src/backend/cuda, and a kernel
+//! whose wrapper raises its shared memory limit gets the same raised limit (the emulator
+//! refuses more than 48 KiB otherwise, as a GPU does). Inputs are
 //! random and non-zero, outputs poisoned with NaN before every launch, gradients start
 //! random (so `+=` versus `=` shows), in f32 and bf16, at odd shapes. The reference is the
 //! CPU op in f64 on the same (bf16-rounded) inputs; |emu - cpu| <= rtol (|cpu| + mean |cpu|)
 //! with rtol 1e-5 in f32 (1e-4 for long f32 sums), 1e-2 in bf16.
 //!
-//! To add a kernel case: one `emu.run(file, &sym::<T>("kernel"), <config>, (args...))`
-//! with the config from the section below (add a function there if the wrapper is new) and
-//! the arguments exactly as the wrapper's `.arg(...)` list (int: i32, size_t: usize,
+//! To add a kernel case: one `emu.run(file, &sym::<T>("kernel"), <launch>, (args...))`
+//! with `emu_launch(launch::<the wrapper's shape function>(...))` (add the function to the
+//! `launch` module if the wrapper computes its shape inline) and the arguments exactly as
+//! the wrapper's `.arg(...)` list (int: i32, size_t: usize,
 //! uint64_t: u64, float: f32, double: f64, buffers: `buf.ptr()`), then compare outputs.
 //!
 //! Without g++ (or $CXX) the tests print why and pass; RCX_REQUIRE_EMU=1 (set by .ci/run)
@@ -21,72 +24,24 @@
 
 mod emu;
 
-use emu::{Buf, Emu, Launch, blocks, cfg, emu_or_skip};
+use emu::{Buf, Emu, Launch, cfg, emu_or_skip};
 use half::bf16;
 use rcx::backend::cpu::{self, AttentionDropout};
+use rcx::backend::cuda::launch::{self, LaunchShape};
 use rcx::loss::{LossSpec, PromptType, Utility};
 
 const F32: f64 = 1e-5;
 const F32_SUM: f64 = 1e-4;
 const BF16: f64 = 1e-2;
 
-// ---- Launch configurations, as in src/backend/cuda/{ops,matmul,loss,optim}.rs ----------
-
-/// ops.rs ELEMENTWISE_THREADS, matmul.rs THREADS, optim.rs ADAMW_THREADS.
-const ELEMENTWISE_THREADS: usize = 256;
-/// ops.rs ROW_THREADS: one warp per row.
-const ROW_THREADS: usize = 256;
-/// ops.rs ATTENTION_THREADS.
-const ATTENTION_THREADS: usize = 128;
-/// loss.rs THREADS.
-const LOSS_THREADS: usize = 64;
-/// optim.rs NORM_BLOCKS, NORM_THREADS.
-const NORM_BLOCKS: usize = 256;
-const NORM_THREADS: usize = 512;
-
-/// One thread per element of `total`.
-fn elementwise(total: usize) -> Launch {
-    cfg(blocks(total, ELEMENTWISE_THREADS), ELEMENTWISE_THREADS, 0)
+/// A launch wrapper's shape (rcx::backend::cuda::launch) as the emulator's launch. The
+/// shape functions refuse only sizes no case here uses.
+fn emu_launch(shape: rcx::error::Result<LaunchShape>) -> Launch {
+    Launch::from(shape.expect("a launch shape for the test's sizes"))
 }
 
-/// One warp per row: layernorm forward, residual_layernorm, layernorm_backward_input.
-fn warp_rows(n: usize) -> Launch {
-    cfg(blocks(n * 32, ROW_THREADS), ROW_THREADS, 0)
-}
-
-/// One thread per column: bias_backward, bias_gelu_backward, layernorm_backward_params.
-fn columns(c: usize) -> Launch {
-    cfg(blocks(c, ELEMENTWISE_THREADS), ELEMENTWISE_THREADS, 0)
-}
-
-/// embedding_backward_rows: one block per distinct table row.
-fn embedding_rows(distinct: usize) -> Launch {
-    cfg(blocks(distinct, 1), ELEMENTWISE_THREADS, 0)
-}
-
-/// attention_forward, attention_backward_query: one block per (sequence, head, row), a row
-/// of t floats of dynamic shared memory.
-fn attention_rows(b: usize, nh: usize, t: usize) -> Launch {
-    cfg(blocks(b * nh * t, 1), ATTENTION_THREADS, t * 4)
-}
-
-/// attention_backward_key: one block per key row, threads over hs.
-fn attention_keys(b: usize, nh: usize, t: usize, hs: usize) -> Launch {
-    cfg(blocks(b * nh * t, 1), hs.div_ceil(32).clamp(1, 8) * 32, 0)
-}
-
-/// ranking_loss_forward_backward: one block per prompt.
-fn ranking_loss(prompts: usize) -> Launch {
-    cfg(prompts as u32, LOSS_THREADS, 0)
-}
-
-fn norm_partial() -> Launch {
-    cfg(NORM_BLOCKS as u32, NORM_THREADS, 0)
-}
-
-fn norm_finish() -> Launch {
-    cfg(1, 1024, 0)
-}
+/// The op name the shape functions put in their errors.
+const OP: &str = "kernel_emu";
 
 // ---- Activation types, inputs and comparisons ------------------------------------------
 
@@ -201,6 +156,47 @@ fn check<T: Act>(what: &str, buf: &Buf<T>, cpu: &[f64], rtol: f64) {
     );
 }
 
+#[test]
+fn casts_match_half_bit_for_bit() {
+    let Some(emu) = emu_or_skip("casts_match_half_bit_for_bit") else {
+        return;
+    };
+    let values = rounding_cases(&mut Rng(15));
+    // A length that leaves the last block part full.
+    let len = values.len();
+    assert_ne!(len % launch::ELEMENTWISE_THREADS, 0);
+    let (inp_d, bf16_d) = (emu.upload(&values), emu.upload(&poison::<bf16>(len)));
+    emu.run(
+        "cast",
+        "cast_f32_to_bf16",
+        emu_launch(launch::elementwise(OP, len)),
+        (bf16_d.ptr(), inp_d.ptr(), len),
+    );
+    // Round to nearest, ties to even: half's conversion, bit for bit.
+    let rounded: Vec<u16> = values
+        .iter()
+        .map(|&x| bf16::from_f32(x).to_bits())
+        .collect();
+    let got: Vec<u16> = bf16_d.read().iter().map(|x| x.to_bits()).collect();
+    assert_eq!(got, rounded, "cast_f32_to_bf16");
+
+    let back_d = emu.upload(&poison::<f32>(len));
+    emu.run(
+        "cast",
+        "cast_bf16_to_f32",
+        emu_launch(launch::elementwise(OP, len)),
+        (back_d.ptr(), bf16_d.ptr(), len),
+    );
+    let exact: Vec<u32> = rounded.iter().map(|&b| (b as u32) << 16).collect();
+    let got: Vec<u32> = back_d.read().iter().map(|x| x.to_bits()).collect();
+    assert_eq!(got, exact, "cast_bf16_to_f32");
+}
+
+/// Odd shapes (n, c) of the column reductions (launch::column_tiles: tiles of 32 columns,
+/// 32 slices of rows): one row and one column, partial tiles and slices, several tiles,
+/// many rows per slice.
+const COLUMN_SHAPES: [(usize, usize); 4] = [(1, 1), (7, 45), (130, 33), (4099, 37)];
+
 /// Odd shapes (b, t, nh, hs): padded sequences, the last sequence of a batch all padding,
 /// a head size that is not a multiple of 32, a sequence longer than a block of threads.
 const ATTENTION_SHAPES: [(usize, usize, usize, usize); 4] = [
@@ -233,7 +229,12 @@ macro_rules! both_types {
 
 // ---- Kernel cases -------------------------------------------------------------------
 
-fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, usize, usize)) {
+/// Returns the backward kernels the two tables took (ops.rs chooses by the ids).
+fn embedding_case<T: Act>(
+    emu: &'static Emu,
+    rng: &mut Rng,
+    (b, t, c): (usize, usize, usize),
+) -> [&'static str; 2] {
     let file = "embedding";
     let (vocab, max_pos, ntypes) = (23usize, t + 3, 2usize);
     // Few distinct ids, so rows repeat and the backward really sums.
@@ -251,7 +252,7 @@ fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, u
     emu.run(
         file,
         &sym::<T>("embedding_forward"),
-        elementwise(bt * c),
+        emu_launch(launch::elementwise(OP, bt * c)),
         (
             out.ptr(),
             ids_d.ptr(),
@@ -287,17 +288,20 @@ fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, u
     );
     let (dwte_d, dwpe_d, dwtt_d) = (emu.upload(&dwte), emu.upload(&dwpe), emu.upload(&dwtt));
     let dout_d = emu.upload(&dout);
-    for (table, ids) in [(&dwte_d, &ids), (&dwtt_d, &types)] {
+    let mut kernels = [""; 2];
+    for (used, (table, ids)) in kernels.iter_mut().zip([(&dwte_d, &ids), (&dwtt_d, &types)]) {
         let lists = RowLists::new(ids);
         let (rows, starts, positions) = (
             emu.upload(&lists.rows),
             emu.upload(&lists.starts),
             emu.upload(&lists.positions),
         );
+        let (kernel, shape) = launch::embedding_table(OP, bt, c, lists.rows.len()).unwrap();
+        *used = kernel;
         emu.run(
             file,
-            &sym::<T>("embedding_backward_rows"),
-            embedding_rows(lists.rows.len()),
+            &sym::<T>(kernel),
+            shape.into(),
             (
                 table.ptr(),
                 dout_d.ptr(),
@@ -311,7 +315,7 @@ fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, u
     emu.run(
         file,
         &sym::<T>("embedding_backward_positions"),
-        elementwise(t * c),
+        emu_launch(launch::elementwise(OP, t * c)),
         (dwpe_d.ptr(), dout_d.ptr(), b as i32, t as i32, c as i32),
     );
     let (mut dwte64, mut dwpe64, mut dwtt64) = (w(&dwte), w(&dwpe), w(&dwtt));
@@ -333,6 +337,7 @@ fn embedding_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, u
     ] {
         check(name, buf, cpu, F32_SUM);
     }
+    kernels
 }
 
 /// ops.rs RowLists: for every distinct id, the positions that use it, ascending (CSR).
@@ -369,8 +374,22 @@ fn embedding_matches_cpu() {
         return;
     };
     let mut rng = Rng(1);
-    for shape in [(2, 7, 48), (3, 13, 40), (1, 33, 96)] {
-        both_types!(embedding_case, emu, &mut rng, shape);
+    let mut used = Vec::new();
+    // 23 word ids and 2 types: few positions per row take the per-row kernel, many (b*t
+    // >= 32 rows' worth) the tiled one; c below, above and not a multiple of 32.
+    for shape in [
+        (2, 7, 48),
+        (3, 13, 40),
+        (1, 33, 96),
+        (3, 70, 45),
+        (8, 100, 33),
+    ] {
+        used.extend(embedding_case::<f32>(emu, &mut rng, shape));
+        used.extend(embedding_case::<bf16>(emu, &mut rng, shape));
+    }
+    for kernel in ["embedding_backward_rows", "embedding_backward_rows_tiled"] {
+        let tables = used.iter().filter(|&&k| k == kernel).count();
+        assert!(tables >= 4, "{kernel} ran for {tables} tables: {used:?}");
     }
 }
 
@@ -406,7 +425,7 @@ fn layernorm_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usiz
     emu.run(
         file,
         &sym::<T>("layernorm_forward"),
-        warp_rows(n),
+        emu_launch(launch::warp_rows(OP, n)),
         (
             out_d.ptr(),
             mean_d.ptr(),
@@ -433,7 +452,7 @@ fn layernorm_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usiz
     emu.run(
         file,
         &sym::<T>("residual_layernorm_forward"),
-        warp_rows(n),
+        emu_launch(launch::warp_rows(OP, n)),
         (
             out_d.ptr(),
             sum_d.ptr(),
@@ -468,7 +487,7 @@ fn layernorm_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usiz
     emu.run(
         file,
         &sym::<T>("layernorm_backward_input"),
-        warp_rows(n),
+        emu_launch(launch::warp_rows(OP, n)),
         (
             dinp_d.ptr(),
             dout_d.ptr(),
@@ -483,7 +502,7 @@ fn layernorm_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usiz
     emu.run(
         file,
         &sym::<T>("layernorm_backward_params"),
-        columns(c),
+        emu_launch(launch::column_tiles(OP, c)),
         (
             dweight_d.ptr(),
             dbias_d.ptr(),
@@ -524,8 +543,10 @@ fn layernorm_matches_cpu() {
         return;
     };
     let mut rng = Rng(2);
-    // n not a multiple of the 8 rows of a block; c below, at and above 32, and odd.
-    for shape in [(1, 33), (14, 48), (9, 200), (3, 7)] {
+    // n not a multiple of the 8 rows of a block; c below, at and above 32, and odd; the
+    // column tiles (32 columns, 32 row slices) with a single row and column, partial tiles
+    // and slices, and more rows than slices.
+    for shape in COLUMN_SHAPES.into_iter().chain([(14, 48), (9, 200)]) {
         both_types!(layernorm_case, emu, &mut rng, shape);
     }
 }
@@ -547,7 +568,7 @@ fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usi
     emu.run(
         file,
         &sym::<T>("bias_gelu_forward"),
-        elementwise(n * c),
+        emu_launch(launch::elementwise(OP, n * c)),
         (out_d.ptr(), inp_d.ptr(), bias_d.ptr(), n as i32, c as i32),
     );
     check("bias_gelu_forward", &out_d, &expected, F32);
@@ -559,7 +580,7 @@ fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usi
     emu.run(
         file,
         &sym::<T>("bias_gelu_backward"),
-        columns(c),
+        emu_launch(launch::column_tiles(OP, c)),
         (
             dinp_d.ptr(),
             dbias_d.ptr(),
@@ -587,7 +608,7 @@ fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usi
     emu.run(
         file,
         &sym::<T>("tanh_forward"),
-        elementwise(len),
+        emu_launch(launch::elementwise(OP, len)),
         (out_d.ptr(), inp_d.ptr(), len),
     );
     check("tanh_forward", &out_d, &expected, F32);
@@ -596,7 +617,7 @@ fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usi
     emu.run(
         file,
         &sym::<T>("tanh_backward"),
-        elementwise(len),
+        emu_launch(launch::elementwise(OP, len)),
         (dinp_d.ptr(), out_d.ptr(), dout_d.ptr(), len),
     );
     let mut dinp64 = wide(&dinp);
@@ -609,7 +630,7 @@ fn activation_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, c): (usize, usi
     emu.run(
         file,
         &sym::<T>("residual_forward"),
-        elementwise(len),
+        emu_launch(launch::elementwise(OP, len)),
         (out_d.ptr(), inp_d.ptr(), other_d.ptr(), len),
     );
     check("residual_forward", &out_d, &expected, F32);
@@ -621,7 +642,7 @@ fn activations_match_cpu() {
         return;
     };
     let mut rng = Rng(3);
-    for shape in [(1, 7), (13, 96), (70, 300)] {
+    for shape in COLUMN_SHAPES.into_iter().chain([(13, 96), (70, 300)]) {
         both_types!(activation_case, emu, &mut rng, shape);
     }
 }
@@ -633,7 +654,7 @@ fn bias_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, oc): (usize, usize)) 
     emu.run(
         file,
         &sym::<T>("bias_broadcast_forward"),
-        elementwise(n * oc),
+        emu_launch(launch::elementwise(OP, n * oc)),
         (out_d.ptr(), bias_d.ptr(), n as i32, oc as i32),
     );
     let expected: Vec<f64> = (0..n * oc).map(|i| bias[i % oc] as f64).collect();
@@ -645,7 +666,7 @@ fn bias_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (n, oc): (usize, usize)) 
     emu.run(
         file,
         &sym::<T>("bias_backward"),
-        columns(oc),
+        emu_launch(launch::column_tiles(OP, oc)),
         (dbias_d.ptr(), dout_d.ptr(), n as i32, oc as i32),
     );
     let mut expected = wide(&dbias);
@@ -666,7 +687,7 @@ fn bias_kernels_match_cpu() {
         return;
     };
     let mut rng = Rng(4);
-    for shape in [(1, 5), (17, 96), (70, 301)] {
+    for shape in COLUMN_SHAPES.into_iter().chain([(17, 96), (70, 301)]) {
         both_types!(bias_case, emu, &mut rng, shape);
     }
 }
@@ -680,7 +701,7 @@ fn dropout_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (len, p, seed): (usize
     emu.run(
         file,
         &sym::<T>("dropout_forward"),
-        elementwise(len),
+        emu_launch(launch::elementwise(OP, len)),
         (out_d.ptr(), inp_d.ptr(), len, p, scale, seed),
     );
     // Bit for bit: the CPU's f32 dropout on the same values, stored as T.
@@ -700,7 +721,7 @@ fn dropout_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (len, p, seed): (usize
     emu.run(
         file,
         &sym::<T>("dropout_backward"),
-        elementwise(len),
+        emu_launch(launch::elementwise(OP, len)),
         (dinp_d.ptr(), dout_d.ptr(), len, p, scale, seed),
     );
     let mut expected = wide32(&dinp);
@@ -736,7 +757,7 @@ fn dropout_matches_cpu_bit_for_bit() {
         emu.run(
             "dropout",
             "dropout_mask",
-            elementwise(len),
+            emu_launch(launch::elementwise(OP, len)),
             (keep_d.ptr(), len, p, seed),
         );
         let keep: Vec<u8> = (0..len as u64)
@@ -751,141 +772,362 @@ fn dropout_matches_cpu_bit_for_bit() {
     }
 }
 
+/// One attention problem (b, t, nh, hs) on the host: q, k, v, dout [b, t, nh*hs], mask
+/// [b, t] (padded sequences, the last one of a batch all padding), and the gradients' start
+/// values dq, dk, dv (random: `+=` versus `=` shows).
+struct AttentionProblem<T> {
+    dims: (usize, usize, usize, usize),
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    mask: Vec<u8>,
+    dout: Vec<T>,
+    grads: [Vec<T>; 3],
+}
+
+impl<T: Act> AttentionProblem<T> {
+    fn new(rng: &mut Rng, (b, t, nh, hs): (usize, usize, usize, usize)) -> AttentionProblem<T> {
+        let len = b * t * nh * hs;
+        let mut values = || act::<T>(&rng.values(len, 1.0));
+        let (q, k, v, dout) = (values(), values(), values(), values());
+        let grads = [values(), values(), values()];
+        AttentionProblem {
+            dims: (b, t, nh, hs),
+            q,
+            k,
+            v,
+            mask: padding_mask(rng, b, t),
+            dout,
+            grads,
+        }
+    }
+
+    /// The CPU reference in f64 on the same (T-rounded) inputs: out, probs [b, nh, t, t].
+    fn cpu_forward(&self, dropout: Option<AttentionDropout>) -> (Vec<f64>, Vec<f64>) {
+        let (b, t, nh, hs) = self.dims;
+        let (mut out, mut probs) = (vec![0.0f64; b * t * nh * hs], vec![0.0f64; b * nh * t * t]);
+        cpu::attention_forward(
+            &mut out,
+            &mut probs,
+            &wide(&self.q),
+            &wide(&self.k),
+            &wide(&self.v),
+            &self.mask,
+            b,
+            t,
+            nh,
+            hs,
+            dropout,
+        );
+        (out, probs)
+    }
+
+    /// dq, dk, dv of the CPU from the start values and the given probabilities.
+    fn cpu_backward(&self, probs: &[f64], dropout: Option<AttentionDropout>) -> [Vec<f64>; 3] {
+        let (b, t, nh, hs) = self.dims;
+        let [mut dq, mut dk, mut dv] = self.grads.each_ref().map(|g| wide(g));
+        cpu::attention_backward(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &wide(&self.dout),
+            &wide(&self.q),
+            &wide(&self.k),
+            &wide(&self.v),
+            probs,
+            &self.mask,
+            b,
+            t,
+            nh,
+            hs,
+            dropout,
+        );
+        [dq, dk, dv]
+    }
+
+    /// lse [b, nh, t] = log Σ_j exp(s_ij) over the allowed keys, in f64.
+    fn cpu_lse(&self) -> Vec<f64> {
+        let (b, t, nh, hs) = self.dims;
+        let (q, k) = (wide(&self.q), wide(&self.k));
+        let scale = 1.0 / (hs as f64).sqrt();
+        let mut lse = Vec::with_capacity(b * nh * t);
+        for bi in 0..b {
+            let mask = &self.mask[bi * t..(bi + 1) * t];
+            let any_real = mask.contains(&1);
+            for h in 0..nh {
+                let head = |x: &[f64], row: usize| {
+                    let at = (bi * t + row) * nh * hs + h * hs;
+                    x[at..at + hs].to_vec()
+                };
+                for i in 0..t {
+                    let q_i = head(&q, i);
+                    let scores: Vec<f64> = (0..t)
+                        .filter(|&j| !any_real || mask[j] != 0)
+                        .map(|j| {
+                            scale * q_i.iter().zip(head(&k, j)).map(|(a, b)| a * b).sum::<f64>()
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    lse.push(max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln());
+                }
+            }
+        }
+        lse
+    }
+}
+
+/// An attention problem on the emulator's device, with the scalars the wrappers pass: scale
+/// and drop_scale rounded to fp32, p = 0 (no hashing) without dropout.
+struct AttentionDevice<T> {
+    dims: (usize, usize, usize, usize),
+    q: Buf<T>,
+    k: Buf<T>,
+    v: Buf<T>,
+    mask: Buf<u8>,
+    dout: Buf<T>,
+    args: (i32, i32, i32, i32, f32, f64, f32, u64),
+}
+
+impl<T: Act> AttentionDevice<T> {
+    fn new(
+        emu: &'static Emu,
+        problem: &AttentionProblem<T>,
+        dropout: Option<AttentionDropout>,
+    ) -> AttentionDevice<T> {
+        let (b, t, nh, hs) = problem.dims;
+        let (drop_p, drop_scale, seed) = match dropout {
+            Some(d) => (d.p, (1.0 / (1.0 - d.p)) as f32, d.seed),
+            None => (0.0, 1.0f32, 0u64),
+        };
+        let scale = (1.0 / (hs as f64).sqrt()) as f32;
+        AttentionDevice {
+            dims: problem.dims,
+            q: emu.upload(&problem.q),
+            k: emu.upload(&problem.k),
+            v: emu.upload(&problem.v),
+            mask: emu.upload(&problem.mask),
+            dout: emu.upload(&problem.dout),
+            args: (
+                b as i32, t as i32, nh as i32, hs as i32, scale, drop_p, drop_scale, seed,
+            ),
+        }
+    }
+
+    /// Version 1's attention_forward: out, probs written.
+    fn v1_forward(&self, emu: &Emu, out: &Buf<T>, probs: &Buf<f32>) {
+        let (b, t, nh, _) = self.dims;
+        let (b_i, t_i, nh_i, hs_i, scale, drop_p, drop_scale, seed) = self.args;
+        emu.run(
+            "attention",
+            &sym::<T>("attention_forward"),
+            emu_launch(launch::attention_rows(OP, b, t, nh)),
+            (
+                out.ptr(),
+                probs.ptr(),
+                self.q.ptr(),
+                self.k.ptr(),
+                self.v.ptr(),
+                self.mask.ptr(),
+                b_i,
+                t_i,
+                nh_i,
+                hs_i,
+                scale,
+                drop_p,
+                drop_scale,
+                seed,
+            ),
+        );
+    }
+
+    /// Version 1's attention_backward (query kernel, then key kernel): dq, dk, dv added to.
+    fn v1_backward(&self, emu: &'static Emu, [dq, dk, dv]: &[Buf<T>; 3], probs: &Buf<f32>) {
+        let (b, t, nh, hs) = self.dims;
+        let (b_i, t_i, nh_i, hs_i, scale, drop_p, drop_scale, seed) = self.args;
+        let dscores = emu.upload(&poison::<f32>(b * nh * t * t));
+        emu.run(
+            "attention",
+            &sym::<T>("attention_backward_query"),
+            emu_launch(launch::attention_rows(OP, b, t, nh)),
+            (
+                dq.ptr(),
+                dscores.ptr(),
+                self.dout.ptr(),
+                self.k.ptr(),
+                self.v.ptr(),
+                probs.ptr(),
+                b_i,
+                t_i,
+                nh_i,
+                hs_i,
+                scale,
+                drop_p,
+                drop_scale,
+                seed,
+            ),
+        );
+        emu.run(
+            "attention",
+            &sym::<T>("attention_backward_key"),
+            emu_launch(launch::attention_key_rows(OP, b, t, nh, hs)),
+            (
+                dk.ptr(),
+                dv.ptr(),
+                self.dout.ptr(),
+                self.q.ptr(),
+                probs.ptr(),
+                dscores.ptr(),
+                b_i,
+                t_i,
+                nh_i,
+                hs_i,
+                scale,
+                drop_p,
+                drop_scale,
+                seed,
+            ),
+        );
+    }
+
+    /// Version 2's flash_attention_forward: out, lse written.
+    fn flash_forward(&self, emu: &Emu, out: &Buf<T>, lse: &Buf<f32>) {
+        let (b, t, nh, hs) = self.dims;
+        let (b_i, t_i, nh_i, hs_i, scale, drop_p, drop_scale, seed) = self.args;
+        let shape = launch::flash_forward(OP, b, t, nh, hs).unwrap();
+        emu.run(
+            "attention",
+            &sym::<T>("flash_attention_forward"),
+            Launch::allowing_shared(shape),
+            (
+                out.ptr(),
+                lse.ptr(),
+                self.q.ptr(),
+                self.k.ptr(),
+                self.v.ptr(),
+                self.mask.ptr(),
+                b_i,
+                t_i,
+                nh_i,
+                hs_i,
+                scale,
+                drop_p,
+                drop_scale,
+                seed,
+            ),
+        );
+    }
+
+    /// Version 2's flash_attention_backward, its three launches in the wrapper's order (row
+    /// dots, dK/dV, dQ): dq, dk, dv added to, from the forward's out and lse.
+    fn flash_backward(
+        &self,
+        emu: &'static Emu,
+        [dq, dk, dv]: &[Buf<T>; 3],
+        out: &Buf<T>,
+        lse: &Buf<f32>,
+    ) {
+        let (b, t, nh, hs) = self.dims;
+        let (b_i, t_i, nh_i, hs_i, scale, drop_p, drop_scale, seed) = self.args;
+        let row_dot = emu.upload(&poison::<f32>(b * nh * t));
+        emu.run(
+            "attention",
+            &sym::<T>("flash_attention_backward_dot"),
+            emu_launch(launch::warp_rows(OP, b * nh * t)),
+            (
+                row_dot.ptr(),
+                self.dout.ptr(),
+                out.ptr(),
+                b_i,
+                t_i,
+                nh_i,
+                hs_i,
+            ),
+        );
+        let tiles = Launch::allowing_shared(launch::flash_backward(OP, b, t, nh, hs).unwrap());
+        emu.run(
+            "attention",
+            &sym::<T>("flash_attention_backward_key"),
+            tiles,
+            (
+                dk.ptr(),
+                dv.ptr(),
+                self.dout.ptr(),
+                self.q.ptr(),
+                self.k.ptr(),
+                self.v.ptr(),
+                lse.ptr(),
+                row_dot.ptr(),
+                self.mask.ptr(),
+                b_i,
+                t_i,
+                nh_i,
+                hs_i,
+                scale,
+                drop_p,
+                drop_scale,
+                seed,
+            ),
+        );
+        emu.run(
+            "attention",
+            &sym::<T>("flash_attention_backward_query"),
+            tiles,
+            (
+                dq.ptr(),
+                self.dout.ptr(),
+                self.q.ptr(),
+                self.k.ptr(),
+                self.v.ptr(),
+                lse.ptr(),
+                row_dot.ptr(),
+                self.mask.ptr(),
+                b_i,
+                t_i,
+                nh_i,
+                hs_i,
+                scale,
+                drop_p,
+                drop_scale,
+                seed,
+            ),
+        );
+    }
+}
+
+fn upload_grads<T: Act>(emu: &'static Emu, grads: &[Vec<T>; 3]) -> [Buf<T>; 3] {
+    grads.each_ref().map(|g| emu.upload(g))
+}
+
+fn check_grads<T: Act>(what: &str, emu: &[Buf<T>; 3], cpu: &[Vec<f64>; 3], rtol: f64) {
+    for (name, (buf, cpu)) in ["dq", "dk", "dv"].iter().zip(emu.iter().zip(cpu)) {
+        check(&format!("{what} backward {name}"), buf, cpu, rtol);
+    }
+}
+
+/// Version 1 against the CPU; its backward from the CPU's (fp32) probabilities.
 fn attention_case<T: Act>(
     emu: &'static Emu,
     rng: &mut Rng,
-    (b, t, nh, hs): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     dropout: Option<AttentionDropout>,
 ) {
-    let file = "attention";
-    let act_len = b * t * nh * hs;
-    let probs_len = b * nh * t * t;
-    let (q, k, v): (Vec<T>, Vec<T>, Vec<T>) = (
-        act(&rng.values(act_len, 1.0)),
-        act(&rng.values(act_len, 1.0)),
-        act(&rng.values(act_len, 1.0)),
-    );
-    let mask = padding_mask(rng, b, t);
-    let (mut out, mut probs) = (vec![0.0f64; act_len], vec![0.0f64; probs_len]);
-    let (q64, k64, v64) = (wide(&q), wide(&k), wide(&v));
-    cpu::attention_forward(
-        &mut out, &mut probs, &q64, &k64, &v64, &mask, b, t, nh, hs, dropout,
-    );
-    // The wrapper's scalars: scale and drop_scale rounded to fp32; p = 0 without dropout.
-    let scale = (1.0 / (hs as f64).sqrt()) as f32;
-    let (drop_p, drop_scale, seed) = match dropout {
-        Some(d) => (d.p, (1.0 / (1.0 - d.p)) as f32, d.seed),
-        None => (0.0, 1.0f32, 0u64),
-    };
-    let (q_d, k_d, v_d, mask_d) = (
-        emu.upload(&q),
-        emu.upload(&k),
-        emu.upload(&v),
-        emu.upload(&mask),
-    );
-    let (out_d, probs_d) = (
-        emu.upload(&poison::<T>(act_len)),
-        emu.upload(&poison::<f32>(probs_len)),
-    );
-    let (b_i, t_i, nh_i, hs_i) = (b as i32, t as i32, nh as i32, hs as i32);
-    emu.run(
-        file,
-        &sym::<T>("attention_forward"),
-        attention_rows(b, nh, t),
-        (
-            out_d.ptr(),
-            probs_d.ptr(),
-            q_d.ptr(),
-            k_d.ptr(),
-            v_d.ptr(),
-            mask_d.ptr(),
-            b_i,
-            t_i,
-            nh_i,
-            hs_i,
-            scale,
-            drop_p,
-            drop_scale,
-            seed,
-        ),
-    );
-    let what = format!("attention {:?} dropout {:?}", (b, t, nh, hs), dropout);
+    let (b, t, nh, hs) = dims;
+    let problem = AttentionProblem::<T>::new(rng, dims);
+    let device = AttentionDevice::new(emu, &problem, dropout);
+    let (out, probs) = problem.cpu_forward(dropout);
+    let out_d = emu.upload(&poison::<T>(b * t * nh * hs));
+    let probs_d = emu.upload(&poison::<f32>(b * nh * t * t));
+    device.v1_forward(emu, &out_d, &probs_d);
+    let what = format!("attention {dims:?} dropout {dropout:?}");
     check(&format!("{what} forward out"), &out_d, &out, F32_SUM);
     check(&format!("{what} forward probs"), &probs_d, &probs, F32);
 
     // The backward from the same (fp32) probabilities on both sides.
     let probs32: Vec<f32> = probs.iter().map(|&x| x as f32).collect();
-    let dout: Vec<T> = act(&rng.values(act_len, 1.0));
-    let (dq, dk, dv): (Vec<T>, Vec<T>, Vec<T>) = (
-        act(&rng.values(act_len, 1.0)),
-        act(&rng.values(act_len, 1.0)),
-        act(&rng.values(act_len, 1.0)),
-    );
-    let (dq_d, dk_d, dv_d) = (emu.upload(&dq), emu.upload(&dk), emu.upload(&dv));
-    let (dout_d, probs_d) = (emu.upload(&dout), emu.upload(&probs32));
-    let dscores_d = emu.upload(&poison::<f32>(probs_len));
-    emu.run(
-        file,
-        &sym::<T>("attention_backward_query"),
-        attention_rows(b, nh, t),
-        (
-            dq_d.ptr(),
-            dscores_d.ptr(),
-            dout_d.ptr(),
-            k_d.ptr(),
-            v_d.ptr(),
-            probs_d.ptr(),
-            b_i,
-            t_i,
-            nh_i,
-            hs_i,
-            scale,
-            drop_p,
-            drop_scale,
-            seed,
-        ),
-    );
-    emu.run(
-        file,
-        &sym::<T>("attention_backward_key"),
-        attention_keys(b, nh, t, hs),
-        (
-            dk_d.ptr(),
-            dv_d.ptr(),
-            dout_d.ptr(),
-            q_d.ptr(),
-            probs_d.ptr(),
-            dscores_d.ptr(),
-            b_i,
-            t_i,
-            nh_i,
-            hs_i,
-            scale,
-            drop_p,
-            drop_scale,
-            seed,
-        ),
-    );
-    let (mut dq64, mut dk64, mut dv64) = (wide(&dq), wide(&dk), wide(&dv));
-    cpu::attention_backward(
-        &mut dq64,
-        &mut dk64,
-        &mut dv64,
-        &wide(&dout),
-        &q64,
-        &k64,
-        &v64,
-        &wide(&probs32),
-        &mask,
-        b,
-        t,
-        nh,
-        hs,
-        dropout,
-    );
-    check(&format!("{what} backward dq"), &dq_d, &dq64, F32_SUM);
-    check(&format!("{what} backward dk"), &dk_d, &dk64, F32_SUM);
-    check(&format!("{what} backward dv"), &dv_d, &dv64, F32_SUM);
+    let grads = upload_grads(emu, &problem.grads);
+    device.v1_backward(emu, &grads, &emu.upload(&probs32));
+    let expected = problem.cpu_backward(&wide(&probs32), dropout);
+    check_grads(&what, &grads, &expected, F32_SUM);
 }
 
 #[test]
@@ -914,6 +1156,172 @@ fn attention_with_dropout_matches_cpu() {
     }
 }
 
+/// Flash attention (version 2) shapes (b, t, nh, hs), covering every t of {1, 17, 33, 70}
+/// (one key, partial tiles of 16 own and 32 streamed rows, several tiles) and every hs of
+/// {12, 32, 64, 128} (under one dim per lane, one, two and four; 128 takes the backward
+/// over 48 KiB of shared memory, so the wrapper raises the kernels' limit). Batches of 2
+/// or 3 end with a sequence of padding only.
+const FLASH_SHAPES: [(usize, usize, usize, usize); 6] = [
+    (2, 1, 3, 32),
+    (3, 17, 2, 12),
+    (2, 33, 2, 64),
+    (1, 70, 2, 32),
+    (2, 17, 1, 128),
+    (2, 70, 1, 128),
+];
+
+/// Version 2 (the model's) against the CPU: forward out and lse, then the backward from the
+/// emulated forward's out and lse, as the device model runs it.
+fn flash_case<T: Act>(
+    emu: &'static Emu,
+    rng: &mut Rng,
+    dims: (usize, usize, usize, usize),
+    dropout: Option<AttentionDropout>,
+) {
+    let (b, t, nh, hs) = dims;
+    let problem = AttentionProblem::<T>::new(rng, dims);
+    let device = AttentionDevice::new(emu, &problem, dropout);
+    let (out, probs) = problem.cpu_forward(dropout);
+    let out_d = emu.upload(&poison::<T>(b * t * nh * hs));
+    let lse_d = emu.upload(&poison::<f32>(b * nh * t));
+    device.flash_forward(emu, &out_d, &lse_d);
+    let what = format!("flash attention {dims:?} dropout {dropout:?}");
+    check(&format!("{what} forward out"), &out_d, &out, F32);
+    check(
+        &format!("{what} forward lse"),
+        &lse_d,
+        &problem.cpu_lse(),
+        F32,
+    );
+
+    let grads = upload_grads(emu, &problem.grads);
+    device.flash_backward(emu, &grads, &out_d, &lse_d);
+    let expected = problem.cpu_backward(&probs, dropout);
+    check_grads(&what, &grads, &expected, F32_SUM);
+}
+
+/// hs 128: the backward's tiles need more than the default 48 KiB of shared memory; the
+/// launch fails unless the kernel's limit is raised, as the wrapper does.
+#[test]
+fn flash_attention_backward_needs_the_raised_shared_limit() {
+    let Some(emu) = emu_or_skip("flash_attention_backward_needs_the_raised_shared_limit") else {
+        return;
+    };
+    let (t, hs) = (17, 128);
+    let problem = AttentionProblem::<f32>::new(&mut Rng(14), (1, t, 1, hs));
+    let device = AttentionDevice::new(emu, &problem, None);
+    let (out, lse) = (
+        emu.upload(&poison::<f32>(t * hs)),
+        emu.upload(&poison::<f32>(t)),
+    );
+    device.flash_forward(emu, &out, &lse);
+    // Any row dots do: only the launch is in question.
+    let (dq, dot) = (emu.upload(&problem.grads[0]), emu.upload(&[0f32; 17]));
+    let shape = launch::flash_backward(OP, 1, t, 1, hs).unwrap();
+    assert!(shape.shared_opt_in().is_some(), "{shape:?}");
+    let (b_i, t_i, nh_i, hs_i, scale, drop_p, drop_scale, seed) = device.args;
+    let args = (
+        dq.ptr(),
+        device.dout.ptr(),
+        device.q.ptr(),
+        device.k.ptr(),
+        device.v.ptr(),
+        lse.ptr(),
+        dot.ptr(),
+        device.mask.ptr(),
+        b_i,
+        t_i,
+        nh_i,
+        hs_i,
+        scale,
+        drop_p,
+        drop_scale,
+        seed,
+    );
+    let kernel = "flash_attention_backward_query_f32";
+    let why = emu
+        .launch("attention", kernel, shape.into(), args)
+        .expect_err("49408 bytes of shared memory without opting in");
+    assert!(why.contains("without opting in"), "{why}");
+    emu.run("attention", kernel, Launch::allowing_shared(shape), args);
+}
+
+#[test]
+fn flash_attention_matches_cpu() {
+    let Some(emu) = emu_or_skip("flash_attention_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng(12);
+    for shape in FLASH_SHAPES {
+        both_types!(flash_case, emu, &mut rng, shape, None);
+    }
+}
+
+/// The dropout mask is the CPU's bit for bit, or out and the gradients miss by whole weights.
+#[test]
+fn flash_attention_with_dropout_matches_cpu() {
+    let Some(emu) = emu_or_skip("flash_attention_with_dropout_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng(16);
+    for (i, shape) in FLASH_SHAPES.into_iter().enumerate() {
+        let dropout = Some(AttentionDropout {
+            p: 0.1 + 0.05 * i as f64,
+            seed: 2000 + i as u64,
+        });
+        both_types!(flash_case, emu, &mut rng, shape, dropout);
+    }
+}
+
+/// Both versions on the same inputs, each backward from its own forward: the same out and
+/// gradients (to rounding), with and without dropout.
+fn attention_versions_case<T: Act>(
+    emu: &'static Emu,
+    rng: &mut Rng,
+    dims: (usize, usize, usize, usize),
+    dropout: Option<AttentionDropout>,
+) {
+    let (b, t, nh, hs) = dims;
+    let problem = AttentionProblem::<T>::new(rng, dims);
+    let device = AttentionDevice::new(emu, &problem, dropout);
+    let (v1_out, v2_out) = (
+        emu.upload(&poison::<T>(b * t * nh * hs)),
+        emu.upload(&poison::<T>(b * t * nh * hs)),
+    );
+    let probs = emu.upload(&poison::<f32>(b * nh * t * t));
+    let lse = emu.upload(&poison::<f32>(b * nh * t));
+    device.v1_forward(emu, &v1_out, &probs);
+    device.flash_forward(emu, &v2_out, &lse);
+    let what = format!("attention v1 vs v2 {dims:?} dropout {dropout:?}");
+    check(&format!("{what} out"), &v2_out, &wide(&v1_out.read()), F32);
+    let (v1_grads, v2_grads) = (
+        upload_grads(emu, &problem.grads),
+        upload_grads(emu, &problem.grads),
+    );
+    device.v1_backward(emu, &v1_grads, &probs);
+    device.flash_backward(emu, &v2_grads, &v2_out, &lse);
+    let v1: [Vec<f64>; 3] = v1_grads.each_ref().map(|g| wide(&g.read()));
+    check_grads(&what, &v2_grads, &v1, F32_SUM);
+}
+
+#[test]
+fn attention_versions_agree() {
+    let Some(emu) = emu_or_skip("attention_versions_agree") else {
+        return;
+    };
+    let mut rng = Rng(13);
+    let dropout = Some(AttentionDropout { p: 0.2, seed: 77 });
+    for dropout in [None, dropout] {
+        both_types!(
+            attention_versions_case,
+            emu,
+            &mut rng,
+            (2, 40, 2, 24),
+            dropout
+        );
+    }
+}
+
 fn pool_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, usize, usize)) {
     let file = "pool";
     let inp: Vec<T> = act(&rng.values(b * t * c, 1.0));
@@ -922,7 +1330,7 @@ fn pool_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, usize,
     emu.run(
         file,
         &sym::<T>("cls_pool_forward"),
-        elementwise(b * c),
+        emu_launch(launch::elementwise(OP, b * c)),
         (out_d.ptr(), inp_d.ptr(), dims.0, dims.1, dims.2),
     );
     let mut expected = vec![0.0f64; b * c];
@@ -935,7 +1343,7 @@ fn pool_case<T: Act>(emu: &'static Emu, rng: &mut Rng, (b, t, c): (usize, usize,
     emu.run(
         file,
         &sym::<T>("cls_pool_backward"),
-        elementwise(b * c),
+        emu_launch(launch::elementwise(OP, b * c)),
         (dinp_d.ptr(), dout_d.ptr(), dims.0, dims.1, dims.2),
     );
     let mut expected = wide(&dinp);
@@ -1034,7 +1442,7 @@ fn ranking_loss_matches_cpu_for_every_utility() {
             emu.run(
                 "ranking_loss",
                 "ranking_loss_forward_backward",
-                ranking_loss(ks.len()),
+                emu_launch(launch::ranking_loss(OP, ks.len())),
                 (
                     prompt_loss.ptr(),
                     dlogits.ptr(),
@@ -1071,17 +1479,17 @@ fn global_norm_and_adamw_match_cpu() {
     let grads = [
         rng.values(1, 1.0),
         rng.values(1000, 1.0),
-        rng.values(NORM_BLOCKS * NORM_THREADS + 77, 1.0),
+        rng.values(launch::NORM_BLOCKS * launch::NORM_THREADS + 77, 1.0),
     ];
-    let partials = emu.upload(&vec![f64::NAN; grads.len() * NORM_BLOCKS]);
+    let partials = emu.upload(&vec![f64::NAN; grads.len() * launch::NORM_BLOCKS]);
     let grads_d: Vec<Buf<f32>> = grads.iter().map(|g| emu.upload(g)).collect();
     for (i, g) in grads_d.iter().enumerate() {
         // SAFETY: slot i of partials, NORM_BLOCKS elements inside the buffer.
-        let slot = unsafe { partials.ptr().add(i * NORM_BLOCKS) };
+        let slot = unsafe { partials.ptr().add(i * launch::NORM_BLOCKS) };
         emu.run(
             file,
             "global_norm_squared_partial",
-            norm_partial(),
+            launch::norm_partial().into(),
             (slot, g.ptr(), grads[i].len()),
         );
     }
@@ -1089,11 +1497,11 @@ fn global_norm_and_adamw_match_cpu() {
     emu.run(
         file,
         "global_norm_squared_finish",
-        norm_finish(),
+        launch::norm_finish().into(),
         (
             total.ptr(),
             partials.ptr(),
-            (grads.len() * NORM_BLOCKS) as i32,
+            (grads.len() * launch::NORM_BLOCKS) as i32,
         ),
     );
     let expected: f64 = grads.iter().map(|g| cpu::global_norm_squared(g)).sum();
@@ -1144,7 +1552,7 @@ fn global_norm_and_adamw_match_cpu() {
                 emu.run(
                     file,
                     "adamw_update_bf16_copy",
-                    elementwise(len),
+                    emu_launch(launch::elementwise(OP, len)),
                     (
                         p_d.ptr(),
                         copy_d.ptr(),
@@ -1169,7 +1577,7 @@ fn global_norm_and_adamw_match_cpu() {
                 emu.run(
                     file,
                     "adamw_update",
-                    elementwise(len),
+                    emu_launch(launch::elementwise(OP, len)),
                     (
                         p_d.ptr(),
                         g_d.ptr(),
@@ -1213,6 +1621,7 @@ fn emulator_indices_and_collectives_follow_cuda() {
         grid,
         block,
         shared_bytes: 0,
+        shared_limit: None,
     };
     emu.run(file, "emu_indices", launch, (out.ptr(),));
     let got = out.read();
@@ -1293,11 +1702,8 @@ fn itertools((x, y, z): (u32, u32, u32)) -> impl Iterator<Item = (u32, u32, u32)
     (0..z).flat_map(move |k| (0..y).flat_map(move |j| (0..x).map(move |i| (k, j, i))))
 }
 
-#[test]
-fn emulator_bf16_conversions_are_cudas() {
-    let Some(emu) = emu_or_skip("emulator_bf16_conversions_are_cudas") else {
-        return;
-    };
+/// fp32 values whose rounding to bf16 is delicate, then random bit patterns (not NaN).
+fn rounding_cases(rng: &mut Rng) -> Vec<f32> {
     let mut values = vec![
         0.0f32,
         -0.0,
@@ -1313,12 +1719,20 @@ fn emulator_bf16_conversions_are_cudas() {
         f32::from_bits(0x3f80_8001),
         f32::from_bits(0x7f7f_ffff), // rounds to infinity
     ];
-    let mut rng = Rng(11);
     values.extend(
         (0..2000)
             .map(|_| f32::from_bits(rng.next_u64() as u32))
             .filter(|x| !x.is_nan()),
     );
+    values
+}
+
+#[test]
+fn emulator_bf16_conversions_are_cudas() {
+    let Some(emu) = emu_or_skip("emulator_bf16_conversions_are_cudas") else {
+        return;
+    };
+    let values = rounding_cases(&mut Rng(11));
     let n = values.len();
     let (in_d, bits_d, back_d) = (
         emu.upload(&values),
@@ -1328,7 +1742,7 @@ fn emulator_bf16_conversions_are_cudas() {
     emu.run(
         "selftest",
         "emu_bf16",
-        elementwise(n),
+        emu_launch(launch::elementwise(OP, n)),
         (bits_d.ptr(), back_d.ptr(), in_d.ptr(), n as i32),
     );
     // half rounds to nearest even like CUDA; outside NaN their bits agree.
@@ -1345,7 +1759,7 @@ fn emulator_bf16_conversions_are_cudas() {
     emu.run(
         "selftest",
         "emu_bf16",
-        elementwise(2),
+        emu_launch(launch::elementwise(OP, 2)),
         (bits_d.ptr(), back_d.ptr(), nan_d.ptr(), 2i32),
     );
     assert_eq!(bits_d.read()[..2], [0x7fff, 0x7fff]);
@@ -1450,6 +1864,41 @@ fn emulator_reports_what_a_gpu_would_hang_or_fault_on() {
         let why = launch_error(emu, "emu_divide", bad, (ints.ptr(), 1i32));
         assert_mentions(&why, &["invalid launch configuration"]);
     }
+
+    // Over 48 KiB of dynamic shared memory only once the kernel's limit is raised (ops.rs
+    // allow_shared), to at most 99 KiB; then up to the raised limit, and no further.
+    let raised = |shared_bytes: usize, limit: usize| Launch {
+        shared_limit: Some(limit),
+        ..cfg(1, 32, shared_bytes)
+    };
+    let (big, max) = (64 * 1024, 99 * 1024);
+    emu.run(
+        "selftest",
+        "emu_shared_write_at",
+        raised(big, big),
+        (16383i32,),
+    );
+    emu.run(
+        "selftest",
+        "emu_shared_write_at",
+        raised(max, max),
+        (25343i32,),
+    );
+    let why = launch_error(emu, "emu_shared_write_at", raised(big, big), (16384i32,));
+    assert_mentions(
+        &why,
+        &["past the end of the launch's dynamic shared memory"],
+    );
+    let why = launch_error(emu, "emu_shared_write_at", raised(big + 4, big), (0i32,));
+    assert_mentions(
+        &why,
+        &[
+            "65540 bytes",
+            "over the 65536 bytes the kernel's limit was raised to",
+        ],
+    );
+    let why = launch_error(emu, "emu_shared_write_at", raised(1024, max + 1), (0i32,));
+    assert_mentions(&why, &["over the 101376 bytes a kernel may opt in to"]);
 
     // After all of that, launches work again.
     emu.run("selftest", "emu_divide", cfg(1, 32, 0), (ints.ptr(), 7i32));

@@ -34,8 +34,11 @@ namespace {
 
 constexpr size_t STACK_BYTES = 256 * 1024;  // per emulated thread; kernels use little
 constexpr unsigned MAX_BLOCK_THREADS = 1024;
-// Without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize) a launch gets 48 KiB.
-constexpr size_t MAX_DYNAMIC_SHARED = 48 * 1024;
+// Without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize) a kernel gets 48 KiB of
+// dynamic shared memory; opting in raises its limit up to 99 KiB (compute capability 8.6
+// and 8.9 allow no more; 8.0 and 9.0 allow more, but the kernels stay within every GPU's).
+constexpr size_t DEFAULT_DYNAMIC_SHARED = 48 * 1024;
+constexpr size_t MAX_DYNAMIC_SHARED = 99 * 1024;
 constexpr unsigned char SHARED_POISON = 0xff;  // NaN in every float format
 constexpr unsigned char SHARED_CANARY = 0xa5;
 constexpr int MAX_BUFFERS = 1 << 16;
@@ -413,11 +416,14 @@ __attribute__((visibility("default"))) uint64_t rcx_emu_warp_exchange(int kind, 
 }
 
 // Launches `body` once per thread of a gx·gy·gz grid of bx·by·bz blocks with
-// `dynamic_shared_bytes` of dynamic shared memory; body(ctx) calls the kernel. 0 on
-// success; otherwise rcx_emu_last_error() says why. One launch at a time (a lock).
+// `dynamic_shared_bytes` of dynamic shared memory; body(ctx) calls the kernel. The kernel's
+// dynamic shared memory limit is `shared_limit_bytes`: 0 for the default (48 KiB), else
+// what the host raised it to (cudaFuncAttributeMaxDynamicSharedMemorySize, at most 99 KiB).
+// 0 on success; otherwise rcx_emu_last_error() says why. One launch at a time (a lock).
 __attribute__((visibility("default"))) int rcx_emu_launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                                                           unsigned by, unsigned bz, size_t dynamic_shared_bytes,
-                                                          void (*body)(void*), void* ctx) {
+                                                          size_t shared_limit_bytes, void (*body)(void*),
+                                                          void* ctx) {
     std::lock_guard<std::mutex> guard(launch_lock);
     char why[256];
     const unsigned long long threads = (unsigned long long)bx * by * bz;
@@ -428,9 +434,21 @@ __attribute__((visibility("default"))) int rcx_emu_launch(unsigned gx, unsigned 
         last_error = why;
         return 1;
     }
-    if (dynamic_shared_bytes > MAX_DYNAMIC_SHARED) {
+    if (shared_limit_bytes > MAX_DYNAMIC_SHARED) {
+        snprintf(why, sizeof why, "invalid kernel attribute: a dynamic shared memory limit of %zu bytes, over the %zu "
+                 "bytes a kernel may opt in to", shared_limit_bytes, MAX_DYNAMIC_SHARED);
+        last_error = why;
+        return 1;
+    }
+    if (shared_limit_bytes == 0 && dynamic_shared_bytes > DEFAULT_DYNAMIC_SHARED) {
         snprintf(why, sizeof why, "invalid launch configuration: %zu bytes of dynamic shared memory, over the %zu bytes "
-                 "a kernel gets without opting in", dynamic_shared_bytes, MAX_DYNAMIC_SHARED);
+                 "a kernel gets without opting in", dynamic_shared_bytes, DEFAULT_DYNAMIC_SHARED);
+        last_error = why;
+        return 1;
+    }
+    if (shared_limit_bytes != 0 && dynamic_shared_bytes > shared_limit_bytes) {
+        snprintf(why, sizeof why, "invalid launch configuration: %zu bytes of dynamic shared memory, over the %zu bytes "
+                 "the kernel's limit was raised to", dynamic_shared_bytes, shared_limit_bytes);
         last_error = why;
         return 1;
     }

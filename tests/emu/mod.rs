@@ -8,6 +8,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use libloading::Library;
+use rcx::backend::cuda::launch::LaunchShape;
 
 /// The emulator's C API (kernels/emu/emu.cpp).
 type LaunchFn = unsafe extern "C" fn(
@@ -17,6 +18,7 @@ type LaunchFn = unsafe extern "C" fn(
     u32,
     u32,
     u32,
+    usize,
     usize,
     extern "C" fn(*mut c_void),
     *mut c_void,
@@ -235,37 +237,48 @@ fn build() -> Result<Emu, String> {
     }
 }
 
-/// A launch configuration: grid and block dimensions, dynamic shared memory in bytes.
+/// A launch configuration: grid and block dimensions, dynamic shared memory in bytes, and
+/// the kernel's dynamic shared memory limit when the host raised it (a GPU's
+/// cudaFuncAttributeMaxDynamicSharedMemorySize; None: the default 48 KiB).
 #[derive(Clone, Copy, Debug)]
 pub struct Launch {
     pub grid: (u32, u32, u32),
     pub block: (u32, u32, u32),
     pub shared_bytes: usize,
+    pub shared_limit: Option<usize>,
 }
 
-/// A wrapper's own configuration (cudarc's LaunchConfig), where it exposes one.
-impl From<cudarc::driver::LaunchConfig> for Launch {
-    fn from(c: cudarc::driver::LaunchConfig) -> Launch {
+/// A launch wrapper's shape (`rcx::backend::cuda::launch`), kernel limit at its default.
+impl From<LaunchShape> for Launch {
+    fn from(shape: LaunchShape) -> Launch {
         Launch {
-            grid: c.grid_dim,
-            block: c.block_dim,
-            shared_bytes: c.shared_mem_bytes as usize,
+            grid: shape.grid,
+            block: (shape.block, 1, 1),
+            shared_bytes: shape.shared_bytes as usize,
+            shared_limit: None,
         }
     }
 }
 
-/// ops.rs's `launch_config(grid, threads, shared)`: one-dimensional grid and block.
+impl Launch {
+    /// The launch of a wrapper that raises the kernel's limit first when the shape needs it
+    /// (ops.rs `allow_shared`, through the same `LaunchShape::shared_opt_in`).
+    pub fn allowing_shared(shape: LaunchShape) -> Launch {
+        Launch {
+            shared_limit: shape.shared_opt_in().map(|bytes| bytes as usize),
+            ..Launch::from(shape)
+        }
+    }
+}
+
+/// A one-dimensional grid of one-dimensional blocks, for the emulator's own test kernels.
 pub fn cfg(grid: u32, threads: usize, shared_bytes: usize) -> Launch {
     Launch {
         grid: (grid, 1, 1),
         block: (threads as u32, 1, 1),
         shared_bytes,
+        shared_limit: None,
     }
-}
-
-/// runtime.rs's `blocks(total, threads)`: enough blocks of `threads` for `total` items.
-pub fn blocks(total: usize, threads: usize) -> u32 {
-    total.div_ceil(threads) as u32
 }
 
 /// A kernel argument: the scalar and pointer types that map one to one onto the C
@@ -318,6 +331,7 @@ kernel_args!(A, B, C, D, E, F, G, H, I, J, K, L, M);
 kernel_args!(A, B, C, D, E, F, G, H, I, J, K, L, M, N);
 kernel_args!(A, B, C, D, E, F, G, H, I, J, K, L, M, N, O);
 kernel_args!(A, B, C, D, E, F, G, H, I, J, K, L, M, N, O, P);
+kernel_args!(A, B, C, D, E, F, G, H, I, J, K, L, M, N, O, P, Q);
 
 struct Call<A> {
     kernel: *const c_void,
@@ -367,6 +381,7 @@ impl Emu {
                 by,
                 bz,
                 launch.shared_bytes,
+                launch.shared_limit.unwrap_or(0),
                 thread_body::<A>,
                 &call as *const Call<A> as *mut c_void,
             )

@@ -5,11 +5,9 @@ use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 use half::bf16;
 
 use super::matmul::GemmElement;
-use super::ops::launch_config;
-use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, blocks, check_len, driver};
+use super::ops::launch;
+use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, check_len, driver};
 use crate::error::Result;
-
-const THREADS: usize = 256;
 
 /// An activation type of the device model. The model crosses to fp32 and back in two
 /// places (the fp32 pooler head, and the parameters' bf16 copy), through these.
@@ -118,7 +116,7 @@ impl CudaRuntime {
         let f = self.function("cast", op)?;
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(inp).arg(&len);
-        let cfg = launch_config(blocks(op, len, THREADS)?, THREADS, 0);
+        let cfg = launch::elementwise(op, len)?.config();
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }

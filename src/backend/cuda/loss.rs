@@ -3,13 +3,10 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::ops::launch_config;
+use super::ops::launch;
 use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, check_len, dim, driver};
 use crate::error::{Error, Result};
 use crate::loss::{LossSpec, PromptType, Utility};
-
-/// Threads per prompt block; a prompt's completions beyond this loop.
-const THREADS: usize = 64;
 
 /// The per-prompt layout of a batch, resolved on the host once: where each prompt's
 /// completions are, and which utility it is trained with.
@@ -107,8 +104,7 @@ impl CudaRuntime {
         let mut prompt_loss = self.zeros::<f64>(batch.prompts)?; // [P], sums of -U
         let f = self.function("ranking_loss", "ranking_loss_forward_backward")?;
         let scale = 1.0 / batch.pairs as f64;
-        let grid = u32::try_from(batch.prompts)
-            .map_err(|_| Error::internal(format!("{op}: too many prompts")))?;
+        let cfg = launch::ranking_loss(op, batch.prompts)?.config();
         let mut launch = self.stream().launch_builder(&f);
         launch
             .arg(&mut prompt_loss)
@@ -119,7 +115,7 @@ impl CudaRuntime {
             .arg(&batch.exponent)
             .arg(&eps)
             .arg(&scale);
-        unsafe { launch.launch(launch_config(grid, THREADS, 0)) }.map_err(driver(op))?;
+        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         let sums = self.download(&prompt_loss)?;
         Ok(sums.iter().sum::<f64>() * scale)
     }

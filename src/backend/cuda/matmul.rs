@@ -14,13 +14,9 @@ use cudarc::cublas::sys::{
 };
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::ops::{launch, launch_config};
-use super::runtime::{
-    Activation, CudaRuntime, DeviceRead, DeviceWrite, blocks, check_len, dim, driver,
-};
+use super::ops::launch;
+use super::runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, check_len, dim, driver};
 use crate::error::{Error, Result};
-
-const THREADS: usize = 256;
 
 /// An element type cuBLAS multiplies: its `cudaDataType` for cublasGemmEx.
 pub trait GemmElement: Activation {
@@ -56,7 +52,7 @@ impl CudaRuntime {
         let (n_i, oc_i) = (dim(op, "n", n)?, dim(op, "oc", oc)?);
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(bias).arg(&n_i).arg(&oc_i);
-        let cfg = launch_config(blocks(op, n * oc, THREADS)?, THREADS, 0);
+        let cfg = launch::elementwise(op, n * oc)?.config();
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }

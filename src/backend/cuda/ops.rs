@@ -5,25 +5,18 @@
 //! against the shapes before a launch, so a wrong call is an error, never a wild access.
 
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 use super::runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, check_len, dim, driver};
 use crate::backend::cpu::AttentionDropout;
 use crate::error::{Error, Result};
 use launch::LaunchShape;
 
-pub(crate) fn launch_config(grid: u32, threads: usize, shared_mem_bytes: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes,
-    }
-}
-
-/// The launch shape of every kernel of this file (and of bias_backward), as pure functions
-/// of the tensor shapes: no device needed, so a CPU emulation of the kernels runs the very
-/// grids the GPU gets. The constants restate the kernels' own (kernels/*.cu); each function
-/// names the kernels it serves. Errors: a shape that no grid can cover.
+/// The launch shape of every kernel (this file's, and those of matmul.rs, loss.rs, optim.rs
+/// and cast.rs), as pure functions of the tensor shapes: no device needed, so a CPU
+/// emulation of the kernels runs the very grids the GPU gets. The constants restate the
+/// kernels' own (kernels/*.cu); each function names the kernels it serves. Errors: a shape
+/// that no grid can cover.
 pub mod launch {
     use cudarc::driver::LaunchConfig;
 
@@ -36,6 +29,14 @@ pub mod launch {
     pub const ROW_THREADS: usize = 256;
     /// Threads per block of version 1 of attention (one block per query row).
     pub const ATTENTION_THREADS: usize = 128;
+    /// Threads per prompt block of the ranking loss; a prompt's further completions loop.
+    pub const LOSS_THREADS: usize = 64;
+    /// Blocks of the gradient norm's first stage per gradient buffer, of NORM_THREADS
+    /// threads. Fixed (not per device) so the summation order, hence the result, is the
+    /// same on every GPU. The second stage is one block of NORM_FINISH_THREADS.
+    pub const NORM_BLOCKS: usize = 256;
+    pub const NORM_THREADS: usize = 512;
+    pub const NORM_FINISH_THREADS: usize = 1024;
     /// Columns per block of the column reductions, and row slices per block: one warp per
     /// slice (COLUMN_TILE x COLUMN_SLICES threads; kernels/common.cuh column_tile_sum).
     pub const COLUMN_TILE: usize = 32;
@@ -69,6 +70,13 @@ pub mod launch {
             }
         }
 
+        /// The dynamic shared memory limit the kernel must be raised to before this launch
+        /// (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), when it needs more than the
+        /// default; None when the default does.
+        pub fn shared_opt_in(self) -> Option<u32> {
+            (self.shared_bytes > DEFAULT_SHARED_BYTES).then_some(self.shared_bytes)
+        }
+
         pub fn config(self) -> LaunchConfig {
             LaunchConfig {
                 grid_dim: self.grid,
@@ -80,7 +88,7 @@ pub mod launch {
 
     /// One thread per element of `len` (> 0): embedding_forward,
     /// embedding_backward_positions, bias_gelu_forward, tanh_*, residual_forward, dropout_*,
-    /// cls_pool_*.
+    /// cls_pool_*, bias_broadcast_forward, adamw_update*, cast_*.
     pub fn elementwise(op: &str, len: usize) -> Result<LaunchShape> {
         let grid = blocks(op, len, ELEMENTWISE_THREADS)?;
         Ok(LaunchShape::new((grid, 1, 1), ELEMENTWISE_THREADS, 0))
@@ -117,6 +125,43 @@ pub mod launch {
     pub fn embedding_rows_tiled(op: &str, c: usize, distinct: usize) -> Result<LaunchShape> {
         let grid = (blocks(op, c, COLUMN_TILE)?, y_blocks(op, distinct)?, 1);
         Ok(LaunchShape::new(grid, COLUMN_TILE * COLUMN_SLICES, 0))
+    }
+
+    /// The backward of an embedding table whose `distinct` used rows are used by
+    /// `positions` positions in all: (kernel, shape). Rows used by many positions each (the
+    /// type table) are column reductions over their positions (embedding_backward_rows_tiled);
+    /// rows used by few (the word table) get one block each (embedding_backward_rows). The
+    /// choice depends on the ids only, so the sums stay identical run to run.
+    pub fn embedding_table(
+        op: &str,
+        positions: usize,
+        c: usize,
+        distinct: usize,
+    ) -> Result<(&'static str, LaunchShape)> {
+        if positions >= COLUMN_SLICES * distinct {
+            Ok((
+                "embedding_backward_rows_tiled",
+                embedding_rows_tiled(op, c, distinct)?,
+            ))
+        } else {
+            Ok(("embedding_backward_rows", embedding_rows(op, distinct)?))
+        }
+    }
+
+    /// ranking_loss_forward_backward: one block of LOSS_THREADS per prompt.
+    pub fn ranking_loss(op: &str, prompts: usize) -> Result<LaunchShape> {
+        let grid = blocks(op, prompts, 1)?;
+        Ok(LaunchShape::new((grid, 1, 1), LOSS_THREADS, 0))
+    }
+
+    /// global_norm_squared_partial: NORM_BLOCKS blocks (grid-stride over the buffer).
+    pub fn norm_partial() -> LaunchShape {
+        LaunchShape::new((NORM_BLOCKS as u32, 1, 1), NORM_THREADS, 0)
+    }
+
+    /// global_norm_squared_finish: one block.
+    pub fn norm_finish() -> LaunchShape {
+        LaunchShape::new((1, 1, 1), NORM_FINISH_THREADS, 0)
     }
 
     /// Version 1 of attention, attention_forward and attention_backward_query: one block per
@@ -372,31 +417,14 @@ impl CudaRuntime {
             return Ok(());
         }
         let c_i = dim(op, "c", c)?;
-        let rows = self.function(
-            "embedding",
-            &format!("embedding_backward_rows_{}", T::SUFFIX),
-        )?;
-        let rows_tiled = self.function(
-            "embedding",
-            &format!("embedding_backward_rows_tiled_{}", T::SUFFIX),
-        )?;
         for (table, lists) in [
             (&mut *dwte, &tokens.word_rows),
             (&mut *dwtt, &tokens.type_rows),
         ] {
-            // Rows used by many positions each (the type table) are column reductions over
-            // their positions; rows used by few (the word table) get one block each. The
-            // choice depends on the ids only: the sums stay identical run to run.
-            let (kernel, shape) = if b * t >= launch::COLUMN_SLICES * lists.distinct {
-                (
-                    &rows_tiled,
-                    launch::embedding_rows_tiled(op, c, lists.distinct)?,
-                )
-            } else {
-                (&rows, launch::embedding_rows(op, lists.distinct)?)
-            };
+            let (kernel, shape) = launch::embedding_table(op, b * t, c, lists.distinct)?;
+            let f = self.function("embedding", &format!("{kernel}_{}", T::SUFFIX))?;
             let cfg = shape.config();
-            let mut launch = self.stream().launch_builder(kernel);
+            let mut launch = self.stream().launch_builder(&f);
             launch
                 .arg(table)
                 .arg(dout)
@@ -1146,18 +1174,17 @@ impl CudaRuntime {
 
     /// Raises `f`'s dynamic shared memory limit when `shape` needs more than the default.
     fn allow_shared(&self, op: &str, f: &CudaFunction, shape: LaunchShape) -> Result<()> {
-        if shape.shared_bytes > launch::DEFAULT_SHARED_BYTES {
+        if let Some(limit) = shape.shared_opt_in() {
             // cudarc's set_attribute does not make the context current itself.
             self.context()
                 .bind_to_thread()
                 .map_err(driver(&format!("{op}: bind the context")))?;
             f.set_attribute(
                 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shape.shared_bytes as i32,
+                limit as i32,
             )
             .map_err(driver(&format!(
-                "{op}: allow {} bytes of shared memory",
-                shape.shared_bytes
+                "{op}: allow {limit} bytes of shared memory"
             )))?;
         }
         Ok(())

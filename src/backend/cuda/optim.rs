@@ -2,15 +2,9 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::ops::launch_config;
-use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, blocks, check_len, driver};
+use super::ops::launch::{self, NORM_BLOCKS};
+use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, check_len, driver};
 use crate::error::{Error, Result};
-
-/// Blocks of the first reduction stage per gradient buffer. Fixed (not per device) so the
-/// summation order, hence the result, is the same on every GPU.
-const NORM_BLOCKS: usize = 256;
-const NORM_THREADS: usize = 512;
-const ADAMW_THREADS: usize = 256;
 
 /// AdamW hyper-parameters of one step (PyTorch's torch.optim.AdamW).
 #[derive(Clone, Copy, Debug)]
@@ -63,7 +57,7 @@ impl CudaRuntime {
             let mut slot = partials.slice_mut(i * NORM_BLOCKS..(i + 1) * NORM_BLOCKS);
             let mut launch = self.stream().launch_builder(&partial);
             launch.arg(&mut slot).arg(*g).arg(&len);
-            let cfg = launch_config(NORM_BLOCKS as u32, NORM_THREADS, 0);
+            let cfg = launch::norm_partial().config();
             unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         }
         let mut total = self.zeros::<f64>(1)?;
@@ -71,7 +65,7 @@ impl CudaRuntime {
         let count_i = count as i32;
         let mut launch = self.stream().launch_builder(&finish);
         launch.arg(&mut total).arg(&partials).arg(&count_i);
-        unsafe { launch.launch(launch_config(1, 1024, 0)) }.map_err(driver(op))?;
+        unsafe { launch.launch(launch::norm_finish().config()) }.map_err(driver(op))?;
         Ok(self.download(&total)?[0])
     }
 
@@ -103,7 +97,7 @@ impl CudaRuntime {
         for a in &args {
             launch.arg(a);
         }
-        let cfg = launch_config(blocks(op, len, ADAMW_THREADS)?, ADAMW_THREADS, 0);
+        let cfg = launch::elementwise(op, len)?.config();
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }
@@ -145,7 +139,7 @@ impl CudaRuntime {
         for a in &args {
             launch.arg(a);
         }
-        let cfg = launch_config(blocks(op, len, ADAMW_THREADS)?, ADAMW_THREADS, 0);
+        let cfg = launch::elementwise(op, len)?.config();
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }
