@@ -10,6 +10,9 @@
 //! Without a GPU (or without kernels) every device test prints why it was skipped and
 //! passes; set RCX_REQUIRE_GPU=1 on a GPU machine to make a skip a failure.
 
+mod common;
+
+use common::InputRng as Rng;
 use half::bf16;
 use rcx::backend::cpu;
 use rcx::backend::cuda::{
@@ -33,40 +36,6 @@ fn gpu(test: &str) -> Option<CudaRuntime> {
             eprintln!("{test}: skipped, no GPU: {why}");
             None
         }
-    }
-}
-
-/// Deterministic splitmix64 stream of uniforms, so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-scale, scale] with |x| >= scale/20: non-zero.
-    fn values(&mut self, len: usize, scale: f32) -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                let u = (self.next_u64() >> 11) as f32 / (1u64 << 53) as f32; // [0, 1)
-                let magnitude = scale * (0.05 + 0.95 * u);
-                if self.next_u64() & 1 == 0 {
-                    magnitude
-                } else {
-                    -magnitude
-                }
-            })
-            .collect()
-    }
-
-    fn below(&mut self, len: usize, limit: u32) -> Vec<u32> {
-        (0..len)
-            .map(|_| (self.next_u64() % limit as u64) as u32)
-            .collect()
     }
 }
 
@@ -192,7 +161,7 @@ fn embedding_matches_cpu() {
     let Some(rt) = gpu("embedding_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     for &(b, t, nh, hs) in &SHAPES {
         let (c, vocab, max_pos, ntypes) = (nh * hs, 23, t + 3, 2);
         // Few distinct ids, so rows repeat and the backward really sums.
@@ -282,7 +251,7 @@ fn layernorm_matches_cpu() {
     let Some(rt) = gpu("layernorm_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(2);
+    let mut rng = Rng::new(2);
     for &(n, c) in &[(1usize, 33usize), (14, 48), (65, 200), (9, 768)] {
         let (a, b) = (rng.values(n * c, 2.0), rng.values(n * c, 2.0));
         let (weight, bias) = (rng.values(c, 1.0), rng.values(c, 1.0));
@@ -459,7 +428,7 @@ fn activations_match_cpu() {
     let Some(rt) = gpu("activations_match_cpu") else {
         return;
     };
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     for &(n, c) in &[(1usize, 7usize), (13, 96), (70, 300)] {
         let (inp, bias) = (rng.values(n * c, 3.0), rng.values(c, 1.0));
         let pre: Vec<f32> = inp
@@ -575,7 +544,7 @@ fn dropout_matches_cpu_bit_for_bit() {
     let Some(rt) = gpu("dropout_matches_cpu_bit_for_bit") else {
         return;
     };
-    let mut rng = Rng(4);
+    let mut rng = Rng::new(4);
     for &(len, p, seed) in &[
         (1usize, 0.5, 0u64),
         (1000, 0.1, 42),
@@ -641,7 +610,7 @@ fn attention_matches_cpu() {
     let Some(rt) = gpu("attention_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     // Without and with dropout on the probabilities: the same mask as the CPU's, bit for
     // bit (a differing element would move the outputs far beyond the tolerances).
     let dropouts = [None, Some(cpu::AttentionDropout { p: 0.3, seed: 9 })];
@@ -833,7 +802,7 @@ fn flash_attention_matches_cpu() {
     let Some(rt) = gpu("flash_attention_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let dropouts = [None, Some(cpu::AttentionDropout { p: 0.2, seed: 77 })];
     for (&(b, t, nh, hs), dropout) in FLASH_SHAPES
         .iter()
@@ -1082,7 +1051,7 @@ fn column_reductions_match_cpu() {
     let Some(rt) = gpu("column_reductions_match_cpu") else {
         return;
     };
-    let mut rng = Rng(12);
+    let mut rng = Rng::new(12);
     for &(n, c) in &[(1usize, 1usize), (31, 33), (33, 65), (1000, 97), (4099, 45)] {
         let dout = rng.values(n * c, 1.0);
         let dbias0 = rng.values(c, 1.0);
@@ -1288,7 +1257,7 @@ fn cls_pool_matches_cpu() {
     let Some(rt) = gpu("cls_pool_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(6);
+    let mut rng = Rng::new(6);
     let (b, t, c) = (3, 5, 19);
     let inp = rng.values(b * t * c, 1.0);
     let mut out = vec![0.0f32; b * c];
@@ -1311,7 +1280,7 @@ fn matmul_matches_cpu() {
     let Some(rt) = gpu("matmul_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for &(n, c, oc) in &[(1usize, 5usize, 3usize), (17, 48, 33), (130, 96, 200)] {
         let (inp, weight, bias) = (
             rng.values(n * c, 1.0),
@@ -1412,7 +1381,7 @@ fn ranking_loss_matches_cpu() {
     let Some(rt) = gpu("ranking_loss_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(8);
+    let mut rng = Rng::new(8);
     let ks = [2usize, 3, 8, 11, 5];
     let types = [
         Some(PromptType::Open),
@@ -1487,7 +1456,7 @@ fn global_norm_matches_cpu() {
     let Some(rt) = gpu("global_norm_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     let buffers: Vec<Vec<f32>> = [1usize, 1000, 300_001, 4097]
         .iter()
         .map(|&len| rng.values(len, 1.0))
@@ -1509,7 +1478,7 @@ fn adamw_matches_cpu() {
     let Some(rt) = gpu("adamw_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(10);
+    let mut rng = Rng::new(10);
     let len = 10_007;
     let (mut params, grads) = (rng.values(len, 1.0), rng.values(len, 0.1));
     let (mut m, mut v) = (

@@ -24,6 +24,9 @@
 
 mod emu;
 
+mod common;
+
+use common::InputRng as Rng;
 use emu::{Buf, Emu, Launch, cfg, emu_or_skip};
 use half::bf16;
 use rcx::backend::cpu::{self, AttentionDropout};
@@ -85,40 +88,6 @@ fn tol<T: Act>(rtol: f64) -> f64 {
     T::RTOL.max(rtol)
 }
 
-/// Deterministic splitmix64 stream, so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-scale, scale] with |x| >= scale/20: non-zero.
-    fn values(&mut self, len: usize, scale: f32) -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                let u = (self.next_u64() >> 11) as f32 / (1u64 << 53) as f32;
-                let magnitude = scale * (0.05 + 0.95 * u);
-                if self.next_u64() & 1 == 0 {
-                    magnitude
-                } else {
-                    -magnitude
-                }
-            })
-            .collect()
-    }
-
-    fn below(&mut self, len: usize, limit: u32) -> Vec<u32> {
-        (0..len)
-            .map(|_| (self.next_u64() % limit as u64) as u32)
-            .collect()
-    }
-}
-
 /// Values as T stores them (what both sides then see), in T.
 fn act<T: Act>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()
@@ -161,7 +130,7 @@ fn casts_match_half_bit_for_bit() {
     let Some(emu) = emu_or_skip("casts_match_half_bit_for_bit") else {
         return;
     };
-    let values = rounding_cases(&mut Rng(15));
+    let values = rounding_cases(&mut Rng::new(15));
     // A length that leaves the last block part full.
     let len = values.len();
     assert_ne!(len % launch::ELEMENTWISE_THREADS, 0);
@@ -373,7 +342,7 @@ fn embedding_matches_cpu() {
     let Some(emu) = emu_or_skip("embedding_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     let mut used = Vec::new();
     // 23 word ids and 2 types: few positions per row take the per-row kernel, many (b*t
     // >= 32 rows' worth) the tiled one; c below, above and not a multiple of 32.
@@ -542,7 +511,7 @@ fn layernorm_matches_cpu() {
     let Some(emu) = emu_or_skip("layernorm_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(2);
+    let mut rng = Rng::new(2);
     // n not a multiple of the 8 rows of a block; c below, at and above 32, and odd; the
     // column tiles (32 columns, 32 row slices) with a single row and column, partial tiles
     // and slices, and more rows than slices.
@@ -641,7 +610,7 @@ fn activations_match_cpu() {
     let Some(emu) = emu_or_skip("activations_match_cpu") else {
         return;
     };
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     for shape in COLUMN_SHAPES.into_iter().chain([(13, 96), (70, 300)]) {
         both_types!(activation_case, emu, &mut rng, shape);
     }
@@ -686,7 +655,7 @@ fn bias_kernels_match_cpu() {
     let Some(emu) = emu_or_skip("bias_kernels_match_cpu") else {
         return;
     };
-    let mut rng = Rng(4);
+    let mut rng = Rng::new(4);
     for shape in COLUMN_SHAPES.into_iter().chain([(17, 96), (70, 301)]) {
         both_types!(bias_case, emu, &mut rng, shape);
     }
@@ -744,7 +713,7 @@ fn dropout_matches_cpu_bit_for_bit() {
     let Some(emu) = emu_or_skip("dropout_matches_cpu_bit_for_bit") else {
         return;
     };
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     for case in [
         (1usize, 0.5, 0u64),
         (1000, 0.1, 42),
@@ -1135,7 +1104,7 @@ fn attention_matches_cpu() {
     let Some(emu) = emu_or_skip("attention_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(6);
+    let mut rng = Rng::new(6);
     for shape in ATTENTION_SHAPES {
         both_types!(attention_case, emu, &mut rng, shape, None);
     }
@@ -1146,7 +1115,7 @@ fn attention_with_dropout_matches_cpu() {
     let Some(emu) = emu_or_skip("attention_with_dropout_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for (i, shape) in ATTENTION_SHAPES.into_iter().enumerate() {
         let dropout = Some(AttentionDropout {
             p: 0.1 + 0.1 * i as f64,
@@ -1208,7 +1177,7 @@ fn flash_attention_backward_needs_the_raised_shared_limit() {
         return;
     };
     let (t, hs) = (17, 128);
-    let problem = AttentionProblem::<f32>::new(&mut Rng(14), (1, t, 1, hs));
+    let problem = AttentionProblem::<f32>::new(&mut Rng::new(14), (1, t, 1, hs));
     let device = AttentionDevice::new(emu, &problem, None);
     let (out, lse) = (
         emu.upload(&poison::<f32>(t * hs)),
@@ -1251,7 +1220,7 @@ fn flash_attention_matches_cpu() {
     let Some(emu) = emu_or_skip("flash_attention_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(12);
+    let mut rng = Rng::new(12);
     for shape in FLASH_SHAPES {
         both_types!(flash_case, emu, &mut rng, shape, None);
     }
@@ -1263,7 +1232,7 @@ fn flash_attention_with_dropout_matches_cpu() {
     let Some(emu) = emu_or_skip("flash_attention_with_dropout_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(16);
+    let mut rng = Rng::new(16);
     for (i, shape) in FLASH_SHAPES.into_iter().enumerate() {
         let dropout = Some(AttentionDropout {
             p: 0.1 + 0.05 * i as f64,
@@ -1309,7 +1278,7 @@ fn attention_versions_agree() {
     let Some(emu) = emu_or_skip("attention_versions_agree") else {
         return;
     };
-    let mut rng = Rng(13);
+    let mut rng = Rng::new(13);
     let dropout = Some(AttentionDropout { p: 0.2, seed: 77 });
     for dropout in [None, dropout] {
         both_types!(
@@ -1356,7 +1325,7 @@ fn pool_matches_cpu() {
     let Some(emu) = emu_or_skip("pool_matches_cpu") else {
         return;
     };
-    let mut rng = Rng(8);
+    let mut rng = Rng::new(8);
     for shape in [(1, 1, 5), (3, 7, 48), (5, 3, 257)] {
         both_types!(pool_case, emu, &mut rng, shape);
     }
@@ -1381,7 +1350,7 @@ fn ranking_loss_matches_cpu_for_every_utility() {
     let Some(emu) = emu_or_skip("ranking_loss_matches_cpu_for_every_utility") else {
         return;
     };
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     // Prompts of 2..=70 completions: K above the block's 64 threads loops.
     let ks = [2usize, 5, 8, 3, 11, 70, 4];
     let types: Vec<Option<PromptType>> = (0..ks.len())
@@ -1472,7 +1441,7 @@ fn global_norm_and_adamw_match_cpu() {
     let Some(emu) = emu_or_skip("global_norm_and_adamw_match_cpu") else {
         return;
     };
-    let mut rng = Rng(10);
+    let mut rng = Rng::new(10);
     let file = "optimizer";
     // optim.rs global_norm_squared: NORM_BLOCKS partials per buffer, then one block sums
     // them. Buffers shorter and longer than one grid-stride sweep (256 · 512).
@@ -1732,7 +1701,7 @@ fn emulator_bf16_conversions_are_cudas() {
     let Some(emu) = emu_or_skip("emulator_bf16_conversions_are_cudas") else {
         return;
     };
-    let values = rounding_cases(&mut Rng(11));
+    let values = rounding_cases(&mut Rng::new(11));
     let n = values.len();
     let (in_d, bits_d, back_d) = (
         emu.upload(&values),

@@ -39,21 +39,10 @@ const TYPES: [Option<PromptType>; 4] = [
 ];
 
 fn all_utilities() -> Vec<Utility> {
-    [
-        "x",
-        "x2",
-        "log",
-        "x_inv",
-        "x_inv2",
-        "logsigmoid",
-        "power:0.5",
-        "power:2",
-        "neg_power:0.5",
-        "neg_power:2",
-    ]
-    .iter()
-    .map(|n| Utility::parse(n).unwrap())
-    .collect()
+    rcx::gradcheck::UTILITIES
+        .iter()
+        .map(|n| Utility::parse(n).unwrap())
+        .collect()
 }
 
 /// Every utility (untyped prompts under a single utility) and the prompt-aware specs,

@@ -10,29 +10,19 @@ use rcx::backend::Float;
 use rcx::backend::cpu::*;
 use rcx::gradcheck::{check_op, nonzero_values, op_checks};
 
-/// splitmix64: reproducible test data without a crate.
-struct Rng(u64);
+/// Reproducible test data: rcx's splitmix64 stream with the draws these tests use.
+struct Rng(rcx::rng::Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(rcx::rng::Rng::new(seed))
+    }
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
-    /// Uniform on [lo, hi).
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
-    }
-    /// `len` values uniform on [-1, 1), kept away from 0 (|x| >= 0.1) so every input matters.
+    /// `len` values uniform on ±[0.1, 1): every input matters.
     fn vec(&mut self, len: usize) -> Vec<f64> {
-        (0..len)
-            .map(|_| {
-                let x = self.uniform(0.1, 1.0);
-                if self.next_u64() & 1 == 0 { x } else { -x }
-            })
-            .collect()
+        nonzero_values(&mut self.0, len)
     }
     fn below(&mut self, n: u32) -> u32 {
         (self.next_u64() % n as u64) as u32
@@ -162,7 +152,7 @@ fn f32_exact(x: Vec<f64>) -> Vec<f64> {
 
 #[test]
 fn matmul_matches_naive_loops() {
-    let mut rng = Rng(10);
+    let mut rng = Rng::new(10);
     // Odd sizes; the larger one spans many tiles with ragged edges.
     for (n, c, oc) in [(5, 7, 3), (300, 37, 70), (1, 13, 200)] {
         let inp = f32_exact(rng.vec(n * c));
@@ -205,7 +195,7 @@ fn matmul_matches_naive_loops() {
 
 #[test]
 fn matmul_backward_matches_naive_loops_on_many_tiles() {
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let (n, c, oc) = (150, 45, 70);
     let (inp, weight, dout) = (rng.vec(n * c), rng.vec(oc * c), rng.vec(n * oc));
     let (mut dinp, mut dweight, mut dbias) = (vec![0.0; n * c], vec![0.0; oc * c], vec![0.0; oc]);
@@ -238,7 +228,7 @@ fn matmul_backward_matches_naive_loops_on_many_tiles() {
 
 #[test]
 fn layernorm_output_has_mean_zero_variance_one() {
-    let mut rng = Rng(12);
+    let mut rng = Rng::new(12);
     let (n, c) = (4, 64);
     // A large offset: a one-pass variance would lose digits here.
     let inp: Vec<f64> = rng.vec(n * c).iter().map(|x| 1000.0 + 5.0 * x).collect();
@@ -283,7 +273,7 @@ fn layernorm_output_has_mean_zero_variance_one() {
 
 #[test]
 fn attention_probs_are_a_masked_softmax() {
-    let mut rng = Rng(13);
+    let mut rng = Rng::new(13);
     let (b, t, nh, hs) = (3, 6, 2, 4);
     let len = b * t * nh * hs;
     // Sequence 1 has three padding tokens; sequence 2 is all padding (uniform, as HF).
@@ -358,7 +348,7 @@ fn attention_softmax_is_safe_for_large_scores() {
 /// bit for bit.
 #[test]
 fn attention_dropout_uses_the_dropout_keep_mask() {
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     let (b, t, nh, hs) = (2, 7, 3, 4);
     let len = b * t * nh * hs;
     let scores = b * nh * t * t;
@@ -491,7 +481,7 @@ fn cls_pool_takes_first_token() {
 
 #[test]
 fn global_norm_squared_sums_squares() {
-    let mut rng = Rng(14);
+    let mut rng = Rng::new(14);
     let grads = rng.vec(100_003);
     let expected: f64 = grads.iter().map(|g| g * g).sum();
     assert!((global_norm_squared(&grads) - expected).abs() < 1e-9 * expected);
@@ -679,7 +669,7 @@ fn assert_close_f32(op: &str, x32: &[f32], x64: &[f64]) {
 
 #[test]
 fn f32_forwards_match_f64() {
-    let mut rng = Rng(15);
+    let mut rng = Rng::new(15);
     let (n, c, oc) = (9, 96, 40);
     let inp = f32_exact(rng.vec(n * c).iter().map(|x| 2.0 * x).collect());
     let weight = f32_exact(rng.vec(oc * c).iter().map(|x| 0.2 * x).collect());
@@ -805,7 +795,7 @@ fn assert_bitwise_equal(op: &str, a: &[f32], b: &[f32]) {
 
 #[test]
 fn embedding_backward_is_deterministic_across_thread_counts() {
-    let mut rng = Rng(16);
+    let mut rng = Rng::new(16);
     let (b, t, c, vocab, max_pos) = (4, 64, 160, 300, 64);
     // Few distinct ids, so rows collect many contributions.
     let ids: Vec<u32> = (0..b * t).map(|_| rng.below(20) * 15).collect();
@@ -843,7 +833,7 @@ fn embedding_backward_is_deterministic_across_thread_counts() {
 
 #[test]
 fn backwards_are_deterministic_across_thread_counts() {
-    let mut rng = Rng(17);
+    let mut rng = Rng::new(17);
     let (n, c, oc) = (200, 96, 130);
     let (inp, weight, dout) = (
         to_f32(&rng.vec(n * c)),

@@ -1,5 +1,6 @@
-//! Scaffolding shared by the tests that drive the built `rcx` binary: fixtures, scratch
-//! folders and small run configs over the length-ranking fixture.
+//! Scaffolding shared by the tests: fixtures, scratch folders and small run configs over the
+//! length-ranking fixture for the tests that drive the built `rcx` binary, and the seeded
+//! inputs of the kernel tests.
 
 #![allow(dead_code)] // each test crate uses its own part of this module
 
@@ -70,4 +71,40 @@ pub fn rcx_train(config: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["train", config.to_str().unwrap(), "--quiet"];
     args.extend_from_slice(extra);
     rcx(&args)
+}
+
+/// Kernel test inputs from a seeded splitmix64 stream (rcx::rng::Rng), so failures
+/// reproduce.
+pub struct InputRng(rcx::rng::Rng);
+
+impl InputRng {
+    pub fn new(seed: u64) -> InputRng {
+        InputRng(rcx::rng::Rng::new(seed))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+
+    /// Uniform in [-scale, scale] with |x| >= scale/20: non-zero.
+    pub fn values(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                let u = (self.next_u64() >> 11) as f32 / (1u64 << 53) as f32; // [0, 1)
+                let magnitude = scale * (0.05 + 0.95 * u);
+                if self.next_u64() & 1 == 0 {
+                    magnitude
+                } else {
+                    -magnitude
+                }
+            })
+            .collect()
+    }
+
+    /// `len` integers in [0, limit).
+    pub fn below(&mut self, len: usize, limit: u32) -> Vec<u32> {
+        (0..len)
+            .map(|_| (self.next_u64() % limit as u64) as u32)
+            .collect()
+    }
 }
