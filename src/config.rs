@@ -35,7 +35,7 @@ pub enum Scheduler {
     Constant,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
     /// CUDA when a device is usable, else the CPU.
@@ -46,7 +46,7 @@ pub enum Device {
 
 /// The training arithmetic. Checkpoints hold fp32 weights either way, so a run can move
 /// between the two (and between CPU and GPU).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     /// f32 throughout (the CPU backend, or the CUDA trainer).
@@ -55,6 +55,27 @@ pub enum DType {
     /// gradients and AdamW moments: the CUDA trainer only (`device: cuda`, or `auto` on a
     /// machine with a GPU); with the CPU, `rcx train` refuses it.
     Bf16,
+}
+
+impl Device {
+    /// The name in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+impl DType {
+    /// The name in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        }
+    }
 }
 
 /// A validated training config. Built only by `Config::load`.

@@ -38,15 +38,25 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Where to train, overriding the config's `device:` (auto: the GPU when a driver and a
+    /// device exist, else the CPU).
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
+    /// The training arithmetic, overriding the config's `dtype:` (bf16: GPU only).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DType>,
 }
 
-/// How a run starts and stops, besides its config.
+/// How a run starts and stops, and where it trains, besides its config.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RunOptions {
     pub resume: bool,
     pub overwrite: bool,
     pub stop_at: Option<usize>,
     pub quiet: bool,
+    /// Overrides of the config's `device:` and `dtype:` (the command line's flags).
+    pub device: Option<Device>,
+    pub dtype: Option<DType>,
 }
 
 const BETA1: f64 = 0.9;
@@ -253,37 +263,68 @@ struct CpuStep {
 
 /// Whether the run trains on the GPU, as `device` and `dtype` ask and the machine allows;
 /// decided before anything is read or written, so a refused run leaves no trace.
-fn wants_cuda(cfg: &Config) -> Result<bool> {
+/// Where a run trains and in which arithmetic: the config's `device:` and `dtype:`, or the
+/// command line's `--device` and `--dtype` that override them.
+struct Placement {
+    use_cuda: bool,
+    dtype: DType,
+}
+
+fn placement(cfg: &Config, opts: &RunOptions) -> Result<Placement> {
+    let device = opts.device.unwrap_or(cfg.device);
+    let dtype = opts.dtype.unwrap_or(cfg.dtype);
+    // A setting as the user gave it, for the errors below: a flag, or the config's key.
+    let device_setting = |d: Device| match opts.device {
+        Some(_) => format!("--device {}", d.name()),
+        None => format!("device: {}", d.name()),
+    };
+    let dtype_setting = |t: DType| match opts.dtype {
+        Some(_) => format!("--dtype {}", t.name()),
+        None => format!("dtype: {}", t.name()),
+    };
+    // Errors name the config file too when the setting came from it.
+    let origin = |flag: bool| match flag {
+        true => String::new(),
+        false => format!("{}: ", cfg.path.display()),
+    };
     let cuda = crate::backend::cuda::available();
-    let use_cuda = match (cfg.device, &cuda) {
+    let use_cuda = match (device, &cuda) {
         (Device::Cpu, _) => false,
         (Device::Auto, available) => available.is_ok(),
         (Device::Cuda, Ok(())) => true,
         (Device::Cuda, Err(why)) => {
             return Err(Error::user(format!(
-                "{}: device: cuda: {why}; use `device: cpu` or `device: auto`",
-                cfg.path.display()
+                "{}{}: {why}; use `{}` or `{}`",
+                origin(opts.device.is_some()),
+                device_setting(Device::Cuda),
+                device_setting(Device::Cpu),
+                device_setting(Device::Auto),
             )));
         }
     };
-    if cfg.dtype == DType::Bf16 && !use_cuda {
+    if dtype == DType::Bf16 && !use_cuda {
         // The CPU backend computes in f32 (f64 for checks): no silent f32 run for bf16.
-        let instead = match (cfg.device, &cuda) {
-            (Device::Auto, Err(why)) => format!("`device: auto` found no GPU ({why})"),
-            _ => "`device: cpu` trains in f32".to_string(),
+        let instead = match (device, &cuda) {
+            (Device::Auto, Err(why)) => {
+                format!("`{}` found no GPU ({why})", device_setting(Device::Auto))
+            }
+            _ => format!("`{}` trains in f32", device_setting(Device::Cpu)),
         };
         return Err(Error::user(format!(
-            "{}: dtype: bf16 needs the CUDA device, but {instead}; use `dtype: f32` or `device: cuda`",
-            cfg.path.display()
+            "{}{}: bf16 needs the CUDA device, but {instead}; use `{}` or `{}`",
+            origin(opts.dtype.is_some() && opts.device.is_some()),
+            dtype_setting(DType::Bf16),
+            dtype_setting(DType::F32),
+            device_setting(Device::Cuda),
         )));
     }
-    Ok(use_cuda)
+    Ok(Placement { use_cuda, dtype })
 }
 
-fn choose_engine(cfg: &Config, model: &BertModel<f32>, use_cuda: bool) -> Result<Engine> {
-    if use_cuda {
+fn choose_engine(model: &BertModel<f32>, placement: &Placement) -> Result<Engine> {
+    if placement.use_cuda {
         let rt = Arc::new(CudaRuntime::new(0)?);
-        return Ok(Engine::Cuda(CudaTrainer::new(rt, model, cfg.dtype)?));
+        return Ok(Engine::Cuda(CudaTrainer::new(rt, model, placement.dtype)?));
     }
     Ok(Engine::Cpu(CpuStep {
         ws: Workspace::new(),
@@ -414,6 +455,8 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         overwrite: args.overwrite,
         stop_at: args.stop_at,
         quiet: args.quiet,
+        device: args.device,
+        dtype: args.dtype,
     };
     train(&cfg, opts)
 }
@@ -424,9 +467,10 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
         overwrite,
         stop_at,
         quiet,
+        ..
     } = opts;
     let started = Instant::now();
-    let use_cuda = wants_cuda(cfg)?;
+    let placement = placement(cfg, &opts)?;
     checkpoint::ensure_writable_dir(&cfg.output_dir)?;
     let (mut model, tok, vocab) = checkpoint::model_for_training(cfg)?;
     let pad_id = tok.pad_id();
@@ -477,7 +521,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
         checkpoint::start_fresh(&cfg.output_dir, overwrite)?;
     }
     checkpoint::remove_partial_saves(&cfg.output_dir)?;
-    let mut engine = choose_engine(cfg, &model, use_cuda)?;
+    let mut engine = choose_engine(&model, &placement)?;
     if let Engine::Cuda(gpu) = &mut engine {
         gpu.upload_moments(&m, &v)?;
     }

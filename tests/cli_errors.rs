@@ -381,6 +381,39 @@ fn bf16_without_the_cuda_device_is_refused() {
     }
 }
 
+/// `--device` and `--dtype` override the config's keys; their errors name the flag.
+#[test]
+fn device_and_dtype_flags_override_the_config() {
+    let dir = scratch("device-flags");
+    // The config asks for bf16 on the CPU, which alone is refused; the flag fixes it.
+    let (cfg, out) = config(&dir, &[("device", "cpu"), ("dtype", "bf16")]);
+    let run = train(&cfg, &["--dtype", "f32"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(out.join("model.safetensors").is_file());
+
+    let (cfg, out) = config(&dir, &[("device", "cpu"), ("dtype", "f32")]);
+    let refused = train(&cfg, &["--device", "cpu", "--dtype", "bf16", "--overwrite"]);
+    let stderr = assert_user_error(&refused, &["--dtype bf16", "--device cpu", "--dtype f32"]);
+    assert!(!stderr.contains(cfg.to_str().unwrap()), "{stderr}");
+    if rcx::backend::cuda::available().is_err() {
+        let refused = train(&cfg, &["--device", "cuda", "--overwrite"]);
+        assert_user_error(
+            &refused,
+            &["--device cuda", "--device cpu", "--device auto"],
+        );
+    }
+    // Refusals come before anything is written: the earlier run's model is intact.
+    assert!(out.join("model.safetensors").is_file());
+
+    let bad = train(&cfg, &["--device", "tpu"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("tpu"));
+}
+
 #[test]
 fn device_auto_trains_on_the_cpu() {
     let dir = scratch("device-auto");
