@@ -79,20 +79,6 @@ fn assert_close_f64(what: &str, gpu: &[f64], cpu: &[f64], rtol: f64) {
 /// test, some sequences padded, one with no real token where the shape allows.
 const SHAPES: [(usize, usize, usize, usize); 3] = [(2, 7, 3, 16), (3, 13, 5, 8), (1, 33, 2, 48)];
 
-fn padding_mask(rng: &mut Rng, b: usize, t: usize) -> Vec<u8> {
-    let mut mask = vec![0u8; b * t];
-    for seq in 0..b {
-        // The last sequence of a multi-sequence batch is all padding: the uniform case.
-        let real = if b > 1 && seq == b - 1 {
-            0
-        } else {
-            1 + (rng.next_u64() as usize % t)
-        };
-        mask[seq * t..seq * t + real].fill(1);
-    }
-    mask
-}
-
 #[test]
 fn kernels_embedded() {
     let require = std::env::var("RCX_REQUIRE_CUDA").is_ok_and(|v| v == "1");
@@ -624,7 +610,7 @@ fn attention_matches_cpu() {
             rng.values(act, 2.0),
             rng.values(act, 1.0),
         );
-        let mask = padding_mask(&mut rng, b, t);
+        let mask = rng.padding_mask(b, t);
         let (mut out, mut probs) = (vec![0.0f32; act], vec![0.0f32; b * nh * t * t]);
         cpu::attention_forward(
             &mut out, &mut probs, &q, &k, &v, &mask, b, t, nh, hs, dropout,
@@ -816,7 +802,7 @@ fn flash_attention_matches_cpu() {
             rng.values(act, 2.0),
             rng.values(act, 1.0),
         );
-        let mask = padding_mask(&mut rng, b, t);
+        let mask = rng.padding_mask(b, t);
         let (mut out, mut probs) = (vec![0.0f32; act], vec![0.0f32; b * nh * t * t]);
         cpu::attention_forward(
             &mut out, &mut probs, &q, &k, &v, &mask, b, t, nh, hs, dropout,

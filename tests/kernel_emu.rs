@@ -175,19 +175,6 @@ const ATTENTION_SHAPES: [(usize, usize, usize, usize); 4] = [
     (2, 131, 1, 12),
 ];
 
-fn padding_mask(rng: &mut Rng, b: usize, t: usize) -> Vec<u8> {
-    let mut mask = vec![0u8; b * t];
-    for seq in 0..b {
-        let real = if b > 1 && seq == b - 1 {
-            0
-        } else {
-            1 + (rng.next_u64() as usize % t)
-        };
-        mask[seq * t..seq * t + real].fill(1);
-    }
-    mask
-}
-
 /// Runs `case` for f32 and bf16 activations.
 macro_rules! both_types {
     ($case:ident, $($arg:expr),*) => {
@@ -765,7 +752,7 @@ impl<T: Act> AttentionProblem<T> {
             q,
             k,
             v,
-            mask: padding_mask(rng, b, t),
+            mask: rng.padding_mask(b, t),
             dout,
             grads,
         }

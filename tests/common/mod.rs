@@ -107,4 +107,20 @@ impl InputRng {
             .map(|_| (self.next_u64() % limit as u64) as u32)
             .collect()
     }
+
+    /// A key padding mask [b, t] (1 = real token): each sequence starts with 1..=t real
+    /// tokens, except that the last of a multi-sequence batch is all padding (the uniform
+    /// attention case).
+    pub fn padding_mask(&mut self, b: usize, t: usize) -> Vec<u8> {
+        let mut mask = vec![0u8; b * t];
+        for seq in 0..b {
+            let real = if b > 1 && seq == b - 1 {
+                0
+            } else {
+                1 + (self.next_u64() as usize % t)
+            };
+            mask[seq * t..seq * t + real].fill(1);
+        }
+        mask
+    }
 }
