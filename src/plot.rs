@@ -31,6 +31,24 @@ const MARGIN_BOTTOM: f64 = 50.0;
 const FIGURE_TITLE_HEIGHT: f64 = 30.0;
 const FONT: &str = "font-family=\"Helvetica, Arial, sans-serif\"";
 
+/// The legend label and colour setters every series type shares.
+macro_rules! label_and_color_setters {
+    ($($series:ty),*) => {$(
+        impl $series {
+            pub fn label(mut self, label: &str) -> Self {
+                self.label = Some(label.into());
+                self
+            }
+            pub fn color(mut self, color: &str) -> Self {
+                self.color = Some(color.into());
+                self
+            }
+        }
+    )*};
+}
+
+label_and_color_setters!(Line, Band, Scatter, Histogram);
+
 /// A polyline through (xs[i], ys[i]).
 #[derive(Clone, Debug)]
 pub struct Line {
@@ -55,14 +73,6 @@ impl Line {
             width: 2.0,
             markers: false,
         }
-    }
-    pub fn label(mut self, label: &str) -> Self {
-        self.label = Some(label.into());
-        self
-    }
-    pub fn color(mut self, color: &str) -> Self {
-        self.color = Some(color.into());
-        self
     }
     pub fn dashed(mut self) -> Self {
         self.dashed = true;
@@ -100,14 +110,6 @@ impl Band {
             opacity: 0.2,
         }
     }
-    pub fn label(mut self, label: &str) -> Self {
-        self.label = Some(label.into());
-        self
-    }
-    pub fn color(mut self, color: &str) -> Self {
-        self.color = Some(color.into());
-        self
-    }
     pub fn opacity(mut self, opacity: f64) -> Self {
         self.opacity = opacity;
         self
@@ -133,14 +135,6 @@ impl Scatter {
             color: None,
             radius: 3.0,
         }
-    }
-    pub fn label(mut self, label: &str) -> Self {
-        self.label = Some(label.into());
-        self
-    }
-    pub fn color(mut self, color: &str) -> Self {
-        self.color = Some(color.into());
-        self
     }
     pub fn radius(mut self, radius: f64) -> Self {
         self.radius = radius;
@@ -192,14 +186,6 @@ impl Histogram {
             heights.iter_mut().for_each(|h| *h *= scale);
         }
         Histogram::new(edges, heights)
-    }
-    pub fn label(mut self, label: &str) -> Self {
-        self.label = Some(label.into());
-        self
-    }
-    pub fn color(mut self, color: &str) -> Self {
-        self.color = Some(color.into());
-        self
     }
     pub fn opacity(mut self, opacity: f64) -> Self {
         self.opacity = opacity;
