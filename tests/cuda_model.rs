@@ -31,6 +31,11 @@
 //! Without a GPU every test prints why it was skipped and passes; RCX_REQUIRE_GPU=1 makes a
 //! skip a failure (scripts/gpu-check.sh sets it).
 
+#[path = "emu/build.rs"]
+mod emu_build;
+#[path = "emu/fake_device.rs"]
+mod fake_device;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -609,4 +614,11 @@ fn tiny_bert_checkpoint_forward_matches_cpu_and_transformers() {
         worst < 1e-4,
         "tiny-bert logits vs transformers: max abs error {worst:e}"
     );
+}
+
+/// Every test above, rerun on the emulated device (tests/emu/fake_device.rs) when this
+/// machine has no GPU: the kernels on the CPU emulator behind a fake driver and cuBLAS.
+#[test]
+fn all_gpu_tests_on_the_emulated_device() {
+    fake_device::rerun_on_emulated_device("all_gpu_tests_on_the_emulated_device");
 }
