@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <string.h>
 
+extern "C" size_t rcx_emu_extent(const void* p);
+
 typedef int cublasStatus_t;
 typedef struct FakeBlas* cublasHandle_t;
 typedef void* cudaStream_t;
@@ -21,6 +23,7 @@ struct FakeBlas {
 enum {
     CUBLAS_STATUS_SUCCESS = 0,
     CUBLAS_STATUS_INVALID_VALUE = 7,
+    CUBLAS_STATUS_EXECUTION_FAILED = 13,
     CUBLAS_STATUS_NOT_SUPPORTED = 15,
     CUBLAS_OP_N = 0,
     CUBLAS_OP_T = 1,
@@ -56,6 +59,21 @@ void store(void* base, int type, long index, float value) {
 cublasStatus_t invalid(const char* why) {
     fprintf(stderr, "fake cuBLAS: cublasGemmEx: %s\n", why);
     return CUBLAS_STATUS_INVALID_VALUE;
+}
+
+// Whether a rows x cols operand with leading dimension ld lies inside its allocation: the
+// check a GPU does not make (it reads or writes past it), so a wrong shape or leading
+// dimension of the caller shows here instead of as garbage.
+bool inside(const char* name, const void* base, int type, long rows, long cols, long ld) {
+    if (rows == 0 || cols == 0) return true;
+    const size_t bytes = (size_t)((cols - 1) * ld + rows) * (type == CUDA_R_32F ? 4 : 2);
+    const size_t extent = rcx_emu_extent(base);
+    if (extent >= bytes) return true;
+    fprintf(stderr,
+            "fake cuBLAS: cublasGemmEx: %s (%ld x %ld, leading dimension %ld) needs %zu bytes, its allocation holds "
+            "%zu from there (0: no allocation)\n",
+            name, rows, cols, ld, bytes, extent);
+    return false;
 }
 
 }  // namespace
@@ -98,6 +116,11 @@ API cublasStatus_t cublasGemmEx(cublasHandle_t, int transa, int transb, int m, i
                 c_type);
         return CUBLAS_STATUS_NOT_SUPPORTED;
     }
+    const long a_cols = transa == CUBLAS_OP_N ? k : m, b_cols = transb == CUBLAS_OP_N ? n : k;
+    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    if (!inside("A", A, a_type, k ? a_rows : 0, a_cols, lda) || !inside("B", B, b_type, k ? b_rows : 0, b_cols, ldb) ||
+        !inside("C", C, c_type, m, n, ldc))
+        return CUBLAS_STATUS_EXECUTION_FAILED;
     const float a_scale = *(const float*)alpha, c_scale = *(const float*)beta;
     for (long j = 0; j < n; j++) {
         for (long i = 0; i < m; i++) {

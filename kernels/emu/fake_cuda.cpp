@@ -35,6 +35,7 @@ int rcx_emu_launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned 
 const char* rcx_emu_last_error(void);
 void* rcx_emu_alloc(size_t bytes);
 void rcx_emu_free(void* data);
+size_t rcx_emu_extent(const void* p);
 }
 
 enum : CUresult {
@@ -98,6 +99,19 @@ std::string own_directory() {
 CUresult fail(CUresult code, const std::string& why) {
     fprintf(stderr, "fake CUDA driver: %s\n", why.c_str());
     return code;
+}
+
+// A copy or memset of `bytes` at device address `ptr` must stay inside one allocation, as
+// the driver requires (CUDA_ERROR_INVALID_VALUE otherwise).
+CUresult check_range(const char* op, CUdeviceptr ptr, size_t bytes) {
+    if (bytes == 0) return CUDA_SUCCESS;
+    const size_t extent = rcx_emu_extent((const void*)(uintptr_t)ptr);
+    if (extent >= bytes) return CUDA_SUCCESS;
+    const std::string why = std::string(op) + " of " + std::to_string(bytes) + " bytes at device address " +
+                            std::to_string(ptr) + ", but " +
+                            (extent ? "its allocation ends " + std::to_string(extent) + " bytes from there"
+                                    : std::string("no allocation holds it"));
+    return fail(CUDA_ERROR_INVALID_VALUE, why);
 }
 
 }  // namespace
@@ -213,6 +227,7 @@ API CUresult cuMemFree_v2(CUdeviceptr ptr) {
 API CUresult cuMemFreeAsync(CUdeviceptr ptr, CUstream) { return cuMemFree_v2(ptr); }
 
 API CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t count) {
+    if (const CUresult r = check_range("cuMemsetD8", ptr, count)) return r;
     memset((void*)(uintptr_t)ptr, value, count);
     return CUDA_SUCCESS;
 }
@@ -221,6 +236,7 @@ API CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t count,
 }
 
 API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
+    if (const CUresult r = check_range("cuMemcpyHtoD", dst, bytes)) return r;
     memcpy((void*)(uintptr_t)dst, src, bytes);
     return CUDA_SUCCESS;
 }
@@ -228,6 +244,7 @@ API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes
     return cuMemcpyHtoD_v2(dst, src, bytes);
 }
 API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+    if (const CUresult r = check_range("cuMemcpyDtoH", src, bytes)) return r;
     memcpy(dst, (const void*)(uintptr_t)src, bytes);
     return CUDA_SUCCESS;
 }
@@ -235,6 +252,8 @@ API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUst
     return cuMemcpyDtoH_v2(dst, src, bytes);
 }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
+    if (const CUresult r = check_range("cuMemcpyDtoD (source)", src, bytes)) return r;
+    if (const CUresult r = check_range("cuMemcpyDtoD (destination)", dst, bytes)) return r;
     memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, bytes);
     return CUDA_SUCCESS;
 }
