@@ -8,8 +8,11 @@
 //! kernel names are read from the preprocessed source), kernels.list naming them, and the
 //! two fake libraries.
 
+use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use libloading::Library;
 
 use crate::emu_build::{FLAGS, compiler, finish, fnv, read, spawn};
 
@@ -43,6 +46,7 @@ pub fn rerun_on_emulated_device(itself: &str) {
             return;
         }
     };
+    check_fake_gemm(&dir);
     let library_path = match std::env::var("LD_LIBRARY_PATH") {
         Ok(old) if !old.is_empty() => format!("{}:{old}", dir.display()),
         _ => dir.display().to_string(),
@@ -71,6 +75,152 @@ pub fn rerun_on_emulated_device(itself: &str) {
         started.elapsed(),
         summary.unwrap_or("")
     );
+}
+
+type GemmEx = unsafe extern "C" fn(
+    *mut c_void,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    *const f32,
+    *const c_void,
+    i32,
+    i32,
+    *const c_void,
+    i32,
+    i32,
+    *const f32,
+    *mut c_void,
+    i32,
+    i32,
+    i32,
+    i32,
+) -> i32;
+
+/// The fake cublasGemmEx, the reference rcx's GEMM calls are checked against, on a product
+/// worked by hand: A = [[1, 2, 3], [4, 5, 6]], B = [[7, 8], [9, 10], [11, 12]],
+/// A B = [[58, 64], [139, 154]]; column-major, stored plain or transposed (op T), C with a
+/// padding row (ldc 3), beta 0 over NaN (C is not read), beta 1.
+fn check_fake_gemm(dir: &Path) {
+    // cublasOperation_t, cudaDataType_t and cublasComputeType_t values.
+    const N: i32 = 0;
+    const T: i32 = 1;
+    const R32F: i32 = 0;
+    const R16BF: i32 = 14;
+    const COMPUTE_32F: i32 = 68;
+    // SAFETY: the fake libraries built above; the signatures of kernels/emu.
+    unsafe {
+        let runtime = Library::new(dir.join("librcx_emu.so")).expect("librcx_emu.so");
+        let blas = Library::new(dir.join("libcublas.so")).expect("libcublas.so");
+        let alloc = *runtime
+            .get::<unsafe extern "C" fn(usize) -> *mut c_void>(b"rcx_emu_alloc")
+            .unwrap();
+        let gemm = *blas.get::<GemmEx>(b"cublasGemmEx").unwrap();
+        let upload = |values: &[f32]| {
+            let p = alloc(values.len() * 4) as *mut f32;
+            std::ptr::copy_nonoverlapping(values.as_ptr(), p, values.len());
+            p
+        };
+        let a = upload(&[1., 4., 2., 5., 3., 6.]); // 2 x 3, lda 2
+        let a_t = upload(&[1., 2., 3., 4., 5., 6.]); // A^T, 3 x 2, lda 3
+        let b = upload(&[7., 9., 11., 8., 10., 12.]); // 3 x 2, ldb 3
+        let b_t = upload(&[7., 8., 9., 10., 11., 12.]); // B^T, 2 x 3, ldb 2
+        let expected = [58., 139., -1., 64., 154., -1.]; // ldc 3, padding -1
+        for (ta, pa, lda, tb, pb, ldb) in [
+            (N, a, 2, N, b, 3),
+            (T, a_t, 3, T, b_t, 2),
+            (N, a, 2, T, b_t, 2),
+        ] {
+            for beta in [0f32, 1.] {
+                let start = if beta == 0. { f32::NAN } else { 1. };
+                let c = upload(&[start, start, -1., start, start, -1.]);
+                let alpha = 2f32;
+                let status = gemm(
+                    std::ptr::null_mut(),
+                    ta,
+                    tb,
+                    2,
+                    2,
+                    3,
+                    &alpha,
+                    pa.cast(),
+                    R32F,
+                    lda,
+                    pb.cast(),
+                    R32F,
+                    ldb,
+                    &beta,
+                    c.cast(),
+                    R32F,
+                    3,
+                    COMPUTE_32F,
+                    0,
+                );
+                assert_eq!(status, 0, "fake cublasGemmEx op {ta}, {tb} failed");
+                let got = std::slice::from_raw_parts(c, 6);
+                let want: Vec<f32> = expected
+                    .iter()
+                    .map(|&x| {
+                        if x < 0. {
+                            -1.
+                        } else {
+                            2. * x + if beta == 0. { 0. } else { start }
+                        }
+                    })
+                    .collect();
+                assert_eq!(
+                    got,
+                    &want[..],
+                    "fake cublasGemmEx op {ta}, {tb}, beta {beta}"
+                );
+            }
+        }
+        // bf16 operands and result: every value here is exact in bf16.
+        let bf16 = |values: &[f32]| {
+            let v: Vec<u16> = values
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect();
+            let p = alloc(v.len() * 2) as *mut u16;
+            std::ptr::copy_nonoverlapping(v.as_ptr(), p, v.len());
+            p
+        };
+        let (a16, b16, c16) = (
+            bf16(&[1., 4., 2., 5., 3., 6.]),
+            bf16(&[7., 9., 11., 8., 10., 12.]),
+            bf16(&[0.; 4]),
+        );
+        let (alpha, beta) = (1f32, 0f32);
+        let status = gemm(
+            std::ptr::null_mut(),
+            N,
+            N,
+            2,
+            2,
+            3,
+            &alpha,
+            a16.cast(),
+            R16BF,
+            2,
+            b16.cast(),
+            R16BF,
+            3,
+            &beta,
+            c16.cast(),
+            R16BF,
+            2,
+            COMPUTE_32F,
+            0,
+        );
+        assert_eq!(status, 0, "fake cublasGemmEx bf16 failed");
+        let got: Vec<f32> = std::slice::from_raw_parts(c16, 4)
+            .iter()
+            .map(|&x| half::bf16::from_bits(x).to_f32())
+            .collect();
+        assert_eq!(got, [58., 139., 64., 154.], "fake cublasGemmEx bf16");
+    }
 }
 
 fn build_checked() -> Result<PathBuf, String> {
