@@ -11,6 +11,10 @@
 //! passes; set RCX_REQUIRE_GPU=1 on a GPU machine to make a skip a failure.
 
 mod common;
+#[path = "emu/build.rs"]
+mod emu_build;
+#[path = "emu/fake_device.rs"]
+mod fake_device;
 
 use common::InputRng as Rng;
 use half::bf16;
@@ -1556,4 +1560,11 @@ fn adamw_matches_cpu() {
         )
         .is_err()
     );
+}
+
+/// Every test above, rerun on the emulated device (tests/emu/fake_device.rs) when this
+/// machine has no GPU: the kernels on the CPU emulator behind a fake driver and cuBLAS.
+#[test]
+fn all_gpu_tests_on_the_emulated_device() {
+    fake_device::rerun_on_emulated_device("all_gpu_tests_on_the_emulated_device");
 }

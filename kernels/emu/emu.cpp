@@ -534,6 +534,18 @@ __attribute__((visibility("default"))) void* rcx_emu_alloc(size_t bytes) {
     return nullptr;
 }
 
+// The bytes from `p` to the end of the rcx_emu_alloc buffer holding it; 0 when no buffer
+// holds it. The fake CUDA driver and cuBLAS check copies and operands against it.
+__attribute__((visibility("default"))) size_t rcx_emu_extent(const void* p) {
+    std::lock_guard<std::mutex> guard(launch_lock);
+    const uintptr_t address = (uintptr_t)p;
+    for (const Buffer& b : buffers) {
+        const uintptr_t data = b.data.load(std::memory_order_relaxed);
+        if (data != 0 && address >= data && address < data + b.bytes) return data + b.bytes - address;
+    }
+    return 0;
+}
+
 __attribute__((visibility("default"))) void rcx_emu_free(void* data) {
     std::lock_guard<std::mutex> guard(launch_lock);
     for (Buffer& b : buffers) {

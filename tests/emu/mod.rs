@@ -2,11 +2,13 @@
 //! g++ against kernels/emu (cached in target/ by content hash), loads them, allocates
 //! guarded "device" buffers and launches kernels with typed arguments.
 
+mod build;
+
 use std::ffi::{CStr, c_char, c_void};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
+use build::{compiler, finish, fnv, read, spawn};
 use libloading::Library;
 use rcx::backend::cuda::launch::LaunchShape;
 
@@ -26,17 +28,6 @@ type LaunchFn = unsafe extern "C" fn(
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type AllocFn = unsafe extern "C" fn(usize) -> *mut c_void;
 type FreeFn = unsafe extern "C" fn(*mut c_void);
-
-/// -ffp-contract=off: no fused multiply-adds, so results do not depend on the host CPU.
-const FLAGS: &[&str] = &[
-    "-std=c++20",
-    "-O2",
-    "-fPIC",
-    "-shared",
-    "-DRCX_EMULATE",
-    "-pthread",
-    "-ffp-contract=off",
-];
 
 /// Loaded kernel libraries and the emulator's entry points.
 pub struct Emu {
@@ -70,79 +61,6 @@ pub fn emu_or_skip(test: &str) -> Option<&'static Emu> {
     }
 }
 
-/// $CXX, else g++ on PATH, if it answers --version; with its version text.
-fn compiler() -> Result<(PathBuf, String), String> {
-    let cxx = std::env::var_os("CXX").map_or_else(|| PathBuf::from("g++"), PathBuf::from);
-    let out = Command::new(&cxx).arg("--version").output().map_err(|e| {
-        format!(
-            "cannot run the C++ compiler `{}` ($CXX or g++): {e}",
-            cxx.display()
-        )
-    })?;
-    if !out.status.success() {
-        return Err(format!("`{} --version` failed", cxx.display()));
-    }
-    Ok((cxx, String::from_utf8_lossy(&out.stdout).into_owned()))
-}
-
-/// FNV-1a, 64 bits: stable across Rust versions, unlike std's hasher.
-fn fnv(parts: &[&[u8]]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for part in parts {
-        for &b in *part {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-        h = (h ^ 0xff).wrapping_mul(0x0100_0000_01b3); // part separator
-    }
-    h
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// One g++ job: compiles into a temporary name, renamed into place when it succeeds, so a
-/// concurrent or interrupted build never leaves a half-written library in the cache.
-struct Job {
-    output: PathBuf,
-    temporary: PathBuf,
-    child: std::process::Child,
-}
-
-fn spawn(cxx: &Path, args: &[String], output: PathBuf) -> Result<Job, String> {
-    let temporary = output.with_extension(format!("tmp{}", std::process::id()));
-    let child = Command::new(cxx)
-        .args(FLAGS)
-        .args(args)
-        .arg("-o")
-        .arg(&temporary)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", cxx.display()))?;
-    Ok(Job {
-        output,
-        temporary,
-        child,
-    })
-}
-
-fn finish(job: Job) -> Result<(), String> {
-    let out = job
-        .child
-        .wait_with_output()
-        .map_err(|e| format!("g++: {e}"))?;
-    if !out.status.success() {
-        // A kernel that does not compile for the emulator is a real failure, not a skip.
-        panic!(
-            "compiling {} for the kernel emulator failed:\n{}",
-            job.output.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    std::fs::rename(&job.temporary, &job.output)
-        .map_err(|e| format!("{}: {e}", job.output.display()))
-}
-
 fn build() -> Result<Emu, String> {
     let (cxx, version) = compiler()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -150,7 +68,7 @@ fn build() -> Result<Emu, String> {
     let (emu_h, emu_cpp) = (kernels.join("emu/emu.h"), kernels.join("emu/emu.cpp"));
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu");
     std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
-    let flags = FLAGS.join(" ");
+    let flags = build::FLAGS.join(" ");
 
     let runtime_hash = fnv(&[
         version.as_bytes(),
