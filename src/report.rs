@@ -408,7 +408,7 @@ pub fn results_markdown(r: &Reproduction) -> String {
     let _ = writeln!(s, "Made by `{}`.\n", r.command);
     let _ = write!(
         s,
-        "Total wall time: **{}** on {}.",
+        "Total wall time: **{}**; {}.",
         minutes(r.total_wall_s),
         r.machine
     );
@@ -706,14 +706,26 @@ pub struct ReproduceArgs {
     /// reaching max_steps) instead of training it again: to rewrite the report.
     #[arg(long)]
     pub reuse: bool,
+    /// Where to train, overriding every config's `device:`.
+    #[arg(long, value_enum)]
+    pub device: Option<crate::config::Device>,
+    /// The training arithmetic, overriding every config's `dtype:` (bf16: GPU only).
+    #[arg(long, value_enum)]
+    pub dtype: Option<crate::config::DType>,
 }
 
-fn machine_description(threads: usize) -> String {
+/// What the runs trained on (each engine once, in order; none when every run was reused)
+/// and the CPU that scored them.
+fn machine_description(engines: &[String], threads: usize) -> String {
     let load = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_string))
         .map_or(String::new(), |l| format!(", load average {l} at the end"));
-    format!("a CPU with {threads} threads used{load}")
+    let scored = format!("scored on a CPU with {threads} threads{load}");
+    if engines.is_empty() {
+        return scored;
+    }
+    format!("trained on {}, {scored}", engines.join(" and "))
 }
 
 /// A finished run: a final model beside a metrics.jsonl whose last step is max_steps.
@@ -765,6 +777,7 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
         .ok_or_else(|| Error::internal("the shipped eval split does not resolve"))?;
 
     let mut runs = Vec::new();
+    let mut engines: Vec<String> = Vec::new();
     for name in names {
         let mut cfg = Config::load(&args.configs.join(format!("{name}.yml")))?;
         cfg.output_dir = args.runs.join(name);
@@ -783,9 +796,14 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
             let options = crate::train::RunOptions {
                 overwrite: true,
                 quiet: true,
+                device: args.device,
+                dtype: args.dtype,
                 ..Default::default()
             };
-            crate::train::train(&cfg, options)?;
+            let engine = crate::train::train(&cfg, options)?;
+            if !engines.contains(&engine) {
+                engines.push(engine);
+            }
         }
         let metrics = read_metrics(&cfg.output_dir.join("metrics.jsonl"))?;
         let scoring = Instant::now();
@@ -821,7 +839,7 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
         runs,
         skipped,
         total_wall_s: started.elapsed().as_secs_f64(),
-        machine: machine_description(rayon::current_num_threads()),
+        machine: machine_description(&engines, rayon::current_num_threads()),
         figures_dir: "figures".into(),
         command: std::iter::once("rcx".to_string())
             .chain(std::env::args().skip(1))

@@ -458,10 +458,12 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         device: args.device,
         dtype: args.dtype,
     };
-    train(&cfg, opts)
+    train(&cfg, opts).map(|_| ())
 }
 
-pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
+/// Trains the run `cfg` describes; returns the engine it trained on (e.g. "cpu (2
+/// threads)", "cuda (NVIDIA H200, bf16)").
+pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
     let RunOptions {
         resume,
         overwrite,
@@ -667,7 +669,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<()> {
             cfg.output_dir.display()
         );
     }
-    Ok(())
+    Ok(engine.name())
 }
 
 /// A one-line human summary of an evaluation.

@@ -312,7 +312,7 @@ fn results_markdown_holds_targets_tables_theory_and_figure_links() {
     };
     let md = results_markdown(&r);
     assert!(md.contains("Made by `rcx reproduce`."));
-    assert!(md.contains("Total wall time: **10.0 min** on a test."));
+    assert!(md.contains("Total wall time: **10.0 min**; a test."));
     assert!(md.contains("Skipped `minilm_x_adaptive`: --skip-minilm was given"));
     // PASS rows for the adaptive run, MISS rows for the shifted one, with their details.
     assert!(md.contains("| x_adaptive | eval | types separate: collapse gap |"));
