@@ -261,8 +261,6 @@ struct CpuStep {
     dlogits: Vec<f32>, // [completions of a micro-batch]
 }
 
-/// Whether the run trains on the GPU, as `device` and `dtype` ask and the machine allows;
-/// decided before anything is read or written, so a refused run leaves no trace.
 /// Where a run trains and in which arithmetic: the config's `device:` and `dtype:`, or the
 /// command line's `--device` and `--dtype` that override them.
 struct Placement {
@@ -270,6 +268,8 @@ struct Placement {
     dtype: DType,
 }
 
+/// The placement the settings ask for and the machine allows; decided before anything is
+/// read or written, so a refused run leaves no trace.
 fn placement(cfg: &Config, opts: &RunOptions) -> Result<Placement> {
     let device = opts.device.unwrap_or(cfg.device);
     let dtype = opts.dtype.unwrap_or(cfg.dtype);
