@@ -5,7 +5,7 @@
 //! against the shapes before a launch, so a wrong call is an error, never a wild access.
 
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchArgs, PushKernelArg};
 
 use super::runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, check_len, dim, driver};
 use crate::backend::cpu::AttentionDropout;
@@ -892,17 +892,10 @@ impl CudaRuntime {
         }
         let cfg = launch::attention_rows(op, b, t, nh)?.config();
         let f = self.function("attention", &format!("attention_forward_{}", T::SUFFIX))?;
-        let dims = attention_dims(op, b, t, nh, hs)?;
+        let args = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(probs).arg(q).arg(k).arg(v).arg(mask);
-        launch
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2])
-            .arg(&dims[3]);
-        let scale = attention_scale(hs);
-        let (drop_p, drop_scale, seed) = attention_dropout_args(op, dropout)?;
-        launch.arg(&scale).arg(&drop_p).arg(&drop_scale).arg(&seed);
+        args.push(&mut launch);
         unsafe { launch.launch(cfg) }.map_err(driver(op))?;
         Ok(())
     }
@@ -954,9 +947,7 @@ impl CudaRuntime {
         }
         let query_shape = launch::attention_rows(op, b, t, nh)?;
         let key_shape = launch::attention_key_rows(op, b, t, nh, hs)?;
-        let dims = attention_dims(op, b, t, nh, hs)?;
-        let scale = attention_scale(hs);
-        let (drop_p, drop_scale, seed) = attention_dropout_args(op, dropout)?;
+        let args = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
 
         let query = self.function(
             "attention",
@@ -970,15 +961,7 @@ impl CudaRuntime {
             .arg(k)
             .arg(v)
             .arg(probs);
-        launch
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2])
-            .arg(&dims[3])
-            .arg(&scale)
-            .arg(&drop_p)
-            .arg(&drop_scale)
-            .arg(&seed);
+        args.push(&mut launch);
         unsafe { launch.launch(query_shape.config()) }.map_err(driver(op))?;
 
         let key = self.function(
@@ -994,15 +977,7 @@ impl CudaRuntime {
             .arg(q)
             .arg(probs)
             .arg(&dscores);
-        launch
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2])
-            .arg(&dims[3])
-            .arg(&scale)
-            .arg(&drop_p)
-            .arg(&drop_scale)
-            .arg(&seed);
+        args.push(&mut launch);
         unsafe { launch.launch(key_shape.config()) }.map_err(driver(op))?;
         Ok(())
     }
@@ -1050,17 +1025,10 @@ impl CudaRuntime {
             &format!("flash_attention_forward_{}", T::SUFFIX),
         )?;
         self.allow_shared(op, &f, shape)?;
-        let dims = attention_dims(op, b, t, nh, hs)?;
-        let scale = attention_scale(hs);
-        let (drop_p, drop_scale, seed) = attention_dropout_args(op, dropout)?;
+        let args = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
-        launch
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2])
-            .arg(&dims[3]);
-        launch.arg(&scale).arg(&drop_p).arg(&drop_scale).arg(&seed);
+        args.push(&mut launch);
         unsafe { launch.launch(shape.config()) }.map_err(driver(op))?;
         Ok(())
     }
@@ -1120,9 +1088,7 @@ impl CudaRuntime {
         }
         let dot_shape = launch::warp_rows(op, b * nh * t)?;
         let tiles_shape = launch::flash_backward(op, b, t, nh, hs)?;
-        let dims = attention_dims(op, b, t, nh, hs)?;
-        let scale = attention_scale(hs);
-        let (drop_p, drop_scale, seed) = attention_dropout_args(op, dropout)?;
+        let args = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
 
         let dot = self.function(
             "attention",
@@ -1130,11 +1096,7 @@ impl CudaRuntime {
         )?;
         let mut launch = self.stream().launch_builder(&dot);
         launch.arg(&mut *row_dot).arg(dout).arg(out);
-        launch
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2])
-            .arg(&dims[3]);
+        args.push_dims(&mut launch);
         unsafe { launch.launch(dot_shape.config()) }.map_err(driver(op))?;
         let row_dot = row_dot.as_view();
 
@@ -1146,12 +1108,7 @@ impl CudaRuntime {
         let mut launch = self.stream().launch_builder(&key);
         launch.arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v);
         launch.arg(lse).arg(&row_dot).arg(mask);
-        launch
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2])
-            .arg(&dims[3]);
-        launch.arg(&scale).arg(&drop_p).arg(&drop_scale).arg(&seed);
+        args.push(&mut launch);
         unsafe { launch.launch(tiles_shape.config()) }.map_err(driver(op))?;
 
         let query = self.function(
@@ -1162,12 +1119,7 @@ impl CudaRuntime {
         let mut launch = self.stream().launch_builder(&query);
         launch.arg(dq).arg(dout).arg(q).arg(k).arg(v);
         launch.arg(lse).arg(&row_dot).arg(mask);
-        launch
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2])
-            .arg(&dims[3]);
-        launch.arg(&scale).arg(&drop_p).arg(&drop_scale).arg(&seed);
+        args.push(&mut launch);
         unsafe { launch.launch(tiles_shape.config()) }.map_err(driver(op))?;
         Ok(())
     }
@@ -1288,28 +1240,61 @@ fn dropout_scale(op: &str, p: f64) -> Result<f32> {
     }
 }
 
-fn attention_dims(op: &str, b: usize, t: usize, nh: usize, hs: usize) -> Result<[i32; 4]> {
-    Ok([
-        dim(op, "b", b)?,
-        dim(op, "t", t)?,
-        dim(op, "nh", nh)?,
-        dim(op, "hs", hs)?,
-    ])
+/// The scalar arguments every attention kernel ends with: b, t, nh, hs as the kernels'
+/// ints, then (all but the row-dot pre-pass) scale = 1/sqrt(hs) and the dropout's
+/// (drop_p, drop_scale, seed), with p = 0 (no hashing) when there is no dropout.
+struct AttentionArgs {
+    dims: [i32; 4],
+    scale: f32,
+    drop_p: f64,
+    drop_scale: f32,
+    seed: u64,
 }
 
-/// The kernels' (drop_p, drop_scale, seed): p = 0 (no hashing) when there is no dropout;
-/// p must be in [0, 1).
-fn attention_dropout_args(op: &str, dropout: Option<AttentionDropout>) -> Result<(f64, f32, u64)> {
-    match dropout {
-        None => Ok((0.0, 1.0, 0)),
-        Some(d) if (0.0..1.0).contains(&d.p) => Ok((d.p, dropout_scale(op, d.p)?, d.seed)),
-        Some(d) => Err(Error::internal(format!(
-            "{op}: dropout p = {} is not in [0, 1)",
-            d.p
-        ))),
+impl AttentionArgs {
+    fn new(
+        op: &str,
+        (b, t, nh, hs): (usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
+    ) -> Result<AttentionArgs> {
+        let (drop_p, drop_scale, seed) = match dropout {
+            None => (0.0, 1.0, 0),
+            Some(d) if (0.0..1.0).contains(&d.p) => (d.p, dropout_scale(op, d.p)?, d.seed),
+            Some(d) => {
+                return Err(Error::internal(format!(
+                    "{op}: dropout p = {} is not in [0, 1)",
+                    d.p
+                )));
+            }
+        };
+        Ok(AttentionArgs {
+            dims: [
+                dim(op, "b", b)?,
+                dim(op, "t", t)?,
+                dim(op, "nh", nh)?,
+                dim(op, "hs", hs)?,
+            ],
+            scale: (1.0 / (hs as f64).sqrt()) as f32,
+            drop_p,
+            drop_scale,
+            seed,
+        })
     }
-}
 
-fn attention_scale(hs: usize) -> f32 {
-    (1.0 / (hs as f64).sqrt()) as f32
+    /// Pushes b, t, nh, hs.
+    fn push_dims<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
+        for d in &self.dims {
+            launch.arg(d);
+        }
+    }
+
+    /// Pushes b, t, nh, hs, scale, drop_p, drop_scale, seed.
+    fn push<'a>(&'a self, launch: &mut LaunchArgs<'a>) {
+        self.push_dims(launch);
+        launch
+            .arg(&self.scale)
+            .arg(&self.drop_p)
+            .arg(&self.drop_scale)
+            .arg(&self.seed);
+    }
 }
