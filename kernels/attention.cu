@@ -9,7 +9,7 @@
 // 1 / (1 - drop_p) rounded to fp32 by the host, as the CPU. probs holds p, before dropout;
 // the backward redraws the mask. drop_p == 0: no dropout, no hashing.
 //
-// Two versions:
+// Three versions:
 // 1. "stored probabilities" (attention_forward, attention_backward_query/_key): probs
 //    [b, nh, t, t] written like the CPU reference, one block per (sequence, head, query
 //    row) with serial loops over the keys. Kept for the kernel lab and as a second witness
@@ -17,7 +17,10 @@
 // 2. flash-style (flash_attention_*): never stores the t x t matrix. The forward keeps tiles
 //    of K and V in shared memory, runs an online softmax (running max and sum, fp32) and
 //    saves only the log-sum-exp per query row; the backward recomputes p from it
-//    (FlashAttention-2's two kernels, deterministic: no atomics). The model uses this one.
+//    (FlashAttention-2's two kernels, deterministic: no atomics). The model uses it in f32.
+// 3. flash-style on tensor cores (flash_attention_tc_*, bf16 only): version 2's algorithm
+//    with every product on wmma and the probabilities rounded to bf16 before they multiply
+//    (as FlashAttention-2 in bf16). The model uses it in bf16.
 #include "common.cuh"
 
 // The weight that multiplies v of the probability at `index` in probs: dropped or not.
@@ -466,6 +469,347 @@ __device__ void flash_attention_backward_query(T* dq, const T* dout, const T* q,
     }
 }
 
+
+// Version 3: version 2 on tensor cores, bf16 only. The same contract (lse, the dot pre-pass
+// flash_attention_backward_dot, mask, uniform case, dropout), the products through wmma
+// (m16n16k16, bf16 inputs, fp32 accumulation). A block owns TC_ROWS = 64 rows (4 warps of
+// 16) of one (sequence, head) and streams the other side in tiles of TILE rows: 64, or 32 in
+// the backward when hs > 64 so that its shared memory stays within 99 KiB. Tiles are bf16 in
+// shared memory, head dims zero-padded to hp = hs rounded up to 16, row stride hp + 8 (a
+// multiple of 16 bytes, as wmma needs, and not of 128, which spreads the banks). Each warp
+// stores its 16 x TILE products (scores, their gradients) to an fp32 scratch tile where lane
+// l owns row l / 2 and half l % 2 of the columns, turns them into weights there, and writes
+// those back as bf16 for the next product: FlashAttention-2's rounding in bf16. Padded
+// rows and dims are zero, so they add nothing to any product.
+#ifndef RCX_EMULATE
+#include <mma.h>
+#endif
+
+#define TC_WARPS 4
+#define TC_ROWS (TC_WARPS * 16)
+#define TC_MAX_BLOCKS (128 / 16)  // 16-dim blocks of the largest head, hs <= 128
+#define TC_FORWARD_TILE 64
+
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16, nvcuda::wmma::row_major> TcRows;
+// B operands: B[k][n] at ptr[k * ld + n] (a tile as it is), or at ptr[n * ld + k] (its transpose).
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::row_major> TcCols;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda::wmma::col_major> TcColsT;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> TcAcc;
+
+__device__ __forceinline__ int tc_padded_head(int hs) { return (hs + 15) / 16 * 16; }
+__device__ __forceinline__ int tc_backward_tile(int hs) { return tc_padded_head(hs) <= 64 ? 64 : 32; }
+
+// tile[rows, ld] (bf16) = rows first_row.. of one head of x [b, t, nh*hs], dims zero-padded to
+// hp, rows past t zero. The block cooperates; the caller synchronises before reading.
+__device__ __forceinline__ void tc_load_head_rows(bf16* tile, int ld, const bf16* x, size_t head_base,
+                                                  size_t channels, int first_row, int rows, int t, int hs,
+                                                  int hp) {
+    for (int e = threadIdx.x; e < rows * hp; e += blockDim.x) {
+        const int r = e / hp, d = e % hp, row = first_row + r;
+        tile[r * ld + d] =
+            row < t && d < hs ? x[head_base + (size_t)row * channels + d] : __float2bfloat16_rn(0.0f);
+    }
+}
+
+// scratch[16, TILE] (fp32, row stride ld) = rows[16, hp] · tile[TILE, hp]^T: one warp.
+template <int TILE>
+__device__ __forceinline__ void tc_rows_times_tile_transposed(float* scratch, int ld, const bf16* rows,
+                                                              const bf16* tile, int ld_head, int hp) {
+#pragma unroll
+    for (int n = 0; n < TILE / 16; n++) {
+        TcAcc product;
+        nvcuda::wmma::fill_fragment(product, 0.0f);
+        for (int kk = 0; kk < hp / 16; kk++) {
+            TcRows a;
+            TcColsT b;
+            nvcuda::wmma::load_matrix_sync(a, rows + kk * 16, ld_head);
+            nvcuda::wmma::load_matrix_sync(b, tile + n * 16 * ld_head + kk * 16, ld_head);
+            nvcuda::wmma::mma_sync(product, a, b, product);
+        }
+        nvcuda::wmma::store_matrix_sync(scratch + n * 16, product, ld, nvcuda::wmma::mem_row_major);
+    }
+}
+
+// acc += weights[16, TILE] (bf16, row stride ld_prob) · tile[TILE, 16 dims from dims_first]: one warp.
+template <int TILE>
+__device__ __forceinline__ void tc_weights_times_tile(TcAcc& acc, const bf16* weights, int ld_prob,
+                                                      const bf16* tile, int ld_head, int dims_first) {
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) {
+        TcRows a;
+        TcCols b;
+        nvcuda::wmma::load_matrix_sync(a, weights + kk * 16, ld_prob);
+        nvcuda::wmma::load_matrix_sync(b, tile + kk * 16 * ld_head + dims_first, ld_head);
+        nvcuda::wmma::mma_sync(acc, a, b, acc);
+    }
+}
+
+// grad[own rows, dims] += factor · acc[n] for each 16-dim block n, through this warp's scratch
+// [16, >= 16] (fp32). own_first: the warp's first own row. One warp; its lanes leave together.
+__device__ __forceinline__ void tc_add_rows(bf16* grad, const TcAcc* acc, float factor, float* scratch, int ld,
+                                            size_t head_base, size_t channels, int own_first, int t, int hs,
+                                            int hp) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int n = 0; n < TC_MAX_BLOCKS; n++) {
+        if (n < hp / 16) {
+            __syncwarp();  // the previous block's (or the caller's) scratch reads are done
+            nvcuda::wmma::store_matrix_sync(scratch, acc[n], ld, nvcuda::wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < 256; e += 32) {
+                const int r = e / 16, d = n * 16 + e % 16, row = own_first + r;
+                if (row < t && d < hs) {
+                    const size_t at = head_base + (size_t)row * channels + d;
+                    grad[at] = __float2bfloat16_rn(__bfloat162float(grad[at]) + factor * scratch[r * ld + e % 16]);
+                }
+            }
+        }
+    }
+}
+
+// Version 3 of flash_attention_forward; the online softmax as version 2's, per lane on its
+// row's half of each key tile, the two halves combined with one shuffle. This lane's share
+// of the output row: dims n * 16 + half * 8 + c (c < 8) of every 16-dim block n.
+__device__ void tc_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v,
+                                     const uint8_t* mask, int b, int t, int nh, int hs, float scale,
+                                     double drop_p, float drop_scale, uint64_t seed) {
+    constexpr int TILE = TC_FORWARD_TILE, HALF = TILE / 2;
+    const int bh = blockIdx.y, bi = bh / nh, h = bh % nh;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, row = lane >> 1, half = lane & 1;
+    const int first_query = blockIdx.x * TC_ROWS, i = first_query + warp * 16 + row;
+    const size_t channels = (size_t)nh * hs;
+    const size_t head_base = (size_t)bi * t * channels + (size_t)h * hs;
+    const int hp = tc_padded_head(hs), ld_head = hp + 8, ld_scratch = TILE + 4, ld_prob = TILE + 8;
+    // Shared: (TC_ROWS + 2 TILE) ld_head bf16, then TC_WARPS [16, ld_scratch] fp32, then
+    // TC_WARPS [16, ld_prob] bf16.
+    bf16* q_own = dynamic_shared<bf16>();      // [TC_ROWS, ld_head]
+    bf16* k_tile = q_own + TC_ROWS * ld_head;  // [TILE, ld_head]
+    bf16* v_tile = k_tile + TILE * ld_head;    // [TILE, ld_head]
+    float* scratch_all = reinterpret_cast<float*>(v_tile + TILE * ld_head);
+    float* scratch = scratch_all + warp * 16 * ld_scratch;                                      // [16, ld_scratch]
+    bf16* weights = reinterpret_cast<bf16*>(scratch_all + TC_WARPS * 16 * ld_scratch) + warp * 16 * ld_prob;  // [16, ld_prob]
+    const uint8_t* mask_b = mask + (size_t)bi * t;
+    const bool any_real = sequence_has_real_token(mask_b, t);
+    tc_load_head_rows(q_own, ld_head, q, head_base, channels, first_query, TC_ROWS, t, hs, hp);
+    const bf16* q_warp = q_own + warp * 16 * ld_head;
+
+    float running_max = -INFINITY, running_sum = 0.0f;
+    float acc[TC_MAX_BLOCKS][8];
+#pragma unroll
+    for (int n = 0; n < TC_MAX_BLOCKS; n++) {
+#pragma unroll
+        for (int c = 0; c < 8; c++) acc[n][c] = 0.0f;
+    }
+    for (int first_key = 0; first_key < t; first_key += TILE) {
+        __syncthreads();  // the previous tiles are no longer read (first pass: q_own is written)
+        tc_load_head_rows(k_tile, ld_head, k, head_base, channels, first_key, TILE, t, hs, hp);
+        tc_load_head_rows(v_tile, ld_head, v, head_base, channels, first_key, TILE, t, hs, hp);
+        __syncthreads();
+        tc_rows_times_tile_transposed<TILE>(scratch, ld_scratch, q_warp, k_tile, ld_head, hp);
+        __syncwarp();
+        float* score = scratch + row * ld_scratch + half * HALF;
+        float tile_max = -INFINITY;
+        for (int c = 0; c < HALF; c++) {
+            const int j = first_key + half * HALF + c;
+            const bool allowed = j < t && (!any_real || mask_b[j] != 0);
+            score[c] = allowed ? scale * score[c] : -INFINITY;
+            tile_max = fmaxf(tile_max, score[c]);
+        }
+        const float new_max = fmaxf(running_max, fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1)));
+        // new_max == -inf: no allowed key yet, nothing accumulated; avoid -inf - -inf.
+        const float rescale = new_max == -INFINITY ? 1.0f : expf(running_max - new_max);
+        float tile_sum = 0.0f;
+        bf16* weight = weights + row * ld_prob + half * HALF;
+        for (int c = 0; c < HALF; c++) {
+            const int j = first_key + half * HALF + c;
+            const float e = score[c] == -INFINITY ? 0.0f : expf(score[c] - new_max);
+            tile_sum += e;
+            const float f = e != 0.0f && i < t ? dropout_factor(((size_t)bh * t + i) * t + j, drop_p, drop_scale, seed)
+                                              : 1.0f;
+            weight[c] = __float2bfloat16_rn(e * f);
+        }
+        running_sum = running_sum * rescale + tile_sum + __shfl_xor_sync(0xffffffffu, tile_sum, 1);
+        running_max = new_max;
+#pragma unroll
+        for (int n = 0; n < TC_MAX_BLOCKS; n++) {
+            if (n < hp / 16) {
+                TcAcc product;
+                nvcuda::wmma::fill_fragment(product, 0.0f);
+                __syncwarp();  // the weights are written; the scratch's previous reads are done
+                tc_weights_times_tile<TILE>(product, weights, ld_prob, v_tile, ld_head, n * 16);
+                nvcuda::wmma::store_matrix_sync(scratch, product, ld_scratch, nvcuda::wmma::mem_row_major);
+                __syncwarp();
+#pragma unroll
+                for (int c = 0; c < 8; c++) {
+                    acc[n][c] = acc[n][c] * rescale + scratch[row * ld_scratch + half * 8 + c];
+                }
+            }
+        }
+    }
+    if (i < t) {
+        // running_sum >= 1: the row's maximum contributes exp(0) (some key is allowed).
+        const float inv_sum = 1.0f / running_sum;
+        bf16* out_i = out + head_base + (size_t)i * channels;
+#pragma unroll
+        for (int n = 0; n < TC_MAX_BLOCKS; n++) {
+#pragma unroll
+            for (int c = 0; c < 8; c++) {
+                const int d = n * 16 + half * 8 + c;
+                if (d < hs) out_i[d] = __float2bfloat16_rn(acc[n][c] * inv_sum);
+            }
+        }
+        if (half == 0) lse[(size_t)bh * t + i] = running_max + logf(running_sum);
+    }
+}
+
+// Version 3 of flash_attention_backward_key: per block 64 own KEY rows (16 per warp), the
+// query tiles streamed; as version 2, with the transposed products: S^T = K_own Q^T and
+// dP^T = V_own dO^T per tile, then dV_own += (p f)^T dO and dK_own += dS^T Q accumulated in
+// fragments over all query tiles (one warp sums each element in tile order: deterministic).
+template <int TILE>
+__device__ void tc_attention_backward_key(bf16* dk, bf16* dv, const bf16* dout, const bf16* q, const bf16* k,
+                                          const bf16* v, const float* lse, const float* dot,
+                                          const uint8_t* mask, int b, int t, int nh, int hs, float scale,
+                                          double drop_p, float drop_scale, uint64_t seed) {
+    constexpr int HALF = TILE / 2;
+    const int bh = blockIdx.y, bi = bh / nh, h = bh % nh;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, row = lane >> 1, half = lane & 1;
+    const int first_key = blockIdx.x * TC_ROWS, own_first = first_key + warp * 16, j = own_first + row;
+    const size_t channels = (size_t)nh * hs;
+    const size_t head_base = (size_t)bi * t * channels + (size_t)h * hs;
+    const int hp = tc_padded_head(hs), ld_head = hp + 8, ld_scratch = TILE + 4, ld_prob = TILE + 8;
+    // Shared: (2 TC_ROWS + 2 TILE) ld_head bf16, TC_WARPS x 2 [16, ld_scratch] fp32, TC_WARPS x
+    // 2 [16, ld_prob] bf16, 2 TILE fp32.
+    bf16* k_own = dynamic_shared<bf16>();          // [TC_ROWS, ld_head]
+    bf16* v_own = k_own + TC_ROWS * ld_head;       // [TC_ROWS, ld_head]
+    bf16* q_tile = v_own + TC_ROWS * ld_head;      // [TILE, ld_head]
+    bf16* dout_tile = q_tile + TILE * ld_head;     // [TILE, ld_head]
+    float* scratch_all = reinterpret_cast<float*>(dout_tile + TILE * ld_head);
+    float* scores = scratch_all + warp * 2 * 16 * ld_scratch;  // [16, ld_scratch]: S^T
+    float* dprobs = scores + 16 * ld_scratch;                  // [16, ld_scratch]: dP^T
+    bf16* weights = reinterpret_cast<bf16*>(scratch_all + TC_WARPS * 2 * 16 * ld_scratch) + warp * 2 * 16 * ld_prob;  // [16, ld_prob]: (p f)^T
+    bf16* dscores = weights + 16 * ld_prob;                                                                         // [16, ld_prob]: dS^T
+    float* lse_tile = reinterpret_cast<float*>(reinterpret_cast<bf16*>(scratch_all + TC_WARPS * 2 * 16 * ld_scratch) +
+                                               TC_WARPS * 2 * 16 * ld_prob);  // [TILE]
+    float* dot_tile = lse_tile + TILE;                                          // [TILE]
+    const uint8_t* mask_b = mask + (size_t)bi * t;
+    const bool any_real = sequence_has_real_token(mask_b, t);
+    // A disallowed key (padding, or past t) gets weight 0 from every query: zero gradients.
+    const bool key_allowed = j < t && (!any_real || mask_b[j] != 0);
+    tc_load_head_rows(k_own, ld_head, k, head_base, channels, first_key, TC_ROWS, t, hs, hp);
+    tc_load_head_rows(v_own, ld_head, v, head_base, channels, first_key, TC_ROWS, t, hs, hp);
+    const bf16* k_warp = k_own + warp * 16 * ld_head;
+    const bf16* v_warp = v_own + warp * 16 * ld_head;
+
+    TcAcc dk_acc[TC_MAX_BLOCKS], dv_acc[TC_MAX_BLOCKS];
+#pragma unroll
+    for (int n = 0; n < TC_MAX_BLOCKS; n++) {
+        nvcuda::wmma::fill_fragment(dk_acc[n], 0.0f);
+        nvcuda::wmma::fill_fragment(dv_acc[n], 0.0f);
+    }
+    for (int first_query = 0; first_query < t; first_query += TILE) {
+        __syncthreads();  // the previous tiles are no longer read (first pass: own rows written)
+        tc_load_head_rows(q_tile, ld_head, q, head_base, channels, first_query, TILE, t, hs, hp);
+        tc_load_head_rows(dout_tile, ld_head, dout, head_base, channels, first_query, TILE, t, hs, hp);
+        for (int e = threadIdx.x; e < TILE; e += blockDim.x) {
+            const int i = first_query + e;
+            lse_tile[e] = i < t ? lse[(size_t)bh * t + i] : 0.0f;
+            dot_tile[e] = i < t ? dot[(size_t)bh * t + i] : 0.0f;
+        }
+        __syncthreads();
+        tc_rows_times_tile_transposed<TILE>(scores, ld_scratch, k_warp, q_tile, ld_head, hp);
+        tc_rows_times_tile_transposed<TILE>(dprobs, ld_scratch, v_warp, dout_tile, ld_head, hp);
+        __syncwarp();
+        for (int c = 0; c < HALF; c++) {
+            const int col = half * HALF + c, i = first_query + col;
+            float weight = 0.0f, dscore = 0.0f;
+            if (key_allowed && i < t) {
+                const float p = expf(scale * scores[row * ld_scratch + col] - lse_tile[col]);
+                const float f = dropout_factor(((size_t)bh * t + i) * t + j, drop_p, drop_scale, seed);
+                weight = p * f;
+                dscore = p * (f * dprobs[row * ld_scratch + col] - dot_tile[col]);
+            }
+            weights[row * ld_prob + col] = __float2bfloat16_rn(weight);
+            dscores[row * ld_prob + col] = __float2bfloat16_rn(dscore);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < TC_MAX_BLOCKS; n++) {
+            if (n < hp / 16) {
+                tc_weights_times_tile<TILE>(dv_acc[n], weights, ld_prob, dout_tile, ld_head, n * 16);
+                tc_weights_times_tile<TILE>(dk_acc[n], dscores, ld_prob, q_tile, ld_head, n * 16);
+            }
+        }
+    }
+    tc_add_rows(dk, dk_acc, scale, scores, ld_scratch, head_base, channels, own_first, t, hs, hp);
+    tc_add_rows(dv, dv_acc, 1.0f, dprobs, ld_scratch, head_base, channels, own_first, t, hs, hp);
+}
+
+// Version 3 of flash_attention_backward_query: per block 64 own QUERY rows, the key tiles
+// streamed: S = Q_own K^T, dP = dO_own V^T, dS as version 2, dQ_own += dS K accumulated in
+// fragments over all key tiles (deterministic).
+template <int TILE>
+__device__ void tc_attention_backward_query(bf16* dq, const bf16* dout, const bf16* q, const bf16* k,
+                                            const bf16* v, const float* lse, const float* dot,
+                                            const uint8_t* mask, int b, int t, int nh, int hs, float scale,
+                                            double drop_p, float drop_scale, uint64_t seed) {
+    constexpr int HALF = TILE / 2;
+    const int bh = blockIdx.y, bi = bh / nh, h = bh % nh;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, row = lane >> 1, half = lane & 1;
+    const int first_query = blockIdx.x * TC_ROWS, own_first = first_query + warp * 16, i = own_first + row;
+    const size_t channels = (size_t)nh * hs;
+    const size_t head_base = (size_t)bi * t * channels + (size_t)h * hs;
+    const int hp = tc_padded_head(hs), ld_head = hp + 8, ld_scratch = TILE + 4, ld_prob = TILE + 8;
+    // Shared: (2 TC_ROWS + 2 TILE) ld_head bf16, TC_WARPS x 2 [16, ld_scratch] fp32, TC_WARPS
+    // [16, ld_prob] bf16.
+    bf16* q_own = dynamic_shared<bf16>();          // [TC_ROWS, ld_head]
+    bf16* dout_own = q_own + TC_ROWS * ld_head;    // [TC_ROWS, ld_head]
+    bf16* k_tile = dout_own + TC_ROWS * ld_head;   // [TILE, ld_head]
+    bf16* v_tile = k_tile + TILE * ld_head;        // [TILE, ld_head]
+    float* scratch_all = reinterpret_cast<float*>(v_tile + TILE * ld_head);
+    float* scores = scratch_all + warp * 2 * 16 * ld_scratch;  // [16, ld_scratch]: S
+    float* dprobs = scores + 16 * ld_scratch;                  // [16, ld_scratch]: dP
+    bf16* dscores = reinterpret_cast<bf16*>(scratch_all + TC_WARPS * 2 * 16 * ld_scratch) + warp * 16 * ld_prob;  // [16, ld_prob]
+    const uint8_t* mask_b = mask + (size_t)bi * t;
+    const bool any_real = sequence_has_real_token(mask_b, t);
+    tc_load_head_rows(q_own, ld_head, q, head_base, channels, first_query, TC_ROWS, t, hs, hp);
+    tc_load_head_rows(dout_own, ld_head, dout, head_base, channels, first_query, TC_ROWS, t, hs, hp);
+    const bf16* q_warp = q_own + warp * 16 * ld_head;
+    const bf16* dout_warp = dout_own + warp * 16 * ld_head;
+    const bool query_real = i < t;  // a row past t gets no gradient
+    const float lse_i = query_real ? lse[(size_t)bh * t + i] : 0.0f;
+    const float dot_i = query_real ? dot[(size_t)bh * t + i] : 0.0f;
+
+    TcAcc dq_acc[TC_MAX_BLOCKS];
+#pragma unroll
+    for (int n = 0; n < TC_MAX_BLOCKS; n++) nvcuda::wmma::fill_fragment(dq_acc[n], 0.0f);
+    for (int first_key = 0; first_key < t; first_key += TILE) {
+        __syncthreads();  // the previous tiles are no longer read (first pass: own rows written)
+        tc_load_head_rows(k_tile, ld_head, k, head_base, channels, first_key, TILE, t, hs, hp);
+        tc_load_head_rows(v_tile, ld_head, v, head_base, channels, first_key, TILE, t, hs, hp);
+        __syncthreads();
+        tc_rows_times_tile_transposed<TILE>(scores, ld_scratch, q_warp, k_tile, ld_head, hp);
+        tc_rows_times_tile_transposed<TILE>(dprobs, ld_scratch, dout_warp, v_tile, ld_head, hp);
+        __syncwarp();
+        for (int c = 0; c < HALF; c++) {
+            const int col = half * HALF + c, j = first_key + col;
+            float dscore = 0.0f;
+            if (query_real && j < t && (!any_real || mask_b[j] != 0)) {
+                const float p = expf(scale * scores[row * ld_scratch + col] - lse_i);
+                const float f = dropout_factor(((size_t)bh * t + i) * t + j, drop_p, drop_scale, seed);
+                dscore = p * (f * dprobs[row * ld_scratch + col] - dot_i);
+            }
+            dscores[row * ld_prob + col] = __float2bfloat16_rn(dscore);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < TC_MAX_BLOCKS; n++) {
+            if (n < hp / 16) tc_weights_times_tile<TILE>(dq_acc[n], dscores, ld_prob, k_tile, ld_head, n * 16);
+        }
+    }
+    tc_add_rows(dq, dq_acc, scale, scores, ld_scratch, head_base, channels, own_first, t, hs, hp);
+}
+
 #define KERNELS(T, SUFFIX)                                                                              \
     extern "C" __global__ void attention_forward_##SUFFIX(                                             \
         T* out, float* probs, const T* q, const T* k, const T* v, const uint8_t* mask, int b, int t,   \
@@ -511,3 +855,35 @@ __device__ void flash_attention_backward_query(T* dq, const T* dout, const T* q,
     }
 KERNELS(float, f32)
 KERNELS(bf16, bf16)
+
+// Version 3 (tensor cores): bf16 only. Launch: grid (ceil(t / TC_ROWS), b * nh), TC_WARPS * 32
+// threads, the dynamic shared memory each kernel states (ops.rs's launch shapes compute it).
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) flash_attention_tc_forward_bf16(
+    bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const uint8_t* mask, int b, int t, int nh,
+    int hs, float scale, double drop_p, float drop_scale, uint64_t seed) {
+    tc_attention_forward(out, lse, q, k, v, mask, b, t, nh, hs, scale, drop_p, drop_scale, seed);
+}
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) flash_attention_tc_backward_key_bf16(
+    bf16* dk, bf16* dv, const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const float* lse,
+    const float* dot, const uint8_t* mask, int b, int t, int nh, int hs, float scale, double drop_p,
+    float drop_scale, uint64_t seed) {
+    if (tc_backward_tile(hs) == 64) {
+        tc_attention_backward_key<64>(dk, dv, dout, q, k, v, lse, dot, mask, b, t, nh, hs, scale, drop_p,
+                                      drop_scale, seed);
+    } else {
+        tc_attention_backward_key<32>(dk, dv, dout, q, k, v, lse, dot, mask, b, t, nh, hs, scale, drop_p,
+                                      drop_scale, seed);
+    }
+}
+extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) flash_attention_tc_backward_query_bf16(
+    bf16* dq, const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const float* lse, const float* dot,
+    const uint8_t* mask, int b, int t, int nh, int hs, float scale, double drop_p, float drop_scale,
+    uint64_t seed) {
+    if (tc_backward_tile(hs) == 64) {
+        tc_attention_backward_query<64>(dq, dout, q, k, v, lse, dot, mask, b, t, nh, hs, scale, drop_p,
+                                        drop_scale, seed);
+    } else {
+        tc_attention_backward_query<32>(dq, dout, q, k, v, lse, dot, mask, b, t, nh, hs, scale, drop_p,
+                                        drop_scale, seed);
+    }
+}

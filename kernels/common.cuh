@@ -75,7 +75,8 @@ template <typename T> __device__ __forceinline__ T* dynamic_shared() {
 #ifdef RCX_EMULATE
     return reinterpret_cast<T*>(rcx_emu_dynamic_shared());
 #else
-    extern __shared__ __align__(16) unsigned char dynamic_shared_bytes[];
+    // 128: more than any kernel needs (the wmma tiles of attention.cu need 32).
+    extern __shared__ __align__(128) unsigned char dynamic_shared_bytes[];
     return reinterpret_cast<T*>(dynamic_shared_bytes);
 #endif
 }

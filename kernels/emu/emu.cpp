@@ -39,6 +39,8 @@ constexpr unsigned MAX_BLOCK_THREADS = 1024;
 // and 8.9 allow no more; 8.0 and 9.0 allow more, but the kernels stay within every GPU's).
 constexpr size_t DEFAULT_DYNAMIC_SHARED = 48 * 1024;
 constexpr size_t MAX_DYNAMIC_SHARED = 99 * 1024;
+// The dynamic shared memory's alignment: kernels/common.cuh declares 128 (wmma tiles need 32).
+constexpr size_t SHARED_ALIGN = 128;
 constexpr unsigned char SHARED_POISON = 0xff;  // NaN in every float format
 constexpr unsigned char SHARED_CANARY = 0xa5;
 constexpr int MAX_BUFFERS = 1 << 16;
@@ -68,7 +70,7 @@ std::mutex launch_lock;
 Fiber* fibers = nullptr;            // [MAX_BLOCK_THREADS]
 unsigned char* stacks = nullptr;    // per fiber: a guard page, then STACK_BYTES
 size_t page_bytes = 0;
-unsigned char* shared_region = nullptr;  // MAX_DYNAMIC_SHARED + 16 bytes, then a guard page
+unsigned char* shared_region = nullptr;  // MAX_DYNAMIC_SHARED + SHARED_ALIGN bytes, then a guard page
 size_t shared_region_bytes = 0;
 unsigned char* shared_base = nullptr;
 size_t shared_bytes = 0, shared_padded = 0;
@@ -150,6 +152,7 @@ const char* warp_kind_name(int kind) {
         case RCX_EMU_SHFL_DOWN: return "__shfl_down_sync";
         case RCX_EMU_SHFL_UP: return "__shfl_up_sync";
         case RCX_EMU_VOTE: return "a warp vote (__ballot/__any/__all_sync)";
+        case RCX_EMU_WMMA: return "wmma::mma_sync";
         default: return "__syncwarp";
     }
 }
@@ -251,7 +254,7 @@ bool allocate_once() {
     fibers = new Fiber[MAX_BLOCK_THREADS]();
     const size_t stack_total = MAX_BLOCK_THREADS * (page_bytes + STACK_BYTES);
     void* s = mmap(nullptr, stack_total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    shared_region_bytes = (MAX_DYNAMIC_SHARED + 16 + page_bytes - 1) / page_bytes * page_bytes + page_bytes;
+    shared_region_bytes = (MAX_DYNAMIC_SHARED + SHARED_ALIGN + page_bytes - 1) / page_bytes * page_bytes + page_bytes;
     void* r = mmap(nullptr, shared_region_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (s == MAP_FAILED || r == MAP_FAILED) return false;
     stacks = (unsigned char*)s;
@@ -327,6 +330,8 @@ __attribute__((noinline)) void run_grid() {
 extern "C" {
 
 __attribute__((visibility("default"))) void* rcx_emu_dynamic_shared(void) { return shared_base; }
+
+__attribute__((visibility("default"))) void rcx_emu_fail(const char* why) { fail(why); }
 
 __attribute__((visibility("default"))) int rcx_emu_block_barrier(int kind, int predicate) {
     Fiber* self = running;
@@ -470,7 +475,7 @@ __attribute__((visibility("default"))) int rcx_emu_launch(unsigned gx, unsigned 
     }
 
     shared_bytes = dynamic_shared_bytes;
-    shared_padded = (dynamic_shared_bytes + 15) / 16 * 16;
+    shared_padded = (dynamic_shared_bytes + SHARED_ALIGN - 1) / SHARED_ALIGN * SHARED_ALIGN;
     shared_base = shared_region + shared_region_bytes - page_bytes - shared_padded;
     rcx_emu_grid_dim = {gx, gy, gz};
     rcx_emu_block_dim = {bx, by, bz};

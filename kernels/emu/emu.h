@@ -14,6 +14,8 @@
 #include <string.h>
 
 #include <cmath>
+#include <string>
+#include <type_traits>
 
 // Kernels are the only symbols a kernel library exports (it is built -fvisibility=hidden),
 // so the helpers of two kernel files can never bind to each other.
@@ -47,6 +49,8 @@ int rcx_emu_block_barrier(int kind, int predicate);
 // Warp collective over the lanes of `mask`: every lane gives `bits` and the lane it reads
 // (`source`); returns that lane's bits. kind names the intrinsic (lanes must agree).
 uint64_t rcx_emu_warp_exchange(int kind, unsigned mask, uint64_t bits, int source);
+// Ends the launch with an error: a use of a CUDA API that the hardware leaves undefined.
+[[noreturn]] void rcx_emu_fail(const char* why);
 }
 
 #define threadIdx (rcx_emu_current->thread_idx)
@@ -67,7 +71,7 @@ inline int rcx_emu_lane() {
     return (int)((t.x + blockDim.x * (t.y + blockDim.y * t.z)) & 31u);
 }
 
-enum { RCX_EMU_SHFL = 1, RCX_EMU_SHFL_XOR, RCX_EMU_SHFL_DOWN, RCX_EMU_SHFL_UP, RCX_EMU_VOTE, RCX_EMU_SYNCWARP };
+enum { RCX_EMU_SHFL = 1, RCX_EMU_SHFL_XOR, RCX_EMU_SHFL_DOWN, RCX_EMU_SHFL_UP, RCX_EMU_VOTE, RCX_EMU_SYNCWARP, RCX_EMU_WMMA };
 
 template <typename T> inline T rcx_emu_shuffle(int kind, unsigned mask, T value, int source) {
     static_assert(sizeof(T) <= sizeof(uint64_t), "warp shuffles move at most 8 bytes");
@@ -177,5 +181,88 @@ inline float __bfloat162float(__nv_bfloat16 x) {
     memcpy(&f, &u, sizeof f);
     return f;
 }
+
+// Warp matrix multiply-accumulate (mma.h), the m16n16k16 shape with bf16 inputs and fp32
+// accumulators. CUDA leaves unspecified which lane holds which element of a fragment, so a
+// correct kernel never depends on it; here every lane holds the whole tile (loads and mma
+// are computed by each lane), and store_matrix_sync writes only this lane's share (element
+// e by lane e % 32), so a kernel that reads a stored tile without a __syncwarp reads stale
+// values, as it could on a GPU. mma_sync is a warp collective: all 32 lanes must call it.
+// Pointers must be 256-bit aligned and ldm a multiple of 16 bytes, as the hardware needs.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
+    static_assert(M == 16 && N == 16 && K == 16, "the emulation has the m16n16k16 shape only");
+    static constexpr int num_elements = 256;  // [16, 16] row-major: (row, col) at row * 16 + col
+    T x[256];
+};
+
+inline void rcx_emu_wmma_check(const void* ptr, unsigned ldm, size_t element_bytes, const char* what) {
+    if ((uintptr_t)ptr % 32 != 0) rcx_emu_fail((std::string(what) + ": pointer not 256-bit aligned").c_str());
+    if (ldm * element_bytes % 16 != 0) rcx_emu_fail((std::string(what) + ": ldm not a multiple of 16 bytes").c_str());
+}
+
+// Element (row, col) of a tile in memory, by its layout.
+inline size_t rcx_emu_wmma_at(int row, int col, unsigned ldm, bool col_major) {
+    return col_major ? (size_t)col * ldm + row : (size_t)row * ldm + col;
+}
+
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& a, const T* ptr, unsigned ldm) {
+    static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load names its layout");
+    rcx_emu_wmma_check(ptr, ldm, sizeof(T), "wmma::load_matrix_sync");
+    const bool column_major = std::is_same<Layout, col_major>::value;
+    for (int r = 0; r < 16; r++)
+        for (int c = 0; c < 16; c++) a.x[r * 16 + c] = ptr[rcx_emu_wmma_at(r, c, ldm, column_major)];
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& a, const float* ptr, unsigned ldm,
+                             layout_t layout) {
+    rcx_emu_wmma_check(ptr, ldm, sizeof(float), "wmma::load_matrix_sync");
+    for (int r = 0; r < 16; r++)
+        for (int c = 0; c < 16; c++) a.x[r * 16 + c] = ptr[rcx_emu_wmma_at(r, c, ldm, layout == mem_col_major)];
+}
+
+inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, float>& a, unsigned ldm,
+                              layout_t layout) {
+    rcx_emu_wmma_check(ptr, ldm, sizeof(float), "wmma::store_matrix_sync");
+    for (int e = rcx_emu_lane(); e < 256; e += 32)
+        ptr[rcx_emu_wmma_at(e / 16, e % 16, ldm, layout == mem_col_major)] = a.x[e];
+}
+
+template <typename Use, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& a, T value) {
+    for (int e = 0; e < 256; e++) a.x[e] = value;
+}
+template <typename Use, typename Layout>
+inline void fill_fragment(fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& a, float value) {
+    for (int e = 0; e < 256; e++) a.x[e] = __float2bfloat16_rn(value);
+}
+
+// d = a b + c: products of bf16 values are exact in fp32; sums in fp32, k ascending.
+template <typename LayoutA, typename LayoutB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LayoutA>& a,
+                     const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LayoutB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+    rcx_emu_warp_exchange(RCX_EMU_WMMA, 0xffffffffu, 0, -1);
+    float out[256];
+    for (int r = 0; r < 16; r++)
+        for (int n = 0; n < 16; n++) {
+            float sum = c.x[r * 16 + n];
+            for (int k = 0; k < 16; k++) sum += __bfloat162float(a.x[r * 16 + k]) * __bfloat162float(b.x[k * 16 + n]);
+            out[r * 16 + n] = sum;
+        }
+    memcpy(d.x, out, sizeof out);
+}
+}  // namespace wmma
+}  // namespace nvcuda
 
 #endif  // RCX_EMULATE

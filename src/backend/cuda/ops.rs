@@ -225,6 +225,96 @@ pub mod launch {
         flash_shape(op, b, t, nh, hs, floats)
     }
 
+    /// Version 3 of flash attention (tensor cores, bf16; kernels/attention.cu `tc_*`): own
+    /// rows per block (TC_THREADS / 32 warps of 16) and the rows of a streamed tile: always
+    /// TC_FORWARD_TILE in the forward, in the backward 64 for head sizes up to 64, else 32
+    /// (so that the backward's shared memory stays within MAX_SHARED_BYTES).
+    pub const TC_ROWS: usize = 64;
+    pub const TC_THREADS: usize = 128;
+    pub const TC_FORWARD_TILE: usize = 64;
+
+    /// The rows of the backward's streamed tiles at head size hs (`tc_backward_tile`).
+    pub fn tc_backward_tile(hs: usize) -> usize {
+        if hs.div_ceil(16) * 16 <= 64 { 64 } else { 32 }
+    }
+
+    /// flash_attention_tc_forward: grid (query tiles of TC_ROWS, b*nh); shared: own queries
+    /// and a key and a value tile of TC_FORWARD_TILE rows (bf16), per warp a scratch
+    /// [16, tile + 4] (fp32) and weights [16, tile + 8] (bf16).
+    pub fn flash_tc_forward(
+        op: &str,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<LaunchShape> {
+        let tile = TC_FORWARD_TILE;
+        tc_shape(op, (b, t, nh, hs), TC_ROWS + 2 * tile, tile, 1, 1, 0)
+    }
+
+    /// flash_attention_tc_backward_key (grid over key tiles): own keys and values, a query
+    /// and a dout tile; per warp two scratches and two weight tiles; lse and dot of a tile.
+    pub fn flash_tc_backward_key(
+        op: &str,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<LaunchShape> {
+        let tile = tc_backward_tile(hs);
+        tc_shape(
+            op,
+            (b, t, nh, hs),
+            2 * TC_ROWS + 2 * tile,
+            tile,
+            2,
+            2,
+            2 * tile,
+        )
+    }
+
+    /// flash_attention_tc_backward_query (grid over query tiles): own queries and douts, a
+    /// key and a value tile; per warp two scratches and one weight tile.
+    pub fn flash_tc_backward_query(
+        op: &str,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<LaunchShape> {
+        let tile = tc_backward_tile(hs);
+        tc_shape(op, (b, t, nh, hs), 2 * TC_ROWS + 2 * tile, tile, 2, 1, 0)
+    }
+
+    /// The kernels' layout in bytes: `head_rows` bf16 rows of stride hp + 8 (hp = hs rounded
+    /// up to 16), then per warp `scratches` fp32 [16, tile + 4] and `weights` bf16
+    /// [16, tile + 8], then `floats` fp32.
+    fn tc_shape(
+        op: &str,
+        (b, t, nh, hs): (usize, usize, usize, usize),
+        head_rows: usize,
+        tile: usize,
+        scratches: usize,
+        weights: usize,
+        floats: usize,
+    ) -> Result<LaunchShape> {
+        if hs == 0 || hs > FLASH_MAX_HEAD {
+            return Err(Error::internal(format!(
+                "{op}: head size {hs} is outside 1..={FLASH_MAX_HEAD}"
+            )));
+        }
+        let warps = TC_THREADS / 32;
+        let ld_head = hs.div_ceil(16) * 16 + 8;
+        let bytes = head_rows * ld_head * 2
+            + warps * scratches * 16 * (tile + 4) * 4
+            + warps * weights * 16 * (tile + 8) * 2
+            + floats * 4;
+        // At most about 88 KiB (the backward key kernel at hs 64).
+        debug_assert!(bytes <= MAX_SHARED_BYTES as usize);
+        let grid = (blocks(op, t, TC_ROWS)?, y_blocks(op, b * nh)?, 1);
+        Ok(LaunchShape::new(grid, TC_THREADS, bytes as u32))
+    }
+
     fn flash_shape(
         op: &str,
         b: usize,
