@@ -5,7 +5,7 @@ use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 use half::bf16;
 
 use super::matmul::GemmElement;
-use super::ops::launch;
+use super::ops::{checked_view_mut, launch};
 use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, check_len, driver};
 use crate::error::Result;
 
@@ -83,9 +83,8 @@ impl CudaRuntime {
         inp: &impl DeviceRead<f32>,
     ) -> Result<()> {
         let op = "cast_f32_to_bf16";
-        let out = &mut out.view_mut();
         let inp = &inp.view();
-        check_len(op, "out", out.len(), inp.len())?;
+        let out = &mut checked_view_mut(op, "out", out, inp.len())?;
         self.cast_launch(op, out, inp)
     }
 
@@ -96,9 +95,8 @@ impl CudaRuntime {
         inp: &impl DeviceRead<bf16>,
     ) -> Result<()> {
         let op = "cast_bf16_to_f32";
-        let out = &mut out.view_mut();
         let inp = &inp.view();
-        check_len(op, "out", out.len(), inp.len())?;
+        let out = &mut checked_view_mut(op, "out", out, inp.len())?;
         self.cast_launch(op, out, inp)
     }
 
@@ -113,11 +111,9 @@ impl CudaRuntime {
         if len == 0 {
             return Ok(());
         }
-        let f = self.function("cast", op)?;
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(out).arg(inp).arg(&len);
-        let cfg = launch::elementwise(op, len)?.config();
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let kernel = self.kernel(op, "cast", op, launch::elementwise(op, len)?)?;
+        let mut args = kernel.args();
+        args.arg(out).arg(inp).arg(&len);
+        unsafe { kernel.launch(args) }
     }
 }

@@ -3,8 +3,8 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::ops::launch;
-use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, check_len, dim, driver};
+use super::ops::{checked_view, checked_view_mut, launch};
+use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, check_len, dim};
 use crate::error::{Error, Result};
 use crate::loss::{LossSpec, PromptType, Utility};
 
@@ -92,22 +92,19 @@ impl CudaRuntime {
         eps: f64,
     ) -> Result<f64> {
         let op = "ranking_loss_forward_backward";
-        let dlogits = &mut dlogits.view_mut();
-        let logits = &logits.view();
-        check_len(op, "logits", logits.len(), batch.completions)?;
-        check_len(op, "dlogits", dlogits.len(), batch.completions)?;
+        let logits = &checked_view(op, "logits", logits, batch.completions)?;
+        let dlogits = &mut checked_view_mut(op, "dlogits", dlogits, batch.completions)?;
         if !(eps.is_finite() && eps > 0.0) {
             return Err(Error::internal(format!(
                 "{op}: eps must be positive, got {eps}"
             )));
         }
         let mut prompt_loss = self.zeros::<f64>(batch.prompts)?; // [P], sums of -U
-        let f = self.function("ranking_loss", "ranking_loss_forward_backward")?;
+        let shape = launch::ranking_loss(op, batch.prompts)?;
+        let kernel = self.kernel(op, "ranking_loss", op, shape)?;
         let scale = 1.0 / batch.pairs as f64;
-        let cfg = launch::ranking_loss(op, batch.prompts)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch
-            .arg(&mut prompt_loss)
+        let mut args = kernel.args();
+        args.arg(&mut prompt_loss)
             .arg(dlogits)
             .arg(logits)
             .arg(&batch.offsets)
@@ -115,7 +112,7 @@ impl CudaRuntime {
             .arg(&batch.exponent)
             .arg(&eps)
             .arg(&scale);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+        unsafe { kernel.launch(args) }?;
         let sums = self.download(&prompt_loss)?;
         Ok(sums.iter().sum::<f64>() * scale)
     }

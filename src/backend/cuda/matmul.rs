@@ -14,8 +14,8 @@ use cudarc::cublas::sys::{
 };
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::ops::launch;
-use super::runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, check_len, dim, driver};
+use super::ops::{checked_view, checked_view_mut, launch, typed};
+use super::runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, dim, driver};
 use crate::error::{Error, Result};
 
 /// An element type cuBLAS multiplies: its `cudaDataType` for cublasGemmEx.
@@ -41,20 +41,17 @@ impl CudaRuntime {
         oc: usize,
     ) -> Result<()> {
         let op = "bias_broadcast_forward";
-        let out = &mut out.view_mut();
-        let bias = &bias.view();
-        check_len(op, "out", out.len(), n * oc)?;
-        check_len(op, "bias", bias.len(), oc)?;
+        let out = &mut checked_view_mut(op, "out", out, n * oc)?;
+        let bias = &checked_view(op, "bias", bias, oc)?;
         if out.is_empty() {
             return Ok(());
         }
-        let f = self.function("matmul", &format!("bias_broadcast_forward_{}", T::SUFFIX))?;
+        let shape = launch::elementwise(op, n * oc)?;
+        let kernel = self.kernel(op, "matmul", &typed::<T>(op), shape)?;
         let (n_i, oc_i) = (dim(op, "n", n)?, dim(op, "oc", oc)?);
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(out).arg(bias).arg(&n_i).arg(&oc_i);
-        let cfg = launch::elementwise(op, n * oc)?.config();
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let mut args = kernel.args();
+        args.arg(out).arg(bias).arg(&n_i).arg(&oc_i);
+        unsafe { kernel.launch(args) }
     }
 
     /// dbias[oc] += column sums of dout[n, oc] (deterministic, no atomics).
@@ -66,20 +63,17 @@ impl CudaRuntime {
         oc: usize,
     ) -> Result<()> {
         let op = "bias_backward";
-        let dbias = &mut dbias.view_mut();
-        let dout = &dout.view();
-        check_len(op, "dbias", dbias.len(), oc)?;
-        check_len(op, "dout", dout.len(), n * oc)?;
+        let dbias = &mut checked_view_mut(op, "dbias", dbias, oc)?;
+        let dout = &checked_view(op, "dout", dout, n * oc)?;
         if dout.is_empty() {
             return Ok(());
         }
-        let f = self.function("matmul", &format!("bias_backward_{}", T::SUFFIX))?;
+        let shape = launch::column_tiles(op, oc)?;
+        let kernel = self.kernel(op, "matmul", &typed::<T>(op), shape)?;
         let (n_i, oc_i) = (dim(op, "n", n)?, dim(op, "oc", oc)?);
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(dbias).arg(dout).arg(&n_i).arg(&oc_i);
-        let cfg = launch::column_tiles(op, oc)?.config();
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let mut args = kernel.args();
+        args.arg(dbias).arg(dout).arg(&n_i).arg(&oc_i);
+        unsafe { kernel.launch(args) }
     }
 
     /// out[n, oc] = inp[n, c] · weight[oc, c]ᵀ + bias[oc] (bias optional, fp32), in fp32
@@ -96,14 +90,11 @@ impl CudaRuntime {
         oc: usize,
     ) -> Result<()> {
         let op = "matmul_forward";
-        let out = &mut out.view_mut();
-        let inp = &inp.view();
-        let weight = &weight.view();
+        let out = &mut checked_view_mut(op, "out", out, n * oc)?;
+        let inp = &checked_view(op, "inp", inp, n * c)?;
+        let weight = &checked_view(op, "weight", weight, oc * c)?;
         let bias_view = bias.map(|b| b.view());
         let bias = bias_view.as_ref();
-        check_len(op, "out", out.len(), n * oc)?;
-        check_len(op, "inp", inp.len(), n * c)?;
-        check_len(op, "weight", weight.len(), oc * c)?;
         if out.is_empty() {
             return Ok(());
         }
@@ -146,18 +137,13 @@ impl CudaRuntime {
         oc: usize,
     ) -> Result<()> {
         let op = "matmul_backward";
-        let dinp = &mut dinp.view_mut();
-        let dweight = &mut dweight.view_mut();
-        let dout = &dout.view();
-        let inp = &inp.view();
-        let weight = &weight.view();
+        let dinp = &mut checked_view_mut(op, "dinp", dinp, n * c)?;
+        let dweight = &mut checked_view_mut(op, "dweight", dweight, oc * c)?;
+        let dout = &checked_view(op, "dout", dout, n * oc)?;
+        let inp = &checked_view(op, "inp", inp, n * c)?;
+        let weight = &checked_view(op, "weight", weight, oc * c)?;
         let mut dbias_view = dbias.map(|d| d.view_mut());
         let dbias = dbias_view.as_mut();
-        check_len(op, "dinp", dinp.len(), n * c)?;
-        check_len(op, "dweight", dweight.len(), oc * c)?;
-        check_len(op, "dout", dout.len(), n * oc)?;
-        check_len(op, "inp", inp.len(), n * c)?;
-        check_len(op, "weight", weight.len(), oc * c)?;
         if n * c * oc == 0 {
             return Ok(());
         }

@@ -434,7 +434,94 @@ impl TokenBatch {
     }
 }
 
+/// A kernel looked up for launches of one shape, its dynamic shared memory limit already
+/// raised when the shape needs more than the default. A launch: push the kernel's
+/// parameters on `args()`, in order, then `launch` them.
+pub(crate) struct Kernel<'a> {
+    rt: &'a CudaRuntime,
+    op: &'a str,
+    function: CudaFunction,
+    shape: LaunchShape,
+}
+
+impl Kernel<'_> {
+    /// An empty argument list of this kernel, on the runtime's stream.
+    pub(crate) fn args(&self) -> LaunchArgs<'_> {
+        self.rt.stream().launch_builder(&self.function)
+    }
+
+    /// Launches `args` (from `args()`) with this kernel's shape; a failure names the op.
+    ///
+    /// # Safety
+    /// `args` must be the kernel's parameters in number, order and type, and every buffer
+    /// must hold what the kernel touches at this shape (the wrappers check lengths first).
+    pub(crate) unsafe fn launch(&self, mut args: LaunchArgs<'_>) -> Result<()> {
+        unsafe { args.launch(self.shape.config()) }.map_err(driver(self.op))?;
+        Ok(())
+    }
+}
+
+/// The name of the `T` instance of a kernel templated on the activation type.
+pub(crate) fn typed<T: Activation>(kernel: &str) -> String {
+    format!("{kernel}_{}", T::SUFFIX)
+}
+
+/// The view of buffer `name` of `op`, checked to hold `expected` elements.
+pub(crate) fn checked_view<'a, T>(
+    op: &str,
+    name: &str,
+    buffer: &'a impl DeviceRead<T>,
+    expected: usize,
+) -> Result<CudaView<'a, T>> {
+    let view = buffer.view();
+    check_len(op, name, view.len(), expected)?;
+    Ok(view)
+}
+
+/// The mutable view of buffer `name` of `op`, checked to hold `expected` elements.
+pub(crate) fn checked_view_mut<'a, T>(
+    op: &str,
+    name: &str,
+    buffer: &'a mut impl DeviceWrite<T>,
+    expected: usize,
+) -> Result<CudaViewMut<'a, T>> {
+    let view = buffer.view_mut();
+    check_len(op, name, view.len(), expected)?;
+    Ok(view)
+}
+
 impl CudaRuntime {
+    /// Kernel `name` of kernels/`module`.cu, ready for launches of `shape` on behalf of `op`.
+    pub(crate) fn kernel<'a>(
+        &'a self,
+        op: &'a str,
+        module: &str,
+        name: &str,
+        shape: LaunchShape,
+    ) -> Result<Kernel<'a>> {
+        let function = self.function(module, name)?;
+        if let Some(limit) = shape.shared_opt_in() {
+            // cudarc's set_attribute does not make the context current itself.
+            self.context()
+                .bind_to_thread()
+                .map_err(driver(&format!("{op}: bind the context")))?;
+            function
+                .set_attribute(
+                    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    limit as i32,
+                )
+                .map_err(driver(&format!(
+                    "{op}: allow {limit} bytes of shared memory"
+                )))?;
+        }
+        Ok(Kernel {
+            rt: self,
+            op,
+            function,
+            shape,
+        })
+    }
+
     /// out[b*t, c] = wte[input_ids] + wpe[position] + wtt[token_type_ids].
     /// wte [vocab, c], wpe [max_pos, c], wtt [ntypes, c], all fp32.
     #[allow(clippy::too_many_arguments)]
@@ -448,28 +535,26 @@ impl CudaRuntime {
         c: usize,
     ) -> Result<()> {
         let op = "embedding_forward";
-        let out = &mut out.view_mut();
-        let wte = &wte.view();
-        let wpe = &wpe.view();
-        let wtt = &wtt.view();
         let bt = tokens.b * tokens.t;
-        check_len(op, "out", out.len(), bt * c)?;
-        check_table(op, "wte", wte.len(), c)?;
-        check_table(op, "wpe", wpe.len(), c)?;
-        check_table(op, "wtt", wtt.len(), c)?;
+        let out = &mut checked_view_mut(op, "out", out, bt * c)?;
+        let (wte, wpe, wtt) = (&wte.view(), &wpe.view(), &wtt.view());
+        check_tables(
+            op,
+            c,
+            [("wte", wte.len()), ("wpe", wpe.len()), ("wtt", wtt.len())],
+        )?;
         if out.is_empty() {
             return Ok(());
         }
-        let f = self.function("embedding", &format!("embedding_forward_{}", T::SUFFIX))?;
+        let shape = launch::elementwise(op, bt * c)?;
+        let kernel = self.kernel(op, "embedding", &typed::<T>("embedding_forward"), shape)?;
         let (bt_i, t_i, c_i) = (
             dim(op, "b*t", bt)?,
             dim(op, "t", tokens.t)?,
             dim(op, "c", c)?,
         );
-        let cfg = launch::elementwise(op, bt * c)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch
-            .arg(out)
+        let mut args = kernel.args();
+        args.arg(out)
             .arg(&tokens.input_ids)
             .arg(&tokens.token_type_ids)
             .arg(wte)
@@ -478,8 +563,7 @@ impl CudaRuntime {
             .arg(&bt_i)
             .arg(&t_i)
             .arg(&c_i);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        unsafe { kernel.launch(args) }
     }
 
     /// dwte, dwpe, dwtt += the gradients of embedding_forward given dout [b*t, c].
@@ -494,15 +578,22 @@ impl CudaRuntime {
         c: usize,
     ) -> Result<()> {
         let op = "embedding_backward";
-        let dwte = &mut dwte.view_mut();
-        let dwpe = &mut dwpe.view_mut();
-        let dwtt = &mut dwtt.view_mut();
-        let dout = &dout.view();
         let (b, t) = (tokens.b, tokens.t);
-        check_len(op, "dout", dout.len(), b * t * c)?;
-        check_table(op, "dwte", dwte.len(), c)?;
-        check_table(op, "dwpe", dwpe.len(), c)?;
-        check_table(op, "dwtt", dwtt.len(), c)?;
+        let dout = &checked_view(op, "dout", dout, b * t * c)?;
+        let (dwte, dwpe, dwtt) = (
+            &mut dwte.view_mut(),
+            &mut dwpe.view_mut(),
+            &mut dwtt.view_mut(),
+        );
+        check_tables(
+            op,
+            c,
+            [
+                ("dwte", dwte.len()),
+                ("dwpe", dwpe.len()),
+                ("dwtt", dwtt.len()),
+            ],
+        )?;
         if dout.is_empty() {
             return Ok(());
         }
@@ -511,29 +602,28 @@ impl CudaRuntime {
             (&mut *dwte, &tokens.word_rows),
             (&mut *dwtt, &tokens.type_rows),
         ] {
-            let (kernel, shape) = launch::embedding_table(op, b * t, c, lists.distinct)?;
-            let f = self.function("embedding", &format!("{kernel}_{}", T::SUFFIX))?;
-            let cfg = shape.config();
-            let mut launch = self.stream().launch_builder(&f);
-            launch
-                .arg(table)
+            let (name, shape) = launch::embedding_table(op, b * t, c, lists.distinct)?;
+            let kernel = self.kernel(op, "embedding", &typed::<T>(name), shape)?;
+            let mut args = kernel.args();
+            args.arg(table)
                 .arg(dout)
                 .arg(&lists.rows)
                 .arg(&lists.starts)
                 .arg(&lists.positions)
                 .arg(&c_i);
-            unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+            unsafe { kernel.launch(args) }?;
         }
-        let positions = self.function(
+        let shape = launch::elementwise(op, t * c)?;
+        let positions = self.kernel(
+            op,
             "embedding",
-            &format!("embedding_backward_positions_{}", T::SUFFIX),
+            &typed::<T>("embedding_backward_positions"),
+            shape,
         )?;
         let (b_i, t_i) = (dim(op, "b", b)?, dim(op, "t", t)?);
-        let cfg = launch::elementwise(op, t * c)?.config();
-        let mut launch = self.stream().launch_builder(&positions);
-        launch.arg(dwpe).arg(dout).arg(&b_i).arg(&t_i).arg(&c_i);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let mut args = positions.args();
+        args.arg(dwpe).arg(dout).arg(&b_i).arg(&t_i).arg(&c_i);
+        unsafe { positions.launch(args) }
     }
 
     /// out[n, c] = LayerNorm(inp[n, c]) · weight[c] + bias[c]; saves mean[n], rstd[n].
@@ -551,32 +641,20 @@ impl CudaRuntime {
         eps: f64,
     ) -> Result<()> {
         let op = "layernorm_forward";
-        let out = &mut out.view_mut();
-        let mean = &mut mean.view_mut();
-        let rstd = &mut rstd.view_mut();
-        let inp = &inp.view();
-        let weight = &weight.view();
-        let bias = &bias.view();
-        check_layernorm(
-            op,
-            out.len(),
-            mean.len(),
-            rstd.len(),
-            inp.len(),
-            weight.len(),
-            bias.len(),
-            n,
-            c,
-        )?;
+        let out = &mut checked_view_mut(op, "out", out, n * c)?;
+        let mean = &mut checked_view_mut(op, "mean", mean, n)?;
+        let rstd = &mut checked_view_mut(op, "rstd", rstd, n)?;
+        let inp = &checked_view(op, "inp", inp, n * c)?;
+        let weight = &checked_view(op, "weight", weight, c)?;
+        let bias = &checked_view(op, "bias", bias, c)?;
         if out.is_empty() {
             return Ok(());
         }
-        let f = self.function("layernorm", &format!("layernorm_forward_{}", T::SUFFIX))?;
+        let shape = launch::warp_rows(op, n)?;
+        let kernel = self.kernel(op, "layernorm", &typed::<T>("layernorm_forward"), shape)?;
         let (n_i, c_i, eps_f) = (dim(op, "n", n)?, dim(op, "c", c)?, eps as f32);
-        let cfg = launch::warp_rows(op, n)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch
-            .arg(out)
+        let mut args = kernel.args();
+        args.arg(out)
             .arg(mean)
             .arg(rstd)
             .arg(inp)
@@ -585,8 +663,7 @@ impl CudaRuntime {
             .arg(&n_i)
             .arg(&c_i)
             .arg(&eps_f);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        unsafe { kernel.launch(args) }
     }
 
     /// The residual add fused with the LayerNorm after it: sum[n, c] = a + b (saved: it is
@@ -608,39 +685,27 @@ impl CudaRuntime {
         eps: f64,
     ) -> Result<()> {
         let op = "residual_layernorm_forward";
-        let out = &mut out.view_mut();
-        let sum = &mut sum.view_mut();
-        let mean = &mut mean.view_mut();
-        let rstd = &mut rstd.view_mut();
-        let a = &a.view();
-        let b = &b.view();
-        let weight = &weight.view();
-        let bias = &bias.view();
-        check_layernorm(
-            op,
-            out.len(),
-            mean.len(),
-            rstd.len(),
-            a.len(),
-            weight.len(),
-            bias.len(),
-            n,
-            c,
-        )?;
-        check_len(op, "sum", sum.len(), n * c)?;
-        check_len(op, "b", b.len(), n * c)?;
+        let out = &mut checked_view_mut(op, "out", out, n * c)?;
+        let sum = &mut checked_view_mut(op, "sum", sum, n * c)?;
+        let mean = &mut checked_view_mut(op, "mean", mean, n)?;
+        let rstd = &mut checked_view_mut(op, "rstd", rstd, n)?;
+        let a = &checked_view(op, "a", a, n * c)?;
+        let b = &checked_view(op, "b", b, n * c)?;
+        let weight = &checked_view(op, "weight", weight, c)?;
+        let bias = &checked_view(op, "bias", bias, c)?;
         if out.is_empty() {
             return Ok(());
         }
-        let f = self.function(
+        let shape = launch::warp_rows(op, n)?;
+        let kernel = self.kernel(
+            op,
             "layernorm",
-            &format!("residual_layernorm_forward_{}", T::SUFFIX),
+            &typed::<T>("residual_layernorm_forward"),
+            shape,
         )?;
         let (n_i, c_i, eps_f) = (dim(op, "n", n)?, dim(op, "c", c)?, eps as f32);
-        let cfg = launch::warp_rows(op, n)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch
-            .arg(out)
+        let mut args = kernel.args();
+        args.arg(out)
             .arg(sum)
             .arg(mean)
             .arg(rstd)
@@ -651,8 +716,7 @@ impl CudaRuntime {
             .arg(&n_i)
             .arg(&c_i)
             .arg(&eps_f);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        unsafe { kernel.launch(args) }
     }
 
     /// dinp[n, c], dweight[c], dbias[c] += the gradients of layernorm_forward given dout.
@@ -672,39 +736,27 @@ impl CudaRuntime {
         c: usize,
     ) -> Result<()> {
         let op = "layernorm_backward";
-        let dinp = &mut dinp.view_mut();
-        let dweight = &mut dweight.view_mut();
-        let dbias = &mut dbias.view_mut();
-        let dout = &dout.view();
-        let inp = &inp.view();
-        let weight = &weight.view();
-        let mean = &mean.view();
-        let rstd = &rstd.view();
-        check_layernorm(
-            op,
-            dinp.len(),
-            mean.len(),
-            rstd.len(),
-            inp.len(),
-            weight.len(),
-            dbias.len(),
-            n,
-            c,
-        )?;
-        check_len(op, "dout", dout.len(), n * c)?;
-        check_len(op, "dweight", dweight.len(), c)?;
+        let dinp = &mut checked_view_mut(op, "dinp", dinp, n * c)?;
+        let dweight = &mut checked_view_mut(op, "dweight", dweight, c)?;
+        let dbias = &mut checked_view_mut(op, "dbias", dbias, c)?;
+        let dout = &checked_view(op, "dout", dout, n * c)?;
+        let inp = &checked_view(op, "inp", inp, n * c)?;
+        let weight = &checked_view(op, "weight", weight, c)?;
+        let mean = &checked_view(op, "mean", mean, n)?;
+        let rstd = &checked_view(op, "rstd", rstd, n)?;
         if dinp.is_empty() {
             return Ok(());
         }
         let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
-        let input = self.function(
+        let shape = launch::warp_rows(op, n)?;
+        let input = self.kernel(
+            op,
             "layernorm",
-            &format!("layernorm_backward_input_{}", T::SUFFIX),
+            &typed::<T>("layernorm_backward_input"),
+            shape,
         )?;
-        let cfg = launch::warp_rows(op, n)?.config();
-        let mut launch = self.stream().launch_builder(&input);
-        launch
-            .arg(dinp)
+        let mut args = input.args();
+        args.arg(dinp)
             .arg(dout)
             .arg(inp)
             .arg(weight)
@@ -712,15 +764,16 @@ impl CudaRuntime {
             .arg(rstd)
             .arg(&n_i)
             .arg(&c_i);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        let params = self.function(
+        unsafe { input.launch(args) }?;
+        let shape = launch::column_tiles(op, c)?;
+        let params = self.kernel(
+            op,
             "layernorm",
-            &format!("layernorm_backward_params_{}", T::SUFFIX),
+            &typed::<T>("layernorm_backward_params"),
+            shape,
         )?;
-        let cfg = launch::column_tiles(op, c)?.config();
-        let mut launch = self.stream().launch_builder(&params);
-        launch
-            .arg(dweight)
+        let mut args = params.args();
+        args.arg(dweight)
             .arg(dbias)
             .arg(dout)
             .arg(inp)
@@ -728,8 +781,7 @@ impl CudaRuntime {
             .arg(rstd)
             .arg(&n_i)
             .arg(&c_i);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        unsafe { params.launch(args) }
     }
 
     /// out[n, c] = gelu(inp[n, c] + bias[c]), exact erf form.
@@ -742,22 +794,18 @@ impl CudaRuntime {
         c: usize,
     ) -> Result<()> {
         let op = "bias_gelu_forward";
-        let out = &mut out.view_mut();
-        let inp = &inp.view();
-        let bias = &bias.view();
-        check_len(op, "out", out.len(), n * c)?;
-        check_len(op, "inp", inp.len(), n * c)?;
-        check_len(op, "bias", bias.len(), c)?;
+        let out = &mut checked_view_mut(op, "out", out, n * c)?;
+        let inp = &checked_view(op, "inp", inp, n * c)?;
+        let bias = &checked_view(op, "bias", bias, c)?;
         if out.is_empty() {
             return Ok(());
         }
-        let f = self.function("activation", &format!("bias_gelu_forward_{}", T::SUFFIX))?;
+        let shape = launch::elementwise(op, n * c)?;
+        let kernel = self.kernel(op, "activation", &typed::<T>(op), shape)?;
         let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
-        let cfg = launch::elementwise(op, n * c)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(out).arg(inp).arg(bias).arg(&n_i).arg(&c_i);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let mut args = kernel.args();
+        args.arg(out).arg(inp).arg(bias).arg(&n_i).arg(&c_i);
+        unsafe { kernel.launch(args) }
     }
 
     /// With g = dout · gelu'(inp + bias): dinp[n, c] += g, dbias[c] += column sums of g.
@@ -773,33 +821,26 @@ impl CudaRuntime {
         c: usize,
     ) -> Result<()> {
         let op = "bias_gelu_backward";
-        let dinp = &mut dinp.view_mut();
-        let dbias = &mut dbias.view_mut();
-        let dout = &dout.view();
-        let inp = &inp.view();
-        let bias = &bias.view();
-        check_len(op, "dinp", dinp.len(), n * c)?;
-        check_len(op, "dout", dout.len(), n * c)?;
-        check_len(op, "inp", inp.len(), n * c)?;
-        check_len(op, "dbias", dbias.len(), c)?;
-        check_len(op, "bias", bias.len(), c)?;
+        let dinp = &mut checked_view_mut(op, "dinp", dinp, n * c)?;
+        let dbias = &mut checked_view_mut(op, "dbias", dbias, c)?;
+        let dout = &checked_view(op, "dout", dout, n * c)?;
+        let inp = &checked_view(op, "inp", inp, n * c)?;
+        let bias = &checked_view(op, "bias", bias, c)?;
         if dinp.is_empty() {
             return Ok(());
         }
-        let f = self.function("activation", &format!("bias_gelu_backward_{}", T::SUFFIX))?;
+        let shape = launch::column_tiles(op, c)?;
+        let kernel = self.kernel(op, "activation", &typed::<T>(op), shape)?;
         let (n_i, c_i) = (dim(op, "n", n)?, dim(op, "c", c)?);
-        let cfg = launch::column_tiles(op, c)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch
-            .arg(dinp)
+        let mut args = kernel.args();
+        args.arg(dinp)
             .arg(dbias)
             .arg(dout)
             .arg(inp)
             .arg(bias)
             .arg(&n_i)
             .arg(&c_i);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        unsafe { kernel.launch(args) }
     }
 
     /// out = tanh(inp), elementwise.
@@ -809,19 +850,21 @@ impl CudaRuntime {
         inp: &impl DeviceRead<T>,
     ) -> Result<()> {
         let op = "tanh_forward";
-        let out = &mut out.view_mut();
         let inp = &inp.view();
-        check_len(op, "out", out.len(), inp.len())?;
-        if out.is_empty() {
+        let len = inp.len();
+        let out = &mut checked_view_mut(op, "out", out, len)?;
+        if len == 0 {
             return Ok(());
         }
-        let f = self.function("activation", &format!("tanh_forward_{}", T::SUFFIX))?;
-        let len = inp.len();
-        let cfg = launch::elementwise(op, len)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(out).arg(inp).arg(&len);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let kernel = self.kernel(
+            op,
+            "activation",
+            &typed::<T>(op),
+            launch::elementwise(op, len)?,
+        )?;
+        let mut args = kernel.args();
+        args.arg(out).arg(inp).arg(&len);
+        unsafe { kernel.launch(args) }
     }
 
     /// dinp += dout · (1 - out²), from the saved output.
@@ -833,20 +876,21 @@ impl CudaRuntime {
     ) -> Result<()> {
         let op = "tanh_backward";
         let dinp = &mut dinp.view_mut();
-        let out = &out.view();
-        let dout = &dout.view();
-        check_len(op, "out", out.len(), dinp.len())?;
-        check_len(op, "dout", dout.len(), dinp.len())?;
-        if dinp.is_empty() {
+        let len = dinp.len();
+        let out = &checked_view(op, "out", out, len)?;
+        let dout = &checked_view(op, "dout", dout, len)?;
+        if len == 0 {
             return Ok(());
         }
-        let f = self.function("activation", &format!("tanh_backward_{}", T::SUFFIX))?;
-        let len = dinp.len();
-        let cfg = launch::elementwise(op, len)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(dinp).arg(out).arg(dout).arg(&len);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let kernel = self.kernel(
+            op,
+            "activation",
+            &typed::<T>(op),
+            launch::elementwise(op, len)?,
+        )?;
+        let mut args = kernel.args();
+        args.arg(dinp).arg(out).arg(dout).arg(&len);
+        unsafe { kernel.launch(args) }
     }
 
     /// out = a + b, elementwise. (Its backward is a plain copy of dout into both inputs'
@@ -859,20 +903,21 @@ impl CudaRuntime {
     ) -> Result<()> {
         let op = "residual_forward";
         let out = &mut out.view_mut();
-        let a = &a.view();
-        let b = &b.view();
-        check_len(op, "a", a.len(), out.len())?;
-        check_len(op, "b", b.len(), out.len())?;
-        if out.is_empty() {
+        let len = out.len();
+        let a = &checked_view(op, "a", a, len)?;
+        let b = &checked_view(op, "b", b, len)?;
+        if len == 0 {
             return Ok(());
         }
-        let f = self.function("activation", &format!("residual_forward_{}", T::SUFFIX))?;
-        let len = out.len();
-        let cfg = launch::elementwise(op, len)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(out).arg(a).arg(b).arg(&len);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let kernel = self.kernel(
+            op,
+            "activation",
+            &typed::<T>(op),
+            launch::elementwise(op, len)?,
+        )?;
+        let mut args = kernel.args();
+        args.arg(out).arg(a).arg(b).arg(&len);
+        unsafe { kernel.launch(args) }
     }
 
     /// Inverted dropout: out = inp / (1 - p) where element i is kept, else 0; the mask is
@@ -908,42 +953,41 @@ impl CudaRuntime {
         seed: u64,
     ) -> Result<()> {
         let written = &mut written.view_mut();
-        let read = &read.view();
-        check_len(op, "input", read.len(), written.len())?;
+        let len = written.len();
+        let read = &checked_view(op, "input", read, len)?;
         let scale = dropout_scale(op, p)?;
-        if written.is_empty() {
+        if len == 0 {
             return Ok(());
         }
-        let f = self.function("dropout", &format!("{op}_{}", T::SUFFIX))?;
-        let len = written.len();
-        let cfg = launch::elementwise(op, len)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch
-            .arg(written)
+        let kernel = self.kernel(
+            op,
+            "dropout",
+            &typed::<T>(op),
+            launch::elementwise(op, len)?,
+        )?;
+        let mut args = kernel.args();
+        args.arg(written)
             .arg(read)
             .arg(&len)
             .arg(&p)
             .arg(&scale)
             .arg(&seed);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        unsafe { kernel.launch(args) }
     }
 
     /// keep[i] = 1 if element i survives dropout (p, seed), else 0: the mask alone.
     pub fn dropout_mask(&self, keep: &mut impl DeviceWrite<u8>, p: f64, seed: u64) -> Result<()> {
         let op = "dropout_mask";
         let keep = &mut keep.view_mut();
+        let len = keep.len();
         dropout_scale(op, p)?;
-        if keep.is_empty() {
+        if len == 0 {
             return Ok(());
         }
-        let f = self.function("dropout", "dropout_mask")?;
-        let len = keep.len();
-        let cfg = launch::elementwise(op, len)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(keep).arg(&len).arg(&p).arg(&seed);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let kernel = self.kernel(op, "dropout", op, launch::elementwise(op, len)?)?;
+        let mut args = kernel.args();
+        args.arg(keep).arg(&len).arg(&p).arg(&seed);
+        unsafe { kernel.launch(args) }
     }
 
     /// Version 1 ("stored probabilities"; the model uses flash_attention_forward):
@@ -964,30 +1008,23 @@ impl CudaRuntime {
         dropout: Option<AttentionDropout>,
     ) -> Result<()> {
         let op = "attention_forward";
-        let out = &mut out.view_mut();
-        let probs = &mut probs.view_mut();
-        let q = &q.view();
-        let k = &k.view();
-        let v = &v.view();
-        let mask = &mask.view();
         let act = b * t * nh * hs;
-        check_len(op, "out", out.len(), act)?;
-        check_len(op, "q", q.len(), act)?;
-        check_len(op, "k", k.len(), act)?;
-        check_len(op, "v", v.len(), act)?;
-        check_len(op, "probs", probs.len(), b * nh * t * t)?;
-        check_len(op, "mask", mask.len(), b * t)?;
+        let out = &mut checked_view_mut(op, "out", out, act)?;
+        let probs = &mut checked_view_mut(op, "probs", probs, b * nh * t * t)?;
+        let q = &checked_view(op, "q", q, act)?;
+        let k = &checked_view(op, "k", k, act)?;
+        let v = &checked_view(op, "v", v, act)?;
+        let mask = &checked_view(op, "mask", mask, b * t)?;
         if probs.is_empty() || hs == 0 {
             return Ok(());
         }
-        let cfg = launch::attention_rows(op, b, t, nh)?.config();
-        let f = self.function("attention", &format!("attention_forward_{}", T::SUFFIX))?;
-        let args = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(out).arg(probs).arg(q).arg(k).arg(v).arg(mask);
-        args.push(&mut launch);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let shape = launch::attention_rows(op, b, t, nh)?;
+        let kernel = self.kernel(op, "attention", &typed::<T>(op), shape)?;
+        let scalars = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
+        let mut args = kernel.args();
+        args.arg(out).arg(probs).arg(q).arg(k).arg(v).arg(mask);
+        scalars.push(&mut args);
+        unsafe { kernel.launch(args) }
     }
 
     /// Version 1 ("stored probabilities"): dq, dk, dv [b, t, nh*hs] += the gradients of
@@ -1009,67 +1046,55 @@ impl CudaRuntime {
         dropout: Option<AttentionDropout>,
     ) -> Result<()> {
         let op = "attention_backward";
-        let dq = &mut dq.view_mut();
-        let dk = &mut dk.view_mut();
-        let dv = &mut dv.view_mut();
-        let dscores = &mut dscores.view_mut();
-        let dout = &dout.view();
-        let q = &q.view();
-        let k = &k.view();
-        let v = &v.view();
-        let probs = &probs.view();
         let act = b * t * nh * hs;
-        for (name, len) in [
-            ("dq", dq.len()),
-            ("dk", dk.len()),
-            ("dv", dv.len()),
-            ("dout", dout.len()),
-            ("q", q.len()),
-            ("k", k.len()),
-            ("v", v.len()),
-        ] {
-            check_len(op, name, len, act)?;
-        }
-        check_len(op, "probs", probs.len(), b * nh * t * t)?;
-        check_len(op, "dscores", dscores.len(), b * nh * t * t)?;
+        let dq = &mut checked_view_mut(op, "dq", dq, act)?;
+        let dk = &mut checked_view_mut(op, "dk", dk, act)?;
+        let dv = &mut checked_view_mut(op, "dv", dv, act)?;
+        let dout = &checked_view(op, "dout", dout, act)?;
+        let q = &checked_view(op, "q", q, act)?;
+        let k = &checked_view(op, "k", k, act)?;
+        let v = &checked_view(op, "v", v, act)?;
+        let probs = &checked_view(op, "probs", probs, b * nh * t * t)?;
+        let dscores = &mut checked_view_mut(op, "dscores", dscores, b * nh * t * t)?;
         if probs.is_empty() || hs == 0 {
             return Ok(());
         }
         let query_shape = launch::attention_rows(op, b, t, nh)?;
         let key_shape = launch::attention_key_rows(op, b, t, nh, hs)?;
-        let args = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
+        let scalars = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
 
-        let query = self.function(
+        let query = self.kernel(
+            op,
             "attention",
-            &format!("attention_backward_query_{}", T::SUFFIX),
+            &typed::<T>("attention_backward_query"),
+            query_shape,
         )?;
-        let mut launch = self.stream().launch_builder(&query);
-        launch
-            .arg(dq)
+        let mut args = query.args();
+        args.arg(dq)
             .arg(&mut *dscores)
             .arg(dout)
             .arg(k)
             .arg(v)
             .arg(probs);
-        args.push(&mut launch);
-        unsafe { launch.launch(query_shape.config()) }.map_err(driver(op))?;
+        scalars.push(&mut args);
+        unsafe { query.launch(args) }?;
 
-        let key = self.function(
+        let key = self.kernel(
+            op,
             "attention",
-            &format!("attention_backward_key_{}", T::SUFFIX),
+            &typed::<T>("attention_backward_key"),
+            key_shape,
         )?;
         let dscores = dscores.as_view();
-        let mut launch = self.stream().launch_builder(&key);
-        launch
-            .arg(dk)
+        let mut args = key.args();
+        args.arg(dk)
             .arg(dv)
             .arg(dout)
             .arg(q)
             .arg(probs)
             .arg(&dscores);
-        args.push(&mut launch);
-        unsafe { launch.launch(key_shape.config()) }.map_err(driver(op))?;
-        Ok(())
+        scalars.push(&mut args);
+        unsafe { key.launch(args) }
     }
 
     /// Version 2 of attention_forward, flash-style: the same out [b, t, nh*hs] without the
@@ -1089,38 +1114,23 @@ impl CudaRuntime {
         dropout: Option<AttentionDropout>,
     ) -> Result<()> {
         let op = "flash_attention_forward";
-        let out = &mut out.view_mut();
-        let lse = &mut lse.view_mut();
-        let q = &q.view();
-        let k = &k.view();
-        let v = &v.view();
-        let mask = &mask.view();
         let act = b * t * nh * hs;
-        for (name, len) in [
-            ("out", out.len()),
-            ("q", q.len()),
-            ("k", k.len()),
-            ("v", v.len()),
-        ] {
-            check_len(op, name, len, act)?;
-        }
-        check_len(op, "lse", lse.len(), b * nh * t)?;
-        check_len(op, "mask", mask.len(), b * t)?;
+        let out = &mut checked_view_mut(op, "out", out, act)?;
+        let lse = &mut checked_view_mut(op, "lse", lse, b * nh * t)?;
+        let q = &checked_view(op, "q", q, act)?;
+        let k = &checked_view(op, "k", k, act)?;
+        let v = &checked_view(op, "v", v, act)?;
+        let mask = &checked_view(op, "mask", mask, b * t)?;
         if lse.is_empty() || hs == 0 {
             return Ok(());
         }
         let shape = launch::flash_forward(op, b, t, nh, hs)?;
-        let f = self.function(
-            "attention",
-            &format!("flash_attention_forward_{}", T::SUFFIX),
-        )?;
-        self.allow_shared(op, &f, shape)?;
-        let args = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
-        args.push(&mut launch);
-        unsafe { launch.launch(shape.config()) }.map_err(driver(op))?;
-        Ok(())
+        let kernel = self.kernel(op, "attention", &typed::<T>(op), shape)?;
+        let scalars = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
+        let mut args = kernel.args();
+        args.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
+        scalars.push(&mut args);
+        unsafe { kernel.launch(args) }
     }
 
     /// Version 2 of attention_backward: dq, dk, dv [b, t, nh*hs] += the gradients of
@@ -1146,90 +1156,60 @@ impl CudaRuntime {
         dropout: Option<AttentionDropout>,
     ) -> Result<()> {
         let op = "flash_attention_backward";
-        let dq = &mut dq.view_mut();
-        let dk = &mut dk.view_mut();
-        let dv = &mut dv.view_mut();
-        let row_dot = &mut row_dot.view_mut();
-        let dout = &dout.view();
-        let out = &out.view();
-        let q = &q.view();
-        let k = &k.view();
-        let v = &v.view();
-        let lse = &lse.view();
-        let mask = &mask.view();
         let act = b * t * nh * hs;
-        for (name, len) in [
-            ("dq", dq.len()),
-            ("dk", dk.len()),
-            ("dv", dv.len()),
-            ("dout", dout.len()),
-            ("out", out.len()),
-            ("q", q.len()),
-            ("k", k.len()),
-            ("v", v.len()),
-        ] {
-            check_len(op, name, len, act)?;
-        }
-        check_len(op, "lse", lse.len(), b * nh * t)?;
-        check_len(op, "row_dot", row_dot.len(), b * nh * t)?;
-        check_len(op, "mask", mask.len(), b * t)?;
+        let dq = &mut checked_view_mut(op, "dq", dq, act)?;
+        let dk = &mut checked_view_mut(op, "dk", dk, act)?;
+        let dv = &mut checked_view_mut(op, "dv", dv, act)?;
+        let dout = &checked_view(op, "dout", dout, act)?;
+        let out = &checked_view(op, "out", out, act)?;
+        let q = &checked_view(op, "q", q, act)?;
+        let k = &checked_view(op, "k", k, act)?;
+        let v = &checked_view(op, "v", v, act)?;
+        let lse = &checked_view(op, "lse", lse, b * nh * t)?;
+        let row_dot = &mut checked_view_mut(op, "row_dot", row_dot, b * nh * t)?;
+        let mask = &checked_view(op, "mask", mask, b * t)?;
         if lse.is_empty() || hs == 0 {
             return Ok(());
         }
         let dot_shape = launch::warp_rows(op, b * nh * t)?;
         let tiles_shape = launch::flash_backward(op, b, t, nh, hs)?;
-        let args = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
+        let scalars = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
 
-        let dot = self.function(
+        let dot = self.kernel(
+            op,
             "attention",
-            &format!("flash_attention_backward_dot_{}", T::SUFFIX),
+            &typed::<T>("flash_attention_backward_dot"),
+            dot_shape,
         )?;
-        let mut launch = self.stream().launch_builder(&dot);
-        launch.arg(&mut *row_dot).arg(dout).arg(out);
-        args.push_dims(&mut launch);
-        unsafe { launch.launch(dot_shape.config()) }.map_err(driver(op))?;
+        let mut args = dot.args();
+        args.arg(&mut *row_dot).arg(dout).arg(out);
+        scalars.push_dims(&mut args);
+        unsafe { dot.launch(args) }?;
         let row_dot = row_dot.as_view();
 
-        let key = self.function(
+        let key = self.kernel(
+            op,
             "attention",
-            &format!("flash_attention_backward_key_{}", T::SUFFIX),
+            &typed::<T>("flash_attention_backward_key"),
+            tiles_shape,
         )?;
-        self.allow_shared(op, &key, tiles_shape)?;
-        let mut launch = self.stream().launch_builder(&key);
-        launch.arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v);
-        launch.arg(lse).arg(&row_dot).arg(mask);
-        args.push(&mut launch);
-        unsafe { launch.launch(tiles_shape.config()) }.map_err(driver(op))?;
+        let mut args = key.args();
+        args.arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v);
+        args.arg(lse).arg(&row_dot).arg(mask);
+        scalars.push(&mut args);
+        unsafe { key.launch(args) }?;
 
-        let query = self.function(
+        let query = self.kernel(
+            op,
             "attention",
-            &format!("flash_attention_backward_query_{}", T::SUFFIX),
+            &typed::<T>("flash_attention_backward_query"),
+            tiles_shape,
         )?;
-        self.allow_shared(op, &query, tiles_shape)?;
-        let mut launch = self.stream().launch_builder(&query);
-        launch.arg(dq).arg(dout).arg(q).arg(k).arg(v);
-        launch.arg(lse).arg(&row_dot).arg(mask);
-        args.push(&mut launch);
-        unsafe { launch.launch(tiles_shape.config()) }.map_err(driver(op))?;
-        Ok(())
-    }
-
-    /// Raises `f`'s dynamic shared memory limit when `shape` needs more than the default.
-    fn allow_shared(&self, op: &str, f: &CudaFunction, shape: LaunchShape) -> Result<()> {
-        if let Some(limit) = shape.shared_opt_in() {
-            // cudarc's set_attribute does not make the context current itself.
-            self.context()
-                .bind_to_thread()
-                .map_err(driver(&format!("{op}: bind the context")))?;
-            f.set_attribute(
-                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                limit as i32,
-            )
-            .map_err(driver(&format!(
-                "{op}: allow {limit} bytes of shared memory"
-            )))?;
-        }
-        Ok(())
+        let mut args = query.args();
+        args.arg(dq).arg(dout).arg(q).arg(k).arg(v);
+        args.arg(lse).arg(&row_dot).arg(mask);
+        scalars.push(&mut args);
+        unsafe { query.launch(args) }
     }
 
     /// out[b, c] = inp[b, 0, c] with inp [b, t, c]: the [CLS] position.
@@ -1242,11 +1222,9 @@ impl CudaRuntime {
         c: usize,
     ) -> Result<()> {
         let op = "cls_pool_forward";
-        let out = &mut out.view_mut();
-        let inp = &inp.view();
-        check_len(op, "out", out.len(), b * c)?;
-        check_len(op, "inp", inp.len(), b * t * c)?;
-        self.pool_launch(op, "cls_pool_forward", out, inp, b, t, c)
+        let out = &mut checked_view_mut(op, "out", out, b * c)?;
+        let inp = &checked_view(op, "inp", inp, b * t * c)?;
+        self.pool_launch::<T>(op, out, inp, b, t, c)
     }
 
     /// dinp[b, 0, c] += dout[b, c]; the other positions get nothing.
@@ -1259,18 +1237,15 @@ impl CudaRuntime {
         c: usize,
     ) -> Result<()> {
         let op = "cls_pool_backward";
-        let dinp = &mut dinp.view_mut();
-        let dout = &dout.view();
-        check_len(op, "dinp", dinp.len(), b * t * c)?;
-        check_len(op, "dout", dout.len(), b * c)?;
-        self.pool_launch(op, "cls_pool_backward", dinp, dout, b, t, c)
+        let dinp = &mut checked_view_mut(op, "dinp", dinp, b * t * c)?;
+        let dout = &checked_view(op, "dout", dout, b * c)?;
+        self.pool_launch::<T>(op, dinp, dout, b, t, c)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The two pool kernels, named as their op, take (written, read, b, t, c).
     fn pool_launch<T: Activation>(
         &self,
         op: &str,
-        kernel: &str,
         written: &mut CudaViewMut<'_, T>,
         read: &CudaView<'_, T>,
         b: usize,
@@ -1280,45 +1255,24 @@ impl CudaRuntime {
         if b * t * c == 0 {
             return Ok(());
         }
-        let f = self.function("pool", &format!("{kernel}_{}", T::SUFFIX))?;
+        let kernel = self.kernel(op, "pool", &typed::<T>(op), launch::elementwise(op, b * c)?)?;
         let (b_i, t_i, c_i) = (dim(op, "b", b)?, dim(op, "t", t)?, dim(op, "c", c)?);
-        let cfg = launch::elementwise(op, b * c)?.config();
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(written).arg(read).arg(&b_i).arg(&t_i).arg(&c_i);
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        let mut args = kernel.args();
+        args.arg(written).arg(read).arg(&b_i).arg(&t_i).arg(&c_i);
+        unsafe { kernel.launch(args) }
     }
 }
 
-/// A table [rows, c] must be a whole number of rows.
-fn check_table(op: &str, name: &str, len: usize, c: usize) -> Result<()> {
-    if c > 0 && len.is_multiple_of(c) {
-        Ok(())
-    } else {
-        Err(Error::internal(format!(
-            "{op}: {name} has {len} elements, not a whole number of rows of {c}"
-        )))
+/// Tables [rows, c], each (name, len), must be whole numbers of rows.
+fn check_tables<const N: usize>(op: &str, c: usize, tables: [(&str, usize); N]) -> Result<()> {
+    for (name, len) in tables {
+        if c == 0 || !len.is_multiple_of(c) {
+            return Err(Error::internal(format!(
+                "{op}: {name} has {len} elements, not a whole number of rows of {c}"
+            )));
+        }
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn check_layernorm(
-    op: &str,
-    act: usize,
-    mean: usize,
-    rstd: usize,
-    inp: usize,
-    weight: usize,
-    bias: usize,
-    n: usize,
-    c: usize,
-) -> Result<()> {
-    check_len(op, "output", act, n * c)?;
-    check_len(op, "input", inp, n * c)?;
-    check_len(op, "mean", mean, n)?;
-    check_len(op, "rstd", rstd, n)?;
-    check_len(op, "weight", weight, c)?;
-    check_len(op, "bias", bias, c)
+    Ok(())
 }
 
 /// 1 / (1 - p) rounded to fp32, as the CPU's f32 ops do; p must be in [0, 1].

@@ -3,7 +3,8 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::ops::launch::{self, NORM_BLOCKS};
-use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, check_len, driver};
+use super::ops::{checked_view, checked_view_mut};
+use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite};
 use crate::error::{Error, Result};
 
 /// AdamW hyper-parameters of one step (PyTorch's torch.optim.AdamW).
@@ -51,21 +52,30 @@ impl CudaRuntime {
             return Ok(0.0);
         }
         let mut partials = self.zeros::<f64>(count)?; // [buffers * NORM_BLOCKS]
-        let partial = self.function("optimizer", "global_norm_squared_partial")?;
+        let partial = self.kernel(
+            op,
+            "optimizer",
+            "global_norm_squared_partial",
+            launch::norm_partial(),
+        )?;
         for (i, g) in grads.iter().enumerate() {
             let len = g.len();
             let mut slot = partials.slice_mut(i * NORM_BLOCKS..(i + 1) * NORM_BLOCKS);
-            let mut launch = self.stream().launch_builder(&partial);
-            launch.arg(&mut slot).arg(*g).arg(&len);
-            let cfg = launch::norm_partial().config();
-            unsafe { launch.launch(cfg) }.map_err(driver(op))?;
+            let mut args = partial.args();
+            args.arg(&mut slot).arg(*g).arg(&len);
+            unsafe { partial.launch(args) }?;
         }
         let mut total = self.zeros::<f64>(1)?;
-        let finish = self.function("optimizer", "global_norm_squared_finish")?;
+        let finish = self.kernel(
+            op,
+            "optimizer",
+            "global_norm_squared_finish",
+            launch::norm_finish(),
+        )?;
         let count_i = count as i32;
-        let mut launch = self.stream().launch_builder(&finish);
-        launch.arg(&mut total).arg(&partials).arg(&count_i);
-        unsafe { launch.launch(launch::norm_finish().config()) }.map_err(driver(op))?;
+        let mut args = finish.args();
+        args.arg(&mut total).arg(&partials).arg(&count_i);
+        unsafe { finish.launch(args) }?;
         Ok(self.download(&total)?[0])
     }
 
@@ -80,26 +90,21 @@ impl CudaRuntime {
     ) -> Result<()> {
         let op = "adamw_update";
         let params = &mut params.view_mut();
-        let grads = &grads.view();
-        let m = &mut m.view_mut();
-        let v = &mut v.view_mut();
         let len = params.len();
-        check_len(op, "grads", grads.len(), len)?;
-        check_len(op, "m", m.len(), len)?;
-        check_len(op, "v", v.len(), len)?;
-        let args = hp.kernel_args()?;
+        let grads = &checked_view(op, "grads", grads, len)?;
+        let m = &mut checked_view_mut(op, "m", m, len)?;
+        let v = &mut checked_view_mut(op, "v", v, len)?;
+        let hyper = hp.kernel_args()?;
         if len == 0 {
             return Ok(());
         }
-        let f = self.function("optimizer", "adamw_update")?;
-        let mut launch = self.stream().launch_builder(&f);
-        launch.arg(params).arg(grads).arg(m).arg(v).arg(&len);
-        for a in &args {
-            launch.arg(a);
+        let kernel = self.kernel(op, "optimizer", op, launch::elementwise(op, len)?)?;
+        let mut args = kernel.args();
+        args.arg(params).arg(grads).arg(m).arg(v).arg(&len);
+        for h in &hyper {
+            args.arg(h);
         }
-        let cfg = launch::elementwise(op, len)?.config();
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        unsafe { kernel.launch(args) }
     }
 
     /// adamw_update that also writes params_bf16 [len], the bf16 copy a bf16 forward reads.
@@ -114,33 +119,26 @@ impl CudaRuntime {
     ) -> Result<()> {
         let op = "adamw_update_bf16_copy";
         let params = &mut params.view_mut();
-        let params_bf16 = &mut params_bf16.view_mut();
-        let grads = &grads.view();
-        let m = &mut m.view_mut();
-        let v = &mut v.view_mut();
         let len = params.len();
-        check_len(op, "params_bf16", params_bf16.len(), len)?;
-        check_len(op, "grads", grads.len(), len)?;
-        check_len(op, "m", m.len(), len)?;
-        check_len(op, "v", v.len(), len)?;
-        let args = hp.kernel_args()?;
+        let params_bf16 = &mut checked_view_mut(op, "params_bf16", params_bf16, len)?;
+        let grads = &checked_view(op, "grads", grads, len)?;
+        let m = &mut checked_view_mut(op, "m", m, len)?;
+        let v = &mut checked_view_mut(op, "v", v, len)?;
+        let hyper = hp.kernel_args()?;
         if len == 0 {
             return Ok(());
         }
-        let f = self.function("optimizer", "adamw_update_bf16_copy")?;
-        let mut launch = self.stream().launch_builder(&f);
-        launch
-            .arg(params)
+        let kernel = self.kernel(op, "optimizer", op, launch::elementwise(op, len)?)?;
+        let mut args = kernel.args();
+        args.arg(params)
             .arg(params_bf16)
             .arg(grads)
             .arg(m)
             .arg(v)
             .arg(&len);
-        for a in &args {
-            launch.arg(a);
+        for h in &hyper {
+            args.arg(h);
         }
-        let cfg = launch::elementwise(op, len)?.config();
-        unsafe { launch.launch(cfg) }.map_err(driver(op))?;
-        Ok(())
+        unsafe { kernel.launch(args) }
     }
 }
