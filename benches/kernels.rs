@@ -14,8 +14,9 @@ mod common;
 use std::process::ExitCode;
 
 use cudarc::driver::CudaSlice;
+use half::bf16;
 use rcx::backend::cpu;
-use rcx::backend::cuda::{AdamWStep, CudaRuntime, RankingBatch, TokenBatch};
+use rcx::backend::cuda::{AdamWStep, CudaRuntime, FlashKernels, RankingBatch, TokenBatch};
 use rcx::error::{Error, Result};
 use rcx::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
 use rcx::model::{BertConfig, ParamLayout};
@@ -42,6 +43,11 @@ const ROTATE_BYTES: usize = 256 << 20;
 
 /// ‖gpu − cpu‖ / ‖cpu‖ above which a check fails (f32 arithmetic lands far under).
 const F32_TOLERANCE: f64 = 1e-4;
+/// The same for bf16 activations against the CPU on the same (rounded) inputs: each stored
+/// bf16 value is off by up to 2^-9 relatively, and version 3 of attention also rounds its
+/// probabilities and their gradients to bf16 before they multiply (with few real keys an
+/// element's error reaches a few percent of the mean; a wrong tile or index is off by O(1)).
+const BF16_TOLERANCE: f64 = 2e-2;
 
 enum Rate {
     Bytes(f64),
@@ -95,10 +101,19 @@ impl Lab {
     }
 
     fn check(&mut self, name: &str, parts: &[(&str, Vec<f32>, Vec<f32>)]) -> f64 {
+        self.check_within(name, parts, F32_TOLERANCE)
+    }
+
+    fn check_within(
+        &mut self,
+        name: &str,
+        parts: &[(&str, Vec<f32>, Vec<f32>)],
+        tolerance: f64,
+    ) -> f64 {
         let mut worst = 0.0f64;
         for (part, gpu, cpu) in parts {
             let err = rel_error(gpu, cpu);
-            if err > F32_TOLERANCE {
+            if err > tolerance {
                 self.failures
                     .push(format!("{name} {part}: relative error {err:.2e}"));
             }
@@ -165,6 +180,7 @@ fn run() -> Result<bool> {
     bias_backward(&mut lab)?;
     attention(&mut lab)?;
     flash_attention(&mut lab)?;
+    flash_attention_bf16(&mut lab)?;
     matmul(&mut lab)?;
     ranking_loss(&mut lab)?;
     optimizer(&mut lab)?;
@@ -720,7 +736,15 @@ fn flash_attention(lab: &mut Lab) -> Result<()> {
             (lab.up(&q)?, lab.up(&k)?, lab.up(&v)?, lab.rt.upload(&mask)?);
         let (mut out_d, mut lse_d) = (lab.nan(act)?, lab.nan(rows)?);
         lab.rt.flash_attention_forward(
-            &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, dropout,
+            &mut out_d,
+            &mut lse_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &mask_d,
+            dims,
+            dropout,
+            FlashKernels::CudaCores,
         )?;
         let name = format!("flash_attention_forward {dropout:?}");
         fwd_err = fwd_err.max(lab.check(&name, &[("out", lab.down(&out_d)?, out)]));
@@ -746,6 +770,7 @@ fn flash_attention(lab: &mut Lab) -> Result<()> {
             &mask_d,
             dims,
             dropout,
+            FlashKernels::CudaCores,
         )?;
         cpu::attention_backward(
             &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, CB, CT, NH, HS, dropout,
@@ -775,7 +800,15 @@ fn flash_attention(lab: &mut Lab) -> Result<()> {
     let rt = lab.rt.clone();
     let ms = median_ms(&rt, 2, 10, |_| {
         rt.flash_attention_forward(
-            &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, None,
+            &mut out_d,
+            &mut lse_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &mask_d,
+            dims,
+            None,
+            FlashKernels::CudaCores,
         )
     })?;
     let flops = 4.0 * (B * NH * T * T * HS) as f64;
@@ -808,6 +841,7 @@ fn flash_attention(lab: &mut Lab) -> Result<()> {
             &mask_d,
             dims,
             None,
+            FlashKernels::CudaCores,
         )
     })?;
     // Useful FLOPs, as version 1's (dv, dp, dq, dk); the recomputed scores are not counted.
@@ -818,6 +852,146 @@ fn flash_attention(lab: &mut Lab) -> Result<()> {
         ms,
         Rate::Flops(2.0 * flops),
     );
+    Ok(())
+}
+
+/// Flash attention in bf16, versions 2 (CUDA cores) and 3 (tensor cores): each validated
+/// against the CPU twin on the same bf16-rounded inputs (with and without dropout), then
+/// timed at BERT-base sizes as the model runs them in bf16.
+fn flash_attention_bf16(lab: &mut Lab) -> Result<()> {
+    let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+    let rounded = |x: Vec<f32>| {
+        x.iter()
+            .map(|&v| bf16::from_f32(v).to_f32())
+            .collect::<Vec<_>>()
+    };
+    let widen = |x: Vec<bf16>| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+    for (version, kernels) in [
+        ("v2", FlashKernels::CudaCores),
+        ("v3", FlashKernels::TensorCores),
+    ] {
+        let dims = (CB, CT, NH, HS);
+        let act = CN * C;
+        let rows = CB * NH * CT;
+        let (mut fwd_err, mut bwd_err) = (0.0f64, 0.0f64);
+        for dropout in [None, Some(cpu::AttentionDropout { p: 0.1, seed: 3 })] {
+            let (q, k, v, dout) = (
+                rounded(lab.rng.values(act, 1.0)),
+                rounded(lab.rng.values(act, 1.0)),
+                rounded(lab.rng.values(act, 1.0)),
+                rounded(lab.rng.values(act, 1.0)),
+            );
+            let mask = padding_mask(&mut lab.rng, CB, CT);
+            let (mut out, mut probs) = (vec![0.0; act], vec![0.0; CB * NH * CT * CT]);
+            cpu::attention_forward(
+                &mut out, &mut probs, &q, &k, &v, &mask, CB, CT, NH, HS, dropout,
+            );
+            let (q_d, k_d, v_d, mask_d) = (
+                lab.rt.upload(&to_bf16(&q))?,
+                lab.rt.upload(&to_bf16(&k))?,
+                lab.rt.upload(&to_bf16(&v))?,
+                lab.rt.upload(&mask)?,
+            );
+            let mut out_d = lab.rt.upload(&vec![bf16::NAN; act])?;
+            let mut lse_d = lab.nan(rows)?;
+            lab.rt.flash_attention_forward(
+                &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, dropout, kernels,
+            )?;
+            let name = format!("flash_attention_forward bf16 {version} {dropout:?}");
+            let out_gpu = widen(lab.rt.download(&out_d)?);
+            fwd_err =
+                fwd_err.max(lab.check_within(&name, &[("out", out_gpu, out)], BF16_TOLERANCE));
+            // Gradients start at zero: the attention's own gradients are compared.
+            let (mut dq, mut dk, mut dv) = (vec![0.0; act], vec![0.0; act], vec![0.0; act]);
+            let mut grads_d = [
+                lab.rt.zeros::<bf16>(act)?,
+                lab.rt.zeros::<bf16>(act)?,
+                lab.rt.zeros::<bf16>(act)?,
+            ];
+            let [dq_d, dk_d, dv_d] = &mut grads_d;
+            let mut row_dot_d = lab.nan(rows)?;
+            lab.rt.flash_attention_backward(
+                dq_d,
+                dk_d,
+                dv_d,
+                &mut row_dot_d,
+                &lab.rt.upload(&to_bf16(&dout))?,
+                &out_d,
+                &q_d,
+                &k_d,
+                &v_d,
+                &lse_d,
+                &mask_d,
+                dims,
+                dropout,
+                kernels,
+            )?;
+            cpu::attention_backward(
+                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, CB, CT, NH, HS,
+                dropout,
+            );
+            let name = format!("flash_attention_backward bf16 {version} {dropout:?}");
+            let parts = [
+                ("dq", widen(lab.rt.download(&grads_d[0])?), dq),
+                ("dk", widen(lab.rt.download(&grads_d[1])?), dk),
+                ("dv", widen(lab.rt.download(&grads_d[2])?), dv),
+            ];
+            bwd_err = bwd_err.max(lab.check_within(&name, &parts, BF16_TOLERANCE));
+        }
+
+        let dims = (B, T, NH, HS);
+        let act = N * C;
+        let rows = B * NH * T;
+        let input = |lab: &mut Lab| lab.rt.upload(&to_bf16(&lab.rng.values(act, 1.0)));
+        let (q_d, k_d, v_d, dout_d) = (input(lab)?, input(lab)?, input(lab)?, input(lab)?);
+        let mask_d = lab.rt.upload(&padding_mask(&mut lab.rng, B, T))?;
+        let (mut out_d, mut lse_d) = (lab.rt.zeros::<bf16>(act)?, lab.rt.zeros::<f32>(rows)?);
+        let rt = lab.rt.clone();
+        let ms = median_ms(&rt, 2, 10, |_| {
+            rt.flash_attention_forward(
+                &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, None, kernels,
+            )
+        })?;
+        let flops = 4.0 * (B * NH * T * T * HS) as f64;
+        lab.row(
+            &format!("flash_attention_forward bf16 {version}"),
+            "8x512, 12x64",
+            fwd_err,
+            ms,
+            Rate::Flops(flops),
+        );
+        let (mut dq_d, mut dk_d, mut dv_d) = (
+            lab.rt.zeros::<bf16>(act)?,
+            lab.rt.zeros::<bf16>(act)?,
+            lab.rt.zeros::<bf16>(act)?,
+        );
+        let mut row_dot_d = lab.rt.zeros::<f32>(rows)?;
+        let ms = median_ms(&rt, 2, 10, |_| {
+            rt.flash_attention_backward(
+                &mut dq_d,
+                &mut dk_d,
+                &mut dv_d,
+                &mut row_dot_d,
+                &dout_d,
+                &out_d,
+                &q_d,
+                &k_d,
+                &v_d,
+                &lse_d,
+                &mask_d,
+                dims,
+                None,
+                kernels,
+            )
+        })?;
+        lab.row(
+            &format!("flash_attention_backward bf16 {version}"),
+            "8x512, 12x64",
+            bwd_err,
+            ms,
+            Rate::Flops(2.0 * flops),
+        );
+    }
     Ok(())
 }
 

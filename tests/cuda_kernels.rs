@@ -20,7 +20,8 @@ use common::InputRng as Rng;
 use half::bf16;
 use rcx::backend::cpu;
 use rcx::backend::cuda::{
-    self, AdamWStep, CudaRuntime, KERNEL_IMAGES, KERNELS_BUILT, RankingBatch, TokenBatch,
+    self, AdamWStep, CudaRuntime, FlashKernels, KERNEL_IMAGES, KERNELS_BUILT, RankingBatch,
+    TokenBatch,
 };
 use rcx::loss::{LossSpec, PromptType, Utility, ranking_loss_forward_backward};
 
@@ -822,7 +823,15 @@ fn flash_attention_matches_cpu() {
             rt.upload(&nan(rows)).unwrap(),
         );
         rt.flash_attention_forward(
-            &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, dropout,
+            &mut out_d,
+            &mut lse_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &mask_d,
+            dims,
+            dropout,
+            FlashKernels::CudaCores,
         )
         .unwrap();
         let out_v2 = rt.download(&out_d).unwrap();
@@ -889,6 +898,7 @@ fn flash_attention_matches_cpu() {
             &mask_d,
             dims,
             dropout,
+            FlashKernels::CudaCores,
         )
         .unwrap();
         let (mut dq, mut dk, mut dv) = (dq0.clone(), dk0.clone(), dv0.clone());
@@ -964,7 +974,15 @@ fn flash_attention_matches_cpu() {
         let mut out16 = rt.upload(&to_bf16(&nan(act))).unwrap();
         let mut lse16 = rt.upload(&nan(rows)).unwrap();
         rt.flash_attention_forward(
-            &mut out16, &mut lse16, &q16_d, &k16_d, &v16_d, &mask_d, dims, dropout,
+            &mut out16,
+            &mut lse16,
+            &q16_d,
+            &k16_d,
+            &v16_d,
+            &mask_d,
+            dims,
+            dropout,
+            FlashKernels::CudaCores,
         )
         .unwrap();
         assert_close(
@@ -993,6 +1011,7 @@ fn flash_attention_matches_cpu() {
             &mask_d,
             dims,
             dropout,
+            FlashKernels::CudaCores,
         )
         .unwrap();
         let (mut dq, mut dk, mut dv) = (dq16_0, dk16_0, dv16_0);
@@ -1026,7 +1045,8 @@ fn flash_attention_matches_cpu() {
             &one,
             &mask_d,
             (1, 1, 1, 129),
-            None
+            None,
+            FlashKernels::CudaCores
         )
         .is_err()
     );

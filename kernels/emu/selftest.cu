@@ -96,3 +96,47 @@ extern "C" __global__ void emu_missing_barrier(float* out) {
     slots[threadIdx.x] = (float)threadIdx.x;
     out[blockIdx.x * blockDim.x + threadIdx.x] = slots[(threadIdx.x + 1) % blockDim.x];
 }
+
+// d [16, 16] = a [16, 16] · b [16, 16] + c [16, 16] on one warp through wmma, all row-major
+// in memory; b_transposed: b is loaded as the col_major operand of its transpose stored
+// row-major (b_memory[n * 16 + k] = B[k][n]).
+extern "C" __global__ void emu_wmma_product(float* d, const bf16* a, const bf16* b, const float* c,
+                                            int b_transposed) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(fa, a, 16);
+    wmma::load_matrix_sync(acc, c, 16, wmma::mem_row_major);
+    if (b_transposed) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, b, 16);
+        wmma::mma_sync(acc, fa, fb, acc);
+    } else {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, b, 16);
+        wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
+}
+
+// A tile of ones stored to shared memory, then read back by each lane at elements other
+// lanes stored, with or without the __syncwarp between: without it, a race on a GPU, and
+// poison (NaN) read here. out [32].
+extern "C" __global__ void emu_wmma_store_then_read(float* out, int sync) {
+    using namespace nvcuda;
+    float* tile = dynamic_shared<float>();  // [16, 16]
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> ones;
+    wmma::fill_fragment(ones, 1.0f);
+    wmma::store_matrix_sync(tile, ones, 16, wmma::mem_row_major);
+    if (sync) __syncwarp();
+    float sum = 0.0f;
+    for (int e = 0; e < 256; e++) sum += tile[e];
+    out[threadIdx.x] = sum;
+}
+
+// A wmma load from `offset` floats into a buffer: misaligned unless offset % 8 == 0.
+extern "C" __global__ void emu_wmma_load_at(const float* in, int offset) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(acc, in + offset, 16, wmma::mem_row_major);
+}

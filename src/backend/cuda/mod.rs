@@ -17,6 +17,6 @@ pub use kernels::{KERNEL_IMAGES, KERNELS_BUILT, KERNELS_NOT_BUILT_REASON, Kernel
 pub use loss::RankingBatch;
 pub use matmul::GemmElement;
 pub use model::{CudaTrainer, MicroBatch, OptimStep, StepStats, train_step_cuda};
-pub use ops::{TokenBatch, launch};
+pub use ops::{FlashKernels, TokenBatch, launch};
 pub use optim::AdamWStep;
 pub use runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, available};

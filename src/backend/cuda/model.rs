@@ -37,7 +37,7 @@ use half::bf16;
 
 use super::cast::ModelFloat;
 use super::loss::RankingBatch;
-use super::ops::TokenBatch;
+use super::ops::{FlashKernels, TokenBatch};
 use super::optim::AdamWStep;
 use super::runtime::{Activation, CudaRuntime, driver};
 use crate::backend::cpu::AttentionDropout;
@@ -184,9 +184,10 @@ impl<V: Cut> Carver<V> {
 
 // ---- ATTENTION: what the attention saves for its backward, and its backward's scratch ----
 // The one place that knows the attention kernels' buffers (with `attention_forward_layer` and
-// `attention_backward_layer` below). The model runs the flash-style kernels (version 2 of
-// kernels/attention.cu): they never store the T x T probabilities; the forward saves each
-// query row's logsumexp and the backward recomputes the probabilities from it.
+// `attention_backward_layer` below). The model runs the flash-style kernels of
+// kernels/attention.cu (version 3 on tensor cores in bf16, version 2 in f32): they never
+// store the T x T probabilities; the forward saves each query row's logsumexp and the
+// backward recomputes the probabilities from it.
 
 /// fp32 elements the attention of one layer saves for its backward: the logsumexp
 /// [B, NH, T].
@@ -590,6 +591,7 @@ fn attention_forward_layer<T: ModelFloat>(
         &batch.mask,
         dims,
         dropout,
+        FlashKernels::for_activation::<T>(),
     )
 }
 
@@ -621,6 +623,7 @@ fn attention_backward_layer<T: ModelFloat>(
         &batch.mask,
         dims,
         dropout,
+        FlashKernels::for_activation::<T>(),
     )
 }
 

@@ -1097,10 +1097,11 @@ impl CudaRuntime {
         unsafe { key.launch(args) }
     }
 
-    /// Version 2 of attention_forward, flash-style: the same out [b, t, nh*hs] without the
-    /// [b, nh, t, t] probabilities; lse [b, nh, t] (fp32) saves log Σ_j exp(s_ij) over the
-    /// allowed keys of each query row, from which the backward recomputes them. Same mask,
-    /// uniform case and dropout mask as version 1 and the CPU. hs <= 128.
+    /// Versions 2 and 3 of attention_forward (`kernels`), flash-style: the same out
+    /// [b, t, nh*hs] without the [b, nh, t, t] probabilities; lse [b, nh, t] (fp32) saves
+    /// log Σ_j exp(s_ij) over the allowed keys of each query row, from which the backward
+    /// recomputes them. Same mask, uniform case and dropout mask as version 1 and the CPU.
+    /// hs <= 128.
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attention_forward<T: Activation>(
         &self,
@@ -1112,8 +1113,10 @@ impl CudaRuntime {
         mask: &impl DeviceRead<u8>,
         (b, t, nh, hs): (usize, usize, usize, usize),
         dropout: Option<AttentionDropout>,
+        kernels: FlashKernels,
     ) -> Result<()> {
         let op = "flash_attention_forward";
+        kernels.check::<T>(op)?;
         let act = b * t * nh * hs;
         let out = &mut checked_view_mut(op, "out", out, act)?;
         let lse = &mut checked_view_mut(op, "lse", lse, b * nh * t)?;
@@ -1124,8 +1127,14 @@ impl CudaRuntime {
         if lse.is_empty() || hs == 0 {
             return Ok(());
         }
-        let shape = launch::flash_forward(op, b, t, nh, hs)?;
-        let kernel = self.kernel(op, "attention", &typed::<T>(op), shape)?;
+        let (name, shape) = match kernels {
+            FlashKernels::CudaCores => (op, launch::flash_forward(op, b, t, nh, hs)?),
+            FlashKernels::TensorCores => (
+                "flash_attention_tc_forward",
+                launch::flash_tc_forward(op, b, t, nh, hs)?,
+            ),
+        };
+        let kernel = self.kernel(op, "attention", &typed::<T>(name), shape)?;
         let scalars = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
         let mut args = kernel.args();
         args.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
@@ -1133,11 +1142,12 @@ impl CudaRuntime {
         unsafe { kernel.launch(args) }
     }
 
-    /// Version 2 of attention_backward: dq, dk, dv [b, t, nh*hs] += the gradients of
-    /// flash_attention_forward given dout, its output `out` (unchanged since), its lse and
-    /// the same mask and dropout. row_dot [b, nh, t] is scratch (overwritten). Three
-    /// launches, no atomics (deterministic): row_dot = dout · out per query row, then dk and
-    /// dv per key tile, then dq per query tile, each recomputing the probabilities.
+    /// Versions 2 and 3 of attention_backward (`kernels`, as the forward's): dq, dk, dv
+    /// [b, t, nh*hs] += the gradients of flash_attention_forward given dout, its output
+    /// `out` (unchanged since), its lse and the same mask and dropout. row_dot [b, nh, t] is
+    /// scratch (overwritten). Three launches, no atomics (deterministic): row_dot = dout ·
+    /// out per query row, then dk and dv per key tile, then dq per query tile, each
+    /// recomputing the probabilities.
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attention_backward<T: Activation>(
         &self,
@@ -1154,8 +1164,10 @@ impl CudaRuntime {
         mask: &impl DeviceRead<u8>,
         (b, t, nh, hs): (usize, usize, usize, usize),
         dropout: Option<AttentionDropout>,
+        kernels: FlashKernels,
     ) -> Result<()> {
         let op = "flash_attention_backward";
+        kernels.check::<T>(op)?;
         let act = b * t * nh * hs;
         let dq = &mut checked_view_mut(op, "dq", dq, act)?;
         let dk = &mut checked_view_mut(op, "dk", dk, act)?;
@@ -1172,7 +1184,25 @@ impl CudaRuntime {
             return Ok(());
         }
         let dot_shape = launch::warp_rows(op, b * nh * t)?;
-        let tiles_shape = launch::flash_backward(op, b, t, nh, hs)?;
+        let [(key_name, key_shape), (query_name, query_shape)] = match kernels {
+            FlashKernels::CudaCores => {
+                let tiles = launch::flash_backward(op, b, t, nh, hs)?;
+                [
+                    ("flash_attention_backward_key", tiles),
+                    ("flash_attention_backward_query", tiles),
+                ]
+            }
+            FlashKernels::TensorCores => [
+                (
+                    "flash_attention_tc_backward_key",
+                    launch::flash_tc_backward_key(op, b, t, nh, hs)?,
+                ),
+                (
+                    "flash_attention_tc_backward_query",
+                    launch::flash_tc_backward_query(op, b, t, nh, hs)?,
+                ),
+            ],
+        };
         let scalars = AttentionArgs::new(op, (b, t, nh, hs), dropout)?;
 
         let dot = self.kernel(
@@ -1187,24 +1217,14 @@ impl CudaRuntime {
         unsafe { dot.launch(args) }?;
         let row_dot = row_dot.as_view();
 
-        let key = self.kernel(
-            op,
-            "attention",
-            &typed::<T>("flash_attention_backward_key"),
-            tiles_shape,
-        )?;
+        let key = self.kernel(op, "attention", &typed::<T>(key_name), key_shape)?;
         let mut args = key.args();
         args.arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v);
         args.arg(lse).arg(&row_dot).arg(mask);
         scalars.push(&mut args);
         unsafe { key.launch(args) }?;
 
-        let query = self.kernel(
-            op,
-            "attention",
-            &typed::<T>("flash_attention_backward_query"),
-            tiles_shape,
-        )?;
+        let query = self.kernel(op, "attention", &typed::<T>(query_name), query_shape)?;
         let mut args = query.args();
         args.arg(dq).arg(dout).arg(q).arg(k).arg(v);
         args.arg(lse).arg(&row_dot).arg(mask);
@@ -1281,6 +1301,36 @@ fn dropout_scale(op: &str, p: f64) -> Result<f32> {
         Ok((1.0 / (1.0 - p)) as f32)
     } else {
         Err(Error::internal(format!("{op}: p = {p} is not in [0, 1]")))
+    }
+}
+
+/// Which kernels compute flash attention: version 2 on CUDA cores (f32 and bf16, fp32
+/// arithmetic throughout) or version 3 on tensor cores (bf16 only; the probabilities and
+/// their gradients are rounded to bf16 before they multiply, as FlashAttention-2 does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashKernels {
+    CudaCores,
+    TensorCores,
+}
+
+impl FlashKernels {
+    /// What the device model runs for activations of type T: tensor cores for bf16.
+    pub fn for_activation<T: Activation>() -> FlashKernels {
+        if T::SUFFIX == "bf16" {
+            FlashKernels::TensorCores
+        } else {
+            FlashKernels::CudaCores
+        }
+    }
+
+    fn check<T: Activation>(self, op: &str) -> Result<()> {
+        if self == FlashKernels::TensorCores && T::SUFFIX != "bf16" {
+            return Err(Error::internal(format!(
+                "{op}: the tensor-core kernels take bf16 activations, not {}",
+                T::SUFFIX
+            )));
+        }
+        Ok(())
     }
 }
 
