@@ -28,6 +28,9 @@ use rcx::loss::{LossSpec, PromptType, Utility, ranking_loss_forward_backward};
 const F32: f64 = 1e-5;
 const F32_SUM: f64 = 1e-4;
 const BF16: f64 = 1e-2;
+/// Attention version 3 (tensor cores) against the exact attention: see
+/// flash_attention_tensor_cores_match_cpu.
+const TC_EXACT: f64 = 5e-2;
 
 /// The device, or None after printing why the test is skipped.
 fn gpu(test: &str) -> Option<CudaRuntime> {
@@ -57,6 +60,10 @@ fn from_bf16(v: &[bf16]) -> Vec<f32> {
 }
 
 /// Values as bf16 would store them, for the CPU side of a bf16 comparison.
+fn wide(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
 fn round_bf16(v: &[f32]) -> Vec<f32> {
     from_bf16(&to_bf16(v))
 }
@@ -1049,6 +1056,324 @@ fn flash_attention_matches_cpu() {
             FlashKernels::CudaCores
         )
         .is_err()
+    );
+}
+
+/// Version 3's arithmetic in f64, rounding where the kernels round (`round`), so that what
+/// is left between the two is fp32 arithmetic and the final bf16 store: the forward's online
+/// softmax over key tiles of 64 (each tile's weights exp(s - running max) · dropout rounded
+/// to bf16), the backward's weights p · f and score gradients p (f dp - D) rounded to bf16,
+/// with D from the given out and p from the given lse (the device's). Inputs are bf16 values
+/// held in f32. Without `round` it is the exact attention (checked against the CPU's).
+struct TensorCoreReference<'a> {
+    round: bool,
+    dims: (usize, usize, usize, usize),
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    mask: &'a [u8],
+    dropout: Option<cpu::AttentionDropout>,
+}
+
+impl TensorCoreReference<'_> {
+    fn head_row<'x>(&self, x: &'x [f32], bi: usize, row: usize, h: usize) -> &'x [f32] {
+        let (_, t, nh, hs) = self.dims;
+        let at = (bi * t + row) * nh * hs + h * hs;
+        &x[at..at + hs]
+    }
+
+    /// x as the kernels store it before a product: rounded to bf16.
+    fn stored(&self, x: f64) -> f64 {
+        if self.round {
+            round_bf16(&[x as f32])[0] as f64
+        } else {
+            x
+        }
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    }
+
+    fn allowed(&self, bi: usize, j: usize) -> bool {
+        let t = self.dims.1;
+        let mask_b = &self.mask[bi * t..(bi + 1) * t];
+        !mask_b.contains(&1) || mask_b[j] != 0
+    }
+
+    /// The dropout factor of probability (bi, h, i, j), as the kernels index it.
+    fn factor(&self, bi: usize, h: usize, i: usize, j: usize) -> f64 {
+        let (_, t, nh, _) = self.dims;
+        match self.dropout {
+            None => 1.0,
+            Some(d) => {
+                let index = (((bi * nh + h) * t + i) * t + j) as u64;
+                if cpu::dropout_keep(d.seed, index, d.p) {
+                    (1.0 / (1.0 - d.p)) as f32 as f64
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+
+    fn score(&self, bi: usize, h: usize, i: usize, j: usize) -> f64 {
+        let hs = self.dims.3;
+        let scale = (1.0 / (hs as f64).sqrt()) as f32 as f64;
+        scale
+            * Self::dot(
+                self.head_row(self.q, bi, i, h),
+                self.head_row(self.k, bi, j, h),
+            )
+    }
+
+    fn forward(&self) -> Vec<f64> {
+        let (b, t, nh, hs) = self.dims;
+        let mut out = vec![0.0f64; b * t * nh * hs];
+        for bi in 0..b {
+            for h in 0..nh {
+                for i in 0..t {
+                    let (mut max, mut sum, mut acc) = (f64::NEG_INFINITY, 0.0f64, vec![0.0f64; hs]);
+                    for first in (0..t).step_by(64) {
+                        let keys: Vec<usize> = (first..t.min(first + 64))
+                            .filter(|&j| self.allowed(bi, j))
+                            .collect();
+                        let scores: Vec<f64> =
+                            keys.iter().map(|&j| self.score(bi, h, i, j)).collect();
+                        let new_max = scores.iter().cloned().fold(max, f64::max);
+                        let rescale = if new_max == f64::NEG_INFINITY {
+                            1.0
+                        } else {
+                            (max - new_max).exp()
+                        };
+                        sum *= rescale;
+                        acc.iter_mut().for_each(|a| *a *= rescale);
+                        for (&j, &s) in keys.iter().zip(&scores) {
+                            let e = (s - new_max).exp();
+                            sum += e;
+                            let w = self.stored(e * self.factor(bi, h, i, j));
+                            for (a, &x) in acc.iter_mut().zip(self.head_row(self.v, bi, j, h)) {
+                                *a += w * x as f64;
+                            }
+                        }
+                        max = new_max;
+                    }
+                    let at = (bi * t + i) * nh * hs + h * hs;
+                    for (d, a) in acc.iter().enumerate() {
+                        out[at + d] = a / sum;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The added gradients [dq, dk, dv] given dout, out [b, t, nh*hs] and lse [b, nh, t].
+    fn backward(&self, dout: &[f32], out: &[f32], lse: &[f32]) -> [Vec<f64>; 3] {
+        let (b, t, nh, hs) = self.dims;
+        let scale = (1.0 / (hs as f64).sqrt()) as f32 as f64;
+        let mut grads = [(); 3].map(|_| vec![0.0f64; b * t * nh * hs]);
+        for bi in 0..b {
+            for h in 0..nh {
+                for i in 0..t {
+                    let dout_i = self.head_row(dout, bi, i, h);
+                    let row_dot = Self::dot(dout_i, self.head_row(out, bi, i, h));
+                    let lse_i = lse[(bi * nh + h) * t + i] as f64;
+                    for j in (0..t).filter(|&j| self.allowed(bi, j)) {
+                        let p = (self.score(bi, h, i, j) - lse_i).exp();
+                        let f = self.factor(bi, h, i, j);
+                        let dp = Self::dot(dout_i, self.head_row(self.v, bi, j, h));
+                        let w = self.stored(p * f);
+                        let ds = self.stored(p * (f * dp - row_dot));
+                        let (at_i, at_j) = (
+                            (bi * t + i) * nh * hs + h * hs,
+                            (bi * t + j) * nh * hs + h * hs,
+                        );
+                        for d in 0..hs {
+                            grads[0][at_i + d] += scale * ds * self.k[at_j + d] as f64;
+                            grads[1][at_j + d] += scale * ds * self.q[at_i + d] as f64;
+                            grads[2][at_j + d] += w * dout[at_i + d] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        grads
+    }
+}
+
+/// Version 3 (tensor cores, bf16) at every flash shape, with and without dropout, against
+/// TensorCoreReference, which rounds the probabilities and their gradients where the
+/// kernels do (BF16, 1e-2), after the reference without rounding is checked against the
+/// CPU's attention (F32, F32_SUM). The forward's out is also checked against the exact
+/// attention at TC_EXACT (5e-2 of |x| + mean |x|): bf16 probabilities cost up to about 1%
+/// there, and the gradients up to 4.5% where a sequence has few real keys (measured on the
+/// emulated device and in an f64 simulation; at t = 1 the exact gradients vanish and only
+/// rounding is left, so they are not compared with the exact ones). Gradients start at
+/// small random values, so `+=` shows without hiding the attention's own gradients.
+#[test]
+fn flash_attention_tensor_cores_match_cpu() {
+    let Some(rt) = gpu("flash_attention_tensor_cores_match_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(13);
+    let dropouts = [None, Some(cpu::AttentionDropout { p: 0.2, seed: 78 })];
+    for (&(b, t, nh, hs), dropout) in FLASH_SHAPES
+        .iter()
+        .flat_map(|s| dropouts.iter().map(move |d| (s, *d)))
+    {
+        let dims = (b, t, nh, hs);
+        let case = format!("{dims:?}, {dropout:?}");
+        let (act, rows) = (b * t * nh * hs, b * nh * t);
+        let (q, k, v, dout) = (
+            round_bf16(&rng.values(act, 2.0)),
+            round_bf16(&rng.values(act, 2.0)),
+            round_bf16(&rng.values(act, 1.0)),
+            round_bf16(&rng.values(act, 1.0)),
+        );
+        let mask = rng.padding_mask(b, t);
+        let (mut exact_out, mut probs) = (vec![0.0f32; act], vec![0.0f32; b * nh * t * t]);
+        cpu::attention_forward(
+            &mut exact_out,
+            &mut probs,
+            &q,
+            &k,
+            &v,
+            &mask,
+            b,
+            t,
+            nh,
+            hs,
+            dropout,
+        );
+        let exact_lse = reference_lse(&q, &k, &mask, b, t, nh, hs);
+        let mut exact_grads = [(); 3].map(|_| vec![0.0f32; act]);
+        let [exact_dq, exact_dk, exact_dv] = &mut exact_grads;
+        cpu::attention_backward(
+            exact_dq, exact_dk, exact_dv, &dout, &q, &k, &v, &probs, &mask, b, t, nh, hs, dropout,
+        );
+        let mut reference = TensorCoreReference {
+            round: false,
+            dims,
+            q: &q,
+            k: &k,
+            v: &v,
+            mask: &mask,
+            dropout,
+        };
+        assert_close_f64(
+            &format!("reference without rounding: out, {case}"),
+            &reference.forward(),
+            &wide(&exact_out),
+            F32,
+        );
+        let unrounded = reference.backward(&dout, &exact_out, &exact_lse);
+        for (g, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            assert_close_f64(
+                &format!("reference without rounding: {name}, {case}"),
+                &unrounded[g],
+                &wide(&exact_grads[g]),
+                F32_SUM,
+            );
+        }
+        reference.round = true;
+
+        let (q_d, k_d, v_d, mask_d) = (
+            rt.upload(&to_bf16(&q)).unwrap(),
+            rt.upload(&to_bf16(&k)).unwrap(),
+            rt.upload(&to_bf16(&v)).unwrap(),
+            rt.upload(&mask).unwrap(),
+        );
+        let mut out_d = rt.upload(&to_bf16(&nan(act))).unwrap();
+        let mut lse_d = rt.upload(&nan(rows)).unwrap();
+        rt.flash_attention_forward(
+            &mut out_d,
+            &mut lse_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &mask_d,
+            dims,
+            dropout,
+            FlashKernels::TensorCores,
+        )
+        .unwrap();
+        let out = from_bf16(&rt.download(&out_d).unwrap());
+        let lse = rt.download(&lse_d).unwrap();
+        assert_close_f64(
+            &format!("tensor-core forward out, {case}"),
+            &wide(&out),
+            &reference.forward(),
+            BF16,
+        );
+        assert_close(
+            &format!("tensor-core forward out vs exact, {case}"),
+            &out,
+            &exact_out,
+            TC_EXACT,
+        );
+        assert_close(
+            &format!("tensor-core forward lse, {case}"),
+            &lse,
+            &exact_lse,
+            F32,
+        );
+
+        let start = [(); 3].map(|_| round_bf16(&rng.values(act, 0.01)));
+        let mut grads_d = start.each_ref().map(|g| rt.upload(&to_bf16(g)).unwrap());
+        let [dq_d, dk_d, dv_d] = &mut grads_d;
+        let mut row_dot = rt.upload(&nan(rows)).unwrap();
+        rt.flash_attention_backward(
+            dq_d,
+            dk_d,
+            dv_d,
+            &mut row_dot,
+            &rt.upload(&to_bf16(&dout)).unwrap(),
+            &out_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &lse_d,
+            &mask_d,
+            dims,
+            dropout,
+            FlashKernels::TensorCores,
+        )
+        .unwrap();
+        let added = reference.backward(&dout, &out, &lse);
+        for (g, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let gpu = from_bf16(&rt.download(&grads_d[g]).unwrap());
+            let expected: Vec<f64> = start[g]
+                .iter()
+                .zip(&added[g])
+                .map(|(&s, &a)| s as f64 + a)
+                .collect();
+            assert_close_f64(
+                &format!("tensor-core backward {name}, {case}"),
+                &wide(&gpu),
+                &expected,
+                BF16,
+            );
+        }
+    }
+    // The tensor-core kernels take bf16 only: f32 is refused before any launch.
+    let (mut out_d, mut lse_d) = (rt.zeros::<f32>(16).unwrap(), rt.zeros::<f32>(1).unwrap());
+    let one = rt.zeros::<f32>(16).unwrap();
+    let mask_d = rt.upload(&[1u8]).unwrap();
+    let refused = rt.flash_attention_forward(
+        &mut out_d,
+        &mut lse_d,
+        &one,
+        &one,
+        &one,
+        &mask_d,
+        (1, 1, 1, 16),
+        None,
+        FlashKernels::TensorCores,
+    );
+    assert!(
+        refused.is_err(),
+        "f32 through the tensor-core kernels must be refused"
     );
 }
 
