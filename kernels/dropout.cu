@@ -15,11 +15,13 @@ __device__ void dropout_forward(T* out, const T* inp, size_t len, double p, floa
 }
 
 // dinp[i] += dout[i] · scale where element i was kept (same seed and p as the forward).
+// The product and the sum round separately, as the CPU's: nvcc would otherwise fuse them
+// into one multiply-add, and the tests compare bit for bit.
 template <typename T>
 __device__ void dropout_backward(T* dinp, const T* dout, size_t len, double p, float scale, uint64_t seed) {
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= len || !dropout_keep(seed, idx, p)) return;
-    dinp[idx] = from_float<T>(to_float(dinp[idx]) + to_float(dout[idx]) * scale);
+    dinp[idx] = from_float<T>(__fadd_rn(to_float(dinp[idx]), __fmul_rn(to_float(dout[idx]), scale)));
 }
 
 // The mask alone (1 kept, 0 dropped), to check the hash against the CPU bit for bit.

@@ -37,6 +37,7 @@
 //! Without a GPU every test prints why it was skipped and passes; RCX_REQUIRE_GPU=1 makes a
 //! skip a failure (scripts/gpu-check.sh sets it).
 
+mod common;
 #[path = "emu/build.rs"]
 mod emu_build;
 #[path = "emu/fake_device.rs"]
@@ -46,28 +47,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use rcx::backend::cpu::{adamw_update, global_norm_squared};
-use rcx::backend::cuda::{self, CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
+use rcx::backend::cuda::{CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
 use rcx::checkpoint::load_model_dir;
 use rcx::config::DType;
 use rcx::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
 use rcx::model::{Batch, BertConfig, BertModel, Dropout, Workspace};
 use rcx::rng::Rng;
 
-/// The device, or None after printing why the test is skipped.
+/// The device, shared with the trainer, or None after printing why the test is skipped.
 fn gpu(test: &str) -> Option<Arc<CudaRuntime>> {
-    match cuda::available() {
-        Ok(()) => Some(Arc::new(
-            CudaRuntime::new(0).expect("CUDA is available but the runtime failed"),
-        )),
-        Err(why) => {
-            assert!(
-                std::env::var("RCX_REQUIRE_GPU").map_or(true, |v| v != "1"),
-                "{test}: RCX_REQUIRE_GPU=1 but no GPU: {why}"
-            );
-            eprintln!("{test}: skipped, no GPU: {why}");
-            None
-        }
-    }
+    common::gpu_or_skip(test).map(Arc::new)
 }
 
 /// Small but not degenerate: 4 heads of 16, odd feed-forward width, 2 layers.
@@ -262,6 +251,84 @@ fn check_gradients(gpu: &[f32], cpu: &[f32], model: &BertModel<f32>, rtol: f64) 
 }
 
 /// The master weights rounded to bf16 (nearest, ties to even) and widened back.
+/// The step the f32 and bf16 tests take: the adaptive loss (steep: eps 0.01) on
+/// random_model(3) and ranked_batch(11), with hidden and attention dropout.
+struct StepCase {
+    spec: LossSpec,
+    eps: f64,
+    model: BertModel<f32>,
+    ranked: Ranked,
+    dropout: Dropout,
+}
+
+impl StepCase {
+    fn new() -> StepCase {
+        StepCase {
+            spec: LossSpec::parse("adaptive").unwrap(),
+            eps: 0.01,
+            model: random_model(3),
+            ranked: ranked_batch(11),
+            dropout: Dropout {
+                hidden: 0.1,
+                attention: 0.2,
+                seed: 77,
+            },
+        }
+    }
+
+    /// The CPU's logits with the step's dropout.
+    fn cpu_logits(&self) -> Vec<f32> {
+        let mut ws = Workspace::new();
+        self.model
+            .forward(&mut ws, &self.ranked.0, Some(self.dropout))
+            .unwrap()
+            .to_vec()
+    }
+
+    /// The step's one micro-batch.
+    fn micro(&self) -> [MicroBatch<'_>; 1] {
+        let (batch, ks, types) = &self.ranked;
+        [MicroBatch {
+            batch,
+            ks,
+            types,
+            dropout: Some(self.dropout),
+        }]
+    }
+
+    /// The CPU's loss and gradients of the step.
+    fn cpu_gradients(&self) -> (f64, Vec<f32>) {
+        let micro = [(self.ranked.clone(), self.dropout)];
+        cpu_gradients(&self.model, &micro, &self.spec, self.eps)
+    }
+}
+
+/// The update of the fp32 master weights the device made, against the CPU optimizer from
+/// zero moments on the device's own gradients: parameters and moments within 1e-5 (`run`
+/// names the test's run). Leaves `model` updated; returns the norm of the device's
+/// gradients as the CPU optimizer took it, and the device's parameters.
+fn check_update(
+    run: &str,
+    trainer: &CudaTrainer,
+    model: &mut BertModel<f32>,
+    gpu_grads: &[f32],
+) -> (f64, Vec<f32>) {
+    let total = model.num_params();
+    let (mut m, mut v) = (vec![0f32; total], vec![0f32; total]);
+    let norm = cpu_adamw(model, gpu_grads, &mut m, &mut v, &OPT);
+    let gpu_params = trainer.download_params().unwrap();
+    assert_close(
+        &format!("{run}: updated master weights"),
+        &gpu_params,
+        &model.params,
+        1e-5,
+    );
+    let (gpu_m, gpu_v) = trainer.download_moments().unwrap();
+    assert_close(&format!("{run}: first moment"), &gpu_m, &m, 1e-5);
+    assert_close(&format!("{run}: second moment"), &gpu_v, &v, 1e-5);
+    (norm, gpu_params)
+}
+
 fn rounded_to_bf16(params: &[f32]) -> Vec<f32> {
     params
         .iter()
@@ -274,25 +341,17 @@ fn training_step_matches_cpu() {
     let Some(rt) = gpu("training_step_matches_cpu") else {
         return;
     };
-    let spec = LossSpec::parse("adaptive").unwrap();
-    let eps = 0.01;
-    let mut model = random_model(3);
-    let (batch, ks, types) = ranked_batch(11);
-    let dropout = Dropout {
-        hidden: 0.1,
-        attention: 0.2,
-        seed: 77,
-    };
-    let mut trainer = CudaTrainer::new(rt, &model, DType::F32).unwrap();
-    assert_eq!(trainer.download_params().unwrap(), model.params, "upload");
+    let mut case = StepCase::new();
+    let mut trainer = CudaTrainer::new(rt, &case.model, DType::F32).unwrap();
+    assert_eq!(
+        trainer.download_params().unwrap(),
+        case.model.params,
+        "upload"
+    );
 
     // Forward with dropout: the same masks, the same logits.
-    let mut ws = Workspace::new();
-    let cpu_logits = model
-        .forward(&mut ws, &batch, Some(dropout))
-        .unwrap()
-        .to_vec();
-    let gpu_logits = trainer.forward(&batch, Some(dropout)).unwrap();
+    let cpu_logits = case.cpu_logits();
+    let gpu_logits = trainer.forward(&case.ranked.0, Some(case.dropout)).unwrap();
     assert_close("logits", &gpu_logits, &cpu_logits, 1e-4);
     let spread = cpu_logits.iter().cloned().fold(f32::MIN, f32::max)
         - cpu_logits.iter().cloned().fold(f32::MAX, f32::min);
@@ -302,22 +361,11 @@ fn training_step_matches_cpu() {
     );
 
     // One whole step.
-    let micro = [MicroBatch {
-        batch: &batch,
-        ks: &ks,
-        types: &types,
-        dropout: Some(dropout),
-    }];
-    let stats = train_step_cuda(&mut trainer, &micro, &spec, eps, &OPT).unwrap();
-    let (cpu_loss, cpu_grads) = cpu_gradients(
-        &model,
-        &[((batch.clone(), ks.clone(), types.clone()), dropout)],
-        &spec,
-        eps,
-    );
+    let stats = train_step_cuda(&mut trainer, &case.micro(), &case.spec, case.eps, &OPT).unwrap();
+    let (cpu_loss, cpu_grads) = case.cpu_gradients();
     assert_rel("loss", stats.loss, cpu_loss, 1e-4);
     let gpu_grads = trainer.download_grads().unwrap();
-    check_gradients(&gpu_grads, &cpu_grads, &model, 1e-3);
+    check_gradients(&gpu_grads, &cpu_grads, &case.model, 1e-3);
     let cpu_norm = global_norm_squared(&cpu_grads).sqrt();
     assert_rel("gradient norm", stats.grad_norm, cpu_norm, 1e-4);
     assert!(
@@ -326,21 +374,16 @@ fn training_step_matches_cpu() {
     );
 
     // The update, from the device's gradients on the CPU optimizer.
-    let before = model.params.clone();
-    let total = model.num_params();
-    let (mut m, mut v) = (vec![0f32; total], vec![0f32; total]);
-    let norm_of_gpu_grads = cpu_adamw(&mut model, &gpu_grads, &mut m, &mut v, &OPT);
+    let before = case.model.params.clone();
+    let total = case.model.num_params();
+    let (norm_of_gpu_grads, gpu_params) =
+        check_update("f32 run", &trainer, &mut case.model, &gpu_grads);
     assert_rel(
         "gradient norm of the device's gradients",
         stats.grad_norm,
         norm_of_gpu_grads,
         1e-9,
     );
-    let gpu_params = trainer.download_params().unwrap();
-    assert_close("updated parameters", &gpu_params, &model.params, 1e-5);
-    let (gpu_m, gpu_v) = trainer.download_moments().unwrap();
-    assert_close("first moment", &gpu_m, &m, 1e-5);
-    assert_close("second moment", &gpu_v, &v, 1e-5);
     let moved = gpu_params
         .iter()
         .zip(&before)
@@ -421,75 +464,49 @@ fn bf16_training_step_matches_cpu() {
     let Some(rt) = gpu("bf16_training_step_matches_cpu") else {
         return;
     };
-    let spec = LossSpec::parse("adaptive").unwrap();
-    let eps = 0.01;
-    let mut model = random_model(3);
-    let (batch, ks, types) = ranked_batch(11);
-    let dropout = Dropout {
-        hidden: 0.1,
-        attention: 0.2,
-        seed: 77,
-    };
-    let mut trainer = CudaTrainer::new(rt, &model, DType::Bf16).unwrap();
+    let mut case = StepCase::new();
+    let mut trainer = CudaTrainer::new(rt, &case.model, DType::Bf16).unwrap();
     assert_eq!(trainer.dtype(), DType::Bf16);
     assert_eq!(
         trainer.download_params().unwrap(),
-        model.params,
+        case.model.params,
         "the master weights stay fp32"
     );
     assert_eq!(
         trainer.download_gemm_weights().unwrap(),
-        rounded_to_bf16(&model.params),
+        rounded_to_bf16(&case.model.params),
         "the bf16 copy at upload"
     );
 
     // Forward with dropout: the same masks, logits within bf16's reach.
-    let mut ws = Workspace::new();
-    let cpu_logits = model
-        .forward(&mut ws, &batch, Some(dropout))
-        .unwrap()
-        .to_vec();
-    let gpu_logits = trainer.forward(&batch, Some(dropout)).unwrap();
+    let cpu_logits = case.cpu_logits();
+    let gpu_logits = trainer.forward(&case.ranked.0, Some(case.dropout)).unwrap();
     assert_close("bf16 logits", &gpu_logits, &cpu_logits, 5e-2);
 
-    let micro = [MicroBatch {
-        batch: &batch,
-        ks: &ks,
-        types: &types,
-        dropout: Some(dropout),
-    }];
-    let stats = train_step_cuda(&mut trainer, &micro, &spec, eps, &OPT).unwrap();
-    let (cpu_loss, _) = cpu_gradients(
-        &model,
-        &[((batch.clone(), ks.clone(), types.clone()), dropout)],
-        &spec,
-        eps,
-    );
+    let stats = train_step_cuda(&mut trainer, &case.micro(), &case.spec, case.eps, &OPT).unwrap();
+    let (cpu_loss, _) = case.cpu_gradients();
     assert_rel("bf16 loss", stats.loss, cpu_loss, 5e-2);
     // The backward from the loss gradient at the device's own logits (see the top).
+    let (batch, ks, types) = &case.ranked;
     let mut dlogits = vec![0f32; gpu_logits.len()];
-    ranking_loss_forward_backward(&gpu_logits[..], &ks, &types, &spec, eps, &mut dlogits).unwrap();
-    let cpu_grads = cpu_backward(&model, &batch, dropout, &dlogits);
+    ranking_loss_forward_backward(
+        &gpu_logits[..],
+        ks,
+        types,
+        &case.spec,
+        case.eps,
+        &mut dlogits,
+    )
+    .unwrap();
+    let cpu_grads = cpu_backward(&case.model, batch, case.dropout, &dlogits);
     let gpu_grads = trainer.download_grads().unwrap();
-    check_gradients(&gpu_grads, &cpu_grads, &model, 8e-2);
+    check_gradients(&gpu_grads, &cpu_grads, &case.model, 8e-2);
     let cpu_norm = global_norm_squared(&cpu_grads).sqrt();
     assert_rel("bf16 gradient norm", stats.grad_norm, cpu_norm, 5e-2);
 
     // The update of the fp32 master weights, from the device's gradients on the CPU
     // optimizer, and the bf16 copy the fused AdamW wrote beside it.
-    let total = model.num_params();
-    let (mut m, mut v) = (vec![0f32; total], vec![0f32; total]);
-    cpu_adamw(&mut model, &gpu_grads, &mut m, &mut v, &OPT);
-    let gpu_params = trainer.download_params().unwrap();
-    assert_close(
-        "bf16 run: updated master weights",
-        &gpu_params,
-        &model.params,
-        1e-5,
-    );
-    let (gpu_m, gpu_v) = trainer.download_moments().unwrap();
-    assert_close("bf16 run: first moment", &gpu_m, &m, 1e-5);
-    assert_close("bf16 run: second moment", &gpu_v, &v, 1e-5);
+    let (_, gpu_params) = check_update("bf16 run", &trainer, &mut case.model, &gpu_grads);
     assert_eq!(
         trainer.download_gemm_weights().unwrap(),
         rounded_to_bf16(&gpu_params),

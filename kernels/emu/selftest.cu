@@ -131,7 +131,7 @@ extern "C" __global__ void emu_wmma_store_then_read(float* out, int sync) {
     if (sync) __syncwarp();
     float sum = 0.0f;
     for (int e = 0; e < 256; e++) sum += tile[e];
-    out[threadIdx.x] = sum;
+    out[blockIdx.x * blockDim.x + threadIdx.x] = sum;
 }
 
 // A wmma load from `offset` floats into a buffer: misaligned unless offset % 8 == 0.

@@ -73,6 +73,23 @@ pub fn rcx_train(config: &Path, extra: &[&str]) -> Output {
     rcx(&args)
 }
 
+/// The device of the GPU tests, or None after printing why `test` is skipped (no GPU, or
+/// a build without kernels); RCX_REQUIRE_GPU=1 makes a skip a failure.
+pub fn gpu_or_skip(test: &str) -> Option<rcx::backend::cuda::CudaRuntime> {
+    use rcx::backend::cuda::{CudaRuntime, available};
+    match available() {
+        Ok(()) => Some(CudaRuntime::new(0).expect("CUDA is available but the runtime failed")),
+        Err(why) => {
+            assert!(
+                std::env::var("RCX_REQUIRE_GPU").map_or(true, |v| v != "1"),
+                "{test}: RCX_REQUIRE_GPU=1 but no GPU: {why}"
+            );
+            eprintln!("{test}: skipped, no GPU: {why}");
+            None
+        }
+    }
+}
+
 /// Kernel test inputs from a seeded splitmix64 stream (rcx::rng::Rng), so failures
 /// reproduce.
 pub struct InputRng(rcx::rng::Rng);
