@@ -5,7 +5,7 @@
 #   2. every GPU test executable with RCX_REQUIRE_GPU=1 (a skip is then a failure);
 #   3. the kernel lab (each kernel vs its CPU twin, then GB/s or TFLOP/s vs copy and SGEMM);
 #   4. the BERT-base training step bench, bf16 and f32 (all pairs vs pair-duplicated);
-#   5. compute-sanitizer memcheck and racecheck on the flash attention test, when present;
+#   5. compute-sanitizer memcheck and racecheck on the flash attention tests (versions 2 and 3), when present;
 #   6. the PyTorch baseline of the same step (scripts/bench_torch_gpu.py).
 # Each part runs under `timeout` within one overall budget (RCX_GPU_BUDGET_S, 450 s by
 # default, under the 8 minutes the issue allows), writes its full log under $OUT, and a short
@@ -116,9 +116,9 @@ run_part gpu-step 150 "$BUNDLE/benches/gpu_step"
 # the tool is slow, not that a kernel is wrong.
 if command -v compute-sanitizer >/dev/null; then
     run_part sanitize-memcheck 40 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$BUNDLE/tests/cuda_kernels" flash_attention_matches_cpu
+        "$BUNDLE/tests/cuda_kernels" flash_attention
     run_part sanitize-racecheck 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
-        "$BUNDLE/tests/cuda_kernels" flash_attention_matches_cpu
+        "$BUNDLE/tests/cuda_kernels" flash_attention
 else
     ROWS+=("$(printf '%-22s %-10s %6s  %s' sanitize SKIPPED - "no compute-sanitizer on PATH")")
 fi
