@@ -18,6 +18,12 @@ ROOT=$(pwd)
 OUT=${OUT:-$ROOT/gpu-out}
 mkdir -p "$OUT"
 BUNDLE=$ROOT/gpu-bundle
+# gpu-prepare.sh packs the executables into one gzipped tar: unpack it outside the tree.
+if [ -f "$BUNDLE/payload.tar.gz" ]; then
+    UNPACKED=$(mktemp -d)
+    tar -xzf "$BUNDLE/payload.tar.gz" -C "$UNPACKED" || { echo "gpu-check: cannot unpack the bundle" >&2; exit 2; }
+    BUNDLE=$UNPACKED
+fi
 PYTHON=${PYTHON:-python3}
 BUDGET=${RCX_GPU_BUDGET_S:-450}
 START=$(date +%s)
@@ -86,7 +92,8 @@ for root in roots:
 PY
 )
 if [ -z "$CUBLAS" ]; then
-    CUBLAS=$(timeout 90 find / -xdev -name 'libcublas.so*' 2>/dev/null | head -1)
+    # Not the emulated device's fake (tests/emu: target/tmp/fake-cuda-*/libcublas.so).
+    CUBLAS=$(timeout 90 find / -xdev -name 'libcublas.so*' -not -path '*/fake-cuda-*' 2>/dev/null | head -1)
 fi
 if [ -n "$CUBLAS" ]; then
     export LD_LIBRARY_PATH="$(dirname "$CUBLAS")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
