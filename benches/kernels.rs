@@ -4,7 +4,8 @@
 //! optimizer over 110M parameters): CUDA events, warm-up, median of many runs, input sets
 //! rotated so that the working set exceeds L2. Each line prints the achieved GB/s (bytes:
 //! every input read once, every output written once) or TFLOP/s beside the device's
-//! measured ceilings: a 1 GiB device-to-device copy and a cuBLAS SGEMM of 8192³.
+//! measured ceilings: a 1 GiB device-to-device copy and cuBLAS GEMMs of 8192³ (SGEMM for
+//! the f32 kernels, bf16 in with fp32 accumulation for the bf16 ones).
 //!
 //! Without a GPU it says it skipped and exits 0; a failed check exits 1.
 //! STATUS: compiled, never run on a GPU when written.
@@ -51,7 +52,10 @@ const BF16_TOLERANCE: f64 = 2e-2;
 
 enum Rate {
     Bytes(f64),
+    /// FLOPs of an f32 kernel, against SGEMM.
     Flops(f64),
+    /// FLOPs of a bf16 kernel, against the bf16 GEMM.
+    Bf16Flops(f64),
     Launch,
 }
 
@@ -60,6 +64,7 @@ struct Lab {
     rng: Rng,
     copy_gbs: f64,
     sgemm_tflops: f64,
+    bf16_gemm_tflops: f64,
     failures: Vec<String>,
     rows: Vec<String>,
 }
@@ -138,6 +143,13 @@ impl Lab {
                     100.0 * tflops / self.sgemm_tflops
                 )
             }
+            Rate::Bf16Flops(flops) => {
+                let tflops = flops / (ms * 1e-3) / 1e12;
+                format!(
+                    "{tflops:8.2} TFLOP/s {:5.1}% of bf16 GEMM",
+                    100.0 * tflops / self.bf16_gemm_tflops
+                )
+            }
             Rate::Launch => "  (launch-bound: time only)".to_string(),
         };
         let line = format!(
@@ -169,6 +181,7 @@ fn run() -> Result<bool> {
         rng: Rng(0x5eed),
         copy_gbs: 0.0,
         sgemm_tflops: 0.0,
+        bf16_gemm_tflops: 0.0,
         failures: Vec::new(),
         rows: Vec::new(),
     };
@@ -186,8 +199,8 @@ fn run() -> Result<bool> {
     optimizer(&mut lab)?;
     println!();
     println!(
-        "ceilings: copy {:.0} GB/s (read + write), SGEMM {:.1} TFLOP/s",
-        lab.copy_gbs, lab.sgemm_tflops
+        "ceilings: copy {:.0} GB/s (read + write), SGEMM {:.1} TFLOP/s, bf16 GEMM {:.1} TFLOP/s",
+        lab.copy_gbs, lab.sgemm_tflops, lab.bf16_gemm_tflops
     );
     if lab.failures.is_empty() {
         println!("kernel lab: every kernel matches its CPU twin");
@@ -223,9 +236,18 @@ fn ceilings(lab: &mut Lab) -> Result<()> {
         rt.matmul_forward(&mut out, &a, &w, None::<&CudaSlice<f32>>, s, s, s)
     })?;
     lab.sgemm_tflops = 2.0 * (s as f64).powi(3) / (ms * 1e-3) / 1e12;
+    drop((a, w, out));
+
+    let a = lab.rt.upload(&vec![bf16::from_f32(0.5); s * s])?;
+    let w = lab.rt.upload(&vec![bf16::from_f32(0.25); s * s])?;
+    let mut out = lab.rt.zeros::<bf16>(s * s)?;
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.matmul_forward(&mut out, &a, &w, None::<&CudaSlice<f32>>, s, s, s)
+    })?;
+    lab.bf16_gemm_tflops = 2.0 * (s as f64).powi(3) / (ms * 1e-3) / 1e12;
     println!(
-        "copy 1 GiB: {:.0} GB/s; cuBLAS SGEMM 8192^3: {:.1} TFLOP/s",
-        lab.copy_gbs, lab.sgemm_tflops
+        "copy 1 GiB: {:.0} GB/s; cuBLAS SGEMM 8192^3: {:.1} TFLOP/s; bf16 GEMM 8192^3: {:.1} TFLOP/s",
+        lab.copy_gbs, lab.sgemm_tflops, lab.bf16_gemm_tflops
     );
     Ok(())
 }
@@ -958,7 +980,7 @@ fn flash_attention_bf16(lab: &mut Lab) -> Result<()> {
             "8x512, 12x64",
             fwd_err,
             ms,
-            Rate::Flops(flops),
+            Rate::Bf16Flops(flops),
         );
         let (mut dq_d, mut dk_d, mut dv_d) = (
             lab.rt.zeros::<bf16>(act)?,
@@ -989,7 +1011,7 @@ fn flash_attention_bf16(lab: &mut Lab) -> Result<()> {
             "8x512, 12x64",
             bwd_err,
             ms,
-            Rate::Flops(2.0 * flops),
+            Rate::Bf16Flops(2.0 * flops),
         );
     }
     Ok(())
