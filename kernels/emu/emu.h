@@ -29,6 +29,12 @@
 // One block runs at a time, so one static per declaration is the block's shared memory.
 #define __shared__ static
 
+// The 16-byte vector the kernels move 8 bf16 values with.
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
 struct rcx_emu_dim3 {
     unsigned x, y, z;
 };
