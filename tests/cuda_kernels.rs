@@ -898,25 +898,6 @@ impl FlashReference<'_> {
             )
     }
 
-    /// lse [b, nh, t]: log Σ_j exp(s_ij) over the allowed keys.
-    fn lse(&self) -> Vec<f64> {
-        let (b, t, nh, _) = self.dims;
-        let mut lse = Vec::with_capacity(b * nh * t);
-        for bi in 0..b {
-            for h in 0..nh {
-                for i in 0..t {
-                    let scores: Vec<f64> = (0..t)
-                        .filter(|&j| self.allowed(bi, j))
-                        .map(|j| self.score(bi, h, i, j))
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    lse.push(max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln());
-                }
-            }
-        }
-        lse
-    }
-
     fn forward(&self) -> Vec<f64> {
         let (b, t, nh, hs) = self.dims;
         let mut out = vec![0.0f64; b * t * nh * hs];
@@ -959,7 +940,7 @@ impl FlashReference<'_> {
     }
 
     /// The added gradients [dq, dk, dv] given dout, out [b, t, nh*hs] and lse [b, nh, t].
-    fn backward(&self, dout: &[f32], out: &[f32], lse: &[f64]) -> [Vec<f64>; 3] {
+    fn backward(&self, dout: &[f32], out: &[f64], lse: &[f64]) -> [Vec<f64>; 3] {
         let (b, t, nh, hs) = self.dims;
         let scale = (1.0 / (hs as f64).sqrt()) as f32 as f64;
         let mut grads = [(); 3].map(|_| vec![0.0f64; b * t * nh * hs]);
@@ -967,7 +948,8 @@ impl FlashReference<'_> {
             for h in 0..nh {
                 for i in 0..t {
                     let dout_i = self.head_row(dout, bi, i, h);
-                    let row_dot = Self::dot(dout_i, self.head_row(out, bi, i, h));
+                    let at_i = (bi * t + i) * nh * hs + h * hs;
+                    let row_dot: f64 = (0..hs).map(|d| dout_i[d] as f64 * out[at_i + d]).sum();
                     let lse_i = lse[(bi * nh + h) * t + i];
                     for j in (0..t).filter(|&j| self.allowed(bi, j)) {
                         let p = (self.score(bi, h, i, j) - lse_i).exp();
@@ -1081,7 +1063,7 @@ fn flash_case<T: Act>(
         };
         let added = reference.backward(
             &problem.dout,
-            &download_f32(rt, &out_d),
+            &wide(&download_f32(rt, &out_d)),
             &wide(&download_f32(rt, &lse_d)),
         );
         let given_out: [Vec<f64>; 3] = std::array::from_fn(|g| {
@@ -1155,158 +1137,133 @@ fn flash_attention_matches_cpu() {
     );
 }
 
-/// Version 3 (tensor cores, bf16) at every flash shape, with and without dropout, against
-/// FlashReference, which rounds the probabilities and their gradients where the
-/// kernels do (BF16, 1e-2), after the reference without rounding is checked against the
-/// CPU's attention (F32, F32_SUM). The forward's out is also checked against the exact
-/// attention at TC_EXACT (5e-2 of |x| + mean |x|): bf16 probabilities cost up to about 1%
-/// there, and the gradients up to 4.5% where a sequence has few real keys (measured on the
-/// emulated device and in an f64 simulation; at t = 1 the exact gradients vanish and only
-/// rounding is left, so they are not compared with the exact ones). Gradients start at
-/// small random values, so `+=` shows without hiding the attention's own gradients.
+/// Version 3 (tensor cores, bf16) against FlashReference, which rounds the probabilities
+/// and their gradients where the kernels do (BF16, 1e-2), after the reference without
+/// rounding is checked against the CPU's attention (F32, F32_SUM). The forward's out is also
+/// checked against the exact attention at TC_EXACT (5e-2 of |x| + mean |x|): bf16
+/// probabilities cost up to about 1% there, and the gradients up to 4.5% where a sequence
+/// has few real keys (measured on the emulated device and in an f64 simulation; at t = 1 the
+/// exact gradients vanish and only rounding is left, so they are not compared with the exact
+/// ones). Gradients start at small values, so `+=` shows without hiding the attention's own.
+fn tensor_core_case(
+    rt: &CudaRuntime,
+    rng: &mut Rng,
+    dims: (usize, usize, usize, usize),
+    dropout: Option<AttentionDropout>,
+) {
+    let (b, t, nh, hs) = dims;
+    let (act, rows) = (b * t * nh * hs, b * nh * t);
+    let what = format!("tensor-core attention {dims:?} dropout {dropout:?}");
+    let mut problem = AttentionProblem::new::<bf16>(rng, dims);
+    problem.grads = [(); 3].map(|_| rounded::<bf16>(&rng.values(act, 0.01)));
+    let with_start = |added: &[Vec<f64>; 3]| -> [Vec<f64>; 3] {
+        std::array::from_fn(|g| {
+            let start = problem.grads[g].iter();
+            start.zip(&added[g]).map(|(&s, &a)| s as f64 + a).collect()
+        })
+    };
+    let (exact_out, probs) = problem.cpu_forward(dropout);
+    let exact_lse = problem.cpu_lse();
+    let mut reference = FlashReference {
+        round: false,
+        dims,
+        q: &problem.q,
+        k: &problem.k,
+        v: &problem.v,
+        mask: &problem.mask,
+        dropout,
+    };
+    assert_close_f64(
+        &format!("{what}: reference without rounding, out"),
+        &reference.forward(),
+        &exact_out,
+        F32,
+    );
+    let unrounded = with_start(&reference.backward(&problem.dout, &exact_out, &exact_lse));
+    let exact_grads = problem.cpu_backward(&probs, dropout);
+    for (g, name) in ["dq", "dk", "dv"].iter().enumerate() {
+        assert_close_f64(
+            &format!("{what}: reference without rounding, {name}"),
+            &unrounded[g],
+            &exact_grads[g],
+            F32_SUM,
+        );
+    }
+    reference.round = true;
+
+    let inputs = AttentionInputs::<bf16>::new(rt, &problem);
+    let (mut out_d, mut lse_d) = (poisoned::<bf16>(rt, act), poisoned::<f32>(rt, rows));
+    rt.flash_attention_forward(
+        &mut out_d,
+        &mut lse_d,
+        &inputs.q,
+        &inputs.k,
+        &inputs.v,
+        &inputs.mask,
+        dims,
+        dropout,
+        FlashKernels::TensorCores,
+    )
+    .unwrap();
+    check(
+        rt,
+        &format!("{what} forward out"),
+        &out_d,
+        &reference.forward(),
+        BF16,
+    );
+    check(
+        rt,
+        &format!("{what} forward out vs exact"),
+        &out_d,
+        &exact_out,
+        TC_EXACT,
+    );
+    check(rt, &format!("{what} forward lse"), &lse_d, &exact_lse, F32);
+
+    let mut grads = problem.upload_grads::<bf16>(rt);
+    let [dq, dk, dv] = &mut grads;
+    let mut row_dot = poisoned::<f32>(rt, rows);
+    rt.flash_attention_backward(
+        dq,
+        dk,
+        dv,
+        &mut row_dot,
+        &inputs.dout,
+        &out_d,
+        &inputs.q,
+        &inputs.k,
+        &inputs.v,
+        &lse_d,
+        &inputs.mask,
+        dims,
+        dropout,
+        FlashKernels::TensorCores,
+    )
+    .unwrap();
+    let added = reference.backward(
+        &problem.dout,
+        &wide(&download_f32(rt, &out_d)),
+        &wide(&download_f32(rt, &lse_d)),
+    );
+    check_grads(
+        rt,
+        &format!("{what} backward"),
+        &grads,
+        &with_start(&added),
+        BF16,
+    );
+}
+
 #[test]
 fn flash_attention_tensor_cores_match_cpu() {
     let Some(rt) = gpu("flash_attention_tensor_cores_match_cpu") else {
         return;
     };
     let mut rng = Rng::new(13);
-    let dropouts = [None, Some(cpu::AttentionDropout { p: 0.2, seed: 78 })];
-    for (&(b, t, nh, hs), dropout) in FLASH_SHAPES
-        .iter()
-        .flat_map(|s| dropouts.iter().map(move |d| (s, *d)))
-    {
-        let dims = (b, t, nh, hs);
-        let case = format!("{dims:?}, {dropout:?}");
-        let (act, rows) = (b * t * nh * hs, b * nh * t);
-        let (q, k, v, dout) = (
-            round_bf16(&rng.values(act, 2.0)),
-            round_bf16(&rng.values(act, 2.0)),
-            round_bf16(&rng.values(act, 1.0)),
-            round_bf16(&rng.values(act, 1.0)),
-        );
-        let mask = rng.padding_mask(b, t);
-        let (mut exact_out, mut probs) = (vec![0.0f32; act], vec![0.0f32; b * nh * t * t]);
-        cpu::attention_forward(
-            &mut exact_out,
-            &mut probs,
-            &q,
-            &k,
-            &v,
-            &mask,
-            b,
-            t,
-            nh,
-            hs,
-            dropout,
-        );
-        let mut exact_grads = [(); 3].map(|_| vec![0.0f32; act]);
-        let [exact_dq, exact_dk, exact_dv] = &mut exact_grads;
-        cpu::attention_backward(
-            exact_dq, exact_dk, exact_dv, &dout, &q, &k, &v, &probs, &mask, b, t, nh, hs, dropout,
-        );
-        let mut reference = FlashReference {
-            round: false,
-            dims,
-            q: &q,
-            k: &k,
-            v: &v,
-            mask: &mask,
-            dropout,
-        };
-        assert_close_f64(
-            &format!("reference without rounding: out, {case}"),
-            &reference.forward(),
-            &wide(&exact_out),
-            F32,
-        );
-        let exact_lse = reference.lse();
-        let unrounded = reference.backward(&dout, &exact_out, &exact_lse);
-        for (g, name) in ["dq", "dk", "dv"].iter().enumerate() {
-            assert_close_f64(
-                &format!("reference without rounding: {name}, {case}"),
-                &unrounded[g],
-                &wide(&exact_grads[g]),
-                F32_SUM,
-            );
-        }
-        reference.round = true;
-
-        let (q_d, k_d, v_d, mask_d) = (
-            rt.upload(&to_bf16(&q)).unwrap(),
-            rt.upload(&to_bf16(&k)).unwrap(),
-            rt.upload(&to_bf16(&v)).unwrap(),
-            rt.upload(&mask).unwrap(),
-        );
-        let mut out_d = rt.upload(&to_bf16(&nan(act))).unwrap();
-        let mut lse_d = rt.upload(&nan(rows)).unwrap();
-        rt.flash_attention_forward(
-            &mut out_d,
-            &mut lse_d,
-            &q_d,
-            &k_d,
-            &v_d,
-            &mask_d,
-            dims,
-            dropout,
-            FlashKernels::TensorCores,
-        )
-        .unwrap();
-        let out = from_bf16(&rt.download(&out_d).unwrap());
-        let lse = rt.download(&lse_d).unwrap();
-        assert_close_f64(
-            &format!("tensor-core forward out, {case}"),
-            &wide(&out),
-            &reference.forward(),
-            BF16,
-        );
-        assert_close(
-            &format!("tensor-core forward out vs exact, {case}"),
-            &out,
-            &exact_out,
-            TC_EXACT,
-        );
-        assert_close_f64(
-            &format!("tensor-core forward lse, {case}"),
-            &wide(&lse),
-            &exact_lse,
-            F32,
-        );
-
-        let start = [(); 3].map(|_| round_bf16(&rng.values(act, 0.01)));
-        let mut grads_d = start.each_ref().map(|g| rt.upload(&to_bf16(g)).unwrap());
-        let [dq_d, dk_d, dv_d] = &mut grads_d;
-        let mut row_dot = rt.upload(&nan(rows)).unwrap();
-        rt.flash_attention_backward(
-            dq_d,
-            dk_d,
-            dv_d,
-            &mut row_dot,
-            &rt.upload(&to_bf16(&dout)).unwrap(),
-            &out_d,
-            &q_d,
-            &k_d,
-            &v_d,
-            &lse_d,
-            &mask_d,
-            dims,
-            dropout,
-            FlashKernels::TensorCores,
-        )
-        .unwrap();
-        let added = reference.backward(&dout, &out, &wide(&lse));
-        for (g, name) in ["dq", "dk", "dv"].iter().enumerate() {
-            let gpu = from_bf16(&rt.download(&grads_d[g]).unwrap());
-            let expected: Vec<f64> = start[g]
-                .iter()
-                .zip(&added[g])
-                .map(|(&s, &a)| s as f64 + a)
-                .collect();
-            assert_close_f64(
-                &format!("tensor-core backward {name}, {case}"),
-                &wide(&gpu),
-                &expected,
-                BF16,
-            );
+    for shape in FLASH_SHAPES {
+        for dropout in [None, Some(AttentionDropout { p: 0.2, seed: 78 })] {
+            tensor_core_case(&rt, &mut rng, shape, dropout);
         }
     }
     // The tensor-core kernels take bf16 only: f32 is refused before any launch.
