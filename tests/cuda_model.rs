@@ -530,11 +530,10 @@ fn bf16_training_loss_falls_as_on_the_cpu() {
         return;
     };
     // 30 steps on one batch without dropout, lr 1e-3: on the CPU (f32) the loss with U = x
-    // goes from about 0.01 to about -0.66 (measured when this test was written). The
-    // emulated device (about 5 s a step) takes the first 12: to about -0.44.
+    // goes from about 0.01 to about -0.66 (measured when this test was written).
     let spec = LossSpec::parse("x").unwrap();
     let eps = 0.01;
-    let steps = if fake_device::emulated() { 12 } else { 30 };
+    let steps = 30;
     let (batch, ks, types) = ranked_batch(11);
     let opt = |step| OptimStep {
         step,
