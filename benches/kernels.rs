@@ -17,7 +17,9 @@ use std::process::ExitCode;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use rcx::backend::cpu;
-use rcx::backend::cuda::{AdamWStep, CudaRuntime, FlashKernels, RankingBatch, TokenBatch};
+use rcx::backend::cuda::{
+    Activation, AdamWStep, CudaRuntime, FlashKernels, RankingBatch, TokenBatch,
+};
 use rcx::error::{Error, Result};
 use rcx::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
 use rcx::model::{BertConfig, ParamLayout};
@@ -192,8 +194,9 @@ fn run() -> Result<bool> {
     dropout(&mut lab)?;
     bias_backward(&mut lab)?;
     attention(&mut lab)?;
-    flash_attention(&mut lab)?;
-    flash_attention_bf16(&mut lab)?;
+    flash_attention::<f32>(&mut lab, FlashKernels::CudaCores)?;
+    flash_attention::<bf16>(&mut lab, FlashKernels::CudaCores)?;
+    flash_attention::<bf16>(&mut lab, FlashKernels::TensorCores)?;
     matmul(&mut lab)?;
     ranking_loss(&mut lab)?;
     optimizer(&mut lab)?;
@@ -736,54 +739,88 @@ fn attention(lab: &mut Lab) -> Result<()> {
     Ok(())
 }
 
-/// Version 2 (flash) of attention: validated against the CPU twin (without and with
-/// dropout on the probabilities), then timed at BERT-base sizes like version 1.
-fn flash_attention(lab: &mut Lab) -> Result<()> {
+/// An activation type the lab runs flash attention in: its values as the device stores
+/// them, its check tolerance and its FLOP ceiling.
+trait LabActivation: Activation + Copy + Default {
+    const TOLERANCE: f64;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    fn flops(flops: f64) -> Rate;
+}
+
+impl LabActivation for f32 {
+    const TOLERANCE: f64 = F32_TOLERANCE;
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn flops(flops: f64) -> Rate {
+        Rate::Flops(flops)
+    }
+}
+
+impl LabActivation for bf16 {
+    const TOLERANCE: f64 = BF16_TOLERANCE;
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn flops(flops: f64) -> Rate {
+        Rate::Bf16Flops(flops)
+    }
+}
+
+/// Flash attention in T, version 2 (`FlashKernels::CudaCores`) or 3 (`TensorCores`, bf16):
+/// validated against the CPU twin on the same T-rounded inputs, without and with dropout
+/// on the probabilities (gradients start at small values, so `+=` shows without hiding
+/// the attention's own), then timed at BERT-base sizes like version 1 (no probabilities
+/// to write or read).
+fn flash_attention<T: LabActivation>(lab: &mut Lab, kernels: FlashKernels) -> Result<()> {
+    let version = match kernels {
+        FlashKernels::CudaCores => "v2",
+        FlashKernels::TensorCores => "v3",
+    };
+    let name = |direction: &str| format!("flash_attention_{direction} {} {version}", T::SUFFIX);
+    let store = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+    let load = |x: Vec<T>| x.into_iter().map(T::to_f32).collect::<Vec<f32>>();
     let dims = (CB, CT, NH, HS);
     let act = CN * C;
     let rows = CB * NH * CT;
     let (mut fwd_err, mut bwd_err) = (0.0f64, 0.0f64);
     for dropout in [None, Some(cpu::AttentionDropout { p: 0.1, seed: 3 })] {
-        let (q, k, v) = (
-            lab.rng.values(act, 1.0),
-            lab.rng.values(act, 1.0),
-            lab.rng.values(act, 1.0),
-        );
+        let mut input = |scale| load(store(&lab.rng.values(act, scale)));
+        let (q, k, v, dout) = (input(1.0), input(1.0), input(1.0), input(1.0));
+        let (mut dq, mut dk, mut dv) = (input(0.01), input(0.01), input(0.01));
         let mask = padding_mask(&mut lab.rng, CB, CT);
         let (mut out, mut probs) = (vec![0.0; act], vec![0.0; CB * NH * CT * CT]);
         cpu::attention_forward(
             &mut out, &mut probs, &q, &k, &v, &mask, CB, CT, NH, HS, dropout,
         );
-        let (q_d, k_d, v_d, mask_d) =
-            (lab.up(&q)?, lab.up(&k)?, lab.up(&v)?, lab.rt.upload(&mask)?);
-        let (mut out_d, mut lse_d) = (lab.nan(act)?, lab.nan(rows)?);
+        let rt = lab.rt.clone();
+        let up = |x: &[f32]| rt.upload(&store(x));
+        let (q_d, k_d, v_d, dout_d) = (up(&q)?, up(&k)?, up(&v)?, up(&dout)?);
+        let mask_d = lab.rt.upload(&mask)?;
+        let mut out_d = up(&vec![f32::NAN; act])?;
+        let mut lse_d = lab.nan(rows)?;
         lab.rt.flash_attention_forward(
-            &mut out_d,
-            &mut lse_d,
-            &q_d,
-            &k_d,
-            &v_d,
-            &mask_d,
-            dims,
-            dropout,
-            FlashKernels::CudaCores,
+            &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, dropout, kernels,
         )?;
-        let name = format!("flash_attention_forward {dropout:?}");
-        fwd_err = fwd_err.max(lab.check(&name, &[("out", lab.down(&out_d)?, out)]));
-        let dout = lab.rng.values(act, 1.0);
-        let (mut dq, mut dk, mut dv) = (
-            lab.rng.values(act, 1.0),
-            lab.rng.values(act, 1.0),
-            lab.rng.values(act, 1.0),
-        );
-        let (mut dq_d, mut dk_d, mut dv_d) = (lab.up(&dq)?, lab.up(&dk)?, lab.up(&dv)?);
+        let out_gpu = load(lab.rt.download(&out_d)?);
+        let check = format!("{} {dropout:?}", name("forward"));
+        fwd_err = fwd_err.max(lab.check_within(&check, &[("out", out_gpu, out)], T::TOLERANCE));
+
+        let (mut dq_d, mut dk_d, mut dv_d) = (up(&dq)?, up(&dk)?, up(&dv)?);
         let mut row_dot_d = lab.nan(rows)?;
         lab.rt.flash_attention_backward(
             &mut dq_d,
             &mut dk_d,
             &mut dv_d,
             &mut row_dot_d,
-            &lab.up(&dout)?,
+            &dout_d,
             &out_d,
             &q_d,
             &k_d,
@@ -792,62 +829,48 @@ fn flash_attention(lab: &mut Lab) -> Result<()> {
             &mask_d,
             dims,
             dropout,
-            FlashKernels::CudaCores,
+            kernels,
         )?;
         cpu::attention_backward(
             &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, CB, CT, NH, HS, dropout,
         );
-        let name = format!("flash_attention_backward {dropout:?}");
-        bwd_err = bwd_err.max(lab.check(
-            &name,
-            &[
-                ("dq", lab.down(&dq_d)?, dq),
-                ("dk", lab.down(&dk_d)?, dk),
-                ("dv", lab.down(&dv_d)?, dv),
-            ],
-        ));
+        let parts = [
+            ("dq", load(lab.rt.download(&dq_d)?), dq),
+            ("dk", load(lab.rt.download(&dk_d)?), dk),
+            ("dv", load(lab.rt.download(&dv_d)?), dv),
+        ];
+        let check = format!("{} {dropout:?}", name("backward"));
+        bwd_err = bwd_err.max(lab.check_within(&check, &parts, T::TOLERANCE));
     }
 
-    // Time at 8 x 512, 12 heads of 64, as version 1 (no probabilities to write or read).
+    // Time at 8 x 512, 12 heads of 64.
     let dims = (B, T, NH, HS);
     let act = N * C;
     let rows = B * NH * T;
-    let (q_d, k_d, v_d) = (
-        lab.random_sets(act, 1.0, 1)?.remove(0),
-        lab.random_sets(act, 1.0, 1)?.remove(0),
-        lab.random_sets(act, 1.0, 1)?.remove(0),
-    );
+    let mut input = || lab.rt.upload(&store(&lab.rng.values(act, 1.0)));
+    let (q_d, k_d, v_d, dout_d) = (input()?, input()?, input()?, input()?);
     let mask_d = lab.rt.upload(&padding_mask(&mut lab.rng, B, T))?;
-    let (mut out_d, mut lse_d) = (lab.rt.zeros::<f32>(act)?, lab.rt.zeros::<f32>(rows)?);
+    let (mut out_d, mut lse_d) = (lab.rt.zeros::<T>(act)?, lab.rt.zeros::<f32>(rows)?);
     let rt = lab.rt.clone();
     let ms = median_ms(&rt, 2, 10, |_| {
         rt.flash_attention_forward(
-            &mut out_d,
-            &mut lse_d,
-            &q_d,
-            &k_d,
-            &v_d,
-            &mask_d,
-            dims,
-            None,
-            FlashKernels::CudaCores,
+            &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, None, kernels,
         )
     })?;
     let flops = 4.0 * (B * NH * T * T * HS) as f64;
     lab.row(
-        "flash_attention_forward v2",
+        &name("forward"),
         "8x512, 12x64",
         fwd_err,
         ms,
-        Rate::Flops(flops),
+        T::flops(flops),
     );
     let (mut dq_d, mut dk_d, mut dv_d) = (
-        lab.rt.zeros::<f32>(act)?,
-        lab.rt.zeros::<f32>(act)?,
-        lab.rt.zeros::<f32>(act)?,
+        lab.rt.zeros::<T>(act)?,
+        lab.rt.zeros::<T>(act)?,
+        lab.rt.zeros::<T>(act)?,
     );
     let mut row_dot_d = lab.rt.zeros::<f32>(rows)?;
-    let dout_d = lab.random_sets(act, 1.0, 1)?.remove(0);
     let ms = median_ms(&rt, 2, 10, |_| {
         rt.flash_attention_backward(
             &mut dq_d,
@@ -863,157 +886,17 @@ fn flash_attention(lab: &mut Lab) -> Result<()> {
             &mask_d,
             dims,
             None,
-            FlashKernels::CudaCores,
+            kernels,
         )
     })?;
     // Useful FLOPs, as version 1's (dv, dp, dq, dk); the recomputed scores are not counted.
     lab.row(
-        "flash_attention_backward v2",
+        &name("backward"),
         "8x512, 12x64",
         bwd_err,
         ms,
-        Rate::Flops(2.0 * flops),
+        T::flops(2.0 * flops),
     );
-    Ok(())
-}
-
-/// Flash attention in bf16, versions 2 (CUDA cores) and 3 (tensor cores): each validated
-/// against the CPU twin on the same bf16-rounded inputs (with and without dropout), then
-/// timed at BERT-base sizes as the model runs them in bf16.
-fn flash_attention_bf16(lab: &mut Lab) -> Result<()> {
-    let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
-    let rounded = |x: Vec<f32>| {
-        x.iter()
-            .map(|&v| bf16::from_f32(v).to_f32())
-            .collect::<Vec<_>>()
-    };
-    let widen = |x: Vec<bf16>| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
-    for (version, kernels) in [
-        ("v2", FlashKernels::CudaCores),
-        ("v3", FlashKernels::TensorCores),
-    ] {
-        let dims = (CB, CT, NH, HS);
-        let act = CN * C;
-        let rows = CB * NH * CT;
-        let (mut fwd_err, mut bwd_err) = (0.0f64, 0.0f64);
-        for dropout in [None, Some(cpu::AttentionDropout { p: 0.1, seed: 3 })] {
-            let (q, k, v, dout) = (
-                rounded(lab.rng.values(act, 1.0)),
-                rounded(lab.rng.values(act, 1.0)),
-                rounded(lab.rng.values(act, 1.0)),
-                rounded(lab.rng.values(act, 1.0)),
-            );
-            let mask = padding_mask(&mut lab.rng, CB, CT);
-            let (mut out, mut probs) = (vec![0.0; act], vec![0.0; CB * NH * CT * CT]);
-            cpu::attention_forward(
-                &mut out, &mut probs, &q, &k, &v, &mask, CB, CT, NH, HS, dropout,
-            );
-            let (q_d, k_d, v_d, mask_d) = (
-                lab.rt.upload(&to_bf16(&q))?,
-                lab.rt.upload(&to_bf16(&k))?,
-                lab.rt.upload(&to_bf16(&v))?,
-                lab.rt.upload(&mask)?,
-            );
-            let mut out_d = lab.rt.upload(&vec![bf16::NAN; act])?;
-            let mut lse_d = lab.nan(rows)?;
-            lab.rt.flash_attention_forward(
-                &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, dropout, kernels,
-            )?;
-            let name = format!("flash_attention_forward bf16 {version} {dropout:?}");
-            let out_gpu = widen(lab.rt.download(&out_d)?);
-            fwd_err =
-                fwd_err.max(lab.check_within(&name, &[("out", out_gpu, out)], BF16_TOLERANCE));
-            // Gradients start at zero: the attention's own gradients are compared.
-            let (mut dq, mut dk, mut dv) = (vec![0.0; act], vec![0.0; act], vec![0.0; act]);
-            let mut grads_d = [
-                lab.rt.zeros::<bf16>(act)?,
-                lab.rt.zeros::<bf16>(act)?,
-                lab.rt.zeros::<bf16>(act)?,
-            ];
-            let [dq_d, dk_d, dv_d] = &mut grads_d;
-            let mut row_dot_d = lab.nan(rows)?;
-            lab.rt.flash_attention_backward(
-                dq_d,
-                dk_d,
-                dv_d,
-                &mut row_dot_d,
-                &lab.rt.upload(&to_bf16(&dout))?,
-                &out_d,
-                &q_d,
-                &k_d,
-                &v_d,
-                &lse_d,
-                &mask_d,
-                dims,
-                dropout,
-                kernels,
-            )?;
-            cpu::attention_backward(
-                &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, &mask, CB, CT, NH, HS,
-                dropout,
-            );
-            let name = format!("flash_attention_backward bf16 {version} {dropout:?}");
-            let parts = [
-                ("dq", widen(lab.rt.download(&grads_d[0])?), dq),
-                ("dk", widen(lab.rt.download(&grads_d[1])?), dk),
-                ("dv", widen(lab.rt.download(&grads_d[2])?), dv),
-            ];
-            bwd_err = bwd_err.max(lab.check_within(&name, &parts, BF16_TOLERANCE));
-        }
-
-        let dims = (B, T, NH, HS);
-        let act = N * C;
-        let rows = B * NH * T;
-        let input = |lab: &mut Lab| lab.rt.upload(&to_bf16(&lab.rng.values(act, 1.0)));
-        let (q_d, k_d, v_d, dout_d) = (input(lab)?, input(lab)?, input(lab)?, input(lab)?);
-        let mask_d = lab.rt.upload(&padding_mask(&mut lab.rng, B, T))?;
-        let (mut out_d, mut lse_d) = (lab.rt.zeros::<bf16>(act)?, lab.rt.zeros::<f32>(rows)?);
-        let rt = lab.rt.clone();
-        let ms = median_ms(&rt, 2, 10, |_| {
-            rt.flash_attention_forward(
-                &mut out_d, &mut lse_d, &q_d, &k_d, &v_d, &mask_d, dims, None, kernels,
-            )
-        })?;
-        let flops = 4.0 * (B * NH * T * T * HS) as f64;
-        lab.row(
-            &format!("flash_attention_forward bf16 {version}"),
-            "8x512, 12x64",
-            fwd_err,
-            ms,
-            Rate::Bf16Flops(flops),
-        );
-        let (mut dq_d, mut dk_d, mut dv_d) = (
-            lab.rt.zeros::<bf16>(act)?,
-            lab.rt.zeros::<bf16>(act)?,
-            lab.rt.zeros::<bf16>(act)?,
-        );
-        let mut row_dot_d = lab.rt.zeros::<f32>(rows)?;
-        let ms = median_ms(&rt, 2, 10, |_| {
-            rt.flash_attention_backward(
-                &mut dq_d,
-                &mut dk_d,
-                &mut dv_d,
-                &mut row_dot_d,
-                &dout_d,
-                &out_d,
-                &q_d,
-                &k_d,
-                &v_d,
-                &lse_d,
-                &mask_d,
-                dims,
-                None,
-                kernels,
-            )
-        })?;
-        lab.row(
-            &format!("flash_attention_backward bf16 {version}"),
-            "8x512, 12x64",
-            bwd_err,
-            ms,
-            Rate::Bf16Flops(2.0 * flops),
-        );
-    }
     Ok(())
 }
 
