@@ -24,10 +24,11 @@ pub fn emulated() -> bool {
     std::env::var(EMULATED).is_ok_and(|v| v == "1")
 }
 
-/// Reruns this test binary, all but test `itself`, on the emulated device; asserts that
-/// every test passes. Skips (printing why) with a real GPU, which the plain run covers, or
-/// without a C++ compiler or kernels; RCX_REQUIRE_EMU=1 turns the latter skip into a failure.
-pub fn rerun_on_emulated_device(itself: &str) {
+/// Reruns this executable with `args` on the emulated device (a test binary: all tests but
+/// `itself`, the caller, with `--skip itself`); asserts that it succeeds. Skips (printing
+/// why) with a real GPU, which the plain run covers, or without a C++ compiler or kernels;
+/// RCX_REQUIRE_EMU=1 turns the latter skip into a failure.
+pub fn rerun_on_emulated_device(itself: &str, args: &[&str]) {
     if emulated() {
         return;
     }
@@ -51,10 +52,10 @@ pub fn rerun_on_emulated_device(itself: &str) {
         Ok(old) if !old.is_empty() => format!("{}:{old}", dir.display()),
         _ => dir.display().to_string(),
     };
-    let exe = std::env::current_exe().expect("the test binary's path");
+    let exe = std::env::current_exe().expect("the executable's path");
     let started = std::time::Instant::now();
     let out = Command::new(&exe)
-        .args(["--skip", itself])
+        .args(args)
         .env("LD_LIBRARY_PATH", library_path)
         .env("RCX_REQUIRE_GPU", "1")
         .env(EMULATED, "1")
@@ -69,7 +70,9 @@ pub fn rerun_on_emulated_device(itself: &str) {
         "{itself}: the tests failed on the emulated device ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         out.status
     );
-    let summary = stdout.lines().rfind(|l| l.starts_with("test result"));
+    let summary = (stdout.lines())
+        .rfind(|l| l.starts_with("test result"))
+        .or_else(|| stdout.lines().last());
     eprintln!(
         "{itself}: on the emulated device in {:.1?}: {}",
         started.elapsed(),
