@@ -11,12 +11,20 @@
 //! loss and norm back anyway), after warm-up steps; the median of several steps. bf16 runs
 //! first (the number compared with PyTorch bf16), each dtype from the same initial weights;
 //! each ends with a summary line and a JSON line for scripts/gpu-check.sh, so a timeout keeps
-//! the finished ones. Without a GPU it says it skipped and exits 0.
+//! the finished ones. That is `cargo bench` (the executable with `--bench`); without a GPU
+//! it says it skipped and exits 0. Without `--bench` (as `cargo test` runs it: Cargo.toml
+//! has `test = true`) or with `--check` it runs the same code on bert-tiny at sequence 16,
+//! one step each way, and without a GPU reruns itself so on the emulated device (tests/emu):
+//! a smoke run of the bench's own code, timing nothing worth reading.
 //! STATUS: compiled, never run on a GPU when written.
 
 // Shared with the kernel lab, which uses all of it.
 #[allow(dead_code)]
 mod common;
+#[path = "../tests/emu/build.rs"]
+mod emu_build;
+#[path = "../tests/emu/fake_device.rs"]
+mod fake_device;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -32,10 +40,41 @@ use rcx::model::{Batch, BertConfig, BertModel, Dropout};
 use common::Rng;
 
 const K: usize = 8;
-const T: usize = 512;
+
+/// The model, sequence length and step counts of a run: the benchmark's or the smoke run's.
+struct Setup {
+    model: &'static str,
+    t: usize,
+    warmup: usize,
+    steps: usize,
+    dup_steps: usize,
+}
 
 fn main() -> ExitCode {
-    match run() {
+    let timing = std::env::args().any(|a| a == "--bench");
+    if !timing && !fake_device::emulated() && rcx::backend::cuda::available().is_err() {
+        // Panics (exit 101) when the smoke run fails there.
+        fake_device::rerun_on_emulated_device("gpu_step", &["--check"]);
+        return ExitCode::SUCCESS;
+    }
+    let setup = if timing {
+        Setup {
+            model: "bert-base",
+            t: 512,
+            warmup: steps_from_env("RCX_BENCH_WARMUP", 2),
+            steps: steps_from_env("RCX_BENCH_STEPS", 10),
+            dup_steps: steps_from_env("RCX_BENCH_DUP_STEPS", 4),
+        }
+    } else {
+        Setup {
+            model: "bert-tiny",
+            t: 16,
+            warmup: 0,
+            steps: 1,
+            dup_steps: 1,
+        }
+    };
+    match run(&setup) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gpu_step: {e}");
@@ -52,14 +91,14 @@ fn steps_from_env(name: &str, default: usize) -> usize {
 }
 
 /// Full-length sequences of random ids (no padding, as the PyTorch script).
-fn sequences(rng: &mut Rng, count: usize, vocab: u32) -> Vec<Vec<u32>> {
+fn sequences(rng: &mut Rng, count: usize, t: usize, vocab: u32) -> Vec<Vec<u32>> {
     (0..count)
-        .map(|_| rng.below(T, vocab - 1).iter().map(|id| id + 1).collect())
+        .map(|_| rng.below(t, vocab - 1).iter().map(|id| id + 1).collect())
         .collect()
 }
 
 fn batch_of(seqs: &[&Vec<u32>]) -> Batch {
-    let types = vec![0u8; T];
+    let types = vec![0u8; seqs[0].len()];
     Batch::from_sequences(seqs.iter().map(|s| (&s[..], &types[..])), 0)
 }
 
@@ -103,16 +142,20 @@ fn time_steps(
     Ok((times[times.len() / 2], last_loss))
 }
 
-fn run() -> Result<()> {
+fn run(setup: &Setup) -> Result<()> {
     let Some(rt) = common::device("gpu_step")? else {
         return Ok(());
     };
-    let cfg = BertConfig::named("bert-base").expect("a known name");
+    let cfg = BertConfig::named(setup.model).expect("a known name");
     let model = BertModel::<f32>::init(cfg.clone(), 1);
-    println!("bert-base reward model: {} parameters", model.num_params());
+    println!(
+        "{} reward model: {} parameters",
+        setup.model,
+        model.num_params()
+    );
     for (dtype, name) in [(DType::Bf16, "bf16"), (DType::F32, "f32")] {
         // One trainer at a time: the pair-duplicated activations take tens of GiB.
-        bench_dtype(&rt, &model, dtype, name)?;
+        bench_dtype(&rt, &model, setup, dtype, name)?;
     }
     Ok(())
 }
@@ -120,15 +163,15 @@ fn run() -> Result<()> {
 fn bench_dtype(
     rt: &Arc<CudaRuntime>,
     model: &BertModel<f32>,
+    setup: &Setup,
     dtype: DType,
     name: &str,
 ) -> Result<()> {
-    let cfg = &model.config;
+    let (cfg, t, warmup) = (&model.config, setup.t, setup.warmup);
     let mut trainer = CudaTrainer::new(rt.clone(), model, dtype)?;
     let spec = LossSpec::parse("x_inv")?;
     let mut rng = Rng(2023);
-    let completions = sequences(&mut rng, K, cfg.vocab_size as u32);
-    let warmup = steps_from_env("RCX_BENCH_WARMUP", 2);
+    let completions = sequences(&mut rng, K, t, cfg.vocab_size as u32);
 
     // All pairs: one prompt, its K completions once.
     let all = batch_of(&completions.iter().collect::<Vec<_>>());
@@ -145,11 +188,11 @@ fn bench_dtype(
         }),
     };
     println!(
-        "{name} all pairs: {K} sequences of {T}, {} pairs",
+        "{name} all pairs: {K} sequences of {t}, {} pairs",
         K * (K - 1) / 2
     );
-    let steps = steps_from_env("RCX_BENCH_STEPS", 10);
-    let (all_pairs_s, all_pairs_loss) = time_steps(&mut trainer, &micro, &spec, warmup, steps)?;
+    let (all_pairs_s, all_pairs_loss) =
+        time_steps(&mut trainer, &micro, &spec, warmup, setup.steps)?;
 
     // Pair-duplicated: every ranked pair (i < j) as its own two-completion entry.
     let mut pair_seqs = Vec::new();
@@ -174,11 +217,11 @@ fn bench_dtype(
         }),
     };
     println!(
-        "{name} pair-duplicated: {} sequences of {T}, {pairs} pairs",
+        "{name} pair-duplicated: {} sequences of {t}, {pairs} pairs",
         2 * pairs
     );
-    let steps = steps_from_env("RCX_BENCH_DUP_STEPS", 4);
-    let (dup_s, dup_loss) = time_steps(&mut trainer, &micro, &spec, warmup.min(1), steps)?;
+    let (dup_s, dup_loss) =
+        time_steps(&mut trainer, &micro, &spec, warmup.min(1), setup.dup_steps)?;
 
     println!(
         "rcx {name} step: all pairs {:.1} ms, pair-duplicated {:.1} ms ({:.2}x)",

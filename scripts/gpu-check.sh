@@ -116,7 +116,7 @@ for exe in "$BUNDLE"/tests/*; do
     run_part "test-$(basename "$exe")" 150 "$exe"
 done
 run_part kernel-lab 150 "$BUNDLE/benches/kernels" --bench
-run_part gpu-step 150 "$BUNDLE/benches/gpu_step"
+run_part gpu-step 150 "$BUNDLE/benches/gpu_step" --bench
 # What the CPU emulator cannot see: out-of-bounds device accesses and shared-memory races of
 # the flash attention kernels on real hardware (compute-sanitizer works on some of the
 # lent machines' runtimes, not all: KINDS.md). Short caps; a timeout here says only that
