@@ -731,6 +731,62 @@ impl<T: Act> AttentionInputs<T> {
             dout: upload_as(rt, &problem.dout),
         }
     }
+
+    /// Flash attention's forward on these inputs with `kernels`: out and lse, each poisoned
+    /// before the launch.
+    fn flash_forward(
+        &self,
+        rt: &CudaRuntime,
+        dims: (usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
+        kernels: FlashKernels,
+    ) -> (CudaSlice<T>, CudaSlice<f32>) {
+        let (b, t, nh, hs) = dims;
+        let (mut out, mut lse) = (
+            poisoned::<T>(rt, b * t * nh * hs),
+            poisoned::<f32>(rt, b * nh * t),
+        );
+        rt.flash_attention_forward(
+            &mut out, &mut lse, &self.q, &self.k, &self.v, &self.mask, dims, dropout, kernels,
+        )
+        .unwrap();
+        (out, lse)
+    }
+
+    /// Its backward from that forward's out and lse: the problem's start gradients with the
+    /// attention's added.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_backward(
+        &self,
+        rt: &CudaRuntime,
+        problem: &AttentionProblem,
+        (out, lse): &(CudaSlice<T>, CudaSlice<f32>),
+        dropout: Option<AttentionDropout>,
+        kernels: FlashKernels,
+    ) -> [CudaSlice<T>; 3] {
+        let (b, t, nh, _) = problem.dims;
+        let mut grads = problem.upload_grads::<T>(rt);
+        let [dq, dk, dv] = &mut grads;
+        let mut row_dot = poisoned::<f32>(rt, b * nh * t);
+        rt.flash_attention_backward(
+            dq,
+            dk,
+            dv,
+            &mut row_dot,
+            &self.dout,
+            out,
+            &self.q,
+            &self.k,
+            &self.v,
+            lse,
+            &self.mask,
+            problem.dims,
+            dropout,
+            kernels,
+        )
+        .unwrap();
+        grads
+    }
 }
 
 fn check_grads<T: Act>(
@@ -983,29 +1039,18 @@ fn flash_case<T: Act>(
     dropout: Option<AttentionDropout>,
 ) {
     let (b, t, nh, hs) = dims;
-    let (act, rows) = (b * t * nh * hs, b * nh * t);
+    let act = b * t * nh * hs;
     let what = format!("flash attention {dims:?} dropout {dropout:?}");
     let problem = AttentionProblem::new::<T>(rng, dims);
     let inputs = AttentionInputs::<T>::new(rt, &problem);
     let (out, probs) = problem.cpu_forward(dropout);
-    let (mut out_d, mut lse_d) = (poisoned::<T>(rt, act), poisoned::<f32>(rt, rows));
-    rt.flash_attention_forward(
-        &mut out_d,
-        &mut lse_d,
-        &inputs.q,
-        &inputs.k,
-        &inputs.v,
-        &inputs.mask,
-        dims,
-        dropout,
-        FlashKernels::CudaCores,
-    )
-    .unwrap();
-    check(rt, &format!("{what} forward out"), &out_d, &out, F32);
+    let forward = inputs.flash_forward(rt, dims, dropout, FlashKernels::CudaCores);
+    let (out_d, lse_d) = &forward;
+    check(rt, &format!("{what} forward out"), out_d, &out, F32);
     check(
         rt,
         &format!("{what} forward lse"),
-        &lse_d,
+        lse_d,
         &problem.cpu_lse(),
         F32,
     );
@@ -1022,28 +1067,9 @@ fn flash_case<T: Act>(
     )
     .unwrap();
     let v1_out = wide(&download_f32(rt, &v1_out_d));
-    check(rt, &format!("{what} v2 vs v1 out"), &out_d, &v1_out, F32);
+    check(rt, &format!("{what} v2 vs v1 out"), out_d, &v1_out, F32);
 
-    let mut grads = problem.upload_grads::<T>(rt);
-    let [dq, dk, dv] = &mut grads;
-    let mut row_dot = poisoned::<f32>(rt, rows);
-    rt.flash_attention_backward(
-        dq,
-        dk,
-        dv,
-        &mut row_dot,
-        &inputs.dout,
-        &out_d,
-        &inputs.q,
-        &inputs.k,
-        &inputs.v,
-        &lse_d,
-        &inputs.mask,
-        dims,
-        dropout,
-        FlashKernels::CudaCores,
-    )
-    .unwrap();
+    let grads = inputs.flash_backward(rt, &problem, &forward, dropout, FlashKernels::CudaCores);
     let expected = problem.cpu_backward(&probs, dropout);
     if T::SUFFIX == "f32" {
         check_grads(rt, &format!("{what} backward"), &grads, &expected, F32_SUM);
@@ -1063,8 +1089,8 @@ fn flash_case<T: Act>(
         };
         let added = reference.backward(
             &problem.dout,
-            &wide(&download_f32(rt, &out_d)),
-            &wide(&download_f32(rt, &lse_d)),
+            &wide(&download_f32(rt, out_d)),
+            &wide(&download_f32(rt, lse_d)),
         );
         let given_out: [Vec<f64>; 3] = std::array::from_fn(|g| {
             problem.grads[g]
@@ -1152,7 +1178,7 @@ fn tensor_core_case(
     dropout: Option<AttentionDropout>,
 ) {
     let (b, t, nh, hs) = dims;
-    let (act, rows) = (b * t * nh * hs, b * nh * t);
+    let act = b * t * nh * hs;
     let what = format!("tensor-core attention {dims:?} dropout {dropout:?}");
     let mut problem = AttentionProblem::new::<bf16>(rng, dims);
     problem.grads = [(); 3].map(|_| rounded::<bf16>(&rng.values(act, 0.01)));
@@ -1192,59 +1218,29 @@ fn tensor_core_case(
     reference.round = true;
 
     let inputs = AttentionInputs::<bf16>::new(rt, &problem);
-    let (mut out_d, mut lse_d) = (poisoned::<bf16>(rt, act), poisoned::<f32>(rt, rows));
-    rt.flash_attention_forward(
-        &mut out_d,
-        &mut lse_d,
-        &inputs.q,
-        &inputs.k,
-        &inputs.v,
-        &inputs.mask,
-        dims,
-        dropout,
-        FlashKernels::TensorCores,
-    )
-    .unwrap();
+    let forward = inputs.flash_forward(rt, dims, dropout, FlashKernels::TensorCores);
+    let (out_d, lse_d) = &forward;
     check(
         rt,
         &format!("{what} forward out"),
-        &out_d,
+        out_d,
         &reference.forward(),
         BF16,
     );
     check(
         rt,
         &format!("{what} forward out vs exact"),
-        &out_d,
+        out_d,
         &exact_out,
         TC_EXACT,
     );
-    check(rt, &format!("{what} forward lse"), &lse_d, &exact_lse, F32);
+    check(rt, &format!("{what} forward lse"), lse_d, &exact_lse, F32);
 
-    let mut grads = problem.upload_grads::<bf16>(rt);
-    let [dq, dk, dv] = &mut grads;
-    let mut row_dot = poisoned::<f32>(rt, rows);
-    rt.flash_attention_backward(
-        dq,
-        dk,
-        dv,
-        &mut row_dot,
-        &inputs.dout,
-        &out_d,
-        &inputs.q,
-        &inputs.k,
-        &inputs.v,
-        &lse_d,
-        &inputs.mask,
-        dims,
-        dropout,
-        FlashKernels::TensorCores,
-    )
-    .unwrap();
+    let grads = inputs.flash_backward(rt, &problem, &forward, dropout, FlashKernels::TensorCores);
     let added = reference.backward(
         &problem.dout,
-        &wide(&download_f32(rt, &out_d)),
-        &wide(&download_f32(rt, &lse_d)),
+        &wide(&download_f32(rt, out_d)),
+        &wide(&download_f32(rt, lse_d)),
     );
     check_grads(
         rt,
