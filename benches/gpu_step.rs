@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use rcx::backend::cuda::{CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
 use rcx::config::DType;
-use rcx::error::Result;
+use rcx::error::{Error, Result};
 use rcx::loss::{LossSpec, PromptType};
 use rcx::model::{Batch, BertConfig, BertModel, Dropout};
 
@@ -125,6 +125,14 @@ fn time_steps(
         let started = Instant::now();
         let stats = train_step_cuda(trainer, std::slice::from_ref(micro), spec, 0.01, &opt)?;
         trainer.runtime().synchronize()?;
+        if !(stats.loss.is_finite() && stats.grad_norm.is_finite()) {
+            return Err(Error::internal(format!(
+                "step {}: loss {} grad norm {}",
+                s + 1,
+                stats.loss,
+                stats.grad_norm
+            )));
+        }
         let seconds = started.elapsed().as_secs_f64();
         if s >= warmup {
             times.push(seconds);
