@@ -1314,9 +1314,10 @@ pub enum FlashKernels {
 }
 
 impl FlashKernels {
-    /// What the device model runs for activations of type T: tensor cores for bf16.
+    /// What the device model runs for activations of type T: tensor cores where the type
+    /// has them (bf16).
     pub fn for_activation<T: Activation>() -> FlashKernels {
-        if T::SUFFIX == "bf16" {
+        if T::TENSOR_CORE_ATTENTION {
             FlashKernels::TensorCores
         } else {
             FlashKernels::CudaCores
@@ -1324,7 +1325,7 @@ impl FlashKernels {
     }
 
     fn check<T: Activation>(self, op: &str) -> Result<()> {
-        if self == FlashKernels::TensorCores && T::SUFFIX != "bf16" {
+        if self == FlashKernels::TensorCores && !T::TENSOR_CORE_ATTENTION {
             return Err(Error::internal(format!(
                 "{op}: the tensor-core kernels take bf16 activations, not {}",
                 T::SUFFIX

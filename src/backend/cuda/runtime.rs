@@ -18,14 +18,18 @@ use crate::error::{Error, Result};
 /// named `<kernel>_<SUFFIX>`. Arithmetic is fp32 (or wider) whatever T is.
 pub trait Activation: DeviceRepr + ValidAsZeroBits + Copy + Unpin + Send + Sync + 'static {
     const SUFFIX: &'static str;
+    /// Whether kernels/attention.cu has tensor-core kernels (version 3) for this type.
+    const TENSOR_CORE_ATTENTION: bool;
 }
 
 impl Activation for f32 {
     const SUFFIX: &'static str = "f32";
+    const TENSOR_CORE_ATTENTION: bool = false;
 }
 
 impl Activation for half::bf16 {
     const SUFFIX: &'static str = "bf16";
+    const TENSOR_CORE_ATTENTION: bool = true;
 }
 
 /// A device buffer a kernel reads: a whole `CudaSlice` or a view of part of one (the
