@@ -6,6 +6,8 @@
 //   - a __syncthreads that some thread of the block never reaches (it exited, or waits at
 //     another barrier), or threads of the block at different __syncthreads calls;
 //   - a warp collective whose mask names lanes that do not exist, exited or wait elsewhere;
+//   - a wmma load or store through a misaligned pointer or leading dimension (emu.h), and
+//     a wmma::mma_sync that not all 32 lanes of the warp reach;
 //   - a fault inside the kernel: an access past a buffer from rcx_emu_alloc (each ends at
 //     a guard page), past the launch's dynamic shared memory, a fiber stack overflow, an
 //     integer division by zero; writes into the padding after the dynamic shared memory.
