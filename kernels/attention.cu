@@ -174,6 +174,12 @@ __device__ __forceinline__ bool sequence_has_real_token(const uint8_t* mask_b, i
     return __syncthreads_or(local_real);
 }
 
+// Whether key j of a sequence of t gets weight: a real token, or any key when the sequence
+// has none (any_real from sequence_has_real_token).
+__device__ __forceinline__ bool key_allowed(const uint8_t* mask_b, bool any_real, int j, int t) {
+    return j < t && (!any_real || mask_b[j] != 0);
+}
+
 // tile[rows, stride] (fp32) = rows first_row.. of one head of x [b, t, nh*hs] (head_base:
 // element (bi, 0, h*hs)), zero past t. The block cooperates; consecutive threads read
 // consecutive channels (coalesced). The caller synchronises before the tile is read.
@@ -242,7 +248,7 @@ __device__ void flash_attention_forward(T* out, float* lse, const T* q, const T*
         load_head_rows(v_tile, hs, v, head_base, channels, first_key, FLASH_TILE, t, hs);
         __syncthreads();
         const int j = first_key + lane;  // this lane's key
-        const bool allowed = j < t && (!any_real || mask_b[j] != 0);
+        const bool allowed = key_allowed(mask_b, any_real, j, t);
 #pragma unroll
         for (int r = 0; r < FLASH_ROWS_PER_WARP; r++) {
             const int own = warp * FLASH_ROWS_PER_WARP + r, i = first_query + own;
@@ -354,7 +360,7 @@ __device__ void flash_attention_backward_key(T* dk, T* dv, const T* dout, const 
         for (int r = 0; r < FLASH_ROWS_PER_WARP; r++) {
             const int own = warp * FLASH_ROWS_PER_WARP + r, j = first_key + own;
             // Uniform across the warp: a disallowed key (padding, or past t) gets nothing.
-            if (j >= t || (any_real && mask_b[j] == 0)) continue;
+            if (!key_allowed(mask_b, any_real, j, t)) continue;
             float weight = 0.0f, dscore = 0.0f;
             if (query_real) {
                 const float p = expf(scale * head_dot(q_tile + lane * stride, k_own + own * hs, hs) - lse_i);
@@ -434,7 +440,7 @@ __device__ void flash_attention_backward_query(T* dq, const T* dout, const T* q,
         load_head_rows(v_tile, stride, v, head_base, channels, first_key, FLASH_TILE, t, hs);
         __syncthreads();
         const int j = first_key + lane;  // this lane's key
-        const bool allowed = j < t && (!any_real || mask_b[j] != 0);
+        const bool allowed = key_allowed(mask_b, any_real, j, t);
 #pragma unroll
         for (int r = 0; r < FLASH_ROWS_PER_WARP; r++) {
             const int own = warp * FLASH_ROWS_PER_WARP + r, i = first_query + own;
@@ -624,7 +630,7 @@ __device__ void tc_attention_forward(bf16* out, float* lse, const bf16* q, const
         float tile_max = -INFINITY;
         for (int c = 0; c < HALF; c++) {
             const int j = first_key + half * HALF + c;
-            const bool allowed = j < t && (!any_real || mask_b[j] != 0);
+            const bool allowed = key_allowed(mask_b, any_real, j, t);
             score[c] = allowed ? scale * score[c] : -INFINITY;
             tile_max = fmaxf(tile_max, score[c]);
         }
@@ -708,7 +714,7 @@ __device__ void tc_attention_backward_key(bf16* dk, bf16* dv, const bf16* dout, 
     const uint8_t* mask_b = mask + (size_t)bi * t;
     const bool any_real = sequence_has_real_token(mask_b, t);
     // A disallowed key (padding, or past t) gets weight 0 from every query: zero gradients.
-    const bool key_allowed = j < t && (!any_real || mask_b[j] != 0);
+    const bool own_key_allowed = key_allowed(mask_b, any_real, j, t);
     tc_load_head_rows(k_own, ld_head, k, head_base, channels, first_key, TC_ROWS, t, hs, hp);
     tc_load_head_rows(v_own, ld_head, v, head_base, channels, first_key, TC_ROWS, t, hs, hp);
     const bf16* k_warp = k_own + warp * 16 * ld_head;
@@ -736,7 +742,7 @@ __device__ void tc_attention_backward_key(bf16* dk, bf16* dv, const bf16* dout, 
         for (int c = 0; c < HALF; c++) {
             const int col = half * HALF + c, i = first_query + col;
             float weight = 0.0f, dscore = 0.0f;
-            if (key_allowed && i < t) {
+            if (own_key_allowed && i < t) {
                 const float p = expf(scale * scores[row * ld_scratch + col] - lse_tile[col]);
                 const float f = dropout_factor(((size_t)bh * t + i) * t + j, drop_p, drop_scale, seed);
                 weight = p * f;
@@ -807,7 +813,7 @@ __device__ void tc_attention_backward_query(bf16* dq, const bf16* dout, const bf
         for (int c = 0; c < HALF; c++) {
             const int col = half * HALF + c, j = first_key + col;
             float dscore = 0.0f;
-            if (query_real && j < t && (!any_real || mask_b[j] != 0)) {
+            if (query_real && key_allowed(mask_b, any_real, j, t)) {
                 const float p = expf(scale * scores[row * ld_scratch + col] - lse_i);
                 const float f = dropout_factor(((size_t)bh * t + i) * t + j, drop_p, drop_scale, seed);
                 dscore = p * (f * dprobs[row * ld_scratch + col] - dot_i);

@@ -39,19 +39,6 @@ fn nan(len: usize) -> Vec<f32> {
     vec![f32::NAN; len]
 }
 
-fn to_bf16(v: &[f32]) -> Vec<bf16> {
-    v.iter().map(|&x| bf16::from_f32(x)).collect()
-}
-
-fn from_bf16(v: &[bf16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
-
-/// Values as bf16 would store them, for the CPU side of a bf16 comparison.
-fn round_bf16(v: &[f32]) -> Vec<f32> {
-    from_bf16(&to_bf16(v))
-}
-
 fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], rtol: f64) {
     let gpu: Vec<f64> = gpu.iter().map(|&x| x as f64).collect();
     let cpu: Vec<f64> = cpu.iter().map(|&x| x as f64).collect();
@@ -706,6 +693,14 @@ impl AttentionProblem {
         lse
     }
 
+    /// The start values of dq, dk, dv with `added` added, in f64.
+    fn with_start(&self, added: &[Vec<f64>; 3]) -> [Vec<f64>; 3] {
+        std::array::from_fn(|g| {
+            let start = self.grads[g].iter();
+            start.zip(&added[g]).map(|(&s, &a)| s as f64 + a).collect()
+        })
+    }
+
     /// Fresh device copies of the gradients' start values.
     fn upload_grads<T: Act>(&self, rt: &CudaRuntime) -> [CudaSlice<T>; 3] {
         self.grads.each_ref().map(|g| upload_as(rt, g))
@@ -730,6 +725,52 @@ impl<T: Act> AttentionInputs<T> {
             mask: rt.upload(&problem.mask).unwrap(),
             dout: upload_as(rt, &problem.dout),
         }
+    }
+
+    /// Version 1's forward on these inputs: out and probs, each poisoned before the launch.
+    fn v1_forward(
+        &self,
+        rt: &CudaRuntime,
+        dims: (usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
+    ) -> (CudaSlice<T>, CudaSlice<f32>) {
+        let (b, t, nh, hs) = dims;
+        let mut out = poisoned::<T>(rt, b * t * nh * hs);
+        let mut probs = poisoned::<f32>(rt, b * nh * t * t);
+        rt.attention_forward(
+            &mut out, &mut probs, &self.q, &self.k, &self.v, &self.mask, dims, dropout,
+        )
+        .unwrap();
+        (out, probs)
+    }
+
+    /// Version 1's backward from `probs`: the problem's start gradients with the
+    /// attention's added.
+    fn v1_backward(
+        &self,
+        rt: &CudaRuntime,
+        problem: &AttentionProblem,
+        probs: &CudaSlice<f32>,
+        dropout: Option<AttentionDropout>,
+    ) -> [CudaSlice<T>; 3] {
+        let mut grads = problem.upload_grads::<T>(rt);
+        let [dq, dk, dv] = &mut grads;
+        let mut dscores = poisoned::<f32>(rt, probs.len());
+        rt.attention_backward(
+            dq,
+            dk,
+            dv,
+            &mut dscores,
+            &self.dout,
+            &self.q,
+            &self.k,
+            &self.v,
+            probs,
+            problem.dims,
+            dropout,
+        )
+        .unwrap();
+        grads
     }
 
     /// Flash attention's forward on these inputs with `kernels`: out and lse, each poisoned
@@ -808,46 +849,17 @@ fn attention_case<T: Act>(
     dims: (usize, usize, usize, usize),
     dropout: Option<AttentionDropout>,
 ) {
-    let (b, t, nh, hs) = dims;
     let what = format!("attention {dims:?} dropout {dropout:?}");
     let problem = AttentionProblem::new::<T>(rng, dims);
     let inputs = AttentionInputs::<T>::new(rt, &problem);
     let (out, probs) = problem.cpu_forward(dropout);
-    let mut out_d = poisoned::<T>(rt, b * t * nh * hs);
-    let mut probs_d = poisoned::<f32>(rt, b * nh * t * t);
-    rt.attention_forward(
-        &mut out_d,
-        &mut probs_d,
-        &inputs.q,
-        &inputs.k,
-        &inputs.v,
-        &inputs.mask,
-        dims,
-        dropout,
-    )
-    .unwrap();
+    let (out_d, probs_d) = inputs.v1_forward(rt, dims, dropout);
     check(rt, &format!("{what} forward out"), &out_d, &out, F32_SUM);
     check(rt, &format!("{what} forward probs"), &probs_d, &probs, F32);
 
     // The backward from the same (fp32) probabilities on both sides.
     let probs32: Vec<f32> = probs.iter().map(|&x| x as f32).collect();
-    let mut grads = problem.upload_grads::<T>(rt);
-    let [dq, dk, dv] = &mut grads;
-    let mut dscores = poisoned::<f32>(rt, probs.len());
-    rt.attention_backward(
-        dq,
-        dk,
-        dv,
-        &mut dscores,
-        &inputs.dout,
-        &inputs.q,
-        &inputs.k,
-        &inputs.v,
-        &rt.upload(&probs32).unwrap(),
-        dims,
-        dropout,
-    )
-    .unwrap();
+    let grads = inputs.v1_backward(rt, &problem, &rt.upload(&probs32).unwrap(), dropout);
     let expected = problem.cpu_backward(&wide(&probs32), dropout);
     check_grads(rt, &format!("{what} backward"), &grads, &expected, F32_SUM);
 }
@@ -912,7 +924,7 @@ impl FlashReference<'_> {
     /// x as the kernels store it before a product: rounded to bf16.
     fn stored(&self, x: f64) -> f64 {
         if self.round {
-            round_bf16(&[x as f32])[0] as f64
+            bf16::from_f32(x as f32).to_f32() as f64
         } else {
             x
         }
@@ -1038,8 +1050,6 @@ fn flash_case<T: Act>(
     dims: (usize, usize, usize, usize),
     dropout: Option<AttentionDropout>,
 ) {
-    let (b, t, nh, hs) = dims;
-    let act = b * t * nh * hs;
     let what = format!("flash attention {dims:?} dropout {dropout:?}");
     let problem = AttentionProblem::new::<T>(rng, dims);
     let inputs = AttentionInputs::<T>::new(rt, &problem);
@@ -1054,18 +1064,7 @@ fn flash_case<T: Act>(
         &problem.cpu_lse(),
         F32,
     );
-    let (mut v1_out_d, mut probs_d) = (poisoned::<T>(rt, act), poisoned::<f32>(rt, probs.len()));
-    rt.attention_forward(
-        &mut v1_out_d,
-        &mut probs_d,
-        &inputs.q,
-        &inputs.k,
-        &inputs.v,
-        &inputs.mask,
-        dims,
-        dropout,
-    )
-    .unwrap();
+    let (v1_out_d, probs_d) = inputs.v1_forward(rt, dims, dropout);
     let v1_out = wide(&download_f32(rt, &v1_out_d));
     check(rt, &format!("{what} v2 vs v1 out"), out_d, &v1_out, F32);
 
@@ -1092,36 +1091,14 @@ fn flash_case<T: Act>(
             &wide(&download_f32(rt, out_d)),
             &wide(&download_f32(rt, lse_d)),
         );
-        let given_out: [Vec<f64>; 3] = std::array::from_fn(|g| {
-            problem.grads[g]
-                .iter()
-                .zip(&added[g])
-                .map(|(&s, &a)| s as f64 + a)
-                .collect()
-        });
+        let given_out = problem.with_start(&added);
         check_grads(rt, &format!("{what} backward"), &grads, &given_out, F32_SUM);
     }
 
     // Version 1's backward takes its probabilities, not out: the same gradients in f32 only
     // (in bf16 the row dots above come from the rounded out).
     if T::SUFFIX == "f32" {
-        let mut v1_grads = problem.upload_grads::<T>(rt);
-        let [dq, dk, dv] = &mut v1_grads;
-        let mut dscores = poisoned::<f32>(rt, probs.len());
-        rt.attention_backward(
-            dq,
-            dk,
-            dv,
-            &mut dscores,
-            &inputs.dout,
-            &inputs.q,
-            &inputs.k,
-            &inputs.v,
-            &probs_d,
-            dims,
-            dropout,
-        )
-        .unwrap();
+        let v1_grads = inputs.v1_backward(rt, &problem, &probs_d, dropout);
         let v1 = v1_grads.each_ref().map(|g| wide(&download_f32(rt, g)));
         check_grads(rt, &format!("{what} v2 vs v1"), &grads, &v1, F32_SUM);
     }
@@ -1182,12 +1159,6 @@ fn tensor_core_case(
     let what = format!("tensor-core attention {dims:?} dropout {dropout:?}");
     let mut problem = AttentionProblem::new::<bf16>(rng, dims);
     problem.grads = [(); 3].map(|_| rounded::<bf16>(&rng.values(act, 0.01)));
-    let with_start = |added: &[Vec<f64>; 3]| -> [Vec<f64>; 3] {
-        std::array::from_fn(|g| {
-            let start = problem.grads[g].iter();
-            start.zip(&added[g]).map(|(&s, &a)| s as f64 + a).collect()
-        })
-    };
     let (exact_out, probs) = problem.cpu_forward(dropout);
     let exact_lse = problem.cpu_lse();
     let mut reference = FlashReference {
@@ -1205,7 +1176,7 @@ fn tensor_core_case(
         &exact_out,
         F32,
     );
-    let unrounded = with_start(&reference.backward(&problem.dout, &exact_out, &exact_lse));
+    let unrounded = problem.with_start(&reference.backward(&problem.dout, &exact_out, &exact_lse));
     let exact_grads = problem.cpu_backward(&probs, dropout);
     for (g, name) in ["dq", "dk", "dv"].iter().enumerate() {
         assert_close_f64(
@@ -1246,7 +1217,7 @@ fn tensor_core_case(
         rt,
         &format!("{what} backward"),
         &grads,
-        &with_start(&added),
+        &problem.with_start(&added),
         BF16,
     );
 }
@@ -1321,10 +1292,10 @@ fn column_reductions_match_cpu() {
         assert_close(&format!("bias_backward {n}x{c}"), &runs[0], &dbias, F32_SUM);
         assert_eq!(runs[0], runs[1], "bias_backward {n}x{c}: runs differ");
         let mut dbias16_d = rt.upload(&dbias0).unwrap();
-        rt.bias_backward(&mut dbias16_d, &rt.upload(&to_bf16(&dout)).unwrap(), n, c)
+        rt.bias_backward(&mut dbias16_d, &upload_as::<bf16>(&rt, &dout), n, c)
             .unwrap();
         let mut dbias16 = dbias0.clone();
-        for (i, x) in round_bf16(&dout).iter().enumerate() {
+        for (i, x) in rounded::<bf16>(&dout).iter().enumerate() {
             dbias16[i % c] += x;
         }
         assert_close(
@@ -1579,7 +1550,7 @@ fn matmul_matches_cpu() {
                 c,
                 oc,
             );
-            let mut out_d = rt.upload(&nan(n * oc)).unwrap();
+            let mut out_d = poisoned::<f32>(&rt, n * oc);
             rt.matmul_forward(
                 &mut out_d,
                 &inp_d,
@@ -1697,7 +1668,7 @@ fn ranking_loss_matches_cpu() {
     for spec in &specs {
         for eps in [0.1, 0.01, 1e-3] {
             let batch = RankingBatch::new(&rt, &ks, &types, spec).unwrap();
-            let mut dlogits_d = rt.upload(&nan(total)).unwrap();
+            let mut dlogits_d = poisoned::<f32>(&rt, total);
             let loss = rt
                 .ranking_loss_forward_backward(&mut dlogits_d, &logits_d, &batch, eps)
                 .unwrap();
@@ -1773,7 +1744,7 @@ fn adamw_matches_cpu() {
         rt.upload(&m).unwrap(),
         rt.upload(&v).unwrap(),
     );
-    let mut copy_d = rt.upload(&to_bf16(&nan(len))).unwrap();
+    let mut copy_d = poisoned::<bf16>(&rt, len);
     for step in 1..=3u64 {
         let hp = AdamWStep {
             step,
@@ -1804,8 +1775,8 @@ fn adamw_matches_cpu() {
     assert_close("adamw m", &rt.download(&m_d).unwrap(), &m, F32);
     assert_close("adamw v", &rt.download(&v_d).unwrap(), &v, F32);
     assert_eq!(
-        from_bf16(&rt.download(&copy_d).unwrap()),
-        round_bf16(&rt.download(&p_d).unwrap()),
+        download_f32(&rt, &copy_d),
+        rounded::<bf16>(&rt.download(&p_d).unwrap()),
         "bf16 copy"
     );
 

@@ -249,10 +249,6 @@ template <typename Use, typename T, typename Layout>
 inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& a, T value) {
     for (int e = 0; e < 256; e++) a.x[e] = value;
 }
-template <typename Use, typename Layout>
-inline void fill_fragment(fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& a, float value) {
-    for (int e = 0; e < 256; e++) a.x[e] = __float2bfloat16_rn(value);
-}
 
 // d = a b + c: products of bf16 values are exact in fp32; sums in fp32, k ascending.
 template <typename LayoutA, typename LayoutB>
