@@ -1075,8 +1075,8 @@ fn flash_case<T: Act>(
     } else {
         // In bf16 the row dots D = dout · out come from the stored (rounded) out, which
         // moves every score gradient of a row; summed over many queries that reaches a few
-        // percent of dk (measured at t 70, hs 128). The kernels' contract is the gradient
-        // given out: compare with exactly that.
+        // percent of dk where few keys are real (scripts/bf16_attention_rounding.py, "dk
+        // v2"). The kernels' contract is the gradient given out: compare with exactly that.
         let reference = FlashReference {
             round: false,
             dims,
@@ -1144,9 +1144,9 @@ fn flash_attention_matches_cpu() {
 /// and their gradients where the kernels do (BF16, 1e-2), after the reference without
 /// rounding is checked against the CPU's attention (F32, F32_SUM). The forward's out is also
 /// checked against the exact attention at TC_EXACT (5e-2 of |x| + mean |x|): bf16
-/// probabilities cost up to about 1% there, and the gradients up to 4.5% where a sequence
-/// has few real keys (measured on the emulated device and in an f64 simulation; at t = 1 the
-/// exact gradients vanish and only rounding is left, so they are not compared with the exact
+/// probabilities cost up to about 1% there, and the gradients several percent where a
+/// sequence has few real keys (scripts/bf16_attention_rounding.py; at t = 1 the exact
+/// gradients vanish and only rounding is left, so they are not compared with the exact
 /// ones). Gradients start at small values, so `+=` shows without hiding the attention's own.
 fn tensor_core_case(
     rt: &CudaRuntime,
