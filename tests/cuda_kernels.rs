@@ -1640,21 +1640,11 @@ fn ranking_loss_matches_cpu() {
             })
         })
         .collect();
-    let mut specs: Vec<LossSpec> = [
-        "x",
-        "x2",
-        "log",
-        "x_inv",
-        "x_inv2",
-        "logsigmoid",
-        "power:1.5",
-        "neg_power:0.5",
-        "adaptive",
-        "adaptive2",
-    ]
-    .iter()
-    .map(|name| LossSpec::parse(name).unwrap())
-    .collect();
+    // Every utility the CPU's gradient check covers, then the prompt-aware ones.
+    let mut specs: Vec<LossSpec> = (rcx::gradcheck::UTILITIES.iter())
+        .chain(&["adaptive", "adaptive2"])
+        .map(|name| LossSpec::parse(name).unwrap())
+        .collect();
     specs.push(LossSpec::PromptAware {
         open: Utility::Power(3.0),
         closed: Utility::LogSigmoid,

@@ -30,6 +30,17 @@ pub fn compiler() -> Result<(PathBuf, String), String> {
     Ok((cxx, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
+/// The kernel files kernels/*.cu, sorted.
+pub fn kernel_sources(kernels: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(kernels)
+        .map_err(|e| format!("{}: {e}", kernels.display()))?
+        .map(|e| e.expect("kernels/ entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    sources.sort();
+    Ok(sources)
+}
+
 /// FNV-1a, 64 bits: stable across Rust versions, unlike std's hasher.
 pub fn fnv(parts: &[&[u8]]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;

@@ -14,7 +14,7 @@ use std::process::Command;
 
 use libloading::Library;
 
-use crate::emu_build::{FLAGS, compiler, finish, fnv, read, spawn};
+use crate::emu_build::{FLAGS, compiler, finish, fnv, kernel_sources, read, spawn};
 
 /// Set in the rerun: the tests know they run on the emulator (and the rerun does not rerun).
 pub const EMULATED: &str = "RCX_EMULATED_DEVICE";
@@ -249,12 +249,7 @@ pub fn build() -> Result<PathBuf, String> {
         "fake_cuda.cpp",
         "fake_cublas.cpp",
     ];
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
-        .map_err(|e| format!("{}: {e}", kernels.display()))?
-        .map(|e| e.expect("kernels/ entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
-    sources.sort();
+    let sources = kernel_sources(&kernels)?;
 
     let mut inputs = vec![version.into_bytes(), FLAGS.join(" ").into_bytes()];
     for file in support {

@@ -5,10 +5,10 @@
 mod build;
 
 use std::ffi::{CStr, c_char, c_void};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
-use build::{compiler, finish, fnv, read, spawn};
+use build::{compiler, finish, fnv, kernel_sources, read, spawn};
 use libloading::Library;
 use rcx::backend::cuda::launch::LaunchShape;
 
@@ -88,12 +88,7 @@ fn build() -> Result<Emu, String> {
     }
 
     let common = read(&kernels.join("common.cuh"))?;
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
-        .map_err(|e| format!("{}: {e}", kernels.display()))?
-        .map(|e| e.expect("kernels/ entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
-    sources.sort();
+    let mut sources = kernel_sources(&kernels)?;
     // The emulator's own test kernels, library "selftest".
     sources.push(kernels.join("emu/selftest.cu"));
     let mut libraries = Vec::new();
