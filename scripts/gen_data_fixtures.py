@@ -1,12 +1,15 @@
 """Writes the fixtures of tests/data.rs under tests/fixtures/data/: a small LongForm-style
 input and, computed here independently of rcx, the exact output of
-`rcx data longform` on it for seeds 42 and 7 (construction and RNG as in data/README.md).
+`rcx data longform` on it for seeds 42 and 7 (construction and RNG as in data/README.md), and
+the table of Python's whitespace (str.isspace, what str.split() splits on).
 
 usage: $PYTHON scripts/gen_data_fixtures.py   (from the repository root; stdlib only)
 """
 
 import json
 import os
+import sys
+import unicodedata
 
 OUT = os.path.join("tests", "fixtures", "data")
 MASK = (1 << 64) - 1
@@ -42,6 +45,11 @@ def examples():
         {"input": "Leading space", "output": "   " + text("lead", 130, [" "])},
         {"input": "Fifth kept.", "output": text("five", 101, [" "])},
         {"input": "Sixth kept.", "output": text("six", 200, [" "])},
+        # Every separator of str.split() that Rust's char::is_whitespace lacks (U+001C..U+001F)
+        # or has too, and two look-alikes that separate nothing (U+200B, U+FEFF).
+        {"input": "Separators.",
+         "output": text("sep", 160, ["\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\u2028",
+                                     "\u3000", "\u200b", "\ufeff", "\xa0"])},
     ]
 
 
@@ -62,7 +70,25 @@ def construct(exs, seed):
     return "".join(lines)
 
 
+def write_isspace_table():
+    """The code points c with c.isspace(), the separators of str.split(), as inclusive
+    hex ranges: the table tests/data.rs checks rcx's word splitting against."""
+    ranges = []
+    for code in range(0x110000):
+        if chr(code).isspace():
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1][1] = code
+            else:
+                ranges.append([code, code])
+    with open(os.path.join(OUT, "python_isspace.txt"), "w", encoding="ascii") as f:
+        f.write(f"# str.isspace() of Python {sys.version.split()[0]}, Unicode "
+                f"{unicodedata.unidata_version}: first last (hex, inclusive)\n")
+        for first, last in ranges:
+            f.write(f"{first:04X} {last:04X}\n")
+
+
 def main():
+    write_isspace_table()
     exs = examples()
     with open(os.path.join(OUT, "longform_small.jsonl"), "w", encoding="utf-8") as f:
         for ex in exs:

@@ -18,12 +18,20 @@ mod unicode_tables;
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use unicode_tables::{
     CLEAN_REMOVE, CLEAN_SPACE, COMBINING_CLASS, DECOMPOSE, LOWERCASE, NONSPACING_MARK,
     PRETOK_PUNCT, PRETOK_SPACE,
 };
 
+/// The version of the text -> ids mapping: token caches record it, so bump it whenever any
+/// text's ids change (a fix to normalization, pre-tokenization or WordPiece).
+pub const TOKENIZER_VERSION: u32 = 1;
+/// The largest vocabulary file read, in bytes: BERT's 30,522 entries take 232 KB, a large
+/// multilingual vocabulary a few MB; the bound keeps a wrong path (a device, a pipe, a data
+/// file) from filling memory.
+pub const MAX_VOCAB_BYTES: u64 = 64 << 20;
 /// A word longer than this many chars (after normalization) is one [UNK].
 const MAX_WORD_CHARS: usize = 100;
 /// Marks a vocabulary entry as the continuation of a word.
@@ -59,7 +67,20 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Reads a vocabulary with one token per line; the line index is the id.
     pub fn from_vocab_file(path: &Path) -> Result<Tokenizer> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let io = |e| Error::io(path, e);
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .map_err(io)?
+            .take(MAX_VOCAB_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_VOCAB_BYTES {
+            return Err(Error::user(format!(
+                "{}: larger than {} MiB, expected a vocabulary of one token per line",
+                path.display(),
+                MAX_VOCAB_BYTES >> 20
+            )));
+        }
         let text = std::str::from_utf8(&bytes).map_err(|e| {
             let line = bytes[..e.valid_up_to()]
                 .iter()
@@ -503,6 +524,18 @@ pub struct TokenizeArgs {
 
 /// `rcx tokenize`: prints `{"input_ids": [...], "token_type_ids": [...]}` on one line.
 pub fn cmd_tokenize(args: TokenizeArgs) -> Result<()> {
+    // The library cuts nothing below these, as the reference does; a command asked for at
+    // most N ids must not print more.
+    let (least, holds) = match args.pair {
+        Some(_) => (3, "[CLS] text [SEP] pair [SEP]"),
+        None => (2, "[CLS] text [SEP]"),
+    };
+    if args.max_length < least {
+        return Err(Error::user(format!(
+            "--max-length {}: expected at least {least}, the special tokens of {holds}",
+            args.max_length
+        )));
+    }
     let tokenizer = Tokenizer::from_vocab_file(&args.vocab)?;
     let encoding = match &args.pair {
         Some(pair) => tokenizer.encode_pair(&args.text, pair, args.max_length),

@@ -84,8 +84,8 @@ fn reads_ranked_and_pairwise_records() {
     assert_eq!(r[3].prompt_type, None, "null prompt_type reads as absent");
     assert_eq!(r[4].completions[0], "ünïcode answer with 日本語 words");
     assert_eq!(
-        r[4].completions[1], "   ",
-        "whitespace-only text is allowed"
+        r[4].completions[1], "  padded  answer ",
+        "text is kept as written"
     );
 }
 
@@ -150,6 +150,33 @@ fn bad_cases() -> Vec<(&'static str, Vec<u8>, usize, &'static str)> {
             "empty",
         ),
         (
+            "blank_completion",
+            with("{\"prompt\": \"p\", \"completions\": [\"a\", \" \\t\\u3000\"]}"),
+            3,
+            "completions[1] is empty or only whitespace",
+        ),
+        (
+            "separator_completion",
+            with("{\"prompt\": \"p\", \"completions\": [\"\\u001c\\u0085\", \"b\"]}"),
+            3,
+            "completions[0] is empty or only whitespace",
+        ),
+        (
+            "blank_chosen",
+            with("{\"prompt\": \"p\", \"chosen\": \"\\n \", \"rejected\": \"b\"}"),
+            3,
+            "field \"chosen\" is empty or only whitespace",
+        ),
+        (
+            "too_many_completions",
+            with(&format!(
+                "{{\"prompt\": \"p\", \"completions\": [{}]}}",
+                vec!["\"c\""; 129].join(", ")
+            )),
+            3,
+            "129 completions, at most 128",
+        ),
+        (
             "bad_type",
             with(
                 "{\"prompt\": \"p\", \"completions\": [\"a\", \"b\"], \"prompt_type\": \"opened\"}",
@@ -179,7 +206,7 @@ fn bad_cases() -> Vec<(&'static str, Vec<u8>, usize, &'static str)> {
             "empty_rejected",
             with("{\"prompt\": \"p\", \"chosen\": \"a\", \"rejected\": \"\"}"),
             3,
-            "empty",
+            "field \"rejected\" is empty",
         ),
         (
             "both_forms",
@@ -300,8 +327,8 @@ fn longform_matches_the_independent_construction_exactly() {
 #[test]
 fn longform_records_follow_the_paper() {
     let report = read_rankings(&fixture("longform_small.seed42.jsonl"), false).unwrap();
-    // 7 examples, one of 99 words dropped.
-    assert_eq!(report.records.len(), 6);
+    // 8 examples, one of 99 words dropped.
+    assert_eq!(report.records.len(), 7);
     for r in &report.records {
         let lengths: Vec<usize> = r.completions.iter().map(|c| c.split(' ').count()).collect();
         match r.prompt_type {
@@ -330,6 +357,46 @@ fn longform_records_follow_the_paper() {
     assert!(w.prompt.starts_with("Exactly one hundred."));
     assert!(w.completions[7].starts_with("w0 w1 w2 w3 w4"));
     assert!(!w.completions[0].contains("  ") && !w.completions[0].contains('\t'));
+}
+
+/// Python's whitespace, as scripts/gen_data_fixtures.py wrote it from str.isspace().
+fn python_whitespace() -> Vec<(u32, u32)> {
+    let text = std::fs::read_to_string(fixture("python_isspace.txt")).unwrap();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| {
+            let (first, last) = line.split_once(' ').unwrap();
+            (
+                u32::from_str_radix(first, 16).unwrap(),
+                u32::from_str_radix(last, 16).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn longform_splits_words_on_exactly_what_python_splits_on() {
+    let table = python_whitespace();
+    assert!(table.len() >= 10, "the table is read");
+    let mut separators = 0;
+    for c in (0..=0x10FFFFu32).filter_map(char::from_u32) {
+        let python = table
+            .iter()
+            .any(|&(first, last)| (first..=last).contains(&(c as u32)));
+        separators += usize::from(python);
+        assert_eq!(
+            rcx::data::is_python_whitespace(c),
+            python,
+            "U+{:04X}",
+            c as u32
+        );
+        // Between two words it splits them, as str.split() would.
+        let text = format!("a{c}b");
+        let words: Vec<&str> = rcx::data::split_words(&text).collect();
+        let want: Vec<&str> = if python { vec!["a", "b"] } else { vec![&text] };
+        assert_eq!(words, want, "U+{:04X}", c as u32);
+    }
+    assert_eq!(separators, 29, "the 29 separators of str.split()");
 }
 
 #[test]
@@ -575,16 +642,11 @@ fn cache_is_rebuilt_when_the_source_changes() {
             .rebuilt()
     );
 
-    // Touched: same bytes, new mtime.
+    // Touched: same bytes, new mtime. The key is the content, so the cache still serves.
     let file = std::fs::File::options().write(true).open(&source).unwrap();
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
     file.set_modified(later).unwrap();
     drop(file);
-    assert!(
-        TokenizedSet::open_or_build(&source, &tok, 32, false)
-            .unwrap()
-            .rebuilt()
-    );
     assert!(
         !TokenizedSet::open_or_build(&source, &tok, 32, false)
             .unwrap()
@@ -619,7 +681,7 @@ fn corrupt_caches_are_rebuilt_not_trusted() {
     ];
     // A wrong count of prompts, then an out-of-range span offset in the tables.
     let mut wrong_count = good.clone();
-    wrong_count[40] ^= 1;
+    wrong_count[64] ^= 1;
     corruptions.push(wrong_count);
     let mut wrong_span = good.clone();
     let spans_end = good.len() - 5; // 5 prompts: their types are the last 5 bytes
@@ -689,4 +751,271 @@ fn cache_falls_back_to_the_temp_folder() {
             .rebuilt()
     );
     std::fs::remove_file(cache).unwrap();
+}
+
+// ---------------------------------------------------------------- pipes, bounds, cache keys
+
+/// Runs `f` on its own thread; a test fails instead of hanging CI when `f` regresses into
+/// waiting forever (a reader that reopens a drained pipe blocks in open()).
+fn within<T: Send + 'static>(
+    seconds: u64,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(f());
+    });
+    match result.recv_timeout(std::time::Duration::from_secs(seconds)) {
+        Ok(value) => value,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: still running after {seconds} s (it hangs)")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: panicked"),
+    }
+}
+
+/// `count` small pairwise records: several times the 64 KiB that the old fingerprint read.
+fn many_records(count: usize) -> String {
+    (0..count)
+        .map(|i| {
+            format!("{{\"prompt\": \"prompt {i:05}\", \"chosen\": \"alpha beta {i}\", \"rejected\": \"gamma\"}}\n")
+        })
+        .collect()
+}
+
+/// Writes `bytes` into the write end of a pipe from another thread and closes it; the
+/// result says whether every byte went in (a reader that stops early breaks the pipe).
+fn feed(mut end: std::fs::File, bytes: Vec<u8>) -> std::thread::JoinHandle<std::io::Result<()>> {
+    use std::io::Write;
+    std::thread::spawn(move || end.write_all(&bytes))
+}
+
+/// An anonymous pipe: (the path a process reads it by, as `<(cat f)` gives it, the read
+/// end kept open for that path, the write end).
+fn anonymous_pipe() -> (PathBuf, std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills two fresh descriptors that the two Files below then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read, write) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    (PathBuf::from(format!("/dev/fd/{}", fds[0])), read, write)
+}
+
+#[test]
+fn a_fifo_source_is_read_once_and_does_not_hang() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = scratch("fifo");
+    let text = many_records(4000);
+    assert!(text.len() > 3 * 64 * 1024);
+    let regular = write(&dir, "regular.jsonl", text.as_bytes());
+    let fifo = dir.join("fifo.jsonl");
+    let name = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+
+    let writer = {
+        let fifo = fifo.clone();
+        let bytes = text.clone().into_bytes();
+        std::thread::spawn(move || {
+            let end = std::fs::File::options().write(true).open(&fifo)?;
+            feed(end, bytes).join().unwrap()
+        })
+    };
+    let source = fifo.clone();
+    let set = within(60, "tokenizing a FIFO", move || {
+        TokenizedSet::open_or_build(&source, &tokenizer("vocab.txt"), 32, false)
+    })
+    .unwrap();
+    writer.join().unwrap().expect("the writer wrote everything");
+    assert!(set.rebuilt());
+    assert_matches_source(&set, &regular, &tokenizer("vocab.txt"), 32);
+    assert!(
+        !dir.join(".rcx-cache").exists(),
+        "a stream cannot be fingerprinted before it is read: no cache kept for it"
+    );
+}
+
+#[test]
+fn an_anonymous_pipe_source_loses_nothing() {
+    let dir = scratch("pipe");
+    let text = many_records(4000);
+    let regular = write(&dir, "regular.jsonl", text.as_bytes());
+    let (path, read_end, write_end) = anonymous_pipe();
+    let writer = feed(write_end, text.into_bytes());
+    let source = path.clone();
+    let set = within(60, "tokenizing a pipe", move || {
+        TokenizedSet::open_or_build(&source, &tokenizer("vocab.txt"), 32, false)
+    })
+    .unwrap();
+    drop(read_end);
+    writer.join().unwrap().expect("the writer wrote everything");
+    assert_matches_source(&set, &regular, &tokenizer("vocab.txt"), 32);
+}
+
+#[test]
+fn an_endless_line_is_refused_at_the_line_limit() {
+    let (path, read_end, write_end) = anonymous_pipe();
+    // 64 MiB without a line end: four times the limit; the writer stops when the reader
+    // gives up (a broken pipe).
+    let writer = feed(write_end, vec![b'x'; 64 << 20]);
+    let source = path.clone();
+    let msg = within(60, "reading an endless line", move || {
+        user_error(read_rankings(&source, false))
+    });
+    drop(read_end);
+    let _ = writer.join().unwrap();
+    assert!(msg.starts_with(&format!("{}:1: ", path.display())), "{msg}");
+    assert!(msg.contains("longer than 16 MiB"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+
+    // With --skip-bad the long line is skipped and the next one read.
+    let dir = scratch("long-line");
+    let good = "{\"prompt\": \"p\", \"completions\": [\"a\", \"b\"]}\n";
+    let mut bytes = vec![b' '; (16 << 20) + 1];
+    bytes.push(b'\n');
+    bytes.extend_from_slice(good.as_bytes());
+    let file = write(&dir, "long.jsonl", &bytes);
+    let msg = user_error(read_rankings(&file, false));
+    assert!(msg.starts_with(&format!("{}:1: ", file.display())), "{msg}");
+    let report = read_rankings(&file, true).unwrap();
+    assert_eq!((report.records.len(), report.skipped), (1, 1));
+}
+
+/// Where the ids of (prompt 0, completion 0) of `source` begin in its cache file: found by
+/// content, so the test does not depend on the header's layout.
+fn first_ids_offset(cache: &[u8], source: &Path, tok: &Tokenizer) -> usize {
+    let record = &read_rankings(source, false).unwrap().records[0];
+    let ids = tok
+        .encode_pair(&record.prompt, &record.completions[0], 512)
+        .input_ids;
+    let pattern: Vec<u8> = ids[..3].iter().flat_map(|id| id.to_le_bytes()).collect();
+    cache
+        .windows(pattern.len())
+        .position(|w| w == pattern)
+        .expect("the first completion's ids are in the cache")
+}
+
+#[test]
+fn a_same_size_edit_in_the_middle_rebuilds_the_cache() {
+    let dir = scratch("cache-middle");
+    let text = many_records(5000);
+    let source = write(&dir, "middle.jsonl", text.as_bytes());
+    let tok = tokenizer("vocab.txt");
+    assert!(
+        TokenizedSet::open_or_build(&source, &tok, 32, false)
+            .unwrap()
+            .rebuilt()
+    );
+    let mtime = std::fs::metadata(&source).unwrap().modified().unwrap();
+
+    // One byte of the middle record changes; size and modification time stay the same.
+    let edited = text.replacen("prompt 02500", "prompt 92500", 1);
+    assert_eq!(edited.len(), text.len());
+    std::fs::write(&source, &edited).unwrap();
+    let file = std::fs::File::options().write(true).open(&source).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+
+    let set = TokenizedSet::open_or_build(&source, &tok, 32, false).unwrap();
+    assert!(set.rebuilt(), "the edit in the middle was not noticed");
+    assert_matches_source(&set, &source, &tok, 32);
+}
+
+#[test]
+fn a_flipped_byte_in_the_cache_is_detected() {
+    let dir = scratch("cache-flip");
+    let source = copy_fixture(&dir, "rankings_small.jsonl");
+    let tok = tokenizer("vocab.txt");
+    let cache = TokenizedSet::open_or_build(&source, &tok, 32, false)
+        .unwrap()
+        .cache_path()
+        .to_path_buf();
+    let good = std::fs::read(&cache).unwrap();
+    // The second id of the first completion (a word of the prompt) becomes another word.
+    let at = first_ids_offset(&good, &source, &tok) + 4;
+    let mut flipped = good.clone();
+    flipped[at] ^= 1;
+    std::fs::write(&cache, &flipped).unwrap();
+
+    let set = TokenizedSet::open_or_build(&source, &tok, 32, false).unwrap();
+    assert!(set.rebuilt(), "the flipped byte went unnoticed");
+    assert_matches_source(&set, &source, &tok, 32);
+    assert_eq!(std::fs::read(&cache).unwrap(), good);
+}
+
+#[test]
+fn a_cache_of_another_tokenizer_version_is_rebuilt() {
+    let dir = scratch("cache-version");
+    let source = copy_fixture(&dir, "rankings_small.jsonl");
+    let tok = tokenizer("vocab.txt");
+    let cache = TokenizedSet::open_or_build(&source, &tok, 32, false)
+        .unwrap()
+        .cache_path()
+        .to_path_buf();
+    let good = std::fs::read(&cache).unwrap();
+    // Bytes 12..16 of the header hold the tokenizer's version.
+    let mut other = good.clone();
+    other[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&cache, &other).unwrap();
+    let set = TokenizedSet::open_or_build(&source, &tok, 32, false).unwrap();
+    assert!(
+        set.rebuilt(),
+        "a cache of another tokenizer version was reused"
+    );
+    assert_eq!(std::fs::read(&cache).unwrap(), good);
+}
+
+#[test]
+fn a_corrupt_cached_id_is_blamed_on_the_cache_not_the_vocabulary() {
+    let dir = scratch("cache-score");
+    // tiny-bert (vocab_size 128) with the 40-entry fixture vocabulary.
+    let model = dir.join("model");
+    std::fs::create_dir(&model).unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/tiny-bert");
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny.join(name), model.join(name)).unwrap();
+    }
+    std::fs::copy(fixture("vocab.txt"), model.join("vocab.txt")).unwrap();
+    let source = copy_fixture(&dir, "rankings_small.jsonl");
+    let score = || {
+        rcx(&[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            source.to_str().unwrap(),
+        ])
+    };
+    let first = score();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+
+    let cache = dir.join(".rcx-cache/rankings_small.jsonl.rcxcache");
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let at = first_ids_offset(&bytes, &source, &tokenizer("vocab.txt")) + 4;
+    bytes[at..at + 4].copy_from_slice(&1000u32.to_le_bytes());
+    std::fs::write(&cache, &bytes).unwrap();
+
+    let again = score();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert_eq!(
+        again.stdout, first.stdout,
+        "the same scores from the rebuilt cache"
+    );
+    assert!(
+        stderr.contains(cache.to_str().unwrap()),
+        "names the cache: {stderr}"
+    );
+    assert!(stderr.contains("rebuil"), "{stderr}");
+    assert!(!stderr.contains("vocab.txt"), "{stderr}");
 }

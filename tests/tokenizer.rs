@@ -285,3 +285,65 @@ fn cli_missing_vocab_exits_2() {
     assert!(stderr.contains("/nonexistent/rcx-vocab.txt"), "{stderr}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn cli_refuses_a_max_length_without_room_for_the_special_tokens() {
+    let tokenize = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rcx"))
+            .args(["tokenize", "--vocab"])
+            .arg(vocab_path())
+            .args(extra)
+            .output()
+            .expect("rcx runs")
+    };
+    for (args, least) in [
+        (&["--max-length", "0", "hello"][..], "at least 2"),
+        (&["--max-length", "1", "hello"][..], "at least 2"),
+        (
+            &["--max-length", "2", "hello", "--pair", "world"][..],
+            "at least 3",
+        ),
+    ] {
+        let out = tokenize(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--max-length"), "{args:?}: {stderr}");
+        assert!(stderr.contains(least), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    // The smallest that hold them: [CLS] [SEP], and [CLS] [SEP] [SEP] for a pair.
+    let out = tokenize(&["--max-length", "2", "hello"]);
+    assert!(out.status.success());
+    let out = tokenize(&["--max-length", "3", "hello", "--pair", "world"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn an_endless_vocabulary_is_refused_at_its_size_limit() {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills two fresh descriptors that the two Files below then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read_end, mut write_end) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let path = PathBuf::from(format!("/dev/fd/{}", fds[0]));
+    // 128 MiB of one endless line: twice the limit. The writer stops when the reader
+    // gives up (a broken pipe).
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'a'; 1 << 20];
+        for _ in 0..128 {
+            write_end.write_all(&chunk)?;
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let msg = load_error(&path);
+    drop(read_end);
+    let _ = writer.join().unwrap();
+    assert!(msg.contains("larger than 64 MiB"), "{msg}");
+}

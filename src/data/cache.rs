@@ -3,16 +3,22 @@
 //! data set larger than memory trains without being held in memory.
 //!
 //! The cache lives in `.rcx-cache/` beside the source (or `$TMPDIR/rcx-cache/` when that
-//! folder cannot be written) and is rebuilt when its header no longer matches the source
-//! (size, mtime, hash of the first and last 64 KiB), the vocabulary fingerprint or
-//! max_length, or when it is unreadable or corrupt.
+//! folder cannot be written) and is rebuilt when its key no longer matches: the SHA-256 of
+//! the whole source, the tokenizer's version, the vocabulary's fingerprint and max_length.
+//! A SHA-256 of the file itself catches any changed byte in it: such a cache is rebuilt,
+//! saying so on stderr, never trusted.
+//!
+//! A source that is not a regular file (a pipe, `/dev/stdin`, a FIFO) can be read only
+//! once, so it is tokenized while it is read, into a cache that is mapped and then deleted.
 //!
 //! File layout (integers little-endian; ids in the machine's byte order, which is
 //! little-endian on every target rcx builds for):
 //! ```text
-//! header        72 bytes   magic "RCXTOKS\0", version u32, 0 u32, source fingerprint u64,
-//!                          vocabulary fingerprint u64, max_length u64, P u64 (prompts),
-//!                          C u64 (completions), D u64 (data bytes), skipped lines u64
+//! header        128 bytes  magic "RCXTOKS\0", format version u32, tokenizer version u32,
+//!                          source SHA-256 [32], vocabulary fingerprint u64, max_length u64,
+//!                          P u64 (prompts), C u64 (completions), D u64 (data bytes),
+//!                          skipped lines u64, checksum [32]: SHA-256 of the bytes after
+//!                          the header, then of the header's first 96 bytes
 //! data          D bytes    per completion: input_ids [n] u32, token_type_ids [n] u8,
 //!                          zero padding to 4 bytes; D padded to 8
 //! prompt_first  (P+1) u64  completions of prompt i are prompt_first[i]..prompt_first[i+1]
@@ -20,20 +26,22 @@
 //! prompt_types  P u8       0 none, 1 open, 2 closed
 //! ```
 
-use super::{LineOutcome, PromptType, RankingRecord, for_each_line, no_records_error};
+use super::{LineOutcome, PromptType, RankingRecord, for_each_line_in, no_records_error};
 use crate::error::{Error, Result};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{TOKENIZER_VERSION, Tokenizer};
 use memmap2::Mmap;
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RCXTOKS\0";
-const VERSION: u32 = 1;
-const HEADER_BYTES: usize = 72;
-/// How much of each end of the source goes into its fingerprint.
-const FINGERPRINT_EDGE: u64 = 64 * 1024;
+/// The layout above; 2 added the content key, the tokenizer version and the checksum.
+const VERSION: u32 = 2;
+const HEADER_BYTES: usize = 128;
+/// The header bytes the checksum covers: all but the checksum itself.
+const CHECKED_HEADER_BYTES: usize = 96;
 /// Records tokenized in parallel at a time: enough work per batch for rayon, bounded memory.
 const BATCH_RECORDS: usize = 4096;
 
@@ -55,46 +63,70 @@ pub struct TokenizedSet {
 /// The header fields that decide whether a cache still matches its inputs.
 #[derive(Clone, Copy, PartialEq, Debug)]
 struct CacheKey {
-    source: u64,
+    tokenizer: u32,
+    source: [u8; 32],
     vocabulary: u64,
     max_length: u64,
 }
 
+/// Why a cache file cannot serve: missing or stale ones are rebuilt quietly, a corrupt one
+/// is rebuilt saying so.
+enum Unusable {
+    Missing,
+    Stale,
+    Corrupt(String),
+}
+
 impl TokenizedSet {
-    /// Maps the cache of `source` if it matches (source, vocabulary, max_length), else
-    /// tokenizes the source and writes a new cache first. Bad source lines are an error
-    /// naming FILE:LINE, or with `skip_bad` skipped.
+    /// Maps the cache of `source` if it matches (source, tokenizer, vocabulary,
+    /// max_length), else tokenizes the source and writes a new cache first. Bad source
+    /// lines are an error naming FILE:LINE, or with `skip_bad` skipped.
     pub fn open_or_build(
         source: &Path,
         tok: &Tokenizer,
         max_length: usize,
         skip_bad: bool,
     ) -> Result<TokenizedSet> {
-        let key = CacheKey {
-            source: source_fingerprint(source)?,
+        if max_length < 3 {
+            return Err(Error::user(format!(
+                "max_length {max_length} cannot hold a (prompt, completion) pair: it needs at \
+                 least 3 ids ([CLS] prompt [SEP] completion [SEP])"
+            )));
+        }
+        let io = |e| Error::io(source, e);
+        let mut key = CacheKey {
+            tokenizer: TOKENIZER_VERSION,
+            source: [0; 32],
             vocabulary: tok.fingerprint(),
             max_length: max_length as u64,
         };
+        if !std::fs::metadata(source).map_err(io)?.is_file() {
+            return TokenizedSet::build_from_stream(source, tok, key, skip_bad);
+        }
+        key.source = sha256_of_file(source)?;
         let candidates = cache_candidates(source);
+        let mut corrupt = None;
         for path in &candidates {
-            if let Some(set) = TokenizedSet::open_valid(path, key, skip_bad) {
-                return Ok(set);
+            match TokenizedSet::open_valid(path, key, skip_bad) {
+                Ok(set) => return Ok(set),
+                Err(Unusable::Corrupt(why)) => corrupt = corrupt.or(Some((path, why))),
+                Err(Unusable::Missing | Unusable::Stale) => {}
             }
+        }
+        if let Some((path, why)) = corrupt {
+            eprintln!(
+                "{}: corrupt token cache ({why}); rebuilding it from {}",
+                path.display(),
+                source.display()
+            );
         }
         let mut last_err = None;
         for path in &candidates {
             match build_cache(source, path, tok, key, skip_bad) {
-                Ok(()) => {
-                    return match TokenizedSet::open_valid(path, key, skip_bad) {
-                        Some(mut set) => {
-                            set.rebuilt = true;
-                            Ok(set)
-                        }
-                        None => Err(Error::internal(format!(
-                            "{}: the cache just written does not read back",
-                            path.display()
-                        ))),
-                    };
+                Ok(built) => {
+                    let mut set = built.keep_at(path)?;
+                    set.rebuilt = true;
+                    return Ok(set);
                 }
                 // A folder we cannot write: try the next location.
                 Err(BuildError::Write(e)) => last_err = Some(e),
@@ -102,6 +134,34 @@ impl TokenizedSet {
             }
         }
         Err(last_err.unwrap_or_else(|| Error::internal("no cache location")))
+    }
+
+    /// Tokenizes a source that can be read only once into a cache in the temp folder,
+    /// maps it and deletes the file: the mapping lives on, and nothing is left behind.
+    fn build_from_stream(
+        source: &Path,
+        tok: &Tokenizer,
+        key: CacheKey,
+        skip_bad: bool,
+    ) -> Result<TokenizedSet> {
+        let path = temp_cache_path(source);
+        let built = build_cache(source, &path, tok, key, skip_bad).map_err(|e| match e {
+            BuildError::Write(e) | BuildError::Data(e) => e,
+        })?;
+        let _ = std::fs::remove_file(&built.path);
+        let mut set = built;
+        set.rebuilt = true;
+        Ok(set)
+    }
+
+    /// Moves this set's file (a temporary one just written) to `path`; the mapping stays.
+    fn keep_at(mut self, path: &Path) -> Result<TokenizedSet> {
+        if let Err(e) = std::fs::rename(&self.path, path) {
+            let _ = std::fs::remove_file(&self.path);
+            return Err(Error::io(path, e));
+        }
+        self.path = path.to_path_buf();
+        Ok(self)
     }
 
     pub fn len(&self) -> usize {
@@ -122,11 +182,10 @@ impl TokenizedSet {
         self.rebuilt
     }
 
-    /// The cache file in use.
+    /// The cache file in use (for a stream source, a file already deleted).
     pub fn cache_path(&self) -> &Path {
         &self.path
     }
-
     pub fn prompt_type(&self, i: usize) -> Option<PromptType> {
         assert!(i < self.num_prompts, "prompt {i} of {}", self.num_prompts);
         match self.mmap[self.types_start + i] {
@@ -169,31 +228,56 @@ impl TokenizedSet {
         )
     }
 
-    /// Maps `path` when it is a well-formed cache for `key`; None when it is missing,
-    /// stale or corrupt (the caller rebuilds).
-    fn open_valid(path: &Path, key: CacheKey, skip_bad: bool) -> Option<TokenizedSet> {
-        let file = File::open(path).ok()?;
+    /// Maps `path` when it is a well-formed cache for `key`; otherwise says why not (the
+    /// caller rebuilds).
+    fn open_valid(
+        path: &Path,
+        key: CacheKey,
+        skip_bad: bool,
+    ) -> std::result::Result<TokenizedSet, Unusable> {
+        let corrupt = |why: &str| Unusable::Corrupt(why.to_string());
+        let file = File::open(path).map_err(|_| Unusable::Missing)?;
         // SAFETY: caches are only ever replaced by rename, never written in place, so the
         // mapped file does not change under us; its contents are validated below before
         // any use.
-        let mmap = unsafe { Mmap::map(&file) }.ok()?;
-        let header = mmap.get(..HEADER_BYTES)?;
-        if &header[..8] != MAGIC || read_u32(header, 8) != VERSION {
-            return None;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|_| corrupt("unreadable"))?;
+        let header = mmap
+            .get(..HEADER_BYTES)
+            .ok_or_else(|| corrupt("shorter than its header"))?;
+        if &header[..8] != MAGIC {
+            return Err(corrupt("not a token cache"));
         }
+        let mut source = [0u8; 32];
+        source.copy_from_slice(&header[16..48]);
         let stored = CacheKey {
-            source: read_u64(header, 16),
-            vocabulary: read_u64(header, 24),
-            max_length: read_u64(header, 32),
+            tokenizer: read_u32(header, 12),
+            source,
+            vocabulary: read_u64(header, 48),
+            max_length: read_u64(header, 56),
         };
-        let skipped = read_u64(header, 64);
+        let skipped = read_u64(header, 88);
         // A cache built while skipping bad lines must not hide them from a strict run.
-        if stored != key || (skipped > 0 && !skip_bad) {
-            return None;
+        if read_u32(header, 8) != VERSION || stored != key || (skipped > 0 && !skip_bad) {
+            return Err(Unusable::Stale);
         }
-        let num_prompts = usize::try_from(read_u64(header, 40)).ok()?;
-        let num_completions = usize::try_from(read_u64(header, 48)).ok()?;
-        let data_bytes = usize::try_from(read_u64(header, 56)).ok()?;
+        let checksum = Sha256::new()
+            .chain_update(&mmap[HEADER_BYTES..])
+            .chain_update(&header[..CHECKED_HEADER_BYTES])
+            .finalize();
+        if checksum[..] != header[CHECKED_HEADER_BYTES..HEADER_BYTES] {
+            return Err(corrupt("checksum mismatch"));
+        }
+        TokenizedSet::from_checked(mmap, key, path).ok_or_else(|| corrupt("inconsistent tables"))
+    }
+
+    /// The set of a cache whose header and checksum were verified, when its tables are
+    /// consistent (the checksum proves what was written; this proves it was sound).
+    fn from_checked(mmap: Mmap, key: CacheKey, path: &Path) -> Option<TokenizedSet> {
+        let header = &mmap[..HEADER_BYTES];
+        let skipped = read_u64(header, 88);
+        let num_prompts = usize::try_from(read_u64(header, 64)).ok()?;
+        let num_completions = usize::try_from(read_u64(header, 72)).ok()?;
+        let data_bytes = usize::try_from(read_u64(header, 80)).ok()?;
         let data_start = HEADER_BYTES;
         let prompt_first_start = data_start.checked_add(data_bytes)?;
         let spans_start =
@@ -271,68 +355,80 @@ fn read_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(word)
 }
 
-/// FNV-1a, 64 bit: a fixed, dependency-free hash for fingerprints (not for security).
-struct Fnv64(u64);
+/// SHA-256 of the whole file: any changed byte, wherever it is, changes the key.
+fn sha256_of_file(source: &Path) -> Result<[u8; 32]> {
+    let io = |e| Error::io(source, e);
+    let mut reader = Hashing::new(File::open(source).map_err(io)?);
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(io)?;
+    Ok(reader.into_parts().1.finalize().into())
+}
 
-impl Fnv64 {
-    fn new() -> Self {
-        Fnv64(0xcbf2_9ce4_8422_2325)
-    }
+/// Passes bytes through to `inner` (read from it or written to it) and hashes them.
+struct Hashing<T> {
+    inner: T,
+    hash: Sha256,
+}
 
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+impl<T> Hashing<T> {
+    fn new(inner: T) -> Self {
+        Hashing {
+            inner,
+            hash: Sha256::new(),
         }
     }
-}
 
-/// Size, mtime and the first and last 64 KiB of the source (all of it when small): cheap
-/// even for a file larger than memory, and it changes whenever the file is rewritten.
-fn source_fingerprint(source: &Path) -> Result<u64> {
-    let io = |e| Error::io(source, e);
-    let mut file = File::open(source).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    let size = meta.len();
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let mut hash = Fnv64::new();
-    hash.write(&size.to_le_bytes());
-    hash.write(&mtime.to_le_bytes());
-    let mut edge = Vec::new();
-    (&mut file)
-        .take(FINGERPRINT_EDGE)
-        .read_to_end(&mut edge)
-        .map_err(io)?;
-    hash.write(&edge);
-    if size > FINGERPRINT_EDGE {
-        let tail_start = (size - FINGERPRINT_EDGE).max(FINGERPRINT_EDGE);
-        file.seek(SeekFrom::Start(tail_start)).map_err(io)?;
-        edge.clear();
-        file.read_to_end(&mut edge).map_err(io)?;
-        hash.write(&edge);
+    /// The wrapped value and the hash of every byte that passed so far.
+    fn into_parts(self) -> (T, Sha256) {
+        (self.inner, self.hash)
     }
-    Ok(hash.0)
 }
 
-/// Where the cache of `source` may live, in order of preference.
+impl<T: Read> Read for Hashing<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<T: Write> Write for Hashing<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Where the cache of the regular file `source` may live, in order of preference: beside
+/// the file it names (so a link such as /dev/stdin to a file never puts one in /dev), then
+/// in the shared temp folder.
 fn cache_candidates(source: &Path) -> Vec<PathBuf> {
-    let name = source
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "data".to_string());
-    let folder = source.parent().unwrap_or(Path::new("."));
-    let beside = folder.join(".rcx-cache").join(format!("{name}.rcxcache"));
-    // In the shared temp folder, the absolute path tells apart sources with one name.
-    let absolute = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
-    let mut hash = Fnv64::new();
-    hash.write(absolute.to_string_lossy().as_bytes());
-    let in_tmp = std::env::temp_dir()
+    let real = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
+    let folder = real.parent().unwrap_or(Path::new("."));
+    let beside = folder
+        .join(".rcx-cache")
+        .join(format!("{}.rcxcache", file_name(&real)));
+    vec![beside, temp_cache_path(&real)]
+}
+
+/// The cache of `source` in the shared temp folder; the hash of the path tells apart
+/// sources with one name.
+fn temp_cache_path(source: &Path) -> PathBuf {
+    let hash = Sha256::digest(source.to_string_lossy().as_bytes());
+    let tag: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    std::env::temp_dir()
         .join("rcx-cache")
-        .join(format!("{name}-{:016x}.rcxcache", hash.0));
-    vec![beside, in_tmp]
+        .join(format!("{}-{tag}.rcxcache", file_name(source)))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".to_string())
 }
 
 enum BuildError {
@@ -342,20 +438,26 @@ enum BuildError {
     Data(Error),
 }
 
-/// Tokenizes `source` into a new cache at `path`, written to a temporary file and renamed.
+/// Tokenizes `source`, read once, into a new cache in a temporary file beside `path`, and
+/// maps it; `keep_at` then moves it into place. Nothing is left behind on an error.
 fn build_cache(
     source: &Path,
     path: &Path,
     tok: &Tokenizer,
     key: CacheKey,
     skip_bad: bool,
-) -> std::result::Result<(), BuildError> {
+) -> std::result::Result<TokenizedSet, BuildError> {
     let folder = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(folder).map_err(|e| BuildError::Write(Error::io(folder, e)))?;
     let tmp = super::temp_path_beside(path);
     let file = File::create(&tmp).map_err(|e| BuildError::Write(Error::io(&tmp, e)))?;
-    let result = write_cache(source, &tmp, file, tok, key, skip_bad).and_then(|()| {
-        std::fs::rename(&tmp, path).map_err(|e| BuildError::Write(Error::io(path, e)))
+    let result = write_cache(source, &tmp, file, tok, key, skip_bad).and_then(|key| {
+        TokenizedSet::open_valid(&tmp, key, skip_bad).map_err(|_| {
+            BuildError::Data(Error::internal(format!(
+                "{}: the cache just written does not read back",
+                tmp.display()
+            )))
+        })
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -371,17 +473,21 @@ struct Tables {
     data_bytes: u64,
 }
 
+/// Writes the cache of `source` to `file`; returns its key, whose source hash is that of
+/// the bytes actually tokenized.
 fn write_cache(
     source: &Path,
     tmp: &Path,
-    file: File,
+    mut file: File,
     tok: &Tokenizer,
-    key: CacheKey,
+    mut key: CacheKey,
     skip_bad: bool,
-) -> std::result::Result<(), BuildError> {
+) -> std::result::Result<CacheKey, BuildError> {
     let write_err = |e: std::io::Error| BuildError::Write(Error::io(tmp, e));
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&[0u8; HEADER_BYTES]).map_err(write_err)?;
+    file.write_all(&[0u8; HEADER_BYTES]).map_err(write_err)?;
+    let mut out = BufWriter::with_capacity(1 << 20, Hashing::new(file));
+    let input = File::open(source).map_err(|e| BuildError::Data(Error::io(source, e)))?;
+    let mut reader = BufReader::with_capacity(1 << 20, Hashing::new(input));
     let mut tables = Tables {
         prompt_first: vec![0],
         spans: Vec::new(),
@@ -390,7 +496,7 @@ fn write_cache(
     };
     let mut batch: Vec<RankingRecord> = Vec::with_capacity(BATCH_RECORDS);
     let mut write_failure = None;
-    let read = for_each_line(source, |line_no, bytes| {
+    let read = for_each_line_in(&mut reader, source, skip_bad, |line_no, bytes| {
         let Some(record) = super::parse_ranking_line(source, line_no, bytes, skip_bad)? else {
             return Ok(LineOutcome::Skipped);
         };
@@ -409,6 +515,7 @@ fn write_cache(
         return Err(BuildError::Write(Error::io(tmp, e)));
     }
     let skipped = read.map_err(BuildError::Data)?;
+    key.source = reader.into_inner().into_parts().1.finalize().into();
     write_batch(&mut out, &mut tables, &batch, tok, key).map_err(write_err)?;
     let num_prompts = tables.types.len();
     if num_prompts == 0 {
@@ -427,13 +534,17 @@ fn write_cache(
         out.write_all(&n.to_le_bytes()).map_err(write_err)?;
     }
     out.write_all(&tables.types).map_err(write_err)?;
+    let (mut file, mut checksum) = out
+        .into_inner()
+        .map_err(|e| write_err(e.into_error()))?
+        .into_parts();
 
     let mut header = Vec::with_capacity(HEADER_BYTES);
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&VERSION.to_le_bytes());
-    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&key.tokenizer.to_le_bytes());
+    header.extend_from_slice(&key.source);
     for field in [
-        key.source,
         key.vocabulary,
         key.max_length,
         num_prompts as u64,
@@ -443,11 +554,14 @@ fn write_cache(
     ] {
         header.extend_from_slice(&field.to_le_bytes());
     }
-    let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
+    debug_assert_eq!(header.len(), CHECKED_HEADER_BYTES);
+    // The body's hash ran while it was written; the checked header comes after it.
+    checksum.update(&header);
+    header.extend_from_slice(&checksum.finalize());
     file.seek(SeekFrom::Start(0)).map_err(write_err)?;
     file.write_all(&header).map_err(write_err)?;
     file.sync_all().map_err(write_err)?;
-    Ok(())
+    Ok(key)
 }
 
 /// Tokenizes a batch of records in parallel and appends it to the data region.

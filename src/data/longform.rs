@@ -1,7 +1,8 @@
 //! The paper's data construction (notes section 4) from LongForm-style JSON lines
 //! `{"input": str, "output": str}`.
 //!
-//! Words are the whitespace-separated runs of the output (Python's `str.split()`); answers
+//! Words are the whitespace-separated runs of the output (exactly Python's `str.split()`:
+//! `super::split_words`); answers
 //! are word prefixes joined by single spaces. An example is kept when its output has at
 //! least 100 words. For each kept example, in file order, one draw of a splitmix64 stream
 //! seeded with `--seed` decides its type: open-ended when the draw's top bit is 1.
@@ -98,14 +99,14 @@ pub fn build_longform(input: &Path, seed: u64, skip_bad: bool) -> Result<Longfor
     let mut rng = SplitMix64::new(seed);
     let mut jsonl = String::new();
     let (mut examples, mut kept, mut open) = (0usize, 0usize, 0usize);
-    let skipped = for_each_line(input, |line_no, bytes| {
+    let skipped = for_each_line(input, skip_bad, |line_no, bytes| {
         let (prompt, output) = match parse_example(input, line_no, bytes) {
             Ok(example) => example,
             Err(Error::User(_)) if skip_bad => return Ok(LineOutcome::Skipped),
             Err(e) => return Err(e),
         };
         examples += 1;
-        let words: Vec<&str> = output.split_whitespace().collect();
+        let words: Vec<&str> = super::split_words(&output).collect();
         if words.len() < MIN_WORDS {
             return Ok(LineOutcome::Kept);
         }

@@ -5,7 +5,8 @@
 //! `{"prompt": str, "completions": [best, ..., worst], "prompt_type": "open"|"closed"}`
 //! with any K >= 2 completions and `prompt_type` optional. A pairwise record
 //! `{"prompt", "chosen", "rejected"}` reads as K = 2 without a type. Blank lines are ignored;
-//! unknown fields are ignored.
+//! unknown fields are ignored. A line holds at most MAX_LINE_BYTES, a record at most
+//! MAX_COMPLETIONS completions, and every completion some text besides whitespace.
 
 pub mod cache;
 pub mod longform;
@@ -15,11 +16,33 @@ pub use cache::TokenizedSet;
 use crate::error::{Error, Result};
 pub use crate::loss::PromptType;
 use serde_json::{Map, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// The name of the data set shipped under data/ and used when a config names no other.
 pub const SHIPPED_SET: &str = "kjv-jargon";
+
+/// The most bytes one line of a data file may hold, its line end included. Text beyond
+/// max_length tokens is cut anyway: 128 completions of 512 tokens are well under 1 MiB, so
+/// this leaves room while a line without an end (or an 8 GB one) cannot exhaust memory.
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+/// The most completions one record may rank: 16 times the paper's K = 8. A prompt's
+/// completions go through the model as one batch, so K bounds memory (K x max_length tokens
+/// at once) and the loss's K(K-1)/2 pairs.
+pub const MAX_COMPLETIONS: usize = 128;
+
+/// Whether `c` separates words for Python's `str.split()` (`c.isspace()`): Unicode's
+/// White_Space, which is Rust's `char::is_whitespace`, plus the information separators
+/// U+001C..U+001F that Python also splits on.
+pub fn is_python_whitespace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// The words of `text` as Python's `text.split()` gives them.
+pub fn split_words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(is_python_whitespace)
+        .filter(|word| !word.is_empty())
+}
 
 /// One prompt and its completions ranked best first.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,7 +63,7 @@ pub struct ReadReport {
 /// skipped and counted. A file without any good record is an error either way.
 pub fn read_rankings(path: &Path, skip_bad: bool) -> Result<ReadReport> {
     let mut records = Vec::new();
-    let skipped = for_each_line(path, |line_no, bytes| {
+    let skipped = for_each_line(path, skip_bad, |line_no, bytes| {
         match parse_ranking_line(path, line_no, bytes, skip_bad)? {
             Some(record) => {
                 records.push(record);
@@ -103,25 +126,60 @@ pub(crate) enum LineOutcome {
 }
 
 /// Calls `f(line_no, bytes)` for every non-blank line (1-based numbers, without the line
-/// end) without holding the whole file in memory; returns how many lines `f` skipped.
+/// end) without holding the whole file in memory; returns how many lines were skipped
+/// (by `f`, or for being longer than MAX_LINE_BYTES when `skip_bad`).
 pub(crate) fn for_each_line(
     path: &Path,
-    mut f: impl FnMut(usize, &[u8]) -> Result<LineOutcome>,
+    skip_bad: bool,
+    f: impl FnMut(usize, &[u8]) -> Result<LineOutcome>,
 ) -> Result<usize> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    for_each_line_in(
+        &mut BufReader::with_capacity(1 << 20, file),
+        path,
+        skip_bad,
+        f,
+    )
+}
+
+/// `for_each_line` over an open `reader`, read once from its current position to its end;
+/// errors name `path`.
+pub(crate) fn for_each_line_in(
+    reader: &mut impl BufRead,
+    path: &Path,
+    skip_bad: bool,
+    mut f: impl FnMut(usize, &[u8]) -> Result<LineOutcome>,
+) -> Result<usize> {
+    let io = |e| Error::io(path, e);
     let mut buf = Vec::new();
     let mut line_no = 0usize;
     let mut skipped = 0usize;
     loop {
         buf.clear();
+        // Never more than the limit in memory, whatever the input holds.
         let n = reader
+            .by_ref()
+            .take(MAX_LINE_BYTES as u64)
             .read_until(b'\n', &mut buf)
-            .map_err(|e| Error::io(path, e))?;
+            .map_err(io)?;
         if n == 0 {
             break;
         }
         line_no += 1;
+        let cut_short = n == MAX_LINE_BYTES && buf.last() != Some(&b'\n');
+        if cut_short && !reader.fill_buf().map_err(io)?.is_empty() {
+            if !skip_bad {
+                return Err(Error::user(format!(
+                    "{}:{line_no}: a line longer than {} MiB, expected one record per line \
+                     within the limit (a longer one needs rcx::data::MAX_LINE_BYTES raised)",
+                    path.display(),
+                    MAX_LINE_BYTES >> 20
+                )));
+            }
+            skip_past_line_end(reader).map_err(io)?;
+            skipped += 1;
+            continue;
+        }
         let line = trim_line_end(&buf);
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
@@ -131,6 +189,26 @@ pub(crate) fn for_each_line(
         }
     }
     Ok(skipped)
+}
+
+/// Consumes the rest of the current line, its end included, holding none of it.
+fn skip_past_line_end(reader: &mut impl BufRead) -> std::io::Result<()> {
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                reader.consume(end + 1);
+                return Ok(());
+            }
+            None => {
+                let len = chunk.len();
+                reader.consume(len);
+            }
+        }
+    }
 }
 
 fn trim_line_end(buf: &[u8]) -> &[u8] {
@@ -237,7 +315,8 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
     let prompt = string_field(path, line_no, &obj, "prompt")?.to_string();
 
     let has_pair = obj.contains_key("chosen") || obj.contains_key("rejected");
-    let completions = match obj.get("completions") {
+    // Each completion with the name of the field it came from, for the messages.
+    let named: Vec<(String, &str)> = match obj.get("completions") {
         Some(_) if has_pair => {
             return Err(Error::user(format!(
                 "{}: both \"completions\" and \"chosen\"/\"rejected\", expected one form",
@@ -245,10 +324,19 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
             )));
         }
         Some(Value::Array(items)) => {
-            let mut completions = Vec::with_capacity(items.len());
+            if items.len() > MAX_COMPLETIONS {
+                return Err(Error::user(format!(
+                    "{}: {} completions, at most {MAX_COMPLETIONS} per record (a prompt's \
+                     completions are one batch; more needs rcx::data::MAX_COMPLETIONS raised \
+                     and memory for K x max_length tokens)",
+                    at(),
+                    items.len()
+                )));
+            }
+            let mut named = Vec::with_capacity(items.len());
             for (j, item) in items.iter().enumerate() {
                 match item {
-                    Value::String(s) => completions.push(s.clone()),
+                    Value::String(s) => named.push((format!("completions[{j}]"), s.as_str())),
                     other => {
                         return Err(Error::user(format!(
                             "{}: completions[{j}] is {}, expected a string",
@@ -258,14 +346,14 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
                     }
                 }
             }
-            if completions.len() < 2 {
+            if named.len() < 2 {
                 return Err(Error::user(format!(
                     "{}: {} completion(s), expected at least 2 ranked best first",
                     at(),
-                    completions.len()
+                    named.len()
                 )));
             }
-            completions
+            named
         }
         Some(other) => {
             return Err(Error::user(format!(
@@ -275,8 +363,14 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
             )));
         }
         None if has_pair => vec![
-            string_field(path, line_no, &obj, "chosen")?.to_string(),
-            string_field(path, line_no, &obj, "rejected")?.to_string(),
+            (
+                "field \"chosen\"".to_string(),
+                string_field(path, line_no, &obj, "chosen")?,
+            ),
+            (
+                "field \"rejected\"".to_string(),
+                string_field(path, line_no, &obj, "rejected")?,
+            ),
         ],
         None => {
             return Err(Error::user(format!(
@@ -286,12 +380,21 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
             )));
         }
     };
-    if let Some(j) = completions.iter().position(String::is_empty) {
+    // Blank text tokenizes to nothing: all blank completions of a prompt would be one input
+    // ranked against itself.
+    if let Some((field, _)) = named
+        .iter()
+        .find(|(_, text)| text.chars().all(is_python_whitespace))
+    {
         return Err(Error::user(format!(
-            "{}: completion {j} is an empty string, expected text",
+            "{}: {field} is empty or only whitespace, expected text",
             at()
         )));
     }
+    let completions = named
+        .into_iter()
+        .map(|(_, text)| text.to_string())
+        .collect();
 
     let prompt_type = match obj.get("prompt_type") {
         None | Some(Value::Null) => None,
