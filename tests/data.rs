@@ -663,6 +663,17 @@ fn cache_is_rebuilt_when_the_source_changes() {
     assert_matches_source(&set, &source, &tok, 32);
 }
 
+/// Recomputes a cache file's checksum (header bytes 96..128: SHA-256 of the bytes after the
+/// 128-byte header, then of the header's first 96), so that only its other checks judge it.
+fn reseal(cache: &mut [u8]) {
+    use sha2::{Digest, Sha256};
+    let sum = Sha256::new()
+        .chain_update(&cache[128..])
+        .chain_update(&cache[..96])
+        .finalize();
+    cache[96..128].copy_from_slice(&sum);
+}
+
 #[test]
 fn corrupt_caches_are_rebuilt_not_trusted() {
     let dir = scratch("cache-corrupt");
@@ -673,20 +684,39 @@ fn corrupt_caches_are_rebuilt_not_trusted() {
         .cache_path()
         .to_path_buf();
     let good = std::fs::read(&cache).unwrap();
+    let mut resealed = good.clone();
+    reseal(&mut resealed);
+    assert_eq!(resealed, good, "reseal computes the checksum as rcx does");
     let mut corruptions: Vec<Vec<u8>> = vec![
         Vec::new(),
         b"garbage".to_vec(),
         good[..good.len() - 1].to_vec(),
         [&good[..], b"x"].concat(),
     ];
-    // A wrong count of prompts, then an out-of-range span offset in the tables.
+    // A flipped byte anywhere: the checksum catches it.
+    for at in [0, 20, 64, 100, 128, good.len() / 2, good.len() - 1] {
+        let mut flipped = good.clone();
+        flipped[at] ^= 0x10;
+        corruptions.push(flipped);
+    }
+    // Inconsistent tables under a matching checksum (as a faulty writer would leave them):
+    // a wrong count of prompts, then an out-of-range span offset.
     let mut wrong_count = good.clone();
     wrong_count[64] ^= 1;
+    reseal(&mut wrong_count);
     corruptions.push(wrong_count);
     let mut wrong_span = good.clone();
     let spans_end = good.len() - 5; // 5 prompts: their types are the last 5 bytes
     wrong_span[spans_end - 9] = 0xff;
+    reseal(&mut wrong_span);
     corruptions.push(wrong_span);
+    // An id outside the vocabulary under a matching checksum: the cache is blamed (and
+    // rebuilt), not the vocabulary or the model.
+    let mut wrong_id = good.clone();
+    let at = first_ids_offset(&good, &source, &tok) + 4;
+    wrong_id[at..at + 4].copy_from_slice(&1000u32.to_le_bytes());
+    reseal(&mut wrong_id);
+    corruptions.push(wrong_id);
     for (k, bytes) in corruptions.into_iter().enumerate() {
         std::fs::write(&cache, &bytes).unwrap();
         let set = TokenizedSet::open_or_build(&source, &tok, 32, false).unwrap();
@@ -959,9 +989,11 @@ fn a_cache_of_another_tokenizer_version_is_rebuilt() {
         .cache_path()
         .to_path_buf();
     let good = std::fs::read(&cache).unwrap();
-    // Bytes 12..16 of the header hold the tokenizer's version.
+    // Bytes 12..16 of the header hold the tokenizer's version: as a cache written by the
+    // next version would have it, checksum and all.
     let mut other = good.clone();
-    other[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    other[12..16].copy_from_slice(&(rcx::tokenizer::TOKENIZER_VERSION + 1).to_le_bytes());
+    reseal(&mut other);
     std::fs::write(&cache, &other).unwrap();
     let set = TokenizedSet::open_or_build(&source, &tok, 32, false).unwrap();
     assert!(

@@ -107,7 +107,7 @@ impl TokenizedSet {
         let candidates = cache_candidates(source);
         let mut corrupt = None;
         for path in &candidates {
-            match TokenizedSet::open_valid(path, key, skip_bad) {
+            match TokenizedSet::open_valid(path, key, tok.vocab_size(), skip_bad) {
                 Ok(set) => return Ok(set),
                 Err(Unusable::Corrupt(why)) => corrupt = corrupt.or(Some((path, why))),
                 Err(Unusable::Missing | Unusable::Stale) => {}
@@ -233,6 +233,7 @@ impl TokenizedSet {
     fn open_valid(
         path: &Path,
         key: CacheKey,
+        vocab_size: usize,
         skip_bad: bool,
     ) -> std::result::Result<TokenizedSet, Unusable> {
         let corrupt = |why: &str| Unusable::Corrupt(why.to_string());
@@ -267,7 +268,30 @@ impl TokenizedSet {
         if checksum[..] != header[CHECKED_HEADER_BYTES..HEADER_BYTES] {
             return Err(corrupt("checksum mismatch"));
         }
-        TokenizedSet::from_checked(mmap, key, path).ok_or_else(|| corrupt("inconsistent tables"))
+        let set = TokenizedSet::from_checked(mmap, key, path)
+            .ok_or_else(|| corrupt("inconsistent tables"))?;
+        // Ids outside the vocabulary would reach the model as its error, not the cache's.
+        match set.first_id_outside(vocab_size) {
+            Some(id) => Err(Unusable::Corrupt(format!(
+                "token id {id} outside the vocabulary of {vocab_size}"
+            ))),
+            None => Ok(set),
+        }
+    }
+
+    /// The first input id >= `vocab_size` (or token type id > 1, as u32), if any.
+    fn first_id_outside(&self, vocab_size: usize) -> Option<u32> {
+        for i in 0..self.num_prompts {
+            for j in 0..self.num_completions(i) {
+                let (ids, types) = self.completion(i, j);
+                let bad_id = ids.iter().find(|&&id| id as usize >= vocab_size);
+                let bad_type = types.iter().find(|&&t| t > 1).map(|&t| u32::from(t));
+                if let Some(id) = bad_id.copied().or(bad_type) {
+                    return Some(id);
+                }
+            }
+        }
+        None
     }
 
     /// The set of a cache whose header and checksum were verified, when its tables are
@@ -452,7 +476,7 @@ fn build_cache(
     let tmp = super::temp_path_beside(path);
     let file = File::create(&tmp).map_err(|e| BuildError::Write(Error::io(&tmp, e)))?;
     let result = write_cache(source, &tmp, file, tok, key, skip_bad).and_then(|key| {
-        TokenizedSet::open_valid(&tmp, key, skip_bad).map_err(|_| {
+        TokenizedSet::open_valid(&tmp, key, tok.vocab_size(), skip_bad).map_err(|_| {
             BuildError::Data(Error::internal(format!(
                 "{}: the cache just written does not read back",
                 tmp.display()
