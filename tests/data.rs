@@ -185,6 +185,15 @@ fn bad_cases() -> Vec<(&'static str, Vec<u8>, usize, &'static str)> {
             "\"open\" or \"closed\"",
         ),
         (
+            "type_long",
+            with(&format!(
+                "{{\"prompt\": \"p\", \"completions\": [\"a\", \"b\"], \"prompt_type\": \"{}\"}}",
+                "open".repeat(100_000)
+            )),
+            3,
+            "prompt_type is \"openopen",
+        ),
+        (
             "type_number",
             with("{\"prompt\": \"p\", \"completions\": [\"a\", \"b\"], \"prompt_type\": 1}"),
             3,
@@ -245,6 +254,7 @@ fn every_bad_line_names_file_and_line_and_skip_bad_counts_it() {
             "{name}: {msg:?} should mention {words:?}"
         );
         assert!(!msg.contains('\n'), "{name}: one line");
+        assert!(msg.len() < 600, "{name}: a short line, {} bytes", msg.len());
 
         let report = read_rankings(&path, true).unwrap();
         assert_eq!(report.skipped, 1, "{name}");

@@ -401,8 +401,16 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
         Some(Value::String(s)) if s == "open" => Some(PromptType::Open),
         Some(Value::String(s)) if s == "closed" => Some(PromptType::Closed),
         Some(other) => {
+            // A string is quoted (cut short: a line may hold megabytes), anything else named.
+            let found = match other {
+                Value::String(s) if s.chars().count() > 40 => {
+                    format!("{:?}...", s.chars().take(40).collect::<String>())
+                }
+                Value::String(s) => format!("{s:?}"),
+                other => json_kind(other).to_string(),
+            };
             return Err(Error::user(format!(
-                "{}: prompt_type is {other}, expected \"open\" or \"closed\"",
+                "{}: prompt_type is {found}, expected \"open\" or \"closed\"",
                 at()
             )));
         }
