@@ -851,34 +851,38 @@ fn anonymous_pipe() -> (PathBuf, std::fs::File, std::fs::File) {
 fn a_fifo_source_is_read_once_and_does_not_hang() {
     use std::os::unix::ffi::OsStrExt;
     let dir = scratch("fifo");
-    let text = many_records(4000);
-    assert!(text.len() > 3 * 64 * 1024);
-    let regular = write(&dir, "regular.jsonl", text.as_bytes());
-    let fifo = dir.join("fifo.jsonl");
-    let name = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    // Small enough for one read (a second open of the drained FIFO waited forever for a
+    // writer), and larger than the 64 KiB the old fingerprint read first (then lost).
+    for count in [10, 4000] {
+        let text = many_records(count);
+        let regular = write(&dir, "regular.jsonl", text.as_bytes());
+        let fifo = dir.join("fifo.jsonl");
+        let name = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
 
-    let writer = {
-        let fifo = fifo.clone();
-        let bytes = text.clone().into_bytes();
-        std::thread::spawn(move || {
-            let end = std::fs::File::options().write(true).open(&fifo)?;
-            feed(end, bytes).join().unwrap()
+        let writer = {
+            let fifo = fifo.clone();
+            let bytes = text.clone().into_bytes();
+            std::thread::spawn(move || {
+                let end = std::fs::File::options().write(true).open(&fifo)?;
+                feed(end, bytes).join().unwrap()
+            })
+        };
+        let source = fifo.clone();
+        let set = within(60, "tokenizing a FIFO", move || {
+            TokenizedSet::open_or_build(&source, &tokenizer("vocab.txt"), 32, false)
         })
-    };
-    let source = fifo.clone();
-    let set = within(60, "tokenizing a FIFO", move || {
-        TokenizedSet::open_or_build(&source, &tokenizer("vocab.txt"), 32, false)
-    })
-    .unwrap();
-    writer.join().unwrap().expect("the writer wrote everything");
-    assert!(set.rebuilt());
-    assert_matches_source(&set, &regular, &tokenizer("vocab.txt"), 32);
-    assert!(
-        !dir.join(".rcx-cache").exists(),
-        "a stream cannot be fingerprinted before it is read: no cache kept for it"
-    );
+        .unwrap();
+        writer.join().unwrap().expect("the writer wrote everything");
+        assert!(set.rebuilt());
+        assert_matches_source(&set, &regular, &tokenizer("vocab.txt"), 32);
+        assert!(
+            !dir.join(".rcx-cache").exists(),
+            "a stream cannot be fingerprinted before it is read: no cache kept for it"
+        );
+        std::fs::remove_file(&fifo).unwrap();
+    }
 }
 
 #[test]
