@@ -226,19 +226,24 @@ impl Tokenizer {
     /// `[CLS] a [SEP] b [SEP]`, cut "longest first" to at most `max_length` ids (the
     /// reference's rule: see `longest_first_lengths`). A `max_length` below 3 cuts nothing.
     pub fn encode_pair(&self, a: &str, b: &str, max_length: usize) -> Encoding {
-        let mut ids_a = self.tokenize(a);
-        let mut ids_b = self.tokenize(b);
+        self.encode_tokenized_pair(&self.tokenize(a), &self.tokenize(b), max_length)
+    }
+
+    /// `encode_pair` of two texts already tokenized: a prompt shared by many completions
+    /// is tokenized once.
+    pub fn encode_tokenized_pair(&self, a: &[u32], b: &[u32], max_length: usize) -> Encoding {
+        let (mut ids_a, mut ids_b) = (a, b);
         if let Some(budget) = max_length.checked_sub(3) {
-            let (len_a, len_b) = longest_first_lengths(ids_a.len(), ids_b.len(), budget);
-            ids_a.truncate(len_a);
-            ids_b.truncate(len_b);
+            let (len_a, len_b) = longest_first_lengths(a.len(), b.len(), budget);
+            ids_a = &a[..len_a.min(a.len())];
+            ids_b = &b[..len_b.min(b.len())];
         }
         let mut input_ids = Vec::with_capacity(ids_a.len() + ids_b.len() + 3);
         input_ids.push(self.cls_id);
-        input_ids.extend_from_slice(&ids_a);
+        input_ids.extend_from_slice(ids_a);
         input_ids.push(self.sep_id);
         let first_len = input_ids.len();
-        input_ids.extend_from_slice(&ids_b);
+        input_ids.extend_from_slice(ids_b);
         input_ids.push(self.sep_id);
         let mut token_type_ids = vec![0; input_ids.len()];
         token_type_ids[first_len..].fill(1);

@@ -601,11 +601,13 @@ fn write_batch(
     let encoded: Vec<Vec<(Vec<u32>, Vec<u8>)>> = batch
         .par_iter()
         .map(|record| {
+            let prompt = tok.tokenize(&record.prompt);
             record
                 .completions
                 .iter()
                 .map(|completion| {
-                    let enc = tok.encode_pair(&record.prompt, completion, max_length);
+                    let enc =
+                        tok.encode_tokenized_pair(&prompt, &tok.tokenize(completion), max_length);
                     // Segment ids are 0 or 1 in a pair encoding; u8 keeps the cache small.
                     let types = enc.token_type_ids.iter().map(|&t| t.min(255) as u8);
                     (enc.input_ids, types.collect())
