@@ -42,8 +42,10 @@ const VERSION: u32 = 2;
 const HEADER_BYTES: usize = 128;
 /// The header bytes the checksum covers: all but the checksum itself.
 const CHECKED_HEADER_BYTES: usize = 96;
-/// Records tokenized in parallel at a time: enough work per batch for rayon, bounded memory.
+/// Records tokenized in parallel at a time: enough work per batch for rayon, bounded memory
+/// (at most this many records, of at most this many source bytes together beyond the last).
 const BATCH_RECORDS: usize = 4096;
+const BATCH_BYTES: usize = 64 << 20;
 
 /// A tokenized ranking set, read through a memory map.
 pub struct TokenizedSet {
@@ -69,10 +71,9 @@ struct CacheKey {
     max_length: u64,
 }
 
-/// Why a cache file cannot serve: missing or stale ones are rebuilt quietly, a corrupt one
-/// is rebuilt saying so.
+/// Why a cache file cannot serve: a missing one, or one made for other inputs, is rebuilt
+/// quietly; a corrupt one is rebuilt saying so.
 enum Unusable {
-    Missing,
     Stale,
     Corrupt(String),
 }
@@ -110,7 +111,7 @@ impl TokenizedSet {
             match TokenizedSet::open_valid(path, key, tok.vocab_size(), skip_bad) {
                 Ok(set) => return Ok(set),
                 Err(Unusable::Corrupt(why)) => corrupt = corrupt.or(Some((path, why))),
-                Err(Unusable::Missing | Unusable::Stale) => {}
+                Err(Unusable::Stale) => {}
             }
         }
         if let Some((path, why)) = corrupt {
@@ -186,6 +187,7 @@ impl TokenizedSet {
     pub fn cache_path(&self) -> &Path {
         &self.path
     }
+
     pub fn prompt_type(&self, i: usize) -> Option<PromptType> {
         assert!(i < self.num_prompts, "prompt {i} of {}", self.num_prompts);
         match self.mmap[self.types_start + i] {
@@ -237,7 +239,7 @@ impl TokenizedSet {
         skip_bad: bool,
     ) -> std::result::Result<TokenizedSet, Unusable> {
         let corrupt = |why: &str| Unusable::Corrupt(why.to_string());
-        let file = File::open(path).map_err(|_| Unusable::Missing)?;
+        let file = File::open(path).map_err(|_| Unusable::Stale)?;
         // SAFETY: caches are only ever replaced by rename, never written in place, so the
         // mapped file does not change under us; its contents are validated below before
         // any use.
@@ -519,19 +521,22 @@ fn write_cache(
         data_bytes: 0,
     };
     let mut batch: Vec<RankingRecord> = Vec::with_capacity(BATCH_RECORDS);
+    let mut batch_bytes = 0usize;
     let mut write_failure = None;
     let read = for_each_line_in(&mut reader, source, skip_bad, |line_no, bytes| {
         let Some(record) = super::parse_ranking_line(source, line_no, bytes, skip_bad)? else {
             return Ok(LineOutcome::Skipped);
         };
         batch.push(record);
-        if batch.len() == BATCH_RECORDS {
+        batch_bytes += bytes.len();
+        if batch.len() == BATCH_RECORDS || batch_bytes >= BATCH_BYTES {
             if let Err(e) = write_batch(&mut out, &mut tables, &batch, tok, key) {
                 // Stop reading: keep the write error apart from data errors.
                 write_failure = Some(e);
                 return Err(Error::internal("cache write failed"));
             }
             batch.clear();
+            batch_bytes = 0;
         }
         Ok(LineOutcome::Kept)
     });
