@@ -1017,10 +1017,8 @@ fn a_cache_of_another_tokenizer_version_is_rebuilt() {
     assert_eq!(std::fs::read(&cache).unwrap(), good);
 }
 
-#[test]
-fn a_corrupt_cached_id_is_blamed_on_the_cache_not_the_vocabulary() {
-    let dir = scratch("cache-score");
-    // tiny-bert (vocab_size 128) with the 40-entry fixture vocabulary.
+/// tiny-bert (vocab_size 128) with the 40-entry fixture vocabulary, as a model folder.
+fn tiny_model(dir: &Path) -> PathBuf {
     let model = dir.join("model");
     std::fs::create_dir(&model).unwrap();
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/tiny-bert");
@@ -1028,6 +1026,57 @@ fn a_corrupt_cached_id_is_blamed_on_the_cache_not_the_vocabulary() {
         std::fs::copy(tiny.join(name), model.join(name)).unwrap();
     }
     std::fs::copy(fixture("vocab.txt"), model.join("vocab.txt")).unwrap();
+    model
+}
+
+#[test]
+fn score_reads_data_from_stdin_whole() {
+    use std::io::Write;
+    let dir = scratch("score-stdin");
+    let model = tiny_model(&dir);
+    let text = many_records(1500);
+    assert!(text.len() > 64 * 1024);
+    let file = write(&dir, "records.jsonl", text.as_bytes());
+    let m = model.to_str().unwrap();
+    let from_file = rcx(&["score", "--model", m, "--data", file.to_str().unwrap()]);
+    assert!(from_file.status.success());
+
+    // Only checked when absent before: the old reader made it, as root, from /dev/stdin.
+    let dev_cache = Path::new("/dev/.rcx-cache");
+    let dev_cache_before = dev_cache.exists();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args(["score", "--model", m, "--data", "/dev/stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(text.as_bytes()));
+    let from_pipe = within(120, "rcx score on a pipe", move || {
+        child.wait_with_output().unwrap()
+    });
+    let _ = writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&from_pipe.stderr);
+    assert!(from_pipe.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&from_pipe.stdout).lines().count(),
+        3000
+    );
+    assert!(
+        from_pipe.stdout == from_file.stdout,
+        "the same scores as from the file"
+    );
+    assert!(
+        dev_cache_before || !dev_cache.exists(),
+        "no cache put in /dev"
+    );
+}
+
+#[test]
+fn a_corrupt_cached_id_is_blamed_on_the_cache_not_the_vocabulary() {
+    let dir = scratch("cache-score");
+    let model = tiny_model(&dir);
     let source = copy_fixture(&dir, "rankings_small.jsonl");
     let score = || {
         rcx(&[
