@@ -1,10 +1,9 @@
 //! The paper's data construction (notes section 4) from LongForm-style JSON lines
 //! `{"input": str, "output": str}`.
 //!
-//! Words are the whitespace-separated runs of the output (exactly Python's `str.split()`:
-//! `super::split_words`); answers
-//! are word prefixes joined by single spaces. An example is kept when its output has at
-//! least 100 words. For each kept example, in file order, one draw of a splitmix64 stream
+//! Words are the whitespace-separated runs of the output, exactly as Python's
+//! `str.split()` gives them (`super::split_words`); answers are word prefixes joined by
+//! single spaces. An example is kept when its output has at least 100 words. For each kept example, in file order, one draw of a splitmix64 stream
 //! seeded with `--seed` decides its type: open-ended when the draw's top bit is 1.
 
 use super::{LineOutcome, PromptType, for_each_line, no_records_error, parse_json_object};
