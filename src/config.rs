@@ -13,6 +13,7 @@
 
 use crate::data::{LineOutcome, SHIPPED_SET, for_each_line, parse_ranking_line, resolve_dataset};
 use crate::error::{Error, Result};
+use crate::hf_config::read_hf_config;
 use crate::loss::{EPS_RANGE, LossSpec, Utility, short_number};
 use crate::model::BertConfig;
 use serde::Deserialize;
@@ -742,11 +743,25 @@ impl Config {
         })
     }
 
-    /// Checks what training will read of the data sets: every record of the training and
+    /// Checks what training will read besides the config: every record of the training and
     /// evaluation files parses, and under a prompt-aware loss each has a `prompt_type` (the
-    /// first evaluation would fail otherwise). Both `rcx check-config` and `rcx train` call
-    /// it, so a run does not fail late on its config.
+    /// first evaluation would fail otherwise); a model folder that is already there has
+    /// room for `max_length` positions. Both `rcx check-config` and `rcx train` call it, so
+    /// a run does not fail late on its config.
     pub fn check_data(&self) -> Result<()> {
+        let folder_config = Path::new(&self.model_name).join("config.json");
+        if BertConfig::named(&self.model_name).is_none() && folder_config.is_file() {
+            let positions = read_hf_config(&folder_config)?.max_position_embeddings;
+            if self.max_length > positions {
+                return Err(Error::user(format!(
+                    "{}: max_length: {} tokens, more than the {positions} positions of the \
+                     model ({})",
+                    self.path.display(),
+                    self.max_length,
+                    folder_config.display()
+                )));
+            }
+        }
         for file in self.train_files.iter().chain(&self.eval_files) {
             for_each_line(file, |line, bytes| {
                 let Some(record) = parse_ranking_line(file, line, bytes, false)? else {

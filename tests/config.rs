@@ -773,3 +773,23 @@ fn train_refuses_untyped_eval_records_before_it_starts() {
     );
     assert!(!out_dir.exists(), "{} was written", out_dir.display());
 }
+
+#[test]
+fn check_config_refuses_a_max_length_beyond_the_model_folders_positions() {
+    // The parity fixture's model has 64 positions; training used to clear output_dir and
+    // then fail at the first long sequence.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/tiny-bert");
+    let text = MINIMAL.replace("bert-mini", &format!("'{}'", model.display()));
+    let (code, _, stderr, config) = check_config(&(text.clone() + "max_length: 65\n"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for needle in [
+        format!("{}: max_length: 65", config.display()),
+        "64 positions".into(),
+        model.join("config.json").display().to_string(),
+    ] {
+        assert!(stderr.contains(&needle), "expected `{needle}` in: {stderr}");
+    }
+    let (code, _, stderr, _) = check_config(&(text + "max_length: 64\n"));
+    assert_eq!(code, Some(0), "{stderr}");
+}
