@@ -3,7 +3,9 @@
 
 use rcx::config::{Config, DType, Device, Scheduler};
 use rcx::error::Error;
-use rcx::loss::{EPS_RANGE, EXPONENT_RANGE, LossSpec, Utility, ranking_loss_forward_backward};
+use rcx::loss::{
+    EPS_RANGE, EXPONENT_RANGE, LossSpec, UTILITY_LIMITS, Utility, ranking_loss_forward_backward,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -717,6 +719,18 @@ fn every_accepted_utility_trains_and_has_an_optimum() {
                 continue;
             }
             accepted += 1;
+            // check_with_eps looks at x = -1, 0, 0+, 1 only: the extremes, U being
+            // increasing and U' monotone on each side of 0. Every x in between agrees.
+            let (smallest_slope, largest) = UTILITY_LIMITS;
+            for i in -1000..=1000 {
+                let x = i as f64 / 1000.0;
+                let (value, slope) = utility.value_and_slope(x, eps);
+                assert!(
+                    value.abs() <= largest && (smallest_slope..=largest).contains(&slope),
+                    "{} eps {eps} at x = {x}: U = {value}, U' = {slope}",
+                    utility.name()
+                );
+            }
             let mut dlogits = vec![f32::NAN; logits.len()];
             let loss = ranking_loss_forward_backward(
                 &logits,
