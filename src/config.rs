@@ -745,7 +745,8 @@ impl Config {
 
     /// Checks what training will read besides the config: every record of the training and
     /// evaluation files parses, and under a prompt-aware loss each has a `prompt_type` (the
-    /// first evaluation would fail otherwise); a model folder that is already there has
+    /// first evaluation would fail otherwise), an evaluation record has at most
+    /// `theory::MAX_N` completions; a model folder that is already there has
     /// room for `max_length` positions. Both `rcx check-config` and `rcx train` call it, so
     /// a run does not fail late on its config.
     pub fn check_data(&self) -> Result<()> {
@@ -762,7 +763,8 @@ impl Config {
                 )));
             }
         }
-        for file in self.train_files.iter().chain(&self.eval_files) {
+        let files = self.train_files.iter().map(|f| (f, false));
+        for (file, is_eval) in files.chain(self.eval_files.iter().map(|f| (f, true))) {
             for_each_line(file, |line, bytes| {
                 let Some(record) = parse_ranking_line(file, line, bytes, false)? else {
                     return Ok(LineOutcome::Skipped);
@@ -774,6 +776,17 @@ impl Config {
                         self.path.display(),
                         self.loss_name,
                         file.display()
+                    )));
+                }
+                // Every evaluation compares the rewards with the theory's optimum for K.
+                let k = record.completions.len();
+                if is_eval && k > crate::theory::MAX_N {
+                    return Err(Error::user(format!(
+                        "{}:{line}: {k} completions; an evaluation record may have at most {} \
+                         (the theory's optimum each evaluation compares with is computed up \
+                         to that many)",
+                        file.display(),
+                        crate::theory::MAX_N
                     )));
                 }
                 Ok(LineOutcome::Kept)

@@ -807,3 +807,22 @@ fn check_config_refuses_a_max_length_beyond_the_model_folders_positions() {
     let (code, _, stderr, _) = check_config(&(text + "max_length: 64\n"));
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+#[test]
+fn check_config_refuses_evaluation_records_beyond_the_theory_solver() {
+    // Every evaluation compares each prompt type's rewards with the theory's optimum for
+    // its K completions, which is computed for K <= 2000: training used to fail there.
+    let completions: Vec<String> = (0..2001).map(|i| format!("\"c{i}\"")).collect();
+    let wide = format!(
+        r#"{{"prompt": "p", "completions": [{}], "prompt_type": "open"}}"#,
+        completions.join(", ")
+    );
+    let eval = data_file("wide-eval", &[TYPED, &wide]);
+    let text = MINIMAL.to_string() + &format!("eval_datasets: ['{}']\n", eval.display());
+    let (code, _, stderr, _) = check_config(&text);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for needle in [format!("{}:2", eval.display()), "2001 completions".into()] {
+        assert!(stderr.contains(&needle), "expected `{needle}` in: {stderr}");
+    }
+}
