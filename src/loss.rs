@@ -86,6 +86,16 @@ pub fn short_number(x: f64) -> String {
     }
 }
 
+/// A number exactly (it parses back to itself), in exponent form when that is shorter.
+fn exact_number(x: f64) -> String {
+    let (plain, exponent_form) = (format!("{x}"), format!("{x:e}"));
+    if exponent_form.len() < plain.len() {
+        exponent_form
+    } else {
+        plain
+    }
+}
+
 impl Utility {
     /// Parses a utility name as used everywhere in rcx: `x`, `x2`, `log`, `x_inv`, `x_inv2`,
     /// `logsigmoid`, `power:G`, `neg_power:G` with G in `EXPONENT_RANGE`.
@@ -140,8 +150,8 @@ impl Utility {
             Utility::XInv => "x_inv".into(),
             Utility::XInv2 => "x_inv2".into(),
             Utility::LogSigmoid => "logsigmoid".into(),
-            Utility::Power(g) => format!("power:{}", short_number(*g)),
-            Utility::NegPower(g) => format!("neg_power:{}", short_number(*g)),
+            Utility::Power(g) => format!("power:{}", exact_number(*g)),
+            Utility::NegPower(g) => format!("neg_power:{}", exact_number(*g)),
         }
     }
 

@@ -236,11 +236,11 @@ fn read_shipped_configs() -> Vec<(String, Vec<u8>)> {
     configs
 }
 
-/// The file this test writes its inputs to.
-fn scratch_file() -> PathBuf {
+/// The file a test (`name`) writes its inputs to.
+fn scratch_file(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz_config");
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join(format!("input-{}.yml", std::process::id()))
+    dir.join(format!("{name}-{}.yml", std::process::id()))
 }
 
 proptest! {
@@ -264,7 +264,7 @@ proptest! {
         for mutation in &mutations {
             apply(&mut bytes, mutation);
         }
-        let path = scratch_file();
+        let path = scratch_file("mutated");
         std::fs::write(&path, &bytes).unwrap();
         let started = Instant::now();
         let result = Config::load(&path);
@@ -279,6 +279,62 @@ proptest! {
                 "{name} {mutations:?}: {message}"
             );
             prop_assert!(message.len() < 1000, "{name} {mutations:?}: {message}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 1000,
+        rng_seed: RngSeed::Fixed(0x5eed_b17e),
+        failure_persistence: None,
+        max_shrink_time: 60_000,
+        ..ProptestConfig::default()
+    })]
+
+    /// Bytes with no config in them at all.
+    #[test]
+    fn arbitrary_bytes_load_or_fail_with_one_line_naming_the_file(
+        bytes in prop::collection::vec(any::<u8>(), 0..2048),
+    ) {
+        let path = scratch_file("bytes");
+        std::fs::write(&path, &bytes).unwrap();
+        if let Err(err) = Config::load(&path) {
+            let message = err.to_string();
+            prop_assert!(matches!(err, Error::User(_)), "{message}");
+            prop_assert!(!message.contains('\n'), "{message}");
+            prop_assert!(message.starts_with(&path.display().to_string()), "{message}");
+        }
+    }
+
+    /// Loss names as a config may spell them: known names, exponents of any spelling,
+    /// and noise.
+    #[test]
+    fn loss_names_parse_or_fail_with_one_line(
+        name in prop_oneof![
+            "(power|neg_power):[-+0-9.eE_a-z]{0,12}",
+            "(power|neg_power):0\\.[0-9]{1,17}",
+            "(x|x2|log|x_inv|x_inv2|logsigmoid|adaptive|adaptive2)[ :,=]?",
+            "open=[a-z_:0-9.]{0,12},closed=[a-z_:0-9.]{0,12}",
+            "\\PC{0,20}",
+        ],
+    ) {
+        match rcx::loss::LossSpec::parse(&name) {
+            Ok(spec) => {
+                // What parses reads back, with exponents in their range.
+                let utilities = match spec {
+                    rcx::loss::LossSpec::Single(u) => vec![u],
+                    rcx::loss::LossSpec::PromptAware { open, closed } => vec![open, closed],
+                };
+                for utility in utilities {
+                    prop_assert_eq!(rcx::loss::Utility::parse(&utility.name()).ok(), Some(utility));
+                }
+            }
+            Err(err) => {
+                let message = err.to_string();
+                prop_assert!(matches!(err, Error::User(_)), "{message}");
+                prop_assert!(!message.contains('\n'), "{message}");
+            }
         }
     }
 }
