@@ -1,9 +1,13 @@
 //! The YAML training config of `rcx train`, and `rcx check-config`.
 //!
 //! Keys and defaults follow Hugging Face's `TrainingArguments` where it has the key (the
-//! paper's runs were configured that way). Every check is made while the YAML is read, so
-//! that each error carries the key path and line serde_yaml_ng knows; an error is one line:
-//! `FILE:LINE: KEY: what was wrong, what is allowed`.
+//! paper's runs were configured that way). The text is first bounded in size and nesting
+//! and searched for tags (`prescan`); then every check of one key is made while the YAML is
+//! read, so that each error carries the key path and line serde_yaml_ng knows; an error is
+//! one line: `FILE:LINE: KEY: what was wrong, what is allowed`. The checks of several keys
+//! together (`FILE: KEY: ...`) follow, and `Config::check_data` checks what the config
+//! names (the data's records, a model folder's positions). docs/reliability-config.md lists
+//! the bounds and why.
 //!
 //! Relative paths (`datasets`, `eval_datasets`, `output_dir`) are resolved against the
 //! current directory of the process, not against the config file (as Hugging Face does
@@ -376,7 +380,7 @@ fn steps<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error
     count(
         d,
         (1, MAX_STEPS),
-        "rcx's bound on counts of steps and prompts",
+        "a billion: rcx's bound on counts of steps and prompts",
     )
 }
 
@@ -743,12 +747,12 @@ impl Config {
         })
     }
 
-    /// Checks what training will read besides the config: every record of the training and
-    /// evaluation files parses, and under a prompt-aware loss each has a `prompt_type` (the
-    /// first evaluation would fail otherwise), an evaluation record has at most
-    /// `theory::MAX_N` completions; a model folder that is already there has
-    /// room for `max_length` positions. Both `rcx check-config` and `rcx train` call it, so
-    /// a run does not fail late on its config.
+    /// Checks what the config names, as training will use it: a model folder that is
+    /// already there has `max_length` positions; every record of the training and
+    /// evaluation files parses; under a prompt-aware loss each has a `prompt_type`; an
+    /// evaluation record has at most `theory::MAX_N` completions (each evaluation solves
+    /// for the optimum of K). Both `rcx check-config` and `rcx train` (before it writes
+    /// anything) call it, so that a run does not fail late on its config.
     pub fn check_data(&self) -> Result<()> {
         let folder_config = Path::new(&self.model_name).join("config.json");
         if BertConfig::named(&self.model_name).is_none() && folder_config.is_file() {

@@ -46,14 +46,16 @@ pub enum Utility {
 
 /// The exponents G of `power:G` and `neg_power:G` rcx trains with. Below 1e-3 the shifted
 /// power (x+eps)^G - eps^G is a difference of two numbers within G ln(1+1/eps) of 1 and
-/// loses its digits (power:1e-300 is exactly 0); above 1e3 every eps in `EPS_RANGE` makes
-/// U or U' leave `UTILITY_LIMITS` (e.g. 1.1^1000 = 2.5e41).
+/// loses its digits (power:1e-300 is exactly 0); above 1e3 U or U' overflows or vanishes
+/// for almost every eps (1.1^1000 = 2.5e41, 0.1^1000 = 0). `Utility::check_with_eps`
+/// narrows the range for the eps at hand.
 pub const EXPONENT_RANGE: (f64, f64) = (1e-3, 1e3);
 
-/// The shifts eps rcx trains with. Below 1e-6 the steepest utility (x_inv2, U'(0+) =
-/// 2/eps^3) leaves `UTILITY_LIMITS`; above 1e3 every shifted utility is linear to within
-/// 1e-3 over the rewards' range (0, 1), so eps no longer shapes anything, and at 1e308
-/// x_inv's slope 1/(x+eps)^2 is 0.
+/// The shifts eps rcx trains with; `Utility::check_with_eps` narrows the range for each
+/// utility (x_inv2 needs eps >= about 1e-4). Below 1e-6 only `log` and the flattest powers
+/// keep their slope within `SLOPE_RATIO_LIMIT`; above 1e3 the named utilities are linear
+/// to within 0.3% over the rewards' range (U'(0+)/U'(1) = (1 + 1/eps)^k, k <= 3), so eps
+/// no longer shapes them, and at 1e308 x_inv's slope 1/(x+eps)^2 is 0.
 pub const EPS_RANGE: (f64, f64) = (1e-6, 1e3);
 
 /// The magnitudes |U(x)| and U'(x) may reach over the reward differences x in (-1, 1):
