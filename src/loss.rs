@@ -52,8 +52,8 @@ pub enum Utility {
 pub const EXPONENT_RANGE: (f64, f64) = (1e-3, 1e3);
 
 /// The shifts eps rcx trains with; `Utility::check_with_eps` narrows the range for each
-/// utility (x_inv2 needs eps >= about 1e-4). Below 1e-6 only `log` and the flattest powers
-/// keep their slope within `SLOPE_RATIO_LIMIT`; above 1e3 the named utilities are linear
+/// utility (x_inv2 needs eps >= about 1e-4). Below 1e-6 even x_inv, the paper's utility
+/// for open prompts, exceeds `SLOPE_RATIO_LIMIT`; above 1e3 the named utilities are linear
 /// to within 0.3% over the rewards' range (U'(0+)/U'(1) = (1 + 1/eps)^k, k <= 3), so eps
 /// no longer shapes them, and at 1e308 x_inv's slope 1/(x+eps)^2 is 0.
 pub const EPS_RANGE: (f64, f64) = (1e-6, 1e3);
