@@ -12,10 +12,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// Writes `text` to a fresh file in the temp directory and returns its path.
+/// This test file's scratch folder, under cargo's target/tmp.
+fn scratch_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes `text` to a fresh file in the scratch folder and returns its path.
 fn temp_file(stem: &str, ext: &str, text: &str) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let path = std::env::temp_dir().join(format!(
+    let path = scratch_dir().join(format!(
         "rcx-config-test-{}-{n}-{stem}.{ext}",
         std::process::id()
     ));
@@ -509,7 +516,8 @@ fn counts_are_bounded_naming_the_key_and_the_allowed_range() {
 #[test]
 fn a_huge_accumulation_is_refused_by_train_before_anything_runs() {
     // It used to panic with a capacity overflow in the training loop (exit 101).
-    let dir = std::env::temp_dir().join(format!("rcx-config-test-{}-huge", std::process::id()));
+    let dir = scratch_dir().join(format!("run-{}-huge", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     let text = MINIMAL.replace("runs/test", &dir.display().to_string())
         + "gradient_accumulation_steps: 9223372036854775807\ndevice: cpu\n";
     let path = temp_file("huge", "yml", &text);
@@ -764,8 +772,8 @@ fn train_refuses_untyped_eval_records_before_it_starts() {
     // It used to train, then fail at the first evaluation without naming the file.
     let typed = data_file("typed-train", &[TYPED, TYPED]);
     let untyped = data_file("untyped-eval", &[TYPED, "", UNTYPED]);
-    let out_dir =
-        std::env::temp_dir().join(format!("rcx-config-test-{}-untyped", std::process::id()));
+    let out_dir = scratch_dir().join(format!("run-{}-untyped", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
     let text = MINIMAL
         .replace("loss: x", "loss: adaptive")
         .replace("bert-mini", "bert-tiny")
