@@ -1,9 +1,13 @@
 //! The YAML training config of `rcx train`, and `rcx check-config`.
 //!
 //! Keys and defaults follow Hugging Face's `TrainingArguments` where it has the key (the
-//! paper's runs were configured that way). Every check is made while the YAML is read, so
-//! that each error carries the key path and line serde_yaml_ng knows; an error is one line:
-//! `FILE:LINE: KEY: what was wrong, what is allowed`.
+//! paper's runs were configured that way). The text is first bounded in size and nesting
+//! and searched for tags (`prescan`); then every check of one key is made while the YAML is
+//! read, so that each error carries the key path and line serde_yaml_ng knows; an error is
+//! one line: `FILE:LINE: KEY: what was wrong, what is allowed`. The checks of several keys
+//! together (`FILE: KEY: ...`) follow, and `Config::check_data` checks what the config
+//! names (the data's records, a model folder's positions). docs/reliability-config.md lists
+//! the bounds and why.
 //!
 //! Relative paths (`datasets`, `eval_datasets`, `output_dir`) are resolved against the
 //! current directory of the process, not against the config file (as Hugging Face does
@@ -11,17 +15,44 @@
 //! `model_name` is not checked for existence here: a model folder may be fetched after the
 //! config is written; the model loader checks it at train time.
 
-use crate::data::{SHIPPED_SET, resolve_dataset};
+use crate::data::{LineOutcome, SHIPPED_SET, for_each_line, parse_ranking_line, resolve_dataset};
 use crate::error::{Error, Result};
-use crate::loss::{LossSpec, Utility};
+use crate::hf_config::read_hf_config;
+use crate::loss::{EPS_RANGE, LossSpec, Utility, short_number};
+use crate::model::BertConfig;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+
+mod prescan;
 
 /// The models rcx builds from scratch by name; any other `model_name` is a path to a
 /// Hugging Face model folder.
 pub const BUILTIN_MODELS: [&str; 3] = ["bert-tiny", "bert-mini", "bert-small"];
+
+// The bounds on every count. With them no product the trainer forms can overflow a 64-bit
+// usize (see the assertion below), and no allocation they size is absurd.
+/// `max_steps`, `eval_steps`, `save_steps`, `logging_steps`, `eval_max_prompts`.
+pub const MAX_STEPS: usize = 1_000_000_000;
+/// Prompts per micro-batch (`per_device_train_batch_size`).
+pub const MAX_BATCH: usize = 4096;
+/// Micro-batches per optimizer step (`gradient_accumulation_steps`).
+pub const MAX_ACCUMULATION: usize = 4096;
+/// Prompts per optimizer step (batch size x accumulation): the trainer holds every
+/// micro-batch of a step in memory at once.
+pub const MAX_PROMPTS_PER_STEP: usize = 65536;
+/// Tokens per completion: `[CLS] prompt [SEP] completion [SEP]` needs the 3 special tokens
+/// and at least one token of each text; no BERT has more than 8192 positions.
+pub const MAX_LENGTH_RANGE: (usize, usize) = (5, 8192);
+
+// The trainer's prompt position step * prompts_per_step + micro * batch + batch, its
+// (step, micro) seeds and its rates stay far below 2^63.
+const _: () = assert!(
+    (MAX_STEPS as u128 + 1) * (MAX_PROMPTS_PER_STEP as u128 + MAX_BATCH as u128)
+        < (i64::MAX as u128)
+);
 
 /// Learning-rate schedule after the linear warmup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -139,24 +170,24 @@ struct RawConfig {
     scheduler: Scheduler,
     #[serde(default, deserialize_with = "unit_interval")]
     warmup_ratio: f64,
-    #[serde(default = "one", deserialize_with = "positive_usize")]
+    #[serde(default = "one", deserialize_with = "accumulation")]
     gradient_accumulation_steps: usize,
-    #[serde(default = "default_batch", deserialize_with = "positive_usize")]
+    #[serde(default = "default_batch", deserialize_with = "batch")]
     per_device_train_batch_size: usize,
-    #[serde(default = "default_max_length", deserialize_with = "positive_usize")]
+    #[serde(default = "default_max_length", deserialize_with = "max_length")]
     max_length: usize,
-    #[serde(deserialize_with = "positive_usize")]
+    #[serde(deserialize_with = "steps")]
     max_steps: usize,
-    #[serde(default = "default_every", deserialize_with = "positive_usize")]
+    #[serde(default = "default_every", deserialize_with = "steps")]
     eval_steps: usize,
-    #[serde(default = "default_every", deserialize_with = "positive_usize")]
+    #[serde(default = "default_every", deserialize_with = "steps")]
     save_steps: usize,
-    #[serde(default = "default_logging_steps", deserialize_with = "positive_usize")]
+    #[serde(default = "default_logging_steps", deserialize_with = "steps")]
     logging_steps: usize,
     #[serde(deserialize_with = "output_dir")]
     output_dir: PathBuf,
     loss: NamedLoss,
-    #[serde(default = "default_eps", deserialize_with = "positive_f64")]
+    #[serde(default = "default_eps", deserialize_with = "eps")]
     eps: f64,
     datasets: TrainDatasets,
     #[serde(default)]
@@ -173,7 +204,7 @@ struct RawConfig {
     dtype: DType,
     #[serde(default, deserialize_with = "dropout")]
     dropout: Option<f64>,
-    #[serde(default, deserialize_with = "optional_positive_usize")]
+    #[serde(default, deserialize_with = "optional_steps")]
     eval_max_prompts: Option<usize>,
 }
 
@@ -220,7 +251,7 @@ fn default_dtype() -> DType {
 
 /// A number (integers accepted) that must satisfy `ok`; `expected` says what is allowed.
 struct NumberVisitor {
-    expected: &'static str,
+    expected: String,
     ok: fn(f64) -> bool,
 }
 
@@ -228,14 +259,18 @@ impl Visitor<'_> for NumberVisitor {
     type Value = f64;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(self.expected)
+        f.write_str(&self.expected)
     }
 
     fn visit_f64<E: de::Error>(self, x: f64) -> std::result::Result<f64, E> {
         if (self.ok)(x) {
             Ok(x)
         } else {
-            Err(E::custom(format!("must be {}, got {x}", self.expected)))
+            Err(E::custom(format!(
+                "must be {}, got {}",
+                self.expected,
+                short_number(x)
+            )))
         }
     }
 
@@ -250,67 +285,124 @@ impl Visitor<'_> for NumberVisitor {
 
 fn positive_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     d.deserialize_f64(NumberVisitor {
-        expected: "a positive number",
+        expected: "a positive number".into(),
         ok: |x| x.is_finite() && x > 0.0,
+    })
+}
+
+fn eps<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    d.deserialize_f64(NumberVisitor {
+        expected: format!(
+            "a number in [{}, {}]",
+            short_number(EPS_RANGE.0),
+            short_number(EPS_RANGE.1)
+        ),
+        ok: |x| (EPS_RANGE.0..=EPS_RANGE.1).contains(&x),
     })
 }
 
 fn non_negative_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     d.deserialize_f64(NumberVisitor {
-        expected: "a number >= 0",
+        expected: "a number >= 0".into(),
         ok: |x| x.is_finite() && x >= 0.0,
     })
 }
 
 fn unit_interval<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     d.deserialize_f64(NumberVisitor {
-        expected: "a number in [0, 1]",
+        expected: "a number in [0, 1]".into(),
         ok: |x| (0.0..=1.0).contains(&x),
     })
 }
 
 fn dropout<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<f64>, D::Error> {
     d.deserialize_f64(NumberVisitor {
-        expected: "a number in [0, 1)",
+        expected: "a number in [0, 1)".into(),
         ok: |x| (0.0..1.0).contains(&x),
     })
     .map(Some)
 }
 
-/// A positive integer (counts of steps, prompts, tokens).
-struct PositiveIntVisitor;
+/// An integer in `min..=max` (counts of steps, prompts, tokens); `why` says what the
+/// bounds are for.
+struct CountVisitor {
+    min: usize,
+    max: usize,
+    why: &'static str,
+}
 
-impl Visitor<'_> for PositiveIntVisitor {
+impl CountVisitor {
+    fn refuse<E: de::Error>(&self, got: impl fmt::Display) -> E {
+        let kind = if self.min == 1 {
+            "a positive integer".to_string()
+        } else {
+            format!("an integer >= {}", self.min)
+        };
+        E::custom(format!(
+            "must be {kind} in {}..={} ({}), got {got}",
+            self.min, self.max, self.why
+        ))
+    }
+}
+
+impl Visitor<'_> for CountVisitor {
     type Value = usize;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a positive integer")
+        write!(f, "an integer in {}..={}", self.min, self.max)
     }
 
     fn visit_u64<E: de::Error>(self, n: u64) -> std::result::Result<usize, E> {
         match usize::try_from(n) {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(E::custom(format!("must be a positive integer, got {n}"))),
+            Ok(n) if (self.min..=self.max).contains(&n) => Ok(n),
+            _ => Err(self.refuse(n)),
         }
     }
 
     fn visit_i64<E: de::Error>(self, n: i64) -> std::result::Result<usize, E> {
         match u64::try_from(n) {
             Ok(n) => self.visit_u64(n),
-            Err(_) => Err(E::custom(format!("must be a positive integer, got {n}"))),
+            Err(_) => Err(self.refuse(n)),
         }
     }
 }
 
-fn positive_usize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+fn count<'de, D: Deserializer<'de>>(
+    d: D,
+    (min, max): (usize, usize),
+    why: &'static str,
+) -> std::result::Result<usize, D::Error> {
     // i64, so that a negative number reaches visit_i64 and gets the range message.
-    d.deserialize_i64(PositiveIntVisitor)
+    d.deserialize_i64(CountVisitor { min, max, why })
 }
 
-fn optional_positive_usize<'de, D: Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Option<usize>, D::Error> {
-    positive_usize(d).map(Some)
+fn steps<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    count(
+        d,
+        (1, MAX_STEPS),
+        "a billion: rcx's bound on counts of steps and prompts",
+    )
+}
+
+fn optional_steps<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<usize>, D::Error> {
+    steps(d).map(Some)
+}
+
+fn batch<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    count(d, (1, MAX_BATCH), "prompts per micro-batch")
+}
+
+fn accumulation<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    count(d, (1, MAX_ACCUMULATION), "micro-batches per optimizer step")
+}
+
+fn max_length<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    count(
+        d,
+        MAX_LENGTH_RANGE,
+        "tokens per completion: [CLS] prompt [SEP] completion [SEP] needs the 3 special \
+         tokens and a token of each text",
+    )
 }
 
 /// A string that must not be blank; `expected` says what is allowed.
@@ -530,6 +622,43 @@ impl<'de> Deserialize<'de> for UtilityName {
     }
 }
 
+impl RawConfig {
+    /// The checks that involve more than one key (so serde_yaml_ng has no line for them).
+    fn check_together(&self) -> std::result::Result<(), String> {
+        let (batch, accumulation) = (
+            self.per_device_train_batch_size,
+            self.gradient_accumulation_steps,
+        );
+        if batch * accumulation > MAX_PROMPTS_PER_STEP {
+            return Err(format!(
+                "per_device_train_batch_size x gradient_accumulation_steps = {batch} x \
+                 {accumulation} prompts per optimizer step, more than the {MAX_PROMPTS_PER_STEP} \
+                 allowed (every micro-batch of a step is held in memory at once)"
+            ));
+        }
+        if let Some(model) = BertConfig::named(&self.model_name)
+            && self.max_length > model.max_position_embeddings
+        {
+            return Err(format!(
+                "max_length: {} tokens, more than the {} positions of `{}`",
+                self.max_length, model.max_position_embeddings, self.model_name
+            ));
+        }
+        let utilities = match self.loss.spec {
+            LossSpec::Single(utility) => vec![("loss", utility)],
+            LossSpec::PromptAware { open, closed } => {
+                vec![("loss.open", open), ("loss.closed", closed)]
+            }
+        };
+        for (key, utility) in utilities {
+            utility
+                .check_with_eps(self.eps)
+                .map_err(|why| format!("{key}: {why}"))?;
+        }
+        Ok(())
+    }
+}
+
 /// The keys without a default.
 const REQUIRED_KEYS: &str = "model_name, loss, datasets, output_dir, max_steps";
 
@@ -537,7 +666,21 @@ impl Config {
     /// Reads and validates a config file. Errors are user errors of one line that name the
     /// file, the key and, when known, the line.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // At most one byte past the limit is read, whatever the file (an 8 GB one, a pipe).
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| {
+                file.take(prescan::MAX_BYTES as u64 + 1)
+                    .read_to_end(&mut bytes)
+            })
+            .map_err(|e| Error::io(path, e))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            Error::user(format!(
+                "{}: not UTF-8 text (invalid byte at offset {})",
+                path.display(),
+                e.utf8_error().valid_up_to()
+            ))
+        })?;
         Config::parse(&text, path)
     }
 
@@ -552,7 +695,15 @@ impl Config {
                 "{file}: empty config; required keys: {REQUIRED_KEYS}"
             )));
         }
+        prescan::check(text).map_err(|refusal| {
+            Error::user(match refusal.line {
+                Some(line) => format!("{file}:{line}: {}", refusal.message),
+                None => format!("{file}: {}", refusal.message),
+            })
+        })?;
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(&file, &e))?;
+        raw.check_together()
+            .map_err(|e| Error::user(format!("{file}: {e}")))?;
         let eval = match raw.eval_datasets {
             Some(eval) => eval,
             None => {
@@ -596,6 +747,58 @@ impl Config {
         })
     }
 
+    /// Checks what the config names, as training will use it: a model folder that is
+    /// already there has `max_length` positions; every record of the training and
+    /// evaluation files parses; under a prompt-aware loss each has a `prompt_type`; an
+    /// evaluation record has at most `theory::MAX_N` completions (each evaluation solves
+    /// for the optimum of K). Both `rcx check-config` and `rcx train` (before it writes
+    /// anything) call it, so that a run does not fail late on its config.
+    pub fn check_data(&self) -> Result<()> {
+        let folder_config = Path::new(&self.model_name).join("config.json");
+        if BertConfig::named(&self.model_name).is_none() && folder_config.is_file() {
+            let positions = read_hf_config(&folder_config)?.max_position_embeddings;
+            if self.max_length > positions {
+                return Err(Error::user(format!(
+                    "{}: max_length: {} tokens, more than the {positions} positions of the \
+                     model ({})",
+                    self.path.display(),
+                    self.max_length,
+                    folder_config.display()
+                )));
+            }
+        }
+        let files = self.train_files.iter().map(|f| (f, false));
+        for (file, is_eval) in files.chain(self.eval_files.iter().map(|f| (f, true))) {
+            for_each_line(file, |line, bytes| {
+                let Some(record) = parse_ranking_line(file, line, bytes, false)? else {
+                    return Ok(LineOutcome::Skipped);
+                };
+                if self.loss.is_prompt_aware() && record.prompt_type.is_none() {
+                    return Err(Error::user(format!(
+                        "{}: loss `{}` chooses its utility by prompt type, but {}:{line} has \
+                         no `prompt_type` (open or closed)",
+                        self.path.display(),
+                        self.loss_name,
+                        file.display()
+                    )));
+                }
+                // Every evaluation compares the rewards with the theory's optimum for K.
+                let k = record.completions.len();
+                if is_eval && k > crate::theory::MAX_N {
+                    return Err(Error::user(format!(
+                        "{}:{line}: {k} completions; an evaluation record may have at most {} \
+                         (the theory's optimum each evaluation compares with is computed up \
+                         to that many)",
+                        file.display(),
+                        crate::theory::MAX_N
+                    )));
+                }
+                Ok(LineOutcome::Kept)
+            })?;
+        }
+        Ok(())
+    }
+
     /// Whether `model_name` names a model rcx builds from scratch (else it is a folder).
     pub fn is_builtin_model(&self) -> bool {
         BUILTIN_MODELS.contains(&self.model_name.as_str())
@@ -625,7 +828,8 @@ fn yaml_error(file: &impl fmt::Display, err: &serde_yaml_ng::Error) -> Error {
     Error::user(line)
 }
 
-/// `rcx check-config FILE...`
+/// `rcx check-config FILE...`: everything `rcx train` checks of a config before it starts
+/// (`Config::load`, `Config::check_data`).
 #[derive(clap::Args, Debug)]
 pub struct CheckConfigArgs {
     /// Config files to validate.
@@ -637,7 +841,7 @@ pub struct CheckConfigArgs {
 /// one-line error (exit code 2).
 pub fn cmd_check_config(args: CheckConfigArgs) -> Result<()> {
     for file in &args.files {
-        Config::load(file)?;
+        Config::load(file)?.check_data()?;
         println!("{}: ok", file.display());
     }
     Ok(())

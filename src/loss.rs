@@ -44,17 +44,81 @@ pub enum Utility {
     NegPower(f64),
 }
 
+/// The exponents G of `power:G` and `neg_power:G` rcx trains with. Below 1e-3 the shifted
+/// power (x+eps)^G - eps^G is a difference of two numbers within G ln(1+1/eps) of 1 and
+/// loses its digits (power:1e-300 is exactly 0); above 1e3 U or U' overflows or vanishes
+/// for almost every eps (1.1^1000 = 2.5e41, 0.1^1000 = 0). `Utility::check_with_eps`
+/// narrows the range for the eps at hand.
+pub const EXPONENT_RANGE: (f64, f64) = (1e-3, 1e3);
+
+/// The shifts eps rcx trains with; `Utility::check_with_eps` narrows the range for each
+/// utility (x_inv2 needs eps >= about 1e-4). Below 1e-6 even x_inv, the paper's utility
+/// for open prompts, exceeds `SLOPE_RATIO_LIMIT`; above 1e3 the named utilities are linear
+/// to within 0.3% over the rewards' range (U'(0+)/U'(1) = (1 + 1/eps)^k, k <= 3), so eps
+/// no longer shapes them, and at 1e308 x_inv's slope 1/(x+eps)^2 is 0.
+pub const EPS_RANGE: (f64, f64) = (1e-6, 1e3);
+
+/// The magnitudes |U(x)| and U'(x) may reach over the reward differences x in (-1, 1):
+/// training computes the loss and d loss / d logit in f32 (largest 3.4e38, smallest normal
+/// 1.2e-38), so 1e30 leaves eight decades for the gradient's way back through the model,
+/// and a slope below 1e-30 would vanish there and leave the theory's optimum undefined.
+pub const UTILITY_LIMITS: (f64, f64) = (1e-30, 1e30);
+
+/// How many times steeper U may be at 0+ than at 1 (or the reverse). The theory's
+/// optimum, which every evaluation compares the rewards with, is found by Newton's method
+/// in f64: it fails from a ratio of about 1e15 (x_inv2 at eps 1e-5, neg_power:5 at 3e-3).
+pub const SLOPE_RATIO_LIMIT: f64 = 1e12;
+
+/// A number for a message, at most about ten characters: as written for ordinary
+/// magnitudes, else as a four-digit mantissa and exponent (1e308, not 309 digits).
+pub fn short_number(x: f64) -> String {
+    let plain = format!("{x}");
+    if x == 0.0 || !x.is_finite() || ((1e-3..1e6).contains(&x.abs()) && plain.len() <= 8) {
+        return plain;
+    }
+    let exponent_form = format!("{x:.3e}");
+    match exponent_form.split_once('e') {
+        Some((mantissa, exponent)) if mantissa.contains('.') => {
+            format!(
+                "{}e{exponent}",
+                mantissa.trim_end_matches('0').trim_end_matches('.')
+            )
+        }
+        _ => exponent_form,
+    }
+}
+
+/// A number exactly (it parses back to itself), in exponent form when that is shorter.
+fn exact_number(x: f64) -> String {
+    let (plain, exponent_form) = (format!("{x}"), format!("{x:e}"));
+    if exponent_form.len() < plain.len() {
+        exponent_form
+    } else {
+        plain
+    }
+}
+
 impl Utility {
     /// Parses a utility name as used everywhere in rcx: `x`, `x2`, `log`, `x_inv`, `x_inv2`,
-    /// `logsigmoid`, `power:G`, `neg_power:G`.
+    /// `logsigmoid`, `power:G`, `neg_power:G` with G in `EXPONENT_RANGE`.
     pub fn parse(name: &str) -> Result<Utility> {
         let name = name.trim();
         let exponent = |s: &str| -> Result<f64> {
-            match s.parse::<f64>() {
-                Ok(g) if g.is_finite() && g > 0.0 => Ok(g),
-                _ => Err(Error::user(format!(
-                    "utility `{name}`: the exponent must be a positive number, got `{s}`"
-                ))),
+            let (low, high) = EXPONENT_RANGE;
+            match s.trim().parse::<f64>() {
+                Ok(g) if (low..=high).contains(&g) => Ok(g),
+                parsed => {
+                    let got = match parsed {
+                        Ok(g) => short_number(g),
+                        Err(_) => format!("`{s}`"),
+                    };
+                    Err(Error::user(format!(
+                        "utility `{}`: the exponent must be a number in [{}, {}], got {got}",
+                        name.split(':').next().unwrap_or(name),
+                        short_number(low),
+                        short_number(high)
+                    )))
+                }
             }
         };
         Ok(match name {
@@ -88,8 +152,8 @@ impl Utility {
             Utility::XInv => "x_inv".into(),
             Utility::XInv2 => "x_inv2".into(),
             Utility::LogSigmoid => "logsigmoid".into(),
-            Utility::Power(g) => format!("power:{g}"),
-            Utility::NegPower(g) => format!("neg_power:{g}"),
+            Utility::Power(g) => format!("power:{}", exact_number(*g)),
+            Utility::NegPower(g) => format!("neg_power:{}", exact_number(*g)),
         }
     }
 
@@ -144,6 +208,63 @@ impl Utility {
             }
         }
     }
+
+    /// Checks that U and U' stay within `UTILITY_LIMITS` for every reward difference x in
+    /// (-1, 1) with this eps. Every U is increasing and U' is monotone on each side of 0
+    /// (the x <= 0 branch is linear; x > 0 is concave or convex), so their extremes are at
+    /// x = -1, 0 (the linear branch), 0+ and 1: those four points decide. The error names
+    /// the point and value that fail.
+    pub fn check_with_eps(&self, eps: f64) -> std::result::Result<(), String> {
+        let (smallest_slope, largest) = UTILITY_LIMITS;
+        let out_of_limits = |problem: String| {
+            format!(
+                "`{}` with eps {} has {problem} on reward differences in (-1, 1), outside \
+                 what training holds in f32 (|U| <= {}, {} <= U' <= {}); change the \
+                 exponent or eps",
+                self.name(),
+                short_number(eps),
+                short_number(largest),
+                short_number(smallest_slope),
+                short_number(largest)
+            )
+        };
+        for (x, at) in [
+            (-1.0, "-1"),
+            (0.0, "0"),
+            (f64::MIN_POSITIVE, "0+"),
+            (1.0, "1"),
+        ] {
+            let (value, slope) = self.value_and_slope(x, eps);
+            // Written so that a NaN fails too.
+            let problem = if !(..=largest).contains(&value.abs()) {
+                format!("U({at}) = {}", short_number(value))
+            } else if !(smallest_slope..=largest).contains(&slope) {
+                format!("U'({at}) = {}", short_number(slope))
+            } else {
+                continue;
+            };
+            return Err(out_of_limits(problem));
+        }
+        let (steepest, flattest) = {
+            let (at_0, at_1) = (
+                self.value_and_slope(f64::MIN_POSITIVE, eps).1,
+                self.value_and_slope(1.0, eps).1,
+            );
+            (at_0.max(at_1), at_0.min(at_1))
+        };
+        if steepest / flattest > SLOPE_RATIO_LIMIT {
+            return Err(format!(
+                "`{}` with eps {}: its slope varies {}-fold over reward differences in (0, 1), \
+                 more than the {}-fold the theory's optimum (computed at every evaluation) \
+                 resolves in f64; raise eps or lower the exponent",
+                self.name(),
+                short_number(eps),
+                short_number(steepest / flattest),
+                short_number(SLOPE_RATIO_LIMIT)
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The loss as configured: one utility for every prompt, or one per prompt type.
@@ -177,6 +298,10 @@ impl LossSpec {
                 open: Utility::XInv2,
                 closed: Utility::X2,
             }),
+            // A bad exponent keeps its own message; any other name is unknown.
+            other if other.starts_with("power:") || other.starts_with("neg_power:") => {
+                Utility::parse(other).map(LossSpec::Single)
+            }
             other => Utility::parse(other).map(LossSpec::Single).map_err(|_| {
                 Error::user(format!(
                     "unknown loss `{other}`: expected one of x, x2, log, x_inv, x_inv2, \

@@ -472,6 +472,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         ..
     } = opts;
     let started = Instant::now();
+    cfg.check_data()?;
     let placement = placement(cfg, &opts)?;
     checkpoint::ensure_writable_dir(&cfg.output_dir)?;
     let (mut model, tok, vocab) = checkpoint::model_for_training(cfg)?;

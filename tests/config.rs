@@ -3,17 +3,26 @@
 
 use rcx::config::{Config, DType, Device, Scheduler};
 use rcx::error::Error;
-use rcx::loss::{LossSpec, Utility};
+use rcx::loss::{
+    EPS_RANGE, EXPONENT_RANGE, LossSpec, UTILITY_LIMITS, Utility, ranking_loss_forward_backward,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// Writes `text` to a fresh file in the temp directory and returns its path.
+/// This test file's scratch folder, under cargo's target/tmp.
+fn scratch_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes `text` to a fresh file in the scratch folder and returns its path.
 fn temp_file(stem: &str, ext: &str, text: &str) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let path = std::env::temp_dir().join(format!(
+    let path = scratch_dir().join(format!(
         "rcx-config-test-{}-{n}-{stem}.{ext}",
         std::process::id()
     ));
@@ -200,7 +209,7 @@ fn wrong_types_name_the_key_and_line() {
     assert_error(
         &with_line6("max_length: 1.5"),
         Some(6),
-        &["max_length", "positive integer"],
+        &["max_length", "an integer"],
     );
     assert_error(
         &MINIMAL.replace("[kjv-jargon]", "kjv-jargon"),
@@ -266,8 +275,6 @@ fn out_of_range_numbers_name_the_key_and_line() {
     for (line6, key) in [
         ("learning_rate: 0", "learning_rate"),
         ("learning_rate: -1e-4", "learning_rate"),
-        ("eps: 0", "eps"),
-        ("eps: -0.1", "eps"),
         ("max_grad_norm: 0", "max_grad_norm"),
         (
             "per_device_train_batch_size: 0",
@@ -277,13 +284,15 @@ fn out_of_range_numbers_name_the_key_and_line() {
             "gradient_accumulation_steps: -2",
             "gradient_accumulation_steps",
         ),
-        ("max_length: 0", "max_length"),
         ("eval_steps: 0", "eval_steps"),
         ("save_steps: 0", "save_steps"),
         ("logging_steps: 0", "logging_steps"),
         ("eval_max_prompts: 0", "eval_max_prompts"),
     ] {
         assert_error(&with_line6(line6), Some(6), &[key, "must be a positive"]);
+    }
+    for line6 in ["eps: 0", "eps: -0.1"] {
+        assert_error(&with_line6(line6), Some(6), &["eps", "[1e-6, 1000]"]);
     }
     assert_error(
         &MINIMAL.replace("max_steps: 10", "max_steps: 0"),
@@ -412,4 +421,416 @@ fn check_config_cli_prints_ok_and_fails_with_one_line() {
     // Stops at the first bad file.
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout, format!("{}: ok\n", good_a.display()));
+}
+
+#[test]
+fn tagged_values_are_refused_naming_the_key_and_line() {
+    // `!custom 4` used to be read as the number 4.
+    assert_error(
+        &MINIMAL.replace("max_steps: 10", "max_steps: !custom 4"),
+        Some(5),
+        &["max_steps", "tag", "!custom"],
+    );
+    assert_error(
+        &with_line6("eps: !!float 0.2"),
+        Some(6),
+        &["eps", "tag", "!!float"],
+    );
+    assert_error(
+        &MINIMAL.replace("[kjv-jargon]", "[!x kjv-jargon]"),
+        Some(3),
+        &["datasets", "tag", "!x"],
+    );
+    // A `!` inside a value or a quoted string, or after a comment mark, is no tag.
+    let text = MINIMAL.replace("runs/test", "'runs/!test' # !not-a-tag")
+        + "model_name_note_is_not_a_key: 1\n";
+    let path = temp_file("bang", "yml", &text);
+    let msg = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("unknown field `model_name_note_is_not_a_key`"),
+        "{msg}"
+    );
+    let text = MINIMAL.replace("runs/test", "runs/wow!-\"quoted\" it's");
+    let config = Config::load(&temp_file("bang", "yml", &text)).unwrap();
+    assert!(config.output_dir.ends_with("runs/wow!-\"quoted\" it's"));
+}
+
+#[test]
+fn counts_are_bounded_naming_the_key_and_the_allowed_range() {
+    for (line6, key, allowed) in [
+        (
+            "gradient_accumulation_steps: 9223372036854775807",
+            "gradient_accumulation_steps",
+            "1..=4096",
+        ),
+        (
+            "per_device_train_batch_size: 9223372036854775807",
+            "per_device_train_batch_size",
+            "1..=4096",
+        ),
+        ("max_length: 100000", "max_length", "5..=8192"),
+        (
+            "eval_steps: 18446744073709551615",
+            "eval_steps",
+            "1..=1000000000",
+        ),
+        ("save_steps: 4000000000", "save_steps", "1..=1000000000"),
+        (
+            "logging_steps: 4000000000",
+            "logging_steps",
+            "1..=1000000000",
+        ),
+        (
+            "eval_max_prompts: 4000000000",
+            "eval_max_prompts",
+            "1..=1000000000",
+        ),
+    ] {
+        assert_error(&with_line6(line6), Some(6), &[key, allowed]);
+    }
+    assert_error(
+        &MINIMAL.replace("max_steps: 10", "max_steps: 18446744073709551615"),
+        Some(5),
+        &["max_steps", "1..=1000000000"],
+    );
+    // Every micro-batch of a step is held at once: their product is bounded too.
+    assert_error(
+        &with_line6("per_device_train_batch_size: 4096\ngradient_accumulation_steps: 4096"),
+        None,
+        &[
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "65536",
+        ],
+    );
+    let at_the_bounds = with_line6(
+        "per_device_train_batch_size: 256\ngradient_accumulation_steps: 256\n\
+         max_steps_note: 0",
+    )
+    .replace("max_steps_note: 0\n", "")
+    .replace("max_steps: 10", "max_steps: 1000000000");
+    let config = Config::load(&temp_file("bounds", "yml", &at_the_bounds)).unwrap();
+    assert_eq!(config.max_steps, 1_000_000_000);
+}
+
+#[test]
+fn a_huge_accumulation_is_refused_by_train_before_anything_runs() {
+    // It used to panic with a capacity overflow in the training loop (exit 101).
+    let dir = scratch_dir().join(format!("run-{}-huge", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = MINIMAL.replace("runs/test", &dir.display().to_string())
+        + "gradient_accumulation_steps: 9223372036854775807\ndevice: cpu\n";
+    let path = temp_file("huge", "yml", &text);
+    let out = Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args(["train", "--quiet"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:6: gradient_accumulation_steps",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!dir.exists());
+}
+
+#[test]
+fn max_length_must_hold_the_special_tokens_and_a_token_of_each_text() {
+    // [CLS] prompt [SEP] completion [SEP]: 3 special tokens and one token of each text.
+    for n in [0, 1, 2, 4] {
+        assert_error(
+            &with_line6(&format!("max_length: {n}")),
+            Some(6),
+            &["max_length", "5..=8192", "[CLS]"],
+        );
+    }
+    let config = Config::load(&temp_file("len5", "yml", &with_line6("max_length: 5"))).unwrap();
+    assert_eq!(config.max_length, 5);
+    // The built-in models have 512 positions.
+    assert_error(
+        &with_line6("max_length: 513"),
+        None,
+        &["max_length", "513", "bert-mini", "512"],
+    );
+}
+
+/// The error of a config whose loss and eps are checked together: one line, naming the
+/// file, with no number longer than a compact form.
+fn assert_compact_error(text: &str, line: Option<usize>, needles: &[&str]) {
+    assert_error(text, line, needles);
+    let msg = Config::load(&temp_file("compact", "yml", text))
+        .unwrap_err()
+        .to_string();
+    let longest_digits = msg
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    assert!(longest_digits <= 20, "a long number in: {msg}");
+}
+
+#[test]
+fn eps_and_exponents_that_break_the_utilities_are_refused() {
+    assert_compact_error(
+        &with_line6("eps: 1e308"),
+        Some(6),
+        &["eps", "1e308", "1e-6", "1000"],
+    );
+    assert_compact_error(&with_line6("eps: 1e-300"), Some(6), &["eps", "1e-300"]);
+    assert_compact_error(
+        &MINIMAL.replace("loss: x", "loss: power:1e-300"),
+        Some(2),
+        &["loss", "1e-300", "exponent"],
+    );
+    assert_compact_error(
+        &MINIMAL.replace("loss: x", "loss: neg_power:1e300"),
+        Some(2),
+        &["loss", "1e300", "exponent"],
+    );
+    assert_compact_error(
+        &MINIMAL.replace("loss: x", "loss:\n  open: neg_power:1e-300\n  closed: x"),
+        Some(3),
+        &["loss.open", "1e-300", "exponent"],
+    );
+    // Each in range, but not together: eps^-g overflows.
+    assert_compact_error(
+        &(MINIMAL.replace("loss: x", "loss: neg_power:500") + "eps: 0.001\n"),
+        None,
+        &["loss", "neg_power:500", "eps", "0.001"],
+    );
+    assert_compact_error(
+        &(MINIMAL.replace("loss: x", "loss: {open: x, closed: power:900}") + "eps: 500\n"),
+        None,
+        &["loss.closed", "power:900", "eps", "500"],
+    );
+}
+
+#[test]
+fn deep_flow_nesting_is_refused_before_the_yaml_parser_sees_it() {
+    // 200 KB of nested brackets took the YAML parser 40 s; the error must come at once.
+    let depth = 100_000;
+    let text = MINIMAL.replace(
+        "model_name: bert-mini",
+        &format!("model_name: {}{}", "[".repeat(depth), "]".repeat(depth)),
+    );
+    assert_error(&text, Some(1), &["model_name", "nested deeper than 32"]);
+    let text = MINIMAL.replace(
+        "loss: x",
+        &format!("loss: {}1{}", "{a: ".repeat(depth), "}".repeat(depth)),
+    );
+    assert_error(&text, Some(2), &["loss", "nested deeper than 32"]);
+    // Block nesting: line 3 is at level 1, each `-` line one deeper, so line 35 is at 33.
+    let nested: String = (1..=40).map(|i| format!("{}-\n", "  ".repeat(i))).collect();
+    let text = MINIMAL.replace("datasets: [kjv-jargon]", &format!("datasets:\n{nested}"));
+    assert_error(&text, Some(35), &["nested deeper than 32"]);
+}
+
+#[test]
+fn an_oversized_config_is_refused_before_parsing() {
+    let text = format!("{MINIMAL}{}", "# padding\n".repeat(110_000));
+    assert_error(&text, None, &["1 MiB", "bytes"]);
+}
+
+/// A scratch data file of ranking records.
+fn data_file(stem: &str, records: &[&str]) -> PathBuf {
+    temp_file(stem, "jsonl", &(records.join("\n") + "\n"))
+}
+
+const TYPED: &str = r#"{"prompt": "p", "completions": ["a b", "a"], "prompt_type": "open"}"#;
+const UNTYPED: &str = r#"{"prompt": "q", "completions": ["a b", "a"]}"#;
+
+/// Runs `rcx check-config` on `text`; returns (exit code, stdout, stderr).
+fn check_config(text: &str) -> (Option<i32>, String, String, PathBuf) {
+    let path = temp_file("check", "yml", text);
+    let out = Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        path,
+    )
+}
+
+#[test]
+fn check_config_refuses_untyped_records_under_a_prompt_aware_loss() {
+    let typed = data_file("typed", &[TYPED, TYPED]);
+    let untyped = data_file("untyped", &[TYPED, "", UNTYPED]);
+    let aware = |train: &Path, eval: &Path| {
+        MINIMAL
+            .replace("loss: x", "loss: adaptive")
+            .replace("[kjv-jargon]", &format!("['{}']", train.display()))
+            + &format!("eval_datasets: ['{}']\n", eval.display())
+    };
+    let (code, stdout, stderr, _) = check_config(&aware(&typed, &typed));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.ends_with(": ok\n"));
+    for (train, eval) in [(&typed, &untyped), (&untyped, &typed)] {
+        let (code, _, stderr, config) = check_config(&aware(train, eval));
+        assert_eq!(code, Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        for needle in [
+            config.display().to_string(),
+            format!("{}:3 ", untyped.display()),
+            "prompt_type".into(),
+            "adaptive".into(),
+        ] {
+            assert!(stderr.contains(&needle), "expected `{needle}` in: {stderr}");
+        }
+    }
+    // Without a prompt-aware loss, untyped records are fine.
+    let single = aware(&untyped, &untyped).replace("loss: adaptive", "loss: x");
+    let (code, _, stderr, _) = check_config(&single);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// `n + 1` points from `low` to `high`, evenly spaced in log scale.
+fn log_grid(low: f64, high: f64, n: usize) -> impl Iterator<Item = f64> {
+    (0..=n).map(move |i| low * (high / low).powf(i as f64 / n as f64))
+}
+
+/// The bounds on eps and the exponents are sound: every utility the config accepts, on a
+/// grid over both ranges, has a finite f32 loss and gradient on any rewards (0 and 1 and
+/// ties included, on both branches), and the theory's optimum that every evaluation
+/// compares with is found. Every named utility is accepted for eps in [1e-3, 1e3].
+#[test]
+fn every_accepted_utility_trains_and_has_an_optimum() {
+    let (eps_low, eps_high) = EPS_RANGE;
+    let (g_low, g_high) = EXPONENT_RANGE;
+    let named =
+        ["x", "x2", "log", "x_inv", "x_inv2", "logsigmoid"].map(|n| Utility::parse(n).unwrap());
+    let mut utilities = named.to_vec();
+    for g in log_grid(g_low, g_high, 12).chain([0.5, 1.0, 2.0]) {
+        utilities.extend([Utility::Power(g), Utility::NegPower(g)]);
+    }
+    // Two prompts: best first, then worst first (the x <= 0 branch); rewards 1, 0 and ties.
+    let logits: Vec<f32> = [40.0, 3.0, 0.5, 0.5, 0.0, -2.0, -40.0, -40.0]
+        .iter()
+        .chain([-40.0, -40.0, -2.0, 0.0, 0.5, 0.5, 3.0, 40.0].iter())
+        .copied()
+        .collect();
+    let (mut accepted, mut refused) = (0, 0);
+    for utility in &utilities {
+        for eps in log_grid(eps_low, eps_high, 9) {
+            if let Err(why) = utility.check_with_eps(eps) {
+                // The slope-ratio bound narrows eps only below 1e-3 (x_inv2 from 1e-4).
+                assert!(!named.contains(utility) || eps < 1e-3, "{why}");
+                refused += 1;
+                continue;
+            }
+            accepted += 1;
+            // check_with_eps looks at x = -1, 0, 0+, 1 only: the extremes, U being
+            // increasing and U' monotone on each side of 0. Every x in between agrees.
+            let (smallest_slope, largest) = UTILITY_LIMITS;
+            for i in -1000..=1000 {
+                let x = i as f64 / 1000.0;
+                let (value, slope) = utility.value_and_slope(x, eps);
+                assert!(
+                    value.abs() <= largest && (smallest_slope..=largest).contains(&slope),
+                    "{} eps {eps} at x = {x}: U = {value}, U' = {slope}",
+                    utility.name()
+                );
+            }
+            let mut dlogits = vec![f32::NAN; logits.len()];
+            let loss = ranking_loss_forward_backward(
+                &logits,
+                &[8, 8],
+                &[None, None],
+                &LossSpec::Single(*utility),
+                eps,
+                &mut dlogits,
+            )
+            .unwrap();
+            assert!(
+                loss.is_finite() && dlogits.iter().all(|d| d.is_finite()),
+                "{} eps {eps}: loss {loss}, gradient {dlogits:?}",
+                utility.name()
+            );
+            for n in [2, 3, 8, 16] {
+                if let Err(e) = rcx::theory::solve(utility, eps, n) {
+                    panic!("{} eps {eps} n {n}: {e}", utility.name());
+                }
+            }
+        }
+    }
+    assert!(
+        accepted > 200 && refused > 20,
+        "{accepted} accepted, {refused} refused"
+    );
+}
+
+#[test]
+fn train_refuses_untyped_eval_records_before_it_starts() {
+    // It used to train, then fail at the first evaluation without naming the file.
+    let typed = data_file("typed-train", &[TYPED, TYPED]);
+    let untyped = data_file("untyped-eval", &[TYPED, "", UNTYPED]);
+    let out_dir = scratch_dir().join(format!("run-{}-untyped", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let text = MINIMAL
+        .replace("loss: x", "loss: adaptive")
+        .replace("bert-mini", "bert-tiny")
+        .replace("runs/test", &out_dir.display().to_string())
+        .replace("max_steps: 10", "max_steps: 1")
+        .replace("[kjv-jargon]", &format!("['{}']", typed.display()))
+        + &format!("eval_datasets: ['{}']\ndevice: cpu\n", untyped.display());
+    let config = temp_file("untyped-train", "yml", &text);
+    let out = Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args(["train", "--quiet"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:3 has no `prompt_type`", untyped.display())),
+        "{stderr}"
+    );
+    assert!(!out_dir.exists(), "{} was written", out_dir.display());
+}
+
+#[test]
+fn check_config_refuses_a_max_length_beyond_the_model_folders_positions() {
+    // The parity fixture's model has 64 positions; training used to clear output_dir and
+    // then fail at the first long sequence.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/tiny-bert");
+    let text = MINIMAL.replace("bert-mini", &format!("'{}'", model.display()));
+    let (code, _, stderr, config) = check_config(&(text.clone() + "max_length: 65\n"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for needle in [
+        format!("{}: max_length: 65", config.display()),
+        "64 positions".into(),
+        model.join("config.json").display().to_string(),
+    ] {
+        assert!(stderr.contains(&needle), "expected `{needle}` in: {stderr}");
+    }
+    let (code, _, stderr, _) = check_config(&(text + "max_length: 64\n"));
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn check_config_refuses_evaluation_records_beyond_the_theory_solver() {
+    // Every evaluation compares each prompt type's rewards with the theory's optimum for
+    // its K completions, which is computed for K <= 2000: training used to fail there.
+    let completions: Vec<String> = (0..2001).map(|i| format!("\"c{i}\"")).collect();
+    let wide = format!(
+        r#"{{"prompt": "p", "completions": [{}], "prompt_type": "open"}}"#,
+        completions.join(", ")
+    );
+    let eval = data_file("wide-eval", &[TYPED, &wide]);
+    let text = MINIMAL.to_string() + &format!("eval_datasets: ['{}']\n", eval.display());
+    let (code, _, stderr, _) = check_config(&text);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for needle in [format!("{}:2", eval.display()), "2001 completions".into()] {
+        assert!(stderr.contains(&needle), "expected `{needle}` in: {stderr}");
+    }
 }
