@@ -767,9 +767,13 @@ impl Config {
                 )));
             }
         }
-        let files = self.train_files.iter().map(|f| (f, false));
-        for (file, is_eval) in files.chain(self.eval_files.iter().map(|f| (f, true))) {
-            for_each_line(file, |line, bytes| {
+        for file in self.train_files.iter().chain(&self.eval_files) {
+            // A pipe or FIFO can be read only once, by the run itself, which checks its
+            // records as it reads them.
+            if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
+                continue;
+            }
+            for_each_line(file, false, |line, bytes| {
                 let Some(record) = parse_ranking_line(file, line, bytes, false)? else {
                     return Ok(LineOutcome::Skipped);
                 };
@@ -780,17 +784,6 @@ impl Config {
                         self.path.display(),
                         self.loss_name,
                         file.display()
-                    )));
-                }
-                // Every evaluation compares the rewards with the theory's optimum for K.
-                let k = record.completions.len();
-                if is_eval && k > crate::theory::MAX_N {
-                    return Err(Error::user(format!(
-                        "{}:{line}: {k} completions; an evaluation record may have at most {} \
-                         (the theory's optimum each evaluation compares with is computed up \
-                         to that many)",
-                        file.display(),
-                        crate::theory::MAX_N
                     )));
                 }
                 Ok(LineOutcome::Kept)

@@ -817,9 +817,12 @@ fn check_config_refuses_a_max_length_beyond_the_model_folders_positions() {
 }
 
 #[test]
-fn check_config_refuses_evaluation_records_beyond_the_theory_solver() {
+fn check_config_refuses_evaluation_records_beyond_the_record_bound() {
     // Every evaluation compares each prompt type's rewards with the theory's optimum for
-    // its K completions, which is computed for K <= 2000: training used to fail there.
+    // its K completions (computed for K <= 2000): training used to fail there. The data
+    // reader's bound per record (rcx::data::MAX_COMPLETIONS) is far below it, and
+    // check-config applies it to the evaluation files too.
+    assert!(rcx::data::MAX_COMPLETIONS <= rcx::theory::MAX_N);
     let completions: Vec<String> = (0..2001).map(|i| format!("\"c{i}\"")).collect();
     let wide = format!(
         r#"{{"prompt": "p", "completions": [{}], "prompt_type": "open"}}"#,
