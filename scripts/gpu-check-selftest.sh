@@ -237,6 +237,22 @@ scenario_budget_too_big() {
     expect_in summary "$SUMMARY" "RCX_GPU_BUDGET_S"
 }
 
+# A rerun of some parts only: the others are skipped, saying why; a wrong name is refused.
+scenario_parts() {
+    run_check "$NAME" bin-gpu FAKE_SANITIZER=clean RCX_GPU_PARTS="sanitize torch"
+    expect_rc 0 "the parts asked for pass"
+    expect_outputs
+    expect_row tests SKIPPED "RCX_GPU_PARTS"
+    expect_row sanitize-memcheck PASS "ERROR SUMMARY: 0 errors"
+    expect_row sanitize-racecheck PASS "0 hazards"
+    expect_row kernel-lab SKIPPED "RCX_GPU_PARTS"
+    expect_row torch PASS
+    [ ! -f "$MARKS/ran-cuda_model" ] || fail "cuda_model ran though tests were not asked for"
+    run_check "$NAME" bin-gpu RCX_GPU_PARTS="tests bogus"
+    expect_rc 2 "an unknown part is refused"
+    expect_in summary "$SUMMARY" "RCX_GPU_PARTS.*bogus"
+}
+
 scenario_interrupted() {
     OUTDIR=$WORK/out-$NAME
     MARKS=$WORK/marks-$NAME
@@ -260,7 +276,7 @@ scenario_interrupted() {
 }
 
 make_bundle
-ALL="healthy faults hang old_driver no_driver no_bundle no_sanitizer budget_too_big interrupted"
+ALL="healthy faults hang old_driver no_driver no_bundle no_sanitizer budget_too_big parts interrupted"
 for NAME in ${@:-$ALL}; do
     echo "scenario $NAME"
     "scenario_$NAME"

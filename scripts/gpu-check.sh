@@ -5,7 +5,7 @@
 #      bundle was built for (CUDA 13 needs driver >= 580), before anything else;
 #   2. the libraries: the driver's libcuda and the bundle's CUDA major's libcublas(Lt),
 #      linked into a private folder that is the tests' whole LD_LIBRARY_PATH; the loader's
-#      log (LD_DEBUG=libs) of each test process says which files were actually loaded;
+#      log (LD_DEBUG=libs) of each rcx process says which files were actually loaded;
 #   3. every GPU test, one process and one test thread per test (a faulting kernel poisons
 #      its process's CUDA context; here it fails its own test only), RCX_REQUIRE_GPU=1;
 #   4. compute-sanitizer memcheck and racecheck on the two flash attention tests alone
@@ -25,7 +25,8 @@
 # timed out; 2 the bundle is missing or damaged, or a bad RCX_GPU_BUDGET_S (nothing ran);
 # 3 the machine cannot run it (no driver, driver too old, no libcuda); 4 interrupted.
 #
-# Knobs: RCX_GPU_BUDGET_S (seconds), RCX_GPU_SANITIZE_TESTS (the tests the sanitizers run),
+# Knobs: RCX_GPU_BUDGET_S (seconds), RCX_GPU_PARTS (some of "tests sanitize lab step torch",
+# all by default: a rerun of a part), RCX_GPU_SANITIZE_TESTS (the tests the sanitizers run),
 # RCX_GPU_LIB_DIRS (colon-separated folders searched for the libraries instead of the
 # system's; scripts/gpu-check-selftest.sh uses it), PYTHON (the one with PyTorch).
 #
@@ -108,6 +109,7 @@ finish() {
         kill -TERM "$CHILD" 2>/dev/null
         wait "$CHILD" 2>/dev/null
     fi
+    [ -z "${LIBCUDA:-}" ] || report_loaded_libs
     if [ -n "$INTERRUPTED" ]; then
         rc=4
     elif [ "$rc" -eq 0 ] && printf '%s\n' "${ROWS[@]}" | grep -Eq '^[^ ]+ +(FAIL|TIMEOUT)'; then
@@ -177,6 +179,15 @@ esac
 if [ "$BUDGET" -lt 30 ] || [ "$BUDGET" -gt 570 ]; then
     stop 2 "RCX_GPU_BUDGET_S=$BUDGET: expected whole seconds from 30 to 570 (the device tool stops a command at 600 s)"
 fi
+
+PARTS=${RCX_GPU_PARTS:-tests sanitize lab step torch}
+for p in $PARTS; do
+    case $p in
+        tests | sanitize | lab | step | torch) ;;
+        *) stop 2 "RCX_GPU_PARTS: unknown part '$p'; expected some of: tests sanitize lab step torch" ;;
+    esac
+done
+wanted() { [[ " $PARTS " == *" $1 "* ]]; }
 
 # --- 1. the driver, before anything else -------------------------------------------------
 CARRIED=$ROOT/gpu-bundle
@@ -324,11 +335,29 @@ if [ -z "$LIBCUBLAS" ]; then
 fi
 RCX_ENV=(env "LD_LIBRARY_PATH=$LIBS" "RCX_ROOT=$ROOT" RCX_REQUIRE_GPU=1 RCX_REQUIRE_CUDA=1)
 
-# Which CUDA libraries the test processes actually initialised (the loader's log).
+# Which CUDA libraries rcx's processes actually initialised: the loader's log of each
+# (LD_DEBUG=libs, written to LD_DEBUG_OUTPUT.PID).
 loaded_libs() {
     cat "$LOGS"/ld/* 2>/dev/null | sed -n 's/.*calling init: //p' |
         grep -E '/lib(cuda|cublas|cublasLt|nvrtc|nvidia-[a-z-]+)\.so' | sort -u |
         while read -r path; do echo "$(basename "$path") -> $(readlink -f "$path")"; done | sort -u
+}
+
+# The summary's lines on what was loaded, and from where.
+report_loaded_libs() {
+    local loaded line
+    loaded=$(loaded_libs)
+    if [ -z "$loaded" ]; then
+        note "WARN: the loader's log shows no CUDA library loaded by rcx's processes (logs/ld/)"
+        return
+    fi
+    note "libs loaded by rcx's processes: $(tr '\n' ';' <<<"$loaded" | sed 's/;$//; s/;/; /g')"
+    while read -r line; do
+        case $(dirname "${line##* -> }") in
+            "$(dirname "$LIBCUDA")" | "$(dirname "${LIBCUBLAS:-$LIBCUDA}")") ;;
+            *) note "WARN: loaded from outside the linked folders: $line" ;;
+        esac
+    done <<<"$loaded"
 }
 
 # --- parts -------------------------------------------------------------------------------
@@ -467,37 +496,42 @@ sanitize() {
 }
 
 run_part smoke-rcx 20 "${RCX_ENV[@]}" "$BUNDLE/rcx" --help
-for exe in "$BUNDLE"/tests/*; do
-    run_tests "$exe"
-done
-if [ -n "$(loaded_libs)" ]; then
-    note "libs loaded by the tests: $(loaded_libs | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
+if wanted tests; then
+    for exe in "$BUNDLE"/tests/*; do
+        run_tests "$exe"
+    done
 else
-    note "WARN: the loader's log shows no CUDA library loaded by the tests (logs/ld/)"
+    add_row tests SKIPPED - "not in RCX_GPU_PARTS"
 fi
-while read -r line; do
-    case $(dirname "${line##* -> }") in
-        "$(dirname "$LIBCUDA")" | "$(dirname "${LIBCUBLAS:-$LIBCUDA}")") ;;
-        *) note "WARN: loaded from outside the linked folders: $line" ;;
-    esac
-done < <(loaded_libs)
 
 SANITIZER=$(command -v compute-sanitizer || true)
 for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
     [ -n "$SANITIZER" ] || { [ -x "$candidate" ] && SANITIZER=$candidate; }
 done
-if [ -n "$SANITIZER" ]; then
+if ! wanted sanitize; then
+    add_row sanitize SKIPPED - "not in RCX_GPU_PARTS"
+elif [ -n "$SANITIZER" ]; then
     sanitize memcheck
     sanitize racecheck
 else
     add_row sanitize SKIPPED - "no compute-sanitizer (PATH, /usr/local/cuda)"
 fi
 
-run_part kernel-lab 120 "${RCX_ENV[@]}" "$BUNDLE/benches/kernels" --bench
-run_part gpu-step 120 "${RCX_ENV[@]}" "$BUNDLE/benches/gpu_step" --bench
+if wanted lab; then
+    run_part kernel-lab 120 "${RCX_ENV[@]}" LD_DEBUG=libs "LD_DEBUG_OUTPUT=$LOGS/ld/kernel-lab" "$BUNDLE/benches/kernels" --bench
+else
+    add_row kernel-lab SKIPPED - "not in RCX_GPU_PARTS"
+fi
+if wanted step; then
+    run_part gpu-step 120 "${RCX_ENV[@]}" LD_DEBUG=libs "LD_DEBUG_OUTPUT=$LOGS/ld/gpu-step" "$BUNDLE/benches/gpu_step" --bench
+else
+    add_row gpu-step SKIPPED - "not in RCX_GPU_PARTS"
+fi
 # PyTorch gets what is left, with its own libraries; it starts no new mode in its last 60 s.
 TORCH_LIMIT=$(left)
-if [ "$TORCH_LIMIT" -lt 90 ]; then
+if ! wanted torch; then
+    add_row torch SKIPPED - "not in RCX_GPU_PARTS"
+elif [ "$TORCH_LIMIT" -lt 90 ]; then
     add_row torch SKIPPED - "budget spent (${TORCH_LIMIT} s left, needs 90)"
 else
     run_part torch "$TORCH_LIMIT" env PYTHONUNBUFFERED=1 "$PYTHON" scripts/bench_torch_gpu.py --budget-s $((TORCH_LIMIT - 60))
