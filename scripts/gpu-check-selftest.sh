@@ -5,7 +5,7 @@
 # (scripts/gpu-check-fakes.py), a fake nvidia-smi and compute-sanitizer, and fake driver and
 # cuBLAS libraries (copies of a real shared object, so that dlopen and the loader's log
 # behave as with the real ones). Each scenario asserts the exit code, the two files in $OUT,
-# the summary's rows and what reached stdout. Needs python3 and about a minute.
+# the summary's rows and what reached stdout. Needs python3 and about 90 s.
 #
 #   bash scripts/gpu-check-selftest.sh            # every scenario
 #   bash scripts/gpu-check-selftest.sh healthy    # one, by name
@@ -273,6 +273,7 @@ scenario_interrupted() {
     expect_rc 4 "interrupted"
     expect_outputs
     expect_in summary "$SUMMARY" "interrupted"
+    expect_row test-cuda_kernels INTERRUPTED "cls_pool_matches_cpu"
 }
 
 make_bundle

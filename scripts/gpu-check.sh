@@ -18,8 +18,8 @@
 # part and on exit, so a timeout or a kill keeps what was done:
 #   summary.txt      device, driver, libraries linked and loaded, key numbers, one row a part
 #   gpu-logs.tar.gz  logs/: every part's full log, nvidia-smi.txt, MANIFEST, libs.txt, ld/
-# stdout holds only result lines (each part's row as it ends, the numbers, the table last)
-# and the failures' own lines, so the tool's last 12,000 characters hold what matters.
+# stdout holds only result lines (each part's row as it ends) and the failures' own lines,
+# then the summary, so the tool's last 12,000 characters hold what matters.
 #
 # Exit codes: 0 every part passed or was skipped for a stated reason; 1 a part failed or
 # timed out; 2 the bundle is missing or damaged, or a bad RCX_GPU_BUDGET_S (nothing ran);
@@ -55,7 +55,8 @@ NOTES=()   # the summary's header: device, libraries, warnings
 STOP_CODE=0
 STOPPED=""
 INTERRUPTED=""
-CHILD=""
+CHILD=""   # the part's process (timeout's pid) while one runs
+RUNNING="" # and its log
 
 elapsed() { echo $(($(date +%s) - START)); }
 left() { echo $((BUDGET - RESERVE - $(elapsed))); }
@@ -87,7 +88,7 @@ write_outputs() {
         [ -z "$STOPPED" ] || echo "STOPPED: $STOPPED"
         [ -z "$INTERRUPTED" ] || echo "STOPPED: interrupted by $INTERRUPTED"
         for n in "${NOTES[@]}"; do echo "$n"; done
-        numbers | sed 's/^/  /' | { grep . && true; } | sed '1i numbers:'
+        numbers | sed 's/^/  /' | sed '1i numbers:'
         printf '%-20s %-8s %5s  %s\n' part status time detail
         for r in "${ROWS[@]}"; do echo "$r"; done
         echo "full logs: gpu-logs.tar.gz (logs/<part>.log, nvidia-smi.txt, MANIFEST, libs.txt, ld/)"
@@ -109,6 +110,10 @@ finish() {
         kill -TERM "$CHILD" 2>/dev/null
         wait "$CHILD" 2>/dev/null
     fi
+    if [ -n "$RUNNING" ]; then
+        ROWS+=("$(printf '%-20s %-8s %5s  %s' "$(basename "$RUNNING" .log)" INTERRUPTED - \
+            "while running $(grep '^=== ' "$RUNNING" | tail -n 1 | cut -c5-80)")")
+    fi
     [ -z "${LIBCUDA:-}" ] || report_loaded_libs
     if [ -n "$INTERRUPTED" ]; then
         rc=4
@@ -117,14 +122,10 @@ finish() {
     fi
     NOTES=("exit code $rc" "${NOTES[@]}")
     write_outputs
+    # The summary comes last on stdout, so the tool's last 12,000 characters hold it whole.
     echo
-    echo "=== numbers ==="
-    numbers
-    echo "=== gpu-check: exit $rc after $(elapsed) s of ${BUDGET} s; summary.txt and gpu-logs.tar.gz in \$OUT ==="
-    [ -z "$STOPPED" ] || echo "STOPPED: $STOPPED"
-    [ -z "$INTERRUPTED" ] || echo "STOPPED: interrupted by $INTERRUPTED"
-    printf '%-20s %-8s %5s  %s\n' part status time detail
-    for r in "${ROWS[@]}"; do echo "$r"; done
+    echo "=== summary.txt (gpu-logs.tar.gz holds every log) ==="
+    cat "$OUT/summary.txt"
     rm -rf "$WORK"
     exit "$rc"
 }
@@ -153,9 +154,11 @@ run_limited() {
     shift 2
     timeout --kill-after=$KILL_AFTER "$limit" "$@" >>"$log" 2>&1 </dev/null &
     CHILD=$!
+    RUNNING=$log
     wait "$CHILD"
     local rc=$?
     CHILD=""
+    RUNNING=""
     return $rc
 }
 
@@ -169,7 +172,7 @@ failure_text() {
     echo "$lines"
 }
 
-indented() { cut -c1-200 | sed 's/^/    /'; }
+indented() { cut -c1-160 | sed 's/^/    /'; }
 
 failure_lines() { failure_text "$@" | indented; }
 
@@ -450,10 +453,10 @@ run_tests() {
     # The first few failures' own lines, each message once (a missing driver or a poisoned
     # context says the same in every test).
     local shown=() excerpt seen
-    for name in "${failed[@]:0:4}"; do
+    for name in "${failed[@]:0:3}"; do
         sed -n "/^=== $name /,/^=== /p" "$log" >"$WORK/one-test.log"
         excerpt=$(failure_text "$WORK/one-test.log" 6)
-        seen=$(sed "s/$name/TEST/g; s/([0-9]*)//g" <<<"$excerpt" | cut -c1-200 | tr '\n' ' ')
+        seen=$(sed "s/$name/TEST/g; s/([0-9]*)//g" <<<"$excerpt" | cut -c1-160 | tr '\n' ' ')
         if printf '%s\n' "${shown[@]}" | grep -qxF -- "$seen"; then
             echo "  $part $name: as above"
         else
@@ -462,7 +465,7 @@ run_tests() {
             indented <<<"$excerpt"
         fi
     done
-    [ "${#failed[@]}" -le 4 ] || echo "  ... and $((${#failed[@]} - 4)) more failures in logs/$part.log"
+    [ "${#failed[@]}" -le 3 ] || echo "  ... and $((${#failed[@]} - 3)) more failures in logs/$part.log"
 }
 
 # sanitize TOOL: compute-sanitizer on the small flash attention tests.
@@ -532,7 +535,7 @@ TORCH_LIMIT=$(left)
 if ! wanted torch; then
     add_row torch SKIPPED - "not in RCX_GPU_PARTS"
 elif [ "$TORCH_LIMIT" -lt 90 ]; then
-    add_row torch SKIPPED - "budget spent (${TORCH_LIMIT} s left, needs 90)"
+    add_row torch SKIPPED - "budget spent (needs 90 s)"
 else
     run_part torch "$TORCH_LIMIT" env PYTHONUNBUFFERED=1 "$PYTHON" scripts/bench_torch_gpu.py --budget-s $((TORCH_LIMIT - 60))
 fi
