@@ -40,7 +40,9 @@ SO=$(ldconfig -p 2>/dev/null | awk -v n="$SO" '$1 == n {print $NF; exit}')
 [ -f "$SO" ] || { echo "selftest: no libz shared object to stand in for the CUDA libraries" >&2; exit 1; }
 cp "$SO" "$WORK/driver/libcuda.so.580.159.04"
 ln -s libcuda.so.580.159.04 "$WORK/driver/libcuda.so.1"
-cp "$SO" "$WORK/driver/stubs/libcuda.so" # the toolkit's stub: must never be picked
+# The toolkit's stub (some images add the .so.1 name for linking): must never be picked.
+cp "$SO" "$WORK/driver/stubs/libcuda.so"
+ln -s libcuda.so "$WORK/driver/stubs/libcuda.so.1"
 cp "$SO" "$WORK/driver/libnvidia-ptxjitcompiler.so.580.159.04"
 ln -s libnvidia-ptxjitcompiler.so.580.159.04 "$WORK/driver/libnvidia-ptxjitcompiler.so.1"
 for lib in libcublas.so.12.9.1.4 libcublasLt.so.12.9.1.4 libcublas.so.13.1.0.3 libcublasLt.so.13.1.0.3; do
@@ -91,7 +93,7 @@ run_check() {
     local t0
     t0=$(date +%s)
     env OUT="$OUTDIR" FAKE_MARKS="$MARKS" PATH="$WORK/$bin:$PATH" \
-        RCX_GPU_LIB_DIRS="$WORK/driver:$WORK/driver/stubs:$WORK/cublas" "$@" \
+        RCX_GPU_LIB_DIRS="$WORK/driver/stubs:$WORK/driver:$WORK/cublas" "$@" \
         timeout --kill-after=5 150 bash "$REPO/scripts/gpu-check.sh" >"$WORK/stdout-$name" 2>"$WORK/stderr-$name"
     RC=$?
     ELAPSED=$(($(date +%s) - t0))
