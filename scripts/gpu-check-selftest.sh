@@ -35,9 +35,15 @@ printf 'import subprocess, sys\nsys.exit(subprocess.call([sys.executable, "%s", 
     "$FAKES" >"$REPO/scripts/bench_torch_gpu.py"
 
 # A real shared object under the driver's and cuBLAS's names: the loader opens it for real.
-SO=$(python3 -c 'import ctypes.util, sys; print(ctypes.util.find_library("z") or "")')
-SO=$(ldconfig -p 2>/dev/null | awk -v n="$SO" '$1 == n {print $NF; exit}')
-[ -f "$SO" ] || { echo "selftest: no libz shared object to stand in for the CUDA libraries" >&2; exit 1; }
+SO=""
+for candidate in $(ldconfig -p 2>/dev/null | awk '$1 == "libz.so.1" {print $NF}') \
+    /lib/x86_64-linux-gnu/libz.so.1 /usr/lib/x86_64-linux-gnu/libz.so.1 /usr/lib64/libz.so.1 /lib64/libz.so.1; do
+    if [ -f "$candidate" ]; then
+        SO=$candidate
+        break
+    fi
+done
+[ -n "$SO" ] || { echo "gpu-check-selftest: no libz.so.1 to stand in for the CUDA libraries" >&2; exit 1; }
 cp "$SO" "$WORK/driver/libcuda.so.580.159.04"
 ln -s libcuda.so.580.159.04 "$WORK/driver/libcuda.so.1"
 # The toolkit's stub (some images add the .so.1 name for linking): must never be picked.

@@ -166,7 +166,7 @@ run_limited() {
 failure_text() {
     local lines
     lines=$(grep -E -A3 "panicked at|[Ee]rror|FAILED|Invalid|[Hh]azard|Traceback|RCX_REQUIRE" "$1" |
-        grep -Ev '^--$|^ *$|^failures:$|^test .* \.\.\. (ok|FAILED)$|^stack backtrace:|^ *[0-9]+: |^=== |^test result:' |
+        grep -Ev '^--$|^ *$|^failures:$|^test .* \.\.\. (ok|FAILED)$|^stack backtrace:|^ *[0-9]+: |^ +at |^note: |^=== |^test result:' |
         head -n "${2:-12}")
     [ -n "$lines" ] || lines=$(grep -v '^ *$' "$1" | tail -n 3)
     echo "$lines"
@@ -336,7 +336,7 @@ note "libs linked: libcuda.so.1 -> $LIBCUDA; libcublas.so.${MAJOR:-?} -> ${LIBCU
 if [ -z "$LIBCUBLAS" ]; then
     add_row libs FAIL - "no libcublas.so.${MAJOR:-?} with its libcublasLt in ${LIB_DIRS[*]}: GEMM tests will fail"
 fi
-RCX_ENV=(env "LD_LIBRARY_PATH=$LIBS" "RCX_ROOT=$ROOT" RCX_REQUIRE_GPU=1 RCX_REQUIRE_CUDA=1)
+RCX_ENV=(env "LD_LIBRARY_PATH=$LIBS" "RCX_ROOT=$ROOT" RCX_REQUIRE_GPU=1 RCX_REQUIRE_CUDA=1 RUST_BACKTRACE=1)
 
 # Which CUDA libraries rcx's processes actually initialised: the loader's log of each
 # (LD_DEBUG=libs, written to LD_DEBUG_OUTPUT.PID).
@@ -387,11 +387,11 @@ run_part() {
     esac
 }
 
-# One line of what a part found: its result lines, else its last line.
+# One line of what a part found: its result lines, else the failure's message.
 part_detail() {
-    local log=$LOGS/$1.log detail
+    local detail
     detail=$(part_results "$1")
-    [ -n "$detail" ] || detail=$(grep -v '^ *$' "$log" | tail -n 1)
+    [ -n "$detail" ] || detail=$(failure_text "$LOGS/$1.log" | grep -v "panicked at" | head -n 1)
     echo "$detail"
 }
 
@@ -493,8 +493,8 @@ sanitize() {
     else
         add_row "$part" FAIL "$took" "exit $rc; ${errors:-no summary line}"
         # The sanitizer's own report first, then the test's.
-        grep "^========= " "$log" | grep -v "COMPUTE-SANITIZER$" | head -n 10 | cut -c1-200 | sed 's/^/    /'
-        failure_lines "$log" 6
+        grep "^========= " "$log" | grep -v "COMPUTE-SANITIZER$" | head -n 10 | indented
+        failure_text "$log" 6 | grep -v "^=========" | indented
     fi
 }
 
