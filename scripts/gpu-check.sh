@@ -491,7 +491,7 @@ sanitize() {
     elif [ "$rc" -eq 0 ]; then
         add_row "$part" PASS "$took" "${errors:-no summary line}; $(grep -h "^test result:" "$log" | tail -1)"
     else
-        add_row "$part" FAIL "$took" "exit $rc; ${errors:-no summary line}"
+        add_row "$part" FAIL "$took" "exit $rc; ${errors:-no summary line}; $(grep -h "^test result:" "$log" | tail -1)"
         # The sanitizer's own report first, then the test's.
         grep "^========= " "$log" | grep -v "COMPUTE-SANITIZER$" | head -n 10 | indented
         failure_text "$log" 6 | grep -v "^=========" | indented
