@@ -91,7 +91,9 @@ cp "$staging/MANIFEST" "$packed/MANIFEST"
 bytes=$(du -sb "$packed" | cut -f1)
 # The device tool carries the working tree (tracked and untracked-not-ignored files) and
 # gpu-bundle together, 64 MiB in all: keep 2 MiB spare.
-tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+# (A tracked file deleted here travels as nothing: stat's complaint about it is no error.)
+tree=$(git ls-files -z --cached --others --exclude-standard | { xargs -0 stat -c %s 2>/dev/null || true; } |
+    awk '{s += $1} END {print s + 0}')
 limit=$((62 * 1024 * 1024 - tree))
 if [ "$bytes" -gt "$limit" ]; then
     echo "gpu-prepare: the bundle is $bytes bytes packed and the working tree $tree; together over 62 MiB (the device tool carries 64 MiB)" >&2
