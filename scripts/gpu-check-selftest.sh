@@ -10,7 +10,7 @@
 #   bash scripts/gpu-check-selftest.sh            # every scenario
 #   bash scripts/gpu-check-selftest.sh healthy    # one, by name
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-selftest.XXXXXX")
 # GPU_SELFTEST_KEEP=1 keeps the fixture and every scenario's stdout and $OUT, to read them.
@@ -285,10 +285,15 @@ scenario_interrupted() {
 }
 
 make_bundle
-ALL="healthy faults hang old_driver no_driver no_bundle no_sanitizer budget_too_big parts interrupted"
-for NAME in ${@:-$ALL}; do
+ALL=(healthy faults hang old_driver no_driver no_bundle no_sanitizer budget_too_big parts interrupted)
+[ "$#" -gt 0 ] || set -- "${ALL[@]}"
+for NAME in "$@"; do
     echo "scenario $NAME"
-    "scenario_$NAME"
+    if declare -F "scenario_$NAME" >/dev/null; then
+        "scenario_$NAME"
+    else
+        fail "no scenario $NAME; there are: ${ALL[*]}"
+    fi
 done
 if [ "$FAILURES" -gt 0 ]; then
     echo "gpu-check-selftest: $FAILURES check(s) failed"

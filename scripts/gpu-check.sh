@@ -33,7 +33,7 @@
 # Run with the device tool:
 #   run(command="bash scripts/gpu-check.sh", carry=["gpu-bundle"], timeout_s=540)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/gpu-out}
 mkdir -p "$OUT"
@@ -267,8 +267,9 @@ note "bundle: $(head -1 "$BUNDLE/MANIFEST" | cut -c1-100)"
 # The test executables look for the build tree (env!("CARGO_MANIFEST_DIR")); point it here.
 BUILT_AT=$(cat "$BUNDLE/MANIFEST_DIR" 2>/dev/null)
 if [ -n "$BUILT_AT" ] && [ ! -e "$BUILT_AT" ]; then
-    mkdir -p "$(dirname "$BUILT_AT")" 2>/dev/null && ln -s "$ROOT" "$BUILT_AT" 2>/dev/null ||
+    if ! { mkdir -p "$(dirname "$BUILT_AT")" && ln -s "$ROOT" "$BUILT_AT"; } 2>/dev/null; then
         note "WARN: could not link $BUILT_AT to $ROOT; RCX_ROOT covers tests/cuda_model only"
+    fi
 fi
 
 # --- 3. the libraries, through a private folder of links -----------------------------------
