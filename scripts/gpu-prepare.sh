@@ -4,8 +4,10 @@
 # and the GPU benchmark executables, all with the CUDA kernels embedded (RCX_REQUIRE_CUDA=1,
 # so a missing nvcc or a kernel that does not compile fails here). They land, stripped and
 # packed into one gzipped tar (the embedded PTX compresses well: about 14 MiB of 70), in the
-# ignored folder gpu-bundle/ (must stay under 60 MiB, the device tool carries 64 MiB), with
-# a MANIFEST naming the commit and this checkout's path; gpu-check.sh unpacks it there.
+# ignored folder gpu-bundle/ (with the working tree under 62 MiB: the device tool carries 64
+# MiB), with a MANIFEST naming the commit, the CUDA version and every file's checksum, and
+# this checkout's path; gpu-check.sh checks the driver against that CUDA version, verifies
+# the checksums and unpacks it there.
 #
 # Then, with the device tool: run(command="bash scripts/gpu-check.sh", carry=["gpu-bundle"]).
 set -euo pipefail
@@ -59,10 +61,21 @@ if command -v strip >/dev/null; then
     strip "$staging/rcx" "$staging"/tests/* "$staging"/benches/*
 fi
 
-nvcc_bin=$(command -v nvcc || echo .cuda/nvidia/cu13/bin/nvcc)
+# The nvcc build.rs used (its search order), for the CUDA version gpu-check.sh compares with
+# the lent machine's driver before running anything.
+nvcc_bin=""
+for candidate in "${NVCC:-}" "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" "$(command -v nvcc || true)" .cuda/nvidia/cu13/bin/nvcc; do
+    if [ -n "$candidate" ] && "$candidate" --version >/dev/null 2>&1; then
+        nvcc_bin=$candidate
+        break
+    fi
+done
+cuda_version=$("${nvcc_bin:-false}" --version 2>/dev/null | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p' | head -1)
+[ -n "$cuda_version" ] || { echo "gpu-prepare: cannot tell which CUDA built the kernels (no nvcc answers --version)" >&2; exit 1; }
 {
     echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- src kernels tests benches build.rs Cargo.toml || echo ' (with uncommitted changes)')"
     echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+    echo "cuda $cuda_version"
     echo "nvcc: $("$nvcc_bin" --version 2>/dev/null | tail -1)"
     (cd "$staging" && find . -type f ! -name MANIFEST -exec sha256sum {} + | sort -k2)
 } >"$staging/MANIFEST"
@@ -76,9 +89,14 @@ mkdir -p "$packed"
 tar -C "$staging" -czf "$packed/payload.tar.gz" .
 cp "$staging/MANIFEST" "$packed/MANIFEST"
 bytes=$(du -sb "$packed" | cut -f1)
-limit=$((60 * 1024 * 1024))
+# The device tool carries the working tree (tracked and untracked-not-ignored files) and
+# gpu-bundle together, 64 MiB in all: keep 2 MiB spare.
+# (A tracked file deleted here travels as nothing: stat's complaint about it is no error.)
+tree=$(git ls-files -z --cached --others --exclude-standard | { xargs -0 stat -c %s 2>/dev/null || true; } |
+    awk '{s += $1} END {print s + 0}')
+limit=$((62 * 1024 * 1024 - tree))
 if [ "$bytes" -gt "$limit" ]; then
-    echo "gpu-prepare: the bundle is $bytes bytes packed, over 60 MiB; the device tool carries 64 MiB" >&2
+    echo "gpu-prepare: the bundle is $bytes bytes packed and the working tree $tree; together over 62 MiB (the device tool carries 64 MiB)" >&2
     du -sh "$staging"/* "$staging"/*/* >&2
     rm -rf "$packed"
     exit 1
