@@ -473,6 +473,9 @@ fn a_failed_save_exits_1_naming_the_file_and_keeps_the_previous_checkpoint() {
         "{:?}",
         names_with(&out, ".tmp")
     );
+    // Keeping two checkpoints needs room for two: checkpoint-2, dropped by the save of 6,
+    // went before it was written; the newest, checkpoint-4, stays whole.
+    assert_eq!(names_with(&out, "checkpoint-"), ["checkpoint-4"]);
     assert!(read(&out.join("checkpoint-4/model.safetensors")) == before);
 
     // Room again: the run resumes from the kept checkpoint and ends as an uninterrupted one.
