@@ -626,6 +626,18 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         }
         last_good = Some(dir);
     } else {
+        // --overwrite deletes the folder's model files: never those the run starts from.
+        let starts_from_output = Path::new(&cfg.model_name)
+            .canonicalize()
+            .is_ok_and(|model| cfg.output_dir.canonicalize().is_ok_and(|out| out == model));
+        if overwrite && starts_from_output {
+            return Err(Error::user(format!(
+                "{}: output_dir {} is the model folder model_name starts from; --overwrite \
+                 would delete it: choose another output_dir",
+                cfg.path.display(),
+                cfg.output_dir.display()
+            )));
+        }
         checkpoint::start_fresh(&cfg.output_dir, overwrite)?;
     }
     checkpoint::remove_partial_saves(&cfg.output_dir)?;

@@ -405,6 +405,29 @@ fn overwrite_clears_the_previous_runs_outputs_and_nothing_else() {
 }
 
 #[test]
+fn overwrite_refuses_to_delete_the_model_the_run_starts_from() {
+    let dir = scratch("overwrite-own-model");
+    let (cfg, out) = config(&dir, "model", &[("max_steps", "2")]);
+    train_ok(&cfg, &[]);
+    let weights = read(&out.join("model.safetensors"));
+    // Fine-tuning a model folder in place: a fresh run there needs --overwrite, which
+    // would delete the very weights it starts from.
+    let model = out.to_str().unwrap();
+    let (in_place, _) = config(
+        &dir,
+        "in-place",
+        &[("model_name", model), ("output_dir", model)],
+    );
+    let text = train_fails(&in_place, &["--overwrite", "--stop-at", "1"], 2);
+    assert!(
+        text.contains(model) && text.contains("model_name"),
+        "{text}"
+    );
+    assert!(read(&out.join("model.safetensors")) == weights);
+    assert!(out.join("vocab.txt").is_file());
+}
+
+#[test]
 fn sigterm_ends_a_run_cleanly_with_its_checkpoints_whole() {
     let dir = scratch("sigterm");
     let (cfg, out) = config(&dir, "run", ENDLESS);
