@@ -2,7 +2,7 @@
 //! processes: one trainer per folder (a killed one's lock does not block), `--resume` only
 //! from a checkpoint that verifies (checksums, step, finite values) and only with the
 //! training settings it was written with, `--overwrite` clearing every output of the
-//! previous run but nothing else, SIGTERM ending a run cleanly, and a failed write (a file
+//! previous run but nothing else, SIGTERM/SIGINT ending a run cleanly, and a failed write (a file
 //! size limit standing in for a full disk) leaving the previous checkpoint whole.
 //!
 //! Every run is bert-tiny on the length-ranking fixture with sequences of at most 48
@@ -428,30 +428,35 @@ fn overwrite_refuses_to_delete_the_model_the_run_starts_from() {
 }
 
 #[test]
-fn sigterm_ends_a_run_cleanly_with_its_checkpoints_whole() {
-    let dir = scratch("sigterm");
-    let (cfg, out) = config(&dir, "run", ENDLESS);
-    let mut run = Background::start(&cfg);
-    run.wait_for(&out.join("checkpoint-3"));
-    // SAFETY: kill(2) on the child's pid, which is still ours to signal (not yet waited).
-    assert_eq!(unsafe { libc::kill(run.pid() as i32, libc::SIGTERM) }, 0);
-    let (status, text) = run.wait();
-    assert_eq!(status.code(), Some(143), "{status}: {text}");
-    assert!(text.contains("SIGTERM"), "{text}");
-    assert!(
-        names_with(&out, ".tmp").is_empty(),
-        "temporaries left: {:?}",
-        names_with(&out, ".tmp")
-    );
-    // The newest checkpoint verifies: resuming does not skip it.
-    let newest = names_with(&out, "checkpoint-")
-        .iter()
-        .filter_map(|n| n.strip_prefix("checkpoint-")?.parse::<usize>().ok())
-        .max()
-        .unwrap();
-    let next = (newest + 1).to_string();
-    let resumed = train_ok(&cfg, &["--resume", "--stop-at", &next]);
-    assert!(!stderr(&resumed).contains("skip"), "{}", stderr(&resumed));
+fn sigterm_and_sigint_end_a_run_cleanly_with_its_checkpoints_whole() {
+    for (signal, name, code) in [
+        (libc::SIGTERM, "SIGTERM", 143),
+        (libc::SIGINT, "SIGINT", 130),
+    ] {
+        let dir = scratch(name);
+        let (cfg, out) = config(&dir, "run", ENDLESS);
+        let mut run = Background::start(&cfg);
+        run.wait_for(&out.join("checkpoint-3"));
+        // SAFETY: kill(2) on the child's pid, still ours to signal (not yet waited for).
+        assert_eq!(unsafe { libc::kill(run.pid() as i32, signal) }, 0);
+        let (status, text) = run.wait();
+        assert_eq!(status.code(), Some(code), "{name}: {status}: {text}");
+        assert!(text.contains(name) && text.contains("--resume"), "{text}");
+        assert!(
+            names_with(&out, ".tmp").is_empty(),
+            "{name}: temporaries left: {:?}",
+            names_with(&out, ".tmp")
+        );
+        // The newest checkpoint verifies: resuming does not skip it.
+        let newest = names_with(&out, "checkpoint-")
+            .iter()
+            .filter_map(|n| n.strip_prefix("checkpoint-")?.parse::<usize>().ok())
+            .max()
+            .unwrap();
+        let next = (newest + 1).to_string();
+        let resumed = train_ok(&cfg, &["--resume", "--stop-at", &next]);
+        assert!(!stderr(&resumed).contains("skip"), "{}", stderr(&resumed));
+    }
 }
 
 /// `rcx train` with every file it writes limited to `bytes` (RLIMIT_FSIZE): a write past
