@@ -2,8 +2,8 @@
 //! processes: one trainer per folder (a killed one's lock does not block), `--resume` only
 //! from a checkpoint that verifies (checksums, step, finite values) and only with the
 //! training settings it was written with, `--overwrite` clearing every output of the
-//! previous run but nothing else, SIGTERM/SIGINT ending a run cleanly, and a failed write (a file
-//! size limit standing in for a full disk) leaving the previous checkpoint whole.
+//! previous run but nothing else, SIGTERM/SIGINT ending a run cleanly, and a failed write
+//! (a file size limit standing in for a full disk) leaving the previous checkpoint whole.
 //!
 //! Every run is bert-tiny on the length-ranking fixture with sequences of at most 48
 //! tokens, so a run of a few steps takes about a second.
