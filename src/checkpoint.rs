@@ -1,27 +1,58 @@
 //! Model folders and checkpoints. A model folder is what `transformers` reads:
 //! `config.json` + `model.safetensors` in BertForSequenceClassification's layout, plus the
 //! `vocab.txt` it was trained with. A checkpoint (`checkpoint-<step>/`) adds the optimizer
-//! moments (`optimizer.safetensors`) and `trainer_state.json`; it is written into a
-//! temporary folder and renamed, so a kill during a save leaves the previous one whole.
+//! moments (`optimizer.safetensors`) and `trainer_state.json`, written last, which holds
+//! the SHA-256 of every other file and the run's training settings. A checkpoint is written
+//! into a temporary folder and renamed, so a kill during a save leaves the previous one
+//! whole; `--resume` takes the newest checkpoint that verifies (checksums, step, finite
+//! values) and says which it skipped and why.
 
+use crate::checksum::sha256_file;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hf_config::{HfBertConfig, read_hf_config, write_hf_config};
 use crate::model::{BertConfig, BertModel, ParamLayout};
 use crate::safetensors::{SafeTensors, write_atomic, write_f32};
 use crate::tokenizer::Tokenizer;
+use crate::training_settings::Settings;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// What a checkpoint needs besides weights and moments to resume exactly. Every random
 /// stream of a run derives from (seed, step), so these two are the whole generator state.
+/// Checkpoints of an rcx from before checksums and settings records have only those two;
+/// they are resumed with a warning that they could not be verified.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
     pub step: usize,
     pub seed: u64,
+    /// The training settings the run was trained with (`crate::training_settings`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_settings: Option<Settings>,
+    /// `training_settings::settings_sha256` of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_settings_sha256: Option<String>,
+    /// `--resume-changed` records (the step and the changed settings) that no metrics line
+    /// has carried yet: the next evaluation writes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resumed_with_changes: Vec<serde_json::Value>,
+    /// File name -> SHA-256 of every other file of the checkpoint (filled in by the save).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
 }
+
+/// The files every checkpoint has besides trainer_state.json; the checksums must cover the
+/// two that resuming reads.
+const CHECKPOINT_FILES: [&str; 5] = [
+    "model.safetensors",
+    "optimizer.safetensors",
+    "config.json",
+    "vocab.txt",
+    "rcx.json",
+];
 
 /// rcx's own notes beside a model (`rcx.json`): how it was trained, so that scoring and
 /// evaluation use the same sequence length and know each prompt type's utility.
@@ -186,6 +217,7 @@ pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::user(format!("output_dir {}: cannot write: {e}", dir.display())))
 }
 
+/// Every `checkpoint-<step>` folder of a run folder, oldest first.
 fn checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut found = Vec::new();
     let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
@@ -195,7 +227,7 @@ fn checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
             continue;
         };
         if let Ok(step) = step.parse::<usize>()
-            && entry.path().join("trainer_state.json").is_file()
+            && entry.path().is_dir()
         {
             found.push((step, entry.path()));
         }
@@ -204,45 +236,76 @@ fn checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(found)
 }
 
-/// The newest complete checkpoint of a run folder.
-pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
-    Ok(checkpoints(dir)?.pop().map(|(_, p)| p))
-}
-
-/// Removes what a save killed half-way left behind (`.checkpoint-<step>.tmp/`): never a
-/// checkpoint, only in the way.
-pub fn remove_partial_saves(dir: &Path) -> Result<()> {
-    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    for entry in entries.flatten() {
+/// What saves killed half-way leave in a run folder: checkpoint folders being written
+/// (`.checkpoint-<step>.tmp`) and files being replaced (`.<name>.tmp<pid>`, see
+/// `safetensors::write_atomic`).
+fn temporaries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let replaced = CHECKPOINT_FILES
+        .iter()
+        .chain(&["metrics.jsonl", "trainer_state.json"])
+        .map(|name| format!(".{name}.tmp"))
+        .collect::<Vec<_>>();
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(".checkpoint-") && name.ends_with(".tmp") {
-            fs::remove_dir_all(entry.path()).map_err(|e| Error::io(&entry.path(), e))?;
+        if (name.starts_with(".checkpoint-") && name.ends_with(".tmp"))
+            || replaced
+                .iter()
+                .any(|prefix| name.starts_with(prefix.as_str()))
+        {
+            found.push(entry.path());
         }
     }
-    Ok(())
+    Ok(found)
 }
 
-/// A fresh run must not silently destroy an earlier one's checkpoints.
+/// Removes a file or a folder of rcx's own.
+fn remove(path: &Path) -> Result<()> {
+    let removed = match path.is_dir() {
+        true => fs::remove_dir_all(path),
+        false => fs::remove_file(path),
+    };
+    removed.map_err(|e| Error::write(path, e))
+}
+
+/// Removes what a save killed half-way left behind: never a checkpoint, only in the way.
+pub fn remove_partial_saves(dir: &Path) -> Result<()> {
+    temporaries(dir)?.iter().try_for_each(|path| remove(path))
+}
+
+/// The outputs of an earlier run in a run folder: its checkpoints, final model files,
+/// metrics and temporaries; never anything else.
+fn previous_outputs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = checkpoints(dir)?.into_iter().map(|(_, p)| p).collect();
+    let finals = ["model.safetensors", "config.json", "vocab.txt", "rcx.json"];
+    for name in finals.iter().chain(&["metrics.jsonl"]) {
+        let path = dir.join(name);
+        if path.is_file() {
+            found.push(path);
+        }
+    }
+    found.extend(temporaries(dir)?);
+    Ok(found)
+}
+
+/// A fresh run must not silently destroy an earlier one, nor leave any of its outputs
+/// behind to be mistaken for its own (`rcx eval` on an interrupted fresh run must not find
+/// the old model): without `overwrite` it refuses while any is there, with it it removes
+/// them all.
 pub fn start_fresh(dir: &Path, overwrite: bool) -> Result<()> {
-    let existing = checkpoints(dir)?;
-    if let Some((step, _)) = existing.last()
+    let previous = previous_outputs(dir)?;
+    if let Some(first) = previous.first()
         && !overwrite
     {
         return Err(Error::user(format!(
-            "output_dir {} already holds a run (checkpoint-{step}): pass --resume to continue \
-                 it or --overwrite to start again",
-            dir.display()
+            "output_dir {} already holds a run ({}): pass --resume to continue it or \
+             --overwrite to start again",
+            dir.display(),
+            first.file_name().unwrap_or_default().to_string_lossy()
         )));
     }
-    for (_, path) in existing {
-        fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
-    }
-    let metrics = dir.join("metrics.jsonl");
-    if metrics.exists() {
-        fs::remove_file(&metrics).map_err(|e| Error::io(&metrics, e))?;
-    }
-    Ok(())
+    previous.iter().try_for_each(|path| remove(path))
 }
 
 /// Appends one JSON line to `metrics.jsonl`.
@@ -253,8 +316,8 @@ pub fn append_metrics<T: Serialize>(dir: &Path, line: &T) -> Result<()> {
         .create(true)
         .append(true)
         .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    writeln!(file, "{text}").map_err(|e| Error::io(&path, e))
+        .map_err(|e| Error::write(&path, e))?;
+    writeln!(file, "{text}").map_err(|e| Error::write(&path, e))
 }
 
 /// On resume from checkpoint `step`, drops the metrics lines of later steps: the resumed
@@ -336,7 +399,11 @@ fn write_model_files(
     .map_err(|e| Error::io(&meta_path, e))
 }
 
-/// Saves `checkpoint-<step>` atomically and keeps the two newest.
+/// Saves `checkpoint-<step>` atomically and keeps the two newest; returns its folder.
+/// What will be dropped goes first, so that keeping two needs room for two, never three:
+/// every checkpoint but the newest one before `step` (those after it are ones `--resume`
+/// skipped as not verifying). A failed save removes its temporary folder and leaves the
+/// kept checkpoint as it was.
 pub fn save_checkpoint(
     cfg: &Config,
     model: &BertModel<f32>,
@@ -344,42 +411,176 @@ pub fn save_checkpoint(
     m: &[f32],
     v: &[f32],
     state: &TrainState,
-) -> Result<()> {
+) -> Result<PathBuf> {
     let out = &cfg.output_dir;
-    let tmp = out.join(format!(".checkpoint-{}.tmp", state.step));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let all = checkpoints(out)?;
+    let kept = all.iter().rev().find(|(s, _)| *s < state.step);
+    for (s, old) in &all {
+        if kept.is_none_or(|(k, _)| k != s) {
+            remove(old)?;
+        }
     }
-    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    write_model_files(&tmp, cfg, model, vocab)?;
+    let tmp = out.join(format!(".checkpoint-{}.tmp", state.step));
+    let written = write_checkpoint_files(&tmp, cfg, model, vocab, m, v, state);
+    if written.is_err() {
+        // Best effort: the error that stopped the save is the one to report.
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    written?;
+    let dest = out.join(format!("checkpoint-{}", state.step));
+    fs::rename(&tmp, &dest).map_err(|e| Error::write(&dest, e))?;
+    Ok(dest)
+}
+
+/// Writes a whole checkpoint into the folder `tmp`, trainer_state.json with the checksums
+/// of the other files last.
+fn write_checkpoint_files(
+    tmp: &Path,
+    cfg: &Config,
+    model: &BertModel<f32>,
+    vocab: &Path,
+    m: &[f32],
+    v: &[f32],
+    state: &TrainState,
+) -> Result<()> {
+    if tmp.exists() {
+        fs::remove_dir_all(tmp).map_err(|e| Error::write(tmp, e))?;
+    }
+    fs::create_dir_all(tmp).map_err(|e| Error::write(tmp, e))?;
+    write_model_files(tmp, cfg, model, vocab)?;
     let mut moments = tensor_list(&model.layout, m, ".exp_avg");
     moments.extend(tensor_list(&model.layout, v, ".exp_avg_sq"));
     write_tensors(&tmp.join("optimizer.safetensors"), &moments)?;
-    let state_path = tmp.join("trainer_state.json");
-    fs::write(
-        &state_path,
-        serde_json::to_string_pretty(state).unwrap_or_default(),
-    )
-    .map_err(|e| Error::io(&state_path, e))?;
-    let dest = out.join(format!("checkpoint-{}", state.step));
-    if dest.exists() {
-        fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+    let mut state = state.clone();
+    for name in CHECKPOINT_FILES {
+        let path = tmp.join(name);
+        let digest = sha256_file(&path).map_err(|e| Error::write(&path, e))?;
+        state.files.insert(name.to_string(), digest);
     }
-    fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+    let text = serde_json::to_string_pretty(&state).map_err(|e| Error::internal(e.to_string()))?;
+    write_atomic(&tmp.join("trainer_state.json"), text.as_bytes())
+}
+
+/// Where in the parameter arenas a value is not finite: "the weights", "the AdamW first
+/// moments" or "the AdamW second moments", with the first tensor holding one.
+pub fn first_non_finite(model: &BertModel<f32>, m: &[f32], v: &[f32]) -> Option<String> {
+    let arenas = [
+        ("the weights", &model.params[..]),
+        ("the AdamW first moments", m),
+        ("the AdamW second moments", v),
+    ];
+    for (what, arena) in arenas {
+        if let Some(spec) = model
+            .layout
+            .tensors
+            .iter()
+            .find(|t| arena[t.range()].iter().any(|x| !x.is_finite()))
+        {
+            return Some(format!("{what} are not finite (first in `{}`)", spec.name));
+        }
+    }
+    None
+}
+
+/// Loads the newest checkpoint of `out` that verifies into the run's arenas: its
+/// trainer_state.json reads and names its own folder's step, every file matches its
+/// checksum, and weights and moments are finite. Each one skipped is reported on stderr
+/// with the reason; when none verifies, the error lists them all.
+pub fn load_newest_verified(
+    out: &Path,
+    model: &mut BertModel<f32>,
+    m: &mut [f32],
+    v: &mut [f32],
+) -> Result<(PathBuf, TrainState)> {
     let all = checkpoints(out)?;
-    for (_, old) in all.iter().rev().skip(2) {
-        fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+    if all.is_empty() {
+        return Err(Error::user(format!(
+            "--resume: no checkpoint in {}",
+            out.display()
+        )));
     }
-    Ok(())
+    let mut skipped = Vec::new();
+    for (step, dir) in all.into_iter().rev() {
+        match load_verified(&dir, step, model, m, v) {
+            Ok(state) => {
+                for why in &skipped {
+                    eprintln!("rcx: warning: --resume skipped {why}");
+                }
+                if state.files.is_empty() {
+                    eprintln!(
+                        "rcx: warning: {} was written by an older rcx, without checksums or \
+                         training settings: resuming from it unverified",
+                        dir.display()
+                    );
+                }
+                return Ok((dir, state));
+            }
+            Err(why) => skipped.push(why),
+        }
+    }
+    // One line: every reason is in the error.
+    Err(Error::user(format!(
+        "--resume: no checkpoint in {} verifies ({})",
+        out.display(),
+        skipped.join("; ")
+    )))
+}
+
+/// Verifies and loads one checkpoint; the reason it is unusable otherwise.
+fn load_verified(
+    dir: &Path,
+    step: usize,
+    model: &mut BertModel<f32>,
+    m: &mut [f32],
+    v: &mut [f32],
+) -> std::result::Result<TrainState, String> {
+    let state_path = dir.join("trainer_state.json");
+    let text =
+        fs::read_to_string(&state_path).map_err(|e| format!("{}: {e}", state_path.display()))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| format!("{}:{}: {e}", state_path.display(), e.line()))?;
+    if state.step != step {
+        return Err(format!(
+            "{}: step {} is not its folder's step {step}",
+            state_path.display(),
+            state.step
+        ));
+    }
+    if !state.files.is_empty() {
+        for name in ["model.safetensors", "optimizer.safetensors"] {
+            if !state.files.contains_key(name) {
+                return Err(format!("{}: no checksum for {name}", state_path.display()));
+            }
+        }
+        for (name, expected) in &state.files {
+            let path = dir.join(name);
+            let actual = sha256_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            if &actual != expected {
+                return Err(format!(
+                    "{}: its sha256 is not the one recorded in trainer_state.json (truncated or \
+                     changed since the save)",
+                    path.display()
+                ));
+            }
+        }
+    }
+    load_train_state(dir, model, m, v).map_err(|e| e.to_string())?;
+    if let Some(what) = first_non_finite(model, m, v) {
+        return Err(format!(
+            "{}: {what} (saved by a run that had diverged)",
+            dir.display()
+        ));
+    }
+    Ok(state)
 }
 
 /// Loads weights and moments of a checkpoint into the run's arenas.
-pub fn load_train_state(
+fn load_train_state(
     dir: &Path,
     model: &mut BertModel<f32>,
     m: &mut [f32],
     v: &mut [f32],
-) -> Result<TrainState> {
+) -> Result<()> {
     let saved = load_model_dir(dir, 0)?;
     if saved.config != model.config {
         return Err(Error::user(format!(
@@ -395,10 +596,7 @@ pub fn load_train_state(
         v[spec.range()]
             .copy_from_slice(&moments.read_f32(&format!("{}.exp_avg_sq", spec.name), &spec.shape)?);
     }
-    let state_path = dir.join("trainer_state.json");
-    let text = fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::user(format!("{}:{}: {e}", state_path.display(), e.line())))
+    Ok(())
 }
 
 /// The trained model at the top of the output folder, for `rcx score` and `rcx eval`.

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod checksum;
 pub mod cli;
 pub mod config;
 pub mod data;
@@ -10,12 +11,15 @@ pub mod eval;
 pub mod figures;
 pub mod gradcheck;
 pub mod hf_config;
+pub mod lock;
 pub mod loss;
 pub mod model;
 pub mod plot;
 pub mod report;
 pub mod rng;
 pub mod safetensors;
+pub mod signals;
 pub mod theory;
 pub mod tokenizer;
 pub mod train;
+pub mod training_settings;

@@ -4,6 +4,10 @@
 //!
 //! Every random stream (data order, dropout) is derived from (seed, step), so a run is a
 //! pure function of its config, and resuming from a checkpoint continues bit for bit.
+//!
+//! A run holds its output folder's lock (`crate::lock`) throughout, stops with
+//! `Error::Diverged` before anything non-finite is evaluated or saved, and stops cleanly
+//! between steps on SIGINT/SIGTERM (`crate::signals`).
 
 use crate::backend::cpu::{adamw_update, global_norm_squared};
 use crate::backend::cuda::{CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
@@ -12,10 +16,13 @@ use crate::config::{Config, DType, Device, Scheduler};
 use crate::data::TokenizedSet;
 use crate::error::{Error, Result};
 use crate::eval::{EvalReport, PromptScores, summarize};
+use crate::lock::RunLock;
 use crate::loss::{PromptType, ranking_loss_forward_backward, ranking_loss_of_rewards, sigmoid};
 use crate::model::{Batch, BertModel, Dropout, Workspace};
 use crate::rng::{Rng, derive_seed};
+use crate::signals::Interrupts;
 use crate::tokenizer::Tokenizer;
+use crate::training_settings::{changes, describe, settings_sha256, training_settings};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,11 +32,16 @@ use std::time::Instant;
 pub struct TrainArgs {
     /// The run's YAML config (see configs/).
     pub config: PathBuf,
-    /// Continue from the newest checkpoint in the config's output_dir.
+    /// Continue from the newest checkpoint in the config's output_dir that verifies.
     #[arg(long)]
     pub resume: bool,
-    /// Stop after this optimizer step, saving a checkpoint there (the schedule still follows
-    /// max_steps): for tests of resuming and for quick looks.
+    /// With --resume: continue even though training settings (learning rate, batch, loss,
+    /// data...) differ from the checkpoint's; the changes are recorded in metrics.jsonl.
+    #[arg(long, requires = "resume")]
+    pub resume_changed: bool,
+    /// Stop after this optimizer step (at least 1, after a resumed checkpoint's), saving a
+    /// checkpoint there (the schedule still follows max_steps): for tests of resuming and
+    /// for quick looks.
     #[arg(long)]
     pub stop_at: Option<usize>,
     /// Start again in an output_dir that already holds a run, deleting its checkpoints.
@@ -51,6 +63,7 @@ pub struct TrainArgs {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RunOptions {
     pub resume: bool,
+    pub resume_changed: bool,
     pub overwrite: bool,
     pub stop_at: Option<usize>,
     pub quiet: bool,
@@ -235,6 +248,10 @@ struct MetricsLine<'a> {
     elapsed_s: f64,
     #[serde(flatten)]
     report: &'a EvalReport,
+    /// On the first line after one or more `--resume-changed`: for each, the step resumed
+    /// from and the training settings that changed there.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    resumed_with_changes: Vec<serde_json::Value>,
 }
 
 fn progress(step: usize, max: usize, loss: f64, lr: f64, prompts_per_s: f64, eta_s: f64) {
@@ -452,6 +469,7 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
     let cfg = Config::load(&args.config)?;
     let opts = RunOptions {
         resume: args.resume,
+        resume_changed: args.resume_changed,
         overwrite: args.overwrite,
         stop_at: args.stop_at,
         quiet: args.quiet,
@@ -461,11 +479,51 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
     train(&cfg, opts).map(|_| ())
 }
 
+/// The error of a run that stopped being finite at (or, when the weights are only looked
+/// at now and then, by) `step`: what was not finite, the checkpoint kept, and the settings
+/// that decide whether training stays finite.
+fn diverged(cfg: &Config, step: usize, exact: bool, what: &str, kept: Option<&Path>) -> Error {
+    let kept = match kept {
+        Some(dir) => format!("the last good checkpoint is {}", dir.display()),
+        None => "no checkpoint was saved".to_string(),
+    };
+    Error::Diverged(format!(
+        "{}: training diverged {} step {step}: {what}; {kept}; a lower learning_rate, a \
+         longer warmup_ratio, a lower max_grad_norm, a larger eps or another loss may keep \
+         it finite",
+        cfg.path.display(),
+        if exact { "at" } else { "by" },
+    ))
+}
+
+/// The error of a run stopped by a signal between steps, once its temporaries are gone.
+fn interrupted(
+    cfg: &Config,
+    (signal, name): (i32, &str),
+    done: usize,
+    kept: Option<&Path>,
+) -> Error {
+    // Best effort: the signal is what the user needs to hear about.
+    let _ = checkpoint::remove_partial_saves(&cfg.output_dir);
+    let kept = match kept {
+        Some(dir) => format!(
+            "continue from {} with --resume (steps after it are trained again)",
+            dir.display()
+        ),
+        None => "no checkpoint was saved".to_string(),
+    };
+    Error::Interrupted(
+        signal,
+        format!("interrupted by {name} after step {done}: stopped cleanly; {kept}"),
+    )
+}
+
 /// Trains the run `cfg` describes; returns the engine it trained on (e.g. "cpu (2
 /// threads)", "cuda (NVIDIA H200, bf16)").
 pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
     let RunOptions {
         resume,
+        resume_changed,
         overwrite,
         stop_at,
         quiet,
@@ -474,7 +532,15 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
     let started = Instant::now();
     cfg.check_data()?;
     let placement = placement(cfg, &opts)?;
+    if stop_at == Some(0) {
+        return Err(Error::user(format!(
+            "--stop-at 0: nothing to train; give a step from 1 to max_steps ({})",
+            cfg.max_steps
+        )));
+    }
     checkpoint::ensure_writable_dir(&cfg.output_dir)?;
+    let _lock = RunLock::acquire(&cfg.output_dir)?;
+    let interrupts = Interrupts::install();
     let (mut model, tok, vocab) = checkpoint::model_for_training(cfg)?;
     let pad_id = tok.pad_id();
     let train_set = PromptSet::open(&cfg.train_files, &tok, cfg.max_length)?;
@@ -489,38 +555,90 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
             cfg.loss_name
         )));
     }
+    let settings = training_settings(cfg, placement.dtype)?;
 
     let total = model.num_params();
     let mut m = vec![0f32; total]; // [params] AdamW first moment
     let mut v = vec![0f32; total]; // [params] AdamW second moment
     let mut start_step = 0;
+    // The newest checkpoint known whole and finite.
+    let mut last_good: Option<PathBuf> = None;
+    // `--resume-changed` records not yet in metrics.jsonl (kept in checkpoints till then).
+    let mut resumed_with_changes = Vec::new();
     if resume {
-        match checkpoint::latest(&cfg.output_dir)? {
-            Some(dir) => {
-                let state = checkpoint::load_train_state(&dir, &mut model, &mut m, &mut v)?;
-                if state.seed != cfg.seed {
-                    return Err(Error::user(format!(
-                        "{}: the checkpoint was written with seed {} but the config says {}",
-                        dir.display(),
-                        state.seed,
-                        cfg.seed
-                    )));
-                }
-                start_step = state.step;
-                // Evaluations after the checkpoint are about to be run again.
-                checkpoint::truncate_metrics(&cfg.output_dir, start_step)?;
-                if !quiet {
-                    eprintln!("resuming from {} (step {})", dir.display(), state.step);
-                }
-            }
-            None => {
+        let (dir, state) =
+            checkpoint::load_newest_verified(&cfg.output_dir, &mut model, &mut m, &mut v)?;
+        let state_path = dir.join("trainer_state.json");
+        if state.seed != cfg.seed {
+            return Err(Error::user(format!(
+                "{}: the checkpoint was written with seed {} but the config says {}",
+                state_path.display(),
+                state.seed,
+                cfg.seed
+            )));
+        }
+        resumed_with_changes = state.resumed_with_changes.clone();
+        if let Some(saved) = &state.training_settings {
+            let changed = changes(saved, &settings);
+            if !changed.is_empty() && !resume_changed {
                 return Err(Error::user(format!(
-                    "--resume: no checkpoint in {}",
-                    cfg.output_dir.display()
+                    "{}: --resume with changed training settings: {}; resume with the \
+                     settings the checkpoint was written with, or pass --resume-changed to \
+                     continue anyway (recorded in metrics.jsonl)",
+                    state_path.display(),
+                    describe(&changed)
                 )));
             }
+            if !changed.is_empty() {
+                eprintln!(
+                    "rcx: warning: --resume-changed: continuing from step {} with changed \
+                     training settings: {}",
+                    state.step,
+                    describe(&changed)
+                );
+                resumed_with_changes.push(serde_json::json!({
+                    "step": state.step,
+                    "keys": changed,
+                }));
+            }
         }
+        if state.step > cfg.max_steps {
+            return Err(Error::user(format!(
+                "{}: the checkpoint is at step {}, past max_steps {}",
+                state_path.display(),
+                state.step,
+                cfg.max_steps
+            )));
+        }
+        if let Some(stop) = stop_at
+            && stop <= state.step
+        {
+            return Err(Error::user(format!(
+                "--stop-at {stop}: the run resumes from step {} ({}); give a later step",
+                state.step,
+                dir.display()
+            )));
+        }
+        start_step = state.step;
+        // Evaluations after the checkpoint are about to be run again.
+        checkpoint::truncate_metrics(&cfg.output_dir, start_step)?;
+        if !quiet {
+            eprintln!("resuming from {} (step {})", dir.display(), state.step);
+        }
+        last_good = Some(dir);
     } else {
+        // --overwrite deletes the folder's model files: never those the run starts from.
+        let starts_from_output = Path::new(&cfg.model_name)
+            .canonicalize()
+            .is_ok_and(|model| cfg.output_dir.canonicalize().is_ok_and(|out| out == model));
+        if overwrite && starts_from_output {
+            return Err(Error::user(format!(
+                "{}: output_dir {} is the model folder model_name starts from; --overwrite \
+                 would delete it: choose another output_dir",
+                cfg.path.display(),
+                cfg.output_dir.display()
+            )));
+        }
         checkpoint::start_fresh(&cfg.output_dir, overwrite)?;
     }
     checkpoint::remove_partial_saves(&cfg.output_dir)?;
@@ -549,6 +667,9 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
     let mut recent_loss = 0.0;
 
     for step in start_step..end_step {
+        if let Some(signal) = interrupts.received() {
+            return Err(interrupted(cfg, signal, step, last_good.as_deref()));
+        }
         let lr = learning_rate(cfg, step);
         let micros: Vec<Micro> = (0..accum)
             .map(|micro| {
@@ -595,22 +716,22 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 (stats.loss, stats.grad_norm)
             }
         };
-        if !step_loss.is_finite() || !norm.is_finite() {
-            // Divergence follows from the config's optimisation settings: a user error.
-            return Err(Error::user(format!(
-                "{}: learning_rate: training diverged at step {} (the {} is not finite); \
-                 lower learning_rate or max_grad_norm (the last good checkpoint in {} is kept)",
-                cfg.path.display(),
-                step + 1,
-                if step_loss.is_finite() {
-                    "gradient norm"
-                } else {
-                    "loss"
-                },
-                cfg.output_dir.display()
-            )));
-        }
         let done = step + 1;
+        if !step_loss.is_finite() || !norm.is_finite() {
+            let what = match step_loss.is_finite() {
+                true => "the gradient norm is not finite",
+                false => "the loss is not finite",
+            };
+            return Err(diverged(cfg, done, true, what, last_good.as_deref()));
+        }
+        // The update itself can overflow with a finite loss and gradient. On the CPU the
+        // arenas are at hand, so every step is checked; the device's are checked when they
+        // come to the host (before each evaluation and save).
+        if let Engine::Cpu(_) = engine
+            && let Some(what) = checkpoint::first_non_finite(&model, &m, &v)
+        {
+            return Err(diverged(cfg, done, true, &what, last_good.as_deref()));
+        }
         recent_loss = if step == start_step {
             step_loss
         } else {
@@ -623,9 +744,23 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
             let eta = (end_step - done) as f64 * per_step as f64 / rate.max(1e-9);
             progress(done, cfg.max_steps, recent_loss, lr, rate, eta);
         }
-        if done % cfg.eval_steps == 0 || done == cfg.max_steps {
+        let evaluate = done % cfg.eval_steps == 0 || done == cfg.max_steps;
+        // Also at --stop-at, so that --resume continues from there and loses nothing.
+        let save = done % cfg.save_steps == 0 || done == cfg.max_steps || done == end_step;
+        if let Engine::Cuda(_) = engine
+            && (evaluate || save)
+        {
+            engine.sync_to_host(&mut model, &mut m, &mut v)?;
+            if let Some(what) = checkpoint::first_non_finite(&model, &m, &v) {
+                return Err(diverged(cfg, done, false, &what, last_good.as_deref()));
+            }
+        }
+        if evaluate {
             let logits = score_set(
-                |batch| engine.forward_eval(&model, batch),
+                |batch| match interrupts.received() {
+                    Some(signal) => Err(interrupted(cfg, signal, done, last_good.as_deref())),
+                    None => engine.forward_eval(&model, batch),
+                },
                 &eval_set,
                 cfg.eval_max_prompts,
                 8,
@@ -641,6 +776,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 eval_loss: loss,
                 elapsed_s: started.elapsed().as_secs_f64(),
                 report: &report,
+                resumed_with_changes: std::mem::take(&mut resumed_with_changes),
             };
             checkpoint::append_metrics(&cfg.output_dir, &line)?;
             if !quiet {
@@ -648,18 +784,25 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 eprintln!("{}", eval_summary_line(done, loss, &report));
             }
         }
-        // Also at --stop-at, so that --resume continues from there and loses nothing.
-        if done % cfg.save_steps == 0 || done == cfg.max_steps || done == end_step {
+        if save {
             let state = TrainState {
                 step: done,
                 seed: cfg.seed,
+                training_settings_sha256: Some(settings_sha256(&settings)),
+                training_settings: Some(settings.clone()),
+                resumed_with_changes: resumed_with_changes.clone(),
+                files: Default::default(),
             };
-            engine.sync_to_host(&mut model, &mut m, &mut v)?;
-            checkpoint::save_checkpoint(cfg, &model, &vocab, &m, &v, &state)?;
+            last_good = Some(checkpoint::save_checkpoint(
+                cfg, &model, &vocab, &m, &v, &state,
+            )?);
         }
     }
     if end_step == cfg.max_steps {
         engine.sync_to_host(&mut model, &mut m, &mut v)?;
+        if let Some(what) = checkpoint::first_non_finite(&model, &m, &v) {
+            return Err(diverged(cfg, end_step, false, &what, last_good.as_deref()));
+        }
         checkpoint::save_final(cfg, &model, &vocab)?;
     }
     if !quiet {

@@ -1,7 +1,8 @@
 //! `rcx train` and `rcx score` end to end, through the built binary: a tiny model learns
 //! a length ranking, a stopped and resumed run ends bit for bit where an uninterrupted one
 //! does, runs are deterministic per seed, `rcx score` prints what the library computes,
-//! and a diverging run stops at the step where its loss stops being finite.
+//! and a diverging run stops with exit code 3 at the step where its loss or weights stop
+//! being finite, having saved nothing non-finite.
 //!
 //! The data (tests/fixtures/train/, written by scripts/gen_train_fixtures.py) are the
 //! paper's construction in miniature: K = 4 prefixes of one word sequence, longer is
@@ -286,6 +287,16 @@ fn score_prints_the_library_logits_in_file_order() {
     );
 }
 
+/// `rcx train` that must stop as diverged: exit code 3, one line, no panic. Its stderr.
+fn train_diverges(cfg: &Path) -> String {
+    let result = rcx(&["train", cfg.to_str().unwrap(), "--quiet"]);
+    let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_eq!(result.status.code(), Some(3), "{}: {stderr}", result.status);
+    stderr
+}
+
 #[test]
 fn a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_its_checkpoint() {
     // An absurd learning rate is well-formed config: AdamW's first update moves every
@@ -302,21 +313,52 @@ fn a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_its_checkpoint()
             ("eval_steps", "100"),
         ],
     );
-    let result = rcx(&["train", cfg.to_str().unwrap(), "--quiet"]);
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(!result.status.success(), "the run did not stop: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
-    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    let stderr = train_diverges(&cfg);
+    let kept = out.join("checkpoint-1");
+    // Where, what, what is kept, and what could be changed: not the learning rate alone.
     assert!(
         stderr.contains(cfg.to_str().unwrap())
-            && stderr.contains("learning_rate")
             && stderr.contains("diverged at step 2")
-            && stderr.contains("not finite"),
+            && stderr.contains("loss is not finite")
+            && stderr.contains(kept.to_str().unwrap())
+            && stderr.contains("learning_rate")
+            && stderr.contains("max_grad_norm")
+            && stderr.contains("warmup_ratio"),
         "{stderr}"
     );
+    assert!(!stderr.contains(": learning_rate:"), "{stderr}");
     // Step 1 was finite and saved; nothing of step 2 was written.
     assert_eq!(checkpoint_names(&out), ["checkpoint-1"]);
     assert!(!out.join("model.safetensors").exists());
-    load_for_scoring(&out.join("checkpoint-1")).expect("the kept checkpoint loads");
+    load_for_scoring(&kept).expect("the kept checkpoint loads");
+}
+
+#[test]
+fn an_update_that_overflows_is_never_saved() {
+    // 1e39 does not fit in f32: the first update itself makes weights infinite while the
+    // loss and gradient of that step were finite. Before any save, the run must see it.
+    let dir = scratch("overflow");
+    let (cfg, out) = config(
+        &dir,
+        "run",
+        &[
+            ("learning_rate", "1.0e39"),
+            ("warmup_ratio", "0"),
+            ("max_steps", "1"),
+            ("save_steps", "1"),
+            ("eval_steps", "1"),
+        ],
+    );
+    let stderr = train_diverges(&cfg);
+    assert!(
+        stderr.contains("diverged at step 1")
+            && stderr.contains("weights")
+            && stderr.contains("not finite")
+            && stderr.contains("no checkpoint"),
+        "{stderr}"
+    );
+    assert_eq!(checkpoint_names(&out), Vec::<String>::new());
+    for file in ["model.safetensors", "metrics.jsonl"] {
+        assert!(!out.join(file).exists(), "{file} was written");
+    }
 }
