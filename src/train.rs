@@ -122,6 +122,11 @@ impl PromptSet {
         self.index.len()
     }
 
+    /// The SHA-256 (hex) of each data file, in the order given.
+    pub fn source_sha256s(&self) -> Vec<String> {
+        self.sets.iter().map(TokenizedSet::source_sha256).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }
@@ -555,7 +560,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
             cfg.loss_name
         )));
     }
-    let settings = training_settings(cfg, placement.dtype)?;
+    let settings = training_settings(cfg, placement.dtype, train_set.source_sha256s())?;
 
     let total = model.num_params();
     let mut m = vec![0f32; total]; // [params] AdamW first moment

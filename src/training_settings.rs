@@ -12,23 +12,20 @@
 //! output_dir), and the device (f32 on the CPU and on a GPU is the same arithmetic up to
 //! summation order).
 
-use crate::checksum::{sha256_bytes, sha256_file};
+use crate::checksum::sha256_bytes;
 use crate::config::{Config, DType};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
 /// Key -> value as the run used it.
 pub type Settings = BTreeMap<String, Value>;
 
-/// The training settings of `cfg` trained in `dtype` (the config's, or the command line's).
-pub fn training_settings(cfg: &Config, dtype: DType) -> Result<Settings> {
-    let mut data = Vec::new();
-    for path in &cfg.train_files {
-        data.push(Value::String(
-            sha256_file(path).map_err(|e| Error::io(path, e))?,
-        ));
-    }
+/// The training settings of `cfg` trained in `dtype` (the config's, or the command line's)
+/// on training files of these SHA-256s (`PromptSet::source_sha256s`: taken from the token
+/// caches, so a pipe is read once).
+pub fn training_settings(cfg: &Config, dtype: DType, data_sha256: Vec<String>) -> Result<Settings> {
+    let data = data_sha256.into_iter().map(Value::String).collect();
     let settings = [
         ("model_name", json!(cfg.model_name)),
         ("learning_rate", json!(cfg.learning_rate)),

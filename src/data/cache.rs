@@ -183,6 +183,15 @@ impl TokenizedSet {
         self.rebuilt
     }
 
+    /// The SHA-256 (hex) of the source bytes this set was tokenized from: the data's
+    /// fingerprint, read from the cache so that a pipe is never read a second time.
+    pub fn source_sha256(&self) -> String {
+        self.mmap[16..48]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// The cache file in use (for a stream source, a file already deleted).
     pub fn cache_path(&self) -> &Path {
         &self.path
