@@ -504,6 +504,7 @@ fn tiny_bert_checkpoint_has_every_expected_tensor() {
             max_position_embeddings: 64,
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,
+            pad_token_id: 0,
         }
     );
     let st = SafeTensors::open(&fixture("parity/tiny-bert/model.safetensors")).unwrap();
