@@ -77,6 +77,7 @@ fn to_hf(cfg: &BertConfig) -> HfBertConfig {
         max_position_embeddings: cfg.max_position_embeddings,
         type_vocab_size: cfg.type_vocab_size,
         layer_norm_eps: cfg.layer_norm_eps as f32,
+        pad_token_id: cfg.pad_token_id,
     }
 }
 
@@ -100,111 +101,288 @@ fn from_hf(hf: &HfBertConfig) -> BertConfig {
         layer_norm_eps: widen(hf.layer_norm_eps),
         hidden_dropout_prob: widen(hf.hidden_dropout_prob),
         attention_probs_dropout_prob: widen(hf.attention_probs_dropout_prob),
-        pad_token_id: 0,
+        pad_token_id: hf.pad_token_id,
     }
 }
 
-/// Loads a Hugging Face BERT folder (BertModel or BertForSequenceClassification names).
-/// The pooler and the one-output head are initialised as BERT does when absent.
+/// What a model folder may lack: the pooler and the classifier, and only when a run
+/// starts from a pretrained encoder.
+#[derive(Clone, Copy, Debug)]
+pub enum Head {
+    /// A trained reward model (scoring, evaluation, resuming): every tensor is stored, or
+    /// its logits would come from a random head.
+    Stored,
+    /// Training from a pretrained encoder: a pooler or classifier the folder lacks starts
+    /// as BERT initialises it, from this seed.
+    FreshIfAbsent(u64),
+}
+
+/// The tensors of the head a pretrained encoder may lack, in groups that are stored or
+/// absent together.
+const HEAD_GROUPS: [&str; 2] = ["bert.pooler.", "classifier."];
+
+/// Loads a Hugging Face BERT folder (BertModel or BertForSequenceClassification names),
+/// starting the pooler and the one-output head as BERT does when absent: a pretrained
+/// encoder, as training starts from it.
 pub fn load_model_dir(dir: &Path, seed: u64) -> Result<BertModel<f32>> {
+    Ok(load_model(dir, Head::FreshIfAbsent(seed))?.0)
+}
+
+/// Loads a model folder's `config.json` and `model.safetensors`. Every size is checked
+/// (config.json's bounds, then each tensor's shape and dtype against the safetensors
+/// header) before the model is allocated, and every weight must be finite. Returns the
+/// model and the names of the tensors that `head` let start fresh.
+pub fn load_model(dir: &Path, head: Head) -> Result<(BertModel<f32>, Vec<String>)> {
     if !dir.is_dir() {
         return Err(Error::user(format!(
             "{}: no such model folder",
             dir.display()
         )));
     }
-    let config = from_hf(&read_hf_config(&dir.join("config.json"))?);
-    config.validate(&dir.join("config.json").display().to_string())?;
-    let weights = SafeTensors::open(&dir.join("model.safetensors"))?;
-    let mut model = BertModel::<f32>::zeros(config);
+    let config_path = dir.join("config.json");
+    let config = from_hf(&read_hf_config(&config_path)?);
+    config.validate(&config_path.display().to_string())?;
+    let weights_path = dir.join("model.safetensors");
+    let weights = SafeTensors::open(&weights_path)?;
+    let layout = ParamLayout::new(&config);
     let has_prefix = weights
         .get("bert.embeddings.word_embeddings.weight")
         .is_some();
-    let mut filled = 0;
-    for (index, spec) in model.layout.tensors.clone().into_iter().enumerate() {
-        let stored = if has_prefix {
-            spec.name.clone()
+    let stored_name = |name: &str| {
+        if has_prefix {
+            name.to_string()
         } else {
-            spec.name
-                .strip_prefix("bert.")
-                .unwrap_or(&spec.name)
-                .to_string()
+            name.strip_prefix("bert.").unwrap_or(name).to_string()
+        }
+    };
+    let missing = |name: &str, why: &str| {
+        Error::user(format!(
+            "{}: tensor `{}` is missing{why}",
+            weights_path.display(),
+            stored_name(name)
+        ))
+    };
+
+    // From the header alone: what is stored has the expected shape and dtype, what is not
+    // is a head that may start fresh, whole.
+    let mut fresh = Vec::new();
+    for spec in &layout.tensors {
+        let stored = stored_name(&spec.name);
+        if weights.get(&stored).is_some() {
+            weights.float_tensor(&stored, &spec.shape)?;
+            continue;
+        }
+        let group = HEAD_GROUPS
+            .iter()
+            .find(|prefix| spec.name.starts_with(*prefix));
+        let Some(group) = group else {
+            return Err(missing(
+                &spec.name,
+                "; expected every tensor of BERT (BertModel or BertForSequenceClassification names)",
+            ));
         };
-        let optional = spec.name.starts_with("bert.pooler") || spec.name.starts_with("classifier");
-        if weights.get(&stored).is_none() {
-            if optional {
+        if let Head::Stored = head {
+            return Err(missing(
+                &spec.name,
+                "; a trained reward model stores its pooler and classifier (only training \
+                 from a pretrained encoder starts them fresh)",
+            ));
+        }
+        let half_stored = layout
+            .tensors
+            .iter()
+            .filter(|t| t.name.starts_with(group))
+            .find(|t| weights.get(&stored_name(&t.name)).is_some());
+        if let Some(present) = half_stored {
+            return Err(missing(
+                &spec.name,
+                &format!(
+                    " while `{}` is stored; expected both or neither",
+                    stored_name(&present.name)
+                ),
+            ));
+        }
+        fresh.push(spec.name.clone());
+    }
+
+    let mut model = BertModel::<f32>::zeros(config);
+    for (index, spec) in layout.tensors.iter().enumerate() {
+        if fresh.contains(&spec.name) {
+            if let Head::FreshIfAbsent(seed) = head {
                 model.init_tensor(index, seed);
-                continue;
             }
+            continue;
+        }
+        let stored = stored_name(&spec.name);
+        let values = weights.read_f32(&stored, &spec.shape)?;
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::user(format!(
-                "{}: tensor `{stored}` is missing",
-                dir.join("model.safetensors").display()
+                "{}: tensor `{stored}`: value {at} is {}; expected finite weights",
+                weights_path.display(),
+                values[at]
             )));
         }
-        let values = weights.read_f32(&stored, &spec.shape)?;
         model.params[spec.range()].copy_from_slice(&values);
-        filled += 1;
     }
-    if filled == 0 {
+    Ok((model, fresh))
+}
+
+/// The vocabulary of a model folder (its own `vocab.txt`, required), or the shipped one for
+/// a model built from a named architecture.
+pub fn vocab_path(model_dir: Option<&Path>) -> Result<PathBuf> {
+    match model_dir {
+        Some(dir) => {
+            let path = dir.join("vocab.txt");
+            if !path.is_file() {
+                return Err(Error::user(format!(
+                    "{}: missing; a model folder carries the vocabulary its ids were trained on",
+                    path.display()
+                )));
+            }
+            Ok(path)
+        }
+        None => Ok(crate::data::data_dir().join("vocab.txt")),
+    }
+}
+
+/// Reads a model's vocabulary and checks it against the model's config: one entry per row
+/// of the word embeddings, and `[PAD]` where `pad_token_id` says. `config` names what set
+/// the model's sizes (its config.json, or the architecture's name).
+fn model_tokenizer(vocab: &Path, model: &BertModel<f32>, config: &str) -> Result<Tokenizer> {
+    let tok = Tokenizer::from_vocab_file(vocab)?;
+    let cfg = &model.config;
+    if tok.vocab_size() != cfg.vocab_size {
         return Err(Error::user(format!(
-            "{}: no BERT tensors found",
-            dir.display()
+            "{}: {} entries, but {config} has vocab_size {}; expected one entry per row of the \
+             word embeddings",
+            vocab.display(),
+            tok.vocab_size(),
+            cfg.vocab_size
         )));
     }
-    Ok(model)
+    if tok.pad_id() != cfg.pad_token_id {
+        return Err(Error::user(format!(
+            "{config}: key 'pad_token_id': {} is not the id of [PAD] in {} ({})",
+            cfg.pad_token_id,
+            vocab.display(),
+            tok.pad_id()
+        )));
+    }
+    Ok(tok)
 }
 
 /// The model a run starts from and the tokenizer of its vocabulary.
-/// Returns the model, its tokenizer and the vocabulary file.
+/// Returns the model, its tokenizer and the vocabulary file. A pretrained encoder without
+/// a pooler or classifier gets fresh ones, and stderr says so.
 pub fn model_for_training(cfg: &Config) -> Result<(BertModel<f32>, Tokenizer, PathBuf)> {
-    let (model, vocab) = match BertConfig::named(&cfg.model_name) {
-        Some(arch) => (
-            BertModel::init(arch, cfg.seed),
-            crate::train::vocab_path(None),
-        ),
-        None => {
-            let dir = Path::new(&cfg.model_name);
-            if !dir.is_dir() {
-                return Err(Error::user(format!(
-                    "{}: model_name `{}` is neither a known architecture ({}) nor a model folder \
-                     (for the pretrained MiniLM run scripts/fetch-minilm.sh)",
-                    cfg.path.display(),
-                    cfg.model_name,
-                    BertConfig::NAMES.join(", ")
-                )));
-            }
-            (
-                load_model_dir(dir, cfg.seed)?,
-                crate::train::vocab_path(Some(dir)),
-            )
-        }
-    };
-    let tok = Tokenizer::from_vocab_file(&vocab)?;
-    if tok.vocab_size() > model.config.vocab_size {
+    if let Some(arch) = BertConfig::named(&cfg.model_name) {
+        let model = BertModel::init(arch, cfg.seed);
+        let vocab = vocab_path(None)?;
+        let tok = model_tokenizer(&vocab, &model, &cfg.model_name)?;
+        return Ok((model, tok, vocab));
+    }
+    let dir = Path::new(&cfg.model_name);
+    if !dir.is_dir() {
         return Err(Error::user(format!(
-            "{}: {} entries, more than the model's vocab_size {}",
-            vocab.display(),
-            tok.vocab_size(),
-            model.config.vocab_size
+            "{}: model_name `{}` is neither a known architecture ({}) nor a model folder \
+             (for the pretrained MiniLM run scripts/fetch-minilm.sh)",
+            cfg.path.display(),
+            cfg.model_name,
+            BertConfig::NAMES.join(", ")
         )));
+    }
+    let (model, fresh) = load_model(dir, Head::FreshIfAbsent(cfg.seed))?;
+    let vocab = vocab_path(Some(dir))?;
+    let tok = model_tokenizer(
+        &vocab,
+        &model,
+        &dir.join("config.json").display().to_string(),
+    )?;
+    if !fresh.is_empty() {
+        eprintln!(
+            "rcx: {} has no {}: starting them fresh (BERT's initialisation, seed {})",
+            dir.join("model.safetensors").display(),
+            fresh.join(", "),
+            cfg.seed
+        );
     }
     Ok((model, tok, vocab))
 }
 
-/// A model folder written by rcx (or any HF BERT folder) with its tokenizer and its
-/// `rcx.json` notes, when it has them.
+/// A trained model folder (written by rcx, or any whole BertForSequenceClassification
+/// folder) with its tokenizer and its `rcx.json` notes, when it has them.
 pub fn load_for_scoring(dir: &Path) -> Result<(BertModel<f32>, Tokenizer, Option<ModelMeta>)> {
-    let model = load_model_dir(dir, 0)?;
-    let tok = Tokenizer::from_vocab_file(&crate::train::vocab_path(Some(dir)))?;
+    let (model, _) = load_model(dir, Head::Stored)?;
+    let vocab = vocab_path(Some(dir))?;
+    let tok = model_tokenizer(
+        &vocab,
+        &model,
+        &dir.join("config.json").display().to_string(),
+    )?;
     let meta_path = dir.join("rcx.json");
     let meta = match fs::read_to_string(&meta_path) {
-        Ok(text) => Some(
-            serde_json::from_str::<ModelMeta>(&text)
-                .map_err(|e| Error::user(format!("{}:{}: {e}", meta_path.display(), e.line())))?,
-        ),
-        Err(_) => None,
+        Ok(text) => Some(read_model_meta(&meta_path, &text)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(&meta_path, e)),
     };
     Ok((model, tok, meta))
+}
+
+/// Parses `rcx.json`; every error names the file and the key. Keys this rcx does not
+/// know are ignored (a later version's notes).
+fn read_model_meta(path: &Path, text: &str) -> Result<ModelMeta> {
+    use serde::de::value::MapDeserializer;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        Error::user(format!(
+            "{}:{}: not valid JSON: {e}",
+            path.display(),
+            e.line()
+        ))
+    })?;
+    let serde_json::Value::Object(entries) = value else {
+        return Err(Error::user(format!(
+            "{}: expected a JSON object of model notes",
+            path.display()
+        )));
+    };
+    // Deserialized entry by entry, so that a value's error can be told its key: the last
+    // key handed out is the one whose value failed.
+    let current_key = std::cell::RefCell::new(None);
+    let tracked = entries.into_iter().map(|(key, value)| {
+        current_key.replace(Some(key.clone()));
+        (key, value)
+    });
+    let meta =
+        ModelMeta::deserialize(MapDeserializer::new(tracked)).map_err(|e: serde_json::Error| {
+            let message = e.to_string();
+            // A missing field's message names it already, and no value was at fault.
+            match current_key.borrow().as_deref() {
+                Some(key) if !message.starts_with("missing field") => {
+                    Error::user(format!("{}: key '{key}': {message}", path.display()))
+                }
+                _ => Error::user(format!("{}: {message}", path.display())),
+            }
+        })?;
+    let bad =
+        |key: &str, msg: String| Error::user(format!("{}: key '{key}': {msg}", path.display()));
+    if meta.max_length < crate::eval::MIN_MAX_LENGTH {
+        return Err(bad(
+            "max_length",
+            format!(
+                "expected at least {} (the special tokens of a prompt and completion), found {}",
+                crate::eval::MIN_MAX_LENGTH,
+                meta.max_length
+            ),
+        ));
+    }
+    if !(meta.eps.is_finite() && meta.eps > 0.0) {
+        return Err(bad(
+            "eps",
+            format!("expected a number > 0, found {}", meta.eps),
+        ));
+    }
+    crate::loss::LossSpec::parse(&meta.loss).map_err(|e| bad("loss", e.to_string()))?;
+    Ok(meta)
 }
 
 /// Creates the output folder and checks that it can be written.

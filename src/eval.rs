@@ -283,7 +283,7 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub data: std::path::PathBuf,
     /// Token limit per sequence (default: the model's training max_length).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_length: Option<usize>,
 }
 
@@ -309,6 +309,10 @@ impl ScoredFile {
     }
 }
 
+/// The shortest a (prompt, completion) sequence can be cut to: its three special tokens,
+/// `[CLS] prompt [SEP] completion [SEP]`.
+pub const MIN_MAX_LENGTH: usize = 3;
+
 /// Scores the first `limit` prompts of `data` with the model in `model_dir`. Sequences are
 /// cut to `max_length`, else to the length the model was trained with, else to 512, never
 /// past the model's positions.
@@ -318,6 +322,12 @@ pub fn score_file(
     max_length: Option<usize>,
     limit: Option<usize>,
 ) -> Result<ScoredFile> {
+    if let Some(n) = max_length.filter(|&n| n < MIN_MAX_LENGTH) {
+        return Err(Error::user(format!(
+            "--max-length must be at least {MIN_MAX_LENGTH} (the special tokens of a \
+             prompt and completion), got {n}"
+        )));
+    }
     let (model, tok, meta) = crate::checkpoint::load_for_scoring(model_dir)?;
     let max_length = max_length
         .or(meta.as_ref().map(|m| m.max_length))
@@ -369,10 +379,11 @@ pub struct EvalArgs {
     #[arg(long)]
     pub loss: Option<String>,
     /// The shift eps of the extended utilities (default: the training value).
-    #[arg(long)]
+    // Hyphen values, so that `-1` and `-inf` reach the range check.
+    #[arg(long, allow_hyphen_values = true)]
     pub eps: Option<f64>,
     /// Token limit per sequence (default: the model's training max_length).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_length: Option<usize>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -390,10 +401,8 @@ pub fn cmd_eval(args: EvalArgs) -> Result<()> {
     let loss_name = args.loss.or(meta.map(|m| m.loss.clone()));
     let spec = loss_name.as_deref().map(LossSpec::parse).transpose()?;
     let eps = args.eps.or(meta.map(|m| m.eps)).unwrap_or(0.1);
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(Error::user(format!(
-            "--eps must be a number >= 0, got {eps}"
-        )));
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(Error::user(format!("--eps must be > 0, got {eps}")));
     }
     let scores = scored.prompt_scores();
     let report = summarize(&scores, spec.as_ref().map(|s| (s, eps)))?;

@@ -23,6 +23,8 @@ pub struct HfBertConfig {
     pub max_position_embeddings: usize,
     pub type_vocab_size: usize,
     pub layer_norm_eps: f32,
+    /// The padding token's id (its embedding row starts at zero and is never trained).
+    pub pad_token_id: u32,
 }
 
 /// Reads a BERT `config.json`. The sizes that fix the weight shapes must be present; the
@@ -79,6 +81,7 @@ pub fn read_hf_config(path: &Path) -> Result<HfBertConfig> {
         max_position_embeddings: keys.positive("max_position_embeddings")?,
         type_vocab_size: keys.positive_or("type_vocab_size", 2)?,
         layer_norm_eps: keys.number("layer_norm_eps", 1e-12)?,
+        pad_token_id: keys.id_or("pad_token_id", 0)?,
     };
     if !config
         .hidden_size
@@ -125,7 +128,7 @@ pub fn write_hf_config(path: &Path, config: &HfBertConfig, num_labels: usize) ->
         "type_vocab_size": config.type_vocab_size,
         "layer_norm_eps": shortest_decimal(config.layer_norm_eps),
         "position_embedding_type": "absolute",
-        "pad_token_id": 0,
+        "pad_token_id": config.pad_token_id,
         "torch_dtype": "float32",
         "id2label": id2label,
         "label2id": label2id,
@@ -186,6 +189,16 @@ impl ConfigKeys<'_> {
         self.obj
             .get(key)
             .map_or(Ok(default), |value| self.positive_value(key, value))
+    }
+
+    /// A token id: an integer in u32's range.
+    fn id_or(&self, key: &str, default: u32) -> Result<u32> {
+        self.obj.get(key).map_or(Ok(default), |value| {
+            value
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| self.error(key, &format!("expected a token id, found {value}")))
+        })
     }
 
     fn number(&self, key: &str, default: f32) -> Result<f32> {

@@ -67,7 +67,16 @@ impl BertConfig {
         self.hidden_size / self.num_attention_heads
     }
 
-    /// Rejects shapes the ops cannot run (a user may hand us any config.json).
+    /// The most parameters a model may have: 16 GiB of f32 weights, 64 GiB with the
+    /// gradients and moments of training. Far above any BERT, far below what a corrupt
+    /// config.json asks for.
+    pub const MAX_PARAMETERS: usize = 1 << 32;
+
+    /// The most encoder layers (BERT-large has 24): bounds the layout's list of tensors.
+    pub const MAX_LAYERS: usize = 1024;
+
+    /// Rejects shapes the ops cannot run and sizes rcx cannot hold (a user may hand us any
+    /// config.json), before anything is allocated from them.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let positive = [
             ("vocab_size", self.vocab_size),
@@ -102,8 +111,138 @@ impl BertConfig {
                 )));
             }
         }
+        if self.pad_token_id as usize >= self.vocab_size {
+            return Err(Error::user(format!(
+                "{origin}: `pad_token_id` ({}) must be below `vocab_size` ({})",
+                self.pad_token_id, self.vocab_size
+            )));
+        }
+        self.check_sizes(origin)
+    }
+
+    /// Checks, in overflow-checked arithmetic, that the parameters fit in
+    /// [`Self::MAX_PARAMETERS`]. Each key is first checked alone, by the largest tensor it
+    /// sizes, so that the error blames the key that is out of range.
+    fn check_sizes(&self, origin: &str) -> Result<()> {
+        let (h, i, layers) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+        );
+        let max = Self::MAX_PARAMETERS;
+        let at_most = format!("rcx holds at most {max} parameters ({})", f32_bytes(max));
+        let too_large = |key: &str, value: usize, what: &str, needed: Option<usize>, limit| {
+            let needed = needed.map_or_else(
+                || format!("more than {} values", usize::MAX),
+                |n| format!("{n} values ({})", f32_bytes(n)),
+            );
+            Error::user(format!(
+                "{origin}: `{key}` = {value} is too large: {what} would need {needed}; {limit}"
+            ))
+        };
+        let matrix = |rows: usize, cols: usize| rows.checked_mul(cols);
+        for (key, value, what, needed) in [
+            ("hidden_size", h, "an attention projection", matrix(h, h)),
+            (
+                "vocab_size",
+                self.vocab_size,
+                "the word embeddings",
+                matrix(self.vocab_size, h),
+            ),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                "the position embeddings",
+                matrix(self.max_position_embeddings, h),
+            ),
+            (
+                "type_vocab_size",
+                self.type_vocab_size,
+                "the token type embeddings",
+                matrix(self.type_vocab_size, h),
+            ),
+            (
+                "intermediate_size",
+                i,
+                "a feed-forward weight",
+                matrix(i, h),
+            ),
+        ] {
+            if needed.is_none_or(|n| n > max) {
+                let what = format!("{what} [{value}, {h}]");
+                return Err(too_large(key, value, &what, needed, at_most.clone()));
+            }
+        }
+        // Per layer: four [H, H] attention projections, the [I, H] and [H, I] feed-forward
+        // weights, and the biases and LayerNorms beside them.
+        let per_layer = matrix(h, h)
+            .and_then(|hh| hh.checked_mul(4))
+            .and_then(|attn| matrix(i, h)?.checked_mul(2)?.checked_add(attn))
+            .and_then(|weights| weights.checked_add(h.checked_mul(9)?.checked_add(i)?));
+        let encoder = per_layer.and_then(|n| n.checked_mul(layers));
+        let what = format!("{layers} encoder layers");
+        if layers > Self::MAX_LAYERS {
+            let limit = format!("rcx builds at most {} layers", Self::MAX_LAYERS);
+            return Err(too_large(
+                "num_hidden_layers",
+                layers,
+                &what,
+                encoder,
+                limit,
+            ));
+        }
+        if encoder.is_none_or(|n| n > max) {
+            return Err(too_large(
+                "num_hidden_layers",
+                layers,
+                &what,
+                encoder,
+                at_most,
+            ));
+        }
+        // Each part fits, so the layout's arithmetic cannot overflow; the whole may still
+        // be too large, and the key of its largest part is blamed.
+        let total = ParamLayout::new(self).total;
+        if total > max {
+            let (key, value) = [
+                ("vocab_size", self.vocab_size, self.vocab_size * h),
+                (
+                    "max_position_embeddings",
+                    self.max_position_embeddings,
+                    self.max_position_embeddings * h,
+                ),
+                (
+                    "type_vocab_size",
+                    self.type_vocab_size,
+                    self.type_vocab_size * h,
+                ),
+                ("num_hidden_layers", layers, encoder.unwrap_or(0)),
+            ]
+            .into_iter()
+            .max_by_key(|&(_, _, part)| part)
+            .map_or(("num_hidden_layers", layers), |(key, value, _)| {
+                (key, value)
+            });
+            return Err(too_large(
+                key,
+                value,
+                "the whole model",
+                Some(total),
+                at_most,
+            ));
+        }
         Ok(())
     }
+}
+
+/// `n` f32 values as a human size: "1.2 GB".
+fn f32_bytes(n: usize) -> String {
+    let bytes = n as f64 * 4.0;
+    let (value, unit) = [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")]
+        .into_iter()
+        .find(|&(scale, _)| bytes >= scale)
+        .map_or((bytes, "bytes"), |(scale, unit)| (bytes / scale, unit));
+    format!("{value:.1} {unit} as f32")
 }
 
 /// One named tensor of the parameter arena.

@@ -253,9 +253,9 @@ impl SafeTensors {
         })
     }
 
-    /// Reads a tensor as f32, converting from F16, BF16 or F64, after checking that its shape
-    /// is `expected_shape`.
-    pub fn read_f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
+    /// The tensor `name` after checking, from the header alone, that it has shape
+    /// `expected_shape` and a floating-point dtype that [`Self::read_f32`] converts.
+    pub fn float_tensor(&self, name: &str, expected_shape: &[usize]) -> Result<TensorView<'_>> {
         let view = self.get(name).ok_or_else(|| {
             Error::user(format!("{}: no tensor named '{name}'", self.path.display()))
         })?;
@@ -267,12 +267,24 @@ impl SafeTensors {
                 view.dtype
             )));
         }
+        if !matches!(
+            view.dtype,
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+        ) {
+            return Err(Error::user(format!(
+                "{}: tensor '{name}': expected a floating-point dtype (F32, F16, BF16 or F64), found {}",
+                self.path.display(),
+                view.dtype
+            )));
+        }
+        Ok(view)
+    }
+
+    /// Reads a tensor as f32, converting from F16, BF16 or F64, after checking that its shape
+    /// is `expected_shape`.
+    pub fn read_f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
+        let view = self.float_tensor(name, expected_shape)?;
         let values = match view.dtype {
-            Dtype::F32 => view
-                .data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
             Dtype::F16 => view
                 .data
                 .chunks_exact(2)
@@ -290,12 +302,12 @@ impl SafeTensors {
                     f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
                 })
                 .collect(),
-            other => {
-                return Err(Error::user(format!(
-                    "{}: tensor '{name}': expected a floating-point dtype (F32, F16, BF16 or F64), found {other}",
-                    self.path.display()
-                )));
-            }
+            // float_tensor let only the four float dtypes through.
+            _ => view
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
         };
         Ok(values)
     }

@@ -24,7 +24,7 @@ use crate::signals::Interrupts;
 use crate::tokenizer::Tokenizer;
 use crate::training_settings::{changes, describe, settings_sha256, training_settings};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -840,15 +840,4 @@ pub fn eval_summary_line(step: usize, loss: f64, r: &EvalReport) -> String {
         s += &format!("  collapse gap {gap:.3}");
     }
     s
-}
-
-/// The vocabulary a model folder carries, else the shipped one.
-pub fn vocab_path(model_dir: Option<&Path>) -> PathBuf {
-    if let Some(dir) = model_dir {
-        let p = dir.join("vocab.txt");
-        if p.exists() {
-            return p;
-        }
-    }
-    crate::data::data_dir().join("vocab.txt")
 }

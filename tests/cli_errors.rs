@@ -77,23 +77,46 @@ fn write_config_json(dir: &Path, arch: &BertConfig) {
         max_position_embeddings: arch.max_position_embeddings,
         type_vocab_size: arch.type_vocab_size,
         layer_norm_eps: arch.layer_norm_eps as f32,
+        pad_token_id: arch.pad_token_id,
     };
     write_hf_config(&dir.join("config.json"), &hf, 1).unwrap();
 }
 
-/// A whole, valid model folder (config.json + model.safetensors, shipped vocabulary).
-fn model_folder(dir: &Path) -> PathBuf {
+fn shipped_vocab() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/vocab.txt")
+}
+
+/// A model's tensors by name, as a test may edit them before they are written.
+type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// A model folder (config.json, model.safetensors, a copy of the shipped vocab.txt) of a
+/// freshly initialised small BERT whose tensors `edit` may change, drop or rename first.
+fn model_folder_edited(dir: &Path, edit: impl FnOnce(&mut Tensors)) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let model = BertModel::<f32>::init(small_arch(), 3);
-    let tensors: Vec<(&str, &[usize], &[f32])> = model
+    let mut tensors: Tensors = model
         .layout
         .tensors
         .iter()
-        .map(|t| (t.name.as_str(), &t.shape[..], &model.params[t.range()]))
+        .map(|t| {
+            let values = model.params[t.range()].to_vec();
+            (t.name.clone(), t.shape.clone(), values)
+        })
         .collect();
-    write_f32(&dir.join("model.safetensors"), &tensors, &[]).unwrap();
+    edit(&mut tensors);
+    let refs: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|(name, shape, values)| (name.as_str(), &shape[..], &values[..]))
+        .collect();
+    write_f32(&dir.join("model.safetensors"), &refs, &[]).unwrap();
     write_config_json(dir, &small_arch());
+    std::fs::copy(shipped_vocab(), dir.join("vocab.txt")).unwrap();
     dir.to_path_buf()
+}
+
+/// A whole, valid model folder.
+fn model_folder(dir: &Path) -> PathBuf {
+    model_folder_edited(dir, |_| {})
 }
 
 /// A safetensors file written byte by byte: (name, dtype, shape, element size), filled
@@ -136,23 +159,49 @@ fn model_folder_with_bad_tensor(dir: &Path, dtype: &str, shape: Vec<usize>) -> P
         .collect();
     write_raw_safetensors(&dir.join("model.safetensors"), &tensors);
     write_config_json(dir, &small_arch());
+    std::fs::copy(shipped_vocab(), dir.join("vocab.txt")).unwrap();
     dir.to_path_buf()
 }
 
-/// Each bad model folder, refused both by `rcx train` (as model_name) and `rcx score`.
-fn assert_model_refused(dir: &Path, model: &Path, needles: &[&str]) {
-    let (cfg, _) = config(dir, &[("model_name", model.to_str().unwrap())]);
-    assert_user_error(&train(&cfg, &[]), needles);
+/// `rcx score --model MODEL --data <the length ranking's eval split>`
+fn score(model: &Path) -> Output {
     let data = fixture("lengths_eval.jsonl");
-    let scored = rcx(&[
+    rcx(&[
         "score",
         "--model",
         model.to_str().unwrap(),
         "--data",
         data.to_str().unwrap(),
-    ]);
-    assert_user_error(&scored, needles);
-    assert!(scored.stdout.is_empty(), "score printed before failing");
+    ])
+}
+
+/// `rcx eval --model MODEL --data <the length ranking's eval split> EXTRA...`
+fn eval(model: &Path, extra: &[&str]) -> Output {
+    let data = fixture("lengths_eval.jsonl");
+    let mut args = vec![
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    rcx(&args)
+}
+
+/// A model folder refused by `rcx score` and `rcx eval`, before either prints anything.
+fn assert_scoring_refused(model: &Path, needles: &[&str]) {
+    for out in [score(model), eval(model, &[])] {
+        assert_user_error(&out, needles);
+        assert!(out.stdout.is_empty(), "printed before failing");
+    }
+}
+
+/// Each bad model folder, refused both by `rcx train` (as model_name) and by scoring.
+fn assert_model_refused(dir: &Path, model: &Path, needles: &[&str]) {
+    let (cfg, _) = config(dir, &[("model_name", model.to_str().unwrap())]);
+    assert_user_error(&train(&cfg, &[]), needles);
+    assert_scoring_refused(model, needles);
 }
 
 #[test]
@@ -425,4 +474,371 @@ fn device_auto_trains_on_the_cpu() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(out.join("model.safetensors").is_file());
+}
+
+/// The tensors of a head that only a pretrained encoder may lack.
+const POOLER: [&str; 2] = ["bert.pooler.dense.weight", "bert.pooler.dense.bias"];
+const CLASSIFIER: [&str; 2] = ["classifier.weight", "classifier.bias"];
+
+fn drop_tensors(tensors: &mut Tensors, names: &[&str]) {
+    let before = tensors.len();
+    tensors.retain(|(name, _, _)| !names.contains(&name.as_str()));
+    assert_eq!(
+        tensors.len(),
+        before - names.len(),
+        "not all of {names:?} were there"
+    );
+}
+
+#[test]
+fn scoring_refuses_a_model_without_its_classifier_or_pooler() {
+    // A random head would score with the look of a trained model.
+    let dir = scratch("no-head");
+    for (name, missing) in [("no-classifier", CLASSIFIER), ("no-pooler", POOLER)] {
+        let model = model_folder_edited(&dir.join(name), |t| drop_tensors(t, &missing));
+        let weights = model.join("model.safetensors");
+        assert_scoring_refused(&model, &[weights.to_str().unwrap(), missing[0], "missing"]);
+    }
+    // Half a head is no pretrained encoder either: refused for training too.
+    let model = model_folder_edited(&dir.join("half-classifier"), |t| {
+        drop_tensors(t, &["classifier.bias"])
+    });
+    let weights = model.join("model.safetensors");
+    assert_model_refused(
+        &dir,
+        &model,
+        &[weights.to_str().unwrap(), "classifier.bias"],
+    );
+}
+
+#[test]
+fn training_from_a_pretrained_encoder_starts_a_fresh_head_and_says_so() {
+    // BertModel's names (no `bert.` prefix, no classifier, no pooler): what a pretrained
+    // encoder on the Hub looks like.
+    let dir = scratch("fresh-head");
+    let model = model_folder_edited(&dir.join("encoder"), |t| {
+        drop_tensors(t, &POOLER);
+        drop_tensors(t, &CLASSIFIER);
+        for (name, _, _) in t.iter_mut() {
+            *name = name.strip_prefix("bert.").unwrap().to_string();
+        }
+    });
+    let (cfg, out) = config(&dir, &[("model_name", model.to_str().unwrap())]);
+    let trained = train(&cfg, &[]);
+    let stderr = String::from_utf8_lossy(&trained.stderr);
+    assert!(trained.status.success(), "{stderr}");
+    for needle in [
+        model.join("model.safetensors").to_str().unwrap(),
+        "fresh",
+        POOLER[0],
+        CLASSIFIER[0],
+    ] {
+        assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
+    }
+    // The trained model carries its head: it scores.
+    let scored = score(&out);
+    assert!(
+        scored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scored.stderr)
+    );
+}
+
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    let dir = scratch("non-finite");
+    for (case, tensor, value) in [
+        ("nan", "classifier.weight", f32::NAN),
+        (
+            "inf",
+            "bert.encoder.layer.0.attention.self.key.bias",
+            f32::INFINITY,
+        ),
+        (
+            "neg-inf",
+            "bert.embeddings.word_embeddings.weight",
+            f32::NEG_INFINITY,
+        ),
+    ] {
+        let model = model_folder_edited(&dir.join(case), |t| {
+            let entry = t.iter_mut().find(|(name, _, _)| name == tensor).unwrap();
+            entry.2[1] = value;
+        });
+        let weights = model.join("model.safetensors");
+        assert_model_refused(&dir, &model, &[weights.to_str().unwrap(), tensor, "finite"]);
+    }
+}
+
+#[test]
+fn a_model_folder_without_vocab_txt_is_refused() {
+    // Not silently the shipped vocabulary: the model's ids mean what its own one says.
+    let dir = scratch("no-vocab");
+    let model = model_folder(&dir.join("model"));
+    std::fs::remove_file(model.join("vocab.txt")).unwrap();
+    let vocab = model.join("vocab.txt");
+    assert_model_refused(&dir, &model, &[vocab.to_str().unwrap()]);
+}
+
+#[test]
+fn a_vocabulary_that_does_not_match_vocab_size_is_refused() {
+    let dir = scratch("short-vocab");
+    let model = model_folder(&dir.join("model"));
+    let vocab = model.join("vocab.txt");
+    let text = std::fs::read_to_string(&vocab).unwrap();
+    let first_thousand: String = text.lines().take(1000).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&vocab, first_thousand).unwrap();
+    assert_model_refused(
+        &dir,
+        &model,
+        &[vocab.to_str().unwrap(), "1000", "vocab_size", "30522"],
+    );
+}
+
+/// Rewrites one key of a model folder's config.json (`None` removes it).
+fn set_config_key(model: &Path, key: &str, value: Option<serde_json::Value>) {
+    let path = model.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    match value {
+        Some(v) => config[key] = v,
+        None => {
+            config.as_object_mut().unwrap().remove(key);
+        }
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+}
+
+#[test]
+fn pad_token_id_is_checked_against_the_vocabulary() {
+    let dir = scratch("pad-token");
+    let config_json = dir.join("model/config.json");
+    for (value, needles) in [
+        // The shipped vocabulary's [PAD] is id 0.
+        (
+            serde_json::json!(5),
+            vec!["pad_token_id", "5", "[PAD]", "vocab.txt"],
+        ),
+        (serde_json::json!(30522), vec!["pad_token_id", "30522"]),
+        (serde_json::json!(-1), vec!["pad_token_id", "-1"]),
+        (serde_json::json!("0"), vec!["pad_token_id"]),
+    ] {
+        let model = model_folder(&dir.join("model"));
+        set_config_key(&model, "pad_token_id", Some(value));
+        let mut needles = needles;
+        needles.push(config_json.to_str().unwrap());
+        assert_model_refused(&dir, &model, &needles);
+    }
+}
+
+#[test]
+fn pad_token_id_is_kept_from_a_pretrained_folder() {
+    // A vocabulary whose [PAD] is id 1: config.json's pad_token_id 1 is honoured (the
+    // padding row gets no gradient) and written back, not replaced by 0.
+    let dir = scratch("pad-token-kept");
+    let model = model_folder(&dir.join("model"));
+    let vocab = model.join("vocab.txt");
+    let mut lines: Vec<String> = std::fs::read_to_string(&vocab)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines[0], "[PAD]");
+    lines.swap(0, 1);
+    std::fs::write(&vocab, lines.join("\n") + "\n").unwrap();
+    set_config_key(&model, "pad_token_id", Some(serde_json::json!(1)));
+    let (cfg, out) = config(&dir, &[("model_name", model.to_str().unwrap())]);
+    let trained = train(&cfg, &[]);
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(written["pad_token_id"], 1);
+    let scored = score(&out);
+    assert!(
+        scored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scored.stderr)
+    );
+}
+
+/// Runs `rcx ARGS...` with its address space limited to `limit_mib` MiB, so that an
+/// allocation sized by a bad config.json fails (an abort) instead of being lazily granted.
+fn rcx_in_little_memory(args: &[&str], limit_mib: u64) -> Output {
+    let mut script = format!("ulimit -v {} && exec \"$0\"", limit_mib * 1024);
+    for i in 1..=args.len() {
+        script += &format!(" \"${i}\"");
+    }
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_rcx"))
+        .args(args)
+        .output()
+        .expect("sh runs")
+}
+
+#[test]
+fn huge_sizes_in_config_json_are_refused_before_allocating() {
+    let dir = scratch("huge-sizes");
+    let model = dir.join("model");
+    let config_json = model.join("config.json");
+    let data = fixture("lengths_eval.jsonl");
+    let keys = [
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+    ];
+    for key in keys {
+        for value in [10_000_000_000u64, 1 << 62, u64::MAX] {
+            model_folder(&model);
+            set_config_key(&model, key, Some(serde_json::json!(value)));
+            // One head divides any hidden size: the size itself must be what is refused.
+            if key == "hidden_size" {
+                set_config_key(&model, "num_attention_heads", Some(serde_json::json!(1)));
+            }
+            let out = rcx_in_little_memory(
+                &[
+                    "score",
+                    "--model",
+                    model.to_str().unwrap(),
+                    "--data",
+                    data.to_str().unwrap(),
+                ],
+                2048,
+            );
+            let stderr = assert_user_error(
+                &out,
+                &[config_json.to_str().unwrap(), key, &value.to_string()],
+            );
+            assert!(
+                stderr.contains("need"),
+                "does not say what is needed: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn config_sizes_are_compared_with_the_weights_before_allocating() {
+    // 100 million rows of 8 values: within what rcx can hold (3.2 GB) but not what
+    // model.safetensors stores; refused from the header alone, in 2 GiB of address space.
+    let dir = scratch("size-mismatch");
+    let model = model_folder(&dir.join("model"));
+    set_config_key(&model, "vocab_size", Some(serde_json::json!(100_000_000)));
+    let data = fixture("lengths_eval.jsonl");
+    let out = rcx_in_little_memory(
+        &[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ],
+        2048,
+    );
+    assert_user_error(
+        &out,
+        &[
+            model.join("model.safetensors").to_str().unwrap(),
+            "bert.embeddings.word_embeddings.weight",
+            "[100000000, 8]",
+        ],
+    );
+}
+
+#[test]
+fn a_bad_rcx_json_is_refused_naming_the_file_and_key() {
+    let dir = scratch("bad-rcx-json");
+    let model = model_folder(&dir.join("model"));
+    let meta = model.join("rcx.json");
+    let good = serde_json::json!({"max_length": 32, "loss": "x_inv", "eps": 0.1});
+    // The control: a sound rcx.json scores.
+    std::fs::write(&meta, good.to_string()).unwrap();
+    let scored = score(&model);
+    assert!(
+        scored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scored.stderr)
+    );
+    for (key, value) in [
+        ("max_length", serde_json::json!("long")),
+        ("max_length", serde_json::json!(0)),
+        ("max_length", serde_json::json!(-3)),
+        ("eps", serde_json::json!("small")),
+        ("eps", serde_json::json!(-0.5)),
+        ("loss", serde_json::json!(7)),
+        ("loss", serde_json::json!("no_such_loss")),
+    ] {
+        let mut bad = good.clone();
+        bad[key] = value.clone();
+        std::fs::write(&meta, bad.to_string()).unwrap();
+        let stderr = assert_user_error(&score(&model), &[meta.to_str().unwrap(), key]);
+        assert!(
+            stderr.contains(&value.to_string().trim_matches('"').to_string()),
+            "{stderr}"
+        );
+    }
+    // A key left out, and text that is not JSON.
+    std::fs::write(&meta, r#"{"max_length": 32, "eps": 0.1}"#).unwrap();
+    assert_user_error(&score(&model), &[meta.to_str().unwrap(), "loss"]);
+    std::fs::write(&meta, "{\"max_length\": 32,\n oops").unwrap();
+    assert_user_error(&score(&model), &[&format!("{}:2", meta.display())]);
+    // Keys rcx does not know (a newer rcx's notes) are not an error.
+    let mut extra = good.clone();
+    extra["written_by_a_later_version"] = serde_json::json!({"any": [1, 2]});
+    std::fs::write(&meta, extra.to_string()).unwrap();
+    assert!(score(&model).status.success());
+}
+
+#[test]
+fn numeric_flags_of_score_and_eval_take_negative_numbers_to_their_range_checks() {
+    // `--eps -1` must reach the range check, not be taken for an unknown flag.
+    let dir = scratch("negative-flags");
+    let model = model_folder(&dir.join("model"));
+    for eps in ["-1", "0", "-inf", "NaN"] {
+        assert_user_error(&eval(&model, &["--eps", eps]), &["--eps", "> 0", eps]);
+    }
+    let data = fixture("lengths_eval.jsonl");
+    let score_cut_to = |max_length: &str| {
+        rcx(&[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-length",
+            max_length,
+        ])
+    };
+    for max_length in ["0", "2"] {
+        for out in [
+            eval(&model, &["--max-length", max_length]),
+            score_cut_to(max_length),
+        ] {
+            assert_user_error(&out, &["--max-length", "at least 3", max_length]);
+        }
+    }
+    // A negative count is clap's to refuse (as any value that is not a count), for what
+    // it is: an invalid value of the flag, not an unknown argument.
+    for out in [eval(&model, &["--max-length", "-1"]), score_cut_to("-1")] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("invalid value '-1' for '--max-length"),
+            "{stderr}"
+        );
+    }
+    // The smallest limit scores.
+    let out = score_cut_to("3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

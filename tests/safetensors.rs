@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use rcx::error::Error;
 use rcx::hf_config::{HfBertConfig, read_hf_config, write_hf_config};
+use rcx::model::BertConfig;
 use rcx::safetensors::{Dtype, SafeTensors, write_f32};
 
 fn fixture(rel: &str) -> PathBuf {
@@ -504,6 +505,7 @@ fn tiny_bert_checkpoint_has_every_expected_tensor() {
             max_position_embeddings: 64,
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,
+            pad_token_id: 0,
         }
     );
     let st = SafeTensors::open(&fixture("parity/tiny-bert/model.safetensors")).unwrap();
@@ -581,6 +583,13 @@ fn reads_the_minilm_config_and_round_trips_a_written_one() {
     let out = dir.join("written.json");
     write_hf_config(&out, &config, 1).unwrap();
     assert_eq!(read_hf_config(&out).unwrap(), config);
+    // pad_token_id is read and written back, not replaced by 0.
+    let padded = MINILM_CONFIG.replacen(r#""pad_token_id": 0"#, r#""pad_token_id": 3"#, 1);
+    let config_pad3 = read_hf_config(&write_bytes(&dir, "pad3.json", padded.as_bytes())).unwrap();
+    assert_eq!(config_pad3.pad_token_id, 3);
+    write_hf_config(&out, &config_pad3, 1).unwrap();
+    assert_eq!(read_hf_config(&out).unwrap().pad_token_id, 3);
+    write_hf_config(&out, &config, 1).unwrap();
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(
@@ -660,6 +669,21 @@ fn bad_configs_are_user_errors_naming_file_and_key() {
             "position_embedding_type",
         ),
         (r#""model_type": "bert","#, "", "model_type"),
+        (
+            r#""pad_token_id": 0"#,
+            r#""pad_token_id": -1"#,
+            "pad_token_id",
+        ),
+        (
+            r#""pad_token_id": 0"#,
+            r#""pad_token_id": 4294967296"#,
+            "pad_token_id",
+        ),
+        (
+            r#""pad_token_id": 0"#,
+            r#""pad_token_id": 1.5"#,
+            "pad_token_id",
+        ),
     ];
     for (i, (from, to, key)) in cases.into_iter().enumerate() {
         let text = MINILM_CONFIG.replacen(from, to, 1);
@@ -676,4 +700,80 @@ fn bad_configs_are_user_errors_naming_file_and_key() {
     assert_user_error(read_hf_config(&path), &["broken.json:3"]);
     assert_user_error(read_hf_config(&dir.join("absent.json")), &["absent.json"]);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn bert(vocab: usize, hidden: usize, layers: usize, intermediate: usize) -> BertConfig {
+    BertConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: 1,
+        intermediate_size: intermediate,
+        max_position_embeddings: 512,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        pad_token_id: 0,
+    }
+}
+
+#[test]
+fn config_sizes_are_bounded_naming_the_key_and_what_it_would_need() {
+    // Real BERTs pass: base, large, and a large vocabulary.
+    for config in [
+        bert(30522, 768, 12, 3072),
+        bert(30522, 1024, 24, 4096),
+        bert(250_000, 1024, 24, 4096),
+    ] {
+        config.validate("config.json").unwrap();
+    }
+    let max = BertConfig::MAX_PARAMETERS;
+    let cases = [
+        // Each alone, including products past u64.
+        (
+            bert(10_000_000_000, 768, 12, 3072),
+            "vocab_size",
+            "7680000000000 values",
+        ),
+        (bert(30522, 1 << 33, 1, 8), "hidden_size", "more than"),
+        (
+            bert(30522, 8, 1, usize::MAX),
+            "intermediate_size",
+            "more than",
+        ),
+        (
+            bert(30522, 8, 1 << 40, 16),
+            "num_hidden_layers",
+            "at most 1024 layers",
+        ),
+        (
+            bert(30522, 8192, 1024, 8192),
+            "num_hidden_layers",
+            "1024 encoder layers",
+        ),
+        // Every part fits, the whole does not: the largest part is blamed.
+        (bert(max / 8 - 1, 8, 1, 8), "vocab_size", "the whole model"),
+    ];
+    for (config, key, needle) in cases {
+        let message = match config.validate("config.json") {
+            Err(Error::User(message)) => message,
+            other => panic!("{key}: expected a user error, got {other:?}"),
+        };
+        for expected in ["config.json", key, needle, "need", &max.to_string()] {
+            // "at most 1024 layers" is the limit of that case, not the parameter bound.
+            if expected == max.to_string() && needle.contains("layers") {
+                continue;
+            }
+            assert!(
+                message.contains(expected),
+                "{expected:?} not in {message:?}"
+            );
+        }
+    }
+    let mut pad = bert(30522, 8, 1, 8);
+    pad.pad_token_id = 30522;
+    assert!(
+        matches!(pad.validate("config.json"), Err(Error::User(m)) if m.contains("pad_token_id"))
+    );
 }
