@@ -759,7 +759,8 @@ fn load_train_state(
     m: &mut [f32],
     v: &mut [f32],
 ) -> Result<()> {
-    let saved = load_model_dir(dir, 0)?;
+    // A checkpoint holds its whole head: a missing one must not resume as a random head.
+    let (saved, _) = load_model(dir, Head::Stored)?;
     if saved.config != model.config {
         return Err(Error::user(format!(
             "{}: the checkpoint's architecture differs from the config's model",

@@ -24,7 +24,7 @@ use crate::signals::Interrupts;
 use crate::tokenizer::Tokenizer;
 use crate::training_settings::{changes, describe, settings_sha256, training_settings};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 

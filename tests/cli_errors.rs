@@ -6,7 +6,7 @@ use rcx::hf_config::{HfBertConfig, write_hf_config};
 use rcx::model::{BertConfig, BertModel};
 use rcx::safetensors::write_f32;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 
 mod common;
 use common::{fixture, rcx};
@@ -841,4 +841,39 @@ fn numeric_flags_of_score_and_eval_take_negative_numbers_to_their_range_checks()
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn command_line_errors_are_one_line_naming_the_argument() {
+    // clap's own report spans several lines (error, tip, usage, --help pointer).
+    for (args, needle) in [
+        (&["eval", "--bogus"][..], "--bogus"),
+        (
+            &[
+                "score",
+                "--max-length",
+                "ten",
+                "--model",
+                "m",
+                "--data",
+                "d",
+            ][..],
+            "ten",
+        ),
+        (&["train"][..], "CONFIG"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rcx"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = assert_user_error(&out, &[needle]);
+        assert!(stderr.starts_with("rcx: error: "), "{stderr}");
+    }
+    // Help is not an error.
+    let help = Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: rcx"));
 }
