@@ -13,6 +13,7 @@ pub mod hf_config;
 pub mod loss;
 pub mod model;
 pub mod plot;
+pub mod provenance;
 pub mod report;
 pub mod rng;
 pub mod safetensors;
