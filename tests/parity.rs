@@ -107,7 +107,13 @@ fn minilm_dir() -> PathBuf {
 fn minilm_hidden_states_match_transformers() {
     let dir = minilm_dir();
     if !dir.join("model.safetensors").exists() {
-        // .ci/run fetches it; a developer machine may not have it yet.
+        // .ci/run fetches it and sets RCX_REQUIRE_MINILM=1, so that CI fails rather than
+        // skips; a developer machine may not have it yet.
+        assert!(
+            std::env::var("RCX_REQUIRE_MINILM").map_or(true, |v| v != "1"),
+            "RCX_REQUIRE_MINILM=1 but {} is absent; run scripts/fetch-minilm.sh",
+            dir.display()
+        );
         eprintln!(
             "SKIPPED: {} is absent; run scripts/fetch-minilm.sh",
             dir.display()
