@@ -491,13 +491,21 @@ fn passes(run: &RunResult) -> f64 {
 /// What the runs trained, how long and at which settings, from their configs, model folders
 /// and metrics; the paper's own setting is the one fixed fact.
 fn setup_paragraph(runs: &[RunResult], paper: &[&RunResult]) -> String {
+    if runs.is_empty() {
+        return String::new();
+    }
     let mut s = String::from(
         "Why this size: the paper fine-tuned DeBERTa-v3-base for 1,000 steps on a GPU. Here ",
     );
     let shape = |run: &RunResult| {
+        let start = if crate::model::BertConfig::named(&run.model).is_some() {
+            "from scratch"
+        } else {
+            "from its pretrained weights"
+        };
         format!(
-            "`{}` ({}) for {} steps of {} prompts (about {:.1} passes over its {} training \
-             prompts)",
+            "`{}` ({}) {start} for {} steps of {} prompts (about {:.1} passes over its {} \
+             training prompts)",
             run.model,
             run.architecture.describe(),
             run.steps,
@@ -937,12 +945,14 @@ fn machine_description(engines: &[String], threads: usize) -> String {
     format!("trained on {}, {scored}", engines.join(" and "))
 }
 
-/// The provenance a model folder's rcx.json records, when it has a readable one.
-fn recorded_provenance(dir: &Path) -> Option<Provenance> {
-    let text = std::fs::read_to_string(dir.join("rcx.json")).ok()?;
+/// The provenance a model folder's rcx.json records (None when it records none), or why
+/// the file cannot be read.
+fn read_provenance(dir: &Path) -> std::result::Result<Option<Provenance>, String> {
+    let path = dir.join("rcx.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_str::<crate::checkpoint::ModelMeta>(&text)
-        .ok()?
-        .provenance
+        .map(|meta| meta.provenance)
+        .map_err(|e| format!("{}:{}: {e}", path.display(), e.line()))
 }
 
 /// Why the folder of `cfg`'s run cannot stand for it (None when it can): it must have
@@ -961,11 +971,15 @@ pub fn reuse_refusal(cfg: &Config) -> Result<Option<String>> {
             cfg.max_steps
         )));
     }
-    let Some(recorded) = recorded_provenance(dir) else {
-        return Ok(Some(format!(
-            "{} records no provenance (config and data hashes)",
-            dir.join("rcx.json").display()
-        )));
+    let recorded = match read_provenance(dir) {
+        Ok(Some(recorded)) => recorded,
+        Ok(None) => {
+            return Ok(Some(format!(
+                "{} records no provenance (config and data hashes)",
+                dir.join("rcx.json").display()
+            )));
+        }
+        Err(why) => return Ok(Some(why)),
     };
     Ok(recorded.mismatch(&Provenance::of_config(cfg)?))
 }
@@ -1071,7 +1085,7 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
                 .saturating_mul(cfg.gradient_accumulation_steps),
             train_prompts,
             architecture: Architecture::of_model_dir(&cfg.output_dir)?,
-            provenance: recorded_provenance(&cfg.output_dir),
+            provenance: read_provenance(&cfg.output_dir).ok().flatten(),
             train_wall_s: metrics.last().map_or(0.0, |m| m.elapsed_s),
             eval_wall_s: scoring.elapsed().as_secs_f64(),
             reused,
