@@ -920,7 +920,9 @@ pub struct ReproduceArgs {
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
     /// Keep a run that already finished in DIR/NAME (its final model and a metrics.jsonl
-    /// reaching max_steps) instead of training it again: to rewrite the report.
+    /// reaching max_steps) instead of training it again, to rewrite the report: only when
+    /// its rcx.json records the SHA-256 of the config and data files it names now; any other
+    /// is trained again, saying why.
     #[arg(long)]
     pub reuse: bool,
     /// Where to train, overriding every config's `device:`.
