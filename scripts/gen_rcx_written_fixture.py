@@ -7,9 +7,10 @@ and transformers (not the CI machine: the test compares against the committed re
                                                         # while the fixture is missing/stale)
     $PYTHON scripts/gen_rcx_written_fixture.py target/tmp/parity-tests/rcx-written
 
-The folder is loaded with BertForSequenceClassification.from_pretrained, strictly: any
-missing, unexpected or reshaped tensor is an error, and so is a config that does not give
-one regression output. Then, in eval mode and float32, the logits of a fixed padded batch.
+The folder is loaded as scripts/check_checkpoint.py loads one (BertForSequenceClassification,
+strictly: any missing, unexpected or reshaped tensor is an error); a config that does not
+give one regression output is an error too. Then, in eval mode and float32, the logits of a
+fixed padded batch.
 
 tests/fixtures/parity/rcx-written.json:
     {"sha256": {FILE: hex digest} for config.json, model.safetensors, vocab.txt (the files
@@ -26,7 +27,10 @@ import os
 import sys
 
 import torch
-from transformers import BertForSequenceClassification
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_checkpoint import load_strict, logits_of  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "parity", "rcx-written.json")
@@ -58,24 +62,14 @@ def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     folder = sys.argv[1]
-    model, info = BertForSequenceClassification.from_pretrained(
-        folder, output_loading_info=True, torch_dtype=torch.float32
-    )
-    problems = {k: v for k, v in info.items() if v}
-    if problems:
-        sys.exit(f"{folder}: transformers did not load every tensor as written: {problems}")
-    if model.config.num_labels != 1 or model.config.problem_type != "regression":
-        sys.exit(f"{folder}/config.json: not one regression output: {model.config}")
-    model.eval()
+    model = load_strict(folder)
     cfg = model.config
+    if cfg.num_labels != 1 or cfg.problem_type != "regression":
+        sys.exit(f"{folder}/config.json: not one regression output: {cfg}")
+    if next(model.parameters()).dtype != torch.float32:
+        sys.exit(f"{folder}: loaded as {next(model.parameters()).dtype}, not float32")
     ids, types, mask = batch(cfg.vocab_size, cfg.max_position_embeddings)
-    with torch.no_grad():
-        logits = model(
-            input_ids=torch.tensor(ids),
-            token_type_ids=torch.tensor(types),
-            attention_mask=torch.tensor(mask),
-        ).logits
-    import transformers
+    logits = logits_of(model, {"input_ids": ids, "token_type_ids": types, "attention_mask": mask})
 
     fixture = {
         "description": "transformers' BertForSequenceClassification on a folder rcx wrote "
