@@ -40,6 +40,7 @@ fn main() {
     for var in ["NVCC", "CUDA_HOME", "RCX_REQUIRE_CUDA", "RCX_NO_CUDA"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
+    emit_git_commit(&manifest_dir);
     let require = env::var("RCX_REQUIRE_CUDA").is_ok_and(|v| v == "1");
 
     let outcome = if env::var("RCX_NO_CUDA").is_ok_and(|v| v == "1") {
@@ -73,6 +74,50 @@ fn main() {
         }
     };
     fs::write(out_dir.join("cuda_kernels.rs"), generated).expect("write cuda_kernels.rs");
+}
+
+/// Sets RCX_GIT_COMMIT (the provenance that rcx.json records) to HEAD's commit when the
+/// crate is the top of a git checkout, and reruns when HEAD moves: HEAD itself (a branch
+/// switch) and the branch's ref, loose or packed (a commit). In a worktree HEAD lives in
+/// the worktree's git folder and the refs in the common one.
+fn emit_git_commit(manifest_dir: &Path) {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(manifest_dir)
+            .args(args)
+            .output()
+            .ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        out.status.success().then(|| text.trim().to_string())
+    };
+    let Some(top) = git(&["rev-parse", "--show-toplevel"]) else {
+        return;
+    };
+    // A crate vendored inside another project's checkout is not built from that commit.
+    if fs::canonicalize(&top).ok() != fs::canonicalize(manifest_dir).ok() {
+        return;
+    }
+    let (Some(commit), Some(git_dir), Some(common_dir)) = (
+        git(&["rev-parse", "HEAD"]),
+        git(&["rev-parse", "--absolute-git-dir"]),
+        git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]),
+    ) else {
+        return;
+    };
+    println!("cargo:rustc-env=RCX_GIT_COMMIT={commit}");
+    let mut watched = vec![
+        format!("{git_dir}/HEAD"),
+        format!("{common_dir}/packed-refs"),
+    ];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watched.push(format!("{common_dir}/{branch}"));
+    }
+    // Cargo reruns a build script on every build while a watched path is missing (and so
+    // recompiles every kernel): watch only what exists.
+    for path in watched.iter().filter(|p| Path::new(p).exists()) {
+        println!("cargo:rerun-if-changed={path}");
+    }
 }
 
 /// The first nvcc candidate that exists and answers `--version`.

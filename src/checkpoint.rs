@@ -62,6 +62,10 @@ pub struct ModelMeta {
     /// The loss name as `LossSpec::parse` reads it.
     pub loss: String,
     pub eps: f64,
+    /// The rcx, commit, config and data that made the folder; absent in folders written
+    /// before rcx recorded it.
+    #[serde(default)]
+    pub provenance: Option<crate::provenance::Provenance>,
 }
 
 fn to_hf(cfg: &BertConfig) -> HfBertConfig {
@@ -568,6 +572,7 @@ fn write_model_files(
         max_length: cfg.max_length,
         loss: cfg.loss_name.clone(),
         eps: cfg.eps,
+        provenance: Some(crate::provenance::Provenance::recorded(cfg)?),
     };
     let meta_path = dir.join("rcx.json");
     fs::write(

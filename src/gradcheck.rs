@@ -392,8 +392,15 @@ pub fn op_checks(seed: u64) -> Vec<Check> {
 /// The ε of the utilities' extended forms in the loss checks.
 pub const LOSS_EPS: f64 = 0.1;
 
+/// The extended utilities switch to their linear continuation at a reward difference of 0
+/// (a kink: the slope jumps for x2, x_inv2, power and neg_power, the curvature for the
+/// others). Central differences across it measure neither side, so every check keeps each
+/// ranked pair's reward difference at least this far from 0: a step of STEP in a logit
+/// moves a reward by at most STEP / 4, far less.
+pub const KINK_MARGIN: f64 = 1e-3;
+
 /// Logits for prompts of sizes `ks`, drawn on [-3, 3) so that no pair of a prompt lies
-/// within 1e-3 (in reward) of the kink at x = 0: differences of step STEP stay on one branch.
+/// within KINK_MARGIN (in reward) of the kink: differences of step STEP stay on one branch.
 pub fn spaced_logits(rng: &mut Rng, ks: &[usize]) -> Vec<f64> {
     let mut logits = Vec::new();
     for &k in ks {
@@ -401,7 +408,7 @@ pub fn spaced_logits(rng: &mut Rng, ks: &[usize]) -> Vec<f64> {
             let candidate: Vec<f64> = (0..k).map(|_| 6.0 * rng.uniform() - 3.0).collect();
             for i in 0..k {
                 for j in i + 1..k {
-                    if (sigmoid(candidate[i]) - sigmoid(candidate[j])).abs() < 1e-3 {
+                    if (sigmoid(candidate[i]) - sigmoid(candidate[j])).abs() < KINK_MARGIN {
                         continue 'draw;
                     }
                 }
@@ -413,9 +420,10 @@ pub fn spaced_logits(rng: &mut Rng, ks: &[usize]) -> Vec<f64> {
     logits
 }
 
-/// `spaced_logits` with both rightly and wrongly ordered pairs in the batch, so that both
-/// branches of every utility are checked (`ks` must hold at least two pairs).
-fn two_branch_logits(rng: &mut Rng, ks: &[usize]) -> Vec<f64> {
+/// The logits of the loss checks: `spaced_logits` with both rightly and wrongly ordered
+/// pairs in the batch, so that both branches of every utility are checked (`ks` must hold
+/// at least two pairs).
+pub fn loss_check_logits(rng: &mut Rng, ks: &[usize]) -> Vec<f64> {
     loop {
         let logits = spaced_logits(rng, ks);
         let rewards: Vec<f64> = logits.iter().map(|&s| sigmoid(s)).collect();
@@ -435,21 +443,39 @@ pub fn check_loss(
     types: &[Option<PromptType>],
     rng: &mut Rng,
 ) -> Result<Check> {
-    let logits = two_branch_logits(rng, ks);
-    let loss = |logits: &[f64], dlogits: &mut [f64]| {
-        ranking_loss_forward_backward(logits, ks, types, spec, LOSS_EPS, dlogits)
-    };
+    let logits = loss_check_logits(rng, ks);
+    judge_loss_gradient(
+        name,
+        &logits,
+        |logits| {
+            let mut scratch = vec![0.0; logits.len()];
+            ranking_loss_forward_backward(logits, ks, types, spec, LOSS_EPS, &mut scratch)
+        },
+        |logits, dlogits| {
+            ranking_loss_forward_backward(logits, ks, types, spec, LOSS_EPS, dlogits).map(|_| ())
+        },
+    )
+}
+
+/// Judges `gradient` (d loss / d logit, overwritten) against central differences of `loss`
+/// at `logits`, scaled by the largest entry. `check_loss` gives it the ranking loss's own
+/// backward; the tests give it deliberately wrong ones, to show that it fails them.
+pub fn judge_loss_gradient(
+    name: &str,
+    logits: &[f64],
+    loss: impl Fn(&[f64]) -> Result<f64>,
+    gradient: impl Fn(&[f64], &mut [f64]) -> Result<()>,
+) -> Result<Check> {
     let mut analytic = vec![f64::NAN; logits.len()];
-    loss(&logits, &mut analytic)?;
+    gradient(logits, &mut analytic)?;
     let largest = analytic.iter().fold(0.0f64, |m, g| m.max(g.abs()));
-    let mut scratch = vec![0.0; logits.len()];
     let mut worst = Worst::new();
     for i in 0..logits.len() {
-        let mut shifted = logits.clone();
+        let mut shifted = logits.to_vec();
         shifted[i] = logits[i] + STEP;
-        let plus = loss(&shifted, &mut scratch)?;
+        let plus = loss(&shifted)?;
         shifted[i] = logits[i] - STEP;
-        let minus = loss(&shifted, &mut scratch)?;
+        let minus = loss(&shifted)?;
         let numeric = (plus - minus) / (2.0 * STEP);
         let error = (numeric - analytic[i]).abs() / largest.max(numeric.abs()).max(1e-300);
         worst.see(error, || format!("dlogit[{i}]"));
@@ -602,14 +628,84 @@ pub fn check_model(
     dropout: Option<Dropout>,
     seed: u64,
 ) -> Result<Check> {
+    judge_model_gradient(name, spec, dropout, seed, BertModel::backward)
+}
+
+/// The smallest |r_i - r_j| over the ranked pairs of a batch, r = sigmoid(logit).
+pub fn smallest_reward_gap(logits: &[f64], ks: &[usize]) -> f64 {
+    let mut smallest = f64::INFINITY;
+    let mut start = 0;
+    for &k in ks {
+        for i in start..start + k {
+            for j in i + 1..start + k {
+                smallest = smallest.min((sigmoid(logits[i]) - sigmoid(logits[j])).abs());
+            }
+        }
+        start += k;
+    }
+    smallest
+}
+
+/// The first ranked pair whose reward difference has another sign in `moved` than in
+/// `base`: (prompt, i, j), completions counted within the prompt.
+pub fn pair_across_the_kink(
+    base: &[f64],
+    moved: &[f64],
+    ks: &[usize],
+) -> Option<(usize, usize, usize)> {
+    let mut start = 0;
+    for (p, &k) in ks.iter().enumerate() {
+        for i in 0..k {
+            for j in i + 1..k {
+                let side = |l: &[f64]| sigmoid(l[start + i]) > sigmoid(l[start + j]);
+                if side(base) != side(moved) {
+                    return Some((p, i, j));
+                }
+            }
+        }
+        start += k;
+    }
+    None
+}
+
+/// The model and batch of the whole-model checks for `seed`, in the mode a check runs
+/// (`dropout`): BERT's init plus noise, drawn again until every ranked pair's reward
+/// difference is at least KINK_MARGIN from the kink.
+pub fn model_check_inputs(seed: u64, dropout: Option<Dropout>) -> Result<(BertModel<f64>, Ranked)> {
     let mut rng = Rng::new(seed);
-    let mut model = tiny_random_model(&mut rng);
-    let data = tiny_ranked_batch(&mut rng);
+    let mut ws = Workspace::new();
+    // Most draws pass: 100 failures in a row would mean a broken model.
+    for _ in 0..100 {
+        let model = tiny_random_model(&mut rng);
+        let data = tiny_ranked_batch(&mut rng);
+        let logits = model.forward(&mut ws, &data.batch, dropout)?;
+        if smallest_reward_gap(logits, &data.ks) >= KINK_MARGIN {
+            return Ok((model, data));
+        }
+    }
+    Err(Error::internal(format!(
+        "gradcheck: no model of seed {seed} keeps its rewards {KINK_MARGIN} apart"
+    )))
+}
+
+/// `check_model` with the analytic gradient from `backward`: the model's own in
+/// `check_model`, deliberately wrong ones in the tests, to show that the check fails them.
+/// Every perturbed forward must leave each ranked pair on its side of the kink (an internal
+/// error otherwise: the difference quotient would measure neither branch).
+pub fn judge_model_gradient(
+    name: &str,
+    spec: &LossSpec,
+    dropout: Option<Dropout>,
+    seed: u64,
+    backward: impl Fn(&BertModel<f64>, &mut Workspace<f64>, &Batch, Option<Dropout>, &[f64], &mut [f64]),
+) -> Result<Check> {
+    let (mut model, data) = model_check_inputs(seed, dropout)?;
     let mut ws = Workspace::new();
     let mut dlogits = Vec::new();
     model_loss(&model, &mut ws, &data, spec, dropout, &mut dlogits)?;
+    let base_logits = model.outputs(&ws).2.to_vec();
     let mut grads = vec![0.0; model.num_params()];
-    model.backward(&mut ws, &data.batch, dropout, &dlogits, &mut grads);
+    backward(&model, &mut ws, &data.batch, dropout, &dlogits, &mut grads);
 
     let mut scratch = Vec::new();
     let mut worst = Worst::new();
@@ -617,10 +713,23 @@ pub fn check_model(
         let mut numeric = Vec::with_capacity(tensor.len());
         for idx in tensor.range() {
             let saved = model.params[idx];
-            model.params[idx] = saved + STEP;
-            let up = model_loss(&model, &mut ws, &data, spec, dropout, &mut scratch)?;
-            model.params[idx] = saved - STEP;
-            let down = model_loss(&model, &mut ws, &data, spec, dropout, &mut scratch)?;
+            let mut loss_at = |value: f64, ws: &mut Workspace<f64>| -> Result<f64> {
+                model.params[idx] = value;
+                let loss = model_loss(&model, ws, &data, spec, dropout, &mut scratch)?;
+                if let Some((p, i, j)) =
+                    pair_across_the_kink(&base_logits, model.outputs(ws).2, &data.ks)
+                {
+                    return Err(Error::internal(format!(
+                        "{name}: a step of {STEP:e} in {}[{}] moves completions {i} and {j} of \
+                         prompt {p} across the utilities' kink",
+                        tensor.name,
+                        idx - tensor.offset
+                    )));
+                }
+                Ok(loss)
+            };
+            let up = loss_at(saved + STEP, &mut ws)?;
+            let down = loss_at(saved - STEP, &mut ws)?;
             model.params[idx] = saved;
             numeric.push((up - down) / (2.0 * STEP));
         }
@@ -642,14 +751,17 @@ pub fn check_model(
     Ok(check)
 }
 
+/// The training mode of the whole-model check: both dropouts, at different rates.
+pub const MODEL_CHECK_DROPOUT: Dropout = Dropout {
+    hidden: 0.2,
+    attention: 0.3,
+    seed: 99,
+};
+
 /// The whole model in eval mode under x_inv, and in training mode (hidden and attention
 /// dropout at different rates) under the prompt-aware adaptive2.
 pub fn model_checks(seed: u64) -> Result<Vec<Check>> {
-    let dropout = Dropout {
-        hidden: 0.2,
-        attention: 0.3,
-        seed: 99,
-    };
+    let dropout = MODEL_CHECK_DROPOUT;
     Ok(vec![
         check_model(
             "model, eval, x_inv",

@@ -15,6 +15,7 @@ pub mod lock;
 pub mod loss;
 pub mod model;
 pub mod plot;
+pub mod provenance;
 pub mod report;
 pub mod rng;
 pub mod safetensors;

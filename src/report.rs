@@ -9,8 +9,9 @@ use crate::figures::{
     MetricsRecord, largest_gap, loss_title, paper_figure, read_metrics, reward_histogram_panel,
     reward_panel, training_curves,
 };
-use crate::loss::LossSpec;
+use crate::loss::{LossSpec, TIE_TOLERANCE};
 use crate::plot::{Figure, LegendPosition, Line, PALETTE, Panel};
+use crate::provenance::Provenance;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -69,12 +70,60 @@ pub fn evaluate_model(dir: &Path, data: &Path, limit: Option<usize>) -> Result<S
     score_summaries(scores, spec.as_ref(), meta.as_ref().map_or(0.1, |m| m.eps))
 }
 
-/// One run's measurements.
+/// A trained model's size, read from its folder (config.json and the safetensors header).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Architecture {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub parameters: usize,
+}
+
+impl Architecture {
+    pub fn of_model_dir(dir: &Path) -> Result<Architecture> {
+        let hf = crate::hf_config::read_hf_config(&dir.join("config.json"))?;
+        let weights = crate::safetensors::SafeTensors::open(&dir.join("model.safetensors"))?;
+        let parameters = weights
+            .names()
+            .iter()
+            .filter_map(|n| weights.get(n))
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
+        Ok(Architecture {
+            layers: hf.num_hidden_layers,
+            hidden: hf.hidden_size,
+            heads: hf.num_attention_heads,
+            parameters,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} layers, hidden {}, {} heads, {:.1}M parameters",
+            self.layers,
+            self.hidden,
+            self.heads,
+            self.parameters as f64 / 1e6
+        )
+    }
+}
+
+/// One run's settings and measurements.
 pub struct RunResult {
     pub name: String,
     pub loss: String,
     pub model: String,
     pub steps: usize,
+    pub learning_rate: f64,
+    /// The shift of the extended utilities it trained with.
+    pub eps: f64,
+    /// Prompts per optimizer step (micro-batch times accumulation).
+    pub prompts_per_step: usize,
+    /// Prompts in its training files.
+    pub train_prompts: usize,
+    pub architecture: Architecture,
+    /// What its rcx.json records of its origin (None for folders from before provenance).
+    pub provenance: Option<Provenance>,
     /// Training wall time, from the run's last metrics line (start to last evaluation).
     pub train_wall_s: f64,
     /// Scoring the train subset and the eval split after training.
@@ -202,7 +251,8 @@ fn summary_table(s: &mut String, runs: &[RunResult], on_train: bool) {
     let _ = writeln!(
         s,
         "| run | prompts | collapse gap | open acc | closed acc | closed ties | closed wrong | \
-         closed long-vs-short | open dist (eps 0.1 / pure) | closed dist (eps 0.1 / pure) |"
+         closed long-vs-short | open dist (trained eps / pure) | closed dist (trained eps / \
+         pure) |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     for run in runs {
@@ -390,20 +440,176 @@ pub fn figure_files(runs: &[RunResult]) -> Vec<(String, Figure)> {
     out
 }
 
+/// `a`, `a and b`, `a, b and c`, each in backquotes.
+fn names_list(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    match quoted.split_last() {
+        None => "no run".into(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+/// The n of the theory's optima: the most completions a prompt of the eval split has.
+fn completions_per_prompt(runs: &[RunResult]) -> Option<usize> {
+    runs.iter()
+        .flat_map(|run| &run.on_eval.report.by_type)
+        .map(|t| t.ranks.len())
+        .max()
+}
+
+/// Runs grouped by a value of theirs, in order of first appearance: "v (a, b); w (c)", or
+/// "v (every run)" when they share it.
+fn grouped_by(runs: &[RunResult], value: impl Fn(&RunResult) -> String) -> String {
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    for run in runs {
+        let v = value(run);
+        match groups.iter_mut().find(|(g, _)| *g == v) {
+            Some((_, names)) => names.push(&run.name),
+            None => groups.push((v, vec![&run.name])),
+        }
+    }
+    if let [(v, _)] = &groups[..] {
+        return format!("{v} (every run)");
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(v, names)| format!("{v} ({})", names.join(", ")))
+        .collect();
+    parts.join("; ")
+}
+
+fn eps_list(runs: &[RunResult]) -> String {
+    grouped_by(runs, |run| run.eps.to_string())
+}
+
+/// Passes over the training prompts that `steps` steps of a run make.
+fn passes(run: &RunResult) -> f64 {
+    (run.steps * run.prompts_per_step) as f64 / run.train_prompts.max(1) as f64
+}
+
+/// What the runs trained, how long and at which settings, from their configs, model folders
+/// and metrics; the paper's own setting is the one fixed fact.
+fn setup_paragraph(runs: &[RunResult], paper: &[&RunResult]) -> String {
+    if runs.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "Why this size: the paper fine-tuned DeBERTa-v3-base for 1,000 steps on a GPU. Here ",
+    );
+    let shape = |run: &RunResult| {
+        let start = if crate::model::BertConfig::named(&run.model).is_some() {
+            "from scratch"
+        } else {
+            "from its pretrained weights"
+        };
+        format!(
+            "`{}` ({}) {start} for {} steps of {} prompts (about {:.1} passes over its {} \
+             training prompts)",
+            run.model,
+            run.architecture.describe(),
+            run.steps,
+            run.prompts_per_step,
+            passes(run),
+            run.train_prompts
+        )
+    };
+    let walls = |group: &[&RunResult]| {
+        let lo = group
+            .iter()
+            .map(|r| r.train_wall_s)
+            .fold(f64::INFINITY, f64::min);
+        let hi = group.iter().map(|r| r.train_wall_s).fold(0.0, f64::max);
+        if group.len() == 1 {
+            minutes(hi)
+        } else {
+            format!("{} to {} per run", minutes(lo), minutes(hi))
+        }
+    };
+    let names = |group: &[&RunResult]| {
+        names_list(&group.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
+    };
+    let mut groups: Vec<(String, Vec<&RunResult>)> = Vec::new();
+    for run in runs {
+        let key = shape(run);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(run),
+            None => groups.push((key, vec![run])),
+        }
+    }
+    let sentences: Vec<String> = groups
+        .iter()
+        .map(|(key, members)| {
+            format!(
+                "{} {} {key}, which took {} to train",
+                names(members),
+                if members.len() == 1 {
+                    "trains"
+                } else {
+                    "train"
+                },
+                walls(members)
+            )
+        })
+        .collect();
+    s += &sentences.join("; ");
+    let _ = write!(
+        s,
+        ". Learning rates: {}. The shift eps: {}.",
+        grouped_by(runs, |run| format!("{:e}", run.learning_rate)),
+        eps_list(runs)
+    );
+    if let Some(main) = paper.iter().find(|run| run.name == "x_adaptive")
+        && let Some(last) = main.metrics.last()
+    {
+        let r = &last.report;
+        let _ = write!(
+            s,
+            " The main run, `x_adaptive`, ends (step {}) with open-ended pairwise accuracy {} \
+             and closed-ended long-vs-short accuracy {} on the eval prompts.",
+            last.step,
+            fmt_opt(r.for_type("open").map(|t| t.pairwise_accuracy)),
+            fmt_opt(r.for_type("closed").map(|t| t.cross_half_accuracy))
+        );
+    }
+    if let (Some(x), Some(fast)) = (
+        runs.iter().find(|run| run.name == "x"),
+        runs.iter().find(|run| run.name == EXTRA_RUNS[0]),
+    ) {
+        let _ = write!(
+            s,
+            " `{}` is `x` at rate {:e} instead of {:e} (made only when `--only` names it), to \
+             show whether `x`'s network stops depending on its input at the higher rate.",
+            fast.name, fast.learning_rate, x.learning_rate
+        );
+    }
+    s += "\n\n";
+    s
+}
+
 /// The markdown of results.md.
 pub fn results_markdown(r: &Reproduction) -> String {
     let fig = |name: &str| format!("{}/{name}", r.figures_dir);
     let mut s = String::new();
     s += "# Results: reward collapse, reproduced with rcx\n\n";
-    s += "Written by `rcx reproduce` (do not edit by hand: rerun it). It trains the paper's five \
-          runs (`configs/x.yml`, `x_inv`, `log`, `logsigmoid`, `x_adaptive`) on the shipped \
-          kjv-jargon set, one prompt-aware run on the pretrained MiniLM-L6 \
-          (`configs/minilm_x_adaptive.yml`), then scores every final model on the eval split \
-          and on the first ";
+    let paper: Vec<&RunResult> = r
+        .runs
+        .iter()
+        .filter(|run| PAPER_RUNS.contains(&run.name.as_str()))
+        .collect();
     let _ = write!(
         s,
-        "{TRAIN_SUBSET} training prompts, and compares the mean reward at each response index \
-         with the theory's optimum for n = 8 (`rcx theory`).\n\n"
+        "Written by `rcx reproduce` (do not edit by hand: rerun it). It trains {}, then scores \
+         every final model on the eval split and on the first {TRAIN_SUBSET} training prompts, \
+         and compares the mean reward at each response index with the theory's optimum for \
+         n = {} (`rcx theory`). Every number below is computed from the runs.\n\n",
+        names_list(
+            &r.runs
+                .iter()
+                .map(|run| run.name.as_str())
+                .collect::<Vec<_>>()
+        ),
+        completions_per_prompt(&r.runs).map_or("-".into(), |k| k.to_string())
     );
     let _ = writeln!(s, "Made by `{}`.\n", r.command);
     let _ = write!(
@@ -420,9 +626,10 @@ pub fn results_markdown(r: &Reproduction) -> String {
     if !reused.is_empty() {
         let _ = write!(
             s,
-            " {} of the runs were trained earlier and reused (`--reuse`): their {} of training \
-             are not in that total. Training the default runs (all but {}) took {} and \
-             scoring them {}: a fresh `rcx reproduce` takes about the sum.",
+            " {} of the runs were trained earlier and reused (`--reuse`, each matching its \
+             config and data by the SHA-256 its rcx.json records): their {} of training are \
+             not in that total. Training the default runs (all but {}) took {} and scoring \
+             them {}: a fresh `rcx reproduce` takes about the sum.",
             reused.len(),
             minutes(reused.iter().map(|run| run.train_wall_s).sum()),
             EXTRA_RUNS.join(", "),
@@ -431,30 +638,15 @@ pub fn results_markdown(r: &Reproduction) -> String {
         );
     }
     s += "\n\n";
-    s += "Why this size: the paper fine-tuned DeBERTa-v3-base for 1,000 steps on a GPU. Here the \
-          five runs train bert-tiny (2 layers, hidden 128, 2 heads, 4.4M parameters) from scratch \
-          for 800 steps of 4 prompts x 8 completions (about 1.9 passes over the 1,696 training \
-          prompts), which took 2 to 4 minutes per run on two cores here (about 7 while the \
-          machine was shared with other jobs), so that the five runs and a 150-step MiniLM-L6 \
-          fine-tune fit in 60 minutes on a 2-core CPU with room to spare. The steps \
-          were set on the main run, `x_adaptive`: by 800 its open-ended pairwise accuracy is \
-          near 1 and its closed-ended long-vs-short accuracy is 1, and its curves have \
-          flattened (see its training curves below), so the rewards have settled near the \
-          interpolating optimum the theory describes. The other runs use the same settings, \
-          except `x`, which runs at half the rate (5e-4): in an earlier reproduction (before \
-          rcx applied dropout to the attention probabilities) its network at 1e-3 stopped \
-          depending on its input between steps 400 and 600 and never recovered. `x_lr1e-3` \
-          keeps that setting (made with `--only x_lr1e-3`, shown below when included), so each \
-          reproduction shows whether it happens again. U = x is linear: it keeps pushing each \
-          cluster's rewards towards 0 and 1, so nothing bounds the logits, the likely reason \
-          a network can saturate.\n\n";
+    s += &setup_paragraph(&r.runs, &paper);
     let _ = writeln!(
         s,
-        "Distances are the mean over the 8 response indices of |measured mean reward - \
+        "Distances are the mean over the response indices of |measured mean reward - \
          optimum|. Two optima are reported: the one of the extended utility that training \
-         maximises (shifted by eps = 0.1, the authors' form) and the pure form of the paper's \
-         theory (eps = 0, the paper's dashed lines). The targets are judged on the first; the \
-         second is in the notes.\n"
+         maximises (shifted by the run's eps: {}; the authors' form) and the pure form of \
+         the paper's theory (eps = 0, the paper's dashed lines). The targets are judged on \
+         the first; the second is in the notes.\n",
+        eps_list(&r.runs)
     );
     for (name, why) in &r.skipped {
         let _ = writeln!(s, "Skipped `{name}`: {why}\n");
@@ -503,19 +695,36 @@ pub fn results_markdown(r: &Reproduction) -> String {
 
     s += "## Per run\n\nWall time is training (from its start to the last evaluation) and, \
           after it, scoring the eval split and the training subset.\n\n";
-    s += "| run | loss | model | steps | train wall | scoring wall |\n|---|---|---|---|---|---|\n";
+    s += "| run | loss | model | size | steps | prompts per step | passes | learning rate | \
+          eps | train wall | scoring wall | config sha256 | commit |\n\
+          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for run in &r.runs {
+        let recorded = |f: fn(&Provenance) -> Option<&str>| {
+            run.provenance
+                .as_ref()
+                .and_then(f)
+                .map_or("-".to_string(), |h| {
+                    format!("`{}`", h.get(..12).unwrap_or(h))
+                })
+        };
         let _ = writeln!(
             s,
-            "| {} | `{}` ({}) | {} | {} | {}{} | {:.0} s |",
+            "| {} | `{}` ({}) | {} | {} | {} | {} | {:.1} | {:e} | {} | {}{} | {:.0} s | {} | {} |",
             run.name,
             run.loss,
             loss_title(&run.loss),
             run.model,
+            run.architecture.describe(),
             run.steps,
+            run.prompts_per_step,
+            passes(run),
+            run.learning_rate,
+            run.eps,
             minutes(run.train_wall_s),
             if run.reused { " (reused)" } else { "" },
-            run.eval_wall_s
+            run.eval_wall_s,
+            recorded(|p| Some(p.config_sha256.as_str())),
+            recorded(|p| p.git_commit.as_deref())
         );
     }
     s += "\nOn the eval prompts (the held-out split):\n\n";
@@ -525,10 +734,14 @@ pub fn results_markdown(r: &Reproduction) -> String {
         "\nOn the training prompts (the first {TRAIN_SUBSET} of the training file):\n\n"
     );
     summary_table(&mut s, &r.runs, true);
-    s += "\nAccuracy counts a pair as correct when the better completion's reward is higher \
-          by more than 1e-3; ties (within 1e-3) are reported apart from wrong orders, since \
-          U = x is meant to tie the completions inside each cluster of a closed-ended prompt. \
-          Long-vs-short is the accuracy over pairs across the two clusters.\n\n";
+    let _ = write!(
+        s,
+        "\nAccuracy counts a pair as correct when the better completion's reward is higher \
+         by more than {TIE_TOLERANCE}; ties (within {TIE_TOLERANCE}) are reported apart from \
+         wrong orders, since U = x is meant to tie the completions inside each cluster of a \
+         closed-ended prompt. Long-vs-short is the accuracy over pairs across the two \
+         clusters.\n\n"
+    );
 
     s += "## The paper's figure\n\n";
     let _ = writeln!(
@@ -539,7 +752,7 @@ pub fn results_markdown(r: &Reproduction) -> String {
     );
     s += "Each panel: mean reward against response index (1 = worst), open-ended prompts in \
           blue, closed-ended in red, shaded between the 10th and 90th percentiles, the optimum \
-          of the trained utility (eps 0.1) dashed.\n\n";
+          of the trained utility (eps as trained) dashed.\n\n";
 
     if let Some(run) = r.runs.iter().find(|run| run.name == "logsigmoid") {
         s += "## Log-sigmoid: the collapse gap across training\n\n";
@@ -554,7 +767,11 @@ pub fn results_markdown(r: &Reproduction) -> String {
         );
     }
 
-    s += "## The theory's optima for n = 8 beside the measured means (eval prompts)\n";
+    let _ = writeln!(
+        s,
+        "## The theory's optima for n = {} beside the measured means (eval prompts)",
+        completions_per_prompt(&r.runs).map_or("-".into(), |k| k.to_string())
+    );
     for run in &r.runs {
         optima_table(&mut s, run);
     }
@@ -703,7 +920,9 @@ pub struct ReproduceArgs {
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
     /// Keep a run that already finished in DIR/NAME (its final model and a metrics.jsonl
-    /// reaching max_steps) instead of training it again: to rewrite the report.
+    /// reaching max_steps) instead of training it again, to rewrite the report: only when
+    /// its rcx.json records the SHA-256 of the config and data files it names now; any other
+    /// is trained again, saying why.
     #[arg(long)]
     pub reuse: bool,
     /// Where to train, overriding every config's `device:`.
@@ -728,11 +947,43 @@ fn machine_description(engines: &[String], threads: usize) -> String {
     format!("trained on {}, {scored}", engines.join(" and "))
 }
 
-/// A finished run: a final model beside a metrics.jsonl whose last step is max_steps.
-fn finished(cfg: &Config) -> bool {
-    cfg.output_dir.join("model.safetensors").is_file()
-        && read_metrics(&cfg.output_dir.join("metrics.jsonl"))
-            .is_ok_and(|m| m.last().is_some_and(|l| l.step == cfg.max_steps))
+/// The provenance a model folder's rcx.json records (None when it records none), or why
+/// the file cannot be read.
+fn read_provenance(dir: &Path) -> std::result::Result<Option<Provenance>, String> {
+    let path = dir.join("rcx.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str::<crate::checkpoint::ModelMeta>(&text)
+        .map(|meta| meta.provenance)
+        .map_err(|e| format!("{}:{}: {e}", path.display(), e.line()))
+}
+
+/// Why the folder of `cfg`'s run cannot stand for it (None when it can): it must have
+/// finished (a final model beside a metrics.jsonl whose last step is max_steps) and its
+/// rcx.json must record the config file and data files that `cfg` names now, byte for byte.
+pub fn reuse_refusal(cfg: &Config) -> Result<Option<String>> {
+    let dir = &cfg.output_dir;
+    if !dir.join("model.safetensors").is_file() {
+        return Ok(Some("it holds no final model".into()));
+    }
+    let metrics = dir.join("metrics.jsonl");
+    if !read_metrics(&metrics).is_ok_and(|m| m.last().is_some_and(|l| l.step == cfg.max_steps)) {
+        return Ok(Some(format!(
+            "{} does not end at max_steps {}",
+            metrics.display(),
+            cfg.max_steps
+        )));
+    }
+    let recorded = match read_provenance(dir) {
+        Ok(Some(recorded)) => recorded,
+        Ok(None) => {
+            return Ok(Some(format!(
+                "{} records no provenance (config and data hashes)",
+                dir.join("rcx.json").display()
+            )));
+        }
+        Err(why) => return Ok(Some(why)),
+    };
+    Ok(recorded.mismatch(&Provenance::of_config(cfg)?))
 }
 
 pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
@@ -781,7 +1032,18 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
     for name in names {
         let mut cfg = Config::load(&args.configs.join(format!("{name}.yml")))?;
         cfg.output_dir = args.runs.join(name);
-        let reused = args.reuse && finished(&cfg);
+        let refusal = if args.reuse {
+            reuse_refusal(&cfg)?
+        } else {
+            Some("--reuse was not given".into())
+        };
+        if let Some(why) = refusal.as_ref().filter(|_| args.reuse) {
+            eprintln!(
+                "rcx reproduce: {name}: not reusing {}: {why}",
+                cfg.output_dir.display()
+            );
+        }
+        let reused = refusal.is_none();
         if reused {
             eprintln!(
                 "rcx reproduce: {name}: reusing {}",
@@ -809,11 +1071,23 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
         let scoring = Instant::now();
         let on_eval = evaluate_model(&cfg.output_dir, &eval_data, None)?;
         let on_train = evaluate_model(&cfg.output_dir, &train_data, Some(TRAIN_SUBSET))?;
+        let mut train_prompts = 0;
+        for file in &cfg.train_files {
+            train_prompts += crate::data::read_rankings(file, false)?.records.len();
+        }
         let run = RunResult {
             name: name.to_string(),
             loss: cfg.loss_name.clone(),
             model: cfg.model_name.clone(),
             steps: cfg.max_steps,
+            learning_rate: cfg.learning_rate,
+            eps: cfg.eps,
+            prompts_per_step: cfg
+                .per_device_train_batch_size
+                .saturating_mul(cfg.gradient_accumulation_steps),
+            train_prompts,
+            architecture: Architecture::of_model_dir(&cfg.output_dir)?,
+            provenance: read_provenance(&cfg.output_dir).ok().flatten(),
             train_wall_s: metrics.last().map_or(0.0, |m| m.elapsed_s),
             eval_wall_s: scoring.elapsed().as_secs_f64(),
             reused,

@@ -94,3 +94,25 @@ fn padding_does_not_change_a_sequence_logit() {
     let b = model.forward(&mut ws, &both, None).unwrap()[0];
     assert!((a - b).abs() < 1e-12, "alone {a} vs padded {b}");
 }
+
+/// The model checks draw their model and batch so that every ranked pair's reward
+/// difference is clear of the utilities' kink at 0 (where the extended forms switch to
+/// their linear continuation): by at least the loss checks' margin, far more than a step of
+/// the central differences moves it. In both modes the checks run (the dropout of
+/// `model_checks`).
+#[test]
+fn model_check_inputs_keep_reward_differences_off_the_kink() {
+    let dropout = Some(rcx::gradcheck::MODEL_CHECK_DROPOUT);
+    for seed in 0..200 {
+        for mode in [None, dropout] {
+            let (model, data) = rcx::gradcheck::model_check_inputs(seed, mode).unwrap();
+            let mut ws = Workspace::new();
+            let logits = model.forward(&mut ws, &data.batch, mode).unwrap();
+            let gap = rcx::gradcheck::smallest_reward_gap(logits, &data.ks);
+            assert!(
+                gap >= rcx::gradcheck::KINK_MARGIN,
+                "seed {seed}, dropout {mode:?}: a pair's rewards differ by {gap:e}"
+            );
+        }
+    }
+}

@@ -107,7 +107,13 @@ fn minilm_dir() -> PathBuf {
 fn minilm_hidden_states_match_transformers() {
     let dir = minilm_dir();
     if !dir.join("model.safetensors").exists() {
-        // .ci/run fetches it; a developer machine may not have it yet.
+        // .ci/run fetches it and sets RCX_REQUIRE_MINILM=1, so that CI fails rather than
+        // skips; a developer machine may not have it yet.
+        assert!(
+            std::env::var("RCX_REQUIRE_MINILM").map_or(true, |v| v != "1"),
+            "RCX_REQUIRE_MINILM=1 but {} is absent; run scripts/fetch-minilm.sh",
+            dir.display()
+        );
         eprintln!(
             "SKIPPED: {} is absent; run scripts/fetch-minilm.sh",
             dir.display()
@@ -128,4 +134,110 @@ fn minilm_hidden_states_match_transformers() {
         err < TOLERANCE,
         "MiniLM last hidden state: max abs error {err:e}"
     );
+}
+
+/// The other direction: a model folder that rcx WRITES loads in transformers'
+/// BertForSequenceClassification (strictly: no missing, unexpected or reshaped tensor) and
+/// gives rcx's logits. scripts/gen_rcx_written_fixture.py loaded the folder this test
+/// writes and recorded the sha256 of its files and transformers' logits; the folder must
+/// still be byte-identical to that one (else what rcx writes changed and the fixture is to
+/// be made again from the new folder, as the failure says).
+#[test]
+fn transformers_loads_an_rcx_written_folder_with_rcx_logits() {
+    let dir = rcx_written_folder();
+    let regenerate = format!(
+        "python3 scripts/gen_rcx_written_fixture.py {}",
+        dir.display()
+    );
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/rcx-written.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; make it with `{regenerate}`", path.display()));
+    let f: Value = serde_json::from_str(&text).unwrap();
+    let hashed = f["sha256"].as_object().unwrap();
+    assert!(hashed.contains_key("model.safetensors") && hashed.contains_key("config.json"));
+    for (file, expected) in hashed {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        assert_eq!(
+            &Value::String(sha256_hex(&bytes)),
+            expected,
+            "rcx now writes another {file} than the one transformers was checked on: \
+             check it loads and regenerate with `{regenerate}`"
+        );
+    }
+    let model = load_model_dir(&dir, 0).unwrap();
+    let batch = batch_of(&f);
+    assert!(batch.mask.contains(&0), "the batch must hold padding");
+    let (_, _, logits) = run(&model, &batch);
+    let (shape, expected) = dense(&f["logits"]);
+    assert_eq!(shape, [batch.b, 1]);
+    let err = max_abs_diff(&logits, &expected);
+    assert!(err < TOLERANCE, "logits: max abs error {err:e}");
+    // Spread logits: equal ones would match whatever the head did.
+    let spread = expected.iter().fold(f32::MIN, |m, &x| m.max(x))
+        - expected.iter().fold(f32::MAX, |m, &x| m.min(x));
+    assert!(spread > 0.1, "logits {expected:?}");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes, through rcx's own model-folder writer (`save_final`), a small BERT with seeded
+/// weights spread wide enough for every non-linearity to matter, and its vocabulary.
+fn rcx_written_folder() -> PathBuf {
+    use rcx::model::BertConfig;
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity-tests");
+    let dir = root.join("rcx-written");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let arch = BertConfig {
+        vocab_size: 50,
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 37,
+        max_position_embeddings: 24,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        pad_token_id: 0,
+    };
+    let mut model = BertModel::<f32>::init(arch.clone(), 3);
+    let mut rng = rcx::rng::Rng::new(17);
+    // BERT's init (std 0.02) leaves logits near 0; noise of std 0.3 spreads them. The
+    // padding row (the first hidden_size entries) stays zero, as transformers keeps it.
+    for p in model.params.iter_mut().skip(arch.hidden_size) {
+        *p += (0.3 * rng.normal()) as f32;
+    }
+    let vocab = root.join("vocab.txt");
+    let tokens: String = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .into_iter()
+        .map(String::from)
+        .chain((5..arch.vocab_size).map(|i| format!("tok{i}")))
+        .map(|t| t + "\n")
+        .collect();
+    std::fs::write(&vocab, tokens).unwrap();
+    let config = root.join("rcx-written.yml");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train");
+    std::fs::write(
+        &config,
+        format!(
+            "model_name: bert-tiny\nloss: x_inv\ndatasets: [{}]\neval_datasets: [{}]\n\
+             output_dir: {}\nmax_steps: 1\n",
+            data.join("lengths.jsonl").display(),
+            data.join("lengths_eval.jsonl").display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let cfg = rcx::config::Config::load(&config).unwrap();
+    rcx::checkpoint::save_final(&cfg, &model, &vocab).unwrap();
+    dir
 }

@@ -9,7 +9,7 @@ use rcx::figures::{
 use rcx::loss::{LossSpec, PromptType, Utility};
 use rcx::plot::Series;
 use rcx::report::{
-    Reproduction, RunResult, checks, dead_model_note, figure_files, results_markdown,
+    Architecture, Reproduction, RunResult, checks, dead_model_note, figure_files, results_markdown,
     score_summaries,
 };
 use std::path::PathBuf;
@@ -76,6 +76,17 @@ fn run(name: &str, loss: &str, s: Vec<PromptScores>) -> RunResult {
         loss: loss.into(),
         model: "bert-tiny".into(),
         steps: 200,
+        learning_rate: 1e-3,
+        eps: 0.1,
+        prompts_per_step: 4,
+        train_prompts: 400,
+        architecture: Architecture {
+            layers: 2,
+            hidden: 128,
+            heads: 2,
+            parameters: 4_400_000,
+        },
+        provenance: None,
         train_wall_s: 90.0,
         eval_wall_s: 3.0,
         reused: false,
@@ -507,4 +518,246 @@ fn run_titles_are_losses_and_shared_ones_name_their_folder() {
             "bare"
         ]
     );
+}
+
+mod common;
+
+/// A 4-step bert-tiny run on the length ranking, saving at steps 2 and 4.
+fn tiny_run(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+    let base = [
+        ("per_device_train_batch_size", "4"),
+        ("max_length", "48"),
+        ("max_steps", "4"),
+        ("eval_steps", "2"),
+        ("save_steps", "2"),
+        ("seed", "1"),
+    ];
+    common::write_config(dir, name, &base, &[])
+}
+
+fn train_ok(config: &std::path::Path) {
+    let out = common::rcx_train(config, &[]);
+    assert!(
+        out.status.success(),
+        "rcx train failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sha256_of(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap();
+    sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The commit the test binary's crate was built from: HEAD of the checkout when this
+/// crate is the top of one, else none.
+fn checkout_commit() -> Option<String> {
+    let manifest = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(manifest)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let top = git(&["rev-parse", "--show-toplevel"])?;
+    let same = std::fs::canonicalize(top).ok()? == std::fs::canonicalize(manifest).ok()?;
+    same.then(|| git(&["rev-parse", "HEAD"])).flatten()
+}
+
+fn provenance_of(folder: &std::path::Path) -> serde_json::Value {
+    let path = folder.join("rcx.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
+    meta["provenance"].clone()
+}
+
+#[test]
+fn every_model_folder_records_version_commit_config_and_data_hashes() {
+    let dir = scratch("provenance");
+    let (config, out) = tiny_run(&dir, "run");
+    train_ok(&config);
+    let expected_data = serde_json::json!([
+        {"role": "train", "path": common::fixture("lengths.jsonl").display().to_string(),
+         "sha256": sha256_of(&common::fixture("lengths.jsonl"))},
+        {"role": "eval", "path": common::fixture("lengths_eval.jsonl").display().to_string(),
+         "sha256": sha256_of(&common::fixture("lengths_eval.jsonl"))},
+    ]);
+    let commit = checkout_commit();
+    eprintln!("built from commit {commit:?}");
+    for folder in [
+        out.clone(),
+        out.join("checkpoint-2"),
+        out.join("checkpoint-4"),
+    ] {
+        let p = provenance_of(&folder);
+        assert_eq!(p["rcx_version"], env!("CARGO_PKG_VERSION"), "{folder:?}");
+        assert_eq!(p["config_sha256"], sha256_of(&config), "{folder:?}");
+        assert_eq!(p["data"], expected_data, "{folder:?}");
+        assert_eq!(p["git_commit"], serde_json::json!(commit), "{folder:?}");
+    }
+    // A folder written before provenance existed still loads, without it.
+    let meta = r#"{"max_length": 48, "loss": "x_inv", "eps": 0.1}"#;
+    std::fs::write(out.join("rcx.json"), meta).unwrap();
+    let (_, _, meta) = rcx::checkpoint::load_for_scoring(&out).unwrap();
+    assert_eq!(meta.expect("rcx.json is read").max_length, 48);
+}
+
+/// `rcx reproduce --reuse --only x` on a run folder `dir/x` made from `dir/x.yml`.
+fn reproduce_reuse(dir: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args(["reproduce", "--reuse", "--only", "x", "--skip-minilm"])
+        .arg("--configs")
+        .arg(dir)
+        .arg("--runs")
+        .arg(dir)
+        .arg("--out")
+        .arg(dir.join("results.md"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
+#[test]
+fn reuse_takes_only_a_run_whose_record_matches_the_config_and_data() {
+    let dir = scratch("reuse");
+    // The run evaluates on a copy of the fixture, to be edited below.
+    let eval = dir.join("eval.jsonl");
+    std::fs::copy(common::fixture("lengths_eval.jsonl"), &eval).unwrap();
+    let (config, out) = tiny_run(&dir, "x");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &common::fixture("lengths_eval.jsonl").display().to_string(),
+        &eval.display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    train_ok(&config);
+    let stderr = reproduce_reuse(&dir);
+    assert!(stderr.contains("x: reusing"), "{stderr}");
+
+    // The config changed (a comment is enough: the record is of the file's bytes).
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("# edited\n");
+    std::fs::write(&config, text).unwrap();
+    let stderr = reproduce_reuse(&dir);
+    assert!(
+        stderr.contains("x: not reusing") && stderr.contains("config_sha256 differs"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("x: training 4 steps"), "{stderr}");
+    // Trained again, the run now matches and is reused.
+    assert!(reproduce_reuse(&dir).contains("x: reusing"));
+
+    // The same config, its eval file edited in place: trained again.
+    let mut data = std::fs::read_to_string(&eval).unwrap();
+    let first = data.lines().next().unwrap().to_string();
+    data.push_str(&format!("{first}\n"));
+    std::fs::write(&eval, data).unwrap();
+    let stderr = reproduce_reuse(&dir);
+    assert!(
+        stderr.contains("x: not reusing") && stderr.contains("evaluation file"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("x: training 4 steps"), "{stderr}");
+
+    // A folder without provenance (written before rcx recorded it) is not reused.
+    let meta = r#"{"max_length": 48, "loss": "x_inv", "eps": 0.1}"#;
+    std::fs::write(out.join("rcx.json"), meta).unwrap();
+    let stderr = reproduce_reuse(&dir);
+    assert!(
+        stderr.contains("x: not reusing") && stderr.contains("no provenance"),
+        "{stderr}"
+    );
+}
+
+/// results.md's prose says what the runs were, from the runs: sizes, steps, rates, eps,
+/// times and the provenance of each, never the numbers of an earlier reproduction.
+#[test]
+fn results_prose_is_computed_from_the_runs() {
+    let open = optimum("x_inv", 0.2);
+    let closed = optimum("x", 0.2);
+    let mut main = run("x_adaptive", "adaptive", scores(&open, &closed));
+    main.steps = 123;
+    main.eps = 0.2;
+    main.learning_rate = 2e-4;
+    main.prompts_per_step = 6;
+    main.train_prompts = 246;
+    main.train_wall_s = 150.0;
+    main.architecture = Architecture {
+        layers: 3,
+        hidden: 96,
+        heads: 4,
+        parameters: 3_210_000,
+    };
+    main.provenance = Some(rcx::provenance::Provenance {
+        rcx_version: "9.9.9".into(),
+        git_commit: Some("0123456789abcdef0123".into()),
+        config_sha256: "fedcba9876543210fedc".into(),
+        data: vec![],
+    });
+    let mut x = run("x", "x", scores(&closed, &closed));
+    x.train_wall_s = 30.0;
+    let r = Reproduction {
+        runs: vec![main, x],
+        skipped: vec![],
+        total_wall_s: 200.0,
+        machine: "a test".into(),
+        figures_dir: "figures".into(),
+        command: "rcx reproduce".into(),
+    };
+    let md = results_markdown(&r);
+    let prose = &md[..md.find("## Targets").unwrap()];
+    for expected in [
+        "It trains `x_adaptive` and `x`,",
+        "n = 8",
+        "`x_adaptive` trains `bert-tiny` (3 layers, hidden 96, 4 heads, 3.2M parameters) from \
+         scratch for 123 steps of 6 prompts (about 3.0 passes over its 246 training prompts), which took 2.5 min",
+        "`x` trains `bert-tiny` (2 layers, hidden 128, 2 heads, 4.4M parameters) from scratch \
+         for 200 steps of 4 prompts (about 2.0 passes over its 400 training prompts), which took 0.5 min",
+        "Learning rates: 2e-4 (x_adaptive); 1e-3 (x).",
+        "The shift eps: 0.2 (x_adaptive); 0.1 (x).",
+        "shifted by the run's eps: 0.2 (x_adaptive); 0.1 (x)",
+    ] {
+        assert!(
+            prose.contains(expected),
+            "missing {expected:?} in:\n{prose}"
+        );
+    }
+    let last = r.runs[0].metrics.last().unwrap();
+    let open_acc = last.report.for_type("open").unwrap().pairwise_accuracy;
+    assert!(
+        prose.contains(&format!(
+            "`x_adaptive`, ends (step {}) with open-ended pairwise accuracy {open_acc:.4}",
+            last.step
+        )),
+        "{prose}"
+    );
+    // Nothing of the earlier reproduction's fixed text survives.
+    for stale in [
+        "800",
+        "1,696",
+        "1.9 passes",
+        "60 minutes",
+        "2 to 4 minutes",
+        "eps = 0.1",
+    ] {
+        assert!(!prose.contains(stale), "fixed text {stale:?} in:\n{prose}");
+    }
+    assert!(!md.contains("(eps 0.1 / pure)") && !md.contains("(eps 0.1) dashed"));
+    // The per-run table: settings and the recorded config hash and commit.
+    assert!(md.contains(
+        "| x_adaptive | `adaptive` (prompt-aware (open -1/x, closed x)) | bert-tiny | 3 layers, \
+         hidden 96, 4 heads, 3.2M parameters | 123 | 6 | 3.0 | 2e-4 | 0.2 | 2.5 min | 3 s | \
+         `fedcba987654` | `0123456789ab` |"
+    ), "{md}");
+    assert!(md.contains("| 3 s | - | - |"), "{md}");
 }
