@@ -1017,7 +1017,9 @@ fn a_cache_of_another_tokenizer_version_is_rebuilt() {
     assert_eq!(std::fs::read(&cache).unwrap(), good);
 }
 
-/// tiny-bert (vocab_size 128) with the 40-entry fixture vocabulary, as a model folder.
+/// tiny-bert (vocab_size 128) with the 40-entry fixture vocabulary, filled up to one entry
+/// per embedding row with unused tokens (a model folder's vocabulary must match its
+/// vocab_size), as a model folder.
 fn tiny_model(dir: &Path) -> PathBuf {
     let model = dir.join("model");
     std::fs::create_dir(&model).unwrap();
@@ -1025,7 +1027,10 @@ fn tiny_model(dir: &Path) -> PathBuf {
     for name in ["config.json", "model.safetensors"] {
         std::fs::copy(tiny.join(name), model.join(name)).unwrap();
     }
-    std::fs::copy(fixture("vocab.txt"), model.join("vocab.txt")).unwrap();
+    let mut vocab = std::fs::read_to_string(fixture("vocab.txt")).unwrap();
+    let entries = vocab.lines().count();
+    vocab.extend((entries..128).map(|i| format!("[unused{i}]\n")));
+    std::fs::write(model.join("vocab.txt"), vocab).unwrap();
     model
 }
 

@@ -265,7 +265,7 @@ fn resume_skips_a_non_finite_checkpoint() {
     let resumed = train_ok(&cfg, &["--resume", "--stop-at", "6"]);
     let text = stderr(&resumed);
     assert!(
-        text.contains("checkpoint-4") && text.contains("not finite"),
+        text.contains("checkpoint-4") && text.contains("NaN"),
         "the non-finite checkpoint was not named as skipped: {text}"
     );
     // A checkpoint from before checksums resumes, but not silently.
