@@ -6,7 +6,7 @@
 //! read, so that each error carries the key path and line serde_yaml_ng knows; an error is
 //! one line: `FILE:LINE: KEY: what was wrong, what is allowed`. The checks of several keys
 //! together (`FILE: KEY: ...`) follow, and `Config::check_data` checks what the config
-//! names (the data's records, a model folder's positions). docs/reliability-config.md lists
+//! names (the data's records, a model folder's positions). docs/reliability.md ("Configs") lists
 //! the bounds and why.
 //!
 //! Relative paths (`datasets`, `eval_datasets`, `output_dir`) are resolved against the
