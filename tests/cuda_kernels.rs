@@ -895,6 +895,21 @@ const FLASH_SHAPES: [(usize, usize, usize, usize); 8] = [
     (2, 70, 1, 128),
 ];
 
+/// The flash shapes a run checks: all of them, or with `RCX_FLASH_SHAPE=i` only shape i
+/// (scripts/gpu-check.sh gives the compute-sanitizers one small shape, since they slow a
+/// kernel down a hundredfold). A bad value is a failure, not a silent full run.
+fn flash_shapes() -> Vec<(usize, usize, usize, usize)> {
+    match std::env::var("RCX_FLASH_SHAPE") {
+        Err(_) => FLASH_SHAPES.to_vec(),
+        Ok(i) => {
+            let shape = i.parse::<usize>().ok().and_then(|i| FLASH_SHAPES.get(i));
+            vec![*shape.unwrap_or_else(|| {
+                panic!("RCX_FLASH_SHAPE={i}: expected 0..{}", FLASH_SHAPES.len())
+            })]
+        }
+    }
+}
+
 /// Flash attention in f64 given its forward's out and lse, as the backward kernels take
 /// them (the row dots D = dout · out come from the given out, which in bf16 is rounded).
 /// With `round`, version 3's arithmetic: rounding where its kernels round, so that what is
@@ -1114,7 +1129,7 @@ fn flash_attention_matches_cpu() {
         return;
     };
     let mut rng = Rng::new(11);
-    for shape in FLASH_SHAPES {
+    for shape in flash_shapes() {
         for dropout in [None, Some(AttentionDropout { p: 0.2, seed: 77 })] {
             flash_case::<f32>(&rt, &mut rng, shape, dropout);
             flash_case::<bf16>(&rt, &mut rng, shape, dropout);
@@ -1228,7 +1243,7 @@ fn flash_attention_tensor_cores_match_cpu() {
         return;
     };
     let mut rng = Rng::new(13);
-    for shape in FLASH_SHAPES {
+    for shape in flash_shapes() {
         for dropout in [None, Some(AttentionDropout { p: 0.2, seed: 78 })] {
             tensor_core_case(&rt, &mut rng, shape, dropout);
         }

@@ -406,7 +406,7 @@ impl DeviceBatch {
             .find(|&&id| id as usize >= cfg.vocab_size)
         {
             return Err(Error::user(format!(
-                "token id {id} is outside the model's vocabulary of {}: the vocab.txt does not match the model",
+                "token id {id} is outside the model's vocabulary of {} (config.json's vocab_size): the ids come from a larger vocabulary than the model's",
                 cfg.vocab_size
             )));
         }
