@@ -822,7 +822,7 @@ fn check_config_refuses_evaluation_records_beyond_the_record_bound() {
     // its K completions (computed for K <= 2000): training used to fail there. The data
     // reader's bound per record (rcx::data::MAX_COMPLETIONS) is far below it, and
     // check-config applies it to the evaluation files too.
-    assert!(rcx::data::MAX_COMPLETIONS <= rcx::theory::MAX_N);
+    const _: () = assert!(rcx::data::MAX_COMPLETIONS <= rcx::theory::MAX_N);
     let completions: Vec<String> = (0..2001).map(|i| format!("\"c{i}\"")).collect();
     let wide = format!(
         r#"{{"prompt": "p", "completions": [{}], "prompt_type": "open"}}"#,
