@@ -249,6 +249,14 @@ pub fn vocab_path(model_dir: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
+/// The tokenizer of a model folder's own `vocab.txt`, checked against its config.json;
+/// with the vocabulary's path.
+fn folder_tokenizer(dir: &Path, model: &BertModel<f32>) -> Result<(Tokenizer, PathBuf)> {
+    let vocab = vocab_path(Some(dir))?;
+    let config = dir.join("config.json").display().to_string();
+    Ok((model_tokenizer(&vocab, model, &config)?, vocab))
+}
+
 /// Reads a model's vocabulary and checks it against the model's config: one entry per row
 /// of the word embeddings, and `[PAD]` where `pad_token_id` says. `config` names what set
 /// the model's sizes (its config.json, or the architecture's name).
@@ -296,12 +304,7 @@ pub fn model_for_training(cfg: &Config) -> Result<(BertModel<f32>, Tokenizer, Pa
         )));
     }
     let (model, fresh) = load_model(dir, Head::FreshIfAbsent(cfg.seed))?;
-    let vocab = vocab_path(Some(dir))?;
-    let tok = model_tokenizer(
-        &vocab,
-        &model,
-        &dir.join("config.json").display().to_string(),
-    )?;
+    let (tok, vocab) = folder_tokenizer(dir, &model)?;
     if !fresh.is_empty() {
         eprintln!(
             "rcx: {} has no {}: starting them fresh (BERT's initialisation, seed {})",
@@ -317,12 +320,7 @@ pub fn model_for_training(cfg: &Config) -> Result<(BertModel<f32>, Tokenizer, Pa
 /// folder) with its tokenizer and its `rcx.json` notes, when it has them.
 pub fn load_for_scoring(dir: &Path) -> Result<(BertModel<f32>, Tokenizer, Option<ModelMeta>)> {
     let (model, _) = load_model(dir, Head::Stored)?;
-    let vocab = vocab_path(Some(dir))?;
-    let tok = model_tokenizer(
-        &vocab,
-        &model,
-        &dir.join("config.json").display().to_string(),
-    )?;
+    let (tok, _) = folder_tokenizer(dir, &model)?;
     let meta_path = dir.join("rcx.json");
     let meta = match fs::read_to_string(&meta_path) {
         Ok(text) => Some(read_model_meta(&meta_path, &text)?),
