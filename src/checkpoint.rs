@@ -68,7 +68,8 @@ pub struct ModelMeta {
     pub provenance: Option<crate::provenance::Provenance>,
 }
 
-fn to_hf(cfg: &BertConfig) -> HfBertConfig {
+/// A model's architecture as its Hugging Face config.json holds it.
+pub fn to_hf(cfg: &BertConfig) -> HfBertConfig {
     HfBertConfig {
         vocab_size: cfg.vocab_size,
         hidden_size: cfg.hidden_size,

@@ -2,7 +2,7 @@
 //! with exit code 2 and exactly one line on stderr that names the file at fault and what
 //! is wrong with it, never a panic; and a refused run must not have deleted anything.
 
-use rcx::hf_config::{HfBertConfig, write_hf_config};
+use rcx::hf_config::write_hf_config;
 use rcx::model::{BertConfig, BertModel};
 use rcx::safetensors::write_f32;
 use std::path::{Path, PathBuf};
@@ -65,20 +65,7 @@ fn small_arch() -> BertConfig {
 }
 
 fn write_config_json(dir: &Path, arch: &BertConfig) {
-    let hf = HfBertConfig {
-        vocab_size: arch.vocab_size,
-        hidden_size: arch.hidden_size,
-        num_hidden_layers: arch.num_hidden_layers,
-        num_attention_heads: arch.num_attention_heads,
-        intermediate_size: arch.intermediate_size,
-        hidden_act: "gelu".into(),
-        hidden_dropout_prob: arch.hidden_dropout_prob as f32,
-        attention_probs_dropout_prob: arch.attention_probs_dropout_prob as f32,
-        max_position_embeddings: arch.max_position_embeddings,
-        type_vocab_size: arch.type_vocab_size,
-        layer_norm_eps: arch.layer_norm_eps as f32,
-        pad_token_id: arch.pad_token_id,
-    };
+    let hf = rcx::checkpoint::to_hf(arch);
     write_hf_config(&dir.join("config.json"), &hf, 1).unwrap();
 }
 

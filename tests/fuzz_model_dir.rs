@@ -13,7 +13,7 @@ use proptest::sample::Index;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestCaseError, TestRunner};
 use rcx::checkpoint::load_for_scoring;
 use rcx::error::Error;
-use rcx::hf_config::{HfBertConfig, read_hf_config, write_hf_config};
+use rcx::hf_config::{read_hf_config, write_hf_config};
 use rcx::model::{BertConfig, BertModel};
 use rcx::safetensors::{SafeTensors, write_f32};
 use serde_json::{Map, Value, json};
@@ -129,20 +129,7 @@ fn valid_model_folder(test: &str) -> PathBuf {
         &[("format", "pt")],
     )
     .unwrap();
-    let hf = HfBertConfig {
-        vocab_size: arch.vocab_size,
-        hidden_size: arch.hidden_size,
-        num_hidden_layers: arch.num_hidden_layers,
-        num_attention_heads: arch.num_attention_heads,
-        intermediate_size: arch.intermediate_size,
-        hidden_act: "gelu".into(),
-        hidden_dropout_prob: arch.hidden_dropout_prob as f32,
-        attention_probs_dropout_prob: arch.attention_probs_dropout_prob as f32,
-        max_position_embeddings: arch.max_position_embeddings,
-        type_vocab_size: arch.type_vocab_size,
-        layer_norm_eps: arch.layer_norm_eps as f32,
-        pad_token_id: arch.pad_token_id,
-    };
+    let hf = rcx::checkpoint::to_hf(&arch);
     write_hf_config(&dir.join("config.json"), &hf, 1).unwrap();
     std::fs::write(dir.join("vocab.txt"), VOCAB.join("\n") + "\n").unwrap();
     // The control: the folder the mutations start from loads.
