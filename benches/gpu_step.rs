@@ -7,7 +7,7 @@
 //! - the paper's pair-duplicated way: each of the 28 pairs as its own 2-completion batch
 //!   entry (56 sequences), 7x the encoder work.
 //!
-//! Time per step: host clock around `train_step_cuda` and a synchronize (the step brings its
+//! Time per step: host clock around `Model::train_step` and a synchronize (the step brings its
 //! loss and norm back anyway), after warm-up steps; the median of several steps. bf16 runs
 //! first (the number compared with PyTorch bf16), each dtype from the same initial weights;
 //! each ends with a summary line and a JSON line for scripts/gpu-check.sh, so a timeout keeps
@@ -31,11 +31,12 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
-use rcx::backend::cuda::{CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
+use rcx::backend::OptimStep;
+use rcx::backend::cuda::{Cuda, CudaRuntime};
 use rcx::config::DType;
 use rcx::error::{Error, Result};
 use rcx::loss::{LossSpec, PromptType};
-use rcx::model::{Batch, BertConfig, BertModel, Dropout};
+use rcx::models::{Batch, BertConfig, Dropout, HostModel, MicroBatch, Model};
 
 use common::Rng;
 
@@ -104,7 +105,7 @@ fn batch_of(seqs: &[&Vec<u32>]) -> Batch {
 
 /// Median seconds per step over `steps` steps after `warmup`.
 fn time_steps(
-    trainer: &mut CudaTrainer,
+    trainer: &mut Model<Cuda>,
     micro: &MicroBatch<'_>,
     spec: &LossSpec,
     warmup: usize,
@@ -123,8 +124,8 @@ fn time_steps(
             max_grad_norm: 1.0,
         };
         let started = Instant::now();
-        let stats = train_step_cuda(trainer, std::slice::from_ref(micro), spec, 0.01, &opt)?;
-        trainer.runtime().synchronize()?;
+        let stats = trainer.train_step(std::slice::from_ref(micro), spec, 0.01, &opt)?;
+        trainer.backend.runtime().synchronize()?;
         if !(stats.loss.is_finite() && stats.grad_norm.is_finite()) {
             return Err(Error::internal(format!(
                 "step {}: loss {} grad norm {}",
@@ -155,7 +156,7 @@ fn run(setup: &Setup) -> Result<()> {
         return Ok(());
     };
     let cfg = BertConfig::named(setup.model).expect("a known name");
-    let model = BertModel::<f32>::init(cfg.clone(), 1);
+    let model = HostModel::<f32>::init(cfg.clone(), 1);
     println!(
         "{} reward model: {} parameters",
         setup.model,
@@ -170,13 +171,14 @@ fn run(setup: &Setup) -> Result<()> {
 
 fn bench_dtype(
     rt: &Arc<CudaRuntime>,
-    model: &BertModel<f32>,
+    model: &HostModel<f32>,
     setup: &Setup,
     dtype: DType,
     name: &str,
 ) -> Result<()> {
     let (cfg, t, warmup) = (&model.config, setup.t, setup.warmup);
-    let mut trainer = CudaTrainer::new(rt.clone(), model, dtype)?;
+    let mut trainer = model.on_cuda(rt.clone(), dtype)?;
+    trainer.start_training()?;
     let spec = LossSpec::parse("x_inv")?;
     let mut rng = Rng(2023);
     let completions = sequences(&mut rng, K, t, cfg.vocab_size as u32);

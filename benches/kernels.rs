@@ -30,7 +30,7 @@ use rcx::backend::cuda::{
 };
 use rcx::error::{Error, Result};
 use rcx::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
-use rcx::model::{BertConfig, ParamLayout};
+use rcx::models::{BertConfig, ParamLayout};
 
 use common::{Rng, median_ms};
 

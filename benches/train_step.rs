@@ -16,10 +16,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use rcx::backend::cpu::{adamw_update, global_norm_squared};
+use rcx::backend::OptimStep;
+use rcx::backend::cpu::Cpu;
 use rcx::checkpoint::load_model_dir;
-use rcx::loss::{LossSpec, PromptType, Utility, ranking_loss_forward_backward};
-use rcx::model::{Batch, BertModel, Dropout, Workspace};
+use rcx::loss::{LossSpec, PromptType, Utility};
+use rcx::models::{Batch, Dropout, MicroBatch, Model};
 use rcx::rng::{Rng, derive_seed};
 
 const COMPLETIONS: usize = 8;
@@ -124,51 +125,33 @@ fn make_batch(config: &str, vocab: usize) -> Result<(Batch, Vec<usize>), String>
     Ok((batch, ks))
 }
 
-struct StepState {
-    model: BertModel<f32>,
-    ws: Workspace<f32>,
-    grads: Vec<f32>, // [params]
-    m: Vec<f32>,     // [params]
-    v: Vec<f32>,     // [params]
-    dlogits: Vec<f32>,
-}
-
-/// One full training step; returns the loss.
-fn train_step(s: &mut StepState, batch: &Batch, ks: &[usize], step: u64) -> f32 {
+/// One full training step (`Model::train_step`, the trainer's own); returns the loss.
+fn train_step(model: &mut Model<Cpu<f32>>, batch: &Batch, ks: &[usize], step: u64) -> f32 {
     let spec = LossSpec::Single(Utility::XInv);
     let types = vec![Some(PromptType::Open); ks.len()];
-    let dropout = Some(Dropout {
-        hidden: DROPOUT,
-        attention: DROPOUT,
-        seed: derive_seed(1, &[step]),
-    });
-    s.grads.fill(0.0);
-    let logits = s.model.forward(&mut s.ws, batch, dropout).expect("forward");
-    s.dlogits.resize(logits.len(), 0.0);
-    let loss = ranking_loss_forward_backward(logits, ks, &types, &spec, EPS, &mut s.dlogits)
-        .expect("loss");
-    s.model
-        .backward(&mut s.ws, batch, dropout, &s.dlogits, &mut s.grads);
-    let norm = global_norm_squared(&s.grads).sqrt();
-    let clip = (MAX_GRAD_NORM / (norm + 1e-6)).min(1.0);
-    for t in &s.model.layout.tensors {
-        let r = t.range();
-        let wd = if t.decay { WEIGHT_DECAY } else { 0.0 };
-        adamw_update(
-            &mut s.model.params[r.clone()],
-            &s.grads[r.clone()],
-            &mut s.m[r.clone()],
-            &mut s.v[r],
-            step + 1,
-            LR,
-            0.9,
-            0.999,
-            1e-8,
-            wd,
-            clip,
-        );
-    }
-    loss
+    let micro = MicroBatch {
+        batch,
+        ks,
+        types: &types,
+        dropout: Some(Dropout {
+            hidden: DROPOUT,
+            attention: DROPOUT,
+            seed: derive_seed(1, &[step]),
+        }),
+    };
+    let opt = OptimStep {
+        step: step + 1,
+        lr: LR,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: WEIGHT_DECAY,
+        max_grad_norm: MAX_GRAD_NORM,
+    };
+    let stats = model
+        .train_step(&[micro], &spec, EPS, &opt)
+        .expect("a training step");
+    stats.loss as f32
 }
 
 fn median_of_sorted(xs: &[f64]) -> f64 {
@@ -183,21 +166,14 @@ fn median_of_sorted(xs: &[f64]) -> f64 {
 fn run_config(opts: &Options, config: &str) -> Result<(), String> {
     let model = load_model_dir(&opts.model, 0).map_err(|e| e.to_string())?;
     let (batch, ks) = make_batch(config, model.config.vocab_size)?;
-    let total = model.num_params();
-    let mut s = StepState {
-        model,
-        ws: Workspace::new(),
-        grads: vec![0.0; total],
-        m: vec![0.0; total],
-        v: vec![0.0; total],
-        dlogits: Vec::new(),
-    };
+    let mut model = model.on_cpu();
+    model.start_training().map_err(|e| e.to_string())?;
     let mut times_ms = Vec::with_capacity(opts.steps);
     let mut cpu_ms = Vec::with_capacity(opts.steps);
     let mut loss = 0.0;
     for step in 0..opts.warmup + opts.steps {
         let (started, cpu_started) = (Instant::now(), cpu_time_ms());
-        loss = train_step(&mut s, &batch, &ks, step as u64);
+        loss = train_step(&mut model, &batch, &ks, step as u64);
         if step >= opts.warmup {
             times_ms.push(started.elapsed().as_secs_f64() * 1e3);
             cpu_ms.push(cpu_time_ms() - cpu_started);
@@ -217,7 +193,7 @@ fn run_config(opts: &Options, config: &str) -> Result<(), String> {
         times_ms[0],
         times_ms[times_ms.len() - 1],
         peak_rss_mib(),
-        s.ws.activation_bytes() as f64 / (1024.0 * 1024.0),
+        model.backend.activation_bytes() as f64 / (1024.0 * 1024.0),
     );
     Ok(())
 }

@@ -11,7 +11,7 @@ use crate::checksum::sha256_file;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hf_config::{HfBertConfig, read_hf_config, write_hf_config};
-use crate::model::{BertConfig, BertModel, ParamLayout};
+use crate::models::{BertConfig, HostModel, ParamLayout, Weights};
 use crate::safetensors::{SafeTensors, write_atomic, write_f32};
 use crate::tokenizer::Tokenizer;
 use crate::training_settings::Settings;
@@ -129,7 +129,7 @@ const HEAD_GROUPS: [&str; 2] = ["bert.pooler.", "classifier."];
 /// Loads a Hugging Face BERT folder (BertModel or BertForSequenceClassification names),
 /// starting the pooler and the one-output head as BERT does when absent: a pretrained
 /// encoder, as training starts from it.
-pub fn load_model_dir(dir: &Path, seed: u64) -> Result<BertModel<f32>> {
+pub fn load_model_dir(dir: &Path, seed: u64) -> Result<HostModel<f32>> {
     Ok(load_model(dir, Head::FreshIfAbsent(seed))?.0)
 }
 
@@ -137,7 +137,7 @@ pub fn load_model_dir(dir: &Path, seed: u64) -> Result<BertModel<f32>> {
 /// (config.json's bounds, then each tensor's shape and dtype against the safetensors
 /// header) before the model is allocated, and every weight must be finite. Returns the
 /// model and the names of the tensors that `head` let start fresh.
-pub fn load_model(dir: &Path, head: Head) -> Result<(BertModel<f32>, Vec<String>)> {
+pub fn load_model(dir: &Path, head: Head) -> Result<(HostModel<f32>, Vec<String>)> {
     if !dir.is_dir() {
         return Err(Error::user(format!(
             "{}: no such model folder",
@@ -210,7 +210,7 @@ pub fn load_model(dir: &Path, head: Head) -> Result<(BertModel<f32>, Vec<String>
         fresh.push(spec.name.clone());
     }
 
-    let mut model = BertModel::<f32>::zeros(config);
+    let mut model = HostModel::<f32>::zeros(config);
     for (index, spec) in layout.tensors.iter().enumerate() {
         if fresh.contains(&spec.name) {
             if let Head::FreshIfAbsent(seed) = head {
@@ -252,7 +252,7 @@ pub fn vocab_path(model_dir: Option<&Path>) -> Result<PathBuf> {
 
 /// The tokenizer of a model folder's own `vocab.txt`, checked against its config.json;
 /// with the vocabulary's path.
-fn folder_tokenizer(dir: &Path, model: &BertModel<f32>) -> Result<(Tokenizer, PathBuf)> {
+fn folder_tokenizer(dir: &Path, model: &HostModel<f32>) -> Result<(Tokenizer, PathBuf)> {
     let vocab = vocab_path(Some(dir))?;
     let config = dir.join("config.json").display().to_string();
     Ok((model_tokenizer(&vocab, model, &config)?, vocab))
@@ -261,7 +261,7 @@ fn folder_tokenizer(dir: &Path, model: &BertModel<f32>) -> Result<(Tokenizer, Pa
 /// Reads a model's vocabulary and checks it against the model's config: one entry per row
 /// of the word embeddings, and `[PAD]` where `pad_token_id` says. `config` names what set
 /// the model's sizes (its config.json, or the architecture's name).
-fn model_tokenizer(vocab: &Path, model: &BertModel<f32>, config: &str) -> Result<Tokenizer> {
+fn model_tokenizer(vocab: &Path, model: &HostModel<f32>, config: &str) -> Result<Tokenizer> {
     let tok = Tokenizer::from_vocab_file(vocab)?;
     let cfg = &model.config;
     if tok.vocab_size() != cfg.vocab_size {
@@ -287,9 +287,9 @@ fn model_tokenizer(vocab: &Path, model: &BertModel<f32>, config: &str) -> Result
 /// The model a run starts from and the tokenizer of its vocabulary.
 /// Returns the model, its tokenizer and the vocabulary file. A pretrained encoder without
 /// a pooler or classifier gets fresh ones, and stderr says so.
-pub fn model_for_training(cfg: &Config) -> Result<(BertModel<f32>, Tokenizer, PathBuf)> {
+pub fn model_for_training(cfg: &Config) -> Result<(HostModel<f32>, Tokenizer, PathBuf)> {
     if let Some(arch) = BertConfig::named(&cfg.model_name) {
-        let model = BertModel::init(arch, cfg.seed);
+        let model = HostModel::init(arch, cfg.seed);
         let vocab = vocab_path(None)?;
         let tok = model_tokenizer(&vocab, &model, &cfg.model_name)?;
         return Ok((model, tok, vocab));
@@ -319,7 +319,7 @@ pub fn model_for_training(cfg: &Config) -> Result<(BertModel<f32>, Tokenizer, Pa
 
 /// A trained model folder (written by rcx, or any whole BertForSequenceClassification
 /// folder) with its tokenizer and its `rcx.json` notes, when it has them.
-pub fn load_for_scoring(dir: &Path) -> Result<(BertModel<f32>, Tokenizer, Option<ModelMeta>)> {
+pub fn load_for_scoring(dir: &Path) -> Result<(HostModel<f32>, Tokenizer, Option<ModelMeta>)> {
     let (model, _) = load_model(dir, Head::Stored)?;
     let (tok, _) = folder_tokenizer(dir, &model)?;
     let meta_path = dir.join("rcx.json");
@@ -555,14 +555,14 @@ fn write_tensors(path: &Path, list: &[(String, &[usize], &[f32])]) -> Result<()>
 fn write_model_files(
     dir: &Path,
     cfg: &Config,
-    model: &BertModel<f32>,
+    model: &Weights<'_>,
     tok_vocab: &Path,
 ) -> Result<()> {
     write_tensors(
         &dir.join("model.safetensors"),
-        &tensor_list(&model.layout, &model.params, ""),
+        &tensor_list(model.layout, model.params, ""),
     )?;
-    write_hf_config(&dir.join("config.json"), &to_hf(&model.config), 1)?;
+    write_hf_config(&dir.join("config.json"), &to_hf(model.config), 1)?;
     let vocab = dir.join("vocab.txt");
     if tok_vocab != vocab {
         fs::copy(tok_vocab, &vocab).map_err(|e| Error::io(&vocab, e))?;
@@ -588,7 +588,7 @@ fn write_model_files(
 /// kept checkpoint as it was.
 pub fn save_checkpoint(
     cfg: &Config,
-    model: &BertModel<f32>,
+    model: &Weights<'_>,
     vocab: &Path,
     m: &[f32],
     v: &[f32],
@@ -619,7 +619,7 @@ pub fn save_checkpoint(
 fn write_checkpoint_files(
     tmp: &Path,
     cfg: &Config,
-    model: &BertModel<f32>,
+    model: &Weights<'_>,
     vocab: &Path,
     m: &[f32],
     v: &[f32],
@@ -630,8 +630,8 @@ fn write_checkpoint_files(
     }
     fs::create_dir_all(tmp).map_err(|e| Error::write(tmp, e))?;
     write_model_files(tmp, cfg, model, vocab)?;
-    let mut moments = tensor_list(&model.layout, m, ".exp_avg");
-    moments.extend(tensor_list(&model.layout, v, ".exp_avg_sq"));
+    let mut moments = tensor_list(model.layout, m, ".exp_avg");
+    moments.extend(tensor_list(model.layout, v, ".exp_avg_sq"));
     write_tensors(&tmp.join("optimizer.safetensors"), &moments)?;
     let mut state = state.clone();
     for name in CHECKPOINT_FILES {
@@ -645,9 +645,9 @@ fn write_checkpoint_files(
 
 /// Where in the parameter arenas a value is not finite: "the weights", "the AdamW first
 /// moments" or "the AdamW second moments", with the first tensor holding one.
-pub fn first_non_finite(model: &BertModel<f32>, m: &[f32], v: &[f32]) -> Option<String> {
+pub fn first_non_finite(model: &Weights<'_>, m: &[f32], v: &[f32]) -> Option<String> {
     let arenas = [
-        ("the weights", &model.params[..]),
+        ("the weights", model.params),
         ("the AdamW first moments", m),
         ("the AdamW second moments", v),
     ];
@@ -670,7 +670,7 @@ pub fn first_non_finite(model: &BertModel<f32>, m: &[f32], v: &[f32]) -> Option<
 /// with the reason; when none verifies, the error lists them all.
 pub fn load_newest_verified(
     out: &Path,
-    model: &mut BertModel<f32>,
+    model: &mut HostModel<f32>,
     m: &mut [f32],
     v: &mut [f32],
 ) -> Result<(PathBuf, TrainState)> {
@@ -712,7 +712,7 @@ pub fn load_newest_verified(
 fn load_verified(
     dir: &Path,
     step: usize,
-    model: &mut BertModel<f32>,
+    model: &mut HostModel<f32>,
     m: &mut [f32],
     v: &mut [f32],
 ) -> std::result::Result<TrainState, String> {
@@ -747,7 +747,7 @@ fn load_verified(
         }
     }
     load_train_state(dir, model, m, v).map_err(|e| e.to_string())?;
-    if let Some(what) = first_non_finite(model, m, v) {
+    if let Some(what) = first_non_finite(&model.weights(), m, v) {
         return Err(format!(
             "{}: {what} (saved by a run that had diverged)",
             dir.display()
@@ -759,7 +759,7 @@ fn load_verified(
 /// Loads weights and moments of a checkpoint into the run's arenas.
 fn load_train_state(
     dir: &Path,
-    model: &mut BertModel<f32>,
+    model: &mut HostModel<f32>,
     m: &mut [f32],
     v: &mut [f32],
 ) -> Result<()> {
@@ -783,6 +783,6 @@ fn load_train_state(
 }
 
 /// The trained model at the top of the output folder, for `rcx score` and `rcx eval`.
-pub fn save_final(cfg: &Config, model: &BertModel<f32>, vocab: &Path) -> Result<()> {
+pub fn save_final(cfg: &Config, model: &Weights<'_>, vocab: &Path) -> Result<()> {
     write_model_files(&cfg.output_dir, cfg, model, vocab)
 }

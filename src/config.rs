@@ -19,7 +19,7 @@ use crate::data::{LineOutcome, SHIPPED_SET, for_each_line, parse_ranking_line, r
 use crate::error::{Error, Result};
 use crate::hf_config::read_hf_config;
 use crate::loss::{EPS_RANGE, LossSpec, Utility, short_number};
-use crate::model::BertConfig;
+use crate::models::BertConfig;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::fmt;

@@ -334,9 +334,9 @@ pub fn score_file(
         .unwrap_or(512)
         .min(model.config.max_position_embeddings);
     let set = crate::train::PromptSet::open(&[data.to_path_buf()], &tok, max_length)?;
-    let mut ws = crate::model::Workspace::new();
+    let mut model = model.on_cpu();
     let logits = crate::train::score_set(
-        |batch| Ok(model.forward(&mut ws, batch, None)?.to_vec()),
+        |batch| model.forward(batch, None),
         &set,
         limit,
         8,

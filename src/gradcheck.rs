@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+use crate::backend::Batch;
+use crate::backend::cpu::Cpu;
 use crate::backend::cpu::{
     AttentionDropout, attention_backward, attention_forward, cls_pool_backward, cls_pool_forward,
     dropout_backward, dropout_forward, embedding_backward, embedding_forward, gelu_backward,
@@ -18,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::loss::{
     LossSpec, PromptType, Utility, pairwise_accuracy, ranking_loss_forward_backward, sigmoid,
 };
-use crate::model::{Batch, BertConfig, BertModel, Dropout, Workspace};
+use crate::models::{BertConfig, Dropout, HostModel, Model};
 use crate::rng::Rng;
 
 /// Step of the central differences: (f(x + h) - f(x - h)) / 2h has error O(h² f''') from
@@ -581,28 +583,27 @@ pub fn tiny_ranked_batch(rng: &mut Rng) -> Ranked {
 /// BERT's init plus noise on every parameter but the word table's padding row (the first
 /// hidden_size entries), so that no gradient vanishes by symmetry (LayerNorm weights of
 /// exactly 1, biases of exactly 0).
-pub fn tiny_random_model(rng: &mut Rng) -> BertModel<f64> {
+pub fn tiny_random_model(rng: &mut Rng) -> Model<Cpu<f64>> {
     let config = tiny_config();
     let skip = config.hidden_size;
-    let mut model = BertModel::<f64>::init(config, 7);
+    let mut model = HostModel::<f64>::init(config, 7);
     for p in model.params.iter_mut().skip(skip) {
         *p += 0.3 * rng.normal();
     }
-    model
+    model.on_cpu()
 }
 
 /// The loss of the model on `data` under `spec`; dlogits receives d loss / d logit.
 pub fn model_loss(
-    model: &BertModel<f64>,
-    ws: &mut Workspace<f64>,
+    model: &mut Model<Cpu<f64>>,
     data: &Ranked,
     spec: &LossSpec,
     dropout: Option<Dropout>,
     dlogits: &mut Vec<f64>,
 ) -> Result<f64> {
-    let logits = model.forward(ws, &data.batch, dropout)?;
+    let logits = model.forward(&data.batch, dropout)?;
     dlogits.resize(logits.len(), 0.0);
-    ranking_loss_forward_backward(logits, &data.ks, &data.types, spec, LOSS_EPS, dlogits)
+    ranking_loss_forward_backward(&logits, &data.ks, &data.types, spec, LOSS_EPS, dlogits)
 }
 
 /// ||a - b|| / max(||a||, ||b||): robust where single entries are ~0.
@@ -617,7 +618,7 @@ pub fn relative_l2_error(a: &[f64], b: &[f64]) -> f64 {
     diff / norm(a).max(norm(b)).max(1e-300)
 }
 
-/// The whole model's backward (src/model.rs) with the ranking loss on top, every parameter
+/// The whole model's backward (src/models/bert.rs) with the ranking loss on top, every parameter
 /// against central differences, judged per tensor. A tensor whose gradient is zero on both
 /// sides proves nothing and fails, except the two that are zero by construction: the
 /// attention key biases (softmax ignores a shift shared by all of a query's scores; both
@@ -628,7 +629,10 @@ pub fn check_model(
     dropout: Option<Dropout>,
     seed: u64,
 ) -> Result<Check> {
-    judge_model_gradient(name, spec, dropout, seed, BertModel::backward)
+    judge_model_gradient(name, spec, dropout, seed, |model, dropout, dlogits| {
+        model.backward(dropout, dlogits)?;
+        Ok(model.backend.grads().to_vec())
+    })
 }
 
 /// The smallest |r_i - r_j| over the ranked pairs of a batch, r = sigmoid(logit).
@@ -671,15 +675,17 @@ pub fn pair_across_the_kink(
 /// The model and batch of the whole-model checks for `seed`, in the mode a check runs
 /// (`dropout`): BERT's init plus noise, drawn again until every ranked pair's reward
 /// difference is at least KINK_MARGIN from the kink.
-pub fn model_check_inputs(seed: u64, dropout: Option<Dropout>) -> Result<(BertModel<f64>, Ranked)> {
+pub fn model_check_inputs(
+    seed: u64,
+    dropout: Option<Dropout>,
+) -> Result<(Model<Cpu<f64>>, Ranked)> {
     let mut rng = Rng::new(seed);
-    let mut ws = Workspace::new();
     // Most draws pass: 100 failures in a row would mean a broken model.
     for _ in 0..100 {
-        let model = tiny_random_model(&mut rng);
+        let mut model = tiny_random_model(&mut rng);
         let data = tiny_ranked_batch(&mut rng);
-        let logits = model.forward(&mut ws, &data.batch, dropout)?;
-        if smallest_reward_gap(logits, &data.ks) >= KINK_MARGIN {
+        let logits = model.forward(&data.batch, dropout)?;
+        if smallest_reward_gap(&logits, &data.ks) >= KINK_MARGIN {
             return Ok((model, data));
         }
     }
@@ -688,7 +694,8 @@ pub fn model_check_inputs(seed: u64, dropout: Option<Dropout>) -> Result<(BertMo
     )))
 }
 
-/// `check_model` with the analytic gradient from `backward`: the model's own in
+/// `check_model` with the analytic gradient from `backward` (called on zeroed gradients,
+/// after the forward, with the logits' gradient; returns the gradient arena): the model's own in
 /// `check_model`, deliberately wrong ones in the tests, to show that the check fails them.
 /// Every perturbed forward must leave each ranked pair on its side of the kink (an internal
 /// error otherwise: the difference quotient would measure neither branch).
@@ -697,27 +704,26 @@ pub fn judge_model_gradient(
     spec: &LossSpec,
     dropout: Option<Dropout>,
     seed: u64,
-    backward: impl Fn(&BertModel<f64>, &mut Workspace<f64>, &Batch, Option<Dropout>, &[f64], &mut [f64]),
+    backward: impl Fn(&mut Model<Cpu<f64>>, Option<Dropout>, &[f64]) -> Result<Vec<f64>>,
 ) -> Result<Check> {
     let (mut model, data) = model_check_inputs(seed, dropout)?;
-    let mut ws = Workspace::new();
     let mut dlogits = Vec::new();
-    model_loss(&model, &mut ws, &data, spec, dropout, &mut dlogits)?;
-    let base_logits = model.outputs(&ws).2.to_vec();
-    let mut grads = vec![0.0; model.num_params()];
-    backward(&model, &mut ws, &data.batch, dropout, &dlogits, &mut grads);
+    model_loss(&mut model, &data, spec, dropout, &mut dlogits)?;
+    let base_logits = model.outputs()?.2;
+    model.start_training()?;
+    let grads = backward(&mut model, dropout, &dlogits)?;
 
     let mut scratch = Vec::new();
     let mut worst = Worst::new();
     for tensor in model.layout.tensors.clone() {
         let mut numeric = Vec::with_capacity(tensor.len());
         for idx in tensor.range() {
-            let saved = model.params[idx];
-            let mut loss_at = |value: f64, ws: &mut Workspace<f64>| -> Result<f64> {
-                model.params[idx] = value;
-                let loss = model_loss(&model, ws, &data, spec, dropout, &mut scratch)?;
+            let saved = model.backend.params()[idx];
+            let mut loss_at = |value: f64| -> Result<f64> {
+                model.backend.params_mut()[idx] = value;
+                let loss = model_loss(&mut model, &data, spec, dropout, &mut scratch)?;
                 if let Some((p, i, j)) =
-                    pair_across_the_kink(&base_logits, model.outputs(ws).2, &data.ks)
+                    pair_across_the_kink(&base_logits, &model.outputs()?.2, &data.ks)
                 {
                     return Err(Error::internal(format!(
                         "{name}: a step of {STEP:e} in {}[{}] moves completions {i} and {j} of \
@@ -728,9 +734,9 @@ pub fn judge_model_gradient(
                 }
                 Ok(loss)
             };
-            let up = loss_at(saved + STEP, &mut ws)?;
-            let down = loss_at(saved - STEP, &mut ws)?;
-            model.params[idx] = saved;
+            let up = loss_at(saved + STEP)?;
+            let down = loss_at(saved - STEP)?;
+            model.backend.params_mut()[idx] = saved;
             numeric.push((up - down) / (2.0 * STEP));
         }
         let analytic = &grads[tensor.range()];

@@ -2,8 +2,8 @@
 //! prompt-aware ones. A utility U is maximised over ranked pairs; the loss of a pair whose
 //! reward difference is x = r_better - r_worse is -U(x).
 
-use crate::backend::Float;
 use crate::error::{Error, Result};
+use crate::float::Float;
 
 /// Whether a prompt is open-ended (wants spread rewards) or closed-ended (polarized ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

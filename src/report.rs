@@ -498,7 +498,7 @@ fn setup_paragraph(runs: &[RunResult], paper: &[&RunResult]) -> String {
         "Why this size: the paper fine-tuned DeBERTa-v3-base for 1,000 steps on a GPU. Here ",
     );
     let shape = |run: &RunResult| {
-        let start = if crate::model::BertConfig::named(&run.model).is_some() {
+        let start = if crate::models::BertConfig::named(&run.model).is_some() {
             "from scratch"
         } else {
             "from its pretrained weights"

@@ -9,16 +9,17 @@
 //! `Error::Diverged` before anything non-finite is evaluated or saved, and stops cleanly
 //! between steps on SIGINT/SIGTERM (`crate::signals`).
 
-use crate::backend::cpu::{adamw_update, global_norm_squared};
-use crate::backend::cuda::{CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
+use crate::backend::cpu::Cpu;
+use crate::backend::cuda::{Cuda, CudaRuntime};
+use crate::backend::{Backend, Batch, OptimStep};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, DType, Device, Scheduler};
 use crate::data::TokenizedSet;
 use crate::error::{Error, Result};
 use crate::eval::{EvalReport, PromptScores, summarize};
 use crate::lock::RunLock;
-use crate::loss::{PromptType, ranking_loss_forward_backward, ranking_loss_of_rewards, sigmoid};
-use crate::model::{Batch, BertModel, Dropout, Workspace};
+use crate::loss::{PromptType, ranking_loss_of_rewards, sigmoid};
+use crate::models::{Dropout, HostModel, MicroBatch, Model, StepStats, Weights};
 use crate::rng::{Rng, derive_seed};
 use crate::signals::Interrupts;
 use crate::tokenizer::Tokenizer;
@@ -269,20 +270,6 @@ fn progress(step: usize, max: usize, loss: f64, lr: f64, prompts_per_s: f64, eta
     let _ = std::io::stderr().flush();
 }
 
-/// Where the training step runs, as the config's `device` and `dtype` ask: the CPU
-/// backend (f32), or the CUDA trainer in f32 or bf16.
-enum Engine {
-    Cpu(CpuStep),
-    Cuda(CudaTrainer),
-}
-
-/// The CPU step's buffers, kept across steps.
-struct CpuStep {
-    ws: Workspace<f32>,
-    grads: Vec<f32>,   // [params]
-    dlogits: Vec<f32>, // [completions of a micro-batch]
-}
-
 /// Where a run trains and in which arithmetic: the config's `device:` and `dtype:`, or the
 /// command line's `--device` and `--dtype` that override them.
 struct Placement {
@@ -343,16 +330,20 @@ fn placement(cfg: &Config, opts: &RunOptions) -> Result<Placement> {
     Ok(Placement { use_cuda, dtype })
 }
 
-fn choose_engine(model: &BertModel<f32>, placement: &Placement) -> Result<Engine> {
-    if placement.use_cuda {
+/// The model on the backend the placement chose; the host copy of its parameters is
+/// moved (CPU) or dropped after the upload (GPU).
+fn choose_engine(host: HostModel<f32>, placement: &Placement) -> Result<Engine> {
+    let mut engine = if placement.use_cuda {
         let rt = Arc::new(CudaRuntime::new(0)?);
-        return Ok(Engine::Cuda(CudaTrainer::new(rt, model, placement.dtype)?));
+        Engine::Cuda(host.on_cuda(rt, placement.dtype)?)
+    } else {
+        Engine::Cpu(host.on_cpu())
+    };
+    match &mut engine {
+        Engine::Cpu(model) => model.start_training()?,
+        Engine::Cuda(model) => model.start_training()?,
     }
-    Ok(Engine::Cpu(CpuStep {
-        ws: Workspace::new(),
-        grads: vec![0.0; model.num_params()],
-        dlogits: Vec::new(),
-    }))
+    Ok(engine)
 }
 
 /// One micro-batch of a step: the padded completions, K and type per prompt, dropout.
@@ -363,109 +354,62 @@ struct Micro {
     dropout: Option<Dropout>,
 }
 
-impl CpuStep {
-    /// Forward, loss and backward over the micro-batches, then clipping and AdamW. The
-    /// parameters are left untouched when the loss or the gradient is not finite.
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &mut self,
-        model: &mut BertModel<f32>,
-        m: &mut [f32],
-        v: &mut [f32],
-        micros: &[Micro],
-        cfg: &Config,
-        step: usize,
-        lr: f64,
-    ) -> Result<(f64, f64)> {
-        self.grads.fill(0.0);
-        let mut step_loss = 0.0;
-        let accum = micros.len();
-        for mb in micros {
-            let logits = model.forward(&mut self.ws, &mb.batch, mb.dropout)?;
-            self.dlogits.resize(logits.len(), 0.0);
-            let loss = ranking_loss_forward_backward(
-                logits,
-                &mb.ks,
-                &mb.types,
-                &cfg.loss,
-                cfg.eps,
-                &mut self.dlogits,
-            )?;
-            // The step's loss is the mean of its micro-batches' means, as the HF Trainer.
-            for d in self.dlogits.iter_mut() {
-                *d /= accum as f32;
-            }
-            step_loss += loss as f64 / accum as f64;
-            model.backward(
-                &mut self.ws,
-                &mb.batch,
-                mb.dropout,
-                &self.dlogits,
-                &mut self.grads,
-            );
-        }
-        let norm = global_norm_squared(&self.grads).sqrt();
-        if !step_loss.is_finite() || !norm.is_finite() {
-            return Ok((step_loss, norm));
-        }
-        // torch.nn.utils.clip_grad_norm_'s factor.
-        let clip = (cfg.max_grad_norm / (norm + 1e-6)).min(1.0);
-        for spec in &model.layout.tensors {
-            let r = spec.range();
-            let wd = if spec.decay { cfg.weight_decay } else { 0.0 };
-            adamw_update(
-                &mut model.params[r.clone()],
-                &self.grads[r.clone()],
-                &mut m[r.clone()],
-                &mut v[r],
-                step as u64 + 1,
-                lr,
-                BETA1,
-                BETA2,
-                ADAM_EPS,
-                wd,
-                clip,
-            );
-        }
-        Ok((step_loss, norm))
-    }
+/// The model on the backend the config's `device` and `dtype` ask for (the CPU in f32, the
+/// GPU in f32 or bf16); every method runs the same generic code.
+enum Engine {
+    Cpu(Model<Cpu<f32>>),
+    Cuda(Model<Cuda>),
 }
 
 impl Engine {
     fn name(&self) -> String {
         match self {
-            Engine::Cpu(_) => format!("cpu ({} threads)", rayon::current_num_threads()),
-            Engine::Cuda(gpu) => {
-                let device = gpu.runtime().device_name();
-                let dtype = match gpu.dtype() {
-                    DType::F32 => "f32",
-                    DType::Bf16 => "bf16",
-                };
-                format!(
-                    "cuda ({}, {dtype})",
-                    device.unwrap_or_else(|e| e.to_string())
-                )
-            }
+            Engine::Cpu(model) => model.backend.describe(),
+            Engine::Cuda(model) => model.backend.describe(),
+        }
+    }
+
+    /// Whether weights and moments are in host memory, so checking them costs no copy.
+    fn host_resident(&self) -> bool {
+        match self {
+            Engine::Cpu(_) => Cpu::<f32>::HOST_RESIDENT,
+            Engine::Cuda(_) => Cuda::HOST_RESIDENT,
+        }
+    }
+
+    fn upload_moments(&mut self, m: &[f32], v: &[f32]) -> Result<()> {
+        match self {
+            Engine::Cpu(model) => model.backend.upload_moments(m, v),
+            Engine::Cuda(model) => model.backend.upload_moments(m, v),
+        }
+    }
+
+    fn train_step(
+        &mut self,
+        micros: &[MicroBatch<'_>],
+        cfg: &Config,
+        opt: &OptimStep,
+    ) -> Result<StepStats> {
+        match self {
+            Engine::Cpu(model) => model.train_step(micros, &cfg.loss, cfg.eps, opt),
+            Engine::Cuda(model) => model.train_step(micros, &cfg.loss, cfg.eps, opt),
         }
     }
 
     /// Evaluation-mode logits of a batch.
-    fn forward_eval(&mut self, model: &BertModel<f32>, batch: &Batch) -> Result<Vec<f32>> {
+    fn forward_eval(&mut self, batch: &Batch) -> Result<Vec<f32>> {
         match self {
-            Engine::Cpu(cpu) => Ok(model.forward(&mut cpu.ws, batch, None)?.to_vec()),
-            Engine::Cuda(gpu) => gpu.forward(batch, None),
+            Engine::Cpu(model) => model.forward(batch, None),
+            Engine::Cuda(model) => model.forward(batch, None),
         }
     }
 
-    /// Brings the device's parameters and moments into the host arenas (for a checkpoint).
-    fn sync_to_host(&self, model: &mut BertModel<f32>, m: &mut [f32], v: &mut [f32]) -> Result<()> {
-        if let Engine::Cuda(gpu) = self {
-            model.params = gpu.download_params()?;
-            let (dm, dv) = gpu.download_moments()?;
-            m.copy_from_slice(&dm);
-            v.copy_from_slice(&dv);
+    /// f(weights, AdamW moments) on the host (copied there from a device).
+    fn with_weights<R>(&self, f: impl FnOnce(&Weights<'_>, &[f32], &[f32]) -> R) -> Result<R> {
+        match self {
+            Engine::Cpu(model) => model.with_weights(f),
+            Engine::Cuda(model) => model.with_weights(f),
         }
-        Ok(())
     }
 }
 
@@ -546,7 +490,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
     checkpoint::ensure_writable_dir(&cfg.output_dir)?;
     let _lock = RunLock::acquire(&cfg.output_dir)?;
     let interrupts = Interrupts::install();
-    let (mut model, tok, vocab) = checkpoint::model_for_training(cfg)?;
+    let (mut host, tok, vocab) = checkpoint::model_for_training(cfg)?;
     let pad_id = tok.pad_id();
     let train_set = PromptSet::open(&cfg.train_files, &tok, cfg.max_length)?;
     let eval_set = PromptSet::open(&cfg.eval_files, &tok, cfg.max_length)?;
@@ -562,17 +506,19 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
     }
     let settings = training_settings(cfg, placement.dtype, train_set.source_sha256s())?;
 
-    let total = model.num_params();
-    let mut m = vec![0f32; total]; // [params] AdamW first moment
-    let mut v = vec![0f32; total]; // [params] AdamW second moment
+    let total = host.num_params();
+    // A resumed run's AdamW moments [params] each, until they go to the backend.
+    let mut moments = None;
     let mut start_step = 0;
     // The newest checkpoint known whole and finite.
     let mut last_good: Option<PathBuf> = None;
     // `--resume-changed` records not yet in metrics.jsonl (kept in checkpoints till then).
     let mut resumed_with_changes = Vec::new();
     if resume {
+        let (mut m, mut v) = (vec![0f32; total], vec![0f32; total]);
         let (dir, state) =
-            checkpoint::load_newest_verified(&cfg.output_dir, &mut model, &mut m, &mut v)?;
+            checkpoint::load_newest_verified(&cfg.output_dir, &mut host, &mut m, &mut v)?;
+        moments = Some((m, v));
         let state_path = dir.join("trainer_state.json");
         if state.seed != cfg.seed {
             return Err(Error::user(format!(
@@ -647,9 +593,14 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         checkpoint::start_fresh(&cfg.output_dir, overwrite)?;
     }
     checkpoint::remove_partial_saves(&cfg.output_dir)?;
-    let mut engine = choose_engine(&model, &placement)?;
-    if let Engine::Cuda(gpu) = &mut engine {
-        gpu.upload_moments(&m, &v)?;
+    let (hidden_p, attention_p) = (
+        cfg.dropout.unwrap_or(host.config.hidden_dropout_prob),
+        cfg.dropout
+            .unwrap_or(host.config.attention_probs_dropout_prob),
+    );
+    let mut engine = choose_engine(host, &placement)?;
+    if let Some((m, v)) = moments.take() {
+        engine.upload_moments(&m, &v)?;
     }
     if !quiet {
         eprintln!(
@@ -660,10 +611,6 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         );
     }
 
-    let hidden_p = cfg.dropout.unwrap_or(model.config.hidden_dropout_prob);
-    let attention_p = cfg
-        .dropout
-        .unwrap_or(model.config.attention_probs_dropout_prob);
     let mut order = DataOrder::new(cfg.seed, train_set.len());
     let accum = cfg.gradient_accumulation_steps;
     let per_step = cfg.per_device_train_batch_size * accum;
@@ -696,31 +643,28 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 }
             })
             .collect();
-        let (step_loss, norm) = match &mut engine {
-            Engine::Cpu(cpu) => cpu.run(&mut model, &mut m, &mut v, &micros, cfg, step, lr)?,
-            Engine::Cuda(gpu) => {
-                let device_micros: Vec<MicroBatch> = micros
-                    .iter()
-                    .map(|mb| MicroBatch {
-                        batch: &mb.batch,
-                        ks: &mb.ks,
-                        types: &mb.types,
-                        dropout: mb.dropout,
-                    })
-                    .collect();
-                let opt = OptimStep {
-                    step: step as u64 + 1,
-                    lr,
-                    beta1: BETA1,
-                    beta2: BETA2,
-                    eps: ADAM_EPS,
-                    weight_decay: cfg.weight_decay,
-                    max_grad_norm: cfg.max_grad_norm,
-                };
-                let stats = train_step_cuda(gpu, &device_micros, &cfg.loss, cfg.eps, &opt)?;
-                (stats.loss, stats.grad_norm)
-            }
+        let micro_batches: Vec<MicroBatch> = micros
+            .iter()
+            .map(|mb| MicroBatch {
+                batch: &mb.batch,
+                ks: &mb.ks,
+                types: &mb.types,
+                dropout: mb.dropout,
+            })
+            .collect();
+        let opt = OptimStep {
+            step: step as u64 + 1,
+            lr,
+            beta1: BETA1,
+            beta2: BETA2,
+            eps: ADAM_EPS,
+            weight_decay: cfg.weight_decay,
+            max_grad_norm: cfg.max_grad_norm,
         };
+        let StepStats {
+            loss: step_loss,
+            grad_norm: norm,
+        } = engine.train_step(&micro_batches, cfg, &opt)?;
         let done = step + 1;
         if !step_loss.is_finite() || !norm.is_finite() {
             let what = match step_loss.is_finite() {
@@ -732,8 +676,8 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         // The update itself can overflow with a finite loss and gradient. On the CPU the
         // arenas are at hand, so every step is checked; the device's are checked when they
         // come to the host (before each evaluation and save).
-        if let Engine::Cpu(_) = engine
-            && let Some(what) = checkpoint::first_non_finite(&model, &m, &v)
+        if engine.host_resident()
+            && let Some(what) = engine.with_weights(checkpoint::first_non_finite)?
         {
             return Err(diverged(cfg, done, true, &what, last_good.as_deref()));
         }
@@ -752,19 +696,17 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         let evaluate = done % cfg.eval_steps == 0 || done == cfg.max_steps;
         // Also at --stop-at, so that --resume continues from there and loses nothing.
         let save = done % cfg.save_steps == 0 || done == cfg.max_steps || done == end_step;
-        if let Engine::Cuda(_) = engine
+        if !engine.host_resident()
             && (evaluate || save)
+            && let Some(what) = engine.with_weights(checkpoint::first_non_finite)?
         {
-            engine.sync_to_host(&mut model, &mut m, &mut v)?;
-            if let Some(what) = checkpoint::first_non_finite(&model, &m, &v) {
-                return Err(diverged(cfg, done, false, &what, last_good.as_deref()));
-            }
+            return Err(diverged(cfg, done, false, &what, last_good.as_deref()));
         }
         if evaluate {
             let logits = score_set(
                 |batch| match interrupts.received() {
                     Some(signal) => Err(interrupted(cfg, signal, done, last_good.as_deref())),
-                    None => engine.forward_eval(&model, batch),
+                    None => engine.forward_eval(batch),
                 },
                 &eval_set,
                 cfg.eval_max_prompts,
@@ -798,17 +740,18 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 resumed_with_changes: resumed_with_changes.clone(),
                 files: Default::default(),
             };
-            last_good = Some(checkpoint::save_checkpoint(
-                cfg, &model, &vocab, &m, &v, &state,
-            )?);
+            last_good = Some(engine.with_weights(|weights, m, v| {
+                checkpoint::save_checkpoint(cfg, weights, &vocab, m, v, &state)
+            })??);
         }
     }
     if end_step == cfg.max_steps {
-        engine.sync_to_host(&mut model, &mut m, &mut v)?;
-        if let Some(what) = checkpoint::first_non_finite(&model, &m, &v) {
-            return Err(diverged(cfg, end_step, false, &what, last_good.as_deref()));
-        }
-        checkpoint::save_final(cfg, &model, &vocab)?;
+        engine.with_weights(|weights, m, v| {
+            match checkpoint::first_non_finite(weights, m, v) {
+                Some(what) => Err(diverged(cfg, end_step, false, &what, last_good.as_deref())),
+                None => checkpoint::save_final(cfg, weights, &vocab),
+            }
+        })??;
     }
     if !quiet {
         eprintln!(

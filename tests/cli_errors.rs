@@ -3,7 +3,7 @@
 //! is wrong with it, never a panic; and a refused run must not have deleted anything.
 
 use rcx::hf_config::write_hf_config;
-use rcx::model::{BertConfig, BertModel};
+use rcx::models::{BertConfig, HostModel};
 use rcx::safetensors::write_f32;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -80,7 +80,7 @@ type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
 /// freshly initialised small BERT whose tensors `edit` may change, drop or rename first.
 fn model_folder_edited(dir: &Path, edit: impl FnOnce(&mut Tensors)) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let model = BertModel::<f32>::init(small_arch(), 3);
+    let model = HostModel::<f32>::init(small_arch(), 3);
     let mut tensors: Tensors = model
         .layout
         .tensors
@@ -131,7 +131,7 @@ fn write_raw_safetensors(path: &Path, tensors: &[(String, &str, Vec<usize>, usiz
 /// `shape` instead of F32 [hidden].
 fn model_folder_with_bad_tensor(dir: &Path, dtype: &str, shape: Vec<usize>) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let layout = BertModel::<f32>::init(small_arch(), 3).layout;
+    let layout = HostModel::<f32>::init(small_arch(), 3).layout;
     let tensors: Vec<(String, &str, Vec<usize>, usize)> = layout
         .tensors
         .iter()
@@ -500,7 +500,7 @@ fn scoring_refuses_a_model_without_its_classifier_or_pooler() {
 
 #[test]
 fn training_from_a_pretrained_encoder_starts_a_fresh_head_and_says_so() {
-    // BertModel's names (no `bert.` prefix, no classifier, no pooler): what a pretrained
+    // HostModel's names (no `bert.` prefix, no classifier, no pooler): what a pretrained
     // encoder on the Hub looks like.
     let dir = scratch("fresh-head");
     let model = model_folder_edited(&dir.join("encoder"), |t| {

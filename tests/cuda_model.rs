@@ -1,4 +1,4 @@
-//! The reward model on the device (rcx::backend::cuda::CudaTrainer) against the CPU model:
+//! The reward model on the device (`Model<Cuda>`) against the same model on the CPU backend:
 //! one whole training step of a small random model (logits, loss, every gradient tensor,
 //! the gradient norm, the AdamW update) in f32 and in bf16, a second f32 step with gradient
 //! accumulation, a short bf16 training run against the CPU's, and forward parity on the
@@ -46,12 +46,14 @@ mod fake_device;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use rcx::backend::cpu::Cpu;
 use rcx::backend::cpu::{adamw_update, global_norm_squared};
-use rcx::backend::cuda::{CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
+use rcx::backend::cuda::{Cuda, CudaRuntime};
+use rcx::backend::{Backend, OptimStep};
 use rcx::checkpoint::load_model_dir;
 use rcx::config::DType;
 use rcx::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
-use rcx::model::{Batch, BertConfig, BertModel, Dropout, Workspace};
+use rcx::models::{Batch, BertConfig, Dropout, HostModel, MicroBatch, Model};
 use rcx::rng::Rng;
 
 /// The device, shared with the trainer, or None after printing why the test is skipped.
@@ -78,9 +80,9 @@ fn small_config() -> BertConfig {
 
 /// BERT's init plus noise on everything past the word table's padding row, so that no
 /// gradient vanishes by symmetry (LayerNorm weights away from 1, biases away from 0).
-fn random_model(seed: u64) -> BertModel<f32> {
+fn random_model(seed: u64) -> HostModel<f32> {
     let cfg = small_config();
-    let mut model = BertModel::<f32>::init(cfg.clone(), seed);
+    let mut model = HostModel::<f32>::init(cfg.clone(), seed);
     let mut rng = Rng::new(seed ^ 0xABCD);
     for p in model.params.iter_mut().skip(cfg.hidden_size) {
         *p += (0.05 * rng.normal()) as f32;
@@ -142,49 +144,75 @@ const OPT: OptimStep = OptimStep {
     max_grad_norm: 0.05,
 };
 
-/// src/train.rs's step on the CPU for one or more micro-batches: returns (loss, grads).
+/// A copy of `model` on the CPU backend, ready to train.
+fn on_cpu(model: &HostModel<f32>) -> Model<Cpu<f32>> {
+    let mut cpu = Model::new(model.config.clone(), Cpu::new(model.params.clone()));
+    cpu.start_training().unwrap();
+    cpu
+}
+
+/// `model` on the device, ready to train.
+fn on_gpu(rt: Arc<CudaRuntime>, model: &HostModel<f32>, dtype: DType) -> Model<Cuda> {
+    let mut gpu = model.on_cuda(rt, dtype).unwrap();
+    gpu.start_training().unwrap();
+    gpu
+}
+
+/// The device's fp32 master weights.
+fn device_params(trainer: &Model<Cuda>) -> Vec<f32> {
+    trainer.backend.with_state(|p, _, _| p.to_vec()).unwrap()
+}
+
+/// The device's AdamW moments (m, v).
+fn gpu_moments(trainer: &Model<Cuda>) -> (Vec<f32>, Vec<f32>) {
+    trainer
+        .backend
+        .with_state(|_, m, v| (m.to_vec(), v.to_vec()))
+        .unwrap()
+}
+
+/// src/train.rs's step on the CPU for one or more micro-batches, the loss on the host:
+/// returns (loss, grads).
 fn cpu_gradients(
-    model: &BertModel<f32>,
+    model: &HostModel<f32>,
     micro: &[(Ranked, Dropout)],
     spec: &LossSpec,
     eps: f64,
 ) -> (f64, Vec<f32>) {
-    let mut ws = Workspace::new();
-    let mut grads = vec![0f32; model.num_params()];
+    let mut cpu = on_cpu(model);
     let mut step_loss = 0.0;
     let accum = micro.len();
     for ((batch, ks, types), dropout) in micro {
-        let logits = model.forward(&mut ws, batch, Some(*dropout)).unwrap();
+        let logits = cpu.forward(batch, Some(*dropout)).unwrap();
         let mut dlogits = vec![0f32; logits.len()];
         let loss =
-            ranking_loss_forward_backward(logits, ks, types, spec, eps, &mut dlogits).unwrap();
+            ranking_loss_forward_backward(&logits, ks, types, spec, eps, &mut dlogits).unwrap();
         for d in dlogits.iter_mut() {
             *d /= accum as f32;
         }
         step_loss += loss as f64 / accum as f64;
-        model.backward(&mut ws, batch, Some(*dropout), &dlogits, &mut grads);
+        cpu.backward(Some(*dropout), &dlogits).unwrap();
     }
-    (step_loss, grads)
+    (step_loss, cpu.backend.grads().to_vec())
 }
 
 /// The CPU backward of one batch from given logit gradients (the forward recomputed on the
 /// CPU): the gradients of every tensor.
 fn cpu_backward(
-    model: &BertModel<f32>,
+    model: &HostModel<f32>,
     batch: &Batch,
     dropout: Dropout,
     dlogits: &[f32],
 ) -> Vec<f32> {
-    let mut ws = Workspace::new();
-    let mut grads = vec![0f32; model.num_params()];
-    model.forward(&mut ws, batch, Some(dropout)).unwrap();
-    model.backward(&mut ws, batch, Some(dropout), dlogits, &mut grads);
-    grads
+    let mut cpu = on_cpu(model);
+    cpu.forward(batch, Some(dropout)).unwrap();
+    cpu.backward(Some(dropout), dlogits).unwrap();
+    cpu.backend.grads().to_vec()
 }
 
 /// AdamW of src/train.rs on the CPU from `grads`, per tensor with its decay flag.
 fn cpu_adamw(
-    model: &mut BertModel<f32>,
+    model: &mut HostModel<f32>,
     grads: &[f32],
     m: &mut [f32],
     v: &mut [f32],
@@ -214,7 +242,7 @@ fn cpu_adamw(
 
 /// Every gradient tensor by name, norm-relative within `rtol` (scale floored at 1% of the
 /// tensor's share of the global norm, see the top), and the padding row exactly zero.
-fn check_gradients(gpu: &[f32], cpu: &[f32], model: &BertModel<f32>, rtol: f64) {
+fn check_gradients(gpu: &[f32], cpu: &[f32], model: &HostModel<f32>, rtol: f64) {
     let global = global_norm_squared(cpu).sqrt();
     for spec in &model.layout.tensors {
         let r = spec.range();
@@ -256,7 +284,7 @@ fn check_gradients(gpu: &[f32], cpu: &[f32], model: &BertModel<f32>, rtol: f64) 
 struct StepCase {
     spec: LossSpec,
     eps: f64,
-    model: BertModel<f32>,
+    model: HostModel<f32>,
     ranked: Ranked,
     dropout: Dropout,
 }
@@ -278,11 +306,9 @@ impl StepCase {
 
     /// The CPU's logits with the step's dropout.
     fn cpu_logits(&self) -> Vec<f32> {
-        let mut ws = Workspace::new();
-        self.model
-            .forward(&mut ws, &self.ranked.0, Some(self.dropout))
+        on_cpu(&self.model)
+            .forward(&self.ranked.0, Some(self.dropout))
             .unwrap()
-            .to_vec()
     }
 
     /// The step's one micro-batch.
@@ -309,21 +335,21 @@ impl StepCase {
 /// gradients as the CPU optimizer took it, and the device's parameters.
 fn check_update(
     run: &str,
-    trainer: &CudaTrainer,
-    model: &mut BertModel<f32>,
+    trainer: &Model<Cuda>,
+    model: &mut HostModel<f32>,
     gpu_grads: &[f32],
 ) -> (f64, Vec<f32>) {
     let total = model.num_params();
     let (mut m, mut v) = (vec![0f32; total], vec![0f32; total]);
     let norm = cpu_adamw(model, gpu_grads, &mut m, &mut v, &OPT);
-    let gpu_params = trainer.download_params().unwrap();
+    let gpu_params = device_params(trainer);
     assert_close(
         &format!("{run}: updated master weights"),
         &gpu_params,
         &model.params,
         1e-5,
     );
-    let (gpu_m, gpu_v) = trainer.download_moments().unwrap();
+    let (gpu_m, gpu_v) = gpu_moments(trainer);
     assert_close(&format!("{run}: first moment"), &gpu_m, &m, 1e-5);
     assert_close(&format!("{run}: second moment"), &gpu_v, &v, 1e-5);
     (norm, gpu_params)
@@ -342,12 +368,8 @@ fn training_step_matches_cpu() {
         return;
     };
     let mut case = StepCase::new();
-    let mut trainer = CudaTrainer::new(rt, &case.model, DType::F32).unwrap();
-    assert_eq!(
-        trainer.download_params().unwrap(),
-        case.model.params,
-        "upload"
-    );
+    let mut trainer = on_gpu(rt, &case.model, DType::F32);
+    assert_eq!(device_params(&trainer), case.model.params, "upload");
 
     // Forward with dropout: the same masks, the same logits.
     let cpu_logits = case.cpu_logits();
@@ -361,10 +383,12 @@ fn training_step_matches_cpu() {
     );
 
     // One whole step.
-    let stats = train_step_cuda(&mut trainer, &case.micro(), &case.spec, case.eps, &OPT).unwrap();
+    let stats = trainer
+        .train_step(&case.micro(), &case.spec, case.eps, &OPT)
+        .unwrap();
     let (cpu_loss, cpu_grads) = case.cpu_gradients();
     assert_rel("loss", stats.loss, cpu_loss, 1e-4);
-    let gpu_grads = trainer.download_grads().unwrap();
+    let gpu_grads = trainer.backend.download_grads().unwrap();
     check_gradients(&gpu_grads, &cpu_grads, &case.model, 1e-3);
     let cpu_norm = global_norm_squared(&cpu_grads).sqrt();
     assert_rel("gradient norm", stats.grad_norm, cpu_norm, 1e-4);
@@ -411,7 +435,7 @@ fn accumulated_step_matches_cpu() {
         seed,
     };
     let dropouts = [dropout(1), dropout(2)];
-    let mut trainer = CudaTrainer::new(rt, &model, DType::F32).unwrap();
+    let mut trainer = on_gpu(rt, &model, DType::F32);
     // Start from non-zero moments and a later step, as after a resume.
     let total = model.num_params();
     let mut rng = Rng::new(9);
@@ -419,7 +443,7 @@ fn accumulated_step_matches_cpu() {
     let mut v: Vec<f32> = (0..total)
         .map(|_| (1e-6 * rng.normal().abs()) as f32)
         .collect();
-    trainer.upload_moments(&m, &v).unwrap();
+    trainer.backend.upload_moments(&m, &v).unwrap();
     let opt = OptimStep { step: 7, ..OPT };
 
     let micro = [
@@ -436,7 +460,7 @@ fn accumulated_step_matches_cpu() {
             dropout: Some(dropouts[1]),
         },
     ];
-    let stats = train_step_cuda(&mut trainer, &micro, &spec, eps, &opt).unwrap();
+    let stats = trainer.train_step(&micro, &spec, eps, &opt).unwrap();
     let (cpu_loss, cpu_grads) = cpu_gradients(
         &model,
         &[(first.clone(), dropouts[0]), (second.clone(), dropouts[1])],
@@ -444,19 +468,19 @@ fn accumulated_step_matches_cpu() {
         eps,
     );
     assert_rel("accumulated loss", stats.loss, cpu_loss, 1e-4);
-    let gpu_grads = trainer.download_grads().unwrap();
+    let gpu_grads = trainer.backend.download_grads().unwrap();
     check_gradients(&gpu_grads, &cpu_grads, &model, 1e-3);
     cpu_adamw(&mut model, &gpu_grads, &mut m, &mut v, &opt);
     assert_close(
         "parameters after a resumed step",
-        &trainer.download_params().unwrap(),
+        &device_params(&trainer),
         &model.params,
         1e-5,
     );
 
     // Parameters uploaded in one copy replace the arena.
-    trainer.upload_params(&model.params).unwrap();
-    assert_eq!(trainer.download_params().unwrap(), model.params);
+    trainer.backend.upload_params(&model.params).unwrap();
+    assert_eq!(device_params(&trainer), model.params);
 }
 
 #[test]
@@ -465,15 +489,15 @@ fn bf16_training_step_matches_cpu() {
         return;
     };
     let mut case = StepCase::new();
-    let mut trainer = CudaTrainer::new(rt, &case.model, DType::Bf16).unwrap();
-    assert_eq!(trainer.dtype(), DType::Bf16);
+    let mut trainer = on_gpu(rt, &case.model, DType::Bf16);
+    assert_eq!(trainer.backend.dtype(), DType::Bf16);
     assert_eq!(
-        trainer.download_params().unwrap(),
+        device_params(&trainer),
         case.model.params,
         "the master weights stay fp32"
     );
     assert_eq!(
-        trainer.download_gemm_weights().unwrap(),
+        trainer.backend.download_gemm_weights().unwrap(),
         rounded_to_bf16(&case.model.params),
         "the bf16 copy at upload"
     );
@@ -483,7 +507,9 @@ fn bf16_training_step_matches_cpu() {
     let gpu_logits = trainer.forward(&case.ranked.0, Some(case.dropout)).unwrap();
     assert_close("bf16 logits", &gpu_logits, &cpu_logits, 5e-2);
 
-    let stats = train_step_cuda(&mut trainer, &case.micro(), &case.spec, case.eps, &OPT).unwrap();
+    let stats = trainer
+        .train_step(&case.micro(), &case.spec, case.eps, &OPT)
+        .unwrap();
     let (cpu_loss, _) = case.cpu_gradients();
     assert_rel("bf16 loss", stats.loss, cpu_loss, 5e-2);
     // The backward from the loss gradient at the device's own logits (see the top).
@@ -499,7 +525,7 @@ fn bf16_training_step_matches_cpu() {
     )
     .unwrap();
     let cpu_grads = cpu_backward(&case.model, batch, case.dropout, &dlogits);
-    let gpu_grads = trainer.download_grads().unwrap();
+    let gpu_grads = trainer.backend.download_grads().unwrap();
     check_gradients(&gpu_grads, &cpu_grads, &case.model, 8e-2);
     let cpu_norm = global_norm_squared(&cpu_grads).sqrt();
     assert_rel("bf16 gradient norm", stats.grad_norm, cpu_norm, 5e-2);
@@ -508,17 +534,17 @@ fn bf16_training_step_matches_cpu() {
     // optimizer, and the bf16 copy the fused AdamW wrote beside it.
     let (_, gpu_params) = check_update("bf16 run", &trainer, &mut case.model, &gpu_grads);
     assert_eq!(
-        trainer.download_gemm_weights().unwrap(),
+        trainer.backend.download_gemm_weights().unwrap(),
         rounded_to_bf16(&gpu_params),
         "the bf16 copy after AdamW"
     );
 
     // A checkpoint uploaded into a bf16 trainer refreshes the copy too.
     let fresh = random_model(4);
-    trainer.upload_params(&fresh.params).unwrap();
-    assert_eq!(trainer.download_params().unwrap(), fresh.params);
+    trainer.backend.upload_params(&fresh.params).unwrap();
+    assert_eq!(device_params(&trainer), fresh.params);
     assert_eq!(
-        trainer.download_gemm_weights().unwrap(),
+        trainer.backend.download_gemm_weights().unwrap(),
         rounded_to_bf16(&fresh.params),
         "the bf16 copy after upload_params"
     );
@@ -558,7 +584,7 @@ fn bf16_training_loss_falls_as_on_the_cpu() {
         cpu_losses.push(loss);
     }
 
-    let mut trainer = CudaTrainer::new(rt, &random_model(3), DType::Bf16).unwrap();
+    let mut trainer = on_gpu(rt, &random_model(3), DType::Bf16);
     let micro = [MicroBatch {
         batch: &batch,
         ks: &ks,
@@ -567,7 +593,7 @@ fn bf16_training_loss_falls_as_on_the_cpu() {
     }];
     let mut gpu_losses = Vec::with_capacity(steps);
     for step in 1..=steps as u64 {
-        let stats = train_step_cuda(&mut trainer, &micro, &spec, eps, &opt(step)).unwrap();
+        let stats = trainer.train_step(&micro, &spec, eps, &opt(step)).unwrap();
         assert!(
             stats.loss.is_finite() && stats.grad_norm.is_finite(),
             "bf16 step {step}: loss {} norm {}",
@@ -642,11 +668,10 @@ fn tiny_bert_checkpoint_forward_matches_cpu_and_transformers() {
         .map(|x| x.as_f64().unwrap() as f32)
         .collect();
 
-    let mut trainer = CudaTrainer::new(rt, &model, DType::F32).unwrap();
+    let mut trainer = on_gpu(rt, &model, DType::F32);
     let gpu_logits = trainer.forward(&batch, None).unwrap();
-    let mut ws = Workspace::new();
-    let cpu_logits = model.forward(&mut ws, &batch, None).unwrap();
-    assert_close("tiny-bert logits vs CPU", &gpu_logits, cpu_logits, 1e-4);
+    let cpu_logits = on_cpu(&model).forward(&batch, None).unwrap();
+    assert_close("tiny-bert logits vs CPU", &gpu_logits, &cpu_logits, 1e-4);
     let worst = gpu_logits
         .iter()
         .zip(&expected)

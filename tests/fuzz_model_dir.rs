@@ -14,7 +14,7 @@ use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestCaseError, Te
 use rcx::checkpoint::load_for_scoring;
 use rcx::error::Error;
 use rcx::hf_config::{read_hf_config, write_hf_config};
-use rcx::model::{BertConfig, BertModel};
+use rcx::models::{BertConfig, HostModel};
 use rcx::safetensors::{SafeTensors, write_f32};
 use serde_json::{Map, Value, json};
 
@@ -116,7 +116,7 @@ fn valid_model_folder(test: &str) -> PathBuf {
     }
     std::fs::create_dir_all(&dir).unwrap();
     let arch = small_arch();
-    let model = BertModel::<f32>::init(arch.clone(), 7);
+    let model = HostModel::<f32>::init(arch.clone(), 7);
     let tensors: Vec<(&str, &[usize], &[f32])> = model
         .layout
         .tensors

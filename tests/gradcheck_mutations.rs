@@ -3,12 +3,13 @@
 //! passes. The wrong backwards live here, as closures handed to the checkers
 //! (`judge_loss_gradient`, `judge_model_gradient`); the product has none.
 
+use rcx::backend::cpu::Cpu;
 use rcx::gradcheck::{
     LOSS_EPS, MODEL_CHECK_DROPOUT, UTILITIES, judge_loss_gradient, judge_model_gradient,
     loss_check_logits, pair_across_the_kink,
 };
 use rcx::loss::{LossSpec, PromptType, Utility, ranking_loss_forward_backward, sigmoid};
-use rcx::model::{Batch, BertModel, Dropout, Workspace};
+use rcx::models::{Dropout, Model};
 use rcx::rng::Rng;
 
 /// What a hand-written ranking-loss backward gets wrong.
@@ -147,7 +148,7 @@ enum ModelBug {
 }
 
 /// The range of a named parameter tensor in the model's arena.
-fn tensor_range(model: &BertModel<f64>, suffix: &str) -> std::ops::Range<usize> {
+fn tensor_range(model: &Model<Cpu<f64>>, suffix: &str) -> std::ops::Range<usize> {
     model
         .layout
         .tensors
@@ -157,24 +158,22 @@ fn tensor_range(model: &BertModel<f64>, suffix: &str) -> std::ops::Range<usize> 
         .range()
 }
 
-/// The model's backward with `bug` in it.
+/// The model's backward with `bug` in it: the gradient arena it leaves.
 fn model_backward(
     bug: ModelBug,
-    model: &BertModel<f64>,
-    ws: &mut Workspace<f64>,
-    batch: &Batch,
+    model: &mut Model<Cpu<f64>>,
     dropout: Option<Dropout>,
     dlogits: &[f64],
-    grads: &mut [f64],
-) {
+) -> rcx::error::Result<Vec<f64>> {
     match bug {
         ModelBug::DlogitsSlope => {
             let scaled: Vec<f64> = dlogits.iter().map(|x| x * 1.001).collect();
-            model.backward(ws, batch, dropout, &scaled, grads);
+            model.backward(dropout, &scaled)?;
         }
-        ModelBug::DropoutLeftOut => model.backward(ws, batch, None, dlogits, grads),
-        _ => model.backward(ws, batch, dropout, dlogits, grads),
+        ModelBug::DropoutLeftOut => model.backward(None, dlogits)?,
+        _ => model.backward(dropout, dlogits)?,
     }
+    let mut grads = model.backend.grads().to_vec();
     match bug {
         ModelBug::TensorSlope(name) => {
             for g in &mut grads[tensor_range(model, name)] {
@@ -184,6 +183,7 @@ fn model_backward(
         ModelBug::TensorLeftOut(name) => grads[tensor_range(model, name)].fill(0.0),
         _ => {}
     }
+    Ok(grads)
 }
 
 #[test]
@@ -196,7 +196,7 @@ fn model_check_fails_a_wrong_slope_or_a_missing_term_and_passes_the_right_backwa
             &spec,
             dropout,
             seed,
-            |m, ws, b, d, dl, g| model_backward(bug, m, ws, b, d, dl, g),
+            |model, dropout, dlogits| model_backward(bug, model, dropout, dlogits),
         )
         .unwrap()
     };

@@ -2,7 +2,7 @@
 //! and dropout's determinism.
 
 use rcx::gradcheck::{tiny_random_model, tiny_ranked_batch};
-use rcx::model::{Batch, Dropout, Workspace};
+use rcx::models::{Batch, Dropout};
 use rcx::rng::Rng;
 
 /// The whole model's backward against central differences, per parameter tensor, in eval
@@ -20,11 +20,10 @@ fn whole_model_gradient_matches_finite_differences() {
 #[test]
 fn dropout_is_a_function_of_its_seed_and_off_in_eval() {
     let mut rng = Rng::new(5);
-    let model = tiny_random_model(&mut rng);
+    let mut model = tiny_random_model(&mut rng);
     let batch = tiny_ranked_batch(&mut rng).batch;
-    let mut ws = Workspace::new();
-    let eval_a = model.forward(&mut ws, &batch, None).unwrap().to_vec();
-    let eval_b = model.forward(&mut ws, &batch, None).unwrap().to_vec();
+    let eval_a = model.forward(&batch, None).unwrap();
+    let eval_b = model.forward(&batch, None).unwrap();
     assert_eq!(eval_a, eval_b);
     let d = |seed| {
         Some(Dropout {
@@ -33,9 +32,9 @@ fn dropout_is_a_function_of_its_seed_and_off_in_eval() {
             seed,
         })
     };
-    let train_a = model.forward(&mut ws, &batch, d(1)).unwrap().to_vec();
-    let train_b = model.forward(&mut ws, &batch, d(1)).unwrap().to_vec();
-    let train_c = model.forward(&mut ws, &batch, d(2)).unwrap().to_vec();
+    let train_a = model.forward(&batch, d(1)).unwrap();
+    let train_b = model.forward(&batch, d(1)).unwrap();
+    let train_c = model.forward(&batch, d(2)).unwrap();
     assert_eq!(train_a, train_b, "same seed, same mask");
     assert_ne!(train_a, train_c, "another seed, another mask");
     assert_ne!(train_a, eval_a, "dropout must change the training forward");
@@ -46,20 +45,16 @@ fn dropout_is_a_function_of_its_seed_and_off_in_eval() {
 #[test]
 fn attention_dropout_is_its_own_site() {
     let mut rng = Rng::new(5);
-    let model = tiny_random_model(&mut rng);
+    let mut model = tiny_random_model(&mut rng);
     let batch = tiny_ranked_batch(&mut rng).batch;
-    let mut ws = Workspace::new();
-    let eval = model.forward(&mut ws, &batch, None).unwrap().to_vec();
+    let eval = model.forward(&batch, None).unwrap();
     let mut logits = |hidden, attention| {
         let dropout = Dropout {
             hidden,
             attention,
             seed: 1,
         };
-        model
-            .forward(&mut ws, &batch, Some(dropout))
-            .unwrap()
-            .to_vec()
+        model.forward(&batch, Some(dropout)).unwrap()
     };
     let hidden_only = logits(0.3, 0.0);
     assert_ne!(hidden_only, eval, "hidden dropout alone changed nothing");
@@ -81,17 +76,16 @@ fn attention_dropout_is_its_own_site() {
 fn padding_does_not_change_a_sequence_logit() {
     // The same sequence alone and in a batch with a longer one: its logit must not move.
     let mut rng = Rng::new(11);
-    let model = tiny_random_model(&mut rng);
+    let mut model = tiny_random_model(&mut rng);
     let short: (Vec<u32>, Vec<u8>) = (vec![3, 4, 5, 6], vec![0, 0, 1, 1]);
     let long: (Vec<u32>, Vec<u8>) = (vec![7, 8, 9, 10, 11, 12, 13, 14, 15], vec![0; 9]);
-    let mut ws = Workspace::new();
     let alone = Batch::from_sequences([(&short.0[..], &short.1[..])], 0);
-    let a = model.forward(&mut ws, &alone, None).unwrap()[0];
+    let a = model.forward(&alone, None).unwrap()[0];
     let both = Batch::from_sequences(
         [(&short.0[..], &short.1[..]), (&long.0[..], &long.1[..])],
         0,
     );
-    let b = model.forward(&mut ws, &both, None).unwrap()[0];
+    let b = model.forward(&both, None).unwrap()[0];
     assert!((a - b).abs() < 1e-12, "alone {a} vs padded {b}");
 }
 
@@ -105,10 +99,9 @@ fn model_check_inputs_keep_reward_differences_off_the_kink() {
     let dropout = Some(rcx::gradcheck::MODEL_CHECK_DROPOUT);
     for seed in 0..200 {
         for mode in [None, dropout] {
-            let (model, data) = rcx::gradcheck::model_check_inputs(seed, mode).unwrap();
-            let mut ws = Workspace::new();
-            let logits = model.forward(&mut ws, &data.batch, mode).unwrap();
-            let gap = rcx::gradcheck::smallest_reward_gap(logits, &data.ks);
+            let (mut model, data) = rcx::gradcheck::model_check_inputs(seed, mode).unwrap();
+            let logits = model.forward(&data.batch, mode).unwrap();
+            let gap = rcx::gradcheck::smallest_reward_gap(&logits, &data.ks);
             assert!(
                 gap >= rcx::gradcheck::KINK_MARGIN,
                 "seed {seed}, dropout {mode:?}: a pair's rewards differ by {gap:e}"

@@ -6,8 +6,8 @@
 //! with a random dout, L(x) = Σ dout · forward(x), central differences against what the
 //! backward ADDS to a pre-filled gradient buffer.
 
-use rcx::backend::Float;
 use rcx::backend::cpu::*;
+use rcx::float::Float;
 use rcx::gradcheck::{check_op, nonzero_values, op_checks};
 
 /// Reproducible test data: rcx's splitmix64 stream with the draws these tests use.

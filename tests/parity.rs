@@ -3,7 +3,7 @@
 //! float32), padding in the batch included. Tolerance: max abs error 1e-4 (the issue's).
 
 use rcx::checkpoint::load_model_dir;
-use rcx::model::{Batch, BertModel, Workspace};
+use rcx::models::{Batch, HostModel};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -68,11 +68,10 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn run(model: &BertModel<f32>, batch: &Batch) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut ws = Workspace::new();
-    model.forward(&mut ws, batch, None).unwrap();
-    let (hidden, pooled, logits) = model.outputs(&ws);
-    (hidden.to_vec(), pooled.to_vec(), logits.to_vec())
+fn run(model: HostModel<f32>, batch: &Batch) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut model = model.on_cpu();
+    model.forward(batch, None).unwrap();
+    model.outputs().unwrap()
 }
 
 #[test]
@@ -85,7 +84,7 @@ fn tiny_checkpoint_logits_hidden_states_and_pooler_match_transformers() {
         batch.mask.contains(&0),
         "the fixture batch must hold padding"
     );
-    let (hidden, pooled, logits) = run(&model, &batch);
+    let (hidden, pooled, logits) = run(model, &batch);
     for (name, ours) in [
         ("logits", &logits),
         ("pooler_output", &pooled),
@@ -127,7 +126,7 @@ fn minilm_hidden_states_match_transformers() {
         batch.mask.contains(&0),
         "the fixture batch must hold padding"
     );
-    let (hidden, _, _) = run(&model, &batch);
+    let (hidden, _, _) = run(model, &batch);
     let (_, expected) = dense(&f["last_hidden_state"]);
     let err = max_abs_diff(&hidden, &expected);
     assert!(
@@ -167,7 +166,7 @@ fn transformers_loads_an_rcx_written_folder_with_rcx_logits() {
     let model = load_model_dir(&dir, 0).unwrap();
     let batch = batch_of(&f);
     assert!(batch.mask.contains(&0), "the batch must hold padding");
-    let (_, _, logits) = run(&model, &batch);
+    let (_, _, logits) = run(model, &batch);
     let (shape, expected) = dense(&f["logits"]);
     assert_eq!(shape, [batch.b, 1]);
     let err = max_abs_diff(&logits, &expected);
@@ -189,7 +188,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// Writes, through rcx's own model-folder writer (`save_final`), a small BERT with seeded
 /// weights spread wide enough for every non-linearity to matter, and its vocabulary.
 fn rcx_written_folder() -> PathBuf {
-    use rcx::model::BertConfig;
+    use rcx::models::BertConfig;
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity-tests");
     let dir = root.join("rcx-written");
     if dir.exists() {
@@ -209,7 +208,7 @@ fn rcx_written_folder() -> PathBuf {
         attention_probs_dropout_prob: 0.1,
         pad_token_id: 0,
     };
-    let mut model = BertModel::<f32>::init(arch.clone(), 3);
+    let mut model = HostModel::<f32>::init(arch.clone(), 3);
     let mut rng = rcx::rng::Rng::new(17);
     // BERT's init (std 0.02) leaves logits near 0; noise of std 0.3 spreads them. The
     // padding row (the first hidden_size entries) stays zero, as transformers keeps it.
@@ -238,6 +237,6 @@ fn rcx_written_folder() -> PathBuf {
     )
     .unwrap();
     let cfg = rcx::config::Config::load(&config).unwrap();
-    rcx::checkpoint::save_final(&cfg, &model, &vocab).unwrap();
+    rcx::checkpoint::save_final(&cfg, &model.weights(), &vocab).unwrap();
     dir
 }

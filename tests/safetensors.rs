@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use rcx::error::Error;
 use rcx::hf_config::{HfBertConfig, read_hf_config, write_hf_config};
-use rcx::model::BertConfig;
+use rcx::models::BertConfig;
 use rcx::safetensors::{Dtype, SafeTensors, write_f32};
 
 fn fixture(rel: &str) -> PathBuf {
@@ -528,7 +528,7 @@ fn tiny_bert_checkpoint_has_every_expected_tensor() {
 
 const MINILM_CONFIG: &str = r#"{
   "_name_or_path": "nreimers/MiniLM-L6-H384-uncased",
-  "architectures": ["BertModel"],
+  "architectures": ["HostModel"],
   "attention_probs_dropout_prob": 0.1,
   "gradient_checkpointing": false,
   "hidden_act": "gelu",

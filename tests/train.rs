@@ -10,7 +10,7 @@
 //! seconds in release.
 
 use rcx::checkpoint::load_for_scoring;
-use rcx::model::{Batch, Workspace};
+use rcx::models::Batch;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -246,7 +246,7 @@ fn score_prints_the_library_logits_in_file_order() {
     );
     assert_eq!(meta.loss, "x_inv");
     let max_length = meta.max_length;
-    let mut ws = Workspace::new();
+    let mut model = model.on_cpu();
     let mut expected = Vec::new();
     for (p, line) in std::fs::read_to_string(&data).unwrap().lines().enumerate() {
         let record: Value = serde_json::from_str(line).unwrap();
@@ -255,7 +255,7 @@ fn score_prints_the_library_logits_in_file_order() {
             let enc = tok.encode_pair(prompt, completion.as_str().unwrap(), max_length);
             let types: Vec<u8> = enc.token_type_ids.iter().map(|&t| t as u8).collect();
             let batch = Batch::from_sequences([(&enc.input_ids[..], &types[..])], tok.pad_id());
-            let logit = model.forward(&mut ws, &batch, None).unwrap()[0];
+            let logit = model.forward(&batch, None).unwrap()[0];
             expected.push((p, c, logit));
         }
     }

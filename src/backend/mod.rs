@@ -1,137 +1,300 @@
-//! Compute backends. The CPU backend (`cpu`) is the numerical reference: every op is a
-//! `<op>_forward` / `<op>_backward` pair over plain slices, generic over `Float` so the
-//! same code trains in f32 and is gradient-checked in f64.
+//! Compute backends, and `Backend`: the ops a model is written in. A model (src/models/)
+//! names its tensors by `Buf` handles into the backend's arenas and calls these ops; each
+//! backend owns the memory and runs them: `cpu::Cpu` on the host (the numerical reference,
+//! generic over `Float`: f32 to train, f64 for the gradient checks), `cuda::Cuda` on the GPU
+//! (f32, or bf16 activations with fp32 master weights). Nothing here knows what a layer is.
+//!
+//! Conventions for every op: shapes are row-major and written beside every argument (N rows
+//! of C channels, B sequences of T tokens, NH heads of HS channels); forward outputs are
+//! overwritten; every backward ADDS (+=) into its gradient outputs (the model zeroes them);
+//! a buffer an op writes never overlaps another buffer of the same call (checked).
 
+mod arena;
 pub mod cpu;
 pub mod cuda;
 
-use std::fmt::Debug;
-use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
+use std::ops::Range;
 
-/// The scalar types the CPU backend computes in: f32 for training, f64 for gradient checks.
-pub trait Float:
-    Copy
-    + Send
-    + Sync
-    + Default
-    + Debug
-    + PartialOrd
-    + 'static
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + Neg<Output = Self>
-    + AddAssign
-    + SubAssign
-    + MulAssign
-    + DivAssign
-    + std::iter::Sum
-{
-    const ZERO: Self;
-    const ONE: Self;
-    fn from_f64(x: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-    fn tanh(self) -> Self;
-    fn sqrt(self) -> Self;
-    fn erf(self) -> Self;
-    fn abs(self) -> Self;
-    fn max(self, other: Self) -> Self;
-    fn is_finite(self) -> bool;
+pub use crate::data::Batch;
+pub use crate::float::Float;
+pub use arena::{Arena, Buf, Carver};
+pub use cpu::AttentionDropout;
 
-    /// C = alpha * A B + beta * C with explicit row and column strides (matrixmultiply's
-    /// convention). A is m x k, B is k x n, C is m x n.
-    ///
-    /// # Safety
-    /// The pointers with their strides must address valid, non-aliasing (for C) memory.
+use crate::error::Result;
+use crate::loss::{LossSpec, PromptType};
+
+/// B sequences of T tokens, NH heads of HS channels: the attention's dimensions.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDims {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub hs: usize,
+}
+
+/// The optimizer settings of one step (torch.optim.AdamW's, and clip_grad_norm_'s bound).
+#[derive(Clone, Copy, Debug)]
+pub struct OptimStep {
+    /// Counts from 1.
+    pub step: u64,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Applied only to the ranges the model marks for decay.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (torch.nn.utils.clip_grad_norm_).
+    pub max_grad_norm: f64,
+}
+
+/// The ops a model is written in, over the arenas the backend owns.
+pub trait Backend {
+    /// A batch's token ids, types and padding mask, as the ops read them.
+    type Tokens;
+    /// The element of the parameter, gradient and moment arenas as the host sees them.
+    type Scalar: Float;
+    /// Whether the parameters and moments live in host memory, so that checking them
+    /// costs no copy.
+    const HOST_RESIDENT: bool;
+
+    /// "cpu (2 threads)", "cuda (NVIDIA H200, bf16)".
+    fn describe(&self) -> String;
+
+    // ---- memory ----
+
+    /// Grows the activation arenas to at least `acts` and `stats` elements.
+    fn reserve(&mut self, acts: usize, stats: usize) -> Result<()>;
+    /// A batch's tokens for the ops; the ids must already be checked against `tables`
+    /// (vocabulary, positions, token types).
+    fn tokens(&mut self, batch: &Batch, tables: (usize, usize, usize)) -> Result<Self::Tokens>;
+    /// buf = 0.
+    fn zero(&mut self, buf: Buf) -> Result<()>;
+    /// dst = src, converting between the activation type and fp32 when the arenas differ.
+    fn copy(&mut self, dst: Buf, src: Buf) -> Result<()>;
+    /// A Stats buffer (logits, pooled outputs) on the host.
+    fn read_stats(&self, buf: Buf) -> Result<Vec<Self::Scalar>>;
+    /// An Acts buffer on the host, widened to the host type (hidden states, for parity).
+    fn read_acts(&self, buf: Buf) -> Result<Vec<Self::Scalar>>;
+    /// A Stats buffer written from the host (the logits' gradient in checks).
+    fn write_stats(&mut self, buf: Buf, values: &[Self::Scalar]) -> Result<()>;
+
+    // ---- ops ----
+
+    /// out [B, T, C] = wte[ids] + wpe[position] + wtt[types].
     #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm(
-        m: usize,
-        k: usize,
+    fn embedding_forward(
+        &mut self,
+        out: Buf,
+        tokens: &Self::Tokens,
+        wte: Buf,
+        wpe: Buf,
+        wtt: Buf,
+        c: usize,
+    ) -> Result<()>;
+    /// The tables' gradients from dout [B, T, C].
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(
+        &mut self,
+        dwte: Buf,
+        dwpe: Buf,
+        dwtt: Buf,
+        dout: Buf,
+        tokens: &Self::Tokens,
+        c: usize,
+    ) -> Result<()>;
+
+    /// out [N, C] = LayerNorm(x) with weight, bias [C]; saves mean, rstd [N].
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &mut self,
+        out: Buf,
+        mean: Buf,
+        rstd: Buf,
+        x: Buf,
+        weight: Buf,
+        bias: Buf,
         n: usize,
-        alpha: Self,
-        a: *const Self,
-        rsa: isize,
-        csa: isize,
-        b: *const Self,
-        rsb: isize,
-        csb: isize,
-        beta: Self,
-        c: *mut Self,
-        rsc: isize,
-        csc: isize,
-    );
-}
+        c: usize,
+        eps: f64,
+    ) -> Result<()>;
+    /// sum [N, C] = a + b, then out = LayerNorm(sum) as `layernorm_forward`.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward(
+        &mut self,
+        out: Buf,
+        sum: Buf,
+        mean: Buf,
+        rstd: Buf,
+        a: Buf,
+        b: Buf,
+        weight: Buf,
+        bias: Buf,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &mut self,
+        dx: Buf,
+        dweight: Buf,
+        dbias: Buf,
+        dout: Buf,
+        x: Buf,
+        weight: Buf,
+        mean: Buf,
+        rstd: Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()>;
 
-macro_rules! impl_float {
-    ($t:ty, $erf:path, $gemm:path) => {
-        impl Float for $t {
-            const ZERO: Self = 0.0;
-            const ONE: Self = 1.0;
-            #[inline]
-            fn from_f64(x: f64) -> Self {
-                x as $t
-            }
-            #[inline]
-            fn to_f64(self) -> f64 {
-                self as f64
-            }
-            #[inline]
-            fn exp(self) -> Self {
-                <$t>::exp(self)
-            }
-            #[inline]
-            fn ln(self) -> Self {
-                <$t>::ln(self)
-            }
-            #[inline]
-            fn tanh(self) -> Self {
-                <$t>::tanh(self)
-            }
-            #[inline]
-            fn sqrt(self) -> Self {
-                <$t>::sqrt(self)
-            }
-            #[inline]
-            fn erf(self) -> Self {
-                $erf(self)
-            }
-            #[inline]
-            fn abs(self) -> Self {
-                <$t>::abs(self)
-            }
-            #[inline]
-            fn max(self, other: Self) -> Self {
-                <$t>::max(self, other)
-            }
-            #[inline]
-            fn is_finite(self) -> bool {
-                <$t>::is_finite(self)
-            }
-            #[inline]
-            unsafe fn gemm(
-                m: usize,
-                k: usize,
-                n: usize,
-                alpha: Self,
-                a: *const Self,
-                rsa: isize,
-                csa: isize,
-                b: *const Self,
-                rsb: isize,
-                csb: isize,
-                beta: Self,
-                c: *mut Self,
-                rsc: isize,
-                csc: isize,
-            ) {
-                unsafe { $gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
-            }
-        }
-    };
-}
+    /// out [N, OC] = x [N, C] · weightᵀ [OC, C] + bias [OC].
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward(
+        &mut self,
+        out: Buf,
+        x: Buf,
+        weight: Buf,
+        bias: Option<Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(
+        &mut self,
+        dx: Buf,
+        dweight: Buf,
+        dbias: Option<Buf>,
+        dout: Buf,
+        x: Buf,
+        weight: Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
+    /// out [N, OC] = GELU(x · weightᵀ + bias); `pre` [N, OC] keeps what the backward needs
+    /// (the product, with or without the bias as the backend fuses it).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_gelu_forward(
+        &mut self,
+        out: Buf,
+        pre: Buf,
+        x: Buf,
+        weight: Buf,
+        bias: Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
+    /// `dpre` [N, OC] is scratch (zeroed here).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_gelu_backward(
+        &mut self,
+        dx: Buf,
+        dweight: Buf,
+        dbias: Buf,
+        dpre: Buf,
+        dout: Buf,
+        pre: Buf,
+        x: Buf,
+        weight: Buf,
+        bias: Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()>;
 
-impl_float!(f32, libm::erff, matrixmultiply::sgemm);
-impl_float!(f64, libm::erf, matrixmultiply::dgemm);
+    /// out = tanh(x).
+    fn tanh_forward(&mut self, out: Buf, x: Buf) -> Result<()>;
+    /// dx += (1 - out²) dout.
+    fn tanh_backward(&mut self, dx: Buf, out: Buf, dout: Buf) -> Result<()>;
+
+    /// out = x with each element zeroed with probability p and the rest scaled by
+    /// 1 / (1 - p), the mask drawn from `seed` (p = 0 copies).
+    fn dropout_forward(&mut self, out: Buf, x: Buf, p: f64, seed: u64) -> Result<()>;
+    fn dropout_backward(&mut self, dx: Buf, dout: Buf, p: f64, seed: u64) -> Result<()>;
+
+    /// Elements (Stats) the attention saves for its backward, and of its backward's scratch.
+    fn attention_saved_len(&self, dims: AttentionDims) -> usize;
+    fn attention_scratch_len(&self, dims: AttentionDims) -> usize;
+    /// ctx [B, T, NH·HS] = softmax(q kᵀ / sqrt(HS), padding keys masked) v, per head, with
+    /// dropout on the probabilities; q, k, v [B, T, NH·HS].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &mut self,
+        ctx: Buf,
+        saved: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        tokens: &Self::Tokens,
+        dims: AttentionDims,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &mut self,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        scratch: Buf,
+        dctx: Buf,
+        ctx: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        saved: Buf,
+        tokens: &Self::Tokens,
+        dims: AttentionDims,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()>;
+
+    /// out [B, C] = x[:, 0, :] of x [B, T, C]: the first token of each sequence.
+    fn cls_pool_forward(&mut self, out: Buf, x: Buf, b: usize, t: usize, c: usize) -> Result<()>;
+    fn cls_pool_backward(&mut self, dx: Buf, dout: Buf, b: usize, t: usize, c: usize)
+    -> Result<()>;
+
+    /// The all-pairs ranking loss of the logits [sum_p K_p] (prompts contiguous, best
+    /// first) and its gradient written into dlogits, divided by `divisor` (the micro-batches
+    /// of a step); returns the mean pair loss.
+    #[allow(clippy::too_many_arguments)]
+    fn ranking_loss(
+        &mut self,
+        dlogits: Buf,
+        logits: Buf,
+        ks: &[usize],
+        types: &[Option<PromptType>],
+        spec: &LossSpec,
+        eps: f64,
+        divisor: usize,
+    ) -> Result<f64>;
+
+    // ---- the optimizer, over the whole parameter arena ----
+
+    /// Allocates the gradient and AdamW moment arenas (zero): scoring needs none of them.
+    fn start_training(&mut self) -> Result<()>;
+    /// Grads = 0.
+    fn zero_grads(&mut self) -> Result<()>;
+    /// The global gradient norm (before clipping).
+    fn grad_norm(&mut self) -> Result<f64>;
+    /// AdamW on every parameter with the gradients scaled by `grad_scale` (the clip factor):
+    /// one range per tensor of the layout, weight decay only on those marked true.
+    fn adamw_update(
+        &mut self,
+        tensors: &[(Range<usize>, bool)],
+        opt: &OptimStep,
+        grad_scale: f64,
+    ) -> Result<()>;
+
+    // ---- the parameter-shaped arenas on the host (checkpoints) ----
+
+    fn upload_params(&mut self, params: &[f32]) -> Result<()>;
+    fn upload_moments(&mut self, m: &[f32], v: &[f32]) -> Result<()>;
+    /// f(params, first moments, second moments), in the parameter layout.
+    fn with_state<R>(
+        &self,
+        f: impl FnOnce(&[Self::Scalar], &[Self::Scalar], &[Self::Scalar]) -> R,
+    ) -> Result<R>;
+    fn download_grads(&self) -> Result<Vec<Self::Scalar>>;
+}

@@ -8,9 +8,11 @@
 //! unknown fields are ignored. A line holds at most MAX_LINE_BYTES, a record at most
 //! MAX_COMPLETIONS completions, and every completion some text besides whitespace.
 
+mod batch;
 pub mod cache;
 pub mod longform;
 
+pub use batch::Batch;
 pub use cache::TokenizedSet;
 
 use crate::error::{Error, Result};

@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::ELEMENTWISE_CHUNK;
 use super::vecmath::{as_f32, as_f32_mut, with_avx2};
-use crate::backend::Float;
+use crate::float::Float;
 
 /// One AdamW step over a flat parameter buffer, exactly PyTorch's formula with g =
 /// grads · grad_scale (grad_scale is the clipping factor; 1 when not clipping):

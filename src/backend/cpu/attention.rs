@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::SendPtr;
 use super::dropout::dropout_forward_at;
 use super::vecmath::{as_f32_mut, exp_nonpositive_f32};
-use crate::backend::Float;
+use crate::float::Float;
 
 /// Dropout on the attention probabilities (Hugging Face's `attention_probs_dropout_prob`):
 /// the weights that multiply v are probs ∘ keep / (1 - p), keep[i] = dropout_keep(seed, i,

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::ELEMENTWISE_CHUNK;
 use super::vecmath::{as_f32, as_f32_mut, with_avx512};
-use crate::backend::Float;
+use crate::float::Float;
 
 /// 2^64 / φ, the splitmix64 increment; also spreads consecutive indices apart.
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;

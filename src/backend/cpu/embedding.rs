@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::COLUMN_CHUNK;
-use crate::backend::Float;
+use crate::float::Float;
 
 /// `embedding_backward` splits the vocabulary into this many ranges of dwte rows, one task
 /// each: fixed, so the partition does not depend on the thread count.

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::ELEMENTWISE_CHUNK;
 use super::vecmath::{as_f32, as_f32_mut, erf_scaled_f32, exp_nonpositive_f32};
-use crate::backend::Float;
+use crate::float::Float;
 
 /// 1 / √(2π), the standard normal density at 0.
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::COLUMN_CHUNK;
-use crate::backend::Float;
+use crate::float::Float;
 
 /// out[n, c] = (inp - mean) · rstd · weight[c] + bias[c], row by row; saves mean[n] and
 /// rstd[n] = 1 / sqrt(biased variance + eps) for the backward.

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::{COLUMN_CHUNK, ELEMENTWISE_CHUNK, SendPtr};
-use crate::backend::Float;
+use crate::float::Float;
 
 /// Tiles of `gemm_parallel` are never cut below this edge (unless the matrix is smaller),
 /// and are cut at multiples of it, so no tile ends inside a microkernel block.

@@ -9,6 +9,7 @@
 
 mod adamw;
 mod attention;
+mod backend;
 mod dropout;
 mod embedding;
 mod gelu;
@@ -22,6 +23,7 @@ mod vecmath;
 
 pub use adamw::*;
 pub use attention::*;
+pub use backend::Cpu;
 pub use dropout::*;
 pub use embedding::*;
 pub use gelu::*;

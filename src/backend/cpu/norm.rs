@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::ELEMENTWISE_CHUNK;
-use crate::backend::Float;
+use crate::float::Float;
 
 /// Independent running sums per chunk: element i goes to sum i mod LANES, so the adds
 /// need not wait on each other and the loop vectorises.

@@ -1,6 +1,6 @@
 //! BERT's pooling: the hidden state of the first ([CLS]) token of each sequence.
 
-use crate::backend::Float;
+use crate::float::Float;
 
 /// out[b, c] = inp[b, 0, c] for inp [b, t, c].
 pub fn cls_pool_forward<F: Float>(out: &mut [F], inp: &[F], b: usize, t: usize, c: usize) {

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::ELEMENTWISE_CHUNK;
-use crate::backend::Float;
+use crate::float::Float;
 
 /// out[i] = a[i] + b[i]
 pub fn residual_forward<F: Float>(out: &mut [F], a: &[F], b: &[F]) {

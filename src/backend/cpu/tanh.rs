@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::ELEMENTWISE_CHUNK;
-use crate::backend::Float;
+use crate::float::Float;
 
 /// out[i] = tanh(inp[i])
 pub fn tanh_forward<F: Float>(out: &mut [F], inp: &[F]) {

@@ -8,7 +8,7 @@
 use std::any::TypeId;
 use std::sync::OnceLock;
 
-use crate::backend::Float;
+use crate::float::Float;
 
 /// `values` as f32 when F is f32 (the slice itself, retyped); None for any other F.
 pub(crate) fn as_f32_mut<F: Float>(values: &mut [F]) -> Option<&mut [f32]> {

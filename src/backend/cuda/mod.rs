@@ -3,20 +3,20 @@
 //! rcx builds and runs (CPU only) on machines without CUDA. Each kernel has one typed
 //! launch wrapper, a method of `CudaRuntime`, mirroring the CPU op it is checked against.
 
+mod backend;
 mod cast;
 mod kernels;
 mod loss;
 mod matmul;
-mod model;
 mod ops;
 mod optim;
 mod runtime;
 
+pub use backend::{Cuda, CudaTokens};
 pub use cast::ModelFloat;
 pub use kernels::{KERNEL_IMAGES, KERNELS_BUILT, KERNELS_NOT_BUILT_REASON, KernelImage};
 pub use loss::RankingBatch;
 pub use matmul::GemmElement;
-pub use model::{CudaTrainer, MicroBatch, OptimStep, StepStats, train_step_cuda};
 pub use ops::{FlashKernels, TokenBatch, launch};
 pub use optim::AdamWStep;
 pub use runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, available};

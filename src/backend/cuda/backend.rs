@@ -1,0 +1,968 @@
+//! `Cuda`: the `Backend` on one GPU, over the kernels of kernels/*.cu.
+//!
+//! Two activation types (`DType`): f32 throughout, or bf16 activations and GEMM inputs with
+//! fp32 accumulation everywhere (cuBLAS compute 32F, fp32 arithmetic in the kernels), fp32
+//! master weights, gradients and AdamW moments, and a bf16 copy of the weights that GEMMs on
+//! bf16 activations read, rounded from the master at upload and refreshed by the fused
+//! AdamW. The Stats arena is fp32 whatever the type.
+//!
+//! Every arena is one device allocation: parameters, gradients and the two moments in the
+//! model's parameter layout (so a checkpoint goes up or comes down in one copy whatever the
+//! type, and a run moves between CPU and GPU, f32 and bf16), the activations in the
+//! activation type, the stats in fp32. An op turns its `Buf`s into cudarc views of those
+//! allocations (checked disjoint where written) and launches its kernels.
+//!
+//! Two ops fuse what the CPU runs as two: `matmul_gelu` adds the bias inside the GELU kernel
+//! (so its `pre` holds the product without the bias), and `residual_layernorm_forward` adds
+//! the residual inside the LayerNorm kernel.
+//!
+//! STATUS: compiled and run on the emulated device; never run on a GPU (none has been lent
+//! yet); tests/cuda_model.rs checks it against the CPU backend on the first GPU run.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaViewMut};
+use half::bf16;
+
+use super::cast::ModelFloat;
+use super::loss::RankingBatch;
+use super::ops::{FlashKernels, TokenBatch};
+use super::optim::AdamWStep;
+use super::runtime::{Activation, CudaRuntime, driver};
+use crate::backend::arena::{Loans, check_bounds};
+use crate::backend::{Arena, AttentionDims, AttentionDropout, Backend, Batch, Buf, OptimStep};
+use crate::config::DType;
+use crate::error::{Error, Result};
+use crate::loss::{LossSpec, PromptType};
+
+/// A batch's tokens on the device: ids with the embedding backward's row lists, and the
+/// padding mask.
+pub struct CudaTokens {
+    tokens: TokenBatch,
+    mask: CudaSlice<u8>, // [B, T]
+}
+
+/// The activation type and the buffers of that type.
+enum Precision {
+    F32 {
+        acts: CudaSlice<f32>, // the Acts arena
+    },
+    Bf16 {
+        /// [parameters] the master weights rounded to bf16, in the parameter layout (so
+        /// one AdamW launch per run refreshes it). GEMMs on bf16 activations read it; the
+        /// rest (tables, biases, LayerNorm, the fp32 head) read the master, so those parts
+        /// of the copy are written and never read: a few percent of a model, kept for the
+        /// single layout.
+        weights: CudaSlice<bf16>,
+        acts: CudaSlice<bf16>, // the Acts arena
+    },
+}
+
+/// The backend on one GPU.
+pub struct Cuda {
+    rt: Arc<CudaRuntime>,
+    params: CudaSlice<f32>, // [parameters] fp32 master weights
+    grads: CudaSlice<f32>,  // [parameters] once training
+    m: CudaSlice<f32>,      // [parameters] AdamW first moment, once training
+    v: CudaSlice<f32>,      // [parameters] AdamW second moment, once training
+    stats: CudaSlice<f32>,  // the Stats arena
+    precision: Precision,
+}
+
+impl Cuda {
+    /// Uploads `params` in one copy (and rounds them to the bf16 copy for `DType::Bf16`).
+    pub fn new(rt: Arc<CudaRuntime>, params: &[f32], dtype: DType) -> Result<Cuda> {
+        let params = rt.upload(params)?;
+        let precision = match dtype {
+            DType::F32 => Precision::F32 { acts: rt.zeros(1)? },
+            DType::Bf16 => {
+                let mut weights = rt.zeros::<bf16>(params.len())?;
+                rt.cast_f32_to_bf16(&mut weights, &params)?;
+                Precision::Bf16 {
+                    weights,
+                    acts: rt.zeros(1)?,
+                }
+            }
+        };
+        Ok(Cuda {
+            grads: rt.zeros(1)?,
+            m: rt.zeros(1)?,
+            v: rt.zeros(1)?,
+            stats: rt.zeros(1)?,
+            params,
+            precision,
+            rt,
+        })
+    }
+
+    pub fn runtime(&self) -> &Arc<CudaRuntime> {
+        &self.rt
+    }
+
+    /// The activation type.
+    pub fn dtype(&self) -> DType {
+        match self.precision {
+            Precision::F32 { .. } => DType::F32,
+            Precision::Bf16 { .. } => DType::Bf16,
+        }
+    }
+
+    /// The parameters as GEMMs on activations read them, as f32: the master weights for
+    /// f32, their bf16 copy widened for bf16.
+    pub fn download_gemm_weights(&self) -> Result<Vec<f32>> {
+        match &self.precision {
+            Precision::F32 { .. } => self.rt.download(&self.params),
+            Precision::Bf16 { weights, .. } => Ok(self
+                .rt
+                .download(weights)?
+                .into_iter()
+                .map(f32::from)
+                .collect()),
+        }
+    }
+
+    fn check_arena(&self, what: &str, len: usize) -> Result<()> {
+        if len == self.params.len() {
+            Ok(())
+        } else {
+            Err(Error::internal(format!(
+                "CUDA backend: {len} {what} for a parameter arena of {}",
+                self.params.len()
+            )))
+        }
+    }
+
+    fn training(&self) -> Result<()> {
+        if self.grads.len() == self.params.len() {
+            Ok(())
+        } else {
+            Err(Error::internal(
+                "CUDA backend: training ops before start_training",
+            ))
+        }
+    }
+}
+
+/// A view of the same memory as `view` for as long as the arena is borrowed.
+///
+/// # Safety
+/// The caller guarantees that no other live view overlaps the result for 'a where either
+/// is written (`Loans`).
+unsafe fn extend_view<'a, T>(view: CudaViewMut<'_, T>) -> CudaViewMut<'a, T> {
+    let view = std::mem::ManuallyDrop::new(view);
+    let source: *const CudaViewMut<'_, T> = &*view;
+    // SAFETY: the two types differ only in a lifetime, so they have the same layout; the
+    // view holds only a device address, a length and shared references into the arena's
+    // CudaSlice, which stays borrowed for 'a.
+    unsafe { std::ptr::read(source.cast::<CudaViewMut<'a, T>>()) }
+}
+
+/// Parts of the arenas lent for one op, as views; a written part overlaps no other part.
+struct Lend<'a, T> {
+    params: CudaViewMut<'a, f32>,
+    grads: CudaViewMut<'a, f32>,
+    stats: CudaViewMut<'a, f32>,
+    acts: CudaViewMut<'a, T>,
+    /// The weights GEMMs on T activations read: the master itself for f32 (read only),
+    /// its bf16 copy for bf16.
+    weights: CudaViewMut<'a, T>,
+    loans: Loans,
+}
+
+/// `buf`'s part of `whole`, for 'a.
+///
+/// # Safety
+/// As `extend_view`: the part is lent through `Loans`.
+unsafe fn part<'a, E>(whole: &CudaViewMut<'a, E>, buf: Buf) -> Result<CudaViewMut<'a, E>> {
+    check_bounds(buf, whole.len())?;
+    // SAFETY: a bitwise copy of a view is another handle on the same memory (views own
+    // nothing and have no destructor); the part taken from it is extended to 'a.
+    let mut copy = unsafe { std::ptr::read(whole) };
+    Ok(unsafe { extend_view(copy.slice_mut(buf.range())) })
+}
+
+impl<'a, T> Lend<'a, T> {
+    /// An fp32 buffer: of the parameters, the gradients or the stats.
+    fn f(&mut self, buf: Buf, write: bool) -> Result<CudaViewMut<'a, f32>> {
+        self.loans.lend(buf, write)?;
+        let whole = match buf.arena {
+            Arena::Params => &self.params,
+            Arena::Grads => &self.grads,
+            Arena::Stats => &self.stats,
+            Arena::Acts => {
+                return Err(Error::internal(format!(
+                    "CUDA backend: {buf:?} is in the activation type where fp32 is needed"
+                )));
+            }
+        };
+        // SAFETY: lent through `loans` just above.
+        unsafe { part(whole, buf) }
+    }
+
+    /// An activation buffer, in T.
+    fn t(&mut self, buf: Buf, write: bool) -> Result<CudaViewMut<'a, T>> {
+        if buf.arena != Arena::Acts {
+            return Err(Error::internal(format!(
+                "CUDA backend: {buf:?} is fp32 where the activation type is needed"
+            )));
+        }
+        self.loans.lend(buf, write)?;
+        // SAFETY: lent through `loans` just above.
+        unsafe { part(&self.acts, buf) }
+    }
+
+    /// A weight matrix of the parameter arena as GEMMs on T activations read it.
+    fn w(&mut self, buf: Buf) -> Result<CudaViewMut<'a, T>> {
+        if buf.arena != Arena::Params {
+            return Err(Error::internal(format!(
+                "CUDA backend: {buf:?} is not a parameter"
+            )));
+        }
+        self.loans.lend(buf, false)?;
+        // SAFETY: lent (as a read of the parameters) through `loans` just above; nothing
+        // writes the parameters during an op.
+        unsafe { part(&self.weights, buf) }
+    }
+}
+
+/// Runs `$body` with `$l: Lend<T>` for the backend's activation type T, and `$rt`.
+macro_rules! lend {
+    ($self:ident, |$rt:ident, $l:ident| $body:expr) => {{
+        let $rt: &CudaRuntime = &$self.rt;
+        let params = $self.params.as_view_mut();
+        let grads = $self.grads.as_view_mut();
+        let stats = $self.stats.as_view_mut();
+        match &mut $self.precision {
+            Precision::F32 { acts } => {
+                // SAFETY: a second handle on the parameters, only ever read (`Lend::w`).
+                let weights = unsafe { std::ptr::read(&params) };
+                #[allow(unused_mut)]
+                let mut $l = Lend {
+                    params,
+                    grads,
+                    stats,
+                    acts: acts.as_view_mut(),
+                    weights,
+                    loans: Loans::default(),
+                };
+                $body
+            }
+            Precision::Bf16 { weights, acts } => {
+                #[allow(unused_mut)]
+                let mut $l = Lend {
+                    params,
+                    grads,
+                    stats,
+                    acts: acts.as_view_mut(),
+                    weights: weights.as_view_mut(),
+                    loans: Loans::default(),
+                };
+                $body
+            }
+        }
+    }};
+}
+
+/// Replaces `arena` with a zeroed one of `len` elements when it is smaller.
+fn grow<E: Activation>(rt: &CudaRuntime, arena: &mut CudaSlice<E>, len: usize) -> Result<()> {
+    if arena.len() < len {
+        // Free the old arena first: the new one may need most of the device.
+        *arena = rt.zeros(1)?;
+        *arena = rt.zeros(len)?;
+    }
+    Ok(())
+}
+
+fn zero_view<E: Activation>(rt: &CudaRuntime, view: &mut CudaViewMut<'_, E>) -> Result<()> {
+    rt.stream()
+        .memset_zeros(view)
+        .map_err(driver("zero a buffer"))
+}
+
+fn is_acts(buf: Buf) -> bool {
+    buf.arena == Arena::Acts
+}
+
+impl Backend for Cuda {
+    type Tokens = CudaTokens;
+    type Scalar = f32;
+    const HOST_RESIDENT: bool = false;
+
+    fn describe(&self) -> String {
+        let device = self.rt.device_name();
+        let dtype = match self.dtype() {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        };
+        format!(
+            "cuda ({}, {dtype})",
+            device.unwrap_or_else(|e| e.to_string())
+        )
+    }
+
+    fn reserve(&mut self, acts: usize, stats: usize) -> Result<()> {
+        let bytes = match self.precision {
+            Precision::F32 { .. } => 4 * acts + 4 * stats,
+            Precision::Bf16 { .. } => 2 * acts + 4 * stats,
+        };
+        let need = |e: Error| {
+            Error::internal(format!(
+                "{e} (the activations need {:.2} GiB)",
+                bytes as f64 / (1u64 << 30) as f64
+            ))
+        };
+        let rt = &self.rt;
+        match &mut self.precision {
+            Precision::F32 { acts: arena } => grow(rt, arena, acts).map_err(need)?,
+            Precision::Bf16 { acts: arena, .. } => grow(rt, arena, acts).map_err(need)?,
+        }
+        grow(rt, &mut self.stats, stats).map_err(need)
+    }
+
+    fn tokens(&mut self, batch: &Batch, tables: (usize, usize, usize)) -> Result<CudaTokens> {
+        let (b, t) = (batch.b, batch.t);
+        Ok(CudaTokens {
+            tokens: TokenBatch::new(
+                &self.rt,
+                &batch.input_ids,
+                &batch.token_type_ids,
+                b,
+                t,
+                tables,
+            )?,
+            mask: self.rt.upload(&batch.mask)?,
+        })
+    }
+
+    fn zero(&mut self, buf: Buf) -> Result<()> {
+        lend!(self, |rt, l| match is_acts(buf) {
+            true => zero_view(rt, &mut l.t(buf, true)?),
+            false => zero_view(rt, &mut l.f(buf, true)?),
+        })
+    }
+
+    fn copy(&mut self, dst: Buf, src: Buf) -> Result<()> {
+        if dst.len != src.len {
+            return Err(Error::internal(format!(
+                "copy: {} elements into {}",
+                src.len, dst.len
+            )));
+        }
+        let copied = driver("copy a buffer");
+        lend!(self, |rt, l| match (is_acts(dst), is_acts(src)) {
+            (true, true) => {
+                let (mut d, s) = (l.t(dst, true)?, l.t(src, false)?);
+                rt.stream().memcpy_dtod(&s, &mut d).map_err(copied)
+            }
+            (false, false) => {
+                let (mut d, s) = (l.f(dst, true)?, l.f(src, false)?);
+                rt.stream().memcpy_dtod(&s, &mut d).map_err(copied)
+            }
+            (false, true) => {
+                let (mut d, s) = (l.f(dst, true)?, l.t(src, false)?);
+                ModelFloat::to_f32(rt, &mut d, &s.as_view())
+            }
+            (true, false) => {
+                let (mut d, s) = (l.t(dst, true)?, l.f(src, false)?);
+                ModelFloat::from_f32(rt, &mut d, &s.as_view())
+            }
+        })
+    }
+
+    fn read_stats(&self, buf: Buf) -> Result<Vec<f32>> {
+        if buf.arena == Arena::Acts {
+            return self.read_acts(buf);
+        }
+        let arena = match buf.arena {
+            Arena::Params => &self.params,
+            Arena::Grads => &self.grads,
+            _ => &self.stats,
+        };
+        check_bounds(buf, arena.len())?;
+        self.rt
+            .stream()
+            .clone_dtoh(&arena.slice(buf.range()))
+            .map_err(driver("copy a buffer to the host"))
+    }
+
+    fn read_acts(&self, buf: Buf) -> Result<Vec<f32>> {
+        if buf.arena != Arena::Acts {
+            return self.read_stats(buf);
+        }
+        let to_host = driver("copy activations to the host");
+        match &self.precision {
+            Precision::F32 { acts } => {
+                check_bounds(buf, acts.len())?;
+                self.rt
+                    .stream()
+                    .clone_dtoh(&acts.slice(buf.range()))
+                    .map_err(to_host)
+            }
+            Precision::Bf16 { acts, .. } => {
+                check_bounds(buf, acts.len())?;
+                let values = self
+                    .rt
+                    .stream()
+                    .clone_dtoh(&acts.slice(buf.range()))
+                    .map_err(to_host)?;
+                Ok(values.into_iter().map(f32::from).collect())
+            }
+        }
+    }
+
+    fn write_stats(&mut self, buf: Buf, values: &[f32]) -> Result<()> {
+        if buf.arena != Arena::Stats || buf.len != values.len() {
+            return Err(Error::internal(format!(
+                "write_stats: {} values into {buf:?}",
+                values.len()
+            )));
+        }
+        check_bounds(buf, self.stats.len())?;
+        self.rt
+            .stream()
+            .memcpy_htod(values, &mut self.stats.slice_mut(buf.range()))
+            .map_err(driver("copy values to the device"))
+    }
+
+    fn embedding_forward(
+        &mut self,
+        out: Buf,
+        tokens: &CudaTokens,
+        wte: Buf,
+        wpe: Buf,
+        wtt: Buf,
+        c: usize,
+    ) -> Result<()> {
+        lend!(self, |rt, l| rt.embedding_forward(
+            &mut l.t(out, true)?,
+            &tokens.tokens,
+            &l.f(wte, false)?,
+            &l.f(wpe, false)?,
+            &l.f(wtt, false)?,
+            c
+        ))
+    }
+
+    fn embedding_backward(
+        &mut self,
+        dwte: Buf,
+        dwpe: Buf,
+        dwtt: Buf,
+        dout: Buf,
+        tokens: &CudaTokens,
+        c: usize,
+    ) -> Result<()> {
+        lend!(self, |rt, l| rt.embedding_backward(
+            &mut l.f(dwte, true)?,
+            &mut l.f(dwpe, true)?,
+            &mut l.f(dwtt, true)?,
+            &l.t(dout, false)?,
+            &tokens.tokens,
+            c
+        ))
+    }
+
+    fn layernorm_forward(
+        &mut self,
+        out: Buf,
+        mean: Buf,
+        rstd: Buf,
+        x: Buf,
+        weight: Buf,
+        bias: Buf,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) -> Result<()> {
+        lend!(self, |rt, l| rt.layernorm_forward(
+            &mut l.t(out, true)?,
+            &mut l.f(mean, true)?,
+            &mut l.f(rstd, true)?,
+            &l.t(x, false)?,
+            &l.f(weight, false)?,
+            &l.f(bias, false)?,
+            n,
+            c,
+            eps
+        ))
+    }
+
+    fn residual_layernorm_forward(
+        &mut self,
+        out: Buf,
+        sum: Buf,
+        mean: Buf,
+        rstd: Buf,
+        a: Buf,
+        b: Buf,
+        weight: Buf,
+        bias: Buf,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) -> Result<()> {
+        lend!(self, |rt, l| rt.residual_layernorm_forward(
+            &mut l.t(out, true)?,
+            &mut l.t(sum, true)?,
+            &mut l.f(mean, true)?,
+            &mut l.f(rstd, true)?,
+            &l.t(a, false)?,
+            &l.t(b, false)?,
+            &l.f(weight, false)?,
+            &l.f(bias, false)?,
+            n,
+            c,
+            eps
+        ))
+    }
+
+    fn layernorm_backward(
+        &mut self,
+        dx: Buf,
+        dweight: Buf,
+        dbias: Buf,
+        dout: Buf,
+        x: Buf,
+        weight: Buf,
+        mean: Buf,
+        rstd: Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        lend!(self, |rt, l| rt.layernorm_backward(
+            &mut l.t(dx, true)?,
+            &mut l.f(dweight, true)?,
+            &mut l.f(dbias, true)?,
+            &l.t(dout, false)?,
+            &l.t(x, false)?,
+            &l.f(weight, false)?,
+            &l.f(mean, false)?,
+            &l.f(rstd, false)?,
+            n,
+            c
+        ))
+    }
+
+    /// On activations, in the activation type with the GEMM weights; on fp32 buffers (the
+    /// head), in fp32 with the master weights.
+    fn matmul_forward(
+        &mut self,
+        out: Buf,
+        x: Buf,
+        weight: Buf,
+        bias: Option<Buf>,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        lend!(self, |rt, l| {
+            let bias = bias.map(|b| l.f(b, false)).transpose()?;
+            match is_acts(x) {
+                true => rt.matmul_forward(
+                    &mut l.t(out, true)?,
+                    &l.t(x, false)?,
+                    &l.w(weight)?,
+                    bias.as_ref(),
+                    n,
+                    c,
+                    oc,
+                ),
+                false => rt.matmul_forward(
+                    &mut l.f(out, true)?,
+                    &l.f(x, false)?,
+                    &l.f(weight, false)?,
+                    bias.as_ref(),
+                    n,
+                    c,
+                    oc,
+                ),
+            }
+        })
+    }
+
+    fn matmul_backward(
+        &mut self,
+        dx: Buf,
+        dweight: Buf,
+        dbias: Option<Buf>,
+        dout: Buf,
+        x: Buf,
+        weight: Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        lend!(self, |rt, l| {
+            let mut dweight = l.f(dweight, true)?;
+            let mut dbias = dbias.map(|b| l.f(b, true)).transpose()?;
+            match is_acts(x) {
+                true => rt.matmul_backward(
+                    &mut l.t(dx, true)?,
+                    &mut dweight,
+                    dbias.as_mut(),
+                    &l.t(dout, false)?,
+                    &l.t(x, false)?,
+                    &l.w(weight)?,
+                    n,
+                    c,
+                    oc,
+                ),
+                false => rt.matmul_backward(
+                    &mut l.f(dx, true)?,
+                    &mut dweight,
+                    dbias.as_mut(),
+                    &l.f(dout, false)?,
+                    &l.f(x, false)?,
+                    &l.f(weight, false)?,
+                    n,
+                    c,
+                    oc,
+                ),
+            }
+        })
+    }
+
+    fn matmul_gelu_forward(
+        &mut self,
+        out: Buf,
+        pre: Buf,
+        x: Buf,
+        weight: Buf,
+        bias: Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        lend!(self, |rt, l| {
+            let mut pre = l.t(pre, true)?;
+            let bias = l.f(bias, false)?;
+            rt.matmul_forward(
+                &mut pre,
+                &l.t(x, false)?,
+                &l.w(weight)?,
+                None::<&CudaViewMut<'_, f32>>,
+                n,
+                c,
+                oc,
+            )?;
+            rt.bias_gelu_forward(&mut l.t(out, true)?, &pre, &bias, n, oc)
+        })
+    }
+
+    fn matmul_gelu_backward(
+        &mut self,
+        dx: Buf,
+        dweight: Buf,
+        dbias: Buf,
+        dpre: Buf,
+        dout: Buf,
+        pre: Buf,
+        x: Buf,
+        weight: Buf,
+        bias: Buf,
+        n: usize,
+        c: usize,
+        oc: usize,
+    ) -> Result<()> {
+        lend!(self, |rt, l| {
+            let mut dpre = l.t(dpre, true)?;
+            zero_view(rt, &mut dpre)?;
+            // The GELU kernel owns the bias, so its gradient comes from there.
+            rt.bias_gelu_backward(
+                &mut dpre,
+                &mut l.f(dbias, true)?,
+                &l.t(dout, false)?,
+                &l.t(pre, false)?,
+                &l.f(bias, false)?,
+                n,
+                oc,
+            )?;
+            rt.matmul_backward(
+                &mut l.t(dx, true)?,
+                &mut l.f(dweight, true)?,
+                None::<&mut CudaViewMut<'_, f32>>,
+                &dpre,
+                &l.t(x, false)?,
+                &l.w(weight)?,
+                n,
+                c,
+                oc,
+            )
+        })
+    }
+
+    fn tanh_forward(&mut self, out: Buf, x: Buf) -> Result<()> {
+        lend!(self, |rt, l| match is_acts(x) {
+            true => rt.tanh_forward(&mut l.t(out, true)?, &l.t(x, false)?),
+            false => rt.tanh_forward(&mut l.f(out, true)?, &l.f(x, false)?),
+        })
+    }
+
+    fn tanh_backward(&mut self, dx: Buf, out: Buf, dout: Buf) -> Result<()> {
+        lend!(self, |rt, l| match is_acts(out) {
+            true => rt.tanh_backward(&mut l.t(dx, true)?, &l.t(out, false)?, &l.t(dout, false)?),
+            false => rt.tanh_backward(&mut l.f(dx, true)?, &l.f(out, false)?, &l.f(dout, false)?),
+        })
+    }
+
+    fn dropout_forward(&mut self, out: Buf, x: Buf, p: f64, seed: u64) -> Result<()> {
+        lend!(self, |rt, l| match is_acts(x) {
+            true => rt.dropout_forward(&mut l.t(out, true)?, &l.t(x, false)?, p, seed),
+            false => rt.dropout_forward(&mut l.f(out, true)?, &l.f(x, false)?, p, seed),
+        })
+    }
+
+    fn dropout_backward(&mut self, dx: Buf, dout: Buf, p: f64, seed: u64) -> Result<()> {
+        lend!(self, |rt, l| match is_acts(dout) {
+            true => rt.dropout_backward(&mut l.t(dx, true)?, &l.t(dout, false)?, p, seed),
+            false => rt.dropout_backward(&mut l.f(dx, true)?, &l.f(dout, false)?, p, seed),
+        })
+    }
+
+    /// Flash attention never stores the T x T probabilities: the forward saves each query
+    /// row's logsumexp [B, NH, T] and the backward recomputes the probabilities from it.
+    fn attention_saved_len(&self, d: AttentionDims) -> usize {
+        d.b * d.nh * d.t
+    }
+
+    /// The backward's row dots D = dctx · ctx [B, NH, T].
+    fn attention_scratch_len(&self, d: AttentionDims) -> usize {
+        d.b * d.nh * d.t
+    }
+
+    /// The flash-style kernels of kernels/attention.cu: version 3 on tensor cores in bf16,
+    /// version 2 in f32.
+    fn attention_forward(
+        &mut self,
+        ctx: Buf,
+        saved: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        tokens: &CudaTokens,
+        d: AttentionDims,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        lend!(self, |rt, l| rt.flash_attention_forward(
+            &mut l.t(ctx, true)?,
+            &mut l.f(saved, true)?,
+            &l.t(q, false)?,
+            &l.t(k, false)?,
+            &l.t(v, false)?,
+            &tokens.mask,
+            (d.b, d.t, d.nh, d.hs),
+            dropout,
+            kernels_for(&l),
+        ))
+    }
+
+    fn attention_backward(
+        &mut self,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        scratch: Buf,
+        dctx: Buf,
+        ctx: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        saved: Buf,
+        tokens: &CudaTokens,
+        d: AttentionDims,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        lend!(self, |rt, l| rt.flash_attention_backward(
+            &mut l.t(dq, true)?,
+            &mut l.t(dk, true)?,
+            &mut l.t(dv, true)?,
+            &mut l.f(scratch, true)?,
+            &l.t(dctx, false)?,
+            &l.t(ctx, false)?,
+            &l.t(q, false)?,
+            &l.t(k, false)?,
+            &l.t(v, false)?,
+            &l.f(saved, false)?,
+            &tokens.mask,
+            (d.b, d.t, d.nh, d.hs),
+            dropout,
+            kernels_for(&l),
+        ))
+    }
+
+    fn cls_pool_forward(&mut self, out: Buf, x: Buf, b: usize, t: usize, c: usize) -> Result<()> {
+        lend!(self, |rt, l| rt.cls_pool_forward(
+            &mut l.t(out, true)?,
+            &l.t(x, false)?,
+            b,
+            t,
+            c
+        ))
+    }
+
+    fn cls_pool_backward(
+        &mut self,
+        dx: Buf,
+        dout: Buf,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        lend!(self, |rt, l| rt.cls_pool_backward(
+            &mut l.t(dx, true)?,
+            &l.t(dout, false)?,
+            b,
+            t,
+            c
+        ))
+    }
+
+    fn ranking_loss(
+        &mut self,
+        dlogits: Buf,
+        logits: Buf,
+        ks: &[usize],
+        types: &[Option<PromptType>],
+        spec: &LossSpec,
+        eps: f64,
+        divisor: usize,
+    ) -> Result<f64> {
+        let ranking = RankingBatch::new(&self.rt, ks, types, spec)?;
+        lend!(self, |rt, l| {
+            let mut dlogits = l.f(dlogits, true)?;
+            let value = rt.ranking_loss_forward_backward(
+                &mut dlogits,
+                &l.f(logits, false)?,
+                &ranking,
+                eps,
+            )?;
+            if divisor > 1 {
+                // As the CPU: the f32 dlogits divided by the count (B values: a round trip
+                // through the host costs less than a kernel of its own).
+                let mut host = rt
+                    .stream()
+                    .clone_dtoh(&dlogits)
+                    .map_err(driver("copy dlogits to the host"))?;
+                for d in host.iter_mut() {
+                    *d /= divisor as f32;
+                }
+                rt.stream()
+                    .memcpy_htod(&host, &mut dlogits)
+                    .map_err(driver("copy dlogits to the device"))?;
+            }
+            Ok(value)
+        })
+    }
+
+    fn start_training(&mut self) -> Result<()> {
+        let total = self.params.len();
+        for arena in [&mut self.grads, &mut self.m, &mut self.v] {
+            if arena.len() != total {
+                *arena = self.rt.zeros(total)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        self.training()?;
+        self.rt
+            .stream()
+            .memset_zeros(&mut self.grads)
+            .map_err(driver("zero the gradients"))
+    }
+
+    fn grad_norm(&mut self) -> Result<f64> {
+        self.training()?;
+        Ok(self.rt.global_norm_squared(&[&self.grads])?.sqrt())
+    }
+
+    /// One launch per run of consecutive tensors with the same decay flag; for bf16 the
+    /// fused kernel also refreshes the weights' bf16 copy.
+    fn adamw_update(
+        &mut self,
+        tensors: &[(Range<usize>, bool)],
+        opt: &OptimStep,
+        grad_scale: f64,
+    ) -> Result<()> {
+        self.training()?;
+        let mut runs: Vec<(Range<usize>, bool)> = Vec::new();
+        for (range, decay) in tensors {
+            match runs.last_mut() {
+                Some((run, d)) if d == decay && run.end == range.start => run.end = range.end,
+                _ => runs.push((range.clone(), *decay)),
+            }
+        }
+        for (range, decay) in runs {
+            let hp = AdamWStep {
+                step: opt.step,
+                lr: opt.lr,
+                beta1: opt.beta1,
+                beta2: opt.beta2,
+                eps: opt.eps,
+                weight_decay: if decay { opt.weight_decay } else { 0.0 },
+                grad_scale,
+            };
+            let params = &mut self.params.slice_mut(range.clone());
+            let grads = &self.grads.slice(range.clone());
+            let m = &mut self.m.slice_mut(range.clone());
+            let v = &mut self.v.slice_mut(range.clone());
+            match &mut self.precision {
+                Precision::F32 { .. } => self.rt.adamw_update(params, grads, m, v, &hp)?,
+                Precision::Bf16 { weights, .. } => self.rt.adamw_update_bf16_copy(
+                    params,
+                    &mut weights.slice_mut(range.clone()),
+                    grads,
+                    m,
+                    v,
+                    &hp,
+                )?,
+            }
+        }
+        Ok(())
+    }
+
+    fn upload_params(&mut self, params: &[f32]) -> Result<()> {
+        self.check_arena("parameters", params.len())?;
+        self.rt
+            .stream()
+            .memcpy_htod(params, &mut self.params)
+            .map_err(driver("upload the parameters"))?;
+        if let Precision::Bf16 { weights, .. } = &mut self.precision {
+            self.rt.cast_f32_to_bf16(weights, &self.params)?;
+        }
+        Ok(())
+    }
+
+    fn upload_moments(&mut self, m: &[f32], v: &[f32]) -> Result<()> {
+        self.training()?;
+        self.check_arena("first moments", m.len())?;
+        self.check_arena("second moments", v.len())?;
+        let stream = self.rt.stream();
+        stream
+            .memcpy_htod(m, &mut self.m)
+            .map_err(driver("upload the first moments"))?;
+        stream
+            .memcpy_htod(v, &mut self.v)
+            .map_err(driver("upload the second moments"))
+    }
+
+    fn with_state<R>(&self, f: impl FnOnce(&[f32], &[f32], &[f32]) -> R) -> Result<R> {
+        let params = self.rt.download(&self.params)?;
+        let (m, v) = match self.training() {
+            Ok(()) => (self.rt.download(&self.m)?, self.rt.download(&self.v)?),
+            Err(_) => (Vec::new(), Vec::new()),
+        };
+        Ok(f(&params, &m, &v))
+    }
+
+    fn download_grads(&self) -> Result<Vec<f32>> {
+        self.rt.download(&self.grads)
+    }
+}
+
+/// Which flash kernels the activation type runs: tensor cores where it has them (bf16).
+fn kernels_for<T: Activation>(_: &Lend<'_, T>) -> FlashKernels {
+    FlashKernels::for_activation::<T>()
+}

@@ -1,0 +1,422 @@
+//! Reward models over the `Backend` interface. An architecture (`bert`) writes its forward
+//! and backward once, over `Buf` handles and backend ops; `Model` puts it on a backend and
+//! is what training, scoring and checkpoints talk to: forward, backward, one training step,
+//! and the parameter-shaped arenas on the host.
+//!
+//! Adding an architecture: a file beside bert.rs with its config (validated against sizes
+//! before anything is allocated), its `ParamLayout` (Hugging Face's tensor names), its
+//! activation layout and its forward/backward over `Backend`; its loader in checkpoint.rs.
+
+pub mod bert;
+
+use std::ops::Range;
+
+pub use bert::{ActLayout, BertConfig};
+
+pub use crate::backend::Batch;
+use crate::backend::cpu::Cpu;
+use crate::backend::cuda::{Cuda, CudaRuntime};
+use crate::backend::{AttentionDropout, Backend, OptimStep};
+use crate::config::DType;
+use crate::error::{Error, Result};
+use crate::float::Float;
+use crate::loss::{LossSpec, PromptType};
+use crate::rng::{Rng, derive_seed};
+use std::sync::Arc;
+
+/// One named tensor of the parameter arena.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    /// Hugging Face's name, so that checkpoints load in `transformers` as they are.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    /// Whether AdamW decays it: not biases nor LayerNorm weights (as the HF Trainer).
+    pub decay: bool,
+}
+
+impl TensorSpec {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// The parameter arena's layout: every tensor of the model in a fixed order (an
+/// architecture's own constructor, e.g. `ParamLayout::new` for BERT). Gradients and the optimizer's moments use the same layout.
+#[derive(Clone, Debug)]
+pub struct ParamLayout {
+    pub tensors: Vec<TensorSpec>,
+    pub total: usize,
+}
+
+impl ParamLayout {
+    pub fn get(&self, name: &str) -> Option<&TensorSpec> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// One (range, decay) per tensor: what the optimizer steps through.
+    pub fn optimizer_tensors(&self) -> Vec<(Range<usize>, bool)> {
+        self.tensors.iter().map(|t| (t.range(), t.decay)).collect()
+    }
+}
+
+/// A model's parameters on the host: what a checkpoint holds and a `Model` is built from.
+pub struct HostModel<F> {
+    pub config: BertConfig,
+    pub layout: ParamLayout,
+    pub params: Vec<F>, // [layout.total]
+}
+
+impl<F: Float> HostModel<F> {
+    /// A model initialised as Hugging Face initialises BERT: normal(0, 0.02) weights and embeddings (the padding
+    /// row of the word table zero), zero biases, unit LayerNorm weights.
+    pub fn init(config: BertConfig, seed: u64) -> HostModel<F> {
+        let mut model = HostModel::zeros(config);
+        for index in 0..model.layout.tensors.len() {
+            model.init_tensor(index, seed);
+        }
+        model
+    }
+
+    /// All parameters zero: the arena a checkpoint is read into.
+    pub fn zeros(config: BertConfig) -> HostModel<F> {
+        let layout = ParamLayout::new(&config);
+        let params = vec![F::ZERO; layout.total];
+        HostModel {
+            config,
+            layout,
+            params,
+        }
+    }
+
+    /// BERT's initialisation of tensor `index` of the layout, from a stream of its own so
+    /// that a tensor missing from a pretrained checkpoint (the pooler, the head) is drawn
+    /// alone.
+    pub fn init_tensor(&mut self, index: usize, seed: u64) {
+        let spec = &self.layout.tensors[index];
+        let values = &mut self.params[spec.range()];
+        let mut rng = Rng::new(derive_seed(seed, &[0x1417, index as u64]));
+        if spec.name.contains("LayerNorm.weight") {
+            values.fill(F::ONE);
+        } else if spec.shape.len() == 2 {
+            for x in values.iter_mut() {
+                *x = F::from_f64(0.02 * rng.normal());
+            }
+        } else {
+            values.fill(F::ZERO);
+        }
+        let c = self.config.hidden_size;
+        let pad = self.config.pad_token_id as usize;
+        if spec.name.ends_with("word_embeddings.weight") && pad < self.config.vocab_size {
+            values[pad * c..(pad + 1) * c].fill(F::ZERO);
+        }
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.layout.total
+    }
+
+    /// The model on the CPU backend, its parameters moved there.
+    pub fn on_cpu(self) -> Model<Cpu<F>> {
+        Model::new(self.config, Cpu::new(self.params))
+    }
+}
+
+impl HostModel<f32> {
+    pub fn weights(&self) -> Weights<'_> {
+        Weights {
+            config: &self.config,
+            layout: &self.layout,
+            params: &self.params,
+        }
+    }
+
+    /// The model on the GPU, its parameters copied there in one upload.
+    pub fn on_cuda(&self, rt: Arc<CudaRuntime>, dtype: DType) -> Result<Model<Cuda>> {
+        Ok(Model::new(
+            self.config.clone(),
+            Cuda::new(rt, &self.params, dtype)?,
+        ))
+    }
+}
+
+/// Dropout in training: the probabilities (`hidden` on the embeddings, the attention and
+/// feed-forward outputs and the pooler; `attention` on the attention probabilities, as
+/// Hugging Face's two config keys) and the seed of this forward pass. Each dropout site
+/// draws its mask from a seed derived from this one and the site's index.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub hidden: f64,
+    pub attention: f64,
+    pub seed: u64,
+}
+
+/// Indices of the dropout sites, so forward and backward derive the same seeds on
+/// every backend. (p, seed) of a hidden-dropout site.
+pub fn site_seed(dropout: Option<Dropout>, site: u64) -> (f64, u64) {
+    match dropout {
+        Some(d) => (d.hidden, derive_seed(d.seed, &[site])),
+        None => (0.0, 0),
+    }
+}
+pub const SITE_EMB: u64 = 0;
+pub const SITE_POOL: u64 = 1;
+pub fn site_attn(layer: usize) -> u64 {
+    2 + 2 * layer as u64
+}
+pub fn site_ffn(layer: usize) -> u64 {
+    3 + 2 * layer as u64
+}
+/// The attention probabilities of a layer: sites from 2^32 up, above every hidden site
+/// (2 + 2·layers), so that adding them left the other masks as they were.
+fn site_attn_probs(layer: usize) -> u64 {
+    (1 << 32) + layer as u64
+}
+
+/// The attention-probability dropout of a layer; None when off.
+pub fn attention_dropout(dropout: Option<Dropout>, layer: usize) -> Option<AttentionDropout> {
+    dropout
+        .filter(|d| d.attention > 0.0)
+        .map(|d| AttentionDropout {
+            p: d.attention,
+            seed: derive_seed(d.seed, &[site_attn_probs(layer)]),
+        })
+}
+
+/// A model's parameters on the host, borrowed: what a checkpoint writes.
+pub struct Weights<'a> {
+    pub config: &'a BertConfig,
+    pub layout: &'a ParamLayout,
+    pub params: &'a [f32], // [layout.total]
+}
+
+/// One micro-batch of a step: a padded batch of every completion of some prompts, their
+/// counts K (contiguous, best first) and types, and the forward's dropout.
+pub struct MicroBatch<'a> {
+    pub batch: &'a Batch,
+    pub ks: &'a [usize],
+    pub types: &'a [Option<PromptType>],
+    pub dropout: Option<Dropout>,
+}
+
+/// What a training step reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// The mean over micro-batches of each one's mean pair loss.
+    pub loss: f64,
+    /// The global gradient norm before clipping (NaN when the loss was not finite).
+    pub grad_norm: f64,
+}
+
+/// A reward model on a backend: the architecture's config and parameter layout, the
+/// backend holding every arena, and the tokens and activation layout of the last forward
+/// (which its backward reads).
+pub struct Model<B: Backend> {
+    pub config: BertConfig,
+    pub layout: ParamLayout,
+    pub backend: B,
+    last: Option<(B::Tokens, ActLayout)>,
+}
+
+impl<B: Backend> Model<B> {
+    pub fn new(config: BertConfig, backend: B) -> Model<B> {
+        Model {
+            layout: ParamLayout::new(&config),
+            config,
+            backend,
+            last: None,
+        }
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.layout.total
+    }
+
+    /// Rejects a batch the model cannot embed, naming what is out of range.
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let cfg = &self.config;
+        if batch.t > cfg.max_position_embeddings {
+            return Err(Error::user(format!(
+                "a sequence of {} tokens is longer than the model's {} positions: lower `max_length`",
+                batch.t, cfg.max_position_embeddings
+            )));
+        }
+        if let Some(&id) = batch
+            .input_ids
+            .iter()
+            .find(|&&id| id as usize >= cfg.vocab_size)
+        {
+            return Err(Error::user(format!(
+                "token id {id} is outside the model's vocabulary of {} (config.json's vocab_size): the ids come from a larger vocabulary than the model's",
+                cfg.vocab_size
+            )));
+        }
+        if let Some(&ty) = batch
+            .token_type_ids
+            .iter()
+            .find(|&&ty| ty as usize >= cfg.type_vocab_size)
+        {
+            return Err(Error::user(format!(
+                "token type {ty} is outside the model's {} token types",
+                cfg.type_vocab_size
+            )));
+        }
+        let (b, t) = (batch.b, batch.t);
+        if [&batch.input_ids, &batch.token_type_ids]
+            .iter()
+            .any(|v| v.len() != b * t)
+            || batch.mask.len() != b * t
+        {
+            return Err(Error::internal(format!(
+                "a batch of {b} x {t} tokens holds {} ids, {} types, {} mask values",
+                batch.input_ids.len(),
+                batch.token_type_ids.len(),
+                batch.mask.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The forward pass: returns the logits [B]. With `dropout`, training mode.
+    pub fn forward(&mut self, batch: &Batch, dropout: Option<Dropout>) -> Result<Vec<B::Scalar>> {
+        self.check_batch(batch)?;
+        let cfg = &self.config;
+        let tables = (
+            cfg.vocab_size,
+            cfg.max_position_embeddings,
+            cfg.type_vocab_size,
+        );
+        // The previous batch's tokens go first: on the device they are memory.
+        self.last = None;
+        let tokens = self.backend.tokens(batch, tables)?;
+        let layout = ActLayout::new(cfg, &self.backend, batch.b, batch.t);
+        self.backend.reserve(layout.acts_len, layout.stats_len)?;
+        bert::forward(cfg, &mut self.backend, &tokens, &layout, dropout)?;
+        let logits = self.backend.read_stats(layout.logits())?;
+        self.last = Some((tokens, layout));
+        Ok(logits)
+    }
+
+    fn last(&self) -> Result<&(B::Tokens, ActLayout)> {
+        self.last
+            .as_ref()
+            .ok_or_else(|| Error::internal("the model has run no forward pass"))
+    }
+
+    /// What the last forward computed: the encoder's last hidden state [B, T, C], the
+    /// pooler output [B, C] (before the head's dropout) and the logits [B].
+    pub fn outputs(&self) -> Result<(Vec<B::Scalar>, Vec<B::Scalar>, Vec<B::Scalar>)> {
+        let (_, l) = self.last()?;
+        Ok((
+            self.backend.read_acts(l.last_hidden())?,
+            self.backend.read_stats(l.pooled())?,
+            self.backend.read_stats(l.logits())?,
+        ))
+    }
+
+    /// f(weights, AdamW first moments, second moments), brought to the host if they are
+    /// not there (the moments are empty before `start_training`).
+    pub fn with_weights<R>(&self, f: impl FnOnce(&Weights<'_>, &[f32], &[f32]) -> R) -> Result<R>
+    where
+        B: Backend<Scalar = f32>,
+    {
+        self.backend.with_state(|params, m, v| {
+            let weights = Weights {
+                config: &self.config,
+                layout: &self.layout,
+                params,
+            };
+            f(&weights, m, v)
+        })
+    }
+
+    /// Allocates the gradient and optimizer arenas (zero).
+    pub fn start_training(&mut self) -> Result<()> {
+        self.backend.start_training()
+    }
+
+    /// The backward pass of the last forward (same dropout): adds d loss / d parameter into
+    /// the gradient arena, given `dlogits` [B].
+    pub fn backward(&mut self, dropout: Option<Dropout>, dlogits: &[B::Scalar]) -> Result<()> {
+        let (tokens, l) = self
+            .last
+            .as_ref()
+            .ok_or_else(|| Error::internal("backward: the model has run no forward pass"))?;
+        self.backend.write_stats(l.dlogits(), dlogits)?;
+        bert::backward(&self.config, &mut self.backend, tokens, l, dropout)
+    }
+
+    /// Forward, the ranking loss and backward of one micro-batch: adds its gradient,
+    /// divided by `micro_batches` (the step's mean), into the gradient arena. Returns the
+    /// micro-batch's mean pair loss.
+    pub fn accumulate(
+        &mut self,
+        micro: &MicroBatch<'_>,
+        loss: &LossSpec,
+        eps: f64,
+        micro_batches: usize,
+    ) -> Result<f64> {
+        self.forward(micro.batch, micro.dropout)?;
+        let (tokens, l) = self
+            .last
+            .as_ref()
+            .ok_or_else(|| Error::internal("accumulate: the forward pass left no state"))?;
+        let value = self.backend.ranking_loss(
+            l.dlogits(),
+            l.logits(),
+            micro.ks,
+            micro.types,
+            loss,
+            eps,
+            micro_batches,
+        )?;
+        bert::backward(&self.config, &mut self.backend, tokens, l, micro.dropout)?;
+        Ok(value)
+    }
+
+    /// One optimizer step: zero the gradients, forward + loss + backward for every
+    /// micro-batch, then the global norm, clipping (torch's clip_grad_norm_) and AdamW.
+    /// A non-finite loss or norm leaves the parameters as they were.
+    pub fn train_step(
+        &mut self,
+        micro_batches: &[MicroBatch<'_>],
+        loss: &LossSpec,
+        eps: f64,
+        opt: &OptimStep,
+    ) -> Result<StepStats> {
+        if micro_batches.is_empty() {
+            return Err(Error::internal("train_step: no micro-batch"));
+        }
+        self.backend.zero_grads()?;
+        let count = micro_batches.len();
+        let mut step_loss = 0.0;
+        for micro in micro_batches {
+            // The step's loss is the mean of its micro-batches' means, as the HF Trainer.
+            step_loss += self.accumulate(micro, loss, eps, count)? / count as f64;
+        }
+        if !step_loss.is_finite() {
+            return Ok(StepStats {
+                loss: step_loss,
+                grad_norm: f64::NAN,
+            });
+        }
+        let grad_norm = self.backend.grad_norm()?;
+        if grad_norm.is_finite() {
+            let clip = (opt.max_grad_norm / (grad_norm + 1e-6)).min(1.0);
+            let tensors = self.layout.optimizer_tensors();
+            self.backend.adamw_update(&tensors, opt, clip)?;
+        }
+        Ok(StepStats {
+            loss: step_loss,
+            grad_norm,
+        })
+    }
+}
