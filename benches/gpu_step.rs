@@ -31,8 +31,8 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
+use rcx::backend::DType;
 use rcx::backend::cuda::{CudaRuntime, CudaTrainer, MicroBatch, OptimStep, train_step_cuda};
-use rcx::config::DType;
 use rcx::error::{Error, Result};
 use rcx::loss::{LossSpec, PromptType};
 use rcx::model::{Batch, BertConfig, BertModel, Dropout};

@@ -1,7 +1,8 @@
 //! The training config: the shipped configs load, defaults follow Hugging Face's Trainer,
 //! and every kind of bad input gives one line naming the file, the key and the line.
 
-use rcx::config::{Config, DType, Device, Scheduler};
+use rcx::backend::{DType, Device};
+use rcx::config::{Config, Scheduler};
 use rcx::error::Error;
 use rcx::loss::{
     EPS_RANGE, EXPONENT_RANGE, LossSpec, UTILITY_LIMITS, Utility, ranking_loss_forward_backward,

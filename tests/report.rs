@@ -1,7 +1,7 @@
 //! The figure builders, the PASS/MISS checks and the results.md writer on synthetic
 //! scores and metrics (no training), and `rcx plot` / `rcx reproduce` argument handling.
 
-use rcx::eval::{EvalReport, PromptScores, summarize};
+use rcx::eval::{EvalReport, score_summaries, summarize};
 use rcx::figures::{
     MetricsRecord, paper_figure, read_metrics, reward_histogram_panel, reward_panel,
     training_curves,
@@ -10,8 +10,8 @@ use rcx::loss::{LossSpec, PromptType, Utility};
 use rcx::plot::Series;
 use rcx::report::{
     Architecture, Reproduction, RunResult, checks, dead_model_note, figure_files, results_markdown,
-    score_summaries,
 };
+use rcx::scoring::PromptScores;
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -4,6 +4,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod placement;
+
+pub use placement::{DType, Device};
 
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
