@@ -1,6 +1,7 @@
 //! Evaluation of a reward model's scores on ranked prompts: pairwise accuracy, the reward
 //! distribution at each completion rank per prompt type, the collapse gap, and the distance
-//! to the theory's prediction. `rcx eval` and `rcx score`.
+//! to the theory's prediction. `rcx eval` and `rcx score`, and the summaries of a run's
+//! final model that `rcx plot` and `rcx reproduce` draw (`evaluate_model`).
 
 use crate::checkpoint::MIN_MAX_LENGTH;
 use crate::error::{Error, Result};
