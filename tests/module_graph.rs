@@ -76,8 +76,9 @@ fn code_only(text: &str) -> String {
             }
             i += 1;
         } else if c == '\'' && (next == Some('\\') || chars.get(i + 2) == Some(&'\'')) {
-            // A char literal ('x', '\n', '\u{..}'); a lifetime ('a) has no closing quote.
-            i += 2;
+            // A char literal ('x', '\n', '\'', '\u{..}'); a lifetime ('a) has no closing
+            // quote. Past the opening quote and an escape's backslash and first char.
+            i += if next == Some('\\') { 3 } else { 2 };
             while i < chars.len() && chars[i] != '\'' {
                 i += 1;
             }
@@ -388,7 +389,7 @@ fn references_are_read_from_code_only() {
         let s = "crate::quoted \" crate::escaped";
         let r = r#"crate::raw "crate::raw_inner""#;
         let b = br"crate::bytes\";
-        let c = '"'; let t: &'static str = "x";
+        let c = '"'; let q = '\''; let t: &'static str = "x";
         fn f<'a>(x: &'a str) -> usize { crate::loss::sigmoid(1.0); mycrate::not_this(); 0 }
     "##;
     let found: Vec<String> = referenced_modules(&code_only(text)).into_iter().collect();
