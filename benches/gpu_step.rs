@@ -31,9 +31,8 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
-use rcx::backend::OptimStep;
 use rcx::backend::cuda::{Cuda, CudaRuntime};
-use rcx::config::DType;
+use rcx::backend::{DType, OptimStep};
 use rcx::error::{Error, Result};
 use rcx::loss::{LossSpec, PromptType};
 use rcx::models::{Batch, BertConfig, Dropout, HostModel, MicroBatch, Model};

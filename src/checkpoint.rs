@@ -54,6 +54,10 @@ const CHECKPOINT_FILES: [&str; 5] = [
     "rcx.json",
 ];
 
+/// The shortest a (prompt, completion) sequence can be cut to: its three special tokens,
+/// `[CLS] prompt [SEP] completion [SEP]`.
+pub const MIN_MAX_LENGTH: usize = 3;
+
 /// rcx's own notes beside a model (`rcx.json`): how it was trained, so that scoring and
 /// evaluation use the same sequence length and know each prompt type's utility.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -368,13 +372,12 @@ fn read_model_meta(path: &Path, text: &str) -> Result<ModelMeta> {
         })?;
     let bad =
         |key: &str, msg: String| Error::user(format!("{}: key '{key}': {msg}", path.display()));
-    if meta.max_length < crate::eval::MIN_MAX_LENGTH {
+    if meta.max_length < MIN_MAX_LENGTH {
         return Err(bad(
             "max_length",
             format!(
                 "expected at least {} (the special tokens of a prompt and completion), found {}",
-                crate::eval::MIN_MAX_LENGTH,
-                meta.max_length
+                MIN_MAX_LENGTH, meta.max_length
             ),
         ));
     }

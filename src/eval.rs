@@ -1,19 +1,15 @@
 //! Evaluation of a reward model's scores on ranked prompts: pairwise accuracy, the reward
 //! distribution at each completion rank per prompt type, the collapse gap, and the distance
-//! to the theory's prediction. `rcx eval` and `rcx score`.
+//! to the theory's prediction. `rcx eval` and `rcx score`, and the summaries of a run's
+//! final model that `rcx plot` and `rcx reproduce` draw (`evaluate_model`).
 
+use crate::checkpoint::MIN_MAX_LENGTH;
 use crate::error::{Error, Result};
 use crate::loss::{LossSpec, PromptType, TIE_TOLERANCE, Utility};
+use crate::scoring::PromptScores;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::PathBuf;
-
-/// The scores of one prompt's completions, best first as in the data.
-#[derive(Clone, Debug)]
-pub struct PromptScores {
-    pub prompt_type: Option<PromptType>,
-    pub rewards: Vec<f64>, // [K]
-}
+use std::path::{Path, PathBuf};
 
 /// The rewards at one rank across prompts.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -297,7 +293,7 @@ struct ScoreLine {
 
 /// A model folder's logits on a ranking file, in evaluation mode.
 pub struct ScoredFile {
-    pub set: crate::train::PromptSet,
+    pub set: crate::scoring::PromptSet,
     pub logits: Vec<Vec<f32>>, // [prompts][K] best first
     /// The model's `rcx.json` notes, when it has them.
     pub meta: Option<crate::checkpoint::ModelMeta>,
@@ -305,13 +301,9 @@ pub struct ScoredFile {
 
 impl ScoredFile {
     pub fn prompt_scores(&self) -> Vec<PromptScores> {
-        crate::train::prompt_scores(&self.set, &self.logits)
+        crate::scoring::prompt_scores(&self.set, &self.logits)
     }
 }
-
-/// The shortest a (prompt, completion) sequence can be cut to: its three special tokens,
-/// `[CLS] prompt [SEP] completion [SEP]`.
-pub const MIN_MAX_LENGTH: usize = 3;
 
 /// Scores the first `limit` prompts of `data` with the model in `model_dir`. Sequences are
 /// cut to `max_length`, else to the length the model was trained with, else to 512, never
@@ -333,9 +325,9 @@ pub fn score_file(
         .or(meta.as_ref().map(|m| m.max_length))
         .unwrap_or(512)
         .min(model.config.max_position_embeddings);
-    let set = crate::train::PromptSet::open(&[data.to_path_buf()], &tok, max_length)?;
+    let set = crate::scoring::PromptSet::open(&[data.to_path_buf()], &tok, max_length)?;
     let mut model = model.on_cpu();
-    let logits = crate::train::score_set(
+    let logits = crate::scoring::score_set(
         |batch| model.forward(batch, None),
         &set,
         limit,
@@ -343,6 +335,41 @@ pub fn score_file(
         tok.pad_id(),
     )?;
     Ok(ScoredFile { set, logits, meta })
+}
+
+/// A model's scores on a ranking file, summarised against the optimum of the utility it
+/// was trained with (eps as trained) and against the pure form of the theory (eps = 0).
+pub struct Scored {
+    pub scores: Vec<PromptScores>,
+    pub report: EvalReport,
+    pub pure: EvalReport,
+}
+
+/// Summaries of scores against the trained optimum and the pure one.
+pub fn score_summaries(
+    scores: Vec<PromptScores>,
+    spec: Option<&LossSpec>,
+    eps: f64,
+) -> Result<Scored> {
+    let report = summarize(&scores, spec.map(|s| (s, eps)))?;
+    let pure = summarize(&scores, spec.map(|s| (s, 0.0)))?;
+    Ok(Scored {
+        scores,
+        report,
+        pure,
+    })
+}
+
+/// Scores the final model of a run folder on the first `limit` prompts of `data`.
+pub fn evaluate_model(dir: &Path, data: &Path, limit: Option<usize>) -> Result<Scored> {
+    let scored = score_file(dir, data, None, limit)?;
+    let scores = scored.prompt_scores();
+    let meta = scored.meta;
+    let spec = meta
+        .as_ref()
+        .map(|m| LossSpec::parse(&m.loss))
+        .transpose()?;
+    score_summaries(scores, spec.as_ref(), meta.as_ref().map_or(0.1, |m| m.eps))
 }
 
 pub fn cmd_score(args: ScoreArgs) -> Result<()> {

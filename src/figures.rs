@@ -4,9 +4,10 @@
 //! training curves read back from `metrics.jsonl`. `rcx plot`.
 
 use crate::error::{Error, Result};
-use crate::eval::{EvalReport, PromptScores};
+use crate::eval::EvalReport;
 use crate::loss::PromptType;
 use crate::plot::{Band, Figure, Histogram, LegendPosition, Line, PALETTE, Panel};
+use crate::scoring::PromptScores;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -394,7 +395,7 @@ pub fn cmd_plot(args: PlotArgs) -> Result<()> {
         };
         let mut figure = Figure::new();
         for (dir, title) in args.runs.iter().zip(&titles) {
-            let scored = crate::report::evaluate_model(dir, &data, None)?;
+            let scored = crate::eval::evaluate_model(dir, &data, None)?;
             figure = figure.panel(if args.histograms {
                 reward_histogram_panel(title, &scored.scores, 40)
             } else {

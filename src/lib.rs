@@ -20,6 +20,7 @@ pub mod provenance;
 pub mod report;
 pub mod rng;
 pub mod safetensors;
+pub mod scoring;
 pub mod signals;
 pub mod theory;
 pub mod tokenizer;

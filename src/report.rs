@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::eval::{EvalReport, PromptScores, TypeStats, summarize};
+use crate::eval::{EvalReport, Scored, TypeStats, evaluate_model};
 use crate::figures::{
     MetricsRecord, largest_gap, loss_title, paper_figure, read_metrics, reward_histogram_panel,
     reward_panel, training_curves,
@@ -34,41 +34,6 @@ pub const COLLAPSE_GAP_MAX: f64 = 0.03;
 pub const SEPARATION_GAP_MIN: f64 = 0.15;
 /// ...and every mean curve within this of its predicted optimum.
 pub const OPTIMUM_DISTANCE_MAX: f64 = 0.03;
-
-/// A model's scores on a ranking file, summarised against the optimum of the utility it
-/// was trained with (eps as trained) and against the pure form of the theory (eps = 0).
-pub struct Scored {
-    pub scores: Vec<PromptScores>,
-    pub report: EvalReport,
-    pub pure: EvalReport,
-}
-
-/// Summaries of scores against the trained optimum and the pure one.
-pub fn score_summaries(
-    scores: Vec<PromptScores>,
-    spec: Option<&LossSpec>,
-    eps: f64,
-) -> Result<Scored> {
-    let report = summarize(&scores, spec.map(|s| (s, eps)))?;
-    let pure = summarize(&scores, spec.map(|s| (s, 0.0)))?;
-    Ok(Scored {
-        scores,
-        report,
-        pure,
-    })
-}
-
-/// Scores the final model of a run folder on the first `limit` prompts of `data`.
-pub fn evaluate_model(dir: &Path, data: &Path, limit: Option<usize>) -> Result<Scored> {
-    let scored = crate::eval::score_file(dir, data, None, limit)?;
-    let scores = scored.prompt_scores();
-    let meta = scored.meta;
-    let spec = meta
-        .as_ref()
-        .map(|m| LossSpec::parse(&m.loss))
-        .transpose()?;
-    score_summaries(scores, spec.as_ref(), meta.as_ref().map_or(0.1, |m| m.eps))
-}
 
 /// A trained model's size, read from its folder (config.json and the safetensors header).
 #[derive(Clone, Debug, PartialEq)]
@@ -927,10 +892,10 @@ pub struct ReproduceArgs {
     pub reuse: bool,
     /// Where to train, overriding every config's `device:`.
     #[arg(long, value_enum)]
-    pub device: Option<crate::config::Device>,
+    pub device: Option<crate::backend::Device>,
     /// The training arithmetic, overriding every config's `dtype:` (bf16: GPU only).
     #[arg(long, value_enum)]
-    pub dtype: Option<crate::config::DType>,
+    pub dtype: Option<crate::backend::DType>,
 }
 
 /// What the runs trained on (each engine once, in order; none when every run was reused)

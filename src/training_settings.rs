@@ -12,8 +12,9 @@
 //! output_dir), and the device (f32 on the CPU and on a GPU is the same arithmetic up to
 //! summation order).
 
+use crate::backend::DType;
 use crate::checksum::sha256_bytes;
-use crate::config::{Config, DType};
+use crate::config::Config;
 use crate::error::Result;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;

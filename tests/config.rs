@@ -1,7 +1,8 @@
 //! The training config: the shipped configs load, defaults follow Hugging Face's Trainer,
 //! and every kind of bad input gives one line naming the file, the key and the line.
 
-use rcx::config::{Config, DType, Device, Scheduler};
+use rcx::backend::{DType, Device};
+use rcx::config::{Config, Scheduler};
 use rcx::error::Error;
 use rcx::loss::{
     EPS_RANGE, EXPONENT_RANGE, LossSpec, UTILITY_LIMITS, Utility, ranking_loss_forward_backward,
@@ -9,6 +10,9 @@ use rcx::loss::{
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+mod common;
+use common::RunConfig;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -405,7 +409,8 @@ fn check_config_cli_prints_ok_and_fails_with_one_line() {
         format!("{}: ok\n{}: ok\n", good_a.display(), good_b.display())
     );
 
-    let bad = temp_file("cli", "yml", &with_line6("scheduler: step"));
+    let bad_config = RunConfig::from_text(MINIMAL).set(&[("scheduler", "step")]);
+    let bad = temp_file("cli", "yml", &bad_config.text());
     let out = Command::new(rcx)
         .arg("check-config")
         .args([&good_a, &bad, &good_b])
@@ -518,9 +523,12 @@ fn a_huge_accumulation_is_refused_by_train_before_anything_runs() {
     // It used to panic with a capacity overflow in the training loop (exit 101).
     let dir = scratch_dir().join(format!("run-{}-huge", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let text = MINIMAL.replace("runs/test", &dir.display().to_string())
-        + "gradient_accumulation_steps: 9223372036854775807\ndevice: cpu\n";
-    let path = temp_file("huge", "yml", &text);
+    let config = RunConfig::from_text(MINIMAL).set(&[
+        ("output_dir", &dir.display().to_string()),
+        ("gradient_accumulation_steps", "9223372036854775807"),
+        ("device", "cpu"),
+    ]);
+    let path = temp_file("huge", "yml", &config.text());
     let out = Command::new(env!("CARGO_BIN_EXE_rcx"))
         .args(["train", "--quiet"])
         .arg(&path)
@@ -644,9 +652,9 @@ fn data_file(stem: &str, records: &[&str]) -> PathBuf {
 const TYPED: &str = r#"{"prompt": "p", "completions": ["a b", "a"], "prompt_type": "open"}"#;
 const UNTYPED: &str = r#"{"prompt": "q", "completions": ["a b", "a"]}"#;
 
-/// Runs `rcx check-config` on `text`; returns (exit code, stdout, stderr).
-fn check_config(text: &str) -> (Option<i32>, String, String, PathBuf) {
-    let path = temp_file("check", "yml", text);
+/// Runs `rcx check-config` on `config`; returns (exit code, stdout, stderr).
+fn check_config(config: &RunConfig) -> (Option<i32>, String, String, PathBuf) {
+    let path = temp_file("check", "yml", &config.text());
     let out = Command::new(env!("CARGO_BIN_EXE_rcx"))
         .arg("check-config")
         .arg(&path)
@@ -665,10 +673,11 @@ fn check_config_refuses_untyped_records_under_a_prompt_aware_loss() {
     let typed = data_file("typed", &[TYPED, TYPED]);
     let untyped = data_file("untyped", &[TYPED, "", UNTYPED]);
     let aware = |train: &Path, eval: &Path| {
-        MINIMAL
-            .replace("loss: x", "loss: adaptive")
-            .replace("[kjv-jargon]", &format!("['{}']", train.display()))
-            + &format!("eval_datasets: ['{}']\n", eval.display())
+        RunConfig::from_text(MINIMAL).set(&[
+            ("loss", "adaptive"),
+            ("datasets", &format!("['{}']", train.display())),
+            ("eval_datasets", &format!("['{}']", eval.display())),
+        ])
     };
     let (code, stdout, stderr, _) = check_config(&aware(&typed, &typed));
     assert_eq!(code, Some(0), "{stderr}");
@@ -687,7 +696,7 @@ fn check_config_refuses_untyped_records_under_a_prompt_aware_loss() {
         }
     }
     // Without a prompt-aware loss, untyped records are fine.
-    let single = aware(&untyped, &untyped).replace("loss: adaptive", "loss: x");
+    let single = aware(&untyped, &untyped).set(&[("loss", "x")]);
     let (code, _, stderr, _) = check_config(&single);
     assert_eq!(code, Some(0), "{stderr}");
 }
@@ -774,14 +783,16 @@ fn train_refuses_untyped_eval_records_before_it_starts() {
     let untyped = data_file("untyped-eval", &[TYPED, "", UNTYPED]);
     let out_dir = scratch_dir().join(format!("run-{}-untyped", std::process::id()));
     let _ = std::fs::remove_dir_all(&out_dir);
-    let text = MINIMAL
-        .replace("loss: x", "loss: adaptive")
-        .replace("bert-mini", "bert-tiny")
-        .replace("runs/test", &out_dir.display().to_string())
-        .replace("max_steps: 10", "max_steps: 1")
-        .replace("[kjv-jargon]", &format!("['{}']", typed.display()))
-        + &format!("eval_datasets: ['{}']\ndevice: cpu\n", untyped.display());
-    let config = temp_file("untyped-train", "yml", &text);
+    let run = RunConfig::from_text(MINIMAL).set(&[
+        ("model_name", "bert-tiny"),
+        ("loss", "adaptive"),
+        ("datasets", &format!("['{}']", typed.display())),
+        ("output_dir", &out_dir.display().to_string()),
+        ("max_steps", "1"),
+        ("eval_datasets", &format!("['{}']", untyped.display())),
+        ("device", "cpu"),
+    ]);
+    let config = temp_file("untyped-train", "yml", &run.text());
     let out = Command::new(env!("CARGO_BIN_EXE_rcx"))
         .args(["train", "--quiet"])
         .arg(&config)
@@ -801,8 +812,9 @@ fn check_config_refuses_a_max_length_beyond_the_model_folders_positions() {
     // The parity fixture's model has 64 positions; training used to clear output_dir and
     // then fail at the first long sequence.
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/tiny-bert");
-    let text = MINIMAL.replace("bert-mini", &format!("'{}'", model.display()));
-    let (code, _, stderr, config) = check_config(&(text.clone() + "max_length: 65\n"));
+    let run =
+        RunConfig::from_text(MINIMAL).set(&[("model_name", &format!("'{}'", model.display()))]);
+    let (code, _, stderr, config) = check_config(&run.clone().set(&[("max_length", "65")]));
     assert_eq!(code, Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     for needle in [
@@ -812,7 +824,7 @@ fn check_config_refuses_a_max_length_beyond_the_model_folders_positions() {
     ] {
         assert!(stderr.contains(&needle), "expected `{needle}` in: {stderr}");
     }
-    let (code, _, stderr, _) = check_config(&(text + "max_length: 64\n"));
+    let (code, _, stderr, _) = check_config(&run.set(&[("max_length", "64")]));
     assert_eq!(code, Some(0), "{stderr}");
 }
 
@@ -829,8 +841,9 @@ fn check_config_refuses_evaluation_records_beyond_the_record_bound() {
         completions.join(", ")
     );
     let eval = data_file("wide-eval", &[TYPED, &wide]);
-    let text = MINIMAL.to_string() + &format!("eval_datasets: ['{}']\n", eval.display());
-    let (code, _, stderr, _) = check_config(&text);
+    let run =
+        RunConfig::from_text(MINIMAL).set(&[("eval_datasets", &format!("['{}']", eval.display()))]);
+    let (code, _, stderr, _) = check_config(&run);
     assert_eq!(code, Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     for needle in [format!("{}:2", eval.display()), "2001 completions".into()] {

@@ -46,12 +46,12 @@ mod fake_device;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use rcx::backend::DType;
 use rcx::backend::cpu::Cpu;
 use rcx::backend::cpu::{adamw_update, global_norm_squared};
 use rcx::backend::cuda::{Cuda, CudaRuntime};
 use rcx::backend::{Backend, OptimStep};
 use rcx::checkpoint::load_model_dir;
-use rcx::config::DType;
 use rcx::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
 use rcx::models::{Batch, BertConfig, Dropout, HostModel, MicroBatch, Model};
 use rcx::rng::Rng;

@@ -1,8 +1,9 @@
 //! The evaluation statistics on hand-made scores: accuracy with ties apart, the reward
 //! distribution by response index, the collapse gap and the distance to the theory.
 
-use rcx::eval::{PromptScores, summarize};
+use rcx::eval::summarize;
 use rcx::loss::{LossSpec, PromptType};
+use rcx::scoring::PromptScores;
 
 fn prompt(ty: PromptType, best_first: &[f64]) -> PromptScores {
     PromptScores {

@@ -1,7 +1,7 @@
 //! The figure builders, the PASS/MISS checks and the results.md writer on synthetic
 //! scores and metrics (no training), and `rcx plot` / `rcx reproduce` argument handling.
 
-use rcx::eval::{EvalReport, PromptScores, summarize};
+use rcx::eval::{EvalReport, score_summaries, summarize};
 use rcx::figures::{
     MetricsRecord, paper_figure, read_metrics, reward_histogram_panel, reward_panel,
     training_curves,
@@ -10,8 +10,8 @@ use rcx::loss::{LossSpec, PromptType, Utility};
 use rcx::plot::Series;
 use rcx::report::{
     Architecture, Reproduction, RunResult, checks, dead_model_note, figure_files, results_markdown,
-    score_summaries,
 };
+use rcx::scoring::PromptScores;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -522,8 +522,9 @@ fn run_titles_are_losses_and_shared_ones_name_their_folder() {
 
 mod common;
 
-/// A 4-step bert-tiny run on the length ranking, saving at steps 2 and 4.
-fn tiny_run(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+/// A 4-step bert-tiny run on the length ranking, saving at steps 2 and 4, with
+/// `overrides` replacing or adding keys.
+fn tiny_run(dir: &std::path::Path, name: &str, overrides: &[(&str, &str)]) -> (PathBuf, PathBuf) {
     let base = [
         ("per_device_train_batch_size", "4"),
         ("max_length", "48"),
@@ -532,7 +533,7 @@ fn tiny_run(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
         ("save_steps", "2"),
         ("seed", "1"),
     ];
-    common::write_config(dir, name, &base, &[])
+    common::write_config(dir, name, &base, overrides)
 }
 
 fn train_ok(config: &std::path::Path) {
@@ -583,7 +584,7 @@ fn provenance_of(folder: &std::path::Path) -> serde_json::Value {
 #[test]
 fn every_model_folder_records_version_commit_config_and_data_hashes() {
     let dir = scratch("provenance");
-    let (config, out) = tiny_run(&dir, "run");
+    let (config, out) = tiny_run(&dir, "run", &[]);
     train_ok(&config);
     let expected_data = serde_json::json!([
         {"role": "train", "path": common::fixture("lengths.jsonl").display().to_string(),
@@ -634,12 +635,8 @@ fn reuse_takes_only_a_run_whose_record_matches_the_config_and_data() {
     // The run evaluates on a copy of the fixture, to be edited below.
     let eval = dir.join("eval.jsonl");
     std::fs::copy(common::fixture("lengths_eval.jsonl"), &eval).unwrap();
-    let (config, out) = tiny_run(&dir, "x");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        &common::fixture("lengths_eval.jsonl").display().to_string(),
-        &eval.display().to_string(),
-    );
-    std::fs::write(&config, text).unwrap();
+    let eval_datasets = format!("[{}]", eval.display());
+    let (config, out) = tiny_run(&dir, "x", &[("eval_datasets", &eval_datasets)]);
     train_ok(&config);
     let stderr = reproduce_reuse(&dir);
     assert!(stderr.contains("x: reusing"), "{stderr}");

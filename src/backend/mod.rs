@@ -12,6 +12,9 @@
 mod arena;
 pub mod cpu;
 pub mod cuda;
+pub mod placement;
+
+pub use placement::{DType, Device};
 
 use std::ops::Range;
 

@@ -14,10 +14,10 @@ use std::ops::Range;
 pub use bert::{ActLayout, BertConfig};
 
 pub use crate::backend::Batch;
+use crate::backend::DType;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::{Cuda, CudaRuntime};
 use crate::backend::{AttentionDropout, Backend, OptimStep};
-use crate::config::DType;
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::loss::{LossSpec, PromptType};

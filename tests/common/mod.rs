@@ -25,6 +25,68 @@ pub fn scratch(group: &str, name: &str) -> PathBuf {
     dir
 }
 
+/// A run config as the YAML a user writes: one `key: value` line per key, in order.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    keys: Vec<(String, String)>,
+}
+
+impl RunConfig {
+    /// The keys of `text`, a config of one `key: value` line per key (such as a test's
+    /// minimal config).
+    pub fn from_text(text: &str) -> RunConfig {
+        let keys = text
+            .lines()
+            .map(|line| {
+                let (key, value) = line.split_once(": ").expect("a `key: value` line");
+                (key.to_string(), value.to_string())
+            })
+            .collect();
+        RunConfig { keys }
+    }
+
+    /// A bert-tiny `x_inv` run on the length ranking into `output_dir`.
+    pub fn length_ranking(output_dir: &Path) -> RunConfig {
+        RunConfig { keys: Vec::new() }.set(&[
+            ("model_name", "bert-tiny"),
+            ("loss", "x_inv"),
+            (
+                "datasets",
+                &format!("[{}]", fixture("lengths.jsonl").display()),
+            ),
+            (
+                "eval_datasets",
+                &format!("[{}]", fixture("lengths_eval.jsonl").display()),
+            ),
+            ("output_dir", &output_dir.display().to_string()),
+        ])
+    }
+
+    /// Each key's value replaced where the key is, or the key added at the end.
+    pub fn set(mut self, keys: &[(&str, &str)]) -> RunConfig {
+        for &(key, value) in keys {
+            match self.keys.iter_mut().find(|(k, _)| k == key) {
+                Some(entry) => entry.1 = value.to_string(),
+                None => self.keys.push((key.to_string(), value.to_string())),
+            }
+        }
+        self
+    }
+
+    pub fn text(&self) -> String {
+        self.keys
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\n"))
+            .collect()
+    }
+
+    /// Writes the config to `path`; returns `path`.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, self.text()).unwrap();
+        path.to_path_buf()
+    }
+}
+
 /// Writes `dir/NAME.yml`: a bert-tiny `x_inv` run on the length ranking into `dir/NAME`,
 /// with `base` then `overrides` replacing or adding keys. Returns (config, output_dir).
 pub fn write_config(
@@ -34,29 +96,11 @@ pub fn write_config(
     overrides: &[(&str, &str)],
 ) -> (PathBuf, PathBuf) {
     let out = dir.join(name);
-    let mut keys: Vec<(String, String)> = vec![
-        ("model_name".into(), "bert-tiny".into()),
-        ("loss".into(), "x_inv".into()),
-        (
-            "datasets".into(),
-            format!("[{}]", fixture("lengths.jsonl").display()),
-        ),
-        (
-            "eval_datasets".into(),
-            format!("[{}]", fixture("lengths_eval.jsonl").display()),
-        ),
-        ("output_dir".into(), out.display().to_string()),
-    ];
-    for &(key, value) in base.iter().chain(overrides) {
-        match keys.iter_mut().find(|(k, _)| k == key) {
-            Some(entry) => entry.1 = value.to_string(),
-            None => keys.push((key.to_string(), value.to_string())),
-        }
-    }
-    let text: String = keys.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
-    let path = dir.join(format!("{name}.yml"));
-    std::fs::write(&path, text).unwrap();
-    (path, out)
+    let config = RunConfig::length_ranking(&out)
+        .set(base)
+        .set(overrides)
+        .write(&dir.join(format!("{name}.yml")));
+    (config, out)
 }
 
 pub fn rcx(args: &[&str]) -> Output {

@@ -30,9 +30,9 @@ use super::loss::RankingBatch;
 use super::ops::{FlashKernels, TokenBatch};
 use super::optim::AdamWStep;
 use super::runtime::{Activation, CudaRuntime, driver};
+use crate::backend::DType;
 use crate::backend::arena::{Loans, check_bounds};
 use crate::backend::{Arena, AttentionDims, AttentionDropout, Backend, Batch, Buf, OptimStep};
-use crate::config::DType;
 use crate::error::{Error, Result};
 use crate::loss::{LossSpec, PromptType};
 
