@@ -538,7 +538,7 @@ pub fn loss_checks(seed: u64) -> Result<Vec<Check>> {
 
 /// The model of the whole-model checks: 2 layers, hidden 8, 2 heads, with both dropouts'
 /// rates set (used only when a check turns dropout on).
-pub fn tiny_config() -> BertConfig {
+fn tiny_config() -> BertConfig {
     BertConfig {
         vocab_size: 23,
         hidden_size: 8,
@@ -555,15 +555,15 @@ pub fn tiny_config() -> BertConfig {
 }
 
 /// A batch with its ranking: K per prompt and each prompt's type.
-pub struct Ranked {
-    pub batch: Batch,
-    pub ks: Vec<usize>,
-    pub types: Vec<Option<PromptType>>,
+struct Ranked {
+    batch: Batch,
+    ks: Vec<usize>,
+    types: Vec<Option<PromptType>>,
 }
 
 /// Two prompts (K = 3, open, and K = 2, closed), sequences of different lengths, padded;
 /// token 0 only as padding (its row gets no gradient, as nn.Embedding(padding_idx=0)).
-pub fn tiny_ranked_batch(rng: &mut Rng) -> Ranked {
+fn tiny_ranked_batch(rng: &mut Rng) -> Ranked {
     let lengths = [7, 5, 3, 6, 4];
     let seqs: Vec<(Vec<u32>, Vec<u8>)> = lengths
         .iter()
@@ -583,7 +583,7 @@ pub fn tiny_ranked_batch(rng: &mut Rng) -> Ranked {
 /// BERT's init plus noise on every parameter but the word table's padding row (the first
 /// hidden_size entries), so that no gradient vanishes by symmetry (LayerNorm weights of
 /// exactly 1, biases of exactly 0).
-pub fn tiny_random_model(rng: &mut Rng) -> Model<Cpu<f64>> {
+fn tiny_random_model(rng: &mut Rng) -> Model<Cpu<f64>> {
     let config = tiny_config();
     let skip = config.hidden_size;
     let mut model = HostModel::<f64>::init(config, 7);
@@ -594,7 +594,7 @@ pub fn tiny_random_model(rng: &mut Rng) -> Model<Cpu<f64>> {
 }
 
 /// The loss of the model on `data` under `spec`; dlogits receives d loss / d logit.
-pub fn model_loss(
+fn model_loss(
     model: &mut Model<Cpu<f64>>,
     data: &Ranked,
     spec: &LossSpec,
@@ -675,10 +675,7 @@ pub fn pair_across_the_kink(
 /// The model and batch of the whole-model checks for `seed`, in the mode a check runs
 /// (`dropout`): BERT's init plus noise, drawn again until every ranked pair's reward
 /// difference is at least KINK_MARGIN from the kink.
-pub fn model_check_inputs(
-    seed: u64,
-    dropout: Option<Dropout>,
-) -> Result<(Model<Cpu<f64>>, Ranked)> {
+fn model_check_inputs(seed: u64, dropout: Option<Dropout>) -> Result<(Model<Cpu<f64>>, Ranked)> {
     let mut rng = Rng::new(seed);
     // Most draws pass: 100 failures in a row would mean a broken model.
     for _ in 0..100 {
@@ -857,4 +854,106 @@ pub fn cmd_gradcheck(args: GradcheckArgs) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The model the checks run on, and the model's own properties they rely on: dropout is a
+/// function of its seed, each site its own, padding changes nothing, and the drawn inputs
+/// keep every pair off the utilities' kink.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Batch;
+
+    #[test]
+    fn dropout_is_a_function_of_its_seed_and_off_in_eval() {
+        let mut rng = Rng::new(5);
+        let mut model = tiny_random_model(&mut rng);
+        let batch = tiny_ranked_batch(&mut rng).batch;
+        let eval_a = model.forward(&batch, None).unwrap();
+        let eval_b = model.forward(&batch, None).unwrap();
+        assert_eq!(eval_a, eval_b);
+        let d = |seed| {
+            Some(Dropout {
+                hidden: 0.3,
+                attention: 0.3,
+                seed,
+            })
+        };
+        let train_a = model.forward(&batch, d(1)).unwrap();
+        let train_b = model.forward(&batch, d(1)).unwrap();
+        let train_c = model.forward(&batch, d(2)).unwrap();
+        assert_eq!(train_a, train_b, "same seed, same mask");
+        assert_ne!(train_a, train_c, "another seed, another mask");
+        assert_ne!(train_a, eval_a, "dropout must change the training forward");
+    }
+
+    /// Attention-probability dropout acts on its own; adding it left the hidden sites' masks
+    /// as they were: hidden dropout alone gives the logits the model gave before it existed.
+    #[test]
+    fn attention_dropout_is_its_own_site() {
+        let mut rng = Rng::new(5);
+        let mut model = tiny_random_model(&mut rng);
+        let batch = tiny_ranked_batch(&mut rng).batch;
+        let eval = model.forward(&batch, None).unwrap();
+        let mut logits = |hidden, attention| {
+            let dropout = Dropout {
+                hidden,
+                attention,
+                seed: 1,
+            };
+            model.forward(&batch, Some(dropout)).unwrap()
+        };
+        let hidden_only = logits(0.3, 0.0);
+        assert_ne!(hidden_only, eval, "hidden dropout alone changed nothing");
+        let both = logits(0.3, 0.3);
+        assert_ne!(both, hidden_only, "attention dropout changed nothing");
+        let attention_only = logits(0.0, 0.3);
+        assert_ne!(
+            attention_only, eval,
+            "attention dropout alone changed nothing"
+        );
+        assert_eq!(
+            logits(0.0, 0.0),
+            eval,
+            "p = 0 everywhere must be evaluation"
+        );
+    }
+
+    #[test]
+    fn padding_does_not_change_a_sequence_logit() {
+        // The same sequence alone and in a batch with a longer one: its logit must not move.
+        let mut rng = Rng::new(11);
+        let mut model = tiny_random_model(&mut rng);
+        let short: (Vec<u32>, Vec<u8>) = (vec![3, 4, 5, 6], vec![0, 0, 1, 1]);
+        let long: (Vec<u32>, Vec<u8>) = (vec![7, 8, 9, 10, 11, 12, 13, 14, 15], vec![0; 9]);
+        let alone = Batch::from_sequences([(&short.0[..], &short.1[..])], 0);
+        let a = model.forward(&alone, None).unwrap()[0];
+        let both = Batch::from_sequences(
+            [(&short.0[..], &short.1[..]), (&long.0[..], &long.1[..])],
+            0,
+        );
+        let b = model.forward(&both, None).unwrap()[0];
+        assert!((a - b).abs() < 1e-12, "alone {a} vs padded {b}");
+    }
+
+    /// The model checks draw their model and batch so that every ranked pair's reward
+    /// difference is clear of the utilities' kink at 0 (where the extended forms switch to
+    /// their linear continuation): by at least the loss checks' margin, far more than a step of
+    /// the central differences moves it. In both modes the checks run (the dropout of
+    /// `model_checks`).
+    #[test]
+    fn model_check_inputs_keep_reward_differences_off_the_kink() {
+        let dropout = Some(MODEL_CHECK_DROPOUT);
+        for seed in 0..200 {
+            for mode in [None, dropout] {
+                let (mut model, data) = model_check_inputs(seed, mode).unwrap();
+                let logits = model.forward(&data.batch, mode).unwrap();
+                let gap = smallest_reward_gap(&logits, &data.ks);
+                assert!(
+                    gap >= KINK_MARGIN,
+                    "seed {seed}, dropout {mode:?}: a pair's rewards differ by {gap:e}"
+                );
+            }
+        }
+    }
 }

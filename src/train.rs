@@ -233,9 +233,9 @@ fn placement(cfg: &Config, opts: &RunOptions) -> Result<Placement> {
 fn choose_engine(host: HostModel<f32>, placement: &Placement) -> Result<Engine> {
     let mut engine = if placement.use_cuda {
         let rt = Arc::new(CudaRuntime::new(0)?);
-        Engine::Cuda(host.on_cuda(rt, placement.dtype)?)
+        Engine::Cuda(Box::new(host.on_cuda(rt, placement.dtype)?))
     } else {
-        Engine::Cpu(host.on_cpu())
+        Engine::Cpu(Box::new(host.on_cpu()))
     };
     match &mut engine {
         Engine::Cpu(model) => model.start_training()?,
@@ -255,8 +255,8 @@ struct Micro {
 /// The model on the backend the config's `device` and `dtype` ask for (the CPU in f32, the
 /// GPU in f32 or bf16); every method runs the same generic code.
 enum Engine {
-    Cpu(Model<Cpu<f32>>),
-    Cuda(Model<Cuda>),
+    Cpu(Box<Model<Cpu<f32>>>),
+    Cuda(Box<Model<Cuda>>),
 }
 
 impl Engine {

@@ -216,6 +216,10 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
+/// What a forward computed, on the host: the encoder's last hidden state [B, T, C], the
+/// pooler output [B, C] (before the head's dropout) and the logits [B].
+pub type Outputs<S> = (Vec<S>, Vec<S>, Vec<S>);
+
 /// A reward model on a backend: the architecture's config and parameter layout, the
 /// backend holding every arena, and the tokens and activation layout of the last forward
 /// (which its backward reads).
@@ -311,9 +315,8 @@ impl<B: Backend> Model<B> {
             .ok_or_else(|| Error::internal("the model has run no forward pass"))
     }
 
-    /// What the last forward computed: the encoder's last hidden state [B, T, C], the
-    /// pooler output [B, C] (before the head's dropout) and the logits [B].
-    pub fn outputs(&self) -> Result<(Vec<B::Scalar>, Vec<B::Scalar>, Vec<B::Scalar>)> {
+    /// What the last forward computed.
+    pub fn outputs(&self) -> Result<Outputs<B::Scalar>> {
         let (_, l) = self.last()?;
         Ok((
             self.backend.read_acts(l.last_hidden())?,

@@ -1,4 +1,4 @@
-//! tanh, the activation of BERT's pooler.
+//! tanh, the activation of a first-token pooling head.
 
 use rayon::prelude::*;
 

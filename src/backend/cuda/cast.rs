@@ -1,5 +1,5 @@
 //! Conversions between fp32 and the activation type (kernels/cast.cu), and `ModelFloat`,
-//! the activation types the device model runs in: f32, or bf16 with fp32 master weights.
+//! the activation types the device backend runs in: f32, or bf16 with fp32 master weights.
 
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 use half::bf16;
@@ -9,8 +9,8 @@ use super::ops::{checked_view_mut, launch};
 use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite, check_len, driver};
 use crate::error::Result;
 
-/// An activation type of the device model. The model crosses to fp32 and back in two
-/// places (the fp32 pooler head, and the parameters' bf16 copy), through these.
+/// An activation type of the device backend. Values cross to fp32 and back in two places
+/// (copies between the Acts and Stats arenas, and the parameters' bf16 copy), through these.
 pub trait ModelFloat: GemmElement {
     /// out [len] = inp [len] as fp32.
     fn to_f32(
