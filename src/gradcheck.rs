@@ -704,10 +704,10 @@ pub fn judge_model_gradient(
     backward: impl Fn(&mut Model<Cpu<f64>>, Option<Dropout>, &[f64]) -> Result<Vec<f64>>,
 ) -> Result<Check> {
     let (mut model, data) = model_check_inputs(seed, dropout)?;
+    model.start_training()?;
     let mut dlogits = Vec::new();
     model_loss(&mut model, &data, spec, dropout, &mut dlogits)?;
     let base_logits = model.outputs()?.2;
-    model.start_training()?;
     let grads = backward(&mut model, dropout, &dlogits)?;
 
     let mut scratch = Vec::new();

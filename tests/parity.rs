@@ -2,6 +2,8 @@
 //! the fixtures that scripts/gen_parity_fixtures.py wrote with transformers (eval mode,
 //! float32), padding in the batch included. Tolerance: max abs error 1e-4 (the issue's).
 
+mod common;
+
 use rcx::checkpoint::load_model_dir;
 use rcx::models::{Batch, HostModel};
 use serde_json::Value;
@@ -223,19 +225,9 @@ fn rcx_written_folder() -> PathBuf {
         .map(|t| t + "\n")
         .collect();
     std::fs::write(&vocab, tokens).unwrap();
-    let config = root.join("rcx-written.yml");
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train");
-    std::fs::write(
-        &config,
-        format!(
-            "model_name: bert-tiny\nloss: x_inv\ndatasets: [{}]\neval_datasets: [{}]\n\
-             output_dir: {}\nmax_steps: 1\n",
-            data.join("lengths.jsonl").display(),
-            data.join("lengths_eval.jsonl").display(),
-            dir.display()
-        ),
-    )
-    .unwrap();
+    let config = common::RunConfig::length_ranking(&dir)
+        .set(&[("max_steps", "1")])
+        .write(&root.join("rcx-written.yml"));
     let cfg = rcx::config::Config::load(&config).unwrap();
     rcx::checkpoint::save_final(&cfg, &model.weights(), &vocab).unwrap();
     dir

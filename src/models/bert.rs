@@ -459,9 +459,10 @@ pub struct ActLayout {
     scratch: Scratch,
     b: usize,
     t: usize,
-    /// Elements of the Acts and Stats arenas.
-    pub acts_len: usize,
-    pub stats_len: usize,
+    /// Elements of the Acts and Stats arenas: for the forward alone (evaluation), and
+    /// with the backward's scratch after them (training).
+    pub forward_lens: (usize, usize),
+    pub lens: (usize, usize),
 }
 
 impl ActLayout {
@@ -510,6 +511,7 @@ impl ActLayout {
             pooled_drop: f.take(b * c),
             logits: f.take(b),
         };
+        let forward_lens = (k.used(), f.used());
         let scratch = Scratch {
             d_out: k.take(n * c),
             d_in: k.take(n * c),
@@ -536,8 +538,8 @@ impl ActLayout {
             scratch,
             b,
             t,
-            acts_len: k.used(),
-            stats_len: f.used(),
+            forward_lens,
+            lens: (k.used(), f.used()),
         }
     }
 

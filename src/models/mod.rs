@@ -227,6 +227,8 @@ pub struct Model<B: Backend> {
     pub config: BertConfig,
     pub layout: ParamLayout,
     pub backend: B,
+    /// Set by `start_training`: forwards then make room for the backward's scratch too.
+    training: bool,
     last: Option<(B::Tokens, ActLayout)>,
 }
 
@@ -236,6 +238,7 @@ impl<B: Backend> Model<B> {
             layout: ParamLayout::new(&config),
             config,
             backend,
+            training: false,
             last: None,
         }
     }
@@ -302,7 +305,11 @@ impl<B: Backend> Model<B> {
         self.last = None;
         let tokens = self.backend.tokens(batch, tables)?;
         let layout = ActLayout::new(cfg, &self.backend, batch.b, batch.t);
-        self.backend.reserve(layout.acts_len, layout.stats_len)?;
+        let (acts, stats) = match self.training {
+            true => layout.lens,
+            false => layout.forward_lens,
+        };
+        self.backend.reserve(acts, stats)?;
         bert::forward(cfg, &mut self.backend, &tokens, &layout, dropout)?;
         let logits = self.backend.read_stats(layout.logits())?;
         self.last = Some((tokens, layout));
@@ -313,6 +320,16 @@ impl<B: Backend> Model<B> {
         self.last
             .as_ref()
             .ok_or_else(|| Error::internal("the model has run no forward pass"))
+    }
+
+    /// A backward needs a forward made for training (with room for its scratch).
+    fn check_training(&self) -> Result<()> {
+        match self.training {
+            true => Ok(()),
+            false => Err(Error::internal(
+                "backward: the model was not prepared for training (start_training)",
+            )),
+        }
     }
 
     /// What the last forward computed.
@@ -343,12 +360,17 @@ impl<B: Backend> Model<B> {
 
     /// Allocates the gradient and optimizer arenas (zero).
     pub fn start_training(&mut self) -> Result<()> {
-        self.backend.start_training()
+        self.backend.start_training()?;
+        // A forward made before has no room for the backward's scratch.
+        self.last = None;
+        self.training = true;
+        Ok(())
     }
 
     /// The backward pass of the last forward (same dropout): adds d loss / d parameter into
     /// the gradient arena, given `dlogits` [B].
     pub fn backward(&mut self, dropout: Option<Dropout>, dlogits: &[B::Scalar]) -> Result<()> {
+        self.check_training()?;
         let (tokens, l) = self
             .last
             .as_ref()
@@ -368,6 +390,7 @@ impl<B: Backend> Model<B> {
         micro_batches: usize,
     ) -> Result<f64> {
         self.forward(micro.batch, micro.dropout)?;
+        self.check_training()?;
         let (tokens, l) = self
             .last
             .as_ref()
