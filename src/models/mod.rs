@@ -10,6 +10,7 @@
 pub mod bert;
 
 use std::ops::Range;
+use std::sync::Arc;
 
 pub use bert::{ActLayout, BertConfig};
 
@@ -22,7 +23,6 @@ use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::loss::{LossSpec, PromptType};
 use crate::rng::{Rng, derive_seed};
-use std::sync::Arc;
 
 /// One named tensor of the parameter arena.
 #[derive(Clone, Debug)]
@@ -44,13 +44,14 @@ impl TensorSpec {
         self.len() == 0
     }
 
-    pub fn range(&self) -> std::ops::Range<usize> {
+    pub fn range(&self) -> Range<usize> {
         self.offset..self.offset + self.len()
     }
 }
 
-/// The parameter arena's layout: every tensor of the model in a fixed order (an
-/// architecture's own constructor, e.g. `ParamLayout::new` for BERT). Gradients and the optimizer's moments use the same layout.
+/// The parameter arena's layout: every tensor of the model in a fixed order (made by an
+/// architecture's constructor, `ParamLayout::new` for BERT). Gradients and the optimizer's
+/// moments use the same layout.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
     pub tensors: Vec<TensorSpec>,
@@ -76,8 +77,9 @@ pub struct HostModel<F> {
 }
 
 impl<F: Float> HostModel<F> {
-    /// A model initialised as Hugging Face initialises BERT: normal(0, 0.02) weights and embeddings (the padding
-    /// row of the word table zero), zero biases, unit LayerNorm weights.
+    /// A model initialised as Hugging Face initialises BERT: normal(0, 0.02) weights and
+    /// embeddings (the padding row of the word table zero), zero biases, unit LayerNorm
+    /// weights.
     pub fn init(config: BertConfig, seed: u64) -> HostModel<F> {
         let mut model = HostModel::zeros(config);
         for index in 0..model.layout.tensors.len() {
@@ -161,18 +163,18 @@ pub struct Dropout {
 
 /// Indices of the dropout sites, so forward and backward derive the same seeds on
 /// every backend. (p, seed) of a hidden-dropout site.
-pub fn site_seed(dropout: Option<Dropout>, site: u64) -> (f64, u64) {
+pub(crate) fn site_seed(dropout: Option<Dropout>, site: u64) -> (f64, u64) {
     match dropout {
         Some(d) => (d.hidden, derive_seed(d.seed, &[site])),
         None => (0.0, 0),
     }
 }
-pub const SITE_EMB: u64 = 0;
-pub const SITE_POOL: u64 = 1;
-pub fn site_attn(layer: usize) -> u64 {
+pub(crate) const SITE_EMB: u64 = 0;
+pub(crate) const SITE_POOL: u64 = 1;
+pub(crate) fn site_attn(layer: usize) -> u64 {
     2 + 2 * layer as u64
 }
-pub fn site_ffn(layer: usize) -> u64 {
+pub(crate) fn site_ffn(layer: usize) -> u64 {
     3 + 2 * layer as u64
 }
 /// The attention probabilities of a layer: sites from 2^32 up, above every hidden site
@@ -182,7 +184,10 @@ fn site_attn_probs(layer: usize) -> u64 {
 }
 
 /// The attention-probability dropout of a layer; None when off.
-pub fn attention_dropout(dropout: Option<Dropout>, layer: usize) -> Option<AttentionDropout> {
+pub(crate) fn attention_dropout(
+    dropout: Option<Dropout>,
+    layer: usize,
+) -> Option<AttentionDropout> {
     dropout
         .filter(|d| d.attention > 0.0)
         .map(|d| AttentionDropout {
@@ -294,6 +299,14 @@ impl<B: Backend> Model<B> {
 
     /// The forward pass: returns the logits [B]. With `dropout`, training mode.
     pub fn forward(&mut self, batch: &Batch, dropout: Option<Dropout>) -> Result<Vec<B::Scalar>> {
+        self.run_forward(batch, dropout)?;
+        let (_, layout) = self.last()?;
+        self.backend.read_stats(layout.logits())
+    }
+
+    /// The forward pass, its logits left in the Stats arena (a training step reads them
+    /// there: on the device, no copy to the host).
+    fn run_forward(&mut self, batch: &Batch, dropout: Option<Dropout>) -> Result<()> {
         self.check_batch(batch)?;
         let cfg = &self.config;
         let tables = (
@@ -311,9 +324,8 @@ impl<B: Backend> Model<B> {
         };
         self.backend.reserve(acts, stats)?;
         bert::forward(cfg, &mut self.backend, &tokens, &layout, dropout)?;
-        let logits = self.backend.read_stats(layout.logits())?;
         self.last = Some((tokens, layout));
-        Ok(logits)
+        Ok(())
     }
 
     fn last(&self) -> Result<&(B::Tokens, ActLayout)> {
@@ -389,8 +401,8 @@ impl<B: Backend> Model<B> {
         eps: f64,
         micro_batches: usize,
     ) -> Result<f64> {
-        self.forward(micro.batch, micro.dropout)?;
         self.check_training()?;
+        self.run_forward(micro.batch, micro.dropout)?;
         let (tokens, l) = self
             .last
             .as_ref()
