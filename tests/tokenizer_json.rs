@@ -206,9 +206,12 @@ fn user_error(path: &Path) -> String {
     }
 }
 
+/// A case of an unreadable file: its name, the edit that breaks it, what the error names.
+type BrokenFile = (&'static str, fn(&mut Value), &'static [&'static str]);
+
 #[test]
 fn unsupported_components_are_one_line_errors_naming_them_and_the_file() {
-    let cases: [(&str, fn(&mut Value), &[&str]); 6] = [
+    let cases: [BrokenFile; 6] = [
         (
             "unigram",
             |d| d["model"]["type"] = "Unigram".into(),

@@ -99,11 +99,11 @@ impl Bpe {
         if word.is_empty() {
             return Ok(());
         }
-        if self.ignore_merges {
-            if let Some(&id) = self.vocab.get(word) {
-                ids.push(id);
-                return Ok(());
-            }
+        if self.ignore_merges
+            && let Some(&id) = self.vocab.get(word)
+        {
+            ids.push(id);
+            return Ok(());
         }
         let mut symbols = self.initial_symbols(word)?;
         self.merge_all(&mut symbols);
@@ -122,16 +122,14 @@ impl Bpe {
             let is_last = chars.peek().is_none();
             let byte_len = c.len_utf8();
             piece.clear();
-            if i > 0 {
-                if let Some(prefix) = &self.continuing_subword_prefix {
-                    piece.push_str(prefix);
-                }
+            if i > 0
+                && let Some(prefix) = &self.continuing_subword_prefix
+            {
+                piece.push_str(prefix);
             }
             piece.push(c);
-            if is_last {
-                if let Some(suffix) = &self.end_of_word_suffix {
-                    piece.push_str(suffix);
-                }
+            if is_last && let Some(suffix) = &self.end_of_word_suffix {
+                piece.push_str(suffix);
             }
             if let Some(&id) = self.vocab.get(&piece) {
                 if let Some((unk_id, unk_len)) = pending_unk.take() {
@@ -203,15 +201,15 @@ impl Bpe {
                 symbols[after].prev = Some(pos);
             }
             let merged = symbols[pos];
-            if let Some(before) = merged.prev {
-                if let Some(&(rank, id)) = self.merges.get(&(symbols[before].id, merged.id)) {
-                    queue.push(Reverse((rank, before, id)));
-                }
+            if let Some(before) = merged.prev
+                && let Some(&(rank, id)) = self.merges.get(&(symbols[before].id, merged.id))
+            {
+                queue.push(Reverse((rank, before, id)));
             }
-            if let Some(after) = merged.next {
-                if let Some(&(rank, id)) = self.merges.get(&(merged.id, symbols[after].id)) {
-                    queue.push(Reverse((rank, pos, id)));
-                }
+            if let Some(after) = merged.next
+                && let Some(&(rank, id)) = self.merges.get(&(merged.id, symbols[after].id))
+            {
+                queue.push(Reverse((rank, pos, id)));
             }
         }
     }

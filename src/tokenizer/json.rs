@@ -79,10 +79,10 @@ impl TokenizerJson {
         let root = Node::root(value, path);
         root.object()?;
         let version = root.get("version")?;
-        if let Some(v) = version.opt_str()? {
-            if v != "1.0" {
-                return Err(version.error(format!("version {v:?}; expected \"1.0\"")));
-            }
+        if let Some(v) = version.opt_str()?
+            && v != "1.0"
+        {
+            return Err(version.error(format!("version {v:?}; expected \"1.0\"")));
         }
         let model_node = root.get("model")?;
         if model_node.is_null() {
@@ -350,10 +350,10 @@ impl AddedVocabulary {
                 continue;
             }
             // The same token again changes nothing.
-            if let Some(id) = added.ids.get(&token.content) {
-                if added.tokens.get(id) == Some(&token) {
-                    continue;
-                }
+            if let Some(id) = added.ids.get(&token.content)
+                && added.tokens.get(id) == Some(&token)
+            {
+                continue;
             }
             let known = added
                 .ids
@@ -723,10 +723,11 @@ impl Padding {
 
     fn apply(&self, ids: &mut Vec<u32>) {
         let mut length = self.fixed.unwrap_or(ids.len());
-        if let Some(multiple) = self.multiple_of {
-            if multiple > 0 && length % multiple > 0 {
-                length += multiple - length % multiple;
-            }
+        if let Some(multiple) = self.multiple_of
+            && multiple > 0
+            && !length.is_multiple_of(multiple)
+        {
+            length += multiple - length % multiple;
         }
         if ids.len() >= length {
             return;

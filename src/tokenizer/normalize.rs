@@ -155,11 +155,9 @@ impl Normalized {
             let class = combining_class(c);
             if let Some((at, last_class)) = &mut starter {
                 let blocked = last_class.is_some_and(|last| last == 0 || last >= class);
-                if !blocked {
-                    if let Some(composite) = compose(chars[*at].0, c) {
-                        chars[*at].0 = composite;
-                        continue;
-                    }
+                if !blocked && let Some(composite) = compose(chars[*at].0, c) {
+                    chars[*at].0 = composite;
+                    continue;
                 }
                 if class != 0 {
                     *last_class = Some(class);
