@@ -15,6 +15,13 @@ Styles (each a tokenizer.json laid out as the family's own):
                byte_fallback with <0x00>..<0xFF>, fuse_unk, TemplateProcessing(<s> $A)
   mistral      llama2's model with the newer layout: no normalizer, Metaspace(prepend_scheme
                first, split false), an lstrip/rstrip added token and a single_word one
+  gpt2_prefix  gpt2 with add_prefix_space, padded to a multiple of 8 (the file's padding)
+  sp_kitchen   llama2's model under the other supported pieces: Strip, NFD, Lowercase and a
+               Replace regex; Split by string and regex with the Removed, MergedWithPrevious
+               and Contiguous behaviors and invert, Digits, Metaspace(always, split), a
+               <s> $A </s> template and fixed left padding
+  bytelevel_norm  gpt2's model with the ByteLevel normalizer, a Split MergedWithNext on the
+               byte-level space and Digits (not individual)
 
 cases.json: [{"tokenizer": NAME, "text": TEXT, "max_length": N or null, "ids": [...]}];
 max_length N means `enable_truncation(N)` before encoding (what `rcx tokenize
@@ -201,6 +208,44 @@ def main():
     mistral.add_tokens([AddedToken("[INST]", lstrip=True, rstrip=True, normalized=False)])
     mistral.add_tokens([AddedToken("wordy", single_word=True, normalized=False)])
     mistral.save(paths["mistral"])
+
+    paths["gpt2_prefix"] = os.path.join(OUT, "gpt2_prefix.json")
+    prefix = Tokenizer.from_file(paths["gpt2"])
+    prefix.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    prefix.enable_padding(pad_id=0, pad_token="<|endoftext|>", pad_to_multiple_of=8)
+    prefix.save(paths["gpt2_prefix"])
+
+    paths["sp_kitchen"] = os.path.join(OUT, "sp_kitchen.json")
+    kitchen = Tokenizer.from_file(paths["llama2"])
+    kitchen.normalizer = normalizers.Sequence(
+        [normalizers.Strip(left=True, right=True), normalizers.NFD(), normalizers.Lowercase(),
+         normalizers.Replace(Regex(r"\s+"), " ")]
+    )
+    kitchen.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("-", behavior="merged_with_previous"),
+            pre_tokenizers.Split(Regex(r"[,;]"), behavior="removed"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(Regex(r"[a-z]+"), behavior="contiguous", invert=True),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+    kitchen.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1",
+        special_tokens=[("<s>", kitchen.token_to_id("<s>")), ("</s>", kitchen.token_to_id("</s>"))],
+    )
+    kitchen.enable_padding(direction="left", pad_id=2, pad_token="</s>", length=24)
+    kitchen.save(paths["sp_kitchen"])
+
+    paths["bytelevel_norm"] = os.path.join(OUT, "bytelevel_norm.json")
+    norm = Tokenizer.from_file(paths["gpt2"])
+    norm.normalizer = normalizers.ByteLevel()
+    norm.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("Ġ", behavior="merged_with_next"),
+         pre_tokenizers.Digits(individual_digits=False)]
+    )
+    norm.post_processor = None
+    norm.save(paths["bytelevel_norm"])
 
     texts = make_texts()
     cases = []
