@@ -255,6 +255,18 @@ fn unsupported_components_are_one_line_errors_naming_them_and_the_file() {
     assert!(message.contains("model: missing"), "{message}");
 }
 
+#[test]
+fn a_file_past_the_size_bound_is_refused_before_it_is_parsed() {
+    let path = scratch("huge", b"");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // Sparse: no disk is written, but the reader sees every byte.
+    file.set_len(rcx::tokenizer::json::MAX_TOKENIZER_JSON_BYTES + 1)
+        .unwrap();
+    let message = user_error(&path);
+    assert!(message.contains("larger than 128 MiB"), "{message}");
+    std::fs::remove_file(&path).unwrap();
+}
+
 /// Values a mutation writes into a tokenizer.json: bounds, wrong types, unknown names.
 fn replacement(choice: u8) -> Value {
     match choice % 12 {
