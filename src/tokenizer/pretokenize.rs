@@ -88,7 +88,7 @@ impl PreTokenizer {
                     return Err(replacement.error("expected a string of one char"));
                 };
                 let scheme = node.get("prepend_scheme")?;
-                let mut prepend_scheme = match scheme.opt_str()? {
+                let prepend_scheme = match scheme.opt_str()? {
                     None | Some("always") => PrependScheme::Always,
                     Some("first") => PrependScheme::First,
                     Some("never") => PrependScheme::Never,
@@ -96,15 +96,13 @@ impl PreTokenizer {
                         return Err(scheme.error("expected \"always\", \"first\" or \"never\""));
                     }
                 };
-                // The legacy key: false means never (and must not contradict the scheme).
+                // The legacy key: false must come with prepend_scheme "never" (the default
+                // scheme, "always", contradicts it too, as in the reference).
                 let legacy = node.get("add_prefix_space")?;
-                if !legacy.bool_or(true)? {
-                    if prepend_scheme != PrependScheme::Never && !scheme.is_null() {
-                        return Err(
-                            legacy.error("add_prefix_space false contradicts prepend_scheme")
-                        );
-                    }
-                    prepend_scheme = PrependScheme::Never;
+                if !legacy.bool_or(true)? && prepend_scheme != PrependScheme::Never {
+                    return Err(legacy.error(
+                        "add_prefix_space false contradicts prepend_scheme; expected \"never\"",
+                    ));
                 }
                 PreTokenizer::Metaspace {
                     replacement: c,
