@@ -33,7 +33,7 @@ pub enum Command {
     Theory(crate::theory::TheoryArgs),
     /// Build ranking data sets.
     Data(crate::data::DataArgs),
-    /// Tokenize a text (or a pair) as BERT's uncased WordPiece.
+    /// Tokenize a text: BERT uncased WordPiece (--vocab) or a tokenizer.json (--tokenizer).
     Tokenize(crate::tokenizer::TokenizeArgs),
     /// Check every backward of the CPU reference against central finite differences.
     Gradcheck(crate::gradcheck::GradcheckArgs),

@@ -14,6 +14,13 @@
 //! The character classes come from src/tokenizer/unicode_tables.rs, probed from the
 //! reference by scripts/gen_unicode_tables.py, because the reference mixes Unicode versions.
 
+mod bpe;
+mod composition_table;
+pub mod json;
+pub(crate) mod json_node;
+pub(crate) mod normalize;
+pub(crate) mod pattern;
+pub(crate) mod pretokenize;
 mod unicode_tables;
 
 use crate::error::{Error, Result};
@@ -513,50 +520,78 @@ fn in_ranges(ranges: &[(u32, u32)], code: u32) -> bool {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["vocab", "tokenizer"])))]
 pub struct TokenizeArgs {
     /// WordPiece vocabulary: one token per line, the line index is the id.
     #[arg(long)]
-    pub vocab: PathBuf,
-    /// At most this many ids, [CLS] and [SEP] included.
-    #[arg(long, default_value_t = 512)]
-    pub max_length: usize,
+    pub vocab: Option<PathBuf>,
+    /// A Hugging Face tokenizer.json (BPE): prints the ids of
+    /// `Tokenizer.from_file(FILE).encode(TEXT).ids`.
+    #[arg(long, conflicts_with = "pair")]
+    pub tokenizer: Option<PathBuf>,
+    /// At most this many ids, special tokens included (default with --vocab: 512; with
+    /// --tokenizer: the file's own truncation, none when it has none).
+    #[arg(long)]
+    pub max_length: Option<usize>,
     /// The text to encode.
     pub text: String,
-    /// A second text, encoded as a pair with the first.
+    /// A second text, encoded as a pair with the first (--vocab only).
     #[arg(long)]
     pub pair: Option<String>,
 }
 
+/// `rcx tokenize --tokenizer FILE`: prints `{"input_ids": [...]}` on one line.
+fn cmd_tokenize_json(path: &Path, text: &str, max_length: Option<usize>) -> Result<()> {
+    let tokenizer = json::TokenizerJson::from_file(path)?;
+    let least = tokenizer.special_tokens_count();
+    if let Some(max_length) = max_length.filter(|&n| n < least.max(1)) {
+        return Err(Error::user(format!(
+            "--max-length {max_length}: expected at least {}, the special tokens {} adds",
+            least.max(1),
+            path.display()
+        )));
+    }
+    let ids = tokenizer.encode_as_reference(text, max_length)?;
+    println!("{{\"input_ids\": [{}]}}", json_list(&ids));
+    Ok(())
+}
+
+/// Ids as Python's json.dumps writes a list, so that output compares byte for byte.
+fn json_list(ids: &[u32]) -> String {
+    ids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `rcx tokenize`: prints `{"input_ids": [...], "token_type_ids": [...]}` on one line.
 pub fn cmd_tokenize(args: TokenizeArgs) -> Result<()> {
+    let vocab = match (&args.vocab, &args.tokenizer) {
+        (_, Some(path)) => return cmd_tokenize_json(path, &args.text, args.max_length),
+        (Some(vocab), None) => vocab,
+        (None, None) => return Err(Error::user("expected --vocab FILE or --tokenizer FILE")),
+    };
+    let max_length = args.max_length.unwrap_or(512);
     // The library cuts nothing below these, as the reference does; a command asked for at
     // most N ids must not print more.
     let (least, holds) = match args.pair {
         Some(_) => (3, "[CLS] text [SEP] pair [SEP]"),
         None => (2, "[CLS] text [SEP]"),
     };
-    if args.max_length < least {
+    if max_length < least {
         return Err(Error::user(format!(
-            "--max-length {}: expected at least {least}, the special tokens of {holds}",
-            args.max_length
+            "--max-length {max_length}: expected at least {least}, the special tokens of {holds}"
         )));
     }
-    let tokenizer = Tokenizer::from_vocab_file(&args.vocab)?;
+    let tokenizer = Tokenizer::from_vocab_file(vocab)?;
     let encoding = match &args.pair {
-        Some(pair) => tokenizer.encode_pair(&args.text, pair, args.max_length),
-        None => tokenizer.encode(&args.text, args.max_length),
-    };
-    // The layout of Python's json.dumps, so that output compares byte for byte.
-    let list = |ids: &[u32]| {
-        ids.iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
+        Some(pair) => tokenizer.encode_pair(&args.text, pair, max_length),
+        None => tokenizer.encode(&args.text, max_length),
     };
     println!(
         "{{\"input_ids\": [{}], \"token_type_ids\": [{}]}}",
-        list(&encoding.input_ids),
-        list(&encoding.token_type_ids)
+        json_list(&encoding.input_ids),
+        json_list(&encoding.token_type_ids)
     );
     Ok(())
 }
