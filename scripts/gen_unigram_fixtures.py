@@ -6,6 +6,7 @@ texts from both references (sentencepiece on spm.model, tokenizers on tokenizer.
 - deberta/: DeBERTa-v3's special pieces ([PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3) and its
   normalization (nmt_nfkc: the precompiled character map), converted to tokenizer.json by
   transformers' DebertaV2Converter as it converts a DeBERTa-v3 spm.model.
+- ties/: a hand-made model whose segmentations tie exactly, to hold the tie-breaking.
 - bytes/: byte fallback, no character map (identity), no dummy prefix. transformers'
   converter drops byte fallback, so its tokenizer.json gets "byte_fallback": true written
   back to test that path of the tokenizers model too.
@@ -295,6 +296,31 @@ def convert(folder):
     return json.loads(tokenizer.to_str())
 
 
+def write_ties_model(folder):
+    """A hand-made model whose segmentations tie exactly ("▁ab" = "▁a" + "b" = "▁" + "ab"
+    ...): the tie-breaking rule of each reference decides the ids."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(os.path.join(OUT, "deberta", "spm.model"), "rb") as f:
+        proto.ParseFromString(f.read())
+    del proto.pieces[:]
+    pieces = [("[PAD]", 0.0, 3), ("[CLS]", 0.0, 3), ("[SEP]", 0.0, 3), ("[UNK]", 0.0, 2)]
+    pieces += [("▁", -1.0, 1), ("a", -1.0, 1), ("b", -1.0, 1), ("▁a", -1.0, 1), ("ab", -1.0, 1)]
+    pieces += [("▁ab", -2.0, 1), ("ba", -1.0, 1), ("aba", -2.0, 1), ("bab", -2.0, 1), ("c", -0.5, 1)]
+    pieces += [("cc", -1.0, 1), ("ccc", -1.5, 1), ("▁c", -0.5, 1)]
+    for text, score, kind in pieces:
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = text, score, kind
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.precompiled_charsmap = b""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "spm.model"), "wb") as f:
+        f.write(proto.SerializeToString())
+    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(convert(folder), f, ensure_ascii=False, indent=2)
+    texts = ["ab", "abab", "ab ab", "aab", "abb", "ba", "baba", "ababab", "cccc", "ccccc", "c cc ccc", "abc", "x ab"]
+    write_cases(folder, texts, [("ab", "abab", None)])
+
+
 def main():
     rng = random.Random(13)
     texts = handmade_texts() + random_texts(rng, 260)
@@ -341,6 +367,8 @@ def main():
     with open(os.path.join(byte_model, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(converted, f, ensure_ascii=False, indent=2)
     write_cases(byte_model, texts, pairs)
+
+    write_ties_model(os.path.join(OUT, "ties"))
 
 
 if __name__ == "__main__":

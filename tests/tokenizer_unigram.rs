@@ -41,7 +41,7 @@ fn mismatches(model: &str, file: &str, reference: &str) -> Vec<String> {
     let tokenizer = loaded(model, file);
     let cases = cases(model);
     let texts = cases["texts"].as_array().unwrap();
-    assert!(texts.len() > 300, "{model}: too few texts");
+    assert!(texts.len() > 10, "{model}: too few texts");
     texts
         .iter()
         .filter_map(|case| {
@@ -71,6 +71,14 @@ fn spm_model_gives_sentencepiece_ids() {
 #[test]
 fn spm_model_with_byte_fallback_gives_sentencepiece_ids() {
     assert_exact("bytes", "spm.model", "spm");
+}
+
+/// Segmentations of exactly equal score: both references keep the first one found (the
+/// earliest start of the last piece), sentencepiece in f32 and tokenizers in f64.
+#[test]
+fn ties_break_as_the_references_do() {
+    assert_exact("ties", "spm.model", "spm");
+    assert_exact("ties", "tokenizer.json", "json");
 }
 
 #[test]
