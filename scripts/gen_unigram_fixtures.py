@@ -202,6 +202,31 @@ def random_texts(rng, count):
     return texts
 
 
+def code_point_texts(rng, count):
+    """Short strings of code points drawn from all of Unicode, weighted toward what
+    normalization and grapheme clusters treat specially (marks, joiners, Hangul jamo,
+    regional indicators, halfwidth kana, compatibility chars, odd spaces)."""
+    special = [0x300, 0x301, 0x308, 0x323, 0x200D, 0xFE0F, 0xFF9E, 0x93F, 0xE31, 0x1F3FB, 0x20E3]
+    special += [0x903, 0xBBE, 0xD57, 0x1100, 0x1161, 0x11A8, 0x1F1E6, 0x1F1E8, 0xAC00, 0x94D, 0x915]
+    compat = [0xFF76, 0xFF8A, 0x3000, 0xA0, 0x2028, 0x85, 0x1F600, 0x1F468, 0x2764, 0xFB01, 0x2460]
+    compat += [0xFF41, 0x3392, 0x200E, 0x600]
+
+    def one():
+        r = rng.random()
+        if r < 0.3:
+            return chr(rng.randint(0x20, 0x7E))
+        if r < 0.5:
+            return chr(rng.choice(special) + rng.randint(0, 2))
+        if r < 0.8:
+            while True:
+                c = rng.randint(0xA0, 0x2FFFF)
+                if not 0xD800 <= c <= 0xDFFF:
+                    return chr(c)
+        return chr(rng.choice(compat))
+
+    return ["".join(one() for _ in range(rng.randint(1, 12))) for _ in range(count)]
+
+
 def pair_cases(rng, texts):
     pairs = []
     for max_length in [None, None, None, 8, 16, 33]:
@@ -269,7 +294,9 @@ def write_cases(folder, texts, pairs):
         )
     fast.no_truncation()
     with open(os.path.join(folder, "cases.json"), "w", encoding="utf-8") as f:
-        json.dump({"texts": cases, "pairs": pair_out}, f, ensure_ascii=True, indent=0)
+        # One case a line: readable diffs when a reference changes.
+        lines = lambda items: ",\n".join(json.dumps(item, ensure_ascii=True) for item in items)
+        f.write('{"texts": [\n' + lines(cases) + '\n],\n"pairs": [\n' + lines(pair_out) + "\n]}\n")
     differ = sum(c["spm"] != c["json"] for c in cases)
     print(f"{folder}: {len(cases)} texts ({differ} where the references differ), {len(pair_out)} pairs")
 
@@ -325,6 +352,7 @@ def main():
     rng = random.Random(13)
     texts = handmade_texts() + random_texts(rng, 260)
     pairs = pair_cases(rng, texts)
+    code_points = code_point_texts(rng, 1500)
 
     deberta = os.path.join(OUT, "deberta")
     train(
@@ -343,7 +371,7 @@ def main():
     )
     with open(os.path.join(deberta, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(convert(deberta), f, ensure_ascii=False, indent=2)
-    write_cases(deberta, texts, pairs)
+    write_cases(deberta, texts + code_points, pairs)
 
     byte_model = os.path.join(OUT, "bytes")
     train(
@@ -366,7 +394,7 @@ def main():
     converted["model"]["byte_fallback"] = True
     with open(os.path.join(byte_model, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(converted, f, ensure_ascii=False, indent=2)
-    write_cases(byte_model, texts, pairs)
+    write_cases(byte_model, texts + code_points[:300], pairs)
 
     write_ties_model(os.path.join(OUT, "ties"))
 

@@ -111,9 +111,10 @@ fn both_files_of_a_model_give_the_same_ids() {
             "{text:?}"
         );
     }
+    let texts = cases["texts"].as_array().unwrap().len();
     assert!(
-        references_differ < 25,
-        "{references_differ} texts where sentencepiece and tokenizers differ"
+        references_differ * 10 < texts,
+        "{references_differ} of {texts} texts where sentencepiece and tokenizers differ"
     );
     assert_eq!(from_spm.vocab_size(), from_json.vocab_size());
     for token in ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] {

@@ -16,6 +16,8 @@
 //! a few texts (a literal U+2581, halfwidth voiced kana, controls; see
 //! tests/tokenizer_unigram.rs); everywhere else the two files give the same ids.
 
+#[path = "grapheme_tables.rs"]
+mod grapheme_tables;
 #[path = "spm.rs"]
 mod spm;
 
@@ -959,28 +961,20 @@ fn precompiled_by_grapheme(map: &CharsMap, text: &str) -> String {
     out
 }
 
-/// Extended grapheme clusters, approximated: a char with the combining marks, joiners,
-/// variation selectors and emoji modifiers that follow it; a control char (CR LF together)
-/// stands alone.
+/// Extended grapheme clusters (UAX #29's rules GB3 to GB13) over the classes tokenizers
+/// uses, probed from it by scripts/gen_grapheme_tables.py.
 fn graphemes(text: &str) -> impl Iterator<Item = &str> {
-    let control = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
     let mut rest = text;
     std::iter::from_fn(move || {
         let mut chars = rest.char_indices();
         let (_, first) = chars.next()?;
+        let mut cluster = Cluster::new(first);
         let mut end = first.len_utf8();
-        let mut prev = first;
         for (i, c) in chars {
-            let joins = if control(prev) || control(c) {
-                prev == '\r' && c == '\n'
-            } else {
-                extends(c) || prev == '\u{200d}'
-            };
-            if !joins {
+            if !cluster.joins(c) {
                 break;
             }
             end = i + c.len_utf8();
-            prev = c;
         }
         let (head, tail) = rest.split_at(end);
         rest = tail;
@@ -988,13 +982,113 @@ fn graphemes(text: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// Chars that continue the grapheme before them (Grapheme_Extend, approximately: the
-/// combining blocks, ZWJ/ZWNJ, variation selectors, halfwidth sound marks, emoji modifiers).
-fn extends(c: char) -> bool {
-    matches!(c as u32,
-        0x0300..=0x036F | 0x0483..=0x0489 | 0x0591..=0x05BD | 0x0610..=0x061A | 0x064B..=0x065F
-        | 0x0E31 | 0x0E34..=0x0E3A | 0x0E47..=0x0E4E | 0x0900..=0x0903 | 0x093A..=0x094F
-        | 0x1AB0..=0x1AFF | 0x1DC0..=0x1DFF | 0x200C | 0x200D | 0x20D0..=0x20FF
-        | 0xFE00..=0xFE0F | 0xFE20..=0xFE2F | 0xFF9E | 0xFF9F | 0x1F3FB..=0x1F3FF
-        | 0xE0020..=0xE007F | 0xE0100..=0xE01EF)
+/// Hangul syllable types (GB6 to GB8).
+#[derive(Clone, Copy, PartialEq)]
+enum Hangul {
+    L,
+    V,
+    T,
+    Lv,
+    Lvt,
+    None,
+}
+
+fn hangul(c: char) -> Hangul {
+    match c as u32 {
+        0x1100..=0x115F | 0xA960..=0xA97C => Hangul::L,
+        0x1160..=0x11A7 | 0xD7B0..=0xD7C6 => Hangul::V,
+        0x11A8..=0x11FF | 0xD7CB..=0xD7FB => Hangul::T,
+        code @ 0xAC00..=0xD7A3 if (code - 0xAC00).is_multiple_of(28) => Hangul::Lv,
+        0xAC00..=0xD7A3 => Hangul::Lvt,
+        _ => Hangul::None,
+    }
+}
+
+/// The state of the grapheme being read: its last char, and what the emoji, regional
+/// indicator and Indic conjunct rules need of the chars before it.
+struct Cluster {
+    prev: char,
+    /// An Extended_Pictographic char then only Extend chars.
+    pictographic: bool,
+    /// The last char is a ZWJ after such a run: an emoji joins it (GB11).
+    zwj_after_pictographic: bool,
+    /// Regional indicators at the end of the cluster so far.
+    regional: usize,
+    /// A conjunct consonant, then Extend chars with at least one virama (linker).
+    conjunct: (bool, bool),
+}
+
+const LINKERS: [char; 6] = [
+    '\u{94D}', '\u{9CD}', '\u{ACD}', '\u{B4D}', '\u{C4D}', '\u{D4D}',
+];
+
+fn regional(c: char) -> bool {
+    ('\u{1F1E6}'..='\u{1F1FF}').contains(&c)
+}
+
+impl Cluster {
+    fn new(first: char) -> Self {
+        let mut cluster = Cluster {
+            prev: first,
+            pictographic: false,
+            zwj_after_pictographic: false,
+            regional: 0,
+            conjunct: (false, false),
+        };
+        cluster.note(first);
+        cluster
+    }
+
+    fn note(&mut self, c: char) {
+        let extend = in_table(grapheme_tables::EXTEND, c);
+        let after_pictographic = self.pictographic;
+        self.zwj_after_pictographic = after_pictographic && c == '\u{200D}';
+        self.pictographic = in_table(grapheme_tables::EXT_PICT, c)
+            || (after_pictographic && extend && c != '\u{200D}');
+        self.regional = if regional(c) { self.regional + 1 } else { 0 };
+        self.conjunct = if in_table(grapheme_tables::CONSONANT, c) {
+            (true, false)
+        } else if self.conjunct.0 && (extend || LINKERS.contains(&c)) {
+            (true, self.conjunct.1 || LINKERS.contains(&c))
+        } else {
+            (false, false)
+        };
+        self.prev = c;
+    }
+
+    /// Whether `c` continues the cluster (and then notes it).
+    fn joins(&mut self, c: char) -> bool {
+        let prev = self.prev;
+        let control = |c| in_table(grapheme_tables::CONTROL, c);
+        let joins = if prev == '\r' && c == '\n' {
+            true
+        } else if control(prev) || control(c) {
+            false
+        } else {
+            match (hangul(prev), hangul(c)) {
+                (Hangul::L, Hangul::L | Hangul::V | Hangul::Lv | Hangul::Lvt) => true,
+                (Hangul::Lv | Hangul::V, Hangul::V | Hangul::T) => true,
+                (Hangul::Lvt | Hangul::T, Hangul::T) => true,
+                _ => {
+                    in_table(grapheme_tables::EXTEND, c)
+                        || in_table(grapheme_tables::PREPEND, prev)
+                        || (self.conjunct == (true, true)
+                            && in_table(grapheme_tables::CONSONANT, c))
+                        || (self.zwj_after_pictographic && in_table(grapheme_tables::EXT_PICT, c))
+                        || (regional(prev) && regional(c) && self.regional % 2 == 1)
+                }
+            }
+        };
+        if joins {
+            self.note(c);
+        }
+        joins
+    }
+}
+
+/// Whether `c` lies in one of the sorted inclusive `ranges`.
+fn in_table(ranges: &[(u32, u32)], c: char) -> bool {
+    let code = c as u32;
+    let i = ranges.partition_point(|&(_, last)| last < code);
+    ranges.get(i).is_some_and(|&(first, _)| first <= code)
 }
