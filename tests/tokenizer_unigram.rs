@@ -174,6 +174,10 @@ fn pairs_follow_the_template_and_truncation() {
     assert_eq!(single.token_type_ids, vec![0; 4]);
 }
 
+/// Chars that walk much of a character map: compatibility forms of many blocks.
+const FUZZ_TEXT: &str = "ﬁne ｶﾞ [CLS] 😀 x Ⅻ ① ㍿ ｆｕｌｌ ½ ℌ é e\u{301} Å Ω ǅ ĳ ﬃ ﹰ ﾊﾟ \u{3000} \u{a0}ำ \
+     Straße Ελληνικά Кириллица 中文 日本語 한국어 \u{1100}\u{1161} 🇫🇷 👨‍👩‍👧 \u{200b}\u{ad}";
+
 /// A few bytes changed, cut or inserted anywhere in a valid file.
 fn mutate(mut bytes: Vec<u8>, edits: &[(u8, prop::sample::Index, u8)]) -> Vec<u8> {
     for &(kind, at, value) in edits {
@@ -214,7 +218,7 @@ fn fuzz_reader(model: &str, file: &str, cases: u32) {
             std::fs::write(&path, mutate(original.clone(), &edits)).unwrap();
             match load(&path) {
                 Ok(tokenizer) => {
-                    let encoding = tokenizer.encode_pair("ﬁne ｶﾞ [CLS] 😀 x", "  the\tend ", 16);
+                    let encoding = tokenizer.encode_pair(FUZZ_TEXT, "  the\tend ", 16);
                     prop_assert!(encoding.input_ids.len() <= 16);
                 }
                 Err(e) => {
@@ -242,7 +246,12 @@ fn fuzz_tokenizer_json_reader() {
 
 #[test]
 fn fuzz_spm_model_with_charsmap() {
-    fuzz_reader("deberta", "spm.model", 60);
+    fuzz_reader("deberta", "spm.model", 150);
+}
+
+#[test]
+fn fuzz_tokenizer_json_with_charsmap() {
+    fuzz_reader("deberta", "tokenizer.json", 60);
 }
 
 #[test]

@@ -215,7 +215,7 @@ fn read_piece(bytes: &[u8]) -> std::result::Result<SpmPiece, &'static str> {
                     _ => return Err("a piece of unknown type"),
                 };
             }
-            (_, Value::Fixed64) | (_, _) => {}
+            _ => {}
         }
     }
     if piece.text.is_empty() {
@@ -283,14 +283,15 @@ impl CharsMap {
         }
     }
 
-    /// SentencePiece's rule: the longest of the first 32 prefix matches.
-    pub fn longest(&self, key: &[u8]) -> Option<(usize, &[u8])> {
+    /// SentencePiece's rule: the longest of the first 32 prefix matches. A match that
+    /// ends inside a char (only a corrupt map holds one) is passed over.
+    pub fn longest(&self, key: &str) -> Option<(usize, &[u8])> {
         let mut best: Option<(usize, (usize, usize))> = None;
         let mut count = 0;
         let base = self.replacements.as_ptr() as usize;
-        self.prefixes(key, |len, replacement| {
+        self.prefixes(key.as_bytes(), |len, replacement| {
             count += 1;
-            if count <= MAX_TRIE_RESULTS {
+            if count <= MAX_TRIE_RESULTS && key.is_char_boundary(len) {
                 let start = replacement.as_ptr() as usize - base;
                 best = Some((len, (start, start + replacement.len())));
             }
@@ -335,7 +336,7 @@ impl Normalizer<'_> {
         {
             return (piece.as_bytes(), piece.len());
         }
-        if let Some((len, replacement)) = self.charsmap.and_then(|m| m.longest(input.as_bytes())) {
+        if let Some((len, replacement)) = self.charsmap.and_then(|m| m.longest(input)) {
             return (replacement, len);
         }
         let len = input.chars().next().map_or(0, char::len_utf8);
@@ -395,5 +396,40 @@ impl Normalizer<'_> {
         // when it was used; a corrupt map's bytes become U+FFFD rather than a panic.
         String::from_utf8(out)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map whose one key is the byte 0xC3 alone (the first byte of "é"), written as
+    /// darts-clone units: root offset 0; unit 0xC3 has label 0xC3, a leaf, offset 1; the
+    /// leaf at 0xC3 ^ 1 holds replacement offset 0.
+    fn map_with_a_key_inside_a_char() -> CharsMap {
+        let mut units = vec![0u32; 0xC4];
+        units[0xC3] = 0xC3 | (1 << 8) | (1 << 10);
+        units[0xC2] = 1 << 31;
+        let mut blob = ((units.len() * 4) as u32).to_le_bytes().to_vec();
+        units
+            .iter()
+            .for_each(|u| blob.extend_from_slice(&u.to_le_bytes()));
+        blob.extend_from_slice(b"x\0");
+        CharsMap::parse(&blob).unwrap()
+    }
+
+    #[test]
+    fn a_corrupt_map_key_inside_a_char_is_passed_over() {
+        let map = map_with_a_key_inside_a_char();
+        assert_eq!(map.shortest("é".as_bytes()), Some(&b"x"[..]));
+        assert_eq!(map.longest("é"), None);
+        let normalizer = Normalizer {
+            charsmap: Some(&map),
+            add_dummy_prefix: true,
+            remove_extra_whitespaces: true,
+            escape_whitespaces: true,
+            user_defined: &[],
+        };
+        assert_eq!(normalizer.normalize("é é"), "\u{2581}é\u{2581}é");
     }
 }
