@@ -169,7 +169,7 @@ fn from_spm(bytes: &[u8], path: &Path) -> Result<Unigram> {
             PieceType::Normal => Some(f64::from(piece.score)),
             PieceType::UserDefined => {
                 user_defined.push(piece.text.clone());
-                user_defined_score(piece.text.len(), max_score)
+                Some(user_defined_score(piece.text.len(), max_score))
             }
             PieceType::Unknown => {
                 if unk_id.replace(id).is_some() {
@@ -246,8 +246,8 @@ fn from_spm(bytes: &[u8], path: &Path) -> Result<Unigram> {
 
 /// SentencePiece's score of a user-defined piece: enough to always win (length in bytes
 /// times the best score, less 0.1), in f32.
-fn user_defined_score(len: usize, max_score: f32) -> Option<f64> {
-    Some(f64::from(len as f32 * max_score - 0.1))
+fn user_defined_score(len: usize, max_score: f32) -> f64 {
+    f64::from(len as f32 * max_score - 0.1)
 }
 
 fn deberta_template(cls: u32, sep: u32, pair: bool) -> Vec<TemplateItem> {
