@@ -7,7 +7,7 @@ texts from both references (sentencepiece on spm.model, tokenizers on tokenizer.
   normalization (nmt_nfkc: the precompiled character map), converted to tokenizer.json by
   transformers' DebertaV2Converter as it converts a DeBERTa-v3 spm.model.
 - ties/: a hand-made model whose segmentations tie exactly, to hold the tie-breaking.
-- bytes/: byte fallback, no character map (identity), no dummy prefix. transformers'
+- bytes/: byte fallback, user-defined pieces, no character map (identity), no dummy prefix. transformers'
   converter drops byte fallback, so its tokenizer.json gets "byte_fallback": true written
   back to test that path of the tokenizers model too.
 
@@ -131,6 +131,7 @@ def handmade_texts():
         "<0x41> looks like a byte piece",
         "a",
         "I",
+        "line<br>break @@ Selah<br><br>@@@ Selahs <b r>",
         "..",
         "!!!???",
         "\"quoted\" 'single' `back`",
@@ -386,6 +387,7 @@ def main():
         unk_id=3,
         unk_piece="[UNK]",
         byte_fallback=True,
+        user_defined_symbols=["<br>", "@@", "Selah"],
         normalization_rule_name="identity",
         add_dummy_prefix=False,
         character_coverage=0.9995,
