@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate src/tokenizer/grapheme_tables.rs: the grapheme cluster classes that the
+"""Generate src/tokenizer/unigram/grapheme_tables.rs: the grapheme cluster classes that the
 tokenizer.json path of rcx's Unigram tokenizer needs (tokenizers applies its `Precompiled`
 normalizer per extended grapheme cluster).
 
@@ -27,7 +27,7 @@ import sentencepiece as spm
 from tokenizers import normalizers
 from transformers.convert_slow_tokenizer import import_protobuf
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "tokenizer", "grapheme_tables.rs")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "tokenizer", "unigram", "grapheme_tables.rs")
 
 
 def a_to_b_map():

@@ -24,9 +24,5 @@ pub mod scoring;
 pub mod signals;
 pub mod theory;
 pub mod tokenizer;
-// DeBERTa-v3's tokenizer; declared here until src/tokenizer.rs becomes src/tokenizer/mod.rs
-// (then `pub mod unigram;` there).
 pub mod train;
 pub mod training_settings;
-#[path = "tokenizer/unigram.rs"]
-pub mod unigram;

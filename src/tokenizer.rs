@@ -22,6 +22,8 @@ pub(crate) mod normalize;
 pub(crate) mod pattern;
 pub(crate) mod pretokenize;
 mod unicode_tables;
+/// DeBERTa-v3's SentencePiece Unigram, from spm.model or tokenizer.json.
+pub mod unigram;
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;

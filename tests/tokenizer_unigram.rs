@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestRunner};
-use rcx::unigram::{Unigram, load};
+use rcx::tokenizer::unigram::{Unigram, load};
 use serde_json::Value;
 
 fn fixture(model: &str, file: &str) -> PathBuf {

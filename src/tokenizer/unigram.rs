@@ -1,7 +1,7 @@
 //! DeBERTa-v3's tokenizer: a SentencePiece Unigram model, read from either file a DeBERTa-v3
 //! folder may hold, each exact against its own reference:
 //!
-//! - `spm.model` (`load` reads it by hand, `spm.rs`) encodes as `sentencepiece` does:
+//! - `spm.model` (`load` reads it by hand, `unigram/spm.rs`) encodes as `sentencepiece` does:
 //!   SentencePiece's normalizer (the precompiled map, longest match; extra whitespace
 //!   removed; the dummy prefix), one Viterbi lattice over the whole text with f32 scores,
 //!   unknown runs merged, byte fallback where the model has it;
@@ -21,9 +21,7 @@
 //! DeBERTa-v2 tokenizer.json, Lowercase), pre-tokenizers other than Metaspace (DeBERTa's
 //! split_by_punct), added tokens with lstrip/rstrip/single_word/normalized set.
 
-#[path = "grapheme_tables.rs"]
 mod grapheme_tables;
-#[path = "spm.rs"]
 mod spm;
 
 use crate::error::{Error, Result};
