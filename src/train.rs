@@ -415,7 +415,8 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
     if placement.use_cuda && (cfg.center_rewards_coefficient != 0.0 || train_set.labelled()) {
         return Err(Error::user(format!(
             "{}: ties (`scores`), `margin` and center_rewards_coefficient train on the CPU \
-             only (the CUDA loss kernel does not have them yet): use `device: cpu`",
+             only (the CUDA loss kernel does not have them yet): use `device: cpu` or \
+             `--device cpu`",
             cfg.path.display()
         )));
     }

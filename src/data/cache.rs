@@ -403,9 +403,7 @@ impl TokenizedSet {
         set.labelled = set.check_labels()?;
         Some(set)
     }
-}
 
-impl TokenizedSet {
     /// Checks what the loss relies on: margins in `MARGIN_RANGE`, scores finite and
     /// non-increasing within a prompt with at least one pair. Returns whether any prompt
     /// has a margin or a tie; None when the labels are unsound.
