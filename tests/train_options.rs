@@ -2,7 +2,8 @@
 //! record's `margin`, and `center_rewards_coefficient`. The loss's values against hand
 //! computation, its gradient against central differences (and a wrong gradient of each
 //! option failing that check), the records they come from and the token cache that keeps
-//! them, the config key, and runs of `rcx train` with them.
+//! them, the config key (a training setting for `--resume`), and runs of `rcx train` with
+//! them.
 
 mod common;
 
@@ -456,5 +457,35 @@ fn runs_train_on_ties_and_margins_and_centering_pulls_the_logits_in() {
         "mean logit^2 with centering {} not below {} without",
         spread[1],
         spread[0]
+    );
+}
+
+/// `center_rewards_coefficient` is a training setting: `--resume` refuses a changed one,
+/// naming it.
+#[test]
+fn resume_refuses_a_changed_center_rewards_coefficient() {
+    let dir = scratch("resume");
+    let out = dir.join("run");
+    let write = |center: &str| {
+        run_config(&out, &[("center_rewards_coefficient", center)]).write(&dir.join("run.yml"))
+    };
+    let first = rcx_train(&write("0"), &["--stop-at", "2"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let resumed = rcx_train(&write("0.5"), &["--resume"]);
+    assert_eq!(resumed.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(
+        stderr.contains("center_rewards_coefficient") && stderr.contains("--resume-changed"),
+        "{stderr}"
+    );
+    let unchanged = rcx_train(&write("0"), &["--resume"]);
+    assert!(
+        unchanged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unchanged.stderr)
     );
 }
