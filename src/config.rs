@@ -113,7 +113,14 @@ pub struct Config {
     pub dropout: Option<f64>,
     /// Evaluate on at most this many prompts (all when unset).
     pub eval_max_prompts: Option<usize>,
+    /// TRL's reward centering: c * mean(logit^2) over each micro-batch added to the loss
+    /// (0, the default, is off), in `CENTER_RANGE`.
+    pub center_rewards_coefficient: f64,
 }
+
+/// The `center_rewards_coefficient`s rcx trains with: TRL suggests 0.01; a thousand times
+/// the mean squared logit leaves the ranking term no say.
+pub const CENTER_RANGE: (f64, f64) = (0.0, 1e3);
 
 /// The YAML as written; every field is checked by its deserializer so that errors carry
 /// the key and line.
@@ -164,6 +171,8 @@ struct RawConfig {
     dropout: Option<f64>,
     #[serde(default, deserialize_with = "optional_steps")]
     eval_max_prompts: Option<usize>,
+    #[serde(default, deserialize_with = "center_coefficient")]
+    center_rewards_coefficient: f64,
 }
 
 // Hugging Face Trainer's defaults, where it has the key.
@@ -263,6 +272,17 @@ fn non_negative_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64,
     d.deserialize_f64(NumberVisitor {
         expected: "a number >= 0".into(),
         ok: |x| x.is_finite() && x >= 0.0,
+    })
+}
+
+fn center_coefficient<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    d.deserialize_f64(NumberVisitor {
+        expected: format!(
+            "a number in [{}, {}] (0 is off)",
+            short_number(CENTER_RANGE.0),
+            short_number(CENTER_RANGE.1)
+        ),
+        ok: |x| (CENTER_RANGE.0..=CENTER_RANGE.1).contains(&x),
     })
 }
 
@@ -702,6 +722,7 @@ impl Config {
             dtype: raw.dtype,
             dropout: raw.dropout,
             eval_max_prompts: raw.eval_max_prompts,
+            center_rewards_coefficient: raw.center_rewards_coefficient,
         })
     }
 

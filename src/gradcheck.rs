@@ -18,7 +18,8 @@ use crate::backend::cpu::{
 };
 use crate::error::{Error, Result};
 use crate::loss::{
-    LossSpec, PromptType, Utility, pairwise_accuracy, ranking_loss_forward_backward, sigmoid,
+    LossExtras, LossSpec, PairLabels, PromptType, Utility, pairwise_accuracy,
+    ranking_loss_forward_backward, ranking_loss_forward_backward_with, sigmoid,
 };
 use crate::models::{BertConfig, Dropout, HostModel, Model};
 use crate::rng::Rng;
@@ -533,7 +534,127 @@ pub fn loss_checks(seed: u64) -> Result<Vec<Check>> {
     ] {
         checks.push(check_loss(name, &spec, &ks, &typed, &mut rng)?);
     }
+    checks.extend(loss_option_checks(&ks, &untyped, &mut rng)?);
     Ok(checks)
+}
+
+/// The ties, margins and centering of a batch of prompts of K = 2, 3, 8, 3: scores with
+/// ties, out of order and reversed; margins up to 0.5; c = 0.05.
+fn option_labels() -> ([f64; 16], [f64; 4], f64) {
+    let scores = [
+        1.0, 0.0, // one pair
+        1.0, 3.0, 1.0, // the middle one best, the others tied
+        5.0, 5.0, 4.0, 2.0, 2.0, 2.0, 7.0, 0.0, // ties and the best out of place
+        0.0, 1.0, 2.0, // worst first
+    ];
+    (scores, [0.0, 0.25, 0.1, 0.5], 0.05)
+}
+
+/// The loss options (issue 14) against central differences: each alone under logsigmoid
+/// (TRL's loss), and all three together under every utility.
+fn loss_option_checks(
+    ks: &[usize],
+    types: &[Option<PromptType>],
+    rng: &mut Rng,
+) -> Result<Vec<Check>> {
+    let (scores, margins, center) = option_labels();
+    let ties = PairLabels {
+        scores: &scores,
+        margins: &[],
+    };
+    let with_margins = PairLabels {
+        scores: &[],
+        margins: &margins,
+    };
+    let all = PairLabels {
+        scores: &scores,
+        margins: &margins,
+    };
+    let alone = |labels, center_rewards_coefficient| LossExtras {
+        labels,
+        center_rewards_coefficient,
+    };
+    let logsigmoid = LossSpec::Single(Utility::LogSigmoid);
+    let mut checks = Vec::new();
+    for (name, extras) in [
+        ("loss logsigmoid, ties", alone(ties, 0.0)),
+        ("loss logsigmoid, margins", alone(with_margins, 0.0)),
+        (
+            "loss logsigmoid, centering",
+            alone(PairLabels::default(), center),
+        ),
+    ] {
+        checks.push(check_loss_with(name, &logsigmoid, ks, types, &extras, rng)?);
+    }
+    for name in UTILITIES {
+        let spec = LossSpec::Single(Utility::parse(name)?);
+        checks.push(check_loss_with(
+            &format!("loss {name}, all options"),
+            &spec,
+            ks,
+            types,
+            &alone(all, center),
+            rng,
+        )?);
+    }
+    Ok(checks)
+}
+
+/// `check_loss` with loss options: the logits drawn again until every pair the labels form
+/// is KINK_MARGIN away from its kink, which a margin m moves to r_better - r_worse = m.
+pub fn check_loss_with(
+    name: &str,
+    spec: &LossSpec,
+    ks: &[usize],
+    types: &[Option<PromptType>],
+    extras: &LossExtras,
+    rng: &mut Rng,
+) -> Result<Check> {
+    let logits = loop {
+        let logits = loss_check_logits(rng, ks);
+        if labelled_pairs_clear_of_kink(&logits, ks, &extras.labels) {
+            break logits;
+        }
+    };
+    judge_loss_gradient(
+        name,
+        &logits,
+        |logits| {
+            let mut scratch = vec![0.0; logits.len()];
+            ranking_loss_forward_backward_with(
+                logits,
+                ks,
+                types,
+                spec,
+                LOSS_EPS,
+                extras,
+                &mut scratch,
+            )
+        },
+        |logits, dlogits| {
+            ranking_loss_forward_backward_with(logits, ks, types, spec, LOSS_EPS, extras, dlogits)
+                .map(|_| ())
+        },
+    )
+}
+
+/// Whether every pair of completions, in either order, is KINK_MARGIN away from its
+/// prompt's margin (every pair a score could form, whichever is better).
+fn labelled_pairs_clear_of_kink(logits: &[f64], ks: &[usize], labels: &PairLabels) -> bool {
+    let mut start = 0;
+    for (p, &k) in ks.iter().enumerate() {
+        let margin = labels.margins.get(p).copied().unwrap_or(0.0);
+        for i in start..start + k {
+            for j in start..start + k {
+                let gap = sigmoid(logits[i]) - sigmoid(logits[j]);
+                if i != j && (gap - margin).abs() < KINK_MARGIN {
+                    return false;
+                }
+            }
+        }
+        start += k;
+    }
+    true
 }
 
 /// The model of the whole-model checks: 2 layers, hidden 8, 2 heads, with both dropouts'

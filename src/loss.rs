@@ -344,6 +344,45 @@ pub fn pair_count(ks: &[usize]) -> usize {
     ks.iter().map(|&k| k * k.saturating_sub(1) / 2).sum()
 }
 
+/// The margins a record may carry, in reward units: rewards lie in (0, 1), so a pair can
+/// meet a margin below 1 and no other; a negative one would ask nothing of the order.
+pub const MARGIN_RANGE: (f64, f64) = (0.0, 1.0);
+
+/// What a batch's prompts say about their pairs beyond their order (ties and margins);
+/// `PairLabels::default()` (both empty) is the paper's loss: every pair, best first, no
+/// margin.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PairLabels<'a> {
+    /// [sum_p K_p] or empty. Given, a pair is formed only between two completions of
+    /// different scores, the higher one ranked above (equal scores are a tie and form no
+    /// pair); empty, every pair is formed, the completions best first.
+    pub scores: &'a [f64],
+    /// [P] or empty (all 0). The margin m of each prompt, in reward units, in
+    /// `MARGIN_RANGE`: each of its pairs costs -U(r_better - r_worse - m), so the utility asks
+    /// the better reward to lead by more than m (TRL's -logsigmoid(r_c - r_r - m) has the
+    /// same form on its logits).
+    pub margins: &'a [f64],
+}
+
+/// The options of the training loss beyond its utility, all off by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossExtras<'a> {
+    pub labels: PairLabels<'a>,
+    /// c >= 0: adds c * mean(logit^2) over the batch's logits (TRL's
+    /// `center_rewards_coefficient`), which pulls the logits, and so the rewards, towards
+    /// the middle without changing their order.
+    pub center_rewards_coefficient: f64,
+}
+
+impl LossExtras<'_> {
+    /// Whether this is the paper's loss (no ties, margins or centering).
+    pub fn is_off(&self) -> bool {
+        self.labels.scores.is_empty()
+            && self.labels.margins.is_empty()
+            && self.center_rewards_coefficient == 0.0
+    }
+}
+
 /// Checks the shapes of a batch and picks each prompt's utility. Shape mismatches are bugs
 /// of the caller (internal); an untyped prompt under a prompt-aware loss is bad data (user).
 fn utilities_per_prompt(
@@ -391,32 +430,109 @@ fn utilities_per_prompt(
         .collect()
 }
 
-/// Mean over all ranked pairs of -U(r_i - r_j), and its gradient with respect to the
-/// rewards written into `drewards` (overwritten). Shapes as in
-/// `ranking_loss_forward_backward`, already checked.
+/// Whether completions i < j of a prompt form a pair, and which is the better one:
+/// (better, worse). `scores` are the prompt's own, or empty (best first).
+fn ranked_pair(scores: &[f64], i: usize, j: usize) -> Option<(usize, usize)> {
+    if scores.is_empty() {
+        return Some((i, j));
+    }
+    match scores[i].partial_cmp(&scores[j]) {
+        Some(std::cmp::Ordering::Greater) => Some((i, j)),
+        Some(std::cmp::Ordering::Less) => Some((j, i)),
+        _ => None,
+    }
+}
+
+/// The scores of the prompt whose completions are `start..start + k` (empty when none).
+fn prompt_scores<'a>(labels: &PairLabels<'a>, start: usize, k: usize) -> &'a [f64] {
+    match labels.scores.is_empty() {
+        true => &[],
+        false => &labels.scores[start..start + k],
+    }
+}
+
+/// Checks the labels against a batch of `n_scores` completions in prompts of `ks` (already
+/// checked) and counts its pairs. Labels come from checked data, so a bad one is a bug.
+fn labelled_pair_count(n_scores: usize, ks: &[usize], labels: &PairLabels) -> Result<usize> {
+    let (scores, margins) = (labels.scores, labels.margins);
+    if !scores.is_empty() && scores.len() != n_scores {
+        return Err(Error::internal(format!(
+            "ranking loss: {} completion scores for {n_scores} completions",
+            scores.len()
+        )));
+    }
+    if let Some(s) = scores.iter().find(|s| !s.is_finite()) {
+        return Err(Error::internal(format!(
+            "ranking loss: a completion score is {s}"
+        )));
+    }
+    if !margins.is_empty() && margins.len() != ks.len() {
+        return Err(Error::internal(format!(
+            "ranking loss: {} margins for {} prompts",
+            margins.len(),
+            ks.len()
+        )));
+    }
+    if let Some(m) = margins
+        .iter()
+        .find(|&&m| !(MARGIN_RANGE.0..MARGIN_RANGE.1).contains(&m))
+    {
+        return Err(Error::internal(format!(
+            "ranking loss: margin {m} outside [0, 1)"
+        )));
+    }
+    let mut pairs = 0;
+    let mut start = 0;
+    for (p, &k) in ks.iter().enumerate() {
+        let s = prompt_scores(labels, start, k);
+        let prompt_pairs = (0..k)
+            .flat_map(|i| (i + 1..k).map(move |j| (i, j)))
+            .filter(|&(i, j)| ranked_pair(s, i, j).is_some())
+            .count();
+        if prompt_pairs == 0 {
+            return Err(Error::internal(format!(
+                "ranking loss: prompt {p}'s completions all have one score: no pair to rank"
+            )));
+        }
+        pairs += prompt_pairs;
+        start += k;
+    }
+    Ok(pairs)
+}
+
+/// Mean over all ranked pairs of -U(r_better - r_worse - margin), and its gradient with
+/// respect to the rewards written into `drewards` (overwritten). Shapes as in
+/// `ranking_loss_forward_backward`, already checked; `pairs` from `labelled_pair_count`.
 fn ranking_loss_of_rewards_with_grad(
     rewards: &[f64],       // [sum_p K_p]
     ks: &[usize],          // [P]
     utilities: &[Utility], // [P]
     eps: f64,
+    labels: &PairLabels,
+    pairs: usize,
     drewards: &mut [f64], // [sum_p K_p]
 ) -> f64 {
     // The paper's code averages over every pair of the batch, so a prompt with more
     // completions weighs more (K(K-1)/2 pairs).
-    let scale = 1.0 / pair_count(ks) as f64;
+    let scale = 1.0 / pairs as f64;
     drewards.fill(0.0);
     let mut loss = 0.0;
     let mut start = 0;
-    for (&k, utility) in ks.iter().zip(utilities) {
+    for (p, (&k, utility)) in ks.iter().zip(utilities).enumerate() {
         let r = &rewards[start..start + k];
         let dr = &mut drewards[start..start + k];
+        let scores = prompt_scores(labels, start, k);
+        let margin = labels.margins.get(p).copied().unwrap_or(0.0);
         for i in 0..k {
             for j in i + 1..k {
-                // i is ranked above j: the utility rewards r_i - r_j being large.
-                let (u, slope) = utility.value_and_slope(r[i] - r[j], eps);
+                let Some((better, worse)) = ranked_pair(scores, i, j) else {
+                    continue;
+                };
+                // The utility rewards r_better - r_worse being large.
+                let (u, slope) = utility.value_and_slope(r[better] - r[worse] - margin, eps);
                 loss -= u * scale;
-                dr[i] -= slope * scale;
-                dr[j] += slope * scale;
+                dr[better] -= slope * scale;
+                dr[worse] += slope * scale;
             }
         }
         start += k;
@@ -433,13 +549,29 @@ pub fn ranking_loss_of_rewards(
     spec: &LossSpec,
     eps: f64,
 ) -> Result<f64> {
+    ranking_loss_of_rewards_labelled(rewards, ks, types, spec, eps, &PairLabels::default())
+}
+
+/// `ranking_loss_of_rewards` with ties and margins (`PairLabels`): the pair loss an
+/// evaluation reports (centering acts on logits, not rewards, and is not part of it).
+pub fn ranking_loss_of_rewards_labelled(
+    rewards: &[f64],              // [sum_p K_p]
+    ks: &[usize],                 // [P]
+    types: &[Option<PromptType>], // [P]
+    spec: &LossSpec,
+    eps: f64,
+    labels: &PairLabels,
+) -> Result<f64> {
     let utilities = utilities_per_prompt(rewards.len(), ks, types, spec, eps)?;
+    let pairs = labelled_pair_count(rewards.len(), ks, labels)?;
     let mut drewards = vec![0.0; rewards.len()]; // [sum_p K_p]
     Ok(ranking_loss_of_rewards_with_grad(
         rewards,
         ks,
         &utilities,
         eps,
+        labels,
+        pairs,
         &mut drewards,
     ))
 }
@@ -462,6 +594,29 @@ pub fn ranking_loss_forward_backward<F: Float>(
     eps: f64,
     dlogits: &mut [F], // [sum_p K_p]
 ) -> Result<F> {
+    ranking_loss_forward_backward_with(
+        logits,
+        ks,
+        types,
+        spec,
+        eps,
+        &LossExtras::default(),
+        dlogits,
+    )
+}
+
+/// `ranking_loss_forward_backward` with the options of `extras`: pairs only between
+/// different scores, each pair's margin, and c * mean(logit^2) over the batch added to the
+/// mean pair loss (its gradient 2 c logit / B added to dlogits).
+pub fn ranking_loss_forward_backward_with<F: Float>(
+    logits: &[F],                 // [sum_p K_p]
+    ks: &[usize],                 // [P]
+    types: &[Option<PromptType>], // [P]
+    spec: &LossSpec,
+    eps: f64,
+    extras: &LossExtras,
+    dlogits: &mut [F], // [sum_p K_p]
+) -> Result<F> {
     if dlogits.len() != logits.len() {
         return Err(Error::internal(format!(
             "ranking loss: {} logits but room for {} gradients",
@@ -469,13 +624,37 @@ pub fn ranking_loss_forward_backward<F: Float>(
             dlogits.len()
         )));
     }
+    let center = extras.center_rewards_coefficient;
+    if !(center.is_finite() && center >= 0.0) {
+        return Err(Error::internal(format!(
+            "ranking loss: center_rewards_coefficient must be >= 0, got {center}"
+        )));
+    }
     let utilities = utilities_per_prompt(logits.len(), ks, types, spec, eps)?;
+    let pairs = labelled_pair_count(logits.len(), ks, &extras.labels)?;
     let rewards: Vec<f64> = logits.iter().map(|s| sigmoid(s.to_f64())).collect(); // [sum_p K_p]
     let mut drewards = vec![0.0; rewards.len()]; // [sum_p K_p]
-    let loss = ranking_loss_of_rewards_with_grad(&rewards, ks, &utilities, eps, &mut drewards);
+    let mut loss = ranking_loss_of_rewards_with_grad(
+        &rewards,
+        ks,
+        &utilities,
+        eps,
+        &extras.labels,
+        pairs,
+        &mut drewards,
+    );
     for ((ds, &r), &dr) in dlogits.iter_mut().zip(&rewards).zip(&drewards) {
         // d sigmoid(s) / ds = r (1 - r)
         *ds = F::from_f64(dr * r * (1.0 - r));
+    }
+    // Skipped when off, so that the paper's loss is computed exactly as before.
+    if center > 0.0 {
+        let n = logits.len() as f64;
+        for (ds, s) in dlogits.iter_mut().zip(logits) {
+            let s = s.to_f64();
+            loss += center * s * s / n;
+            *ds = F::from_f64(ds.to_f64() + 2.0 * center * s / n);
+        }
     }
     Ok(F::from_f64(loss))
 }

@@ -50,6 +50,28 @@ impl PromptSet {
         self.index.is_empty()
     }
 
+    /// Whether any prompt carries a tie or a margin (`TokenizedSet::labelled`).
+    pub fn labelled(&self) -> bool {
+        self.sets.iter().any(TokenizedSet::labelled)
+    }
+
+    /// The completions' scores [sum K] and the margins [P] of these prompts, laid out as
+    /// `batch` lays them out, for `crate::loss::PairLabels`; both empty when no prompt of
+    /// the set is labelled (the paper's loss).
+    pub fn pair_labels(&self, prompts: &[usize]) -> (Vec<f64>, Vec<f64>) {
+        if !self.labelled() {
+            return (Vec::new(), Vec::new());
+        }
+        let (mut scores, mut margins) = (Vec::new(), Vec::with_capacity(prompts.len()));
+        for &i in prompts {
+            let (s, p) = self.index[i];
+            let set = &self.sets[s as usize];
+            scores.extend(set.scores(p as usize));
+            margins.push(set.margin(p as usize));
+        }
+        (scores, margins)
+    }
+
     pub fn prompt_type(&self, i: usize) -> Option<PromptType> {
         let (s, p) = self.index[i];
         self.sets[s as usize].prompt_type(p as usize)

@@ -17,7 +17,7 @@ use crate::config::{Config, Scheduler};
 use crate::error::{Error, Result};
 use crate::eval::{EvalReport, summarize};
 use crate::lock::RunLock;
-use crate::loss::{PromptType, ranking_loss_of_rewards};
+use crate::loss::{LossExtras, PairLabels, PromptType, ranking_loss_of_rewards_labelled};
 use crate::models::{Dropout, HostModel, MicroBatch, Model, StepStats, Weights};
 use crate::rng::{Rng, derive_seed};
 use crate::scoring::{PromptScores, PromptSet, prompt_scores, score_set};
@@ -131,15 +131,21 @@ impl DataOrder {
     }
 }
 
-/// The mean pair loss over scored prompts, as in training but without dropout.
-fn eval_loss(scores: &[PromptScores], cfg: &Config) -> Result<f64> {
+/// The mean pair loss over scored prompts (the first of `set`), as in training but without
+/// dropout, with the set's ties and margins.
+fn eval_loss(scores: &[PromptScores], set: &PromptSet, cfg: &Config) -> Result<f64> {
     let rewards: Vec<f64> = scores
         .iter()
         .flat_map(|s| s.rewards.iter().copied())
         .collect();
     let ks: Vec<usize> = scores.iter().map(|s| s.rewards.len()).collect();
     let types: Vec<Option<PromptType>> = scores.iter().map(|s| s.prompt_type).collect();
-    ranking_loss_of_rewards(&rewards, &ks, &types, &cfg.loss, cfg.eps)
+    let (pair_scores, margins) = set.pair_labels(&(0..scores.len()).collect::<Vec<_>>());
+    let labels = PairLabels {
+        scores: &pair_scores,
+        margins: &margins,
+    };
+    ranking_loss_of_rewards_labelled(&rewards, &ks, &types, &cfg.loss, cfg.eps, &labels)
 }
 
 /// One line of metrics.jsonl.
@@ -244,12 +250,15 @@ fn choose_engine(host: HostModel<f32>, placement: &Placement) -> Result<Engine> 
     Ok(engine)
 }
 
-/// One micro-batch of a step: the padded completions, K and type per prompt, dropout.
+/// One micro-batch of a step: the padded completions, K and type per prompt, dropout, and
+/// the pairs' labels (`PromptSet::pair_labels`).
 struct Micro {
     batch: Batch,
     ks: Vec<usize>,
     types: Vec<Option<PromptType>>,
     dropout: Option<Dropout>,
+    scores: Vec<f64>,
+    margins: Vec<f64>,
 }
 
 /// The model on the backend the config's `device` and `dtype` ask for (the CPU in f32, the
@@ -285,12 +294,13 @@ impl Engine {
     fn train_step(
         &mut self,
         micros: &[MicroBatch<'_>],
+        extras: &[LossExtras<'_>],
         cfg: &Config,
         opt: &OptimStep,
     ) -> Result<StepStats> {
         match self {
-            Engine::Cpu(model) => model.train_step(micros, &cfg.loss, cfg.eps, opt),
-            Engine::Cuda(model) => model.train_step(micros, &cfg.loss, cfg.eps, opt),
+            Engine::Cpu(model) => model.train_step_with(micros, extras, &cfg.loss, cfg.eps, opt),
+            Engine::Cuda(model) => model.train_step_with(micros, extras, &cfg.loss, cfg.eps, opt),
         }
     }
 
@@ -400,6 +410,14 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                  `prompt_type`",
             cfg.path.display(),
             cfg.loss_name
+        )));
+    }
+    if placement.use_cuda && (cfg.center_rewards_coefficient != 0.0 || train_set.labelled()) {
+        return Err(Error::user(format!(
+            "{}: ties (`scores`), `margin` and center_rewards_coefficient train on the CPU \
+             only (the CUDA loss kernel does not have them yet): use `device: cpu` or \
+             `--device cpu`",
+            cfg.path.display()
         )));
     }
     let settings = training_settings(cfg, placement.dtype, train_set.source_sha256s())?;
@@ -528,6 +546,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                     .map(|p| order.at(p))
                     .collect();
                 let (batch, ks, types) = train_set.batch(&prompts, pad_id);
+                let (scores, margins) = train_set.pair_labels(&prompts);
                 let dropout = (hidden_p > 0.0 || attention_p > 0.0).then(|| Dropout {
                     hidden: hidden_p,
                     attention: attention_p,
@@ -538,6 +557,8 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                     ks,
                     types,
                     dropout,
+                    scores,
+                    margins,
                 }
             })
             .collect();
@@ -548,6 +569,16 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 ks: &mb.ks,
                 types: &mb.types,
                 dropout: mb.dropout,
+            })
+            .collect();
+        let extras: Vec<LossExtras> = micros
+            .iter()
+            .map(|mb| LossExtras {
+                labels: PairLabels {
+                    scores: &mb.scores,
+                    margins: &mb.margins,
+                },
+                center_rewards_coefficient: cfg.center_rewards_coefficient,
             })
             .collect();
         let opt = OptimStep {
@@ -562,7 +593,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         let StepStats {
             loss: step_loss,
             grad_norm: norm,
-        } = engine.train_step(&micro_batches, cfg, &opt)?;
+        } = engine.train_step(&micro_batches, &extras, cfg, &opt)?;
         let done = step + 1;
         if !step_loss.is_finite() || !norm.is_finite() {
             let what = match step_loss.is_finite() {
@@ -612,7 +643,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 pad_id,
             )?;
             let scores = prompt_scores(&eval_set, &logits);
-            let loss = eval_loss(&scores, cfg)?;
+            let loss = eval_loss(&scores, &eval_set, cfg)?;
             let report = summarize(&scores, Some((&cfg.loss, cfg.eps)))?;
             let line = MetricsLine {
                 step: done,

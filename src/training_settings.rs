@@ -5,7 +5,8 @@
 //! They are the keys that change the sequence of weights: model_name, learning_rate,
 //! scheduler, warmup_ratio, max_steps (the schedule decays to it), per_device_train_batch_size,
 //! gradient_accumulation_steps, max_length, loss, eps, weight_decay, max_grad_norm,
-//! dropout, dtype (bf16 rounds differently), and the training data by content (the SHA-256
+//! dropout, dtype (bf16 rounds differently), center_rewards_coefficient (recorded only when
+//! on), and the training data by content (the SHA-256
 //! of each file, in order: a file edited in place counts; the same bytes moved elsewhere
 //! do not). The seed is checked on its own. Not counted: what is measured or kept
 //! (eval_datasets, eval_max_prompts, eval_steps, save_steps, logging_steps,
@@ -53,10 +54,18 @@ pub fn training_settings(cfg: &Config, dtype: DType, data_sha256: Vec<String>) -
         ("dtype", json!(dtype.name())),
         ("datasets", Value::Array(data)),
     ];
-    Ok(settings
+    let mut settings: Settings = settings
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
-        .collect())
+        .collect();
+    // Recorded only when on, so that the checkpoints of runs without it resume unchanged.
+    if cfg.center_rewards_coefficient != 0.0 {
+        settings.insert(
+            "center_rewards_coefficient".to_string(),
+            json!(cfg.center_rewards_coefficient),
+        );
+    }
+    Ok(settings)
 }
 
 /// One hash of all the settings (serde_json writes a BTreeMap's keys in order).

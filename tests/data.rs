@@ -76,6 +76,8 @@ fn reads_ranked_and_pairwise_records() {
             prompt: "Hello?".into(),
             completions: vec!["Hello world, a good answer.".into(), "bad".into()],
             prompt_type: None,
+            scores: None,
+            margin: 0.0,
         }
     );
     assert_eq!(r[2].prompt_type, Some(PromptType::Closed));

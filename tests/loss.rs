@@ -51,7 +51,9 @@ fn all_utilities() -> Vec<Utility> {
 fn gradient_matches_finite_differences_for_every_utility_and_prompt_aware_spec() {
     for seed in [11, 12] {
         let checks = rcx::gradcheck::loss_checks(seed).unwrap();
-        assert_eq!(checks.len(), all_utilities().len() + 3);
+        // Each utility alone and with every loss option, the 3 prompt-aware specs, the 3
+        // loss options alone.
+        assert_eq!(checks.len(), 2 * all_utilities().len() + 6);
         for check in &checks {
             assert_eq!(check.entries, KS.iter().sum::<usize>(), "{check}");
             assert!(check.passed(), "seed {seed}: {check}");

@@ -24,7 +24,7 @@ pub use arena::{Arena, Buf, Carver};
 pub use cpu::AttentionDropout;
 
 use crate::error::Result;
-use crate::loss::{LossSpec, PromptType};
+use crate::loss::{LossExtras, LossSpec, PromptType};
 
 /// B sequences of T tokens, NH heads of HS channels: the attention's dimensions.
 #[derive(Clone, Copy, Debug)]
@@ -260,7 +260,8 @@ pub trait Backend {
 
     /// The all-pairs ranking loss of the logits [sum_p K_p] (prompts contiguous, best
     /// first) and its gradient written into dlogits, divided by `divisor` (the micro-batches
-    /// of a step); returns the mean pair loss.
+    /// of a step); returns the mean pair loss (with the terms of `extras`, which a backend
+    /// may refuse as a user error).
     #[allow(clippy::too_many_arguments)]
     fn ranking_loss(
         &mut self,
@@ -270,6 +271,7 @@ pub trait Backend {
         types: &[Option<PromptType>],
         spec: &LossSpec,
         eps: f64,
+        extras: &LossExtras,
         divisor: usize,
     ) -> Result<f64>;
 

@@ -23,11 +23,15 @@
 //!                          zero padding to 4 bytes; D padded to 8
 //! prompt_first  (P+1) u64  completions of prompt i are prompt_first[i]..prompt_first[i+1]
 //! spans         C x 2 u64  (byte offset into data, n tokens) of each completion
+//! margins       P f64      each prompt's margin (0 without)
+//! scores        C f64      each completion's score, non-increasing within a prompt (the
+//!                          record's `scores`, sorted; K-1-j for completion j without)
 //! prompt_types  P u8       0 none, 1 open, 2 closed
 //! ```
 
 use super::{LineOutcome, PromptType, RankingRecord, for_each_line_in, no_records_error};
 use crate::error::{Error, Result};
+use crate::loss::MARGIN_RANGE;
 use crate::tokenizer::{TOKENIZER_VERSION, Tokenizer};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -37,8 +41,9 @@ use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RCXTOKS\0";
-/// The layout above; 2 added the content key, the tokenizer version and the checksum.
-const VERSION: u32 = 2;
+/// The layout above; 2 added the content key, the tokenizer version and the checksum; 3
+/// the margins and scores.
+const VERSION: u32 = 3;
 const HEADER_BYTES: usize = 128;
 /// The header bytes the checksum covers: all but the checksum itself.
 const CHECKED_HEADER_BYTES: usize = 96;
@@ -57,7 +62,11 @@ pub struct TokenizedSet {
     data_start: usize,
     prompt_first_start: usize,
     spans_start: usize,
+    margins_start: usize,
+    scores_start: usize,
     types_start: usize,
+    /// Whether any prompt has a margin or a tie (its pairs are not all formed plainly).
+    labelled: bool,
     rebuilt: bool,
     path: PathBuf,
 }
@@ -206,6 +215,28 @@ impl TokenizedSet {
         }
     }
 
+    /// The margin of prompt i (0 without).
+    pub fn margin(&self, i: usize) -> f64 {
+        assert!(i < self.num_prompts, "prompt {i} of {}", self.num_prompts);
+        f64::from_bits(read_u64(&self.mmap, self.margins_start + 8 * i))
+    }
+
+    /// The scores of prompt i's completions, best first (K-1-j for a record without).
+    pub fn scores(&self, i: usize) -> Vec<f64> {
+        let (first, end) = self.completion_range(i);
+        (first..end).map(|c| self.score(c)).collect()
+    }
+
+    /// Whether any prompt carries a margin or a tie: without, `margin` is 0 and `scores`
+    /// strictly decreasing everywhere, and the loss forms every pair as the paper's.
+    pub fn labelled(&self) -> bool {
+        self.labelled
+    }
+
+    fn score(&self, c: usize) -> f64 {
+        f64::from_bits(read_u64(&self.mmap, self.scores_start + 8 * c))
+    }
+
     pub fn num_completions(&self, i: usize) -> usize {
         let (first, end) = self.completion_range(i);
         end - first
@@ -317,7 +348,9 @@ impl TokenizedSet {
         let prompt_first_start = data_start.checked_add(data_bytes)?;
         let spans_start =
             prompt_first_start.checked_add(num_prompts.checked_add(1)?.checked_mul(8)?)?;
-        let types_start = spans_start.checked_add(num_completions.checked_mul(16)?)?;
+        let margins_start = spans_start.checked_add(num_completions.checked_mul(16)?)?;
+        let scores_start = margins_start.checked_add(num_prompts.checked_mul(8)?)?;
+        let types_start = scores_start.checked_add(num_completions.checked_mul(8)?)?;
         let total = types_start.checked_add(num_prompts)?;
         if total != mmap.len() || data_bytes % 8 != 0 {
             return None;
@@ -352,7 +385,7 @@ impl TokenizedSet {
         if mmap[types_start..total].iter().any(|&t| t > 2) {
             return None;
         }
-        Some(TokenizedSet {
+        let mut set = TokenizedSet {
             mmap,
             num_prompts,
             num_completions,
@@ -360,10 +393,40 @@ impl TokenizedSet {
             data_start,
             prompt_first_start,
             spans_start,
+            margins_start,
+            scores_start,
             types_start,
+            labelled: false,
             rebuilt: false,
             path: path.to_path_buf(),
-        })
+        };
+        set.labelled = set.check_labels()?;
+        Some(set)
+    }
+
+    /// Checks what the loss relies on: margins in `MARGIN_RANGE`, scores finite and
+    /// non-increasing within a prompt with at least one pair. Returns whether any prompt
+    /// has a margin or a tie; None when the labels are unsound.
+    fn check_labels(&self) -> Option<bool> {
+        let (low, high) = MARGIN_RANGE;
+        let mut labelled = false;
+        for i in 0..self.num_prompts {
+            let margin = self.margin(i);
+            if !(low..high).contains(&margin) {
+                return None;
+            }
+            let (first, end) = self.completion_range(i);
+            let scores: Vec<f64> = (first..end).map(|c| self.score(c)).collect();
+            let sorted = scores.windows(2).all(|w| w[0] >= w[1]);
+            if !sorted
+                || scores.iter().any(|s| !s.is_finite())
+                || scores[0] == scores[end - first - 1]
+            {
+                return None;
+            }
+            labelled |= margin != 0.0 || scores.windows(2).any(|w| w[0] == w[1]);
+        }
+        Some(labelled)
     }
 }
 
@@ -504,6 +567,8 @@ fn build_cache(
 struct Tables {
     prompt_first: Vec<u64>, // [P+1]
     spans: Vec<[u64; 2]>,   // [C] (offset, n)
+    margins: Vec<f64>,      // [P]
+    scores: Vec<f64>,       // [C]
     types: Vec<u8>,         // [P]
     data_bytes: u64,
 }
@@ -526,6 +591,8 @@ fn write_cache(
     let mut tables = Tables {
         prompt_first: vec![0],
         spans: Vec::new(),
+        margins: Vec::new(),
+        scores: Vec::new(),
         types: Vec::new(),
         data_bytes: 0,
     };
@@ -570,6 +637,10 @@ fn write_cache(
     for [offset, n] in &tables.spans {
         out.write_all(&offset.to_le_bytes()).map_err(write_err)?;
         out.write_all(&n.to_le_bytes()).map_err(write_err)?;
+    }
+    for value in tables.margins.iter().chain(&tables.scores) {
+        out.write_all(&value.to_bits().to_le_bytes())
+            .map_err(write_err)?;
     }
     out.write_all(&tables.types).map_err(write_err)?;
     let (mut file, mut checksum) = out
@@ -639,6 +710,12 @@ fn write_batch(
             tables.data_bytes += (ids.len() * 4 + types.len() + pad) as u64;
         }
         tables.prompt_first.push(tables.spans.len() as u64);
+        tables.margins.push(record.margin);
+        let k = record.completions.len();
+        match &record.scores {
+            Some(scores) => tables.scores.extend(scores),
+            None => tables.scores.extend((0..k).map(|j| (k - 1 - j) as f64)),
+        }
         tables.types.push(match record.prompt_type {
             None => 0,
             Some(PromptType::Open) => 1,

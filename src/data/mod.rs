@@ -5,7 +5,12 @@
 //! `{"prompt": str, "completions": [best, ..., worst], "prompt_type": "open"|"closed"}`
 //! with any K >= 2 completions and `prompt_type` optional. A pairwise record
 //! `{"prompt", "chosen", "rejected"}` reads as K = 2 without a type. Blank lines are ignored;
-//! unknown fields are ignored. A line holds at most MAX_LINE_BYTES, a record at most
+//! unknown fields are ignored.
+//!
+//! Two optional fields label the pairs (`crate::loss::PairLabels`): `"scores": [...]`, one
+//! number per completion (higher is better, completions in any order; the record is kept
+//! sorted best first, equal scores a tie that forms no pair; at least two must differ), and
+//! `"margin": m`, in reward units in [0, 1), which each pair of the record must lead by. A line holds at most MAX_LINE_BYTES, a record at most
 //! MAX_COMPLETIONS completions, and every completion some text besides whitespace.
 
 mod batch;
@@ -16,6 +21,7 @@ pub use batch::Batch;
 pub use cache::TokenizedSet;
 
 use crate::error::{Error, Result};
+use crate::loss::MARGIN_RANGE;
 pub use crate::loss::PromptType;
 use serde_json::{Map, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -52,6 +58,10 @@ pub struct RankingRecord {
     pub prompt: String,
     pub completions: Vec<String>,
     pub prompt_type: Option<PromptType>,
+    /// The record's `scores`, sorted with its completions (descending); None without.
+    pub scores: Option<Vec<f64>>,
+    /// The record's `margin` (0 without).
+    pub margin: f64,
 }
 
 /// The records of a file and how many bad lines were skipped (always 0 unless skip_bad).
@@ -393,7 +403,7 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
             at()
         )));
     }
-    let completions = named
+    let completions: Vec<String> = named
         .into_iter()
         .map(|(_, text)| text.to_string())
         .collect();
@@ -417,11 +427,89 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
             )));
         }
     };
+    let margin = parse_margin(&obj).map_err(|why| Error::user(format!("{}: {why}", at())))?;
+    let (completions, scores) = match obj.get("scores") {
+        None | Some(Value::Null) => (completions, None),
+        Some(_) if has_pair => {
+            return Err(Error::user(format!(
+                "{}: \"scores\" with \"chosen\"/\"rejected\", expected scores only with \
+                 \"completions\" (a pair's order is its scores)",
+                at()
+            )));
+        }
+        Some(scores) => {
+            let scores = parse_scores(scores, completions.len())
+                .map_err(|why| Error::user(format!("{}: {why}", at())))?;
+            let (completions, scores) = sorted_by_score(completions, scores);
+            (completions, Some(scores))
+        }
+    };
     Ok(RankingRecord {
         prompt,
         completions,
         prompt_type,
+        scores,
+        margin,
     })
+}
+
+/// A record's `margin`: 0 when absent or null, else a number in `MARGIN_RANGE`.
+fn parse_margin(obj: &Map<String, Value>) -> std::result::Result<f64, String> {
+    let (low, high) = MARGIN_RANGE;
+    let expected =
+        format!("expected a number in [{low}, {high}) (reward units: rewards lie in (0, 1))");
+    match obj.get("margin") {
+        None | Some(Value::Null) => Ok(0.0),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(m) if (low..high).contains(&m) => Ok(m),
+            _ => Err(format!("margin is {n}, {expected}")),
+        },
+        Some(other) => Err(format!("margin is {}, {expected}", json_kind(other))),
+    }
+}
+
+/// A record's `scores`: one number per completion, at least two of them different (equal
+/// scores form no pair, so all equal would leave nothing to train on).
+fn parse_scores(value: &Value, completions: usize) -> std::result::Result<Vec<f64>, String> {
+    let Value::Array(items) = value else {
+        return Err(format!(
+            "field \"scores\" is {}, expected an array of numbers, one per completion",
+            json_kind(value)
+        ));
+    };
+    if items.len() != completions {
+        return Err(format!(
+            "{} scores for {completions} completions, expected one score per completion",
+            items.len()
+        ));
+    }
+    let mut scores = Vec::with_capacity(items.len());
+    for (j, item) in items.iter().enumerate() {
+        match item.as_f64() {
+            Some(s) => scores.push(s),
+            None => {
+                return Err(format!(
+                    "scores[{j}] is {}, expected a number",
+                    json_kind(item)
+                ));
+            }
+        }
+    }
+    if scores.iter().all(|&s| s == scores[0]) {
+        return Err(format!(
+            "all {} scores are equal, expected at least two different (ties form no pair)",
+            scores.len()
+        ));
+    }
+    Ok(scores)
+}
+
+/// The completions and scores sorted by score, highest first; ties keep the file's order,
+/// so that everything downstream reads the record best first.
+fn sorted_by_score(completions: Vec<String>, scores: Vec<f64>) -> (Vec<String>, Vec<f64>) {
+    let mut pairs: Vec<(String, f64)> = completions.into_iter().zip(scores).collect();
+    pairs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    pairs.into_iter().unzip()
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so

@@ -21,7 +21,7 @@ use crate::backend::cuda::{Cuda, CudaRuntime};
 use crate::backend::{AttentionDropout, Backend, OptimStep};
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::loss::{LossSpec, PromptType};
+use crate::loss::{LossExtras, LossSpec, PromptType};
 use crate::rng::{Rng, derive_seed};
 
 /// One named tensor of the parameter arena.
@@ -393,12 +393,13 @@ impl<B: Backend> Model<B> {
 
     /// Forward, the ranking loss and backward of one micro-batch: adds its gradient,
     /// divided by `micro_batches` (the step's mean), into the gradient arena. Returns the
-    /// micro-batch's mean pair loss.
+    /// micro-batch's mean pair loss (with the terms of `extras`).
     pub fn accumulate(
         &mut self,
         micro: &MicroBatch<'_>,
         loss: &LossSpec,
         eps: f64,
+        extras: &LossExtras,
         micro_batches: usize,
     ) -> Result<f64> {
         self.check_training()?;
@@ -414,6 +415,7 @@ impl<B: Backend> Model<B> {
             micro.types,
             loss,
             eps,
+            extras,
             micro_batches,
         )?;
         bert::backward(&self.config, &mut self.backend, tokens, l, micro.dropout)?;
@@ -430,15 +432,36 @@ impl<B: Backend> Model<B> {
         eps: f64,
         opt: &OptimStep,
     ) -> Result<StepStats> {
+        let paper_loss = vec![LossExtras::default(); micro_batches.len()];
+        self.train_step_with(micro_batches, &paper_loss, loss, eps, opt)
+    }
+
+    /// `train_step` with the loss options of each micro-batch (`extras[i]` for
+    /// `micro_batches[i]`: its ties and margins, the centering).
+    pub fn train_step_with(
+        &mut self,
+        micro_batches: &[MicroBatch<'_>],
+        extras: &[LossExtras<'_>],
+        loss: &LossSpec,
+        eps: f64,
+        opt: &OptimStep,
+    ) -> Result<StepStats> {
         if micro_batches.is_empty() {
             return Err(Error::internal("train_step: no micro-batch"));
+        }
+        if extras.len() != micro_batches.len() {
+            return Err(Error::internal(format!(
+                "train_step: {} micro-batches with {} loss options",
+                micro_batches.len(),
+                extras.len()
+            )));
         }
         self.backend.zero_grads()?;
         let count = micro_batches.len();
         let mut step_loss = 0.0;
-        for micro in micro_batches {
+        for (micro, extras) in micro_batches.iter().zip(extras) {
             // The step's loss is the mean of its micro-batches' means, as the HF Trainer.
-            step_loss += self.accumulate(micro, loss, eps, count)? / count as f64;
+            step_loss += self.accumulate(micro, loss, eps, extras, count)? / count as f64;
         }
         if !step_loss.is_finite() {
             return Ok(StepStats {

@@ -9,7 +9,7 @@ use crate::backend::arena::{Loans, check_bounds};
 use crate::backend::{Arena, AttentionDims, Backend, Batch, Buf, OptimStep};
 use crate::error::{Error, Result};
 use crate::float::Float;
-use crate::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
+use crate::loss::{LossExtras, LossSpec, PromptType, ranking_loss_forward_backward_with};
 
 /// The host backend in F (f32 to train, f64 for the gradient checks). The gradient and
 /// moment arenas are allocated by `start_training`: scoring needs neither.
@@ -535,11 +535,14 @@ impl<F: Float> Backend for Cpu<F> {
         types: &[Option<PromptType>],
         spec: &LossSpec,
         eps: f64,
+        extras: &LossExtras,
         divisor: usize,
     ) -> Result<f64> {
         let mut l = self.lend();
         let dlogits = l.w(dlogits)?;
-        let loss = ranking_loss_forward_backward(l.r(logits)?, ks, types, spec, eps, dlogits)?;
+        let logits = l.r(logits)?;
+        let loss =
+            ranking_loss_forward_backward_with(logits, ks, types, spec, eps, extras, dlogits)?;
         let divisor = F::from_f64(divisor as f64);
         for d in dlogits.iter_mut() {
             *d /= divisor;

@@ -34,7 +34,7 @@ use crate::backend::DType;
 use crate::backend::arena::{Loans, check_bounds};
 use crate::backend::{Arena, AttentionDims, AttentionDropout, Backend, Batch, Buf, OptimStep};
 use crate::error::{Error, Result};
-use crate::loss::{LossSpec, PromptType};
+use crate::loss::{LossExtras, LossSpec, PromptType};
 
 /// A batch's tokens on the device: ids with the embedding backward's row lists, and the
 /// padding mask.
@@ -826,8 +826,16 @@ impl Backend for Cuda {
         types: &[Option<PromptType>],
         spec: &LossSpec,
         eps: f64,
+        extras: &LossExtras,
         divisor: usize,
     ) -> Result<f64> {
+        if !extras.is_off() {
+            // The fused kernel computes the paper's loss only.
+            return Err(Error::user(
+                "ties (`scores`), `margin` and `center_rewards_coefficient` train on the CPU \
+                 only: the CUDA loss kernel does not have them yet; use `device: cpu`",
+            ));
+        }
         let ranking = RankingBatch::new(&self.rt, ks, types, spec)?;
         lend!(self, |rt, l| {
             let mut dlogits = l.f(dlogits, true)?;
