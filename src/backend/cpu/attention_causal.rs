@@ -104,7 +104,7 @@ fn check_shapes<F>(
 ) -> Shape {
     assert!(hs > 0, "{op}: head size must be positive");
     assert!(
-        nkv > 0 && nh % nkv == 0,
+        nkv > 0 && nh.is_multiple_of(nkv),
         "{op}: {nkv} key/value heads do not divide {nh} query heads"
     );
     assert_eq!(

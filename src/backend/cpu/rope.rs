@@ -38,7 +38,7 @@ pub struct Llama3RopeScaling {
 /// theta positive.
 pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: Option<Llama3RopeScaling>) -> Vec<f32> {
     assert!(
-        head_dim > 0 && head_dim % 2 == 0,
+        head_dim > 0 && head_dim.is_multiple_of(2),
         "rope_inv_freq: head_dim {head_dim} is not even and positive"
     );
     assert!(theta > 0.0, "rope_inv_freq: theta {theta} is not positive");
