@@ -11,10 +11,13 @@ use std::fmt;
 use crate::backend::Batch;
 use crate::backend::cpu::Cpu;
 use crate::backend::cpu::{
-    AttentionDropout, attention_backward, attention_forward, cls_pool_backward, cls_pool_forward,
-    dropout_backward, dropout_forward, embedding_backward, embedding_forward, gelu_backward,
-    gelu_forward, layernorm_backward, layernorm_forward, matmul_backward, matmul_forward,
-    residual_backward, residual_forward, tanh_backward, tanh_forward,
+    AttentionDropout, Llama3RopeScaling, Prefix, PrefixGrads, attention_backward,
+    attention_forward, causal_attention_backward, causal_attention_forward, cls_pool_backward,
+    cls_pool_forward, dropout_backward, dropout_forward, embedding_backward, embedding_forward,
+    gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, matmul_backward,
+    matmul_forward, residual_backward, residual_forward, rmsnorm_backward, rmsnorm_forward,
+    rope_backward, rope_cos_sin, rope_forward, rope_inv_freq, swiglu_backward, swiglu_forward,
+    tanh_backward, tanh_forward,
 };
 use crate::error::{Error, Result};
 use crate::loss::{
@@ -389,7 +392,204 @@ pub fn op_checks(seed: u64) -> Vec<Check> {
         },
         &mut rng,
     ));
+
+    decoder_op_checks(&mut rng, &mut checks);
     checks
+}
+
+/// The decoder's ops (RMSNorm, RoPE, SwiGLU, causal attention), at small odd shapes.
+fn decoder_op_checks(rng: &mut Rng, checks: &mut Vec<Check>) {
+    let scaled = |v: Vec<f64>, s: f64| v.iter().map(|x| s * x).collect::<Vec<_>>();
+
+    // Off-centre inputs, so that the mean square is not the variance.
+    let (n, c) = (5, 7);
+    let inp: Vec<f64> = nonzero_values(rng, n * c)
+        .iter()
+        .map(|x| 3.0 * x + 0.5)
+        .collect();
+    let weight = nonzero_values(rng, c);
+    checks.push(check_op(
+        "rmsnorm",
+        vec![("inp", inp), ("weight", weight)],
+        n * c,
+        |x, out| rmsnorm_forward(out, &mut vec![0.0; n], &x[0], &x[1], n, c, 1e-6),
+        |x, dout, g| {
+            let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+            rmsnorm_forward(&mut out, &mut rstd, &x[0], &x[1], n, c, 1e-6);
+            let [dinp, dweight] = g else {
+                unreachable!("two inputs")
+            };
+            rmsnorm_backward(dinp, dweight, dout, &x[0], &x[1], &rstd, n, c);
+        },
+        rng,
+    ));
+
+    // llama3 scaling whose four frequencies fall in all three of its bands (kept,
+    // interpolated, divided), at positions out of order.
+    let (heads, hs) = (2, 8);
+    let positions = [0u32, 3, 7, 100, 2, 5];
+    let n = positions.len();
+    let scaling = Llama3RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64.0,
+    };
+    let inv_freq = rope_inv_freq(hs, 10000.0, Some(scaling));
+    let (mut cos, mut sin) = (vec![0.0; n * hs / 2], vec![0.0; n * hs / 2]);
+    rope_cos_sin(&mut cos, &mut sin, &positions, &inv_freq);
+    checks.push(check_op(
+        "rope",
+        vec![("inp", nonzero_values(rng, n * heads * hs))],
+        n * heads * hs,
+        |x, out| rope_forward(out, &x[0], &cos, &sin, n, heads, hs),
+        |_, dout, g| rope_backward(&mut g[0], dout, &cos, &sin, n, heads, hs),
+        rng,
+    ));
+
+    let gate = scaled(nonzero_values(rng, 35), 3.0);
+    checks.push(check_op(
+        "swiglu",
+        vec![("gate", gate), ("up", nonzero_values(rng, 35))],
+        35,
+        |x, out| swiglu_forward(out, &x[0], &x[1]),
+        |x, dout, g| {
+            let [dgate, dup] = g else {
+                unreachable!("two inputs")
+            };
+            swiglu_backward(dgate, dup, dout, &x[0], &x[1]);
+        },
+        rng,
+    ));
+
+    // Grouped queries (4 heads over 2 key/value heads). The second sequence starts with
+    // a padding token (its first query has no key to attend to) and ends with one.
+    let (b, t, nh, nkv, hs) = (2, 5, 4, 2, 3);
+    let (q_len, kv_len) = (b * t * nh * hs, b * t * nkv * hs);
+    let mask = [1u8, 1, 1, 1, 1, 0, 1, 1, 1, 0];
+    let dropped = Some(AttentionDropout { p: 0.3, seed: 11 });
+    for (name, dropout) in [("causal_attn", None), ("causal_attn+dropout", dropped)] {
+        let inputs = vec![
+            ("q", scaled(nonzero_values(rng, q_len), 2.0)),
+            ("k", scaled(nonzero_values(rng, kv_len), 2.0)),
+            ("v", nonzero_values(rng, kv_len)),
+        ];
+        let attention = |x: &[Vec<f64>], out: &mut [f64], probs: &mut [f64]| {
+            causal_attention_forward(
+                out, probs, &x[0], &x[1], &x[2], &mask, None, b, t, nh, nkv, hs, dropout,
+            );
+        };
+        checks.push(check_op(
+            name,
+            inputs,
+            q_len,
+            |x, out| attention(x, out, &mut vec![0.0; b * nh * t * t]),
+            |x, dout, g| {
+                let (mut out, mut probs) = (vec![0.0; q_len], vec![0.0; b * nh * t * t]);
+                attention(x, &mut out, &mut probs);
+                let [dq, dk, dv] = g else {
+                    unreachable!("three inputs")
+                };
+                causal_attention_backward(
+                    dq, dk, dv, None, dout, &x[0], &x[1], &x[2], &probs, &mask, None, b, t, nh,
+                    nkv, hs, dropout,
+                );
+            },
+            rng,
+        ));
+    }
+
+    // Three completions of two prompts (the second prompt continued twice, so its keys'
+    // gradients are sums); the first prompt ends in padding, the completions too.
+    let (prompts, tp, b, t) = (2, 3, 3, 4);
+    let prefix_mask = [1u8, 1, 0, 1, 1, 1];
+    let of_sequence = [1u32, 0, 1];
+    let mask = [1u8, 1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1];
+    let (q_len, kv_len, prefix_len) = (b * t * nh * hs, b * t * nkv * hs, prompts * tp * nkv * hs);
+    let probs_len = b * nh * t * (tp + t);
+    for (name, dropout) in [
+        ("causal_attn+prefix", None),
+        ("causal_attn+prefix+dropout", dropped),
+    ] {
+        let inputs = vec![
+            ("q", scaled(nonzero_values(rng, q_len), 2.0)),
+            ("k", scaled(nonzero_values(rng, kv_len), 2.0)),
+            ("v", nonzero_values(rng, kv_len)),
+            ("prefix_k", scaled(nonzero_values(rng, prefix_len), 2.0)),
+            ("prefix_v", nonzero_values(rng, prefix_len)),
+        ];
+        // A fn, not a closure: the prefix borrows from the inputs it is given.
+        fn prefix<'a>(
+            x: &'a [Vec<f64>],
+            mask: &'a [u8],
+            of_sequence: &'a [u32],
+            prompts: usize,
+            len: usize,
+        ) -> Prefix<'a, f64> {
+            Prefix {
+                k: &x[3],
+                v: &x[4],
+                mask,
+                of_sequence,
+                prompts,
+                len,
+            }
+        }
+        let attention = |x: &[Vec<f64>], out: &mut [f64], probs: &mut [f64]| {
+            causal_attention_forward(
+                out,
+                probs,
+                &x[0],
+                &x[1],
+                &x[2],
+                &mask,
+                Some(prefix(x, &prefix_mask, &of_sequence, prompts, tp)),
+                b,
+                t,
+                nh,
+                nkv,
+                hs,
+                dropout,
+            );
+        };
+        checks.push(check_op(
+            name,
+            inputs,
+            q_len,
+            |x, out| attention(x, out, &mut vec![0.0; probs_len]),
+            |x, dout, g| {
+                let (mut out, mut probs) = (vec![0.0; q_len], vec![0.0; probs_len]);
+                attention(x, &mut out, &mut probs);
+                let [dq, dk, dv, dprefix_k, dprefix_v] = g else {
+                    unreachable!("five inputs")
+                };
+                let dprefix = PrefixGrads {
+                    dk: dprefix_k,
+                    dv: dprefix_v,
+                };
+                causal_attention_backward(
+                    dq,
+                    dk,
+                    dv,
+                    Some(dprefix),
+                    dout,
+                    &x[0],
+                    &x[1],
+                    &x[2],
+                    &probs,
+                    &mask,
+                    Some(prefix(x, &prefix_mask, &of_sequence, prompts, tp)),
+                    b,
+                    t,
+                    nh,
+                    nkv,
+                    hs,
+                    dropout,
+                );
+            },
+            rng,
+        ));
+    }
 }
 
 /// The ε of the utilities' extended forms in the loss checks.

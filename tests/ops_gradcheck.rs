@@ -30,7 +30,7 @@ impl Rng {
 }
 
 /// The ops `rcx::gradcheck::op_checks` must cover: every backward of src/backend/cpu/.
-const OPS: [&str; 11] = [
+const OPS: [&str; 18] = [
     "matmul+bias",
     "matmul",
     "layernorm",
@@ -42,6 +42,13 @@ const OPS: [&str; 11] = [
     "dropout",
     "cls_pool",
     "residual",
+    "rmsnorm",
+    "rope",
+    "swiglu",
+    "causal_attn",
+    "causal_attn+dropout",
+    "causal_attn+prefix",
+    "causal_attn+prefix+dropout",
 ];
 
 #[test]

@@ -9,6 +9,7 @@
 
 mod adamw;
 mod attention;
+mod attention_causal;
 mod backend;
 mod dropout;
 mod embedding;
@@ -18,11 +19,15 @@ mod matmul;
 mod norm;
 mod pool;
 mod residual;
+mod rmsnorm;
+mod rope;
+mod swiglu;
 mod tanh;
 mod vecmath;
 
 pub use adamw::*;
 pub use attention::*;
+pub use attention_causal::*;
 pub use backend::Cpu;
 pub use dropout::*;
 pub use embedding::*;
@@ -32,6 +37,9 @@ pub use matmul::*;
 pub use norm::*;
 pub use pool::*;
 pub use residual::*;
+pub use rmsnorm::*;
+pub use rope::*;
+pub use swiglu::*;
 pub use tanh::*;
 
 /// Elements per rayon task in elementwise ops: big enough to amortise scheduling, small
