@@ -342,7 +342,7 @@ impl Tokenizer {
 /// "longest_first" does it: the shorter text stays whole if the longer one can shrink to
 /// fit beside it; otherwise the budget is halved, the odd id going to the longer text (to
 /// the second text on a tie).
-fn longest_first_lengths(len_a: usize, len_b: usize, budget: usize) -> (usize, usize) {
+pub(crate) fn longest_first_lengths(len_a: usize, len_b: usize, budget: usize) -> (usize, usize) {
     if len_a + len_b <= budget {
         return (len_a, len_b);
     }

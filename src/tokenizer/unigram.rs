@@ -675,20 +675,9 @@ impl Unigram {
     /// `encode_pair` of two texts already tokenized.
     pub fn encode_tokenized_pair(&self, a: &[u32], b: &[u32], max_length: usize) -> Encoding {
         let (mut a, mut b) = (a, b);
-        if let Some(budget) = max_length.checked_sub(self.added(&self.pair))
-            && a.len() + b.len() > budget
-        {
-            let short = a.len().min(b.len());
-            let (mut keep_short, mut keep_long) = (short, short.max(budget.saturating_sub(short)));
-            if short > budget || keep_short + keep_long > budget {
-                keep_short = budget / 2;
-                keep_long = keep_short + budget % 2;
-            }
-            let (keep_a, keep_b) = if a.len() > b.len() {
-                (keep_long, keep_short)
-            } else {
-                (keep_short, keep_long)
-            };
+        if let Some(budget) = max_length.checked_sub(self.added(&self.pair)) {
+            // WordPiece's pairs are cut by the same rule (tokenizers' "longest first").
+            let (keep_a, keep_b) = super::longest_first_lengths(a.len(), b.len(), budget);
             a = &a[..keep_a.min(a.len())];
             b = &b[..keep_b.min(b.len())];
         }
