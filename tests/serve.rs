@@ -617,6 +617,15 @@ fn every_bad_request_gets_its_4xx_as_json_and_the_server_goes_on() {
     }
 }
 
+/// Reads until the server closes the connection (EOF or a reset): how long that took and
+/// what arrived.
+fn until_closed(stream: &mut TcpStream) -> (Duration, Vec<u8>) {
+    let started = Instant::now();
+    let mut bytes = Vec::new();
+    let _ = stream.read_to_end(&mut bytes);
+    (started.elapsed(), bytes)
+}
+
 #[test]
 fn slow_clients_time_out_and_the_server_goes_on() {
     let server = Server::start(&["--read-timeout-s", "1"]);
@@ -625,13 +634,30 @@ fn slow_clients_time_out_and_the_server_goes_on() {
     stream
         .write_all(b"POST /score HTTP/1.1\r\nhost: x\r\n")
         .unwrap();
-    let started = Instant::now();
-    let mut rest = Vec::new();
-    let _ = stream.read_to_end(&mut rest); // EOF or a reset: either ends it
+    let (took, _) = until_closed(&mut stream);
     assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "a client that never finished its headers held the connection {:?}",
-        started.elapsed()
+        took < Duration::from_secs(10),
+        "a client that never finished its headers held the connection {took:?}"
+    );
+    // A keep-alive connection left idle after its answer: closed too.
+    let mut stream = connect(server.addr);
+    let body = br#"{"prompt": "p", "completions": ["a"]}"#;
+    let mut raw = format!(
+        "POST /score HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    stream.write_all(&raw).unwrap();
+    let (took, answer) = until_closed(&mut stream);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "an idle keep-alive connection was held {took:?}"
     );
     // A body that never arrives whole: 408 with a JSON error.
     let mut stream = connect(server.addr);
