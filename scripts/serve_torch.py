@@ -41,6 +41,9 @@ def main():
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes: without this, Nagle's algorithm and the
+        # client's delayed ACK hold each answer back by tens of milliseconds.
+        disable_nagle_algorithm = True
 
         def log_message(self, *_):
             pass
@@ -76,8 +79,12 @@ def main():
                 {"rewards": torch.sigmoid(logits).tolist(), "logits": logits.tolist()},
             )
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        # The default listen backlog (5) resets connections when 64 clients connect at once.
+        request_queue_size = 256
+
+    server = Server(("127.0.0.1", args.port), Handler)
     print(f"serve_torch: listening on http://127.0.0.1:{server.server_port}", file=sys.stderr, flush=True)
     server.serve_forever()
 

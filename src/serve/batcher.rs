@@ -140,20 +140,25 @@ impl Batcher {
 /// and empty.
 pub fn run(batcher: &Batcher, mut model: Model<Cpu<f32>>, pad_id: u32, metrics: &Metrics) {
     while let Some(jobs) = batcher.gather() {
-        // (job, position in the job) of every sequence, shortest first, so that a gather
-        // split into several forwards pads each to lengths close to its own.
+        // (job, position in the job) of every sequence, shortest first, cut into forwards
+        // of neighbouring lengths, so that each pads little.
         let mut order: Vec<(usize, usize)> = jobs
             .iter()
             .enumerate()
             .flat_map(|(j, job)| (0..job.sequences.len()).map(move |s| (j, s)))
             .collect();
         order.sort_by_key(|&(j, s)| jobs[j].sequences[s].0.len());
+        let lengths: Vec<usize> = order
+            .iter()
+            .map(|&(j, s)| jobs[j].sequences[s].0.len())
+            .collect();
         let mut logits: Vec<Vec<f32>> = jobs
             .iter()
             .map(|job| vec![0.0; job.sequences.len()])
             .collect();
         let mut failure = None;
-        for chunk in order.chunks(batcher.max_batch) {
+        for range in forwards(&lengths, batcher.max_batch) {
+            let chunk = &order[range];
             let batch = Batch::from_sequences(
                 chunk.iter().map(|&(j, s)| {
                     let (ids, types) = &jobs[j].sequences[s];
@@ -190,6 +195,31 @@ pub fn run(batcher: &Batcher, mut model: Model<Cpu<f32>>, pad_id: u32, metrics: 
     }
 }
 
+/// Padded tokens a forward may hold per real token: a quarter more at most.
+const PADDING_LIMIT: (usize, usize) = (5, 4);
+
+/// Cuts sequences sorted by length (ascending) into forwards: consecutive runs of at most
+/// `max_batch`, each closed before the next sequence would pad the run to more than
+/// PADDING_LIMIT times its real tokens. A forward's cost grows with its sequences times its
+/// longest, so a gather of mixed lengths costs less as several forwards than as one.
+fn forwards(lengths: &[usize], max_batch: usize) -> Vec<std::ops::Range<usize>> {
+    let (num, den) = PADDING_LIMIT;
+    let mut runs = Vec::new();
+    let (mut start, mut real) = (0, 0);
+    for (i, &len) in lengths.iter().enumerate() {
+        let count = i - start + 1;
+        if count > 1 && (count > max_batch || den * count * len > num * (real + len)) {
+            runs.push(start..i);
+            (start, real) = (i, 0);
+        }
+        real += len;
+    }
+    if start < lengths.len() {
+        runs.push(start..lengths.len());
+    }
+    runs
+}
+
 /// The queue survives a panicking holder: its state is updated in whole steps.
 fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
     queue
@@ -223,6 +253,18 @@ mod tests {
         let _second = batcher.submit(vec![seq()]).unwrap();
         batcher.close();
         assert_eq!(batcher.submit(vec![seq()]).unwrap_err(), Refused::Closed);
+    }
+
+    #[test]
+    fn forwards_hold_at_most_max_batch_and_a_quarter_of_padding() {
+        // Equal lengths: only max_batch cuts.
+        assert_eq!(forwards(&[10; 5], 2), [0..2, 2..4, 4..5]);
+        // 10, 11, 12: padded 3 x 12 = 36 <= 1.25 x 33; 40 would pad 4 x 40 = 160 > 1.25 x 73.
+        assert_eq!(forwards(&[10, 11, 12, 40, 41], 8), [0..3, 3..5]);
+        // A long one after a short one goes alone.
+        assert_eq!(forwards(&[1, 100], 8), [0..1, 1..2]);
+        assert_eq!(forwards(&[7], 8), [0..1]);
+        assert!(forwards(&[], 8).is_empty());
     }
 
     #[test]

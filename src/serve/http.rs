@@ -58,6 +58,8 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: impl Fn() -> 
                         continue;
                     }
                 };
+                // Small answers go out at once, not held back for coalescing.
+                let _ = stream.set_nodelay(true);
                 let for_service = Arc::clone(&state);
                 let service = service_fn(move |req| handle(Arc::clone(&for_service), req));
                 let conn = http1::Builder::new()
