@@ -263,7 +263,10 @@ mod tests {
         assert_eq!(forwards(&[10, 11, 12, 40, 41], 8), [0..3, 3..5]);
         // A long one after a short one goes alone.
         assert_eq!(forwards(&[1, 100], 8), [0..1, 1..2]);
-        assert_eq!(forwards(&[7], 8), [0..1]);
+        assert_eq!(
+            forwards(&[7], 8),
+            vec![std::ops::Range { start: 0, end: 1 }]
+        );
         assert!(forwards(&[], 8).is_empty());
     }
 
