@@ -167,12 +167,13 @@ pub fn run(batcher: &Batcher, mut model: Model<Cpu<f32>>, pad_id: u32, metrics: 
                 pad_id,
             );
             // A panic in the model must not leave the queue unanswered forever.
+            let started = Instant::now();
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 model.forward(&batch, None)
             }));
             match result {
                 Ok(Ok(out)) => {
-                    metrics.record_forward(chunk.len());
+                    metrics.record_forward(chunk.len(), started.elapsed());
                     for (&(j, s), value) in chunk.iter().zip(out) {
                         logits[j][s] = value;
                     }

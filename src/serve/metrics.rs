@@ -1,5 +1,5 @@
 //! The server's counters in Prometheus's text format: requests by endpoint and status,
-//! forward-pass batch sizes, request latency quantiles (over the latest requests) and the
+//! forward-pass batch sizes and time, request latency quantiles (over the latest requests) and the
 //! queue depth.
 
 use std::collections::BTreeMap;
@@ -22,6 +22,7 @@ struct Counts {
     batch_buckets: [u64; BATCH_BUCKETS.len()],
     batch_sum: u64,
     forwards: u64,
+    forward_seconds: f64,
 }
 
 #[derive(Default)]
@@ -45,8 +46,9 @@ impl Metrics {
         c.latency_count += 1;
     }
 
-    pub fn record_forward(&self, sequences: usize) {
+    pub fn record_forward(&self, sequences: usize, took: Duration) {
         let mut c = self.lock();
+        c.forward_seconds += took.as_secs_f64();
         for (bucket, &bound) in c.batch_buckets.iter_mut().zip(&BATCH_BUCKETS) {
             if sequences <= bound {
                 *bucket += 1;
@@ -104,6 +106,12 @@ impl Metrics {
         let _ = writeln!(out, "rcx_serve_batch_sequences_count {}", c.forwards);
         let _ = writeln!(
             out,
+            "# HELP rcx_serve_forward_seconds_total Time spent in the model's forward passes."
+        );
+        let _ = writeln!(out, "# TYPE rcx_serve_forward_seconds_total counter");
+        let _ = writeln!(out, "rcx_serve_forward_seconds_total {}", c.forward_seconds);
+        let _ = writeln!(
+            out,
             "# HELP rcx_serve_queue_sequences Sequences waiting for the model."
         );
         let _ = writeln!(out, "# TYPE rcx_serve_queue_sequences gauge");
@@ -137,8 +145,8 @@ mod tests {
             m.record_request("score", 200, Duration::from_millis(ms));
         }
         m.record_request("score", 400, Duration::from_millis(1));
-        m.record_forward(3);
-        m.record_forward(40);
+        m.record_forward(3, Duration::from_millis(250));
+        m.record_forward(40, Duration::from_millis(500));
         let text = m.render(7);
         assert!(text.contains("rcx_serve_requests_total{endpoint=\"score\",status=\"200\"} 100"));
         assert!(text.contains("rcx_serve_requests_total{endpoint=\"score\",status=\"400\"} 1"));
@@ -149,6 +157,7 @@ mod tests {
         assert!(text.contains("rcx_serve_batch_sequences_bucket{le=\"4\"} 1"));
         assert!(text.contains("rcx_serve_batch_sequences_bucket{le=\"64\"} 2"));
         assert!(text.contains("rcx_serve_batch_sequences_sum 43"));
+        assert!(text.contains("rcx_serve_forward_seconds_total 0.75\n"));
         assert!(text.contains("rcx_serve_queue_sequences 7"));
     }
 }
