@@ -21,6 +21,8 @@ pub enum Command {
     Train(crate::train::TrainArgs),
     /// Score every completion of a ranking file with a trained model.
     Score(crate::eval::ScoreArgs),
+    /// Serve a trained model's rewards over HTTP (/score, /get_reward), batching requests.
+    Serve(crate::serve::ServeArgs),
     /// Evaluate a trained model: rewards per prompt type and rank, collapse gap, theory.
     Eval(crate::eval::EvalArgs),
     /// Draw runs' reward panels side by side (the paper's figure), curves or histograms.
@@ -43,6 +45,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => crate::train::cmd_train(a),
         Command::Score(a) => crate::eval::cmd_score(a),
+        Command::Serve(a) => crate::serve::cmd_serve(a),
         Command::Eval(a) => crate::eval::cmd_eval(a),
         Command::Plot(a) => crate::figures::cmd_plot(a),
         Command::Reproduce(a) => crate::report::cmd_reproduce(a),

@@ -21,6 +21,7 @@ pub mod report;
 pub mod rng;
 pub mod safetensors;
 pub mod scoring;
+pub mod serve;
 pub mod signals;
 pub mod theory;
 pub mod tokenizer;

@@ -1,0 +1,290 @@
+//! Dynamic batching: requests queue their token sequences; the model's own thread gathers
+//! what has arrived into one forward pass, up to `max_batch` sequences or until the oldest
+//! request has waited `max_wait`, and answers each request with its logits. The queue is
+//! bounded (in sequences), so that a flood of requests is refused instead of growing memory.
+
+use super::metrics::Metrics;
+use crate::backend::Batch;
+use crate::backend::cpu::Cpu;
+use crate::models::Model;
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// One encoded sequence: input ids and their token types.
+pub type Sequence = (Vec<u32>, Vec<u8>);
+
+/// The logits of a request's sequences in its order, or why the model failed on them.
+pub type Reply = std::result::Result<Vec<f32>, String>;
+
+/// Why a request was not queued.
+#[derive(Debug, PartialEq)]
+pub enum Refused {
+    /// The queue holds too many sequences already: try again later.
+    Full,
+    /// The server is shutting down.
+    Closed,
+}
+
+struct Job {
+    sequences: Vec<Sequence>,
+    reply: oneshot::Sender<Reply>,
+    arrived: Instant,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    pending: usize, // sequences in `jobs`
+    closed: bool,
+}
+
+pub struct Batcher {
+    queue: Mutex<Queue>,
+    arrived: Condvar,
+    max_batch: usize,
+    max_wait: Duration,
+    capacity: usize, // sequences the queue may hold
+}
+
+impl Batcher {
+    pub fn new(max_batch: usize, max_wait: Duration, capacity: usize) -> Batcher {
+        Batcher {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                pending: 0,
+                closed: false,
+            }),
+            arrived: Condvar::new(),
+            max_batch,
+            max_wait,
+            capacity,
+        }
+    }
+
+    /// Queues a request's sequences; the receiver gets their logits.
+    pub fn submit(
+        &self,
+        sequences: Vec<Sequence>,
+    ) -> std::result::Result<oneshot::Receiver<Reply>, Refused> {
+        let (reply, receiver) = oneshot::channel();
+        let mut queue = lock(&self.queue);
+        if queue.closed {
+            return Err(Refused::Closed);
+        }
+        if queue.pending + sequences.len() > self.capacity {
+            return Err(Refused::Full);
+        }
+        queue.pending += sequences.len();
+        queue.jobs.push_back(Job {
+            sequences,
+            reply,
+            arrived: Instant::now(),
+        });
+        drop(queue);
+        self.arrived.notify_one();
+        Ok(receiver)
+    }
+
+    /// Sequences waiting for the model.
+    pub fn depth(&self) -> usize {
+        lock(&self.queue).pending
+    }
+
+    /// Refuses new requests; the model thread answers those queued, then ends.
+    pub fn close(&self) {
+        lock(&self.queue).closed = true;
+        self.arrived.notify_all();
+    }
+
+    /// The next gather of requests for the model: blocks until one has arrived, then until
+    /// `max_batch` sequences wait or the oldest has waited `max_wait`. None once closed
+    /// and empty.
+    fn gather(&self) -> Option<Vec<Job>> {
+        let mut queue = lock(&self.queue);
+        loop {
+            match queue.jobs.front() {
+                None if queue.closed => return None,
+                None => queue = wait(&self.arrived, queue),
+                Some(oldest) => {
+                    let waited = oldest.arrived.elapsed();
+                    if queue.pending >= self.max_batch || queue.closed || waited >= self.max_wait {
+                        break;
+                    }
+                    let rest = self.max_wait - waited;
+                    queue = match self.arrived.wait_timeout(queue, rest) {
+                        Ok((guard, _)) => guard,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    };
+                }
+            }
+        }
+        // Whole requests in arrival order up to max_batch sequences; a larger request alone
+        // (`run` splits it into forwards of max_batch).
+        let mut jobs = Vec::new();
+        let mut taken = 0;
+        while let Some(next) = queue.jobs.front() {
+            let n = next.sequences.len();
+            if taken > 0 && taken + n > self.max_batch {
+                break;
+            }
+            taken += n;
+            jobs.extend(queue.jobs.pop_front());
+        }
+        queue.pending -= taken;
+        Some(jobs)
+    }
+}
+
+/// The model thread: gathers requests, scores them, answers, until the batcher is closed
+/// and empty.
+pub fn run(batcher: &Batcher, mut model: Model<Cpu<f32>>, pad_id: u32, metrics: &Metrics) {
+    while let Some(jobs) = batcher.gather() {
+        // (job, position in the job) of every sequence, shortest first, cut into forwards
+        // of neighbouring lengths, so that each pads little.
+        let mut order: Vec<(usize, usize)> = jobs
+            .iter()
+            .enumerate()
+            .flat_map(|(j, job)| (0..job.sequences.len()).map(move |s| (j, s)))
+            .collect();
+        order.sort_by_key(|&(j, s)| jobs[j].sequences[s].0.len());
+        let lengths: Vec<usize> = order
+            .iter()
+            .map(|&(j, s)| jobs[j].sequences[s].0.len())
+            .collect();
+        let mut logits: Vec<Vec<f32>> = jobs
+            .iter()
+            .map(|job| vec![0.0; job.sequences.len()])
+            .collect();
+        let mut failure = None;
+        for range in forwards(&lengths, batcher.max_batch) {
+            let chunk = &order[range];
+            let batch = Batch::from_sequences(
+                chunk.iter().map(|&(j, s)| {
+                    let (ids, types) = &jobs[j].sequences[s];
+                    (&ids[..], &types[..])
+                }),
+                pad_id,
+            );
+            // A panic in the model must not leave the queue unanswered forever.
+            let started = Instant::now();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                model.forward(&batch, None)
+            }));
+            match result {
+                Ok(Ok(out)) => {
+                    metrics.record_forward(chunk.len(), started.elapsed());
+                    for (&(j, s), value) in chunk.iter().zip(out) {
+                        logits[j][s] = value;
+                    }
+                }
+                Ok(Err(e)) => failure = Some(e.to_string()),
+                Err(_) => failure = Some("the model panicked on this batch".to_string()),
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        for (job, values) in jobs.into_iter().zip(logits) {
+            let reply = match &failure {
+                Some(why) => Err(why.clone()),
+                None => Ok(values),
+            };
+            // The client may have gone away: nothing to answer then.
+            let _ = job.reply.send(reply);
+        }
+    }
+}
+
+/// Padded tokens a forward may hold per real token: a quarter more at most.
+const PADDING_LIMIT: (usize, usize) = (5, 4);
+
+/// Cuts sequences sorted by length (ascending) into forwards: consecutive runs of at most
+/// `max_batch`, each closed before the next sequence would pad the run to more than
+/// PADDING_LIMIT times its real tokens. A forward's cost grows with its sequences times its
+/// longest, so a gather of mixed lengths costs less as several forwards than as one.
+fn forwards(lengths: &[usize], max_batch: usize) -> Vec<std::ops::Range<usize>> {
+    let (num, den) = PADDING_LIMIT;
+    let mut runs = Vec::new();
+    let (mut start, mut real) = (0, 0);
+    for (i, &len) in lengths.iter().enumerate() {
+        let count = i - start + 1;
+        if count > 1 && (count > max_batch || den * count * len > num * (real + len)) {
+            runs.push(start..i);
+            (start, real) = (i, 0);
+        }
+        real += len;
+    }
+    if start < lengths.len() {
+        runs.push(start..lengths.len());
+    }
+    runs
+}
+
+/// The queue survives a panicking holder: its state is updated in whole steps.
+fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    queue
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn wait<'a>(
+    condvar: &Condvar,
+    guard: std::sync::MutexGuard<'a, Queue>,
+) -> std::sync::MutexGuard<'a, Queue> {
+    condvar
+        .wait(guard)
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_refuses_and_a_closed_one_too() {
+        let batcher = Batcher::new(4, Duration::from_millis(1), 3);
+        let seq = || (vec![1u32, 2], vec![0u8, 0]);
+        let _first = batcher.submit(vec![seq(), seq()]).unwrap();
+        assert_eq!(batcher.depth(), 2);
+        assert_eq!(
+            batcher.submit(vec![seq(), seq()]).unwrap_err(),
+            Refused::Full
+        );
+        let _second = batcher.submit(vec![seq()]).unwrap();
+        batcher.close();
+        assert_eq!(batcher.submit(vec![seq()]).unwrap_err(), Refused::Closed);
+    }
+
+    #[test]
+    fn forwards_hold_at_most_max_batch_and_a_quarter_of_padding() {
+        // Equal lengths: only max_batch cuts.
+        assert_eq!(forwards(&[10; 5], 2), [0..2, 2..4, 4..5]);
+        // 10, 11, 12: padded 3 x 12 = 36 <= 1.25 x 33; 40 would pad 4 x 40 = 160 > 1.25 x 73.
+        assert_eq!(forwards(&[10, 11, 12, 40, 41], 8), [0..3, 3..5]);
+        // A long one after a short one goes alone.
+        assert_eq!(forwards(&[1, 100], 8), [0..1, 1..2]);
+        assert_eq!(
+            forwards(&[7], 8),
+            vec![std::ops::Range { start: 0, end: 1 }]
+        );
+        assert!(forwards(&[], 8).is_empty());
+    }
+
+    #[test]
+    fn a_gather_takes_whole_requests_up_to_max_batch() {
+        let batcher = Batcher::new(4, Duration::ZERO, 100);
+        let seq = || (vec![1u32], vec![0u8]);
+        let _a = batcher.submit(vec![seq(), seq(), seq()]).unwrap();
+        let _b = batcher.submit(vec![seq(), seq()]).unwrap();
+        let _c = batcher.submit(vec![seq(); 6]).unwrap();
+        let sizes = |jobs: Vec<Job>| jobs.iter().map(|j| j.sequences.len()).collect::<Vec<_>>();
+        // 3 + 2 > 4: b waits for the next gather; c, larger than max_batch, goes alone.
+        assert_eq!(sizes(batcher.gather().unwrap()), [3]);
+        assert_eq!(sizes(batcher.gather().unwrap()), [2]);
+        assert_eq!(sizes(batcher.gather().unwrap()), [6]);
+        assert_eq!(batcher.depth(), 0);
+        batcher.close();
+        assert!(batcher.gather().is_none());
+    }
+}
