@@ -527,9 +527,9 @@ pub struct TokenizeArgs {
     /// WordPiece vocabulary: one token per line, the line index is the id.
     #[arg(long)]
     pub vocab: Option<PathBuf>,
-    /// A Hugging Face tokenizer.json (BPE): prints the ids of
-    /// `Tokenizer.from_file(FILE).encode(TEXT).ids`.
-    #[arg(long, conflicts_with = "pair")]
+    /// A Hugging Face tokenizer.json (BPE or Unigram) or a SentencePiece spm.model (Unigram):
+    /// prints the ids of `Tokenizer.from_file(FILE).encode(TEXT).ids`.
+    #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// At most this many ids, special tokens included (default with --vocab: 512; with
     /// --tokenizer: the file's own truncation, none when it has none).
@@ -537,7 +537,8 @@ pub struct TokenizeArgs {
     pub max_length: Option<usize>,
     /// The text to encode.
     pub text: String,
-    /// A second text, encoded as a pair with the first (--vocab only).
+    /// A second text, encoded as a pair with the first (--vocab, or a Unigram --tokenizer:
+    /// `[CLS] TEXT [SEP] PAIR [SEP]`).
     #[arg(long)]
     pub pair: Option<String>,
 }
@@ -558,6 +559,24 @@ fn cmd_tokenize_json(path: &Path, text: &str, max_length: Option<usize>) -> Resu
     Ok(())
 }
 
+/// `rcx tokenize --tokenizer FILE` for a Unigram model (spm.model or tokenizer.json): ids
+/// and token types of the text (or of the pair), cut to `--max-length` as the reference's
+/// truncation cuts, none by default.
+fn cmd_tokenize_unigram(path: &Path, args: &TokenizeArgs) -> Result<()> {
+    let tokenizer = unigram::load(path)?;
+    let max_length = args.max_length.unwrap_or(usize::MAX);
+    let encoding = match &args.pair {
+        Some(pair) => tokenizer.encode_pair(&args.text, pair, max_length),
+        None => tokenizer.encode(&args.text, max_length),
+    };
+    println!(
+        "{{\"input_ids\": [{}], \"token_type_ids\": [{}]}}",
+        json_list(&encoding.input_ids),
+        json_list(&encoding.token_type_ids)
+    );
+    Ok(())
+}
+
 /// Ids as Python's json.dumps writes a list, so that output compares byte for byte.
 fn json_list(ids: &[u32]) -> String {
     ids.iter()
@@ -569,7 +588,19 @@ fn json_list(ids: &[u32]) -> String {
 /// `rcx tokenize`: prints `{"input_ids": [...], "token_type_ids": [...]}` on one line.
 pub fn cmd_tokenize(args: TokenizeArgs) -> Result<()> {
     let vocab = match (&args.vocab, &args.tokenizer) {
-        (_, Some(path)) => return cmd_tokenize_json(path, &args.text, args.max_length),
+        (_, Some(path)) if unigram::is_unigram_file(path)? => {
+            return cmd_tokenize_unigram(path, &args);
+        }
+        (_, Some(path)) => match &args.pair {
+            Some(_) => {
+                return Err(Error::user(format!(
+                    "--pair: {} is a BPE tokenizer (a decoder's), whose pair convention rcx does \
+                     not implement yet; give the text alone",
+                    path.display()
+                )));
+            }
+            None => return cmd_tokenize_json(path, &args.text, args.max_length),
+        },
         (Some(vocab), None) => vocab,
         (None, None) => return Err(Error::user("expected --vocab FILE or --tokenizer FILE")),
     };

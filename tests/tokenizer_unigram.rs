@@ -313,3 +313,74 @@ fn edit(json: &Value, change: impl FnOnce(&mut Value)) -> Value {
     change(&mut json);
     json
 }
+
+/// `rcx tokenize --tokenizer FILE`'s JSON line, parsed: (input_ids, token_type_ids).
+fn tokenize_command(args: &[&str]) -> (Vec<u32>, Vec<u32>) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .arg("tokenize")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    (ids(&line["input_ids"]), ids(&line["token_type_ids"]))
+}
+
+/// `rcx tokenize --tokenizer` takes either Unigram file and prints the references' ids:
+/// texts alone (tokenizers' for tokenizer.json, sentencepiece's for spm.model) and pairs
+/// with their truncation (`[CLS] A [SEP] B [SEP]`).
+#[test]
+fn the_command_prints_the_references_ids_for_texts_and_pairs() {
+    let cases = cases("deberta");
+    let json = fixture("deberta", "tokenizer.json");
+    let spm = fixture("deberta", "spm.model");
+    let (json, spm) = (json.to_str().unwrap(), spm.to_str().unwrap());
+    // The fixture's text ids are without special tokens; the command, like
+    // `encode(TEXT)`, adds the single template's `[CLS] A [SEP]`, whose ids the file names.
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("deberta", "tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let template = &file["post_processor"];
+    let special = |name: &str| template["special_tokens"][name]["ids"][0].as_u64().unwrap() as u32;
+    let with_template = |inner: Vec<u32>| {
+        let mut ids = vec![special("[CLS]")];
+        ids.extend(inner);
+        ids.push(special("[SEP]"));
+        ids
+    };
+    for case in cases["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .step_by(97)
+        .take(12)
+    {
+        let text = case["text"].as_str().unwrap();
+        // `--` so that a text starting with '-' stays a text.
+        let (got, _) = tokenize_command(&["--tokenizer", json, "--", text]);
+        assert_eq!(
+            got,
+            with_template(ids(&case["json"])),
+            "tokenizer.json, {text:?}"
+        );
+        let (got, _) = tokenize_command(&["--tokenizer", spm, "--", text]);
+        assert_eq!(got, with_template(ids(&case["spm"])), "spm.model, {text:?}");
+    }
+    for pair in cases["pairs"].as_array().unwrap().iter().take(12) {
+        let (a, b) = (pair["a"].as_str().unwrap(), pair["b"].as_str().unwrap());
+        let limit = pair["max_length"].as_u64().map(|m| m.to_string());
+        let mut args = vec!["--tokenizer", json, "--pair", b];
+        if let Some(limit) = &limit {
+            args.extend(["--max-length", limit]);
+        }
+        args.extend(["--", a]);
+        let got = tokenize_command(&args);
+        let expected = (ids(&pair["input_ids"]), ids(&pair["token_type_ids"]));
+        assert_eq!(got, expected, "pair {a:?} {b:?} at {limit:?}");
+    }
+}

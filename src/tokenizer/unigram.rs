@@ -118,6 +118,43 @@ pub struct Unigram {
 
 /// Reads `spm.model` or `tokenizer.json` (told apart by content: JSON starts with `{`).
 pub fn load(path: &Path) -> Result<Unigram> {
+    let bytes = read_bounded(path)?;
+    if is_json(&bytes) {
+        from_json(&bytes, path)
+    } else {
+        from_spm(&bytes, path)
+    }
+}
+
+/// Whether `path` is a Unigram model: an spm.model, or a tokenizer.json whose model is
+/// `Unigram`. A file that is neither readable JSON nor a Unigram model answers false, so
+/// that the BPE reader names what is wrong with it.
+pub fn is_unigram_file(path: &Path) -> Result<bool> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        model: Option<Model>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Model {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    let bytes = read_bounded(path)?;
+    if !is_json(&bytes) {
+        return Ok(true);
+    }
+    Ok(serde_json::from_slice::<File>(&bytes)
+        .ok()
+        .and_then(|file| file.model?.kind)
+        .is_some_and(|kind| kind == "Unigram"))
+}
+
+fn is_json(bytes: &[u8]) -> bool {
+    bytes.trim_ascii_start().first() == Some(&b'{')
+}
+
+/// The file's bytes, refused past `MAX_TOKENIZER_BYTES` before they are all read.
+fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     let io = |e| Error::io(path, e);
     let mut bytes = Vec::new();
     std::fs::File::open(path)
@@ -132,11 +169,7 @@ pub fn load(path: &Path) -> Result<Unigram> {
             MAX_TOKENIZER_BYTES >> 20
         )));
     }
-    if bytes.trim_ascii_start().first() == Some(&b'{') {
-        from_json(&bytes, path)
-    } else {
-        from_spm(&bytes, path)
-    }
+    Ok(bytes)
 }
 
 fn from_spm(bytes: &[u8], path: &Path) -> Result<Unigram> {
