@@ -22,7 +22,10 @@ pub struct AttentionDropout {
 
 /// The dropout to apply: None when off (absent or p = 0, which leaves results exactly
 /// those without dropout). p must be in [0, 1).
-fn active_dropout(op: &str, dropout: Option<AttentionDropout>) -> Option<AttentionDropout> {
+pub(crate) fn active_dropout(
+    op: &str,
+    dropout: Option<AttentionDropout>,
+) -> Option<AttentionDropout> {
     let dropout = dropout.filter(|d| d.p != 0.0)?;
     assert!(
         (0.0..1.0).contains(&dropout.p),
@@ -141,7 +144,7 @@ pub fn attention_forward<F: Float>(
 /// Softmax of one row of scores in place, over the keys that are real (all keys when none
 /// is); excluded keys get exactly 0 (e^-inf). Subtracts the row maximum so exp cannot
 /// overflow. In f32 the exps are `vecmath`'s (vectorised).
-fn masked_softmax_row<F: Float>(row: &mut [F], mask: &[u8], any_real: bool) {
+pub(crate) fn masked_softmax_row<F: Float>(row: &mut [F], mask: &[u8], any_real: bool) {
     let allowed = |j: usize| !any_real || mask[j] != 0;
     let mut max = F::ZERO;
     let mut first = true;
