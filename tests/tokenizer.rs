@@ -2,7 +2,7 @@
 //! tests/fixtures/tokenizer/cases.json (scripts/gen_tokenizer_fixture.py) must match id for
 //! id; bad vocabulary files must fail with a message naming the file and line.
 
-use rcx::tokenizer::Tokenizer;
+use rcx::tokenizer::WordPiece;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,8 +45,8 @@ fn cases() -> Cases {
     serde_json::from_str(&text).expect("fixture parses")
 }
 
-fn bert() -> Tokenizer {
-    Tokenizer::from_vocab_file(&vocab_path()).expect("data/vocab.txt loads")
+fn bert() -> WordPiece {
+    WordPiece::from_vocab_file(&vocab_path()).expect("data/vocab.txt loads")
 }
 
 #[test]
@@ -130,7 +130,7 @@ impl Drop for TempVocab {
 }
 
 fn load_error(path: &Path) -> String {
-    let err = Tokenizer::from_vocab_file(path).expect_err("vocabulary must be rejected");
+    let err = WordPiece::from_vocab_file(path).expect_err("vocabulary must be rejected");
     assert_eq!(
         err.exit_code(),
         2,
@@ -150,7 +150,7 @@ const GOOD: &str = "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n##s\n";
 #[test]
 fn small_vocab_works() {
     let file = TempVocab::new("good.txt", GOOD.as_bytes());
-    let tok = Tokenizer::from_vocab_file(&file.0).expect("loads");
+    let tok = WordPiece::from_vocab_file(&file.0).expect("loads");
     assert_eq!(tok.vocab_size(), 6);
     assert_eq!(
         (tok.pad_id(), tok.unk_id(), tok.cls_id(), tok.sep_id()),
@@ -158,7 +158,7 @@ fn small_vocab_works() {
     );
     assert_eq!(tok.tokenize("Hellos HELLO bye"), vec![4, 5, 4, 1]);
     let crlf = TempVocab::new("crlf.txt", GOOD.replace('\n', "\r\n").as_bytes());
-    let tok_crlf = Tokenizer::from_vocab_file(&crlf.0).expect("CRLF loads");
+    let tok_crlf = WordPiece::from_vocab_file(&crlf.0).expect("CRLF loads");
     assert_eq!(tok_crlf.fingerprint(), tok.fingerprint());
 }
 
@@ -171,7 +171,7 @@ fn fingerprint_follows_content() {
         "fp-d.txt",
         GOOD.replace("hello\n##s", "##s\nhello").as_bytes(),
     );
-    let fp = |p: &Path| Tokenizer::from_vocab_file(p).expect("loads").fingerprint();
+    let fp = |p: &Path| WordPiece::from_vocab_file(p).expect("loads").fingerprint();
     assert_eq!(fp(&a.0), fp(&b.0));
     assert_ne!(fp(&a.0), fp(&c.0));
     assert_ne!(fp(&a.0), fp(&d.0));

@@ -384,3 +384,70 @@ fn the_command_prints_the_references_ids_for_texts_and_pairs() {
         assert_eq!(got, expected, "pair {a:?} {b:?} at {limit:?}");
     }
 }
+
+/// The reward model's `Tokenizer` over a Unigram file: the reference's pair ids, padding
+/// with [PAD], a cache key that follows the file; a model without a padding token refused.
+#[test]
+fn a_reward_models_tokenizer_reads_either_unigram_file() {
+    use rcx::error::Error;
+    use rcx::tokenizer::Tokenizer;
+    let cases = cases("deberta");
+    let json = Tokenizer::from_unigram_file(&fixture("deberta", "tokenizer.json")).unwrap();
+    let spm = Tokenizer::from_unigram_file(&fixture("deberta", "spm.model")).unwrap();
+    assert_eq!((json.pad_id(), spm.pad_id()), (0, 0));
+    for pair in cases["pairs"].as_array().unwrap() {
+        let (a, b) = (pair["a"].as_str().unwrap(), pair["b"].as_str().unwrap());
+        let max_length = pair["max_length"]
+            .as_u64()
+            .map_or(usize::MAX, |m| m as usize);
+        let encoding = json.encode_pair(a, b, max_length);
+        assert_eq!(encoding.input_ids, ids(&pair["input_ids"]), "{a:?} {b:?}");
+        assert_eq!(encoding.token_type_ids, ids(&pair["token_type_ids"]));
+        // sentencepiece and tokenizers differ on some texts (see above); on plain ASCII
+        // both files give the same ids.
+        if a.is_ascii() && b.is_ascii() {
+            assert_eq!(
+                spm.encode_pair(a, b, max_length),
+                encoding,
+                "spm {a:?} {b:?}"
+            );
+        }
+    }
+    assert_ne!(json.fingerprint(), spm.fingerprint(), "keyed by the file");
+
+    let mut file = read_json_value(&fixture("deberta", "tokenizer.json"));
+    for name in ["[PAD]", "<pad>"] {
+        rename_token(&mut file, name, "[NOTPAD]");
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("unigram_no_pad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_string(&file).unwrap()).unwrap();
+    match Tokenizer::from_unigram_file(&path) {
+        Err(Error::User(message)) => {
+            assert!(
+                message.contains("padding token") && message.contains("tokenizer.json"),
+                "{message}"
+            )
+        }
+        other => panic!("expected a user error, got {other:?}"),
+    }
+}
+
+fn read_json_value(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Renames a token in a tokenizer.json's added tokens and Unigram vocabulary.
+fn rename_token(file: &mut Value, from: &str, to: &str) {
+    for token in file["added_tokens"].as_array_mut().unwrap() {
+        if token["content"] == from {
+            token["content"] = Value::from(to);
+        }
+    }
+    for piece in file["model"]["vocab"].as_array_mut().unwrap() {
+        if piece[0] == from {
+            piece[0] = Value::from(to);
+        }
+    }
+}

@@ -114,16 +114,20 @@ pub struct Unigram {
     pair: Vec<TemplateItem>,
     pipeline: Pipeline,
     vocab_size: usize,
+    /// FNV-1a of the file's bytes: token caches are keyed by it.
+    fingerprint: u64,
 }
 
 /// Reads `spm.model` or `tokenizer.json` (told apart by content: JSON starts with `{`).
 pub fn load(path: &Path) -> Result<Unigram> {
     let bytes = read_bounded(path)?;
-    if is_json(&bytes) {
-        from_json(&bytes, path)
+    let mut model = if is_json(&bytes) {
+        from_json(&bytes, path)?
     } else {
-        from_spm(&bytes, path)
-    }
+        from_spm(&bytes, path)?
+    };
+    model.fingerprint = super::fnv1a(&bytes);
+    Ok(model)
 }
 
 /// Whether `path` is a Unigram model: an spm.model, or a tokenizer.json whose model is
@@ -272,6 +276,8 @@ fn from_spm(bytes: &[u8], path: &Path) -> Result<Unigram> {
             user_defined,
         },
         vocab_size,
+        // Set by `load`, which has the bytes.
+        fingerprint: 0,
     })
 }
 
@@ -434,6 +440,8 @@ fn from_json(bytes: &[u8], path: &Path) -> Result<Unigram> {
             replacement,
         },
         vocab_size,
+        // Set by `load`, which has the bytes.
+        fingerprint: 0,
     })
 }
 
@@ -658,6 +666,15 @@ impl Unigram {
 
     pub fn unk_id(&self) -> u32 {
         self.unk_id
+    }
+
+    /// The padding token's id: [PAD] (DeBERTa-v3) or <pad>, when the model has one.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.token_id("[PAD]").or_else(|| self.token_id("<pad>"))
+    }
+
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// The id of a piece or special token, such as "[PAD]".
