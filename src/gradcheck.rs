@@ -14,10 +14,11 @@ use crate::backend::cpu::{
     AttentionDropout, Llama3RopeScaling, Prefix, PrefixGrads, attention_backward,
     attention_forward, causal_attention_backward, causal_attention_forward, cls_pool_backward,
     cls_pool_forward, dropout_backward, dropout_forward, embedding_backward, embedding_forward,
-    gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, matmul_backward,
-    matmul_forward, residual_backward, residual_forward, rmsnorm_backward, rmsnorm_forward,
-    rope_backward, rope_cos_sin, rope_forward, rope_inv_freq, swiglu_backward, swiglu_forward,
-    tanh_backward, tanh_forward,
+    gelu_backward, gelu_forward, last_token_pool_backward, last_token_pool_forward,
+    layernorm_backward, layernorm_forward, matmul_backward, matmul_forward, residual_backward,
+    residual_forward, rmsnorm_backward, rmsnorm_forward, rope_backward, rope_cos_sin, rope_forward,
+    rope_inv_freq, swiglu_backward, swiglu_forward, tanh_backward, tanh_forward,
+    token_embedding_backward, token_embedding_forward,
 };
 use crate::error::{Error, Result};
 use crate::loss::{
@@ -444,6 +445,31 @@ fn decoder_op_checks(rng: &mut Rng, checks: &mut Vec<Check>) {
         n * heads * hs,
         |x, out| rope_forward(out, &x[0], &cos, &sin, n, heads, hs),
         |_, dout, g| rope_backward(&mut g[0], dout, &cos, &sin, n, heads, hs),
+        rng,
+    ));
+
+    // Token 4 three times and token 0 never: rows are summed, and a row no token names
+    // gets nothing.
+    let (vocab, c) = (6, 3);
+    let ids = [4u32, 1, 4, 5, 2, 4, 3];
+    checks.push(check_op(
+        "token_embedding",
+        vec![("wte", nonzero_values(rng, vocab * c))],
+        ids.len() * c,
+        |x, out| token_embedding_forward(out, &ids, &x[0], c),
+        |_, dout, g| token_embedding_backward(&mut g[0], dout, &ids, c),
+        rng,
+    ));
+
+    // The last real token of three sequences of 4: at the end, in the middle, first.
+    let (t, rows) = (4, [3u32, 1, 0]);
+    let b = rows.len();
+    checks.push(check_op(
+        "last_token_pool",
+        vec![("inp", nonzero_values(rng, b * t * c))],
+        b * c,
+        |x, out| last_token_pool_forward(out, &x[0], &rows, t, c),
+        |_, dout, g| last_token_pool_backward(&mut g[0], dout, &rows, t, c),
         rng,
     ));
 

@@ -14,6 +14,7 @@ mod backend;
 mod dropout;
 mod embedding;
 mod gelu;
+mod last_token_pool;
 mod layernorm;
 mod matmul;
 mod norm;
@@ -23,6 +24,7 @@ mod rmsnorm;
 mod rope;
 mod swiglu;
 mod tanh;
+mod token_embedding;
 mod vecmath;
 
 pub use adamw::*;
@@ -32,6 +34,7 @@ pub use backend::Cpu;
 pub use dropout::*;
 pub use embedding::*;
 pub use gelu::*;
+pub use last_token_pool::*;
 pub use layernorm::*;
 pub use matmul::*;
 pub use norm::*;
@@ -41,6 +44,7 @@ pub use rmsnorm::*;
 pub use rope::*;
 pub use swiglu::*;
 pub use tanh::*;
+pub use token_embedding::*;
 
 /// Elements per rayon task in elementwise ops: big enough to amortise scheduling, small
 /// enough to balance. Fixed, so partitions never depend on the thread count.
