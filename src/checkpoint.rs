@@ -10,13 +10,15 @@
 use crate::checksum::sha256_file;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::hf_config::{HfBertConfig, read_hf_config, write_hf_config};
-use crate::models::{BertConfig, HostModel, ParamLayout, Weights};
+use crate::hf_config::{HfBertConfig, read_hf_config, read_model_type, write_hf_config};
+use crate::models::{
+    Arch, BertConfig, Family, HostModel, LlamaConfig, ModelConfig, ParamLayout, Weights,
+};
 use crate::safetensors::{SafeTensors, write_atomic, write_f32};
 use crate::tokenizer::Tokenizer;
 use crate::training_settings::Settings;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -90,6 +92,14 @@ pub fn to_hf(cfg: &BertConfig) -> HfBertConfig {
     }
 }
 
+/// Writes the config.json of a model's architecture (one label: a reward model).
+fn write_model_config(path: &Path, config: &ModelConfig) -> Result<()> {
+    match &config.arch {
+        Arch::Bert(bert) => write_hf_config(path, &to_hf(bert), 1),
+        Arch::Llama(llama) => llama.write_hf_json(path),
+    }
+}
+
 /// The f64 of an f32's shortest decimal (what Python reads from the same config.json).
 fn widen(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(x as f64)
@@ -149,6 +159,9 @@ pub fn load_model(dir: &Path, head: Head) -> Result<(HostModel<f32>, Vec<String>
         )));
     }
     let config_path = dir.join("config.json");
+    if is_decoder_folder(&config_path)? {
+        return load_decoder(dir, &config_path, head);
+    }
     let config = from_hf(&read_hf_config(&config_path)?);
     config.validate(&config_path.display().to_string())?;
     let weights_path = dir.join("model.safetensors");
@@ -228,6 +241,167 @@ pub fn load_model(dir: &Path, head: Head) -> Result<(HostModel<f32>, Vec<String>
             return Err(Error::user(format!(
                 "{}: tensor `{stored}`: value {at} is {}; expected finite weights",
                 weights_path.display(),
+                values[at]
+            )));
+        }
+        model.params[spec.range()].copy_from_slice(&values);
+    }
+    Ok((model, fresh))
+}
+
+/// Whether config.json names one of the decoder families (`model_type` llama, mistral,
+/// qwen2): those load through `load_decoder`, every other folder as BERT.
+fn is_decoder_folder(config_path: &Path) -> Result<bool> {
+    let model_type = read_model_type(config_path)?;
+    Ok(model_type
+        .as_deref()
+        .and_then(Family::from_model_type)
+        .is_some())
+}
+
+/// The weights of a decoder folder: `model.safetensors`, or the shards that
+/// `model.safetensors.index.json` maps each tensor to.
+struct DecoderWeights {
+    shards: Vec<SafeTensors>,
+    /// Tensor name -> index into `shards`.
+    shard_of: HashMap<String, usize>,
+}
+
+impl DecoderWeights {
+    fn open(dir: &Path) -> Result<DecoderWeights> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        if single.is_file() || !index_path.is_file() {
+            let shard = SafeTensors::open(&single)?;
+            let shard_of = shard.names().iter().map(|n| (n.to_string(), 0)).collect();
+            return Ok(DecoderWeights {
+                shards: vec![shard],
+                shard_of,
+            });
+        }
+        let map = read_weight_map(&index_path)?;
+        let mut files: Vec<&String> = map.values().collect();
+        files.sort();
+        files.dedup();
+        let mut shards = Vec::with_capacity(files.len());
+        for file in &files {
+            // A shard is named by the index: a bare file name in the same folder.
+            if file.contains('/') || file.contains('\\') || file.as_str() == ".." {
+                return Err(Error::user(format!(
+                    "{}: key 'weight_map': shard `{file}` is not a file name in the folder",
+                    index_path.display()
+                )));
+            }
+            shards.push(SafeTensors::open(&dir.join(file))?);
+        }
+        let mut shard_of = HashMap::new();
+        for (name, file) in &map {
+            let at = files.iter().position(|f| *f == file).unwrap_or(0);
+            if shards[at].get(name).is_none() {
+                return Err(Error::user(format!(
+                    "{}: tensor `{name}` is missing; {} maps it there",
+                    shards[at].path().display(),
+                    index_path.display()
+                )));
+            }
+            shard_of.insert(name.clone(), at);
+        }
+        Ok(DecoderWeights { shards, shard_of })
+    }
+
+    fn get(&self, name: &str) -> Option<&SafeTensors> {
+        self.shard_of.get(name).map(|&at| &self.shards[at])
+    }
+}
+
+/// `weight_map` of a sharded folder's index: tensor name -> shard file.
+fn read_weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        Error::user(format!(
+            "{}:{}: not valid JSON: {e}",
+            path.display(),
+            e.line()
+        ))
+    })?;
+    let Some(serde_json::Value::Object(map)) = value.get("weight_map") else {
+        return Err(Error::user(format!(
+            "{}: key 'weight_map': missing or not an object of tensor name -> shard file",
+            path.display()
+        )));
+    };
+    map.iter()
+        .map(|(name, file)| match file {
+            serde_json::Value::String(f) => Ok((name.clone(), f.clone())),
+            other => Err(Error::user(format!(
+                "{}: key 'weight_map.{name}': expected a shard file name, found {other}",
+                path.display()
+            ))),
+        })
+        .collect()
+}
+
+/// Loads a Llama, Mistral or Qwen2 folder (`*ForSequenceClassification`, `*ForCausalLM`
+/// or base-model names): config.json checked first, every tensor's shape and dtype from
+/// the headers, then the weights, which must be finite. `score.weight` may be absent only
+/// when training (`Head::FreshIfAbsent`): it then starts as transformers initialises it.
+fn load_decoder(
+    dir: &Path,
+    config_path: &Path,
+    head: Head,
+) -> Result<(HostModel<f32>, Vec<String>)> {
+    let config = LlamaConfig::from_hf_json(config_path)?;
+    config.warn_if_pad_is_eos(&config_path.display().to_string());
+    let weights = DecoderWeights::open(dir)?;
+    let layout = ParamLayout::llama(&config);
+    // A base model (LlamaModel) stores its tensors without the `model.` prefix.
+    let has_prefix = weights.get("model.embed_tokens.weight").is_some();
+    let stored_name = |name: &str| match has_prefix {
+        true => name.to_string(),
+        false => name.strip_prefix("model.").unwrap_or(name).to_string(),
+    };
+    let where_ = match weights.shards.as_slice() {
+        [one] => one.path().display().to_string(),
+        _ => dir
+            .join("model.safetensors.index.json")
+            .display()
+            .to_string(),
+    };
+    let mut fresh = Vec::new();
+    for spec in &layout.tensors {
+        let stored = stored_name(&spec.name);
+        if let Some(shard) = weights.get(&stored) {
+            shard.float_tensor(&stored, &spec.shape)?;
+            continue;
+        }
+        let why = match (spec.name.as_str(), head) {
+            ("score.weight", Head::FreshIfAbsent(_)) => {
+                fresh.push(spec.name.clone());
+                continue;
+            }
+            ("score.weight", Head::Stored) => {
+                "; a trained reward model stores its head (only training starts it fresh)"
+            }
+            _ => "; expected every tensor of the config's architecture",
+        };
+        return Err(Error::user(format!(
+            "{where_}: tensor `{stored}` is missing{why}"
+        )));
+    }
+    let mut model = HostModel::<f32>::zeros(config);
+    for (index, spec) in layout.tensors.iter().enumerate() {
+        let stored = stored_name(&spec.name);
+        let Some(shard) = weights.get(&stored) else {
+            if let Head::FreshIfAbsent(seed) = head {
+                model.init_tensor(index, seed);
+            }
+            continue;
+        };
+        let values = shard.read_f32(&stored, &spec.shape)?;
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::user(format!(
+                "{}: tensor `{stored}`: value {at} is {}; expected finite weights",
+                shard.path().display(),
                 values[at]
             )));
         }
@@ -554,6 +728,16 @@ fn write_tensors(path: &Path, list: &[(String, &[usize], &[f32])]) -> Result<()>
     write_f32(path, &refs, &[("format", "pt")])
 }
 
+/// Writes a model's `model.safetensors` (Hugging Face's tensor names) and `config.json`
+/// into `dir`: what transformers loads as the architecture's `*ForSequenceClassification`.
+pub fn write_model_weights(dir: &Path, model: &Weights<'_>) -> Result<()> {
+    write_tensors(
+        &dir.join("model.safetensors"),
+        &tensor_list(model.layout, model.params, ""),
+    )?;
+    write_model_config(&dir.join("config.json"), model.config)
+}
+
 /// Writes a model folder's files into `dir` (each file atomically).
 fn write_model_files(
     dir: &Path,
@@ -561,11 +745,7 @@ fn write_model_files(
     model: &Weights<'_>,
     tok_vocab: &Path,
 ) -> Result<()> {
-    write_tensors(
-        &dir.join("model.safetensors"),
-        &tensor_list(model.layout, model.params, ""),
-    )?;
-    write_hf_config(&dir.join("config.json"), &to_hf(model.config), 1)?;
+    write_model_weights(dir, model)?;
     let vocab = dir.join("vocab.txt");
     if tok_vocab != vocab {
         fs::copy(tok_vocab, &vocab).map_err(|e| Error::io(&vocab, e))?;

@@ -14,17 +14,18 @@ use crate::backend::cpu::{
     AttentionDropout, Llama3RopeScaling, Prefix, PrefixGrads, attention_backward,
     attention_forward, causal_attention_backward, causal_attention_forward, cls_pool_backward,
     cls_pool_forward, dropout_backward, dropout_forward, embedding_backward, embedding_forward,
-    gelu_backward, gelu_forward, layernorm_backward, layernorm_forward, matmul_backward,
-    matmul_forward, residual_backward, residual_forward, rmsnorm_backward, rmsnorm_forward,
-    rope_backward, rope_cos_sin, rope_forward, rope_inv_freq, swiglu_backward, swiglu_forward,
-    tanh_backward, tanh_forward,
+    gelu_backward, gelu_forward, last_token_pool_backward, last_token_pool_forward,
+    layernorm_backward, layernorm_forward, matmul_backward, matmul_forward, residual_backward,
+    residual_forward, rmsnorm_backward, rmsnorm_forward, rope_backward, rope_cos_sin, rope_forward,
+    rope_inv_freq, swiglu_backward, swiglu_forward, tanh_backward, tanh_forward,
+    token_embedding_backward, token_embedding_forward,
 };
 use crate::error::{Error, Result};
 use crate::loss::{
     LossExtras, LossSpec, PairLabels, PromptType, Utility, pairwise_accuracy,
     ranking_loss_forward_backward, ranking_loss_forward_backward_with, sigmoid,
 };
-use crate::models::{BertConfig, Dropout, HostModel, Model};
+use crate::models::{BertConfig, Dropout, Family, HostModel, LlamaConfig, Model, ModelConfig};
 use crate::rng::Rng;
 
 /// Step of the central differences: (f(x + h) - f(x - h)) / 2h has error O(h² f''') from
@@ -444,6 +445,31 @@ fn decoder_op_checks(rng: &mut Rng, checks: &mut Vec<Check>) {
         n * heads * hs,
         |x, out| rope_forward(out, &x[0], &cos, &sin, n, heads, hs),
         |_, dout, g| rope_backward(&mut g[0], dout, &cos, &sin, n, heads, hs),
+        rng,
+    ));
+
+    // Token 4 three times and token 0 never: rows are summed, and a row no token names
+    // gets nothing.
+    let (vocab, c) = (6, 3);
+    let ids = [4u32, 1, 4, 5, 2, 4, 3];
+    checks.push(check_op(
+        "token_embedding",
+        vec![("wte", nonzero_values(rng, vocab * c))],
+        ids.len() * c,
+        |x, out| token_embedding_forward(out, &ids, &x[0], c),
+        |_, dout, g| token_embedding_backward(&mut g[0], dout, &ids, c),
+        rng,
+    ));
+
+    // The last real token of three sequences of 4: at the end, in the middle, first.
+    let (t, rows) = (4, [3u32, 1, 0]);
+    let b = rows.len();
+    checks.push(check_op(
+        "last_token_pool",
+        vec![("inp", nonzero_values(rng, b * t * c))],
+        b * c,
+        |x, out| last_token_pool_forward(out, &x[0], &rows, t, c),
+        |_, dout, g| last_token_pool_backward(&mut g[0], dout, &rows, t, c),
         rng,
     ));
 
@@ -875,6 +901,41 @@ fn tiny_config() -> BertConfig {
     }
 }
 
+/// The decoders of the whole-model checks: 2 layers, hidden 8, 4 query heads over 2
+/// key/value heads of 6 channels (so the attention width, 24, is not the hidden size), MLP
+/// 12. Llama with llama3 rope scaling (its bands all in use at this head size) and MLP
+/// biases; Qwen2 with its q/k/v biases. Token 0 pads, as in `tiny_ranked_batch`.
+fn tiny_decoder_config(family: Family) -> LlamaConfig {
+    let rope_scaling = (family == Family::Llama).then_some(Llama3RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 16.0,
+    });
+    LlamaConfig {
+        family,
+        vocab_size: 23,
+        hidden_size: 8,
+        intermediate_size: 12,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 6,
+        rms_norm_eps: 1e-6,
+        rope_theta: 100.0,
+        rope_scaling,
+        qkv_bias: family == Family::Qwen2,
+        o_bias: false,
+        mlp_bias: family == Family::Llama,
+        max_position_embeddings: 16,
+        pad_token_id: Some(0),
+        eos_token_id: vec![1],
+        initializer_range: 0.02,
+        attention_dropout: 0.1,
+        sliding_window: None,
+    }
+}
+
 /// A batch with its ranking: K per prompt and each prompt's type.
 struct Ranked {
     batch: Batch,
@@ -904,8 +965,8 @@ fn tiny_ranked_batch(rng: &mut Rng) -> Ranked {
 /// BERT's init plus noise on every parameter but the word table's padding row (the first
 /// hidden_size entries), so that no gradient vanishes by symmetry (LayerNorm weights of
 /// exactly 1, biases of exactly 0).
-fn tiny_random_model(rng: &mut Rng) -> Model<Cpu<f64>> {
-    let config = tiny_config();
+fn tiny_random_model(rng: &mut Rng, config: &ModelConfig) -> Model<Cpu<f64>> {
+    let config = config.clone();
     let skip = config.hidden_size;
     let mut model = HostModel::<f64>::init(config, 7);
     for p in model.params.iter_mut().skip(skip) {
@@ -950,10 +1011,29 @@ pub fn check_model(
     dropout: Option<Dropout>,
     seed: u64,
 ) -> Result<Check> {
-    judge_model_gradient(name, spec, dropout, seed, |model, dropout, dlogits| {
-        model.backward(dropout, dlogits)?;
-        Ok(model.backend.grads().to_vec())
-    })
+    judge_model_gradient(name, spec, dropout, seed, own_backward)
+}
+
+/// The model's own backward, returning the gradient arena.
+fn own_backward(
+    model: &mut Model<Cpu<f64>>,
+    dropout: Option<Dropout>,
+    dlogits: &[f64],
+) -> Result<Vec<f64>> {
+    model.backward(dropout, dlogits)?;
+    Ok(model.backend.grads().to_vec())
+}
+
+/// `check_model` on a tiny decoder of `family` (see `tiny_decoder_config`).
+pub fn check_decoder_model(
+    name: &str,
+    family: Family,
+    spec: &LossSpec,
+    dropout: Option<Dropout>,
+    seed: u64,
+) -> Result<Check> {
+    let config = tiny_decoder_config(family).into();
+    judge_gradient_of(name, &config, spec, dropout, seed, own_backward)
 }
 
 /// The smallest |r_i - r_j| over the ranked pairs of a batch, r = sigmoid(logit).
@@ -996,11 +1076,15 @@ pub fn pair_across_the_kink(
 /// The model and batch of the whole-model checks for `seed`, in the mode a check runs
 /// (`dropout`): BERT's init plus noise, drawn again until every ranked pair's reward
 /// difference is at least KINK_MARGIN from the kink.
-fn model_check_inputs(seed: u64, dropout: Option<Dropout>) -> Result<(Model<Cpu<f64>>, Ranked)> {
+fn model_check_inputs(
+    config: &ModelConfig,
+    seed: u64,
+    dropout: Option<Dropout>,
+) -> Result<(Model<Cpu<f64>>, Ranked)> {
     let mut rng = Rng::new(seed);
     // Most draws pass: 100 failures in a row would mean a broken model.
     for _ in 0..100 {
-        let mut model = tiny_random_model(&mut rng);
+        let mut model = tiny_random_model(&mut rng, config);
         let data = tiny_ranked_batch(&mut rng);
         let logits = model.forward(&data.batch, dropout)?;
         if smallest_reward_gap(&logits, &data.ks) >= KINK_MARGIN {
@@ -1024,7 +1108,20 @@ pub fn judge_model_gradient(
     seed: u64,
     backward: impl Fn(&mut Model<Cpu<f64>>, Option<Dropout>, &[f64]) -> Result<Vec<f64>>,
 ) -> Result<Check> {
-    let (mut model, data) = model_check_inputs(seed, dropout)?;
+    let config = tiny_config().into();
+    judge_gradient_of(name, &config, spec, dropout, seed, backward)
+}
+
+/// `judge_model_gradient` on a tiny model of `config`.
+fn judge_gradient_of(
+    name: &str,
+    config: &ModelConfig,
+    spec: &LossSpec,
+    dropout: Option<Dropout>,
+    seed: u64,
+    backward: impl Fn(&mut Model<Cpu<f64>>, Option<Dropout>, &[f64]) -> Result<Vec<f64>>,
+) -> Result<Check> {
+    let (mut model, data) = model_check_inputs(config, seed, dropout)?;
     model.start_training()?;
     let mut dlogits = Vec::new();
     model_loss(&mut model, &data, spec, dropout, &mut dlogits)?;
@@ -1063,7 +1160,10 @@ pub fn judge_model_gradient(
             // Analytic zero up to rounding; numeric up to the quotient's noise (~1e-8):
             // scaled so that either above its bound counts as a failure.
             (max_abs(analytic) / 1e-12).max(max_abs(&numeric) / 1e-7) * TOLERANCE
-        } else if max_abs(analytic) == 0.0 && !tensor.name.ends_with("word_embeddings.weight") {
+        } else if max_abs(analytic) == 0.0
+            && !tensor.name.ends_with("word_embeddings.weight")
+            && !tensor.name.ends_with("embed_tokens.weight")
+        {
             f64::INFINITY
         } else {
             relative_l2_error(analytic, &numeric)
@@ -1097,6 +1197,28 @@ pub fn model_checks(seed: u64) -> Result<Vec<Check>> {
             "model, dropout, adaptive2",
             &LossSpec::parse("adaptive2")?,
             Some(dropout),
+            seed,
+        )?,
+    ])
+}
+
+/// The whole decoder: Llama (llama3 rope scaling, MLP biases) in training mode (attention
+/// dropout) under adaptive2, Qwen2 (q/k/v biases) in eval mode under x_inv; both with
+/// grouped-query attention on a padded batch.
+pub fn decoder_model_checks(seed: u64) -> Result<Vec<Check>> {
+    Ok(vec![
+        check_decoder_model(
+            "llama, dropout, adaptive2",
+            Family::Llama,
+            &LossSpec::parse("adaptive2")?,
+            Some(MODEL_CHECK_DROPOUT),
+            seed,
+        )?,
+        check_decoder_model(
+            "qwen2, eval, x_inv",
+            Family::Qwen2,
+            &LossSpec::Single(Utility::XInv),
+            None,
             seed,
         )?,
     ])
@@ -1146,7 +1268,11 @@ pub fn cmd_gradcheck(args: GradcheckArgs) -> Result<()> {
         let checks = match suite {
             Suite::Ops => op_checks(args.seed),
             Suite::Loss => loss_checks(args.seed)?,
-            Suite::Model => model_checks(args.seed)?,
+            Suite::Model => {
+                let mut checks = model_checks(args.seed)?;
+                checks.extend(decoder_model_checks(args.seed)?);
+                checks
+            }
         };
         for check in checks {
             total += 1;
@@ -1188,7 +1314,7 @@ mod tests {
     #[test]
     fn dropout_is_a_function_of_its_seed_and_off_in_eval() {
         let mut rng = Rng::new(5);
-        let mut model = tiny_random_model(&mut rng);
+        let mut model = tiny_random_model(&mut rng, &tiny_config().into());
         let batch = tiny_ranked_batch(&mut rng).batch;
         let eval_a = model.forward(&batch, None).unwrap();
         let eval_b = model.forward(&batch, None).unwrap();
@@ -1213,7 +1339,7 @@ mod tests {
     #[test]
     fn attention_dropout_is_its_own_site() {
         let mut rng = Rng::new(5);
-        let mut model = tiny_random_model(&mut rng);
+        let mut model = tiny_random_model(&mut rng, &tiny_config().into());
         let batch = tiny_ranked_batch(&mut rng).batch;
         let eval = model.forward(&batch, None).unwrap();
         let mut logits = |hidden, attention| {
@@ -1244,7 +1370,7 @@ mod tests {
     fn padding_does_not_change_a_sequence_logit() {
         // The same sequence alone and in a batch with a longer one: its logit must not move.
         let mut rng = Rng::new(11);
-        let mut model = tiny_random_model(&mut rng);
+        let mut model = tiny_random_model(&mut rng, &tiny_config().into());
         let short: (Vec<u32>, Vec<u8>) = (vec![3, 4, 5, 6], vec![0, 0, 1, 1]);
         let long: (Vec<u32>, Vec<u8>) = (vec![7, 8, 9, 10, 11, 12, 13, 14, 15], vec![0; 9]);
         let alone = Batch::from_sequences([(&short.0[..], &short.1[..])], 0);
@@ -1267,7 +1393,8 @@ mod tests {
         let dropout = Some(MODEL_CHECK_DROPOUT);
         for seed in 0..200 {
             for mode in [None, dropout] {
-                let (mut model, data) = model_check_inputs(seed, mode).unwrap();
+                let (mut model, data) =
+                    model_check_inputs(&tiny_config().into(), seed, mode).unwrap();
                 let logits = model.forward(&data.batch, mode).unwrap();
                 let gap = smallest_reward_gap(&logits, &data.ks);
                 assert!(

@@ -104,6 +104,23 @@ pub fn read_hf_config(path: &Path) -> Result<HfBertConfig> {
     Ok(config)
 }
 
+/// The `model_type` of a config.json (None when absent), read alone: which architecture's
+/// reader takes the file.
+pub fn read_model_type(path: &Path) -> Result<Option<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| {
+        Error::user(format!(
+            "{}:{}: not valid JSON: {e}",
+            path.display(),
+            e.line()
+        ))
+    })?;
+    Ok(value
+        .get("model_type")
+        .and_then(Value::as_str)
+        .map(str::to_string))
+}
+
 /// Writes a `config.json` that `transformers` loads as `BertForSequenceClassification` with
 /// `num_labels` outputs; with one label the problem type is regression (a scalar reward).
 pub fn write_hf_config(path: &Path, config: &HfBertConfig, num_labels: usize) -> Result<()> {

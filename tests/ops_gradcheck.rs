@@ -30,7 +30,7 @@ impl Rng {
 }
 
 /// The ops `rcx::gradcheck::op_checks` must cover: every backward of src/backend/cpu/.
-const OPS: [&str; 18] = [
+const OPS: [&str; 20] = [
     "matmul+bias",
     "matmul",
     "layernorm",
@@ -44,6 +44,8 @@ const OPS: [&str; 18] = [
     "residual",
     "rmsnorm",
     "rope",
+    "token_embedding",
+    "last_token_pool",
     "swiglu",
     "causal_attn",
     "causal_attn+dropout",

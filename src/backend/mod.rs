@@ -35,6 +35,17 @@ pub struct AttentionDims {
     pub hs: usize,
 }
 
+/// B sequences of T tokens, NH query heads over NKV key/value heads (NH a multiple of NKV:
+/// grouped-query attention), HS channels per head: the causal attention's dimensions.
+#[derive(Clone, Copy, Debug)]
+pub struct CausalDims {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hs: usize,
+}
+
 /// The optimizer settings of one step (torch.optim.AdamW's, and clip_grad_norm_'s bound).
 #[derive(Clone, Copy, Debug)]
 pub struct OptimStep {
@@ -257,6 +268,160 @@ pub trait Backend {
     fn cls_pool_forward(&mut self, out: Buf, x: Buf, b: usize, t: usize, c: usize) -> Result<()>;
     fn cls_pool_backward(&mut self, dx: Buf, dout: Buf, b: usize, t: usize, c: usize)
     -> Result<()>;
+
+    // ---- decoder ops (Llama, Mistral, Qwen2) ----
+
+    /// out [B, T, C] = wte[ids]: the token table alone (positions enter through RoPE).
+    fn token_embedding_forward(
+        &mut self,
+        out: Buf,
+        tokens: &Self::Tokens,
+        wte: Buf,
+        c: usize,
+    ) -> Result<()>;
+    /// dwte [V, C] += the scatter of dout [B, T, C] to the tokens' rows.
+    fn token_embedding_backward(
+        &mut self,
+        dwte: Buf,
+        dout: Buf,
+        tokens: &Self::Tokens,
+        c: usize,
+    ) -> Result<()>;
+
+    /// out [N, C] = weight [C] · x / sqrt(mean(x²) + eps) per row; saves rstd [N] (Stats).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(
+        &mut self,
+        out: Buf,
+        rstd: Buf,
+        x: Buf,
+        weight: Buf,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &mut self,
+        dx: Buf,
+        dweight: Buf,
+        dout: Buf,
+        x: Buf,
+        weight: Buf,
+        rstd: Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    /// cos, sin [N, HS/2] (Stats) of the angles positions[i] · inv_freq[j] (`rope_inv_freq`,
+    /// HS/2 frequencies), as transformers' rotary embedding computes them. Positions come
+    /// from the model: 0..T per sequence, or offset by a shared prompt's length.
+    fn rope_cos_sin(
+        &mut self,
+        cos: Buf,
+        sin: Buf,
+        positions: &[u32],
+        inv_freq: &[f32],
+    ) -> Result<()>;
+    /// out [N, heads·HS] = x turned per head by the angles of cos, sin [N, HS/2]
+    /// (`rotate_half` layout).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_forward(
+        &mut self,
+        out: Buf,
+        x: Buf,
+        cos: Buf,
+        sin: Buf,
+        n: usize,
+        heads: usize,
+        hs: usize,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn rope_backward(
+        &mut self,
+        dx: Buf,
+        dout: Buf,
+        cos: Buf,
+        sin: Buf,
+        n: usize,
+        heads: usize,
+        hs: usize,
+    ) -> Result<()>;
+
+    /// out = silu(gate) · up, elementwise.
+    fn swiglu_forward(&mut self, out: Buf, gate: Buf, up: Buf) -> Result<()>;
+    fn swiglu_backward(
+        &mut self,
+        dgate: Buf,
+        dup: Buf,
+        dout: Buf,
+        gate: Buf,
+        up: Buf,
+    ) -> Result<()>;
+
+    /// out = a + b.
+    fn residual_forward(&mut self, out: Buf, a: Buf, b: Buf) -> Result<()>;
+    /// da += dout; db += dout.
+    fn residual_backward(&mut self, da: Buf, db: Buf, dout: Buf) -> Result<()>;
+
+    /// Elements (Stats) the causal attention saves for its backward, and of its backward's
+    /// scratch.
+    fn causal_attention_saved_len(&self, dims: CausalDims) -> usize;
+    fn causal_attention_scratch_len(&self, dims: CausalDims) -> usize;
+    /// ctx [B, T, NH·HS] = softmax(q kᵀ / sqrt(HS)) v per query head, query i attending to
+    /// the real keys j <= i of its own sequence, k and v those of the head's group;
+    /// q [B, T, NH·HS], k, v [B, T, NKV·HS] (rotated already). Dropout on the probabilities.
+    /// (The shared-prompt variant will be a second pair of methods with the prompts' keys
+    /// and values beside these.)
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_forward(
+        &mut self,
+        ctx: Buf,
+        saved: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        tokens: &Self::Tokens,
+        dims: CausalDims,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_backward(
+        &mut self,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        scratch: Buf,
+        dctx: Buf,
+        ctx: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        saved: Buf,
+        tokens: &Self::Tokens,
+        dims: CausalDims,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()>;
+
+    /// out [B, C] = x[b, rows[b], :] of x [B, T, C]: one token per sequence (a decoder's
+    /// last real token). rows [B], each below T.
+    fn last_token_pool_forward(
+        &mut self,
+        out: Buf,
+        x: Buf,
+        rows: &[u32],
+        t: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// dx[b, rows[b], :] += dout [B, C].
+    fn last_token_pool_backward(
+        &mut self,
+        dx: Buf,
+        dout: Buf,
+        rows: &[u32],
+        t: usize,
+        c: usize,
+    ) -> Result<()>;
 
     /// The all-pairs ranking loss of the logits [sum_p K_p] (prompts contiguous, best
     /// first) and its gradient written into dlogits, divided by `divisor` (the micro-batches

@@ -3,22 +3,27 @@
 //! is what training, scoring and checkpoints talk to: forward, backward, one training step,
 //! and the parameter-shaped arenas on the host.
 //!
+//! Two architectures: BERT (`bert`) and the Llama family of decoders (`llama`: Llama,
+//! Mistral, Qwen2); `ModelConfig` says which, and `Model` dispatches to its file.
+//!
 //! Adding an architecture: a file beside bert.rs with its config (validated against sizes
 //! before anything is allocated), its `ParamLayout` (Hugging Face's tensor names), its
 //! activation layout and its forward/backward over `Backend`; its loader in checkpoint.rs.
 
 pub mod bert;
+pub mod llama;
 
 use std::ops::Range;
 use std::sync::Arc;
 
 pub use bert::{ActLayout, BertConfig};
+pub use llama::{Family, LlamaConfig};
 
 pub use crate::backend::Batch;
 use crate::backend::DType;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::{Cuda, CudaRuntime};
-use crate::backend::{AttentionDropout, Backend, OptimStep};
+use crate::backend::{AttentionDropout, Backend, Buf, OptimStep};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::loss::{LossExtras, LossSpec, PromptType};
@@ -69,18 +74,79 @@ impl ParamLayout {
     }
 }
 
+/// Which architecture a model is, with its config.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arch {
+    Bert(BertConfig),
+    Llama(LlamaConfig),
+}
+
+/// A model's architecture, and the sizes every caller reads whatever the architecture (as
+/// Hugging Face names them), copied from it by `From`: training, scoring and checkpoints
+/// read these and never need to know which architecture runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub max_position_embeddings: usize,
+    /// The id sequences are padded with (a decoder's: `LlamaConfig::padding_id`).
+    pub pad_token_id: u32,
+    /// 0 for a decoder: the Llama family has no hidden dropout.
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+}
+
+impl From<BertConfig> for ModelConfig {
+    fn from(cfg: BertConfig) -> ModelConfig {
+        ModelConfig {
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            max_position_embeddings: cfg.max_position_embeddings,
+            pad_token_id: cfg.pad_token_id,
+            hidden_dropout_prob: cfg.hidden_dropout_prob,
+            attention_probs_dropout_prob: cfg.attention_probs_dropout_prob,
+            arch: Arch::Bert(cfg),
+        }
+    }
+}
+
+impl From<LlamaConfig> for ModelConfig {
+    fn from(cfg: LlamaConfig) -> ModelConfig {
+        ModelConfig {
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            max_position_embeddings: cfg.max_position_embeddings,
+            pad_token_id: cfg.padding_id(),
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: cfg.attention_dropout,
+            arch: Arch::Llama(cfg),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The parameter layout of the architecture.
+    pub fn layout(&self) -> ParamLayout {
+        match &self.arch {
+            Arch::Bert(cfg) => ParamLayout::new(cfg),
+            Arch::Llama(cfg) => ParamLayout::llama(cfg),
+        }
+    }
+}
+
 /// A model's parameters on the host: what a checkpoint holds and a `Model` is built from.
 pub struct HostModel<F> {
-    pub config: BertConfig,
+    pub config: ModelConfig,
     pub layout: ParamLayout,
     pub params: Vec<F>, // [layout.total]
 }
 
 impl<F: Float> HostModel<F> {
-    /// A model initialised as Hugging Face initialises BERT: normal(0, 0.02) weights and
-    /// embeddings (the padding row of the word table zero), zero biases, unit LayerNorm
-    /// weights.
-    pub fn init(config: BertConfig, seed: u64) -> HostModel<F> {
+    /// A model initialised as Hugging Face initialises it: normal(0, 0.02) weights and
+    /// embeddings (BERT's; a decoder's std is its initializer_range; the padding row of the
+    /// token table zero), zero biases, unit norm weights.
+    pub fn init(config: impl Into<ModelConfig>, seed: u64) -> HostModel<F> {
         let mut model = HostModel::zeros(config);
         for index in 0..model.layout.tensors.len() {
             model.init_tensor(index, seed);
@@ -89,8 +155,9 @@ impl<F: Float> HostModel<F> {
     }
 
     /// All parameters zero: the arena a checkpoint is read into.
-    pub fn zeros(config: BertConfig) -> HostModel<F> {
-        let layout = ParamLayout::new(&config);
+    pub fn zeros(config: impl Into<ModelConfig>) -> HostModel<F> {
+        let config = config.into();
+        let layout = config.layout();
         let params = vec![F::ZERO; layout.total];
         HostModel {
             config,
@@ -99,25 +166,34 @@ impl<F: Float> HostModel<F> {
         }
     }
 
-    /// BERT's initialisation of tensor `index` of the layout, from a stream of its own so
-    /// that a tensor missing from a pretrained checkpoint (the pooler, the head) is drawn
-    /// alone.
+    /// Hugging Face's initialisation of tensor `index` of the layout, from a stream of its
+    /// own so that a tensor missing from a pretrained checkpoint (the pooler, the head) is
+    /// drawn alone.
     pub fn init_tensor(&mut self, index: usize, seed: u64) {
         let spec = &self.layout.tensors[index];
         let values = &mut self.params[spec.range()];
         let mut rng = Rng::new(derive_seed(seed, &[0x1417, index as u64]));
-        if spec.name.contains("LayerNorm.weight") {
+        let (std, table, pad) = match &self.config.arch {
+            Arch::Bert(cfg) => (0.02, "word_embeddings.weight", Some(cfg.pad_token_id)),
+            Arch::Llama(cfg) => (
+                cfg.initializer_range,
+                "embed_tokens.weight",
+                cfg.pad_token_id,
+            ),
+        };
+        if spec.name.contains("LayerNorm.weight") || spec.name.ends_with("norm.weight") {
             values.fill(F::ONE);
         } else if spec.shape.len() == 2 {
             for x in values.iter_mut() {
-                *x = F::from_f64(0.02 * rng.normal());
+                *x = F::from_f64(std * rng.normal());
             }
         } else {
             values.fill(F::ZERO);
         }
         let c = self.config.hidden_size;
-        let pad = self.config.pad_token_id as usize;
-        if spec.name.ends_with("word_embeddings.weight") && pad < self.config.vocab_size {
+        let pad = pad.map(|p| p as usize);
+        if let Some(pad) = pad.filter(|&p| spec.name.ends_with(table) && p < self.config.vocab_size)
+        {
             values[pad * c..(pad + 1) * c].fill(F::ZERO);
         }
     }
@@ -198,7 +274,7 @@ pub(crate) fn attention_dropout(
 
 /// A model's parameters on the host, borrowed: what a checkpoint writes.
 pub struct Weights<'a> {
-    pub config: &'a BertConfig,
+    pub config: &'a ModelConfig,
     pub layout: &'a ParamLayout,
     pub params: &'a [f32], // [layout.total]
 }
@@ -229,18 +305,64 @@ pub type Outputs<S> = (Vec<S>, Vec<S>, Vec<S>);
 /// backend holding every arena, and the tokens and activation layout of the last forward
 /// (which its backward reads).
 pub struct Model<B: Backend> {
-    pub config: BertConfig,
+    pub config: ModelConfig,
     pub layout: ParamLayout,
     pub backend: B,
     /// Set by `start_training`: forwards then make room for the backward's scratch too.
     training: bool,
-    last: Option<(B::Tokens, ActLayout)>,
+    last: Option<(B::Tokens, Acts)>,
+}
+
+/// The activation layout of the last forward, of its architecture.
+enum Acts {
+    Bert(ActLayout),
+    Llama(llama::ActLayout),
+}
+
+impl Acts {
+    fn logits(&self) -> Buf {
+        match self {
+            Acts::Bert(l) => l.logits(),
+            Acts::Llama(l) => l.logits(),
+        }
+    }
+
+    fn dlogits(&self) -> Buf {
+        match self {
+            Acts::Bert(l) => l.dlogits(),
+            Acts::Llama(l) => l.dlogits(),
+        }
+    }
+
+    fn last_hidden(&self) -> Buf {
+        match self {
+            Acts::Bert(l) => l.last_hidden(),
+            Acts::Llama(l) => l.last_hidden(),
+        }
+    }
+
+    fn pooled(&self) -> Buf {
+        match self {
+            Acts::Bert(l) => l.pooled(),
+            Acts::Llama(l) => l.pooled(),
+        }
+    }
+
+    /// Elements of the Acts and Stats arenas, for the forward alone or with the backward.
+    fn lens(&self, training: bool) -> (usize, usize) {
+        let (forward, all) = match self {
+            Acts::Bert(l) => (l.forward_lens, l.lens),
+            Acts::Llama(l) => (l.forward_lens, l.lens),
+        };
+        if training { all } else { forward }
+    }
 }
 
 impl<B: Backend> Model<B> {
-    pub fn new(config: BertConfig, backend: B) -> Model<B> {
+    pub fn new(config: impl Into<ModelConfig>, backend: B) -> Model<B> {
+        let config = config.into();
         Model {
-            layout: ParamLayout::new(&config),
+            layout: config.layout(),
             config,
             backend,
             training: false,
@@ -271,15 +393,27 @@ impl<B: Backend> Model<B> {
                 cfg.vocab_size
             )));
         }
-        if let Some(&ty) = batch
-            .token_type_ids
-            .iter()
-            .find(|&&ty| ty as usize >= cfg.type_vocab_size)
-        {
-            return Err(Error::user(format!(
-                "token type {ty} is outside the model's {} token types",
-                cfg.type_vocab_size
-            )));
+        match &cfg.arch {
+            Arch::Bert(bert) => {
+                if let Some(&ty) = batch
+                    .token_type_ids
+                    .iter()
+                    .find(|&&ty| ty as usize >= bert.type_vocab_size)
+                {
+                    return Err(Error::user(format!(
+                        "token type {ty} is outside the model's {} token types",
+                        bert.type_vocab_size
+                    )));
+                }
+            }
+            Arch::Llama(llama) => {
+                if let Some(window) = llama.sliding_window.filter(|&w| batch.t > w) {
+                    return Err(Error::user(format!(
+                        "a sequence of {} tokens is longer than the model's sliding_window of                          {window} (config.json): rcx attends to every earlier token, which                          differs past the window; lower `max_length` to at most {window}",
+                        batch.t
+                    )));
+                }
+            }
         }
         let (b, t) = (batch.b, batch.t);
         if [&batch.input_ids, &batch.token_type_ids]
@@ -309,26 +443,34 @@ impl<B: Backend> Model<B> {
     fn run_forward(&mut self, batch: &Batch, dropout: Option<Dropout>) -> Result<()> {
         self.check_batch(batch)?;
         let cfg = &self.config;
-        let tables = (
-            cfg.vocab_size,
-            cfg.max_position_embeddings,
-            cfg.type_vocab_size,
-        );
+        let types = match &cfg.arch {
+            Arch::Bert(bert) => bert.type_vocab_size,
+            Arch::Llama(_) => 1,
+        };
+        let tables = (cfg.vocab_size, cfg.max_position_embeddings, types);
         // The previous batch's tokens go first: on the device they are memory.
         self.last = None;
         let tokens = self.backend.tokens(batch, tables)?;
-        let layout = ActLayout::new(cfg, &self.backend, batch.b, batch.t);
-        let (acts, stats) = match self.training {
-            true => layout.lens,
-            false => layout.forward_lens,
+        let layout = match &cfg.arch {
+            Arch::Bert(bert) => Acts::Bert(ActLayout::new(bert, &self.backend, batch.b, batch.t)),
+            Arch::Llama(llama) => Acts::Llama(llama::ActLayout::new(llama, &self.backend, batch)),
         };
+        let (acts, stats) = layout.lens(self.training);
         self.backend.reserve(acts, stats)?;
-        bert::forward(cfg, &mut self.backend, &tokens, &layout, dropout)?;
+        match (&cfg.arch, &layout) {
+            (Arch::Bert(c), Acts::Bert(l)) => {
+                bert::forward(c, &mut self.backend, &tokens, l, dropout)?
+            }
+            (Arch::Llama(c), Acts::Llama(l)) => {
+                llama::forward(c, &mut self.backend, &tokens, l, dropout)?
+            }
+            _ => return Err(Error::internal("forward: a layout of another architecture")),
+        }
         self.last = Some((tokens, layout));
         Ok(())
     }
 
-    fn last(&self) -> Result<&(B::Tokens, ActLayout)> {
+    fn last(&self) -> Result<&(B::Tokens, Acts)> {
         self.last
             .as_ref()
             .ok_or_else(|| Error::internal("the model has run no forward pass"))
@@ -388,7 +530,7 @@ impl<B: Backend> Model<B> {
             .as_ref()
             .ok_or_else(|| Error::internal("backward: the model has run no forward pass"))?;
         self.backend.write_stats(l.dlogits(), dlogits)?;
-        bert::backward(&self.config, &mut self.backend, tokens, l, dropout)
+        arch_backward(&self.config, &mut self.backend, tokens, l, dropout)
     }
 
     /// Forward, the ranking loss and backward of one micro-batch: adds its gradient,
@@ -418,7 +560,7 @@ impl<B: Backend> Model<B> {
             extras,
             micro_batches,
         )?;
-        bert::backward(&self.config, &mut self.backend, tokens, l, micro.dropout)?;
+        arch_backward(&self.config, &mut self.backend, tokens, l, micro.dropout)?;
         Ok(value)
     }
 
@@ -479,5 +621,22 @@ impl<B: Backend> Model<B> {
             loss: step_loss,
             grad_norm,
         })
+    }
+}
+
+/// The backward of the architecture whose forward made `layout`.
+fn arch_backward<B: Backend>(
+    config: &ModelConfig,
+    be: &mut B,
+    tokens: &B::Tokens,
+    layout: &Acts,
+    dropout: Option<Dropout>,
+) -> Result<()> {
+    match (&config.arch, layout) {
+        (Arch::Bert(c), Acts::Bert(l)) => bert::backward(c, be, tokens, l, dropout),
+        (Arch::Llama(c), Acts::Llama(l)) => llama::backward(c, be, tokens, l, dropout),
+        _ => Err(Error::internal(
+            "backward: a layout of another architecture",
+        )),
     }
 }

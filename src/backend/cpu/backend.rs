@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::*;
 use crate::backend::arena::{Loans, check_bounds};
-use crate::backend::{Arena, AttentionDims, Backend, Batch, Buf, OptimStep};
+use crate::backend::{Arena, AttentionDims, Backend, Batch, Buf, CausalDims, OptimStep};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::loss::{LossExtras, LossSpec, PromptType, ranking_loss_forward_backward_with};
@@ -524,6 +524,247 @@ impl<F: Float> Backend for Cpu<F> {
     ) -> Result<()> {
         let mut l = self.lend();
         cls_pool_backward(l.w(dx)?, l.r(dout)?, b, t, c);
+        Ok(())
+    }
+
+    fn token_embedding_forward(
+        &mut self,
+        out: Buf,
+        tokens: &Batch,
+        wte: Buf,
+        c: usize,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        token_embedding_forward(l.w(out)?, &tokens.input_ids, l.r(wte)?, c);
+        Ok(())
+    }
+
+    fn token_embedding_backward(
+        &mut self,
+        dwte: Buf,
+        dout: Buf,
+        tokens: &Batch,
+        c: usize,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        token_embedding_backward(l.w(dwte)?, l.r(dout)?, &tokens.input_ids, c);
+        Ok(())
+    }
+
+    fn rmsnorm_forward(
+        &mut self,
+        out: Buf,
+        rstd: Buf,
+        x: Buf,
+        weight: Buf,
+        n: usize,
+        c: usize,
+        eps: f64,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        rmsnorm_forward(l.w(out)?, l.w(rstd)?, l.r(x)?, l.r(weight)?, n, c, eps);
+        Ok(())
+    }
+
+    fn rmsnorm_backward(
+        &mut self,
+        dx: Buf,
+        dweight: Buf,
+        dout: Buf,
+        x: Buf,
+        weight: Buf,
+        rstd: Buf,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        rmsnorm_backward(
+            l.w(dx)?,
+            l.w(dweight)?,
+            l.r(dout)?,
+            l.r(x)?,
+            l.r(weight)?,
+            l.r(rstd)?,
+            n,
+            c,
+        );
+        Ok(())
+    }
+
+    fn rope_cos_sin(
+        &mut self,
+        cos: Buf,
+        sin: Buf,
+        positions: &[u32],
+        inv_freq: &[f32],
+    ) -> Result<()> {
+        let mut l = self.lend();
+        rope_cos_sin(l.w(cos)?, l.w(sin)?, positions, inv_freq);
+        Ok(())
+    }
+
+    fn rope_forward(
+        &mut self,
+        out: Buf,
+        x: Buf,
+        cos: Buf,
+        sin: Buf,
+        n: usize,
+        heads: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        rope_forward(l.w(out)?, l.r(x)?, l.r(cos)?, l.r(sin)?, n, heads, hs);
+        Ok(())
+    }
+
+    fn rope_backward(
+        &mut self,
+        dx: Buf,
+        dout: Buf,
+        cos: Buf,
+        sin: Buf,
+        n: usize,
+        heads: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        rope_backward(l.w(dx)?, l.r(dout)?, l.r(cos)?, l.r(sin)?, n, heads, hs);
+        Ok(())
+    }
+
+    fn swiglu_forward(&mut self, out: Buf, gate: Buf, up: Buf) -> Result<()> {
+        let mut l = self.lend();
+        swiglu_forward(l.w(out)?, l.r(gate)?, l.r(up)?);
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &mut self,
+        dgate: Buf,
+        dup: Buf,
+        dout: Buf,
+        gate: Buf,
+        up: Buf,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        swiglu_backward(l.w(dgate)?, l.w(dup)?, l.r(dout)?, l.r(gate)?, l.r(up)?);
+        Ok(())
+    }
+
+    fn residual_forward(&mut self, out: Buf, a: Buf, b: Buf) -> Result<()> {
+        let mut l = self.lend();
+        residual_forward(l.w(out)?, l.r(a)?, l.r(b)?);
+        Ok(())
+    }
+
+    fn residual_backward(&mut self, da: Buf, db: Buf, dout: Buf) -> Result<()> {
+        let mut l = self.lend();
+        residual_backward(l.w(da)?, l.w(db)?, l.r(dout)?);
+        Ok(())
+    }
+
+    /// The probabilities [B, NH, T, T].
+    fn causal_attention_saved_len(&self, d: CausalDims) -> usize {
+        d.b * d.nh * d.t * d.t
+    }
+
+    fn causal_attention_scratch_len(&self, _dims: CausalDims) -> usize {
+        0
+    }
+
+    fn causal_attention_forward(
+        &mut self,
+        ctx: Buf,
+        saved: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        tokens: &Batch,
+        d: CausalDims,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        causal_attention_forward(
+            l.w(ctx)?,
+            l.w(saved)?,
+            l.r(q)?,
+            l.r(k)?,
+            l.r(v)?,
+            &tokens.mask,
+            None,
+            d.b,
+            d.t,
+            d.nh,
+            d.nkv,
+            d.hs,
+            dropout,
+        );
+        Ok(())
+    }
+
+    fn causal_attention_backward(
+        &mut self,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        _scratch: Buf,
+        dctx: Buf,
+        _ctx: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        saved: Buf,
+        tokens: &Batch,
+        d: CausalDims,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        causal_attention_backward(
+            l.w(dq)?,
+            l.w(dk)?,
+            l.w(dv)?,
+            None,
+            l.r(dctx)?,
+            l.r(q)?,
+            l.r(k)?,
+            l.r(v)?,
+            l.r(saved)?,
+            &tokens.mask,
+            None,
+            d.b,
+            d.t,
+            d.nh,
+            d.nkv,
+            d.hs,
+            dropout,
+        );
+        Ok(())
+    }
+
+    fn last_token_pool_forward(
+        &mut self,
+        out: Buf,
+        x: Buf,
+        rows: &[u32],
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        last_token_pool_forward(l.w(out)?, l.r(x)?, rows, t, c);
+        Ok(())
+    }
+
+    fn last_token_pool_backward(
+        &mut self,
+        dx: Buf,
+        dout: Buf,
+        rows: &[u32],
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        last_token_pool_backward(l.w(dx)?, l.r(dout)?, rows, t, c);
         Ok(())
     }
 

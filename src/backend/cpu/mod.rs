@@ -15,6 +15,7 @@ mod disentangled_attention;
 mod dropout;
 mod embedding;
 mod gelu;
+mod last_token_pool;
 mod layernorm;
 mod matmul;
 mod norm;
@@ -24,6 +25,7 @@ mod rmsnorm;
 mod rope;
 mod swiglu;
 mod tanh;
+mod token_embedding;
 mod vecmath;
 
 pub use adamw::*;
@@ -34,6 +36,7 @@ pub use disentangled_attention::*;
 pub use dropout::*;
 pub use embedding::*;
 pub use gelu::*;
+pub use last_token_pool::*;
 pub use layernorm::*;
 pub use matmul::*;
 pub use norm::*;
@@ -43,6 +46,7 @@ pub use rmsnorm::*;
 pub use rope::*;
 pub use swiglu::*;
 pub use tanh::*;
+pub use token_embedding::*;
 
 /// Elements per rayon task in elementwise ops: big enough to amortise scheduling, small
 /// enough to balance. Fixed, so partitions never depend on the thread count.

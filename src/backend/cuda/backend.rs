@@ -32,7 +32,9 @@ use super::optim::AdamWStep;
 use super::runtime::{Activation, CudaRuntime, driver};
 use crate::backend::DType;
 use crate::backend::arena::{Loans, check_bounds};
-use crate::backend::{Arena, AttentionDims, AttentionDropout, Backend, Batch, Buf, OptimStep};
+use crate::backend::{
+    Arena, AttentionDims, AttentionDropout, Backend, Batch, Buf, CausalDims, OptimStep,
+};
 use crate::error::{Error, Result};
 use crate::loss::{LossExtras, LossSpec, PromptType};
 
@@ -818,6 +820,178 @@ impl Backend for Cuda {
         ))
     }
 
+    // ---- decoder ops: no kernels yet, a clear error for now ----
+
+    fn token_embedding_forward(
+        &mut self,
+        _out: Buf,
+        _tokens: &CudaTokens,
+        _wte: Buf,
+        _c: usize,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("token_embedding_forward"))
+    }
+
+    fn token_embedding_backward(
+        &mut self,
+        _dwte: Buf,
+        _dout: Buf,
+        _tokens: &CudaTokens,
+        _c: usize,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("token_embedding_backward"))
+    }
+
+    fn rmsnorm_forward(
+        &mut self,
+        _out: Buf,
+        _rstd: Buf,
+        _x: Buf,
+        _weight: Buf,
+        _n: usize,
+        _c: usize,
+        _eps: f64,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("rmsnorm_forward"))
+    }
+
+    fn rmsnorm_backward(
+        &mut self,
+        _dx: Buf,
+        _dweight: Buf,
+        _dout: Buf,
+        _x: Buf,
+        _weight: Buf,
+        _rstd: Buf,
+        _n: usize,
+        _c: usize,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("rmsnorm_backward"))
+    }
+
+    fn rope_cos_sin(
+        &mut self,
+        _cos: Buf,
+        _sin: Buf,
+        _positions: &[u32],
+        _inv_freq: &[f32],
+    ) -> Result<()> {
+        Err(no_decoder_kernels("rope_cos_sin"))
+    }
+
+    fn rope_forward(
+        &mut self,
+        _out: Buf,
+        _x: Buf,
+        _cos: Buf,
+        _sin: Buf,
+        _n: usize,
+        _heads: usize,
+        _hs: usize,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("rope_forward"))
+    }
+
+    fn rope_backward(
+        &mut self,
+        _dx: Buf,
+        _dout: Buf,
+        _cos: Buf,
+        _sin: Buf,
+        _n: usize,
+        _heads: usize,
+        _hs: usize,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("rope_backward"))
+    }
+
+    fn swiglu_forward(&mut self, _out: Buf, _gate: Buf, _up: Buf) -> Result<()> {
+        Err(no_decoder_kernels("swiglu_forward"))
+    }
+
+    fn swiglu_backward(
+        &mut self,
+        _dgate: Buf,
+        _dup: Buf,
+        _dout: Buf,
+        _gate: Buf,
+        _up: Buf,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("swiglu_backward"))
+    }
+
+    fn residual_forward(&mut self, _out: Buf, _a: Buf, _b: Buf) -> Result<()> {
+        Err(no_decoder_kernels("residual_forward"))
+    }
+
+    fn residual_backward(&mut self, _da: Buf, _db: Buf, _dout: Buf) -> Result<()> {
+        Err(no_decoder_kernels("residual_backward"))
+    }
+
+    /// Nothing to reserve: the forward refuses to run.
+    fn causal_attention_saved_len(&self, _dims: CausalDims) -> usize {
+        0
+    }
+
+    fn causal_attention_scratch_len(&self, _dims: CausalDims) -> usize {
+        0
+    }
+
+    fn causal_attention_forward(
+        &mut self,
+        _ctx: Buf,
+        _saved: Buf,
+        _q: Buf,
+        _k: Buf,
+        _v: Buf,
+        _tokens: &CudaTokens,
+        _dims: CausalDims,
+        _dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("causal_attention_forward"))
+    }
+
+    fn causal_attention_backward(
+        &mut self,
+        _dq: Buf,
+        _dk: Buf,
+        _dv: Buf,
+        _scratch: Buf,
+        _dctx: Buf,
+        _ctx: Buf,
+        _q: Buf,
+        _k: Buf,
+        _v: Buf,
+        _saved: Buf,
+        _tokens: &CudaTokens,
+        _dims: CausalDims,
+        _dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("causal_attention_backward"))
+    }
+
+    fn last_token_pool_forward(
+        &mut self,
+        _out: Buf,
+        _x: Buf,
+        _rows: &[u32],
+        _t: usize,
+        _c: usize,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("last_token_pool_forward"))
+    }
+
+    fn last_token_pool_backward(
+        &mut self,
+        _dx: Buf,
+        _dout: Buf,
+        _rows: &[u32],
+        _t: usize,
+        _c: usize,
+    ) -> Result<()> {
+        Err(no_decoder_kernels("last_token_pool_backward"))
+    }
+
     fn ranking_loss(
         &mut self,
         dlogits: Buf,
@@ -971,6 +1145,13 @@ impl Backend for Cuda {
 }
 
 /// Which flash kernels the activation type runs: tensor cores where it has them (bf16).
+/// The error of a decoder op on the GPU until its kernels are wired in.
+fn no_decoder_kernels(op: &str) -> Error {
+    Error::user(format!(
+        "{op}: decoder models have no CUDA kernels yet; set device: cpu"
+    ))
+}
+
 fn kernels_for<T: Activation>(_: &Lend<'_, T>) -> FlashKernels {
     FlashKernels::for_activation::<T>()
 }
