@@ -12,7 +12,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hf_config::{HfBertConfig, read_hf_config, read_model_type, write_hf_config};
 use crate::models::{
-    Arch, BertConfig, Family, HostModel, LlamaConfig, ModelConfig, ParamLayout, Weights,
+    Arch, BertConfig, DebertaConfig, Family, HostModel, LlamaConfig, ModelConfig, ParamLayout,
+    Weights,
 };
 use crate::safetensors::{SafeTensors, write_atomic, write_f32};
 use crate::tokenizer::Tokenizer;
@@ -97,6 +98,7 @@ fn write_model_config(path: &Path, config: &ModelConfig) -> Result<()> {
     match &config.arch {
         Arch::Bert(bert) => write_hf_config(path, &to_hf(bert), 1),
         Arch::Llama(llama) => llama.write_hf_json(path),
+        Arch::Deberta(deberta) => deberta.write_hf_json(path),
     }
 }
 
@@ -161,6 +163,9 @@ pub fn load_model(dir: &Path, head: Head) -> Result<(HostModel<f32>, Vec<String>
     let config_path = dir.join("config.json");
     if is_decoder_folder(&config_path)? {
         return load_decoder(dir, &config_path, head);
+    }
+    if read_model_type(&config_path)?.as_deref() == Some("deberta-v2") {
+        return load_deberta(dir, &config_path, head);
     }
     let config = from_hf(&read_hf_config(&config_path)?);
     config.validate(&config_path.display().to_string())?;
@@ -381,6 +386,78 @@ fn load_decoder(
             }
             ("score.weight", Head::Stored) => {
                 "; a trained reward model stores its head (only training starts it fresh)"
+            }
+            _ => "; expected every tensor of the config's architecture",
+        };
+        return Err(Error::user(format!(
+            "{where_}: tensor `{stored}` is missing{why}"
+        )));
+    }
+    let mut model = HostModel::<f32>::zeros(config);
+    for (index, spec) in layout.tensors.iter().enumerate() {
+        let stored = stored_name(&spec.name);
+        let Some(shard) = weights.get(&stored) else {
+            if let Head::FreshIfAbsent(seed) = head {
+                model.init_tensor(index, seed);
+            }
+            continue;
+        };
+        let values = shard.read_f32(&stored, &spec.shape)?;
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::user(format!(
+                "{}: tensor `{stored}`: value {at} is {}; expected finite weights",
+                shard.path().display(),
+                values[at]
+            )));
+        }
+        model.params[spec.range()].copy_from_slice(&values);
+    }
+    Ok((model, fresh))
+}
+
+/// Loads a DeBERTa-v2/v3 folder (`DebertaV2ForSequenceClassification`, or a pretrained
+/// `DebertaV2Model`/`ForMaskedLM` whose pooler and classifier start fresh when training):
+/// config.json checked first, every tensor's shape and dtype from the headers, then the
+/// weights, which must be finite.
+fn load_deberta(
+    dir: &Path,
+    config_path: &Path,
+    head: Head,
+) -> Result<(HostModel<f32>, Vec<String>)> {
+    let config = DebertaConfig::from_hf_json(config_path)?;
+    let weights = DecoderWeights::open(dir)?;
+    let layout = ParamLayout::deberta(&config);
+    // A base model (DebertaV2Model) stores its tensors without the `deberta.` prefix.
+    let has_prefix = weights
+        .get("deberta.embeddings.word_embeddings.weight")
+        .is_some();
+    let stored_name = |name: &str| match has_prefix {
+        true => name.to_string(),
+        false => name.strip_prefix("deberta.").unwrap_or(name).to_string(),
+    };
+    let where_ = match weights.shards.as_slice() {
+        [one] => one.path().display().to_string(),
+        _ => dir
+            .join("model.safetensors.index.json")
+            .display()
+            .to_string(),
+    };
+    let is_head = |name: &str| name.starts_with("pooler.") || name.starts_with("classifier.");
+    let mut fresh = Vec::new();
+    for spec in &layout.tensors {
+        let stored = stored_name(&spec.name);
+        if let Some(shard) = weights.get(&stored) {
+            shard.float_tensor(&stored, &spec.shape)?;
+            continue;
+        }
+        let why = match head {
+            Head::FreshIfAbsent(_) if is_head(&spec.name) => {
+                fresh.push(spec.name.clone());
+                continue;
+            }
+            Head::Stored if is_head(&spec.name) => {
+                "; a trained reward model stores its pooler and classifier (only training starts \
+                 them fresh)"
             }
             _ => "; expected every tensor of the config's architecture",
         };

@@ -35,6 +35,15 @@ pub struct AttentionDims {
     pub hs: usize,
 }
 
+/// The position terms of a disentangled attention: the content-by-position products
+/// [B, NH, T, rows] of the terms the model has (`pos_att_type`), or their gradients.
+#[derive(Clone, Copy, Debug)]
+pub struct PositionBufs {
+    pub c2p: Option<Buf>,
+    pub p2c: Option<Buf>,
+    pub rows: usize,
+}
+
 /// B sequences of T tokens, NH query heads over NKV key/value heads (NH a multiple of NKV:
 /// grouped-query attention), HS channels per head: the causal attention's dimensions.
 #[derive(Clone, Copy, Debug)]
@@ -421,6 +430,71 @@ pub trait Backend {
         rows: &[u32],
         t: usize,
         c: usize,
+    ) -> Result<()>;
+
+    // ---- DeBERTa-v2/v3's disentangled attention ----
+
+    /// out [B, NH, T, R] = per head, x [B, T, NH·HS] times posᵀ, pos [R, NH·HS]: the
+    /// content-by-position products (c2p = q · pos_kᵀ, p2c = k · pos_qᵀ).
+    fn position_products_forward(
+        &mut self,
+        out: Buf,
+        x: Buf,
+        pos: Buf,
+        dims: AttentionDims,
+        rows: usize,
+    ) -> Result<()>;
+    /// dx += dout · pos, dpos += Σ_b doutᵀ · x, per head.
+    #[allow(clippy::too_many_arguments)]
+    fn position_products_backward(
+        &mut self,
+        dx: Buf,
+        dpos: Buf,
+        dout: Buf,
+        x: Buf,
+        pos: Buf,
+        dims: AttentionDims,
+        rows: usize,
+    ) -> Result<()>;
+    /// Elements (Stats) the disentangled attention saves for its backward.
+    fn disentangled_attention_saved_len(&self, dims: AttentionDims) -> usize;
+    /// ctx [B, T, NH·HS] = softmax(scale · (q kᵀ + c2p[i, r_ij] + p2c[j, r_ij]), padding keys
+    /// masked) v per head, with dropout on the probabilities; r = `relative` [T, T]
+    /// (`cpu::relative_positions`), c2p and p2c [B, NH, T, R] where the model has them.
+    #[allow(clippy::too_many_arguments)]
+    fn disentangled_attention_forward(
+        &mut self,
+        ctx: Buf,
+        saved: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        terms: PositionBufs,
+        relative: &[u32],
+        tokens: &Self::Tokens,
+        dims: AttentionDims,
+        scale: f64,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()>;
+    /// dq, dk, dv and the products' gradients `dterms` (shaped as `terms`) += the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn disentangled_attention_backward(
+        &mut self,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        dterms: PositionBufs,
+        dctx: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        terms: PositionBufs,
+        saved: Buf,
+        relative: &[u32],
+        tokens: &Self::Tokens,
+        dims: AttentionDims,
+        scale: f64,
+        dropout: Option<AttentionDropout>,
     ) -> Result<()>;
 
     /// The all-pairs ranking loss of the logits [sum_p K_p] (prompts contiguous, best

@@ -425,7 +425,7 @@ impl LlamaConfig {
 }
 
 /// A config.json's top-level object.
-fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
+pub(super) fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let value: Value = serde_json::from_str(&text).map_err(|e| {
         Error::user(format!(
@@ -444,22 +444,22 @@ fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
 }
 
 /// Typed look-ups of a decoder config's keys; errors name the file and the key.
-struct Keys<'a> {
-    path: &'a Path,
-    obj: &'a Map<String, Value>,
+pub(super) struct Keys<'a> {
+    pub(super) path: &'a Path,
+    pub(super) obj: &'a Map<String, Value>,
 }
 
 impl Keys<'_> {
-    fn error(&self, key: &str, msg: &str) -> Error {
+    pub(super) fn error(&self, key: &str, msg: &str) -> Error {
         Error::user(format!("{}: key '{key}': {msg}", self.path.display()))
     }
 
     /// A present, non-null value.
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(super) fn get(&self, key: &str) -> Option<&Value> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn string(&self, key: &str, default: Option<&str>) -> Result<String> {
+    pub(super) fn string(&self, key: &str, default: Option<&str>) -> Result<String> {
         match (self.get(key), default) {
             (Some(Value::String(s)), _) => Ok(s.clone()),
             (Some(other), _) => Err(self.error(key, &format!("expected a string, found {other}"))),
@@ -475,11 +475,11 @@ impl Keys<'_> {
             .ok_or_else(|| self.error(key, &format!("expected an integer >= 0, found {value}")))
     }
 
-    fn optional_usize(&self, key: &str) -> Result<Option<usize>> {
+    pub(super) fn optional_usize(&self, key: &str) -> Result<Option<usize>> {
         self.get(key).map(|v| self.usize_of(key, v)).transpose()
     }
 
-    fn positive(&self, key: &str) -> Result<usize> {
+    pub(super) fn positive(&self, key: &str) -> Result<usize> {
         match self.optional_usize(key)? {
             None => Err(self.error(key, "missing (required)")),
             Some(0) => Err(self.error(key, "expected a positive integer, found 0")),
@@ -494,7 +494,7 @@ impl Keys<'_> {
             .ok_or_else(|| self.error(key, &format!("expected a token id, found {value}")))
     }
 
-    fn optional_id(&self, key: &str) -> Result<Option<u32>> {
+    pub(super) fn optional_id(&self, key: &str) -> Result<Option<u32>> {
         self.get(key).map(|v| self.id_of(key, v)).transpose()
     }
 
@@ -513,12 +513,12 @@ impl Keys<'_> {
             .ok_or_else(|| self.error(key, &format!("expected a number, found {value}")))
     }
 
-    fn number_or(&self, key: &str, default: f64) -> Result<f64> {
+    pub(super) fn number_or(&self, key: &str, default: f64) -> Result<f64> {
         self.get(key)
             .map_or(Ok(default), |v| self.number_of(key, v))
     }
 
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+    pub(super) fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),

@@ -11,12 +11,14 @@
 //! activation layout and its forward/backward over `Backend`; its loader in checkpoint.rs.
 
 pub mod bert;
+pub mod deberta;
 pub mod llama;
 
 use std::ops::Range;
 use std::sync::Arc;
 
 pub use bert::{ActLayout, BertConfig};
+pub use deberta::DebertaConfig;
 pub use llama::{Family, LlamaConfig};
 
 pub use crate::backend::Batch;
@@ -79,6 +81,7 @@ impl ParamLayout {
 pub enum Arch {
     Bert(BertConfig),
     Llama(LlamaConfig),
+    Deberta(DebertaConfig),
 }
 
 /// A model's architecture, and the sizes every caller reads whatever the architecture (as
@@ -111,6 +114,20 @@ impl From<BertConfig> for ModelConfig {
     }
 }
 
+impl From<DebertaConfig> for ModelConfig {
+    fn from(cfg: DebertaConfig) -> ModelConfig {
+        ModelConfig {
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            max_position_embeddings: cfg.max_position_embeddings,
+            pad_token_id: cfg.pad_token_id,
+            hidden_dropout_prob: cfg.hidden_dropout_prob,
+            attention_probs_dropout_prob: cfg.attention_probs_dropout_prob,
+            arch: Arch::Deberta(cfg),
+        }
+    }
+}
+
 impl From<LlamaConfig> for ModelConfig {
     fn from(cfg: LlamaConfig) -> ModelConfig {
         ModelConfig {
@@ -131,6 +148,7 @@ impl ModelConfig {
         match &self.arch {
             Arch::Bert(cfg) => ParamLayout::new(cfg),
             Arch::Llama(cfg) => ParamLayout::llama(cfg),
+            Arch::Deberta(cfg) => ParamLayout::deberta(cfg),
         }
     }
 }
@@ -179,6 +197,11 @@ impl<F: Float> HostModel<F> {
                 cfg.initializer_range,
                 "embed_tokens.weight",
                 cfg.pad_token_id,
+            ),
+            Arch::Deberta(cfg) => (
+                cfg.initializer_range,
+                "word_embeddings.weight",
+                Some(cfg.pad_token_id),
             ),
         };
         if spec.name.contains("LayerNorm.weight") || spec.name.ends_with("norm.weight") {
@@ -317,6 +340,7 @@ pub struct Model<B: Backend> {
 enum Acts {
     Bert(ActLayout),
     Llama(llama::ActLayout),
+    Deberta(deberta::ActLayout),
 }
 
 impl Acts {
@@ -324,6 +348,7 @@ impl Acts {
         match self {
             Acts::Bert(l) => l.logits(),
             Acts::Llama(l) => l.logits(),
+            Acts::Deberta(l) => l.logits(),
         }
     }
 
@@ -331,6 +356,7 @@ impl Acts {
         match self {
             Acts::Bert(l) => l.dlogits(),
             Acts::Llama(l) => l.dlogits(),
+            Acts::Deberta(l) => l.dlogits(),
         }
     }
 
@@ -338,6 +364,7 @@ impl Acts {
         match self {
             Acts::Bert(l) => l.last_hidden(),
             Acts::Llama(l) => l.last_hidden(),
+            Acts::Deberta(l) => l.last_hidden(),
         }
     }
 
@@ -345,6 +372,7 @@ impl Acts {
         match self {
             Acts::Bert(l) => l.pooled(),
             Acts::Llama(l) => l.pooled(),
+            Acts::Deberta(l) => l.pooled(),
         }
     }
 
@@ -353,6 +381,7 @@ impl Acts {
         let (forward, all) = match self {
             Acts::Bert(l) => (l.forward_lens, l.lens),
             Acts::Llama(l) => (l.forward_lens, l.lens),
+            Acts::Deberta(l) => (l.forward_lens, l.lens),
         };
         if training { all } else { forward }
     }
@@ -406,6 +435,19 @@ impl<B: Backend> Model<B> {
                     )));
                 }
             }
+            Arch::Deberta(deberta) if deberta.type_vocab_size > 0 => {
+                if let Some(&ty) = batch
+                    .token_type_ids
+                    .iter()
+                    .find(|&&ty| ty as usize >= deberta.type_vocab_size)
+                {
+                    return Err(Error::user(format!(
+                        "token type {ty} is outside the model's {} token types",
+                        deberta.type_vocab_size
+                    )));
+                }
+            }
+            Arch::Deberta(_) => {}
             Arch::Llama(llama) => {
                 if let Some(window) = llama.sliding_window.filter(|&w| batch.t > w) {
                     return Err(Error::user(format!(
@@ -446,6 +488,8 @@ impl<B: Backend> Model<B> {
         let types = match &cfg.arch {
             Arch::Bert(bert) => bert.type_vocab_size,
             Arch::Llama(_) => 1,
+            // Without a type table the types are not read: the pair template's two segments.
+            Arch::Deberta(deberta) => deberta.type_vocab_size.max(2),
         };
         let tables = (cfg.vocab_size, cfg.max_position_embeddings, types);
         // The previous batch's tokens go first: on the device they are memory.
@@ -454,6 +498,12 @@ impl<B: Backend> Model<B> {
         let layout = match &cfg.arch {
             Arch::Bert(bert) => Acts::Bert(ActLayout::new(bert, &self.backend, batch.b, batch.t)),
             Arch::Llama(llama) => Acts::Llama(llama::ActLayout::new(llama, &self.backend, batch)),
+            Arch::Deberta(deberta) => Acts::Deberta(deberta::ActLayout::new(
+                deberta,
+                &self.backend,
+                batch.b,
+                batch.t,
+            )),
         };
         let (acts, stats) = layout.lens(self.training);
         self.backend.reserve(acts, stats)?;
@@ -463,6 +513,9 @@ impl<B: Backend> Model<B> {
             }
             (Arch::Llama(c), Acts::Llama(l)) => {
                 llama::forward(c, &mut self.backend, &tokens, l, dropout)?
+            }
+            (Arch::Deberta(c), Acts::Deberta(l)) => {
+                deberta::forward(c, &mut self.backend, &tokens, l, dropout)?
             }
             _ => return Err(Error::internal("forward: a layout of another architecture")),
         }
@@ -635,6 +688,7 @@ fn arch_backward<B: Backend>(
     match (&config.arch, layout) {
         (Arch::Bert(c), Acts::Bert(l)) => bert::backward(c, be, tokens, l, dropout),
         (Arch::Llama(c), Acts::Llama(l)) => llama::backward(c, be, tokens, l, dropout),
+        (Arch::Deberta(c), Acts::Deberta(l)) => deberta::backward(c, be, tokens, l, dropout),
         _ => Err(Error::internal(
             "backward: a layout of another architecture",
         )),

@@ -6,7 +6,9 @@ use std::ops::Range;
 
 use super::*;
 use crate::backend::arena::{Loans, check_bounds};
-use crate::backend::{Arena, AttentionDims, Backend, Batch, Buf, CausalDims, OptimStep};
+use crate::backend::{
+    Arena, AttentionDims, Backend, Batch, Buf, CausalDims, OptimStep, PositionBufs,
+};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::loss::{LossExtras, LossSpec, PromptType, ranking_loss_forward_backward_with};
@@ -765,6 +767,139 @@ impl<F: Float> Backend for Cpu<F> {
     ) -> Result<()> {
         let mut l = self.lend();
         last_token_pool_backward(l.w(dx)?, l.r(dout)?, rows, t, c);
+        Ok(())
+    }
+
+    fn position_products_forward(
+        &mut self,
+        out: Buf,
+        x: Buf,
+        pos: Buf,
+        d: AttentionDims,
+        rows: usize,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        position_products_forward(l.w(out)?, l.r(x)?, l.r(pos)?, d.b, d.t, d.nh, d.hs, rows);
+        Ok(())
+    }
+
+    fn position_products_backward(
+        &mut self,
+        dx: Buf,
+        dpos: Buf,
+        dout: Buf,
+        x: Buf,
+        pos: Buf,
+        d: AttentionDims,
+        rows: usize,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        position_products_backward(
+            l.w(dx)?,
+            l.w(dpos)?,
+            l.r(dout)?,
+            l.r(x)?,
+            l.r(pos)?,
+            d.b,
+            d.t,
+            d.nh,
+            d.hs,
+            rows,
+        );
+        Ok(())
+    }
+
+    fn disentangled_attention_saved_len(&self, d: AttentionDims) -> usize {
+        d.b * d.nh * d.t * d.t
+    }
+
+    fn disentangled_attention_forward(
+        &mut self,
+        ctx: Buf,
+        saved: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        terms: PositionBufs,
+        relative: &[u32],
+        tokens: &Batch,
+        d: AttentionDims,
+        scale: f64,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        let terms = PositionTerms {
+            c2p: terms.c2p.map(|b| l.r(b)).transpose()?,
+            p2c: terms.p2c.map(|b| l.r(b)).transpose()?,
+            relative,
+            rows: terms.rows,
+        };
+        disentangled_attention_forward(
+            l.w(ctx)?,
+            l.w(saved)?,
+            l.r(q)?,
+            l.r(k)?,
+            l.r(v)?,
+            terms,
+            &tokens.mask,
+            d.b,
+            d.t,
+            d.nh,
+            d.hs,
+            scale,
+            dropout,
+        );
+        Ok(())
+    }
+
+    fn disentangled_attention_backward(
+        &mut self,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        dterms: PositionBufs,
+        dctx: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        terms: PositionBufs,
+        saved: Buf,
+        relative: &[u32],
+        tokens: &Batch,
+        d: AttentionDims,
+        scale: f64,
+        dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        let mut l = self.lend();
+        let grads = PositionGrads {
+            dc2p: dterms.c2p.map(|b| l.w(b)).transpose()?,
+            dp2c: dterms.p2c.map(|b| l.w(b)).transpose()?,
+        };
+        let terms = PositionTerms {
+            c2p: terms.c2p.map(|b| l.r(b)).transpose()?,
+            p2c: terms.p2c.map(|b| l.r(b)).transpose()?,
+            relative,
+            rows: terms.rows,
+        };
+        disentangled_attention_backward(
+            l.w(dq)?,
+            l.w(dk)?,
+            l.w(dv)?,
+            grads,
+            l.r(dctx)?,
+            l.r(q)?,
+            l.r(k)?,
+            l.r(v)?,
+            terms,
+            l.r(saved)?,
+            &tokens.mask,
+            d.b,
+            d.t,
+            d.nh,
+            d.hs,
+            scale,
+            dropout,
+        );
         Ok(())
     }
 

@@ -34,6 +34,7 @@ use crate::backend::DType;
 use crate::backend::arena::{Loans, check_bounds};
 use crate::backend::{
     Arena, AttentionDims, AttentionDropout, Backend, Batch, Buf, CausalDims, OptimStep,
+    PositionBufs,
 };
 use crate::error::{Error, Result};
 use crate::loss::{LossExtras, LossSpec, PromptType};
@@ -992,6 +993,72 @@ impl Backend for Cuda {
         Err(no_decoder_kernels("last_token_pool_backward"))
     }
 
+    fn position_products_forward(
+        &mut self,
+        _out: Buf,
+        _x: Buf,
+        _pos: Buf,
+        _dims: AttentionDims,
+        _rows: usize,
+    ) -> Result<()> {
+        Err(no_deberta_kernels("position_products_forward"))
+    }
+
+    fn position_products_backward(
+        &mut self,
+        _dx: Buf,
+        _dpos: Buf,
+        _dout: Buf,
+        _x: Buf,
+        _pos: Buf,
+        _dims: AttentionDims,
+        _rows: usize,
+    ) -> Result<()> {
+        Err(no_deberta_kernels("position_products_backward"))
+    }
+
+    fn disentangled_attention_saved_len(&self, _dims: AttentionDims) -> usize {
+        0
+    }
+
+    fn disentangled_attention_forward(
+        &mut self,
+        _ctx: Buf,
+        _saved: Buf,
+        _q: Buf,
+        _k: Buf,
+        _v: Buf,
+        _terms: PositionBufs,
+        _relative: &[u32],
+        _tokens: &CudaTokens,
+        _dims: AttentionDims,
+        _scale: f64,
+        _dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        Err(no_deberta_kernels("disentangled_attention_forward"))
+    }
+
+    fn disentangled_attention_backward(
+        &mut self,
+        _dq: Buf,
+        _dk: Buf,
+        _dv: Buf,
+        _dterms: PositionBufs,
+        _dctx: Buf,
+        _q: Buf,
+        _k: Buf,
+        _v: Buf,
+        _terms: PositionBufs,
+        _saved: Buf,
+        _relative: &[u32],
+        _tokens: &CudaTokens,
+        _dims: AttentionDims,
+        _scale: f64,
+        _dropout: Option<AttentionDropout>,
+    ) -> Result<()> {
+        Err(no_deberta_kernels("disentangled_attention_backward"))
+    }
+
     fn ranking_loss(
         &mut self,
         dlogits: Buf,
@@ -1145,6 +1212,13 @@ impl Backend for Cuda {
 }
 
 /// Which flash kernels the activation type runs: tensor cores where it has them (bf16).
+/// The error of a DeBERTa op on the GPU until its kernels are written.
+fn no_deberta_kernels(op: &str) -> Error {
+    Error::user(format!(
+        "{op}: DeBERTa models have no CUDA kernels yet; set device: cpu"
+    ))
+}
+
 /// The error of a decoder op on the GPU until its kernels are wired in.
 fn no_decoder_kernels(op: &str) -> Error {
     Error::user(format!(
