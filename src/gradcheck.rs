@@ -11,21 +11,25 @@ use std::fmt;
 use crate::backend::Batch;
 use crate::backend::cpu::Cpu;
 use crate::backend::cpu::{
-    AttentionDropout, Llama3RopeScaling, Prefix, PrefixGrads, attention_backward,
-    attention_forward, causal_attention_backward, causal_attention_forward, cls_pool_backward,
-    cls_pool_forward, dropout_backward, dropout_forward, embedding_backward, embedding_forward,
-    gelu_backward, gelu_forward, last_token_pool_backward, last_token_pool_forward,
-    layernorm_backward, layernorm_forward, matmul_backward, matmul_forward, residual_backward,
-    residual_forward, rmsnorm_backward, rmsnorm_forward, rope_backward, rope_cos_sin, rope_forward,
-    rope_inv_freq, swiglu_backward, swiglu_forward, tanh_backward, tanh_forward,
-    token_embedding_backward, token_embedding_forward,
+    AttentionDropout, Llama3RopeScaling, PositionGrads, PositionTerms, Prefix, PrefixGrads,
+    attention_backward, attention_forward, causal_attention_backward, causal_attention_forward,
+    cls_pool_backward, cls_pool_forward, disentangled_attention_backward,
+    disentangled_attention_forward, disentangled_scale, dropout_backward, dropout_forward,
+    embedding_backward, embedding_forward, gelu_backward, gelu_forward, last_token_pool_backward,
+    last_token_pool_forward, layernorm_backward, layernorm_forward, matmul_backward,
+    matmul_forward, position_products_backward, position_products_forward, relative_positions,
+    residual_backward, residual_forward, rmsnorm_backward, rmsnorm_forward, rope_backward,
+    rope_cos_sin, rope_forward, rope_inv_freq, swiglu_backward, swiglu_forward, tanh_backward,
+    tanh_forward, token_embedding_backward, token_embedding_forward,
 };
 use crate::error::{Error, Result};
 use crate::loss::{
     LossExtras, LossSpec, PairLabels, PromptType, Utility, pairwise_accuracy,
     ranking_loss_forward_backward, ranking_loss_forward_backward_with, sigmoid,
 };
-use crate::models::{BertConfig, Dropout, Family, HostModel, LlamaConfig, Model, ModelConfig};
+use crate::models::{
+    BertConfig, DebertaConfig, Dropout, Family, HostModel, LlamaConfig, Model, ModelConfig,
+};
 use crate::rng::Rng;
 
 /// Step of the central differences: (f(x + h) - f(x - h)) / 2h has error O(h² f''') from
@@ -395,7 +399,105 @@ pub fn op_checks(seed: u64) -> Vec<Check> {
     ));
 
     decoder_op_checks(&mut rng, &mut checks);
+    deberta_op_checks(&mut rng, &mut checks);
     checks
+}
+
+/// DeBERTa's ops: the per-head position products, and the disentangled attention with
+/// both position terms, each alone, and with dropout; relative positions clamped at both
+/// ends (t = 5 > S = 3), the second sequence ending in padding.
+fn deberta_op_checks(rng: &mut Rng, checks: &mut Vec<Check>) {
+    let (b, t, nh, hs, rows) = (2, 3, 2, 3, 5);
+    checks.push(check_op(
+        "position_products",
+        vec![
+            ("x", nonzero_values(rng, b * t * nh * hs)),
+            ("pos", nonzero_values(rng, rows * nh * hs)),
+        ],
+        b * nh * t * rows,
+        |x, out| position_products_forward(out, &x[0], &x[1], b, t, nh, hs, rows),
+        |x, dout, g| {
+            let [dx, dpos] = g else {
+                unreachable!("two inputs")
+            };
+            position_products_backward(dx, dpos, dout, &x[0], &x[1], b, t, nh, hs, rows);
+        },
+        rng,
+    ));
+
+    let (b, t, nh, hs, rows) = (2, 5, 2, 3, 6);
+    let mask = [1u8, 1, 1, 1, 1, 1, 1, 1, 0, 0];
+    let relative = relative_positions(t, 0, 3);
+    let (act, prod, probs) = (b * t * nh * hs, b * nh * t * rows, b * nh * t * t);
+    let dropped = Some(AttentionDropout { p: 0.25, seed: 5 });
+    for (name, c2p_on, p2c_on, dropout) in [
+        ("disentangled_attn", true, true, None),
+        ("disentangled_attn c2p", true, false, None),
+        ("disentangled_attn p2c", false, true, None),
+        ("disentangled_attn+dropout", true, true, dropped),
+    ] {
+        let scale = disentangled_scale(hs, c2p_on as usize + p2c_on as usize);
+        let mut inputs = vec![
+            ("q", nonzero_values(rng, act)),
+            ("k", nonzero_values(rng, act)),
+            ("v", nonzero_values(rng, act)),
+        ];
+        // The products that are on follow q, k, v, c2p first.
+        if c2p_on {
+            inputs.push(("c2p", nonzero_values(rng, prod)));
+        }
+        if p2c_on {
+            inputs.push(("p2c", nonzero_values(rng, prod)));
+        }
+        let c2p_at = c2p_on.then_some(3);
+        let p2c_at = p2c_on.then_some(3 + c2p_on as usize);
+        let terms = |x: &[Vec<f64>]| -> (Option<Vec<f64>>, Option<Vec<f64>>) {
+            (c2p_at.map(|i| x[i].clone()), p2c_at.map(|i| x[i].clone()))
+        };
+        let forward = |x: &[Vec<f64>], out: &mut [f64], saved: &mut [f64]| {
+            let (c2p, p2c) = terms(x);
+            let terms = PositionTerms {
+                c2p: c2p.as_deref(),
+                p2c: p2c.as_deref(),
+                relative: &relative,
+                rows,
+            };
+            disentangled_attention_forward(
+                out, saved, &x[0], &x[1], &x[2], terms, &mask, b, t, nh, hs, scale, dropout,
+            );
+        };
+        checks.push(check_op(
+            name,
+            inputs,
+            act,
+            |x, out| forward(x, out, &mut vec![0.0; probs]),
+            |x, dout, g| {
+                let (mut out, mut saved) = (vec![0.0; act], vec![0.0; probs]);
+                forward(x, &mut out, &mut saved);
+                let (c2p, p2c) = terms(x);
+                let terms = PositionTerms {
+                    c2p: c2p.as_deref(),
+                    p2c: p2c.as_deref(),
+                    relative: &relative,
+                    rows,
+                };
+                let (qkv, products) = g.split_at_mut(3);
+                let [dq, dk, dv] = qkv else {
+                    unreachable!("q, k, v")
+                };
+                let mut products = products.iter_mut().map(|d| d.as_mut_slice());
+                let grads = PositionGrads {
+                    dc2p: if c2p_on { products.next() } else { None },
+                    dp2c: if p2c_on { products.next() } else { None },
+                };
+                disentangled_attention_backward(
+                    dq, dk, dv, grads, dout, &x[0], &x[1], &x[2], terms, &saved, &mask, b, t, nh,
+                    hs, scale, dropout,
+                );
+            },
+            rng,
+        ));
+    }
 }
 
 /// The decoder's ops (RMSNorm, RoPE, SwiGLU, causal attention), at small odd shapes.
@@ -1156,7 +1258,7 @@ fn judge_gradient_of(
         }
         let analytic = &grads[tensor.range()];
         let max_abs = |g: &[f64]| g.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-        let error = if tensor.name.ends_with("attention.self.key.bias") {
+        let error = if zero_by_construction(&tensor.name) {
             // Analytic zero up to rounding; numeric up to the quotient's noise (~1e-8):
             // scaled so that either above its bound counts as a failure.
             (max_abs(analytic) / 1e-12).max(max_abs(&numeric) / 1e-7) * TOLERANCE
@@ -1173,6 +1275,14 @@ fn judge_gradient_of(
     let mut check = worst.check(name, Metric::PerTensor);
     check.entries = model.num_params();
     Ok(check)
+}
+
+/// Tensors whose gradient is zero by construction: a bias that shifts all of a query's
+/// scores alike, which softmax ignores. BERT's key bias; DeBERTa's pos_key_proj bias (c2p
+/// adds q_i · bias to every score of query i). DeBERTa's key_proj bias is not among them
+/// while p2c is on: p2c reads the keys against the positions.
+fn zero_by_construction(name: &str) -> bool {
+    name.ends_with("attention.self.key.bias") || name.ends_with("attention.self.pos_key_proj.bias")
 }
 
 /// The training mode of the whole-model check: both dropouts, at different rates.
@@ -1224,6 +1334,67 @@ pub fn decoder_model_checks(seed: u64) -> Result<Vec<Check>> {
     ])
 }
 
+/// The DeBERTa models of the whole-model checks: 2 layers, hidden 8, 2 heads. "v3": log
+/// buckets, shared position projections, layer-normed relative embeddings, no absolute
+/// positions or types. "v2": separate position projections, absolute positions and types,
+/// an embedding projection (6 -> 8), relative positions clamped at 3, no relative
+/// LayerNorm, its own pooler and classifier dropout.
+fn tiny_deberta_config(v3: bool) -> DebertaConfig {
+    DebertaConfig {
+        vocab_size: 23,
+        hidden_size: 8,
+        embedding_size: if v3 { 8 } else { 6 },
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 12,
+        max_position_embeddings: 16,
+        type_vocab_size: if v3 { 0 } else { 2 },
+        position_biased_input: !v3,
+        layer_norm_eps: 1e-7,
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        pooler_dropout: if v3 { 0.0 } else { 0.15 },
+        cls_dropout: if v3 { 0.1 } else { 0.25 },
+        pad_token_id: 0,
+        initializer_range: 0.02,
+        relative_attention: true,
+        max_relative_positions: if v3 { 16 } else { 3 },
+        position_buckets: if v3 { 4 } else { 0 },
+        c2p: true,
+        p2c: true,
+        share_att_key: v3,
+        norm_rel_ebd: v3,
+    }
+}
+
+/// The whole DeBERTa model: v3's structure in training mode under adaptive2, v2's branches
+/// in eval mode under x_inv and in training mode (its pooler and classifier dropouts).
+pub fn deberta_model_checks(seed: u64) -> Result<Vec<Check>> {
+    let checks = [
+        (
+            "deberta v3, dropout, adaptive2",
+            true,
+            Some(MODEL_CHECK_DROPOUT),
+            "adaptive2",
+        ),
+        ("deberta v2, eval, x_inv", false, None, "x_inv"),
+        (
+            "deberta v2, dropout, adaptive2",
+            false,
+            Some(MODEL_CHECK_DROPOUT),
+            "adaptive2",
+        ),
+    ];
+    checks
+        .into_iter()
+        .map(|(name, v3, dropout, loss)| {
+            let config = tiny_deberta_config(v3).into();
+            let spec = LossSpec::parse(loss)?;
+            judge_gradient_of(name, &config, &spec, dropout, seed, own_backward)
+        })
+        .collect()
+}
+
 /// Which checks `rcx gradcheck` runs.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Suite {
@@ -1271,6 +1442,7 @@ pub fn cmd_gradcheck(args: GradcheckArgs) -> Result<()> {
             Suite::Model => {
                 let mut checks = model_checks(args.seed)?;
                 checks.extend(decoder_model_checks(args.seed)?);
+                checks.extend(deberta_model_checks(args.seed)?);
                 checks
             }
         };

@@ -1,19 +1,15 @@
 //! DeBERTa-v2/v3's disentangled attention (rcx::backend::cpu::disentangled_attention)
 //! against transformers (tests/fixtures/deberta_ops/reference.json, written by
 //! scripts/gen_deberta_op_fixtures.py from transformers' own functions and a
-//! `DisentangledSelfAttention` with random weights), and its backward against central
-//! differences in f64.
+//! `DisentangledSelfAttention` with random weights). Their backward against central
+//! differences in f64 is in `rcx::gradcheck::op_checks`, run by tests/ops_gradcheck.rs.
 
 use std::path::Path;
 
-use rcx::backend::AttentionDropout;
 use rcx::backend::cpu::{
-    PositionGrads, PositionTerms, disentangled_attention_backward, disentangled_attention_forward,
-    disentangled_scale, log_bucket_position, matmul_forward, position_products_backward,
-    position_products_forward, relative_positions,
+    PositionTerms, disentangled_attention_forward, disentangled_scale, log_bucket_position,
+    matmul_forward, position_products_forward, relative_positions,
 };
-use rcx::gradcheck::{Check, check_op, nonzero_values};
-use rcx::rng::Rng;
 use serde_json::Value;
 
 fn reference() -> Value {
@@ -161,143 +157,5 @@ fn disentangled_attention_matches_transformers() {
             }
         }
         assert_eq!(compared, (mask.iter().filter(|&&m| m != 0).count()) * c);
-    }
-}
-
-fn assert_passed(check: Check) {
-    println!("{check}");
-    assert!(check.passed(), "{check}");
-}
-
-#[test]
-fn position_products_backward_matches_central_differences() {
-    let mut rng = Rng::new(0xdeb);
-    let (b, t, nh, hs, rows) = (2, 3, 2, 3, 5);
-    let (x_len, pos_len) = (b * t * nh * hs, rows * nh * hs);
-    let inputs = vec![
-        ("x", nonzero_values(&mut rng, x_len)),
-        ("pos", nonzero_values(&mut rng, pos_len)),
-    ];
-    assert_passed(check_op(
-        "position_products",
-        inputs,
-        b * nh * t * rows,
-        |x, out| position_products_forward(out, &x[0], &x[1], b, t, nh, hs, rows),
-        |x, dout, g| {
-            let [dx, dpos] = g else {
-                unreachable!("two inputs")
-            };
-            position_products_backward(dx, dpos, dout, &x[0], &x[1], b, t, nh, hs, rows);
-        },
-        &mut rng,
-    ));
-}
-
-#[test]
-fn disentangled_attention_backward_matches_central_differences() {
-    let mut rng = Rng::new(0xdeb2);
-    // The second sequence ends in two padding tokens; 2S = 6 rows, relative positions that
-    // clamp at both ends (t = 5 > S = 3).
-    let (b, t, nh, hs) = (2, 5, 2, 3);
-    let rows = 6;
-    let mask = [1u8, 1, 1, 1, 1, 1, 1, 1, 0, 0];
-    let relative = relative_positions(t, 0, 3);
-    assert!(
-        relative.contains(&0) && relative.contains(&5),
-        "the case should clamp"
-    );
-    let act = b * t * nh * hs;
-    let prod = b * nh * t * rows;
-    let dropped = Some(AttentionDropout { p: 0.25, seed: 5 });
-    for (name, c2p_on, p2c_on, dropout) in [
-        ("disentangled_attn c2p+p2c", true, true, None),
-        ("disentangled_attn c2p", true, false, None),
-        ("disentangled_attn p2c", false, true, None),
-        ("disentangled_attn c2p+p2c+dropout", true, true, dropped),
-    ] {
-        let scale = 1.0 / ((hs * (1 + c2p_on as usize + p2c_on as usize)) as f64).sqrt();
-        let mut inputs = vec![
-            ("q", nonzero_values(&mut rng, act)),
-            ("k", nonzero_values(&mut rng, act)),
-            ("v", nonzero_values(&mut rng, act)),
-        ];
-        // c2p and p2c ride at the end when on; their indices follow from the flags.
-        if c2p_on {
-            inputs.push(("c2p", nonzero_values(&mut rng, prod)));
-        }
-        if p2c_on {
-            inputs.push(("p2c", nonzero_values(&mut rng, prod)));
-        }
-        let c2p_at = c2p_on.then_some(3);
-        let p2c_at = p2c_on.then_some(3 + c2p_on as usize);
-        let terms = |x: &[Vec<f64>]| {
-            let c2p = c2p_at.map(|i| x[i].clone());
-            let p2c = p2c_at.map(|i| x[i].clone());
-            (c2p, p2c)
-        };
-        let forward = |x: &[Vec<f64>], out: &mut [f64], probs: &mut [f64]| {
-            let (c2p, p2c) = terms(x);
-            let terms = PositionTerms {
-                c2p: c2p.as_deref(),
-                p2c: p2c.as_deref(),
-                relative: &relative,
-                rows,
-            };
-            disentangled_attention_forward(
-                out, probs, &x[0], &x[1], &x[2], terms, &mask, b, t, nh, hs, scale, dropout,
-            );
-        };
-        assert_passed(check_op(
-            name,
-            inputs,
-            act,
-            |x, out| forward(x, out, &mut vec![0.0; b * nh * t * t]),
-            |x, dout, g| {
-                let (mut out, mut probs) = (vec![0.0; act], vec![0.0; b * nh * t * t]);
-                forward(x, &mut out, &mut probs);
-                let (c2p, p2c) = terms(x);
-                let terms = PositionTerms {
-                    c2p: c2p.as_deref(),
-                    p2c: p2c.as_deref(),
-                    relative: &relative,
-                    rows,
-                };
-                let (qkv, positions) = g.split_at_mut(3);
-                let [dq, dk, dv] = qkv else {
-                    unreachable!("q, k, v")
-                };
-                let mut positions = positions.iter_mut();
-                let dc2p = if c2p_on {
-                    positions.next().map(|d| d.as_mut_slice())
-                } else {
-                    None
-                };
-                let dp2c = if p2c_on {
-                    positions.next().map(|d| d.as_mut_slice())
-                } else {
-                    None
-                };
-                disentangled_attention_backward(
-                    dq,
-                    dk,
-                    dv,
-                    PositionGrads { dc2p, dp2c },
-                    dout,
-                    &x[0],
-                    &x[1],
-                    &x[2],
-                    terms,
-                    &probs,
-                    &mask,
-                    b,
-                    t,
-                    nh,
-                    hs,
-                    scale,
-                    dropout,
-                );
-            },
-            &mut rng,
-        ));
     }
 }

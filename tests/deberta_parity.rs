@@ -188,3 +188,16 @@ fn unsupported_configs_are_one_line_errors_naming_the_key() {
         }
     }
 }
+
+/// The whole model's backward against central differences in f64
+/// (`rcx::gradcheck::deberta_model_checks`: v3's structure with dropout, v2's branches in
+/// eval and training mode).
+#[test]
+fn the_whole_models_backward_matches_central_differences() {
+    let checks = rcx::gradcheck::deberta_model_checks(42).unwrap();
+    assert_eq!(checks.len(), 3);
+    for check in checks {
+        println!("{check}");
+        assert!(check.passed(), "{check}");
+    }
+}

@@ -30,7 +30,7 @@ impl Rng {
 }
 
 /// The ops `rcx::gradcheck::op_checks` must cover: every backward of src/backend/cpu/.
-const OPS: [&str; 20] = [
+const OPS: [&str; 25] = [
     "matmul+bias",
     "matmul",
     "layernorm",
@@ -51,6 +51,11 @@ const OPS: [&str; 20] = [
     "causal_attn+dropout",
     "causal_attn+prefix",
     "causal_attn+prefix+dropout",
+    "position_products",
+    "disentangled_attn",
+    "disentangled_attn c2p",
+    "disentangled_attn p2c",
+    "disentangled_attn+dropout",
 ];
 
 #[test]

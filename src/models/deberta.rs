@@ -119,16 +119,16 @@ impl DebertaConfig {
         }
         let hidden_size = keys.positive("hidden_size")?;
         let num_attention_heads = keys.positive("num_attention_heads")?;
-        if let Some(size) = keys.optional_usize("attention_head_size")? {
-            if num_attention_heads * size != hidden_size {
-                return Err(keys.error(
-                    "attention_head_size",
-                    &format!(
-                        "{size} x {num_attention_heads} heads differs from hidden_size \
-                         {hidden_size}; rcx needs heads that split the hidden size"
-                    ),
-                ));
-            }
+        if let Some(size) = keys.optional_usize("attention_head_size")?
+            && num_attention_heads.checked_mul(size) != Some(hidden_size)
+        {
+            return Err(keys.error(
+                "attention_head_size",
+                &format!(
+                    "{size} x {num_attention_heads} heads differs from hidden_size \
+                     {hidden_size}; rcx needs heads that split the hidden size"
+                ),
+            ));
         }
         let max_position_embeddings = keys.positive("max_position_embeddings")?;
         let signed = |key: &str, default: i64| -> Result<i64> {
@@ -213,13 +213,13 @@ impl DebertaConfig {
             share_att_key: keys.bool_or("share_att_key", false)?,
             norm_rel_ebd: norm_rel_ebd.contains(&"layer_norm"),
         };
-        if let Some(size) = keys.optional_usize("pooler_hidden_size")? {
-            if size != hidden_size {
-                return Err(keys.error(
-                    "pooler_hidden_size",
-                    &format!("must equal hidden_size ({hidden_size}), found {size}"),
-                ));
-            }
+        if let Some(size) = keys.optional_usize("pooler_hidden_size")?
+            && size != hidden_size
+        {
+            return Err(keys.error(
+                "pooler_hidden_size",
+                &format!("must equal hidden_size ({hidden_size}), found {size}"),
+            ));
         }
         config.validate(&path.display().to_string())?;
         Ok(config)

@@ -340,7 +340,8 @@ pub struct Model<B: Backend> {
 enum Acts {
     Bert(ActLayout),
     Llama(llama::ActLayout),
-    Deberta(deberta::ActLayout),
+    // Boxed: its layout is several times the others'.
+    Deberta(Box<deberta::ActLayout>),
 }
 
 impl Acts {
@@ -498,12 +499,12 @@ impl<B: Backend> Model<B> {
         let layout = match &cfg.arch {
             Arch::Bert(bert) => Acts::Bert(ActLayout::new(bert, &self.backend, batch.b, batch.t)),
             Arch::Llama(llama) => Acts::Llama(llama::ActLayout::new(llama, &self.backend, batch)),
-            Arch::Deberta(deberta) => Acts::Deberta(deberta::ActLayout::new(
+            Arch::Deberta(deberta) => Acts::Deberta(Box::new(deberta::ActLayout::new(
                 deberta,
                 &self.backend,
                 batch.b,
                 batch.t,
-            )),
+            ))),
         };
         let (acts, stats) = layout.lens(self.training);
         self.backend.reserve(acts, stats)?;
