@@ -212,3 +212,77 @@ fn whole_decoder_gradient_matches_finite_differences() {
         assert!(check.passed(), "{check}");
     }
 }
+
+/// Three training steps of the Llama fixture (f32, AdamW, the x_inv ranking loss on a
+/// prompt's three completions) move every weight tensor, lower the loss, and the folder
+/// rcx then writes loads back with the trained model's logits. The folder keeps rcx's
+/// logits (`rcx_logits.json`) for the transformers check in the report.
+#[test]
+fn a_trained_decoder_saves_and_loads_back() {
+    use rcx::backend::OptimStep;
+    use rcx::loss::LossSpec;
+    use rcx::models::MicroBatch;
+
+    let (host, _) = load_model(&fixture("llama"), Head::Stored).unwrap();
+    let before = host.params.clone();
+    let mut model = host.on_cpu();
+    model.start_training().unwrap();
+    let case = &expected()["llama"][0];
+    let batch = batch_of(case);
+    let (ks, types) = ([batch.b], [None]);
+    let micro = MicroBatch {
+        batch: &batch,
+        ks: &ks,
+        types: &types,
+        dropout: None,
+    };
+    let spec = LossSpec::parse("x_inv").unwrap();
+    let mut losses = Vec::new();
+    for step in 1..=3 {
+        let opt = OptimStep {
+            step,
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+        };
+        let stats = model
+            .train_step(std::slice::from_ref(&micro), &spec, 0.1, &opt)
+            .unwrap();
+        assert!(stats.loss.is_finite() && stats.grad_norm > 0.0, "{stats:?}");
+        losses.push(stats.loss);
+    }
+    assert!(losses[2] < losses[0], "{losses:?}");
+
+    let dir = common::scratch("llama_parity", "trained_llama");
+    let unchanged: Vec<String> = model
+        .with_weights(|weights, _, _| {
+            write_model_weights(&dir, weights).unwrap();
+            weights
+                .layout
+                .tensors
+                .iter()
+                .filter(|t| weights.params[t.range()] == before[t.range()])
+                .map(|t| t.name.clone())
+                .collect()
+        })
+        .unwrap();
+    assert!(unchanged.is_empty(), "not trained: {unchanged:?}");
+
+    let mut trained = Vec::new();
+    for case in expected()["llama"].as_array().unwrap() {
+        trained.push(model.forward(&batch_of(case), None).unwrap());
+    }
+    let (back, _) = load_model(&dir, Head::Stored).unwrap();
+    let mut back = back.on_cpu();
+    for (case, want) in expected()["llama"].as_array().unwrap().iter().zip(&trained) {
+        assert_eq!(&back.forward(&batch_of(case), None).unwrap(), want);
+    }
+    fs::write(
+        dir.join("rcx_logits.json"),
+        serde_json::to_string(&trained).unwrap(),
+    )
+    .unwrap();
+}
