@@ -286,3 +286,47 @@ fn a_trained_decoder_saves_and_loads_back() {
     )
     .unwrap();
 }
+
+/// transformers 4's form of the same rotary settings (`rope_theta` beside `rope_scaling`
+/// with `type`) gives the same model as transformers 5's `rope_parameters`.
+#[test]
+fn the_older_rope_scaling_keys_mean_the_same() {
+    let dir = copy_fixture("llama", "rope_scaling_v4");
+    edit_json(&dir.join("config.json"), |c| {
+        let mut params = c["rope_parameters"].take();
+        let obj = c.as_object_mut().unwrap();
+        obj.remove("rope_parameters");
+        obj.insert("rope_theta".into(), params["rope_theta"].take());
+        let scaling = params.as_object_mut().unwrap();
+        scaling.remove("rope_theta");
+        let rope_type = scaling.remove("rope_type").unwrap();
+        scaling.insert("type".into(), rope_type);
+        obj.insert("rope_scaling".into(), params);
+    });
+    let (older, _) = load_model(&dir, Head::Stored).unwrap();
+    let (newer, _) = load_model(&fixture("llama"), Head::Stored).unwrap();
+    assert_eq!(older.config, newer.config);
+}
+
+/// Mistral's sliding window: rcx attends to every earlier token, so a batch longer than
+/// the window is refused at the forward (shorter ones are exact).
+#[test]
+fn a_sequence_past_the_sliding_window_is_refused() {
+    let dir = copy_fixture("mistral", "sliding_window");
+    edit_json(&dir.join("config.json"), |c| c["sliding_window"] = 6.into());
+    let (model, _) = load_model(&dir, Head::Stored).unwrap();
+    let mut model = model.on_cpu();
+    let cases = expected();
+    let long = &cases["mistral"][0]; // 7 tokens
+    let e = model.forward(&batch_of(long), None).unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    let e = e.to_string();
+    assert!(
+        e.contains("sliding_window") && e.contains("max_length"),
+        "{e}"
+    );
+    let short = &cases["mistral"][2]; // 6 tokens
+    let want = short["logits"][0].as_f64().unwrap();
+    let got = model.forward(&batch_of(short), None).unwrap()[0] as f64;
+    assert!((got - want).abs() <= 1e-4, "{got} {want}");
+}
