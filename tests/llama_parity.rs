@@ -330,3 +330,33 @@ fn a_sequence_past_the_sliding_window_is_refused() {
     let got = model.forward(&batch_of(short), None).unwrap()[0] as f64;
     assert!((got - want).abs() <= 1e-4, "{got} {want}");
 }
+
+/// Sizes that cannot be held, and heads that do not group, are refused from config.json
+/// before anything is allocated; an empty batch is an error, not a panic.
+#[test]
+fn impossible_sizes_are_refused_naming_the_key() {
+    for (test, key, value, expect) in [
+        ("huge_vocab", "vocab_size", 1u64 << 40, "too large"),
+        ("huge_mlp", "intermediate_size", 1u64 << 33, "too large"),
+        ("kv_heads", "num_key_value_heads", 3, "does not divide"),
+        ("odd_head", "head_dim", 5, "odd"),
+        ("zero_layers", "num_hidden_layers", 0, "positive"),
+    ] {
+        let dir = copy_fixture("llama", test);
+        edit_json(&dir.join("config.json"), |c| c[key] = value.into());
+        let e = load_error(&dir, Head::Stored);
+        assert!(e.contains("config.json") && e.contains(key), "{e}");
+        assert!(e.contains(expect), "{e}");
+    }
+
+    let (model, _) = load_model(&fixture("qwen2"), Head::Stored).unwrap();
+    let empty = Batch {
+        input_ids: vec![],
+        token_type_ids: vec![],
+        mask: vec![],
+        b: 2,
+        t: 0,
+    };
+    let e = model.on_cpu().forward(&empty, None).unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+}
