@@ -1,5 +1,8 @@
 //! Hugging Face BERT `config.json`: reading a pretrained model's shape, and writing one that
 //! `transformers` loads as `BertForSequenceClassification` (a reward model has one output).
+//! Also the typed key look-ups (`ConfigKeys`) that the decoders' reader
+//! (`models::llama::LlamaConfig::from_hf_json`) shares, and `read_model_type`, which tells
+//! the loader which reader takes a folder.
 
 use std::path::Path;
 
