@@ -1,6 +1,7 @@
 //! Model folders and checkpoints. A model folder is what `transformers` reads:
-//! `config.json` + `model.safetensors` in BertForSequenceClassification's layout, plus the
-//! `vocab.txt` it was trained with. A checkpoint (`checkpoint-<step>/`) adds the optimizer
+//! `config.json` + `model.safetensors` in BertForSequenceClassification's layout (or a Llama,
+//! Mistral or Qwen2 `*ForSequenceClassification`'s, whose weights may also come sharded),
+//! plus the `vocab.txt` it was trained with. A checkpoint (`checkpoint-<step>/`) adds the optimizer
 //! moments (`optimizer.safetensors`) and `trainer_state.json`, written last, which holds
 //! the SHA-256 of every other file and the run's training settings. A checkpoint is written
 //! into a temporary folder and renamed, so a kill during a save leaves the previous one

@@ -1,5 +1,8 @@
 //! Hugging Face BERT `config.json`: reading a pretrained model's shape, and writing one that
 //! `transformers` loads as `BertForSequenceClassification` (a reward model has one output).
+//! Also the typed key look-ups (`ConfigKeys`) that the decoders' reader
+//! (`models::llama::LlamaConfig::from_hf_json`) shares, and `read_model_type`, which tells
+//! the loader which reader takes a folder.
 
 use std::path::Path;
 
@@ -31,20 +34,7 @@ pub struct HfBertConfig {
 /// others fall back to the defaults `transformers.BertConfig` uses, so a config means here
 /// what it means there. Unknown keys are ignored.
 pub fn read_hf_config(path: &Path) -> Result<HfBertConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let value: Value = serde_json::from_str(&text).map_err(|e| {
-        Error::user(format!(
-            "{}:{}: not valid JSON: {e}",
-            path.display(),
-            e.line()
-        ))
-    })?;
-    let Value::Object(obj) = value else {
-        return Err(Error::user(format!(
-            "{}: expected a JSON object",
-            path.display()
-        )));
-    };
+    let obj = read_json_object(path)?;
     let keys = ConfigKeys { path, obj: &obj };
 
     let model_type = keys.string("model_type", None)?;
@@ -107,6 +97,15 @@ pub fn read_hf_config(path: &Path) -> Result<HfBertConfig> {
 /// The `model_type` of a config.json (None when absent), read alone: which architecture's
 /// reader takes the file.
 pub fn read_model_type(path: &Path) -> Result<Option<String>> {
+    let obj = read_json_object(path)?;
+    Ok(obj
+        .get("model_type")
+        .and_then(Value::as_str)
+        .map(str::to_string))
+}
+
+/// A config.json's top-level object.
+pub fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let value: Value = serde_json::from_str(&text).map_err(|e| {
         Error::user(format!(
@@ -115,10 +114,13 @@ pub fn read_model_type(path: &Path) -> Result<Option<String>> {
             e.line()
         ))
     })?;
-    Ok(value
-        .get("model_type")
-        .and_then(Value::as_str)
-        .map(str::to_string))
+    match value {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(Error::user(format!(
+            "{}: expected a JSON object",
+            path.display()
+        ))),
+    }
 }
 
 /// Writes a `config.json` that `transformers` loads as `BertForSequenceClassification` with
@@ -166,18 +168,18 @@ fn shortest_decimal(x: f32) -> f64 {
 }
 
 /// Typed look-ups of config keys whose errors name the file and the key.
-struct ConfigKeys<'a> {
-    path: &'a Path,
-    obj: &'a Map<String, Value>,
+pub struct ConfigKeys<'a> {
+    pub path: &'a Path,
+    pub obj: &'a Map<String, Value>,
 }
 
 impl ConfigKeys<'_> {
-    fn error(&self, key: &str, msg: &str) -> Error {
+    pub fn error(&self, key: &str, msg: &str) -> Error {
         Error::user(format!("{}: key '{key}': {msg}", self.path.display()))
     }
 
     /// A string value; `default` is used when the key is absent (None: the key is required).
-    fn string(&self, key: &str, default: Option<&str>) -> Result<String> {
+    pub fn string(&self, key: &str, default: Option<&str>) -> Result<String> {
         match (self.obj.get(key), default) {
             (Some(Value::String(s)), _) => Ok(s.clone()),
             (Some(other), _) => Err(self.error(key, &format!("expected a string, found {other}"))),
@@ -194,7 +196,7 @@ impl ConfigKeys<'_> {
             .ok_or_else(|| self.error(key, &format!("expected a positive integer, found {value}")))
     }
 
-    fn positive(&self, key: &str) -> Result<usize> {
+    pub fn positive(&self, key: &str) -> Result<usize> {
         let value = self
             .obj
             .get(key)
@@ -225,6 +227,67 @@ impl ConfigKeys<'_> {
                 .as_f64()
                 .map(|x| x as f32)
                 .ok_or_else(|| self.error(key, &format!("expected a number, found {value}"))),
+        }
+    }
+
+    /// A present, non-null value (transformers writes unset optional keys as null).
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    /// An integer >= 0, or None when absent or null.
+    pub fn optional_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.get(key)
+            .map(|value| {
+                value
+                    .as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| {
+                        self.error(key, &format!("expected an integer >= 0, found {value}"))
+                    })
+            })
+            .transpose()
+    }
+
+    fn id_of(&self, key: &str, value: &Value) -> Result<u32> {
+        value
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| self.error(key, &format!("expected a token id, found {value}")))
+    }
+
+    /// A token id, or None when absent or null.
+    pub fn optional_id(&self, key: &str) -> Result<Option<u32>> {
+        self.get(key).map(|v| self.id_of(key, v)).transpose()
+    }
+
+    /// A token id or a list of them (eos_token_id); absent or null: none.
+    pub fn ids(&self, key: &str) -> Result<Vec<u32>> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items.iter().map(|v| self.id_of(key, v)).collect(),
+            Some(v) => Ok(vec![self.id_of(key, v)?]),
+        }
+    }
+
+    /// A number as f64 (`key` names it in errors, e.g. "rope_parameters.factor").
+    pub fn number_of(&self, key: &str, value: &Value) -> Result<f64> {
+        value
+            .as_f64()
+            .ok_or_else(|| self.error(key, &format!("expected a number, found {value}")))
+    }
+
+    /// A number as f64; `default` when absent or null.
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        self.get(key)
+            .map_or(Ok(default), |v| self.number_of(key, v))
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(self.error(key, &format!("expected true or false, found {v}"))),
         }
     }
 

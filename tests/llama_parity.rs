@@ -212,3 +212,151 @@ fn whole_decoder_gradient_matches_finite_differences() {
         assert!(check.passed(), "{check}");
     }
 }
+
+/// Three training steps of the Llama fixture (f32, AdamW, the x_inv ranking loss on a
+/// prompt's three completions) move every weight tensor, lower the loss, and the folder
+/// rcx then writes loads back with the trained model's logits. The folder keeps rcx's
+/// logits (`rcx_logits.json`) for the transformers check in the report.
+#[test]
+fn a_trained_decoder_saves_and_loads_back() {
+    use rcx::backend::OptimStep;
+    use rcx::loss::LossSpec;
+    use rcx::models::MicroBatch;
+
+    let (host, _) = load_model(&fixture("llama"), Head::Stored).unwrap();
+    let before = host.params.clone();
+    let mut model = host.on_cpu();
+    model.start_training().unwrap();
+    let case = &expected()["llama"][0];
+    let batch = batch_of(case);
+    let (ks, types) = ([batch.b], [None]);
+    let micro = MicroBatch {
+        batch: &batch,
+        ks: &ks,
+        types: &types,
+        dropout: None,
+    };
+    let spec = LossSpec::parse("x_inv").unwrap();
+    let mut losses = Vec::new();
+    for step in 1..=3 {
+        let opt = OptimStep {
+            step,
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+        };
+        let stats = model
+            .train_step(std::slice::from_ref(&micro), &spec, 0.1, &opt)
+            .unwrap();
+        assert!(stats.loss.is_finite() && stats.grad_norm > 0.0, "{stats:?}");
+        losses.push(stats.loss);
+    }
+    assert!(losses[2] < losses[0], "{losses:?}");
+
+    let dir = common::scratch("llama_parity", "trained_llama");
+    let unchanged: Vec<String> = model
+        .with_weights(|weights, _, _| {
+            write_model_weights(&dir, weights).unwrap();
+            weights
+                .layout
+                .tensors
+                .iter()
+                .filter(|t| weights.params[t.range()] == before[t.range()])
+                .map(|t| t.name.clone())
+                .collect()
+        })
+        .unwrap();
+    assert!(unchanged.is_empty(), "not trained: {unchanged:?}");
+
+    let mut trained = Vec::new();
+    for case in expected()["llama"].as_array().unwrap() {
+        trained.push(model.forward(&batch_of(case), None).unwrap());
+    }
+    let (back, _) = load_model(&dir, Head::Stored).unwrap();
+    let mut back = back.on_cpu();
+    for (case, want) in expected()["llama"].as_array().unwrap().iter().zip(&trained) {
+        assert_eq!(&back.forward(&batch_of(case), None).unwrap(), want);
+    }
+    fs::write(
+        dir.join("rcx_logits.json"),
+        serde_json::to_string(&trained).unwrap(),
+    )
+    .unwrap();
+}
+
+/// transformers 4's form of the same rotary settings (`rope_theta` beside `rope_scaling`
+/// with `type`) gives the same model as transformers 5's `rope_parameters`.
+#[test]
+fn the_older_rope_scaling_keys_mean_the_same() {
+    let dir = copy_fixture("llama", "rope_scaling_v4");
+    edit_json(&dir.join("config.json"), |c| {
+        let mut params = c["rope_parameters"].take();
+        let obj = c.as_object_mut().unwrap();
+        obj.remove("rope_parameters");
+        obj.insert("rope_theta".into(), params["rope_theta"].take());
+        let scaling = params.as_object_mut().unwrap();
+        scaling.remove("rope_theta");
+        let rope_type = scaling.remove("rope_type").unwrap();
+        scaling.insert("type".into(), rope_type);
+        obj.insert("rope_scaling".into(), params);
+    });
+    let (older, _) = load_model(&dir, Head::Stored).unwrap();
+    let (newer, _) = load_model(&fixture("llama"), Head::Stored).unwrap();
+    assert_eq!(older.config, newer.config);
+}
+
+/// Mistral's sliding window: rcx attends to every earlier token, so a batch longer than
+/// the window is refused at the forward (shorter ones are exact).
+#[test]
+fn a_sequence_past_the_sliding_window_is_refused() {
+    let dir = copy_fixture("mistral", "sliding_window");
+    edit_json(&dir.join("config.json"), |c| c["sliding_window"] = 6.into());
+    let (model, _) = load_model(&dir, Head::Stored).unwrap();
+    let mut model = model.on_cpu();
+    let cases = expected();
+    let long = &cases["mistral"][0]; // 7 tokens
+    let e = model.forward(&batch_of(long), None).unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    let e = e.to_string();
+    assert!(
+        e.contains("sliding_window") && e.contains("max_length"),
+        "{e}"
+    );
+    let short = &cases["mistral"][2]; // 6 tokens
+    let want = short["logits"][0].as_f64().unwrap();
+    let got = model.forward(&batch_of(short), None).unwrap()[0] as f64;
+    assert!((got - want).abs() <= 1e-4, "{got} {want}");
+}
+
+/// Sizes that cannot be held, and heads that do not group, are refused from config.json
+/// before anything is allocated; an empty batch is an error, not a panic.
+#[test]
+fn impossible_sizes_are_refused_naming_the_key() {
+    for (test, key, value, expect) in [
+        ("huge_vocab", "vocab_size", 1u64 << 40, "too large"),
+        ("huge_mlp", "intermediate_size", 1u64 << 33, "too large"),
+        ("kv_heads", "num_key_value_heads", 3, "does not divide"),
+        ("odd_head", "head_dim", 5, "odd"),
+        ("zero_layers", "num_hidden_layers", 0, "positive"),
+    ] {
+        let dir = copy_fixture("llama", test);
+        edit_json(&dir.join("config.json"), |c| c[key] = value.into());
+        let e = load_error(&dir, Head::Stored);
+        assert!(e.contains("config.json") && e.contains(key), "{e}");
+        assert!(e.contains(expect), "{e}");
+    }
+
+    let (model, _) = load_model(&fixture("qwen2"), Head::Stored).unwrap();
+    let empty = Batch {
+        input_ids: vec![],
+        token_type_ids: vec![],
+        mask: vec![],
+        b: 2,
+        t: 0,
+    };
+    let e = model.on_cpu().forward(&empty, None).unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+}

@@ -12,12 +12,13 @@
 use std::path::Path;
 use std::sync::Once;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::{Dropout, ParamLayout, TensorSpec, attention_dropout};
 use crate::backend::cpu::{Llama3RopeScaling, rope_inv_freq};
 use crate::backend::{Arena, Backend, Batch, Buf, Carver, CausalDims};
 use crate::error::{Error, Result};
+use crate::hf_config::{ConfigKeys, read_json_object};
 use crate::models::BertConfig;
 use crate::safetensors::write_atomic;
 
@@ -113,7 +114,7 @@ impl LlamaConfig {
     /// rcx does not implement are refused, naming the file and the key.
     pub fn from_hf_json(path: &Path) -> Result<LlamaConfig> {
         let obj = read_json_object(path)?;
-        let keys = Keys { path, obj: &obj };
+        let keys = ConfigKeys { path, obj: &obj };
         let model_type = keys.string("model_type", None)?;
         let Some(family) = Family::from_model_type(&model_type) else {
             return Err(keys.error(
@@ -168,7 +169,7 @@ impl LlamaConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: keys.number_or("rms_norm_eps", 1e-6)?,
+            rms_norm_eps: keys.f64_or("rms_norm_eps", 1e-6)?,
             rope_theta,
             rope_scaling,
             qkv_bias,
@@ -177,8 +178,8 @@ impl LlamaConfig {
             max_position_embeddings: keys.positive("max_position_embeddings")?,
             pad_token_id: keys.optional_id("pad_token_id")?,
             eos_token_id: keys.ids("eos_token_id")?,
-            initializer_range: keys.number_or("initializer_range", 0.02)?,
-            attention_dropout: keys.number_or("attention_dropout", 0.0)?,
+            initializer_range: keys.f64_or("initializer_range", 0.02)?,
+            attention_dropout: keys.f64_or("attention_dropout", 0.0)?,
             sliding_window: keys.sliding_window(family, num_hidden_layers)?,
         };
         config.validate(&path.display().to_string())?;
@@ -424,108 +425,13 @@ impl LlamaConfig {
     }
 }
 
-/// A config.json's top-level object.
-pub(super) fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let value: Value = serde_json::from_str(&text).map_err(|e| {
-        Error::user(format!(
-            "{}:{}: not valid JSON: {e}",
-            path.display(),
-            e.line()
-        ))
-    })?;
-    match value {
-        Value::Object(obj) => Ok(obj),
-        _ => Err(Error::user(format!(
-            "{}: expected a JSON object",
-            path.display()
-        ))),
-    }
+/// The decoder-only look-ups of a config.json.
+trait DecoderKeys {
+    fn rope(&self) -> Result<(f64, Option<Llama3RopeScaling>)>;
+    fn sliding_window(&self, family: Family, layers: usize) -> Result<Option<usize>>;
 }
 
-/// Typed look-ups of a decoder config's keys; errors name the file and the key.
-pub(super) struct Keys<'a> {
-    pub(super) path: &'a Path,
-    pub(super) obj: &'a Map<String, Value>,
-}
-
-impl Keys<'_> {
-    pub(super) fn error(&self, key: &str, msg: &str) -> Error {
-        Error::user(format!("{}: key '{key}': {msg}", self.path.display()))
-    }
-
-    /// A present, non-null value.
-    pub(super) fn get(&self, key: &str) -> Option<&Value> {
-        self.obj.get(key).filter(|v| !v.is_null())
-    }
-
-    pub(super) fn string(&self, key: &str, default: Option<&str>) -> Result<String> {
-        match (self.get(key), default) {
-            (Some(Value::String(s)), _) => Ok(s.clone()),
-            (Some(other), _) => Err(self.error(key, &format!("expected a string, found {other}"))),
-            (None, Some(d)) => Ok(d.to_string()),
-            (None, None) => Err(self.error(key, "missing (required)")),
-        }
-    }
-
-    fn usize_of(&self, key: &str, value: &Value) -> Result<usize> {
-        value
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| self.error(key, &format!("expected an integer >= 0, found {value}")))
-    }
-
-    pub(super) fn optional_usize(&self, key: &str) -> Result<Option<usize>> {
-        self.get(key).map(|v| self.usize_of(key, v)).transpose()
-    }
-
-    pub(super) fn positive(&self, key: &str) -> Result<usize> {
-        match self.optional_usize(key)? {
-            None => Err(self.error(key, "missing (required)")),
-            Some(0) => Err(self.error(key, "expected a positive integer, found 0")),
-            Some(n) => Ok(n),
-        }
-    }
-
-    fn id_of(&self, key: &str, value: &Value) -> Result<u32> {
-        value
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| self.error(key, &format!("expected a token id, found {value}")))
-    }
-
-    pub(super) fn optional_id(&self, key: &str) -> Result<Option<u32>> {
-        self.get(key).map(|v| self.id_of(key, v)).transpose()
-    }
-
-    /// A token id or a list of them (eos_token_id); absent or null: none.
-    fn ids(&self, key: &str) -> Result<Vec<u32>> {
-        match self.get(key) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(items)) => items.iter().map(|v| self.id_of(key, v)).collect(),
-            Some(v) => Ok(vec![self.id_of(key, v)?]),
-        }
-    }
-
-    fn number_of(&self, key: &str, value: &Value) -> Result<f64> {
-        value
-            .as_f64()
-            .ok_or_else(|| self.error(key, &format!("expected a number, found {value}")))
-    }
-
-    pub(super) fn number_or(&self, key: &str, default: f64) -> Result<f64> {
-        self.get(key)
-            .map_or(Ok(default), |v| self.number_of(key, v))
-    }
-
-    pub(super) fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(self.error(key, &format!("expected true or false, found {v}"))),
-        }
-    }
-
+impl DecoderKeys for ConfigKeys<'_> {
     /// rope_theta and the llama3 scaling, from transformers 5's `rope_parameters` or the
     /// older `rope_theta` + `rope_scaling` keys. Any rope type but `default` and `llama3`
     /// is refused.
@@ -536,7 +442,7 @@ impl Keys<'_> {
             (None, None) => ("rope_scaling", None),
         };
         let Some(params) = params else {
-            return Ok((self.number_or("rope_theta", 10000.0)?, None));
+            return Ok((self.f64_or("rope_theta", 10000.0)?, None));
         };
         let Value::Object(p) = params else {
             return Err(self.error(key, &format!("expected an object, found {params}")));
@@ -544,7 +450,7 @@ impl Keys<'_> {
         let field = |name: &str| p.get(name).filter(|v| !v.is_null());
         let theta = match field("rope_theta") {
             Some(v) => self.number_of(&format!("{key}.rope_theta"), v)?,
-            None => self.number_or("rope_theta", 10000.0)?,
+            None => self.f64_or("rope_theta", 10000.0)?,
         };
         let rope_type = field("rope_type").or_else(|| field("type"));
         let rope_type = match rope_type {

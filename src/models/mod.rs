@@ -450,6 +450,11 @@ impl<B: Backend> Model<B> {
             }
             Arch::Deberta(_) => {}
             Arch::Llama(llama) => {
+                if batch.b > 0 && batch.t == 0 {
+                    return Err(Error::user(
+                        "a batch of empty sequences: a decoder reads each reward at a token",
+                    ));
+                }
                 if let Some(window) = llama.sliding_window.filter(|&w| batch.t > w) {
                     return Err(Error::user(format!(
                         "a sequence of {} tokens is longer than the model's sliding_window of                          {window} (config.json): rcx attends to every earlier token, which                          differs past the window; lower `max_length` to at most {window}",
