@@ -6,6 +6,7 @@
 use crate::checkpoint::MIN_MAX_LENGTH;
 use crate::error::{Error, Result};
 use crate::loss::{LossSpec, PromptType, TIE_TOLERANCE, Utility};
+use crate::reward_norm::RewardStats;
 use crate::scoring::PromptScores;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -281,6 +282,10 @@ pub struct ScoreArgs {
     /// Token limit per sequence (default: the model's training max_length).
     #[arg(long, allow_negative_numbers = true)]
     pub max_length: Option<usize>,
+    /// Print (reward - mean) / std as the reward, with the statistics saved in the model
+    /// folder (`crate::reward_norm`); the logit stays as the model gives it.
+    #[arg(long)]
+    pub normalize: bool,
 }
 
 #[derive(Serialize)]
@@ -372,7 +377,18 @@ pub fn evaluate_model(dir: &Path, data: &Path, limit: Option<usize>) -> Result<S
     score_summaries(scores, spec.as_ref(), meta.as_ref().map_or(0.1, |m| m.eps))
 }
 
+/// The reward of a logit, normalised with `stats` when given.
+pub fn reward_of(logit: f32, stats: Option<&RewardStats>) -> f64 {
+    let reward = crate::loss::sigmoid(logit as f64);
+    stats.map_or(reward, |s| s.normalize(reward))
+}
+
 pub fn cmd_score(args: ScoreArgs) -> Result<()> {
+    // Before scoring: a folder without statistics is refused at once.
+    let normalization = match args.normalize {
+        true => Some(crate::reward_norm::read(&args.model)?),
+        false => None,
+    };
     let logits = score_file(&args.model, &args.data, args.max_length, None)?.logits;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -382,7 +398,7 @@ pub fn cmd_score(args: ScoreArgs) -> Result<()> {
                 prompt_index,
                 completion_index,
                 logit,
-                reward: crate::loss::sigmoid(logit as f64),
+                reward: reward_of(logit, normalization.as_ref()),
             };
             let text = serde_json::to_string(&line).map_err(|e| Error::internal(e.to_string()))?;
             writeln!(out, "{text}").map_err(|e| Error::internal(format!("stdout: {e}")))?;
@@ -415,6 +431,34 @@ pub struct EvalArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also save the mean and std of the rewards of every completion of --data in the
+    /// model folder's config.json, for `rcx score/serve --normalize`.
+    #[arg(long)]
+    pub save_normalization: bool,
+}
+
+/// `--save-normalization`: the statistics of every reward of the data file, into the model
+/// folder's config.json.
+fn save_normalization(model: &Path, data: &Path, scores: &[PromptScores]) -> Result<()> {
+    let rewards: Vec<f64> = scores
+        .iter()
+        .flat_map(|s| s.rewards.iter().copied())
+        .collect();
+    let stats = RewardStats::of_rewards(&rewards).map_err(|why| {
+        Error::user(format!(
+            "{}: cannot save reward normalisation from this data: {why}",
+            data.display()
+        ))
+    })?;
+    crate::reward_norm::write(model, &stats)?;
+    eprintln!(
+        "rcx eval: saved reward normalisation in {}: mean {} std {} over {} rewards",
+        model.join("config.json").display(),
+        stats.mean,
+        stats.std,
+        rewards.len()
+    );
+    Ok(())
 }
 
 pub fn cmd_eval(args: EvalArgs) -> Result<()> {
@@ -433,6 +477,9 @@ pub fn cmd_eval(args: EvalArgs) -> Result<()> {
     }
     let scores = scored.prompt_scores();
     let report = summarize(&scores, spec.as_ref().map(|s| (s, eps)))?;
+    if args.save_normalization {
+        save_normalization(&args.model, &data, &scores)?;
+    }
     if args.json {
         let text = serde_json::to_string(&report).map_err(|e| Error::internal(e.to_string()))?;
         println!("{text}");

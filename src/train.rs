@@ -533,6 +533,8 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
     let end_step = stop_at.map_or(cfg.max_steps, |s| s.min(cfg.max_steps));
     let loop_started = Instant::now();
     let mut recent_loss = 0.0;
+    // From the final evaluation, for the final save (`crate::reward_norm`).
+    let mut final_reward_stats = None;
 
     for step in start_step..end_step {
         if let Some(signal) = interrupts.received() {
@@ -643,6 +645,9 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 pad_id,
             )?;
             let scores = prompt_scores(&eval_set, &logits);
+            if done == cfg.max_steps {
+                final_reward_stats = crate::reward_norm::final_stats(&scores);
+            }
             let loss = eval_loss(&scores, &eval_set, cfg)?;
             let report = summarize(&scores, Some((&cfg.loss, cfg.eps)))?;
             let line = MetricsLine {
@@ -678,7 +683,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         engine.with_weights(|weights, m, v| {
             match checkpoint::first_non_finite(weights, m, v) {
                 Some(what) => Err(diverged(cfg, end_step, false, &what, last_good.as_deref())),
-                None => checkpoint::save_final(cfg, weights, &vocab),
+                None => checkpoint::save_final(cfg, weights, &vocab, final_reward_stats.as_ref()),
             }
         })??;
     }
