@@ -785,23 +785,7 @@ fn load_train_state(
     Ok(())
 }
 
-/// The trained model at the top of the output folder, for `rcx score` and `rcx eval`,
-/// with the reward statistics of the final evaluation when there are some.
-pub fn save_final(
-    cfg: &Config,
-    model: &Weights<'_>,
-    vocab: &Path,
-    reward_stats: Option<&crate::reward_norm::RewardStats>,
-) -> Result<()> {
-    write_model_files(&cfg.output_dir, cfg, model, vocab)?;
-    save_reward_stats(&cfg.output_dir, reward_stats)
-}
-
-/// Adds the statistics to the final config.json: one more atomic replacement of a whole
-/// file, so that config.json is never seen half-written (`crate::reward_norm::write`).
-fn save_reward_stats(dir: &Path, stats: Option<&crate::reward_norm::RewardStats>) -> Result<()> {
-    match stats {
-        Some(stats) => crate::reward_norm::write(dir, stats),
-        None => Ok(()),
-    }
+/// The trained model at the top of the output folder, for `rcx score` and `rcx eval`.
+pub fn save_final(cfg: &Config, model: &Weights<'_>, vocab: &Path) -> Result<()> {
+    write_model_files(&cfg.output_dir, cfg, model, vocab)
 }

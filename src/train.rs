@@ -683,9 +683,13 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         engine.with_weights(|weights, m, v| {
             match checkpoint::first_non_finite(weights, m, v) {
                 Some(what) => Err(diverged(cfg, end_step, false, &what, last_good.as_deref())),
-                None => checkpoint::save_final(cfg, weights, &vocab, final_reward_stats.as_ref()),
+                None => checkpoint::save_final(cfg, weights, &vocab),
             }
         })??;
+        // The statistics join the final config.json, replaced whole (`reward_norm::write`).
+        if let Some(stats) = &final_reward_stats {
+            crate::reward_norm::write(&cfg.output_dir, stats)?;
+        }
     }
     if !quiet {
         eprintln!(
