@@ -18,6 +18,7 @@ pub mod models;
 pub mod plot;
 pub mod provenance;
 pub mod report;
+pub mod reward_norm;
 pub mod rng;
 pub mod safetensors;
 pub mod scoring;

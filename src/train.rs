@@ -533,6 +533,8 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
     let end_step = stop_at.map_or(cfg.max_steps, |s| s.min(cfg.max_steps));
     let loop_started = Instant::now();
     let mut recent_loss = 0.0;
+    // From the final evaluation, for the final save (`crate::reward_norm`).
+    let mut final_reward_stats = None;
 
     for step in start_step..end_step {
         if let Some(signal) = interrupts.received() {
@@ -643,6 +645,9 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 pad_id,
             )?;
             let scores = prompt_scores(&eval_set, &logits);
+            if done == cfg.max_steps {
+                final_reward_stats = crate::reward_norm::final_stats(&scores);
+            }
             let loss = eval_loss(&scores, &eval_set, cfg)?;
             let report = summarize(&scores, Some((&cfg.loss, cfg.eps)))?;
             let line = MetricsLine {
@@ -681,6 +686,10 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 None => checkpoint::save_final(cfg, weights, &vocab),
             }
         })??;
+        // The statistics join the final config.json, replaced whole (`reward_norm::write`).
+        if let Some(stats) = &final_reward_stats {
+            crate::reward_norm::write(&cfg.output_dir, stats)?;
+        }
     }
     if !quiet {
         eprintln!(

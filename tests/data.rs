@@ -78,6 +78,7 @@ fn reads_ranked_and_pairwise_records() {
             prompt_type: None,
             scores: None,
             margin: 0.0,
+            subset: None,
         }
     );
     assert_eq!(r[2].prompt_type, Some(PromptType::Closed));

@@ -12,6 +12,10 @@
 //! sorted best first, equal scores a tie that forms no pair; at least two must differ), and
 //! `"margin": m`, in reward units in [0, 1), which each pair of the record must lead by. A line holds at most MAX_LINE_BYTES, a record at most
 //! MAX_COMPLETIONS completions, and every completion some text besides whitespace.
+//!
+//! An optional `"subset": str` names the group a record belongs to, as RewardBench's rows
+//! (prompt, chosen, rejected, subset) do; `rcx eval` reports accuracy per subset. Training
+//! ignores it.
 
 mod batch;
 pub mod cache;
@@ -62,6 +66,8 @@ pub struct RankingRecord {
     pub scores: Option<Vec<f64>>,
     /// The record's `margin` (0 without).
     pub margin: f64,
+    /// The record's `subset` (RewardBench's grouping), when it has one.
+    pub subset: Option<String>,
 }
 
 /// The records of a file and how many bad lines were skipped (always 0 unless skip_bad).
@@ -88,6 +94,19 @@ pub fn read_rankings(path: &Path, skip_bad: bool) -> Result<ReadReport> {
         return Err(no_records_error(path, skipped));
     }
     Ok(ReadReport { records, skipped })
+}
+
+/// The `subset` of every record of a ranking file, in order (None for a record without):
+/// the records as `read_rankings` reads them (every line checked), keeping only this field.
+pub fn read_subsets(path: &Path) -> Result<Vec<Option<String>>> {
+    let mut subsets = Vec::new();
+    for_each_line(path, false, |line_no, bytes| {
+        if let Some(record) = parse_ranking_line(path, line_no, bytes, false)? {
+            subsets.push(record.subset);
+        }
+        Ok(LineOutcome::Kept)
+    })?;
+    Ok(subsets)
 }
 
 /// The data set file for `entry` if it names a shipped set (train or eval split); None
@@ -444,12 +463,28 @@ fn parse_ranking_record(path: &Path, line_no: usize, bytes: &[u8]) -> Result<Ran
             (completions, Some(scores))
         }
     };
+    let subset = match obj.get("subset") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(other) => {
+            let found = match other {
+                Value::String(_) => "an empty string",
+                other => json_kind(other),
+            };
+            return Err(Error::user(format!(
+                "{}: field \"subset\" is {found}, expected the name of the record's subset \
+                 (a non-empty string)",
+                at()
+            )));
+        }
+    };
     Ok(RankingRecord {
         prompt,
         completions,
         prompt_type,
         scores,
         margin,
+        subset,
     })
 }
 

@@ -6,6 +6,7 @@
 use super::batcher::{Batcher, Refused};
 use super::metrics::Metrics;
 use super::requests::{self, BadRequest, Parsed};
+use crate::reward_norm::RewardStats;
 use crate::tokenizer::Tokenizer;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -37,6 +38,8 @@ pub struct State {
     pub token: Option<String>,
     /// How long a client has to send its headers, and then its body.
     pub read_timeout: Duration,
+    /// With `--normalize`: the statistics the rewards are normalised with.
+    pub normalization: Option<RewardStats>,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -248,7 +251,10 @@ async fn score(state: &Arc<State>, req: Request<Incoming>, endpoint: &'static st
         }
     };
     match receiver.await {
-        Ok(Ok(logits)) => json_answer(StatusCode::OK, &requests::answer(&shape, &logits)),
+        Ok(Ok(logits)) => json_answer(
+            StatusCode::OK,
+            &requests::answer(&shape, &logits, state.normalization.as_ref()),
+        ),
         Ok(Err(why)) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("the model failed: {why}"),

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send its request headers, and then its body.
     #[arg(long, default_value_t = 10, allow_negative_numbers = true)]
     pub read_timeout_s: u64,
+    /// Answer (reward - mean) / std as the rewards, with the statistics saved in the model
+    /// folder (`crate::reward_norm`), as `rcx score --normalize`; logits stay raw.
+    #[arg(long)]
+    pub normalize: bool,
 }
 
 const MAX_BATCH_LIMIT: usize = 4096;
@@ -100,6 +104,10 @@ fn check_args(args: &ServeArgs) -> Result<()> {
 
 pub fn cmd_serve(args: ServeArgs) -> Result<()> {
     check_args(&args)?;
+    let normalization = match args.normalize {
+        true => Some(crate::reward_norm::read(&args.model)?),
+        false => None,
+    };
     let (model, tokenizer, meta) = crate::checkpoint::load_for_scoring(&args.model)?;
     // As `rcx score` chooses it, so that both give the same numbers.
     let max_length = args
@@ -151,6 +159,7 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         token: args.token,
         read_timeout: Duration::from_secs(args.read_timeout_s),
+        normalization,
     });
 
     let interrupts = Interrupts::install();

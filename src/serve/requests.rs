@@ -4,7 +4,8 @@
 //! data file's, and the answers built from the logits.
 
 use super::batcher::Sequence;
-use crate::loss::sigmoid;
+use crate::eval::reward_of;
+use crate::reward_norm::RewardStats;
 use crate::tokenizer::{Encoding, Tokenizer};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -229,10 +230,14 @@ pub enum Answer {
     List(Vec<Scored>),
 }
 
-/// The answer to a parsed request, from its logits in sequence order.
-pub fn answer(shape: &Shape, logits: &[f32]) -> Answer {
+/// The answer to a parsed request, from its logits in sequence order; rewards normalised
+/// with `normalization` when given, as `rcx score --normalize` prints them.
+pub fn answer(shape: &Shape, logits: &[f32], normalization: Option<&RewardStats>) -> Answer {
     let scored = |logits: &[f32]| Scored {
-        rewards: logits.iter().map(|&l| sigmoid(l as f64)).collect(),
+        rewards: logits
+            .iter()
+            .map(|&l| reward_of(l, normalization))
+            .collect(),
         logits: logits.to_vec(),
     };
     match shape {
