@@ -657,27 +657,61 @@ fn attention_case<T: Act>(
     }
 }
 
-#[test]
-fn causal_attention_matches_cpu() {
-    let Some(rt) = gpu("causal_attention_matches_cpu") else {
+/// Attention dims (b, t, nh, nkv, hs) and prefix (prompts, prefix len).
+type AttentionCase = ((usize, usize, usize, usize, usize), Option<(usize, usize)>);
+
+fn attention_cases(test: &str, seed: u64, cases: &[AttentionCase]) {
+    let Some(rt) = gpu(test) else {
         return;
     };
-    let mut rng = Rng::new(24);
-    // (b, t, nh, nkv, hs), (prompts, prefix len): one token; t below, between and above the
-    // 16-row and 32-row tiles; grouped heads (4 query heads per key/value head, 2, and
-    // none); head sizes 8, 16, 64 and 128; prefixes shorter and longer than a tile.
-    let cases: [((usize, usize, usize, usize, usize), Option<(usize, usize)>); 6] = [
-        ((1, 1, 1, 1, 8), None),
-        ((3, 19, 4, 1, 8), None),
-        ((2, 37, 4, 2, 16), None),
-        ((4, 9, 2, 1, 16), Some((3, 5))),
-        ((3, 21, 4, 2, 64), Some((2, 35))),
-        ((1, 18, 1, 1, 128), Some((2, 7))),
-    ];
-    for (dims, prefix) in cases {
+    let mut rng = Rng::new(seed);
+    for &(dims, prefix) in cases {
         attention_case::<f32>(&rt, &mut rng, dims, prefix);
         attention_case::<bf16>(&rt, &mut rng, dims, prefix);
     }
+}
+
+/// One token; t below, between and above the 16-row and 32-row tiles; grouped heads (4
+/// query heads per key/value head, and 2); head sizes 8 and 16.
+#[test]
+fn causal_attention_matches_cpu() {
+    attention_cases(
+        "causal_attention_matches_cpu",
+        24,
+        &[
+            ((1, 1, 1, 1, 8), None),
+            ((3, 19, 4, 1, 8), None),
+            ((2, 37, 4, 2, 16), None),
+        ],
+    );
+}
+
+/// Prefixes shorter and longer than a tile, each with a prompt no sequence continues (its
+/// gradients must stay as they were), sequences with no own real token.
+#[test]
+fn causal_attention_with_prefix_matches_cpu() {
+    attention_cases(
+        "causal_attention_with_prefix_matches_cpu",
+        25,
+        &[
+            ((4, 9, 2, 1, 16), Some((3, 5))),
+            ((3, 7, 2, 2, 8), Some((2, 35))),
+        ],
+    );
+}
+
+/// Head sizes 64 and 128 (the largest; the backward then raises the kernels' shared memory
+/// limit past 48 KiB), with a prefix.
+#[test]
+fn causal_attention_large_heads_match_cpu() {
+    attention_cases(
+        "causal_attention_large_heads_match_cpu",
+        26,
+        &[
+            ((2, 17, 2, 1, 64), Some((2, 6))),
+            ((1, 18, 1, 1, 128), Some((2, 7))),
+        ],
+    );
 }
 
 #[test]
