@@ -10,7 +10,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchArgs, PushKernelArg};
 
 use super::ops::launch::LaunchShape;
 use super::ops::{checked_view, checked_view_mut, launch as ops_launch, typed};
-use super::runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, dim};
+use super::runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, check_len, dim};
 use crate::error::{Error, Result};
 
 /// The launch shapes of the decoder kernels, pure functions of the tensor shapes (no device
@@ -121,10 +121,10 @@ impl CausalArgs {
         let (prompts, len) = prefix.map_or((0, 0), |p| (p.prompts, p.len));
         if let Some(p) = prefix {
             let kv = p.prompts * p.len * nkv * hs;
-            checked_len(op, "prefix k", p.k.len(), kv)?;
-            checked_len(op, "prefix v", p.v.len(), kv)?;
-            checked_len(op, "prefix mask", p.mask.len(), p.prompts * p.len)?;
-            checked_len(op, "prefix of_sequence", p.of_sequence.len(), b)?;
+            check_len(op, "prefix k", p.k.len(), kv)?;
+            check_len(op, "prefix v", p.v.len(), kv)?;
+            check_len(op, "prefix mask", p.mask.len(), p.prompts * p.len)?;
+            check_len(op, "prefix of_sequence", p.of_sequence.len(), b)?;
         }
         Ok(CausalArgs {
             dims: [
@@ -147,10 +147,6 @@ impl CausalArgs {
         }
         args.arg(&self.scale);
     }
-}
-
-fn checked_len(op: &str, name: &str, len: usize, expected: usize) -> Result<()> {
-    super::runtime::check_len(op, name, len, expected)
 }
 
 /// A null device pointer: the prefix arguments of a call without a prefix (the kernels
@@ -544,8 +540,8 @@ impl CudaRuntime {
         let mut dprefix = match (prefix, dprefix) {
             (Some(p), Some(d)) => {
                 let kv = p.prompts * p.len * nkv * hs;
-                checked_len(op, "prefix dk", d.dk.len(), kv)?;
-                checked_len(op, "prefix dv", d.dv.len(), kv)?;
+                check_len(op, "prefix dk", d.dk.len(), kv)?;
+                check_len(op, "prefix dv", d.dv.len(), kv)?;
                 Some(d)
             }
             (None, None) => None,
