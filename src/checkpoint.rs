@@ -50,13 +50,32 @@ pub struct TrainState {
 
 /// The files every checkpoint has besides trainer_state.json; the checksums must cover the
 /// two that resuming reads.
-const CHECKPOINT_FILES: [&str; 5] = [
+const CHECKPOINT_FILES: [&str; 4] = [
     "model.safetensors",
     "optimizer.safetensors",
     "config.json",
-    "vocab.txt",
     "rcx.json",
 ];
+
+/// The tokenizer file a model folder carries beside its weights, one of these by
+/// architecture: WordPiece's vocab.txt (BERT); DeBERTa's SentencePiece tokenizer.json or
+/// spm.model. Checkpoints hold it too, covered by their checksums.
+pub const TOKENIZER_FILES: [&str; 3] = ["vocab.txt", "tokenizer.json", "spm.model"];
+
+/// The name a tokenizer file takes in a model folder: its own when it is one of
+/// `TOKENIZER_FILES`, else by its kind (a shipped `data/deberta-v3-tiny.spm.model` becomes
+/// `spm.model`).
+fn folder_name_of_tokenizer(path: &Path) -> &'static str {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if let Some(known) = TOKENIZER_FILES.iter().find(|&&known| known == name) {
+        return known;
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => "tokenizer.json",
+        Some("model") => "spm.model",
+        _ => "vocab.txt",
+    }
+}
 
 /// The shortest a (prompt, completion) sequence can be cut to: its three special tokens,
 /// `[CLS] prompt [SEP] completion [SEP]`.
@@ -506,34 +525,69 @@ pub fn vocab_path(model_dir: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-/// The tokenizer of a model folder's own `vocab.txt`, checked against its config.json;
-/// with the vocabulary's path.
-fn folder_tokenizer(dir: &Path, model: &HostModel<f32>) -> Result<(Tokenizer, PathBuf)> {
-    let vocab = vocab_path(Some(dir))?;
-    let config = dir.join("config.json").display().to_string();
-    Ok((model_tokenizer(&vocab, model, &config)?, vocab))
+/// The tokenizer file of a model folder, for its architecture (see `TOKENIZER_FILES`).
+fn tokenizer_path(dir: &Path, config: &ModelConfig) -> Result<PathBuf> {
+    match &config.arch {
+        Arch::Bert(_) => vocab_path(Some(dir)),
+        Arch::Deberta(_) => ["tokenizer.json", "spm.model"]
+            .iter()
+            .map(|name| dir.join(name))
+            .find(|path| path.is_file())
+            .ok_or_else(|| {
+                Error::user(format!(
+                    "{}: no tokenizer.json or spm.model; a DeBERTa folder carries the \
+                     SentencePiece tokenizer its ids were trained on",
+                    dir.display()
+                ))
+            }),
+        Arch::Llama(_) => Err(Error::user(format!(
+            "{}: scoring and training a decoder folder are not supported yet (its sequences \
+             are being wired); `rcx tokenize --tokenizer` reads its tokenizer.json",
+            dir.display()
+        ))),
+    }
 }
 
-/// Reads a model's vocabulary and checks it against the model's config: one entry per row
-/// of the word embeddings, and `[PAD]` where `pad_token_id` says. `config` names what set
-/// the model's sizes (its config.json, or the architecture's name).
-fn model_tokenizer(vocab: &Path, model: &HostModel<f32>, config: &str) -> Result<Tokenizer> {
-    let tok = Tokenizer::from_vocab_file(vocab)?;
+/// The tokenizer of a model folder, checked against its config.json; with its file.
+fn folder_tokenizer(dir: &Path, model: &HostModel<f32>) -> Result<(Tokenizer, PathBuf)> {
+    let path = tokenizer_path(dir, &model.config)?;
+    let config = dir.join("config.json").display().to_string();
+    Ok((model_tokenizer(&path, model, &config)?, path))
+}
+
+/// Reads a model's tokenizer and checks it against the model's config: an id for every
+/// token inside the word embeddings (WordPiece: one entry per row exactly; DeBERTa-v3's
+/// table has spare rows, 128,100 for 128,001 tokens), and the padding token where
+/// `pad_token_id` says. `config` names what set the model's sizes (its config.json, or the
+/// architecture's name).
+fn model_tokenizer(path: &Path, model: &HostModel<f32>, config: &str) -> Result<Tokenizer> {
     let cfg = &model.config;
-    if tok.vocab_size() != cfg.vocab_size {
+    let (tok, exact) = match &cfg.arch {
+        Arch::Bert(_) => (Tokenizer::from_vocab_file(path)?, true),
+        Arch::Deberta(_) => (Tokenizer::from_unigram_file(path)?, false),
+        Arch::Llama(_) => {
+            return Err(Error::internal(
+                "model_tokenizer: decoder tokenizers are not wired yet",
+            ));
+        }
+    };
+    if (exact && tok.vocab_size() != cfg.vocab_size) || tok.vocab_size() > cfg.vocab_size {
+        let expected = match exact {
+            true => "one entry per row of the word embeddings",
+            false => "no more tokens than rows of the word embeddings",
+        };
         return Err(Error::user(format!(
-            "{}: {} entries, but {config} has vocab_size {}; expected one entry per row of the \
-             word embeddings",
-            vocab.display(),
+            "{}: {} entries, but {config} has vocab_size {}; expected {expected}",
+            path.display(),
             tok.vocab_size(),
             cfg.vocab_size
         )));
     }
     if tok.pad_id() != cfg.pad_token_id {
         return Err(Error::user(format!(
-            "{config}: key 'pad_token_id': {} is not the id of [PAD] in {} ({})",
+            "{config}: key 'pad_token_id': {} is not the id of the padding token ([PAD]) in {} ({})",
             cfg.pad_token_id,
-            vocab.display(),
+            path.display(),
             tok.pad_id()
         )));
     }
@@ -550,6 +604,12 @@ pub fn model_for_training(cfg: &Config) -> Result<(HostModel<f32>, Tokenizer, Pa
         let tok = model_tokenizer(&vocab, &model, &cfg.model_name)?;
         return Ok((model, tok, vocab));
     }
+    if let Some((arch, tokenizer)) = DebertaConfig::named(&cfg.model_name) {
+        let model = HostModel::init(arch, cfg.seed);
+        let path = crate::data::data_dir().join(tokenizer);
+        let tok = model_tokenizer(&path, &model, &cfg.model_name)?;
+        return Ok((model, tok, path));
+    }
     let dir = Path::new(&cfg.model_name);
     if !dir.is_dir() {
         return Err(Error::user(format!(
@@ -557,14 +617,16 @@ pub fn model_for_training(cfg: &Config) -> Result<(HostModel<f32>, Tokenizer, Pa
              (for the pretrained MiniLM run scripts/fetch-minilm.sh)",
             cfg.path.display(),
             cfg.model_name,
-            BertConfig::NAMES.join(", ")
+            [BertConfig::NAMES, DebertaConfig::NAMES]
+                .concat()
+                .join(", ")
         )));
     }
     let (model, fresh) = load_model(dir, Head::FreshIfAbsent(cfg.seed))?;
     let (tok, vocab) = folder_tokenizer(dir, &model)?;
     if !fresh.is_empty() {
         eprintln!(
-            "rcx: {} has no {}: starting them fresh (BERT's initialisation, seed {})",
+            "rcx: {} has no {}: starting them fresh (Hugging Face's initialisation, seed {})",
             dir.join("model.safetensors").display(),
             fresh.join(", "),
             cfg.seed
@@ -678,6 +740,7 @@ fn checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
 fn temporaries(dir: &Path) -> Result<Vec<PathBuf>> {
     let replaced = CHECKPOINT_FILES
         .iter()
+        .chain(&TOKENIZER_FILES)
         .chain(&["metrics.jsonl", "trainer_state.json"])
         .map(|name| format!(".{name}.tmp"))
         .collect::<Vec<_>>();
@@ -714,8 +777,13 @@ pub fn remove_partial_saves(dir: &Path) -> Result<()> {
 /// metrics and temporaries; never anything else.
 fn previous_outputs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut found: Vec<PathBuf> = checkpoints(dir)?.into_iter().map(|(_, p)| p).collect();
-    let finals = ["model.safetensors", "config.json", "vocab.txt", "rcx.json"];
-    for name in finals.iter().chain(&["metrics.jsonl"]) {
+    let finals = [
+        "model.safetensors",
+        "config.json",
+        "rcx.json",
+        "metrics.jsonl",
+    ];
+    for name in finals.iter().chain(&TOKENIZER_FILES) {
         let path = dir.join(name);
         if path.is_file() {
             found.push(path);
@@ -824,9 +892,9 @@ fn write_model_files(
     tok_vocab: &Path,
 ) -> Result<()> {
     write_model_weights(dir, model)?;
-    let vocab = dir.join("vocab.txt");
-    if tok_vocab != vocab {
-        fs::copy(tok_vocab, &vocab).map_err(|e| Error::io(&vocab, e))?;
+    let tokenizer = dir.join(folder_name_of_tokenizer(tok_vocab));
+    if tok_vocab != tokenizer {
+        fs::copy(tok_vocab, &tokenizer).map_err(|e| Error::io(&tokenizer, e))?;
     }
     let meta = ModelMeta {
         max_length: cfg.max_length,
@@ -895,7 +963,10 @@ fn write_checkpoint_files(
     moments.extend(tensor_list(model.layout, v, ".exp_avg_sq"));
     write_tensors(&tmp.join("optimizer.safetensors"), &moments)?;
     let mut state = state.clone();
-    for name in CHECKPOINT_FILES {
+    for name in CHECKPOINT_FILES
+        .into_iter()
+        .chain([folder_name_of_tokenizer(vocab)])
+    {
         let path = tmp.join(name);
         let digest = sha256_file(&path).map_err(|e| Error::write(&path, e))?;
         state.files.insert(name.to_string(), digest);

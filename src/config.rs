@@ -18,9 +18,9 @@
 use crate::backend::{DType, Device};
 use crate::data::{LineOutcome, SHIPPED_SET, for_each_line, parse_ranking_line, resolve_dataset};
 use crate::error::{Error, Result};
-use crate::hf_config::read_hf_config;
+use crate::hf_config::read_json_object;
 use crate::loss::{EPS_RANGE, LossSpec, Utility, short_number};
-use crate::models::BertConfig;
+use crate::models::{BertConfig, DebertaConfig};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::fmt;
@@ -31,7 +31,7 @@ mod prescan;
 
 /// The models rcx builds from scratch by name; any other `model_name` is a path to a
 /// Hugging Face model folder.
-pub const BUILTIN_MODELS: [&str; 3] = ["bert-tiny", "bert-mini", "bert-small"];
+pub const BUILTIN_MODELS: [&str; 4] = ["bert-tiny", "bert-mini", "bert-small", "deberta-v3-tiny"];
 
 // The bounds on every count. With them no product the trainer forms can overflow a 64-bit
 // usize (see the assertion below), and no allocation they size is absurd.
@@ -405,7 +405,8 @@ impl Visitor<'_> for NonEmptyVisitor {
 
 fn model_name<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
     d.deserialize_str(NonEmptyVisitor {
-        expected: "bert-tiny, bert-mini, bert-small or a path to a Hugging Face model folder",
+        expected: "bert-tiny, bert-mini, bert-small, deberta-v3-tiny or a path to a Hugging Face \
+                   model folder",
     })
 }
 
@@ -614,12 +615,17 @@ impl RawConfig {
                  allowed (every micro-batch of a step is held in memory at once)"
             ));
         }
-        if let Some(model) = BertConfig::named(&self.model_name)
-            && self.max_length > model.max_position_embeddings
+        let positions = BertConfig::named(&self.model_name)
+            .map(|m| m.max_position_embeddings)
+            .or_else(|| {
+                DebertaConfig::named(&self.model_name).map(|(m, _)| m.max_position_embeddings)
+            });
+        if let Some(positions) = positions
+            && self.max_length > positions
         {
             return Err(format!(
-                "max_length: {} tokens, more than the {} positions of `{}`",
-                self.max_length, model.max_position_embeddings, self.model_name
+                "max_length: {} tokens, more than the {positions} positions of `{}`",
+                self.max_length, self.model_name
             ));
         }
         let utilities = match self.loss.spec {
@@ -734,17 +740,23 @@ impl Config {
     /// anything) call it, so that a run does not fail late on its config.
     pub fn check_data(&self) -> Result<()> {
         let folder_config = Path::new(&self.model_name).join("config.json");
-        if BertConfig::named(&self.model_name).is_none() && folder_config.is_file() {
-            let positions = read_hf_config(&folder_config)?.max_position_embeddings;
-            if self.max_length > positions {
-                return Err(Error::user(format!(
-                    "{}: max_length: {} tokens, more than the {positions} positions of the \
-                     model ({})",
-                    self.path.display(),
-                    self.max_length,
-                    folder_config.display()
-                )));
-            }
+        // Any architecture's config.json names its positions so; the loader checks the rest.
+        let positions = match !self.is_builtin_model() && folder_config.is_file() {
+            true => read_json_object(&folder_config)?
+                .get("max_position_embeddings")
+                .and_then(serde_json::Value::as_u64),
+            false => None,
+        };
+        if let Some(positions) = positions
+            && self.max_length as u64 > positions
+        {
+            return Err(Error::user(format!(
+                "{}: max_length: {} tokens, more than the {positions} positions of the \
+                 model ({})",
+                self.path.display(),
+                self.max_length,
+                folder_config.display()
+            )));
         }
         for file in self.train_files.iter().chain(&self.eval_files) {
             // A pipe or FIFO can be read only once, by the run itself, which checks its

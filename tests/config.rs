@@ -67,10 +67,13 @@ fn every_shipped_config_loads() {
     names.sort();
     let expected = [
         "adaptive2",
+        "deberta_x",
+        "deberta_x_adaptive",
         "log",
         "logsigmoid",
         "minilm_x",
         "minilm_x_adaptive",
+        "paper_deberta_v3_base",
         "x",
         "x2",
         "x_adaptive",

@@ -62,6 +62,45 @@ pub struct DebertaConfig {
 }
 
 impl DebertaConfig {
+    /// The from-scratch architectures rcx knows by name, with their shipped tokenizer (in
+    /// data/, made by scripts/gen_deberta_tokenizer.py): DeBERTa-v3's structure at
+    /// bert-tiny's size. 64 log buckets instead of v3-base's 256 keep its relative table
+    /// small; sequences longer than 32 tokens still reach the log buckets.
+    pub fn named(name: &str) -> Option<(DebertaConfig, &'static str)> {
+        let (layers, hidden, heads, tokenizer) = match name {
+            "deberta-v3-tiny" => (2, 128, 2, "deberta-v3-tiny.spm.model"),
+            _ => return None,
+        };
+        let config = DebertaConfig {
+            vocab_size: 8000,
+            hidden_size: hidden,
+            embedding_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            intermediate_size: 4 * hidden,
+            max_position_embeddings: 512,
+            type_vocab_size: 0,
+            position_biased_input: false,
+            layer_norm_eps: 1e-7,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            pooler_dropout: 0.0,
+            cls_dropout: 0.1,
+            pad_token_id: 0,
+            initializer_range: 0.02,
+            relative_attention: true,
+            max_relative_positions: 512,
+            position_buckets: 64,
+            c2p: true,
+            p2c: true,
+            share_att_key: true,
+            norm_rel_ebd: true,
+        };
+        Some((config, tokenizer))
+    }
+
+    pub const NAMES: &'static [&'static str] = &["deberta-v3-tiny"];
+
     pub fn head_size(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
