@@ -325,6 +325,8 @@ fn a_sequence_past_the_sliding_window_is_refused() {
         e.contains("sliding_window") && e.contains("max_length"),
         "{e}"
     );
+    // One readable line: no run of spaces left by a broken line continuation.
+    assert!(!e.contains("  ") && !e.contains('\n'), "{e}");
     let short = &cases["mistral"][2]; // 6 tokens
     let want = short["logits"][0].as_f64().unwrap();
     let got = model.forward(&batch_of(short), None).unwrap()[0] as f64;

@@ -457,7 +457,9 @@ impl<B: Backend> Model<B> {
                 }
                 if let Some(window) = llama.sliding_window.filter(|&w| batch.t > w) {
                     return Err(Error::user(format!(
-                        "a sequence of {} tokens is longer than the model's sliding_window of                          {window} (config.json): rcx attends to every earlier token, which                          differs past the window; lower `max_length` to at most {window}",
+                        "a sequence of {} tokens is longer than the model's sliding_window of \
+                         {window} (config.json): rcx attends to every earlier token, which \
+                         differs past the window; lower `max_length` to at most {window}",
                         batch.t
                     )));
                 }
