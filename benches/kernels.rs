@@ -25,6 +25,7 @@ use std::process::ExitCode;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use rcx::backend::cpu;
+use rcx::backend::cuda::decoder_ops::{CausalPrefix, CausalPrefixGrads};
 use rcx::backend::cuda::{
     self as cuda, Activation, AdamWStep, CudaRuntime, FlashKernels, RankingBatch, TokenBatch,
 };
@@ -220,6 +221,10 @@ fn run(check_only: bool) -> Result<bool> {
     flash_attention::<f32>(&mut lab, FlashKernels::CudaCores)?;
     flash_attention::<bf16>(&mut lab, FlashKernels::CudaCores)?;
     flash_attention::<bf16>(&mut lab, FlashKernels::TensorCores)?;
+    decoder_elementwise::<f32>(&mut lab)?;
+    decoder_elementwise::<bf16>(&mut lab)?;
+    causal_attention::<f32>(&mut lab)?;
+    causal_attention::<bf16>(&mut lab)?;
     matmul(&mut lab)?;
     ranking_loss(&mut lab)?;
     optimizer(&mut lab)?;
@@ -1177,5 +1182,518 @@ fn optimizer(lab: &mut Lab) -> Result<()> {
         ms,
         Rate::Bytes((params * 7 * 4) as f64),
     );
+    Ok(())
+}
+
+// ---- Decoder kernels (Llama-shaped: Llama 3.2 1B's hidden 2048, MLP 8192, 32 query heads
+// and 8 key/value heads of 64; batches of 8 x 512 tokens, or a prompt of 384 shared by 8
+// completions of 128) -------------------------------------------------------------------
+
+const DC: usize = 2048;
+const DI: usize = 8192;
+const DNH: usize = 32;
+const DNKV: usize = 8;
+const DHS: usize = 64;
+const DPROMPT: usize = 384;
+const DCOMPLETION: usize = 128;
+
+/// RMSNorm, SwiGLU and RoPE in T: checked against the CPU twins in f32 on the same
+/// T-rounded inputs (gradients start at random values, so `+=` shows), then timed.
+fn decoder_elementwise<T: LabActivation>(lab: &mut Lab) -> Result<()> {
+    let store = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+    let load = |x: Vec<T>| x.into_iter().map(T::to_f32).collect::<Vec<f32>>();
+    let name = |op: &str| format!("{op} {}", T::SUFFIX);
+    let rt = lab.rt.clone();
+    let up = |x: &[f32]| rt.upload(&store(x));
+    let (n, c, heads, hs) = (CN, 40, 3, 16);
+    let mut input = |len, scale| load(store(&lab.rng.values(len, scale)));
+
+    // RMSNorm.
+    let (inp, dout, dinp) = (input(n * c, 2.0), input(n * c, 1.0), input(n * c, 1.0));
+    let (weight, dweight) = (lab.rng.values(c, 1.0), lab.rng.values(c, 1.0));
+    let (mut out, mut rstd) = (vec![0.0f32; n * c], vec![0.0f32; n]);
+    cpu::rmsnorm_forward(&mut out, &mut rstd, &inp, &weight, n, c, 1e-6);
+    let (inp_d, weight_d) = (up(&inp)?, lab.up(&weight)?);
+    let (mut out_d, mut rstd_d) = (up(&vec![f32::NAN; n * c])?, lab.nan(n)?);
+    lab.rt
+        .rmsnorm_forward(&mut out_d, &mut rstd_d, &inp_d, &weight_d, n, c, 1e-6)?;
+    let parts = [
+        ("out", load(lab.rt.download(&out_d)?), out),
+        ("rstd", lab.down(&rstd_d)?, rstd.clone()),
+    ];
+    let rmsnorm_fwd_err = lab.check_within(&name("rmsnorm_forward"), &parts, T::TOLERANCE);
+    let (mut dinp_d, mut dweight_d) = (up(&dinp)?, lab.up(&dweight)?);
+    let rstd_d = lab.up(&rstd)?;
+    lab.rt.rmsnorm_backward(
+        &mut dinp_d,
+        &mut dweight_d,
+        &up(&dout)?,
+        &inp_d,
+        &weight_d,
+        &rstd_d,
+        n,
+        c,
+    )?;
+    let (mut dinp_cpu, mut dweight_cpu) = (dinp, dweight);
+    cpu::rmsnorm_backward(
+        &mut dinp_cpu,
+        &mut dweight_cpu,
+        &dout,
+        &inp,
+        &weight,
+        &rstd,
+        n,
+        c,
+    );
+    let parts = [
+        ("dinp", load(lab.rt.download(&dinp_d)?), dinp_cpu),
+        ("dweight", lab.down(&dweight_d)?, dweight_cpu),
+    ];
+    let rmsnorm_bwd_err = lab.check_within(&name("rmsnorm_backward"), &parts, T::TOLERANCE);
+
+    // SwiGLU.
+    let mut input = |len, scale| load(store(&lab.rng.values(len, scale)));
+    let len = n * c;
+    let (gate, up_in, dout, dgate, dup) = (
+        input(len, 6.0),
+        input(len, 2.0),
+        input(len, 1.0),
+        input(len, 1.0),
+        input(len, 1.0),
+    );
+    let mut out = vec![0.0f32; len];
+    cpu::swiglu_forward(&mut out, &gate, &up_in);
+    let (gate_d, up_d) = (up(&gate)?, up(&up_in)?);
+    let mut out_d = up(&vec![f32::NAN; len])?;
+    lab.rt.swiglu_forward(&mut out_d, &gate_d, &up_d)?;
+    let parts = [("out", load(lab.rt.download(&out_d)?), out)];
+    let swiglu_fwd_err = lab.check_within(&name("swiglu_forward"), &parts, T::TOLERANCE);
+    let (mut dgate_d, mut dup_d) = (up(&dgate)?, up(&dup)?);
+    lab.rt
+        .swiglu_backward(&mut dgate_d, &mut dup_d, &up(&dout)?, &gate_d, &up_d)?;
+    let (mut dgate_cpu, mut dup_cpu) = (dgate, dup);
+    cpu::swiglu_backward(&mut dgate_cpu, &mut dup_cpu, &dout, &gate, &up_in);
+    let parts = [
+        ("dgate", load(lab.rt.download(&dgate_d)?), dgate_cpu),
+        ("dup", load(lab.rt.download(&dup_d)?), dup_cpu),
+    ];
+    let swiglu_bwd_err = lab.check_within(&name("swiglu_backward"), &parts, T::TOLERANCE);
+
+    // RoPE, from the device's cos/sin tables (checked first) on both sides.
+    let inv_freq = cpu::rope_inv_freq(hs, 500_000.0, None);
+    let positions = lab.rng.below(n, 4096);
+    let (mut cos, mut sin) = (vec![0.0f32; n * hs / 2], vec![0.0f32; n * hs / 2]);
+    cpu::rope_cos_sin(&mut cos, &mut sin, &positions, &inv_freq);
+    let (mut cos_d, mut sin_d) = (
+        up(&vec![f32::NAN; n * hs / 2])?,
+        up(&vec![f32::NAN; n * hs / 2])?,
+    );
+    let (positions_d, inv_freq_d) = (lab.rt.upload(&positions)?, lab.up(&inv_freq)?);
+    lab.rt
+        .rope_cos_sin(&mut cos_d, &mut sin_d, &positions_d, &inv_freq_d, n, hs / 2)?;
+    let (cos_gpu, sin_gpu) = (
+        load(lab.rt.download(&cos_d)?),
+        load(lab.rt.download(&sin_d)?),
+    );
+    let cos_sin_err = lab.check_within(
+        &name("rope_cos_sin"),
+        &[("cos", cos_gpu.clone(), cos), ("sin", sin_gpu.clone(), sin)],
+        T::TOLERANCE,
+    );
+    let mut input = |len, scale| load(store(&lab.rng.values(len, scale)));
+    let len = n * heads * hs;
+    let (inp, dout, dinp) = (input(len, 2.0), input(len, 1.0), input(len, 1.0));
+    let mut out = vec![0.0f32; len];
+    cpu::rope_forward(&mut out, &inp, &cos_gpu, &sin_gpu, n, heads, hs);
+    let mut out_d = up(&vec![f32::NAN; len])?;
+    lab.rt
+        .rope_forward(&mut out_d, &up(&inp)?, &cos_d, &sin_d, n, heads, hs)?;
+    let parts = [("out", load(lab.rt.download(&out_d)?), out)];
+    let rope_fwd_err = lab.check_within(&name("rope_forward"), &parts, T::TOLERANCE);
+    let mut dinp_d = up(&dinp)?;
+    lab.rt
+        .rope_backward(&mut dinp_d, &up(&dout)?, &cos_d, &sin_d, n, heads, hs)?;
+    let mut dinp_cpu = dinp;
+    cpu::rope_backward(&mut dinp_cpu, &dout, &cos_gpu, &sin_gpu, n, heads, hs);
+    let parts = [("dinp", load(lab.rt.download(&dinp_d)?), dinp_cpu)];
+    let rope_bwd_err = lab.check_within(&name("rope_backward"), &parts, T::TOLERANCE);
+
+    if lab.check_only {
+        return Ok(());
+    }
+    // Time at 8 x 512 tokens.
+    let size = std::mem::size_of::<T>();
+    let zeros = |len: usize| rt.zeros::<T>(len);
+    let act = N * DC;
+    let sets = sets_for(act * size * 4);
+    let inputs: Vec<_> = (0..sets)
+        .map(|_| up(&vec![0.5; act]))
+        .collect::<Result<_>>()?;
+    let mut outs: Vec<_> = (0..sets).map(|_| zeros(act)).collect::<Result<_>>()?;
+    let mut rstds: Vec<_> = (0..sets)
+        .map(|_| rt.zeros::<f32>(N))
+        .collect::<Result<_>>()?;
+    let weight_d = lab.up(&vec![1.0; DC])?;
+    let mut dweight_d = lab.rt.zeros::<f32>(DC)?;
+    let shape = "4096x2048";
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        rt.rmsnorm_forward(
+            &mut outs[s],
+            &mut rstds[s],
+            &inputs[s],
+            &weight_d,
+            N,
+            DC,
+            1e-6,
+        )
+    })?;
+    let bytes = (2 * act * size) as f64;
+    lab.row(
+        &name("rmsnorm_forward"),
+        shape,
+        rmsnorm_fwd_err,
+        ms,
+        Rate::Bytes(bytes),
+    );
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        let dout = &inputs[(s + 1) % sets];
+        rt.rmsnorm_backward(
+            &mut outs[s],
+            &mut dweight_d,
+            dout,
+            &inputs[s],
+            &weight_d,
+            &rstds[s],
+            N,
+            DC,
+        )
+    })?;
+    let bytes = (4 * act * size) as f64;
+    lab.row(
+        &name("rmsnorm_backward"),
+        shape,
+        rmsnorm_bwd_err,
+        ms,
+        Rate::Bytes(bytes),
+    );
+    drop((inputs, outs));
+
+    let len = N * DI;
+    let sets = sets_for(len * size * 7);
+    let gates: Vec<_> = (0..sets)
+        .map(|_| up(&vec![0.5; len]))
+        .collect::<Result<_>>()?;
+    let ups: Vec<_> = (0..sets)
+        .map(|_| up(&vec![0.25; len]))
+        .collect::<Result<_>>()?;
+    let mut outs: Vec<_> = (0..sets).map(|_| zeros(len)).collect::<Result<_>>()?;
+    let mut others: Vec<_> = (0..sets).map(|_| zeros(len)).collect::<Result<_>>()?;
+    let shape = "4096x8192";
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        rt.swiglu_forward(&mut outs[s], &gates[s], &ups[s])
+    })?;
+    let bytes = (3 * len * size) as f64;
+    lab.row(
+        &name("swiglu_forward"),
+        shape,
+        swiglu_fwd_err,
+        ms,
+        Rate::Bytes(bytes),
+    );
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        let dout = &gates[(s + 1) % sets];
+        rt.swiglu_backward(&mut outs[s], &mut others[s], dout, &gates[s], &ups[s])
+    })?;
+    let bytes = (7 * len * size) as f64;
+    lab.row(
+        &name("swiglu_backward"),
+        shape,
+        swiglu_bwd_err,
+        ms,
+        Rate::Bytes(bytes),
+    );
+    drop((gates, ups, outs, others));
+
+    let (half, len) = (DHS / 2, N * DNH * DHS);
+    let positions_d = lab.rt.upload(&lab.rng.below(N, 8192))?;
+    let inv_freq_d = lab.up(&cpu::rope_inv_freq(DHS, 500_000.0, None))?;
+    let (mut cos_d, mut sin_d) = (zeros(N * half)?, zeros(N * half)?);
+    let ms = median_ms(&rt, WARMUP, REPS, |_| {
+        rt.rope_cos_sin(&mut cos_d, &mut sin_d, &positions_d, &inv_freq_d, N, half)
+    })?;
+    let bytes = (2 * N * half * size + N * 4) as f64;
+    lab.row(
+        &name("rope_cos_sin"),
+        "4096x32",
+        cos_sin_err,
+        ms,
+        Rate::Bytes(bytes),
+    );
+    let sets = sets_for(len * size * 3);
+    let inputs: Vec<_> = (0..sets)
+        .map(|_| up(&vec![0.5; len]))
+        .collect::<Result<_>>()?;
+    let mut outs: Vec<_> = (0..sets).map(|_| zeros(len)).collect::<Result<_>>()?;
+    let shape = "4096x32x64";
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        rt.rope_forward(&mut outs[s], &inputs[s], &cos_d, &sin_d, N, DNH, DHS)
+    })?;
+    let bytes = (2 * len * size) as f64;
+    lab.row(
+        &name("rope_forward"),
+        shape,
+        rope_fwd_err,
+        ms,
+        Rate::Bytes(bytes),
+    );
+    let ms = median_ms(&rt, WARMUP, REPS, |i| {
+        let s = i % sets;
+        rt.rope_backward(&mut outs[s], &inputs[s], &cos_d, &sin_d, N, DNH, DHS)
+    })?;
+    let bytes = (3 * len * size) as f64;
+    lab.row(
+        &name("rope_backward"),
+        shape,
+        rope_bwd_err,
+        ms,
+        Rate::Bytes(bytes),
+    );
+    Ok(())
+}
+
+/// Causal grouped-query attention in T: checked against the CPU twin on the same T-rounded
+/// inputs without and with a shared prefix (a prompt no sequence continues included), then
+/// timed on 8 sequences of 512 and on a prompt of 384 shared by 8 completions of 128.
+fn causal_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
+    let store = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+    let load = |x: Vec<T>| x.into_iter().map(T::to_f32).collect::<Vec<f32>>();
+    let name = |direction: &str, shared: bool| {
+        let prefix = if shared { " prefix" } else { "" };
+        format!("causal_attention_{direction} {}{prefix}", T::SUFFIX)
+    };
+    let rt = lab.rt.clone();
+    let up = |x: &[f32]| rt.upload(&store(x));
+    let (b, t, nh, nkv, hs) = (CB, CT, 4, 2, 16);
+    let (prompts, tp) = (3, 20);
+    let (q_len, kv_len, p_len) = (b * t * nh * hs, b * t * nkv * hs, prompts * tp * nkv * hs);
+    let rows = b * nh * t;
+    let mut errors = [[0.0f64; 2]; 2]; // [prefix?][forward, backward]
+    for shared in [false, true] {
+        let mut input = |len, scale| load(store(&lab.rng.values(len, scale)));
+        let (q, k, v, dout) = (
+            input(q_len, 1.0),
+            input(kv_len, 1.0),
+            input(kv_len, 1.0),
+            input(q_len, 1.0),
+        );
+        let (mut dq, mut dk, mut dv) =
+            (input(q_len, 0.01), input(kv_len, 0.01), input(kv_len, 0.01));
+        let (pk, pv) = (input(p_len, 1.0), input(p_len, 1.0));
+        let (mut dpk, mut dpv) = (input(p_len, 0.01), input(p_len, 0.01));
+        let mask = padding_mask(&mut lab.rng, b, t);
+        let pmask = padding_mask(&mut lab.rng, prompts, tp);
+        // The last prompt is continued by no sequence.
+        let of_sequence = lab.rng.below(b, prompts as u32 - 1);
+        let keys = if shared { tp + t } else { t };
+        let cpu_prefix = shared.then(|| cpu::Prefix {
+            k: &pk,
+            v: &pv,
+            mask: &pmask,
+            of_sequence: &of_sequence,
+            prompts,
+            len: tp,
+        });
+        let (mut out, mut probs) = (vec![0.0; q_len], vec![0.0; rows * keys]);
+        cpu::causal_attention_forward(
+            &mut out, &mut probs, &q, &k, &v, &mask, cpu_prefix, b, t, nh, nkv, hs, None,
+        );
+        let (q_d, k_d, v_d, dout_d) = (up(&q)?, up(&k)?, up(&v)?, up(&dout)?);
+        let mask_d = lab.rt.upload(&mask)?;
+        let (pk_d, pv_d) = (up(&pk)?, up(&pv)?);
+        let (pmask_d, of_sequence_d) = (lab.rt.upload(&pmask)?, lab.rt.upload(&of_sequence)?);
+        let prefix = shared.then(|| CausalPrefix {
+            k: pk_d.as_view(),
+            v: pv_d.as_view(),
+            mask: pmask_d.as_view(),
+            of_sequence: of_sequence_d.as_view(),
+            prompts,
+            len: tp,
+        });
+        let mut out_d = up(&vec![f32::NAN; q_len])?;
+        let mut lse_d = lab.nan(rows)?;
+        let dims = (b, t, nh, nkv, hs);
+        lab.rt.causal_attention_forward(
+            &mut out_d,
+            &mut lse_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &mask_d,
+            prefix.as_ref(),
+            dims,
+        )?;
+        let parts = [("out", load(lab.rt.download(&out_d)?), out)];
+        errors[shared as usize][0] =
+            lab.check_within(&name("forward", shared), &parts, T::TOLERANCE);
+
+        let (mut dq_d, mut dk_d, mut dv_d) = (up(&dq)?, up(&dk)?, up(&dv)?);
+        let (mut dpk_d, mut dpv_d) = (up(&dpk)?, up(&dpv)?);
+        let mut row_dot_d = lab.nan(rows)?;
+        let dprefix = shared.then(|| CausalPrefixGrads {
+            dk: dpk_d.as_view_mut(),
+            dv: dpv_d.as_view_mut(),
+        });
+        lab.rt.causal_attention_backward(
+            &mut dq_d,
+            &mut dk_d,
+            &mut dv_d,
+            dprefix,
+            &mut row_dot_d,
+            &dout_d,
+            &out_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            &lse_d,
+            &mask_d,
+            prefix.as_ref(),
+            dims,
+        )?;
+        let dprefix_cpu = shared.then_some(cpu::PrefixGrads {
+            dk: &mut dpk,
+            dv: &mut dpv,
+        });
+        cpu::causal_attention_backward(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            dprefix_cpu,
+            &dout,
+            &q,
+            &k,
+            &v,
+            &probs,
+            &mask,
+            cpu_prefix,
+            b,
+            t,
+            nh,
+            nkv,
+            hs,
+            None,
+        );
+        let mut parts = vec![
+            ("dq", load(lab.rt.download(&dq_d)?), dq),
+            ("dk", load(lab.rt.download(&dk_d)?), dk),
+            ("dv", load(lab.rt.download(&dv_d)?), dv),
+        ];
+        if shared {
+            parts.push(("prefix dk", load(lab.rt.download(&dpk_d)?), dpk));
+            parts.push(("prefix dv", load(lab.rt.download(&dpv_d)?), dpv));
+        }
+        errors[shared as usize][1] =
+            lab.check_within(&name("backward", shared), &parts, T::TOLERANCE);
+    }
+
+    if lab.check_only {
+        return Ok(());
+    }
+    for shared in [false, true] {
+        // 8 sequences of 512, or 8 completions of 128 after one shared prompt of 384.
+        let (b, t, prompts, tp) = if shared {
+            (8, DCOMPLETION, 1, DPROMPT)
+        } else {
+            (8, 512, 0, 0)
+        };
+        let (q_len, kv_len) = (b * t * DNH * DHS, b * t * DNKV * DHS);
+        let p_len = prompts * tp * DNKV * DHS;
+        let rows = b * DNH * t;
+        let mut input = |len| rt.upload(&store(&lab.rng.values(len, 1.0)));
+        let (q_d, k_d, v_d, dout_d) =
+            (input(q_len)?, input(kv_len)?, input(kv_len)?, input(q_len)?);
+        let (pk_d, pv_d) = (input(p_len.max(1))?, input(p_len.max(1))?);
+        let mask_d = rt.upload(&vec![1u8; b * t])?;
+        let pmask_d = rt.upload(&vec![1u8; (prompts * tp).max(1)])?;
+        let of_sequence_d = rt.upload(&vec![0u32; b])?;
+        let prefix = shared.then(|| CausalPrefix {
+            k: pk_d.as_view(),
+            v: pv_d.as_view(),
+            mask: pmask_d.as_view(),
+            of_sequence: of_sequence_d.as_view(),
+            prompts,
+            len: tp,
+        });
+        let dims = (b, t, DNH, DNKV, DHS);
+        let (mut out_d, mut lse_d) = (rt.zeros::<T>(q_len)?, rt.zeros::<f32>(rows)?);
+        let ms = median_ms(&rt, 2, 10, |_| {
+            rt.causal_attention_forward(
+                &mut out_d,
+                &mut lse_d,
+                &q_d,
+                &k_d,
+                &v_d,
+                &mask_d,
+                prefix.as_ref(),
+                dims,
+            )
+        })?;
+        // Useful FLOPs: q·k and p·v over the allowed (prefix and causal) pairs.
+        let pairs = (b * DNH * t) as f64 * (tp as f64 + (t as f64 + 1.0) / 2.0);
+        let flops = 4.0 * pairs * DHS as f64;
+        let shape = if shared {
+            "8x(384+128), 32/8x64"
+        } else {
+            "8x512, 32/8x64"
+        };
+        lab.row(
+            &name("forward", shared),
+            shape,
+            errors[shared as usize][0],
+            ms,
+            T::flops(flops),
+        );
+        let (mut dq_d, mut dk_d, mut dv_d) = (
+            rt.zeros::<T>(q_len)?,
+            rt.zeros::<T>(kv_len)?,
+            rt.zeros::<T>(kv_len)?,
+        );
+        let (mut dpk_d, mut dpv_d) = (rt.zeros::<T>(p_len.max(1))?, rt.zeros::<T>(p_len.max(1))?);
+        let mut row_dot_d = rt.zeros::<f32>(rows)?;
+        let ms = median_ms(&rt, 2, 10, |_| {
+            let dprefix = shared.then(|| CausalPrefixGrads {
+                dk: dpk_d.as_view_mut(),
+                dv: dpv_d.as_view_mut(),
+            });
+            rt.causal_attention_backward(
+                &mut dq_d,
+                &mut dk_d,
+                &mut dv_d,
+                dprefix,
+                &mut row_dot_d,
+                &dout_d,
+                &out_d,
+                &q_d,
+                &k_d,
+                &v_d,
+                &lse_d,
+                &mask_d,
+                prefix.as_ref(),
+                dims,
+            )
+        })?;
+        // Useful FLOPs, as the forward's doubled (dv, dp, dq, dk).
+        lab.row(
+            &name("backward", shared),
+            shape,
+            errors[shared as usize][1],
+            ms,
+            T::flops(2.0 * flops),
+        );
+    }
     Ok(())
 }

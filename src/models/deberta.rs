@@ -21,12 +21,12 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::llama::{Keys, read_json_object};
 use super::{Dropout, ParamLayout, SITE_EMB, SITE_POOL, TensorSpec, attention_dropout};
 use super::{site_attn, site_ffn, site_seed};
 use crate::backend::cpu::{attention_span, disentangled_scale, relative_positions};
 use crate::backend::{Arena, AttentionDims, Backend, Buf, Carver, PositionBufs};
 use crate::error::{Error, Result};
+use crate::hf_config::{ConfigKeys, read_json_object};
 
 /// The architecture, as transformers' DebertaV2Config names it.
 #[derive(Clone, Debug, PartialEq)]
@@ -84,7 +84,7 @@ impl DebertaConfig {
     /// implement are refused, naming the file and the key.
     pub fn from_hf_json(path: &Path) -> Result<DebertaConfig> {
         let obj = read_json_object(path)?;
-        let keys = Keys { path, obj: &obj };
+        let keys = ConfigKeys { path, obj: &obj };
         let model_type = keys.string("model_type", None)?;
         if model_type != "deberta-v2" {
             return Err(keys.error(
@@ -185,7 +185,7 @@ impl DebertaConfig {
                 &format!("\"{other}\" is not supported; rcx implements \"layer_norm\""),
             ));
         }
-        let hidden_dropout_prob = keys.number_or("hidden_dropout_prob", 0.1)?;
+        let hidden_dropout_prob = keys.f64_or("hidden_dropout_prob", 0.1)?;
         let config = DebertaConfig {
             vocab_size: keys.positive("vocab_size")?,
             hidden_size,
@@ -198,13 +198,13 @@ impl DebertaConfig {
             max_position_embeddings,
             type_vocab_size: keys.optional_usize("type_vocab_size")?.unwrap_or(0),
             position_biased_input: keys.bool_or("position_biased_input", true)?,
-            layer_norm_eps: keys.number_or("layer_norm_eps", 1e-7)?,
+            layer_norm_eps: keys.f64_or("layer_norm_eps", 1e-7)?,
             hidden_dropout_prob,
-            attention_probs_dropout_prob: keys.number_or("attention_probs_dropout_prob", 0.1)?,
-            pooler_dropout: keys.number_or("pooler_dropout", 0.0)?,
-            cls_dropout: keys.number_or("cls_dropout", hidden_dropout_prob)?,
+            attention_probs_dropout_prob: keys.f64_or("attention_probs_dropout_prob", 0.1)?,
+            pooler_dropout: keys.f64_or("pooler_dropout", 0.0)?,
+            cls_dropout: keys.f64_or("cls_dropout", hidden_dropout_prob)?,
             pad_token_id: keys.optional_id("pad_token_id")?.unwrap_or(0),
-            initializer_range: keys.number_or("initializer_range", 0.02)?,
+            initializer_range: keys.f64_or("initializer_range", 0.02)?,
             relative_attention: keys.bool_or("relative_attention", false)?,
             max_relative_positions,
             position_buckets,

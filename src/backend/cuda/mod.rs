@@ -5,6 +5,7 @@
 
 mod backend;
 mod cast;
+pub mod decoder_ops;
 mod kernels;
 mod loss;
 mod matmul;

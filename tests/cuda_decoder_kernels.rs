@@ -1,0 +1,785 @@
+//! The decoder kernels (kernels/rmsnorm.cu, swiglu.cu, rope.cu, attention_causal.cu) against
+//! their CPU twins (rcx::backend::cpu), on random non-zero inputs at odd shapes: rows and
+//! lengths not multiples of a block, padded sequences (the last of a batch all padding, so
+//! some query rows have no key at all), nh != nkv, head sizes 8, 16, 64 (and 128, the
+//! largest, which needs the raised shared memory limit), t not a multiple of the 16-row and
+//! 32-row tiles, a shared prefix with a prompt that no sequence continues. Every kernel runs
+//! in f32 and in bf16. Outputs are poisoned with NaN before a launch, so an element a kernel
+//! forgets is caught; gradients start from random values, so `+=` versus `=` is caught.
+//!
+//! References: the CPU ops in f64 on the same (bf16-rounded) inputs, except RoPE in f32,
+//! which the kernels match bit for bit (they round as the CPU does). Tolerances:
+//! |gpu - cpu| <= rtol · (|cpu| + mean |cpu|) with rtol = 1e-5 for fp32 (1e-4 for sums over
+//! rows or keys: RMSNorm's backward, attention), 1e-2 for values stored in bf16 (2e-2 for
+//! the attention gradients in bf16, whose inputs are recomputed probabilities times bf16
+//! rows); RoPE's cosines and sines 1e-6 (fp32), its rotation in f32 exactly.
+//!
+//! Without a GPU these tests rerun on the emulated device (tests/emu/fake_device.rs), as
+//! tests/cuda_kernels.rs does; without either they print why they were skipped.
+
+mod common;
+#[path = "emu/build.rs"]
+mod emu_build;
+#[path = "emu/fake_device.rs"]
+mod fake_device;
+
+use common::{InputRng as Rng, gpu_or_skip as gpu};
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use rcx::backend::cpu::{self, Prefix, PrefixGrads};
+use rcx::backend::cuda::decoder_ops::{CausalPrefix, CausalPrefixGrads, launch};
+use rcx::backend::cuda::{self, CudaRuntime};
+
+const F32: f64 = 1e-5;
+const F32_SUM: f64 = 1e-4;
+const BF16: f64 = 1e-2;
+const BF16_ATTENTION_GRADS: f64 = 2e-2;
+
+fn assert_close(what: &str, gpu: &[f64], cpu: &[f64], rtol: f64) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths differ");
+    let mean_abs = cpu.iter().map(|x| x.abs()).sum::<f64>() / cpu.len().max(1) as f64;
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        let tol = rtol * (c.abs() + mean_abs);
+        assert!(
+            (g - c).abs() <= tol || g == c,
+            "{what}[{i}]: gpu {g} vs cpu {c} (tolerance {tol:e}, {} elements)",
+            cpu.len()
+        );
+    }
+}
+
+/// An activation type of the kernels, with the tolerance of values stored in it.
+trait Act: cuda::Activation + Default {
+    const RTOL: f64;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Act for f32 {
+    const RTOL: f64 = F32;
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Act for bf16 {
+    const RTOL: f64 = BF16;
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// `v` as T stores it, back in f32: the inputs both sides of a T case see.
+fn rounded<T: Act>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+}
+
+fn wide(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn upload_as<T: Act>(rt: &CudaRuntime, v: &[f32]) -> CudaSlice<T> {
+    let stored: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    rt.upload(&stored).unwrap()
+}
+
+/// `len` NaNs on the device: an output element a kernel forgets stays NaN.
+fn poisoned<T: Act>(rt: &CudaRuntime, len: usize) -> CudaSlice<T> {
+    upload_as(rt, &vec![f32::NAN; len])
+}
+
+fn download_f32<T: Act>(rt: &CudaRuntime, buf: &CudaSlice<T>) -> Vec<f32> {
+    rt.download(buf)
+        .unwrap()
+        .iter()
+        .map(|&x| x.to_f32())
+        .collect()
+}
+
+/// Compares a device buffer of T with the f64 reference; the tolerance is the larger of
+/// T's and `rtol`.
+fn check<T: Act>(rt: &CudaRuntime, what: &str, buf: &CudaSlice<T>, cpu: &[f64], rtol: f64) {
+    assert_close(
+        &format!("{what} ({})", T::SUFFIX),
+        &wide(&download_f32(rt, buf)),
+        cpu,
+        T::RTOL.max(rtol),
+    );
+}
+
+// ---- RMSNorm -----------------------------------------------------------------------------
+
+fn rmsnorm_case<T: Act>(rt: &CudaRuntime, rng: &mut Rng, (n, c): (usize, usize)) {
+    let eps = 1e-6;
+    let inp = rounded::<T>(&rng.values(n * c, 2.0));
+    let weight = rng.values(c, 1.0);
+    let (mut out, mut rstd) = (vec![0.0f64; n * c], vec![0.0f64; n]);
+    cpu::rmsnorm_forward(&mut out, &mut rstd, &wide(&inp), &wide(&weight), n, c, eps);
+    let (inp_d, weight_d) = (upload_as::<T>(rt, &inp), rt.upload(&weight).unwrap());
+    let (mut out_d, mut rstd_d) = (poisoned::<T>(rt, n * c), poisoned::<f32>(rt, n));
+    rt.rmsnorm_forward(&mut out_d, &mut rstd_d, &inp_d, &weight_d, n, c, eps)
+        .unwrap();
+    check(rt, "rmsnorm_forward out", &out_d, &out, F32);
+    check(rt, "rmsnorm_forward rstd", &rstd_d, &rstd, F32);
+
+    // The backward from the saved (fp32) statistic, the same on both sides.
+    let rstd32: Vec<f32> = rstd.iter().map(|&x| x as f32).collect();
+    let dout = rounded::<T>(&rng.values(n * c, 1.0));
+    let dinp = rounded::<T>(&rng.values(n * c, 1.0));
+    let dweight = rng.values(c, 1.0);
+    let (mut dinp_d, mut dweight_d) = (upload_as::<T>(rt, &dinp), rt.upload(&dweight).unwrap());
+    rt.rmsnorm_backward(
+        &mut dinp_d,
+        &mut dweight_d,
+        &upload_as::<T>(rt, &dout),
+        &inp_d,
+        &weight_d,
+        &rt.upload(&rstd32).unwrap(),
+        n,
+        c,
+    )
+    .unwrap();
+    let (mut dinp, mut dweight) = (wide(&dinp), wide(&dweight));
+    cpu::rmsnorm_backward(
+        &mut dinp,
+        &mut dweight,
+        &wide(&dout),
+        &wide(&inp),
+        &wide(&weight),
+        &wide(&rstd32),
+        n,
+        c,
+    );
+    check(rt, "rmsnorm_backward dinp", &dinp_d, &dinp, F32_SUM);
+    check(
+        rt,
+        "rmsnorm_backward dweight",
+        &dweight_d,
+        &dweight,
+        F32_SUM,
+    );
+}
+
+#[test]
+fn rmsnorm_matches_cpu() {
+    let Some(rt) = gpu("rmsnorm_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(21);
+    // One row and column; rows not a multiple of the 8 rows of a block, c below, at and
+    // above 32 (partial column tiles); more rows than the 32 slices of the column sums.
+    for shape in [(1, 1), (7, 45), (130, 33), (9, 256)] {
+        rmsnorm_case::<f32>(&rt, &mut rng, shape);
+        rmsnorm_case::<bf16>(&rt, &mut rng, shape);
+    }
+}
+
+// ---- SwiGLU ------------------------------------------------------------------------------
+
+fn swiglu_case<T: Act>(rt: &CudaRuntime, rng: &mut Rng, len: usize) {
+    let gate = rounded::<T>(&rng.values(len, 6.0));
+    let up = rounded::<T>(&rng.values(len, 2.0));
+    let mut out = vec![0.0f64; len];
+    cpu::swiglu_forward(&mut out, &wide(&gate), &wide(&up));
+    let (gate_d, up_d) = (upload_as::<T>(rt, &gate), upload_as::<T>(rt, &up));
+    let mut out_d = poisoned::<T>(rt, len);
+    rt.swiglu_forward(&mut out_d, &gate_d, &up_d).unwrap();
+    check(rt, "swiglu_forward out", &out_d, &out, F32);
+
+    let dout = rounded::<T>(&rng.values(len, 1.0));
+    let (dgate, dup) = (
+        rounded::<T>(&rng.values(len, 1.0)),
+        rounded::<T>(&rng.values(len, 1.0)),
+    );
+    let (mut dgate_d, mut dup_d) = (upload_as::<T>(rt, &dgate), upload_as::<T>(rt, &dup));
+    rt.swiglu_backward(
+        &mut dgate_d,
+        &mut dup_d,
+        &upload_as::<T>(rt, &dout),
+        &gate_d,
+        &up_d,
+    )
+    .unwrap();
+    let (mut dgate, mut dup) = (wide(&dgate), wide(&dup));
+    cpu::swiglu_backward(&mut dgate, &mut dup, &wide(&dout), &wide(&gate), &wide(&up));
+    check(rt, "swiglu_backward dgate", &dgate_d, &dgate, F32);
+    check(rt, "swiglu_backward dup", &dup_d, &dup, F32);
+}
+
+#[test]
+fn swiglu_matches_cpu() {
+    let Some(rt) = gpu("swiglu_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(22);
+    // One element, a partial block of 256 threads, several blocks.
+    for len in [1, 255, 1000] {
+        swiglu_case::<f32>(&rt, &mut rng, len);
+        swiglu_case::<bf16>(&rt, &mut rng, len);
+    }
+}
+
+// ---- RoPE --------------------------------------------------------------------------------
+
+fn rope_case<T: Act>(rt: &CudaRuntime, rng: &mut Rng, (n, heads, hs): (usize, usize, usize)) {
+    let half = hs / 2;
+    let case = format!("({}) {n}x{heads}x{hs}", T::SUFFIX);
+    let scaling = cpu::Llama3RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64.0,
+    };
+    let inv_freq = cpu::rope_inv_freq(hs, 500_000.0, Some(scaling));
+    // Positions up to 70 000: angles where an f32 product is far from the exact one.
+    let positions = rng.below(n, 70_000);
+    let (mut cos, mut sin) = (vec![0.0f64; n * half], vec![0.0f64; n * half]);
+    cpu::rope_cos_sin(&mut cos, &mut sin, &positions, &inv_freq);
+    let (mut cos_d, mut sin_d) = (poisoned::<T>(rt, n * half), poisoned::<T>(rt, n * half));
+    rt.rope_cos_sin(
+        &mut cos_d,
+        &mut sin_d,
+        &rt.upload(&positions).unwrap(),
+        &rt.upload(&inv_freq).unwrap(),
+        n,
+        half,
+    )
+    .unwrap();
+    check(rt, &format!("rope_cos_sin cos {case}"), &cos_d, &cos, 1e-6);
+    check(rt, &format!("rope_cos_sin sin {case}"), &sin_d, &sin, 1e-6);
+
+    // The rotation from the very tables the device holds (T-rounded), on both sides.
+    let (cos_t, sin_t) = (download_f32(rt, &cos_d), download_f32(rt, &sin_d));
+    let len = n * heads * hs;
+    let inp = rounded::<T>(&rng.values(len, 2.0));
+    let inp_d = upload_as::<T>(rt, &inp);
+    let mut out_d = poisoned::<T>(rt, len);
+    rt.rope_forward(&mut out_d, &inp_d, &cos_d, &sin_d, n, heads, hs)
+        .unwrap();
+    let mut in_place_d = upload_as::<T>(rt, &inp);
+    rt.rope_forward_in_place(&mut in_place_d, &cos_d, &sin_d, n, heads, hs)
+        .unwrap();
+    let dout = rounded::<T>(&rng.values(len, 1.0));
+    let dinp = rounded::<T>(&rng.values(len, 1.0));
+    let mut dinp_d = upload_as::<T>(rt, &dinp);
+    rt.rope_backward(
+        &mut dinp_d,
+        &upload_as::<T>(rt, &dout),
+        &cos_d,
+        &sin_d,
+        n,
+        heads,
+        hs,
+    )
+    .unwrap();
+    let (out, dinp_cpu) = if T::SUFFIX == "f32" {
+        // f32: the CPU twin in f32, bit for bit.
+        let mut out = vec![0.0f32; len];
+        cpu::rope_forward(&mut out, &inp, &cos_t, &sin_t, n, heads, hs);
+        let mut g = dinp.clone();
+        cpu::rope_backward(&mut g, &dout, &cos_t, &sin_t, n, heads, hs);
+        assert_eq!(download_f32(rt, &out_d), out, "rope_forward {case}");
+        assert_eq!(
+            download_f32(rt, &in_place_d),
+            out,
+            "rope_forward_in_place {case}"
+        );
+        assert_eq!(download_f32(rt, &dinp_d), g, "rope_backward {case}");
+        (wide(&out), wide(&g))
+    } else {
+        let mut out = vec![0.0f64; len];
+        let (cos64, sin64) = (wide(&cos_t), wide(&sin_t));
+        cpu::rope_forward(&mut out, &wide(&inp), &cos64, &sin64, n, heads, hs);
+        let mut g = wide(&dinp);
+        cpu::rope_backward(&mut g, &wide(&dout), &cos64, &sin64, n, heads, hs);
+        (out, g)
+    };
+    check(rt, &format!("rope_forward {case}"), &out_d, &out, F32);
+    check(
+        rt,
+        &format!("rope_forward_in_place {case}"),
+        &in_place_d,
+        &out,
+        F32,
+    );
+    check(
+        rt,
+        &format!("rope_backward {case}"),
+        &dinp_d,
+        &dinp_cpu,
+        F32,
+    );
+}
+
+#[test]
+fn rope_matches_cpu() {
+    let Some(rt) = gpu("rope_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(23);
+    // Head sizes 2 (one pair), 8, 64 and 128; token counts that leave partial blocks.
+    for shape in [(1, 1, 2), (5, 3, 8), (17, 4, 64), (3, 2, 128)] {
+        rope_case::<f32>(&rt, &mut rng, shape);
+        rope_case::<bf16>(&rt, &mut rng, shape);
+    }
+    // An odd head size is refused before any launch.
+    let buf = rt.zeros::<f32>(6).unwrap();
+    let mut out = rt.zeros::<f32>(6).unwrap();
+    assert!(
+        rt.rope_forward(&mut out, &buf, &buf, &buf, 2, 1, 3)
+            .is_err()
+    );
+}
+
+// ---- Causal attention --------------------------------------------------------------------
+
+/// One attention problem: shapes, inputs as T stores them (in f32), the optional prefix.
+struct Problem {
+    b: usize,
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    hs: usize,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    mask: Vec<u8>,
+    prefix: Option<PrefixInputs>,
+}
+
+struct PrefixInputs {
+    prompts: usize,
+    len: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    mask: Vec<u8>,
+    of_sequence: Vec<u32>,
+}
+
+impl Problem {
+    /// `prefix`: (prompts, len), the last prompt continued by no sequence.
+    fn new<T: Act>(
+        rng: &mut Rng,
+        (b, t, nh, nkv, hs): (usize, usize, usize, usize, usize),
+        prefix: Option<(usize, usize)>,
+    ) -> Problem {
+        let prefix = prefix.map(|(prompts, len)| {
+            let kv = prompts * len * nkv * hs;
+            PrefixInputs {
+                prompts,
+                len,
+                k: rounded::<T>(&rng.values(kv, 1.0)),
+                v: rounded::<T>(&rng.values(kv, 1.0)),
+                mask: rng.padding_mask(prompts, len),
+                of_sequence: rng.below(b, (prompts as u32 - 1).max(1)),
+            }
+        });
+        Problem {
+            b,
+            t,
+            nh,
+            nkv,
+            hs,
+            q: rounded::<T>(&rng.values(b * t * nh * hs, 1.0)),
+            k: rounded::<T>(&rng.values(b * t * nkv * hs, 1.0)),
+            v: rounded::<T>(&rng.values(b * t * nkv * hs, 1.0)),
+            mask: rng.padding_mask(b, t),
+            prefix,
+        }
+    }
+
+    fn tp(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |p| p.len)
+    }
+
+    /// The CPU twin in f64: (out, probs).
+    fn cpu_forward(&self, wide_prefix: Option<&(Vec<f64>, Vec<f64>)>) -> (Vec<f64>, Vec<f64>) {
+        let mut out = vec![0.0; self.q.len()];
+        let mut probs = vec![0.0; self.b * self.nh * self.t * (self.tp() + self.t)];
+        cpu::causal_attention_forward(
+            &mut out,
+            &mut probs,
+            &wide(&self.q),
+            &wide(&self.k),
+            &wide(&self.v),
+            &self.mask,
+            self.cpu_prefix(wide_prefix),
+            self.b,
+            self.t,
+            self.nh,
+            self.nkv,
+            self.hs,
+            None,
+        );
+        (out, probs)
+    }
+
+    fn cpu_prefix<'a>(&'a self, wide: Option<&'a (Vec<f64>, Vec<f64>)>) -> Option<Prefix<'a, f64>> {
+        let (p, (k, v)) = (self.prefix.as_ref()?, wide?);
+        Some(Prefix {
+            k,
+            v,
+            mask: &p.mask,
+            of_sequence: &p.of_sequence,
+            prompts: p.prompts,
+            len: p.len,
+        })
+    }
+
+    /// lse [b, nh, t] in f64 from the CPU's probabilities' support and the scores:
+    /// log Σ exp(s_ij) over the keys with non-zero weight; +inf where there are none.
+    fn cpu_lse(&self, probs: &[f64]) -> Vec<f64> {
+        let (t, nh, nkv, hs, tp) = (self.t, self.nh, self.nkv, self.hs, self.tp());
+        let keys = tp + t;
+        let scale = 1.0 / (hs as f64).sqrt();
+        let mut lse = vec![0.0; self.b * nh * t];
+        for bi in 0..self.b {
+            for h in 0..nh {
+                let g = h / (nh / nkv);
+                for i in 0..t {
+                    let row = (bi * nh + h) * t + i;
+                    let q = &self.q[(bi * t + i) * nh * hs + h * hs..][..hs];
+                    let mut sum = 0.0;
+                    for j in 0..keys {
+                        if probs[row * keys + j] == 0.0 {
+                            continue;
+                        }
+                        let key = if j < tp {
+                            let p = self.prefix.as_ref().unwrap();
+                            let prompt = p.of_sequence[bi] as usize;
+                            &p.k[(prompt * tp + j) * nkv * hs + g * hs..][..hs]
+                        } else {
+                            &self.k[(bi * t + j - tp) * nkv * hs + g * hs..][..hs]
+                        };
+                        let dot: f64 = q.iter().zip(key).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        sum += (scale * dot).exp();
+                    }
+                    lse[row] = if sum > 0.0 { sum.ln() } else { f64::INFINITY };
+                }
+            }
+        }
+        lse
+    }
+}
+
+fn attention_case<T: Act>(
+    rt: &CudaRuntime,
+    rng: &mut Rng,
+    dims: (usize, usize, usize, usize, usize),
+    prefix: Option<(usize, usize)>,
+) {
+    let problem = Problem::new::<T>(rng, dims, prefix);
+    let (b, t, nh, nkv, hs) = dims;
+    let case = format!(
+        "({}) b{b} t{t} nh{nh} nkv{nkv} hs{hs} prefix {prefix:?}",
+        T::SUFFIX
+    );
+    let wide_prefix = problem.prefix.as_ref().map(|p| (wide(&p.k), wide(&p.v)));
+    let (out, probs) = problem.cpu_forward(wide_prefix.as_ref());
+    let lse = problem.cpu_lse(&probs);
+
+    let (q_d, k_d, v_d) = (
+        upload_as::<T>(rt, &problem.q),
+        upload_as::<T>(rt, &problem.k),
+        upload_as::<T>(rt, &problem.v),
+    );
+    let mask_d = rt.upload(&problem.mask).unwrap();
+    let prefix_d = problem.prefix.as_ref().map(|p| {
+        (
+            upload_as::<T>(rt, &p.k),
+            upload_as::<T>(rt, &p.v),
+            rt.upload(&p.mask).unwrap(),
+            rt.upload(&p.of_sequence).unwrap(),
+        )
+    });
+    let device_prefix = || {
+        let p = problem.prefix.as_ref()?;
+        let (k, v, mask, of_sequence) = prefix_d.as_ref()?;
+        Some(CausalPrefix {
+            k: k.as_view(),
+            v: v.as_view(),
+            mask: mask.as_view(),
+            of_sequence: of_sequence.as_view(),
+            prompts: p.prompts,
+            len: p.len,
+        })
+    };
+    let (mut out_d, mut lse_d) = (poisoned::<T>(rt, out.len()), poisoned::<f32>(rt, lse.len()));
+    rt.causal_attention_forward(
+        &mut out_d,
+        &mut lse_d,
+        &q_d,
+        &k_d,
+        &v_d,
+        &mask_d,
+        device_prefix().as_ref(),
+        dims,
+    )
+    .unwrap();
+    check(
+        rt,
+        &format!("causal_attention_forward out {case}"),
+        &out_d,
+        &out,
+        F32_SUM,
+    );
+    let lse_gpu = wide(&download_f32(rt, &lse_d));
+    let finite = |x: &[f64]| {
+        x.iter()
+            .map(|&v| if v.is_finite() { v } else { 0.0 })
+            .collect::<Vec<_>>()
+    };
+    for (i, (g, c)) in lse_gpu.iter().zip(&lse).enumerate() {
+        assert_eq!(
+            g.is_finite(),
+            c.is_finite(),
+            "causal_attention_forward lse[{i}] {case}: gpu {g} vs cpu {c}"
+        );
+    }
+    assert_close(
+        &format!("causal_attention_forward lse {case}"),
+        &finite(&lse_gpu),
+        &finite(&lse),
+        F32_SUM,
+    );
+
+    // The backward from the device's own out and lse; gradients start from random values.
+    let dout = rounded::<T>(&rng.values(out.len(), 1.0));
+    let starts: Vec<Vec<f32>> = [problem.q.len(), problem.k.len(), problem.k.len()]
+        .iter()
+        .map(|&len| rounded::<T>(&rng.values(len, 1.0)))
+        .collect();
+    let prefix_starts: Option<[Vec<f32>; 2]> = problem.prefix.as_ref().map(|p| {
+        [
+            rounded::<T>(&rng.values(p.k.len(), 1.0)),
+            rounded::<T>(&rng.values(p.k.len(), 1.0)),
+        ]
+    });
+    let (mut dq_d, mut dk_d, mut dv_d) = (
+        upload_as::<T>(rt, &starts[0]),
+        upload_as::<T>(rt, &starts[1]),
+        upload_as::<T>(rt, &starts[2]),
+    );
+    let mut dprefix_d = prefix_starts
+        .as_ref()
+        .map(|[dk, dv]| (upload_as::<T>(rt, dk), upload_as::<T>(rt, dv)));
+    let mut row_dot_d = poisoned::<f32>(rt, lse.len());
+    rt.causal_attention_backward(
+        &mut dq_d,
+        &mut dk_d,
+        &mut dv_d,
+        dprefix_d.as_mut().map(|(dk, dv)| CausalPrefixGrads {
+            dk: dk.as_view_mut(),
+            dv: dv.as_view_mut(),
+        }),
+        &mut row_dot_d,
+        &upload_as::<T>(rt, &dout),
+        &out_d,
+        &q_d,
+        &k_d,
+        &v_d,
+        &lse_d,
+        &mask_d,
+        device_prefix().as_ref(),
+        dims,
+    )
+    .unwrap();
+    let (mut dq, mut dk, mut dv) = (wide(&starts[0]), wide(&starts[1]), wide(&starts[2]));
+    let mut dprefix = prefix_starts.as_ref().map(|[dk, dv]| (wide(dk), wide(dv)));
+    // The CPU backward from its own probabilities; the device's out (stored in T) fed its
+    // row dots, so bf16's tolerance covers the difference.
+    cpu::causal_attention_backward(
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        dprefix.as_mut().map(|(dk, dv)| PrefixGrads { dk, dv }),
+        &wide(&dout),
+        &wide(&problem.q),
+        &wide(&problem.k),
+        &wide(&problem.v),
+        &probs,
+        &problem.mask,
+        problem.cpu_prefix(wide_prefix.as_ref()),
+        b,
+        t,
+        nh,
+        nkv,
+        hs,
+        None,
+    );
+    let rtol = if T::SUFFIX == "f32" {
+        F32_SUM
+    } else {
+        BF16_ATTENTION_GRADS
+    };
+    check(
+        rt,
+        &format!("causal_attention_backward dq {case}"),
+        &dq_d,
+        &dq,
+        rtol,
+    );
+    check(
+        rt,
+        &format!("causal_attention_backward dk {case}"),
+        &dk_d,
+        &dk,
+        rtol,
+    );
+    check(
+        rt,
+        &format!("causal_attention_backward dv {case}"),
+        &dv_d,
+        &dv,
+        rtol,
+    );
+    if let (Some((dk_p, dv_p)), Some((dk_pd, dv_pd))) = (dprefix, dprefix_d) {
+        check(
+            rt,
+            &format!("causal_attention_backward prefix dk {case}"),
+            &dk_pd,
+            &dk_p,
+            rtol,
+        );
+        check(
+            rt,
+            &format!("causal_attention_backward prefix dv {case}"),
+            &dv_pd,
+            &dv_p,
+            rtol,
+        );
+    }
+}
+
+/// Attention dims (b, t, nh, nkv, hs) and prefix (prompts, prefix len).
+type AttentionCase = ((usize, usize, usize, usize, usize), Option<(usize, usize)>);
+
+fn attention_cases(test: &str, seed: u64, cases: &[AttentionCase]) {
+    let Some(rt) = gpu(test) else {
+        return;
+    };
+    let mut rng = Rng::new(seed);
+    for &(dims, prefix) in cases {
+        attention_case::<f32>(&rt, &mut rng, dims, prefix);
+        attention_case::<bf16>(&rt, &mut rng, dims, prefix);
+    }
+}
+
+/// One token; t below, between and above the 16-row and 32-row tiles; grouped heads (4
+/// query heads per key/value head, and 2); head sizes 8 and 16.
+#[test]
+fn causal_attention_matches_cpu() {
+    attention_cases(
+        "causal_attention_matches_cpu",
+        24,
+        &[
+            ((1, 1, 1, 1, 8), None),
+            ((3, 19, 4, 1, 8), None),
+            ((2, 37, 4, 2, 16), None),
+        ],
+    );
+}
+
+/// Prefixes shorter and longer than a tile, each with a prompt no sequence continues (its
+/// gradients must stay as they were), sequences with no own real token.
+#[test]
+fn causal_attention_with_prefix_matches_cpu() {
+    attention_cases(
+        "causal_attention_with_prefix_matches_cpu",
+        25,
+        &[
+            ((4, 9, 2, 1, 16), Some((3, 5))),
+            ((3, 7, 2, 2, 8), Some((2, 35))),
+        ],
+    );
+}
+
+/// Head sizes 64 and 128 (the largest; the backward then raises the kernels' shared memory
+/// limit past 48 KiB), with a prefix.
+#[test]
+fn causal_attention_large_heads_match_cpu() {
+    attention_cases(
+        "causal_attention_large_heads_match_cpu",
+        26,
+        &[
+            ((2, 17, 2, 1, 64), Some((2, 6))),
+            ((1, 18, 1, 1, 128), Some((2, 7))),
+        ],
+    );
+}
+
+#[test]
+fn causal_attention_refuses_bad_shapes() {
+    let Some(rt) = gpu("causal_attention_refuses_bad_shapes") else {
+        return;
+    };
+    let buf = rt.zeros::<f32>(48).unwrap();
+    let mask = rt.zeros::<u8>(2).unwrap();
+    let mut out = rt.zeros::<f32>(48).unwrap();
+    let mut lse = rt.zeros::<f32>(6).unwrap();
+    // 3 query heads over 2 key/value heads.
+    let err = rt
+        .causal_attention_forward(
+            &mut out,
+            &mut lse,
+            &buf,
+            &buf,
+            &buf,
+            &mask,
+            None,
+            (1, 2, 3, 2, 8),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("do not divide"), "{err}");
+    // A buffer of the wrong length.
+    let short = rt.zeros::<f32>(47).unwrap();
+    let err = rt
+        .causal_attention_forward(
+            &mut out,
+            &mut lse,
+            &short,
+            &buf,
+            &buf,
+            &mask,
+            None,
+            (1, 2, 3, 3, 8),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("q has 47 elements"), "{err}");
+}
+
+/// The launch shapes are pure functions of the shapes (runs without a GPU).
+#[test]
+fn causal_launch_shapes() {
+    let shape = launch::causal_forward("t", 33, 6, 64).unwrap();
+    assert_eq!((shape.grid, shape.block), ((3, 6, 1), 128));
+    assert_eq!(
+        shape.shared_bytes as usize,
+        4 * (16 * 64 + 32 * 65 + 32 * 64)
+    );
+    // hs = 128: the backward needs more than the default 48 KiB.
+    let shape = launch::causal_backward("t", 512, 8, 128).unwrap();
+    assert_eq!(
+        shape.shared_bytes as usize,
+        4 * (2 * 16 * 128 + 2 * 32 * 129)
+    );
+    assert!(shape.shared_opt_in().is_some());
+    assert!(launch::causal_forward("t", 8, 1, 129).is_err());
+    assert!(launch::causal_forward("t", 8, 70_000, 64).is_err());
+}
+
+/// Every test above, rerun on the emulated device (tests/emu/fake_device.rs) when this
+/// machine has no GPU: the kernels on the CPU emulator behind a fake driver.
+#[test]
+fn all_gpu_tests_on_the_emulated_device() {
+    let itself = "all_gpu_tests_on_the_emulated_device";
+    fake_device::rerun_on_emulated_device(itself, &["--skip", itself]);
+}
