@@ -208,10 +208,7 @@ const EOS_TOKENS: [&str; 3] = ["<|end_of_text|>", "</s>", "<|endoftext|>"];
 
 /// The EOS of `rcx tokenize --pair` on a BPE file without --eos: see `TokenizeArgs::eos`.
 fn default_eos(path: &Path, tokenizer: &json::TokenizerJson) -> Result<u32> {
-    let config_path = path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("config.json");
+    let config_path = path.parent().unwrap_or(Path::new(".")).join("config.json");
     if config_path.is_file() {
         let obj = crate::hf_config::read_json_object(&config_path)?;
         let keys = crate::hf_config::ConfigKeys {

@@ -173,7 +173,12 @@ impl TokenizerJson {
     /// The ids the model's embeddings must hold: the model's entries (ids 0..n, as the
     /// reference counts them) and every added token's id.
     pub fn vocab_size(&self) -> usize {
-        let added_end = self.added.tokens.keys().next_back().map_or(0, |&id| id as usize + 1);
+        let added_end = self
+            .added
+            .tokens
+            .keys()
+            .next_back()
+            .map_or(0, |&id| id as usize + 1);
         self.model.len().max(added_end)
     }
 
@@ -192,7 +197,10 @@ impl TokenizerJson {
         match &self.post_processor {
             None => Ok((Vec::new(), Vec::new())),
             Some(processor) => processor.single_affixes().map_err(|message| {
-                Error::user(format!("{}: post_processor: {message}", self.path.display()))
+                Error::user(format!(
+                    "{}: post_processor: {message}",
+                    self.path.display()
+                ))
             }),
         }
     }
