@@ -95,8 +95,8 @@ def main():
             completion = tokenizer.encode(completion_text, add_special_tokens=False).ids
             total = len(full_prompt) + len(completion) + 1
             specials = total - len(prompt) - len(completion)
-            lengths = [None, total, total - 1, total * 3 // 4, total // 2, specials + 3,
-                       specials + 1, specials]
+            lengths = [None, total, total - 1, total * 3 // 4, total // 2, total // 4,
+                       specials + 3, specials + 1, specials]
             for max_length in sorted({n for n in lengths if n is None or n >= specials},
                                      key=lambda n: -1 if n is None else n):
                 cases.append({
