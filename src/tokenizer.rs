@@ -56,8 +56,9 @@ pub enum Tokenizer {
     WordPiece(WordPiece),
     /// With its padding token's id.
     Unigram(unigram::Unigram, u32),
-    /// A decoder's tokenizer.json BPE, with the model's EOS and padding ids.
-    Decoder(DecoderTokenizer),
+    /// A decoder's tokenizer.json BPE, with the model's EOS and padding ids (boxed: the
+    /// file's parts are several times the other variants' size).
+    Decoder(Box<DecoderTokenizer>),
 }
 
 impl Tokenizer {
@@ -83,7 +84,8 @@ impl Tokenizer {
     /// A decoder's tokenizer.json (BPE): sequences end with `eos_id`, batches are padded
     /// with `pad_id` (both from the model's config.json, and both must be in the vocabulary).
     pub fn from_decoder_file(path: &Path, eos_id: u32, pad_id: u32) -> Result<Tokenizer> {
-        DecoderTokenizer::from_file(path, eos_id, pad_id).map(Tokenizer::Decoder)
+        let tokenizer = DecoderTokenizer::from_file(path, eos_id, pad_id)?;
+        Ok(Tokenizer::Decoder(Box::new(tokenizer)))
     }
 
     /// Ids the model's embeddings must hold.
@@ -182,15 +184,16 @@ pub struct TokenizeArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// At most this many ids, special tokens included (default with --vocab: 512; with
-    /// --tokenizer: the file's own truncation, none when it has none).
+    /// --tokenizer: the file's own truncation, none when it has none; with --pair on a BPE
+    /// --tokenizer: none, as the file's truncation and padding play no part in training).
     #[arg(long)]
     pub max_length: Option<usize>,
     /// The text to encode.
     pub text: String,
     /// A second text, encoded as a pair with the first. --vocab, or a Unigram --tokenizer:
-    /// `[CLS] TEXT [SEP] PAIR [SEP]`. A BPE --tokenizer (a decoder's): TEXT is the prompt and
-    /// PAIR the completion, and the ids are those `rcx train`/`rcx score` feed the model:
-    /// the file's `encode(TEXT)` (its post-processor's BOS included) + `encode(PAIR)` without
+    /// `[CLS] TEXT [SEP] COMPLETION [SEP]`. A BPE --tokenizer (a decoder's): TEXT is the
+    /// prompt, and the ids are those `rcx train`/`rcx score` feed the model: the file's
+    /// `encode(TEXT)` (its post-processor's BOS included) + `encode(COMPLETION)` without
     /// special tokens + EOS; past --max-length the prompt loses its start and the completion
     /// its end (longest first), BOS and EOS kept.
     #[arg(long, value_name = "COMPLETION")]
@@ -301,10 +304,13 @@ fn json_list(ids: &[u32]) -> String {
 
 /// `rcx tokenize`: prints `{"input_ids": [...], "token_type_ids": [...]}` on one line.
 pub fn cmd_tokenize(args: TokenizeArgs) -> Result<()> {
-    let bpe_pair = args.tokenizer.is_some() && args.pair.is_some();
-    if args.eos.is_some() && !bpe_pair {
+    let decoder_pair = match (&args.tokenizer, &args.pair) {
+        (Some(path), Some(_)) => !unigram::is_unigram_file(path)?,
+        _ => false,
+    };
+    if args.eos.is_some() && !decoder_pair {
         return Err(Error::user(
-            "--eos: expected with --pair on a BPE --tokenizer only (it ends a decoder's sequence)",
+            "--eos: expected only with --pair on a BPE --tokenizer (it ends a decoder's sequence)",
         ));
     }
     let vocab = match (&args.vocab, &args.tokenizer) {

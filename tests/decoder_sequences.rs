@@ -292,6 +292,23 @@ fn the_command_refuses_what_it_cannot_honour() {
         &["tokenize", "--tokenizer", path, "--eos", "1", "a"],
         "--eos",
     );
+    // An encoder's Unigram pair has no EOS to set.
+    let unigram =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unigram/deberta/tokenizer.json");
+    let unigram = unigram.to_str().unwrap();
+    refused(
+        &[
+            "tokenize",
+            "--tokenizer",
+            unigram,
+            "--pair",
+            "b",
+            "--eos",
+            "1",
+            "a",
+        ],
+        "--eos",
+    );
     // A file without any known EOS token and no config.json beside it: --eos is asked for.
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("decoder_sequences-bare-{}", std::process::id()));

@@ -9,7 +9,9 @@
 //! tokens leave by the longest-first rule of the encoders' pairs (`longest_first_lengths`);
 //! the prompt is then cut from its start (its end leads into the completion) and the
 //! completion from its end. The post-processor's tokens (BOS) and the EOS are always kept:
-//! the model was trained with BOS first, and the reward is read at the EOS.
+//! the model was trained with BOS first, and the reward is read at the EOS. The file's own
+//! truncation and padding play no part: the training config's `max_length` cuts, and
+//! batches are padded with the model's padding id.
 
 use super::json::TokenizerJson;
 use super::{Encoding, fnv1a, longest_first_lengths};
