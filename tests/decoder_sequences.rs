@@ -329,3 +329,39 @@ fn the_command_refuses_what_it_cannot_honour() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_text_the_file_cannot_encode_is_an_error_naming_it() {
+    // As `tokenizers` fails ("Unk token `<nope>` not found in the vocabulary") on a char
+    // that needs an unknown token the vocabulary lacks.
+    let mut data: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("llama2")).unwrap()).unwrap();
+    data["model"]["byte_fallback"] = Value::Bool(false);
+    data["model"]["unk_token"] = Value::from("<nope>");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("decoder_sequences-unk-{}.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_vec(&data).unwrap()).unwrap();
+    let tok = Tokenizer::from_decoder_file(&path, 2, 2).unwrap();
+    assert!(tok.try_tokenize("a b").is_ok_and(|ids| !ids.is_empty()));
+    let err = tok.try_tokenize("a \u{2603} b").unwrap_err();
+    let Error::User(message) = &err else {
+        panic!("expected a user error, got {err:?}")
+    };
+    assert!(
+        message.contains(path.file_name().unwrap().to_str().unwrap()) && message.contains("<nope>")
+    );
+    // The infallible form warns and gives no ids rather than wrong ones.
+    assert_eq!(tok.tokenize("a \u{2603} b"), Vec::<u32>::new());
+    let out = rcx(&[
+        "tokenize",
+        "--tokenizer",
+        path.to_str().unwrap(),
+        "--pair",
+        "a \u{2603} b",
+        "--eos",
+        "2",
+        "prompt",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_file(&path).unwrap();
+}
