@@ -6,10 +6,13 @@
 //!
 //! `Tokenizer` is the one a reward model reads its sequences with: a prompt and a completion
 //! become one sequence by the model family's template (`[CLS] prompt [SEP] completion [SEP]`
-//! for the encoders).
+//! for the encoders; for the decoders `encode(prompt)` with the file's post-processor, the
+//! completion and EOS: see `decoder`).
 
 mod bpe;
 mod composition_table;
+/// A decoder's (prompt, completion) sequence over a tokenizer.json BPE.
+pub mod decoder;
 pub mod json;
 pub(crate) mod json_node;
 pub(crate) mod normalize;
@@ -21,6 +24,7 @@ pub mod unigram;
 pub mod wordpiece;
 
 use crate::error::{Error, Result};
+use decoder::DecoderTokenizer;
 use std::path::{Path, PathBuf};
 
 pub(crate) use wordpiece::longest_first_lengths;
@@ -52,6 +56,9 @@ pub enum Tokenizer {
     WordPiece(WordPiece),
     /// With its padding token's id.
     Unigram(unigram::Unigram, u32),
+    /// A decoder's tokenizer.json BPE, with the model's EOS and padding ids (boxed: the
+    /// file's parts are several times the other variants' size).
+    Decoder(Box<DecoderTokenizer>),
 }
 
 impl Tokenizer {
@@ -74,11 +81,19 @@ impl Tokenizer {
         Ok(Tokenizer::Unigram(model, pad_id))
     }
 
+    /// A decoder's tokenizer.json (BPE): sequences end with `eos_id`, batches are padded
+    /// with `pad_id` (both from the model's config.json, and both must be in the vocabulary).
+    pub fn from_decoder_file(path: &Path, eos_id: u32, pad_id: u32) -> Result<Tokenizer> {
+        let tokenizer = DecoderTokenizer::from_file(path, eos_id, pad_id)?;
+        Ok(Tokenizer::Decoder(Box::new(tokenizer)))
+    }
+
     /// Ids the model's embeddings must hold.
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::WordPiece(t) => t.vocab_size(),
             Tokenizer::Unigram(t, _) => t.vocab_size(),
+            Tokenizer::Decoder(t) => t.vocab_size(),
         }
     }
 
@@ -86,6 +101,7 @@ impl Tokenizer {
         match self {
             Tokenizer::WordPiece(t) => t.pad_id(),
             Tokenizer::Unigram(_, pad_id) => *pad_id,
+            Tokenizer::Decoder(t) => t.pad_id(),
         }
     }
 
@@ -94,22 +110,50 @@ impl Tokenizer {
         match self {
             Tokenizer::WordPiece(t) => t.fingerprint(),
             Tokenizer::Unigram(t, _) => t.fingerprint(),
+            Tokenizer::Decoder(t) => t.fingerprint(),
         }
     }
 
-    /// Ids of `text` without special tokens.
+    /// The shortest `max_length` a (prompt, completion) sequence fits in: its special
+    /// tokens. Shorter lengths are a user error, refused before encoding.
+    pub fn least_pair_length(&self) -> usize {
+        match self {
+            Tokenizer::WordPiece(_) | Tokenizer::Unigram(..) => 3,
+            Tokenizer::Decoder(t) => t.special_tokens_count(),
+        }
+    }
+
+    /// Ids of `text` without special tokens. A decoder's tokenizer.json can fail on a text
+    /// (an unknown token outside its vocabulary, a regex giving up): the error names the
+    /// file.
+    pub fn try_tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Decoder(t) => t.tokenize(text),
+            _ => Ok(self.tokenize(text)),
+        }
+    }
+
+    /// Ids of `text` without special tokens. Where `try_tokenize` fails (decoders only) this
+    /// warns on stderr and gives no ids: callers that can report errors use `try_tokenize`.
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
         match self {
             Tokenizer::WordPiece(t) => t.tokenize(text),
             Tokenizer::Unigram(t, _) => t.tokenize(text),
+            Tokenizer::Decoder(t) => t.tokenize(text).unwrap_or_else(|e| {
+                eprintln!("rcx: warning: a text left without ids: {e}");
+                Vec::new()
+            }),
         }
     }
 
-    /// One text with the template's special tokens, cut to at most `max_length` ids.
+    /// One text with the template's special tokens, cut to at most `max_length` ids. A
+    /// decoder reads it as a completion without prompt: the post-processor's tokens, the
+    /// text cut from its end, EOS.
     pub fn encode(&self, text: &str, max_length: usize) -> Encoding {
         match self {
             Tokenizer::WordPiece(t) => t.encode(text, max_length),
             Tokenizer::Unigram(t, _) => t.encode(text, max_length),
+            Tokenizer::Decoder(t) => t.encode_tokenized_pair(&[], &self.tokenize(text), max_length),
         }
     }
 
@@ -124,6 +168,7 @@ impl Tokenizer {
         match self {
             Tokenizer::WordPiece(t) => t.encode_tokenized_pair(a, b, max_length),
             Tokenizer::Unigram(t, _) => t.encode_tokenized_pair(a, b, max_length),
+            Tokenizer::Decoder(t) => t.encode_tokenized_pair(a, b, max_length),
         }
     }
 }
@@ -139,15 +184,80 @@ pub struct TokenizeArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// At most this many ids, special tokens included (default with --vocab: 512; with
-    /// --tokenizer: the file's own truncation, none when it has none).
+    /// --tokenizer: the file's own truncation, none when it has none; with --pair on a BPE
+    /// --tokenizer: none, as the file's truncation and padding play no part in training).
     #[arg(long)]
     pub max_length: Option<usize>,
     /// The text to encode.
     pub text: String,
-    /// A second text, encoded as a pair with the first (--vocab, or a Unigram --tokenizer:
-    /// `[CLS] TEXT [SEP] PAIR [SEP]`).
-    #[arg(long)]
+    /// A second text, encoded as a pair with the first. --vocab, or a Unigram --tokenizer:
+    /// `[CLS] TEXT [SEP] COMPLETION [SEP]`. A BPE --tokenizer (a decoder's): TEXT is the
+    /// prompt, and the ids are those `rcx train`/`rcx score` feed the model: the file's
+    /// `encode(TEXT)` (its post-processor's BOS included) + `encode(COMPLETION)` without
+    /// special tokens + EOS; past --max-length the prompt loses its start and the completion
+    /// its end (longest first), BOS and EOS kept.
+    #[arg(long, value_name = "COMPLETION")]
     pub pair: Option<String>,
+    /// With --pair on a BPE --tokenizer: the EOS id ending the sequence. Default: the first
+    /// `eos_token_id` of the config.json beside FILE (what `rcx train` uses), else the
+    /// file's special token <|end_of_text|>, </s> or <|endoftext|> (the first it has).
+    #[arg(long, value_name = "ID")]
+    pub eos: Option<u32>,
+}
+
+/// Special tokens that end a text in the families' tokenizer.json files, in the order
+/// tried: Llama 3's, then Llama 2's and Mistral's, then GPT-2's and Qwen2's.
+const EOS_TOKENS: [&str; 3] = ["<|end_of_text|>", "</s>", "<|endoftext|>"];
+
+/// The EOS of `rcx tokenize --pair` on a BPE file without --eos: see `TokenizeArgs::eos`.
+fn default_eos(path: &Path, tokenizer: &json::TokenizerJson) -> Result<u32> {
+    let config_path = path.parent().unwrap_or(Path::new(".")).join("config.json");
+    if config_path.is_file() {
+        let obj = crate::hf_config::read_json_object(&config_path)?;
+        let keys = crate::hf_config::ConfigKeys {
+            path: &config_path,
+            obj: &obj,
+        };
+        if let Some(&eos) = keys.ids("eos_token_id")?.first() {
+            return Ok(eos);
+        }
+    }
+    EOS_TOKENS
+        .iter()
+        .find_map(|token| tokenizer.special_token_id(token))
+        .ok_or_else(|| {
+            Error::user(format!(
+                "--pair: {} has no config.json beside it with an eos_token_id, nor a special \
+                 token {}; expected --eos ID",
+                path.display(),
+                EOS_TOKENS.join(", ")
+            ))
+        })
+}
+
+/// `rcx tokenize --tokenizer FILE --pair COMPLETION TEXT` on a BPE file: the decoder's
+/// sequence of (TEXT, COMPLETION), printed as `{"input_ids": [...]}`.
+fn cmd_tokenize_decoder_pair(path: &Path, args: &TokenizeArgs, completion: &str) -> Result<()> {
+    let eos_id = match args.eos {
+        Some(id) => id,
+        None => default_eos(path, &json::TokenizerJson::from_file(path)?)?,
+    };
+    // Printed ids are not padded: the padding id only has to be a valid one.
+    let tokenizer = DecoderTokenizer::from_file(path, eos_id, eos_id)?;
+    let least = tokenizer.special_tokens_count();
+    let max_length = args.max_length.unwrap_or(usize::MAX);
+    if max_length < least {
+        return Err(Error::user(format!(
+            "--max-length {max_length}: expected at least {least}, the special tokens of \
+             {}'s sequence (the post-processor's and EOS)",
+            path.display()
+        )));
+    }
+    let prompt = tokenizer.tokenize(&args.text)?;
+    let completion = tokenizer.tokenize(completion)?;
+    let encoding = tokenizer.encode_tokenized_pair(&prompt, &completion, max_length);
+    println!("{{\"input_ids\": [{}]}}", json_list(&encoding.input_ids));
+    Ok(())
 }
 
 /// `rcx tokenize --tokenizer FILE`: prints `{"input_ids": [...]}` on one line.
@@ -194,18 +304,21 @@ fn json_list(ids: &[u32]) -> String {
 
 /// `rcx tokenize`: prints `{"input_ids": [...], "token_type_ids": [...]}` on one line.
 pub fn cmd_tokenize(args: TokenizeArgs) -> Result<()> {
+    let decoder_pair = match (&args.tokenizer, &args.pair) {
+        (Some(path), Some(_)) => !unigram::is_unigram_file(path)?,
+        _ => false,
+    };
+    if args.eos.is_some() && !decoder_pair {
+        return Err(Error::user(
+            "--eos: expected only with --pair on a BPE --tokenizer (it ends a decoder's sequence)",
+        ));
+    }
     let vocab = match (&args.vocab, &args.tokenizer) {
         (_, Some(path)) if unigram::is_unigram_file(path)? => {
             return cmd_tokenize_unigram(path, &args);
         }
         (_, Some(path)) => match &args.pair {
-            Some(_) => {
-                return Err(Error::user(format!(
-                    "--pair: {} is a BPE tokenizer (a decoder's), whose pair convention rcx does \
-                     not implement yet; give the text alone",
-                    path.display()
-                )));
-            }
+            Some(completion) => return cmd_tokenize_decoder_pair(path, &args, completion),
             None => return cmd_tokenize_json(path, &args.text, args.max_length),
         },
         (Some(vocab), None) => vocab,

@@ -174,17 +174,7 @@ fn the_command_prints_the_reference_ids() {
         "x",
     ]);
     assert_eq!(out.status.code(), Some(2));
-    // A pair has no convention for a BPE (decoder) tokenizer yet: refused, not guessed.
-    let out = rcx(&[
-        "tokenize",
-        "--tokenizer",
-        path.to_str().unwrap(),
-        "--pair",
-        "b",
-        "a",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--pair"));
+    // --pair on a BPE file (a decoder's sequence): tests/decoder_sequences.rs.
 }
 
 /// Writes `data` as a tokenizer.json in the test's scratch folder.

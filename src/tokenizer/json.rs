@@ -170,6 +170,41 @@ impl TokenizerJson {
         Ok(ids)
     }
 
+    /// The ids the model's embeddings must hold: the model's entries (ids 0..n, as the
+    /// reference counts them) and every added token's id.
+    pub fn vocab_size(&self) -> usize {
+        let added_end = self
+            .added
+            .tokens
+            .keys()
+            .next_back()
+            .map_or(0, |&id| id as usize + 1);
+        self.model.len().max(added_end)
+    }
+
+    /// The id of an added token marked special (`<|end_of_text|>`, `</s>`), None for any
+    /// other token.
+    pub fn special_token_id(&self, content: &str) -> Option<u32> {
+        let id = *self.added.ids.get(content)?;
+        self.added.tokens.get(&id)?.special.then_some(id)
+    }
+
+    /// The ids the post-processor puts before and after a single text: `encode(text, true)`
+    /// is `before + encode(text, false) + after`. An error names the file when the
+    /// post-processor is not of that shape (a template without `$A` or with it twice, or a
+    /// Sequence of more than one template).
+    pub fn single_affixes(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        match &self.post_processor {
+            None => Ok((Vec::new(), Vec::new())),
+            Some(processor) => processor.single_affixes().map_err(|message| {
+                Error::user(format!(
+                    "{}: post_processor: {message}",
+                    self.path.display()
+                ))
+            }),
+        }
+    }
+
     /// How many ids the post-processor adds to a single text.
     pub fn special_tokens_count(&self) -> usize {
         self.post_processor
@@ -178,8 +213,8 @@ impl TokenizerJson {
     }
 
     /// Added tokens, normalization, pre-tokenization and the model: the ids of `text`
-    /// before post-processing.
-    fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+    /// before post-processing (`encode(text, false)`).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         let in_file = |e: Error| match e {
             Error::User(message) => Error::user(format!("{}: {message}", self.path.display())),
             other => other,
@@ -532,6 +567,56 @@ impl PostProcessor {
                     }
                 })
                 .sum(),
+        }
+    }
+
+    /// See `TokenizerJson::single_affixes`.
+    fn single_affixes(&self) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
+        match self {
+            PostProcessor::ByteLevel => Ok((Vec::new(), Vec::new())),
+            PostProcessor::Sequence(steps) => {
+                // A second template would see the first one's pieces as several texts.
+                let mut templates = steps
+                    .iter()
+                    .filter(|step| !matches!(step, PostProcessor::ByteLevel));
+                match (templates.next(), templates.next()) {
+                    (None, _) => Ok((Vec::new(), Vec::new())),
+                    (Some(only), None) => only.single_affixes(),
+                    (Some(_), Some(_)) => Err("a Sequence of more than one template; expected \
+                                               at most one TemplateProcessing"
+                        .to_string()),
+                }
+            }
+            PostProcessor::Template {
+                single,
+                special_tokens,
+                ..
+            } => {
+                let texts = single
+                    .iter()
+                    .filter(|piece| matches!(piece, TemplatePiece::Sequence(_)))
+                    .count();
+                if texts != 1 {
+                    return Err(format!(
+                        "the single template holds $A {texts} times; expected once"
+                    ));
+                }
+                let (mut before, mut after) = (Vec::new(), Vec::new());
+                let mut seen_text = false;
+                for piece in single {
+                    match piece {
+                        TemplatePiece::Sequence(_) => seen_text = true,
+                        TemplatePiece::SpecialToken(name) => {
+                            let ids = special_tokens.get(name).map_or(&[][..], Vec::as_slice);
+                            match seen_text {
+                                false => before.extend_from_slice(ids),
+                                true => after.extend_from_slice(ids),
+                            }
+                        }
+                    }
+                }
+                Ok((before, after))
+            }
         }
     }
 
