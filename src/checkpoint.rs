@@ -540,11 +540,17 @@ fn tokenizer_path(dir: &Path, config: &ModelConfig) -> Result<PathBuf> {
                     dir.display()
                 ))
             }),
-        Arch::Llama(_) => Err(Error::user(format!(
-            "{}: scoring and training a decoder folder are not supported yet (its sequences \
-             are being wired); `rcx tokenize --tokenizer` reads its tokenizer.json",
-            dir.display()
-        ))),
+        Arch::Llama(_) => {
+            let path = dir.join("tokenizer.json");
+            match path.is_file() {
+                true => Ok(path),
+                false => Err(Error::user(format!(
+                    "{}: missing; a decoder folder carries the tokenizer.json its ids were \
+                     trained on",
+                    path.display()
+                ))),
+            }
+        }
     }
 }
 
@@ -565,10 +571,16 @@ fn model_tokenizer(path: &Path, model: &HostModel<f32>, config: &str) -> Result<
     let (tok, exact) = match &cfg.arch {
         Arch::Bert(_) => (Tokenizer::from_vocab_file(path)?, true),
         Arch::Deberta(_) => (Tokenizer::from_unigram_file(path)?, false),
-        Arch::Llama(_) => {
-            return Err(Error::internal(
-                "model_tokenizer: decoder tokenizers are not wired yet",
-            ));
+        Arch::Llama(llama) => {
+            let Some(&eos) = llama.eos_token_id.first() else {
+                return Err(Error::user(format!(
+                    "{config}: key 'eos_token_id': missing; a decoder's sequences end with it"
+                )));
+            };
+            (
+                Tokenizer::from_decoder_file(path, eos, llama.padding_id())?,
+                false,
+            )
         }
     };
     if (exact && tok.vocab_size() != cfg.vocab_size) || tok.vocab_size() > cfg.vocab_size {
@@ -598,13 +610,7 @@ fn model_tokenizer(path: &Path, model: &HostModel<f32>, config: &str) -> Result<
 /// Returns the model, its tokenizer and the vocabulary file. A pretrained encoder without
 /// a pooler or classifier gets fresh ones, and stderr says so.
 pub fn model_for_training(cfg: &Config) -> Result<(HostModel<f32>, Tokenizer, PathBuf)> {
-    if let Some(arch) = BertConfig::named(&cfg.model_name) {
-        let model = HostModel::init(arch, cfg.seed);
-        let vocab = vocab_path(None)?;
-        let tok = model_tokenizer(&vocab, &model, &cfg.model_name)?;
-        return Ok((model, tok, vocab));
-    }
-    if let Some((arch, tokenizer)) = DebertaConfig::named(&cfg.model_name) {
+    if let Some((arch, tokenizer)) = crate::models::named(&cfg.model_name) {
         let model = HostModel::init(arch, cfg.seed);
         let path = crate::data::data_dir().join(tokenizer);
         let tok = model_tokenizer(&path, &model, &cfg.model_name)?;
@@ -617,9 +623,7 @@ pub fn model_for_training(cfg: &Config) -> Result<(HostModel<f32>, Tokenizer, Pa
              (for the pretrained MiniLM run scripts/fetch-minilm.sh)",
             cfg.path.display(),
             cfg.model_name,
-            [BertConfig::NAMES, DebertaConfig::NAMES]
-                .concat()
-                .join(", ")
+            crate::models::names().join(", ")
         )));
     }
     let (model, fresh) = load_model(dir, Head::FreshIfAbsent(cfg.seed))?;

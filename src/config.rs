@@ -20,7 +20,7 @@ use crate::data::{LineOutcome, SHIPPED_SET, for_each_line, parse_ranking_line, r
 use crate::error::{Error, Result};
 use crate::hf_config::read_json_object;
 use crate::loss::{EPS_RANGE, LossSpec, Utility, short_number};
-use crate::models::{BertConfig, DebertaConfig};
+
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::fmt;
@@ -28,10 +28,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 mod prescan;
-
-/// The models rcx builds from scratch by name; any other `model_name` is a path to a
-/// Hugging Face model folder.
-pub const BUILTIN_MODELS: [&str; 4] = ["bert-tiny", "bert-mini", "bert-small", "deberta-v3-tiny"];
 
 // The bounds on every count. With them no product the trainer forms can overflow a 64-bit
 // usize (see the assertion below), and no allocation they size is absurd.
@@ -405,8 +401,8 @@ impl Visitor<'_> for NonEmptyVisitor {
 
 fn model_name<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
     d.deserialize_str(NonEmptyVisitor {
-        expected: "bert-tiny, bert-mini, bert-small, deberta-v3-tiny or a path to a Hugging Face \
-                   model folder",
+        expected: "bert-tiny, bert-mini, bert-small, deberta-v3-tiny, llama-tiny, llama-small or \
+                   a path to a Hugging Face model folder",
     })
 }
 
@@ -615,11 +611,8 @@ impl RawConfig {
                  allowed (every micro-batch of a step is held in memory at once)"
             ));
         }
-        let positions = BertConfig::named(&self.model_name)
-            .map(|m| m.max_position_embeddings)
-            .or_else(|| {
-                DebertaConfig::named(&self.model_name).map(|(m, _)| m.max_position_embeddings)
-            });
+        let positions =
+            crate::models::named(&self.model_name).map(|(m, _)| m.max_position_embeddings);
         if let Some(positions) = positions
             && self.max_length > positions
         {
@@ -785,7 +778,7 @@ impl Config {
 
     /// Whether `model_name` names a model rcx builds from scratch (else it is a folder).
     pub fn is_builtin_model(&self) -> bool {
-        BUILTIN_MODELS.contains(&self.model_name.as_str())
+        crate::models::named(&self.model_name).is_some()
     }
 }
 

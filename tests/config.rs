@@ -69,6 +69,8 @@ fn every_shipped_config_loads() {
         "adaptive2",
         "deberta_x",
         "deberta_x_adaptive",
+        "llama_x",
+        "llama_x_adaptive",
         "log",
         "logsigmoid",
         "minilm_x",

@@ -97,10 +97,11 @@ impl TokenizedSet {
         max_length: usize,
         skip_bad: bool,
     ) -> Result<TokenizedSet> {
-        if max_length < 3 {
+        let least = tok.least_pair_length();
+        if max_length < least {
             return Err(Error::user(format!(
                 "max_length {max_length} cannot hold a (prompt, completion) pair: it needs at \
-                 least 3 ids ([CLS] prompt [SEP] completion [SEP])"
+                 least {least} ids, the tokenizer's special tokens around the pair"
             )));
         }
         let io = |e| Error::io(source, e);

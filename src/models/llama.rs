@@ -94,6 +94,43 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The from-scratch decoders rcx knows by name, with their shipped tokenizer (in data/,
+    /// made by scripts/gen_llama_tokenizer.py): Llama 3's structure (RMSNorm, rotary
+    /// positions, SwiGLU, grouped-query attention, no biases) at two small sizes.
+    pub fn named(name: &str) -> Option<(LlamaConfig, &'static str)> {
+        let (layers, hidden, heads, kv_heads, intermediate) = match name {
+            "llama-tiny" => (2, 128, 4, 2, 352),
+            "llama-small" => (8, 512, 8, 4, 1408),
+            _ => return None,
+        };
+        let config = LlamaConfig {
+            family: Family::Llama,
+            vocab_size: 8000,
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: hidden / heads,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            max_position_embeddings: 512,
+            // The shipped tokenizer's <|pad|>; <|end_of_text|> ends every sequence.
+            pad_token_id: Some(2),
+            eos_token_id: vec![1],
+            initializer_range: 0.02,
+            attention_dropout: 0.0,
+            sliding_window: None,
+        };
+        Some((config, "llama-tiny.tokenizer.json"))
+    }
+
+    pub const NAMES: &'static [&'static str] = &["llama-tiny", "llama-small"];
+
     pub fn q_dim(&self) -> usize {
         self.num_attention_heads * self.head_dim
     }

@@ -153,6 +153,24 @@ impl ModelConfig {
     }
 }
 
+/// The architectures rcx builds from scratch by name, each with the file in data/ of its
+/// tokenizer: `bert-*` (WordPiece vocab.txt), `deberta-v3-tiny` (SentencePiece),
+/// `llama-*` (byte-level BPE tokenizer.json).
+pub fn named(name: &str) -> Option<(ModelConfig, &'static str)> {
+    if let Some(config) = BertConfig::named(name) {
+        return Some((config.into(), "vocab.txt"));
+    }
+    if let Some((config, tokenizer)) = DebertaConfig::named(name) {
+        return Some((config.into(), tokenizer));
+    }
+    LlamaConfig::named(name).map(|(config, tokenizer)| (config.into(), tokenizer))
+}
+
+/// Every name `named` knows.
+pub fn names() -> Vec<&'static str> {
+    [BertConfig::NAMES, DebertaConfig::NAMES, LlamaConfig::NAMES].concat()
+}
+
 /// A model's parameters on the host: what a checkpoint holds and a `Model` is built from.
 pub struct HostModel<F> {
     pub config: ModelConfig,
