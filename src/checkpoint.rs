@@ -284,22 +284,22 @@ fn is_decoder_folder(config_path: &Path) -> Result<bool> {
         .is_some())
 }
 
-/// The weights of a decoder folder: `model.safetensors`, or the shards that
+/// The weights of a Hugging Face folder (decoders, DeBERTa): `model.safetensors`, or the shards that
 /// `model.safetensors.index.json` maps each tensor to.
-struct DecoderWeights {
+struct FolderWeights {
     shards: Vec<SafeTensors>,
     /// Tensor name -> index into `shards`.
     shard_of: HashMap<String, usize>,
 }
 
-impl DecoderWeights {
-    fn open(dir: &Path) -> Result<DecoderWeights> {
+impl FolderWeights {
+    fn open(dir: &Path) -> Result<FolderWeights> {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         if single.is_file() || !index_path.is_file() {
             let shard = SafeTensors::open(&single)?;
             let shard_of = shard.names().iter().map(|n| (n.to_string(), 0)).collect();
-            return Ok(DecoderWeights {
+            return Ok(FolderWeights {
                 shards: vec![shard],
                 shard_of,
             });
@@ -331,7 +331,7 @@ impl DecoderWeights {
             }
             shard_of.insert(name.clone(), at);
         }
-        Ok(DecoderWeights { shards, shard_of })
+        Ok(FolderWeights { shards, shard_of })
     }
 
     fn get(&self, name: &str) -> Option<&SafeTensors> {
@@ -367,9 +367,7 @@ fn read_weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
 }
 
 /// Loads a Llama, Mistral or Qwen2 folder (`*ForSequenceClassification`, `*ForCausalLM`
-/// or base-model names): config.json checked first, every tensor's shape and dtype from
-/// the headers, then the weights, which must be finite. `score.weight` may be absent only
-/// when training (`Head::FreshIfAbsent`): it then starts as transformers initialises it.
+/// or base-model names); `score.weight` may be absent only when training.
 fn load_decoder(
     dir: &Path,
     config_path: &Path,
@@ -377,83 +375,66 @@ fn load_decoder(
 ) -> Result<(HostModel<f32>, Vec<String>)> {
     let config = LlamaConfig::from_hf_json(config_path)?;
     config.warn_if_pad_is_eos(&config_path.display().to_string());
-    let weights = DecoderWeights::open(dir)?;
     let layout = ParamLayout::llama(&config);
-    // A base model (LlamaModel) stores its tensors without the `model.` prefix.
-    let has_prefix = weights.get("model.embed_tokens.weight").is_some();
-    let stored_name = |name: &str| match has_prefix {
-        true => name.to_string(),
-        false => name.strip_prefix("model.").unwrap_or(name).to_string(),
+    let stored = FolderTensors {
+        // A base model (LlamaModel) stores its tensors without the `model.` prefix.
+        prefix: "model.",
+        probe: "model.embed_tokens.weight",
+        is_head: |name| name == "score.weight",
+        head_missing: "; a trained reward model stores its head (only training starts it fresh)",
     };
-    let where_ = match weights.shards.as_slice() {
-        [one] => one.path().display().to_string(),
-        _ => dir
-            .join("model.safetensors.index.json")
-            .display()
-            .to_string(),
-    };
-    let mut fresh = Vec::new();
-    for spec in &layout.tensors {
-        let stored = stored_name(&spec.name);
-        if let Some(shard) = weights.get(&stored) {
-            shard.float_tensor(&stored, &spec.shape)?;
-            continue;
-        }
-        let why = match (spec.name.as_str(), head) {
-            ("score.weight", Head::FreshIfAbsent(_)) => {
-                fresh.push(spec.name.clone());
-                continue;
-            }
-            ("score.weight", Head::Stored) => {
-                "; a trained reward model stores its head (only training starts it fresh)"
-            }
-            _ => "; expected every tensor of the config's architecture",
-        };
-        return Err(Error::user(format!(
-            "{where_}: tensor `{stored}` is missing{why}"
-        )));
-    }
-    let mut model = HostModel::<f32>::zeros(config);
-    for (index, spec) in layout.tensors.iter().enumerate() {
-        let stored = stored_name(&spec.name);
-        let Some(shard) = weights.get(&stored) else {
-            if let Head::FreshIfAbsent(seed) = head {
-                model.init_tensor(index, seed);
-            }
-            continue;
-        };
-        let values = shard.read_f32(&stored, &spec.shape)?;
-        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Error::user(format!(
-                "{}: tensor `{stored}`: value {at} is {}; expected finite weights",
-                shard.path().display(),
-                values[at]
-            )));
-        }
-        model.params[spec.range()].copy_from_slice(&values);
-    }
-    Ok((model, fresh))
+    load_folder_tensors(dir, config, &layout, &stored, head)
 }
 
 /// Loads a DeBERTa-v2/v3 folder (`DebertaV2ForSequenceClassification`, or a pretrained
-/// `DebertaV2Model`/`ForMaskedLM` whose pooler and classifier start fresh when training):
-/// config.json checked first, every tensor's shape and dtype from the headers, then the
-/// weights, which must be finite.
+/// `DebertaV2Model`/`ForMaskedLM` whose pooler and classifier start fresh when training).
 fn load_deberta(
     dir: &Path,
     config_path: &Path,
     head: Head,
 ) -> Result<(HostModel<f32>, Vec<String>)> {
     let config = DebertaConfig::from_hf_json(config_path)?;
-    let weights = DecoderWeights::open(dir)?;
     let layout = ParamLayout::deberta(&config);
-    // A base model (DebertaV2Model) stores its tensors without the `deberta.` prefix.
-    let has_prefix = weights
-        .get("deberta.embeddings.word_embeddings.weight")
-        .is_some();
+    let stored = FolderTensors {
+        // A base model (DebertaV2Model) stores its tensors without the `deberta.` prefix.
+        prefix: "deberta.",
+        probe: "deberta.embeddings.word_embeddings.weight",
+        is_head: |name| name.starts_with("pooler.") || name.starts_with("classifier."),
+        head_missing: "; a trained reward model stores its pooler and classifier (only \
+                       training starts them fresh)",
+    };
+    load_folder_tensors(dir, config, &layout, &stored, head)
+}
+
+/// How an architecture's tensors are stored in a Hugging Face folder.
+struct FolderTensors {
+    /// The task model's prefix, which a base model's names lack.
+    prefix: &'static str,
+    /// A tensor every task-model folder has, with the prefix.
+    probe: &'static str,
+    /// The head's tensors: absent from a pretrained folder, started fresh for training.
+    is_head: fn(&str) -> bool,
+    /// Appended to the error of a missing head when scoring.
+    head_missing: &'static str,
+}
+
+/// Reads every tensor of `layout` from the folder's safetensors (one file or shards):
+/// config checked first by the caller, every tensor's shape and dtype from the headers,
+/// then the weights, which must be finite. A head tensor may be absent only with
+/// `Head::FreshIfAbsent`: it then starts as transformers initialises it, and its name is
+/// returned.
+fn load_folder_tensors(
+    dir: &Path,
+    config: impl Into<ModelConfig>,
+    layout: &ParamLayout,
+    stored: &FolderTensors,
+    head: Head,
+) -> Result<(HostModel<f32>, Vec<String>)> {
+    let weights = FolderWeights::open(dir)?;
+    let has_prefix = weights.get(stored.probe).is_some();
     let stored_name = |name: &str| match has_prefix {
         true => name.to_string(),
-        false => name.strip_prefix("deberta.").unwrap_or(name).to_string(),
+        false => name.strip_prefix(stored.prefix).unwrap_or(name).to_string(),
     };
     let where_ = match weights.shards.as_slice() {
         [one] => one.path().display().to_string(),
@@ -462,42 +443,38 @@ fn load_deberta(
             .display()
             .to_string(),
     };
-    let is_head = |name: &str| name.starts_with("pooler.") || name.starts_with("classifier.");
     let mut fresh = Vec::new();
     for spec in &layout.tensors {
-        let stored = stored_name(&spec.name);
-        if let Some(shard) = weights.get(&stored) {
-            shard.float_tensor(&stored, &spec.shape)?;
+        let name = stored_name(&spec.name);
+        if let Some(shard) = weights.get(&name) {
+            shard.float_tensor(&name, &spec.shape)?;
             continue;
         }
         let why = match head {
-            Head::FreshIfAbsent(_) if is_head(&spec.name) => {
+            Head::FreshIfAbsent(_) if (stored.is_head)(&spec.name) => {
                 fresh.push(spec.name.clone());
                 continue;
             }
-            Head::Stored if is_head(&spec.name) => {
-                "; a trained reward model stores its pooler and classifier (only training starts \
-                 them fresh)"
-            }
+            Head::Stored if (stored.is_head)(&spec.name) => stored.head_missing,
             _ => "; expected every tensor of the config's architecture",
         };
         return Err(Error::user(format!(
-            "{where_}: tensor `{stored}` is missing{why}"
+            "{where_}: tensor `{name}` is missing{why}"
         )));
     }
     let mut model = HostModel::<f32>::zeros(config);
     for (index, spec) in layout.tensors.iter().enumerate() {
-        let stored = stored_name(&spec.name);
-        let Some(shard) = weights.get(&stored) else {
+        let name = stored_name(&spec.name);
+        let Some(shard) = weights.get(&name) else {
             if let Head::FreshIfAbsent(seed) = head {
                 model.init_tensor(index, seed);
             }
             continue;
         };
-        let values = shard.read_f32(&stored, &spec.shape)?;
+        let values = shard.read_f32(&name, &spec.shape)?;
         if let Some(at) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::user(format!(
-                "{}: tensor `{stored}`: value {at} is {}; expected finite weights",
+                "{}: tensor `{name}`: value {at} is {}; expected finite weights",
                 shard.path().display(),
                 values[at]
             )));

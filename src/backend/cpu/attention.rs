@@ -169,6 +169,31 @@ pub(crate) fn masked_softmax_row<F: Float>(row: &mut [F], mask: &[u8], any_real:
     }
 }
 
+/// Through a row-wise softmax, in place: each row of dscores (the probabilities'
+/// gradient dp) becomes ds = scale · p (dp - Σ_j p dp), rows `width` long. The dot product
+/// sums in f64, in order.
+pub(crate) fn softmax_backward_rows<F: Float>(
+    dscores: &mut [F],
+    probs: &[F],
+    width: usize,
+    scale: F,
+) {
+    for (p_row, d_row) in probs
+        .chunks_exact(width)
+        .zip(dscores.chunks_exact_mut(width))
+    {
+        let dot: f64 = p_row
+            .iter()
+            .zip(d_row.iter())
+            .map(|(p, d)| p.to_f64() * d.to_f64())
+            .sum();
+        let dot = F::from_f64(dot);
+        for (d, &p) in d_row.iter_mut().zip(p_row) {
+            *d = scale * p * (*d - dot);
+        }
+    }
+}
+
 /// dq, dk, dv [b, t, nh*hs] += the gradients of attention_forward given dout [b, t, nh*hs],
 /// the saved probs p [b, nh, t, t] and the forward's dropout. With w = p ∘ keep / (1 - p)
 /// the weights that multiplied v (w = p without dropout):
@@ -299,18 +324,7 @@ pub fn attention_backward<F: Float>(
                 dropout_forward_at(dropped, dscores, first, d.p, d.seed);
                 std::mem::swap(dscores, dropped);
             }
-            // Through the softmax: ds = p (dp - Σ_j p dp), row by row.
-            for (p_row, d_row) in probs.chunks_exact(t).zip(dscores.chunks_exact_mut(t)) {
-                let dot: f64 = p_row
-                    .iter()
-                    .zip(d_row.iter())
-                    .map(|(p, d)| p.to_f64() * d.to_f64())
-                    .sum();
-                let dot = F::from_f64(dot);
-                for (d, &p) in d_row.iter_mut().zip(p_row) {
-                    *d = p * (*d - dot);
-                }
-            }
+            softmax_backward_rows(dscores, probs, t, F::ONE);
             unsafe {
                 // dq += scale · dscores · k
                 F::gemm(

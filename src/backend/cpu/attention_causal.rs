@@ -18,7 +18,7 @@
 use rayon::prelude::*;
 
 use super::SendPtr;
-use super::attention::AttentionDropout;
+use super::attention::{AttentionDropout, active_dropout, softmax_backward_rows};
 use super::dropout::dropout_forward_at;
 use super::vecmath::{as_f32_mut, exp_nonpositive_f32};
 use crate::float::Float;
@@ -45,17 +45,6 @@ pub struct Prefix<'a, F> {
 pub struct PrefixGrads<'a, F> {
     pub dk: &'a mut [F],
     pub dv: &'a mut [F],
-}
-
-/// The dropout to apply: None when off (absent or p = 0). p must be in [0, 1).
-fn active_dropout(op: &str, dropout: Option<AttentionDropout>) -> Option<AttentionDropout> {
-    let dropout = dropout.filter(|d| d.p != 0.0)?;
-    assert!(
-        (0.0..1.0).contains(&dropout.p),
-        "{op}: dropout p = {} is not in [0, 1)",
-        dropout.p
-    );
-    Some(dropout)
 }
 
 /// The shapes of one call, checked once.
@@ -569,20 +558,7 @@ pub fn causal_attention_backward<F: Float>(
                         dropout_forward_at(dropped, dscores, first, d.p, d.seed);
                         std::mem::swap(dscores, dropped);
                     }
-                    // Through the softmax: ds = p (dp - Σ_j p dp), row by row.
-                    for (p_row, d_row) in
-                        probs.chunks_exact(keys).zip(dscores.chunks_exact_mut(keys))
-                    {
-                        let dot: f64 = p_row
-                            .iter()
-                            .zip(d_row.iter())
-                            .map(|(p, d)| p.to_f64() * d.to_f64())
-                            .sum();
-                        let dot = F::from_f64(dot);
-                        for (d, &p) in d_row.iter_mut().zip(p_row) {
-                            *d = p * (*d - dot);
-                        }
-                    }
+                    softmax_backward_rows(dscores, probs, keys, F::ONE);
                     unsafe {
                         // dq += scale · ds[:, tp..] · k_own
                         F::gemm(

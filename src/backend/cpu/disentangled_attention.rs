@@ -18,7 +18,9 @@
 use rayon::prelude::*;
 
 use super::SendPtr;
-use super::attention::{AttentionDropout, active_dropout, masked_softmax_row};
+use super::attention::{
+    AttentionDropout, active_dropout, masked_softmax_row, softmax_backward_rows,
+};
 use super::dropout::dropout_forward_at;
 use crate::float::Float;
 
@@ -482,18 +484,8 @@ pub fn disentangled_attention_backward<F: Float>(
                 dropout_forward_at(dropped, dscores, first, d.p, d.seed);
                 std::mem::swap(dscores, dropped);
             }
-            // Through the softmax and the scale: ds = scale · p (dp - Σ_j p dp).
-            for (p_row, d_row) in probs.chunks_exact(t).zip(dscores.chunks_exact_mut(t)) {
-                let dot: f64 = p_row
-                    .iter()
-                    .zip(d_row.iter())
-                    .map(|(p, d)| p.to_f64() * d.to_f64())
-                    .sum();
-                let dot = F::from_f64(dot);
-                for (d, &p) in d_row.iter_mut().zip(p_row) {
-                    *d = scale * p * (*d - dot);
-                }
-            }
+            // Through the softmax and the scale.
+            softmax_backward_rows(dscores, probs, t, scale);
             // The position terms: scatter ds into the products it was gathered from.
             let products = seq_head * t * rows;
             for (i, d_row) in dscores.chunks_exact(t).enumerate() {
