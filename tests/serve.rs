@@ -54,6 +54,8 @@ struct Server {
     child: Child,
     addr: SocketAddr,
     stderr: mpsc::Receiver<String>,
+    /// The line that says where it listens.
+    banner: String,
 }
 
 impl Server {
@@ -88,6 +90,7 @@ impl Server {
             child,
             addr,
             stderr,
+            banner: first,
         }
     }
 
@@ -771,6 +774,7 @@ fn bad_command_lines_exit_2_with_one_line() {
         ),
         (vec!["--max-length", "2"], "--max-length must be at least"),
         (vec!["--token", "two words"], "--token must be"),
+        (vec!["--dtype", "bf16"], "--dtype bf16"),
         (vec![], "cannot listen there"),
     ] {
         // On a port already taken, so that a check that let its value through fails
@@ -785,4 +789,35 @@ fn bad_command_lines_exit_2_with_one_line() {
     }
     let missing = rcx(&["serve", "--model", "/nonexistent/model", "--port", "0"]);
     assert_eq!(missing.status.code(), Some(2));
+    // --device cuda without a usable device: refused before listening.
+    match rcx::backend::cuda::available() {
+        Ok(()) => println!("skipped the --device cuda refusal: this machine has a usable device"),
+        Err(_) => {
+            let out = rcx(&[
+                "serve",
+                "--model",
+                model,
+                "--port",
+                &taken_port,
+                "--device",
+                "cuda",
+            ]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            assert!(stderr.contains("--device cuda"), "{stderr}");
+        }
+    }
+}
+
+/// `--device cpu` (the default) says where the model runs, and serves.
+#[test]
+fn the_device_is_chosen_and_named() {
+    let server = Server::start(&["--device", "cpu", "--dtype", "f32"]);
+    let answer = server.post(
+        "/score",
+        &serde_json::json!({"prompt": "p", "completions": ["a", "b"]}),
+    );
+    assert_eq!(answer.status, 200);
+    assert!(server.banner.contains(" on cpu ("), "{}", server.banner);
 }

@@ -5,8 +5,7 @@
 
 use super::metrics::Metrics;
 use crate::backend::Batch;
-use crate::backend::cpu::Cpu;
-use crate::models::Model;
+use crate::error::Result;
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -136,9 +135,12 @@ impl Batcher {
     }
 }
 
-/// The model thread: gathers requests, scores them, answers, until the batcher is closed
-/// and empty.
-pub fn run(batcher: &Batcher, mut model: Model<Cpu<f32>>, pad_id: u32, metrics: &Metrics) {
+/// A model's evaluation forward on whichever backend it lives: the logits of a batch.
+pub type Forward<'a> = dyn FnMut(&Batch) -> Result<Vec<f32>> + 'a;
+
+/// The model thread: gathers requests, scores them with `forward`, answers, until the
+/// batcher is closed and empty.
+pub fn run(batcher: &Batcher, forward: &mut Forward<'_>, pad_id: u32, metrics: &Metrics) {
     while let Some(jobs) = batcher.gather() {
         // (job, position in the job) of every sequence, shortest first, cut into forwards
         // of neighbouring lengths, so that each pads little.
@@ -168,9 +170,7 @@ pub fn run(batcher: &Batcher, mut model: Model<Cpu<f32>>, pad_id: u32, metrics: 
             );
             // A panic in the model must not leave the queue unanswered forever.
             let started = Instant::now();
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                model.forward(&batch, None)
-            }));
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| forward(&batch)));
             match result {
                 Ok(Ok(out)) => {
                     metrics.record_forward(chunk.len(), started.elapsed());

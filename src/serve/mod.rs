@@ -9,8 +9,11 @@ mod http;
 mod metrics;
 mod requests;
 
+use crate::backend::cuda::CudaRuntime;
+use crate::backend::{Backend, Batch, DType, Device};
 use crate::checkpoint::MIN_MAX_LENGTH;
 use crate::error::{Error, Result};
+use crate::models::HostModel;
 use crate::signals::Interrupts;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,6 +53,13 @@ pub struct ServeArgs {
     /// folder (`crate::reward_norm`), as `rcx score --normalize`; logits stay raw.
     #[arg(long)]
     pub normalize: bool,
+    /// Where the model runs: cpu, cuda, or auto (CUDA when a device is usable, else the
+    /// CPU). A model the device cannot run is refused before the server listens.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    /// The arithmetic: f32, or bf16 (CUDA only).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DType,
 }
 
 const MAX_BATCH_LIMIT: usize = 4096;
@@ -102,8 +112,62 @@ fn check_args(args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether the model runs on CUDA, from `--device` and `--dtype`, decided before anything
+/// is loaded.
+fn use_cuda(device: Device, dtype: DType) -> Result<bool> {
+    let cuda = crate::backend::cuda::available();
+    let on_cuda = match (device, cuda) {
+        (Device::Cpu, _) => false,
+        (Device::Auto, available) => available.is_ok(),
+        (Device::Cuda, Ok(())) => true,
+        (Device::Cuda, Err(why)) => {
+            return Err(Error::user(format!(
+                "--device cuda: {why}; use --device cpu or --device auto"
+            )));
+        }
+    };
+    if dtype == DType::Bf16 && !on_cuda {
+        return Err(Error::user(
+            "--dtype bf16: bf16 runs on the CUDA device only; use --dtype f32 or --device cuda",
+        ));
+    }
+    Ok(on_cuda)
+}
+
+/// The model on its device as a forward function, with the backend's description. One
+/// forward of a two-token sequence runs first, so that a model the device cannot run (an
+/// architecture without kernels there) is refused now, not at the first request.
+fn place_model(
+    host: HostModel<f32>,
+    on_cuda: bool,
+    dtype: DType,
+    pad_id: u32,
+) -> Result<(Box<batcher::Forward<'static>>, String)> {
+    let token = u32::from(pad_id == 0);
+    let probe = Batch::from_sequences([(&[token, token][..], &[0u8, 0][..])], pad_id);
+    if on_cuda {
+        let rt = Arc::new(CudaRuntime::new(0)?);
+        let mut model = host.on_cuda(rt, dtype)?;
+        model.forward(&probe, None)?;
+        let described = model.backend.describe();
+        Ok((
+            Box::new(move |batch: &Batch| model.forward(batch, None)),
+            described,
+        ))
+    } else {
+        let mut model = host.on_cpu();
+        model.forward(&probe, None)?;
+        let described = model.backend.describe();
+        Ok((
+            Box::new(move |batch: &Batch| model.forward(batch, None)),
+            described,
+        ))
+    }
+}
+
 pub fn cmd_serve(args: ServeArgs) -> Result<()> {
     check_args(&args)?;
+    let on_cuda = use_cuda(args.device, args.dtype)?;
     let normalization = match args.normalize {
         true => Some(crate::reward_norm::read(&args.model)?),
         false => None,
@@ -115,7 +179,6 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
         .or(meta.as_ref().map(|m| m.max_length))
         .unwrap_or(512)
         .min(model.config.max_position_embeddings);
-    let model = model.on_cpu();
     let pad_id = tokenizer.pad_id();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -144,13 +207,28 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
         args.max_queue,
     ));
     let metrics = Arc::new(metrics::Metrics::default());
+    // The model is put on its device by its own thread (a GPU context stays with the thread
+    // that made it), which says whether that worked before anything is served.
+    let (ready, placed) = std::sync::mpsc::sync_channel(1);
+    let dtype = args.dtype;
     let model_thread = {
         let (batcher, metrics) = (Arc::clone(&batcher), Arc::clone(&metrics));
         std::thread::Builder::new()
             .name("rcx-model".into())
-            .spawn(move || batcher::run(&batcher, model, pad_id, &metrics))
+            .spawn(move || match place_model(model, on_cuda, dtype, pad_id) {
+                Ok((mut forward, described)) => {
+                    let _ = ready.send(Ok(described));
+                    batcher::run(&batcher, &mut *forward, pad_id, &metrics);
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                }
+            })
             .map_err(|e| Error::internal(format!("cannot start the model thread: {e}")))?
     };
+    let described = placed
+        .recv()
+        .map_err(|_| Error::internal("the model thread ended before placing the model"))??;
     let state = Arc::new(http::State {
         batcher: Arc::clone(&batcher),
         metrics,
@@ -164,7 +242,8 @@ pub fn cmd_serve(args: ServeArgs) -> Result<()> {
 
     let interrupts = Interrupts::install();
     eprintln!(
-        "rcx serve: {} listening on http://{address} (max batch {}, max wait {} ms)",
+        "rcx serve: {} on {described} listening on http://{address} (max batch {}, max wait \
+         {} ms)",
         args.model.display(),
         args.max_batch,
         args.max_wait_ms
