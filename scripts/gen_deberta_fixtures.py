@@ -5,6 +5,9 @@ DebertaV2ForSequenceClassification with one label) and tests/fixtures/deberta/lo
 per model, padded batches (input_ids, attention_mask, token_type_ids) and their logits.
 - v3: DeBERTa-v3's structure (relative attention, log buckets, shared position
   projections, layer-normed relative embeddings, no absolute positions, no token types);
+- v3_tokenized: v3's structure over the vocabulary of tests/fixtures/unigram/deberta/ (whose
+  tokenizer.json and spm.model a test copies beside it), with transformers' logits of a few
+  (prompt, completion) texts as the `tokenizers` library encodes them;
 - v2: the other branches (separate pos_key_proj/pos_query_proj, absolute positions, token
   types, embedding_size below hidden_size so embed_proj, no buckets, no relative LayerNorm,
   pos_att_type as the "p2c|c2p" string).
@@ -50,8 +53,44 @@ def batches(seed, with_types):
     return cases
 
 
+# Texts for the folder with a tokenizer: none of them is in the tokenizer fixtures' cases.
+SCORED = [
+    {"prompt": "Why is the sky blue?", "completions": [
+        "Because of Rayleigh scattering: short wavelengths scatter more.", "It reflects the sea.",
+        "No idea."]},
+    {"prompt": "Name a prime number larger than 10.", "completions": ["Thirteen (13).", "12", "ten"]},
+]
+
+
+def tokenized_folder():
+    """A v3-shaped random model whose vocabulary is the unigram DeBERTa fixture's
+    (tests/fixtures/unigram/deberta/), with transformers' logits for SCORED as the tokenizers
+    library encodes each (prompt, completion) pair with that tokenizer.json."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(OUT.parent / "unigram/deberta/tokenizer.json"))
+    torch.manual_seed(8)
+    config = DebertaV2Config(**{**COMMON, "vocab_size": tok.get_vocab_size()}, **MODELS["v3"])
+    model = DebertaV2ForSequenceClassification(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+            else:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(OUT / "v3_tokenized")
+    records = []
+    for record in SCORED:
+        out = []
+        for completion in record["completions"]:
+            ids = tok.encode(record["prompt"], completion).ids
+            with torch.no_grad():
+                out.append(float(model(torch.tensor([ids])).logits[0, 0]))
+        records.append({**record, "logits": out})
+    return records
+
+
 def main():
-    logits = {}
+    logits = {"v3_tokenized": tokenized_folder()}
     for name, extra in MODELS.items():
         torch.manual_seed(7)
         config = DebertaV2Config(**COMMON, **extra)

@@ -201,3 +201,65 @@ fn the_whole_models_backward_matches_central_differences() {
         assert!(check.passed(), "{check}");
     }
 }
+
+/// A folder transformers wrote (DebertaV2ForSequenceClassification, random weights) with a
+/// DeBERTa-v3 tokenizer beside it, as either file: `rcx score` gives transformers' logits
+/// for (prompt, completion) texts that no tokenizer test holds, the pair encoded as the
+/// `tokenizers` library encodes it (`[CLS] prompt [SEP] completion [SEP]`).
+#[test]
+fn a_transformers_folder_with_its_tokenizer_scores_as_transformers() {
+    let cases = expected()["v3_tokenized"].clone();
+    let unigram = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unigram/deberta");
+    for tokenizer in ["tokenizer.json", "spm.model"] {
+        let dir =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deberta_scored_{tokenizer}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        for file in ["config.json", "model.safetensors"] {
+            fs::copy(fixture("v3_tokenized").join(file), dir.join(file)).unwrap();
+        }
+        fs::copy(unigram.join(tokenizer), dir.join(tokenizer)).unwrap();
+        let data = dir.join("data.jsonl");
+        let lines: Vec<String> = cases
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                serde_json::json!({"prompt": c["prompt"], "completions": c["completions"]})
+                    .to_string()
+            })
+            .collect();
+        fs::write(&data, lines.join("\n") + "\n").unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rcx"))
+            .args([
+                "score",
+                "--model",
+                dir.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut compared = 0;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let scored: Value = serde_json::from_str(line).unwrap();
+            let (p, j) = (
+                scored["prompt_index"].as_u64().unwrap() as usize,
+                scored["completion_index"].as_u64().unwrap() as usize,
+            );
+            let want = cases[p]["logits"][j].as_f64().unwrap();
+            let got = scored["logit"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{tokenizer}: prompt {p} completion {j}: {got} vs {want}"
+            );
+            compared += 1;
+        }
+        assert_eq!(compared, 6, "{tokenizer}: every completion scored");
+    }
+}
