@@ -781,9 +781,10 @@ fn causal_launch_shapes() {
     assert!(launch::causal_forward("t", 8, 70_000, 64).is_err());
 }
 
-/// Every test above, rerun on the emulated device (tests/emu/fake_device.rs) when this
-/// machine has no GPU: the kernels on the CPU emulator behind a fake driver.
 // ---- token embedding, residual add, last-token pool ------------------------------------
+
+/// (b, t, vocab, c).
+type Dims4 = (usize, usize, usize, usize);
 
 fn token_embedding_case<T: Act>(rt: &CudaRuntime, rng: &mut Rng, (b, t, vocab, c): Dims4) {
     let ids = rng.below(b * t, vocab as u32);
@@ -808,8 +809,6 @@ fn token_embedding_case<T: Act>(rt: &CudaRuntime, rng: &mut Rng, (b, t, vocab, c
     // fp32 sums over the positions of each id.
     check(rt, "token_embedding_backward dwte", &dwte_d, &dwte, F32_SUM);
 }
-
-type Dims4 = (usize, usize, usize, usize);
 
 #[test]
 fn token_embedding_matches_cpu() {
@@ -901,6 +900,8 @@ fn last_token_pool_matches_cpu() {
     assert!(err.to_string().contains("outside its 3 tokens"), "{err}");
 }
 
+/// Every test above, rerun on the emulated device (tests/emu/fake_device.rs) when this
+/// machine has no GPU: the kernels on the CPU emulator behind a fake driver.
 #[test]
 fn all_gpu_tests_on_the_emulated_device() {
     let itself = "all_gpu_tests_on_the_emulated_device";
