@@ -65,6 +65,15 @@ __device__ void embedding_backward_positions(float* dwpe, const T* dout, int b, 
     dwpe[idx] += acc;
 }
 
+// Decoders' embedding: out[b*t, c] = wte[input_ids] (positions enter through RoPE, and
+// there is no type table). Its backward is embedding_backward_rows over the word table.
+template <typename T>
+__device__ void token_embedding_forward(T* out, const uint32_t* input_ids, const float* wte, int bt, int c) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)bt * c) return;
+    out[idx] = from_float<T>(wte[(size_t)input_ids[idx / c] * c + idx % c]);
+}
+
 #define KERNELS(T, SUFFIX)                                                                             \
     extern "C" __global__ void embedding_forward_##SUFFIX(                                            \
         T* out, const uint32_t* input_ids, const uint32_t* token_type_ids, const float* wte,           \
@@ -82,6 +91,10 @@ __device__ void embedding_backward_positions(float* dwpe, const T* dout, int b, 
     extern "C" __global__ void embedding_backward_positions_##SUFFIX(float* dwpe, const T* dout, int b, \
                                                                      int t, int c) {                   \
         embedding_backward_positions<T>(dwpe, dout, b, t, c);                                          \
+    }                                                                                                  \
+    extern "C" __global__ void token_embedding_forward_##SUFFIX(T* out, const uint32_t* input_ids,    \
+                                                                const float* wte, int bt, int c) {      \
+        token_embedding_forward<T>(out, input_ids, wte, bt, c);                                        \
     }
 KERNELS(float, f32)
 KERNELS(bf16, bf16)

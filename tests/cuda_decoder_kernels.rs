@@ -7,6 +7,11 @@
 //! in f32 and in bf16. Outputs are poisoned with NaN before a launch, so an element a kernel
 //! forgets is caught; gradients start from random values, so `+=` versus `=` is caught.
 //!
+//! Also the three decoder ops that reuse or extend the BERT kernels (kernels/embedding.cu's
+//! token_embedding_forward with the word-table backward, the residual add, kernels/pool.cu's
+//! last-token pool), which are copies and fp32 sums: exact up to T's rounding, F32_SUM
+//! for the table gradient.
+//!
 //! References: the CPU ops in f64 on the same (bf16-rounded) inputs, except RoPE in f32,
 //! which the kernels match bit for bit (they round as the CPU does). Tolerances:
 //! |gpu - cpu| <= rtol · (|cpu| + mean |cpu|) with rtol = 1e-5 for fp32 (1e-4 for sums over
@@ -28,7 +33,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use rcx::backend::cpu::{self, Prefix, PrefixGrads};
 use rcx::backend::cuda::decoder_ops::{CausalPrefix, CausalPrefixGrads, launch};
-use rcx::backend::cuda::{self, CudaRuntime};
+use rcx::backend::cuda::{self, CudaRuntime, TokenBatch};
 
 const F32: f64 = 1e-5;
 const F32_SUM: f64 = 1e-4;
@@ -774,6 +779,125 @@ fn causal_launch_shapes() {
     assert!(shape.shared_opt_in().is_some());
     assert!(launch::causal_forward("t", 8, 1, 129).is_err());
     assert!(launch::causal_forward("t", 8, 70_000, 64).is_err());
+}
+
+// ---- token embedding, residual add, last-token pool ------------------------------------
+
+/// (b, t, vocab, c).
+type Dims4 = (usize, usize, usize, usize);
+
+fn token_embedding_case<T: Act>(rt: &CudaRuntime, rng: &mut Rng, (b, t, vocab, c): Dims4) {
+    let ids = rng.below(b * t, vocab as u32);
+    let wte = rng.values(vocab * c, 1.0);
+    let tokens = TokenBatch::new(rt, &ids, &vec![0; b * t], b, t, (vocab, t, 1)).unwrap();
+    let mut out = vec![0.0f64; b * t * c];
+    cpu::token_embedding_forward(&mut out, &ids, &wide(&wte), c);
+    let wte_d = rt.upload(&wte).unwrap();
+    let mut out_d = poisoned::<T>(rt, b * t * c);
+    rt.token_embedding_forward(&mut out_d, &tokens, &wte_d, c)
+        .unwrap();
+    // A copy rounded to T: exact up to that rounding.
+    check(rt, "token_embedding_forward out", &out_d, &out, 0.0);
+
+    let dout = rounded::<T>(&rng.values(b * t * c, 1.0));
+    let dwte = rng.values(vocab * c, 1.0);
+    let mut dwte_d = rt.upload(&dwte).unwrap();
+    rt.token_embedding_backward(&mut dwte_d, &upload_as::<T>(rt, &dout), &tokens, c)
+        .unwrap();
+    let mut dwte = wide(&dwte);
+    cpu::token_embedding_backward(&mut dwte, &wide(&dout), &ids, c);
+    // fp32 sums over the positions of each id.
+    check(rt, "token_embedding_backward dwte", &dwte_d, &dwte, F32_SUM);
+}
+
+#[test]
+fn token_embedding_matches_cpu() {
+    let Some(rt) = gpu("token_embedding_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(31);
+    // (b, t, vocab, c): ids mostly distinct (one block per row), and a vocabulary of 3
+    // over 300 positions (at least 32 positions per row: the tiled column reduction);
+    // c not a multiple of 32.
+    for dims in [(3, 7, 50, 45), (2, 150, 3, 40)] {
+        token_embedding_case::<f32>(&rt, &mut rng, dims);
+        token_embedding_case::<bf16>(&rt, &mut rng, dims);
+    }
+}
+
+fn residual_case<T: Act>(rt: &CudaRuntime, rng: &mut Rng, len: usize) {
+    let a = rounded::<T>(&rng.values(len, 2.0));
+    let b = rounded::<T>(&rng.values(len, 2.0));
+    let mut out = vec![0.0f64; len];
+    cpu::residual_forward(&mut out, &wide(&a), &wide(&b));
+    let mut out_d = poisoned::<T>(rt, len);
+    rt.residual_forward(&mut out_d, &upload_as::<T>(rt, &a), &upload_as::<T>(rt, &b))
+        .unwrap();
+    check(rt, "residual_forward out", &out_d, &out, F32);
+
+    let dout = rounded::<T>(&rng.values(len, 1.0));
+    let (da, db) = (
+        rounded::<T>(&rng.values(len, 1.0)),
+        rounded::<T>(&rng.values(len, 1.0)),
+    );
+    let (mut da_d, mut db_d) = (upload_as::<T>(rt, &da), upload_as::<T>(rt, &db));
+    rt.residual_backward(&mut da_d, &mut db_d, &upload_as::<T>(rt, &dout))
+        .unwrap();
+    let (mut da, mut db) = (wide(&da), wide(&db));
+    cpu::residual_backward(&mut da, &mut db, &wide(&dout));
+    check(rt, "residual_backward da", &da_d, &da, F32);
+    check(rt, "residual_backward db", &db_d, &db, F32);
+}
+
+#[test]
+fn residual_matches_cpu() {
+    let Some(rt) = gpu("residual_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(32);
+    for len in [1, 255, 1000] {
+        residual_case::<f32>(&rt, &mut rng, len);
+        residual_case::<bf16>(&rt, &mut rng, len);
+    }
+}
+
+fn last_token_pool_case<T: Act>(rt: &CudaRuntime, rng: &mut Rng, (b, t, c): (usize, usize, usize)) {
+    let rows = rng.below(b, t as u32);
+    let inp = rounded::<T>(&rng.values(b * t * c, 2.0));
+    let mut out = vec![0.0f64; b * c];
+    cpu::last_token_pool_forward(&mut out, &wide(&inp), &rows, t, c);
+    let mut out_d = poisoned::<T>(rt, b * c);
+    rt.last_token_pool_forward(&mut out_d, &upload_as::<T>(rt, &inp), &rows, t, c)
+        .unwrap();
+    check(rt, "last_token_pool_forward out", &out_d, &out, 0.0);
+
+    let dout = rounded::<T>(&rng.values(b * c, 1.0));
+    let dinp = rounded::<T>(&rng.values(b * t * c, 1.0));
+    let mut dinp_d = upload_as::<T>(rt, &dinp);
+    rt.last_token_pool_backward(&mut dinp_d, &upload_as::<T>(rt, &dout), &rows, t, c)
+        .unwrap();
+    let mut dinp = wide(&dinp);
+    cpu::last_token_pool_backward(&mut dinp, &wide(&dout), &rows, t, c);
+    check(rt, "last_token_pool_backward dinp", &dinp_d, &dinp, F32);
+}
+
+#[test]
+fn last_token_pool_matches_cpu() {
+    let Some(rt) = gpu("last_token_pool_matches_cpu") else {
+        return;
+    };
+    let mut rng = Rng::new(33);
+    // (b, t, c): one sequence of one token; rows anywhere in t; b·c over one block.
+    for dims in [(1, 1, 1), (5, 9, 33), (4, 3, 100)] {
+        last_token_pool_case::<f32>(&rt, &mut rng, dims);
+        last_token_pool_case::<bf16>(&rt, &mut rng, dims);
+    }
+    // A row outside its sequence is refused before any launch.
+    let (inp, mut out) = (poisoned::<f32>(&rt, 2 * 3 * 4), poisoned::<f32>(&rt, 2 * 4));
+    let err = rt
+        .last_token_pool_forward(&mut out, &inp, &[1, 3], 3, 4)
+        .unwrap_err();
+    assert!(err.to_string().contains("outside its 3 tokens"), "{err}");
 }
 
 /// Every test above, rerun on the emulated device (tests/emu/fake_device.rs) when this

@@ -2,7 +2,9 @@
 //! one whole training step of a small random model (logits, loss, every gradient tensor,
 //! the gradient norm, the AdamW update) in f32 and in bf16, a second f32 step with gradient
 //! accumulation, a short bf16 training run against the CPU's, and forward parity on the
-//! committed tiny-bert checkpoint.
+//! committed tiny-bert checkpoint; and for the decoders (a tiny Llama with grouped-query
+//! attention and a Qwen2 with q/k/v biases), one f32 training step and a bf16 forward against
+//! the CPU, and attention dropout refused on the device.
 //!
 //! Tolerances, f32 (f32 on both sides, different summation orders: cuBLAS vs
 //! matrixmultiply, warp reductions vs sequential sums):
@@ -53,7 +55,7 @@ use rcx::backend::cuda::{Cuda, CudaRuntime};
 use rcx::backend::{Backend, OptimStep};
 use rcx::checkpoint::load_model_dir;
 use rcx::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
-use rcx::models::{Batch, BertConfig, Dropout, HostModel, MicroBatch, Model};
+use rcx::models::{Batch, BertConfig, Dropout, Family, HostModel, LlamaConfig, MicroBatch, Model};
 use rcx::rng::Rng;
 
 /// The device, shared with the trainer, or None after printing why the test is skipped.
@@ -354,6 +356,11 @@ fn check_update(
     assert_close(&format!("{run}: second moment"), &gpu_v, &v, 1e-5);
     (norm, gpu_params)
 }
+
+/// The bf16 decoder forward's logit tolerance (relative to |cpu| + mean |cpu|): measured on
+/// the emulated device for random_decoder(_, 7) on decoder_batch(17), 1.3e-2 (Llama) and
+/// 2.2e-2 (Qwen2); bf16 activations and GEMM weights, fp32 accumulation and norms.
+const BF16_DECODER_LOGITS: f64 = 5e-2;
 
 fn rounded_to_bf16(params: &[f32]) -> Vec<f32> {
     params
@@ -681,6 +688,167 @@ fn tiny_bert_checkpoint_forward_matches_cpu_and_transformers() {
         worst < 1e-4,
         "tiny-bert logits vs transformers: max abs error {worst:e}"
     );
+}
+
+// ---- decoders (Llama, Qwen2) ----------------------------------------------------------
+
+/// A tiny decoder with grouped-query attention (4 query heads over 2 key/value heads of 8),
+/// 2 layers, a feed-forward width not a multiple of 32; Qwen2 has q/k/v biases.
+fn decoder_config(family: Family) -> LlamaConfig {
+    LlamaConfig {
+        family,
+        vocab_size: 53,
+        hidden_size: 32,
+        intermediate_size: 44,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        qkv_bias: family == Family::Qwen2,
+        o_bias: false,
+        mlp_bias: false,
+        max_position_embeddings: 32,
+        pad_token_id: Some(0),
+        eos_token_id: vec![1],
+        initializer_range: 0.02,
+        attention_dropout: 0.0,
+        sliding_window: None,
+    }
+}
+
+/// The decoder's init plus noise on everything past the token table's padding row (norm
+/// weights away from 1, biases away from 0), so no gradient vanishes by symmetry.
+fn random_decoder(family: Family, seed: u64) -> HostModel<f32> {
+    let cfg = decoder_config(family);
+    let mut model = HostModel::<f32>::init(cfg.clone(), seed);
+    let mut rng = Rng::new(seed ^ 0x5EED);
+    for p in model.params.iter_mut().skip(cfg.hidden_size) {
+        *p += (0.1 * rng.normal()) as f32;
+    }
+    model
+}
+
+/// Prompts with K = 3, 2, 3 completions of 3..=12 tokens, right-padded with 0 (the pad id;
+/// never a real token), token types all 0 (decoders have no type table): the reward row is each sequence's last real token.
+fn decoder_batch(seed: u64) -> Ranked {
+    let mut rng = Rng::new(seed);
+    let ks = vec![3, 2, 3];
+    let types = vec![
+        Some(PromptType::Open),
+        Some(PromptType::Closed),
+        Some(PromptType::Open),
+    ];
+    let seqs: Vec<(Vec<u32>, Vec<u8>)> = (0..ks.iter().sum::<usize>())
+        .map(|_| {
+            let len = 3 + rng.below(10);
+            let ids = (0..len).map(|_| 1 + rng.below(52) as u32).collect();
+            (ids, vec![0; len])
+        })
+        .collect();
+    let batch = Batch::from_sequences(seqs.iter().map(|(i, t)| (&i[..], &t[..])), 0);
+    (batch, ks, types)
+}
+
+/// f32 on both sides: the forward's logits within 1e-4, then one whole training step (the
+/// adaptive loss, no dropout: decoders have none on the GPU) with the loss and gradient norm
+/// within 1e-4 relative, every gradient tensor within 1e-3 norm-relative (the tolerances
+/// of the BERT step above), and the AdamW update on the device's gradients within 1e-5.
+fn decoder_step_case(rt: Arc<CudaRuntime>, family: Family) {
+    let run = format!("{family:?} f32");
+    let mut model = random_decoder(family, 5);
+    let (batch, ks, types) = decoder_batch(13);
+    let (spec, eps) = (LossSpec::parse("adaptive").unwrap(), 0.01);
+    let mut trainer = on_gpu(rt, &model, DType::F32);
+
+    let cpu_logits = on_cpu(&model).forward(&batch, None).unwrap();
+    let gpu_logits = trainer.forward(&batch, None).unwrap();
+    assert_close(&format!("{run}: logits"), &gpu_logits, &cpu_logits, 1e-4);
+    let spread = cpu_logits.iter().cloned().fold(f32::MIN, f32::max)
+        - cpu_logits.iter().cloned().fold(f32::MAX, f32::min);
+    assert!(
+        spread > 1e-3,
+        "{run}: the logits must differ (the check has teeth)"
+    );
+
+    let micro = [MicroBatch {
+        batch: &batch,
+        ks: &ks,
+        types: &types,
+        dropout: None,
+    }];
+    let stats = trainer.train_step(&micro, &spec, eps, &OPT).unwrap();
+    let mut cpu = on_cpu(&model);
+    let logits = cpu.forward(&batch, None).unwrap();
+    let mut dlogits = vec![0f32; logits.len()];
+    let cpu_loss =
+        ranking_loss_forward_backward(&logits, &ks, &types, &spec, eps, &mut dlogits).unwrap();
+    cpu.backward(None, &dlogits).unwrap();
+    let cpu_grads = cpu.backend.grads().to_vec();
+    assert_rel(&format!("{run}: loss"), stats.loss, cpu_loss as f64, 1e-4);
+    let gpu_grads = trainer.backend.download_grads().unwrap();
+    check_gradients(&gpu_grads, &cpu_grads, &model, 1e-3);
+    let cpu_norm = global_norm_squared(&cpu_grads).sqrt();
+    assert_rel(
+        &format!("{run}: gradient norm"),
+        stats.grad_norm,
+        cpu_norm,
+        1e-4,
+    );
+    check_update(&run, &trainer, &mut model, &gpu_grads);
+}
+
+#[test]
+fn decoder_training_step_matches_cpu() {
+    let Some(rt) = gpu("decoder_training_step_matches_cpu") else {
+        return;
+    };
+    decoder_step_case(rt.clone(), Family::Llama);
+    decoder_step_case(rt, Family::Qwen2);
+}
+
+/// bf16 activations against the f32 CPU forward: logits within BF16_DECODER_LOGITS ·
+/// (|cpu| + mean |cpu|) (see the measurement at the constant).
+#[test]
+fn decoder_bf16_forward_matches_cpu() {
+    let Some(rt) = gpu("decoder_bf16_forward_matches_cpu") else {
+        return;
+    };
+    for family in [Family::Llama, Family::Qwen2] {
+        let model = random_decoder(family, 7);
+        let (batch, _, _) = decoder_batch(17);
+        let cpu_logits = on_cpu(&model).forward(&batch, None).unwrap();
+        let mut trainer = on_gpu(rt.clone(), &model, DType::Bf16);
+        let gpu_logits = trainer.forward(&batch, None).unwrap();
+        assert_close(
+            &format!("{family:?} bf16: logits"),
+            &gpu_logits,
+            &cpu_logits,
+            BF16_DECODER_LOGITS,
+        );
+    }
+}
+
+/// The causal attention kernels have no dropout: a step with attention dropout is a user
+/// error naming it, not a silent run without.
+#[test]
+fn decoder_attention_dropout_is_refused_on_the_device() {
+    let Some(rt) = gpu("decoder_attention_dropout_is_refused_on_the_device") else {
+        return;
+    };
+    let model = random_decoder(Family::Llama, 9);
+    let (batch, _, _) = decoder_batch(19);
+    let mut trainer = on_gpu(rt, &model, DType::F32);
+    let dropout = Dropout {
+        hidden: 0.0,
+        attention: 0.1,
+        seed: 1,
+    };
+    let err = trainer.forward(&batch, Some(dropout)).unwrap_err();
+    assert!(err.to_string().contains("has no dropout"), "{err}");
+    assert_eq!(err.exit_code(), 2, "{err}");
 }
 
 /// Every test above, rerun on the emulated device (tests/emu/fake_device.rs) when this

@@ -821,176 +821,294 @@ impl Backend for Cuda {
         ))
     }
 
-    // ---- decoder ops: no kernels yet, a clear error for now ----
+    // ---- decoder ops (kernels/rmsnorm.cu, swiglu.cu, rope.cu, attention_causal.cu) ----
 
     fn token_embedding_forward(
         &mut self,
-        _out: Buf,
-        _tokens: &CudaTokens,
-        _wte: Buf,
-        _c: usize,
+        out: Buf,
+        tokens: &CudaTokens,
+        wte: Buf,
+        c: usize,
     ) -> Result<()> {
-        Err(no_decoder_kernels("token_embedding_forward"))
+        lend!(self, |rt, l| rt.token_embedding_forward(
+            &mut l.t(out, true)?,
+            &tokens.tokens,
+            &l.f(wte, false)?,
+            c
+        ))
     }
 
     fn token_embedding_backward(
         &mut self,
-        _dwte: Buf,
-        _dout: Buf,
-        _tokens: &CudaTokens,
-        _c: usize,
+        dwte: Buf,
+        dout: Buf,
+        tokens: &CudaTokens,
+        c: usize,
     ) -> Result<()> {
-        Err(no_decoder_kernels("token_embedding_backward"))
+        lend!(self, |rt, l| rt.token_embedding_backward(
+            &mut l.f(dwte, true)?,
+            &l.t(dout, false)?,
+            &tokens.tokens,
+            c
+        ))
     }
 
     fn rmsnorm_forward(
         &mut self,
-        _out: Buf,
-        _rstd: Buf,
-        _x: Buf,
-        _weight: Buf,
-        _n: usize,
-        _c: usize,
-        _eps: f64,
+        out: Buf,
+        rstd: Buf,
+        x: Buf,
+        weight: Buf,
+        n: usize,
+        c: usize,
+        eps: f64,
     ) -> Result<()> {
-        Err(no_decoder_kernels("rmsnorm_forward"))
+        lend!(self, |rt, l| rt.rmsnorm_forward(
+            &mut l.t(out, true)?,
+            &mut l.f(rstd, true)?,
+            &l.t(x, false)?,
+            &l.f(weight, false)?,
+            n,
+            c,
+            eps
+        ))
     }
 
     fn rmsnorm_backward(
         &mut self,
-        _dx: Buf,
-        _dweight: Buf,
-        _dout: Buf,
-        _x: Buf,
-        _weight: Buf,
-        _rstd: Buf,
-        _n: usize,
-        _c: usize,
+        dx: Buf,
+        dweight: Buf,
+        dout: Buf,
+        x: Buf,
+        weight: Buf,
+        rstd: Buf,
+        n: usize,
+        c: usize,
     ) -> Result<()> {
-        Err(no_decoder_kernels("rmsnorm_backward"))
+        lend!(self, |rt, l| rt.rmsnorm_backward(
+            &mut l.t(dx, true)?,
+            &mut l.f(dweight, true)?,
+            &l.t(dout, false)?,
+            &l.t(x, false)?,
+            &l.f(weight, false)?,
+            &l.f(rstd, false)?,
+            n,
+            c
+        ))
     }
 
+    /// Into the fp32 Stats buffers the model gives; `rope_forward`/`_backward` round them
+    /// to the activation type, as the kernels (and transformers) read them.
     fn rope_cos_sin(
         &mut self,
-        _cos: Buf,
-        _sin: Buf,
-        _positions: &[u32],
-        _inv_freq: &[f32],
+        cos: Buf,
+        sin: Buf,
+        positions: &[u32],
+        inv_freq: &[f32],
     ) -> Result<()> {
-        Err(no_decoder_kernels("rope_cos_sin"))
+        let (n, half) = (positions.len(), inv_freq.len());
+        let positions = self.rt.upload(positions)?;
+        let inv_freq = self.rt.upload(inv_freq)?;
+        lend!(self, |rt, l| rt.rope_cos_sin::<f32>(
+            &mut l.f(cos, true)?,
+            &mut l.f(sin, true)?,
+            &positions,
+            &inv_freq,
+            n,
+            half
+        ))
     }
 
     fn rope_forward(
         &mut self,
-        _out: Buf,
-        _x: Buf,
-        _cos: Buf,
-        _sin: Buf,
-        _n: usize,
-        _heads: usize,
-        _hs: usize,
+        out: Buf,
+        x: Buf,
+        cos: Buf,
+        sin: Buf,
+        n: usize,
+        heads: usize,
+        hs: usize,
     ) -> Result<()> {
-        Err(no_decoder_kernels("rope_forward"))
+        lend!(self, |rt, l| {
+            let (cos, sin) = rope_tables(rt, &mut l, cos, sin)?;
+            rt.rope_forward(
+                &mut l.t(out, true)?,
+                &l.t(x, false)?,
+                &cos,
+                &sin,
+                n,
+                heads,
+                hs,
+            )
+        })
     }
 
     fn rope_backward(
         &mut self,
-        _dx: Buf,
-        _dout: Buf,
-        _cos: Buf,
-        _sin: Buf,
-        _n: usize,
-        _heads: usize,
-        _hs: usize,
+        dx: Buf,
+        dout: Buf,
+        cos: Buf,
+        sin: Buf,
+        n: usize,
+        heads: usize,
+        hs: usize,
     ) -> Result<()> {
-        Err(no_decoder_kernels("rope_backward"))
+        lend!(self, |rt, l| {
+            let (cos, sin) = rope_tables(rt, &mut l, cos, sin)?;
+            rt.rope_backward(
+                &mut l.t(dx, true)?,
+                &l.t(dout, false)?,
+                &cos,
+                &sin,
+                n,
+                heads,
+                hs,
+            )
+        })
     }
 
-    fn swiglu_forward(&mut self, _out: Buf, _gate: Buf, _up: Buf) -> Result<()> {
-        Err(no_decoder_kernels("swiglu_forward"))
+    fn swiglu_forward(&mut self, out: Buf, gate: Buf, up: Buf) -> Result<()> {
+        lend!(self, |rt, l| rt.swiglu_forward(
+            &mut l.t(out, true)?,
+            &l.t(gate, false)?,
+            &l.t(up, false)?
+        ))
     }
 
     fn swiglu_backward(
         &mut self,
-        _dgate: Buf,
-        _dup: Buf,
-        _dout: Buf,
-        _gate: Buf,
-        _up: Buf,
+        dgate: Buf,
+        dup: Buf,
+        dout: Buf,
+        gate: Buf,
+        up: Buf,
     ) -> Result<()> {
-        Err(no_decoder_kernels("swiglu_backward"))
+        lend!(self, |rt, l| rt.swiglu_backward(
+            &mut l.t(dgate, true)?,
+            &mut l.t(dup, true)?,
+            &l.t(dout, false)?,
+            &l.t(gate, false)?,
+            &l.t(up, false)?
+        ))
     }
 
-    fn residual_forward(&mut self, _out: Buf, _a: Buf, _b: Buf) -> Result<()> {
-        Err(no_decoder_kernels("residual_forward"))
+    fn residual_forward(&mut self, out: Buf, a: Buf, b: Buf) -> Result<()> {
+        lend!(self, |rt, l| rt.residual_forward(
+            &mut l.t(out, true)?,
+            &l.t(a, false)?,
+            &l.t(b, false)?
+        ))
     }
 
-    fn residual_backward(&mut self, _da: Buf, _db: Buf, _dout: Buf) -> Result<()> {
-        Err(no_decoder_kernels("residual_backward"))
+    fn residual_backward(&mut self, da: Buf, db: Buf, dout: Buf) -> Result<()> {
+        lend!(self, |rt, l| rt.residual_backward(
+            &mut l.t(da, true)?,
+            &mut l.t(db, true)?,
+            &l.t(dout, false)?
+        ))
     }
 
-    /// Nothing to reserve: the forward refuses to run.
-    fn causal_attention_saved_len(&self, _dims: CausalDims) -> usize {
-        0
+    /// Flash-style: the forward saves each query row's logsumexp [B, NH, T].
+    fn causal_attention_saved_len(&self, d: CausalDims) -> usize {
+        d.b * d.nh * d.t
     }
 
-    fn causal_attention_scratch_len(&self, _dims: CausalDims) -> usize {
-        0
+    /// The backward's row dots D = dctx · ctx [B, NH, T].
+    fn causal_attention_scratch_len(&self, d: CausalDims) -> usize {
+        d.b * d.nh * d.t
     }
 
     fn causal_attention_forward(
         &mut self,
-        _ctx: Buf,
-        _saved: Buf,
-        _q: Buf,
-        _k: Buf,
-        _v: Buf,
-        _tokens: &CudaTokens,
-        _dims: CausalDims,
-        _dropout: Option<AttentionDropout>,
+        ctx: Buf,
+        saved: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        tokens: &CudaTokens,
+        d: CausalDims,
+        dropout: Option<AttentionDropout>,
     ) -> Result<()> {
-        Err(no_decoder_kernels("causal_attention_forward"))
+        no_causal_dropout(dropout)?;
+        lend!(self, |rt, l| rt.causal_attention_forward(
+            &mut l.t(ctx, true)?,
+            &mut l.f(saved, true)?,
+            &l.t(q, false)?,
+            &l.t(k, false)?,
+            &l.t(v, false)?,
+            &tokens.mask,
+            None,
+            (d.b, d.t, d.nh, d.nkv, d.hs),
+        ))
     }
 
     fn causal_attention_backward(
         &mut self,
-        _dq: Buf,
-        _dk: Buf,
-        _dv: Buf,
-        _scratch: Buf,
-        _dctx: Buf,
-        _ctx: Buf,
-        _q: Buf,
-        _k: Buf,
-        _v: Buf,
-        _saved: Buf,
-        _tokens: &CudaTokens,
-        _dims: CausalDims,
-        _dropout: Option<AttentionDropout>,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        scratch: Buf,
+        dctx: Buf,
+        ctx: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        saved: Buf,
+        tokens: &CudaTokens,
+        d: CausalDims,
+        dropout: Option<AttentionDropout>,
     ) -> Result<()> {
-        Err(no_decoder_kernels("causal_attention_backward"))
+        no_causal_dropout(dropout)?;
+        lend!(self, |rt, l| rt.causal_attention_backward(
+            &mut l.t(dq, true)?,
+            &mut l.t(dk, true)?,
+            &mut l.t(dv, true)?,
+            None,
+            &mut l.f(scratch, true)?,
+            &l.t(dctx, false)?,
+            &l.t(ctx, false)?,
+            &l.t(q, false)?,
+            &l.t(k, false)?,
+            &l.t(v, false)?,
+            &l.f(saved, false)?,
+            &tokens.mask,
+            None,
+            (d.b, d.t, d.nh, d.nkv, d.hs),
+        ))
     }
 
     fn last_token_pool_forward(
         &mut self,
-        _out: Buf,
-        _x: Buf,
-        _rows: &[u32],
-        _t: usize,
-        _c: usize,
+        out: Buf,
+        x: Buf,
+        rows: &[u32],
+        t: usize,
+        c: usize,
     ) -> Result<()> {
-        Err(no_decoder_kernels("last_token_pool_forward"))
+        lend!(self, |rt, l| rt.last_token_pool_forward(
+            &mut l.t(out, true)?,
+            &l.t(x, false)?,
+            rows,
+            t,
+            c
+        ))
     }
 
     fn last_token_pool_backward(
         &mut self,
-        _dx: Buf,
-        _dout: Buf,
-        _rows: &[u32],
-        _t: usize,
-        _c: usize,
+        dx: Buf,
+        dout: Buf,
+        rows: &[u32],
+        t: usize,
+        c: usize,
     ) -> Result<()> {
-        Err(no_decoder_kernels("last_token_pool_backward"))
+        lend!(self, |rt, l| rt.last_token_pool_backward(
+            &mut l.t(dx, true)?,
+            &l.t(dout, false)?,
+            rows,
+            t,
+            c
+        ))
     }
 
     fn position_products_forward(
@@ -1219,11 +1337,32 @@ fn no_deberta_kernels(op: &str) -> Error {
     ))
 }
 
-/// The error of a decoder op on the GPU until its kernels are wired in.
-fn no_decoder_kernels(op: &str) -> Error {
-    Error::user(format!(
-        "{op}: decoder models have no CUDA kernels yet; set device: cpu"
-    ))
+/// The causal attention kernels have no dropout on the probabilities: p > 0 is refused.
+fn no_causal_dropout(dropout: Option<AttentionDropout>) -> Result<()> {
+    match dropout {
+        Some(d) if d.p > 0.0 => Err(Error::user(format!(
+            "attention dropout {} on a decoder: the CUDA causal attention has no dropout; \
+             set the attention dropout to 0 or device: cpu",
+            d.p
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// cos, sin (fp32 Stats) rounded to the activation type T in fresh buffers, as the rope
+/// kernels read them (a plain copy for f32).
+fn rope_tables<T: Activation + ModelFloat>(
+    rt: &CudaRuntime,
+    l: &mut Lend<'_, T>,
+    cos: Buf,
+    sin: Buf,
+) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+    let mut tables = [rt.zeros::<T>(cos.len)?, rt.zeros::<T>(sin.len)?];
+    for (table, buf) in tables.iter_mut().zip([cos, sin]) {
+        ModelFloat::from_f32(rt, &mut table.as_view_mut(), &l.f(buf, false)?.as_view())?;
+    }
+    let [cos, sin] = tables;
+    Ok((cos, sin))
 }
 
 fn kernels_for<T: Activation>(_: &Lend<'_, T>) -> FlashKernels {

@@ -1262,6 +1262,144 @@ impl CudaRuntime {
         self.pool_launch::<T>(op, dinp, dout, b, t, c)
     }
 
+    /// out[b*t, c] = wte[input_ids], wte [vocab, c] fp32: a decoder's embedding (the token
+    /// table alone; positions enter through RoPE).
+    pub fn token_embedding_forward<T: Activation>(
+        &self,
+        out: &mut impl DeviceWrite<T>,
+        tokens: &TokenBatch,
+        wte: &impl DeviceRead<f32>,
+        c: usize,
+    ) -> Result<()> {
+        let op = "token_embedding_forward";
+        let bt = tokens.b * tokens.t;
+        let out = &mut checked_view_mut(op, "out", out, bt * c)?;
+        let wte = &wte.view();
+        check_tables(op, c, [("wte", wte.len())])?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let shape = launch::elementwise(op, bt * c)?;
+        let kernel = self.kernel(op, "embedding", &typed::<T>(op), shape)?;
+        let (bt_i, c_i) = (dim(op, "b*t", bt)?, dim(op, "c", c)?);
+        let mut args = kernel.args();
+        args.arg(out)
+            .arg(&tokens.input_ids)
+            .arg(wte)
+            .arg(&bt_i)
+            .arg(&c_i);
+        unsafe { kernel.launch(args) }
+    }
+
+    /// dwte [vocab, c] += the scatter of dout [b*t, c] to the tokens' rows: the word-table
+    /// launch of embedding_backward (deterministic, no atomics).
+    pub fn token_embedding_backward<T: Activation>(
+        &self,
+        dwte: &mut impl DeviceWrite<f32>,
+        dout: &impl DeviceRead<T>,
+        tokens: &TokenBatch,
+        c: usize,
+    ) -> Result<()> {
+        let op = "token_embedding_backward";
+        let bt = tokens.b * tokens.t;
+        let dout = &checked_view(op, "dout", dout, bt * c)?;
+        let dwte = &mut dwte.view_mut();
+        check_tables(op, c, [("dwte", dwte.len())])?;
+        if dout.is_empty() {
+            return Ok(());
+        }
+        let lists = &tokens.word_rows;
+        let (name, shape) = launch::embedding_table(op, bt, c, lists.distinct)?;
+        let kernel = self.kernel(op, "embedding", &typed::<T>(name), shape)?;
+        let c_i = dim(op, "c", c)?;
+        let mut args = kernel.args();
+        args.arg(dwte)
+            .arg(dout)
+            .arg(&lists.rows)
+            .arg(&lists.starts)
+            .arg(&lists.positions)
+            .arg(&c_i);
+        unsafe { kernel.launch(args) }
+    }
+
+    /// da += dout, db += dout (the residual add's backward): dropout_backward's kernel at
+    /// p = 0, which keeps every element with scale 1.
+    pub fn residual_backward<T: Activation>(
+        &self,
+        da: &mut impl DeviceWrite<T>,
+        db: &mut impl DeviceWrite<T>,
+        dout: &impl DeviceRead<T>,
+    ) -> Result<()> {
+        // dropout_launch checks dout's length against each gradient's.
+        self.dropout_launch("dropout_backward", da, dout, 0.0, 0)?;
+        self.dropout_launch("dropout_backward", db, dout, 0.0, 0)
+    }
+
+    /// out[b, c] = inp[b, rows[b], c] with inp [b, t, c]; rows [b] on the host, each < t.
+    pub fn last_token_pool_forward<T: Activation>(
+        &self,
+        out: &mut impl DeviceWrite<T>,
+        inp: &impl DeviceRead<T>,
+        rows: &[u32],
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "last_token_pool_forward";
+        let b = rows.len();
+        let out = &mut checked_view_mut(op, "out", out, b * c)?;
+        let inp = &checked_view(op, "inp", inp, b * t * c)?;
+        self.last_token_pool_launch(op, out, inp, rows, t, c)
+    }
+
+    /// dinp[b, rows[b], c] += dout[b, c]; the other positions get nothing.
+    pub fn last_token_pool_backward<T: Activation>(
+        &self,
+        dinp: &mut impl DeviceWrite<T>,
+        dout: &impl DeviceRead<T>,
+        rows: &[u32],
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "last_token_pool_backward";
+        let b = rows.len();
+        let dinp = &mut checked_view_mut(op, "dinp", dinp, b * t * c)?;
+        let dout = &checked_view(op, "dout", dout, b * c)?;
+        self.last_token_pool_launch(op, dinp, dout, rows, t, c)
+    }
+
+    /// The two last-token kernels, named as their op, take (written, read, rows, b, t, c);
+    /// the rows are checked below t and uploaded.
+    fn last_token_pool_launch<T: Activation>(
+        &self,
+        op: &str,
+        written: &mut CudaViewMut<'_, T>,
+        read: &CudaView<'_, T>,
+        rows: &[u32],
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        if let Some((seq, row)) = rows.iter().enumerate().find(|&(_, &r)| r as usize >= t) {
+            return Err(Error::internal(format!(
+                "{op}: row {row} of sequence {seq} is outside its {t} tokens"
+            )));
+        }
+        let b = rows.len();
+        if b * t * c == 0 {
+            return Ok(());
+        }
+        let rows = self.upload(rows)?;
+        let kernel = self.kernel(op, "pool", &typed::<T>(op), launch::elementwise(op, b * c)?)?;
+        let (b_i, t_i, c_i) = (dim(op, "b", b)?, dim(op, "t", t)?, dim(op, "c", c)?);
+        let mut args = kernel.args();
+        args.arg(written)
+            .arg(read)
+            .arg(&rows)
+            .arg(&b_i)
+            .arg(&t_i)
+            .arg(&c_i);
+        unsafe { kernel.launch(args) }
+    }
+
     /// The two pool kernels, named as their op, take (written, read, b, t, c).
     fn pool_launch<T: Activation>(
         &self,
