@@ -1329,7 +1329,6 @@ impl Backend for Cuda {
     }
 }
 
-/// Which flash kernels the activation type runs: tensor cores where it has them (bf16).
 /// The error of a DeBERTa op on the GPU until its kernels are written.
 fn no_deberta_kernels(op: &str) -> Error {
     Error::user(format!(
@@ -1365,6 +1364,7 @@ fn rope_tables<T: Activation + ModelFloat>(
     Ok((cos, sin))
 }
 
+/// Which flash kernels the activation type runs: tensor cores where it has them (bf16).
 fn kernels_for<T: Activation>(_: &Lend<'_, T>) -> FlashKernels {
     FlashKernels::for_activation::<T>()
 }
