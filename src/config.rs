@@ -112,6 +112,11 @@ pub struct Config {
     /// TRL's reward centering: c * mean(logit^2) over each micro-batch added to the loss
     /// (0, the default, is off), in `CENTER_RANGE`.
     pub center_rewards_coefficient: f64,
+    /// A decoder runs the prompt of a micro-batch's K completions once and lets the K attend
+    /// to its keys and values (`llama::SharedSplit`); the same loss and gradients as the K
+    /// whole sequences, computed once instead of K times. On by default; encoders attend
+    /// both ways (a prompt's states depend on its completion) and ignore it.
+    pub shared_prefix: bool,
 }
 
 /// The `center_rewards_coefficient`s rcx trains with: TRL suggests 0.01; a thousand times
@@ -169,6 +174,8 @@ struct RawConfig {
     eval_max_prompts: Option<usize>,
     #[serde(default, deserialize_with = "center_coefficient")]
     center_rewards_coefficient: f64,
+    #[serde(default = "yes")]
+    shared_prefix: bool,
 }
 
 // Hugging Face Trainer's defaults, where it has the key.
@@ -180,6 +187,9 @@ fn default_scheduler() -> Scheduler {
 }
 fn one() -> usize {
     1
+}
+fn yes() -> bool {
+    true
 }
 fn default_batch() -> usize {
     8
@@ -722,6 +732,7 @@ impl Config {
             dropout: raw.dropout,
             eval_max_prompts: raw.eval_max_prompts,
             center_rewards_coefficient: raw.center_rewards_coefficient,
+            shared_prefix: raw.shared_prefix,
         })
     }
 

@@ -1064,6 +1064,38 @@ fn tiny_ranked_batch(rng: &mut Rng) -> Ranked {
     }
 }
 
+/// `tiny_ranked_batch`'s two prompts as a decoder sees them, grouped by prompt: the
+/// completions of prompt 0 (K = 3) start with its 4 tokens; those of prompt 1 (K = 2) with
+/// its 3 tokens, but the second kept only its first 2 (so the common prefixes are 4 and 2
+/// tokens, and the sequences' rests differ in length).
+fn tiny_shared_prompt_batch(rng: &mut Rng) -> Ranked {
+    let mut token = || 1 + rng.below(22) as u32;
+    let prompts: [Vec<u32>; 2] = [
+        (0..4).map(|_| token()).collect(),
+        (0..3).map(|_| token()).collect(),
+    ];
+    let seqs: Vec<Vec<u32>> = [(0, 4, 3), (0, 4, 1), (0, 4, 2), (1, 3, 3), (1, 2, 1)]
+        .iter()
+        .map(|&(p, kept, answer)| {
+            let mut ids = prompts[p][..kept].to_vec();
+            ids.extend((0..answer).map(|_| token()));
+            ids
+        })
+        .collect();
+    let types: Vec<Vec<u8>> = seqs.iter().map(|ids| vec![0; ids.len()]).collect();
+    Ranked {
+        batch: Batch::from_sequences(
+            seqs.iter()
+                .map(|i| &i[..])
+                .zip(types.iter().map(|t| &t[..])),
+            0,
+        )
+        .grouped(vec![3, 2]),
+        ks: vec![3, 2],
+        types: vec![Some(PromptType::Open), Some(PromptType::Closed)],
+    }
+}
+
 /// BERT's init plus noise on every parameter but the word table's padding row (the first
 /// hidden_size entries), so that no gradient vanishes by symmetry (LayerNorm weights of
 /// exactly 1, biases of exactly 0).
@@ -1135,7 +1167,45 @@ pub fn check_decoder_model(
     seed: u64,
 ) -> Result<Check> {
     let config = tiny_decoder_config(family).into();
-    judge_gradient_of(name, &config, spec, dropout, seed, own_backward)
+    judge_gradient_of(
+        name,
+        &config,
+        spec,
+        dropout,
+        seed,
+        tiny_ranked_batch,
+        own_backward,
+    )
+}
+
+/// The whole decoder on a batch whose completions share their prompts' tokens (the shared
+/// prefix): its gradient through the prompts' once-computed states, summed over their
+/// completions.
+pub fn check_shared_prefix_model(
+    name: &str,
+    family: Family,
+    spec: &LossSpec,
+    dropout: Option<Dropout>,
+    seed: u64,
+) -> Result<Check> {
+    let config = tiny_decoder_config(family).into();
+    // The check means something only where the model takes the shared layout.
+    let (mut model, data) = model_check_inputs(&config, seed, dropout, tiny_shared_prompt_batch)?;
+    model.forward(&data.batch, dropout)?;
+    if model.last_rows()? >= data.batch.b * data.batch.t {
+        return Err(Error::internal(format!(
+            "{name}: the batch ran as whole sequences, not with the shared prefix"
+        )));
+    }
+    judge_gradient_of(
+        name,
+        &config,
+        spec,
+        dropout,
+        seed,
+        tiny_shared_prompt_batch,
+        own_backward,
+    )
 }
 
 /// The smallest |r_i - r_j| over the ranked pairs of a batch, r = sigmoid(logit).
@@ -1182,12 +1252,13 @@ fn model_check_inputs(
     config: &ModelConfig,
     seed: u64,
     dropout: Option<Dropout>,
+    draw_batch: fn(&mut Rng) -> Ranked,
 ) -> Result<(Model<Cpu<f64>>, Ranked)> {
     let mut rng = Rng::new(seed);
     // Most draws pass: 100 failures in a row would mean a broken model.
     for _ in 0..100 {
         let mut model = tiny_random_model(&mut rng, config);
-        let data = tiny_ranked_batch(&mut rng);
+        let data = draw_batch(&mut rng);
         let logits = model.forward(&data.batch, dropout)?;
         if smallest_reward_gap(&logits, &data.ks) >= KINK_MARGIN {
             return Ok((model, data));
@@ -1211,7 +1282,15 @@ pub fn judge_model_gradient(
     backward: impl Fn(&mut Model<Cpu<f64>>, Option<Dropout>, &[f64]) -> Result<Vec<f64>>,
 ) -> Result<Check> {
     let config = tiny_config().into();
-    judge_gradient_of(name, &config, spec, dropout, seed, backward)
+    judge_gradient_of(
+        name,
+        &config,
+        spec,
+        dropout,
+        seed,
+        tiny_ranked_batch,
+        backward,
+    )
 }
 
 /// `judge_model_gradient` on a tiny model of `config`.
@@ -1221,9 +1300,10 @@ fn judge_gradient_of(
     spec: &LossSpec,
     dropout: Option<Dropout>,
     seed: u64,
+    draw_batch: fn(&mut Rng) -> Ranked,
     backward: impl Fn(&mut Model<Cpu<f64>>, Option<Dropout>, &[f64]) -> Result<Vec<f64>>,
 ) -> Result<Check> {
-    let (mut model, data) = model_check_inputs(config, seed, dropout)?;
+    let (mut model, data) = model_check_inputs(config, seed, dropout, draw_batch)?;
     model.start_training()?;
     let mut dlogits = Vec::new();
     model_loss(&mut model, &data, spec, dropout, &mut dlogits)?;
@@ -1314,7 +1394,8 @@ pub fn model_checks(seed: u64) -> Result<Vec<Check>> {
 
 /// The whole decoder: Llama (llama3 rope scaling, MLP biases) in training mode (attention
 /// dropout) under adaptive2, Qwen2 (q/k/v biases) in eval mode under x_inv; both with
-/// grouped-query attention on a padded batch.
+/// grouped-query attention on a padded batch, of whole sequences and with the shared
+/// prefix.
 pub fn decoder_model_checks(seed: u64) -> Result<Vec<Check>> {
     Ok(vec![
         check_decoder_model(
@@ -1326,6 +1407,20 @@ pub fn decoder_model_checks(seed: u64) -> Result<Vec<Check>> {
         )?,
         check_decoder_model(
             "qwen2, eval, x_inv",
+            Family::Qwen2,
+            &LossSpec::Single(Utility::XInv),
+            None,
+            seed,
+        )?,
+        check_shared_prefix_model(
+            "llama, shared prefix, dropout, adaptive2",
+            Family::Llama,
+            &LossSpec::parse("adaptive2")?,
+            Some(MODEL_CHECK_DROPOUT),
+            seed,
+        )?,
+        check_shared_prefix_model(
+            "qwen2, shared prefix, eval, x_inv",
             Family::Qwen2,
             &LossSpec::Single(Utility::XInv),
             None,
@@ -1390,7 +1485,15 @@ pub fn deberta_model_checks(seed: u64) -> Result<Vec<Check>> {
         .map(|(name, v3, dropout, loss)| {
             let config = tiny_deberta_config(v3).into();
             let spec = LossSpec::parse(loss)?;
-            judge_gradient_of(name, &config, &spec, dropout, seed, own_backward)
+            judge_gradient_of(
+                name,
+                &config,
+                &spec,
+                dropout,
+                seed,
+                tiny_ranked_batch,
+                own_backward,
+            )
         })
         .collect()
 }
@@ -1566,7 +1669,8 @@ mod tests {
         for seed in 0..200 {
             for mode in [None, dropout] {
                 let (mut model, data) =
-                    model_check_inputs(&tiny_config().into(), seed, mode).unwrap();
+                    model_check_inputs(&tiny_config().into(), seed, mode, tiny_ranked_batch)
+                        .unwrap();
                 let logits = model.forward(&data.batch, mode).unwrap();
                 let gap = smallest_reward_gap(&logits, &data.ks);
                 assert!(

@@ -82,7 +82,8 @@ impl PromptSet {
         self.sets[s as usize].num_completions(p as usize)
     }
 
-    /// The padded batch of every completion of these prompts, with K and the type of each.
+    /// The padded batch of every completion of these prompts, grouped by prompt, with K and
+    /// the type of each.
     pub fn batch(
         &self,
         prompts: &[usize],
@@ -99,7 +100,8 @@ impl PromptSet {
             ks.push(k);
             types.push(set.prompt_type(p as usize));
         }
-        (Batch::from_sequences(seqs, pad_id), ks, types)
+        let batch = Batch::from_sequences(seqs, pad_id).grouped(ks.clone());
+        (batch, ks, types)
     }
 }
 

@@ -236,7 +236,11 @@ fn placement(cfg: &Config, opts: &RunOptions) -> Result<Placement> {
 
 /// The model on the backend the placement chose; the host copy of its parameters is
 /// moved (CPU) or dropped after the upload (GPU).
-fn choose_engine(host: HostModel<f32>, placement: &Placement) -> Result<Engine> {
+fn choose_engine(
+    host: HostModel<f32>,
+    placement: &Placement,
+    shared_prefix: bool,
+) -> Result<Engine> {
     let mut engine = if placement.use_cuda {
         let rt = Arc::new(CudaRuntime::new(0)?);
         Engine::Cuda(Box::new(host.on_cuda(rt, placement.dtype)?))
@@ -244,8 +248,14 @@ fn choose_engine(host: HostModel<f32>, placement: &Placement) -> Result<Engine> 
         Engine::Cpu(Box::new(host.on_cpu()))
     };
     match &mut engine {
-        Engine::Cpu(model) => model.start_training()?,
-        Engine::Cuda(model) => model.start_training()?,
+        Engine::Cpu(model) => {
+            model.set_shared_prefix(shared_prefix);
+            model.start_training()?
+        }
+        Engine::Cuda(model) => {
+            model.set_shared_prefix(shared_prefix);
+            model.start_training()?
+        }
     }
     Ok(engine)
 }
@@ -514,7 +524,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         cfg.dropout
             .unwrap_or(host.config.attention_probs_dropout_prob),
     );
-    let mut engine = choose_engine(host, &placement)?;
+    let mut engine = choose_engine(host, &placement, cfg.shared_prefix)?;
     if let Some((m, v)) = moments.take() {
         engine.upload_moments(&m, &v)?;
     }

@@ -663,6 +663,7 @@ fn tiny_bert_checkpoint_forward_matches_cpu_and_transformers() {
         input_ids: ids.concat().into_iter().map(|x| x as u32).collect(),
         token_type_ids: types.concat().into_iter().map(|x| x as u32).collect(),
         mask: mask.concat().into_iter().map(|x| x as u8).collect(),
+        groups: Vec::new(),
     };
     assert!(
         batch.mask.contains(&0),

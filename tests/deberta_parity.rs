@@ -50,6 +50,7 @@ fn batch_of(case: &Value) -> Batch {
             .collect(),
         b,
         t,
+        groups: Vec::new(),
     }
 }
 

@@ -52,6 +52,7 @@ fn batch_of(case: &Value) -> Batch {
         mask: mask.concat().into_iter().map(|m| m as u8).collect(),
         b,
         t,
+        groups: Vec::new(),
     }
 }
 
@@ -202,11 +203,12 @@ fn a_missing_head_starts_fresh_only_for_training() {
 
 /// The whole decoder's backward against central differences in f64, per tensor
 /// (`rcx::gradcheck::decoder_model_checks`: Llama with attention dropout, Qwen2 with its
-/// biases, grouped-query attention, a padded batch).
+/// biases, grouped-query attention, a padded batch; each on whole sequences and with the
+/// shared prefix).
 #[test]
 fn whole_decoder_gradient_matches_finite_differences() {
     let checks = rcx::gradcheck::decoder_model_checks(42).unwrap();
-    assert_eq!(checks.len(), 2);
+    assert_eq!(checks.len(), 4);
     for check in &checks {
         println!("{check}");
         assert!(check.passed(), "{check}");
@@ -358,6 +360,7 @@ fn impossible_sizes_are_refused_naming_the_key() {
         mask: vec![],
         b: 2,
         t: 0,
+        groups: Vec::new(),
     };
     let e = model.on_cpu().forward(&empty, None).unwrap_err();
     assert_eq!(e.exit_code(), 2, "{e}");

@@ -59,6 +59,7 @@ fn batch_of(f: &Value) -> Batch {
         mask: mask.concat().into_iter().map(|m| m as u8).collect(),
         b,
         t,
+        groups: Vec::new(),
     }
 }
 

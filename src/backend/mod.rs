@@ -45,7 +45,8 @@ pub struct PositionBufs {
 }
 
 /// B sequences of T tokens, NH query heads over NKV key/value heads (NH a multiple of NKV:
-/// grouped-query attention), HS channels per head: the causal attention's dimensions.
+/// grouped-query attention), HS channels per head: the causal attention's dimensions. TP:
+/// the tokens per prompt of a shared prefix the sequences continue (0 without one).
 #[derive(Clone, Copy, Debug)]
 pub struct CausalDims {
     pub b: usize,
@@ -53,6 +54,19 @@ pub struct CausalDims {
     pub nh: usize,
     pub nkv: usize,
     pub hs: usize,
+    pub tp: usize,
+}
+
+/// The shared prefix of a causal attention: the keys and values of the P prompts that the
+/// B sequences continue, each prompt run once for all its completions. Sequence s continues
+/// prompt `of_sequence[s]` (`Batch::of_sequence` of the sequences' batch).
+#[derive(Clone, Copy, Debug)]
+pub struct SharedPrefix<'a, T> {
+    /// [P, TP, NKV·HS] each: the prompts' keys (rotated) and values.
+    pub k: Buf,
+    pub v: Buf,
+    /// The prompts' tokens: their padding mask [P, TP].
+    pub prompts: &'a T,
 }
 
 /// The optimizer settings of one step (torch.optim.AdamW's, and clip_grad_norm_'s bound).
@@ -380,8 +394,9 @@ pub trait Backend {
     /// ctx [B, T, NH·HS] = softmax(q kᵀ / sqrt(HS)) v per query head, query i attending to
     /// the real keys j <= i of its own sequence, k and v those of the head's group;
     /// q [B, T, NH·HS], k, v [B, T, NKV·HS] (rotated already). Dropout on the probabilities.
-    /// (The shared-prompt variant will be a second pair of methods with the prompts' keys
-    /// and values beside these.)
+    /// With a `prefix` (dims.tp > 0), every query also attends to all the real keys of the
+    /// prompt its sequence continues, before its own: as the same tokens would in the whole
+    /// sequence prompt + completion.
     #[allow(clippy::too_many_arguments)]
     fn causal_attention_forward(
         &mut self,
@@ -391,15 +406,19 @@ pub trait Backend {
         k: Buf,
         v: Buf,
         tokens: &Self::Tokens,
+        prefix: Option<SharedPrefix<'_, Self::Tokens>>,
         dims: CausalDims,
         dropout: Option<AttentionDropout>,
     ) -> Result<()>;
+    /// dq, dk, dv += the backward; with a prefix, its keys' and values' gradients
+    /// `dprefix` ([P, TP, NKV·HS] each) += the sum over every sequence that continues it.
     #[allow(clippy::too_many_arguments)]
     fn causal_attention_backward(
         &mut self,
         dq: Buf,
         dk: Buf,
         dv: Buf,
+        dprefix: Option<(Buf, Buf)>,
         scratch: Buf,
         dctx: Buf,
         ctx: Buf,
@@ -408,6 +427,7 @@ pub trait Backend {
         v: Buf,
         saved: Buf,
         tokens: &Self::Tokens,
+        prefix: Option<SharedPrefix<'_, Self::Tokens>>,
         dims: CausalDims,
         dropout: Option<AttentionDropout>,
     ) -> Result<()>;

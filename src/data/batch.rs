@@ -8,6 +8,10 @@ pub struct Batch {
     pub mask: Vec<u8>,            // [B, T] 1 = real token, 0 = padding
     pub b: usize,
     pub t: usize,
+    /// The sequences of each prompt, in order (consecutive, summing to B): the completions
+    /// that continue one prompt, which a decoder may run once (the shared prefix). Empty
+    /// when the sequences are unrelated.
+    pub groups: Vec<usize>,
 }
 
 impl Batch {
@@ -25,6 +29,7 @@ impl Batch {
             mask: vec![0; b * t],
             b,
             t,
+            groups: Vec::new(),
         };
         for (row, (ids, types)) in seqs.iter().enumerate() {
             let at = row * t;
@@ -35,5 +40,24 @@ impl Batch {
             batch.mask[at..at + ids.len()].fill(1);
         }
         batch
+    }
+
+    /// The same batch, its sequences grouped by prompt (`groups`).
+    pub fn grouped(mut self, groups: Vec<usize>) -> Batch {
+        debug_assert_eq!(groups.iter().sum::<usize>(), self.b);
+        self.groups = groups;
+        self
+    }
+
+    /// [B] the group (prompt) of each sequence; every sequence its own without groups.
+    pub fn of_sequence(&self) -> Vec<u32> {
+        if self.groups.is_empty() {
+            return (0..self.b as u32).collect();
+        }
+        let mut of = Vec::with_capacity(self.b);
+        for (g, &n) in self.groups.iter().enumerate() {
+            of.extend(std::iter::repeat_n(g as u32, n));
+        }
+        of
     }
 }

@@ -544,6 +544,11 @@ impl ActLayout {
     }
 
     /// The logits [B] (Stats).
+    /// N = B x T: the token rows of the layout.
+    pub fn rows(&self) -> usize {
+        self.b * self.t
+    }
+
     pub fn logits(&self) -> Buf {
         self.acts.logits
     }

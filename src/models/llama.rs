@@ -14,12 +14,15 @@ use std::sync::Once;
 
 use serde_json::{Value, json};
 
-use super::{Dropout, ParamLayout, TensorSpec, attention_dropout};
+use super::{BatchTokens, Dropout, ParamLayout, TensorSpec, attention_dropout};
 use crate::backend::cpu::{Llama3RopeScaling, rope_inv_freq};
-use crate::backend::{Arena, Backend, Batch, Buf, Carver, CausalDims};
+use crate::backend::{
+    Arena, AttentionDropout, Backend, Batch, Buf, Carver, CausalDims, SharedPrefix,
+};
 use crate::error::{Error, Result};
 use crate::hf_config::{ConfigKeys, read_json_object};
 use crate::models::BertConfig;
+use crate::rng::derive_seed;
 use crate::safetensors::write_atomic;
 
 /// The three families: one structure, their config.json keys and biases differ.
@@ -676,22 +679,23 @@ impl Params {
 
 /// One layer's activations, saved for the backward.
 struct LayerActs {
-    ln1: Buf,      // [N, C] input_layernorm(x)
-    ln1_rstd: Buf, // Stats [N]
-    q_pre: Buf,    // [N, QD] before RoPE
-    k_pre: Buf,    // [N, KD] before RoPE
-    q: Buf,        // [N, QD]
-    k: Buf,        // [N, KD]
-    v: Buf,        // [N, KD]
-    saved: Buf,    // Stats: what the backend's causal attention keeps
-    ctx: Buf,      // [N, QD]
-    res1: Buf,     // [N, C] x + attention branch
-    ln2: Buf,      // [N, C] post_attention_layernorm(res1)
-    ln2_rstd: Buf, // Stats [N]
-    gate: Buf,     // [N, I]
-    up: Buf,       // [N, I]
-    act: Buf,      // [N, I] silu(gate) · up
-    out: Buf,      // [N, C] res1 + MLP branch: the layer's output
+    ln1: Buf,           // [N, C] input_layernorm(x)
+    ln1_rstd: Buf,      // Stats [N]
+    q_pre: Buf,         // [N, QD] before RoPE
+    k_pre: Buf,         // [N, KD] before RoPE
+    q: Buf,             // [N, QD]
+    k: Buf,             // [N, KD]
+    v: Buf,             // [N, KD]
+    saved: Buf,         // Stats: what the backend's causal attention keeps (of the sequences)
+    saved_prompts: Buf, // Stats: the same of the shared prompts (empty without them)
+    ctx: Buf,           // [N, QD]
+    res1: Buf,          // [N, C] x + attention branch
+    ln2: Buf,           // [N, C] post_attention_layernorm(res1)
+    ln2_rstd: Buf,      // Stats [N]
+    gate: Buf,          // [N, I]
+    up: Buf,            // [N, I]
+    act: Buf,           // [N, I] silu(gate) · up
+    out: Buf,           // [N, C] res1 + MLP branch: the layer's output
 }
 
 struct Acts {
@@ -728,43 +732,217 @@ struct Scratch {
     dlogits: Buf,           // Stats [B]
 }
 
-/// Where every activation of a batch of B x T lives, the arena sizes that needs, and the
-/// batch's host-side indices (positions, reward rows).
+/// The rows of a batch's activations: every sequence whole, or (the shared prefix) the
+/// common prefix of each group of sequences once, then the rest of every sequence.
+#[derive(Clone, Copy, Debug)]
+enum Rows {
+    /// B sequences of T tokens.
+    Whole { b: usize, t: usize },
+    /// P prefixes of TP tokens (rows 0..P·TP), then the rests of the B sequences, TS tokens
+    /// each.
+    Shared {
+        p: usize,
+        tp: usize,
+        b: usize,
+        ts: usize,
+    },
+}
+
+impl Rows {
+    /// N: all rows.
+    fn n(self) -> usize {
+        match self {
+            Rows::Whole { b, t } => b * t,
+            Rows::Shared { p, tp, b, ts } => p * tp + b * ts,
+        }
+    }
+
+    /// The sequences (one logit each).
+    fn sequences(self) -> usize {
+        match self {
+            Rows::Whole { b, .. } | Rows::Shared { b, .. } => b,
+        }
+    }
+
+    /// The rows before the sequences' own: the shared prefixes' (0 without).
+    fn prefix_rows(self) -> usize {
+        match self {
+            Rows::Whole { .. } => 0,
+            Rows::Shared { p, tp, .. } => p * tp,
+        }
+    }
+
+    /// Tokens per sequence in the sequences' rows (T, or TS).
+    fn seq_len(self) -> usize {
+        match self {
+            Rows::Whole { t, .. } => t,
+            Rows::Shared { ts, .. } => ts,
+        }
+    }
+}
+
+/// A batch split for the shared prefix. With causal attention a token's hidden states
+/// depend on the tokens before it only, so the tokens a group of sequences (the completions
+/// of one prompt, `Batch::groups`) has in common at their start are computed once: each
+/// group's longest common prefix, cut before the first reward token so that every sequence
+/// keeps its reward token in its rest. The rest of a sequence continues its prefix at the
+/// prefix's length (positions) and attends to the prefix's real keys (exactly what the
+/// same tokens see in the whole sequence). Prompts truncated differently across their
+/// completions share what they still have in common.
+pub struct SharedSplit {
+    /// [P, TP]: each group's prefix.
+    pub prompts: Batch,
+    /// [B, TS]: the rest of every sequence, grouped as the batch.
+    pub completions: Batch,
+    /// [P] real tokens of each prefix.
+    lens: Vec<usize>,
+    /// [B] the reward token of each sequence, in its rest.
+    rows: Vec<u32>,
+}
+
+impl SharedSplit {
+    /// None when the batch's sequences are not grouped, or when sharing would not save
+    /// rows (prefixes too short for their padding).
+    pub fn new(cfg: &LlamaConfig, batch: &Batch) -> Option<SharedSplit> {
+        if batch.groups.is_empty() || batch.groups.iter().sum::<usize>() != batch.b {
+            return None;
+        }
+        let t = batch.t;
+        let full_rows = cfg.reward_rows(batch);
+        let ids = |s: usize| &batch.input_ids[s * t..(s + 1) * t];
+        let mut lens = Vec::with_capacity(batch.groups.len());
+        let mut start = 0;
+        for &count in &batch.groups {
+            let first = ids(start);
+            // Up to the earliest reward token of the group: every token before it is real.
+            let mut len = (start..start + count)
+                .map(|s| full_rows[s] as usize)
+                .min()
+                .unwrap_or(0);
+            for s in start + 1..start + count {
+                len = first[..len]
+                    .iter()
+                    .zip(ids(s))
+                    .take_while(|(a, b)| a == b)
+                    .count();
+            }
+            lens.push(len);
+            start += count;
+        }
+        let pad = cfg.padding_id();
+        let real = |s: usize| {
+            batch.mask[s * t..(s + 1) * t]
+                .iter()
+                .filter(|&&m| m != 0)
+                .count()
+        };
+        let of_sequence = batch.of_sequence();
+        let rests: Vec<(&[u32], usize)> = (0..batch.b)
+            .map(|s| {
+                let len = lens[of_sequence[s] as usize];
+                (&ids(s)[len..real(s)], len)
+            })
+            .collect();
+        let (p, tp) = (lens.len(), lens.iter().copied().max().unwrap_or(0));
+        let ts = rests.iter().map(|(r, _)| r.len()).max().unwrap_or(0);
+        if tp == 0 || p * tp + batch.b * ts >= batch.b * t {
+            return None;
+        }
+        let zeros = vec![0u8; t];
+        let mut start = 0;
+        let prefixes: Vec<(&[u32], &[u8])> = batch
+            .groups
+            .iter()
+            .zip(&lens)
+            .map(|(&count, &len)| {
+                let prefix = (&ids(start)[..len], &zeros[..len]);
+                start += count;
+                prefix
+            })
+            .collect();
+        let rows = (0..batch.b)
+            .map(|s| full_rows[s] - rests[s].1 as u32)
+            .collect();
+        Some(SharedSplit {
+            prompts: Batch::from_sequences(prefixes, pad),
+            completions: Batch::from_sequences(
+                rests.iter().map(|(r, _)| (*r, &zeros[..r.len()])),
+                pad,
+            )
+            .grouped(batch.groups.clone()),
+            lens,
+            rows,
+        })
+    }
+}
+
+/// Where every activation of a batch lives (N rows: `Rows`), the arena sizes that needs,
+/// and the batch's host-side indices (positions, reward rows).
 pub struct ActLayout {
     acts: Acts,
     scratch: Scratch,
-    b: usize,
-    t: usize,
-    /// [N] each token's position, 0..T per sequence (what its rotary angles turn by).
+    rows: Rows,
+    /// [N] each row's position (what its rotary angles turn by): 0..T per sequence, or
+    /// 0..TP per prefix and the prefix's length onwards in the rest of a sequence.
     positions: Vec<u32>,
-    /// [B] the token each sequence's reward is read at.
-    rows: Vec<u32>,
+    /// [B] the row of each sequence's reward token among its own rows.
+    reward_rows: Vec<u32>,
     pub forward_lens: (usize, usize),
     pub lens: (usize, usize),
 }
 
-fn causal_dims(cfg: &LlamaConfig, b: usize, t: usize) -> CausalDims {
+fn causal_dims(cfg: &LlamaConfig, b: usize, t: usize, tp: usize) -> CausalDims {
     CausalDims {
         b,
         t,
         nh: cfg.num_attention_heads,
         nkv: cfg.num_key_value_heads,
         hs: cfg.head_dim,
+        tp,
     }
 }
 
 impl ActLayout {
-    pub fn new<B: Backend>(cfg: &LlamaConfig, be: &B, batch: &Batch) -> ActLayout {
-        let (b, t) = (batch.b, batch.t);
-        let (n, c, i, qd, kd) = (
-            b * t,
+    /// The layout of `batch`, split as `split` says (the shared prefix) when given.
+    pub fn new<B: Backend>(
+        cfg: &LlamaConfig,
+        be: &B,
+        batch: &Batch,
+        split: Option<&SharedSplit>,
+    ) -> ActLayout {
+        let (rows, positions, reward_rows) = match split {
+            None => {
+                let t = batch.t;
+                let positions = (0..batch.b * t).map(|row| (row % t) as u32).collect();
+                let rows = Rows::Whole { b: batch.b, t };
+                (rows, positions, cfg.reward_rows(batch))
+            }
+            Some(split) => {
+                let (p, tp) = (split.prompts.b, split.prompts.t);
+                let ts = split.completions.t;
+                let mut positions: Vec<u32> = (0..p * tp).map(|row| (row % tp) as u32).collect();
+                for g in split.completions.of_sequence() {
+                    let len = split.lens[g as usize] as u32;
+                    positions.extend((0..ts as u32).map(|j| len + j));
+                }
+                let rows = Rows::Shared {
+                    p,
+                    tp,
+                    b: split.completions.b,
+                    ts,
+                };
+                (rows, positions, split.rows.clone())
+            }
+        };
+        let (n, b) = (rows.n(), rows.sequences());
+        let (c, i, qd, kd) = (
             cfg.hidden_size,
             cfg.intermediate_size,
             cfg.q_dim(),
             cfg.kv_dim(),
         );
         let half = cfg.head_dim / 2;
-        let dims = causal_dims(cfg, b, t);
+        let (dims, prompt_dims) = attention_dims(cfg, rows);
         let mut k = Carver::new(Arena::Acts);
         let mut f = Carver::new(Arena::Stats);
         let emb = k.take(n * c);
@@ -780,6 +958,7 @@ impl ActLayout {
                 k: k.take(n * kd),
                 v: k.take(n * kd),
                 saved: f.take(be.causal_attention_saved_len(dims)),
+                saved_prompts: f.take(prompt_dims.map_or(0, |d| be.causal_attention_saved_len(d))),
                 ctx: k.take(n * qd),
                 res1: k.take(n * c),
                 ln2: k.take(n * c),
@@ -803,6 +982,9 @@ impl ActLayout {
             logits: f.take(b),
         };
         let forward_lens = (k.used(), f.used());
+        let attention_scratch = be
+            .causal_attention_scratch_len(dims)
+            .max(prompt_dims.map_or(0, |d| be.causal_attention_scratch_len(d)));
         let scratch = Scratch {
             d_x: k.take(n * c),
             d_res1: k.take(n * c),
@@ -818,17 +1000,16 @@ impl ActLayout {
             d_q_pre: k.take(n * qd),
             d_k_pre: k.take(n * kd),
             d_last: k.take(b * c),
-            attention_scratch: f.take(be.causal_attention_scratch_len(dims)),
+            attention_scratch: f.take(attention_scratch),
             d_pooled: f.take(b * c),
             dlogits: f.take(b),
         };
         ActLayout {
             acts,
             scratch,
-            b,
-            t,
-            positions: (0..n).map(|row| (row % t) as u32).collect(),
-            rows: cfg.reward_rows(batch),
+            rows,
+            positions,
+            reward_rows,
             forward_lens,
             lens: (k.used(), f.used()),
         }
@@ -836,6 +1017,11 @@ impl ActLayout {
 
     pub fn logits(&self) -> Buf {
         self.acts.logits
+    }
+
+    /// N: the token rows of the layout.
+    pub fn rows(&self) -> usize {
+        self.rows.n()
     }
 
     pub fn dlogits(&self) -> Buf {
@@ -851,6 +1037,237 @@ impl ActLayout {
     pub fn pooled(&self) -> Buf {
         self.acts.pooled
     }
+}
+
+/// The causal attention's dimensions over the sequences' rows, and over the shared
+/// prompts' rows when there are any.
+fn attention_dims(cfg: &LlamaConfig, rows: Rows) -> (CausalDims, Option<CausalDims>) {
+    match rows {
+        Rows::Whole { b, t } => (causal_dims(cfg, b, t, 0), None),
+        Rows::Shared { p, tp, b, ts } => (
+            causal_dims(cfg, b, ts, tp),
+            Some(causal_dims(cfg, p, tp, 0)),
+        ),
+    }
+}
+
+/// [N, D] rows split into the shared prompts' rows (the first `prefix_rows`) and the
+/// sequences' rows.
+fn split_rows(buf: Buf, prefix_rows: usize, d: usize) -> (Buf, Buf) {
+    let at = prefix_rows * d;
+    (buf.part(0, at), buf.part(at, buf.len - at))
+}
+
+/// The sequences' attention dropout beside the prompts' (`d`): a seed of its own, so the
+/// two calls never draw the same masks.
+fn rest_dropout(d: Option<AttentionDropout>) -> Option<AttentionDropout> {
+    d.map(|d| AttentionDropout {
+        seed: derive_seed(d.seed, &[1]),
+        ..d
+    })
+}
+
+/// The tokens of the shared prompts and of the sequences that continue them.
+fn shared_tokens<T>(tokens: &BatchTokens<T>) -> Result<(&T, &T)> {
+    match tokens {
+        BatchTokens::Shared {
+            prompts,
+            completions,
+        } => Ok((prompts, completions)),
+        BatchTokens::Whole(_) => Err(Error::internal(
+            "a shared-prefix layout with the tokens of whole sequences",
+        )),
+    }
+}
+
+/// The token table's rows of every row of `l` into emb [N, C].
+fn embedding_forward<B: Backend>(
+    be: &mut B,
+    emb: Buf,
+    tokens: &BatchTokens<B::Tokens>,
+    wte: Buf,
+    l: &ActLayout,
+    c: usize,
+) -> Result<()> {
+    match tokens {
+        BatchTokens::Whole(tokens) => be.token_embedding_forward(emb, tokens, wte, c),
+        BatchTokens::Shared {
+            prompts,
+            completions,
+        } => {
+            let (prompt_rows, rest) = split_rows(emb, l.rows.prefix_rows(), c);
+            be.token_embedding_forward(prompt_rows, prompts, wte, c)?;
+            be.token_embedding_forward(rest, completions, wte, c)
+        }
+    }
+}
+
+fn embedding_backward<B: Backend>(
+    be: &mut B,
+    dwte: Buf,
+    demb: Buf,
+    tokens: &BatchTokens<B::Tokens>,
+    l: &ActLayout,
+    c: usize,
+) -> Result<()> {
+    match tokens {
+        BatchTokens::Whole(tokens) => be.token_embedding_backward(dwte, demb, tokens, c),
+        BatchTokens::Shared {
+            prompts,
+            completions,
+        } => {
+            let (prompt_rows, rest) = split_rows(demb, l.rows.prefix_rows(), c);
+            be.token_embedding_backward(dwte, prompt_rows, prompts, c)?;
+            be.token_embedding_backward(dwte, rest, completions, c)
+        }
+    }
+}
+
+/// A layer's causal attention, ctx from q, k, v over `l`'s rows: one call, or with the
+/// shared prefix the prompts' call, then the sequences' call attending to the prompts' keys
+/// and values.
+fn attention_forward<B: Backend>(
+    cfg: &LlamaConfig,
+    be: &mut B,
+    tokens: &BatchTokens<B::Tokens>,
+    l: &ActLayout,
+    la: &LayerActs,
+    dropout: Option<AttentionDropout>,
+) -> Result<()> {
+    let (dims, prompt_dims) = attention_dims(cfg, l.rows);
+    let Some(prompt_dims) = prompt_dims else {
+        let BatchTokens::Whole(tokens) = tokens else {
+            return Err(Error::internal(
+                "a layout of whole sequences with shared-prefix tokens",
+            ));
+        };
+        return be.causal_attention_forward(
+            la.ctx, la.saved, la.q, la.k, la.v, tokens, None, dims, dropout,
+        );
+    };
+    let (prompts, completions) = shared_tokens(tokens)?;
+    let pr = l.rows.prefix_rows();
+    let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
+    let (ctx_p, ctx_s) = split_rows(la.ctx, pr, qd);
+    let (q_p, q_s) = split_rows(la.q, pr, qd);
+    let (k_p, k_s) = split_rows(la.k, pr, kd);
+    let (v_p, v_s) = split_rows(la.v, pr, kd);
+    be.causal_attention_forward(
+        ctx_p,
+        la.saved_prompts,
+        q_p,
+        k_p,
+        v_p,
+        prompts,
+        None,
+        prompt_dims,
+        dropout,
+    )?;
+    let prefix = SharedPrefix {
+        k: k_p,
+        v: v_p,
+        prompts,
+    };
+    be.causal_attention_forward(
+        ctx_s,
+        la.saved,
+        q_s,
+        k_s,
+        v_s,
+        completions,
+        Some(prefix),
+        dims,
+        rest_dropout(dropout),
+    )
+}
+
+/// The backward of `attention_forward`: s.d_q, s.d_k, s.d_v += from s.d_ctx. With the
+/// shared prefix the sequences' backward adds their gradients of the prompts' keys and
+/// values into the prompts' rows, then the prompts' own backward adds to them.
+fn attention_backward<B: Backend>(
+    cfg: &LlamaConfig,
+    be: &mut B,
+    tokens: &BatchTokens<B::Tokens>,
+    l: &ActLayout,
+    la: &LayerActs,
+    dropout: Option<AttentionDropout>,
+) -> Result<()> {
+    let s = &l.scratch;
+    let (dims, prompt_dims) = attention_dims(cfg, l.rows);
+    let scratch = |be: &B, d: CausalDims| {
+        s.attention_scratch
+            .part(0, be.causal_attention_scratch_len(d))
+    };
+    let Some(prompt_dims) = prompt_dims else {
+        let BatchTokens::Whole(tokens) = tokens else {
+            return Err(Error::internal(
+                "a layout of whole sequences with shared-prefix tokens",
+            ));
+        };
+        return be.causal_attention_backward(
+            s.d_q,
+            s.d_k,
+            s.d_v,
+            None,
+            scratch(be, dims),
+            s.d_ctx,
+            la.ctx,
+            la.q,
+            la.k,
+            la.v,
+            la.saved,
+            tokens,
+            None,
+            dims,
+            dropout,
+        );
+    };
+    let (prompts, completions) = shared_tokens(tokens)?;
+    let pr = l.rows.prefix_rows();
+    let (qd, kd) = (cfg.q_dim(), cfg.kv_dim());
+    let [(ctx_p, ctx_s), (q_p, q_s), (dctx_p, dctx_s), (dq_p, dq_s)] =
+        [la.ctx, la.q, s.d_ctx, s.d_q].map(|buf| split_rows(buf, pr, qd));
+    let [(k_p, k_s), (v_p, v_s), (dk_p, dk_s), (dv_p, dv_s)] =
+        [la.k, la.v, s.d_k, s.d_v].map(|buf| split_rows(buf, pr, kd));
+    let prefix = SharedPrefix {
+        k: k_p,
+        v: v_p,
+        prompts,
+    };
+    be.causal_attention_backward(
+        dq_s,
+        dk_s,
+        dv_s,
+        Some((dk_p, dv_p)),
+        scratch(be, dims),
+        dctx_s,
+        ctx_s,
+        q_s,
+        k_s,
+        v_s,
+        la.saved,
+        completions,
+        Some(prefix),
+        dims,
+        rest_dropout(dropout),
+    )?;
+    be.causal_attention_backward(
+        dq_p,
+        dk_p,
+        dv_p,
+        None,
+        scratch(be, prompt_dims),
+        dctx_p,
+        ctx_p,
+        q_p,
+        k_p,
+        v_p,
+        la.saved_prompts,
+        prompts,
+        None,
+        prompt_dims,
+        dropout,
+    )
 }
 
 /// out [N, OC] = x [N, IC] · linearᵀ.
@@ -888,13 +1305,13 @@ fn linear_backward<B: Backend>(
 pub fn forward<B: Backend>(
     cfg: &LlamaConfig,
     be: &mut B,
-    tokens: &B::Tokens,
+    tokens: &BatchTokens<B::Tokens>,
     l: &ActLayout,
     dropout: Option<Dropout>,
 ) -> Result<()> {
-    let (b, t) = (l.b, l.t);
+    let (b, t) = (l.rows.sequences(), l.rows.seq_len());
     let (n, c, i, qd, kd) = (
-        b * t,
+        l.rows.n(),
         cfg.hidden_size,
         cfg.intermediate_size,
         cfg.q_dim(),
@@ -906,11 +1323,10 @@ pub fn forward<B: Backend>(
         cfg.head_dim,
         cfg.rms_norm_eps,
     );
-    let dims = causal_dims(cfg, b, t);
     let p = Params::new(cfg, Arena::Params);
     let a = &l.acts;
 
-    be.token_embedding_forward(a.emb, tokens, p.wte, c)?;
+    embedding_forward(be, a.emb, tokens, p.wte, l, c)?;
     let inv_freq = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling);
     be.rope_cos_sin(a.cos, a.sin, &l.positions, &inv_freq)?;
 
@@ -922,16 +1338,7 @@ pub fn forward<B: Backend>(
         linear_forward(be, la.v, la.ln1, lp.v, n, c, kd)?;
         be.rope_forward(la.q, la.q_pre, a.cos, a.sin, n, nh, hd)?;
         be.rope_forward(la.k, la.k_pre, a.cos, a.sin, n, nkv, hd)?;
-        be.causal_attention_forward(
-            la.ctx,
-            la.saved,
-            la.q,
-            la.k,
-            la.v,
-            tokens,
-            dims,
-            attention_dropout(dropout, layer),
-        )?;
+        attention_forward(cfg, be, tokens, l, la, attention_dropout(dropout, layer))?;
         linear_forward(be, a.branch, la.ctx, lp.o, n, qd, c)?;
         be.residual_forward(la.res1, x, a.branch)?;
         be.rmsnorm_forward(la.ln2, la.ln2_rstd, la.res1, lp.ln2_w, n, c, eps)?;
@@ -944,7 +1351,8 @@ pub fn forward<B: Backend>(
     }
 
     be.rmsnorm_forward(a.normed, a.norm_rstd, x, p.norm_w, n, c, eps)?;
-    be.last_token_pool_forward(a.last, a.normed, &l.rows, t, c)?;
+    let (_, normed) = split_rows(a.normed, l.rows.prefix_rows(), c);
+    be.last_token_pool_forward(a.last, normed, &l.reward_rows, t, c)?;
     be.copy(a.pooled, a.last)?;
     be.matmul_forward(a.logits, a.pooled, p.score_w, None, b, c, 1)
 }
@@ -955,13 +1363,13 @@ pub fn forward<B: Backend>(
 pub fn backward<B: Backend>(
     cfg: &LlamaConfig,
     be: &mut B,
-    tokens: &B::Tokens,
+    tokens: &BatchTokens<B::Tokens>,
     l: &ActLayout,
     dropout: Option<Dropout>,
 ) -> Result<()> {
-    let (b, t) = (l.b, l.t);
+    let (b, t) = (l.rows.sequences(), l.rows.seq_len());
     let (n, c, i, qd, kd) = (
-        b * t,
+        l.rows.n(),
         cfg.hidden_size,
         cfg.intermediate_size,
         cfg.q_dim(),
@@ -972,7 +1380,6 @@ pub fn backward<B: Backend>(
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
-    let dims = causal_dims(cfg, b, t);
     let p = Params::new(cfg, Arena::Params);
     let g = Params::new(cfg, Arena::Grads);
     let (a, s) = (&l.acts, &l.scratch);
@@ -984,7 +1391,8 @@ pub fn backward<B: Backend>(
     )?;
     be.copy(s.d_last, s.d_pooled)?;
     be.zero(s.d_ln)?;
-    be.last_token_pool_backward(s.d_ln, s.d_last, &l.rows, t, c)?;
+    let (_, d_normed) = split_rows(s.d_ln, l.rows.prefix_rows(), c);
+    be.last_token_pool_backward(d_normed, s.d_last, &l.reward_rows, t, c)?;
     let top = a.layers.last().map_or(a.emb, |la| la.out);
     be.zero(s.d_x)?;
     be.rmsnorm_backward(s.d_x, g.norm_w, s.d_ln, top, p.norm_w, a.norm_rstd, n, c)?;
@@ -1029,21 +1437,7 @@ pub fn backward<B: Backend>(
         for d in [s.d_q, s.d_k, s.d_v] {
             be.zero(d)?;
         }
-        be.causal_attention_backward(
-            s.d_q,
-            s.d_k,
-            s.d_v,
-            s.attention_scratch,
-            s.d_ctx,
-            la.ctx,
-            la.q,
-            la.k,
-            la.v,
-            la.saved,
-            tokens,
-            dims,
-            attention_dropout(dropout, layer),
-        )?;
+        attention_backward(cfg, be, tokens, l, la, attention_dropout(dropout, layer))?;
         be.zero(s.d_q_pre)?;
         be.zero(s.d_k_pre)?;
         be.rope_backward(s.d_q_pre, s.d_q, a.cos, a.sin, n, nh, hd)?;
@@ -1055,7 +1449,7 @@ pub fn backward<B: Backend>(
         be.rmsnorm_backward(s.d_x, lg.ln1_w, s.d_ln, x, lp.ln1_w, la.ln1_rstd, n, c)?;
     }
 
-    be.token_embedding_backward(g.wte, s.d_x, tokens, c)?;
+    embedding_backward(be, g.wte, s.d_x, tokens, l, c)?;
     // The padding row gets no gradient (nn.Embedding's padding_idx = pad_token_id).
     if let Some(pad) = cfg.pad_token_id.map(|p| p as usize) {
         be.zero(g.wte.part(pad * c, c))?;

@@ -351,7 +351,29 @@ pub struct Model<B: Backend> {
     pub backend: B,
     /// Set by `start_training`: forwards then make room for the backward's scratch too.
     training: bool,
-    last: Option<(B::Tokens, Acts)>,
+    /// Whether a decoder runs the common prefix of a batch's grouped sequences once
+    /// (`llama::SharedSplit`); on unless `set_shared_prefix(false)`. Encoders ignore it.
+    shared_prefix: bool,
+    last: Option<(BatchTokens<B::Tokens>, Acts)>,
+}
+
+/// A batch's tokens on a backend: the whole sequences', or for a decoder that runs each
+/// group's common prefix once, the prefixes' and the rest of the sequences'.
+pub enum BatchTokens<T> {
+    Whole(T),
+    Shared { prompts: T, completions: T },
+}
+
+impl<T> BatchTokens<T> {
+    /// The whole sequences' tokens: what an encoder reads.
+    fn whole(&self) -> Result<&T> {
+        match self {
+            BatchTokens::Whole(tokens) => Ok(tokens),
+            BatchTokens::Shared { .. } => Err(Error::internal(
+                "an encoder was given the tokens of a shared prefix",
+            )),
+        }
+    }
 }
 
 /// The activation layout of the last forward, of its architecture.
@@ -395,6 +417,15 @@ impl Acts {
         }
     }
 
+    /// Rows (tokens) the forward computed.
+    fn rows(&self) -> usize {
+        match self {
+            Acts::Bert(l) => l.rows(),
+            Acts::Llama(l) => l.rows(),
+            Acts::Deberta(l) => l.rows(),
+        }
+    }
+
     /// Elements of the Acts and Stats arenas, for the forward alone or with the backward.
     fn lens(&self, training: bool) -> (usize, usize) {
         let (forward, all) = match self {
@@ -414,8 +445,16 @@ impl<B: Backend> Model<B> {
             config,
             backend,
             training: false,
+            shared_prefix: true,
             last: None,
         }
+    }
+
+    /// Turns the decoders' shared prefix on or off (on by default): the logits and
+    /// gradients are the same either way, up to the order of floating-point sums (and the
+    /// attention-dropout draw, whose masks differ between the two layouts).
+    pub fn set_shared_prefix(&mut self, on: bool) {
+        self.shared_prefix = on;
     }
 
     pub fn num_params(&self) -> usize {
@@ -520,10 +559,25 @@ impl<B: Backend> Model<B> {
         let tables = (cfg.vocab_size, cfg.max_position_embeddings, types);
         // The previous batch's tokens go first: on the device they are memory.
         self.last = None;
-        let tokens = self.backend.tokens(batch, tables)?;
+        let split = match &cfg.arch {
+            Arch::Llama(llama) if self.shared_prefix => llama::SharedSplit::new(llama, batch),
+            _ => None,
+        };
+        let tokens = match &split {
+            None => BatchTokens::Whole(self.backend.tokens(batch, tables)?),
+            Some(split) => BatchTokens::Shared {
+                prompts: self.backend.tokens(&split.prompts, tables)?,
+                completions: self.backend.tokens(&split.completions, tables)?,
+            },
+        };
         let layout = match &cfg.arch {
             Arch::Bert(bert) => Acts::Bert(ActLayout::new(bert, &self.backend, batch.b, batch.t)),
-            Arch::Llama(llama) => Acts::Llama(llama::ActLayout::new(llama, &self.backend, batch)),
+            Arch::Llama(llama) => Acts::Llama(llama::ActLayout::new(
+                llama,
+                &self.backend,
+                batch,
+                split.as_ref(),
+            )),
             Arch::Deberta(deberta) => Acts::Deberta(Box::new(deberta::ActLayout::new(
                 deberta,
                 &self.backend,
@@ -535,13 +589,13 @@ impl<B: Backend> Model<B> {
         self.backend.reserve(acts, stats)?;
         match (&cfg.arch, &layout) {
             (Arch::Bert(c), Acts::Bert(l)) => {
-                bert::forward(c, &mut self.backend, &tokens, l, dropout)?
+                bert::forward(c, &mut self.backend, tokens.whole()?, l, dropout)?
             }
             (Arch::Llama(c), Acts::Llama(l)) => {
                 llama::forward(c, &mut self.backend, &tokens, l, dropout)?
             }
             (Arch::Deberta(c), Acts::Deberta(l)) => {
-                deberta::forward(c, &mut self.backend, &tokens, l, dropout)?
+                deberta::forward(c, &mut self.backend, tokens.whole()?, l, dropout)?
             }
             _ => return Err(Error::internal("forward: a layout of another architecture")),
         }
@@ -549,7 +603,7 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    fn last(&self) -> Result<&(B::Tokens, Acts)> {
+    fn last(&self) -> Result<&(BatchTokens<B::Tokens>, Acts)> {
         self.last
             .as_ref()
             .ok_or_else(|| Error::internal("the model has run no forward pass"))
@@ -563,6 +617,12 @@ impl<B: Backend> Model<B> {
                 "backward: the model was not prepared for training (start_training)",
             )),
         }
+    }
+
+    /// The token rows the last forward computed: B x T, or fewer for a decoder that ran
+    /// each group's common prefix once.
+    pub fn last_rows(&self) -> Result<usize> {
+        Ok(self.last()?.1.rows())
     }
 
     /// What the last forward computed.
@@ -707,14 +767,16 @@ impl<B: Backend> Model<B> {
 fn arch_backward<B: Backend>(
     config: &ModelConfig,
     be: &mut B,
-    tokens: &B::Tokens,
+    tokens: &BatchTokens<B::Tokens>,
     layout: &Acts,
     dropout: Option<Dropout>,
 ) -> Result<()> {
     match (&config.arch, layout) {
-        (Arch::Bert(c), Acts::Bert(l)) => bert::backward(c, be, tokens, l, dropout),
+        (Arch::Bert(c), Acts::Bert(l)) => bert::backward(c, be, tokens.whole()?, l, dropout),
         (Arch::Llama(c), Acts::Llama(l)) => llama::backward(c, be, tokens, l, dropout),
-        (Arch::Deberta(c), Acts::Deberta(l)) => deberta::backward(c, be, tokens, l, dropout),
+        (Arch::Deberta(c), Acts::Deberta(l)) => {
+            deberta::backward(c, be, tokens.whole()?, l, dropout)
+        }
         _ => Err(Error::internal(
             "backward: a layout of another architecture",
         )),

@@ -7,7 +7,7 @@ use std::ops::Range;
 use super::*;
 use crate::backend::arena::{Loans, check_bounds};
 use crate::backend::{
-    Arena, AttentionDims, Backend, Batch, Buf, CausalDims, OptimStep, PositionBufs,
+    Arena, AttentionDims, Backend, Batch, Buf, CausalDims, OptimStep, PositionBufs, SharedPrefix,
 };
 use crate::error::{Error, Result};
 use crate::float::Float;
@@ -666,9 +666,9 @@ impl<F: Float> Backend for Cpu<F> {
         Ok(())
     }
 
-    /// The probabilities [B, NH, T, T].
+    /// The probabilities [B, NH, T, TP + T].
     fn causal_attention_saved_len(&self, d: CausalDims) -> usize {
-        d.b * d.nh * d.t * d.t
+        d.b * d.nh * d.t * (d.tp + d.t)
     }
 
     fn causal_attention_scratch_len(&self, _dims: CausalDims) -> usize {
@@ -683,10 +683,23 @@ impl<F: Float> Backend for Cpu<F> {
         k: Buf,
         v: Buf,
         tokens: &Batch,
+        prefix: Option<SharedPrefix<'_, Batch>>,
         d: CausalDims,
         dropout: Option<AttentionDropout>,
     ) -> Result<()> {
+        let of_sequence = tokens.of_sequence();
         let mut l = self.lend();
+        let prefix = match prefix {
+            Some(p) => Some(Prefix {
+                k: l.r(p.k)?,
+                v: l.r(p.v)?,
+                mask: &p.prompts.mask,
+                of_sequence: &of_sequence,
+                prompts: p.prompts.b,
+                len: d.tp,
+            }),
+            None => None,
+        };
         causal_attention_forward(
             l.w(ctx)?,
             l.w(saved)?,
@@ -694,7 +707,7 @@ impl<F: Float> Backend for Cpu<F> {
             l.r(k)?,
             l.r(v)?,
             &tokens.mask,
-            None,
+            prefix,
             d.b,
             d.t,
             d.nh,
@@ -710,6 +723,7 @@ impl<F: Float> Backend for Cpu<F> {
         dq: Buf,
         dk: Buf,
         dv: Buf,
+        dprefix: Option<(Buf, Buf)>,
         _scratch: Buf,
         dctx: Buf,
         _ctx: Buf,
@@ -718,22 +732,46 @@ impl<F: Float> Backend for Cpu<F> {
         v: Buf,
         saved: Buf,
         tokens: &Batch,
+        prefix: Option<SharedPrefix<'_, Batch>>,
         d: CausalDims,
         dropout: Option<AttentionDropout>,
     ) -> Result<()> {
+        let of_sequence = tokens.of_sequence();
         let mut l = self.lend();
+        let (prefix, dprefix) = match (prefix, dprefix) {
+            (Some(p), Some((dk, dv))) => (
+                Some(Prefix {
+                    k: l.r(p.k)?,
+                    v: l.r(p.v)?,
+                    mask: &p.prompts.mask,
+                    of_sequence: &of_sequence,
+                    prompts: p.prompts.b,
+                    len: d.tp,
+                }),
+                Some(PrefixGrads {
+                    dk: l.w(dk)?,
+                    dv: l.w(dv)?,
+                }),
+            ),
+            (None, None) => (None, None),
+            _ => {
+                return Err(Error::internal(
+                    "causal_attention_backward: a prefix needs its gradients, and gradients a prefix",
+                ));
+            }
+        };
         causal_attention_backward(
             l.w(dq)?,
             l.w(dk)?,
             l.w(dv)?,
-            None,
+            dprefix,
             l.r(dctx)?,
             l.r(q)?,
             l.r(k)?,
             l.r(v)?,
             l.r(saved)?,
             &tokens.mask,
-            None,
+            prefix,
             d.b,
             d.t,
             d.nh,

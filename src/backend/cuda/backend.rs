@@ -26,6 +26,7 @@ use cudarc::driver::{CudaSlice, CudaViewMut};
 use half::bf16;
 
 use super::cast::ModelFloat;
+use super::decoder_ops::{CausalPrefix, CausalPrefixGrads};
 use super::loss::RankingBatch;
 use super::ops::{FlashKernels, TokenBatch};
 use super::optim::AdamWStep;
@@ -34,7 +35,7 @@ use crate::backend::DType;
 use crate::backend::arena::{Loans, check_bounds};
 use crate::backend::{
     Arena, AttentionDims, AttentionDropout, Backend, Batch, Buf, CausalDims, OptimStep,
-    PositionBufs,
+    PositionBufs, SharedPrefix,
 };
 use crate::error::{Error, Result};
 use crate::loss::{LossExtras, LossSpec, PromptType};
@@ -43,7 +44,8 @@ use crate::loss::{LossExtras, LossSpec, PromptType};
 /// padding mask.
 pub struct CudaTokens {
     tokens: TokenBatch,
-    mask: CudaSlice<u8>, // [B, T]
+    mask: CudaSlice<u8>,         // [B, T]
+    of_sequence: CudaSlice<u32>, // [B] the prompt of each sequence (Batch::of_sequence)
 }
 
 /// The activation type and the buffers of that type.
@@ -335,6 +337,7 @@ impl Backend for Cuda {
                 tables,
             )?,
             mask: self.rt.upload(&batch.mask)?,
+            of_sequence: self.rt.upload(&batch.of_sequence())?,
         })
     }
 
@@ -1026,20 +1029,35 @@ impl Backend for Cuda {
         k: Buf,
         v: Buf,
         tokens: &CudaTokens,
+        prefix: Option<SharedPrefix<'_, CudaTokens>>,
         d: CausalDims,
         dropout: Option<AttentionDropout>,
     ) -> Result<()> {
         no_causal_dropout(dropout)?;
-        lend!(self, |rt, l| rt.causal_attention_forward(
-            &mut l.t(ctx, true)?,
-            &mut l.f(saved, true)?,
-            &l.t(q, false)?,
-            &l.t(k, false)?,
-            &l.t(v, false)?,
-            &tokens.mask,
-            None,
-            (d.b, d.t, d.nh, d.nkv, d.hs),
-        ))
+        lend!(self, |rt, l| {
+            let kv = match prefix {
+                Some(p) => Some((l.t(p.k, false)?, l.t(p.v, false)?, p.prompts)),
+                None => None,
+            };
+            let prefix = kv.as_ref().map(|(pk, pv, prompts)| CausalPrefix {
+                k: pk.as_view(),
+                v: pv.as_view(),
+                mask: prompts.mask.as_view(),
+                of_sequence: tokens.of_sequence.as_view(),
+                prompts: prompts.tokens.b,
+                len: d.tp,
+            });
+            rt.causal_attention_forward(
+                &mut l.t(ctx, true)?,
+                &mut l.f(saved, true)?,
+                &l.t(q, false)?,
+                &l.t(k, false)?,
+                &l.t(v, false)?,
+                &tokens.mask,
+                prefix.as_ref(),
+                (d.b, d.t, d.nh, d.nkv, d.hs),
+            )
+        })
     }
 
     fn causal_attention_backward(
@@ -1047,6 +1065,7 @@ impl Backend for Cuda {
         dq: Buf,
         dk: Buf,
         dv: Buf,
+        dprefix: Option<(Buf, Buf)>,
         scratch: Buf,
         dctx: Buf,
         ctx: Buf,
@@ -1055,26 +1074,48 @@ impl Backend for Cuda {
         v: Buf,
         saved: Buf,
         tokens: &CudaTokens,
+        prefix: Option<SharedPrefix<'_, CudaTokens>>,
         d: CausalDims,
         dropout: Option<AttentionDropout>,
     ) -> Result<()> {
         no_causal_dropout(dropout)?;
-        lend!(self, |rt, l| rt.causal_attention_backward(
-            &mut l.t(dq, true)?,
-            &mut l.t(dk, true)?,
-            &mut l.t(dv, true)?,
-            None,
-            &mut l.f(scratch, true)?,
-            &l.t(dctx, false)?,
-            &l.t(ctx, false)?,
-            &l.t(q, false)?,
-            &l.t(k, false)?,
-            &l.t(v, false)?,
-            &l.f(saved, false)?,
-            &tokens.mask,
-            None,
-            (d.b, d.t, d.nh, d.nkv, d.hs),
-        ))
+        lend!(self, |rt, l| {
+            let kv = match prefix {
+                Some(p) => Some((l.t(p.k, false)?, l.t(p.v, false)?, p.prompts)),
+                None => None,
+            };
+            let prefix = kv.as_ref().map(|(pk, pv, prompts)| CausalPrefix {
+                k: pk.as_view(),
+                v: pv.as_view(),
+                mask: prompts.mask.as_view(),
+                of_sequence: tokens.of_sequence.as_view(),
+                prompts: prompts.tokens.b,
+                len: d.tp,
+            });
+            let dprefix = match dprefix {
+                Some((dk, dv)) => Some(CausalPrefixGrads {
+                    dk: l.t(dk, true)?,
+                    dv: l.t(dv, true)?,
+                }),
+                None => None,
+            };
+            rt.causal_attention_backward(
+                &mut l.t(dq, true)?,
+                &mut l.t(dk, true)?,
+                &mut l.t(dv, true)?,
+                dprefix,
+                &mut l.f(scratch, true)?,
+                &l.t(dctx, false)?,
+                &l.t(ctx, false)?,
+                &l.t(q, false)?,
+                &l.t(k, false)?,
+                &l.t(v, false)?,
+                &l.f(saved, false)?,
+                &tokens.mask,
+                prefix.as_ref(),
+                (d.b, d.t, d.nh, d.nkv, d.hs),
+            )
+        })
     }
 
     fn last_token_pool_forward(
