@@ -126,6 +126,10 @@ fn defaults_follow_the_hugging_face_trainer() {
     assert_eq!(config.eval_max_prompts, None);
     assert_eq!(config.max_steps, 10);
     assert_eq!(config.eval_datasets, ["kjv-jargon"]);
+    assert!(
+        config.shared_prefix,
+        "decoders share their prompts by default"
+    );
     // Relative paths are taken from the current directory.
     let cwd = std::env::current_dir().unwrap();
     assert_eq!(config.output_dir, cwd.join("runs/test"));
@@ -138,7 +142,7 @@ fn explicit_values_and_loss_forms_are_read() {
         .replace("loss: x", "loss: {open: neg_power:0.5, closed: x2}")
         .replace("[kjv-jargon]", &format!("[kjv-jargon, {}]", data.display()))
         + "scheduler: cosine\ndevice: cpu\ndtype: bf16\ndropout: 0.0\neval_max_prompts: 16\n\
-           eval_datasets: [Cargo.toml]\nseed: 7\nwarmup_ratio: 1\n";
+           eval_datasets: [Cargo.toml]\nseed: 7\nwarmup_ratio: 1\nshared_prefix: false\n";
     let config = Config::load(&temp_file("explicit", "yml", &text)).unwrap();
     assert_eq!(
         config.loss,
@@ -156,6 +160,7 @@ fn explicit_values_and_loss_forms_are_read() {
     assert_eq!(config.eval_max_prompts, Some(16));
     assert_eq!(config.seed, 7);
     assert_eq!(config.warmup_ratio, 1.0);
+    assert!(!config.shared_prefix);
     let cwd = std::env::current_dir().unwrap();
     assert_eq!(config.eval_files, [cwd.join("Cargo.toml")]);
 
@@ -231,6 +236,11 @@ fn wrong_types_name_the_key_and_line() {
         &["loss", "loss name or a mapping"],
     );
     assert_error("- a\n- b\n", Some(1), &["mapping of config keys"]);
+    assert_error(
+        &with_line6("shared_prefix: sometimes"),
+        Some(6),
+        &["shared_prefix"],
+    );
 }
 
 #[test]

@@ -757,16 +757,27 @@ fn decoder_batch(seed: u64) -> Ranked {
 /// adaptive loss, no dropout: decoders have none on the GPU) with the loss and gradient norm
 /// within 1e-4 relative, every gradient tensor within 1e-3 norm-relative (the tolerances
 /// of the BERT step above), and the AdamW update on the device's gradients within 1e-5.
-fn decoder_step_case(rt: Arc<CudaRuntime>, family: Family) {
-    let run = format!("{family:?} f32");
+fn decoder_step_case(rt: Arc<CudaRuntime>, family: Family, (batch, ks, types): Ranked) {
+    let shared = !batch.groups.is_empty();
+    let run = format!(
+        "{family:?} f32{}",
+        if shared { ", shared prefix" } else { "" }
+    );
     let mut model = random_decoder(family, 5);
-    let (batch, ks, types) = decoder_batch(13);
     let (spec, eps) = (LossSpec::parse("adaptive").unwrap(), 0.01);
     let mut trainer = on_gpu(rt, &model, DType::F32);
 
     let cpu_logits = on_cpu(&model).forward(&batch, None).unwrap();
     let gpu_logits = trainer.forward(&batch, None).unwrap();
     assert_close(&format!("{run}: logits"), &gpu_logits, &cpu_logits, 1e-4);
+    let rows = trainer.last_rows().unwrap();
+    assert_eq!(
+        rows < batch.b * batch.t,
+        shared,
+        "{run}: {rows} rows of {} x {}",
+        batch.b,
+        batch.t
+    );
     let spread = cpu_logits.iter().cloned().fold(f32::MIN, f32::max)
         - cpu_logits.iter().cloned().fold(f32::MAX, f32::min);
     assert!(
@@ -806,8 +817,51 @@ fn decoder_training_step_matches_cpu() {
     let Some(rt) = gpu("decoder_training_step_matches_cpu") else {
         return;
     };
-    decoder_step_case(rt.clone(), Family::Llama);
-    decoder_step_case(rt, Family::Qwen2);
+    decoder_step_case(rt.clone(), Family::Llama, decoder_batch(13));
+    decoder_step_case(rt, Family::Qwen2, decoder_batch(13));
+}
+
+/// Prompts of 4..=9 tokens with K = 3, 2, 3 completions of 1..=6 tokens each, grouped by
+/// prompt, so that a decoder runs each prompt once (the shared prefix); the second
+/// completion of the last prompt keeps only its prompt's first 2 tokens.
+fn decoder_shared_batch(seed: u64) -> Ranked {
+    let mut rng = Rng::new(seed);
+    let (ks, types) = (
+        vec![3, 2, 3],
+        vec![
+            Some(PromptType::Open),
+            Some(PromptType::Closed),
+            Some(PromptType::Open),
+        ],
+    );
+    let mut seqs = Vec::new();
+    for (p, &k) in ks.iter().enumerate() {
+        let prompt: Vec<u32> = (0..4 + rng.below(6))
+            .map(|_| 1 + rng.below(52) as u32)
+            .collect();
+        for j in 0..k {
+            let kept = if p == 2 && j == 1 { 2 } else { prompt.len() };
+            let mut ids = prompt[..kept].to_vec();
+            ids.extend((0..1 + rng.below(6)).map(|_| 1 + rng.below(52) as u32));
+            let types = vec![0u8; ids.len()];
+            seqs.push((ids, types));
+        }
+    }
+    let batch =
+        Batch::from_sequences(seqs.iter().map(|(i, t)| (&i[..], &t[..])), 0).grouped(ks.clone());
+    (batch, ks, types)
+}
+
+/// The step above with the shared prefix on both sides: the device's prefix attention
+/// (the prompts' keys read by every completion, their gradients summed back) against the
+/// CPU's, at the same tolerances.
+#[test]
+fn decoder_shared_prefix_step_matches_cpu() {
+    let Some(rt) = gpu("decoder_shared_prefix_step_matches_cpu") else {
+        return;
+    };
+    decoder_step_case(rt.clone(), Family::Llama, decoder_shared_batch(23));
+    decoder_step_case(rt, Family::Qwen2, decoder_shared_batch(29));
 }
 
 /// bf16 activations against the f32 CPU forward: logits within BF16_DECODER_LOGITS ·
