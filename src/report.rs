@@ -1,6 +1,11 @@
-//! `rcx reproduce`: trains the paper's five runs (and one on the pretrained MiniLM-L6),
-//! evaluates every final model on training and evaluation prompts, draws the figures and
-//! writes `docs/results.md` with the issue's targets judged PASS or MISS.
+//! `rcx reproduce`: trains the paper's five runs (and one on the pretrained MiniLM-L6) on
+//! BERT and the runs on the other backbones (a Llama-style decoder, DeBERTa-v3), evaluates
+//! every final model on training and evaluation prompts, draws the figures and writes
+//! `docs/results.md` with the issue's targets judged PASS or MISS: one section per group of
+//! runs (`document`), the BERT runs' here and the other backbones' in `backbones`.
+
+pub mod backbones;
+pub mod document;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -23,6 +28,42 @@ pub const MINILM_RUN: &str = "minilm_x_adaptive";
 /// Runs made only when `--only` names them: `x` at the other runs' rate 1e-3, where its
 /// network stops depending on its input (why configs/x.yml runs at 5e-4).
 pub const EXTRA_RUNS: [&str; 1] = ["x_lr1e-3"];
+/// The paper's runs on the other backbones: a decoder (`llama-tiny`) and DeBERTa-v3's
+/// structure (`deberta-v3-tiny`), both from scratch (issues 12 and 13).
+pub const BACKBONE_RUNS: [&str; 5] = [
+    "llama_x",
+    "llama_x_inv",
+    "llama_x_adaptive",
+    "deberta_x",
+    "deberta_x_adaptive",
+];
+/// results.md's sections, in the file's order.
+pub const SECTIONS: [document::Section; 2] = [
+    document::Section {
+        key: "bert",
+        title: "The paper's runs on BERT",
+        anchor: None,
+        runs: &[
+            "x",
+            "x_inv",
+            "log",
+            "logsigmoid",
+            "x_adaptive",
+            MINILM_RUN,
+            "x_lr1e-3",
+        ],
+        markdown: paper_runs_markdown,
+        figures: figure_files,
+    },
+    document::Section {
+        key: "backbones",
+        title: backbones::TITLE,
+        anchor: Some(backbones::ANCHOR),
+        runs: &BACKBONE_RUNS,
+        markdown: backbones::backbones_markdown,
+        figures: backbones::figure_files,
+    },
+];
 /// Where `scripts/fetch-minilm.sh` puts the pretrained model.
 pub const MINILM_DIR: &str = ".models/all-MiniLM-L6-v2";
 /// How many training prompts (the first of the file) each final model is scored on:
@@ -41,12 +82,26 @@ pub struct Architecture {
     pub layers: usize,
     pub hidden: usize,
     pub heads: usize,
+    /// Grouped-query attention's key/value heads (a decoder's `num_key_value_heads`), when
+    /// fewer than the heads.
+    pub kv_heads: Option<usize>,
     pub parameters: usize,
 }
 
 impl Architecture {
+    /// The sizes every architecture's config.json names alike (BERT, the Llama family,
+    /// DeBERTa), with the parameters counted from the safetensors header.
     pub fn of_model_dir(dir: &Path) -> Result<Architecture> {
-        let hf = crate::hf_config::read_hf_config(&dir.join("config.json"))?;
+        let path = dir.join("config.json");
+        let obj = crate::hf_config::read_json_object(&path)?;
+        let keys = crate::hf_config::ConfigKeys {
+            path: &path,
+            obj: &obj,
+        };
+        let heads = keys.positive("num_attention_heads")?;
+        let kv_heads = keys
+            .optional_usize("num_key_value_heads")?
+            .filter(|&kv| kv < heads);
         let weights = crate::safetensors::SafeTensors::open(&dir.join("model.safetensors"))?;
         let parameters = weights
             .names()
@@ -55,16 +110,20 @@ impl Architecture {
             .map(|t| t.shape.iter().product::<usize>())
             .sum();
         Ok(Architecture {
-            layers: hf.num_hidden_layers,
-            hidden: hf.hidden_size,
-            heads: hf.num_attention_heads,
+            layers: keys.positive("num_hidden_layers")?,
+            hidden: keys.positive("hidden_size")?,
+            heads,
+            kv_heads,
             parameters,
         })
     }
 
     fn describe(&self) -> String {
+        let kv = self
+            .kv_heads
+            .map_or(String::new(), |kv| format!(" ({kv} key/value)"));
         format!(
-            "{} layers, hidden {}, {} heads, {:.1}M parameters",
+            "{} layers, hidden {}, {} heads{kv}, {:.1}M parameters",
             self.layers,
             self.hidden,
             self.heads,
@@ -317,7 +376,77 @@ fn optima_table(s: &mut String, run: &RunResult) {
     }
 }
 
-/// Figures of a reproduction, by file name under the figures folder.
+/// A run's own figures, by file name: its panels (eval prompts, train prompts, the
+/// histogram of every reward) and its training curves.
+pub fn run_figures(run: &RunResult) -> [(String, Figure); 2] {
+    let title = format!("{} ({})", run.name, loss_title(&run.loss));
+    [
+        (
+            format!("{}_panels.svg", run.name),
+            Figure::new()
+                .title(&title)
+                .panel(reward_panel("eval prompts", &run.on_eval.report))
+                .panel(reward_panel("train prompts", &run.on_train.report))
+                .panel(reward_histogram_panel(
+                    "rewards, eval prompts",
+                    &run.on_eval.scores,
+                    40,
+                )),
+        ),
+        (
+            format!("{}_curves.svg", run.name),
+            training_curves(&[(run.name.clone(), run.metrics.clone())]).title(&title),
+        ),
+    ]
+}
+
+/// Every run's collapse gap on the eval prompts at each evaluation, the bounds dashed;
+/// the run named `highlight` drawn wider.
+pub fn gap_by_step_figure(runs: &[&RunResult], highlight: Option<&str>) -> Figure {
+    let curves: Vec<(String, Vec<MetricsRecord>)> = runs
+        .iter()
+        .map(|r| (r.name.clone(), r.metrics.clone()))
+        .collect();
+    let last_step = runs.iter().map(|r| r.steps).max().unwrap_or(1) as f64;
+    // Headroom above the curves for the legend, one row per run.
+    let top = (1.0 + 0.3 * runs.len() as f64) * largest_gap(&curves).max(SEPARATION_GAP_MIN);
+    let mut gap = Panel::new("collapse gap on the eval prompts")
+        .x_label("step")
+        .y_label("mean |open - closed|")
+        .x_range(0.0, last_step)
+        .y_range(0.0, top)
+        .legend(LegendPosition::UpperRight);
+    for bound in [COLLAPSE_GAP_MAX, SEPARATION_GAP_MIN] {
+        gap = gap.line(
+            Line::new(vec![0.0, last_step], vec![bound, bound])
+                .color("#999999")
+                .dashed()
+                .width(1.0),
+        );
+    }
+    for (i, (name, records)) in curves.iter().enumerate() {
+        let xs = records.iter().map(|m| m.step as f64).collect();
+        let ys = records
+            .iter()
+            .map(|m| m.report.collapse_gap.unwrap_or(f64::NAN))
+            .collect();
+        let width = if highlight == Some(name.as_str()) {
+            2.5
+        } else {
+            1.2
+        };
+        gap = gap.line(
+            Line::new(xs, ys)
+                .label(name)
+                .color(PALETTE[i % PALETTE.len()])
+                .width(width)
+                .markers(),
+        );
+    }
+    Figure::new().panel(gap)
+}
+
+/// The figures of the BERT section, by file name under the figures folder.
 pub fn figure_files(runs: &[RunResult]) -> Vec<(String, Figure)> {
     let mut out = Vec::new();
     let paper: Vec<&RunResult> = runs
@@ -344,63 +473,15 @@ pub fn figure_files(runs: &[RunResult]) -> Vec<(String, Figure)> {
         }
     }
     for run in runs {
-        let title = format!("{} ({})", run.name, loss_title(&run.loss));
-        out.push((
-            format!("{}_panels.svg", run.name),
-            Figure::new()
-                .title(&title)
-                .panel(reward_panel("eval prompts", &run.on_eval.report))
-                .panel(reward_panel("train prompts", &run.on_train.report))
-                .panel(reward_histogram_panel(
-                    "rewards, eval prompts",
-                    &run.on_eval.scores,
-                    40,
-                )),
-        ));
-        out.push((
-            format!("{}_curves.svg", run.name),
-            training_curves(&[(run.name.clone(), run.metrics.clone())]).title(&title),
-        ));
+        out.extend(run_figures(run));
     }
     if !runs.is_empty() {
-        let curves: Vec<(String, Vec<MetricsRecord>)> = runs
-            .iter()
-            .map(|r| (r.name.clone(), r.metrics.clone()))
-            .collect();
-        let last_step = runs.iter().map(|r| r.steps).max().unwrap_or(1) as f64;
-        // Headroom above the curves for the legend, one row per run.
-        let top = (1.0 + 0.3 * runs.len() as f64) * largest_gap(&curves).max(SEPARATION_GAP_MIN);
-        let mut gap = Panel::new("collapse gap on the eval prompts")
-            .x_label("step")
-            .y_label("mean |open - closed|")
-            .x_range(0.0, last_step)
-            .y_range(0.0, top)
-            .legend(LegendPosition::UpperRight);
-        for bound in [COLLAPSE_GAP_MAX, SEPARATION_GAP_MIN] {
-            gap = gap.line(
-                Line::new(vec![0.0, last_step], vec![bound, bound])
-                    .color("#999999")
-                    .dashed()
-                    .width(1.0),
-            );
-        }
-        for (i, (name, records)) in curves.iter().enumerate() {
-            let xs = records.iter().map(|m| m.step as f64).collect();
-            let ys = records
-                .iter()
-                .map(|m| m.report.collapse_gap.unwrap_or(f64::NAN))
-                .collect();
-            // Log-sigmoid is the run whose gap the paper follows across training.
-            let width = if name == "logsigmoid" { 2.5 } else { 1.2 };
-            gap = gap.line(
-                Line::new(xs, ys)
-                    .label(name)
-                    .color(PALETTE[i % PALETTE.len()])
-                    .width(width)
-                    .markers(),
-            );
-        }
-        out.push(("collapse_gap_by_step.svg".into(), Figure::new().panel(gap)));
+        // Log-sigmoid is the run whose gap the paper follows across training.
+        let all: Vec<&RunResult> = runs.iter().collect();
+        out.push((
+            "collapse_gap_by_step.svg".into(),
+            gap_by_step_figure(&all, Some("logsigmoid")),
+        ));
     }
     out
 }
@@ -463,7 +544,7 @@ fn setup_paragraph(runs: &[RunResult], paper: &[&RunResult]) -> String {
         "Why this size: the paper fine-tuned DeBERTa-v3-base for 1,000 steps on a GPU. Here ",
     );
     let shape = |run: &RunResult| {
-        let start = if crate::models::BertConfig::named(&run.model).is_some() {
+        let start = if crate::models::named(&run.model).is_some() {
             "from scratch"
         } else {
             "from its pretrained weights"
@@ -552,11 +633,10 @@ fn setup_paragraph(runs: &[RunResult], paper: &[&RunResult]) -> String {
     s
 }
 
-/// The markdown of results.md.
-pub fn results_markdown(r: &Reproduction) -> String {
+/// The text of results.md's section on the BERT runs (`SECTIONS[0]`).
+pub fn paper_runs_markdown(r: &Reproduction) -> String {
     let fig = |name: &str| format!("{}/{name}", r.figures_dir);
     let mut s = String::new();
-    s += "# Results: reward collapse, reproduced with rcx\n\n";
     let paper: Vec<&RunResult> = r
         .runs
         .iter()
@@ -618,80 +698,10 @@ pub fn results_markdown(r: &Reproduction) -> String {
     }
 
     s += "## Targets (issue 5)\n\n";
-    s += "| run | prompts | check | measured | target | result | note |\n|---|---|---|---|---|---|---|\n";
-    let mut misses = Vec::new();
-    for run in &r.runs {
-        for c in checks(run) {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {:.4} | {} | {} | {} |",
-                c.run,
-                c.split,
-                c.what,
-                c.measured,
-                c.target,
-                pass_word(c.pass),
-                c.note
-            );
-            if !c.pass {
-                misses.push(c);
-            }
-        }
-    }
-    if misses.is_empty() {
-        s += "\nEvery target is met.\n\n";
-    } else {
-        let _ = writeln!(
-            s,
-            "\n{} of the checks miss; they are kept as measured. Where each one misses (the \
-             response indices farthest from the optimum):\n",
-            misses.len()
-        );
-        for c in &misses {
-            let _ = writeln!(s, "- {}", miss_detail(r, c));
-        }
-        s += "\n";
-        for run in &r.runs {
-            if let Some(note) = dead_model_note(run) {
-                let _ = writeln!(s, "{note}\n");
-            }
-        }
-    }
-
+    targets_table(&mut s, &r.runs);
     s += "## Per run\n\nWall time is training (from its start to the last evaluation) and, \
           after it, scoring the eval split and the training subset.\n\n";
-    s += "| run | loss | model | size | steps | prompts per step | passes | learning rate | \
-          eps | train wall | scoring wall | config sha256 | commit |\n\
-          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
-    for run in &r.runs {
-        let recorded = |f: fn(&Provenance) -> Option<&str>| {
-            run.provenance
-                .as_ref()
-                .and_then(f)
-                .map_or("-".to_string(), |h| {
-                    format!("`{}`", h.get(..12).unwrap_or(h))
-                })
-        };
-        let _ = writeln!(
-            s,
-            "| {} | `{}` ({}) | {} | {} | {} | {} | {:.1} | {:e} | {} | {}{} | {:.0} s | {} | {} |",
-            run.name,
-            run.loss,
-            loss_title(&run.loss),
-            run.model,
-            run.architecture.describe(),
-            run.steps,
-            run.prompts_per_step,
-            passes(run),
-            run.learning_rate,
-            run.eps,
-            minutes(run.train_wall_s),
-            if run.reused { " (reused)" } else { "" },
-            run.eval_wall_s,
-            recorded(|p| Some(p.config_sha256.as_str())),
-            recorded(|p| p.git_commit.as_deref())
-        );
-    }
+    per_run_table(&mut s, &r.runs);
     s += "\nOn the eval prompts (the held-out split):\n\n";
     summary_table(&mut s, &r.runs, false);
     let _ = write!(
@@ -757,6 +767,86 @@ pub fn results_markdown(r: &Reproduction) -> String {
     s
 }
 
+/// The PASS/MISS table of every run's checks, then where each miss misses and what a run
+/// whose model gives one reward for everything measured before that began.
+fn targets_table(s: &mut String, runs: &[RunResult]) {
+    *s += "| run | prompts | check | measured | target | result | note |\n|---|---|---|---|---|---|---|\n";
+    let mut misses = Vec::new();
+    for run in runs {
+        for c in checks(run) {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.4} | {} | {} | {} |",
+                c.run,
+                c.split,
+                c.what,
+                c.measured,
+                c.target,
+                pass_word(c.pass),
+                c.note
+            );
+            if !c.pass {
+                misses.push(c);
+            }
+        }
+    }
+    if misses.is_empty() {
+        *s += "\nEvery target is met.\n\n";
+    } else {
+        let _ = writeln!(
+            s,
+            "\n{} of the checks miss; they are kept as measured. Where each one misses (the \
+             response indices farthest from the optimum):\n",
+            misses.len()
+        );
+        for c in &misses {
+            let _ = writeln!(s, "- {}", miss_detail(runs, c));
+        }
+        *s += "\n";
+        for run in runs {
+            if let Some(note) = dead_model_note(run) {
+                let _ = writeln!(s, "{note}\n");
+            }
+        }
+    }
+}
+
+/// Each run's settings, wall times and provenance, one row per run.
+fn per_run_table(s: &mut String, runs: &[RunResult]) {
+    *s += "| run | loss | model | size | steps | prompts per step | passes | learning rate | \
+          eps | train wall | scoring wall | config sha256 | commit |\n\
+          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    for run in runs {
+        let recorded = |f: fn(&Provenance) -> Option<&str>| {
+            run.provenance
+                .as_ref()
+                .and_then(f)
+                .map_or("-".to_string(), |h| {
+                    format!("`{}`", h.get(..12).unwrap_or(h))
+                })
+        };
+        let _ = writeln!(
+            s,
+            "| {} | `{}` ({}) | {} | {} | {} | {} | {:.1} | {:e} | {} | {}{} | {:.0} s | {} | {} |",
+            run.name,
+            run.loss,
+            loss_title(&run.loss),
+            run.model,
+            run.architecture.describe(),
+            run.steps,
+            run.prompts_per_step,
+            passes(run),
+            run.learning_rate,
+            run.eps,
+            minutes(run.train_wall_s),
+            if run.reused { " (reused)" } else { "" },
+            run.eval_wall_s,
+            recorded(|p| Some(p.config_sha256.as_str())),
+            recorded(|p| p.git_commit.as_deref())
+        );
+    }
+}
+
 /// Whether every pair of every prompt ties: the rewards no longer depend on the input.
 fn all_tied(report: &EvalReport) -> bool {
     report.prompts > 0 && report.tie_rate >= DEAD_TIE_RATE
@@ -808,8 +898,8 @@ fn means(report: &EvalReport, ty: &str) -> String {
 }
 
 /// A missed check, with the response indices farthest from the optimum.
-fn miss_detail(r: &Reproduction, c: &Check) -> String {
-    let Some(run) = r.runs.iter().find(|run| run.name == c.run) else {
+fn miss_detail(runs: &[RunResult], c: &Check) -> String {
+    let Some(run) = runs.iter().find(|run| run.name == c.run) else {
         return c.what.clone();
     };
     let scored = if c.split == "train" {
@@ -864,8 +954,8 @@ fn miss_detail(r: &Reproduction, c: &Check) -> String {
     s
 }
 
-/// `rcx reproduce`: train the paper's runs, evaluate them, write docs/results.md with
-/// figures.
+/// `rcx reproduce`: train the paper's runs (on BERT and on the other backbones), evaluate
+/// them, write their sections of docs/results.md with figures.
 #[derive(clap::Args, Debug)]
 pub struct ReproduceArgs {
     /// The markdown report; figures go to `figures/` beside it.
@@ -880,8 +970,11 @@ pub struct ReproduceArgs {
     /// Leave out the pretrained MiniLM-L6 run.
     #[arg(long)]
     pub skip_minilm: bool,
-    /// Only these runs, comma-separated (x, x_inv, log, logsigmoid, x_adaptive,
-    /// minilm_x_adaptive, and x_lr1e-3, which is made only when named here).
+    /// Only these runs, comma-separated: of the BERT section x, x_inv, log, logsigmoid,
+    /// x_adaptive, minilm_x_adaptive, and x_lr1e-3, which is made only when named here; of
+    /// the other backbones' llama_x, llama_x_inv, llama_x_adaptive, deberta_x,
+    /// deberta_x_adaptive. Only the sections of the runs named are rewritten in --out; the
+    /// others are kept as they are.
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
     /// Keep a run that already finished in DIR/NAME (its final model and a metrics.jsonl
@@ -953,9 +1046,10 @@ pub fn reuse_refusal(cfg: &Config) -> Result<Option<String>> {
 
 pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
     let started = Instant::now();
-    let mut names: Vec<&str> = PAPER_RUNS.to_vec();
-    names.push(MINILM_RUN);
-    names.extend(EXTRA_RUNS);
+    let mut names: Vec<&str> = SECTIONS
+        .iter()
+        .flat_map(|s| s.runs.iter().copied())
+        .collect();
     match &args.only {
         Some(only) => {
             for name in only {
@@ -970,6 +1064,13 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
         }
         None => names.retain(|n| !EXTRA_RUNS.contains(n)),
     }
+    // The sections this command does not rewrite are kept from the file: one it could not
+    // keep them from is refused before any training.
+    let kept = match std::fs::read_to_string(&args.out) {
+        Ok(text) => document::parse_sections(&args.out, &text, &SECTIONS)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io(&args.out, e)),
+    };
     let mut skipped = Vec::new();
     if names.contains(&MINILM_RUN) {
         let why = if args.skip_minilm {
@@ -1071,26 +1172,56 @@ pub fn cmd_reproduce(args: ReproduceArgs) -> Result<()> {
 
     let figures_dir = args.out.parent().unwrap_or(Path::new(".")).join("figures");
     std::fs::create_dir_all(&figures_dir).map_err(|e| Error::io(&figures_dir, e))?;
-    for (file, figure) in figure_files(&runs) {
-        figure.write(&figures_dir.join(file))?;
+    let total_wall_s = started.elapsed().as_secs_f64();
+    let machine = machine_description(&engines, rayon::current_num_threads());
+    let command = std::iter::once("rcx".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut fresh = Vec::new();
+    for section in &SECTIONS {
+        let (own, rest): (Vec<RunResult>, Vec<RunResult>) = runs
+            .into_iter()
+            .partition(|run| section.runs.contains(&run.name.as_str()));
+        runs = rest;
+        if own.is_empty() {
+            if kept.iter().any(|(key, _)| *key == section.key) {
+                eprintln!(
+                    "rcx reproduce: keeping section {} of {} as it was",
+                    section.key,
+                    args.out.display()
+                );
+            }
+            continue;
+        }
+        for (file, figure) in (section.figures)(&own) {
+            figure.write(&figures_dir.join(file))?;
+        }
+        let report = Reproduction {
+            runs: own,
+            skipped: skipped
+                .iter()
+                .filter(|(name, _)| section.runs.contains(&name.as_str()))
+                .cloned()
+                .collect(),
+            total_wall_s,
+            machine: machine.clone(),
+            figures_dir: "figures".into(),
+            command: command.clone(),
+        };
+        fresh.push((section.key, (section.markdown)(&report)));
     }
-    let report = Reproduction {
-        runs,
-        skipped,
-        total_wall_s: started.elapsed().as_secs_f64(),
-        machine: machine_description(&engines, rayon::current_num_threads()),
-        figures_dir: "figures".into(),
-        command: std::iter::once("rcx".to_string())
-            .chain(std::env::args().skip(1))
-            .collect::<Vec<_>>()
-            .join(" "),
-    };
-    write_atomically(&args.out, &results_markdown(&report))?;
+    write_atomically(&args.out, &document::compose(&SECTIONS, &fresh, &kept))?;
     eprintln!(
-        "rcx reproduce: wrote {} and {} in {}",
+        "rcx reproduce: wrote {} ({}) and {} in {}",
         args.out.display(),
+        fresh
+            .iter()
+            .map(|(key, _)| format!("section {key}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         figures_dir.display(),
-        minutes(report.total_wall_s)
+        minutes(started.elapsed().as_secs_f64())
     );
     Ok(())
 }

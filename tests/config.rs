@@ -71,6 +71,7 @@ fn every_shipped_config_loads() {
         "deberta_x_adaptive",
         "llama_x",
         "llama_x_adaptive",
+        "llama_x_inv",
         "log",
         "logsigmoid",
         "minilm_x",

@@ -8,8 +8,11 @@ use rcx::figures::{
 };
 use rcx::loss::{LossSpec, PromptType, Utility};
 use rcx::plot::Series;
+use rcx::report::backbones::{self, backbones_markdown};
+use rcx::report::document::{TITLE, compose, parse_sections};
 use rcx::report::{
-    Architecture, Reproduction, RunResult, checks, dead_model_note, figure_files, results_markdown,
+    Architecture, BACKBONE_RUNS, EXTRA_RUNS, MINILM_RUN, PAPER_RUNS, Reproduction, RunResult,
+    SECTIONS, checks, dead_model_note, figure_files, paper_runs_markdown,
 };
 use rcx::scoring::PromptScores;
 use std::path::PathBuf;
@@ -84,6 +87,7 @@ fn run(name: &str, loss: &str, s: Vec<PromptScores>) -> RunResult {
             layers: 2,
             hidden: 128,
             heads: 2,
+            kv_heads: None,
             parameters: 4_400_000,
         },
         provenance: None,
@@ -308,7 +312,7 @@ fn checks_pass_at_the_optimum_and_miss_away_from_it() {
 }
 
 #[test]
-fn results_markdown_holds_targets_tables_theory_and_figure_links() {
+fn paper_runs_markdown_holds_targets_tables_theory_and_figure_links() {
     let open = optimum("x_inv", 0.1);
     let closed: Vec<f64> = open.iter().map(|r| r + 0.05).collect();
     let mut logsigmoid = run("logsigmoid", "logsigmoid", scores(&open, &closed));
@@ -321,7 +325,7 @@ fn results_markdown_holds_targets_tables_theory_and_figure_links() {
         figures_dir: "figures".into(),
         command: "rcx reproduce".into(),
     };
-    let md = results_markdown(&r);
+    let md = paper_runs_markdown(&r);
     assert!(md.contains("Made by `rcx reproduce`."));
     assert!(md.contains("Total wall time: **10.0 min**; a test."));
     assert!(md.contains("Skipped `minilm_x_adaptive`: --skip-minilm was given"));
@@ -479,7 +483,7 @@ fn a_model_with_one_reward_for_everything_is_reported_with_its_last_healthy_step
             .filter(|c| c.what.contains("curve"))
             .all(|c| !c.pass)
     );
-    let md = results_markdown(&Reproduction {
+    let md = paper_runs_markdown(&Reproduction {
         runs: vec![dead],
         skipped: vec![],
         total_wall_s: 1.0,
@@ -693,6 +697,7 @@ fn results_prose_is_computed_from_the_runs() {
         layers: 3,
         hidden: 96,
         heads: 4,
+        kv_heads: None,
         parameters: 3_210_000,
     };
     main.provenance = Some(rcx::provenance::Provenance {
@@ -711,7 +716,7 @@ fn results_prose_is_computed_from_the_runs() {
         figures_dir: "figures".into(),
         command: "rcx reproduce".into(),
     };
-    let md = results_markdown(&r);
+    let md = paper_runs_markdown(&r);
     let prose = &md[..md.find("## Targets").unwrap()];
     for expected in [
         "It trains `x_adaptive` and `x`,",
@@ -757,4 +762,331 @@ fn results_prose_is_computed_from_the_runs() {
          `fedcba987654` | `0123456789ab` |"
     ), "{md}");
     assert!(md.contains("| 3 s | - | - |"), "{md}");
+}
+
+/// A reproduction of `runs` made by `command`.
+fn reproduction(runs: Vec<RunResult>, command: &str) -> Reproduction {
+    Reproduction {
+        runs,
+        skipped: vec![],
+        total_wall_s: 60.0,
+        machine: "a test".into(),
+        figures_dir: "figures".into(),
+        command: command.into(),
+    }
+}
+
+/// The text between a section's markers in a results file, found without the parser under
+/// test.
+fn section_text<'a>(doc: &'a str, key: &str) -> Option<&'a str> {
+    let begin = format!("<!-- rcx reproduce: section {key} ");
+    let start = doc.find(&begin)?;
+    let start = start + doc[start..].find('\n')? + 1;
+    let end = doc.find(&format!("<!-- rcx reproduce: end of section {key} -->"))?;
+    Some(&doc[start..end])
+}
+
+/// A run of the backbones' section on `model`.
+fn backbone_run(name: &str, model: &str, loss: &str, s: Vec<PromptScores>) -> RunResult {
+    let mut r = run(name, loss, s);
+    r.model = model.into();
+    r.architecture.kv_heads = Some(1);
+    r
+}
+
+fn backbone_runs() -> Vec<RunResult> {
+    let step = optimum("x", 0.1);
+    let inv = optimum("x_inv", 0.1);
+    let above: Vec<f64> = inv.iter().map(|r| r + 0.05).collect();
+    vec![
+        backbone_run("llama_x", "llama-tiny", "x", scores(&step, &step)),
+        backbone_run(
+            "llama_x_adaptive",
+            "llama-tiny",
+            "adaptive",
+            scores(&inv, &step),
+        ),
+        backbone_run(
+            "deberta_x",
+            "deberta-v3-tiny",
+            "x_inv",
+            scores(&inv, &above),
+        ),
+        backbone_run(
+            "deberta_x_adaptive",
+            "deberta-v3-tiny",
+            "adaptive",
+            scores(&inv, &inv),
+        ),
+    ]
+}
+
+#[test]
+fn every_run_belongs_to_exactly_one_section() {
+    let mut bert: Vec<&str> = PAPER_RUNS.to_vec();
+    bert.push(MINILM_RUN);
+    bert.extend(EXTRA_RUNS);
+    assert_eq!(SECTIONS[0].runs, &bert[..]);
+    assert_eq!(SECTIONS[1].runs, &BACKBONE_RUNS[..]);
+    let all: Vec<&str> = SECTIONS
+        .iter()
+        .flat_map(|s| s.runs.iter().copied())
+        .collect();
+    for name in &all {
+        assert_eq!(all.iter().filter(|n| *n == name).count(), 1, "{name}");
+    }
+}
+
+#[test]
+fn a_rewritten_section_leaves_the_others_byte_for_byte() {
+    let path = PathBuf::from("docs/results.md");
+    let bert = paper_runs_markdown(&reproduction(
+        vec![adaptive_run()],
+        "rcx reproduce --only x_adaptive",
+    ));
+    let mut runs = backbone_runs();
+    let old = backbones_markdown(&reproduction(
+        runs.drain(..2).collect(),
+        "rcx reproduce --only llama_x,llama_x_adaptive",
+    ));
+    let doc = compose(
+        &SECTIONS,
+        &[("bert", bert.clone()), ("backbones", old.clone())],
+        &[],
+    );
+    assert!(doc.starts_with(&format!("{TITLE}\n\n")), "{doc}");
+    assert!(
+        doc.contains("made by `rcx reproduce --only x_adaptive`."),
+        "{doc}"
+    );
+    assert!(doc.contains("made by `rcx reproduce --only llama_x,llama_x_adaptive`."));
+    assert_eq!(section_text(&doc, "bert"), Some(bert.as_str()));
+    let kept = parse_sections(&path, &doc, &SECTIONS).unwrap();
+    assert_eq!(
+        kept,
+        vec![("bert", bert.clone()), ("backbones", old.clone())]
+    );
+
+    // The backbones' section made again from other runs: BERT's is the same bytes, marker
+    // lines included.
+    let new = backbones_markdown(&reproduction(runs, "rcx reproduce --only deberta_x"));
+    assert_ne!(new, old);
+    let again = compose(&SECTIONS, &[("backbones", new.clone())], &kept);
+    assert_eq!(section_text(&again, "backbones"), Some(new.as_str()));
+    let whole_bert = |d: &str| {
+        let start = d.find("<!-- rcx reproduce: section bert ").unwrap();
+        let end = d
+            .find("<!-- rcx reproduce: end of section bert -->")
+            .unwrap();
+        d[start..end].to_string()
+    };
+    assert_eq!(whole_bert(&again), whole_bert(&doc));
+    assert!(again.contains("made by `rcx reproduce --only deberta_x`."));
+    assert!(!again.contains("llama_x_adaptive`."), "{again}");
+    // Composed again from what it holds, the file is the same.
+    let reread = parse_sections(&path, &again, &SECTIONS).unwrap();
+    assert_eq!(compose(&SECTIONS, &[], &reread), again);
+
+    // A file from before sections: all of it after the title is BERT's section, kept.
+    let legacy = format!("{TITLE}\n\n{bert}");
+    let kept = parse_sections(&path, &legacy, &SECTIONS).unwrap();
+    assert_eq!(kept, vec![("bert", bert.clone())]);
+    let migrated = compose(&SECTIONS, &[("backbones", new)], &kept);
+    assert_eq!(section_text(&migrated, "bert"), Some(bert.as_str()));
+
+    // A section never made is named in the head with the command that makes it.
+    let only_bert = compose(&SECTIONS, &[("bert", bert)], &[]);
+    assert!(only_bert.contains(
+        "not made yet (`rcx reproduce --only \
+         llama_x,llama_x_inv,llama_x_adaptive,deberta_x,deberta_x_adaptive` makes it)"
+    ));
+    assert!(section_text(&only_bert, "backbones").is_none());
+}
+
+#[test]
+fn a_results_file_whose_sections_cannot_be_kept_is_an_error_naming_the_line() {
+    let path = PathBuf::from("docs/results.md");
+    let bert = "Made by `rcx reproduce`.\n\nrows\n";
+    let good = compose(&SECTIONS, &[("bert", bert.into())], &[]);
+    let line_of = |d: &str, needle: &str| d[..d.find(needle).unwrap()].matches('\n').count() + 1;
+    let begin = line_of(&good, "<!-- rcx reproduce: section bert");
+    let cases = [
+        ("# My notes\n\ntext\n".to_string(), 1, "not a results file"),
+        (
+            good.replace("<!-- rcx reproduce: end of section bert -->\n", ""),
+            begin,
+            "no end marker",
+        ),
+        (
+            good.replace("section bert (", "section bogus ("),
+            begin,
+            "unknown marker",
+        ),
+        (
+            format!("{good}{}", &good[good.find("<!-- rcx").unwrap()..]),
+            good.lines().count() + 1,
+            "appears twice",
+        ),
+        (
+            good.replace(
+                "rows\n",
+                "rows\n<!-- rcx reproduce: section backbones x -->\n",
+            ),
+            begin + 4,
+            "a marker inside section bert",
+        ),
+    ];
+    for (text, line, what) in cases {
+        let err = parse_sections(&path, &text, &SECTIONS)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("docs/results.md:{line}: ")) && err.contains(what),
+            "{what}: {err}\n{text}"
+        );
+    }
+}
+
+#[test]
+fn the_backbones_section_answers_per_backbone_from_the_gaps() {
+    let mut runs = backbone_runs();
+    // A decoder run whose model gives every completion one reward: not evidence of collapse.
+    let constant = [0.0004; 8];
+    let mut dead = backbone_run(
+        "llama_x_inv",
+        "llama-tiny",
+        "x_inv",
+        scores(&constant, &constant),
+    );
+    for scored in [&mut dead.on_eval, &mut dead.on_train] {
+        for p in &mut scored.scores {
+            p.rewards = vec![0.0004; 8];
+        }
+        let spec = LossSpec::parse("x_inv").unwrap();
+        *scored = score_summaries(scored.scores.clone(), Some(&spec), 0.1).unwrap();
+    }
+    dead.metrics = metrics(&dead.on_eval.report, &[100, 200]);
+    runs.insert(1, dead);
+    let md = backbones_markdown(&reproduction(runs, "rcx reproduce --only llama_x"));
+    assert!(md.starts_with(&format!("## {}\n\n", backbones::TITLE)));
+    assert!(md.contains("Made by `rcx reproduce --only llama_x`."));
+    for expected in [
+        "- `llama-tiny`: with one utility for every prompt the two prompt types get the same \
+         curve (collapse) in `llama_x`; `llama_x_inv` is not read as collapse (llama_x_inv: one \
+         reward for everything (see the note under Targets)); with the prompt-aware loss the \
+         types separate in `llama_x_adaptive`: the prompt-aware loss separates the types; not \
+         every single-utility run collapses here.",
+        "- `deberta-v3-tiny`: `deberta_x` is not read as collapse (deberta_x: between the \
+         bounds); with the prompt-aware loss `deberta_x_adaptive` does not separate them \
+         (deberta_x_adaptive: types coincide: collapse): this backbone does not show the \
+         paper's picture in these runs.",
+        "| llama-tiny | llama_x | U = x | 0.0000 | 0.0000 |",
+        "2 layers, hidden 128, 2 heads (1 key/value), 4.4M parameters",
+        "`llama_x_inv`: the final model gives every completion of every prompt the same reward",
+        "| step | llama_x | llama_x_inv | llama_x_adaptive | deberta_x | deberta_x_adaptive |",
+    ] {
+        assert!(md.contains(expected), "missing {expected:?} in:\n{md}");
+    }
+    // The deberta_x gap (about 0.05: its closed curve is 0.05 above, short of 1) at each
+    // evaluation, in its column.
+    let deberta_gap = backbone_runs()[2].metrics[1].report.collapse_gap.unwrap();
+    assert!((deberta_gap - 0.05).abs() < 0.01, "{deberta_gap}");
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| 200 |"))
+        .expect("the step-200 row");
+    assert_eq!(
+        row.split(" | ").nth(4),
+        Some(format!("{deberta_gap:.4}").as_str()),
+        "{row}"
+    );
+    // Only the section's figures are linked, and each is one its figure_files writes.
+    let runs = backbone_runs();
+    let files: Vec<String> = backbones::figure_files(&runs)
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect();
+    assert!(files.contains(&"backbones_figure_eval.svg".to_string()));
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.starts_with("paper_figure") || f == "collapse_gap_by_step.svg")
+    );
+    let md = backbones_markdown(&reproduction(runs, "rcx reproduce"));
+    let links: Vec<&str> = md
+        .split("](figures/")
+        .skip(1)
+        .map(|l| &l[..l.find(')').unwrap()])
+        .collect();
+    assert_eq!(links.len(), 3 + 2 * 4);
+    for name in links {
+        assert!(files.iter().any(|f| f == name), "{name} not written");
+    }
+}
+
+/// `rcx reproduce --only llama_x` over a tiny decoder run, with the results file `out`.
+fn reproduce_llama(dir: &std::path::Path, out: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args(["reproduce", "--only", "llama_x"])
+        .arg("--configs")
+        .arg(dir)
+        .arg("--runs")
+        .arg(dir)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn reproduce_of_a_backbone_run_rewrites_its_section_and_keeps_the_bert_one() {
+    let dir = scratch("sections-cli");
+    tiny_run(
+        &dir,
+        "llama_x",
+        &[("model_name", "llama-tiny"), ("loss", "x")],
+    );
+    let docs = dir.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    let out = docs.join("results.md");
+    let bert = paper_runs_markdown(&reproduction(
+        vec![adaptive_run()],
+        "rcx reproduce --only x_adaptive",
+    ));
+    let before = compose(&SECTIONS, &[("bert", bert.clone())], &[]);
+
+    // A file whose sections cannot be kept is refused before any training.
+    let broken = before.replace("<!-- rcx reproduce: end of section bert -->\n", "");
+    std::fs::write(&out, &broken).unwrap();
+    let refused = reproduce_llama(&dir, &out);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("results.md:") && stderr.contains("no end marker"),
+        "{stderr}"
+    );
+    assert!(!dir.join("llama_x").exists());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), broken);
+
+    std::fs::write(&out, &before).unwrap();
+    let made = reproduce_llama(&dir, &out);
+    let stderr = String::from_utf8_lossy(&made.stderr);
+    assert!(made.status.success(), "{stderr}");
+    assert!(stderr.contains("keeping section bert"), "{stderr}");
+    let after = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(section_text(&after, "bert"), Some(bert.as_str()));
+    let section = section_text(&after, "backbones").expect("the backbones' section");
+    assert!(
+        section.contains("| llama-tiny | llama_x | U = x |"),
+        "{section}"
+    );
+    assert!(section.contains("`llama-tiny` (2 layers, hidden 128, 4 heads (2 key/value)"));
+    assert!(after.contains("made by `rcx reproduce --only llama_x --configs"));
+    let figures = docs.join("figures");
+    for written in ["llama_x_panels.svg", "backbones_figure_eval.svg"] {
+        assert!(figures.join(written).is_file(), "{written}");
+    }
+    // BERT's figures belong to the section kept: none is drawn again.
+    assert!(!figures.join("paper_figure_eval.svg").exists());
+    assert!(!figures.join("collapse_gap_by_step.svg").exists());
 }
