@@ -1,8 +1,9 @@
 //! Model folders and checkpoints. A model folder is what `transformers` reads:
-//! `config.json` + `model.safetensors` in BertForSequenceClassification's layout (or a Llama,
-//! Mistral or Qwen2 `*ForSequenceClassification`'s, whose weights may also come sharded),
-//! plus the `vocab.txt` it was trained with. A checkpoint (`checkpoint-<step>/`) adds the optimizer
-//! moments (`optimizer.safetensors`) and `trainer_state.json`, written last, which holds
+//! `config.json` + `model.safetensors` (or the shards `model.safetensors.index.json` names)
+//! in BertForSequenceClassification's layout (or a DeBERTa-v2/v3, Llama, Mistral or Qwen2
+//! `*ForSequenceClassification`'s), plus the tokenizer file it was trained with. A
+//! checkpoint (`checkpoint-<step>/`) adds the optimizer moments (`optimizer.safetensors`)
+//! and `trainer_state.json`, written last, which holds
 //! the SHA-256 of every other file and the run's training settings. A checkpoint is written
 //! into a temporary folder and renamed, so a kill during a save leaves the previous one
 //! whole; `--resume` takes the newest checkpoint that verifies (checksums, step, finite
@@ -158,8 +159,8 @@ pub enum Head {
     FreshIfAbsent(u64),
 }
 
-/// The tensors of the head a pretrained encoder may lack, in groups that are stored or
-/// absent together.
+/// The tensors of BERT's head a pretrained encoder may lack, in groups (of layout names)
+/// that are stored or absent together.
 const HEAD_GROUPS: [&str; 2] = ["bert.pooler.", "classifier."];
 
 /// Loads a Hugging Face BERT folder (BertModel or BertForSequenceClassification names),
@@ -169,10 +170,10 @@ pub fn load_model_dir(dir: &Path, seed: u64) -> Result<HostModel<f32>> {
     Ok(load_model(dir, Head::FreshIfAbsent(seed))?.0)
 }
 
-/// Loads a model folder's `config.json` and `model.safetensors`. Every size is checked
-/// (config.json's bounds, then each tensor's shape and dtype against the safetensors
-/// header) before the model is allocated, and every weight must be finite. Returns the
-/// model and the names of the tensors that `head` let start fresh.
+/// Loads a model folder's `config.json` and `model.safetensors` (or its shards). Every size
+/// is checked (config.json's bounds, then each tensor's shape and dtype against the
+/// safetensors headers) before the model is allocated, and every weight must be finite.
+/// Returns the model and the names of the tensors that `head` let start fresh.
 pub fn load_model(dir: &Path, head: Head) -> Result<(HostModel<f32>, Vec<String>)> {
     if !dir.is_dir() {
         return Err(Error::user(format!(
@@ -187,91 +188,7 @@ pub fn load_model(dir: &Path, head: Head) -> Result<(HostModel<f32>, Vec<String>
     if read_model_type(&config_path)?.as_deref() == Some("deberta-v2") {
         return load_deberta(dir, &config_path, head);
     }
-    let config = from_hf(&read_hf_config(&config_path)?);
-    config.validate(&config_path.display().to_string())?;
-    let weights_path = dir.join("model.safetensors");
-    let weights = SafeTensors::open(&weights_path)?;
-    let layout = ParamLayout::new(&config);
-    let has_prefix = weights
-        .get("bert.embeddings.word_embeddings.weight")
-        .is_some();
-    let stored_name = |name: &str| {
-        if has_prefix {
-            name.to_string()
-        } else {
-            name.strip_prefix("bert.").unwrap_or(name).to_string()
-        }
-    };
-    let missing = |name: &str, why: &str| {
-        Error::user(format!(
-            "{}: tensor `{}` is missing{why}",
-            weights_path.display(),
-            stored_name(name)
-        ))
-    };
-
-    // From the header alone: what is stored has the expected shape and dtype, what is not
-    // is a head that may start fresh, whole.
-    let mut fresh = Vec::new();
-    for spec in &layout.tensors {
-        let stored = stored_name(&spec.name);
-        if weights.get(&stored).is_some() {
-            weights.float_tensor(&stored, &spec.shape)?;
-            continue;
-        }
-        let group = HEAD_GROUPS
-            .iter()
-            .find(|prefix| spec.name.starts_with(*prefix));
-        let Some(group) = group else {
-            return Err(missing(
-                &spec.name,
-                "; expected every tensor of BERT (BertModel or BertForSequenceClassification names)",
-            ));
-        };
-        if let Head::Stored = head {
-            return Err(missing(
-                &spec.name,
-                "; a trained reward model stores its pooler and classifier (only training \
-                 from a pretrained encoder starts them fresh)",
-            ));
-        }
-        let half_stored = layout
-            .tensors
-            .iter()
-            .filter(|t| t.name.starts_with(group))
-            .find(|t| weights.get(&stored_name(&t.name)).is_some());
-        if let Some(present) = half_stored {
-            return Err(missing(
-                &spec.name,
-                &format!(
-                    " while `{}` is stored; expected both or neither",
-                    stored_name(&present.name)
-                ),
-            ));
-        }
-        fresh.push(spec.name.clone());
-    }
-
-    let mut model = HostModel::<f32>::zeros(config);
-    for (index, spec) in layout.tensors.iter().enumerate() {
-        if fresh.contains(&spec.name) {
-            if let Head::FreshIfAbsent(seed) = head {
-                model.init_tensor(index, seed);
-            }
-            continue;
-        }
-        let stored = stored_name(&spec.name);
-        let values = weights.read_f32(&stored, &spec.shape)?;
-        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Error::user(format!(
-                "{}: tensor `{stored}`: value {at} is {}; expected finite weights",
-                weights_path.display(),
-                values[at]
-            )));
-        }
-        model.params[spec.range()].copy_from_slice(&values);
-    }
-    Ok((model, fresh))
+    load_bert(dir, &config_path, head)
 }
 
 /// Whether config.json names one of the decoder families (`model_type` llama, mistral,
@@ -284,7 +201,7 @@ fn is_decoder_folder(config_path: &Path) -> Result<bool> {
         .is_some())
 }
 
-/// The weights of a Hugging Face folder (decoders, DeBERTa): `model.safetensors`, or the shards that
+/// The weights of a Hugging Face folder: `model.safetensors`, or the shards that
 /// `model.safetensors.index.json` maps each tensor to.
 struct FolderWeights {
     shards: Vec<SafeTensors>,
@@ -293,17 +210,31 @@ struct FolderWeights {
 }
 
 impl FolderWeights {
+    /// Whether the weights are shards: no `model.safetensors`, and an index of shards.
+    fn is_sharded(dir: &Path) -> bool {
+        !dir.join("model.safetensors").is_file()
+            && dir.join("model.safetensors.index.json").is_file()
+    }
+
+    /// The file that says where the weights are: the shards' index, else `model.safetensors`
+    /// (whose absence is then the error).
+    fn source(dir: &Path) -> PathBuf {
+        match FolderWeights::is_sharded(dir) {
+            true => dir.join("model.safetensors.index.json"),
+            false => dir.join("model.safetensors"),
+        }
+    }
+
     fn open(dir: &Path) -> Result<FolderWeights> {
-        let single = dir.join("model.safetensors");
-        let index_path = dir.join("model.safetensors.index.json");
-        if single.is_file() || !index_path.is_file() {
-            let shard = SafeTensors::open(&single)?;
+        if !FolderWeights::is_sharded(dir) {
+            let shard = SafeTensors::open(&dir.join("model.safetensors"))?;
             let shard_of = shard.names().iter().map(|n| (n.to_string(), 0)).collect();
             return Ok(FolderWeights {
                 shards: vec![shard],
                 shard_of,
             });
         }
+        let index_path = dir.join("model.safetensors.index.json");
         let map = read_weight_map(&index_path)?;
         let mut files: Vec<&String> = map.values().collect();
         files.sort();
@@ -366,6 +297,25 @@ fn read_weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
+/// Loads a BERT folder (BertForSequenceClassification, or a pretrained BertModel whose
+/// pooler and classifier start fresh when training).
+fn load_bert(dir: &Path, config_path: &Path, head: Head) -> Result<(HostModel<f32>, Vec<String>)> {
+    let config = from_hf(&read_hf_config(config_path)?);
+    config.validate(&config_path.display().to_string())?;
+    let layout = ParamLayout::new(&config);
+    let stored = FolderTensors {
+        // A base model (BertModel) stores its tensors without the `bert.` prefix.
+        prefix: "bert.",
+        probe: "bert.embeddings.word_embeddings.weight",
+        head_groups: &HEAD_GROUPS,
+        head_missing: "; a trained reward model stores its pooler and classifier (only \
+                       training from a pretrained encoder starts them fresh)",
+        expected: "; expected every tensor of BERT (BertModel or BertForSequenceClassification \
+                   names)",
+    };
+    load_folder_tensors(dir, config, &layout, &stored, head)
+}
+
 /// Loads a Llama, Mistral or Qwen2 folder (`*ForSequenceClassification`, `*ForCausalLM`
 /// or base-model names); `score.weight` may be absent only when training.
 fn load_decoder(
@@ -380,8 +330,9 @@ fn load_decoder(
         // A base model (LlamaModel) stores its tensors without the `model.` prefix.
         prefix: "model.",
         probe: "model.embed_tokens.weight",
-        is_head: |name| name == "score.weight",
+        head_groups: &["score."],
         head_missing: "; a trained reward model stores its head (only training starts it fresh)",
+        expected: "; expected every tensor of the config's architecture",
     };
     load_folder_tensors(dir, config, &layout, &stored, head)
 }
@@ -399,9 +350,10 @@ fn load_deberta(
         // A base model (DebertaV2Model) stores its tensors without the `deberta.` prefix.
         prefix: "deberta.",
         probe: "deberta.embeddings.word_embeddings.weight",
-        is_head: |name| name.starts_with("pooler.") || name.starts_with("classifier."),
+        head_groups: &["pooler.", "classifier."],
         head_missing: "; a trained reward model stores its pooler and classifier (only \
                        training starts them fresh)",
+        expected: "; expected every tensor of the config's architecture",
     };
     load_folder_tensors(dir, config, &layout, &stored, head)
 }
@@ -412,17 +364,20 @@ struct FolderTensors {
     prefix: &'static str,
     /// A tensor every task-model folder has, with the prefix.
     probe: &'static str,
-    /// The head's tensors: absent from a pretrained folder, started fresh for training.
-    is_head: fn(&str) -> bool,
+    /// The head's tensors, in groups by their layout names' prefixes: absent from a
+    /// pretrained folder, started fresh for training; each group stored or absent whole.
+    head_groups: &'static [&'static str],
     /// Appended to the error of a missing head when scoring.
     head_missing: &'static str,
+    /// Appended to the error of any other missing tensor.
+    expected: &'static str,
 }
 
 /// Reads every tensor of `layout` from the folder's safetensors (one file or shards):
 /// config checked first by the caller, every tensor's shape and dtype from the headers,
 /// then the weights, which must be finite. A head tensor may be absent only with
-/// `Head::FreshIfAbsent`: it then starts as transformers initialises it, and its name is
-/// returned.
+/// `Head::FreshIfAbsent`, and only with the rest of its group: it then starts as
+/// transformers initialises it, and its name is returned.
 fn load_folder_tensors(
     dir: &Path,
     config: impl Into<ModelConfig>,
@@ -436,13 +391,8 @@ fn load_folder_tensors(
         true => name.to_string(),
         false => name.strip_prefix(stored.prefix).unwrap_or(name).to_string(),
     };
-    let where_ = match weights.shards.as_slice() {
-        [one] => one.path().display().to_string(),
-        _ => dir
-            .join("model.safetensors.index.json")
-            .display()
-            .to_string(),
-    };
+    // What a missing tensor is blamed on: the single file, or the index that maps none.
+    let where_ = FolderWeights::source(dir).display().to_string();
     let mut fresh = Vec::new();
     for spec in &layout.tensors {
         let name = stored_name(&spec.name);
@@ -450,13 +400,31 @@ fn load_folder_tensors(
             shard.float_tensor(&name, &spec.shape)?;
             continue;
         }
-        let why = match head {
-            Head::FreshIfAbsent(_) if (stored.is_head)(&spec.name) => {
-                fresh.push(spec.name.clone());
-                continue;
+        let group = stored
+            .head_groups
+            .iter()
+            .find(|group| spec.name.starts_with(*group));
+        let why = match (group, head) {
+            (None, _) => stored.expected.to_string(),
+            (Some(_), Head::Stored) => stored.head_missing.to_string(),
+            (Some(group), Head::FreshIfAbsent(_)) => {
+                // Half a head is no pretrained encoder's: refused, not half started fresh.
+                let present = layout
+                    .tensors
+                    .iter()
+                    .filter(|t| t.name.starts_with(group))
+                    .map(|t| stored_name(&t.name))
+                    .find(|t| weights.get(t).is_some());
+                match present {
+                    None => {
+                        fresh.push(spec.name.clone());
+                        continue;
+                    }
+                    Some(present) => {
+                        format!(" while `{present}` is stored; expected both or neither")
+                    }
+                }
             }
-            Head::Stored if (stored.is_head)(&spec.name) => stored.head_missing,
-            _ => "; expected every tensor of the config's architecture",
         };
         return Err(Error::user(format!(
             "{where_}: tensor `{name}` is missing{why}"
@@ -608,7 +576,7 @@ pub fn model_for_training(cfg: &Config) -> Result<(HostModel<f32>, Tokenizer, Pa
     if !fresh.is_empty() {
         eprintln!(
             "rcx: {} has no {}: starting them fresh (Hugging Face's initialisation, seed {})",
-            dir.join("model.safetensors").display(),
+            FolderWeights::source(dir).display(),
             fresh.join(", "),
             cfg.seed
         );

@@ -235,15 +235,22 @@ fn default_eos(path: &Path, tokenizer: &json::TokenizerJson) -> Result<u32> {
         })
 }
 
-/// `rcx tokenize --tokenizer FILE --pair COMPLETION TEXT` on a BPE file: the decoder's
-/// sequence of (TEXT, COMPLETION), printed as `{"input_ids": [...]}`.
-fn cmd_tokenize_decoder_pair(path: &Path, args: &TokenizeArgs, completion: &str) -> Result<()> {
+/// `rcx tokenize --tokenizer FILE --pair COMPLETION TEXT` on a BPE file (`tokenizer`,
+/// parsed from `bytes`): the decoder's sequence of (TEXT, COMPLETION), printed as
+/// `{"input_ids": [...]}`.
+fn cmd_tokenize_decoder_pair(
+    path: &Path,
+    tokenizer: json::TokenizerJson,
+    bytes: &[u8],
+    args: &TokenizeArgs,
+    completion: &str,
+) -> Result<()> {
     let eos_id = match args.eos {
         Some(id) => id,
-        None => default_eos(path, &json::TokenizerJson::from_file(path)?)?,
+        None => default_eos(path, &tokenizer)?,
     };
     // Printed ids are not padded: the padding id only has to be a valid one.
-    let tokenizer = DecoderTokenizer::from_file(path, eos_id, eos_id)?;
+    let tokenizer = DecoderTokenizer::from_json(tokenizer, bytes, path, eos_id, eos_id)?;
     let least = tokenizer.special_tokens_count();
     let max_length = args.max_length.unwrap_or(usize::MAX);
     if max_length < least {
@@ -260,9 +267,13 @@ fn cmd_tokenize_decoder_pair(path: &Path, args: &TokenizeArgs, completion: &str)
     Ok(())
 }
 
-/// `rcx tokenize --tokenizer FILE`: prints `{"input_ids": [...]}` on one line.
-fn cmd_tokenize_json(path: &Path, text: &str, max_length: Option<usize>) -> Result<()> {
-    let tokenizer = json::TokenizerJson::from_file(path)?;
+/// `rcx tokenize --tokenizer FILE` on a BPE file: prints `{"input_ids": [...]}` on one line.
+fn cmd_tokenize_json(
+    path: &Path,
+    tokenizer: &json::TokenizerJson,
+    text: &str,
+    max_length: Option<usize>,
+) -> Result<()> {
     let least = tokenizer.special_tokens_count();
     if let Some(max_length) = max_length.filter(|&n| n < least.max(1)) {
         return Err(Error::user(format!(
@@ -279,8 +290,7 @@ fn cmd_tokenize_json(path: &Path, text: &str, max_length: Option<usize>) -> Resu
 /// `rcx tokenize --tokenizer FILE` for a Unigram model (spm.model or tokenizer.json): ids
 /// and token types of the text (or of the pair), cut to `--max-length` as the reference's
 /// truncation cuts, none by default.
-fn cmd_tokenize_unigram(path: &Path, args: &TokenizeArgs) -> Result<()> {
-    let tokenizer = unigram::load(path)?;
+fn cmd_tokenize_unigram(tokenizer: &unigram::Unigram, args: &TokenizeArgs) -> Result<()> {
     let max_length = args.max_length.unwrap_or(usize::MAX);
     let encoding = match &args.pair {
         Some(pair) => tokenizer.encode_pair(&args.text, pair, max_length),
@@ -294,6 +304,31 @@ fn cmd_tokenize_unigram(path: &Path, args: &TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// --eos given where no decoder's sequence is made.
+fn eos_misplaced() -> Error {
+    Error::user(
+        "--eos: expected only with --pair on a BPE --tokenizer (it ends a decoder's sequence)",
+    )
+}
+
+/// `rcx tokenize --tokenizer FILE`: the file is read once, whatever its kind, so that it
+/// may be a pipe (`<(...)`), and parsed once.
+fn cmd_tokenize_file(path: &Path, args: &TokenizeArgs) -> Result<()> {
+    let bytes = unigram::read_bounded(path)?;
+    if unigram::is_unigram_bytes(&bytes) {
+        if args.eos.is_some() {
+            return Err(eos_misplaced());
+        }
+        return cmd_tokenize_unigram(&unigram::from_bytes(&bytes, path)?, args);
+    }
+    let tokenizer = json::TokenizerJson::from_slice(&bytes, path)?;
+    match &args.pair {
+        Some(completion) => cmd_tokenize_decoder_pair(path, tokenizer, &bytes, args, completion),
+        None if args.eos.is_some() => Err(eos_misplaced()),
+        None => cmd_tokenize_json(path, &tokenizer, &args.text, args.max_length),
+    }
+}
+
 /// Ids as Python's json.dumps writes a list, so that output compares byte for byte.
 fn json_list(ids: &[u32]) -> String {
     ids.iter()
@@ -304,26 +339,14 @@ fn json_list(ids: &[u32]) -> String {
 
 /// `rcx tokenize`: prints `{"input_ids": [...], "token_type_ids": [...]}` on one line.
 pub fn cmd_tokenize(args: TokenizeArgs) -> Result<()> {
-    let decoder_pair = match (&args.tokenizer, &args.pair) {
-        (Some(path), Some(_)) => !unigram::is_unigram_file(path)?,
-        _ => false,
-    };
-    if args.eos.is_some() && !decoder_pair {
-        return Err(Error::user(
-            "--eos: expected only with --pair on a BPE --tokenizer (it ends a decoder's sequence)",
-        ));
-    }
     let vocab = match (&args.vocab, &args.tokenizer) {
-        (_, Some(path)) if unigram::is_unigram_file(path)? => {
-            return cmd_tokenize_unigram(path, &args);
-        }
-        (_, Some(path)) => match &args.pair {
-            Some(completion) => return cmd_tokenize_decoder_pair(path, &args, completion),
-            None => return cmd_tokenize_json(path, &args.text, args.max_length),
-        },
+        (_, Some(path)) => return cmd_tokenize_file(path, &args),
         (Some(vocab), None) => vocab,
         (None, None) => return Err(Error::user("expected --vocab FILE or --tokenizer FILE")),
     };
+    if args.eos.is_some() {
+        return Err(eos_misplaced());
+    }
     let max_length = args.max_length.unwrap_or(512);
     // The library cuts nothing below these, as the reference does; a command asked for at
     // most N ids must not print more.

@@ -864,3 +864,118 @@ fn command_line_errors_are_one_line_naming_the_argument() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: rcx"));
 }
+
+/// Splits `single`'s model.safetensors into two shards in a new folder `sharded` beside
+/// it (its other files copied), with the model.safetensors.index.json transformers writes.
+fn sharded_copy(single: &Path, sharded: &Path) {
+    std::fs::create_dir_all(sharded).unwrap();
+    for file in ["config.json", "vocab.txt"] {
+        std::fs::copy(single.join(file), sharded.join(file)).unwrap();
+    }
+    let weights = rcx::safetensors::SafeTensors::open(&single.join("model.safetensors")).unwrap();
+    let mut names = weights.names();
+    names.sort();
+    let files = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    let half = names.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in files.iter().zip([&names[..half], &names[half..]]) {
+        let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = part
+            .iter()
+            .map(|&name| {
+                let shape = weights.get(name).unwrap().shape.to_vec();
+                let values = weights.read_f32(name, &shape).unwrap();
+                weight_map.insert(name.to_string(), (*file).into());
+                (name, shape, values)
+            })
+            .collect();
+        let refs: Vec<(&str, &[usize], &[f32])> = tensors
+            .iter()
+            .map(|(name, shape, values)| (*name, &shape[..], &values[..]))
+            .collect();
+        write_f32(&sharded.join(file), &refs, &[]).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Removes tensors from a sharded folder's index (they stay in their shard).
+fn unindex(sharded: &Path, names: &[&str]) {
+    let path = sharded.join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for name in names {
+        let map = index["weight_map"].as_object_mut().unwrap();
+        assert!(map.remove(*name).is_some(), "{name} not in the index");
+    }
+    std::fs::write(&path, index.to_string()).unwrap();
+}
+
+/// A BERT folder sharded as transformers shards large models (shards named by
+/// model.safetensors.index.json) loads as its single file does: the same weights, the same
+/// scores; a tensor the index lacks is named with the index, and half a head is refused
+/// there too. BERT folders once had to be one model.safetensors.
+#[test]
+fn a_sharded_bert_folder_loads_as_its_single_file() {
+    use rcx::checkpoint::{Head, load_model};
+    let dir = scratch("sharded");
+    let single = model_folder(&dir.join("single"));
+    let sharded = dir.join("sharded");
+    sharded_copy(&single, &sharded);
+    let (want, _) = load_model(&single, Head::Stored).unwrap();
+    let (got, fresh) = load_model(&sharded, Head::Stored).unwrap();
+    assert!(fresh.is_empty());
+    assert_eq!(got.layout.tensors.len(), want.layout.tensors.len());
+    assert!(
+        got.params
+            .iter()
+            .zip(&want.params)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the shards hold the single file's weights"
+    );
+    let (scored, want_scored) = (score(&sharded), score(&single));
+    assert!(
+        scored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scored.stderr)
+    );
+    assert_eq!(scored.stdout, want_scored.stdout);
+
+    let no_ffn = dir.join("no-ffn");
+    sharded_copy(&single, &no_ffn);
+    let name = "bert.encoder.layer.0.output.dense.weight";
+    unindex(&no_ffn, &[name]);
+    let no_ffn_index = no_ffn.join("model.safetensors.index.json");
+    assert_model_refused(&dir, &no_ffn, &[no_ffn_index.to_str().unwrap(), name]);
+
+    let half_head = dir.join("half-head");
+    sharded_copy(&single, &half_head);
+    unindex(&half_head, &["classifier.bias"]);
+    let half_index = half_head.join("model.safetensors.index.json");
+    assert_model_refused(
+        &dir,
+        &half_head,
+        &[half_index.to_str().unwrap(), "classifier.bias"],
+    );
+    match load_model(&half_head, Head::FreshIfAbsent(3)) {
+        Err(rcx::error::Error::User(message)) => assert!(
+            message.contains("while `classifier.weight` is stored"),
+            "{message}"
+        ),
+        other => panic!("half a head started fresh: {:?}", other.map(|r| r.1)),
+    }
+
+    // A pretrained encoder's shards without the head: training starts it fresh.
+    let encoder = dir.join("encoder");
+    sharded_copy(&single, &encoder);
+    unindex(&encoder, &POOLER);
+    unindex(&encoder, &CLASSIFIER);
+    let (_, fresh) = load_model(&encoder, Head::FreshIfAbsent(3)).unwrap();
+    assert_eq!(fresh.len(), POOLER.len() + CLASSIFIER.len());
+}

@@ -250,6 +250,78 @@ fn the_command_takes_the_eos_of_the_config_beside_the_file() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `rcx tokenize --tokenizer` on a named pipe (a FIFO, or `<(...)`), fed once: the
+/// command reads the file once. It read a BPE file up to four times for --pair (its kind
+/// twice, the EOS default, the tokenizer), and the second open of the drained FIFO waited
+/// forever for a writer.
+#[test]
+fn the_command_reads_its_tokenizer_once_so_a_pipe_serves() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("decoder_sequences-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let regular = fixture("llama2");
+    let fifo = dir.join("tokenizer.json");
+    let name = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    let cases: [&[&str]; 3] = [
+        &["--pair", "the end", "the cat"],
+        &["--pair", "the end", "--eos", "2", "the cat"],
+        &["the cat"],
+    ];
+    for extra in cases {
+        let args = |path: &Path| {
+            let mut args = vec!["tokenize", "--tokenizer"];
+            args.push(path.to_str().unwrap());
+            args.extend_from_slice(extra);
+            args.into_iter().map(String::from).collect::<Vec<_>>()
+        };
+        let want = Command::new(env!("CARGO_BIN_EXE_rcx"))
+            .args(args(&regular))
+            .output()
+            .unwrap();
+        assert!(want.status.success(), "{extra:?}");
+
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rcx"))
+            .args(args(&fifo))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let bytes = std::fs::read(&regular).unwrap();
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                std::fs::File::options()
+                    .write(true)
+                    .open(&fifo)?
+                    .write_all(&bytes)
+            })
+        };
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > std::time::Duration::from_secs(60) {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("{extra:?}: still running after 60 s (it reopened the pipe)");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap().expect("the writer wrote every byte");
+        assert_eq!(
+            (out.status.code(), &out.stdout),
+            (Some(0), &want.stdout),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn the_command_refuses_what_it_cannot_honour() {
     let path = fixture("llama3");

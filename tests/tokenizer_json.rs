@@ -268,6 +268,57 @@ fn a_file_past_the_size_bound_is_refused_before_it_is_parsed() {
     std::fs::remove_file(&path).unwrap();
 }
 
+/// A data text the decoder's tokenizer cannot read (a char outside a vocabulary that lacks
+/// its unk_token, without byte fallback) stops the token cache with one line naming the
+/// data file, the record's line and the tokenizer file; with skip_bad the record is skipped
+/// and counted. It was once tokenized to no ids with a warning, and trained on.
+#[test]
+fn a_data_text_the_decoder_tokenizer_cannot_read_names_the_data_line() {
+    use rcx::data::cache::TokenizedSet;
+    let path = edited("no-unk", |d| {
+        d["model"]["byte_fallback"] = Value::Bool(false);
+        d["model"]["unk_token"] = Value::from("<missing>");
+    });
+    let tok = rcx::tokenizer::Tokenizer::from_decoder_file(&path, 2, 2).unwrap();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("tokenizer_json-bad-text-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("data.jsonl");
+    let good = r#"{"prompt": "the cat", "completions": ["a dog", "the end"]}"#;
+    let bad = r#"{"prompt": "the cat", "completions": ["a dog", "the \u6f22 end"]}"#;
+    std::fs::write(&source, format!("{good}\n{good}\n{bad}\n{good}\n")).unwrap();
+
+    let message = match TokenizedSet::open_or_build(&source, &tok, 64, false) {
+        Err(Error::User(message)) => message,
+        other => panic!("expected a user error, got {other:?}"),
+    };
+    assert!(!message.contains('\n'), "{message}");
+    assert!(
+        message.starts_with(&format!(
+            "{}:3: a completion cannot be tokenized: ",
+            source.display()
+        )),
+        "{message}"
+    );
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains("<missing>"), "{message}");
+    let left: Vec<_> =
+        std::fs::read_dir(dir.join(".rcx-cache")).map_or(Vec::new(), |d| d.collect());
+    assert!(left.is_empty(), "no cache or temporary file after an error");
+
+    let set = TokenizedSet::open_or_build(&source, &tok, 64, true).unwrap();
+    assert_eq!((set.len(), set.skipped()), (3, 1));
+    let want = tok.encode_pair("the cat", "the end", 64).input_ids;
+    assert_eq!(
+        set.completion(2, 1).0,
+        &want[..],
+        "the record after the bad one"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_file(&path).unwrap();
+}
+
 /// Values a mutation writes into a tokenizer.json: bounds, wrong types, unknown names.
 fn replacement(choice: u8) -> Value {
     match choice % 12 {

@@ -90,7 +90,8 @@ enum Unusable {
 impl TokenizedSet {
     /// Maps the cache of `source` if it matches (source, tokenizer, vocabulary,
     /// max_length), else tokenizes the source and writes a new cache first. Bad source
-    /// lines are an error naming FILE:LINE, or with `skip_bad` skipped.
+    /// lines (texts the tokenizer refuses included) are an error naming FILE:LINE, or with
+    /// `skip_bad` skipped.
     pub fn open_or_build(
         source: &Path,
         tok: &Tokenizer,
@@ -597,17 +598,23 @@ fn write_cache(
         types: Vec::new(),
         data_bytes: 0,
     };
-    let mut batch: Vec<RankingRecord> = Vec::with_capacity(BATCH_RECORDS);
+    let max_length = key.max_length as usize;
+    // (line number, record) of the lines read since the last batch was written
+    let mut batch: Vec<(usize, RankingRecord)> = Vec::with_capacity(BATCH_RECORDS);
     let mut batch_bytes = 0usize;
+    // Records whose texts the tokenizer refused, skipped with skip_bad.
+    let mut untokenizable = 0usize;
     let mut write_failure = None;
     let read = for_each_line_in(&mut reader, source, skip_bad, |line_no, bytes| {
         let Some(record) = super::parse_ranking_line(source, line_no, bytes, skip_bad)? else {
             return Ok(LineOutcome::Skipped);
         };
-        batch.push(record);
+        batch.push((line_no, record));
         batch_bytes += bytes.len();
         if batch.len() == BATCH_RECORDS || batch_bytes >= BATCH_BYTES {
-            if let Err(e) = write_batch(&mut out, &mut tables, &batch, tok, key) {
+            let encoded = tokenize_batch(source, &batch, tok, max_length, skip_bad)?;
+            untokenizable += encoded.iter().filter(|e| e.is_none()).count();
+            if let Err(e) = write_batch(&mut out, &mut tables, &batch, &encoded) {
                 // Stop reading: keep the write error apart from data errors.
                 write_failure = Some(e);
                 return Err(Error::internal("cache write failed"));
@@ -620,9 +627,13 @@ fn write_cache(
     if let Some(e) = write_failure {
         return Err(BuildError::Write(Error::io(tmp, e)));
     }
-    let skipped = read.map_err(BuildError::Data)?;
+    let read_skipped = read.map_err(BuildError::Data)?;
     key.source = reader.into_inner().into_parts().1.finalize().into();
-    write_batch(&mut out, &mut tables, &batch, tok, key).map_err(write_err)?;
+    let encoded =
+        tokenize_batch(source, &batch, tok, max_length, skip_bad).map_err(BuildError::Data)?;
+    untokenizable += encoded.iter().filter(|e| e.is_none()).count();
+    write_batch(&mut out, &mut tables, &batch, &encoded).map_err(write_err)?;
+    let skipped = read_skipped + untokenizable;
     let num_prompts = tables.types.len();
     if num_prompts == 0 {
         return Err(BuildError::Data(no_records_error(source, skipped)));
@@ -674,34 +685,70 @@ fn write_cache(
     Ok(key)
 }
 
-/// Tokenizes a batch of records in parallel and appends it to the data region.
+/// (input_ids [n], token_type_ids [n]) of each completion of one record.
+type EncodedRecord = Vec<(Vec<u32>, Vec<u8>)>;
+
+/// Tokenizes a batch of (line number, record) in parallel. A text the tokenizer cannot
+/// read (a decoder's tokenizer.json can refuse one) is an error naming FILE:LINE, or with
+/// `skip_bad` leaves its record out (None).
+fn tokenize_batch(
+    source: &Path,
+    batch: &[(usize, RankingRecord)],
+    tok: &Tokenizer,
+    max_length: usize,
+    skip_bad: bool,
+) -> Result<Vec<Option<EncodedRecord>>> {
+    batch
+        .par_iter()
+        .map(|(line_no, record)| {
+            let at = |what: &str, e: Error| {
+                Error::user(format!(
+                    "{}:{line_no}: {what} cannot be tokenized: {e}",
+                    source.display()
+                ))
+            };
+            let encode = || -> Result<EncodedRecord> {
+                let prompt = tok
+                    .try_tokenize(&record.prompt)
+                    .map_err(|e| at("the prompt", e))?;
+                record
+                    .completions
+                    .iter()
+                    .map(|completion| {
+                        let ids = tok
+                            .try_tokenize(completion)
+                            .map_err(|e| at("a completion", e))?;
+                        let enc = tok.encode_tokenized_pair(&prompt, &ids, max_length);
+                        // Segment ids are 0 or 1 in a pair encoding; u8 keeps the cache small.
+                        let types = enc.token_type_ids.iter().map(|&t| t.min(255) as u8);
+                        Ok((enc.input_ids, types.collect()))
+                    })
+                    .collect()
+            };
+            match encode() {
+                Ok(encoded) => Ok(Some(encoded)),
+                Err(Error::User(_)) if skip_bad => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        // In line order, so that the error is that of the batch's first bad line.
+        .collect()
+}
+
+/// Appends a tokenized batch (`encoded[r]`: record r's completions, None for a record left
+/// out) to the data region.
 fn write_batch(
     out: &mut impl Write,
     tables: &mut Tables,
-    batch: &[RankingRecord],
-    tok: &Tokenizer,
-    key: CacheKey,
+    batch: &[(usize, RankingRecord)],
+    encoded: &[Option<EncodedRecord>],
 ) -> std::io::Result<()> {
-    let max_length = key.max_length as usize;
-    // encoded[r][j] = (input_ids [n], token_type_ids [n]) of completion j of record r
-    let encoded: Vec<Vec<(Vec<u32>, Vec<u8>)>> = batch
-        .par_iter()
-        .map(|record| {
-            let prompt = tok.tokenize(&record.prompt);
-            record
-                .completions
-                .iter()
-                .map(|completion| {
-                    let enc =
-                        tok.encode_tokenized_pair(&prompt, &tok.tokenize(completion), max_length);
-                    // Segment ids are 0 or 1 in a pair encoding; u8 keeps the cache small.
-                    let types = enc.token_type_ids.iter().map(|&t| t.min(255) as u8);
-                    (enc.input_ids, types.collect())
-                })
-                .collect()
-        })
-        .collect();
-    for (record, completions) in batch.iter().zip(&encoded) {
+    for ((_, record), completions) in batch.iter().zip(encoded) {
+        let Some(completions) = completions else {
+            continue;
+        };
         for (ids, types) in completions {
             tables.spans.push([tables.data_bytes, ids.len() as u64]);
             out.write_all(bytemuck::cast_slice(ids))?;

@@ -7,10 +7,10 @@
 //! Notation: B sequences of T tokens (N = B*T rows), C hidden, NH heads of HS = C/NH
 //! channels, I the feed-forward width, V the vocabulary, P the positions.
 
-use super::{
-    Dropout, ParamLayout, SITE_EMB, SITE_POOL, TensorSpec, attention_dropout, site_attn, site_ffn,
-    site_seed,
+use super::encoder::{
+    FfnActs, FfnBranch, FfnDims, FfnParams, FfnScratch, encoder_ffn_backward, encoder_ffn_forward,
 };
+use super::{Dropout, ParamLayout, SITE_EMB, SITE_POOL, TensorSpec, attention_dropout, site_seed};
 use crate::backend::{Arena, AttentionDims, Backend, Buf, Carver};
 use crate::error::{Error, Result};
 
@@ -312,22 +312,13 @@ impl ParamLayout {
 /// `Buf::in_arena`, of the gradient arena).
 #[derive(Clone, Copy)]
 struct LayerParams {
-    q_w: Buf,    // [C, C]
-    q_b: Buf,    // [C]
-    k_w: Buf,    // [C, C]
-    k_b: Buf,    // [C]
-    v_w: Buf,    // [C, C]
-    v_b: Buf,    // [C]
-    o_w: Buf,    // [C, C]
-    o_b: Buf,    // [C]
-    ln1_w: Buf,  // [C]
-    ln1_b: Buf,  // [C]
-    ffn1_w: Buf, // [I, C]
-    ffn1_b: Buf, // [I]
-    ffn2_w: Buf, // [C, I]
-    ffn2_b: Buf, // [C]
-    ln2_w: Buf,  // [C]
-    ln2_b: Buf,  // [C]
+    q_w: Buf,       // [C, C]
+    q_b: Buf,       // [C]
+    k_w: Buf,       // [C, C]
+    k_b: Buf,       // [C]
+    v_w: Buf,       // [C, C]
+    v_b: Buf,       // [C]
+    ffn: FfnParams, // the attention output's dense, LayerNorms, feed-forward
 }
 
 /// All parameters in the order of `ParamLayout::new`.
@@ -362,16 +353,19 @@ impl Params {
                 k_b: k.take(c),
                 v_w: k.take(c * c),
                 v_b: k.take(c),
-                o_w: k.take(c * c),
-                o_b: k.take(c),
-                ln1_w: k.take(c),
-                ln1_b: k.take(c),
-                ffn1_w: k.take(i * c),
-                ffn1_b: k.take(i),
-                ffn2_w: k.take(c * i),
-                ffn2_b: k.take(c),
-                ln2_w: k.take(c),
-                ln2_b: k.take(c),
+                // In the layout's order.
+                ffn: FfnParams {
+                    o_w: k.take(c * c),
+                    o_b: k.take(c),
+                    ln1_w: k.take(c),
+                    ln1_b: k.take(c),
+                    ffn1_w: k.take(i * c),
+                    ffn1_b: k.take(i),
+                    ffn2_w: k.take(c * i),
+                    ffn2_b: k.take(c),
+                    ln2_w: k.take(c),
+                    ln2_b: k.take(c),
+                },
             })
             .collect();
         Params {
@@ -392,23 +386,13 @@ impl Params {
 /// The activations of one encoder layer saved for backward. The outputs of the attention
 /// projection and of the feed-forward block, and their dropouts, are not among them: the
 /// backward needs neither (dropout redraws its mask from the seed), so every layer writes
-/// them into the shared `Acts::branch` and `Acts::branch_drop`.
+/// them into the shared `Acts::branch`.
 struct LayerActs {
-    q: Buf,        // [N, C]
-    k: Buf,        // [N, C]
-    v: Buf,        // [N, C]
-    saved: Buf,    // Stats: what the backend's attention keeps for its backward
-    ctx: Buf,      // [N, C] attention output, heads concatenated
-    res1: Buf,     // [N, C] layer input + attention branch
-    ln1_mean: Buf, // Stats [N]
-    ln1_rstd: Buf, // Stats [N]
-    ln1: Buf,      // [N, C]
-    ffn_pre: Buf,  // [N, I] the feed-forward product, as the backend keeps it
-    ffn_gelu: Buf, // [N, I]
-    res2: Buf,     // [N, C] ln1 + feed-forward branch
-    ln2_mean: Buf, // Stats [N]
-    ln2_rstd: Buf, // Stats [N]
-    ln2: Buf,      // [N, C] the layer's output
+    q: Buf,       // [N, C]
+    k: Buf,       // [N, C]
+    v: Buf,       // [N, C]
+    saved: Buf,   // Stats: what the backend's attention keeps for its backward
+    ffn: FfnActs, // the attention's output and the block after it, to the layer's output
 }
 
 /// The forward's activations: Acts buffers unless marked Stats (fp32 whatever the type).
@@ -419,9 +403,8 @@ struct Acts {
     emb_ln: Buf,   // [N, C]
     emb_drop: Buf, // [N, C] input of layer 0
     layers: Vec<LayerActs>,
-    branch: Buf, // [N, C] a layer's attention projection, then its feed-forward output
-    branch_drop: Buf, // [N, C] the same after dropout
-    cls: Buf,    // [B, C] the first token of the last layer's output
+    branch: FfnBranch, // [N, C] x 2: a layer's attention projection, then its feed-forward output
+    cls: Buf,          // [B, C] the first token of the last layer's output
     // The pooler and the head run in fp32: B rows only, and the loss reads fp32 logits.
     pool_in: Buf,     // Stats [B, C] cls
     pool_pre: Buf,    // Stats [B, C]
@@ -434,13 +417,7 @@ struct Acts {
 struct Scratch {
     d_out: Buf,             // [N, C] gradient of the current layer's output
     d_in: Buf,              // [N, C] gradient of its input, being accumulated
-    d_res2: Buf,            // [N, C]
-    d_ffn_out: Buf,         // [N, C]
-    d_ffn_gelu: Buf,        // [N, I]
-    d_ffn_pre: Buf,         // [N, I]
-    d_ln1: Buf,             // [N, C]
-    d_attn: Buf,            // [N, C] gradient of the attention projection output
-    d_ctx: Buf,             // [N, C]
+    ffn: FfnScratch,        // the block after the attention, down to d_ctx [N, C]
     d_q: Buf,               // [N, C]
     d_k: Buf,               // [N, C]
     d_v: Buf,               // [N, C]
@@ -467,7 +444,8 @@ pub struct ActLayout {
 
 impl ActLayout {
     pub fn new<B: Backend>(cfg: &BertConfig, be: &B, b: usize, t: usize) -> ActLayout {
-        let (n, c, i) = (b * t, cfg.hidden_size, cfg.intermediate_size);
+        let ffn_dims = ffn_dims(cfg, b * t);
+        let (n, c) = (b * t, cfg.hidden_size);
         let dims = attention_dims(cfg, b, t);
         let mut k = Carver::new(Arena::Acts);
         let mut f = Carver::new(Arena::Stats);
@@ -482,17 +460,7 @@ impl ActLayout {
                 k: k.take(n * c),
                 v: k.take(n * c),
                 saved: f.take(be.attention_saved_len(dims)),
-                ctx: k.take(n * c),
-                res1: k.take(n * c),
-                ln1_mean: f.take(n),
-                ln1_rstd: f.take(n),
-                ln1: k.take(n * c),
-                ffn_pre: k.take(n * i),
-                ffn_gelu: k.take(n * i),
-                res2: k.take(n * c),
-                ln2_mean: f.take(n),
-                ln2_rstd: f.take(n),
-                ln2: k.take(n * c),
+                ffn: FfnActs::carve(&mut k, &mut f, ffn_dims),
             })
             .collect();
         let acts = Acts {
@@ -502,8 +470,10 @@ impl ActLayout {
             emb_ln,
             emb_drop,
             layers,
-            branch: k.take(n * c),
-            branch_drop: k.take(n * c),
+            branch: FfnBranch {
+                out: k.take(n * c),
+                dropped: k.take(n * c),
+            },
             cls: k.take(b * c),
             pool_in: f.take(b * c),
             pool_pre: f.take(b * c),
@@ -515,13 +485,7 @@ impl ActLayout {
         let scratch = Scratch {
             d_out: k.take(n * c),
             d_in: k.take(n * c),
-            d_res2: k.take(n * c),
-            d_ffn_out: k.take(n * c),
-            d_ffn_gelu: k.take(n * i),
-            d_ffn_pre: k.take(n * i),
-            d_ln1: k.take(n * c),
-            d_attn: k.take(n * c),
-            d_ctx: k.take(n * c),
+            ffn: FfnScratch::carve(&mut k, ffn_dims),
             d_q: k.take(n * c),
             d_k: k.take(n * c),
             d_v: k.take(n * c),
@@ -563,12 +527,22 @@ impl ActLayout {
         self.acts
             .layers
             .last()
-            .map_or(self.acts.emb_drop, |l| l.ln2)
+            .map_or(self.acts.emb_drop, |l| l.ffn.ln2)
     }
 
     /// The pooler output [B, C] before the head's dropout (Stats).
     pub fn pooled(&self) -> Buf {
         self.acts.pooled
+    }
+}
+
+/// The sizes of the block after the attention, for `n` rows.
+fn ffn_dims(cfg: &BertConfig, n: usize) -> FfnDims {
+    FfnDims {
+        n,
+        c: cfg.hidden_size,
+        i: cfg.intermediate_size,
+        eps: cfg.layer_norm_eps,
     }
 }
 
@@ -591,9 +565,10 @@ pub fn forward<B: Backend>(
     dropout: Option<Dropout>,
 ) -> Result<()> {
     let (b, t) = (l.b, l.t);
-    let (n, c, i) = (b * t, cfg.hidden_size, cfg.intermediate_size);
+    let (n, c) = (b * t, cfg.hidden_size);
     let eps = cfg.layer_norm_eps;
     let dims = attention_dims(cfg, b, t);
+    let ffn = ffn_dims(cfg, n);
     let p = Params::new(cfg, Arena::Params);
     let a = &l.acts;
 
@@ -611,7 +586,7 @@ pub fn forward<B: Backend>(
         be.matmul_forward(la.v, input, lp.v_w, Some(lp.v_b), n, c, c)?;
         let attention_drop = attention_dropout(dropout, layer);
         be.attention_forward(
-            la.ctx,
+            la.ffn.ctx,
             la.saved,
             la.q,
             la.k,
@@ -620,51 +595,8 @@ pub fn forward<B: Backend>(
             dims,
             attention_drop,
         )?;
-        be.matmul_forward(a.branch, la.ctx, lp.o_w, Some(lp.o_b), n, c, c)?;
-        let (pd, seed) = site_seed(dropout, site_attn(layer));
-        be.dropout_forward(a.branch_drop, a.branch, pd, seed)?;
-        // res1 = input + attention branch; ln1 = LayerNorm(res1).
-        be.residual_layernorm_forward(
-            la.ln1,
-            la.res1,
-            la.ln1_mean,
-            la.ln1_rstd,
-            input,
-            a.branch_drop,
-            lp.ln1_w,
-            lp.ln1_b,
-            n,
-            c,
-            eps,
-        )?;
-        be.matmul_gelu_forward(
-            la.ffn_gelu,
-            la.ffn_pre,
-            la.ln1,
-            lp.ffn1_w,
-            lp.ffn1_b,
-            n,
-            c,
-            i,
-        )?;
-        be.matmul_forward(a.branch, la.ffn_gelu, lp.ffn2_w, Some(lp.ffn2_b), n, i, c)?;
-        let (pd, seed) = site_seed(dropout, site_ffn(layer));
-        be.dropout_forward(a.branch_drop, a.branch, pd, seed)?;
-        // res2 = ln1 + feed-forward branch; ln2 = LayerNorm(res2).
-        be.residual_layernorm_forward(
-            la.ln2,
-            la.res2,
-            la.ln2_mean,
-            la.ln2_rstd,
-            la.ln1,
-            a.branch_drop,
-            lp.ln2_w,
-            lp.ln2_b,
-            n,
-            c,
-            eps,
-        )?;
-        input = la.ln2;
+        encoder_ffn_forward(be, &lp.ffn, &la.ffn, a.branch, input, ffn, dropout, layer)?;
+        input = la.ffn.ln2;
     }
 
     be.cls_pool_forward(a.cls, input, b, t, c)?;
@@ -687,8 +619,9 @@ pub fn backward<B: Backend>(
     dropout: Option<Dropout>,
 ) -> Result<()> {
     let (b, t) = (l.b, l.t);
-    let (n, c, i) = (b * t, cfg.hidden_size, cfg.intermediate_size);
+    let (n, c) = (b * t, cfg.hidden_size);
     let dims = attention_dims(cfg, b, t);
+    let ffn = ffn_dims(cfg, n);
     let p = Params::new(cfg, Arena::Params);
     let g = Params::new(cfg, Arena::Grads);
     let (a, s) = (&l.acts, &l.scratch);
@@ -734,81 +667,10 @@ pub fn backward<B: Backend>(
         let (la, lp, lg) = (&a.layers[layer], &p.layers[layer], &g.layers[layer]);
         let input = match layer {
             0 => a.emb_drop,
-            _ => a.layers[layer - 1].ln2,
+            _ => a.layers[layer - 1].ffn.ln2,
         };
-
-        be.zero(s.d_res2)?;
-        be.layernorm_backward(
-            s.d_res2,
-            lg.ln2_w,
-            lg.ln2_b,
-            d_out,
-            la.res2,
-            lp.ln2_w,
-            la.ln2_mean,
-            la.ln2_rstd,
-            n,
-            c,
-        )?;
-        be.zero(s.d_ffn_out)?;
-        let (pd, seed) = site_seed(dropout, site_ffn(layer));
-        be.dropout_backward(s.d_ffn_out, s.d_res2, pd, seed)?;
-        be.zero(s.d_ffn_gelu)?;
-        be.matmul_backward(
-            s.d_ffn_gelu,
-            lg.ffn2_w,
-            Some(lg.ffn2_b),
-            s.d_ffn_out,
-            la.ffn_gelu,
-            lp.ffn2_w,
-            n,
-            i,
-            c,
-        )?;
-        // ln1 feeds both the residual and the feed-forward block.
-        be.copy(s.d_ln1, s.d_res2)?;
-        be.matmul_gelu_backward(
-            s.d_ln1,
-            lg.ffn1_w,
-            lg.ffn1_b,
-            s.d_ffn_pre,
-            s.d_ffn_gelu,
-            la.ffn_pre,
-            la.ln1,
-            lp.ffn1_w,
-            lp.ffn1_b,
-            n,
-            c,
-            i,
-        )?;
-
-        be.zero(d_in)?;
-        be.layernorm_backward(
-            d_in,
-            lg.ln1_w,
-            lg.ln1_b,
-            s.d_ln1,
-            la.res1,
-            lp.ln1_w,
-            la.ln1_mean,
-            la.ln1_rstd,
-            n,
-            c,
-        )?;
-        be.zero(s.d_attn)?;
-        let (pd, seed) = site_seed(dropout, site_attn(layer));
-        be.dropout_backward(s.d_attn, d_in, pd, seed)?;
-        be.zero(s.d_ctx)?;
-        be.matmul_backward(
-            s.d_ctx,
-            lg.o_w,
-            Some(lg.o_b),
-            s.d_attn,
-            la.ctx,
-            lp.o_w,
-            n,
-            c,
-            c,
+        encoder_ffn_backward(
+            be, &lp.ffn, &lg.ffn, &la.ffn, &s.ffn, d_out, d_in, ffn, dropout, layer,
         )?;
         for d in [s.d_q, s.d_k, s.d_v] {
             be.zero(d)?;
@@ -818,8 +680,8 @@ pub fn backward<B: Backend>(
             s.d_k,
             s.d_v,
             s.attention_scratch,
-            s.d_ctx,
-            la.ctx,
+            s.ffn.d_ctx,
+            la.ffn.ctx,
             la.q,
             la.k,
             la.v,
@@ -843,11 +705,13 @@ pub fn backward<B: Backend>(
     be.zero(d_in)?;
     let (pd, seed) = site_seed(dropout, SITE_EMB);
     be.dropout_backward(d_in, d_out, pd, seed)?;
-    be.zero(s.d_res2)?;
+    // The block's d_res2 [N, C] is free too and takes the embeddings' gradient.
+    let d_emb = s.ffn.d_res2;
+    be.zero(d_emb)?;
     be.layernorm_backward(
-        s.d_res2, g.emb_ln_w, g.emb_ln_b, d_in, a.emb, p.emb_ln_w, a.emb_mean, a.emb_rstd, n, c,
+        d_emb, g.emb_ln_w, g.emb_ln_b, d_in, a.emb, p.emb_ln_w, a.emb_mean, a.emb_rstd, n, c,
     )?;
-    be.embedding_backward(g.wte, g.wpe, g.wtt, s.d_res2, tokens, c)?;
+    be.embedding_backward(g.wte, g.wpe, g.wtt, d_emb, tokens, c)?;
     // The padding row gets no gradient (nn.Embedding's padding_idx).
     let pad = cfg.pad_token_id as usize;
     if pad < cfg.vocab_size {

@@ -21,8 +21,10 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::{Dropout, ParamLayout, SITE_EMB, SITE_POOL, TensorSpec, attention_dropout};
-use super::{site_attn, site_ffn, site_seed};
+use super::encoder::{
+    FfnActs, FfnBranch, FfnDims, FfnParams, FfnScratch, encoder_ffn_backward, encoder_ffn_forward,
+};
+use super::{Dropout, ParamLayout, SITE_EMB, SITE_POOL, TensorSpec, attention_dropout, site_seed};
 use crate::backend::cpu::{attention_span, disentangled_scale, relative_positions};
 use crate::backend::{Arena, AttentionDims, Backend, Buf, Carver, PositionBufs};
 use crate::error::{Error, Result};
@@ -522,13 +524,7 @@ struct LayerParams {
     v: Linear,             // [C, C], [C]
     pos_k: Option<Linear>, // [C, C], [C]: c2p's projection when not shared with k
     pos_q: Option<Linear>, // [C, C], [C]: p2c's projection when not shared with q
-    o: Linear,             // [C, C], [C]
-    ln1_w: Buf,            // [C]
-    ln1_b: Buf,            // [C]
-    ffn1: Linear,          // [I, C], [I]
-    ffn2: Linear,          // [C, I], [C]
-    ln2_w: Buf,            // [C]
-    ln2_b: Buf,            // [C]
+    ffn: FfnParams,        // the attention output's dense, LayerNorms, feed-forward (BERT's)
 }
 
 /// All parameters, named from the layout (so the two can never disagree on an offset).
@@ -585,13 +581,18 @@ impl Params {
                 v: linear(&format!("{p}.attention.self.value_proj"))?,
                 pos_k: optional_linear(&format!("{p}.attention.self.pos_key_proj"))?,
                 pos_q: optional_linear(&format!("{p}.attention.self.pos_query_proj"))?,
-                o: linear(&format!("{p}.attention.output.dense"))?,
-                ln1_w: need(&format!("{p}.attention.output.LayerNorm.weight"))?,
-                ln1_b: need(&format!("{p}.attention.output.LayerNorm.bias"))?,
-                ffn1: linear(&format!("{p}.intermediate.dense"))?,
-                ffn2: linear(&format!("{p}.output.dense"))?,
-                ln2_w: need(&format!("{p}.output.LayerNorm.weight"))?,
-                ln2_b: need(&format!("{p}.output.LayerNorm.bias"))?,
+                ffn: FfnParams {
+                    o_w: need(&format!("{p}.attention.output.dense.weight"))?,
+                    o_b: need(&format!("{p}.attention.output.dense.bias"))?,
+                    ln1_w: need(&format!("{p}.attention.output.LayerNorm.weight"))?,
+                    ln1_b: need(&format!("{p}.attention.output.LayerNorm.bias"))?,
+                    ffn1_w: need(&format!("{p}.intermediate.dense.weight"))?,
+                    ffn1_b: need(&format!("{p}.intermediate.dense.bias"))?,
+                    ffn2_w: need(&format!("{p}.output.dense.weight"))?,
+                    ffn2_b: need(&format!("{p}.output.dense.bias"))?,
+                    ln2_w: need(&format!("{p}.output.LayerNorm.weight"))?,
+                    ln2_b: need(&format!("{p}.output.LayerNorm.bias"))?,
+                },
             });
             l += 1;
         }
@@ -626,17 +627,7 @@ struct LayerActs {
     c2p: Buf,      // [B, NH, T, R] (empty without)
     p2c: Buf,      // [B, NH, T, R] (empty without)
     saved: Buf,    // Stats: what the backend's attention keeps
-    ctx: Buf,      // [N, C]
-    res1: Buf,     // [N, C]
-    ln1_mean: Buf, // Stats [N]
-    ln1_rstd: Buf, // Stats [N]
-    ln1: Buf,      // [N, C]
-    ffn_pre: Buf,  // [N, I]
-    ffn_gelu: Buf, // [N, I]
-    res2: Buf,     // [N, C]
-    ln2_mean: Buf, // Stats [N]
-    ln2_rstd: Buf, // Stats [N]
-    ln2: Buf,      // [N, C] the layer's output
+    ffn: FfnActs,  // the attention's output and the block after it, to the layer's output
 }
 
 struct Acts {
@@ -650,27 +641,20 @@ struct Acts {
     rel_mean: Buf, // Stats [R]
     rel_rstd: Buf, // Stats [R]
     layers: Vec<LayerActs>,
-    branch: Buf,      // [N, C]
-    branch_drop: Buf, // [N, C]
-    cls: Buf,         // [B, C]
-    pool_in: Buf,     // Stats [B, C] cls
-    pool_drop: Buf,   // Stats [B, C] after the pooler's dropout
-    pool_pre: Buf,    // Stats [B, C] dense, as the backend keeps it
-    pooled: Buf,      // Stats [B, C] GELU
-    pooled_drop: Buf, // Stats [B, C]
-    logits: Buf,      // Stats [B]
+    branch: FfnBranch, // [N, C] x 2, every layer's
+    cls: Buf,          // [B, C]
+    pool_in: Buf,      // Stats [B, C] cls
+    pool_drop: Buf,    // Stats [B, C] after the pooler's dropout
+    pool_pre: Buf,     // Stats [B, C] dense, as the backend keeps it
+    pooled: Buf,       // Stats [B, C] GELU
+    pooled_drop: Buf,  // Stats [B, C]
+    logits: Buf,       // Stats [B]
 }
 
 struct Scratch {
     d_out: Buf,       // [N, C]
     d_in: Buf,        // [N, C]
-    d_res2: Buf,      // [N, C]
-    d_ffn_out: Buf,   // [N, C]
-    d_ffn_gelu: Buf,  // [N, I]
-    d_ffn_pre: Buf,   // [N, I]
-    d_ln1: Buf,       // [N, C]
-    d_attn: Buf,      // [N, C]
-    d_ctx: Buf,       // [N, C]
+    ffn: FfnScratch,  // the block after the attention, down to d_ctx [N, C]
     d_q: Buf,         // [N, C]
     d_k: Buf,         // [N, C]
     d_v: Buf,         // [N, C]
@@ -702,6 +686,16 @@ pub struct ActLayout {
     pub lens: (usize, usize),
 }
 
+/// The sizes of the block after the attention, for `n` rows.
+fn ffn_dims(cfg: &DebertaConfig, n: usize) -> FfnDims {
+    FfnDims {
+        n,
+        c: cfg.hidden_size,
+        i: cfg.intermediate_size,
+        eps: cfg.layer_norm_eps,
+    }
+}
+
 fn attention_dims(cfg: &DebertaConfig, b: usize, t: usize) -> AttentionDims {
     AttentionDims {
         b,
@@ -713,12 +707,7 @@ fn attention_dims(cfg: &DebertaConfig, b: usize, t: usize) -> AttentionDims {
 
 impl ActLayout {
     pub fn new<B: Backend>(cfg: &DebertaConfig, be: &B, b: usize, t: usize) -> ActLayout {
-        let (n, c, e, i) = (
-            b * t,
-            cfg.hidden_size,
-            cfg.embedding_size,
-            cfg.intermediate_size,
-        );
+        let (n, c, e) = (b * t, cfg.hidden_size, cfg.embedding_size);
         let r = cfg.position_rows();
         let dims = attention_dims(cfg, b, t);
         let nh = cfg.num_attention_heads;
@@ -749,17 +738,7 @@ impl ActLayout {
                 c2p: k.take(c2p_len),
                 p2c: k.take(p2c_len),
                 saved: f.take(be.disentangled_attention_saved_len(dims)),
-                ctx: k.take(n * c),
-                res1: k.take(n * c),
-                ln1_mean: f.take(n),
-                ln1_rstd: f.take(n),
-                ln1: k.take(n * c),
-                ffn_pre: k.take(n * i),
-                ffn_gelu: k.take(n * i),
-                res2: k.take(n * c),
-                ln2_mean: f.take(n),
-                ln2_rstd: f.take(n),
-                ln2: k.take(n * c),
+                ffn: FfnActs::carve(&mut k, &mut f, ffn_dims(cfg, n)),
             })
             .collect();
         let acts = Acts {
@@ -773,8 +752,10 @@ impl ActLayout {
             rel_mean,
             rel_rstd,
             layers,
-            branch: k.take(n * c),
-            branch_drop: k.take(n * c),
+            branch: FfnBranch {
+                out: k.take(n * c),
+                dropped: k.take(n * c),
+            },
             cls: k.take(b * c),
             pool_in: f.take(b * c),
             pool_drop: f.take(b * c),
@@ -787,13 +768,7 @@ impl ActLayout {
         let scratch = Scratch {
             d_out: k.take(n * c),
             d_in: k.take(n * c),
-            d_res2: k.take(n * c),
-            d_ffn_out: k.take(n * c),
-            d_ffn_gelu: k.take(n * i),
-            d_ffn_pre: k.take(n * i),
-            d_ln1: k.take(n * c),
-            d_attn: k.take(n * c),
-            d_ctx: k.take(n * c),
+            ffn: FfnScratch::carve(&mut k, ffn_dims(cfg, n)),
             d_q: k.take(n * c),
             d_k: k.take(n * c),
             d_v: k.take(n * c),
@@ -847,7 +822,7 @@ impl ActLayout {
         self.acts
             .layers
             .last()
-            .map_or(self.acts.emb_drop, |l| l.ln2)
+            .map_or(self.acts.emb_drop, |l| l.ffn.ln2)
     }
 
     /// The pooler output [B, C] before the classifier's dropout (Stats).
@@ -885,12 +860,8 @@ pub fn forward<B: Backend>(
     dropout: Option<Dropout>,
 ) -> Result<()> {
     let (b, t) = (l.b, l.t);
-    let (n, c, e, i) = (
-        b * t,
-        cfg.hidden_size,
-        cfg.embedding_size,
-        cfg.intermediate_size,
-    );
+    let (n, c, e) = (b * t, cfg.hidden_size, cfg.embedding_size);
+    let ffn = ffn_dims(cfg, n);
     let r = cfg.position_rows();
     let eps = cfg.layer_norm_eps;
     let dims = attention_dims(cfg, b, t);
@@ -947,7 +918,7 @@ pub fn forward<B: Backend>(
             }
         }
         be.disentangled_attention_forward(
-            la.ctx,
+            la.ffn.ctx,
             la.saved,
             la.q,
             la.k,
@@ -959,49 +930,8 @@ pub fn forward<B: Backend>(
             scale,
             attention_dropout(dropout, layer),
         )?;
-        be.matmul_forward(a.branch, la.ctx, lp.o.w, Some(lp.o.b), n, c, c)?;
-        let (pd, seed) = site_seed(dropout, site_attn(layer));
-        be.dropout_forward(a.branch_drop, a.branch, pd, seed)?;
-        be.residual_layernorm_forward(
-            la.ln1,
-            la.res1,
-            la.ln1_mean,
-            la.ln1_rstd,
-            input,
-            a.branch_drop,
-            lp.ln1_w,
-            lp.ln1_b,
-            n,
-            c,
-            eps,
-        )?;
-        be.matmul_gelu_forward(
-            la.ffn_gelu,
-            la.ffn_pre,
-            la.ln1,
-            lp.ffn1.w,
-            lp.ffn1.b,
-            n,
-            c,
-            i,
-        )?;
-        be.matmul_forward(a.branch, la.ffn_gelu, lp.ffn2.w, Some(lp.ffn2.b), n, i, c)?;
-        let (pd, seed) = site_seed(dropout, site_ffn(layer));
-        be.dropout_forward(a.branch_drop, a.branch, pd, seed)?;
-        be.residual_layernorm_forward(
-            la.ln2,
-            la.res2,
-            la.ln2_mean,
-            la.ln2_rstd,
-            la.ln1,
-            a.branch_drop,
-            lp.ln2_w,
-            lp.ln2_b,
-            n,
-            c,
-            eps,
-        )?;
-        input = la.ln2;
+        encoder_ffn_forward(be, &lp.ffn, &la.ffn, a.branch, input, ffn, dropout, layer)?;
+        input = la.ffn.ln2;
     }
 
     // ContextPooler: the first token, dropout, dense, GELU; then dropout and the classifier.
@@ -1035,12 +965,8 @@ pub fn backward<B: Backend>(
     dropout: Option<Dropout>,
 ) -> Result<()> {
     let (b, t) = (l.b, l.t);
-    let (n, c, e, i) = (
-        b * t,
-        cfg.hidden_size,
-        cfg.embedding_size,
-        cfg.intermediate_size,
-    );
+    let (n, c, e) = (b * t, cfg.hidden_size, cfg.embedding_size);
+    let ffn = ffn_dims(cfg, n);
     let r = cfg.position_rows();
     let dims = attention_dims(cfg, b, t);
     let scale = disentangled_scale(cfg.head_size(), cfg.position_terms());
@@ -1101,78 +1027,10 @@ pub fn backward<B: Backend>(
         let (la, lp, lg) = (&a.layers[layer], &p.layers[layer], &g.layers[layer]);
         let input = match layer {
             0 => a.emb_drop,
-            _ => a.layers[layer - 1].ln2,
+            _ => a.layers[layer - 1].ffn.ln2,
         };
-        be.zero(s.d_res2)?;
-        be.layernorm_backward(
-            s.d_res2,
-            lg.ln2_w,
-            lg.ln2_b,
-            d_out,
-            la.res2,
-            lp.ln2_w,
-            la.ln2_mean,
-            la.ln2_rstd,
-            n,
-            c,
-        )?;
-        be.zero(s.d_ffn_out)?;
-        let (pd, seed) = site_seed(dropout, site_ffn(layer));
-        be.dropout_backward(s.d_ffn_out, s.d_res2, pd, seed)?;
-        be.zero(s.d_ffn_gelu)?;
-        be.matmul_backward(
-            s.d_ffn_gelu,
-            lg.ffn2.w,
-            Some(lg.ffn2.b),
-            s.d_ffn_out,
-            la.ffn_gelu,
-            lp.ffn2.w,
-            n,
-            i,
-            c,
-        )?;
-        be.copy(s.d_ln1, s.d_res2)?;
-        be.matmul_gelu_backward(
-            s.d_ln1,
-            lg.ffn1.w,
-            lg.ffn1.b,
-            s.d_ffn_pre,
-            s.d_ffn_gelu,
-            la.ffn_pre,
-            la.ln1,
-            lp.ffn1.w,
-            lp.ffn1.b,
-            n,
-            c,
-            i,
-        )?;
-        be.zero(d_in)?;
-        be.layernorm_backward(
-            d_in,
-            lg.ln1_w,
-            lg.ln1_b,
-            s.d_ln1,
-            la.res1,
-            lp.ln1_w,
-            la.ln1_mean,
-            la.ln1_rstd,
-            n,
-            c,
-        )?;
-        be.zero(s.d_attn)?;
-        let (pd, seed) = site_seed(dropout, site_attn(layer));
-        be.dropout_backward(s.d_attn, d_in, pd, seed)?;
-        be.zero(s.d_ctx)?;
-        be.matmul_backward(
-            s.d_ctx,
-            lg.o.w,
-            Some(lg.o.b),
-            s.d_attn,
-            la.ctx,
-            lp.o.w,
-            n,
-            c,
-            c,
+        encoder_ffn_backward(
+            be, &lp.ffn, &lg.ffn, &la.ffn, &s.ffn, d_out, d_in, ffn, dropout, layer,
         )?;
         for d in [s.d_q, s.d_k, s.d_v] {
             be.zero(d)?;
@@ -1195,7 +1053,7 @@ pub fn backward<B: Backend>(
             s.d_k,
             s.d_v,
             dterms,
-            s.d_ctx,
+            s.ffn.d_ctx,
             la.q,
             la.k,
             la.v,
@@ -1282,8 +1140,9 @@ pub fn backward<B: Backend>(
     } else {
         a.emb
     };
+    // The block's d_res2 [N, C] is free again: the projection's output gradient.
     let d_projected = if p.emb_proj.is_some() {
-        s.d_res2
+        s.ffn.d_res2
     } else {
         s.d_emb
     };
@@ -1302,7 +1161,7 @@ pub fn backward<B: Backend>(
     )?;
     if let (Some(w), Some(dw)) = (p.emb_proj, g.emb_proj) {
         be.zero(s.d_emb)?;
-        be.matmul_backward(s.d_emb, dw, None, s.d_res2, a.emb, w, n, e, c)?;
+        be.matmul_backward(s.d_emb, dw, None, s.ffn.d_res2, a.emb, w, n, e, c)?;
     }
     match (g.wpe, g.wtt) {
         (Some(dwpe), Some(dwtt)) => be.embedding_backward(g.wte, dwpe, dwtt, s.d_emb, tokens, e)?,

@@ -12,6 +12,7 @@
 
 pub mod bert;
 pub mod deberta;
+mod encoder;
 pub mod llama;
 
 use std::ops::Range;

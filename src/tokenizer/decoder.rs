@@ -44,6 +44,18 @@ impl DecoderTokenizer {
             .read_to_end(&mut bytes)
             .map_err(io)?;
         let json = TokenizerJson::from_slice(&bytes, path)?;
+        DecoderTokenizer::from_json(json, &bytes, path, eos_id, pad_id)
+    }
+
+    /// `from_file` of a file already read and parsed: `json` parsed from `bytes` (which key
+    /// the fingerprint), `path` naming it in errors.
+    pub fn from_json(
+        json: TokenizerJson,
+        bytes: &[u8],
+        path: &Path,
+        eos_id: u32,
+        pad_id: u32,
+    ) -> Result<DecoderTokenizer> {
         let vocab_size = json.vocab_size();
         for (name, id) in [("eos", eos_id), ("padding", pad_id)] {
             if id as usize >= vocab_size {
@@ -56,7 +68,7 @@ impl DecoderTokenizer {
         }
         let (before, after) = json.single_affixes()?;
         // The EOS is part of every sequence: a new EOS id must not reuse a cache.
-        let mut keyed = bytes;
+        let mut keyed = bytes.to_vec();
         keyed.extend_from_slice(&eos_id.to_le_bytes());
         Ok(DecoderTokenizer {
             json,

@@ -120,20 +120,25 @@ pub struct Unigram {
 
 /// Reads `spm.model` or `tokenizer.json` (told apart by content: JSON starts with `{`).
 pub fn load(path: &Path) -> Result<Unigram> {
-    let bytes = read_bounded(path)?;
-    let mut model = if is_json(&bytes) {
-        from_json(&bytes, path)?
+    from_bytes(&read_bounded(path)?, path)
+}
+
+/// `load` of a file already read (`bytes`, as `read_bounded` gives them); `path` names it
+/// in errors.
+pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Unigram> {
+    let mut model = if is_json(bytes) {
+        from_json(bytes, path)?
     } else {
-        from_spm(&bytes, path)?
+        from_spm(bytes, path)?
     };
-    model.fingerprint = super::fnv1a(&bytes);
+    model.fingerprint = super::fnv1a(bytes);
     Ok(model)
 }
 
-/// Whether `path` is a Unigram model: an spm.model, or a tokenizer.json whose model is
+/// Whether a file's `bytes` are a Unigram model: an spm.model, or a tokenizer.json whose model is
 /// `Unigram`. A file that is neither readable JSON nor a Unigram model answers false, so
 /// that the BPE reader names what is wrong with it.
-pub fn is_unigram_file(path: &Path) -> Result<bool> {
+pub fn is_unigram_bytes(bytes: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct File {
         model: Option<Model>,
@@ -143,14 +148,13 @@ pub fn is_unigram_file(path: &Path) -> Result<bool> {
         #[serde(rename = "type")]
         kind: Option<String>,
     }
-    let bytes = read_bounded(path)?;
-    if !is_json(&bytes) {
-        return Ok(true);
+    if !is_json(bytes) {
+        return true;
     }
-    Ok(serde_json::from_slice::<File>(&bytes)
+    serde_json::from_slice::<File>(bytes)
         .ok()
         .and_then(|file| file.model?.kind)
-        .is_some_and(|kind| kind == "Unigram"))
+        .is_some_and(|kind| kind == "Unigram")
 }
 
 fn is_json(bytes: &[u8]) -> bool {
@@ -158,7 +162,7 @@ fn is_json(bytes: &[u8]) -> bool {
 }
 
 /// The file's bytes, refused past `MAX_TOKENIZER_BYTES` before they are all read.
-fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     let io = |e| Error::io(path, e);
     let mut bytes = Vec::new();
     std::fs::File::open(path)
