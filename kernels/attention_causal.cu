@@ -13,9 +13,19 @@
 // pmask = 1, then to its own keys j <= i with mask[j] = 1. A query with no allowed key gets
 // zero output and saves lse = +inf, so that every probability the backward recomputes,
 // exp(s - lse), is exactly 0 (the CPU twin gives such rows zero weight everywhere).
-// Scores are scale · q·k, scale = 1/sqrt(hs); no dropout (decoders train without it).
+// Scores are scale · q·k, scale = 1/sqrt(hs). Dropout on the probabilities (training): the
+// weight that multiplies v is p · keep · drop_scale, keep = dropout_keep(seed, index,
+// drop_p) with index the element's place in the CPU twin's probs [b, nh, t, tp + t]
+// (columns: the prefix keys, then the own keys), drop_scale = 1 / (1 - drop_p) rounded to
+// fp32 by the host; drop_p = 0: no dropout, no hashing. The backward redraws the mask.
 //
-// Flash-style, as kernels/attention.cu's version 2 (FlashAttention-2's algorithm on CUDA
+// Two versions, both flash-style; the kernel lab validates and times each:
+// 1. CUDA cores (causal_attention_*_f32/_bf16): below.
+// 2. Tensor cores (causal_attention_tc_*_bf16): at the end of the file. The model
+//    runs it in bf16 where hs is a multiple of 16 (src/backend/cuda/decoder_ops.rs
+//    `CausalKernels::for_shape`), version 1 otherwise.
+//
+// Version 1, as kernels/attention.cu's version 2 (FlashAttention-2's algorithm on CUDA
 // cores, fp32 arithmetic, tiles in shared memory as fp32 whatever T is): the forward runs
 // an online softmax over the prefix key tiles, then over the own key tiles up to the
 // diagonal (tiles wholly above it are skipped), and saves one log-sum-exp per query row;
@@ -79,6 +89,22 @@ __device__ __forceinline__ int prompt_of(const unsigned* of_sequence, const Caus
     return prompt < (unsigned)s.prompts ? (int)prompt : -1;
 }
 
+// The dropout of a call: p, the fp32 scale of a kept weight (1 / (1 - p) rounded by the
+// host), the seed; p = 0: no dropout, no hashing.
+struct CausalDropout {
+    double p;
+    float scale;
+    uint64_t seed;
+};
+
+// The factor dropout puts on element `index` of the virtual probs [b, nh, t, tp + t] (the
+// CPU twin's probabilities: columns 0..tp the prefix keys, then the own keys): the scale
+// if kept, 0 if dropped, 1 without dropout.
+__device__ __forceinline__ float dropout_factor(size_t index, const CausalDropout& drop) {
+    if (drop.p == 0.0) return 1.0f;
+    return dropout_keep(drop.seed, index, drop.p) ? drop.scale : 0.0f;
+}
+
 // Per own query row of a warp: the online softmax's running max m, running sum l of
 // exp(score - m), and acc[d] = running sum of exp(score - m) v[d].
 struct OnlineRows {
@@ -89,10 +115,12 @@ struct OnlineRows {
 // Folds one streamed key tile (k_tile [CAUSAL_TILE, hs|1], v_tile [CAUSAL_TILE, hs]) into
 // the warp's rows. Lane l's key is allowed when lane_allowed and, for own keys
 // (causal_first_key >= 0: the tile's first own key index), key <= the query's index.
+// probs_column: the column of lane l's key in probs; bh_t = (bi * nh + h) * t.
 __device__ __forceinline__ void forward_tile(OnlineRows& rows, const float* q_own, const float* k_tile,
-                                             const float* v_tile, int hs, float scale, bool lane_allowed,
-                                             int causal_first_key, int first_query) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+                                             const float* v_tile, const CausalShape& s, float scale,
+                                             bool lane_allowed, int causal_first_key, int first_query,
+                                             size_t bh_t, int probs_column, const CausalDropout& drop) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, hs = s.hs;
 #pragma unroll
     for (int r = 0; r < CAUSAL_ROWS_PER_WARP; r++) {
         const int own = warp * CAUSAL_ROWS_PER_WARP + r, i = first_query + own;
@@ -102,12 +130,17 @@ __device__ __forceinline__ void forward_tile(OnlineRows& rows, const float* q_ow
         // new_max == -inf: no allowed key yet, nothing accumulated; avoid -inf - -inf.
         const float rescale = new_max == -INFINITY ? 1.0f : expf(rows.max[r] - new_max);
         const float e = score == -INFINITY ? 0.0f : expf(score - new_max);
+        // The sum (the softmax's denominator) is before dropout; the weight after it.
+        const float f = e != 0.0f && i < s.t
+                            ? dropout_factor((bh_t + i) * (size_t)(s.tp + s.t) + probs_column, drop)
+                            : 1.0f;
+        const float dropped = e * f;
         rows.sum[r] = rows.sum[r] * rescale + warp_sum(e);
         rows.max[r] = new_max;
 #pragma unroll
         for (int c = 0; c < CAUSAL_DIMS_PER_LANE; c++) rows.acc[r][c] *= rescale;
         for (int key = 0; key < CAUSAL_TILE; key++) {
-            const float w = __shfl_sync(0xffffffffu, e, key);
+            const float w = __shfl_sync(0xffffffffu, dropped, key);
 #pragma unroll
             for (int c = 0; c < CAUSAL_DIMS_PER_LANE; c++) {
                 const int d = lane + 32 * c;
@@ -122,7 +155,8 @@ __device__ __forceinline__ void forward_tile(OnlineRows& rows, const float* q_ow
 template <typename T>
 __device__ void causal_attention_forward(T* out, float* lse, const T* q, const T* k, const T* v,
                                          const uint8_t* mask, const T* pk, const T* pv, const uint8_t* pmask,
-                                         const unsigned* of_sequence, CausalShape s, float scale) {
+                                         const unsigned* of_sequence, CausalShape s, float scale,
+                                         CausalDropout drop) {
     const int bh = blockIdx.y, bi = bh / s.nh, h = bh % s.nh, g = h / (s.nh / s.nkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int first_query = blockIdx.x * CAUSAL_ROWS;
@@ -154,7 +188,8 @@ __device__ void causal_attention_forward(T* out, float* lse, const T* q, const T
             __syncthreads();
             const int j = first_key + lane;
             const bool lane_allowed = j < s.tp && pmask_p[j] != 0;
-            forward_tile(rows, q_own, k_tile, v_tile, hs, scale, lane_allowed, -1, first_query);
+            forward_tile(rows, q_own, k_tile, v_tile, s, scale, lane_allowed, -1, first_query, (size_t)bh * s.t, j,
+                         drop);
         }
     }
     // Own keys up to the block's last query: later tiles are wholly in the future.
@@ -167,7 +202,8 @@ __device__ void causal_attention_forward(T* out, float* lse, const T* q, const T
         __syncthreads();
         const int j = first_key + lane;
         const bool lane_allowed = j < s.t && mask_b[j] != 0;
-        forward_tile(rows, q_own, k_tile, v_tile, hs, scale, lane_allowed, first_key, first_query);
+        forward_tile(rows, q_own, k_tile, v_tile, s, scale, lane_allowed, first_key, first_query, (size_t)bh * s.t,
+                     s.tp + j, drop);
     }
 #pragma unroll
     for (int r = 0; r < CAUSAL_ROWS_PER_WARP; r++) {
@@ -203,17 +239,19 @@ __device__ void causal_attention_backward_dot(float* dot, const T* dout, const T
 }
 
 // The key side of the backward for the block's own key rows (k_own, v_own [CAUSAL_ROWS, hs],
-// allowed per row as key_ok), against the queries of sequence bi, query head h, from
-// first_query_start to t (lane l: query first_query + l):
-//   p_ij = exp(scale q_i·k_j - lse_i), ds_ij = p_ij (dout_i·v_j - D_i),
-//   acc_v_j += p_ij dout_i, acc_k_j += ds_ij q_i,
-// over the allowed pairs: causal (own_first_key >= 0, the own rows' first key index): j <= i.
+// keys first_key.., allowed per row as key_ok), against the queries of sequence bi, query
+// head h, from first_query_start to t (lane l: query first_query + l), f_ij the dropout:
+//   p_ij = exp(scale q_i·k_j - lse_i), ds_ij = p_ij (f_ij dout_i·v_j - D_i),
+//   acc_v_j += p_ij f_ij dout_i, acc_k_j += ds_ij q_i,
+// over the allowed pairs: causal (the own keys): j <= i. probs_column: the column of key
+// first_key in probs (tp for the own keys, 0 for the prefix's).
 template <typename T>
 __device__ void key_side(float (&acc_k)[CAUSAL_ROWS_PER_WARP][CAUSAL_DIMS_PER_LANE],
                          float (&acc_v)[CAUSAL_ROWS_PER_WARP][CAUSAL_DIMS_PER_LANE], const float* k_own,
                          const float* v_own, float* q_tile, float* dout_tile, const bool (&key_ok)[CAUSAL_ROWS_PER_WARP],
                          const T* q, const T* dout, const float* lse, const float* dot, const CausalShape& s,
-                         int bi, int h, int first_query_start, int own_first_key, float scale) {
+                         int bi, int h, int first_query_start, int first_key, bool causal, int probs_column,
+                         float scale, const CausalDropout& drop) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int hs = s.hs, stride = hs | 1;
     const size_t q_channels = (size_t)s.nh * hs;
@@ -232,11 +270,14 @@ __device__ void key_side(float (&acc_k)[CAUSAL_ROWS_PER_WARP][CAUSAL_DIMS_PER_LA
         for (int r = 0; r < CAUSAL_ROWS_PER_WARP; r++) {
             const int own = warp * CAUSAL_ROWS_PER_WARP + r;
             if (!key_ok[r]) continue;  // uniform across the warp
-            const bool allowed = query_real && (own_first_key < 0 || own_first_key + own <= i);
+            const bool allowed = query_real && (!causal || first_key + own <= i);
             float weight = 0.0f, dscore = 0.0f;
             if (allowed) {
-                weight = expf(scale * head_dot(q_tile + lane * stride, k_own + own * hs, hs) - lse_i);
-                dscore = weight * (head_dot(dout_tile + lane * stride, v_own + own * hs, hs) - dot_i);
+                const float p = expf(scale * head_dot(q_tile + lane * stride, k_own + own * hs, hs) - lse_i);
+                const size_t index = (row_base + i) * (size_t)(s.tp + s.t) + probs_column + own;
+                const float f = dropout_factor(index, drop);
+                weight = p * f;
+                dscore = p * (f * head_dot(dout_tile + lane * stride, v_own + own * hs, hs) - dot_i);
             }
             for (int query = 0; query < CAUSAL_TILE; query++) {
                 const float w = __shfl_sync(0xffffffffu, weight, query);
@@ -285,7 +326,7 @@ __device__ __forceinline__ void add_key_grads(T* dk, T* dv, size_t base, size_t 
 template <typename T>
 __device__ void causal_attention_backward_key(T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v,
                                               const float* lse, const float* dot, const uint8_t* mask,
-                                              CausalShape s, float scale) {
+                                              CausalShape s, float scale, CausalDropout drop) {
     const int bg = blockIdx.y, bi = bg / s.nkv, g = bg % s.nkv, group = s.nh / s.nkv;
     const int warp = threadIdx.x >> 5;
     const int first_key = blockIdx.x * CAUSAL_ROWS;
@@ -310,7 +351,7 @@ __device__ void causal_attention_backward_key(T* dk, T* dv, const T* dout, const
     }
     for (int h = g * group; h < (g + 1) * group; h++) {
         key_side(acc_k, acc_v, k_own, v_own, q_tile, dout_tile, key_ok, q, dout, lse, dot, s, bi, h, first_key,
-                 first_key, scale);
+                 first_key, true, s.tp + first_key, scale, drop);
     }
     add_key_grads(dk, dv, kv_base, kv_channels, first_key, s.t, hs, scale, acc_k, acc_v);
 }
@@ -323,7 +364,7 @@ template <typename T>
 __device__ void causal_attention_backward_prefix_key(T* dpk, T* dpv, const T* dout, const T* q, const T* pk,
                                                      const T* pv, const uint8_t* pmask, const unsigned* of_sequence,
                                                      const float* lse, const float* dot, CausalShape s,
-                                                     float scale) {
+                                                     float scale, CausalDropout drop) {
     const int pg = blockIdx.y, prompt = pg / s.nkv, g = pg % s.nkv, group = s.nh / s.nkv;
     const int warp = threadIdx.x >> 5;
     const int first_key = blockIdx.x * CAUSAL_ROWS;
@@ -349,21 +390,22 @@ __device__ void causal_attention_backward_prefix_key(T* dpk, T* dpv, const T* do
     for (int bi = 0; bi < s.b; bi++) {
         if (of_sequence[bi] != (unsigned)prompt) continue;  // uniform across the block
         for (int h = g * group; h < (g + 1) * group; h++) {
-            key_side(acc_k, acc_v, k_own, v_own, q_tile, dout_tile, key_ok, q, dout, lse, dot, s, bi, h, 0, -1,
-                     scale);
+            key_side(acc_k, acc_v, k_own, v_own, q_tile, dout_tile, key_ok, q, dout, lse, dot, s, bi, h, 0,
+                     first_key, false, first_key, scale, drop);
         }
     }
     add_key_grads(dpk, dpv, p_base, kv_channels, first_key, s.tp, hs, scale, acc_k, acc_v);
 }
 
 // Folds one streamed key tile (k_tile, v_tile [CAUSAL_TILE, hs|1]) into the warp's dq
-// accumulators: acc_i += ds_ij k_j. Allowance as forward_tile's.
+// accumulators: acc_i += ds_ij k_j. Allowance and dropout as forward_tile's.
 __device__ __forceinline__ void query_tile(float (&acc)[CAUSAL_ROWS_PER_WARP][CAUSAL_DIMS_PER_LANE],
                                            const float* q_own, const float* dout_own, const float* k_tile,
                                            const float* v_tile, const float (&lse_own)[CAUSAL_ROWS_PER_WARP],
-                                           const float (&dot_own)[CAUSAL_ROWS_PER_WARP], int hs, int t,
-                                           float scale, bool lane_allowed, int causal_first_key, int first_query) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, stride = hs | 1;
+                                           const float (&dot_own)[CAUSAL_ROWS_PER_WARP], const CausalShape& s,
+                                           float scale, bool lane_allowed, int causal_first_key, int first_query,
+                                           size_t bh_t, int probs_column, const CausalDropout& drop) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, hs = s.hs, t = s.t, stride = hs | 1;
 #pragma unroll
     for (int r = 0; r < CAUSAL_ROWS_PER_WARP; r++) {
         const int own = warp * CAUSAL_ROWS_PER_WARP + r, i = first_query + own;
@@ -372,7 +414,8 @@ __device__ __forceinline__ void query_tile(float (&acc)[CAUSAL_ROWS_PER_WARP][CA
         float dscore = 0.0f;
         if (allowed) {
             const float p = expf(scale * head_dot(q_own + own * hs, k_tile + lane * stride, hs) - lse_own[r]);
-            dscore = p * (head_dot(dout_own + own * hs, v_tile + lane * stride, hs) - dot_own[r]);
+            const float f = dropout_factor((bh_t + i) * (size_t)(s.tp + s.t) + probs_column, drop);
+            dscore = p * (f * head_dot(dout_own + own * hs, v_tile + lane * stride, hs) - dot_own[r]);
         }
         for (int key = 0; key < CAUSAL_TILE; key++) {
             const float ds = __shfl_sync(0xffffffffu, dscore, key);
@@ -391,7 +434,8 @@ template <typename T>
 __device__ void causal_attention_backward_query(T* dq, const T* dout, const T* q, const T* k, const T* v,
                                                 const float* lse, const float* dot, const uint8_t* mask,
                                                 const T* pk, const T* pv, const uint8_t* pmask,
-                                                const unsigned* of_sequence, CausalShape s, float scale) {
+                                                const unsigned* of_sequence, CausalShape s, float scale,
+                                                CausalDropout drop) {
     const int bh = blockIdx.y, bi = bh / s.nh, h = bh % s.nh, g = h / (s.nh / s.nkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int first_query = blockIdx.x * CAUSAL_ROWS;
@@ -426,8 +470,8 @@ __device__ void causal_attention_backward_query(T* dq, const T* dout, const T* q
             __syncthreads();
             const int j = first_key + lane;
             const bool lane_allowed = j < s.tp && pmask_p[j] != 0;
-            query_tile(acc, q_own, dout_own, k_tile, v_tile, lse_own, dot_own, hs, s.t, scale, lane_allowed, -1,
-                       first_query);
+            query_tile(acc, q_own, dout_own, k_tile, v_tile, lse_own, dot_own, s, scale, lane_allowed, -1,
+                       first_query, (size_t)bh * s.t, j, drop);
         }
     }
     const uint8_t* mask_b = mask + (size_t)bi * s.t;
@@ -439,8 +483,8 @@ __device__ void causal_attention_backward_query(T* dq, const T* dout, const T* q
         __syncthreads();
         const int j = first_key + lane;
         const bool lane_allowed = j < s.t && mask_b[j] != 0;
-        query_tile(acc, q_own, dout_own, k_tile, v_tile, lse_own, dot_own, hs, s.t, scale, lane_allowed,
-                   first_key, first_query);
+        query_tile(acc, q_own, dout_own, k_tile, v_tile, lse_own, dot_own, s, scale, lane_allowed, first_key,
+                   first_query, (size_t)bh * s.t, s.tp + j, drop);
     }
 #pragma unroll
     for (int r = 0; r < CAUSAL_ROWS_PER_WARP; r++) {
@@ -458,34 +502,37 @@ __device__ void causal_attention_backward_query(T* dq, const T* dout, const T* q
 // The shape arguments every kernel but the dot pass ends with, in this order.
 #define CAUSAL_SHAPE_PARAMS int b, int t, int nh, int nkv, int hs, int prompts, int tp, float scale
 #define CAUSAL_SHAPE CausalShape{b, t, nh, nkv, hs, prompts, tp}
+// Then the dropout's, in this order.
+#define CAUSAL_DROPOUT_PARAMS double drop_p, float drop_scale, uint64_t seed
+#define CAUSAL_DROPOUT CausalDropout{drop_p, drop_scale, seed}
 
-#define KERNELS(T, SUFFIX)                                                                                        \
-    extern "C" __global__ void causal_attention_forward_##SUFFIX(                                                 \
-        T* out, float* lse, const T* q, const T* k, const T* v, const uint8_t* mask, const T* pk, const T* pv,    \
-        const uint8_t* pmask, const unsigned* of_sequence, CAUSAL_SHAPE_PARAMS) {                                 \
-        causal_attention_forward<T>(out, lse, q, k, v, mask, pk, pv, pmask, of_sequence, CAUSAL_SHAPE, scale);    \
-    }                                                                                                             \
-    extern "C" __global__ void causal_attention_backward_dot_##SUFFIX(float* dot, const T* dout, const T* out,   \
-                                                                      int b, int t, int nh, int hs) {             \
-        causal_attention_backward_dot<T>(dot, dout, out, b, t, nh, hs);                                           \
-    }                                                                                                             \
-    extern "C" __global__ void causal_attention_backward_key_##SUFFIX(                                            \
-        T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v, const float* lse, const float* dot,      \
-        const uint8_t* mask, CAUSAL_SHAPE_PARAMS) {                                                               \
-        causal_attention_backward_key<T>(dk, dv, dout, q, k, v, lse, dot, mask, CAUSAL_SHAPE, scale);             \
-    }                                                                                                             \
-    extern "C" __global__ void causal_attention_backward_prefix_key_##SUFFIX(                                     \
-        T* dpk, T* dpv, const T* dout, const T* q, const T* pk, const T* pv, const uint8_t* pmask,                \
-        const unsigned* of_sequence, const float* lse, const float* dot, CAUSAL_SHAPE_PARAMS) {                   \
-        causal_attention_backward_prefix_key<T>(dpk, dpv, dout, q, pk, pv, pmask, of_sequence, lse, dot,          \
-                                                CAUSAL_SHAPE, scale);                                             \
-    }                                                                                                             \
-    extern "C" __global__ void causal_attention_backward_query_##SUFFIX(                                          \
-        T* dq, const T* dout, const T* q, const T* k, const T* v, const float* lse, const float* dot,             \
-        const uint8_t* mask, const T* pk, const T* pv, const uint8_t* pmask, const unsigned* of_sequence,         \
-        CAUSAL_SHAPE_PARAMS) {                                                                                    \
-        causal_attention_backward_query<T>(dq, dout, q, k, v, lse, dot, mask, pk, pv, pmask, of_sequence,         \
-                                           CAUSAL_SHAPE, scale);                                                  \
+#define KERNELS(T, SUFFIX)                                                                                                     \
+    extern "C" __global__ void causal_attention_forward_##SUFFIX(                                                              \
+        T* out, float* lse, const T* q, const T* k, const T* v, const uint8_t* mask, const T* pk, const T* pv,                 \
+        const uint8_t* pmask, const unsigned* of_sequence, CAUSAL_SHAPE_PARAMS, CAUSAL_DROPOUT_PARAMS) {                       \
+        causal_attention_forward<T>(out, lse, q, k, v, mask, pk, pv, pmask, of_sequence, CAUSAL_SHAPE, scale, CAUSAL_DROPOUT); \
+    }                                                                                                                          \
+    extern "C" __global__ void causal_attention_backward_dot_##SUFFIX(float* dot, const T* dout, const T* out,                 \
+                                                                      int b, int t, int nh, int hs) {                          \
+        causal_attention_backward_dot<T>(dot, dout, out, b, t, nh, hs);                                                        \
+    }                                                                                                                          \
+    extern "C" __global__ void causal_attention_backward_key_##SUFFIX(                                                         \
+        T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v, const float* lse, const float* dot,                   \
+        const uint8_t* mask, CAUSAL_SHAPE_PARAMS, CAUSAL_DROPOUT_PARAMS) {                                                     \
+        causal_attention_backward_key<T>(dk, dv, dout, q, k, v, lse, dot, mask, CAUSAL_SHAPE, scale, CAUSAL_DROPOUT);          \
+    }                                                                                                                          \
+    extern "C" __global__ void causal_attention_backward_prefix_key_##SUFFIX(                                                  \
+        T* dpk, T* dpv, const T* dout, const T* q, const T* pk, const T* pv, const uint8_t* pmask,                             \
+        const unsigned* of_sequence, const float* lse, const float* dot, CAUSAL_SHAPE_PARAMS, CAUSAL_DROPOUT_PARAMS) {         \
+        causal_attention_backward_prefix_key<T>(dpk, dpv, dout, q, pk, pv, pmask, of_sequence, lse, dot,                       \
+                                                CAUSAL_SHAPE, scale, CAUSAL_DROPOUT);                                          \
+    }                                                                                                                          \
+    extern "C" __global__ void causal_attention_backward_query_##SUFFIX(                                                       \
+        T* dq, const T* dout, const T* q, const T* k, const T* v, const float* lse, const float* dot,                          \
+        const uint8_t* mask, const T* pk, const T* pv, const uint8_t* pmask, const unsigned* of_sequence,                      \
+        CAUSAL_SHAPE_PARAMS, CAUSAL_DROPOUT_PARAMS) {                                                                          \
+        causal_attention_backward_query<T>(dq, dout, q, k, v, lse, dot, mask, pk, pv, pmask, of_sequence,                      \
+                                           CAUSAL_SHAPE, scale, CAUSAL_DROPOUT);                                               \
     }
 KERNELS(float, f32)
 KERNELS(bf16, bf16)
@@ -493,12 +540,9 @@ KERNELS(bf16, bf16)
 // ---- Version 2: tensor cores (bf16) -------------------------------------------------------
 //
 // Version 1's contract (the prefix, GQA, the mask, lse = +inf for a row with no allowed key,
-// the dot pre-pass causal_attention_backward_dot) with every product on wmma (m16n16k16,
-// bf16 inputs, fp32 accumulation), as kernels/attention.cu's version 3 does for BERT, and
-// dropout on the probabilities: the weight that multiplies v is p · keep · drop_scale,
-// keep = dropout_keep(seed, index, drop_p) with index the element's place in the CPU's
-// probs [b, nh, t, tp + t] (columns: the prefix keys, then the own keys), drop_scale =
-// 1 / (1 - drop_p) rounded to fp32 by the host; drop_p = 0: no dropout, no hashing.
+// the dot pre-pass causal_attention_backward_dot, the dropout) with every product on wmma
+// (m16n16k16, bf16 inputs, fp32 accumulation), as kernels/attention.cu's version 3 does
+// for BERT.
 //
 // hs a multiple of 16, at most 128 (the host checks it): tiles need no padding. A block
 // owns TC_ROWS = 64 rows (4 warps of 16) and streams the other side in tiles of TILE rows:
@@ -525,13 +569,6 @@ typedef nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16, nvcuda:
 typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> TcAcc;
 
 __device__ __forceinline__ int tc_backward_tile(int hs) { return hs <= 64 ? 64 : 32; }
-
-// The factor dropout puts on element `index` of the virtual probs [b, nh, t, tp + t]:
-// drop_scale if kept, 0 if dropped, 1 without dropout.
-__device__ __forceinline__ float dropout_factor(size_t index, double drop_p, float drop_scale, uint64_t seed) {
-    if (drop_p == 0.0) return 1.0f;
-    return dropout_keep(seed, index, drop_p) ? drop_scale : 0.0f;
-}
 
 // tile[rows, ld] (bf16) = rows first_row.. of one head of x [*, len, channels] starting at
 // element head_base, zero from row `len` on. The block cooperates; the caller synchronises
@@ -611,13 +648,6 @@ __device__ __forceinline__ void tc_add_rows(bf16* grad, const TcAcc* acc, float 
     }
 }
 
-// The dropout of a call: p, the fp32 scale of a kept weight, the seed.
-struct CausalDropout {
-    double p;
-    float scale;
-    uint64_t seed;
-};
-
 // A stretch of keys one query row scans: the prefix's (causal = false) or its own
 // (causal = true: key j only for j <= i). Key j of the stretch is allowed where j < len
 // and mask[j] != 0; its column in the row of probs is column + j.
@@ -665,7 +695,7 @@ __device__ __forceinline__ void tc_forward_tile(TcOnline& st, const bf16* q_warp
         const float e = score[c] == -INFINITY ? 0.0f : expf(score[c] - new_max);
         tile_sum += e;
         const float f = e != 0.0f && row_real
-                            ? dropout_factor(probs_row + keys.column + j, drop.p, drop.scale, drop.seed)
+                            ? dropout_factor(probs_row + keys.column + j, drop)
                             : 1.0f;
         weight[c] = __float2bfloat16_rn(e * f);
     }
@@ -824,7 +854,7 @@ __device__ void tc_key_side(TcAcc (&dk_acc)[TC_MAX_BLOCKS], TcAcc (&dv_acc)[TC_M
                 // lse_i = +inf (a row with no allowed key) gives p = 0.
                 const float p = expf(scale * sh.scores[row * ld_scratch + col] - sh.lse_tile[col]);
                 const size_t index = (bh * s.t + i) * (size_t)(s.tp + s.t) + keys.column + j;
-                const float f = dropout_factor(index, drop.p, drop.scale, drop.seed);
+                const float f = dropout_factor(index, drop);
                 weight = p * f;
                 dscore = p * (f * sh.dprobs[row * ld_scratch + col] - sh.dot_tile[col]);
             }
@@ -926,7 +956,7 @@ __device__ __forceinline__ void tc_query_tile(TcAcc (&dq_acc)[TC_MAX_BLOCKS], co
         float dscore = 0.0f;
         if (row_real && j < keys.len && keys.mask[j] != 0 && (!keys.causal || j <= i)) {
             const float p = expf(scale * scores[row * ld_scratch + col] - lse_i);
-            const float f = dropout_factor(probs_row + keys.column + j, drop.p, drop.scale, drop.seed);
+            const float f = dropout_factor(probs_row + keys.column + j, drop);
             dscore = p * (f * dprobs[row * ld_scratch + col] - dot_i);
         }
         dscores[row * ld_prob + col] = __float2bfloat16_rn(dscore);
@@ -1000,11 +1030,8 @@ __device__ void tc_causal_backward_query(bf16* dq, const bf16* dout, const bf16*
     tc_add_rows(dq, dq_acc, scale, scores, TILE + 4, q_base, q_channels, own_first, s.t, hs);
 }
 
-// Version 2's kernels: bf16 only; they end with the shape arguments, then the dropout's
-// (drop_p, drop_scale, seed). Launch: grid as each kernel states, TC_WARPS * 32 threads, the
+// Version 2's kernels: bf16 only; the same arguments as version 1's. Launch: grid as each kernel states, TC_WARPS * 32 threads, the
 // dynamic shared memory each states (src/backend/cuda/decoder_ops.rs computes the same).
-#define CAUSAL_DROPOUT_PARAMS double drop_p, float drop_scale, uint64_t seed
-#define CAUSAL_DROPOUT CausalDropout{drop_p, drop_scale, seed}
 
 extern "C" __global__ void __launch_bounds__(TC_WARPS * 32) causal_attention_tc_forward_bf16(
     bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const uint8_t* mask, const bf16* pk,

@@ -3,9 +3,11 @@
 //! lengths not multiples of a block, padded sequences (the last of a batch all padding, so
 //! some query rows have no key at all), nh != nkv, head sizes 8, 16, 64 (and 128, the
 //! largest, which needs the raised shared memory limit), t not a multiple of the 16-row and
-//! 32-row tiles, a shared prefix with a prompt that no sequence continues. Every kernel runs
-//! in f32 and in bf16. Outputs are poisoned with NaN before a launch, so an element a kernel
-//! forgets is caught; gradients start from random values, so `+=` versus `=` is caught.
+//! 32-row tiles, a shared prefix with a prompt that no sequence continues, attention with
+//! and without dropout. Every kernel runs in f32 and in bf16; the causal attention's version
+//! 2 (tensor cores) in bf16, with its own tolerances (causal_attention_tensor_cores_match_cpu).
+//! Outputs are poisoned with NaN before a launch, so an element a kernel forgets is caught;
+//! gradients start from random values, so `+=` versus `=` is caught.
 //!
 //! Also the three decoder ops that reuse or extend the BERT kernels (kernels/embedding.cu's
 //! token_embedding_forward with the word-table backward, the residual add, kernels/pool.cu's
@@ -630,8 +632,10 @@ fn attention_cases(test: &str, seed: u64, cases: &[AttentionCase]) {
     let mut rng = Rng::new(seed);
     let cuda_cores = CausalKernels::CudaCores;
     for &(dims, prefix) in cases {
-        attention_case::<f32>(&rt, &mut rng, dims, prefix, cuda_cores, None);
-        attention_case::<bf16>(&rt, &mut rng, dims, prefix, cuda_cores, None);
+        for dropout in [None, Some(AttentionDropout { p: 0.2, seed: 79 })] {
+            attention_case::<f32>(&rt, &mut rng, dims, prefix, cuda_cores, dropout);
+            attention_case::<bf16>(&rt, &mut rng, dims, prefix, cuda_cores, dropout);
+        }
     }
 }
 
@@ -726,7 +730,8 @@ fn causal_attention_tensor_cores_match_cpu() {
 }
 
 /// The model's choice: tensor cores for bf16 at head sizes that are multiples of 16 up to
-/// 128, version 1 otherwise; what a version cannot run is refused before any launch.
+/// 128, version 1 otherwise; what a version cannot run (and a dropout p outside [0, 1)) is
+/// refused before any launch.
 #[test]
 fn causal_attention_kernels_by_shape() {
     assert_eq!(
@@ -792,9 +797,11 @@ fn causal_attention_kernels_by_shape() {
     assert!(err.contains("bf16"), "{err}");
     let err = forward(8, tc, None, false).unwrap_err();
     assert!(err.contains("multiples of 16"), "{err}");
-    let err = forward(16, CausalKernels::CudaCores, dropout, false).unwrap_err();
-    assert!(err.contains("no dropout"), "{err}");
     forward(16, tc, dropout, false).unwrap();
+    forward(8, CausalKernels::CudaCores, dropout, true).unwrap();
+    let bad = Some(AttentionDropout { p: 1.0, seed: 1 });
+    let err = forward(8, CausalKernels::CudaCores, bad, true).unwrap_err();
+    assert!(err.contains("not in [0, 1)"), "{err}");
 }
 
 #[test]

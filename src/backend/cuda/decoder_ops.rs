@@ -193,9 +193,9 @@ pub struct CausalPrefixGrads<'a, T> {
 }
 
 /// Which kernels run the causal attention (kernels/attention_causal.cu): version 1 on CUDA
-/// cores (f32 and bf16, fp32 arithmetic throughout, no dropout) or version 2 on tensor cores
-/// (bf16, head sizes that are multiples of 16 up to 128; the probabilities and their
-/// gradients rounded to bf16 before they multiply, as FlashAttention-2 does; dropout).
+/// cores (f32 and bf16, fp32 arithmetic throughout) or version 2 on tensor cores (bf16,
+/// head sizes that are multiples of 16 up to 128; the probabilities and their gradients
+/// rounded to bf16 before they multiply, as FlashAttention-2 does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CausalKernels {
     CudaCores,
@@ -213,14 +213,9 @@ impl CausalKernels {
         }
     }
 
-    /// Refuses what the version cannot run: f32 or a head size off the multiples of 16 on
-    /// tensor cores, dropout on CUDA cores.
-    fn check<T: Activation>(
-        self,
-        op: &str,
-        hs: usize,
-        dropout: Option<AttentionDropout>,
-    ) -> Result<()> {
+    /// Refuses what the version cannot run: on tensor cores, f32 or a head size off the
+    /// multiples of 16.
+    fn check<T: Activation>(self, op: &str, hs: usize) -> Result<()> {
         match self {
             CausalKernels::TensorCores if !T::TENSOR_CORE_ATTENTION => {
                 Err(Error::internal(format!(
@@ -235,18 +230,13 @@ impl CausalKernels {
                     launch::CAUSAL_MAX_HEAD
                 )))
             }
-            CausalKernels::CudaCores if dropout.is_some_and(|d| d.p != 0.0) => {
-                Err(Error::internal(format!(
-                    "{op}: the CUDA-core kernels have no dropout on the probabilities"
-                )))
-            }
             _ => Ok(()),
         }
     }
 }
 
 /// The scalar arguments the causal attention kernels end with (b, t, nh, nkv, hs, prompts,
-/// prefix len, scale; then, for version 2, drop_p, drop_scale, seed), checked: nkv divides
+/// prefix len, scale, drop_p, drop_scale, seed), checked: nkv divides
 /// nh, the prefix's buffers match its shapes, the dropout's p is in [0, 1).
 struct CausalArgs {
     dims: [i32; 7],
@@ -304,16 +294,15 @@ impl CausalArgs {
         })
     }
 
-    /// Pushes b, t, nh, nkv, hs, prompts, prefix len, scale, and for version 2 drop_p,
-    /// drop_scale, seed.
-    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>, kernels: CausalKernels) {
+    /// Pushes b, t, nh, nkv, hs, prompts, prefix len, scale, drop_p, drop_scale, seed.
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>) {
         for d in &self.dims {
             args.arg(d);
         }
-        args.arg(&self.scale);
-        if kernels == CausalKernels::TensorCores {
-            args.arg(&self.drop_p).arg(&self.drop_scale).arg(&self.seed);
-        }
+        args.arg(&self.scale)
+            .arg(&self.drop_p)
+            .arg(&self.drop_scale)
+            .arg(&self.seed);
     }
 }
 
@@ -659,9 +648,9 @@ impl CudaRuntime {
         self.causal_attention_forward_with(out, lse, q, k, v, mask, prefix, dims, None, kernels)
     }
 
-    /// causal_attention_forward by the given kernels, with dropout on the probabilities
-    /// (version 2 only): the weight that multiplies v is p · keep / (1 - p), keep the CPU's
-    /// `AttentionDropout` mask over its probs [b, nh, t, prefix len + t], bit for bit.
+    /// causal_attention_forward by the given kernels, with dropout on the probabilities: the
+    /// weight that multiplies v is p · keep / (1 - p), keep the CPU's `AttentionDropout`
+    /// mask over its probs [b, nh, t, prefix len + t], bit for bit.
     #[allow(clippy::too_many_arguments)]
     pub fn causal_attention_forward_with<T: Activation>(
         &self,
@@ -677,7 +666,7 @@ impl CudaRuntime {
         kernels: CausalKernels,
     ) -> Result<()> {
         let op = "causal_attention_forward";
-        kernels.check::<T>(op, hs, dropout)?;
+        kernels.check::<T>(op, hs)?;
         let scalars = CausalArgs::new(op, (b, t, nh, nkv, hs), prefix, dropout)?;
         let out = &mut checked_view_mut(op, "out", out, b * t * nh * hs)?;
         let lse = &mut checked_view_mut(op, "lse", lse, b * nh * t)?;
@@ -697,7 +686,7 @@ impl CudaRuntime {
         let mut args = kernel.args();
         args.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
         push_prefix(&mut args, prefix);
-        scalars.push(&mut args, kernels);
+        scalars.push(&mut args);
         unsafe { kernel.launch(args) }
     }
 
@@ -734,8 +723,7 @@ impl CudaRuntime {
         )
     }
 
-    /// causal_attention_backward by the given kernels, with the forward's dropout (version
-    /// 2 only).
+    /// causal_attention_backward by the given kernels, with the forward's dropout.
     #[allow(clippy::too_many_arguments)]
     pub fn causal_attention_backward_with<T: Activation>(
         &self,
@@ -757,7 +745,7 @@ impl CudaRuntime {
         kernels: CausalKernels,
     ) -> Result<()> {
         let op = "causal_attention_backward";
-        kernels.check::<T>(op, hs, dropout)?;
+        kernels.check::<T>(op, hs)?;
         let scalars = CausalArgs::new(op, (b, t, nh, nkv, hs), prefix, dropout)?;
         let (q_len, kv_len) = (b * t * nh * hs, b * t * nkv * hs);
         let dq = &mut checked_view_mut(op, "dq", dq, q_len)?;
@@ -827,7 +815,7 @@ impl CudaRuntime {
         let mut args = key.args();
         args.arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v);
         args.arg(lse).arg(row_dot).arg(mask);
-        scalars.push(&mut args, kernels);
+        scalars.push(&mut args);
         unsafe { key.launch(args) }?;
 
         if let (Some(p), Some(d)) = (prefix, dprefix.as_mut())
@@ -848,7 +836,7 @@ impl CudaRuntime {
             args.arg(&mut d.dk).arg(&mut d.dv).arg(dout).arg(q);
             args.arg(&p.k).arg(&p.v).arg(&p.mask).arg(&p.of_sequence);
             args.arg(lse).arg(row_dot);
-            scalars.push(&mut args, kernels);
+            scalars.push(&mut args);
             unsafe { prefix_key.launch(args) }?;
         }
 
@@ -858,7 +846,7 @@ impl CudaRuntime {
         args.arg(dq).arg(dout).arg(q).arg(k).arg(v);
         args.arg(lse).arg(row_dot).arg(mask);
         push_prefix(&mut args, prefix);
-        scalars.push(&mut args, kernels);
+        scalars.push(&mut args);
         unsafe { query.launch(args) }
     }
 }
