@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use rcx::backend::cpu;
-use rcx::backend::cuda::decoder_ops::{CausalPrefix, CausalPrefixGrads};
+use rcx::backend::cuda::decoder_ops::{CausalKernels, CausalPrefix, CausalPrefixGrads};
 use rcx::backend::cuda::{
     self as cuda, Activation, AdamWStep, CudaRuntime, FlashKernels, RankingBatch, TokenBatch,
 };
@@ -223,8 +223,9 @@ fn run(check_only: bool) -> Result<bool> {
     flash_attention::<bf16>(&mut lab, FlashKernels::TensorCores)?;
     decoder_elementwise::<f32>(&mut lab)?;
     decoder_elementwise::<bf16>(&mut lab)?;
-    causal_attention::<f32>(&mut lab)?;
-    causal_attention::<bf16>(&mut lab)?;
+    causal_attention::<f32>(&mut lab, CausalKernels::CudaCores)?;
+    causal_attention::<bf16>(&mut lab, CausalKernels::CudaCores)?;
+    causal_attention::<bf16>(&mut lab, CausalKernels::TensorCores)?;
     matmul(&mut lab)?;
     ranking_loss(&mut lab)?;
     optimizer(&mut lab)?;
@@ -1466,15 +1467,23 @@ fn decoder_elementwise<T: LabActivation>(lab: &mut Lab) -> Result<()> {
     Ok(())
 }
 
-/// Causal grouped-query attention in T: checked against the CPU twin on the same T-rounded
-/// inputs without and with a shared prefix (a prompt no sequence continues included), then
-/// timed on 8 sequences of 512 and on a prompt of 384 shared by 8 completions of 128.
-fn causal_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
+/// Causal grouped-query attention in T, version 1 (`CausalKernels::CudaCores`) or 2
+/// (`TensorCores`, bf16): checked against the CPU twin on the same T-rounded inputs without
+/// and with a shared prefix (a prompt no sequence continues included), then timed on 8
+/// sequences of 512 and on a prompt of 384 shared by 8 completions of 128.
+fn causal_attention<T: LabActivation>(lab: &mut Lab, kernels: CausalKernels) -> Result<()> {
     let store = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
     let load = |x: Vec<T>| x.into_iter().map(T::to_f32).collect::<Vec<f32>>();
+    let version = match kernels {
+        CausalKernels::CudaCores => "v1",
+        CausalKernels::TensorCores => "v2",
+    };
     let name = |direction: &str, shared: bool| {
         let prefix = if shared { " prefix" } else { "" };
-        format!("causal_attention_{direction} {}{prefix}", T::SUFFIX)
+        format!(
+            "causal_attention_{direction} {} {version}{prefix}",
+            T::SUFFIX
+        )
     };
     let rt = lab.rt.clone();
     let up = |x: &[f32]| rt.upload(&store(x));
@@ -1527,7 +1536,7 @@ fn causal_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
         let mut out_d = up(&vec![f32::NAN; q_len])?;
         let mut lse_d = lab.nan(rows)?;
         let dims = (b, t, nh, nkv, hs);
-        lab.rt.causal_attention_forward(
+        lab.rt.causal_attention_forward_with(
             &mut out_d,
             &mut lse_d,
             &q_d,
@@ -1536,6 +1545,8 @@ fn causal_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
             &mask_d,
             prefix.as_ref(),
             dims,
+            None,
+            kernels,
         )?;
         let parts = [("out", load(lab.rt.download(&out_d)?), out)];
         errors[shared as usize][0] =
@@ -1548,7 +1559,7 @@ fn causal_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
             dk: dpk_d.as_view_mut(),
             dv: dpv_d.as_view_mut(),
         });
-        lab.rt.causal_attention_backward(
+        lab.rt.causal_attention_backward_with(
             &mut dq_d,
             &mut dk_d,
             &mut dv_d,
@@ -1563,6 +1574,8 @@ fn causal_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
             &mask_d,
             prefix.as_ref(),
             dims,
+            None,
+            kernels,
         )?;
         let dprefix_cpu = shared.then_some(cpu::PrefixGrads {
             dk: &mut dpk,
@@ -1631,7 +1644,7 @@ fn causal_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
         let dims = (b, t, DNH, DNKV, DHS);
         let (mut out_d, mut lse_d) = (rt.zeros::<T>(q_len)?, rt.zeros::<f32>(rows)?);
         let ms = median_ms(&rt, 2, 10, |_| {
-            rt.causal_attention_forward(
+            rt.causal_attention_forward_with(
                 &mut out_d,
                 &mut lse_d,
                 &q_d,
@@ -1640,6 +1653,8 @@ fn causal_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
                 &mask_d,
                 prefix.as_ref(),
                 dims,
+                None,
+                kernels,
             )
         })?;
         // Useful FLOPs: q·k and p·v over the allowed (prefix and causal) pairs.
@@ -1669,7 +1684,7 @@ fn causal_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
                 dk: dpk_d.as_view_mut(),
                 dv: dpv_d.as_view_mut(),
             });
-            rt.causal_attention_backward(
+            rt.causal_attention_backward_with(
                 &mut dq_d,
                 &mut dk_d,
                 &mut dv_d,
@@ -1684,6 +1699,8 @@ fn causal_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
                 &mask_d,
                 prefix.as_ref(),
                 dims,
+                None,
+                kernels,
             )
         })?;
         // Useful FLOPs, as the forward's doubled (dv, dp, dq, dk).

@@ -11,6 +11,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchArgs, PushKernelArg};
 use super::ops::launch::LaunchShape;
 use super::ops::{checked_view, checked_view_mut, launch as ops_launch, typed};
 use super::runtime::{Activation, CudaRuntime, DeviceRead, DeviceWrite, check_len, dim};
+use crate::backend::cpu::AttentionDropout;
 use crate::error::{Error, Result};
 
 /// The launch shapes of the decoder kernels, pure functions of the tensor shapes (no device
@@ -45,6 +46,102 @@ pub mod launch {
         causal_shape(op, rows, heads, hs, floats)
     }
 
+    /// Version 2 (tensor cores, bf16; kernels/attention_causal.cu `tc_*`): own rows per
+    /// block (4 warps of 16), threads per block, the rows of the forward's key tiles.
+    pub const CAUSAL_TC_ROWS: usize = 64;
+    pub const CAUSAL_TC_THREADS: usize = 128;
+    pub const CAUSAL_TC_FORWARD_TILE: usize = 64;
+
+    /// Whether version 2 takes head size hs: a multiple of 16 (wmma's blocks, no padding)
+    /// up to CAUSAL_MAX_HEAD.
+    pub fn causal_tc_head(hs: usize) -> bool {
+        hs > 0 && hs <= CAUSAL_MAX_HEAD && hs.is_multiple_of(16)
+    }
+
+    /// The rows of version 2's backward tiles: 64 up to hs = 64, else 32 (so that the key
+    /// kernels' shared memory stays within MAX_SHARED_BYTES).
+    pub fn causal_tc_backward_tile(hs: usize) -> usize {
+        if hs <= 64 { 64 } else { 32 }
+    }
+
+    /// causal_attention_tc_forward: grid (query tiles of CAUSAL_TC_ROWS, b*nh); shared:
+    /// own queries and a key and a value tile (bf16), per warp a scratch and a weight tile.
+    pub fn causal_tc_forward(op: &str, t: usize, heads: usize, hs: usize) -> Result<LaunchShape> {
+        let tile = CAUSAL_TC_FORWARD_TILE;
+        causal_tc_shape(op, (t, heads, hs), CAUSAL_TC_ROWS + 2 * tile, tile, 1, 1, 0)
+    }
+
+    /// causal_attention_tc_backward_key (grid (key tiles of t, b*nkv)) and
+    /// causal_attention_tc_backward_prefix_key (grid (key tiles of the prefix length,
+    /// prompts*nkv)): own keys and values, a query and a dout tile; per warp two scratches
+    /// and two weight tiles; lse and dot of a query tile.
+    pub fn causal_tc_backward_key(
+        op: &str,
+        rows: usize,
+        heads: usize,
+        hs: usize,
+    ) -> Result<LaunchShape> {
+        let tile = causal_tc_backward_tile(hs);
+        let head_rows = 2 * CAUSAL_TC_ROWS + 2 * tile;
+        causal_tc_shape(op, (rows, heads, hs), head_rows, tile, 2, 2, 2 * tile)
+    }
+
+    /// causal_attention_tc_backward_query (grid (query tiles of t, b*nh)): own queries and
+    /// douts, a key and a value tile; per warp two scratches and one weight tile.
+    pub fn causal_tc_backward_query(
+        op: &str,
+        rows: usize,
+        heads: usize,
+        hs: usize,
+    ) -> Result<LaunchShape> {
+        let tile = causal_tc_backward_tile(hs);
+        let head_rows = 2 * CAUSAL_TC_ROWS + 2 * tile;
+        causal_tc_shape(op, (rows, heads, hs), head_rows, tile, 2, 1, 0)
+    }
+
+    /// Version 2's layout in bytes: `head_rows` bf16 rows of stride hs + 8, then per warp
+    /// `scratches` fp32 [16, tile + 4] and `weights` bf16 [16, tile + 8], then `floats`
+    /// fp32.
+    fn causal_tc_shape(
+        op: &str,
+        (rows, heads, hs): (usize, usize, usize),
+        head_rows: usize,
+        tile: usize,
+        scratches: usize,
+        weights: usize,
+        floats: usize,
+    ) -> Result<LaunchShape> {
+        if !causal_tc_head(hs) {
+            return Err(Error::internal(format!(
+                "{op}: the tensor-core kernels take head sizes that are multiples of 16 up to \
+                 {CAUSAL_MAX_HEAD}, not {hs}"
+            )));
+        }
+        let warps = CAUSAL_TC_THREADS / 32;
+        let bytes = head_rows * (hs + 8) * 2
+            + warps * scratches * 16 * (tile + 4) * 4
+            + warps * weights * 16 * (tile + 8) * 2
+            + floats * 4;
+        // At most about 88 KiB (the backward key kernels at hs = 64).
+        debug_assert!(bytes <= MAX_SHARED_BYTES as usize);
+        Ok(LaunchShape {
+            grid: (blocks(op, rows, CAUSAL_TC_ROWS)?, y_blocks(op, heads)?, 1),
+            block: CAUSAL_TC_THREADS as u32,
+            shared_bytes: bytes as u32,
+        })
+    }
+
+    /// A grid's y extent: 1..=65535 blocks.
+    fn y_blocks(op: &str, heads: usize) -> Result<u32> {
+        if (1..=65535).contains(&heads) {
+            Ok(heads as u32)
+        } else {
+            Err(Error::internal(format!(
+                "{op}: {heads} blocks along the grid's y axis, the limit is 65535"
+            )))
+        }
+    }
+
     fn causal_shape(
         op: &str,
         rows: usize,
@@ -57,16 +154,11 @@ pub mod launch {
                 "{op}: head size {hs} is outside 1..={CAUSAL_MAX_HEAD}"
             )));
         }
-        if !(1..=65535).contains(&heads) {
-            return Err(Error::internal(format!(
-                "{op}: {heads} blocks along the grid's y axis, the limit is 65535"
-            )));
-        }
         // hs <= 128 keeps this under MAX_SHARED_BYTES (about 49 KiB at most).
         let shared_bytes = (floats * std::mem::size_of::<f32>()) as u32;
         debug_assert!(shared_bytes <= MAX_SHARED_BYTES);
         Ok(LaunchShape {
-            grid: (blocks(op, rows, CAUSAL_ROWS)?, heads as u32, 1),
+            grid: (blocks(op, rows, CAUSAL_ROWS)?, y_blocks(op, heads)?, 1),
             block: CAUSAL_THREADS as u32,
             shared_bytes,
         })
@@ -100,11 +192,58 @@ pub struct CausalPrefixGrads<'a, T> {
     pub dv: CudaViewMut<'a, T>,
 }
 
+/// Which kernels run the causal attention (kernels/attention_causal.cu): version 1 on CUDA
+/// cores (f32 and bf16, fp32 arithmetic throughout) or version 2 on tensor cores (bf16,
+/// head sizes that are multiples of 16 up to 128; the probabilities and their gradients
+/// rounded to bf16 before they multiply, as FlashAttention-2 does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CausalKernels {
+    CudaCores,
+    TensorCores,
+}
+
+impl CausalKernels {
+    /// What the device model runs for activations of type T at head size hs: tensor cores
+    /// where the type has them (bf16) and the head size suits them, else version 1.
+    pub fn for_shape<T: Activation>(hs: usize) -> CausalKernels {
+        if T::TENSOR_CORE_ATTENTION && launch::causal_tc_head(hs) {
+            CausalKernels::TensorCores
+        } else {
+            CausalKernels::CudaCores
+        }
+    }
+
+    /// Refuses what the version cannot run: on tensor cores, f32 or a head size off the
+    /// multiples of 16.
+    fn check<T: Activation>(self, op: &str, hs: usize) -> Result<()> {
+        match self {
+            CausalKernels::TensorCores if !T::TENSOR_CORE_ATTENTION => {
+                Err(Error::internal(format!(
+                    "{op}: the tensor-core kernels take bf16 activations, not {}",
+                    T::SUFFIX
+                )))
+            }
+            CausalKernels::TensorCores if !launch::causal_tc_head(hs) => {
+                Err(Error::internal(format!(
+                    "{op}: the tensor-core kernels take head sizes that are multiples of 16 up \
+                     to {}, not {hs}",
+                    launch::CAUSAL_MAX_HEAD
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The scalar arguments the causal attention kernels end with (b, t, nh, nkv, hs, prompts,
-/// prefix len, scale), checked: nkv divides nh, the prefix's buffers match its shapes.
+/// prefix len, scale, drop_p, drop_scale, seed), checked: nkv divides
+/// nh, the prefix's buffers match its shapes, the dropout's p is in [0, 1).
 struct CausalArgs {
     dims: [i32; 7],
     scale: f32,
+    drop_p: f64,
+    drop_scale: f32,
+    seed: u64,
 }
 
 impl CausalArgs {
@@ -112,7 +251,19 @@ impl CausalArgs {
         op: &str,
         (b, t, nh, nkv, hs): (usize, usize, usize, usize, usize),
         prefix: Option<&CausalPrefix<'_, T>>,
+        dropout: Option<AttentionDropout>,
     ) -> Result<CausalArgs> {
+        // p = 0: no dropout, no hashing; the kept weights' scale 1 / (1 - p) in fp32.
+        let (drop_p, drop_scale, seed) = match dropout {
+            None => (0.0, 1.0, 0),
+            Some(d) if (0.0..1.0).contains(&d.p) => (d.p, (1.0 / (1.0 - d.p)) as f32, d.seed),
+            Some(d) => {
+                return Err(Error::internal(format!(
+                    "{op}: dropout p = {} is not in [0, 1)",
+                    d.p
+                )));
+            }
+        };
         if nkv == 0 || !nh.is_multiple_of(nkv) {
             return Err(Error::internal(format!(
                 "{op}: {nkv} key/value heads do not divide {nh} query heads"
@@ -137,15 +288,30 @@ impl CausalArgs {
                 dim(op, "prefix len", len)?,
             ],
             scale: (1.0 / (hs as f64).sqrt()) as f32,
+            drop_p,
+            drop_scale,
+            seed,
         })
     }
 
-    /// Pushes b, t, nh, nkv, hs, prompts, prefix len, scale.
+    /// Pushes b, t, nh, nkv, hs, prompts, prefix len, scale, drop_p, drop_scale, seed.
     fn push<'a>(&'a self, args: &mut LaunchArgs<'a>) {
         for d in &self.dims {
             args.arg(d);
         }
-        args.arg(&self.scale);
+        args.arg(&self.scale)
+            .arg(&self.drop_p)
+            .arg(&self.drop_scale)
+            .arg(&self.seed);
+    }
+}
+
+/// A kernel's name in the version `kernels`: causal_attention_<part>_<T> on CUDA cores,
+/// causal_attention_tc_<part>_bf16 on tensor cores.
+fn causal_kernel<T: Activation>(kernels: CausalKernels, part: &str) -> String {
+    match kernels {
+        CausalKernels::CudaCores => typed::<T>(&format!("causal_attention_{part}")),
+        CausalKernels::TensorCores => typed::<T>(&format!("causal_attention_tc_{part}")),
     }
 }
 
@@ -464,7 +630,8 @@ impl CudaRuntime {
     /// [b, t, nkv*hs] (query head h reads key/value head h / (nh/nkv)), mask [b, t]
     /// (1 = real token) and the optional shared prefix; lse [b, nh, t] (fp32) saves
     /// log Σ_j exp(s_ij) over each query row's allowed keys (+inf for a row with none,
-    /// whose output is 0). hs <= 128; nkv divides nh.
+    /// whose output is 0). hs <= 128; nkv divides nh. Runs the kernels the model runs,
+    /// `CausalKernels::for_shape` (tensor cores for bf16 where hs is a multiple of 16).
     #[allow(clippy::too_many_arguments)]
     pub fn causal_attention_forward<T: Activation>(
         &self,
@@ -475,10 +642,32 @@ impl CudaRuntime {
         v: &impl DeviceRead<T>,
         mask: &impl DeviceRead<u8>,
         prefix: Option<&CausalPrefix<'_, T>>,
+        dims: (usize, usize, usize, usize, usize),
+    ) -> Result<()> {
+        let kernels = CausalKernels::for_shape::<T>(dims.4);
+        self.causal_attention_forward_with(out, lse, q, k, v, mask, prefix, dims, None, kernels)
+    }
+
+    /// causal_attention_forward by the given kernels, with dropout on the probabilities: the
+    /// weight that multiplies v is p · keep / (1 - p), keep the CPU's `AttentionDropout`
+    /// mask over its probs [b, nh, t, prefix len + t], bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn causal_attention_forward_with<T: Activation>(
+        &self,
+        out: &mut impl DeviceWrite<T>,
+        lse: &mut impl DeviceWrite<f32>,
+        q: &impl DeviceRead<T>,
+        k: &impl DeviceRead<T>,
+        v: &impl DeviceRead<T>,
+        mask: &impl DeviceRead<u8>,
+        prefix: Option<&CausalPrefix<'_, T>>,
         (b, t, nh, nkv, hs): (usize, usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
+        kernels: CausalKernels,
     ) -> Result<()> {
         let op = "causal_attention_forward";
-        let scalars = CausalArgs::new(op, (b, t, nh, nkv, hs), prefix)?;
+        kernels.check::<T>(op, hs)?;
+        let scalars = CausalArgs::new(op, (b, t, nh, nkv, hs), prefix, dropout)?;
         let out = &mut checked_view_mut(op, "out", out, b * t * nh * hs)?;
         let lse = &mut checked_view_mut(op, "lse", lse, b * nh * t)?;
         let q = &checked_view(op, "q", q, b * t * nh * hs)?;
@@ -488,8 +677,12 @@ impl CudaRuntime {
         if lse.is_empty() || hs == 0 {
             return Ok(());
         }
-        let shape = launch::causal_forward(op, t, b * nh, hs)?;
-        let kernel = self.kernel(op, "attention_causal", &typed::<T>(op), shape)?;
+        let shape = match kernels {
+            CausalKernels::CudaCores => launch::causal_forward(op, t, b * nh, hs)?,
+            CausalKernels::TensorCores => launch::causal_tc_forward(op, t, b * nh, hs)?,
+        };
+        let name = causal_kernel::<T>(kernels, "forward");
+        let kernel = self.kernel(op, "attention_causal", &name, shape)?;
         let mut args = kernel.args();
         args.arg(out).arg(lse).arg(q).arg(k).arg(v).arg(mask);
         push_prefix(&mut args, prefix);
@@ -504,7 +697,7 @@ impl CudaRuntime {
     /// dout · out per query row; dk, dv per key tile and key/value head, summing the
     /// group's query heads in order; with a prefix, the prefix's dk, dv per key tile,
     /// prompt and key/value head, summing the sequences that continue the prompt in batch
-    /// order; dq per query tile.
+    /// order; dq per query tile. The kernels of `CausalKernels::for_shape`, as the forward.
     #[allow(clippy::too_many_arguments)]
     pub fn causal_attention_backward<T: Activation>(
         &self,
@@ -521,10 +714,39 @@ impl CudaRuntime {
         lse: &impl DeviceRead<f32>,
         mask: &impl DeviceRead<u8>,
         prefix: Option<&CausalPrefix<'_, T>>,
+        dims: (usize, usize, usize, usize, usize),
+    ) -> Result<()> {
+        let kernels = CausalKernels::for_shape::<T>(dims.4);
+        self.causal_attention_backward_with(
+            dq, dk, dv, dprefix, row_dot, dout, out, q, k, v, lse, mask, prefix, dims, None,
+            kernels,
+        )
+    }
+
+    /// causal_attention_backward by the given kernels, with the forward's dropout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn causal_attention_backward_with<T: Activation>(
+        &self,
+        dq: &mut impl DeviceWrite<T>,
+        dk: &mut impl DeviceWrite<T>,
+        dv: &mut impl DeviceWrite<T>,
+        dprefix: Option<CausalPrefixGrads<'_, T>>,
+        row_dot: &mut impl DeviceWrite<f32>,
+        dout: &impl DeviceRead<T>,
+        out: &impl DeviceRead<T>,
+        q: &impl DeviceRead<T>,
+        k: &impl DeviceRead<T>,
+        v: &impl DeviceRead<T>,
+        lse: &impl DeviceRead<f32>,
+        mask: &impl DeviceRead<u8>,
+        prefix: Option<&CausalPrefix<'_, T>>,
         (b, t, nh, nkv, hs): (usize, usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
+        kernels: CausalKernels,
     ) -> Result<()> {
         let op = "causal_attention_backward";
-        let scalars = CausalArgs::new(op, (b, t, nh, nkv, hs), prefix)?;
+        kernels.check::<T>(op, hs)?;
+        let scalars = CausalArgs::new(op, (b, t, nh, nkv, hs), prefix, dropout)?;
         let (q_len, kv_len) = (b * t * nh * hs, b * t * nkv * hs);
         let dq = &mut checked_view_mut(op, "dq", dq, q_len)?;
         let dk = &mut checked_view_mut(op, "dk", dk, kv_len)?;
@@ -554,12 +776,23 @@ impl CudaRuntime {
         if lse.is_empty() || hs == 0 {
             return Ok(());
         }
+        let (key_shape, query_shape) = match kernels {
+            CausalKernels::CudaCores => (
+                launch::causal_backward(op, t, b * nkv, hs)?,
+                launch::causal_backward(op, t, b * nh, hs)?,
+            ),
+            CausalKernels::TensorCores => (
+                launch::causal_tc_backward_key(op, t, b * nkv, hs)?,
+                launch::causal_tc_backward_query(op, t, b * nh, hs)?,
+            ),
+        };
         let (b_i, t_i, nh_i, hs_i) = (
             dim(op, "b", b)?,
             dim(op, "t", t)?,
             dim(op, "nh", nh)?,
             dim(op, "hs", hs)?,
         );
+        // The row dots are the same pass for both versions.
         let dot = self.kernel(
             op,
             "attention_causal",
@@ -577,12 +810,8 @@ impl CudaRuntime {
         unsafe { dot.launch(args) }?;
         let row_dot = &row_dot.as_view();
 
-        let key = self.kernel(
-            op,
-            "attention_causal",
-            &typed::<T>("causal_attention_backward_key"),
-            launch::causal_backward(op, t, b * nkv, hs)?,
-        )?;
+        let key_name = causal_kernel::<T>(kernels, "backward_key");
+        let key = self.kernel(op, "attention_causal", &key_name, key_shape)?;
         let mut args = key.args();
         args.arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v);
         args.arg(lse).arg(row_dot).arg(mask);
@@ -593,12 +822,16 @@ impl CudaRuntime {
             && p.len > 0
             && p.prompts > 0
         {
-            let prefix_key = self.kernel(
-                op,
-                "attention_causal",
-                &typed::<T>("causal_attention_backward_prefix_key"),
-                launch::causal_backward(op, p.len, p.prompts * nkv, hs)?,
-            )?;
+            let shape = match kernels {
+                CausalKernels::CudaCores => {
+                    launch::causal_backward(op, p.len, p.prompts * nkv, hs)?
+                }
+                CausalKernels::TensorCores => {
+                    launch::causal_tc_backward_key(op, p.len, p.prompts * nkv, hs)?
+                }
+            };
+            let name = causal_kernel::<T>(kernels, "backward_prefix_key");
+            let prefix_key = self.kernel(op, "attention_causal", &name, shape)?;
             let mut args = prefix_key.args();
             args.arg(&mut d.dk).arg(&mut d.dv).arg(dout).arg(q);
             args.arg(&p.k).arg(&p.v).arg(&p.mask).arg(&p.of_sequence);
@@ -607,12 +840,8 @@ impl CudaRuntime {
             unsafe { prefix_key.launch(args) }?;
         }
 
-        let query = self.kernel(
-            op,
-            "attention_causal",
-            &typed::<T>("causal_attention_backward_query"),
-            launch::causal_backward(op, t, b * nh, hs)?,
-        )?;
+        let query_name = causal_kernel::<T>(kernels, "backward_query");
+        let query = self.kernel(op, "attention_causal", &query_name, query_shape)?;
         let mut args = query.args();
         args.arg(dq).arg(dout).arg(q).arg(k).arg(v);
         args.arg(lse).arg(row_dot).arg(mask);
