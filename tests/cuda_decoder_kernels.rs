@@ -824,6 +824,7 @@ fn causal_attention_refuses_bad_shapes() {
             &mask,
             None,
             (1, 2, 3, 2, 8),
+            None,
         )
         .unwrap_err()
         .to_string();
@@ -840,6 +841,7 @@ fn causal_attention_refuses_bad_shapes() {
             &mask,
             None,
             (1, 2, 3, 3, 8),
+            None,
         )
         .unwrap_err()
         .to_string();

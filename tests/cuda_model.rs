@@ -754,21 +754,31 @@ fn decoder_batch(seed: u64) -> Ranked {
 }
 
 /// f32 on both sides: the forward's logits within 1e-4, then one whole training step (the
-/// adaptive loss, no dropout: decoders have none on the GPU) with the loss and gradient norm
+/// adaptive loss, with `dropout` on the attention probabilities) with the loss and gradient norm
 /// within 1e-4 relative, every gradient tensor within 1e-3 norm-relative (the tolerances
 /// of the BERT step above), and the AdamW update on the device's gradients within 1e-5.
-fn decoder_step_case(rt: Arc<CudaRuntime>, family: Family, (batch, ks, types): Ranked) {
+fn decoder_step_case(
+    rt: Arc<CudaRuntime>,
+    family: Family,
+    (batch, ks, types): Ranked,
+    dropout: Option<Dropout>,
+) {
     let shared = !batch.groups.is_empty();
     let run = format!(
-        "{family:?} f32{}",
-        if shared { ", shared prefix" } else { "" }
+        "{family:?} f32{}{}",
+        if shared { ", shared prefix" } else { "" },
+        if dropout.is_some() {
+            ", attention dropout"
+        } else {
+            ""
+        }
     );
     let mut model = random_decoder(family, 5);
     let (spec, eps) = (LossSpec::parse("adaptive").unwrap(), 0.01);
     let mut trainer = on_gpu(rt, &model, DType::F32);
 
-    let cpu_logits = on_cpu(&model).forward(&batch, None).unwrap();
-    let gpu_logits = trainer.forward(&batch, None).unwrap();
+    let cpu_logits = on_cpu(&model).forward(&batch, dropout).unwrap();
+    let gpu_logits = trainer.forward(&batch, dropout).unwrap();
     assert_close(&format!("{run}: logits"), &gpu_logits, &cpu_logits, 1e-4);
     let rows = trainer.last_rows().unwrap();
     assert_eq!(
@@ -789,15 +799,15 @@ fn decoder_step_case(rt: Arc<CudaRuntime>, family: Family, (batch, ks, types): R
         batch: &batch,
         ks: &ks,
         types: &types,
-        dropout: None,
+        dropout,
     }];
     let stats = trainer.train_step(&micro, &spec, eps, &OPT).unwrap();
     let mut cpu = on_cpu(&model);
-    let logits = cpu.forward(&batch, None).unwrap();
+    let logits = cpu.forward(&batch, dropout).unwrap();
     let mut dlogits = vec![0f32; logits.len()];
     let cpu_loss =
         ranking_loss_forward_backward(&logits, &ks, &types, &spec, eps, &mut dlogits).unwrap();
-    cpu.backward(None, &dlogits).unwrap();
+    cpu.backward(dropout, &dlogits).unwrap();
     let cpu_grads = cpu.backend.grads().to_vec();
     assert_rel(&format!("{run}: loss"), stats.loss, cpu_loss as f64, 1e-4);
     let gpu_grads = trainer.backend.download_grads().unwrap();
@@ -817,8 +827,8 @@ fn decoder_training_step_matches_cpu() {
     let Some(rt) = gpu("decoder_training_step_matches_cpu") else {
         return;
     };
-    decoder_step_case(rt.clone(), Family::Llama, decoder_batch(13));
-    decoder_step_case(rt, Family::Qwen2, decoder_batch(13));
+    decoder_step_case(rt.clone(), Family::Llama, decoder_batch(13), None);
+    decoder_step_case(rt, Family::Qwen2, decoder_batch(13), None);
 }
 
 /// Prompts of 4..=9 tokens with K = 3, 2, 3 completions of 1..=6 tokens each, grouped by
@@ -860,8 +870,8 @@ fn decoder_shared_prefix_step_matches_cpu() {
     let Some(rt) = gpu("decoder_shared_prefix_step_matches_cpu") else {
         return;
     };
-    decoder_step_case(rt.clone(), Family::Llama, decoder_shared_batch(23));
-    decoder_step_case(rt, Family::Qwen2, decoder_shared_batch(29));
+    decoder_step_case(rt.clone(), Family::Llama, decoder_shared_batch(23), None);
+    decoder_step_case(rt, Family::Qwen2, decoder_shared_batch(29), None);
 }
 
 /// bf16 activations against the f32 CPU forward: logits within BF16_DECODER_LOGITS ·
@@ -886,24 +896,22 @@ fn decoder_bf16_forward_matches_cpu() {
     }
 }
 
-/// The causal attention kernels have no dropout: a step with attention dropout is a user
-/// error naming it, not a silent run without.
+/// Attention dropout on the device draws the CPU's mask (the same keep rule over the same
+/// probability indices): a step with p = 0.2, of whole sequences and with the shared
+/// prefix (whose two attention calls draw from seeds of their own), equals the CPU's at the
+/// f32 step tolerances.
 #[test]
-fn decoder_attention_dropout_is_refused_on_the_device() {
-    let Some(rt) = gpu("decoder_attention_dropout_is_refused_on_the_device") else {
+fn decoder_attention_dropout_step_matches_cpu() {
+    let Some(rt) = gpu("decoder_attention_dropout_step_matches_cpu") else {
         return;
     };
-    let model = random_decoder(Family::Llama, 9);
-    let (batch, _, _) = decoder_batch(19);
-    let mut trainer = on_gpu(rt, &model, DType::F32);
     let dropout = Dropout {
         hidden: 0.0,
-        attention: 0.1,
-        seed: 1,
+        attention: 0.2,
+        seed: 3,
     };
-    let err = trainer.forward(&batch, Some(dropout)).unwrap_err();
-    assert!(err.to_string().contains("has no dropout"), "{err}");
-    assert_eq!(err.exit_code(), 2, "{err}");
+    decoder_step_case(rt.clone(), Family::Llama, decoder_batch(19), Some(dropout));
+    decoder_step_case(rt, Family::Llama, decoder_shared_batch(31), Some(dropout));
 }
 
 /// Every test above, rerun on the emulated device (tests/emu/fake_device.rs) when this

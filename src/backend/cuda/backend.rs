@@ -1033,7 +1033,6 @@ impl Backend for Cuda {
         d: CausalDims,
         dropout: Option<AttentionDropout>,
     ) -> Result<()> {
-        no_causal_dropout(dropout)?;
         lend!(self, |rt, l| {
             let kv = match prefix {
                 Some(p) => Some((l.t(p.k, false)?, l.t(p.v, false)?, p.prompts)),
@@ -1056,6 +1055,7 @@ impl Backend for Cuda {
                 &tokens.mask,
                 prefix.as_ref(),
                 (d.b, d.t, d.nh, d.nkv, d.hs),
+                dropout,
             )
         })
     }
@@ -1078,7 +1078,6 @@ impl Backend for Cuda {
         d: CausalDims,
         dropout: Option<AttentionDropout>,
     ) -> Result<()> {
-        no_causal_dropout(dropout)?;
         lend!(self, |rt, l| {
             let kv = match prefix {
                 Some(p) => Some((l.t(p.k, false)?, l.t(p.v, false)?, p.prompts)),
@@ -1114,6 +1113,7 @@ impl Backend for Cuda {
                 &tokens.mask,
                 prefix.as_ref(),
                 (d.b, d.t, d.nh, d.nkv, d.hs),
+                dropout,
             )
         })
     }
@@ -1375,18 +1375,6 @@ fn no_deberta_kernels(op: &str) -> Error {
     Error::user(format!(
         "{op}: DeBERTa models have no CUDA kernels yet; set device: cpu"
     ))
-}
-
-/// The causal attention kernels have no dropout on the probabilities: p > 0 is refused.
-fn no_causal_dropout(dropout: Option<AttentionDropout>) -> Result<()> {
-    match dropout {
-        Some(d) if d.p > 0.0 => Err(Error::user(format!(
-            "attention dropout {} on a decoder: the CUDA causal attention has no dropout; \
-             set the attention dropout to 0 or device: cpu",
-            d.p
-        ))),
-        _ => Ok(()),
-    }
 }
 
 /// cos, sin (fp32 Stats) rounded to the activation type T in fresh buffers, as the rope

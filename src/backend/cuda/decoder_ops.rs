@@ -625,8 +625,8 @@ impl CudaRuntime {
         unsafe { kernel.launch(args) }
     }
 
-    /// Causal attention with grouped-query heads (the CPU's `causal_attention_forward`
-    /// without dropout), flash-style: out [b, t, nh*hs] from q [b, t, nh*hs], k, v
+    /// Causal attention with grouped-query heads (the CPU's `causal_attention_forward`,
+    /// its dropout mask bit for bit), flash-style: out [b, t, nh*hs] from q [b, t, nh*hs], k, v
     /// [b, t, nkv*hs] (query head h reads key/value head h / (nh/nkv)), mask [b, t]
     /// (1 = real token) and the optional shared prefix; lse [b, nh, t] (fp32) saves
     /// log Σ_j exp(s_ij) over each query row's allowed keys (+inf for a row with none,
@@ -643,9 +643,10 @@ impl CudaRuntime {
         mask: &impl DeviceRead<u8>,
         prefix: Option<&CausalPrefix<'_, T>>,
         dims: (usize, usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
     ) -> Result<()> {
         let kernels = CausalKernels::for_shape::<T>(dims.4);
-        self.causal_attention_forward_with(out, lse, q, k, v, mask, prefix, dims, None, kernels)
+        self.causal_attention_forward_with(out, lse, q, k, v, mask, prefix, dims, dropout, kernels)
     }
 
     /// causal_attention_forward by the given kernels, with dropout on the probabilities: the
@@ -715,10 +716,11 @@ impl CudaRuntime {
         mask: &impl DeviceRead<u8>,
         prefix: Option<&CausalPrefix<'_, T>>,
         dims: (usize, usize, usize, usize, usize),
+        dropout: Option<AttentionDropout>,
     ) -> Result<()> {
         let kernels = CausalKernels::for_shape::<T>(dims.4);
         self.causal_attention_backward_with(
-            dq, dk, dv, dprefix, row_dot, dout, out, q, k, v, lse, mask, prefix, dims, None,
+            dq, dk, dv, dprefix, row_dot, dout, out, q, k, v, lse, mask, prefix, dims, dropout,
             kernels,
         )
     }
