@@ -26,6 +26,7 @@ use cudarc::driver::{CudaSlice, CudaViewMut};
 use half::bf16;
 
 use super::cast::ModelFloat;
+use super::deberta_ops::{DevicePositionGrads, DevicePositionTerms};
 use super::loss::RankingBatch;
 use super::ops::{FlashKernels, TokenBatch};
 use super::optim::AdamWStep;
@@ -1111,70 +1112,142 @@ impl Backend for Cuda {
         ))
     }
 
+    // ---- DeBERTa's disentangled attention (kernels/disentangled_attention.cu) ----
+
     fn position_products_forward(
         &mut self,
-        _out: Buf,
-        _x: Buf,
-        _pos: Buf,
-        _dims: AttentionDims,
-        _rows: usize,
+        out: Buf,
+        x: Buf,
+        pos: Buf,
+        d: AttentionDims,
+        rows: usize,
     ) -> Result<()> {
-        Err(no_deberta_kernels("position_products_forward"))
+        lend!(self, |rt, l| rt.position_products_forward(
+            &mut l.t(out, true)?,
+            &l.t(x, false)?,
+            &l.t(pos, false)?,
+            (d.b, d.t, d.nh, d.hs),
+            rows,
+        ))
     }
 
     fn position_products_backward(
         &mut self,
-        _dx: Buf,
-        _dpos: Buf,
-        _dout: Buf,
-        _x: Buf,
-        _pos: Buf,
-        _dims: AttentionDims,
-        _rows: usize,
+        dx: Buf,
+        dpos: Buf,
+        dout: Buf,
+        x: Buf,
+        pos: Buf,
+        d: AttentionDims,
+        rows: usize,
     ) -> Result<()> {
-        Err(no_deberta_kernels("position_products_backward"))
+        lend!(self, |rt, l| rt.position_products_backward(
+            &mut l.t(dx, true)?,
+            &mut l.t(dpos, true)?,
+            &l.t(dout, false)?,
+            &l.t(x, false)?,
+            &l.t(pos, false)?,
+            (d.b, d.t, d.nh, d.hs),
+            rows,
+        ))
     }
 
-    fn disentangled_attention_saved_len(&self, _dims: AttentionDims) -> usize {
-        0
+    /// Flash-style: [lse [B, NH, T] | the backward's row dots [B, NH, T] | the output in
+    /// fp32 [B, T, NH·HS]] (`SavedParts`).
+    fn disentangled_attention_saved_len(&self, d: AttentionDims) -> usize {
+        SavedParts::len(d)
     }
 
     fn disentangled_attention_forward(
         &mut self,
-        _ctx: Buf,
-        _saved: Buf,
-        _q: Buf,
-        _k: Buf,
-        _v: Buf,
-        _terms: PositionBufs,
-        _relative: &[u32],
-        _tokens: &CudaTokens,
-        _dims: AttentionDims,
-        _scale: f64,
-        _dropout: Option<AttentionDropout>,
+        ctx: Buf,
+        saved: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        terms: PositionBufs,
+        relative: &[u32],
+        tokens: &CudaTokens,
+        d: AttentionDims,
+        scale: f64,
+        dropout: Option<AttentionDropout>,
     ) -> Result<()> {
-        Err(no_deberta_kernels("disentangled_attention_forward"))
+        let saved = SavedParts::new(saved, d)?;
+        lend!(self, |rt, l| {
+            let (c2p, p2c) = (lend_term(&mut l, terms.c2p)?, lend_term(&mut l, terms.p2c)?);
+            let terms = DevicePositionTerms {
+                c2p: c2p.as_ref(),
+                p2c: p2c.as_ref(),
+                relative,
+                rows: terms.rows,
+            };
+            rt.disentangled_attention_forward(
+                &mut l.t(ctx, true)?,
+                &mut l.f(saved.out32, true)?,
+                &mut l.f(saved.lse, true)?,
+                &l.t(q, false)?,
+                &l.t(k, false)?,
+                &l.t(v, false)?,
+                terms,
+                &tokens.mask,
+                (d.b, d.t, d.nh, d.hs),
+                scale,
+                dropout,
+            )
+        })
     }
 
+    /// Writes the row dots into `saved`'s middle part, which only this backward uses.
     fn disentangled_attention_backward(
         &mut self,
-        _dq: Buf,
-        _dk: Buf,
-        _dv: Buf,
-        _dterms: PositionBufs,
-        _dctx: Buf,
-        _q: Buf,
-        _k: Buf,
-        _v: Buf,
-        _terms: PositionBufs,
-        _saved: Buf,
-        _relative: &[u32],
-        _tokens: &CudaTokens,
-        _dims: AttentionDims,
-        _scale: f64,
-        _dropout: Option<AttentionDropout>,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        dterms: PositionBufs,
+        dctx: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        terms: PositionBufs,
+        saved: Buf,
+        relative: &[u32],
+        tokens: &CudaTokens,
+        d: AttentionDims,
+        scale: f64,
+        dropout: Option<AttentionDropout>,
     ) -> Result<()> {
-        Err(no_deberta_kernels("disentangled_attention_backward"))
+        let saved = SavedParts::new(saved, d)?;
+        lend!(self, |rt, l| {
+            let grads = DevicePositionGrads {
+                dc2p: dterms.c2p.map(|b| l.t(b, true)).transpose()?,
+                dp2c: dterms.p2c.map(|b| l.t(b, true)).transpose()?,
+            };
+            let (c2p, p2c) = (lend_term(&mut l, terms.c2p)?, lend_term(&mut l, terms.p2c)?);
+            let terms = DevicePositionTerms {
+                c2p: c2p.as_ref(),
+                p2c: p2c.as_ref(),
+                relative,
+                rows: terms.rows,
+            };
+            rt.disentangled_attention_backward(
+                &mut l.t(dq, true)?,
+                &mut l.t(dk, true)?,
+                &mut l.t(dv, true)?,
+                grads,
+                &mut l.f(saved.row_dot, true)?,
+                &l.t(dctx, false)?,
+                &l.f(saved.out32, false)?,
+                &l.t(q, false)?,
+                &l.t(k, false)?,
+                &l.t(v, false)?,
+                terms,
+                &l.f(saved.lse, false)?,
+                &tokens.mask,
+                (d.b, d.t, d.nh, d.hs),
+                scale,
+                dropout,
+            )
+        })
     }
 
     fn ranking_loss(
@@ -1329,11 +1402,38 @@ impl Backend for Cuda {
     }
 }
 
-/// The error of a DeBERTa op on the GPU until its kernels are written.
-fn no_deberta_kernels(op: &str) -> Error {
-    Error::user(format!(
-        "{op}: DeBERTa models have no CUDA kernels yet; set device: cpu"
-    ))
+/// The parts of the disentangled attention's saved buffer (Stats, fp32).
+struct SavedParts {
+    lse: Buf,     // [B, NH, T] log-sum-exp per query row
+    row_dot: Buf, // [B, NH, T] the backward's D = dctx · ctx, scratch
+    out32: Buf,   // [B, T, NH·HS] the forward's output in fp32
+}
+
+impl SavedParts {
+    fn len(d: AttentionDims) -> usize {
+        2 * d.b * d.nh * d.t + d.b * d.t * d.nh * d.hs
+    }
+
+    fn new(saved: Buf, d: AttentionDims) -> Result<SavedParts> {
+        if saved.len != SavedParts::len(d) {
+            return Err(Error::internal(format!(
+                "disentangled attention: saved has {} elements, the shapes need {}",
+                saved.len,
+                SavedParts::len(d)
+            )));
+        }
+        let rows = d.b * d.nh * d.t;
+        Ok(SavedParts {
+            lse: saved.part(0, rows),
+            row_dot: saved.part(rows, rows),
+            out32: saved.part(2 * rows, saved.len - 2 * rows),
+        })
+    }
+}
+
+/// A position term's products, lent for reading (None where the model has no such term).
+fn lend_term<'a, T>(l: &mut Lend<'a, T>, buf: Option<Buf>) -> Result<Option<CudaViewMut<'a, T>>> {
+    buf.map(|b| l.t(b, false)).transpose()
 }
 
 /// The causal attention kernels have no dropout on the probabilities: p > 0 is refused.
