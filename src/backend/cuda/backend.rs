@@ -479,6 +479,24 @@ impl Backend for Cuda {
         c: usize,
         eps: f64,
     ) -> Result<()> {
+        if is_acts(out) && !is_acts(x) {
+            // An fp32 table normed into activations (DeBERTa's relative embeddings).
+            return lend!(self, |rt, l| {
+                let mut out32 = rt.zeros::<f32>(out.len)?;
+                rt.layernorm_forward(
+                    &mut out32,
+                    &mut l.f(mean, true)?,
+                    &mut l.f(rstd, true)?,
+                    &l.f(x, false)?,
+                    &l.f(weight, false)?,
+                    &l.f(bias, false)?,
+                    n,
+                    c,
+                    eps,
+                )?;
+                store_rounded(rt, &mut l, out, &out32)
+            });
+        }
         lend!(self, |rt, l| rt.layernorm_forward(
             &mut l.t(out, true)?,
             &mut l.f(mean, true)?,
@@ -534,6 +552,25 @@ impl Backend for Cuda {
         n: usize,
         c: usize,
     ) -> Result<()> {
+        if !is_acts(dx) && is_acts(dout) {
+            // Into an fp32 table's gradient from activation gradients (DeBERTa's relative
+            // embeddings): in fp32 throughout.
+            return lend!(self, |rt, l| {
+                let dout32 = widened(rt, &mut l, dout)?;
+                rt.layernorm_backward(
+                    &mut l.f(dx, true)?,
+                    &mut l.f(dweight, true)?,
+                    &mut l.f(dbias, true)?,
+                    &dout32,
+                    &l.f(x, false)?,
+                    &l.f(weight, false)?,
+                    &l.f(mean, false)?,
+                    &l.f(rstd, false)?,
+                    n,
+                    c,
+                )
+            });
+        }
         lend!(self, |rt, l| rt.layernorm_backward(
             &mut l.t(dx, true)?,
             &mut l.f(dweight, true)?,
@@ -638,6 +675,23 @@ impl Backend for Cuda {
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        if !is_acts(x) {
+            // On fp32 buffers (DeBERTa's pooler, in the Stats arena): in fp32 with the master
+            // weights, as matmul_forward.
+            return lend!(self, |rt, l| {
+                let mut pre = l.f(pre, true)?;
+                rt.matmul_forward(
+                    &mut pre,
+                    &l.f(x, false)?,
+                    &l.f(weight, false)?,
+                    None::<&CudaViewMut<'_, f32>>,
+                    n,
+                    c,
+                    oc,
+                )?;
+                rt.bias_gelu_forward(&mut l.f(out, true)?, &pre, &l.f(bias, false)?, n, oc)
+            });
+        }
         lend!(self, |rt, l| {
             let mut pre = l.t(pre, true)?;
             let bias = l.f(bias, false)?;
@@ -669,6 +723,33 @@ impl Backend for Cuda {
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        if !is_acts(x) {
+            // On fp32 buffers (DeBERTa's pooler): in fp32 with the master weights.
+            return lend!(self, |rt, l| {
+                let mut dpre = l.f(dpre, true)?;
+                zero_view(rt, &mut dpre)?;
+                rt.bias_gelu_backward(
+                    &mut dpre,
+                    &mut l.f(dbias, true)?,
+                    &l.f(dout, false)?,
+                    &l.f(pre, false)?,
+                    &l.f(bias, false)?,
+                    n,
+                    oc,
+                )?;
+                rt.matmul_backward(
+                    &mut l.f(dx, true)?,
+                    &mut l.f(dweight, true)?,
+                    None::<&mut CudaViewMut<'_, f32>>,
+                    &dpre,
+                    &l.f(x, false)?,
+                    &l.f(weight, false)?,
+                    n,
+                    c,
+                    oc,
+                )
+            });
+        }
         lend!(self, |rt, l| {
             let mut dpre = l.t(dpre, true)?;
             zero_view(rt, &mut dpre)?;
@@ -711,16 +792,28 @@ impl Backend for Cuda {
     }
 
     fn dropout_forward(&mut self, out: Buf, x: Buf, p: f64, seed: u64) -> Result<()> {
-        lend!(self, |rt, l| match is_acts(x) {
-            true => rt.dropout_forward(&mut l.t(out, true)?, &l.t(x, false)?, p, seed),
-            false => rt.dropout_forward(&mut l.f(out, true)?, &l.f(x, false)?, p, seed),
+        lend!(self, |rt, l| match (is_acts(out), is_acts(x)) {
+            (true, true) => rt.dropout_forward(&mut l.t(out, true)?, &l.t(x, false)?, p, seed),
+            // An fp32 table dropped into activations (DeBERTa's relative embeddings, not
+            // normed): in fp32, rounded to T once.
+            (true, false) => {
+                let mut out32 = rt.zeros::<f32>(out.len)?;
+                rt.dropout_forward(&mut out32, &l.f(x, false)?, p, seed)?;
+                store_rounded(rt, &mut l, out, &out32)
+            }
+            _ => rt.dropout_forward(&mut l.f(out, true)?, &l.f(x, false)?, p, seed),
         })
     }
 
     fn dropout_backward(&mut self, dx: Buf, dout: Buf, p: f64, seed: u64) -> Result<()> {
-        lend!(self, |rt, l| match is_acts(dout) {
-            true => rt.dropout_backward(&mut l.t(dx, true)?, &l.t(dout, false)?, p, seed),
-            false => rt.dropout_backward(&mut l.f(dx, true)?, &l.f(dout, false)?, p, seed),
+        lend!(self, |rt, l| match (is_acts(dx), is_acts(dout)) {
+            (true, true) => rt.dropout_backward(&mut l.t(dx, true)?, &l.t(dout, false)?, p, seed),
+            // Into an fp32 table's gradient (DeBERTa's relative embeddings): in fp32.
+            (false, true) => {
+                let dout32 = widened(rt, &mut l, dout)?;
+                rt.dropout_backward(&mut l.f(dx, true)?, &dout32, p, seed)
+            }
+            _ => rt.dropout_backward(&mut l.f(dx, true)?, &l.f(dout, false)?, p, seed),
         })
     }
 
@@ -1462,6 +1555,28 @@ fn rope_tables<T: Activation + ModelFloat>(
     }
     let [cos, sin] = tables;
     Ok((cos, sin))
+}
+
+/// An activation buffer widened into a fresh fp32 buffer (the mixed-arena cases of
+/// LayerNorm and dropout, which run in fp32).
+fn widened<T: Activation + ModelFloat>(
+    rt: &CudaRuntime,
+    l: &mut Lend<'_, T>,
+    buf: Buf,
+) -> Result<CudaSlice<f32>> {
+    let mut wide = rt.zeros::<f32>(buf.len)?;
+    ModelFloat::to_f32(rt, &mut wide.as_view_mut(), &l.t(buf, false)?.as_view())?;
+    Ok(wide)
+}
+
+/// out (an activation buffer) = `from` rounded to T.
+fn store_rounded<T: Activation + ModelFloat>(
+    rt: &CudaRuntime,
+    l: &mut Lend<'_, T>,
+    out: Buf,
+    from: &CudaSlice<f32>,
+) -> Result<()> {
+    ModelFloat::from_f32(rt, &mut l.t(out, true)?, &from.as_view())
 }
 
 /// Which flash kernels the activation type runs: tensor cores where it has them (bf16).
