@@ -25,6 +25,7 @@ use std::process::ExitCode;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use rcx::backend::cpu;
+use rcx::backend::cuda::deberta_ops::{DevicePositionGrads, DevicePositionTerms};
 use rcx::backend::cuda::decoder_ops::{CausalKernels, CausalPrefix, CausalPrefixGrads};
 use rcx::backend::cuda::{
     self as cuda, Activation, AdamWStep, CudaRuntime, FlashKernels, RankingBatch, TokenBatch,
@@ -226,6 +227,8 @@ fn run(check_only: bool) -> Result<bool> {
     causal_attention::<f32>(&mut lab, CausalKernels::CudaCores)?;
     causal_attention::<bf16>(&mut lab, CausalKernels::CudaCores)?;
     causal_attention::<bf16>(&mut lab, CausalKernels::TensorCores)?;
+    disentangled_attention::<f32>(&mut lab)?;
+    disentangled_attention::<bf16>(&mut lab)?;
     matmul(&mut lab)?;
     ranking_loss(&mut lab)?;
     optimizer(&mut lab)?;
@@ -1712,5 +1715,283 @@ fn causal_attention<T: LabActivation>(lab: &mut Lab, kernels: CausalKernels) -> 
             T::flops(2.0 * flops),
         );
     }
+    Ok(())
+}
+
+/// DeBERTa-v3-base's relative span: 256 log buckets over 512 positions, 512 position rows.
+const DEBERTA_SPAN: (usize, usize) = (256, 512);
+
+/// DeBERTa's disentangled attention in T (kernels/disentangled_attention.cu): the position
+/// products and the attention with both position terms, validated against the CPU twins on
+/// the same T-rounded inputs (the attention without and with dropout, gradients starting at
+/// small values), then timed at DeBERTa-v3-base's sizes (8 x 512, 12 heads of 64, 512
+/// position rows).
+fn disentangled_attention<T: LabActivation>(lab: &mut Lab) -> Result<()> {
+    let store = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+    let load = |x: Vec<T>| x.into_iter().map(T::to_f32).collect::<Vec<f32>>();
+    let name = |op: &str| format!("{op} {}", T::SUFFIX);
+    let rt = lab.rt.clone();
+    let up = |x: &[f32]| rt.upload(&store(x));
+    let (b, t, nh, hs) = (CB, CT, 4, 32);
+    let rows = 2 * cpu::attention_span(DEBERTA_SPAN.0, DEBERTA_SPAN.1);
+    let relative = cpu::relative_positions(t, DEBERTA_SPAN.0, DEBERTA_SPAN.1);
+    let (act, products) = (b * t * nh * hs, b * nh * t * rows);
+    let scale = cpu::disentangled_scale(hs, 2);
+    let mut errors = [0.0f64; 4]; // products forward, backward; attention forward, backward
+
+    // The position products.
+    let mut input = |len, s| load(store(&lab.rng.values(len, s)));
+    let (x, pos, dout) = (
+        input(act, 1.0),
+        input(rows * nh * hs, 1.0),
+        input(products, 1.0),
+    );
+    let (mut dx, mut dpos) = (input(act, 0.01), input(rows * nh * hs, 0.01));
+    let mut out = vec![0.0; products];
+    cpu::position_products_forward(&mut out, &x, &pos, b, t, nh, hs, rows);
+    let (x_d, pos_d) = (up(&x)?, up(&pos)?);
+    let mut out_d = up(&vec![f32::NAN; products])?;
+    rt.position_products_forward(&mut out_d, &x_d, &pos_d, (b, t, nh, hs), rows)?;
+    let parts = [("out", load(rt.download(&out_d)?), out)];
+    errors[0] = lab.check_within(&name("position_products_forward"), &parts, T::TOLERANCE);
+    let (mut dx_d, mut dpos_d) = (up(&dx)?, up(&dpos)?);
+    rt.position_products_backward(
+        &mut dx_d,
+        &mut dpos_d,
+        &up(&dout)?,
+        &x_d,
+        &pos_d,
+        (b, t, nh, hs),
+        rows,
+    )?;
+    cpu::position_products_backward(&mut dx, &mut dpos, &dout, &x, &pos, b, t, nh, hs, rows);
+    let parts = [
+        ("dx", load(rt.download(&dx_d)?), dx),
+        ("dpos", load(rt.download(&dpos_d)?), dpos),
+    ];
+    errors[1] = lab.check_within(&name("position_products_backward"), &parts, T::TOLERANCE);
+
+    // The attention, both terms.
+    for dropout in [None, Some(cpu::AttentionDropout { p: 0.1, seed: 5 })] {
+        let mut input = |len, s| load(store(&lab.rng.values(len, s)));
+        let (q, k, v, dout) = (
+            input(act, 1.0),
+            input(act, 1.0),
+            input(act, 1.0),
+            input(act, 1.0),
+        );
+        let (c2p, p2c) = (input(products, 1.0), input(products, 1.0));
+        let (mut dq, mut dk, mut dv) = (input(act, 0.01), input(act, 0.01), input(act, 0.01));
+        let (mut dc2p, mut dp2c) = (input(products, 0.01), input(products, 0.01));
+        let mask = padding_mask(&mut lab.rng, b, t);
+        let terms = cpu::PositionTerms {
+            c2p: Some(&c2p),
+            p2c: Some(&p2c),
+            relative: &relative,
+            rows,
+        };
+        let (mut out, mut probs) = (vec![0.0; act], vec![0.0; b * nh * t * t]);
+        cpu::disentangled_attention_forward(
+            &mut out, &mut probs, &q, &k, &v, terms, &mask, b, t, nh, hs, scale, dropout,
+        );
+        let (q_d, k_d, v_d, dout_d) = (up(&q)?, up(&k)?, up(&v)?, up(&dout)?);
+        let (c2p_d, p2c_d) = (up(&c2p)?, up(&p2c)?);
+        let mask_d = rt.upload(&mask)?;
+        let device_terms = || DevicePositionTerms {
+            c2p: Some(&c2p_d),
+            p2c: Some(&p2c_d),
+            relative: &relative,
+            rows,
+        };
+        let mut out_d = up(&vec![f32::NAN; act])?;
+        let (mut out32_d, mut lse_d) = (lab.nan(act)?, lab.nan(b * nh * t)?);
+        rt.disentangled_attention_forward(
+            &mut out_d,
+            &mut out32_d,
+            &mut lse_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            device_terms(),
+            &mask_d,
+            (b, t, nh, hs),
+            scale,
+            dropout,
+        )?;
+        let check = format!("{} {dropout:?}", name("disentangled_attention_forward"));
+        let parts = [("out", load(rt.download(&out_d)?), out)];
+        errors[2] = errors[2].max(lab.check_within(&check, &parts, T::TOLERANCE));
+
+        let (mut dq_d, mut dk_d, mut dv_d) = (up(&dq)?, up(&dk)?, up(&dv)?);
+        let (mut dc2p_d, mut dp2c_d) = (up(&dc2p)?, up(&dp2c)?);
+        let mut row_dot_d = lab.nan(b * nh * t)?;
+        rt.disentangled_attention_backward(
+            &mut dq_d,
+            &mut dk_d,
+            &mut dv_d,
+            DevicePositionGrads {
+                dc2p: Some(dc2p_d.as_view_mut()),
+                dp2c: Some(dp2c_d.as_view_mut()),
+            },
+            &mut row_dot_d,
+            &dout_d,
+            &out32_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            device_terms(),
+            &lse_d,
+            &mask_d,
+            (b, t, nh, hs),
+            scale,
+            dropout,
+        )?;
+        cpu::disentangled_attention_backward(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            cpu::PositionGrads {
+                dc2p: Some(&mut dc2p),
+                dp2c: Some(&mut dp2c),
+            },
+            &dout,
+            &q,
+            &k,
+            &v,
+            terms,
+            &probs,
+            &mask,
+            b,
+            t,
+            nh,
+            hs,
+            scale,
+            dropout,
+        );
+        let parts = [
+            ("dq", load(rt.download(&dq_d)?), dq),
+            ("dk", load(rt.download(&dk_d)?), dk),
+            ("dv", load(rt.download(&dv_d)?), dv),
+            ("dc2p", load(rt.download(&dc2p_d)?), dc2p),
+            ("dp2c", load(rt.download(&dp2c_d)?), dp2c),
+        ];
+        let check = format!("{} {dropout:?}", name("disentangled_attention_backward"));
+        errors[3] = errors[3].max(lab.check_within(&check, &parts, T::TOLERANCE));
+    }
+
+    if lab.check_only {
+        return Ok(());
+    }
+    // Time at DeBERTa-v3-base's sizes: 8 x 512, 12 heads of 64, 512 position rows.
+    let dims = (B, T, NH, HS);
+    let relative = cpu::relative_positions(T, DEBERTA_SPAN.0, DEBERTA_SPAN.1);
+    let (act, products) = (N * C, B * NH * T * rows);
+    let mut input = |len| rt.upload(&store(&lab.rng.values(len, 1.0)));
+    let (x_d, pos_d) = (input(act)?, input(rows * C)?);
+    let (q_d, k_d, v_d, dout_d) = (input(act)?, input(act)?, input(act)?, input(act)?);
+    let (c2p_d, p2c_d, dproducts_d) = (input(products)?, input(products)?, input(products)?);
+    let mask_d = rt.upload(&padding_mask(&mut lab.rng, B, T))?;
+    let shape = "8x512, 12x64, 512 rows";
+    let mut out_d = rt.zeros::<T>(products)?;
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.position_products_forward(&mut out_d, &x_d, &pos_d, dims, rows)
+    })?;
+    let flops = 2.0 * (B * NH * T * rows * HS) as f64;
+    lab.row(
+        &name("position_products_fwd"),
+        shape,
+        errors[0],
+        ms,
+        T::flops(flops),
+    );
+    let (mut dx_d, mut dpos_d) = (rt.zeros::<T>(act)?, rt.zeros::<T>(rows * C)?);
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.position_products_backward(
+            &mut dx_d,
+            &mut dpos_d,
+            &dproducts_d,
+            &x_d,
+            &pos_d,
+            dims,
+            rows,
+        )
+    })?;
+    lab.row(
+        &name("position_products_bwd"),
+        shape,
+        errors[1],
+        ms,
+        T::flops(2.0 * flops),
+    );
+
+    let terms = || DevicePositionTerms {
+        c2p: Some(&c2p_d),
+        p2c: Some(&p2c_d),
+        relative: &relative,
+        rows,
+    };
+    let (mut out_d, mut out32_d) = (rt.zeros::<T>(act)?, rt.zeros::<f32>(act)?);
+    let mut lse_d = rt.zeros::<f32>(B * NH * T)?;
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.disentangled_attention_forward(
+            &mut out_d,
+            &mut out32_d,
+            &mut lse_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            terms(),
+            &mask_d,
+            dims,
+            0.125,
+            None,
+        )
+    })?;
+    // Useful FLOPs, as flash attention's (the gathers of the position terms not counted).
+    let flops = 4.0 * (B * NH * T * T * HS) as f64;
+    lab.row(
+        &name("disentangled_attn_fwd"),
+        shape,
+        errors[2],
+        ms,
+        T::flops(flops),
+    );
+    let (mut dq_d, mut dk_d, mut dv_d) = (
+        rt.zeros::<T>(act)?,
+        rt.zeros::<T>(act)?,
+        rt.zeros::<T>(act)?,
+    );
+    let (mut dc2p_d, mut dp2c_d) = (rt.zeros::<T>(products)?, rt.zeros::<T>(products)?);
+    let mut row_dot_d = rt.zeros::<f32>(B * NH * T)?;
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.disentangled_attention_backward(
+            &mut dq_d,
+            &mut dk_d,
+            &mut dv_d,
+            DevicePositionGrads {
+                dc2p: Some(dc2p_d.as_view_mut()),
+                dp2c: Some(dp2c_d.as_view_mut()),
+            },
+            &mut row_dot_d,
+            &dout_d,
+            &out32_d,
+            &q_d,
+            &k_d,
+            &v_d,
+            terms(),
+            &lse_d,
+            &mask_d,
+            dims,
+            0.125,
+            None,
+        )
+    })?;
+    lab.row(
+        &name("disentangled_attn_bwd"),
+        shape,
+        errors[3],
+        ms,
+        T::flops(2.0 * flops),
+    );
     Ok(())
 }

@@ -40,7 +40,7 @@ cp target/release/rcx "$staging/rcx"
 
 echo "gpu-prepare: GPU test executables"
 cargo test --release --no-run --message-format=json --test cuda_kernels --test cuda_model \
-    --test cuda_decoder_kernels \
+    --test cuda_decoder_kernels --test cuda_deberta_kernels \
     | executables test >"$staging/tests.txt"
 echo "gpu-prepare: GPU bench executables"
 cargo bench --no-run --message-format=json --bench kernels --bench gpu_step \
@@ -52,7 +52,7 @@ for list in tests benches; do
     done <"$staging/$list.txt"
     rm "$staging/$list.txt"
 done
-for n in cuda_kernels cuda_model cuda_decoder_kernels; do
+for n in cuda_kernels cuda_model cuda_decoder_kernels cuda_deberta_kernels; do
     [ -x "$staging/tests/$n" ] || { echo "gpu-prepare: tests/$n missing" >&2; exit 1; }
 done
 for n in kernels gpu_step; do

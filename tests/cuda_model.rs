@@ -4,7 +4,9 @@
 //! accumulation, a short bf16 training run against the CPU's, and forward parity on the
 //! committed tiny-bert checkpoint; and for the decoders (a tiny Llama with grouped-query
 //! attention and a Qwen2 with q/k/v biases), one f32 training step and a bf16 forward against
-//! the CPU, and attention dropout refused on the device.
+//! the CPU, and attention dropout refused on the device; for DeBERTa-v3 (disentangled
+//! attention, kernels/disentangled_attention.cu), one f32 training step with dropout and a
+//! bf16 forward against the CPU.
 //!
 //! Tolerances, f32 (f32 on both sides, different summation orders: cuBLAS vs
 //! matrixmultiply, warp reductions vs sequential sums):
@@ -55,7 +57,9 @@ use rcx::backend::cuda::{Cuda, CudaRuntime};
 use rcx::backend::{Backend, OptimStep};
 use rcx::checkpoint::load_model_dir;
 use rcx::loss::{LossSpec, PromptType, ranking_loss_forward_backward};
-use rcx::models::{Batch, BertConfig, Dropout, Family, HostModel, LlamaConfig, MicroBatch, Model};
+use rcx::models::{
+    Batch, BertConfig, DebertaConfig, Dropout, Family, HostModel, LlamaConfig, MicroBatch, Model,
+};
 use rcx::rng::Rng;
 
 /// The device, shared with the trainer, or None after printing why the test is skipped.
@@ -912,6 +916,145 @@ fn decoder_attention_dropout_step_matches_cpu() {
     };
     decoder_step_case(rt.clone(), Family::Llama, decoder_batch(19), Some(dropout));
     decoder_step_case(rt, Family::Llama, decoder_shared_batch(31), Some(dropout));
+}
+
+// ---- DeBERTa-v3 (disentangled attention) ----------------------------------------------
+
+/// A tiny DeBERTa-v3: 2 layers of 2 heads of 16, 4 log buckets over 16 positions (8 position
+/// rows: sequences of up to 20 tokens reach the log buckets and the clamp), shared position
+/// projections, the relative embeddings layer-normed, no token types, no absolute positions.
+fn deberta_config() -> DebertaConfig {
+    DebertaConfig {
+        vocab_size: 61,
+        hidden_size: 32,
+        embedding_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 44,
+        max_position_embeddings: 32,
+        type_vocab_size: 0,
+        position_biased_input: false,
+        layer_norm_eps: 1e-7,
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        pooler_dropout: 0.0,
+        cls_dropout: 0.1,
+        pad_token_id: 0,
+        initializer_range: 0.02,
+        relative_attention: true,
+        max_relative_positions: 16,
+        position_buckets: 4,
+        c2p: true,
+        p2c: true,
+        share_att_key: true,
+        norm_rel_ebd: true,
+    }
+}
+
+/// The init plus noise on everything past the word table's padding row (LayerNorm weights
+/// away from 1, biases away from 0), so no gradient vanishes by symmetry.
+fn random_deberta(seed: u64) -> HostModel<f32> {
+    let cfg = deberta_config();
+    let mut model = HostModel::<f32>::init(cfg.clone(), seed);
+    let mut rng = Rng::new(seed ^ 0xDEB);
+    for p in model.params.iter_mut().skip(cfg.hidden_size) {
+        *p += (0.1 * rng.normal()) as f32;
+    }
+    model
+}
+
+/// Prompts with K = 3, 2, 4 completions of 4..=20 tokens, right-padded with 0 (the pad id;
+/// never a real token), token types all 0 (the model has no type table).
+fn deberta_batch(seed: u64) -> Ranked {
+    let mut rng = Rng::new(seed);
+    let ks = vec![3, 2, 4];
+    let types = vec![
+        Some(PromptType::Open),
+        Some(PromptType::Closed),
+        Some(PromptType::Open),
+    ];
+    let seqs: Vec<(Vec<u32>, Vec<u8>)> = (0..ks.iter().sum::<usize>())
+        .map(|_| {
+            let len = 4 + rng.below(17);
+            let ids = (0..len).map(|_| 1 + rng.below(60) as u32).collect();
+            (ids, vec![0; len])
+        })
+        .collect();
+    let batch = Batch::from_sequences(seqs.iter().map(|(i, t)| (&i[..], &t[..])), 0);
+    (batch, ks, types)
+}
+
+/// f32 on both sides, with hidden and attention dropout (the same masks on both): the
+/// forward's logits within 1e-4, then one whole training step (the adaptive loss) with the
+/// loss and gradient norm within 1e-4 relative, every gradient tensor within 1e-3
+/// norm-relative (the tolerances of the BERT step above), the AdamW update on the device's
+/// gradients within 1e-5.
+#[test]
+fn deberta_training_step_matches_cpu() {
+    let Some(rt) = gpu("deberta_training_step_matches_cpu") else {
+        return;
+    };
+    let run = "deberta f32";
+    let mut model = random_deberta(5);
+    let (batch, ks, types) = deberta_batch(13);
+    let (spec, eps) = (LossSpec::parse("adaptive").unwrap(), 0.01);
+    let dropout = Dropout {
+        hidden: 0.1,
+        attention: 0.2,
+        seed: 78,
+    };
+    let mut trainer = on_gpu(rt, &model, DType::F32);
+
+    let cpu_logits = on_cpu(&model).forward(&batch, Some(dropout)).unwrap();
+    let gpu_logits = trainer.forward(&batch, Some(dropout)).unwrap();
+    assert_close(&format!("{run}: logits"), &gpu_logits, &cpu_logits, 1e-4);
+    let spread = cpu_logits.iter().cloned().fold(f32::MIN, f32::max)
+        - cpu_logits.iter().cloned().fold(f32::MAX, f32::min);
+    assert!(
+        spread > 1e-3,
+        "{run}: the logits must differ (the check has teeth)"
+    );
+
+    let micro = [MicroBatch {
+        batch: &batch,
+        ks: &ks,
+        types: &types,
+        dropout: Some(dropout),
+    }];
+    let stats = trainer.train_step(&micro, &spec, eps, &OPT).unwrap();
+    let (cpu_loss, cpu_grads) = cpu_gradients(&model, &[((batch, ks, types), dropout)], &spec, eps);
+    assert_rel(&format!("{run}: loss"), stats.loss, cpu_loss, 1e-4);
+    let gpu_grads = trainer.backend.download_grads().unwrap();
+    check_gradients(&gpu_grads, &cpu_grads, &model, 1e-3);
+    let cpu_norm = global_norm_squared(&cpu_grads).sqrt();
+    assert_rel(
+        &format!("{run}: gradient norm"),
+        stats.grad_norm,
+        cpu_norm,
+        1e-4,
+    );
+    check_update(run, &trainer, &mut model, &gpu_grads);
+}
+
+/// bf16 activations against the f32 CPU forward (evaluation mode): logits within
+/// BF16_DECODER_LOGITS · (|cpu| + mean |cpu|), the decoders' bound (bf16 activations and GEMM
+/// weights, fp32 accumulation and norms).
+#[test]
+fn deberta_bf16_forward_matches_cpu() {
+    let Some(rt) = gpu("deberta_bf16_forward_matches_cpu") else {
+        return;
+    };
+    let model = random_deberta(7);
+    let (batch, _, _) = deberta_batch(17);
+    let cpu_logits = on_cpu(&model).forward(&batch, None).unwrap();
+    let mut trainer = on_gpu(rt, &model, DType::Bf16);
+    let gpu_logits = trainer.forward(&batch, None).unwrap();
+    assert_close(
+        "deberta bf16: logits",
+        &gpu_logits,
+        &cpu_logits,
+        BF16_DECODER_LOGITS,
+    );
 }
 
 /// Every test above, rerun on the emulated device (tests/emu/fake_device.rs) when this

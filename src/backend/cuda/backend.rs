@@ -26,6 +26,7 @@ use cudarc::driver::{CudaSlice, CudaViewMut};
 use half::bf16;
 
 use super::cast::ModelFloat;
+use super::deberta_ops::{DevicePositionGrads, DevicePositionTerms};
 use super::decoder_ops::{CausalPrefix, CausalPrefixGrads};
 use super::loss::RankingBatch;
 use super::ops::{FlashKernels, TokenBatch};
@@ -481,6 +482,24 @@ impl Backend for Cuda {
         c: usize,
         eps: f64,
     ) -> Result<()> {
+        if is_acts(out) && !is_acts(x) {
+            // An fp32 table normed into activations (DeBERTa's relative embeddings).
+            return lend!(self, |rt, l| {
+                let mut out32 = rt.zeros::<f32>(out.len)?;
+                rt.layernorm_forward(
+                    &mut out32,
+                    &mut l.f(mean, true)?,
+                    &mut l.f(rstd, true)?,
+                    &l.f(x, false)?,
+                    &l.f(weight, false)?,
+                    &l.f(bias, false)?,
+                    n,
+                    c,
+                    eps,
+                )?;
+                store_rounded(rt, &mut l, out, &out32)
+            });
+        }
         lend!(self, |rt, l| rt.layernorm_forward(
             &mut l.t(out, true)?,
             &mut l.f(mean, true)?,
@@ -536,6 +555,25 @@ impl Backend for Cuda {
         n: usize,
         c: usize,
     ) -> Result<()> {
+        if !is_acts(dx) && is_acts(dout) {
+            // Into an fp32 table's gradient from activation gradients (DeBERTa's relative
+            // embeddings): in fp32 throughout.
+            return lend!(self, |rt, l| {
+                let dout32 = widened(rt, &mut l, dout)?;
+                rt.layernorm_backward(
+                    &mut l.f(dx, true)?,
+                    &mut l.f(dweight, true)?,
+                    &mut l.f(dbias, true)?,
+                    &dout32,
+                    &l.f(x, false)?,
+                    &l.f(weight, false)?,
+                    &l.f(mean, false)?,
+                    &l.f(rstd, false)?,
+                    n,
+                    c,
+                )
+            });
+        }
         lend!(self, |rt, l| rt.layernorm_backward(
             &mut l.t(dx, true)?,
             &mut l.f(dweight, true)?,
@@ -640,6 +678,23 @@ impl Backend for Cuda {
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        if !is_acts(x) {
+            // On fp32 buffers (DeBERTa's pooler, in the Stats arena): in fp32 with the master
+            // weights, as matmul_forward.
+            return lend!(self, |rt, l| {
+                let mut pre = l.f(pre, true)?;
+                rt.matmul_forward(
+                    &mut pre,
+                    &l.f(x, false)?,
+                    &l.f(weight, false)?,
+                    None::<&CudaViewMut<'_, f32>>,
+                    n,
+                    c,
+                    oc,
+                )?;
+                rt.bias_gelu_forward(&mut l.f(out, true)?, &pre, &l.f(bias, false)?, n, oc)
+            });
+        }
         lend!(self, |rt, l| {
             let mut pre = l.t(pre, true)?;
             let bias = l.f(bias, false)?;
@@ -671,6 +726,33 @@ impl Backend for Cuda {
         c: usize,
         oc: usize,
     ) -> Result<()> {
+        if !is_acts(x) {
+            // On fp32 buffers (DeBERTa's pooler): in fp32 with the master weights.
+            return lend!(self, |rt, l| {
+                let mut dpre = l.f(dpre, true)?;
+                zero_view(rt, &mut dpre)?;
+                rt.bias_gelu_backward(
+                    &mut dpre,
+                    &mut l.f(dbias, true)?,
+                    &l.f(dout, false)?,
+                    &l.f(pre, false)?,
+                    &l.f(bias, false)?,
+                    n,
+                    oc,
+                )?;
+                rt.matmul_backward(
+                    &mut l.f(dx, true)?,
+                    &mut l.f(dweight, true)?,
+                    None::<&mut CudaViewMut<'_, f32>>,
+                    &dpre,
+                    &l.f(x, false)?,
+                    &l.f(weight, false)?,
+                    n,
+                    c,
+                    oc,
+                )
+            });
+        }
         lend!(self, |rt, l| {
             let mut dpre = l.t(dpre, true)?;
             zero_view(rt, &mut dpre)?;
@@ -713,16 +795,28 @@ impl Backend for Cuda {
     }
 
     fn dropout_forward(&mut self, out: Buf, x: Buf, p: f64, seed: u64) -> Result<()> {
-        lend!(self, |rt, l| match is_acts(x) {
-            true => rt.dropout_forward(&mut l.t(out, true)?, &l.t(x, false)?, p, seed),
-            false => rt.dropout_forward(&mut l.f(out, true)?, &l.f(x, false)?, p, seed),
+        lend!(self, |rt, l| match (is_acts(out), is_acts(x)) {
+            (true, true) => rt.dropout_forward(&mut l.t(out, true)?, &l.t(x, false)?, p, seed),
+            // An fp32 table dropped into activations (DeBERTa's relative embeddings, not
+            // normed): in fp32, rounded to T once.
+            (true, false) => {
+                let mut out32 = rt.zeros::<f32>(out.len)?;
+                rt.dropout_forward(&mut out32, &l.f(x, false)?, p, seed)?;
+                store_rounded(rt, &mut l, out, &out32)
+            }
+            _ => rt.dropout_forward(&mut l.f(out, true)?, &l.f(x, false)?, p, seed),
         })
     }
 
     fn dropout_backward(&mut self, dx: Buf, dout: Buf, p: f64, seed: u64) -> Result<()> {
-        lend!(self, |rt, l| match is_acts(dout) {
-            true => rt.dropout_backward(&mut l.t(dx, true)?, &l.t(dout, false)?, p, seed),
-            false => rt.dropout_backward(&mut l.f(dx, true)?, &l.f(dout, false)?, p, seed),
+        lend!(self, |rt, l| match (is_acts(dx), is_acts(dout)) {
+            (true, true) => rt.dropout_backward(&mut l.t(dx, true)?, &l.t(dout, false)?, p, seed),
+            // Into an fp32 table's gradient (DeBERTa's relative embeddings): in fp32.
+            (false, true) => {
+                let dout32 = widened(rt, &mut l, dout)?;
+                rt.dropout_backward(&mut l.f(dx, true)?, &dout32, p, seed)
+            }
+            _ => rt.dropout_backward(&mut l.f(dx, true)?, &l.f(dout, false)?, p, seed),
         })
     }
 
@@ -1152,70 +1246,142 @@ impl Backend for Cuda {
         ))
     }
 
+    // ---- DeBERTa's disentangled attention (kernels/disentangled_attention.cu) ----
+
     fn position_products_forward(
         &mut self,
-        _out: Buf,
-        _x: Buf,
-        _pos: Buf,
-        _dims: AttentionDims,
-        _rows: usize,
+        out: Buf,
+        x: Buf,
+        pos: Buf,
+        d: AttentionDims,
+        rows: usize,
     ) -> Result<()> {
-        Err(no_deberta_kernels("position_products_forward"))
+        lend!(self, |rt, l| rt.position_products_forward(
+            &mut l.t(out, true)?,
+            &l.t(x, false)?,
+            &l.t(pos, false)?,
+            (d.b, d.t, d.nh, d.hs),
+            rows,
+        ))
     }
 
     fn position_products_backward(
         &mut self,
-        _dx: Buf,
-        _dpos: Buf,
-        _dout: Buf,
-        _x: Buf,
-        _pos: Buf,
-        _dims: AttentionDims,
-        _rows: usize,
+        dx: Buf,
+        dpos: Buf,
+        dout: Buf,
+        x: Buf,
+        pos: Buf,
+        d: AttentionDims,
+        rows: usize,
     ) -> Result<()> {
-        Err(no_deberta_kernels("position_products_backward"))
+        lend!(self, |rt, l| rt.position_products_backward(
+            &mut l.t(dx, true)?,
+            &mut l.t(dpos, true)?,
+            &l.t(dout, false)?,
+            &l.t(x, false)?,
+            &l.t(pos, false)?,
+            (d.b, d.t, d.nh, d.hs),
+            rows,
+        ))
     }
 
-    fn disentangled_attention_saved_len(&self, _dims: AttentionDims) -> usize {
-        0
+    /// Flash-style: [lse [B, NH, T] | the backward's row dots [B, NH, T] | the output in
+    /// fp32 [B, T, NH·HS]] (`SavedParts`).
+    fn disentangled_attention_saved_len(&self, d: AttentionDims) -> usize {
+        SavedParts::len(d)
     }
 
     fn disentangled_attention_forward(
         &mut self,
-        _ctx: Buf,
-        _saved: Buf,
-        _q: Buf,
-        _k: Buf,
-        _v: Buf,
-        _terms: PositionBufs,
-        _relative: &[u32],
-        _tokens: &CudaTokens,
-        _dims: AttentionDims,
-        _scale: f64,
-        _dropout: Option<AttentionDropout>,
+        ctx: Buf,
+        saved: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        terms: PositionBufs,
+        relative: &[u32],
+        tokens: &CudaTokens,
+        d: AttentionDims,
+        scale: f64,
+        dropout: Option<AttentionDropout>,
     ) -> Result<()> {
-        Err(no_deberta_kernels("disentangled_attention_forward"))
+        let saved = SavedParts::new(saved, d)?;
+        lend!(self, |rt, l| {
+            let (c2p, p2c) = (lend_term(&mut l, terms.c2p)?, lend_term(&mut l, terms.p2c)?);
+            let terms = DevicePositionTerms {
+                c2p: c2p.as_ref(),
+                p2c: p2c.as_ref(),
+                relative,
+                rows: terms.rows,
+            };
+            rt.disentangled_attention_forward(
+                &mut l.t(ctx, true)?,
+                &mut l.f(saved.out32, true)?,
+                &mut l.f(saved.lse, true)?,
+                &l.t(q, false)?,
+                &l.t(k, false)?,
+                &l.t(v, false)?,
+                terms,
+                &tokens.mask,
+                (d.b, d.t, d.nh, d.hs),
+                scale,
+                dropout,
+            )
+        })
     }
 
+    /// Writes the row dots into `saved`'s middle part, which only this backward uses.
     fn disentangled_attention_backward(
         &mut self,
-        _dq: Buf,
-        _dk: Buf,
-        _dv: Buf,
-        _dterms: PositionBufs,
-        _dctx: Buf,
-        _q: Buf,
-        _k: Buf,
-        _v: Buf,
-        _terms: PositionBufs,
-        _saved: Buf,
-        _relative: &[u32],
-        _tokens: &CudaTokens,
-        _dims: AttentionDims,
-        _scale: f64,
-        _dropout: Option<AttentionDropout>,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        dterms: PositionBufs,
+        dctx: Buf,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        terms: PositionBufs,
+        saved: Buf,
+        relative: &[u32],
+        tokens: &CudaTokens,
+        d: AttentionDims,
+        scale: f64,
+        dropout: Option<AttentionDropout>,
     ) -> Result<()> {
-        Err(no_deberta_kernels("disentangled_attention_backward"))
+        let saved = SavedParts::new(saved, d)?;
+        lend!(self, |rt, l| {
+            let grads = DevicePositionGrads {
+                dc2p: dterms.c2p.map(|b| l.t(b, true)).transpose()?,
+                dp2c: dterms.p2c.map(|b| l.t(b, true)).transpose()?,
+            };
+            let (c2p, p2c) = (lend_term(&mut l, terms.c2p)?, lend_term(&mut l, terms.p2c)?);
+            let terms = DevicePositionTerms {
+                c2p: c2p.as_ref(),
+                p2c: p2c.as_ref(),
+                relative,
+                rows: terms.rows,
+            };
+            rt.disentangled_attention_backward(
+                &mut l.t(dq, true)?,
+                &mut l.t(dk, true)?,
+                &mut l.t(dv, true)?,
+                grads,
+                &mut l.f(saved.row_dot, true)?,
+                &l.t(dctx, false)?,
+                &l.f(saved.out32, false)?,
+                &l.t(q, false)?,
+                &l.t(k, false)?,
+                &l.t(v, false)?,
+                terms,
+                &l.f(saved.lse, false)?,
+                &tokens.mask,
+                (d.b, d.t, d.nh, d.hs),
+                scale,
+                dropout,
+            )
+        })
     }
 
     fn ranking_loss(
@@ -1370,11 +1536,38 @@ impl Backend for Cuda {
     }
 }
 
-/// The error of a DeBERTa op on the GPU until its kernels are written.
-fn no_deberta_kernels(op: &str) -> Error {
-    Error::user(format!(
-        "{op}: DeBERTa models have no CUDA kernels yet; set device: cpu"
-    ))
+/// The parts of the disentangled attention's saved buffer (Stats, fp32).
+struct SavedParts {
+    lse: Buf,     // [B, NH, T] log-sum-exp per query row
+    row_dot: Buf, // [B, NH, T] the backward's D = dctx · ctx, scratch
+    out32: Buf,   // [B, T, NH·HS] the forward's output in fp32
+}
+
+impl SavedParts {
+    fn len(d: AttentionDims) -> usize {
+        2 * d.b * d.nh * d.t + d.b * d.t * d.nh * d.hs
+    }
+
+    fn new(saved: Buf, d: AttentionDims) -> Result<SavedParts> {
+        if saved.len != SavedParts::len(d) {
+            return Err(Error::internal(format!(
+                "disentangled attention: saved has {} elements, the shapes need {}",
+                saved.len,
+                SavedParts::len(d)
+            )));
+        }
+        let rows = d.b * d.nh * d.t;
+        Ok(SavedParts {
+            lse: saved.part(0, rows),
+            row_dot: saved.part(rows, rows),
+            out32: saved.part(2 * rows, saved.len - 2 * rows),
+        })
+    }
+}
+
+/// A position term's products, lent for reading (None where the model has no such term).
+fn lend_term<'a, T>(l: &mut Lend<'a, T>, buf: Option<Buf>) -> Result<Option<CudaViewMut<'a, T>>> {
+    buf.map(|b| l.t(b, false)).transpose()
 }
 
 /// cos, sin (fp32 Stats) rounded to the activation type T in fresh buffers, as the rope
@@ -1391,6 +1584,28 @@ fn rope_tables<T: Activation + ModelFloat>(
     }
     let [cos, sin] = tables;
     Ok((cos, sin))
+}
+
+/// An activation buffer widened into a fresh fp32 buffer (the mixed-arena cases of
+/// LayerNorm and dropout, which run in fp32).
+fn widened<T: Activation + ModelFloat>(
+    rt: &CudaRuntime,
+    l: &mut Lend<'_, T>,
+    buf: Buf,
+) -> Result<CudaSlice<f32>> {
+    let mut wide = rt.zeros::<f32>(buf.len)?;
+    ModelFloat::to_f32(rt, &mut wide.as_view_mut(), &l.t(buf, false)?.as_view())?;
+    Ok(wide)
+}
+
+/// out (an activation buffer) = `from` rounded to T.
+fn store_rounded<T: Activation + ModelFloat>(
+    rt: &CudaRuntime,
+    l: &mut Lend<'_, T>,
+    out: Buf,
+    from: &CudaSlice<f32>,
+) -> Result<()> {
+    ModelFloat::from_f32(rt, &mut l.t(out, true)?, &from.as_view())
 }
 
 /// Which flash kernels the activation type runs: tensor cores where it has them (bf16).

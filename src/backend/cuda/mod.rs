@@ -5,6 +5,7 @@
 
 mod backend;
 mod cast;
+pub mod deberta_ops;
 pub mod decoder_ops;
 mod kernels;
 mod loss;
