@@ -3,8 +3,9 @@
 //! is what training, scoring and checkpoints talk to: forward, backward, one training step,
 //! and the parameter-shaped arenas on the host.
 //!
-//! Two architectures: BERT (`bert`) and the Llama family of decoders (`llama`: Llama,
-//! Mistral, Qwen2); `ModelConfig` says which, and `Model` dispatches to its file.
+//! Three architectures: BERT (`bert`), DeBERTa-v2/v3 (`deberta`; the two share the
+//! feed-forward block after attention, `encoder`) and the Llama family of decoders (`llama`:
+//! Llama, Mistral, Qwen2); `ModelConfig` says which, and `Model` dispatches to its file.
 //!
 //! Adding an architecture: a file beside bert.rs with its config (validated against sizes
 //! before anything is allocated), its `ParamLayout` (Hugging Face's tensor names), its

@@ -16,8 +16,9 @@
 //! (so its `pre` holds the product without the bias), and `residual_layernorm_forward` adds
 //! the residual inside the LayerNorm kernel.
 //!
-//! STATUS: compiled and run on the emulated device; never run on a GPU (none has been lent
-//! yet); tests/cuda_model.rs checks it against the CPU backend on the first GPU run.
+//! STATUS: compiled and run on the emulated device (BERT, the Llama family with the shared
+//! prefix, DeBERTa); never run on a GPU (none has been lent yet); tests/cuda_model.rs checks
+//! it against the CPU backend on the first GPU run.
 
 use std::ops::Range;
 use std::sync::Arc;
