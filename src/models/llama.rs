@@ -1028,7 +1028,8 @@ impl ActLayout {
         self.scratch.dlogits
     }
 
-    /// The final norm's output [B, T, C] (Acts): transformers' last hidden state.
+    /// The final norm's output [N, C] (Acts): transformers' last hidden state [B, T, C] for
+    /// whole sequences; with the shared prefix, in the layout's rows (prefixes, then rests).
     pub fn last_hidden(&self) -> Buf {
         self.acts.normed
     }
