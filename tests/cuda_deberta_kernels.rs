@@ -29,94 +29,13 @@ mod emu_build;
 #[path = "emu/fake_device.rs"]
 mod fake_device;
 
+use common::cuda_check::{Act, F32, F32_SUM, check, poisoned, rounded, upload_as, wide};
 use common::{InputRng as Rng, gpu_or_skip as gpu};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use rcx::backend::cpu::{self, AttentionDropout, PositionGrads, PositionTerms};
+use rcx::backend::cuda::CudaRuntime;
 use rcx::backend::cuda::deberta_ops::{DevicePositionGrads, DevicePositionTerms, launch};
-use rcx::backend::cuda::{self, CudaRuntime};
-
-const F32: f64 = 1e-5;
-const F32_SUM: f64 = 1e-4;
-const BF16: f64 = 1e-2;
-
-fn assert_close(what: &str, gpu: &[f64], cpu: &[f64], rtol: f64) {
-    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths differ");
-    let mean_abs = cpu.iter().map(|x| x.abs()).sum::<f64>() / cpu.len().max(1) as f64;
-    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
-        let tol = rtol * (c.abs() + mean_abs);
-        assert!(
-            (g - c).abs() <= tol || g == c,
-            "{what}[{i}]: gpu {g} vs cpu {c} (tolerance {tol:e}, {} elements)",
-            cpu.len()
-        );
-    }
-}
-
-/// An activation type of the kernels, with the tolerance of values stored in it.
-trait Act: cuda::Activation + Default {
-    const RTOL: f64;
-    fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-
-impl Act for f32 {
-    const RTOL: f64 = F32;
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl Act for bf16 {
-    const RTOL: f64 = BF16;
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn to_f32(self) -> f32 {
-        self.to_f32()
-    }
-}
-
-/// `v` as T stores it, back in f32: the inputs both sides of a T case see.
-fn rounded<T: Act>(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
-}
-
-fn wide(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
-}
-
-fn upload_as<T: Act>(rt: &CudaRuntime, v: &[f32]) -> CudaSlice<T> {
-    let stored: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
-    rt.upload(&stored).unwrap()
-}
-
-/// `len` NaNs on the device: an output element a kernel forgets stays NaN.
-fn poisoned<T: Act>(rt: &CudaRuntime, len: usize) -> CudaSlice<T> {
-    upload_as(rt, &vec![f32::NAN; len])
-}
-
-fn download_f32<T: Act>(rt: &CudaRuntime, buf: &CudaSlice<T>) -> Vec<f32> {
-    rt.download(buf)
-        .unwrap()
-        .iter()
-        .map(|&x| x.to_f32())
-        .collect()
-}
-
-/// Compares a device buffer of T with the f64 reference; the tolerance is the larger of
-/// T's and `rtol`.
-fn check<T: Act>(rt: &CudaRuntime, what: &str, buf: &CudaSlice<T>, cpu: &[f64], rtol: f64) {
-    assert_close(
-        &format!("{what} ({})", T::SUFFIX),
-        &wide(&download_f32(rt, buf)),
-        cpu,
-        T::RTOL.max(rtol),
-    );
-}
 
 /// (b, t, nh, hs).
 type Dims = (usize, usize, usize, usize);
