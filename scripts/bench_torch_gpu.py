@@ -8,9 +8,16 @@ completions of 512 random tokens, rewards r = sigmoid(logit), the all-pairs loss
 x > 0, 100x below), global-norm clipping to 1, AdamW (lr 1e-5, weight decay 0.01 off biases
 and LayerNorm weights, as the HF Trainer).
 
-Modes, in order: fp32-eager, bf16-eager (autocast, fp32 master weights), bf16-compile,
-fp32-compile (torch.compile of the model), and bf16-eager-dup: the paper's pair-duplicated
-way (28 pairs as 56 sequences). "fp32" leaves TF32 off, as rcx's SGEMMs. Each step is timed
+Modes, in order: fp32-eager, bf16-eager (autocast, fp32 master weights), llama-bf16-eager,
+bf16-compile, fp32-compile (torch.compile of the model), bf16-eager-dup: the paper's
+pair-duplicated way (28 pairs as 56 sequences), and llama-fp32-eager.
+
+The llama modes are the decoder of benches/gpu_step.rs: LlamaForSequenceClassification
+(num_labels=1, pad id 0) from a LlamaConfig of Llama 3.2 1B's shape (16 layers, hidden 2048,
+32 heads over 8 key/value heads, SwiGLU 8192, vocabulary 128256, rope theta 500000, no
+dropout), random init made on the GPU, one prompt of 384 random tokens with 8 completions
+of 128, run as the 8 whole sequences of 512 (transformers has no shared prefix); the same
+loss, clipping and AdamW (no decay on biases and RMSNorm weights, as the HF Trainer). "fp32" leaves TF32 off, as rcx's SGEMMs. Each step is timed
 with CUDA events after warm-up; the median is printed as one JSON line per mode as soon as
 it is known, so a timeout keeps the finished ones. Modes that would start after --budget-s
 are skipped (and say so).
@@ -29,7 +36,18 @@ import time
 K = 8
 T = 512
 EPS = 0.01
-MODES = ["fp32-eager", "bf16-eager", "bf16-compile", "fp32-compile", "bf16-eager-dup"]
+MODES = [
+    "fp32-eager",
+    "bf16-eager",
+    "llama-bf16-eager",
+    "bf16-compile",
+    "fp32-compile",
+    "bf16-eager-dup",
+    "llama-fp32-eager",
+]
+LLAMA_VOCAB = 128256
+LLAMA_PROMPT = 384
+LLAMA_COMPLETION = 128
 
 
 def emit(record):
@@ -74,6 +92,49 @@ def build(torch, transformers, device):
     return model, optimizer
 
 
+def build_llama(torch, transformers, device):
+    config = transformers.LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=LLAMA_PROMPT + LLAMA_COMPLETION,
+        rope_theta=500000.0,
+        attention_dropout=0.0,
+        pad_token_id=0,
+        num_labels=1,
+    )
+    torch.manual_seed(0)
+    # Made on the GPU: 1.24 B parameters initialized on the CPU would take most of a minute.
+    with torch.device(device):
+        model = transformers.LlamaForSequenceClassification(config)
+    model.train()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "norm" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-5,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
+    return model, optimizer
+
+
+def llama_batch(torch, device):
+    """Input ids [K, prompt + completion]: one prompt, K completions (ids from 3: none is
+    the pad id 0); all pairs (i < j) over the rows."""
+    g = torch.Generator().manual_seed(2024)
+    prompt = torch.randint(3, LLAMA_VOCAB, (1, LLAMA_PROMPT), generator=g).expand(K, -1)
+    completions = torch.randint(3, LLAMA_VOCAB, (K, LLAMA_COMPLETION), generator=g)
+    ids = torch.cat([prompt, completions], dim=1)
+    pairs = torch.triu_indices(K, K, 1)
+    return ids.to(device), pairs[0].to(device), pairs[1].to(device)
+
+
 def batch_for(torch, device, duplicated):
     """Input ids [S, T]: the 8 completions, or every pair (i < j) as two rows; and the
     ranked pairs over the rows (best first)."""
@@ -94,18 +155,26 @@ def batch_for(torch, device, duplicated):
 def run_mode(torch, transformers, mode, steps, warmup):
     device = torch.device("cuda")
     dtype = "bf16" if mode.startswith("bf16") else "fp32"
+    llama = mode.startswith("llama-")
+    if llama:
+        dtype = "bf16" if mode.startswith("llama-bf16") else "fp32"
     compiled = "compile" in mode
     duplicated = mode.endswith("-dup")
-    model, optimizer = build(torch, transformers, device)
+    if llama:
+        model, optimizer = build_llama(torch, transformers, device)
+        ids, pairs_i, pairs_j = llama_batch(torch, device)
+    else:
+        model, optimizer = build(torch, transformers, device)
+        ids, pairs_i, pairs_j = batch_for(torch, device, duplicated)
     forward = torch.compile(model) if compiled else model
-    ids, pairs_i, pairs_j = batch_for(torch, device, duplicated)
     mask = torch.ones_like(ids)
-    types = torch.zeros_like(ids)
+    # Llama has no token types.
+    extra = {} if llama else {"token_type_ids": torch.zeros_like(ids)}
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            logits = forward(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+            logits = forward(input_ids=ids, attention_mask=mask, **extra).logits
         loss = x_inv_loss(logits.squeeze(-1), pairs_i, pairs_j)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -129,7 +198,7 @@ def run_mode(torch, transformers, mode, steps, warmup):
     return {
         "bench": "torch_gpu_step",
         "mode": mode,
-        "way": "pair_duplicated" if duplicated else "all_pairs",
+        "way": "whole_sequences" if llama else "pair_duplicated" if duplicated else "all_pairs",
         "sequences": int(ids.shape[0]),
         "median_ms": round(statistics.median(times), 3),
         "min_ms": round(min(times), 3),

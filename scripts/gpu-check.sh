@@ -10,7 +10,8 @@
 #      its process's CUDA context; here it fails its own test only), RCX_REQUIRE_GPU=1;
 #   4. compute-sanitizer memcheck and racecheck on the two flash attention tests alone
 #      ("not supported" on the device, or no sanitizer, is SKIPPED with the reason);
-#   5. the kernel lab, the BERT-base step bench, then the PyTorch baseline with what is left.
+#   5. the kernel lab, the step bench (BERT-base, then a Llama-3.2-1B-shaped decoder with and
+#      without the shared prefix), then the PyTorch baseline with what is left.
 # Every part runs under `timeout` within one budget (RCX_GPU_BUDGET_S, 450 s by default, at
 # most 570: the device tool stops a command at 600 s).
 #
@@ -100,7 +101,7 @@ write_outputs() {
 # The benchmarks' result lines, from the logs.
 numbers() {
     grep -h "^copy 1 GiB\|^ceilings:" "$LOGS/kernel-lab.log" 2>/dev/null | cut -c1-160
-    grep -h "^rcx [a-z0-9]* step:" "$LOGS/gpu-step.log" 2>/dev/null | cut -c1-160
+    grep -h "^rcx [a-z0-9 ]* step:" "$LOGS/gpu-step.log" 2>/dev/null | cut -c1-160
     grep -h '"median_ms"\|"error"\|"skipped"' "$LOGS/torch.log" 2>/dev/null | grep -v summary | cut -c1-160
 }
 
@@ -400,7 +401,7 @@ part_results() {
     local log=$LOGS/$1.log
     case $1 in
         kernel-lab) grep -h "^ceilings:\|^FAILED\|^kernel lab:" "$log" | head -2 | tr '\n' ' ' | sed 's/ *$//' ;;
-        gpu-step) grep -h "^rcx [a-z0-9]* step:" "$log" | sed 's/^rcx //; s/ step:/:/' | tr '\n' ' ' | sed 's/ *$//' ;;
+        gpu-step) grep -h "^rcx [a-z0-9 ]* step:" "$log" | sed 's/^rcx //; s/ step:/:/' | tr '\n' ' ' | sed 's/ *$//' ;;
         torch) grep -h '"torch_gpu_step_summary"' "$log" | tail -1 ;;
         smoke-rcx) grep -v '^ *$' "$log" | head -n 1 ;;
     esac
@@ -529,7 +530,8 @@ else
     add_row kernel-lab SKIPPED - "not in RCX_GPU_PARTS"
 fi
 if wanted step; then
-    run_part gpu-step 120 "${RCX_ENV[@]}" LD_DEBUG=libs "LD_DEBUG_OUTPUT=$LOGS/ld/gpu-step" "$BUNDLE/benches/gpu_step" --bench
+    # 180 s: the decoder's 1.24 B parameters are made on the host and uploaded four times.
+    run_part gpu-step 180 "${RCX_ENV[@]}" LD_DEBUG=libs "LD_DEBUG_OUTPUT=$LOGS/ld/gpu-step" "$BUNDLE/benches/gpu_step" --bench
 else
     add_row gpu-step SKIPPED - "not in RCX_GPU_PARTS"
 fi
