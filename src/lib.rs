@@ -6,6 +6,7 @@ pub mod checksum;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod figures;

@@ -28,6 +28,7 @@ use crate::backend::DType;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::{Cuda, CudaRuntime};
 use crate::backend::{AttentionDropout, Backend, Buf, OptimStep};
+use crate::distributed::{Alone, StepSync};
 use crate::error::{Error, Result};
 use crate::float::Float;
 use crate::loss::{LossExtras, LossSpec, PromptType};
@@ -729,6 +730,22 @@ impl<B: Backend> Model<B> {
         eps: f64,
         opt: &OptimStep,
     ) -> Result<StepStats> {
+        self.train_step_synced(micro_batches, extras, loss, eps, opt, &mut Alone)
+    }
+
+    /// `train_step_with` as one rank of a data-parallel step: this rank's micro-batches are
+    /// its share of a global step of `sync.world_size()` equal shares; the gradients and the
+    /// loss are summed over the ranks before the norm, clipping and AdamW, which every rank
+    /// then computes alike.
+    pub fn train_step_synced(
+        &mut self,
+        micro_batches: &[MicroBatch<'_>],
+        extras: &[LossExtras<'_>],
+        loss: &LossSpec,
+        eps: f64,
+        opt: &OptimStep,
+        sync: &mut dyn StepSync<B>,
+    ) -> Result<StepStats> {
         if micro_batches.is_empty() {
             return Err(Error::internal("train_step: no micro-batch"));
         }
@@ -740,11 +757,19 @@ impl<B: Backend> Model<B> {
             )));
         }
         self.backend.zero_grads()?;
-        let count = micro_batches.len();
+        // Every rank holds an equal share of the global step's micro-batches.
+        let count = micro_batches.len() * sync.world_size();
         let mut step_loss = 0.0;
         for (micro, extras) in micro_batches.iter().zip(extras) {
             // The step's loss is the mean of its micro-batches' means, as the HF Trainer.
             step_loss += self.accumulate(micro, loss, eps, extras, count)? / count as f64;
+        }
+        if sync.world_size() > 1 {
+            let mut summed = [step_loss];
+            sync.sum_values(&mut summed)?;
+            step_loss = summed[0];
+            // Summed even when the loss is not finite, so that no rank waits for the others.
+            sync.sum_gradients(&mut self.backend)?;
         }
         if !step_loss.is_finite() {
             return Ok(StepStats {
