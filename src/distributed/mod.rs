@@ -4,6 +4,15 @@
 use crate::backend::Backend;
 use crate::error::Result;
 
+/// Where this process stands in a run over several processes: its rank among `world_size`,
+/// and `local_rank` among those of its machine (the GPU it takes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rank {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+}
+
 /// What a training step exchanges with the other ranks of a data-parallel run: the sum of
 /// their gradient arenas, and the sum of a few numbers (the loss). Each rank's micro-batch
 /// gradients are already divided by the global step's micro-batch count, so the sums are the
