@@ -18,6 +18,9 @@ pub enum Error {
     /// Stopped by a signal (its number) once the work under way was finished or abandoned
     /// cleanly: exit code 128 + signal, as a shell reports a process the signal killed.
     Interrupted(i32, String),
+    /// A run on several processes ended because one of its ranks failed: that rank's exit
+    /// code (it has printed its own error).
+    Exited(i32, String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -53,6 +56,7 @@ impl Error {
             Error::Internal(_) => 1,
             Error::Diverged(_) => 3,
             Error::Interrupted(signal, _) => 128 + signal,
+            Error::Exited(code, _) => *code,
         }
     }
 }
@@ -72,7 +76,11 @@ fn machine_failure(err: &std::io::Error) -> bool {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::User(m) | Error::Internal(m) | Error::Diverged(m) | Error::Interrupted(_, m) => {
+            Error::User(m)
+            | Error::Internal(m)
+            | Error::Diverged(m)
+            | Error::Interrupted(_, m)
+            | Error::Exited(_, m) => {
                 f.write_str(m)
             }
         }

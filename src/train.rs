@@ -8,12 +8,19 @@
 //! A run holds its output folder's lock (`crate::lock`) throughout, stops with
 //! `Error::Diverged` before anything non-finite is evaluated or saved, and stops cleanly
 //! between steps on SIGINT/SIGTERM (`crate::signals`).
+//!
+//! On several processes (`--nproc N`, or the variables torchrun and Slurm set) each rank
+//! trains its share of every global step's micro-batches and sums the gradients with the
+//! others (`crate::distributed`); the run is the single process's, up to the order of the
+//! floating-point sums. Rank 0 alone writes.
 
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::{Cuda, CudaRuntime};
 use crate::backend::{Backend, Batch, DType, Device, OptimStep};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, Scheduler};
+use crate::distributed::data_parallel::DataParallel;
+use crate::distributed::launch::{self, WorldEnv};
 use crate::error::{Error, Result};
 use crate::eval::{EvalReport, summarize};
 use crate::lock::RunLock;
@@ -25,8 +32,9 @@ use crate::signals::Interrupts;
 use crate::training_settings::{changes, describe, settings_sha256, training_settings};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::ffi::OsString;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
@@ -57,10 +65,22 @@ pub struct TrainArgs {
     /// The training arithmetic, overriding the config's `dtype:` (bf16: GPU only).
     #[arg(long, value_enum)]
     pub dtype: Option<DType>,
+    /// Train on N local GPUs, one process (rank) each: the launcher starts them and ends
+    /// them all when one fails. The config's batch keys describe the global step.
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
+    /// How the ranks meet: `tcp://HOST:PORT` (instead of MASTER_ADDR and MASTER_PORT) or
+    /// `file:PATH` (a file every rank can read).
+    #[arg(long, value_name = "URL")]
+    pub init: Option<String>,
+    /// Seconds a rank waits for the others (to meet, and in each exchange) before it stops
+    /// with an error.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub dist_timeout: u64,
 }
 
 /// How a run starts and stops, and where it trains, besides its config.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct RunOptions {
     pub resume: bool,
     pub resume_changed: bool,
@@ -70,6 +90,8 @@ pub struct RunOptions {
     /// Overrides of the config's `device:` and `dtype:` (the command line's flags).
     pub device: Option<Device>,
     pub dtype: Option<DType>,
+    /// How long a rank of a run on several processes waits for the others.
+    pub dist_timeout: Duration,
 }
 
 const BETA1: f64 = 0.9;
@@ -240,9 +262,10 @@ fn choose_engine(
     host: HostModel<f32>,
     placement: &Placement,
     shared_prefix: bool,
+    device: usize,
 ) -> Result<Engine> {
     let mut engine = if placement.use_cuda {
-        let rt = Arc::new(CudaRuntime::new(0)?);
+        let rt = Arc::new(CudaRuntime::new(device)?);
         Engine::Cuda(Box::new(host.on_cuda(rt, placement.dtype)?))
     } else {
         Engine::Cpu(Box::new(host.on_cpu()))
@@ -307,10 +330,18 @@ impl Engine {
         extras: &[LossExtras<'_>],
         cfg: &Config,
         opt: &OptimStep,
+        ranks: Option<&mut DataParallel>,
     ) -> Result<StepStats> {
-        match self {
-            Engine::Cpu(model) => model.train_step_with(micros, extras, &cfg.loss, cfg.eps, opt),
-            Engine::Cuda(model) => model.train_step_with(micros, extras, &cfg.loss, cfg.eps, opt),
+        let (loss, eps) = (&cfg.loss, cfg.eps);
+        match (self, ranks) {
+            (Engine::Cpu(model), None) => model.train_step_with(micros, extras, loss, eps, opt),
+            (Engine::Cuda(model), None) => model.train_step_with(micros, extras, loss, eps, opt),
+            (Engine::Cuda(model), Some(ranks)) => {
+                model.train_step_synced(micros, extras, loss, eps, opt, ranks)
+            }
+            (Engine::Cpu(_), Some(_)) => Err(Error::internal(
+                "a run on several processes placed on the CPU",
+            )),
         }
     }
 
@@ -331,8 +362,42 @@ impl Engine {
     }
 }
 
-/// Runs `rcx train`.
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            resume: false,
+            resume_changed: false,
+            overwrite: false,
+            stop_at: None,
+            quiet: false,
+            device: None,
+            dtype: None,
+            dist_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Runs `rcx train`: one process, one of several (launched by torchrun, Slurm or
+/// `--nproc`), or the `--nproc` launcher itself.
 pub fn cmd_train(args: TrainArgs) -> Result<()> {
+    let dist_timeout = Duration::from_secs(args.dist_timeout);
+    if let Some(nproc) = args.nproc {
+        if nproc == 0 {
+            return Err(Error::user("--nproc 0: give the number of GPUs to train on (1 or more)"));
+        }
+        // The ranks run this command line without --nproc; the config is read (and refused)
+        // here first, so a bad config fails once rather than N times.
+        Config::load(&args.config)?;
+        let code = launch::run_local(nproc, &rank_args(), dist_timeout)?;
+        return match code {
+            0 => Ok(()),
+            code => Err(Error::Exited(
+                code,
+                format!("training on {nproc} processes failed (exit code {code})"),
+            )),
+        };
+    }
+    let world = launch::world_from_env(args.init.as_deref())?;
     let cfg = Config::load(&args.config)?;
     let opts = RunOptions {
         resume: args.resume,
@@ -342,8 +407,25 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         quiet: args.quiet,
         device: args.device,
         dtype: args.dtype,
+        dist_timeout,
     };
-    train(&cfg, opts).map(|_| ())
+    train_rank(&cfg, opts, world.as_ref()).map(|_| ())
+}
+
+/// This process's arguments without `--nproc N` (or `--nproc=N`): a rank's command line.
+fn rank_args() -> Vec<OsString> {
+    let mut args = Vec::new();
+    let mut skip_value = false;
+    for arg in std::env::args_os().skip(1) {
+        if skip_value {
+            skip_value = false;
+        } else if arg == "--nproc" {
+            skip_value = true;
+        } else if !arg.to_string_lossy().starts_with("--nproc=") {
+            args.push(arg);
+        }
+    }
+    args
 }
 
 /// The error of a run that stopped being finite at (or, when the weights are only looked
@@ -385,28 +467,80 @@ fn interrupted(
     )
 }
 
+/// Refuses a run on several processes that cannot be one: on the CPU, or with a global step
+/// that does not split into equal shares.
+fn check_world(cfg: &Config, placement: &Placement, world: &WorldEnv) -> Result<()> {
+    let n = world.rank.world_size;
+    if !placement.use_cuda {
+        return Err(Error::user(format!(
+            "{}: training on {n} processes needs the CUDA device (NCCL), but this run is \
+             placed on the CPU: use `device: cuda` (or auto on a machine with GPUs), or one \
+             process",
+            cfg.path.display()
+        )));
+    }
+    if cfg.gradient_accumulation_steps % n != 0 {
+        return Err(Error::user(format!(
+            "{}: gradient_accumulation_steps {} does not split into {n} equal shares: with \
+             {n} processes it must be a multiple of {n} (it counts the global step's \
+             micro-batches, so the run does not depend on the number of processes)",
+            cfg.path.display(),
+            cfg.gradient_accumulation_steps
+        )));
+    }
+    Ok(())
+}
+
+/// What every rank of a run must agree on before the first step: the training settings,
+/// the step it starts from, and the weights and moments (FNV-1a over their bits).
+fn start_fingerprint(settings_sha256: &str, step: usize, params: &[f32], m: &[f32], v: &[f32]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut mix = |word: u64| h = (h ^ word).wrapping_mul(0x0100_0000_01b3);
+    settings_sha256.bytes().for_each(|b| mix(b as u64));
+    mix(step as u64);
+    for x in params.iter().chain(m).chain(v) {
+        mix(x.to_bits() as u64);
+    }
+    h
+}
+
 /// Trains the run `cfg` describes; returns the engine it trained on (e.g. "cpu (2
 /// threads)", "cuda (NVIDIA H200, bf16)").
 pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
+    train_rank(cfg, opts, None)
+}
+
+/// `train` as one rank of `world` (None: a process alone).
+fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Result<String> {
     let RunOptions {
         resume,
         resume_changed,
         overwrite,
         stop_at,
-        quiet,
         ..
     } = opts;
     let started = Instant::now();
     cfg.check_data()?;
     let placement = placement(cfg, &opts)?;
+    // Only rank 0 writes (and talks): the others read the config, data and checkpoints.
+    let writer = world.is_none_or(|w| w.rank.rank == 0);
+    let quiet = opts.quiet || !writer;
+    if let Some(world) = world {
+        check_world(cfg, &placement, world)?;
+    }
     if stop_at == Some(0) {
         return Err(Error::user(format!(
             "--stop-at 0: nothing to train; give a step from 1 to max_steps ({})",
             cfg.max_steps
         )));
     }
-    checkpoint::ensure_writable_dir(&cfg.output_dir)?;
-    let _lock = RunLock::acquire(&cfg.output_dir)?;
+    let _lock = match writer {
+        true => {
+            checkpoint::ensure_writable_dir(&cfg.output_dir)?;
+            Some(RunLock::acquire(&cfg.output_dir)?)
+        }
+        false => None,
+    };
     let interrupts = Interrupts::install();
     let (mut host, tok, vocab) = checkpoint::model_for_training(cfg)?;
     let pad_id = tok.pad_id();
@@ -498,7 +632,9 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         }
         start_step = state.step;
         // Evaluations after the checkpoint are about to be run again.
-        checkpoint::truncate_metrics(&cfg.output_dir, start_step)?;
+        if writer {
+            checkpoint::truncate_metrics(&cfg.output_dir, start_step)?;
+        }
         if !quiet {
             eprintln!("resuming from {} (step {})", dir.display(), state.step);
         }
@@ -516,18 +652,37 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 cfg.output_dir.display()
             )));
         }
-        checkpoint::start_fresh(&cfg.output_dir, overwrite)?;
+        if writer {
+            checkpoint::start_fresh(&cfg.output_dir, overwrite)?;
+        }
     }
-    checkpoint::remove_partial_saves(&cfg.output_dir)?;
+    if writer {
+        checkpoint::remove_partial_saves(&cfg.output_dir)?;
+    }
     let (hidden_p, attention_p) = (
         cfg.dropout.unwrap_or(host.config.hidden_dropout_prob),
         cfg.dropout
             .unwrap_or(host.config.attention_probs_dropout_prob),
     );
-    let mut engine = choose_engine(host, &placement, cfg.shared_prefix)?;
+    let device = world.map_or(0, |w| w.rank.local_rank);
+    let mut engine = choose_engine(host, &placement, cfg.shared_prefix, device)?;
     if let Some((m, v)) = moments.take() {
         engine.upload_moments(&m, &v)?;
     }
+    let mut ranks = match (world, &engine) {
+        (Some(world), Engine::Cuda(model)) => {
+            let mut ranks = DataParallel::join(world, model.backend.runtime(), opts.dist_timeout)?;
+            let fingerprint = engine.with_weights(|weights, m, v| {
+                start_fingerprint(&settings_sha256(&settings), start_step, weights.params, m, v)
+            })?;
+            ranks.check_same_start(fingerprint)?;
+            Some(ranks)
+        }
+        (Some(_), Engine::Cpu(_)) => {
+            return Err(Error::internal("a run on several processes placed on the CPU"));
+        }
+        (None, _) => None,
+    };
     if !quiet {
         eprintln!(
             "training {} ({} parameters) on {}",
@@ -551,7 +706,9 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
             return Err(interrupted(cfg, signal, step, last_good.as_deref()));
         }
         let lr = learning_rate(cfg, step);
-        let micros: Vec<Micro> = (0..accum)
+        // This rank's share of the step's micro-batches, each as a process alone takes it.
+        let share = ranks.as_ref().map_or(0..accum, |r| r.share(accum));
+        let micros: Vec<Micro> = share
             .map(|micro| {
                 let first = step * per_step + micro * cfg.per_device_train_batch_size;
                 let prompts: Vec<usize> = (first..first + cfg.per_device_train_batch_size)
@@ -605,7 +762,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
         let StepStats {
             loss: step_loss,
             grad_norm: norm,
-        } = engine.train_step(&micro_batches, &extras, cfg, &opt)?;
+        } = engine.train_step(&micro_batches, &extras, cfg, &opt, ranks.as_mut())?;
         let done = step + 1;
         if !step_loss.is_finite() || !norm.is_finite() {
             let what = match step_loss.is_finite() {
@@ -669,13 +826,15 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
                 report: &report,
                 resumed_with_changes: std::mem::take(&mut resumed_with_changes),
             };
-            checkpoint::append_metrics(&cfg.output_dir, &line)?;
+            if writer {
+                checkpoint::append_metrics(&cfg.output_dir, &line)?;
+            }
             if !quiet {
                 eprintln!();
                 eprintln!("{}", eval_summary_line(done, loss, &report));
             }
         }
-        if save {
+        if save && writer {
             let state = TrainState {
                 step: done,
                 seed: cfg.seed,
@@ -689,7 +848,7 @@ pub fn train(cfg: &Config, opts: RunOptions) -> Result<String> {
             })??);
         }
     }
-    if end_step == cfg.max_steps {
+    if end_step == cfg.max_steps && writer {
         engine.with_weights(|weights, m, v| {
             match checkpoint::first_non_finite(weights, m, v) {
                 Some(what) => Err(diverged(cfg, end_step, false, &what, last_good.as_deref())),

@@ -1,0 +1,100 @@
+//! One rank of a data-parallel training run: it meets the other ranks (the rendezvous, then
+//! an NCCL communicator on its GPU), takes its share of each global step's micro-batches,
+//! and sums gradients and losses with the others (`StepSync`). Rank 0 alone writes.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::launch::WorldEnv;
+use super::rendezvous::{self, Control};
+use super::{Rank, StepSync};
+use crate::backend::cuda::nccl::{self, Communicator};
+use crate::backend::cuda::{Cuda, CudaRuntime};
+use crate::error::{Error, Result};
+
+pub struct DataParallel {
+    pub rank: Rank,
+    comm: Communicator,
+    control: Control,
+}
+
+impl DataParallel {
+    /// Meets the other ranks of `world` (each within `timeout`) and makes the communicator
+    /// on `rt`'s device.
+    pub fn join(world: &WorldEnv, rt: &Arc<CudaRuntime>, timeout: Duration) -> Result<Self> {
+        let rank = world.rank;
+        nccl::available().map_err(|why| {
+            Error::user(format!(
+                "WORLD_SIZE {}: training on several processes needs NCCL: {why}",
+                rank.world_size
+            ))
+        })?;
+        let (id, control) = rendezvous::join(world, nccl::unique_id, timeout)?;
+        let comm = Communicator::new(rt, &id, rank.rank, rank.world_size, timeout)?;
+        Ok(DataParallel {
+            rank,
+            comm,
+            control,
+        })
+    }
+
+    /// Whether this rank writes the run's files (metrics, checkpoints, the model).
+    pub fn writes(&self) -> bool {
+        self.rank.rank == 0
+    }
+
+    /// This rank's micro-batches (indices into the global step's `micro_batches`, which the
+    /// config has checked is a multiple of the world size).
+    pub fn share(&self, micro_batches: usize) -> Range<usize> {
+        let each = micro_batches / self.rank.world_size;
+        self.rank.rank * each..(self.rank.rank + 1) * each
+    }
+
+    /// Fails on every rank unless all ranks start from the same `fingerprint` (of their
+    /// settings, step and weights): ranks that disagree would train different models.
+    pub fn check_same_start(&mut self, fingerprint: u64) -> Result<()> {
+        // 52 bits, so that the f64 holds it exactly; rank 0's value reaches every rank as
+        // the sum of itself and zeros (exact), then the ranks count their differences.
+        let mine = (fingerprint >> 12) as f64;
+        let mut first = [if self.rank.rank == 0 { mine } else { 0.0 }];
+        self.sum_values(&mut first)?;
+        let mut differ = [if first[0] == mine { 0.0 } else { 1.0 }];
+        self.sum_values(&mut differ)?;
+        if differ[0] != 0.0 {
+            return Err(Error::user(format!(
+                "{} of the {} ranks start from other settings, data or weights than rank 0 \
+                 (each rank must read the same config, data and model files)",
+                differ[0], self.rank.world_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The error of a lost peer, if the control channel has seen one.
+    fn check_peers(&self) -> Result<()> {
+        match self.control.peer_lost() {
+            Some(lost) => Err(Error::internal(format!(
+                "rank {} of {}: {lost}",
+                self.rank.rank, self.rank.world_size
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl StepSync<Cuda> for DataParallel {
+    fn world_size(&self) -> usize {
+        self.rank.world_size
+    }
+
+    fn sum_gradients(&mut self, backend: &mut Cuda) -> Result<()> {
+        self.check_peers()?;
+        self.comm.sum_gradients(backend)
+    }
+
+    fn sum_values(&mut self, values: &mut [f64]) -> Result<()> {
+        self.check_peers()?;
+        StepSync::<Cuda>::sum_values(&mut self.comm, values)
+    }
+}
