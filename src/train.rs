@@ -451,9 +451,13 @@ fn interrupted(
     (signal, name): (i32, &str),
     done: usize,
     kept: Option<&Path>,
+    writer: bool,
 ) -> Error {
-    // Best effort: the signal is what the user needs to hear about.
-    let _ = checkpoint::remove_partial_saves(&cfg.output_dir);
+    // Best effort: the signal is what the user needs to hear about. Only the writer: another
+    // rank may get the signal while rank 0 is in the middle of a save.
+    if writer {
+        let _ = checkpoint::remove_partial_saves(&cfg.output_dir);
+    }
     let kept = match kept {
         Some(dir) => format!(
             "continue from {} with --resume (steps after it are trained again)",
@@ -703,7 +707,7 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
 
     for step in start_step..end_step {
         if let Some(signal) = interrupts.received() {
-            return Err(interrupted(cfg, signal, step, last_good.as_deref()));
+            return Err(interrupted(cfg, signal, step, last_good.as_deref(), writer));
         }
         let lr = learning_rate(cfg, step);
         // This rank's share of the step's micro-batches, each as a process alone takes it.
@@ -803,7 +807,7 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
         if evaluate {
             let logits = score_set(
                 |batch| match interrupts.received() {
-                    Some(signal) => Err(interrupted(cfg, signal, done, last_good.as_deref())),
+                    Some(signal) => Err(interrupted(cfg, signal, done, last_good.as_deref(), writer)),
                     None => engine.forward_eval(batch),
                 },
                 &eval_set,
