@@ -80,9 +80,7 @@ impl fmt::Display for Error {
             | Error::Internal(m)
             | Error::Diverged(m)
             | Error::Interrupted(_, m)
-            | Error::Exited(_, m) => {
-                f.write_str(m)
-            }
+            | Error::Exited(_, m) => f.write_str(m),
         }
     }
 }

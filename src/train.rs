@@ -30,9 +30,9 @@ use crate::rng::{Rng, derive_seed};
 use crate::scoring::{PromptScores, PromptSet, prompt_scores, score_set};
 use crate::signals::Interrupts;
 use crate::training_settings::{changes, describe, settings_sha256, training_settings};
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::ffi::OsString;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -383,7 +383,9 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
     let dist_timeout = Duration::from_secs(args.dist_timeout);
     if let Some(nproc) = args.nproc {
         if nproc == 0 {
-            return Err(Error::user("--nproc 0: give the number of GPUs to train on (1 or more)"));
+            return Err(Error::user(
+                "--nproc 0: give the number of GPUs to train on (1 or more)",
+            ));
         }
         // The ranks run this command line without --nproc; the config is read (and refused)
         // here first, so a bad config fails once rather than N times.
@@ -497,7 +499,13 @@ fn check_world(cfg: &Config, placement: &Placement, world: &WorldEnv) -> Result<
 
 /// What every rank of a run must agree on before the first step: the training settings,
 /// the step it starts from, and the weights and moments (FNV-1a over their bits).
-fn start_fingerprint(settings_sha256: &str, step: usize, params: &[f32], m: &[f32], v: &[f32]) -> u64 {
+fn start_fingerprint(
+    settings_sha256: &str,
+    step: usize,
+    params: &[f32],
+    m: &[f32],
+    v: &[f32],
+) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     let mut mix = |word: u64| h = (h ^ word).wrapping_mul(0x0100_0000_01b3);
     settings_sha256.bytes().for_each(|b| mix(b as u64));
@@ -677,13 +685,21 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
         (Some(world), Engine::Cuda(model)) => {
             let mut ranks = DataParallel::join(world, model.backend.runtime(), opts.dist_timeout)?;
             let fingerprint = engine.with_weights(|weights, m, v| {
-                start_fingerprint(&settings_sha256(&settings), start_step, weights.params, m, v)
+                start_fingerprint(
+                    &settings_sha256(&settings),
+                    start_step,
+                    weights.params,
+                    m,
+                    v,
+                )
             })?;
             ranks.check_same_start(fingerprint)?;
             Some(ranks)
         }
         (Some(_), Engine::Cpu(_)) => {
-            return Err(Error::internal("a run on several processes placed on the CPU"));
+            return Err(Error::internal(
+                "a run on several processes placed on the CPU",
+            ));
         }
         (None, _) => None,
     };
@@ -807,7 +823,9 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
         if evaluate {
             let logits = score_set(
                 |batch| match interrupts.received() {
-                    Some(signal) => Err(interrupted(cfg, signal, done, last_good.as_deref(), writer)),
+                    Some(signal) => {
+                        Err(interrupted(cfg, signal, done, last_good.as_deref(), writer))
+                    }
                     None => engine.forward_eval(batch),
                 },
                 &eval_set,

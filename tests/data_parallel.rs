@@ -109,7 +109,13 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
 /// The largest difference between two runs' weights, with the tensor it is in.
 fn max_difference(a: &Path, b: &Path) -> (f32, String) {
     let (wa, wb) = (weights(a), weights(b));
-    assert_eq!(wa.len(), wb.len(), "{} and {} hold other tensors", a.display(), b.display());
+    assert_eq!(
+        wa.len(),
+        wb.len(),
+        "{} and {} hold other tensors",
+        a.display(),
+        b.display()
+    );
     let mut worst = (0f32, String::new());
     for ((name, x), (other, y)) in wa.iter().zip(&wb) {
         assert_eq!(name, other);
@@ -149,20 +155,32 @@ fn ranks_train_the_weights_of_one_process_and_resume_with_another_count() {
     // move nothing (the config refuses a learning rate of 0).
     let (init_cfg, initial) = config(&dir, "initial");
     let text = std::fs::read_to_string(&init_cfg).unwrap();
-    std::fs::write(&init_cfg, text.replace("learning_rate: 1.0e-3", "learning_rate: 1.0e-12"))
-        .unwrap();
+    std::fs::write(
+        &init_cfg,
+        text.replace("learning_rate: 1.0e-3", "learning_rate: 1.0e-12"),
+    )
+    .unwrap();
     train_ok(&lib, &init_cfg, &[]);
     let (moved, _) = max_difference(&alone, &initial);
-    assert!(moved > 1e-4, "training moved no weight by more than {moved}");
+    assert!(
+        moved > 1e-4,
+        "training moved no weight by more than {moved}"
+    );
 
     for nproc in ["2", "3"] {
         let (cfg, out) = config(&dir, &format!("nproc{nproc}"));
         train_ok(&lib, &cfg, &["--nproc", nproc]);
         let (d, tensor) = max_difference(&alone, &out);
         eprintln!("{test}: {nproc} ranks: largest weight difference {d:e} ({tensor})");
-        assert!(d <= WEIGHT_TOLERANCE, "{nproc} ranks: {tensor} differs by {d}");
+        assert!(
+            d <= WEIGHT_TOLERANCE,
+            "{nproc} ranks: {tensor} differs by {d}"
+        );
         for (a, b) in train_losses(&alone).iter().zip(train_losses(&out)) {
-            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "train_loss {a} against {b}");
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                "train_loss {a} against {b}"
+            );
         }
         // Rank 0 alone writes: one line per evaluation.
         assert_eq!(train_losses(&out).len(), train_losses(&alone).len());
@@ -174,7 +192,10 @@ fn ranks_train_the_weights_of_one_process_and_resume_with_another_count() {
     train_ok(&lib, &cfg, &["--nproc", "3", "--resume"]);
     let (d, tensor) = max_difference(&alone, &out);
     eprintln!("{test}: 2 ranks then 3: largest weight difference {d:e} ({tensor})");
-    assert!(d <= WEIGHT_TOLERANCE, "resumed on 3 ranks: {tensor} differs by {d}");
+    assert!(
+        d <= WEIGHT_TOLERANCE,
+        "resumed on 3 ranks: {tensor} differs by {d}"
+    );
 }
 
 #[test]
@@ -254,8 +275,14 @@ fn a_rank_killed_mid_run_ends_the_other_with_an_error() {
     while let Ok(text) = rx.recv_timeout(Duration::from_secs(5)) {
         seen = text;
     }
-    eprintln!("{test}: rank 0 stopped {:.1?} after rank 1 was killed", killed_at.elapsed());
-    assert!(!status.success(), "rank 0 succeeded without its peer:\n{seen}");
+    eprintln!(
+        "{test}: rank 0 stopped {:.1?} after rank 1 was killed",
+        killed_at.elapsed()
+    );
+    assert!(
+        !status.success(),
+        "rank 0 succeeded without its peer:\n{seen}"
+    );
     let last = seen.lines().last().unwrap_or("");
     assert!(
         last.starts_with("rcx: error:") && last.contains("rank 1"),

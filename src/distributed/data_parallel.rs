@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use super::launch::WorldEnv;
 use super::rendezvous::{self, Control};
-use super::{Rank, StepSync};
+use super::{Rank, StepSync, clip_and_update};
+use crate::backend::OptimStep;
 use crate::backend::cuda::nccl::{self, Communicator};
 use crate::backend::cuda::{Cuda, CudaRuntime};
 use crate::error::{Error, Result};
@@ -88,13 +89,19 @@ impl StepSync<Cuda> for DataParallel {
         self.rank.world_size
     }
 
-    fn sum_gradients(&mut self, backend: &mut Cuda) -> Result<()> {
-        self.check_peers()?;
-        self.comm.sum_gradients(backend)
-    }
-
     fn sum_values(&mut self, values: &mut [f64]) -> Result<()> {
         self.check_peers()?;
-        StepSync::<Cuda>::sum_values(&mut self.comm, values)
+        self.comm.all_reduce_sum_host(values)
+    }
+
+    fn update(
+        &mut self,
+        backend: &mut Cuda,
+        tensors: &[(Range<usize>, bool)],
+        opt: &OptimStep,
+    ) -> Result<f64> {
+        self.check_peers()?;
+        self.comm.all_reduce_sum(backend.grads_mut())?;
+        clip_and_update(backend, tensors, opt)
     }
 }

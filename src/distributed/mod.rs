@@ -3,7 +3,9 @@
 
 pub mod data_parallel;
 
-use crate::backend::Backend;
+use std::ops::Range;
+
+use crate::backend::{Backend, OptimStep};
 use crate::error::Result;
 
 /// Where this process stands in a run over several processes: its rank among `world_size`,
@@ -15,17 +17,42 @@ pub struct Rank {
     pub local_rank: usize,
 }
 
-/// What a training step exchanges with the other ranks of a data-parallel run: the sum of
-/// their gradient arenas, and the sum of a few numbers (the loss). Each rank's micro-batch
-/// gradients are already divided by the global step's micro-batch count, so the sums are the
-/// single-process step's mean.
+/// What a training step exchanges with the other ranks of a data-parallel run. Each rank's
+/// micro-batch gradients are already divided by the global step's micro-batch count, so sums
+/// over the ranks give the single-process step.
 pub trait StepSync<B: Backend> {
     /// How many ranks share the step (1: none).
     fn world_size(&self) -> usize;
-    /// Replaces every rank's gradient arena by the sum over the ranks.
-    fn sum_gradients(&mut self, backend: &mut B) -> Result<()>;
     /// Replaces `values` on every rank by their sum over the ranks.
     fn sum_values(&mut self, values: &mut [f64]) -> Result<()>;
+    /// After every rank's backward: the global gradient norm, clipping (torch's
+    /// clip_grad_norm_) and AdamW over `tensors` (ranges of the arena, decay flag), every
+    /// rank ending with the same weights. Returns the norm before clipping; a norm that is
+    /// not finite updates nothing.
+    fn update(
+        &mut self,
+        backend: &mut B,
+        tensors: &[(Range<usize>, bool)],
+        opt: &OptimStep,
+    ) -> Result<f64>;
+}
+
+/// The update of one process, or of a rank whose gradient arena already holds the sum.
+pub fn clip_and_update<B: Backend>(
+    backend: &mut B,
+    tensors: &[(Range<usize>, bool)],
+    opt: &OptimStep,
+) -> Result<f64> {
+    let grad_norm = backend.grad_norm()?;
+    if grad_norm.is_finite() {
+        backend.adamw_update(tensors, opt, clip_factor(opt, grad_norm))?;
+    }
+    Ok(grad_norm)
+}
+
+/// torch's clip_grad_norm_ factor.
+pub fn clip_factor(opt: &OptimStep, grad_norm: f64) -> f64 {
+    (opt.max_grad_norm / (grad_norm + 1e-6)).min(1.0)
 }
 
 /// One process training alone: nothing to share.
@@ -36,11 +63,16 @@ impl<B: Backend> StepSync<B> for Alone {
         1
     }
 
-    fn sum_gradients(&mut self, _backend: &mut B) -> Result<()> {
+    fn sum_values(&mut self, _values: &mut [f64]) -> Result<()> {
         Ok(())
     }
 
-    fn sum_values(&mut self, _values: &mut [f64]) -> Result<()> {
-        Ok(())
+    fn update(
+        &mut self,
+        backend: &mut B,
+        tensors: &[(Range<usize>, bool)],
+        opt: &OptimStep,
+    ) -> Result<f64> {
+        clip_and_update(backend, tensors, opt)
     }
 }

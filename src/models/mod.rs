@@ -765,11 +765,10 @@ impl<B: Backend> Model<B> {
             step_loss += self.accumulate(micro, loss, eps, extras, count)? / count as f64;
         }
         if sync.world_size() > 1 {
+            // Every rank then takes the same branch below, so none waits for the others.
             let mut summed = [step_loss];
             sync.sum_values(&mut summed)?;
             step_loss = summed[0];
-            // Summed even when the loss is not finite, so that no rank waits for the others.
-            sync.sum_gradients(&mut self.backend)?;
         }
         if !step_loss.is_finite() {
             return Ok(StepStats {
@@ -777,12 +776,8 @@ impl<B: Backend> Model<B> {
                 grad_norm: f64::NAN,
             });
         }
-        let grad_norm = self.backend.grad_norm()?;
-        if grad_norm.is_finite() {
-            let clip = (opt.max_grad_norm / (grad_norm + 1e-6)).min(1.0);
-            let tensors = self.layout.optimizer_tensors();
-            self.backend.adamw_update(&tensors, opt, clip)?;
-        }
+        let tensors = self.layout.optimizer_tensors();
+        let grad_norm = sync.update(&mut self.backend, &tensors, opt)?;
         Ok(StepStats {
             loss: step_loss,
             grad_norm,
