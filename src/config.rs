@@ -117,6 +117,9 @@ pub struct Config {
     /// whole sequences, computed once instead of K times. On by default; encoders attend
     /// both ways (a prompt's states depend on its completion) and ignore it.
     pub shared_prefix: bool,
+    /// On several GPUs: 0 replicates AdamW's state on every rank, 1 (ZeRO-1) shards its
+    /// moments over the ranks (`backend::cuda::zero`). One process ignores it.
+    pub zero_stage: usize,
 }
 
 /// The `center_rewards_coefficient`s rcx trains with: TRL suggests 0.01; a thousand times
@@ -176,6 +179,8 @@ struct RawConfig {
     center_rewards_coefficient: f64,
     #[serde(default = "yes")]
     shared_prefix: bool,
+    #[serde(default, deserialize_with = "zero_stage")]
+    zero_stage: usize,
 }
 
 // Hugging Face Trainer's defaults, where it has the key.
@@ -378,6 +383,14 @@ fn batch<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error
 
 fn accumulation<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
     count(d, (1, MAX_ACCUMULATION), "micro-batches per optimizer step")
+}
+
+fn zero_stage<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    count(
+        d,
+        (0, 1),
+        "the ZeRO stages rcx has: 0 (none) or 1 (AdamW's moments sharded over the GPUs)",
+    )
 }
 
 fn max_length<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
@@ -733,6 +746,7 @@ impl Config {
             eval_max_prompts: raw.eval_max_prompts,
             center_rewards_coefficient: raw.center_rewards_coefficient,
             shared_prefix: raw.shared_prefix,
+            zero_stage: raw.zero_stage,
         })
     }
 

@@ -678,22 +678,12 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
     );
     let device = world.map_or(0, |w| w.rank.local_rank);
     let mut engine = choose_engine(host, &placement, cfg.shared_prefix, device)?;
-    if let Some((m, v)) = moments.take() {
-        engine.upload_moments(&m, &v)?;
-    }
-    let mut ranks = match (world, &engine) {
+    let mut ranks = match (world, &mut engine) {
         (Some(world), Engine::Cuda(model)) => {
-            let mut ranks = DataParallel::join(world, model.backend.runtime(), opts.dist_timeout)?;
-            let fingerprint = engine.with_weights(|weights, m, v| {
-                start_fingerprint(
-                    &settings_sha256(&settings),
-                    start_step,
-                    weights.params,
-                    m,
-                    v,
-                )
-            })?;
-            ranks.check_same_start(fingerprint)?;
+            let ranks = DataParallel::join(world, model.backend.runtime(), opts.dist_timeout)?;
+            if cfg.zero_stage == 1 {
+                ranks.shard_optimizer(&mut model.backend)?;
+            }
             Some(ranks)
         }
         (Some(_), Engine::Cpu(_)) => {
@@ -703,6 +693,21 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
         }
         (None, _) => None,
     };
+    if let Some((m, v)) = moments.take() {
+        engine.upload_moments(&m, &v)?;
+    }
+    if let Some(ranks) = &mut ranks {
+        let fingerprint = engine.with_weights(|weights, m, v| {
+            start_fingerprint(
+                &settings_sha256(&settings),
+                start_step,
+                weights.params,
+                m,
+                v,
+            )
+        })?;
+        ranks.check_same_start(fingerprint)?;
+    }
     if !quiet {
         eprintln!(
             "training {} ({} parameters) on {}",
@@ -856,7 +861,7 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
                 eprintln!("{}", eval_summary_line(done, loss, &report));
             }
         }
-        if save && writer {
+        if save {
             let state = TrainState {
                 step: done,
                 seed: cfg.seed,
@@ -865,20 +870,24 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
                 resumed_with_changes: resumed_with_changes.clone(),
                 files: Default::default(),
             };
-            last_good = Some(engine.with_weights(|weights, m, v| {
-                checkpoint::save_checkpoint(cfg, weights, &vocab, m, v, &state)
-            })??);
+            // Every rank: gathering ZeRO-1's moments takes them all; the writer writes.
+            let saved = engine.with_weights(|weights, m, v| match writer {
+                true => checkpoint::save_checkpoint(cfg, weights, &vocab, m, v, &state).map(Some),
+                false => Ok(None),
+            })??;
+            last_good = saved.or(last_good);
         }
     }
-    if end_step == cfg.max_steps && writer {
+    if end_step == cfg.max_steps {
         engine.with_weights(|weights, m, v| {
             match checkpoint::first_non_finite(weights, m, v) {
                 Some(what) => Err(diverged(cfg, end_step, false, &what, last_good.as_deref())),
-                None => checkpoint::save_final(cfg, weights, &vocab),
+                None if writer => checkpoint::save_final(cfg, weights, &vocab),
+                None => Ok(()),
             }
         })??;
         // The statistics join the final config.json, replaced whole (`reward_norm::write`).
-        if let Some(stats) = &final_reward_stats {
+        if writer && let Some(stats) = &final_reward_stats {
             crate::reward_norm::write(&cfg.output_dir, stats)?;
         }
     }

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 
 pub struct DataParallel {
     pub rank: Rank,
-    comm: Communicator,
+    comm: Arc<Communicator>,
     control: Control,
 }
 
@@ -32,12 +32,23 @@ impl DataParallel {
             ))
         })?;
         let (id, control) = rendezvous::join(world, nccl::unique_id, timeout)?;
-        let comm = Communicator::new(rt, &id, rank.rank, rank.world_size, timeout)?;
+        let comm = Arc::new(Communicator::new(
+            rt,
+            &id,
+            rank.rank,
+            rank.world_size,
+            timeout,
+        )?);
         Ok(DataParallel {
             rank,
             comm,
             control,
         })
+    }
+
+    /// ZeRO-1: shards `backend`'s AdamW moments over the ranks.
+    pub fn shard_optimizer(&self, backend: &mut Cuda) -> Result<()> {
+        backend.shard_optimizer(self.comm.clone())
     }
 
     /// Whether this rank writes the run's files (metrics, checkpoints, the model).
@@ -101,7 +112,11 @@ impl StepSync<Cuda> for DataParallel {
         opt: &OptimStep,
     ) -> Result<f64> {
         self.check_peers()?;
-        self.comm.all_reduce_sum(backend.grads_mut())?;
+        if backend.optimizer_sharded() {
+            return backend.sharded_update(tensors, opt);
+        }
+        self.comm
+            .all_reduce_sum(&mut backend.grads_mut().as_view_mut())?;
         clip_and_update(backend, tensors, opt)
     }
 }

@@ -33,6 +33,7 @@ use super::loss::RankingBatch;
 use super::ops::{FlashKernels, TokenBatch};
 use super::optim::AdamWStep;
 use super::runtime::{Activation, CudaRuntime, driver};
+use super::zero::OptimizerShard;
 use crate::backend::DType;
 use crate::backend::arena::{Loans, check_bounds};
 use crate::backend::{
@@ -68,13 +69,16 @@ enum Precision {
 
 /// The backend on one GPU.
 pub struct Cuda {
-    rt: Arc<CudaRuntime>,
-    params: CudaSlice<f32>, // [parameters] fp32 master weights
-    grads: CudaSlice<f32>,  // [parameters] once training
-    m: CudaSlice<f32>,      // [parameters] AdamW first moment, once training
-    v: CudaSlice<f32>,      // [parameters] AdamW second moment, once training
-    stats: CudaSlice<f32>,  // the Stats arena
+    pub(super) rt: Arc<CudaRuntime>,
+    pub(super) params: CudaSlice<f32>, // [parameters] fp32 master weights
+    pub(super) grads: CudaSlice<f32>,  // [parameters] once training
+    pub(super) m: CudaSlice<f32>,      // [moments] AdamW first moment, once training
+    pub(super) v: CudaSlice<f32>,      // [moments] AdamW second moment, once training
+    stats: CudaSlice<f32>,             // the Stats arena
     precision: Precision,
+    /// ZeRO-1: this rank's part of the optimizer state (None: all of it). Its ranges of the
+    /// parameter arena, one after another, are the [moments] of m and v.
+    pub(super) optimizer_shard: Option<OptimizerShard>,
 }
 
 impl Cuda {
@@ -100,6 +104,7 @@ impl Cuda {
             params,
             precision,
             rt,
+            optimizer_shard: None,
         })
     }
 
@@ -140,7 +145,24 @@ impl Cuda {
         }
     }
 
-    fn training(&self) -> Result<()> {
+    /// Rounds the master weights into the bf16 copy (bf16 only).
+    pub(super) fn refresh_bf16_weights(&mut self) -> Result<()> {
+        match &mut self.precision {
+            Precision::Bf16 { weights, .. } => self.rt.cast_f32_to_bf16(weights, &self.params),
+            Precision::F32 { .. } => Ok(()),
+        }
+    }
+
+    /// The parameter ranges whose AdamW moments this backend holds, in their order in m
+    /// and v.
+    pub(super) fn moment_ranges(&self) -> Vec<Range<usize>> {
+        match &self.optimizer_shard {
+            Some(shard) => shard.owned(self.params.len()).to_vec(),
+            None => vec![0..self.params.len()],
+        }
+    }
+
+    pub(super) fn training(&self) -> Result<()> {
         if self.grads.len() == self.params.len() {
             Ok(())
         } else {
@@ -1432,9 +1454,13 @@ impl Backend for Cuda {
 
     fn start_training(&mut self) -> Result<()> {
         let total = self.params.len();
-        for arena in [&mut self.grads, &mut self.m, &mut self.v] {
-            if arena.len() != total {
-                *arena = self.rt.zeros(total)?;
+        if self.grads.len() != total {
+            self.grads = self.rt.zeros(total)?;
+        }
+        let moments = self.moment_ranges().iter().map(|r| r.len()).sum();
+        for arena in [&mut self.m, &mut self.v] {
+            if arena.len() != moments {
+                *arena = self.rt.zeros(moments)?;
             }
         }
         Ok(())
@@ -1450,7 +1476,7 @@ impl Backend for Cuda {
 
     fn grad_norm(&mut self) -> Result<f64> {
         self.training()?;
-        Ok(self.rt.global_norm_squared(&[&self.grads])?.sqrt())
+        Ok(self.rt.global_norm_squared(&[self.grads.as_view()])?.sqrt())
     }
 
     /// One launch per run of consecutive tensors with the same decay flag; for bf16 the
@@ -1469,7 +1495,20 @@ impl Backend for Cuda {
                 _ => runs.push((range.clone(), *decay)),
             }
         }
-        for (range, decay) in runs {
+        // Each run's parts whose moments this backend holds, with where they are in m and v.
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        for owned in self.moment_ranges() {
+            for (range, decay) in &runs {
+                let (start, end) = (range.start.max(owned.start), range.end.min(owned.end));
+                if start < end {
+                    let at = offset + start - owned.start;
+                    parts.push((start..end, at..at + (end - start), *decay));
+                }
+            }
+            offset += owned.len();
+        }
+        for (range, moments, decay) in parts {
             let hp = AdamWStep {
                 step: opt.step,
                 lr: opt.lr,
@@ -1481,8 +1520,8 @@ impl Backend for Cuda {
             };
             let params = &mut self.params.slice_mut(range.clone());
             let grads = &self.grads.slice(range.clone());
-            let m = &mut self.m.slice_mut(range.clone());
-            let v = &mut self.v.slice_mut(range.clone());
+            let m = &mut self.m.slice_mut(moments.clone());
+            let v = &mut self.v.slice_mut(moments);
             match &mut self.precision {
                 Precision::F32 { .. } => self.rt.adamw_update(params, grads, m, v, &hp)?,
                 Precision::Bf16 { weights, .. } => self.rt.adamw_update_bf16_copy(
@@ -1510,24 +1549,37 @@ impl Backend for Cuda {
         Ok(())
     }
 
+    /// Whole moments [parameters]; a shard keeps its own parts.
     fn upload_moments(&mut self, m: &[f32], v: &[f32]) -> Result<()> {
         self.training()?;
         self.check_arena("first moments", m.len())?;
         self.check_arena("second moments", v.len())?;
-        let stream = self.rt.stream();
-        stream
-            .memcpy_htod(m, &mut self.m)
-            .map_err(driver("upload the first moments"))?;
-        stream
-            .memcpy_htod(v, &mut self.v)
-            .map_err(driver("upload the second moments"))
+        let stream = self.rt.stream().clone();
+        let mut offset = 0;
+        for owned in self.moment_ranges() {
+            let at = offset..offset + owned.len();
+            stream
+                .memcpy_htod(&m[owned.clone()], &mut self.m.slice_mut(at.clone()))
+                .map_err(driver("upload the first moments"))?;
+            stream
+                .memcpy_htod(&v[owned.clone()], &mut self.v.slice_mut(at))
+                .map_err(driver("upload the second moments"))?;
+            offset += owned.len();
+        }
+        Ok(())
     }
 
+    /// Whole moments [parameters] (a shard gathers them from the other ranks, which must
+    /// call this at the same point).
     fn with_state<R>(&self, f: impl FnOnce(&[f32], &[f32], &[f32]) -> R) -> Result<R> {
         let params = self.rt.download(&self.params)?;
-        let (m, v) = match self.training() {
-            Ok(()) => (self.rt.download(&self.m)?, self.rt.download(&self.v)?),
-            Err(_) => (Vec::new(), Vec::new()),
+        let (m, v) = match (self.training(), &self.optimizer_shard) {
+            (Err(_), _) => (Vec::new(), Vec::new()),
+            (Ok(()), None) => (self.rt.download(&self.m)?, self.rt.download(&self.v)?),
+            (Ok(()), Some(shard)) => (
+                shard.gather(&self.rt, &self.m, self.params.len())?,
+                shard.gather(&self.rt, &self.v, self.params.len())?,
+            ),
         };
         Ok(f(&params, &m, &v))
     }

@@ -13,6 +13,7 @@ mod matmul;
 mod ops;
 mod optim;
 mod runtime;
+mod zero;
 
 pub use backend::{Cuda, CudaTokens};
 pub use cast::ModelFloat;

@@ -1,6 +1,6 @@
 //! Gradient clipping and the optimizer step on the device (kernels/optimizer.cu).
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaView, PushKernelArg};
 
 use super::ops::launch::{self, NORM_BLOCKS};
 use super::ops::{checked_view, checked_view_mut};
@@ -45,7 +45,7 @@ impl AdamWStep {
 impl CudaRuntime {
     /// Sum of squares of every element of every buffer, accumulated in f64 (one small copy
     /// to the host). Deterministic: fixed partition, fixed reduction trees.
-    pub fn global_norm_squared(&self, grads: &[&CudaSlice<f32>]) -> Result<f64> {
+    pub fn global_norm_squared(&self, grads: &[CudaView<'_, f32>]) -> Result<f64> {
         let op = "global_norm_squared";
         let count = grads.len() * NORM_BLOCKS;
         if count == 0 {
@@ -62,7 +62,7 @@ impl CudaRuntime {
             let len = g.len();
             let mut slot = partials.slice_mut(i * NORM_BLOCKS..(i + 1) * NORM_BLOCKS);
             let mut args = partial.args();
-            args.arg(&mut slot).arg(*g).arg(&len);
+            args.arg(&mut slot).arg(g).arg(&len);
             unsafe { partial.launch(args) }?;
         }
         let mut total = self.zeros::<f64>(1)?;

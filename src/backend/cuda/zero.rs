@@ -1,0 +1,142 @@
+//! ZeRO-1 (`zero_stage: 1`): AdamW's moments sharded over the ranks of a data-parallel run.
+//!
+//! The parameter arena [P] splits into N shards of S = P / N elements and a tail
+//! [N·S, P) of fewer than N. Rank r owns shard r and, like every rank, the tail, so its
+//! moments are [S + tail] instead of [P] each. A step reduce-scatters the gradients (rank r
+//! receives the sum of shard r), all-reduces the tail, sums the squared norms of the shards
+//! (the tail counted once), updates its shard and the tail with the common clipping factor,
+//! and all-gathers the fp32 weights (then refreshes the bf16 copy). The result is plain data
+//! parallelism's: the same sums, the same elementwise AdamW. Checkpoints hold whole moments:
+//! `with_state` gathers them.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+
+use super::backend::Cuda;
+use super::nccl::Communicator;
+use super::runtime::{CudaRuntime, driver};
+use crate::backend::{Backend, OptimStep};
+use crate::distributed::clip_factor;
+use crate::error::{Error, Result};
+
+pub struct OptimizerShard {
+    comm: Arc<Communicator>,
+    rank: usize,
+    world_size: usize,
+    shard: usize,            // S
+    scratch: CudaSlice<f32>, // [S] the reduce-scatter's output, then the all-gather's input
+}
+
+impl OptimizerShard {
+    /// Rank r's parameter ranges: its shard, then the tail.
+    pub fn owned(&self, total: usize) -> [Range<usize>; 2] {
+        let (r, s) = (self.rank, self.shard);
+        [r * s..(r + 1) * s, self.world_size * s..total]
+    }
+
+    /// The whole [total] of a moment arena `part` [S + tail] sharded this way.
+    pub fn gather(
+        &self,
+        rt: &CudaRuntime,
+        part: &CudaSlice<f32>,
+        total: usize,
+    ) -> Result<Vec<f32>> {
+        let main = self.world_size * self.shard;
+        let mut whole = rt.zeros::<f32>(main)?;
+        self.comm
+            .all_gather(&part.slice(..self.shard), &mut whole.as_view_mut())?;
+        let mut host = rt.download(&whole)?;
+        let tail = rt
+            .stream()
+            .clone_dtoh(&part.slice(self.shard..))
+            .map_err(driver("copy the moments' tail to the host"))?;
+        host.extend(tail);
+        match host.len() == total {
+            true => Ok(host),
+            false => Err(Error::internal(format!(
+                "ZeRO-1: gathered {} moments of {total} parameters",
+                host.len()
+            ))),
+        }
+    }
+}
+
+impl Cuda {
+    /// Whether ZeRO-1 shards this backend's AdamW moments.
+    pub fn optimizer_sharded(&self) -> bool {
+        self.optimizer_shard.is_some()
+    }
+
+    /// Shards AdamW's moments over the ranks of `comm` (ZeRO-1): from now on this backend
+    /// holds only its rank's part of them (zeros; `upload_moments` takes whole moments and
+    /// keeps that part). Call after `start_training`.
+    pub fn shard_optimizer(&mut self, comm: Arc<Communicator>) -> Result<()> {
+        self.training()?;
+        let (rank, world_size) = (comm.rank(), comm.world_size());
+        let shard = self.params.len() / world_size;
+        self.optimizer_shard = Some(OptimizerShard {
+            scratch: self.rt.zeros(shard)?,
+            comm,
+            rank,
+            world_size,
+            shard,
+        });
+        let moments: usize = self.moment_ranges().iter().map(|r| r.len()).sum();
+        self.m = self.rt.zeros(moments)?;
+        self.v = self.rt.zeros(moments)?;
+        Ok(())
+    }
+
+    /// ZeRO-1's update (see the module's comment); returns the global gradient norm before
+    /// clipping. Every rank calls it at the same step.
+    pub fn sharded_update(
+        &mut self,
+        tensors: &[(Range<usize>, bool)],
+        opt: &OptimStep,
+    ) -> Result<f64> {
+        let total = self.params.len();
+        let shard = self
+            .optimizer_shard
+            .as_mut()
+            .ok_or_else(|| Error::internal("sharded_update without an optimizer shard"))?;
+        let [own, tail] = shard.owned(total);
+        let main = shard.world_size * shard.shard;
+        // Rank r's shard of the summed gradients, back where the update reads it.
+        shard
+            .comm
+            .reduce_scatter_sum(&self.grads.slice(..main), &mut shard.scratch.as_view_mut())?;
+        self.rt
+            .stream()
+            .memcpy_dtod(&shard.scratch, &mut self.grads.slice_mut(own.clone()))
+            .map_err(driver("copy the reduced gradient shard"))?;
+        shard
+            .comm
+            .all_reduce_sum(&mut self.grads.slice_mut(tail.clone()))?;
+
+        let mut squares = [self
+            .rt
+            .global_norm_squared(&[self.grads.slice(own.clone())])?
+            + match shard.rank {
+                0 => self.rt.global_norm_squared(&[self.grads.slice(tail)])?,
+                _ => 0.0,
+            }];
+        shard.comm.all_reduce_sum_host(&mut squares)?;
+        let grad_norm = squares[0].sqrt();
+        if grad_norm.is_finite() {
+            // Updates the shard and the tail: the ranges whose moments this rank holds.
+            self.adamw_update(tensors, opt, clip_factor(opt, grad_norm))?;
+            let shard = self.optimizer_shard.as_mut().expect("checked above");
+            self.rt
+                .stream()
+                .memcpy_dtod(&self.params.slice(own), &mut shard.scratch)
+                .map_err(driver("copy the updated weight shard"))?;
+            shard
+                .comm
+                .all_gather(&shard.scratch.as_view(), &mut self.params.slice_mut(..main))?;
+            self.refresh_bf16_weights()?;
+        }
+        Ok(grad_norm)
+    }
+}
