@@ -1,7 +1,7 @@
 //! Data-parallel training, end to end through the built binary, on the emulated device (the
 //! fake libcuda, libcublas and libnccl of tests/emu/, ranks as processes): 2 and 3 ranks
-//! train the weights one process trains on the same global batch, a run resumes with
-//! another number of ranks, and a rank killed mid-run ends the other with an error instead
+//! train the weights one process trains on the same global batch, with and without ZeRO-1,
+//! a run resumes with another number of ranks, and a rank killed mid-run ends the other with an error instead
 //! of a hang. With a real GPU this file is skipped (it needs as many GPUs as ranks); without
 //! the emulator it skips, and RCX_REQUIRE_EMU=1 (CI) makes that a failure.
 
@@ -21,12 +21,11 @@ mod fake_device;
 
 use common::RunConfig;
 
-/// Ranks' weights may differ from one process's by the order of the gradient sums: each
-/// rank sums its micro-batches, then NCCL sums the ranks. After two AdamW steps of
-/// learning rate 1e-3 (each moves a weight by at most ~1e-3) the differences measured were
-/// below 1e-6; 2e-5 leaves room and still fails for a rank that trains the wrong share
-/// (a step's update is 1e-3).
-const WEIGHT_TOLERANCE: f32 = 2e-5;
+/// Ranks' weights and moments may differ from one process's by the order of the gradient
+/// sums: each rank sums its micro-batches, then NCCL sums the ranks. A step of learning
+/// rate 1e-3 moves a weight by up to ~1e-3, so a rank that trained the wrong share, or a
+/// shard updated twice or never, is far outside.
+const TOLERANCE: f32 = 2e-5;
 
 /// LD_LIBRARY_PATH for the emulated device, or None after saying why the test is skipped.
 fn emulated_device(test: &str) -> Option<String> {
@@ -50,7 +49,7 @@ fn emulated_device(test: &str) -> Option<String> {
 /// A bert-tiny run on the length ranking, on the GPU: 2 steps of a global step of 6
 /// micro-batches of one prompt (K = 4), so that 1, 2 and 3 ranks split it evenly; dropout
 /// on (bert-tiny's 0.1), so each micro-batch's mask must follow it to its rank.
-fn config(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+fn config(dir: &Path, name: &str, extra: &[(&str, &str)]) -> (PathBuf, PathBuf) {
     let out = dir.join(name);
     let config = RunConfig::length_ranking(&out)
         .set(&[
@@ -66,6 +65,7 @@ fn config(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
             ("eval_max_prompts", "2"),
             ("seed", "3"),
         ])
+        .set(extra)
         .write(&dir.join(format!("{name}.yml")));
     (config, out)
 }
@@ -91,9 +91,9 @@ fn train_ok(library_path: &str, config: &Path, extra: &[&str]) {
     );
 }
 
-/// Every tensor of `dir/model.safetensors`, by name.
-fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let file = SafeTensors::open(&dir.join("model.safetensors")).unwrap();
+/// Every tensor of a safetensors file, by name.
+fn tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
+    let file = SafeTensors::open(file).unwrap();
     let mut names: Vec<String> = file.names().iter().map(|n| n.to_string()).collect();
     names.sort();
     names
@@ -106,19 +106,20 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
-/// The largest difference between two runs' weights, with the tensor it is in.
+/// The largest difference between two files' tensors, with the tensor it is in.
 fn max_difference(a: &Path, b: &Path) -> (f32, String) {
-    let (wa, wb) = (weights(a), weights(b));
+    let (ta, tb) = (tensors(a), tensors(b));
     assert_eq!(
-        wa.len(),
-        wb.len(),
+        ta.len(),
+        tb.len(),
         "{} and {} hold other tensors",
         a.display(),
         b.display()
     );
     let mut worst = (0f32, String::new());
-    for ((name, x), (other, y)) in wa.iter().zip(&wb) {
+    for ((name, x), (other, y)) in ta.iter().zip(&tb) {
         assert_eq!(name, other);
+        assert_eq!(x.len(), y.len(), "{name}");
         for (p, q) in x.iter().zip(y) {
             let d = (p - q).abs();
             assert!(d.is_finite(), "{name}: {p} against {q}");
@@ -142,60 +143,67 @@ fn train_losses(dir: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// Asserts that run `out` ended where the process alone did: its final weights, its last
+/// checkpoint's weights and AdamW moments (gathered whole under ZeRO-1), its losses.
+fn assert_same_run(test: &str, what: &str, alone: &Path, out: &Path) {
+    for file in [
+        "model.safetensors",
+        "checkpoint-2/model.safetensors",
+        "checkpoint-2/optimizer.safetensors",
+    ] {
+        let (d, tensor) = max_difference(&alone.join(file), &out.join(file));
+        eprintln!("{test}: {what}: {file}: largest difference {d:e} ({tensor})");
+        assert!(d <= TOLERANCE, "{what}: {file}: {tensor} differs by {d}");
+    }
+    let (a, b) = (train_losses(alone), train_losses(out));
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "{what}: rank 0 alone writes one line per evaluation"
+    );
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "{what}: train_loss {x} against {y}"
+        );
+    }
+}
+
 #[test]
-fn ranks_train_the_weights_of_one_process_and_resume_with_another_count() {
-    let test = "ranks_train_the_weights_of_one_process_and_resume_with_another_count";
+fn ranks_train_the_run_of_one_process_with_and_without_zero1_and_resume_with_another_count() {
+    let test = "data_parallel";
     let Some(lib) = emulated_device(test) else {
         return;
     };
-    let dir = common::scratch("data-parallel", "same-weights");
-    let (alone_cfg, alone) = config(&dir, "alone");
+    let dir = common::scratch("data-parallel", "same-run");
+    let (alone_cfg, alone) = config(&dir, "alone", &[]);
     train_ok(&lib, &alone_cfg, &[]);
-    // Weights that moved, so that equal weights say something: against a run whose steps
-    // move nothing (the config refuses a learning rate of 0).
-    let (init_cfg, initial) = config(&dir, "initial");
-    let text = std::fs::read_to_string(&init_cfg).unwrap();
-    std::fs::write(
-        &init_cfg,
-        text.replace("learning_rate: 1.0e-3", "learning_rate: 1.0e-12"),
-    )
-    .unwrap();
-    train_ok(&lib, &init_cfg, &[]);
-    let (moved, _) = max_difference(&alone, &initial);
+    // A step moves the weights far more than the tolerance, so equal weights say something.
+    let (moved, _) = max_difference(
+        &alone.join("checkpoint-1/model.safetensors"),
+        &alone.join("checkpoint-2/model.safetensors"),
+    );
     assert!(
-        moved > 1e-4,
-        "training moved no weight by more than {moved}"
+        moved > 20.0 * TOLERANCE,
+        "a step moved no weight by more than {moved}"
     );
 
-    for nproc in ["2", "3"] {
-        let (cfg, out) = config(&dir, &format!("nproc{nproc}"));
-        train_ok(&lib, &cfg, &["--nproc", nproc]);
-        let (d, tensor) = max_difference(&alone, &out);
-        eprintln!("{test}: {nproc} ranks: largest weight difference {d:e} ({tensor})");
-        assert!(
-            d <= WEIGHT_TOLERANCE,
-            "{nproc} ranks: {tensor} differs by {d}"
-        );
-        for (a, b) in train_losses(&alone).iter().zip(train_losses(&out)) {
-            assert!(
-                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
-                "train_loss {a} against {b}"
-            );
-        }
-        // Rank 0 alone writes: one line per evaluation.
-        assert_eq!(train_losses(&out).len(), train_losses(&alone).len());
-    }
+    let (cfg, out) = config(&dir, "plain2", &[]);
+    train_ok(&lib, &cfg, &["--nproc", "2"]);
+    assert_same_run(test, "2 ranks", &alone, &out);
 
-    // Stopped after step 1 on 2 ranks, resumed on 3.
-    let (cfg, out) = config(&dir, "resumed");
+    let (cfg, out) = config(&dir, "zero3", &[("zero_stage", "1")]);
+    train_ok(&lib, &cfg, &["--nproc", "3"]);
+    assert_same_run(test, "3 ranks, ZeRO-1", &alone, &out);
+
+    // Stopped after step 1 on 2 ranks with ZeRO-1 (its checkpoint holds whole moments),
+    // resumed on 3 without.
+    let (cfg, out) = config(&dir, "resumed", &[("zero_stage", "1")]);
     train_ok(&lib, &cfg, &["--nproc", "2", "--stop-at", "1"]);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("zero_stage: 1", "zero_stage: 0")).unwrap();
     train_ok(&lib, &cfg, &["--nproc", "3", "--resume"]);
-    let (d, tensor) = max_difference(&alone, &out);
-    eprintln!("{test}: 2 ranks then 3: largest weight difference {d:e} ({tensor})");
-    assert!(
-        d <= WEIGHT_TOLERANCE,
-        "resumed on 3 ranks: {tensor} differs by {d}"
-    );
+    assert_same_run(test, "2 ranks with ZeRO-1 resumed on 3", &alone, &out);
 }
 
 #[test]
@@ -205,7 +213,7 @@ fn a_rank_killed_mid_run_ends_the_other_with_an_error() {
         return;
     };
     let dir = common::scratch("data-parallel", "killed");
-    let (cfg, _) = config(&dir, "run");
+    let (cfg, _) = config(&dir, "run", &[]);
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("max_steps: 2", "max_steps: 200")).unwrap();
     // The ranks as torchrun would start them, so that the launcher's own supervision (which
