@@ -3,7 +3,7 @@
 //! and sums gradients and losses with the others (`StepSync`). Rank 0 alone writes.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::launch::WorldEnv;
@@ -11,12 +11,13 @@ use super::rendezvous::{self, Control};
 use super::{Rank, StepSync, clip_and_update};
 use crate::backend::OptimStep;
 use crate::backend::cuda::nccl::{self, Communicator};
+use crate::backend::cuda::zero::{SharedCommunicator, lock};
 use crate::backend::cuda::{Cuda, CudaRuntime};
 use crate::error::{Error, Result};
 
 pub struct DataParallel {
     pub rank: Rank,
-    comm: Arc<Communicator>,
+    comm: SharedCommunicator,
     control: Control,
 }
 
@@ -32,13 +33,8 @@ impl DataParallel {
             ))
         })?;
         let (id, control) = rendezvous::join(world, nccl::unique_id, timeout)?;
-        let comm = Arc::new(Communicator::new(
-            rt,
-            &id,
-            rank.rank,
-            rank.world_size,
-            timeout,
-        )?);
+        let comm = Communicator::new(rt, &id, rank.rank, rank.world_size, timeout)?;
+        let comm = Arc::new(Mutex::new(comm));
         Ok(DataParallel {
             rank,
             comm,
@@ -102,7 +98,7 @@ impl StepSync<Cuda> for DataParallel {
 
     fn sum_values(&mut self, values: &mut [f64]) -> Result<()> {
         self.check_peers()?;
-        self.comm.all_reduce_sum_host(values)
+        lock(&self.comm)?.all_reduce_sum_host(values)
     }
 
     fn update(
@@ -115,8 +111,7 @@ impl StepSync<Cuda> for DataParallel {
         if backend.optimizer_sharded() {
             return backend.sharded_update(tensors, opt);
         }
-        self.comm
-            .all_reduce_sum(&mut backend.grads_mut().as_view_mut())?;
+        lock(&self.comm)?.all_reduce_sum(backend.grads_mut())?;
         clip_and_update(backend, tensors, opt)
     }
 }

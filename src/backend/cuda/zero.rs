@@ -2,15 +2,15 @@
 //!
 //! The parameter arena [P] splits into N shards of S = P / N elements and a tail
 //! [N·S, P) of fewer than N. Rank r owns shard r and, like every rank, the tail, so its
-//! moments are [S + tail] instead of [P] each. A step reduce-scatters the gradients (rank r
-//! receives the sum of shard r), all-reduces the tail, sums the squared norms of the shards
-//! (the tail counted once), updates its shard and the tail with the common clipping factor,
-//! and all-gathers the fp32 weights (then refreshes the bf16 copy). The result is plain data
-//! parallelism's: the same sums, the same elementwise AdamW. Checkpoints hold whole moments:
-//! `with_state` gathers them.
+//! moments are [S + tail] instead of [P] each. A step reduce-scatters the gradients in
+//! place (rank r's shard of the arena becomes the sum of everyone's), all-reduces the tail,
+//! sums the squared norms of the shards (the tail counted once), updates its shard and the
+//! tail with the common clipping factor, and all-gathers the fp32 weights in place (then
+//! refreshes the bf16 copy). The result is plain data parallelism's: the same sums, the
+//! same elementwise AdamW. Checkpoints hold whole moments: `with_state` gathers them.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::CudaSlice;
 
@@ -21,12 +21,21 @@ use crate::backend::{Backend, OptimStep};
 use crate::distributed::clip_factor;
 use crate::error::{Error, Result};
 
+/// A communicator that the training loop and the backend's optimizer shard both use.
+pub type SharedCommunicator = Arc<Mutex<Communicator>>;
+
+/// The communicator of `shared`, or an error if a panic poisoned it.
+pub fn lock(shared: &SharedCommunicator) -> Result<MutexGuard<'_, Communicator>> {
+    shared
+        .lock()
+        .map_err(|_| Error::internal("the NCCL communicator was poisoned by a panic"))
+}
+
 pub struct OptimizerShard {
-    comm: Arc<Communicator>,
+    comm: SharedCommunicator,
     rank: usize,
     world_size: usize,
-    shard: usize,            // S
-    scratch: CudaSlice<f32>, // [S] the reduce-scatter's output, then the all-gather's input
+    shard: usize, // S
 }
 
 impl OptimizerShard {
@@ -43,10 +52,8 @@ impl OptimizerShard {
         part: &CudaSlice<f32>,
         total: usize,
     ) -> Result<Vec<f32>> {
-        let main = self.world_size * self.shard;
-        let mut whole = rt.zeros::<f32>(main)?;
-        self.comm
-            .all_gather(&part.slice(..self.shard), &mut whole.as_view_mut())?;
+        let mut whole = rt.zeros::<f32>(self.world_size * self.shard)?;
+        lock(&self.comm)?.all_gather(&part.slice(..self.shard), &mut whole)?;
         let mut host = rt.download(&whole)?;
         let tail = rt
             .stream()
@@ -72,16 +79,17 @@ impl Cuda {
     /// Shards AdamW's moments over the ranks of `comm` (ZeRO-1): from now on this backend
     /// holds only its rank's part of them (zeros; `upload_moments` takes whole moments and
     /// keeps that part). Call after `start_training`.
-    pub fn shard_optimizer(&mut self, comm: Arc<Communicator>) -> Result<()> {
+    pub fn shard_optimizer(&mut self, comm: SharedCommunicator) -> Result<()> {
         self.training()?;
-        let (rank, world_size) = (comm.rank(), comm.world_size());
-        let shard = self.params.len() / world_size;
+        let (rank, world_size) = {
+            let comm = lock(&comm)?;
+            (comm.rank(), comm.world_size())
+        };
         self.optimizer_shard = Some(OptimizerShard {
-            scratch: self.rt.zeros(shard)?,
+            shard: self.params.len() / world_size,
             comm,
             rank,
             world_size,
-            shard,
         });
         let moments: usize = self.moment_ranges().iter().map(|r| r.len()).sum();
         self.m = self.rt.zeros(moments)?;
@@ -99,42 +107,29 @@ impl Cuda {
         let total = self.params.len();
         let shard = self
             .optimizer_shard
-            .as_mut()
+            .as_ref()
             .ok_or_else(|| Error::internal("sharded_update without an optimizer shard"))?;
         let [own, tail] = shard.owned(total);
         let main = shard.world_size * shard.shard;
-        // Rank r's shard of the summed gradients, back where the update reads it.
-        shard
-            .comm
-            .reduce_scatter_sum(&self.grads.slice(..main), &mut shard.scratch.as_view_mut())?;
-        self.rt
-            .stream()
-            .memcpy_dtod(&shard.scratch, &mut self.grads.slice_mut(own.clone()))
-            .map_err(driver("copy the reduced gradient shard"))?;
-        shard
-            .comm
-            .all_reduce_sum(&mut self.grads.slice_mut(tail.clone()))?;
-
-        let mut squares = [self
-            .rt
-            .global_norm_squared(&[self.grads.slice(own.clone())])?
-            + match shard.rank {
-                0 => self.rt.global_norm_squared(&[self.grads.slice(tail)])?,
-                _ => 0.0,
-            }];
-        shard.comm.all_reduce_sum_host(&mut squares)?;
+        let comm = shard.comm.clone();
+        let first = shard.rank == 0;
+        {
+            let mut comm = lock(&comm)?;
+            comm.reduce_scatter_sum_in_place(&mut self.grads.slice_mut(..main))?;
+            comm.all_reduce_sum(&mut self.grads.slice_mut(tail.clone()))?;
+        }
+        let tail_squares = match first {
+            true => self.rt.global_norm_squared(&[self.grads.slice(tail)])?,
+            false => 0.0,
+        };
+        let mut squares =
+            [self.rt.global_norm_squared(&[self.grads.slice(own.clone())])? + tail_squares];
+        lock(&comm)?.all_reduce_sum_host(&mut squares)?;
         let grad_norm = squares[0].sqrt();
         if grad_norm.is_finite() {
             // Updates the shard and the tail: the ranges whose moments this rank holds.
             self.adamw_update(tensors, opt, clip_factor(opt, grad_norm))?;
-            let shard = self.optimizer_shard.as_mut().expect("checked above");
-            self.rt
-                .stream()
-                .memcpy_dtod(&self.params.slice(own), &mut shard.scratch)
-                .map_err(driver("copy the updated weight shard"))?;
-            shard
-                .comm
-                .all_gather(&shard.scratch.as_view(), &mut self.params.slice_mut(..main))?;
+            lock(&comm)?.all_gather_in_place(&mut self.params.slice_mut(..main))?;
             self.refresh_bf16_weights()?;
         }
         Ok(grad_norm)
