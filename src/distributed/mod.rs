@@ -1,6 +1,9 @@
 //! Training on several processes (ranks), each with its own device: what one training step
 //! shares with the other ranks. docs/scaling.md has the design.
 
+pub mod launch;
+pub mod rendezvous;
+
 use crate::backend::Backend;
 use crate::error::Result;
 
