@@ -1,7 +1,8 @@
 // A fake CUDA driver (libcuda.so) over the kernel emulator (emu.cpp), so that rcx's CUDA
 // backend - cudarc's driver calls, the launch wrappers' argument marshalling, the device
-// trainer - runs on a machine without a GPU (tests only). One device of compute capability
-// 8.0, so that rcx loads PTX; device memory is host memory from rcx_emu_alloc (a device
+// trainer - runs on a machine without a GPU (tests only). Devices of compute capability
+// 8.0, so that rcx loads PTX: one, or RCX_EMU_DEVICES (up to 64) so that the local ranks of
+// a data-parallel run each open their own; device memory is host memory from rcx_emu_alloc (a device
 // pointer is the host address, every buffer ends at a guard page); every stream and event
 // is synchronous: a launch or copy is done when its call returns.
 //
@@ -12,6 +13,7 @@
 #include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <fstream>
@@ -63,9 +65,10 @@ enum {
 
 // The emulator's opt-in limit (emu.cpp MAX_DYNAMIC_SHARED).
 constexpr int MAX_SHARED_OPTIN = 99 * 1024;
+constexpr int MAX_DEVICES = 64;
 
 struct FakeContext {
-    int unused;
+    CUdevice device;
 };
 struct FakeFunction {
     std::string name;
@@ -83,7 +86,8 @@ namespace {
 
 std::mutex lock;
 bool initialised = false;
-FakeContext primary;
+int device_count = 1;
+FakeContext primary[MAX_DEVICES];
 thread_local CUcontext current = nullptr;
 std::vector<void*> kernel_libraries;
 
@@ -121,6 +125,16 @@ CUresult check_range(const char* op, CUdeviceptr ptr, size_t bytes) {
 API CUresult cuInit(unsigned) {
     std::lock_guard<std::mutex> guard(lock);
     if (initialised) return CUDA_SUCCESS;
+    if (const char* devices = getenv("RCX_EMU_DEVICES")) {
+        char* end = nullptr;
+        const long n = strtol(devices, &end, 10);
+        if (*devices == 0 || *end != 0 || n < 1 || n > MAX_DEVICES)
+            return fail(CUDA_ERROR_INVALID_VALUE, std::string("RCX_EMU_DEVICES=") + devices +
+                                                      ": expected a device count from 1 to " +
+                                                      std::to_string(MAX_DEVICES));
+        device_count = (int)n;
+    }
+    for (int d = 0; d < MAX_DEVICES; d++) primary[d].device = d;
     const std::string dir = own_directory();
     std::ifstream list(dir + "kernels.list");
     if (!list) return fail(CUDA_ERROR_NOT_INITIALIZED, "no kernels.list beside " + dir);
@@ -141,13 +155,13 @@ API CUresult cuDriverGetVersion(int* version) {
 }
 
 API CUresult cuDeviceGetCount(int* count) {
-    *count = 1;
+    *count = device_count;
     return CUDA_SUCCESS;
 }
 
 API CUresult cuDeviceGet(CUdevice* device, int ordinal) {
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *device = 0;
+    if (ordinal < 0 || ordinal >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    *device = ordinal;
     return CUDA_SUCCESS;
 }
 
@@ -179,8 +193,9 @@ API CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
     return CUDA_SUCCESS;
 }
 
-API CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice) {
-    *ctx = &primary;
+API CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice device) {
+    if (device < 0 || device >= device_count) return CUDA_ERROR_INVALID_DEVICE;
+    *ctx = &primary[device];
     return CUDA_SUCCESS;
 }
 
@@ -193,6 +208,13 @@ API CUresult cuCtxSetCurrent(CUcontext ctx) {
 
 API CUresult cuCtxGetCurrent(CUcontext* ctx) {
     *ctx = current;
+    return CUDA_SUCCESS;
+}
+
+// The fake NCCL reads the device of its communicator here, as NCCL reads the current one.
+API CUresult cuCtxGetDevice(CUdevice* device) {
+    if (!current) return CUDA_ERROR_INVALID_HANDLE;
+    *device = current->device;
     return CUDA_SUCCESS;
 }
 

@@ -2,6 +2,8 @@
 //! shares with the other ranks. docs/scaling.md has the design.
 
 pub mod data_parallel;
+pub mod launch;
+pub mod rendezvous;
 
 use std::ops::Range;
 

@@ -1,12 +1,13 @@
-//! The emulated CUDA device: a fake libcuda.so and libcublas.so (kernels/emu/fake_cuda.cpp,
-//! fake_cublas.cpp) over the kernel emulator, and the test that reruns a GPU test binary
-//! against them, so that rcx's whole CUDA backend (cudarc's calls, argument marshalling,
-//! cuBLAS parameters, the device trainer) runs where there is no GPU.
+//! The emulated CUDA device: a fake libcuda.so, libcublas.so and libnccl.so
+//! (kernels/emu/fake_cuda.cpp, fake_cublas.cpp, fake_nccl.cpp) over the kernel emulator, and
+//! the test that reruns a GPU test binary against them, so that rcx's whole CUDA backend
+//! (cudarc's calls, argument marshalling, cuBLAS parameters, the device trainer, the NCCL
+//! communicator) runs where there is no GPU.
 //!
 //! The build lands in target/tmp/fake-cuda-<hash of every input>/: librcx_emu.so, one
 //! library per kernels/*.cu with a trampoline per kernel (kernels/emu/trampoline.h; the
 //! kernel names are read from the preprocessed source), kernels.list naming them, and the
-//! two fake libraries.
+//! three fake libraries (libnccl.so also as libnccl.so.2, NCCL's soname).
 
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
@@ -48,10 +49,7 @@ pub fn rerun_on_emulated_device(itself: &str, args: &[&str]) {
         }
     };
     check_fake_gemm(&dir);
-    let library_path = match std::env::var("LD_LIBRARY_PATH") {
-        Ok(old) if !old.is_empty() => format!("{}:{old}", dir.display()),
-        _ => dir.display().to_string(),
-    };
+    let library_path = library_path_with(&dir);
     let exe = std::env::current_exe().expect("the executable's path");
     let started = std::time::Instant::now();
     let out = Command::new(&exe)
@@ -78,6 +76,21 @@ pub fn rerun_on_emulated_device(itself: &str, args: &[&str]) {
         started.elapsed(),
         summary.unwrap_or("")
     );
+}
+
+/// The LD_LIBRARY_PATH under which a process runs on the emulated device (the fake
+/// libraries' directory first), building them if needed; Err says why there are none (no
+/// C++ compiler, rcx built without kernels). With it, also set RCX_EMULATED_DEVICE=1 and,
+/// for several local ranks, RCX_EMU_DEVICES.
+pub fn library_path() -> Result<String, String> {
+    build_checked().map(|dir| library_path_with(&dir))
+}
+
+fn library_path_with(dir: &Path) -> String {
+    match std::env::var("LD_LIBRARY_PATH") {
+        Ok(old) if !old.is_empty() => format!("{}:{old}", dir.display()),
+        _ => dir.display().to_string(),
+    }
 }
 
 type GemmEx = unsafe extern "C" fn(
@@ -248,6 +261,7 @@ pub fn build() -> Result<PathBuf, String> {
         "trampoline.h",
         "fake_cuda.cpp",
         "fake_cublas.cpp",
+        "fake_nccl.cpp",
     ];
     let sources = kernel_sources(&kernels)?;
 
@@ -322,18 +336,35 @@ pub fn build() -> Result<PathBuf, String> {
         list.push_str(&library);
         list.push('\n');
     }
-    for (fake, library) in [
-        ("fake_cuda.cpp", "libcuda.so"),
-        ("fake_cublas.cpp", "libcublas.so"),
-    ] {
-        let mut args = vec!["-fvisibility=hidden".to_string(), path(&emu.join(fake))];
+    let fake = |source: &str, extra: &[&str]| {
+        let mut args = vec!["-fvisibility=hidden".to_string(), path(&emu.join(source))];
         args.extend(link_runtime.iter().cloned());
-        args.push("-ldl".to_string());
-        jobs.push(spawn(&cxx, &args, staging.join(library))?);
-    }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let cuda = spawn(&cxx, &fake("fake_cuda.cpp", &["-ldl"]), staging.join("libcuda.so"))?;
+    jobs.push(spawn(
+        &cxx,
+        &fake("fake_cublas.cpp", &["-ldl"]),
+        staging.join("libcublas.so"),
+    )?);
+    // The fake NCCL asks the fake driver for the current device: linked after it.
+    finish(cuda)?;
+    jobs.push(spawn(
+        &cxx,
+        &fake(
+            "fake_nccl.cpp",
+            &["-l:libcuda.so", "-lrt", "-Wl,-soname,libnccl.so.2"],
+        ),
+        staging.join("libnccl.so"),
+    )?);
     for job in jobs {
         finish(job)?;
     }
+    // cudarc opens libnccl.so; NCCL's own soname is libnccl.so.2.
+    let soname = staging.join("libnccl.so.2");
+    std::fs::hard_link(staging.join("libnccl.so"), &soname)
+        .map_err(|e| format!("{}: {e}", soname.display()))?;
     let list_path = staging.join("kernels.list");
     std::fs::write(&list_path, list).map_err(|e| format!("{}: {e}", list_path.display()))?;
     if std::fs::rename(&staging, &dir).is_err() {

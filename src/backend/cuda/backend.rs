@@ -112,6 +112,12 @@ impl Cuda {
         &self.rt
     }
 
+    /// The gradient arena, [parameters] once training, for the data-parallel sum over ranks
+    /// (`nccl::Communicator`).
+    pub fn grads_mut(&mut self) -> &mut CudaSlice<f32> {
+        &mut self.grads
+    }
+
     /// The activation type.
     pub fn dtype(&self) -> DType {
         match self.precision {

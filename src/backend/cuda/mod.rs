@@ -10,6 +10,7 @@ pub mod decoder_ops;
 mod kernels;
 mod loss;
 mod matmul;
+pub mod nccl;
 mod ops;
 mod optim;
 mod runtime;
