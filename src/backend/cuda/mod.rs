@@ -14,7 +14,7 @@ pub mod nccl;
 mod ops;
 mod optim;
 mod runtime;
-mod zero;
+pub mod zero;
 
 pub use backend::{Cuda, CudaTokens};
 pub use cast::ModelFloat;
