@@ -122,8 +122,10 @@ impl Cuda {
             true => self.rt.global_norm_squared(&[self.grads.slice(tail)])?,
             false => 0.0,
         };
-        let mut squares =
-            [self.rt.global_norm_squared(&[self.grads.slice(own.clone())])? + tail_squares];
+        let mut squares = [self
+            .rt
+            .global_norm_squared(&[self.grads.slice(own.clone())])?
+            + tail_squares];
         lock(&comm)?.all_reduce_sum_host(&mut squares)?;
         let grad_norm = squares[0].sqrt();
         if grad_norm.is_finite() {
