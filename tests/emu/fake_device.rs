@@ -342,7 +342,11 @@ pub fn build() -> Result<PathBuf, String> {
         args.extend(extra.iter().map(|a| a.to_string()));
         args
     };
-    let cuda = spawn(&cxx, &fake("fake_cuda.cpp", &["-ldl"]), staging.join("libcuda.so"))?;
+    let cuda = spawn(
+        &cxx,
+        &fake("fake_cuda.cpp", &["-ldl"]),
+        staging.join("libcuda.so"),
+    )?;
     jobs.push(spawn(
         &cxx,
         &fake("fake_cublas.cpp", &["-ldl"]),

@@ -233,7 +233,10 @@ impl Communicator {
         let mut view = buf.view_mut();
         let count = view.len();
         let (ptr, _written) = view.device_ptr_mut(&stream);
-        let what = format!("all-reduce ({reduction:?}) of {count} {}", type_label::<T>());
+        let what = format!(
+            "all-reduce ({reduction:?}) of {count} {}",
+            type_label::<T>()
+        );
         // SAFETY: in place over `count` elements of device memory borrowed for the call.
         self.run(&what, |comm, stream| unsafe {
             sys::ncclAllReduce(
@@ -278,7 +281,11 @@ impl Communicator {
         let send = send.view();
         let mut recv = recv.view_mut();
         let count = recv.len();
-        let what = format!("reduce-scatter (Sum) of {} {}", send.len(), type_label::<T>());
+        let what = format!(
+            "reduce-scatter (Sum) of {} {}",
+            send.len(),
+            type_label::<T>()
+        );
         if Some(send.len()) != count.checked_mul(self.world_size) {
             return Err(self.error(
                 &what,
@@ -377,7 +384,11 @@ impl Communicator {
     ) -> Result<()> {
         let stream = self.rt.stream().clone();
         let mut view = buf.view_mut();
-        let what = format!("in-place all-gather of {} {}", view.len(), type_label::<T>());
+        let what = format!(
+            "in-place all-gather of {} {}",
+            view.len(),
+            type_label::<T>()
+        );
         let count = self.block(&what, view.len())?;
         let (ptr, _written) = view.device_ptr_mut(&stream);
         let own = ptr + (self.rank * count * std::mem::size_of::<T>()) as u64;
@@ -425,7 +436,10 @@ impl Communicator {
         let mut view = buf.view_mut();
         let count = view.len();
         let what = match reduction {
-            None => format!("broadcast from rank {root} of {count} {}", type_label::<T>()),
+            None => format!(
+                "broadcast from rank {root} of {count} {}",
+                type_label::<T>()
+            ),
             Some(r) => format!(
                 "reduce ({r:?}) to rank {root} of {count} {}",
                 type_label::<T>()
@@ -468,7 +482,10 @@ impl Communicator {
         } else {
             Err(self.error(
                 what,
-                &format!("{len} elements do not split into {} blocks", self.world_size),
+                &format!(
+                    "{len} elements do not split into {} blocks",
+                    self.world_size
+                ),
             ))
         }
     }
