@@ -20,7 +20,7 @@
 
 #[path = "emu/build.rs"]
 mod emu_build;
-// This file uses only `library_path`.
+// This file uses `library_path`, not the rerun of a whole test binary.
 #[allow(dead_code)]
 #[path = "emu/fake_device.rs"]
 mod fake_device;
@@ -166,6 +166,18 @@ fn run_ranks(
             panic!("{test}: ranks still running after {RANK_DEADLINE:?}: a hang");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    // The fake NCCL names its shared-memory segment in the id (bytes 8.., up to a NUL);
+    // the last rank to leave must have unlinked it (shm_open's names live in /dev/shm).
+    if let (Place::Emulated(_), Ok(id)) = (place, std::fs::read(&id_file)) {
+        let name: Vec<u8> = id[8..].iter().copied().take_while(|&b| b != 0).collect();
+        let segment =
+            Path::new("/dev/shm").join(String::from_utf8_lossy(&name).trim_start_matches('/'));
+        assert!(
+            name.starts_with(b"/") && !segment.exists(),
+            "{test}: the fake NCCL's segment {} was left behind",
+            segment.display()
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     outcomes.sort_by_key(|o| o.rank);
