@@ -10,7 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rcx::distributed::Rank;
-use rcx::distributed::launch::{Init, Supervisor, WorldEnv, parse_init, world_from_vars};
+use rcx::distributed::launch::{
+    Init, Supervisor, WorldEnv, parse_init, run_local, world_from_env, world_from_vars,
+};
 use rcx::distributed::rendezvous::{Control, UniqueId, join};
 use rcx::error::{Error, Result};
 
@@ -700,4 +702,66 @@ fn supervisor_names_a_command_that_cannot_start() {
         message.starts_with("cannot start rank 1 (/nonexistent/rcx-test-binary)"),
         "{message}"
     );
+}
+
+// ---------------------------------------------------------------- run_local end to end
+
+/// What a rank started by the run_local tests does: this test binary, run again by
+/// `run_local` with the launcher's variables set, on one of the two tests below.
+fn rank_process(fail_rank: Option<usize>) {
+    let env = world_from_env(None)
+        .unwrap()
+        .expect("started by run_local: RANK etc. are set");
+    assert!(matches!(&env.init, Init::Tcp { addr, .. } if addr == "127.0.0.1"));
+    assert_eq!(env.rank.world_size, 3);
+    assert_eq!(env.rank.local_rank, env.rank.rank);
+    let (id, control) = join(&env, || Ok(the_id()), Duration::from_secs(10)).unwrap();
+    assert_eq!(id, the_id());
+    if fail_rank == Some(env.rank.rank) {
+        std::process::exit(3);
+    }
+    control.finish(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+#[ignore = "a rank of run_local_starts_ranks_that_meet; run by that test only"]
+fn rank_process_joins() {
+    rank_process(None);
+}
+
+#[test]
+#[ignore = "a rank of run_local_returns_a_failed_ranks_code; run by that test only"]
+fn rank_process_rank_1_exits_3() {
+    rank_process(Some(1));
+}
+
+fn rank_args(test: &str) -> Vec<std::ffi::OsString> {
+    [test, "--exact", "--ignored", "--test-threads=1"]
+        .iter()
+        .map(Into::into)
+        .collect()
+}
+
+#[test]
+fn run_local_starts_ranks_that_meet() {
+    let code = run_local(3, &rank_args("rank_process_joins"), Duration::from_secs(2)).unwrap();
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn run_local_returns_a_failed_ranks_code() {
+    let start = Instant::now();
+    let code = run_local(
+        3,
+        &rank_args("rank_process_rank_1_exits_3"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(code, 3);
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(run_local(0, &[], Duration::from_secs(1)).is_err());
 }
