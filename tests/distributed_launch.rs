@@ -56,6 +56,42 @@ fn torchrun_variables_give_rank_and_master() {
 }
 
 #[test]
+fn under_torchruns_agent_store_rank_0_takes_the_next_port() {
+    let mut vars = with_master(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")]);
+    vars.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
+    let env = world(&vars, None).unwrap().unwrap();
+    assert_eq!(
+        env.init,
+        Init::Tcp {
+            addr: "node7".into(),
+            port: 29501
+        }
+    );
+    // --init is taken as written.
+    let env = world(&vars, Some("tcp://node7:29500")).unwrap().unwrap();
+    assert_eq!(
+        env.init,
+        Init::Tcp {
+            addr: "node7".into(),
+            port: 29500
+        }
+    );
+    let at_the_top = [
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "n"),
+        ("MASTER_PORT", "65535"),
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+    ];
+    let message = world(&at_the_top, None).unwrap_err().to_string();
+    assert!(
+        message.contains("MASTER_PORT=65535: under torchrun"),
+        "{message}"
+    );
+}
+
+#[test]
 fn slurm_variables_give_rank_when_torchrun_is_absent() {
     let slurm = [
         ("SLURM_PROCID", "3"),
@@ -398,7 +434,7 @@ fn a_rank_without_rank_0_names_master_addr_and_port() {
     );
     assert!(
         message.contains(&format!(
-            "rank 2 could not reach rank 0 at MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port} within 1 s"
+            "rank 2 could not reach rank 0 at 127.0.0.1:{port} (MASTER_ADDR, MASTER_PORT or --init) within 1 s"
         )),
         "{message}"
     );
@@ -709,9 +745,10 @@ fn supervisor_names_a_command_that_cannot_start() {
 /// What a rank started by the run_local tests does: this test binary, run again by
 /// `run_local` with the launcher's variables set, on one of the two tests below.
 fn rank_process(fail_rank: Option<usize>) {
-    let env = world_from_env(None)
-        .unwrap()
-        .expect("started by run_local: RANK etc. are set");
+    let Some(env) = world_from_env(None).unwrap() else {
+        eprintln!("skipped: no RANK or WORLD_SIZE set; this is a rank of the run_local tests");
+        return;
+    };
     assert!(matches!(&env.init, Init::Tcp { addr, .. } if addr == "127.0.0.1"));
     assert_eq!(env.rank.world_size, 3);
     assert_eq!(env.rank.local_rank, env.rank.rank);

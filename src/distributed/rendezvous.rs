@@ -108,7 +108,8 @@ fn serve(
 fn listen(init: &Init) -> Result<TcpListener> {
     match init {
         Init::Tcp { addr, port } => {
-            let name = format!("MASTER_ADDR:MASTER_PORT = {addr}:{port}");
+            let name =
+                format!("rank 0's address {addr}:{port} (MASTER_ADDR, MASTER_PORT or --init)");
             let local = resolve(addr, *port)
                 .map_err(|e| Error::user(format!("{name}: cannot resolve {addr}: {e}")))?;
             // Binding to MASTER_ADDR's own address checks that rank 0 runs on that machine.
@@ -226,7 +227,7 @@ fn accept_ranks(
 
 fn where_rank0_listens(init: &Init, listener: &TcpListener) -> String {
     match (init, listener.local_addr()) {
-        (Init::Tcp { addr, port }, _) => format!("MASTER_ADDR:MASTER_PORT = {addr}:{port}"),
+        (Init::Tcp { addr, port }, _) => format!("{addr}:{port}"),
         (Init::File(path), Ok(local)) => {
             format!("port {} (announced in {})", local.port(), path.display())
         }
@@ -337,7 +338,9 @@ fn connect(env: &WorldEnv, deadline: Instant, timeout: Duration) -> Result<(Uniq
         };
         if Instant::now() >= deadline {
             let target = match &env.init {
-                Init::Tcp { addr, port } => format!("at MASTER_ADDR:MASTER_PORT = {addr}:{port}"),
+                Init::Tcp { addr, port } => {
+                    format!("at {addr}:{port} (MASTER_ADDR, MASTER_PORT or --init)")
+                }
                 Init::File(path) => format!("through {}", path.display()),
             };
             return Err(Error::internal(format!(
