@@ -160,7 +160,13 @@ fn every_malformed_variable_is_a_one_line_bad_input_error() {
         with_master(&[("RANK", rank), ("WORLD_SIZE", size), ("LOCAL_RANK", local)])
     };
     let ok = [("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")];
-    let cases: Vec<(Vec<(&str, &str)>, Option<&str>, &str)> = vec![
+    // (the variables, --init, what the message says)
+    type Case = (
+        Vec<(&'static str, &'static str)>,
+        Option<&'static str>,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             with_master(&[("RANK", "1")]),
             None,

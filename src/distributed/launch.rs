@@ -339,11 +339,9 @@ impl Supervisor {
             if status.iter().all(Option::is_some) {
                 break;
             }
-            if let Some(signal) = pending_signal() {
-                if !passed_on.contains(&signal) {
-                    passed_on.push(signal);
-                    self.signal_running(&status, signal);
-                }
+            if let Some(signal) = pending_signal().filter(|s| !passed_on.contains(s)) {
+                passed_on.push(signal);
+                self.signal_running(&status, signal);
             }
             if kill_at.is_some_and(|at| Instant::now() >= at) {
                 kill_at = None;
