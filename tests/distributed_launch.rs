@@ -10,7 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rcx::distributed::Rank;
-use rcx::distributed::launch::{Init, Supervisor, WorldEnv, parse_init, world_from_vars};
+use rcx::distributed::launch::{
+    Init, Supervisor, WorldEnv, parse_init, run_local, world_from_env, world_from_vars,
+};
 use rcx::distributed::rendezvous::{Control, UniqueId, join};
 use rcx::error::{Error, Result};
 
@@ -50,6 +52,42 @@ fn torchrun_variables_give_rank_and_master() {
             addr: "node7".into(),
             port: 29500
         }
+    );
+}
+
+#[test]
+fn under_torchruns_agent_store_rank_0_takes_the_next_port() {
+    let mut vars = with_master(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")]);
+    vars.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
+    let env = world(&vars, None).unwrap().unwrap();
+    assert_eq!(
+        env.init,
+        Init::Tcp {
+            addr: "node7".into(),
+            port: 29501
+        }
+    );
+    // --init is taken as written.
+    let env = world(&vars, Some("tcp://node7:29500")).unwrap().unwrap();
+    assert_eq!(
+        env.init,
+        Init::Tcp {
+            addr: "node7".into(),
+            port: 29500
+        }
+    );
+    let at_the_top = [
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "n"),
+        ("MASTER_PORT", "65535"),
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+    ];
+    let message = world(&at_the_top, None).unwrap_err().to_string();
+    assert!(
+        message.contains("MASTER_PORT=65535: under torchrun"),
+        "{message}"
     );
 }
 
@@ -122,7 +160,13 @@ fn every_malformed_variable_is_a_one_line_bad_input_error() {
         with_master(&[("RANK", rank), ("WORLD_SIZE", size), ("LOCAL_RANK", local)])
     };
     let ok = [("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")];
-    let cases: Vec<(Vec<(&str, &str)>, Option<&str>, &str)> = vec![
+    // (the variables, --init, what the message says)
+    type Case = (
+        Vec<(&'static str, &'static str)>,
+        Option<&'static str>,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             with_master(&[("RANK", "1")]),
             None,
@@ -396,7 +440,7 @@ fn a_rank_without_rank_0_names_master_addr_and_port() {
     );
     assert!(
         message.contains(&format!(
-            "rank 2 could not reach rank 0 at MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port} within 1 s"
+            "rank 2 could not reach rank 0 at 127.0.0.1:{port} (MASTER_ADDR, MASTER_PORT or --init) within 1 s"
         )),
         "{message}"
     );
@@ -700,4 +744,67 @@ fn supervisor_names_a_command_that_cannot_start() {
         message.starts_with("cannot start rank 1 (/nonexistent/rcx-test-binary)"),
         "{message}"
     );
+}
+
+// ---------------------------------------------------------------- run_local end to end
+
+/// What a rank started by the run_local tests does: this test binary, run again by
+/// `run_local` with the launcher's variables set, on one of the two tests below.
+fn rank_process(fail_rank: Option<usize>) {
+    let Some(env) = world_from_env(None).unwrap() else {
+        eprintln!("skipped: no RANK or WORLD_SIZE set; this is a rank of the run_local tests");
+        return;
+    };
+    assert!(matches!(&env.init, Init::Tcp { addr, .. } if addr == "127.0.0.1"));
+    assert_eq!(env.rank.world_size, 3);
+    assert_eq!(env.rank.local_rank, env.rank.rank);
+    let (id, control) = join(&env, || Ok(the_id()), Duration::from_secs(10)).unwrap();
+    assert_eq!(id, the_id());
+    if fail_rank == Some(env.rank.rank) {
+        std::process::exit(3);
+    }
+    control.finish(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+#[ignore = "a rank of run_local_starts_ranks_that_meet; run by that test only"]
+fn rank_process_joins() {
+    rank_process(None);
+}
+
+#[test]
+#[ignore = "a rank of run_local_returns_a_failed_ranks_code; run by that test only"]
+fn rank_process_rank_1_exits_3() {
+    rank_process(Some(1));
+}
+
+fn rank_args(test: &str) -> Vec<std::ffi::OsString> {
+    [test, "--exact", "--ignored", "--test-threads=1"]
+        .iter()
+        .map(Into::into)
+        .collect()
+}
+
+#[test]
+fn run_local_starts_ranks_that_meet() {
+    let code = run_local(3, &rank_args("rank_process_joins"), Duration::from_secs(2)).unwrap();
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn run_local_returns_a_failed_ranks_code() {
+    let start = Instant::now();
+    let code = run_local(
+        3,
+        &rank_args("rank_process_rank_1_exits_3"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(code, 3);
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(run_local(0, &[], Duration::from_secs(1)).is_err());
 }

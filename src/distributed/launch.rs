@@ -45,6 +45,8 @@ pub fn world_from_env(init_flag: Option<&str>) -> Result<Option<WorldEnv>> {
 /// SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID. A set is all or nothing. The address of rank
 /// 0 is `--init` when given (which overrides MASTER_ADDR and MASTER_PORT), else MASTER_ADDR and
 /// MASTER_PORT, which Slurm does not set: a Slurm script exports them or passes `--init`.
+/// Under a torchrun whose agent serves its own store on MASTER_PORT
+/// (TORCHELASTIC_USE_AGENT_STORE=True), rank 0 listens on MASTER_PORT + 1.
 pub fn world_from_vars(
     vars: &dyn Fn(&str) -> Option<String>,
     init_flag: Option<&str>,
@@ -165,6 +167,17 @@ fn master_from_vars(vars: &dyn Fn(&str) -> Option<String>) -> Result<Init> {
     }
     let port =
         parse_port(&port).map_err(|why| Error::user(format!("MASTER_PORT={port:?}: {why}")))?;
+    // Recent torchrun's agent on the first machine already serves its own store on
+    // MASTER_PORT (and says so in this variable), so rank 0 takes the next port.
+    if vars("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True") {
+        let next = port.checked_add(1).ok_or_else(|| {
+            Error::user(format!(
+                "MASTER_PORT={port}: under torchrun (TORCHELASTIC_USE_AGENT_STORE=True) rank 0 \
+                 listens on MASTER_PORT + 1: expected a port below 65535"
+            ))
+        })?;
+        return Ok(Init::Tcp { addr, port: next });
+    }
     Ok(Init::Tcp { addr, port })
 }
 
@@ -198,7 +211,9 @@ pub fn run_local(nproc: usize, args: &[OsString], grace: Duration) -> Result<i32
                 .env("WORLD_SIZE", nproc.to_string())
                 .env("LOCAL_WORLD_SIZE", nproc.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string());
+                .env("MASTER_PORT", port.to_string())
+                // The port above is rank 0's own, whatever a surrounding torchrun said.
+                .env_remove("TORCHELASTIC_USE_AGENT_STORE");
             command
         })
         .collect();
@@ -324,11 +339,9 @@ impl Supervisor {
             if status.iter().all(Option::is_some) {
                 break;
             }
-            if let Some(signal) = pending_signal() {
-                if !passed_on.contains(&signal) {
-                    passed_on.push(signal);
-                    self.signal_running(&status, signal);
-                }
+            if let Some(signal) = pending_signal().filter(|s| !passed_on.contains(s)) {
+                passed_on.push(signal);
+                self.signal_running(&status, signal);
             }
             if kill_at.is_some_and(|at| Instant::now() >= at) {
                 kill_at = None;

@@ -11,9 +11,10 @@
 //!   run cannot start (world sizes differ, a rank twice, a rank missing at the timeout) it
 //!   sends instead byte 1, the exit code u8, a length u32 and one line saying why, and every
 //!   rank fails with that line;
-//! - then control messages of 9 bytes (a tag, a u64): a rank's arrival at barrier n (tag 1,
-//!   or 2 for the last barrier of the run, after which a closed connection is no loss),
-//!   rank 0's release of barrier n (tag 3), and rank 0's news that rank r is lost (tag 4).
+//! - then control messages of 9 bytes (a tag, a u64): a rank's arrival at barrier n (tag 1),
+//!   rank 0's release of barrier n (tag 2), and rank 0's news that rank r is lost (tag 3).
+//!   Once the run's last barrier is released (`Control::finish`) a closed connection is no
+//!   loss.
 //!
 //! `Init::File(PATH)`: rank 0 listens on a free port of every interface and writes its host
 //! name and that port to PATH (a temporary file renamed over it), and removes PATH once
@@ -44,9 +45,8 @@ const FILE_MAGIC: &str = "rcx-rendezvous";
 const ANSWER_ID: u8 = 0;
 const ANSWER_REFUSED: u8 = 1;
 const TAG_ARRIVE: u8 = 1;
-const TAG_ARRIVE_LAST: u8 = 2;
-const TAG_RELEASE: u8 = 3;
-const TAG_LOST: u8 = 4;
+const TAG_RELEASE: u8 = 2;
+const TAG_LOST: u8 = 3;
 
 /// How long a connection may take to show it is rcx (hello, greeting).
 const HANDSHAKE: Duration = Duration::from_secs(5);
@@ -93,14 +93,13 @@ fn serve(
     for peer in &mut peers {
         let mut answer = vec![ANSWER_ID];
         answer.extend_from_slice(&id);
-        if let Err(e) = peer.stream.write_all(&answer) {
-            let message = format!(
+        // On failure the connections close as this returns, which ends every other rank.
+        peer.stream.write_all(&answer).map_err(|e| {
+            Error::internal(format!(
                 "rank 0 could not send the id to rank {} ({}): {e}",
                 peer.rank, peer.addr
-            );
-            refuse_all(&mut peers, 1, &message);
-            return Err(Error::internal(message));
-        }
+            ))
+        })?;
     }
     Ok((id, Control::rank0(world_size, peers)?))
 }
@@ -108,7 +107,8 @@ fn serve(
 fn listen(init: &Init) -> Result<TcpListener> {
     match init {
         Init::Tcp { addr, port } => {
-            let name = format!("MASTER_ADDR:MASTER_PORT = {addr}:{port}");
+            let name =
+                format!("rank 0's address {addr}:{port} (MASTER_ADDR, MASTER_PORT or --init)");
             let local = resolve(addr, *port)
                 .map_err(|e| Error::user(format!("{name}: cannot resolve {addr}: {e}")))?;
             // Binding to MASTER_ADDR's own address checks that rank 0 runs on that machine.
@@ -202,13 +202,13 @@ fn accept_ranks(
             Some(format!(
                 "a second process ({addr}) claims rank 0: each rank must be started once"
             ))
-        } else if let Some(first) = peers.iter().find(|p| p.rank == hello.rank) {
-            Some(format!(
-                "rank {} arrived twice ({} and {addr}): each rank must be started once",
-                hello.rank, first.addr
-            ))
         } else {
-            None
+            peers.iter().find(|p| p.rank == hello.rank).map(|first| {
+                format!(
+                    "rank {} arrived twice ({} and {addr}): each rank must be started once",
+                    hello.rank, first.addr
+                )
+            })
         };
         if let Some(message) = refusal {
             let _ = stream.write_all(&refusal_bytes(2, &message));
@@ -226,7 +226,7 @@ fn accept_ranks(
 
 fn where_rank0_listens(init: &Init, listener: &TcpListener) -> String {
     match (init, listener.local_addr()) {
-        (Init::Tcp { addr, port }, _) => format!("MASTER_ADDR:MASTER_PORT = {addr}:{port}"),
+        (Init::Tcp { addr, port }, _) => format!("{addr}:{port}"),
         (Init::File(path), Ok(local)) => {
             format!("port {} (announced in {})", local.port(), path.display())
         }
@@ -337,7 +337,9 @@ fn connect(env: &WorldEnv, deadline: Instant, timeout: Duration) -> Result<(Uniq
         };
         if Instant::now() >= deadline {
             let target = match &env.init {
-                Init::Tcp { addr, port } => format!("at MASTER_ADDR:MASTER_PORT = {addr}:{port}"),
+                Init::Tcp { addr, port } => {
+                    format!("at {addr}:{port} (MASTER_ADDR, MASTER_PORT or --init)")
+                }
                 Init::File(path) => format!("through {}", path.display()),
             };
             return Err(Error::internal(format!(
@@ -520,7 +522,7 @@ struct State {
     arrived: Vec<u64>,
     /// The others: the latest barrier rank 0 released.
     released: u64,
-    /// The run's last barrier, once a rank has arrived at it.
+    /// The others: the run's last barrier, once this rank has arrived at it.
     last_barrier: Option<u64>,
     /// The last barrier was passed, or this side is closing: closed connections are expected.
     finished: bool,
@@ -596,14 +598,8 @@ impl Control {
         let shared = &self.shared;
         let n = self.next_barrier.fetch_add(1, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
-        if shared.world_size == 1 {
-            return Ok(());
-        }
         if shared.rank == 0 {
-            let mut state = shared.lock();
-            if last {
-                state.last_barrier = Some(n);
-            }
+            let state = shared.lock();
             let state = shared.wait_until(state, deadline, |s| {
                 s.lost.is_some() || s.arrived[1..].iter().all(|&a| a >= n)
             });
@@ -635,7 +631,7 @@ impl Control {
                     state.last_barrier = Some(n);
                 }
             }
-            shared.send_all(if last { TAG_ARRIVE_LAST } else { TAG_ARRIVE }, n, None);
+            shared.send_all(TAG_ARRIVE, n, None);
             let state = shared.lock();
             let state = shared.wait_until(state, deadline, |s| s.lost.is_some() || s.released >= n);
             if state.released >= n {
@@ -762,7 +758,7 @@ impl Shared {
     fn rank0_reads(&self, mut stream: TcpStream, rank: usize, addr: SocketAddr) {
         let why = loop {
             match read_message(&mut stream) {
-                Ok((TAG_ARRIVE | TAG_ARRIVE_LAST, n)) => {
+                Ok((TAG_ARRIVE, n)) => {
                     let mut state = self.lock();
                     state.arrived[rank] = n;
                     self.changed.notify_all();

@@ -81,7 +81,9 @@ pub fn rerun_on_emulated_device(itself: &str, args: &[&str]) {
 /// The LD_LIBRARY_PATH under which a process runs on the emulated device (the fake
 /// libraries' directory first), building them if needed; Err says why there are none (no
 /// C++ compiler, rcx built without kernels). With it, also set RCX_EMULATED_DEVICE=1 and,
-/// for several local ranks, RCX_EMU_DEVICES.
+/// for several local ranks, RCX_EMU_DEVICES. (For the tests that start rank processes; the
+/// other files including this one do not call it.)
+#[allow(dead_code)]
 pub fn library_path() -> Result<String, String> {
     build_checked().map(|dir| library_path_with(&dir))
 }

@@ -477,7 +477,7 @@ impl Communicator {
 
     /// The block length of an in-place reduce-scatter or all-gather over `len` elements.
     fn block(&self, what: &str, len: usize) -> Result<usize> {
-        if len % self.world_size == 0 {
+        if len.is_multiple_of(self.world_size) {
             Ok(len / self.world_size)
         } else {
             Err(self.error(
