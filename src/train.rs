@@ -34,6 +34,7 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
@@ -93,6 +94,9 @@ pub struct RunOptions {
     /// How long a rank of a run on several processes waits for the others.
     pub dist_timeout: Duration,
 }
+
+/// How long ranks told to stop after another failed have before they are killed.
+const RANK_STOP_GRACE: Duration = Duration::from_secs(10);
 
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
@@ -186,7 +190,18 @@ struct MetricsLine<'a> {
     resumed_with_changes: Vec<serde_json::Value>,
 }
 
+/// Whether the progress line is the last thing on stderr, with no line break after it.
+static PROGRESS_LINE_OPEN: AtomicBool = AtomicBool::new(false);
+
+/// Ends the progress line, if it is open, so that what follows starts a line.
+fn end_progress_line() {
+    if PROGRESS_LINE_OPEN.swap(false, Ordering::Relaxed) {
+        eprintln!();
+    }
+}
+
 fn progress(step: usize, max: usize, loss: f64, lr: f64, prompts_per_s: f64, eta_s: f64) {
+    PROGRESS_LINE_OPEN.store(true, Ordering::Relaxed);
     let eta = eta_s.max(0.0) as u64;
     eprint!(
         "\rstep {step}/{max}  loss {loss:.4}  lr {lr:.2e}  {prompts_per_s:.1} prompts/s  ETA {}m{:02}s   ",
@@ -390,7 +405,7 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         // The ranks run this command line without --nproc; the config is read (and refused)
         // here first, so a bad config fails once rather than N times.
         Config::load(&args.config)?;
-        let code = launch::run_local(nproc, &rank_args(), dist_timeout)?;
+        let code = launch::run_local(nproc, &rank_args(), RANK_STOP_GRACE)?;
         return match code {
             0 => Ok(()),
             code => Err(Error::Exited(
@@ -411,7 +426,12 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         dtype: args.dtype,
         dist_timeout,
     };
-    train_rank(&cfg, opts, world.as_ref()).map(|_| ())
+    let trained = train_rank(&cfg, opts, world.as_ref()).map(|_| ());
+    if trained.is_err() {
+        // The error goes on a line of its own, not after the progress line.
+        end_progress_line();
+    }
+    trained
 }
 
 /// This process's arguments without `--nproc N` (or `--nproc=N`): a rank's command line.
@@ -857,7 +877,7 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
                 checkpoint::append_metrics(&cfg.output_dir, &line)?;
             }
             if !quiet {
-                eprintln!();
+                end_progress_line();
                 eprintln!("{}", eval_summary_line(done, loss, &report));
             }
         }
@@ -891,7 +911,12 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
             crate::reward_norm::write(&cfg.output_dir, stats)?;
         }
     }
+    if let Some(ranks) = ranks {
+        // Every rank waits for rank 0's final save; a rank ending now is no lost peer.
+        ranks.finish(opts.dist_timeout)?;
+    }
     if !quiet {
+        end_progress_line();
         eprintln!(
             "done: {} steps in {:.1}s; model in {}",
             end_step - start_step,

@@ -84,6 +84,13 @@ pub struct OptimStep {
     pub max_grad_norm: f64,
 }
 
+impl OptimStep {
+    /// torch's clip_grad_norm_ factor for a gradient of norm `grad_norm`.
+    pub fn clip_factor(&self, grad_norm: f64) -> f64 {
+        (self.max_grad_norm / (grad_norm + 1e-6)).min(1.0)
+    }
+}
+
 /// The ops a model is written in, over the arenas the backend owns.
 pub trait Backend {
     /// A batch's token ids, types and padding mask, as the ops read them.

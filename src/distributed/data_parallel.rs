@@ -47,6 +47,11 @@ impl DataParallel {
         backend.shard_optimizer(self.comm.clone())
     }
 
+    /// The run's last meeting: every rank has finished (rank 0 its saves).
+    pub fn finish(self, timeout: Duration) -> Result<()> {
+        self.control.finish(timeout)
+    }
+
     /// Whether this rank writes the run's files (metrics, checkpoints, the model).
     pub fn writes(&self) -> bool {
         self.rank.rank == 0

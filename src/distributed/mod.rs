@@ -47,14 +47,9 @@ pub fn clip_and_update<B: Backend>(
 ) -> Result<f64> {
     let grad_norm = backend.grad_norm()?;
     if grad_norm.is_finite() {
-        backend.adamw_update(tensors, opt, clip_factor(opt, grad_norm))?;
+        backend.adamw_update(tensors, opt, opt.clip_factor(grad_norm))?;
     }
     Ok(grad_norm)
-}
-
-/// torch's clip_grad_norm_ factor.
-pub fn clip_factor(opt: &OptimStep, grad_norm: f64) -> f64 {
-    (opt.max_grad_norm / (grad_norm + 1e-6)).min(1.0)
 }
 
 /// One process training alone: nothing to share.

@@ -18,7 +18,6 @@ use super::backend::Cuda;
 use super::nccl::Communicator;
 use super::runtime::{CudaRuntime, driver};
 use crate::backend::{Backend, OptimStep};
-use crate::distributed::clip_factor;
 use crate::error::{Error, Result};
 
 /// A communicator that the training loop and the backend's optimizer shard both use.
@@ -130,7 +129,7 @@ impl Cuda {
         let grad_norm = squares[0].sqrt();
         if grad_norm.is_finite() {
             // Updates the shard and the tail: the ranges whose moments this rank holds.
-            self.adamw_update(tensors, opt, clip_factor(opt, grad_norm))?;
+            self.adamw_update(tensors, opt, opt.clip_factor(grad_norm))?;
             lock(&comm)?.all_gather_in_place(&mut self.params.slice_mut(..main))?;
             self.refresh_bf16_weights()?;
         }
