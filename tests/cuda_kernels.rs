@@ -1626,7 +1626,7 @@ fn global_norm_matches_cpu() {
         .map(|&len| rng.values(len, 1.0))
         .collect();
     let device: Vec<_> = buffers.iter().map(|g| rt.upload(g).unwrap()).collect();
-    let refs: Vec<_> = device.iter().collect();
+    let refs: Vec<_> = device.iter().map(|d| d.as_view()).collect();
     let expected: f64 = buffers.iter().map(|g| cpu::global_norm_squared(g)).sum();
     let got = rt.global_norm_squared(&refs).unwrap();
     assert_close_f64("global_norm_squared", &[got], &[expected], 1e-12);

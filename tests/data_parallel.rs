@@ -16,6 +16,8 @@ use rcx::safetensors::SafeTensors;
 mod common;
 #[path = "emu/build.rs"]
 mod emu_build;
+// Only its emulated device's library path is used here.
+#[allow(dead_code)]
 #[path = "emu/fake_device.rs"]
 mod fake_device;
 
