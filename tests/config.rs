@@ -131,6 +131,7 @@ fn defaults_follow_the_hugging_face_trainer() {
         config.shared_prefix,
         "decoders share their prompts by default"
     );
+    assert_eq!(config.zero_stage, 0, "AdamW's state is replicated by default");
     // Relative paths are taken from the current directory.
     let cwd = std::env::current_dir().unwrap();
     assert_eq!(config.output_dir, cwd.join("runs/test"));
@@ -143,7 +144,8 @@ fn explicit_values_and_loss_forms_are_read() {
         .replace("loss: x", "loss: {open: neg_power:0.5, closed: x2}")
         .replace("[kjv-jargon]", &format!("[kjv-jargon, {}]", data.display()))
         + "scheduler: cosine\ndevice: cpu\ndtype: bf16\ndropout: 0.0\neval_max_prompts: 16\n\
-           eval_datasets: [Cargo.toml]\nseed: 7\nwarmup_ratio: 1\nshared_prefix: false\n";
+           eval_datasets: [Cargo.toml]\nseed: 7\nwarmup_ratio: 1\nshared_prefix: false\n\
+           zero_stage: 1\n";
     let config = Config::load(&temp_file("explicit", "yml", &text)).unwrap();
     assert_eq!(
         config.loss,
@@ -162,6 +164,7 @@ fn explicit_values_and_loss_forms_are_read() {
     assert_eq!(config.seed, 7);
     assert_eq!(config.warmup_ratio, 1.0);
     assert!(!config.shared_prefix);
+    assert_eq!(config.zero_stage, 1);
     let cwd = std::env::current_dir().unwrap();
     assert_eq!(config.eval_files, [cwd.join("Cargo.toml")]);
 
@@ -241,6 +244,11 @@ fn wrong_types_name_the_key_and_line() {
         &with_line6("shared_prefix: sometimes"),
         Some(6),
         &["shared_prefix"],
+    );
+    assert_error(
+        &with_line6("zero_stage: 2"),
+        Some(6),
+        &["zero_stage", "0 (none) or 1"],
     );
 }
 
