@@ -279,7 +279,8 @@ fn main() -> ExitCode {
     match run(&setup, &models, !timing) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gpu_step: {e}");
+            // "error:" is what scripts/gpu-check.sh's failure excerpts look for.
+            eprintln!("gpu_step: error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -339,7 +340,8 @@ fn time_steps(
 ) -> Result<Timing> {
     let mut times = Vec::with_capacity(steps);
     let (mut first_loss, mut first_grad_norm, mut last_loss) = (f64::NAN, f64::NAN, f64::NAN);
-    for s in 0..warmup + steps {
+    // At least one timed step, whatever RCX_BENCH_*STEPS says.
+    for s in 0..warmup + steps.max(1) {
         if times.iter().sum::<f64>() >= limit.as_secs_f64() {
             println!("  time limit of {} s reached", limit.as_secs());
             break;
@@ -676,9 +678,10 @@ fn bench_deberta(
     );
     println!(
         "{{\"bench\": \"rcx_gpu_deberta_step\", \"model\": \"{}\", \"dtype\": \"{name}\", \
-         \"step_ms\": {:.3}, \"steps\": {}, \"sequences\": {}, \"t\": {}, \
+         \"params\": {}, \"step_ms\": {:.3}, \"steps\": {}, \"sequences\": {}, \"t\": {}, \
          \"first_loss\": {:.6}, \"last_loss\": {:.6}}}",
         deb.name,
+        model.num_params(),
         timing.median_s * 1e3,
         timing.timed,
         deb.k,

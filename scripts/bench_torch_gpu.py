@@ -272,7 +272,6 @@ def run_mode(torch, transformers, mode, steps, warmup):
         "model": family,
         "way": "whole_sequences" if family == "llama" else "pair_duplicated" if duplicated else "all_pairs",
         "sequences": int(ids.shape[0]),
-        "params": sum(p.numel() for p in model.parameters()),
         "median_ms": round(statistics.median(times), 3),
         "min_ms": round(min(times), 3),
         "first_step_s": round(first_s, 2),
@@ -280,6 +279,7 @@ def run_mode(torch, transformers, mode, steps, warmup):
         "loss": float(loss),
         "grad_norm": float(norm),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "params": sum(p.numel() for p in model.parameters()),
     }
 
 
