@@ -16,16 +16,27 @@
 //!   and values (384 + 8 x 128 = 1408 token rows);
 //! - whole sequences: the 8 sequences of 512 (4096 rows), as transformers runs them.
 //!
+//! Then a DeBERTa-v3-base-shaped reward model (microsoft/deberta-v3-base's config.json: 12
+//! layers, hidden 768, 12 heads, feed-forward 3072, vocabulary 128100, 256 log buckets over
+//! 512 relative positions, c2p and p2c with shared keys, the relative embeddings
+//! layer-normed, no absolute positions or token types), random weights, dropout 0.1, one
+//! prompt with K = 8 completions of 512, all 28 pairs; at most RCX_BENCH_DEBERTA_STEPS timed
+//! steps (5) or RCX_BENCH_DEBERTA_SECONDS of them (20), whichever ends first: its kernels
+//! meet a GPU for the first time here. `--models` picks what runs (`bert,llama,deberta`,
+//! all by default): scripts/gpu-check.sh runs DeBERTa as a part of its own.
+//!
 //! Time per step: host clock around `Model::train_step` and a synchronize (the step brings its
 //! loss and norm back anyway), after warm-up steps; the median of several steps. bf16 runs
 //! first (the number compared with PyTorch bf16), each dtype from the same initial weights;
 //! each ends with a summary line and a JSON line for scripts/gpu-check.sh, so a timeout keeps
 //! the finished ones. That is `cargo bench` (the executable with `--bench`); without a GPU
 //! it says it skipped and exits 0. Without `--bench` (as `cargo test` runs it: Cargo.toml
-//! has `test = true`) or with `--check` it runs the same code on bert-tiny at sequence 16
-//! and a narrowed llama-tiny with a prompt of 8 and K = 3 completions of 4, one step each way (the
+//! has `test = true`) or with `--check` it runs the same code on bert-tiny at sequence 16,
+//! a narrowed llama-tiny with a prompt of 8 and K = 3 completions of 4, one step each way (the
 //! decoder's two ways must agree on the first loss in f32 and the shared way must run
-//! fewer rows), and without a GPU reruns itself so on the emulated device (tests/emu):
+//! fewer rows), and a narrowed deberta-v3-tiny on K = 4 sequences of 16 (its f32 step's loss
+//! and gradient norm must equal the CPU backend's within the f32 step tolerance, 1e-4
+//! relative), and without a GPU reruns itself so on the emulated device (tests/emu):
 //! a smoke run of the bench's own code, timing nothing worth reading.
 //! STATUS: compiled, never run on a GPU when written.
 
@@ -38,7 +49,7 @@ mod emu_build;
 mod fake_device;
 
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
@@ -46,7 +57,9 @@ use rcx::backend::cuda::{Cuda, CudaRuntime};
 use rcx::backend::{DType, OptimStep};
 use rcx::error::{Error, Result};
 use rcx::loss::{LossSpec, PromptType};
-use rcx::models::{Batch, BertConfig, Dropout, HostModel, LlamaConfig, MicroBatch, Model};
+use rcx::models::{
+    Batch, BertConfig, DebertaConfig, Dropout, HostModel, LlamaConfig, MicroBatch, Model,
+};
 
 use common::Rng;
 
@@ -60,6 +73,7 @@ struct Setup {
     steps: usize,
     dup_steps: usize,
     decoder: DecoderSetup,
+    deberta: DebertaSetup,
 }
 
 /// The decoder's model and batch: one prompt with `k` completions.
@@ -69,6 +83,104 @@ struct DecoderSetup {
     prompt: usize,
     completion: usize,
     k: usize,
+}
+
+/// The DeBERTa model and batch: one prompt with `k` completions of `t` tokens, at most
+/// `steps` timed steps or as many as fit in `limit` (at least one).
+struct DebertaSetup {
+    config: DebertaConfig,
+    name: &'static str,
+    k: usize,
+    t: usize,
+    warmup: usize,
+    steps: usize,
+    limit: Duration,
+}
+
+/// Which models a run times (`--models bert,llama,deberta`; all by default).
+struct Models {
+    bert: bool,
+    llama: bool,
+    deberta: bool,
+}
+
+impl Models {
+    /// The value after `--models`, or every model without one; an unknown name is an error.
+    fn from_args(args: &[String]) -> std::result::Result<Models, String> {
+        let Some(at) = args.iter().position(|a| a == "--models") else {
+            return Ok(Models {
+                bert: true,
+                llama: true,
+                deberta: true,
+            });
+        };
+        let list = args
+            .get(at + 1)
+            .ok_or("--models: expected a list such as bert,llama")?;
+        let mut models = Models {
+            bert: false,
+            llama: false,
+            deberta: false,
+        };
+        for name in list.split(',') {
+            match name {
+                "bert" => models.bert = true,
+                "llama" => models.llama = true,
+                "deberta" => models.deberta = true,
+                other => {
+                    return Err(format!(
+                        "--models: unknown model '{other}'; expected some of bert,llama,deberta"
+                    ));
+                }
+            }
+        }
+        Ok(models)
+    }
+}
+
+/// microsoft/deberta-v3-base's config.json with random weights: 184 M parameters, 98 M of
+/// them the word table.
+fn deberta_v3_base_shape() -> DebertaConfig {
+    DebertaConfig {
+        vocab_size: 128100,
+        hidden_size: 768,
+        embedding_size: 768,
+        num_hidden_layers: 12,
+        num_attention_heads: 12,
+        intermediate_size: 3072,
+        max_position_embeddings: 512,
+        type_vocab_size: 0,
+        position_biased_input: false,
+        layer_norm_eps: 1e-7,
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        pooler_dropout: 0.0,
+        cls_dropout: 0.1,
+        pad_token_id: 0,
+        initializer_range: 0.02,
+        relative_attention: true,
+        // -1 in the file: max_position_embeddings.
+        max_relative_positions: 512,
+        position_buckets: 256,
+        c2p: true,
+        p2c: true,
+        share_att_key: true,
+        norm_rel_ebd: true,
+    }
+}
+
+/// The smoke run's DeBERTa: deberta-v3-tiny narrowed (2 layers of 2 heads of 32, vocabulary
+/// 512) with 8 log buckets, so that sequences of 16 reach the log buckets.
+fn smoke_deberta() -> DebertaConfig {
+    let mut cfg = DebertaConfig::named("deberta-v3-tiny")
+        .expect("a known name")
+        .0;
+    cfg.vocab_size = 512;
+    cfg.hidden_size = 64;
+    cfg.embedding_size = 64;
+    cfg.intermediate_size = 128;
+    cfg.position_buckets = 8;
+    cfg
 }
 
 /// The smoke run's decoder: llama-tiny narrowed (2 layers, 2 query heads of 32 over one
@@ -101,7 +213,15 @@ fn llama_1b_shape() -> LlamaConfig {
 }
 
 fn main() -> ExitCode {
-    let timing = std::env::args().any(|a| a == "--bench");
+    let args: Vec<String> = std::env::args().collect();
+    let timing = args.iter().any(|a| a == "--bench");
+    let models = match Models::from_args(&args) {
+        Ok(models) => models,
+        Err(why) => {
+            eprintln!("gpu_step: {why}");
+            return ExitCode::from(2);
+        }
+    };
     if !timing && !fake_device::emulated() && rcx::backend::cuda::available().is_err() {
         // Panics (exit 101) when the smoke run fails there.
         fake_device::rerun_on_emulated_device("gpu_step", &["--check"]);
@@ -121,6 +241,15 @@ fn main() -> ExitCode {
                 completion: 128,
                 k: 8,
             },
+            deberta: DebertaSetup {
+                config: deberta_v3_base_shape(),
+                name: "deberta-v3-base-shape",
+                k: 8,
+                t: 512,
+                warmup: steps_from_env("RCX_BENCH_DEBERTA_WARMUP", 1),
+                steps: steps_from_env("RCX_BENCH_DEBERTA_STEPS", 5),
+                limit: Duration::from_secs(steps_from_env("RCX_BENCH_DEBERTA_SECONDS", 20) as u64),
+            },
         }
     } else {
         Setup {
@@ -136,12 +265,22 @@ fn main() -> ExitCode {
                 completion: 4,
                 k: 3,
             },
+            deberta: DebertaSetup {
+                config: smoke_deberta(),
+                name: "smoke deberta",
+                k: 4,
+                t: 16,
+                warmup: 0,
+                steps: 1,
+                limit: Duration::MAX,
+            },
         }
     };
-    match run(&setup, !timing) {
+    match run(&setup, &models, !timing) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gpu_step: {e}");
+            // "error:" is what scripts/gpu-check.sh's failure excerpts look for.
+            eprintln!("gpu_step: error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -166,33 +305,48 @@ fn batch_of(seqs: &[&Vec<u32>]) -> Batch {
     Batch::from_sequences(seqs.iter().map(|s| (&s[..], &types[..])), 0)
 }
 
-/// What `time_steps` measured: the median seconds per step, the first and last losses.
+/// What `time_steps` measured: the median seconds per step over `timed` steps, the first
+/// step's loss and gradient norm, the last loss.
 struct Timing {
     median_s: f64,
+    timed: usize,
     first_loss: f64,
+    first_grad_norm: f64,
     last_loss: f64,
 }
 
-/// Median seconds per step over `steps` steps after `warmup`.
+/// The AdamW step every run takes (the PyTorch script's settings).
+fn optim_step(step: u64) -> OptimStep {
+    OptimStep {
+        step,
+        lr: 1e-5,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+    }
+}
+
+/// Median seconds per step over `steps` steps after `warmup`, fewer (at least one) once the
+/// timed steps have taken `limit`.
 fn time_steps(
     trainer: &mut Model<Cuda>,
     micro: &MicroBatch<'_>,
     spec: &LossSpec,
     warmup: usize,
     steps: usize,
+    limit: Duration,
 ) -> Result<Timing> {
     let mut times = Vec::with_capacity(steps);
-    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
-    for s in 0..warmup + steps {
-        let opt = OptimStep {
-            step: s as u64 + 1,
-            lr: 1e-5,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            max_grad_norm: 1.0,
-        };
+    let (mut first_loss, mut first_grad_norm, mut last_loss) = (f64::NAN, f64::NAN, f64::NAN);
+    // At least one timed step, whatever RCX_BENCH_*STEPS says.
+    for s in 0..warmup + steps.max(1) {
+        if times.iter().sum::<f64>() >= limit.as_secs_f64() {
+            println!("  time limit of {} s reached", limit.as_secs());
+            break;
+        }
+        let opt = optim_step(s as u64 + 1);
         let started = Instant::now();
         let stats = trainer.train_step(std::slice::from_ref(micro), spec, 0.01, &opt)?;
         trainer.backend.runtime().synchronize()?;
@@ -210,6 +364,7 @@ fn time_steps(
         }
         if s == 0 {
             first_loss = stats.loss;
+            first_grad_norm = stats.grad_norm;
         }
         last_loss = stats.loss;
         println!(
@@ -223,34 +378,49 @@ fn time_steps(
     times.sort_by(f64::total_cmp);
     Ok(Timing {
         median_s: times[times.len() / 2],
+        timed: times.len(),
         first_loss,
+        first_grad_norm,
         last_loss,
     })
 }
 
-fn run(setup: &Setup, check: bool) -> Result<()> {
+/// A model of `config` with random weights (seed 1), its size printed.
+fn host_model(config: impl Into<rcx::models::ModelConfig>, name: &str) -> HostModel<f32> {
+    let model = HostModel::<f32>::init(config, 1);
+    println!("{name} reward model: {} parameters", model.num_params());
+    model
+}
+
+fn run(setup: &Setup, models: &Models, check: bool) -> Result<()> {
     let Some(rt) = common::device("gpu_step")? else {
         return Ok(());
     };
-    let cfg = BertConfig::named(setup.model).expect("a known name");
-    let model = HostModel::<f32>::init(cfg.clone(), 1);
-    println!(
-        "{} reward model: {} parameters",
-        setup.model,
-        model.num_params()
-    );
+    let bert = models.bert.then(|| {
+        let cfg = BertConfig::named(setup.model).expect("a known name");
+        host_model(cfg, setup.model)
+    });
     let dec = &setup.decoder;
-    let decoder = HostModel::<f32>::init(dec.config.clone(), 1);
-    println!(
-        "{} reward model: {} parameters",
-        dec.name,
-        decoder.num_params()
-    );
+    let decoder = models
+        .llama
+        .then(|| host_model(dec.config.clone(), dec.name));
+    let deb = &setup.deberta;
+    deb.config.validate(deb.name)?;
+    let deberta = models
+        .deberta
+        .then(|| host_model(deb.config.clone(), deb.name));
     // bf16 first (compared with PyTorch's autocast), each model in turn.
     for (dtype, name) in [(DType::Bf16, "bf16"), (DType::F32, "f32")] {
         // One trainer at a time: the pair-duplicated activations take tens of GiB.
-        bench_dtype(&rt, &model, setup, dtype, name)?;
-        bench_decoder(&rt, &decoder, setup, dtype, name, check)?;
+        if let Some(model) = &bert {
+            bench_dtype(&rt, model, setup, dtype, name)?;
+        }
+        if let Some(model) = &decoder {
+            bench_decoder(&rt, model, setup, dtype, name, check)?;
+        }
+        if let Some(model) = &deberta {
+            bench_deberta(&rt, model, deb, dtype, name, check)?;
+        }
     }
     Ok(())
 }
@@ -287,7 +457,14 @@ fn bench_dtype(
         "{name} all pairs: {K} sequences of {t}, {} pairs",
         K * (K - 1) / 2
     );
-    let all_pairs = time_steps(&mut trainer, &micro, &spec, warmup, setup.steps)?;
+    let all_pairs = time_steps(
+        &mut trainer,
+        &micro,
+        &spec,
+        warmup,
+        setup.steps,
+        Duration::MAX,
+    )?;
     let (all_pairs_s, all_pairs_loss) = (all_pairs.median_s, all_pairs.last_loss);
 
     // Pair-duplicated: every ranked pair (i < j) as its own two-completion entry.
@@ -316,7 +493,14 @@ fn bench_dtype(
         "{name} pair-duplicated: {} sequences of {t}, {pairs} pairs",
         2 * pairs
     );
-    let dup = time_steps(&mut trainer, &micro, &spec, warmup.min(1), setup.dup_steps)?;
+    let dup = time_steps(
+        &mut trainer,
+        &micro,
+        &spec,
+        warmup.min(1),
+        setup.dup_steps,
+        Duration::MAX,
+    )?;
     let (dup_s, dup_loss) = (dup.median_s, dup.last_loss);
 
     println!(
@@ -387,7 +571,14 @@ fn bench_decoder(
             dec.completion,
             dec.k * (dec.k - 1) / 2
         );
-        let timing = time_steps(&mut trainer, &micro, &spec, setup.warmup, setup.steps)?;
+        let timing = time_steps(
+            &mut trainer,
+            &micro,
+            &spec,
+            setup.warmup,
+            setup.steps,
+            Duration::MAX,
+        )?;
         measured.push((timing, trainer.last_rows()?));
     }
     let [(shared, shared_rows), (whole, whole_rows)] = &measured[..] else {
@@ -426,6 +617,102 @@ fn bench_decoder(
                 shared.first_loss, whole.first_loss
             )));
         }
+    }
+    Ok(())
+}
+
+/// DeBERTa's step: one prompt, its K completions once (all pairs), dropout 0.1 as BERT's.
+/// The smoke run (`check`) trains the same step on the CPU backend from the same weights: in
+/// f32 the first loss and gradient norm must equal the CPU's within 1e-4 relative
+/// (tests/cuda_model.rs's f32 step tolerance).
+fn bench_deberta(
+    rt: &Arc<CudaRuntime>,
+    model: &HostModel<f32>,
+    deb: &DebertaSetup,
+    dtype: DType,
+    name: &str,
+    check: bool,
+) -> Result<()> {
+    let spec = LossSpec::parse("x_inv")?;
+    let mut rng = Rng(2025);
+    // [k][t], ids from 1 up: none is the padding (0).
+    let completions = sequences(&mut rng, deb.k, deb.t, deb.config.vocab_size as u32);
+    let batch = batch_of(&completions.iter().collect::<Vec<_>>());
+    let ks = [deb.k];
+    let types = [Some(PromptType::Open)];
+    let micro = MicroBatch {
+        batch: &batch,
+        ks: &ks,
+        types: &types,
+        dropout: Some(Dropout {
+            hidden: 0.1,
+            attention: 0.1,
+            seed: 7,
+        }),
+    };
+    let mut trainer = model.on_cuda(rt.clone(), dtype)?;
+    trainer.start_training()?;
+    println!(
+        "{name} deberta: {} with {} sequences of {}, {} pairs",
+        deb.name,
+        deb.k,
+        deb.t,
+        deb.k * (deb.k - 1) / 2
+    );
+    let timing = time_steps(
+        &mut trainer,
+        &micro,
+        &spec,
+        deb.warmup,
+        deb.steps,
+        deb.limit,
+    )?;
+    drop(trainer);
+    println!(
+        "rcx deberta {name} step: {:.1} ms (median of {}), {} sequences of {}, first loss {:.5}",
+        timing.median_s * 1e3,
+        timing.timed,
+        deb.k,
+        deb.t,
+        timing.first_loss
+    );
+    println!(
+        "{{\"bench\": \"rcx_gpu_deberta_step\", \"model\": \"{}\", \"dtype\": \"{name}\", \
+         \"params\": {}, \"step_ms\": {:.3}, \"steps\": {}, \"sequences\": {}, \"t\": {}, \
+         \"first_loss\": {:.6}, \"last_loss\": {:.6}}}",
+        deb.name,
+        model.num_params(),
+        timing.median_s * 1e3,
+        timing.timed,
+        deb.k,
+        deb.t,
+        timing.first_loss,
+        timing.last_loss
+    );
+    if check && dtype == DType::F32 {
+        let host = HostModel {
+            config: model.config.clone(),
+            layout: model.layout.clone(),
+            params: model.params.clone(),
+        };
+        let mut cpu = host.on_cpu();
+        cpu.start_training()?;
+        let stats = cpu.train_step(&[micro], &spec, 0.01, &optim_step(1))?;
+        for (what, gpu, cpu) in [
+            ("loss", timing.first_loss, stats.loss),
+            ("gradient norm", timing.first_grad_norm, stats.grad_norm),
+        ] {
+            if !((gpu - cpu).abs() <= 1e-4 * cpu.abs() && gpu.is_finite()) {
+                return Err(Error::internal(format!(
+                    "deberta f32: first step's {what} {gpu} on the device, {cpu} on the CPU \
+                     (relative tolerance 1e-4)"
+                )));
+            }
+        }
+        println!(
+            "deberta f32: first loss {:.6} and gradient norm {:.6} equal the CPU's",
+            stats.loss, stats.grad_norm
+        );
     }
     Ok(())
 }

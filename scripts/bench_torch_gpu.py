@@ -9,15 +9,27 @@ x > 0, 100x below), global-norm clipping to 1, AdamW (lr 1e-5, weight decay 0.01
 and LayerNorm weights, as the HF Trainer).
 
 Modes, in order: fp32-eager, bf16-eager (autocast, fp32 master weights), llama-bf16-eager,
-bf16-compile, fp32-compile (torch.compile of the model), bf16-eager-dup: the paper's
-pair-duplicated way (28 pairs as 56 sequences), and llama-fp32-eager.
+deberta-bf16-eager, deberta-fp32-eager, bf16-compile, fp32-compile (torch.compile of the
+model), bf16-eager-dup: the paper's pair-duplicated way (28 pairs as 56 sequences),
+llama-fp32-eager and deberta-bf16-compile (the DeBERTa modes before the compiled ones: a
+first compile takes most of a minute).
 
 The llama modes are the decoder of benches/gpu_step.rs: LlamaForSequenceClassification
 (num_labels=1, pad id 0) from a LlamaConfig of Llama 3.2 1B's shape (16 layers, hidden 2048,
 32 heads over 8 key/value heads, SwiGLU 8192, vocabulary 128256, rope theta 500000, no
 dropout), random init made on the GPU, one prompt of 384 random tokens with 8 completions
 of 128, run as the 8 whole sequences of 512 (transformers has no shared prefix); the same
-loss, clipping and AdamW (no decay on biases and RMSNorm weights, as the HF Trainer). "fp32" leaves TF32 off, as rcx's SGEMMs. Each step is timed
+loss, clipping and AdamW (no decay on biases and RMSNorm weights, as the HF Trainer).
+
+The deberta modes are the DeBERTa of benches/gpu_step.rs: DebertaV2ForSequenceClassification
+(num_labels=1) from a DebertaV2Config of microsoft/deberta-v3-base's config.json (12 layers,
+hidden 768, 12 heads, intermediate 3072, vocabulary 128100, relative attention over 256 log
+buckets of 512 positions, pos_att_type p2c|c2p, share_att_key, norm_rel_ebd layer_norm, no
+absolute positions, no token types, dropout 0.1, pooler dropout 0), random init made on the
+GPU, one prompt with 8 completions of 512 random tokens (ids from 1: none is the pad id 0),
+the BERT modes' loss, clipping and AdamW (no decay on biases and LayerNorm weights).
+
+"fp32" leaves TF32 off, as rcx's SGEMMs. Each step is timed
 with CUDA events after warm-up; the median is printed as one JSON line per mode as soon as
 it is known, so a timeout keeps the finished ones. Modes that would start after --budget-s
 are skipped (and say so).
@@ -40,14 +52,18 @@ MODES = [
     "fp32-eager",
     "bf16-eager",
     "llama-bf16-eager",
+    "deberta-bf16-eager",
+    "deberta-fp32-eager",
     "bf16-compile",
     "fp32-compile",
     "bf16-eager-dup",
     "llama-fp32-eager",
+    "deberta-bf16-compile",
 ]
 LLAMA_VOCAB = 128256
 LLAMA_PROMPT = 384
 LLAMA_COMPLETION = 128
+DEBERTA_VOCAB = 128100
 
 
 def emit(record):
@@ -124,6 +140,59 @@ def build_llama(torch, transformers, device):
     return model, optimizer
 
 
+def build_deberta(torch, transformers, device):
+    config = transformers.DebertaV2Config(
+        vocab_size=DEBERTA_VOCAB,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        max_position_embeddings=512,
+        type_vocab_size=0,
+        initializer_range=0.02,
+        layer_norm_eps=1e-7,
+        relative_attention=True,
+        max_relative_positions=-1,
+        position_buckets=256,
+        pad_token_id=0,
+        position_biased_input=False,
+        pos_att_type=["p2c", "c2p"],
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pooler_dropout=0,
+        pooler_hidden_act="gelu",
+        pooler_hidden_size=768,
+        num_labels=1,
+    )
+    torch.manual_seed(0)
+    # Made on the GPU, as the decoder (the 128100-row word table is most of the init).
+    with torch.device(device):
+        model = transformers.DebertaV2ForSequenceClassification(config)
+    model.train()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-5,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
+    return model, optimizer
+
+
+def deberta_batch(torch, device):
+    """Input ids [K, T]: one prompt's 8 completions of 512 random tokens (ids from 1: none
+    is the pad id 0); all pairs (i < j) over the rows."""
+    g = torch.Generator().manual_seed(2025)
+    ids = torch.randint(1, DEBERTA_VOCAB, (K, T), generator=g)
+    pairs = torch.triu_indices(K, K, 1)
+    return ids.to(device), pairs[0].to(device), pairs[1].to(device)
+
+
 def llama_batch(torch, device):
     """Input ids [K, prompt + completion]: one prompt, K completions (ids from 3: none is
     the pad id 0); all pairs (i < j) over the rows."""
@@ -154,22 +223,24 @@ def batch_for(torch, device, duplicated):
 
 def run_mode(torch, transformers, mode, steps, warmup):
     device = torch.device("cuda")
-    dtype = "bf16" if mode.startswith("bf16") else "fp32"
-    llama = mode.startswith("llama-")
-    if llama:
-        dtype = "bf16" if mode.startswith("llama-bf16") else "fp32"
+    # "llama-bf16-eager": the model, then the dtype; BERT's modes name no model.
+    family = mode.split("-")[0] if mode.startswith(("llama-", "deberta-")) else "bert"
+    dtype = "bf16" if "bf16" in mode else "fp32"
     compiled = "compile" in mode
     duplicated = mode.endswith("-dup")
-    if llama:
+    if family == "llama":
         model, optimizer = build_llama(torch, transformers, device)
         ids, pairs_i, pairs_j = llama_batch(torch, device)
+    elif family == "deberta":
+        model, optimizer = build_deberta(torch, transformers, device)
+        ids, pairs_i, pairs_j = deberta_batch(torch, device)
     else:
         model, optimizer = build(torch, transformers, device)
         ids, pairs_i, pairs_j = batch_for(torch, device, duplicated)
     forward = torch.compile(model) if compiled else model
     mask = torch.ones_like(ids)
-    # Llama has no token types.
-    extra = {} if llama else {"token_type_ids": torch.zeros_like(ids)}
+    # Llama and DeBERTa-v3 have no token types.
+    extra = {"token_type_ids": torch.zeros_like(ids)} if family == "bert" else {}
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -198,7 +269,8 @@ def run_mode(torch, transformers, mode, steps, warmup):
     return {
         "bench": "torch_gpu_step",
         "mode": mode,
-        "way": "whole_sequences" if llama else "pair_duplicated" if duplicated else "all_pairs",
+        "model": family,
+        "way": "whole_sequences" if family == "llama" else "pair_duplicated" if duplicated else "all_pairs",
         "sequences": int(ids.shape[0]),
         "median_ms": round(statistics.median(times), 3),
         "min_ms": round(min(times), 3),
@@ -207,6 +279,7 @@ def run_mode(torch, transformers, mode, steps, warmup):
         "loss": float(loss),
         "grad_norm": float(norm),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "params": sum(p.numel() for p in model.parameters()),
     }
 
 

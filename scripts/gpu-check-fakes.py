@@ -12,11 +12,13 @@ Behaviour, from the environment:
   FAKE_SMI=broken          nvidia-smi cannot reach the driver
   FAKE_SANITIZER           unsupported (as on gVisor) | clean | error
   FAKE_BEHAVIOUR           EXE:TEST=fail|poison|hang, comma-separated: poison fails the test
-                           with a sticky CUDA error that fails every later test of the process
+                           with a sticky CUDA error that fails every later test of the process;
+                           gpu_step:MODEL=fail|hang for a model of the step bench
   FAKE_MARKS               folder where each run of a bundle executable logs its arguments
 """
 
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -212,8 +214,36 @@ def bench(name, args):
         print("\nceilings: copy 4300 GB/s (read + write), SGEMM 51.0 TFLOP/s, bf16 GEMM 780.0 TFLOP/s")
         print("kernel lab: every kernel matches its CPU twin")
     else:
+        return step_bench(args)
+    return 0
+
+
+def step_bench(args):
+    """benches/gpu_step.rs --bench [--models bert,llama,deberta]: each model's lines."""
+    models = ["bert", "llama", "deberta"]
+    if "--models" in args:
+        models = args[args.index("--models") + 1].split(",")
+        unknown = [m for m in models if m not in ("bert", "llama", "deberta")]
+        if unknown:
+            print(f"gpu_step: --models: unknown model '{unknown[0]}'; expected some of bert,llama,deberta")
+            return 2
+    for model in models:
+        what = behaviour("gpu_step", model)
+        if what == "hang":
+            time.sleep(3600)
+        if what == "fail":
+            print(f"bf16 {model}: the first step")
+            print(
+                f'gpu_step: error: CUDA: synchronize: DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, "an illegal '
+                f'memory access was encountered") in {model}\'s step'
+            )
+            return 1
+    if "bert" in models:
         print("bert-base reward model: 109483009 parameters")
-        for dtype, ms in [("bf16", 61.0), ("f32", 190.0)]:
+    if "deberta" in models:
+        print("deberta-v3-base-shape reward model: 184422913 parameters")
+    for dtype, ms in [("bf16", 61.0), ("f32", 190.0)]:
+        if "bert" in models:
             print(f"{dtype} all pairs: 8 sequences of 512, 28 pairs")
             for s in range(5):
                 print(f"  step {s + 1}: {ms:.1f} ms  loss 0.69310  grad norm 1.0000")
@@ -223,9 +253,28 @@ def bench(name, args):
                 f'"pair_duplicated_ms": {ms * 6:.3f}, "ratio": 6.000, "all_pairs_loss": 0.693100, '
                 f'"pair_duplicated_loss": 0.693100}}'
             )
+        if "llama" in models:
             print(
                 f"rcx llama {dtype} step: shared prefix {ms * 2:.1f} ms, whole sequences "
                 f"{ms * 5:.1f} ms (2.50x), rows 1408 vs 4096"
+            )
+            print(
+                f'{{"bench": "rcx_gpu_decoder_step", "model": "llama-1b-shape", "dtype": "{dtype}", '
+                f'"shared_prefix_ms": {ms * 2:.3f}, "whole_sequences_ms": {ms * 5:.3f}, "ratio": 2.500, '
+                f'"shared_prefix_rows": 1408, "whole_sequences_rows": 4096, '
+                f'"shared_prefix_first_loss": -3.100000, "whole_sequences_first_loss": -3.100000}}'
+            )
+        if "deberta" in models:
+            deberta_ms = {"bf16": 120.0, "f32": 400.0}[dtype]
+            print(f"{dtype} deberta: deberta-v3-base-shape with 8 sequences of 512, 28 pairs")
+            print(
+                f"rcx deberta {dtype} step: {deberta_ms:.1f} ms (median of 5), 8 sequences of 512, "
+                "first loss -16.90855"
+            )
+            print(
+                f'{{"bench": "rcx_gpu_deberta_step", "model": "deberta-v3-base-shape", "dtype": "{dtype}", '
+                f'"params": 184422913, "step_ms": {deberta_ms:.3f}, "steps": 5, "sequences": 8, "t": 512, '
+                f'"first_loss": -16.908550, "last_loss": -16.501230}}'
             )
     return 0
 
@@ -234,9 +283,17 @@ def torch_bench(args):
     if "--budget-s" not in args:
         print("fake torch bench: no --budget-s")
         return 95
-    for mode, ms in [("fp32-eager", 300.0), ("bf16-eager", 95.0)]:
-        print(f'{{"bench": "torch_gpu_step", "mode": "{mode}", "median_ms": {ms}}}')
-    print('{"bench": "torch_gpu_step_summary", "median_ms": {"fp32-eager": 300.0, "bf16-eager": 95.0}, "total_s": 41.0}')
+    medians = {
+        "fp32-eager": 300.0,
+        "bf16-eager": 95.0,
+        "llama-bf16-eager": 400.0,
+        "deberta-bf16-eager": 150.0,
+        "deberta-fp32-eager": 320.0,
+    }
+    for mode, ms in medians.items():
+        print(f'{{"bench": "torch_gpu_step", "mode": "{mode}", "median_ms": {ms}, "min_ms": {ms - 1}}}')
+    print('{"bench": "torch_gpu_step", "mode": "bf16-compile", "skipped": "budget spent (200 s)"}')
+    print(f'{{"bench": "torch_gpu_step_summary", "median_ms": {json.dumps(medians)}, "total_s": 41.0}}')
     return 0
 
 

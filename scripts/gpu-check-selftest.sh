@@ -163,7 +163,18 @@ scenario_healthy() {
     expect_row sanitize-racecheck SKIPPED "[Nn]ot supported"
     expect_row kernel-lab PASS "ceilings"
     expect_row gpu-step PASS "bf16"
+    expect_row gpu-step-deberta PASS "deberta bf16: 120\.0 ms \(median of 5\) deberta f32: 400\.0 ms"
     expect_row torch PASS
+    # The step bench runs twice: BERT and Llama, then DeBERTa alone.
+    expect_in gpu_step-calls "$(cat "$MARKS/ran-gpu_step" 2>/dev/null)" "^--bench --models bert,llama$"
+    expect_in gpu_step-calls "$(cat "$MARKS/ran-gpu_step" 2>/dev/null)" "^--bench --models deberta$"
+    # rcx's time over PyTorch's wherever both measured (the fakes' numbers), none without.
+    expect_in summary "$SUMMARY" "rcx/PyTorch bert-bf16: 0\.64 \(61\.0 / 95\.0 ms, bf16-eager\)"
+    expect_in summary "$SUMMARY" "rcx/PyTorch llama-bf16-whole: 0\.76 \(305\.0 / 400\.0 ms, llama-bf16-eager\)"
+    expect_in summary "$SUMMARY" "rcx/PyTorch deberta-bf16: 0\.80 \(120\.0 / 150\.0 ms, deberta-bf16-eager\)"
+    expect_in summary "$SUMMARY" "rcx/PyTorch deberta-f32: 1\.25 \(400\.0 / 320\.0 ms, deberta-fp32-eager\)"
+    expect_in summary "$SUMMARY" "^  rcx deberta bf16 step: 120\.0 ms"
+    expect_not_in summary "$SUMMARY" "compile\)|llama-f32"
     # What the tests actually loaded: the driver's libcuda and the CUDA 13 cuBLAS, no stub.
     expect_in summary "$SUMMARY" "libcuda\.so[^ ]* -> [^ ]*/driver/libcuda\.so\.580\.159\.04"
     expect_in summary "$SUMMARY" "libcublas\.so[^ ]* -> [^ ]*/cublas/libcublas\.so\.13\.1\.0\.3"
@@ -215,6 +226,20 @@ scenario_old_driver() {
     [ -z "$(ls "$MARKS")" ] || fail "bundle executables ran on a too-old driver: $(ls "$MARKS")"
 }
 
+# DeBERTa's step fails (its kernels' first GPU run): its own row fails, the other step
+# part and PyTorch still run, and its ratios are absent.
+scenario_deberta_fails() {
+    run_check "$NAME" bin-gpu FAKE_SANITIZER=unsupported FAKE_BEHAVIOUR="gpu_step:deberta=fail"
+    expect_rc 1 "the DeBERTa step failed"
+    expect_outputs
+    expect_row gpu-step PASS "bf16"
+    expect_row gpu-step-deberta FAIL "gpu_step: error: .*CUDA_ERROR_ILLEGAL_ADDRESS.* in deberta's step"
+    expect_row torch PASS
+    expect_in stdout "$STDOUT" "gpu_step: error: .*CUDA_ERROR_ILLEGAL_ADDRESS"
+    expect_in summary "$SUMMARY" "rcx/PyTorch bert-f32: 0\.63"
+    expect_not_in summary "$SUMMARY" "rcx/PyTorch deberta"
+}
+
 scenario_no_driver() {
     run_check "$NAME" bin-gpu FAKE_SMI=broken
     expect_rc 3 "nvidia-smi cannot reach a driver"
@@ -254,8 +279,15 @@ scenario_parts() {
     expect_row sanitize-memcheck PASS "ERROR SUMMARY: 0 errors"
     expect_row sanitize-racecheck PASS "0 hazards"
     expect_row kernel-lab SKIPPED "RCX_GPU_PARTS"
+    expect_row gpu-step-deberta SKIPPED "RCX_GPU_PARTS"
     expect_row torch PASS
     [ ! -f "$MARKS/ran-cuda_model" ] || fail "cuda_model ran though tests were not asked for"
+    run_check "$NAME" bin-gpu RCX_GPU_PARTS="deberta"
+    expect_rc 0 "the DeBERTa step alone passes"
+    expect_row gpu-step SKIPPED "RCX_GPU_PARTS"
+    expect_row gpu-step-deberta PASS "deberta f32"
+    [ "$(cat "$MARKS/ran-gpu_step")" = "--bench --models deberta" ] ||
+        fail "the step bench ran as '$(cat "$MARKS/ran-gpu_step")', expected DeBERTa alone"
     run_check "$NAME" bin-gpu RCX_GPU_PARTS="tests bogus"
     expect_rc 2 "an unknown part is refused"
     expect_in summary "$SUMMARY" "RCX_GPU_PARTS.*bogus"
@@ -285,7 +317,7 @@ scenario_interrupted() {
 }
 
 make_bundle
-ALL=(healthy faults hang old_driver no_driver no_bundle no_sanitizer budget_too_big parts interrupted)
+ALL=(healthy faults deberta_fails hang old_driver no_driver no_bundle no_sanitizer budget_too_big parts interrupted)
 [ "$#" -gt 0 ] || set -- "${ALL[@]}"
 for NAME in "$@"; do
     echo "scenario $NAME"

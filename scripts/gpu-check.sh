@@ -11,7 +11,9 @@
 #   4. compute-sanitizer memcheck and racecheck on the two flash attention tests alone
 #      ("not supported" on the device, or no sanitizer, is SKIPPED with the reason);
 #   5. the kernel lab, the step bench (BERT-base, then a Llama-3.2-1B-shaped decoder with and
-#      without the shared prefix), then the PyTorch baseline with what is left.
+#      without the shared prefix), its DeBERTa-v3-base-shaped step as a part of its own, then
+#      the PyTorch baseline with what is left; the summary gives rcx's step time over
+#      PyTorch's for each model and dtype both measured.
 # Every part runs under `timeout` within one budget (RCX_GPU_BUDGET_S, 450 s by default, at
 # most 570: the device tool stops a command at 600 s).
 #
@@ -26,7 +28,7 @@
 # timed out; 2 the bundle is missing or damaged, or a bad RCX_GPU_BUDGET_S (nothing ran);
 # 3 the machine cannot run it (no driver, driver too old, no libcuda); 4 interrupted.
 #
-# Knobs: RCX_GPU_BUDGET_S (seconds), RCX_GPU_PARTS (some of "tests sanitize lab step torch",
+# Knobs: RCX_GPU_BUDGET_S (seconds), RCX_GPU_PARTS (some of "tests sanitize lab step deberta torch",
 # all by default: a rerun of a part), RCX_GPU_SANITIZE_TESTS (the tests the sanitizers run),
 # RCX_GPU_LIB_DIRS (colon-separated folders searched for the libraries instead of the
 # system's; scripts/gpu-check-selftest.sh uses it), PYTHON (the one with PyTorch).
@@ -101,8 +103,43 @@ write_outputs() {
 # The benchmarks' result lines, from the logs.
 numbers() {
     grep -h "^copy 1 GiB\|^ceilings:" "$LOGS/kernel-lab.log" 2>/dev/null | cut -c1-160
-    grep -h "^rcx [a-z0-9 ]* step:" "$LOGS/gpu-step.log" 2>/dev/null | cut -c1-160
+    grep -h "^rcx [a-z0-9 ]* step:" "$LOGS/gpu-step.log" "$LOGS/gpu-step-deberta.log" 2>/dev/null | cut -c1-160
     grep -h '"median_ms"\|"error"\|"skipped"' "$LOGS/torch.log" 2>/dev/null | grep -v summary | cut -c1-160
+    ratios
+}
+
+# The number after "FIELD": in the last JSON line on stdin.
+json_number() { sed -n "s/.*\"$1\": \(-\{0,1\}[0-9][0-9.e+-]*\).*/\1/p" | tail -n 1; }
+
+# rcx_ms BENCH DTYPE FIELD: a step bench JSON line's time.
+rcx_ms() {
+    cat "$LOGS/gpu-step.log" "$LOGS/gpu-step-deberta.log" 2>/dev/null |
+        grep "^{\"bench\": \"$1\"" | grep "\"dtype\": \"$2\"" | json_number "$3"
+}
+
+# rcx's step time over PyTorch's, one line per comparison both sides measured (below 1:
+# rcx is faster): the same model, batch, loss and dtype.
+ratios() {
+    local what bench dtype field mode r t
+    while read -r what bench dtype field mode; do
+        r=$(rcx_ms "$bench" "$dtype" "$field")
+        t=$(grep -h "\"mode\": \"$mode\"" "$LOGS/torch.log" 2>/dev/null | json_number median_ms)
+        [ -n "$r" ] && [ -n "$t" ] || continue
+        awk -v w="$what" -v m="$mode" -v r="$r" -v t="$t" \
+            'BEGIN { if (t > 0) printf "rcx/PyTorch %s: %.2f (%.1f / %.1f ms, %s)\n", w, r / t, r, t, m }'
+    done <<'PAIRS'
+bert-bf16 rcx_gpu_step bf16 all_pairs_ms bf16-eager
+bert-bf16 rcx_gpu_step bf16 all_pairs_ms bf16-compile
+bert-f32 rcx_gpu_step f32 all_pairs_ms fp32-eager
+bert-f32 rcx_gpu_step f32 all_pairs_ms fp32-compile
+bert-bf16-dup rcx_gpu_step bf16 pair_duplicated_ms bf16-eager-dup
+llama-bf16-whole rcx_gpu_decoder_step bf16 whole_sequences_ms llama-bf16-eager
+llama-bf16-shared rcx_gpu_decoder_step bf16 shared_prefix_ms llama-bf16-eager
+llama-f32-whole rcx_gpu_decoder_step f32 whole_sequences_ms llama-fp32-eager
+deberta-bf16 rcx_gpu_deberta_step bf16 step_ms deberta-bf16-eager
+deberta-bf16 rcx_gpu_deberta_step bf16 step_ms deberta-bf16-compile
+deberta-f32 rcx_gpu_deberta_step f32 step_ms deberta-fp32-eager
+PAIRS
 }
 
 finish() {
@@ -184,11 +221,11 @@ if [ "$BUDGET" -lt 30 ] || [ "$BUDGET" -gt 570 ]; then
     stop 2 "RCX_GPU_BUDGET_S=$BUDGET: expected whole seconds from 30 to 570 (the device tool stops a command at 600 s)"
 fi
 
-PARTS=${RCX_GPU_PARTS:-tests sanitize lab step torch}
+PARTS=${RCX_GPU_PARTS:-tests sanitize lab step deberta torch}
 for p in $PARTS; do
     case $p in
-        tests | sanitize | lab | step | torch) ;;
-        *) stop 2 "RCX_GPU_PARTS: unknown part '$p'; expected some of: tests sanitize lab step torch" ;;
+        tests | sanitize | lab | step | deberta | torch) ;;
+        *) stop 2 "RCX_GPU_PARTS: unknown part '$p'; expected some of: tests sanitize lab step deberta torch" ;;
     esac
 done
 wanted() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -402,6 +439,7 @@ part_results() {
     case $1 in
         kernel-lab) grep -h "^ceilings:\|^FAILED\|^kernel lab:" "$log" | head -2 | tr '\n' ' ' | sed 's/ *$//' ;;
         gpu-step) grep -h "^rcx [a-z0-9 ]* step:" "$log" | sed 's/^rcx //; s/ step:/:/' | tr '\n' ' ' | sed 's/ *$//' ;;
+        gpu-step-deberta) grep -h "^rcx deberta [a-z0-9]* step:" "$log" | sed 's/^rcx //; s/ step:/:/; s/, [0-9]* sequences.*//' | tr '\n' ' ' | sed 's/ *$//' ;;
         torch) grep -h '"torch_gpu_step_summary"' "$log" | tail -1 ;;
         smoke-rcx) grep -v '^ *$' "$log" | head -n 1 ;;
     esac
@@ -531,9 +569,18 @@ else
 fi
 if wanted step; then
     # 180 s: the decoder's 1.24 B parameters are made on the host and uploaded four times.
-    run_part gpu-step 180 "${RCX_ENV[@]}" LD_DEBUG=libs "LD_DEBUG_OUTPUT=$LOGS/ld/gpu-step" "$BUNDLE/benches/gpu_step" --bench
+    run_part gpu-step 180 "${RCX_ENV[@]}" LD_DEBUG=libs "LD_DEBUG_OUTPUT=$LOGS/ld/gpu-step" "$BUNDLE/benches/gpu_step" --bench --models bert,llama
 else
     add_row gpu-step SKIPPED - "not in RCX_GPU_PARTS"
+fi
+if wanted deberta; then
+    # Its own part: its kernels' first run on a GPU fails or stalls alone. 90 s: 184 M
+    # parameters made on the host, then per dtype a warm-up step and at most 5 timed steps
+    # or 20 s of them (the bench's own bound).
+    run_part gpu-step-deberta 90 "${RCX_ENV[@]}" LD_DEBUG=libs "LD_DEBUG_OUTPUT=$LOGS/ld/gpu-step-deberta" \
+        "$BUNDLE/benches/gpu_step" --bench --models deberta
+else
+    add_row gpu-step-deberta SKIPPED - "not in RCX_GPU_PARTS"
 fi
 # PyTorch gets what is left, with its own libraries; it starts no new mode in its last 60 s.
 TORCH_LIMIT=$(left)

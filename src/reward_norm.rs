@@ -2,9 +2,13 @@
 //! rewards over an evaluation set, kept in the model folder, so that an RLHF loop can ask
 //! for (r - mean) / std (`rcx score --normalize`, `rcx serve --normalize`).
 //!
-//! The statistics live in the folder's `config.json` under OpenRLHF's own keys:
-//! `"normalize_reward": true`, `"mean"`, `"std"`. transformers keeps unknown config keys as
-//! attributes, so the folder stays loadable there, and rcx's config reader ignores them.
+//! The statistics live in the folder's `config.json` under OpenRLHF's own keys `"mean"` and
+//! `"std"`. transformers keeps unknown config keys as attributes, so the folder stays
+//! loadable there, and rcx's config reader ignores them. OpenRLHF's third key,
+//! `"normalize_reward"`, is not written: OpenRLHF's loader (`get_llm_for_sequence_regression`)
+//! overwrites it with its caller's `--normalize_reward` before the model reads it, so whether
+//! rewards are normalised is the caller's choice there, as `--normalize` is here; a flag in
+//! the folder would say something that neither program reads.
 //! `r` is the reward rcx prints (sigmoid of the logit); `std` is the sample standard
 //! deviation (n - 1 in the denominator), as `torch.std`, which OpenRLHF uses, computes it.
 //! `rcx train` writes them at the final save from the final evaluation's rewards;
@@ -16,7 +20,6 @@ use serde_json::{Map, Value};
 use std::path::Path;
 
 /// The config.json keys, OpenRLHF's names.
-pub const FLAG_KEY: &str = "normalize_reward";
 pub const MEAN_KEY: &str = "mean";
 pub const STD_KEY: &str = "std";
 
@@ -150,7 +153,6 @@ pub fn read(dir: &Path) -> Result<RewardStats> {
 pub fn write(dir: &Path, stats: &RewardStats) -> Result<()> {
     let path = dir.join("config.json");
     let mut config = read_config(&path)?;
-    config.insert(FLAG_KEY.into(), Value::Bool(true));
     config.insert(MEAN_KEY.into(), stats.mean.into());
     config.insert(STD_KEY.into(), stats.std.into());
     let mut text = serde_json::to_string_pretty(&Value::Object(config))

@@ -157,6 +157,17 @@ impl Tokenizer {
         }
     }
 
+    /// `encode`, or the error of a text a decoder's tokenizer.json cannot read
+    /// (`try_tokenize`).
+    pub fn try_encode(&self, text: &str, max_length: usize) -> Result<Encoding> {
+        match self {
+            Tokenizer::Decoder(t) => {
+                Ok(t.encode_tokenized_pair(&[], &t.tokenize(text)?, max_length))
+            }
+            _ => Ok(self.encode(text, max_length)),
+        }
+    }
+
     /// A pair (prompt, completion) as one sequence, cut to at most `max_length` ids.
     pub fn encode_pair(&self, a: &str, b: &str, max_length: usize) -> Encoding {
         self.encode_tokenized_pair(&self.tokenize(a), &self.tokenize(b), max_length)

@@ -138,7 +138,12 @@ fn the_statistics_of_hand_made_rewards() {
 fn training_saves_the_eval_sets_reward_statistics_and_score_normalizes_with_them() {
     let eval = fixture("lengths_eval.jsonl");
     let config = config_json(model());
-    assert_eq!(config["normalize_reward"], json!(true));
+    // OpenRLHF's flag is its loader's caller's choice, not the folder's: not written.
+    assert!(
+        !config.contains_key("normalize_reward"),
+        "normalize_reward written: {:?}",
+        config.get("normalize_reward")
+    );
     // The rest of config.json is as before: the folder still reads as a BERT classifier.
     assert_eq!(config["model_type"], json!("bert"));
     assert_eq!(
@@ -244,7 +249,8 @@ fn eval_save_normalization_computes_them_for_an_existing_folder() {
     for (key, value) in &before {
         assert_eq!(&after[key], value, "{key}");
     }
-    assert_eq!(after.len(), before.len() + 3);
+    // mean and std only: no "normalize_reward" (see the training test).
+    assert_eq!(after.len(), before.len() + 2, "{after:?}");
     let (_, normalized) = score(&bare, &eval, &["--normalize"]);
     let (_, raw) = score(&bare, &eval, &[]);
     for (n, r) in normalized.iter().zip(&raw) {
@@ -377,5 +383,28 @@ fn serve_normalize_answers_score_normalizes_numbers() {
         let logit = logit.as_f64().unwrap() as f32 as f64;
         let raw = 1.0 / (1.0 + (-logit).exp());
         assert!((reward.as_f64().unwrap() - (raw - mean) / std).abs() < 1e-9);
+    }
+}
+
+/// As OpenRLHF, where the loader's caller decides (`--normalize_reward`) whatever the
+/// folder's `normalize_reward` says: rcx never reads the key, `--normalize` alone decides.
+#[test]
+fn a_folders_normalize_reward_flag_changes_nothing() {
+    let eval = fixture("lengths_eval.jsonl");
+    let (mean, std) = saved_stats(model());
+    let (_, raw) = score(model(), &eval, &[]);
+    for flag in [true, false] {
+        let dir = copy_of_model(&format!("flag-{flag}"), |c| {
+            c.insert("normalize_reward".into(), json!(flag));
+        });
+        let (_, plain) = score(&dir, &eval, &[]);
+        assert_eq!(plain, raw, "normalize_reward {flag} without --normalize");
+        let (_, normalized) = score(&dir, &eval, &["--normalize"]);
+        for (n, r) in normalized.iter().zip(&raw) {
+            assert!(
+                (n - (r - mean) / std).abs() < 1e-12,
+                "normalize_reward {flag}"
+            );
+        }
     }
 }

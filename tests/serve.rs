@@ -49,6 +49,53 @@ fn model() -> &'static Path {
     })
 }
 
+/// A llama-tiny trained for 2 steps whose tokenizer.json cannot read every text: the byte
+/// 0xF0 (`ð` in the byte-level alphabet, which opens every 4-byte UTF-8 char and is in no
+/// merge of the shipped file) is taken out of its vocabulary, and its unknown token is one
+/// the vocabulary lacks, so a text with an emoji fails as `tokenizers` fails on it, while
+/// ASCII texts encode as before.
+fn decoder_model_that_refuses_emoji() -> &'static Path {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let dir = common::scratch("serve-tests", "decoder");
+        let (cfg, out) = write_config(
+            &dir,
+            "run",
+            &[
+                ("model_name", "llama-tiny"),
+                ("per_device_train_batch_size", "2"),
+                ("max_length", "48"),
+                ("max_steps", "2"),
+                ("eval_steps", "2"),
+                ("save_steps", "2"),
+                ("seed", "1"),
+            ],
+            &[],
+        );
+        let trained = rcx_train(&cfg, &[]);
+        assert!(
+            trained.status.success(),
+            "rcx train failed:\n{}",
+            String::from_utf8_lossy(&trained.stderr)
+        );
+        let path = out.join("tokenizer.json");
+        let mut tokenizer: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let bpe = &mut tokenizer["model"];
+        assert!(bpe["vocab"].as_object_mut().unwrap().remove("ð").is_some());
+        let in_merges = bpe["merges"].as_array().unwrap().iter().any(|m| {
+            m.as_array()
+                .unwrap()
+                .iter()
+                .any(|part| part.as_str().unwrap().contains('ð'))
+        });
+        assert!(!in_merges, "ð is in a merge of the shipped tokenizer");
+        bpe["unk_token"] = Value::from("<nope>");
+        std::fs::write(&path, serde_json::to_vec(&tokenizer).unwrap()).unwrap();
+        out
+    })
+}
+
 /// A running `rcx serve`; killed if the test did not stop it.
 struct Server {
     child: Child,
@@ -60,8 +107,13 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Server::start_on(model(), extra)
+    }
+
+    /// `rcx serve` on the model folder `dir`.
+    fn start_on(dir: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_rcx"))
-            .args(["serve", "--model", model().to_str().unwrap(), "--port", "0"])
+            .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -820,4 +872,91 @@ fn the_device_is_chosen_and_named() {
     );
     assert_eq!(answer.status, 200);
     assert!(server.banner.contains(" on cpu ("), "{}", server.banner);
+}
+
+/// A text the decoder's tokenizer cannot read is a 400 naming the field, not a sequence
+/// scored as if the text were empty; the server goes on. `rcx score` refuses such a data
+/// file with FILE:LINE (exit 2).
+#[test]
+fn a_text_the_tokenizer_cannot_read_is_a_400_naming_its_field() {
+    let dir = decoder_model_that_refuses_emoji();
+    let server = Server::start_on(dir, &[]);
+    let good = json!({"prompt": "tell me", "completions": ["a b c", "a"]});
+    let first = server.post("/score", &good);
+    assert_eq!(first.status, 200, "{}", first.text());
+    let emoji = "a \u{1F600} b";
+    let cases = [
+        (
+            "/score",
+            json!({"prompt": emoji, "completions": ["a"]}),
+            "the body: \"prompt\" cannot be tokenized",
+        ),
+        (
+            "/score",
+            json!({"prompt": "p", "completions": ["a", emoji]}),
+            "the body: \"completions\"[1] cannot be tokenized",
+        ),
+        (
+            "/score",
+            json!([{"prompt": "p", "completions": ["a"]}, {"prompt": "p", "completions": [emoji]}]),
+            "item 1: \"completions\"[0] cannot be tokenized",
+        ),
+        (
+            "/get_reward",
+            json!({"query": ["p a", emoji]}),
+            "the body: \"query\"[1] cannot be tokenized",
+        ),
+        (
+            "/get_reward",
+            json!({"query": [format!("p {emoji}")], "prompts": ["p"]}),
+            "the body: \"query\"[0] cannot be tokenized",
+        ),
+        (
+            "/get_reward",
+            json!({"query": [format!("{emoji} a")], "prompts": [emoji]}),
+            "the body: \"prompts\"[0] cannot be tokenized",
+        ),
+    ];
+    for (path, body, message) in cases {
+        let answer = server.post(path, &body);
+        assert_eq!(answer.status, 400, "{path} {body}: {}", answer.text());
+        let error = answer.json()["error"].as_str().unwrap().to_string();
+        assert!(error.contains(message), "{path} {body}: {error}");
+        assert!(error.contains("<nope>"), "the tokenizer's reason: {error}");
+        let again = server.post("/score", &good);
+        assert_eq!(again.status, 200, "after {body}: {}", again.text());
+        assert_eq!(again.json(), first.json(), "after {body}");
+    }
+    server.signal(libc::SIGTERM);
+    let (status, stderr) = server.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("warning"),
+        "no text scored as empty: {stderr}"
+    );
+
+    let data = common::scratch("serve-tests", "emoji-data").join("data.jsonl");
+    std::fs::write(
+        &data,
+        format!(
+            "{}\n{}\n",
+            json!({"prompt": "p", "completions": ["a", "b"]}),
+            json!({"prompt": "p", "completions": ["a", emoji]})
+        ),
+    )
+    .unwrap();
+    let model = dir.to_str().unwrap();
+    let data_arg = data.to_str().unwrap();
+    for command in [
+        vec!["score", "--model", model, "--data", data_arg],
+        vec!["eval", "--model", model, "--data", data_arg],
+    ] {
+        let out = rcx(&command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{data_arg}:2: a completion cannot be tokenized")),
+            "{command:?}: {stderr}"
+        );
+    }
 }

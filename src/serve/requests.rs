@@ -106,6 +106,14 @@ fn sequence(enc: Encoding) -> Sequence {
     (enc.input_ids, types)
 }
 
+/// The ids of `text`, the field `field` of the object at `at`; a text the tokenizer
+/// cannot read (a decoder's tokenizer.json can refuse one) is the request's error, not a
+/// sequence scored as if the text were empty.
+fn ids(tok: &Tokenizer, text: &str, at: &str, field: &str) -> Result<Vec<u32>, BadRequest> {
+    tok.try_tokenize(text)
+        .map_err(|e| bad(format!("{at}: {field} cannot be tokenized: {e}")))
+}
+
 /// `/score`'s object at `at`: the pair encoding of its prompt with each completion.
 fn score_object(
     value: &Value,
@@ -132,9 +140,10 @@ fn score_object(
     };
     let completions = strings(object, "completions", at)?;
     // As the token cache does: the prompt tokenized once, each pair cut longest first.
-    let prompt_ids = tok.tokenize(prompt);
-    for completion in &completions {
-        let enc = tok.encode_tokenized_pair(&prompt_ids, &tok.tokenize(completion), max_length);
+    let prompt_ids = ids(tok, prompt, at, "\"prompt\"")?;
+    for (i, completion) in completions.iter().enumerate() {
+        let completion_ids = ids(tok, completion, at, &format!("\"completions\"[{i}]"))?;
+        let enc = tok.encode_tokenized_pair(&prompt_ids, &completion_ids, max_length);
         out.push(sequence(enc));
     }
     Ok(completions.len())
@@ -203,10 +212,20 @@ pub fn parse_get_reward(
                         "the body: \"query\"[{i}] does not start with \"prompts\"[{i}]"
                     ))
                 })?;
-                sequences.push(sequence(tok.encode_pair(prompt, response, max_length)));
+                let prompt_ids = ids(tok, prompt, "the body", &format!("\"prompts\"[{i}]"))?;
+                let response_ids = ids(tok, response, "the body", &format!("\"query\"[{i}]"))?;
+                let enc = tok.encode_tokenized_pair(&prompt_ids, &response_ids, max_length);
+                sequences.push(sequence(enc));
             }
         }
-        None => sequences.extend(queries.iter().map(|q| sequence(tok.encode(q, max_length)))),
+        None => {
+            for (i, query) in queries.iter().enumerate() {
+                let enc = tok.try_encode(query, max_length).map_err(|e| {
+                    bad(format!("the body: \"query\"[{i}] cannot be tokenized: {e}"))
+                })?;
+                sequences.push(sequence(enc));
+            }
+        }
     }
     Ok(Parsed {
         sequences,

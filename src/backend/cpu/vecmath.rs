@@ -47,6 +47,38 @@ macro_rules! with_avx2 {
 }
 pub(crate) use with_avx2;
 
+/// As `with_avx2`, with an AVX-512 build tried first: for the f64 polynomial loops of exp
+/// and erf, whose 8 f64 lanes per instruction (4 with AVX2) halve their time at serve's
+/// shapes. FMAs are written out and nothing is reassociated, so all three builds compute
+/// the same bits.
+macro_rules! with_avx512_or_avx2 {
+    ($name512:ident, $name:ident($($arg:ident: $ty:ty),*) $body:block) => {{
+        #[inline(always)]
+        fn portable($($arg: $ty),*) $body
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,fma")]
+        fn $name512($($arg: $ty),*) {
+            portable($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $name($($arg: $ty),*) {
+            portable($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { $name512($($arg),*) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { $name($($arg),*) };
+        }
+        portable($($arg),*)
+    }};
+}
+
 /// As `with_avx2`, for integer-heavy loops that need AVX-512's 64-bit multiply and
 /// conversions (vpmullq, vcvtuqq2pd) to vectorise; integer results are exact, so both
 /// builds compute the same bits.
@@ -115,7 +147,7 @@ const INV_FACTORIALS: [f64; 11] = [
 /// values[i] = e^values[i] for values <= 0 (softmax after subtracting the row maximum,
 /// -x²/2 in GELU's density); -inf gives exactly 0.
 pub(crate) fn exp_nonpositive_f32(values: &mut [f32]) {
-    with_avx2!(exp_avx2(values: &mut [f32]) {
+    with_avx512_or_avx2!(exp_avx512, exp_avx2(values: &mut [f32]) {
         for v in values.iter_mut() {
             *v = exp_f64(*v as f64) as f32;
         }
@@ -187,9 +219,41 @@ fn erf_poly(x: f64, coefficients: &[f64; ERF_DEGREE + 1]) -> f64 {
 /// out[i] = erf(inp[i] / √2), the erf of GELU (the scaling in f32, as F's own path does).
 pub(crate) fn erf_scaled_f32(out: &mut [f32], inp: &[f32]) {
     let coefficients = erf_coefficients();
-    with_avx2!(erf_avx2(out: &mut [f32], inp: &[f32], coefficients: &[f64; ERF_DEGREE + 1]) {
+    with_avx512_or_avx2!(erf_avx512, erf_avx2(out: &mut [f32], inp: &[f32], coefficients: &[f64; ERF_DEGREE + 1]) {
         for (o, &x) in out.iter_mut().zip(inp) {
             *o = erf_poly((x * std::f32::consts::FRAC_1_SQRT_2) as f64, coefficients) as f32;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// x from -12 to 12 in steps of 1e-4 (exact in f32), and the f32 edge values.
+    fn grid() -> Vec<f32> {
+        let mut xs: Vec<f32> = (-120_000..=120_000).map(|k| k as f32 * 1e-4).collect();
+        xs.extend([f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, -0.0]);
+        xs
+    }
+
+    /// The dispatched builds (AVX-512 or AVX2 where the CPU has them) give the bits of the
+    /// scalar functions, element by element: which build runs changes no result.
+    #[test]
+    fn every_build_of_exp_and_erf_gives_the_scalar_bits() {
+        let xs = grid();
+        let coefficients = erf_coefficients();
+        let mut erfs = vec![0f32; xs.len()];
+        erf_scaled_f32(&mut erfs, &xs);
+        let nonpositive: Vec<f32> = xs.iter().map(|x| -x.abs()).collect();
+        let mut exps = nonpositive.clone();
+        exp_nonpositive_f32(&mut exps);
+        for (i, &x) in xs.iter().enumerate() {
+            let erf = erf_poly((x * std::f32::consts::FRAC_1_SQRT_2) as f64, coefficients) as f32;
+            assert_eq!(erfs[i].to_bits(), erf.to_bits(), "erf at {x}");
+            let y = nonpositive[i];
+            let exp = exp_f64(y as f64) as f32;
+            assert_eq!(exps[i].to_bits(), exp.to_bits(), "exp at {y}");
+        }
+    }
 }
