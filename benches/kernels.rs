@@ -1168,7 +1168,9 @@ fn optimizer(lab: &mut Lab) -> Result<()> {
     let (mut p_d, g_d, mut m_d) = (big(lab, 1.0)?, big(lab, 0.1)?, big(lab, 0.01)?);
     let mut v_d = lab.rt.zeros::<f32>(params)?;
     let rt = lab.rt.clone();
-    let ms = median_ms(&rt, 2, 10, |_| rt.global_norm_squared(&[g_d.as_view()]).map(|_| ()))?;
+    let ms = median_ms(&rt, 2, 10, |_| {
+        rt.global_norm_squared(&[g_d.as_view()]).map(|_| ())
+    })?;
     lab.row(
         "global_norm_squared",
         "110M",

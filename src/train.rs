@@ -505,7 +505,7 @@ fn check_world(cfg: &Config, placement: &Placement, world: &WorldEnv) -> Result<
             cfg.path.display()
         )));
     }
-    if cfg.gradient_accumulation_steps % n != 0 {
+    if !cfg.gradient_accumulation_steps.is_multiple_of(n) {
         return Err(Error::user(format!(
             "{}: gradient_accumulation_steps {} does not split into {n} equal shares: with \
              {n} processes it must be a multiple of {n} (it counts the global step's \

@@ -131,7 +131,10 @@ fn defaults_follow_the_hugging_face_trainer() {
         config.shared_prefix,
         "decoders share their prompts by default"
     );
-    assert_eq!(config.zero_stage, 0, "AdamW's state is replicated by default");
+    assert_eq!(
+        config.zero_stage, 0,
+        "AdamW's state is replicated by default"
+    );
     // Relative paths are taken from the current directory.
     let cwd = std::env::current_dir().unwrap();
     assert_eq!(config.output_dir, cwd.join("runs/test"));

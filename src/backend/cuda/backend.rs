@@ -164,7 +164,7 @@ impl Cuda {
     pub(super) fn moment_ranges(&self) -> Vec<Range<usize>> {
         match &self.optimizer_shard {
             Some(shard) => shard.owned(self.params.len()).to_vec(),
-            None => vec![0..self.params.len()],
+            None => std::iter::once(0..self.params.len()).collect(),
         }
     }
 
