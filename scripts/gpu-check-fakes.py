@@ -10,16 +10,20 @@ Usage: python3 gpu-check-fakes.py ROLE ARGS...   (the selftest's wrappers pass R
 Behaviour, from the environment:
   FAKE_DRIVER, FAKE_CUDA   driver version and the CUDA version it supports (580.159.04, 13.0)
   FAKE_SMI=broken          nvidia-smi cannot reach the driver
+  FAKE_GPUS                how many GPUs nvidia-smi lists (1)
   FAKE_SANITIZER           unsupported (as on gVisor) | clean | error
   FAKE_BEHAVIOUR           EXE:TEST=fail|poison|hang, comma-separated: poison fails the test
                            with a sticky CUDA error that fails every later test of the process;
-                           gpu_step:MODEL=fail|hang for a model of the step bench
+                           gpu_step:MODEL=fail|hang for a model of the step bench;
+                           rcx:rank1=fail (rank 1 of a --nproc run fails), rcx:zero1=drift
+                           (ZeRO-1's weights drift from the one process's)
   FAKE_MARKS               folder where each run of a bundle executable logs its arguments
 """
 
 import ctypes
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -81,12 +85,18 @@ def nvidia_smi(args):
         "temperature.gpu": "31",
         "compute_cap": "9.0",
     }
+    gpus = int(os.environ.get("FAKE_GPUS", "1"))
+    if "-L" in args:
+        for i in range(gpus):
+            print(f"GPU {i}: NVIDIA H200 (UUID: GPU-5e1f0c3a-0000-4000-8000-00000000000{i})")
+        return 0
     query = [a.split("=", 1)[1] for a in args if a.startswith("--query-gpu=")]
     if query:
         fields = query[0].split(",")
         if not any("noheader" in a for a in args):
             print(", ".join(fields))
-        print(", ".join(values.get(f, "[N/A]") for f in fields))
+        for _ in range(gpus):
+            print(", ".join(values.get(f, "[N/A]") for f in fields))
         return 0
     if "-q" in args:
         print(f"Driver Version                            : {driver}")
@@ -279,6 +289,71 @@ def step_bench(args):
     return 0
 
 
+def write_safetensors(path, tensors):
+    """A safetensors file of F32 tensors: the header's length, the header, the data."""
+    header, data = {}, b""
+    for name, values in tensors.items():
+        header[name] = {"dtype": "F32", "shape": [len(values)], "data_offsets": [len(data), len(data) + 4 * len(values)]}
+        data += struct.pack(f"<{len(values)}f", *values)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+
+
+def rcx_train(args):
+    """rcx train CONFIG [--quiet] [--nproc N --dist-timeout S]: bert-tiny's checkpoints, with
+    the ranks' weights off the one process's by a summation order's 3e-6."""
+    mark("rcx", args)
+    config = {}
+    with open(args[1]) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            config[key.strip()] = value.strip()
+    mark("rcx-config", [f"{k}={config.get(k)}" for k in ("model_name", "device", "zero_stage", "max_steps")])
+    if config.get("device") != "cuda":
+        print(f"fake rcx: device is {config.get('device')}, expected cuda", file=sys.stderr)
+        return 94
+    why = load_cuda(need_blas=True)
+    if why:
+        print(f"rcx: error: {why}", file=sys.stderr)
+        return 1
+    if config.get("datasets") == "[kjv-jargon]":
+        shipped = os.path.join(os.environ.get("RCX_DATA_DIR", "/nonexistent"), "kjv-jargon", "train.jsonl")
+        if not os.path.exists(shipped):
+            print(f"rcx: error: datasets[0]: {shipped}: no such file", file=sys.stderr)
+            return 2
+    nproc = int(args[args.index("--nproc") + 1]) if "--nproc" in args else 1
+    if nproc > 1:
+        if "--dist-timeout" not in args:
+            print("fake rcx: --nproc without --dist-timeout: a lost rank would hang for 300 s", file=sys.stderr)
+            return 93
+        try:
+            ctypes.CDLL("libnccl.so")
+        except OSError as e:
+            print(f"[rank 0] rcx: error: NCCL: libnccl.so cannot be loaded: {e}", file=sys.stderr)
+            return 1
+        if behaviour("rcx", "rank1") == "fail":
+            print("[rank 1] rcx: error: NCCL all-reduce: unhandled system error (ncclSystemError)", file=sys.stderr)
+            print("rcx: rank 1 exited with code 1", file=sys.stderr)
+            print(f"rcx: error: training on {nproc} processes failed (exit code 1)", file=sys.stderr)
+            return 1
+    out = config["output_dir"]
+    start = [((i * 37) % 101) / 101.0 - 0.5 for i in range(512)]
+    drift = 0.0
+    if nproc > 1:
+        drift = 3e-6
+    if config.get("zero_stage") == "1" and behaviour("rcx", "zero1") == "drift":
+        drift = 1e-3
+    step1 = {"bert.pooler.dense.weight": start, "classifier.weight": start[:128]}
+    step2 = {name: [v + 5e-4 + drift * (i % 2) for i, v in enumerate(values)] for name, values in step1.items()}
+    write_safetensors(os.path.join(out, "checkpoint-1", "model.safetensors"), step1)
+    write_safetensors(os.path.join(out, "checkpoint-2", "model.safetensors"), step2)
+    write_safetensors(os.path.join(out, "model.safetensors"), step2)
+    return 0
+
+
 def torch_bench(args):
     if "--budget-s" not in args:
         print("fake torch bench: no --budget-s")
@@ -310,6 +385,8 @@ def main():
         return bench(role, args)
     if role == "torch":
         return torch_bench(args)
+    if role == "rcx" and args[:1] == ["train"]:
+        return rcx_train(args)
     if role == "rcx":
         mark(role, args)
         print("Reward models trained on ranked preferences\n\nUsage: rcx <COMMAND>")

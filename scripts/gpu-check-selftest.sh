@@ -28,7 +28,10 @@ fail() {
 
 # --- the fixture: a fake repository with the script under test -------------------------
 REPO=$WORK/repo
-mkdir -p "$REPO/scripts" "$WORK/bin-gpu" "$WORK/bin-nosanitizer" "$WORK/driver/stubs" "$WORK/cublas"
+mkdir -p "$REPO/scripts" "$WORK/bin-gpu" "$WORK/bin-nosanitizer" "$WORK/driver/stubs" "$WORK/cublas" \
+    "$WORK/site/nvidia/nccl/lib" "$REPO/data/kjv-jargon"
+# The shipped data set, as rcx finds it through RCX_DATA_DIR.
+touch "$REPO/data/kjv-jargon/train.jsonl" "$REPO/data/kjv-jargon/eval.jsonl"
 cp scripts/gpu-check.sh "$REPO/scripts/gpu-check.sh"
 FAKES=$ROOT/scripts/gpu-check-fakes.py
 printf 'import subprocess, sys\nsys.exit(subprocess.call([sys.executable, "%s", "torch"] + sys.argv[1:]))\n' \
@@ -54,6 +57,8 @@ ln -s libnvidia-ptxjitcompiler.so.580.159.04 "$WORK/driver/libnvidia-ptxjitcompi
 for lib in libcublas.so.12.9.1.4 libcublasLt.so.12.9.1.4 libcublas.so.13.1.0.3 libcublasLt.so.13.1.0.3; do
     cp "$SO" "$WORK/cublas/$lib"
 done
+# NCCL as PyTorch's nvidia-nccl wheel lays it out: libnccl.so.2 alone.
+cp "$SO" "$WORK/site/nvidia/nccl/lib/libnccl.so.2"
 for major in 12 13; do
     ln -s "$(cd "$WORK/cublas" && ls libcublas.so.$major.*)" "$WORK/cublas/libcublas.so.$major"
     ln -s "$(cd "$WORK/cublas" && ls libcublasLt.so.$major.*)" "$WORK/cublas/libcublasLt.so.$major"
@@ -87,10 +92,11 @@ make_bundle() {
 }
 
 # run_check NAME BIN-DIR [VAR=VALUE...]: runs the script in the fake repo with a fresh $OUT,
-# under a hard 150 s cap (a hang is a failure, not a stuck selftest). Sets RC, STDOUT,
+# under a hard 150 s cap (a hang is a failure, not a stuck selftest). Sets RUN, RC, STDOUT,
 # SUMMARY, ELAPSED.
 run_check() {
     local name=$1 bin=$2
+    RUN=$name
     shift 2
     OUTDIR=$WORK/out-$name
     MARKS=$WORK/marks-$name
@@ -99,7 +105,7 @@ run_check() {
     local t0
     t0=$(date +%s)
     env OUT="$OUTDIR" FAKE_MARKS="$MARKS" PATH="$WORK/$bin:$PATH" \
-        RCX_GPU_LIB_DIRS="$WORK/driver/stubs:$WORK/driver:$WORK/cublas" "$@" \
+        RCX_GPU_LIB_DIRS="$WORK/driver/stubs:$WORK/driver:$WORK/cublas:$WORK/site/nvidia/nccl/lib" "$@" \
         timeout --kill-after=5 150 bash "$REPO/scripts/gpu-check.sh" >"$WORK/stdout-$name" 2>"$WORK/stderr-$name"
     RC=$?
     ELAPSED=$(($(date +%s) - t0))
@@ -108,7 +114,7 @@ run_check() {
 }
 
 expect_rc() {
-    [ "$RC" -eq "$1" ] || fail "exit code $RC, expected $1 ($2); stderr: $(tail -c 400 "$WORK/stderr-$NAME")"
+    [ "$RC" -eq "$1" ] || fail "exit code $RC, expected $1 ($2); stderr: $(tail -c 400 "$WORK/stderr-$RUN")"
 }
 
 # The device tool returns at most 8 files: exactly the archive and the summary, both readable.
@@ -116,7 +122,7 @@ expect_outputs() {
     local files
     files=$(cd "$OUTDIR" && find . -mindepth 1 | sed 's|^\./||' | sort | tr '\n' ' ')
     [ "$files" = "gpu-logs.tar.gz summary.txt " ] || fail "\$OUT holds '$files', expected the archive and the summary alone"
-    tar -tzf "$OUTDIR/gpu-logs.tar.gz" >"$WORK/archive-$NAME" 2>/dev/null || fail "gpu-logs.tar.gz does not unpack"
+    tar -tzf "$OUTDIR/gpu-logs.tar.gz" >"$WORK/archive-$RUN" 2>/dev/null || fail "gpu-logs.tar.gz does not unpack"
     [ -s "$OUTDIR/summary.txt" ] || fail "summary.txt is empty or missing"
 }
 
@@ -164,6 +170,8 @@ scenario_healthy() {
     expect_row kernel-lab PASS "ceilings"
     expect_row gpu-step PASS "bf16"
     expect_row gpu-step-deberta PASS "deberta bf16: 120\.0 ms \(median of 5\) deberta f32: 400\.0 ms"
+    expect_row data-parallel SKIPPED "1 GPU"
+    [ ! -f "$MARKS/ran-rcx-config" ] || fail "rcx trained on a machine with 1 GPU"
     expect_row torch PASS
     # The step bench runs twice: BERT and Llama, then DeBERTa alone.
     expect_in gpu_step-calls "$(cat "$MARKS/ran-gpu_step" 2>/dev/null)" "^--bench --models bert,llama$"
@@ -238,6 +246,50 @@ scenario_deberta_fails() {
     expect_in stdout "$STDOUT" "gpu_step: error: .*CUDA_ERROR_ILLEGAL_ADDRESS"
     expect_in summary "$SUMMARY" "rcx/PyTorch bert-f32: 0\.63"
     expect_not_in summary "$SUMMARY" "rcx/PyTorch deberta"
+}
+
+# 2 GPUs: one process, 2 ranks and 2 ranks with ZeRO-1 train, each final model compared
+# with the one process's; a failing rank, weights off by more than the tolerance and a
+# machine without NCCL fail the row saying why.
+scenario_data_parallel() {
+    run_check "$NAME" bin-gpu FAKE_GPUS=2 RCX_GPU_PARTS="data-parallel"
+    expect_rc 0 "the ranks train the one process's weights"
+    expect_outputs
+    expect_row data-parallel PASS "alone [0-9]+s ranks [0-9]+s zero1 [0-9]+s; .*ranks 3\.0e-06 zero1 3\.0e-06 \(tolerance 2e-5; a step moves 5\.0e-04\)"
+    local calls configs
+    calls=$(cat "$MARKS/ran-rcx" 2>/dev/null)
+    configs=$(cat "$MARKS/ran-rcx-config" 2>/dev/null)
+    expect_in rcx-calls "$calls" "^train [^ ]*/alone\.yml --quiet$"
+    expect_in rcx-calls "$calls" "^train [^ ]*/ranks\.yml --quiet --nproc 2 --dist-timeout [0-9]+$"
+    expect_in rcx-calls "$calls" "^train [^ ]*/zero1\.yml --quiet --nproc 2 --dist-timeout [0-9]+$"
+    [ "$(grep -c "model_name=bert-tiny device=cuda zero_stage=0 max_steps=2" <<<"$configs")" = 2 ] ||
+        fail "expected two bert-tiny runs without ZeRO: $configs"
+    expect_in rcx-configs "$configs" "zero_stage=1"
+    expect_in summary "$SUMMARY" "NCCL linked: libnccl\.so -> [^ ]*/nvidia/nccl/lib/libnccl\.so\.2"
+    expect_in summary "$SUMMARY" "libnccl\.so -> [^ ]*/nvidia/nccl/lib/libnccl\.so\.2"
+    expect_in summary "$SUMMARY" "^  data-parallel: zero1: model\.safetensors differs from the one process's by at most 3\.0e-06"
+    expect_not_in summary "$SUMMARY" "WARN: loaded from outside"
+
+    run_check "$NAME-1gpu" bin-gpu FAKE_GPUS=1 RCX_GPU_PARTS="data-parallel"
+    expect_rc 0 "1 GPU is a skip"
+    expect_row data-parallel SKIPPED "1 GPU"
+    [ ! -f "$MARKS/ran-rcx-config" ] || fail "rcx trained on a machine with 1 GPU"
+
+    run_check "$NAME-rank" bin-gpu FAKE_GPUS=2 RCX_GPU_PARTS="data-parallel" FAKE_BEHAVIOUR="rcx:rank1=fail"
+    expect_rc 1 "a rank failed"
+    expect_outputs
+    expect_row data-parallel FAIL "the ranks run: exit 1; \[rank 1\] rcx: error: NCCL all-reduce"
+    expect_in stdout "$STDOUT" "training on 2 processes failed"
+
+    run_check "$NAME-drift" bin-gpu FAKE_GPUS=2 RCX_GPU_PARTS="data-parallel" FAKE_BEHAVIOUR="rcx:zero1=drift"
+    expect_rc 1 "ZeRO-1's weights are off"
+    expect_row data-parallel FAIL "the zero1 run's model\.safetensors differs by 1\.0e-03"
+
+    run_check "$NAME-nonccl" bin-gpu FAKE_GPUS=2 RCX_GPU_PARTS="data-parallel" \
+        RCX_GPU_LIB_DIRS="$WORK/driver:$WORK/cublas"
+    expect_rc 1 "no NCCL"
+    expect_row data-parallel FAIL "no libnccl\.so\.2"
+    [ ! -f "$MARKS/ran-rcx-config" ] || fail "rcx trained without NCCL"
 }
 
 scenario_no_driver() {
@@ -317,10 +369,11 @@ scenario_interrupted() {
 }
 
 make_bundle
-ALL=(healthy faults deberta_fails hang old_driver no_driver no_bundle no_sanitizer budget_too_big parts interrupted)
+ALL=(healthy faults deberta_fails data_parallel hang old_driver no_driver no_bundle no_sanitizer budget_too_big parts interrupted)
 [ "$#" -gt 0 ] || set -- "${ALL[@]}"
 for NAME in "$@"; do
     echo "scenario $NAME"
+    RUN=$NAME
     if declare -F "scenario_$NAME" >/dev/null; then
         "scenario_$NAME"
     else

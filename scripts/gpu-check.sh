@@ -13,7 +13,10 @@
 #   5. the kernel lab, the step bench (BERT-base, then a Llama-3.2-1B-shaped decoder with and
 #      without the shared prefix), its DeBERTa-v3-base-shaped step as a part of its own, then
 #      the PyTorch baseline with what is left; the summary gives rcx's step time over
-#      PyTorch's for each model and dtype both measured.
+#      PyTorch's for each model and dtype both measured;
+#   6. on a machine with 2 or more GPUs, data-parallel training: a short bert-tiny run as one
+#      process, on 2 ranks (--nproc 2, NCCL from PyTorch's pip wheel) and on 2 ranks with
+#      ZeRO-1, whose final weights must equal the one process's within 2e-5.
 # Every part runs under `timeout` within one budget (RCX_GPU_BUDGET_S, 450 s by default, at
 # most 570: the device tool stops a command at 600 s).
 #
@@ -28,7 +31,8 @@
 # timed out; 2 the bundle is missing or damaged, or a bad RCX_GPU_BUDGET_S (nothing ran);
 # 3 the machine cannot run it (no driver, driver too old, no libcuda); 4 interrupted.
 #
-# Knobs: RCX_GPU_BUDGET_S (seconds), RCX_GPU_PARTS (some of "tests sanitize lab step deberta torch",
+# Knobs: RCX_GPU_BUDGET_S (seconds), RCX_GPU_PARTS (some of "tests sanitize lab step deberta
+# data-parallel torch",
 # all by default: a rerun of a part), RCX_GPU_SANITIZE_TESTS (the tests the sanitizers run),
 # RCX_GPU_LIB_DIRS (colon-separated folders searched for the libraries instead of the
 # system's; scripts/gpu-check-selftest.sh uses it), PYTHON (the one with PyTorch).
@@ -104,6 +108,7 @@ write_outputs() {
 numbers() {
     grep -h "^copy 1 GiB\|^ceilings:" "$LOGS/kernel-lab.log" 2>/dev/null | cut -c1-160
     grep -h "^rcx [a-z0-9 ]* step:" "$LOGS/gpu-step.log" "$LOGS/gpu-step-deberta.log" 2>/dev/null | cut -c1-160
+    grep -h "^data-parallel:" "$LOGS/data-parallel.log" 2>/dev/null | cut -c1-160
     grep -h '"median_ms"\|"error"\|"skipped"' "$LOGS/torch.log" 2>/dev/null | grep -v summary | cut -c1-160
     ratios
 }
@@ -221,11 +226,11 @@ if [ "$BUDGET" -lt 30 ] || [ "$BUDGET" -gt 570 ]; then
     stop 2 "RCX_GPU_BUDGET_S=$BUDGET: expected whole seconds from 30 to 570 (the device tool stops a command at 600 s)"
 fi
 
-PARTS=${RCX_GPU_PARTS:-tests sanitize lab step deberta torch}
+PARTS=${RCX_GPU_PARTS:-tests sanitize lab step deberta data-parallel torch}
 for p in $PARTS; do
     case $p in
-        tests | sanitize | lab | step | deberta | torch) ;;
-        *) stop 2 "RCX_GPU_PARTS: unknown part '$p'; expected some of: tests sanitize lab step deberta torch" ;;
+        tests | sanitize | lab | step | deberta | data-parallel | torch) ;;
+        *) stop 2 "RCX_GPU_PARTS: unknown part '$p'; expected some of: tests sanitize lab step deberta data-parallel torch" ;;
     esac
 done
 wanted() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -381,7 +386,7 @@ RCX_ENV=(env "LD_LIBRARY_PATH=$LIBS" "RCX_ROOT=$ROOT" RCX_REQUIRE_GPU=1 RCX_REQU
 # (LD_DEBUG=libs, written to LD_DEBUG_OUTPUT.PID).
 loaded_libs() {
     cat "$LOGS"/ld/* 2>/dev/null | sed -n 's/.*calling init: //p' |
-        grep -E '/lib(cuda|cublas|cublasLt|nvrtc|nvidia-[a-z-]+)\.so' | sort -u |
+        grep -E '/lib(cuda|cublas|cublasLt|nvrtc|nccl|nvidia-[a-z-]+)\.so' | sort -u |
         while read -r path; do echo "$(basename "$path") -> $(readlink -f "$path")"; done | sort -u
 }
 
@@ -396,7 +401,7 @@ report_loaded_libs() {
     note "libs loaded by rcx's processes: $(tr '\n' ';' <<<"$loaded" | sed 's/;$//; s/;/; /g')"
     while read -r line; do
         case $(dirname "${line##* -> }") in
-            "$(dirname "$LIBCUDA")" | "$(dirname "${LIBCUBLAS:-$LIBCUDA}")") ;;
+            "$(dirname "$LIBCUDA")" | "$(dirname "${LIBCUBLAS:-$LIBCUDA}")" | "$(dirname "${LIBNCCL:-$LIBCUDA}")") ;;
             *) note "WARN: loaded from outside the linked folders: $line" ;;
         esac
     done <<<"$loaded"
@@ -581,6 +586,163 @@ if wanted deberta; then
         "$BUNDLE/benches/gpu_step" --bench --models deberta
 else
     add_row gpu-step-deberta SKIPPED - "not in RCX_GPU_PARTS"
+fi
+# The largest absolute difference between two safetensors files of f32 tensors, and the
+# tensor it is in ("3.1e-06 classifier.weight"); exit 1 saying why when they cannot be
+# compared (other tensors, another dtype, a value not finite). Plain Python: no package.
+max_difference() {
+    "$PYTHON" - "$1" "$2" <<'PY'
+import json, math, struct, sys
+
+def tensors(path):
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        data = f.read()
+    found = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] != "F32":
+            sys.exit(f"{path}: {name} is {info['dtype']}, expected F32")
+        begin, end = info["data_offsets"]
+        found[name] = struct.unpack(f"<{(end - begin) // 4}f", data[begin:end])
+    return found
+
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+if sorted(a) != sorted(b):
+    sys.exit(f"{sys.argv[1]} and {sys.argv[2]} hold other tensors")
+worst, where = 0.0, "-"
+for name in sorted(a):
+    if len(a[name]) != len(b[name]):
+        sys.exit(f"{name}: {len(a[name])} values against {len(b[name])}")
+    d = max((abs(p - q) for p, q in zip(a[name], b[name])), default=0.0)
+    if not math.isfinite(d):
+        sys.exit(f"{name}: a value is not finite")
+    if d > worst:
+        worst, where = d, name
+print(f"{worst:.1e} {where}")
+PY
+}
+
+# data_parallel: a short bert-tiny run on the shipped data as one process, on 2 ranks and on
+# 2 ranks with ZeRO-1; each final model.safetensors must equal the one process's within
+# DP_TOLERANCE (tests/data_parallel.rs's: the ranks only reorder the gradient sums).
+DP_TOLERANCE=2e-5
+data_parallel() {
+    local part=data-parallel log=$LOGS/data-parallel.log gpus d run t0 rc took limit end
+    gpus=$(timeout 30 nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+    if [ "$gpus" -lt 2 ]; then
+        add_row "$part" SKIPPED - "$gpus GPU (nvidia-smi -L); --nproc 2 needs 2"
+        return
+    fi
+    # cudarc opens NCCL as libnccl.so; PyTorch's nvidia-nccl wheel ships libnccl.so.2 only.
+    LIBNCCL=""
+    for d in "${LIB_DIRS[@]}"; do
+        if [ -e "$d/libnccl.so.2" ]; then
+            LIBNCCL=$(readlink -f "$d/libnccl.so.2")
+            break
+        fi
+    done
+    if [ -z "$LIBNCCL" ]; then
+        add_row "$part" FAIL - "no libnccl.so.2 (PyTorch's nvidia-nccl wheel) in ${LIB_DIRS[*]}"
+        return
+    fi
+    local nccl=$WORK/nccl
+    mkdir -p "$nccl"
+    ln -s "$LIBNCCL" "$nccl/libnccl.so"
+    ln -s "$LIBNCCL" "$nccl/libnccl.so.2"
+    echo "  libnccl.so -> $LIBNCCL (in $nccl, the data-parallel part's only)" >>"$LOGS/libs.txt"
+    note "NCCL linked: libnccl.so -> $LIBNCCL"
+    local runs=$WORK/data-parallel times=()
+    mkdir -p "$runs"
+    local part_t0
+    part_t0=$(date +%s)
+    end=$(($(elapsed) + 120))
+    # NAME NPROC ZERO_STAGE, one run a line.
+    while read -r run nproc zero; do
+        # 2 steps of a global step of 6 micro-batches (3 a rank), a checkpoint each step.
+        cat >"$runs/$run.yml" <<YAML
+model_name: bert-tiny
+loss: x_inv
+datasets: [kjv-jargon]
+output_dir: $runs/$run
+device: cuda
+dtype: f32
+learning_rate: 1.0e-3
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 6
+max_length: 64
+max_steps: 2
+save_steps: 1
+eval_steps: 2
+eval_max_prompts: 2
+logging_steps: 1
+seed: 3
+zero_stage: $zero
+YAML
+        local args=(train "$runs/$run.yml" --quiet)
+        [ "$nproc" -eq 1 ] || args+=(--nproc "$nproc" --dist-timeout 60)
+        limit=$(limit_for $((end - $(elapsed))))
+        if [ "$limit" -lt "$MIN_START" ]; then
+            add_row "$part" TIMEOUT - "the part's 120 s were spent before the $run run; ${times[*]}"
+            return
+        fi
+        echo "=== $run: rcx ${args[*]} (limit ${limit}s)" >>"$log"
+        t0=$(date +%s)
+        run_limited "$limit" "$log" "${RCX_ENV[@]}" "LD_LIBRARY_PATH=$LIBS:$nccl" "RCX_DATA_DIR=$ROOT/data" \
+            LD_DEBUG=libs "LD_DEBUG_OUTPUT=$LOGS/ld/data-parallel-$run" "$BUNDLE/rcx" "${args[@]}"
+        rc=$?
+        took=$(($(date +%s) - t0))
+        times+=("$run ${took}s")
+        case $rc in
+            0) ;;
+            124 | 137)
+                add_row "$part" TIMEOUT "${took}s" "the $run run, after ${limit} s; ${times[*]}"
+                return
+                ;;
+            *)
+                add_row "$part" FAIL "${took}s" "the $run run: exit $rc; $(failure_text "$log" | head -n 1)"
+                failure_lines "$log"
+                return
+                ;;
+        esac
+    done <<'RUNS'
+alone 1 0
+ranks 2 0
+zero1 2 1
+RUNS
+    # A step must move the weights well beyond the tolerance (bert-tiny's step 2 moves one by
+    # about 5e-4 on the CPU), or equal weights say nothing.
+    local moved diff detail
+    if ! moved=$(max_difference "$runs/alone/checkpoint-1/model.safetensors" "$runs/alone/model.safetensors" 2>&1); then
+        add_row "$part" FAIL - "the one process's checkpoints: $moved"
+        return
+    fi
+    echo "data-parallel: the one process's step 2 moved a weight by ${moved}" >>"$log"
+    if awk -v m="${moved%% *}" -v t="$DP_TOLERANCE" 'BEGIN { exit !(m <= 10 * t) }'; then
+        add_row "$part" FAIL - "step 2 moved no weight by more than ${moved%% *}: the comparison would say nothing"
+        return
+    fi
+    detail="${times[*]}; |diff| vs 1 process:"
+    for run in ranks zero1; do
+        if ! diff=$(max_difference "$runs/alone/model.safetensors" "$runs/$run/model.safetensors" 2>&1); then
+            add_row "$part" FAIL - "the $run run's model.safetensors: $diff"
+            return
+        fi
+        echo "data-parallel: $run: model.safetensors differs from the one process's by at most ${diff}" >>"$log"
+        if ! awk -v d="${diff%% *}" -v t="$DP_TOLERANCE" 'BEGIN { exit !(d <= t) }'; then
+            add_row "$part" FAIL - "the $run run's model.safetensors differs by ${diff} from the one process's (tolerance $DP_TOLERANCE)"
+            return
+        fi
+        detail="$detail $run ${diff%% *}"
+    done
+    add_row "$part" PASS "$(($(date +%s) - part_t0))s" "$detail (tolerance $DP_TOLERANCE; a step moves ${moved%% *})"
+}
+if ! wanted data-parallel; then
+    add_row data-parallel SKIPPED - "not in RCX_GPU_PARTS"
+else
+    data_parallel
 fi
 # PyTorch gets what is left, with its own libraries; it starts no new mode in its last 60 s.
 TORCH_LIMIT=$(left)

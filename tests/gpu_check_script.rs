@@ -1,7 +1,7 @@
 //! scripts/gpu-check.sh gets one shot on a lent GPU: its flow (driver check first, one
-//! archive and a summary, a test per process, sanitizer skips, budget, signals) is checked
-//! here without a GPU by scripts/gpu-check-selftest.sh, over fake executables, drivers and
-//! libraries (about 90 s).
+//! archive and a summary, a test per process, sanitizer skips, the data-parallel part on 1
+//! and 2 GPUs, budget, signals) is checked here without a GPU by
+//! scripts/gpu-check-selftest.sh, over fake executables, drivers and libraries (about 90 s).
 
 use std::process::Command;
 
