@@ -54,11 +54,13 @@ impl OptimizerShard {
         let mut whole = rt.zeros::<f32>(self.world_size * self.shard)?;
         lock(&self.comm)?.all_gather(&part.slice(..self.shard), &mut whole)?;
         let mut host = rt.download(&whole)?;
-        let tail = rt
-            .stream()
-            .clone_dtoh(&part.slice(self.shard..))
-            .map_err(driver("copy the moments' tail to the host"))?;
-        host.extend(tail);
+        if part.len() > self.shard {
+            let tail = rt
+                .stream()
+                .clone_dtoh(&part.slice(self.shard..))
+                .map_err(driver("copy the moments' tail to the host"))?;
+            host.extend(tail);
+        }
         match host.len() == total {
             true => Ok(host),
             false => Err(Error::internal(format!(
@@ -115,7 +117,10 @@ impl Cuda {
         {
             let mut comm = lock(&comm)?;
             comm.reduce_scatter_sum_in_place(&mut self.grads.slice_mut(..main))?;
-            comm.all_reduce_sum(&mut self.grads.slice_mut(tail.clone()))?;
+            // Every rank has the same tail, so all skip it alike when it is empty.
+            if !tail.is_empty() {
+                comm.all_reduce_sum(&mut self.grads.slice_mut(tail.clone()))?;
+            }
         }
         let tail_squares = match first {
             true => self.rt.global_norm_squared(&[self.grads.slice(tail)])?,
