@@ -312,3 +312,52 @@ fn a_rank_killed_mid_run_ends_the_other_with_an_error() {
         "rank 0's error does not name the lost rank 1: {last}"
     );
 }
+
+#[test]
+fn ranks_that_start_from_other_settings_are_refused() {
+    let test = "ranks_that_start_from_other_settings_are_refused";
+    let Some(lib) = emulated_device(test) else {
+        return;
+    };
+    let dir = common::scratch("data-parallel", "other-settings");
+    // Rank 1 reads a config with another seed: other initial weights, other data order.
+    let (cfg0, _) = config(&dir, "rank0", &[]);
+    let (cfg1, _) = config(&dir, "rank1", &[("seed", "4")]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let spawn = |rank: &str, cfg: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_rcx"))
+            .args([
+                "train",
+                cfg.to_str().unwrap(),
+                "--quiet",
+                "--dist-timeout",
+                "60",
+            ])
+            .env("LD_LIBRARY_PATH", &lib)
+            .env("RCX_EMU_DEVICES", "2")
+            .env("RANK", rank)
+            .env("LOCAL_RANK", rank)
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let ranks = [spawn("0", &cfg0), spawn("1", &cfg1)];
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "rank {rank}: {stderr}");
+        assert!(
+            stderr.contains("1 of the 2 ranks start from other settings, data or weights"),
+            "rank {rank}: {stderr}"
+        );
+    }
+}

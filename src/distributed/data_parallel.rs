@@ -52,11 +52,6 @@ impl DataParallel {
         self.control.finish(timeout)
     }
 
-    /// Whether this rank writes the run's files (metrics, checkpoints, the model).
-    pub fn writes(&self) -> bool {
-        self.rank.rank == 0
-    }
-
     /// This rank's micro-batches (indices into the global step's `micro_batches`, which the
     /// config has checked is a multiple of the world size).
     pub fn share(&self, micro_batches: usize) -> Range<usize> {
