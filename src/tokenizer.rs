@@ -42,13 +42,6 @@ pub struct Encoding {
     pub token_type_ids: Vec<u32>,
 }
 
-/// FNV-1a of `bytes`: a tokenizer's fingerprint from its file.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// A reward model's tokenizer: the ids of prompts and completions, and of the pair they
 /// make.
 #[derive(Debug)]

@@ -18,6 +18,7 @@ use crate::backend::cpu::Cpu;
 use crate::backend::cuda::{Cuda, CudaRuntime};
 use crate::backend::{Backend, Batch, DType, Device, OptimStep};
 use crate::checkpoint::{self, TrainState};
+use crate::checksum::fnv1a;
 use crate::config::{Config, Scheduler};
 use crate::distributed::data_parallel::DataParallel;
 use crate::distributed::launch::{self, WorldEnv};
@@ -518,7 +519,7 @@ fn check_world(cfg: &Config, placement: &Placement, world: &WorldEnv) -> Result<
 }
 
 /// What every rank of a run must agree on before the first step: the training settings,
-/// the step it starts from, and the weights and moments (FNV-1a over their bits).
+/// the step it starts from, and the weights and moments.
 fn start_fingerprint(
     settings_sha256: &str,
     step: usize,
@@ -526,14 +527,14 @@ fn start_fingerprint(
     m: &[f32],
     v: &[f32],
 ) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut mix = |word: u64| h = (h ^ word).wrapping_mul(0x0100_0000_01b3);
-    settings_sha256.bytes().for_each(|b| mix(b as u64));
-    mix(step as u64);
-    for x in params.iter().chain(m).chain(v) {
-        mix(x.to_bits() as u64);
-    }
-    h
+    let parts = [
+        fnv1a(settings_sha256.as_bytes()),
+        step as u64,
+        fnv1a(bytemuck::cast_slice(params)),
+        fnv1a(bytemuck::cast_slice(m)),
+        fnv1a(bytemuck::cast_slice(v)),
+    ];
+    fnv1a(bytemuck::cast_slice(&parts))
 }
 
 /// Trains the run `cfg` describes; returns the engine it trained on (e.g. "cpu (2

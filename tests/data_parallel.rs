@@ -7,7 +7,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,31 @@ fn train_ok(library_path: &str, config: &Path, extra: &[&str]) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A loopback port nobody listens on now, for rank 0.
+fn free_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port().to_string()
+}
+
+/// Rank `rank` of a run of 2, started as torchrun would start it (so that the launcher's
+/// own supervision, which would end the others itself, is out of the way); stderr piped.
+fn rank_of_two(lib: &str, cfg: &Path, rank: &str, port: &str, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_rcx"))
+        .args(["train", cfg.to_str().unwrap()])
+        .args(extra)
+        .env("LD_LIBRARY_PATH", lib)
+        .env("RCX_EMU_DEVICES", "2")
+        .env("RANK", rank)
+        .env("LOCAL_RANK", rank)
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Every tensor of a safetensors file, by name.
@@ -227,29 +252,8 @@ fn a_rank_killed_mid_run_ends_the_other_with_an_error() {
         "gradient_accumulation_steps: 2",
     );
     std::fs::write(&cfg, text).unwrap();
-    // The ranks as torchrun would start them, so that the launcher's own supervision (which
-    // would end rank 0 itself) is out of the way.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
-    let spawn = |rank: &str| {
-        Command::new(env!("CARGO_BIN_EXE_rcx"))
-            .args(["train", cfg.to_str().unwrap(), "--dist-timeout", "30"])
-            .env("LD_LIBRARY_PATH", &lib)
-            .env("RCX_EMU_DEVICES", "2")
-            .env("RANK", rank)
-            .env("LOCAL_RANK", rank)
-            .env("WORLD_SIZE", "2")
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", &port)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let port = free_port();
+    let spawn = |rank| rank_of_two(&lib, &cfg, rank, &port, &["--dist-timeout", "30"]);
     let mut rank0 = spawn("0");
     let mut rank1 = spawn("1");
     // Rank 0's stderr, read on a thread: the progress line says when training is under way.
@@ -323,32 +327,9 @@ fn ranks_that_start_from_other_settings_are_refused() {
     // Rank 1 reads a config with another seed: other initial weights, other data order.
     let (cfg0, _) = config(&dir, "rank0", &[]);
     let (cfg1, _) = config(&dir, "rank1", &[("seed", "4")]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
-    let spawn = |rank: &str, cfg: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_rcx"))
-            .args([
-                "train",
-                cfg.to_str().unwrap(),
-                "--quiet",
-                "--dist-timeout",
-                "60",
-            ])
-            .env("LD_LIBRARY_PATH", &lib)
-            .env("RCX_EMU_DEVICES", "2")
-            .env("RANK", rank)
-            .env("LOCAL_RANK", rank)
-            .env("WORLD_SIZE", "2")
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", &port)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+    let port = free_port();
+    let spawn = |rank, cfg: &Path| {
+        rank_of_two(&lib, cfg, rank, &port, &["--quiet", "--dist-timeout", "60"])
     };
     let ranks = [spawn("0", &cfg0), spawn("1", &cfg1)];
     for (rank, child) in ranks.into_iter().enumerate() {

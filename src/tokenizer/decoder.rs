@@ -14,7 +14,8 @@
 //! batches are padded with the model's padding id.
 
 use super::json::TokenizerJson;
-use super::{Encoding, fnv1a, longest_first_lengths};
+use super::{Encoding, longest_first_lengths};
+use crate::checksum::fnv1a;
 use crate::error::{Error, Result};
 use std::io::Read;
 use std::path::Path;

@@ -131,7 +131,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Unigram> {
     } else {
         from_spm(bytes, path)?
     };
-    model.fingerprint = super::fnv1a(bytes);
+    model.fingerprint = crate::checksum::fnv1a(bytes);
     Ok(model)
 }
 
