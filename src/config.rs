@@ -120,7 +120,15 @@ pub struct Config {
     /// On several GPUs: 0 replicates AdamW's state on every rank, 1 (ZeRO-1) shards its
     /// moments over the ranks (`backend::cuda::zero`). One process ignores it.
     pub zero_stage: usize,
+    /// On several GPUs: the gradients of finished layers are gathered into buckets of at
+    /// least this many MiB (f32) whose sums start while the backward goes on
+    /// (`backend::cuda::buckets`; PyTorch DDP's bucket_cap_mb, whose default it shares).
+    /// One process ignores it.
+    pub bucket_mb: f64,
 }
+
+/// The `bucket_mb`s rcx takes: above a few GB a bucket is the whole model (no overlap).
+pub const BUCKET_MB_RANGE: (f64, f64) = (1e-6, 1e5);
 
 /// The `center_rewards_coefficient`s rcx trains with: TRL suggests 0.01; a thousand times
 /// the mean squared logit leaves the ranking term no say.
@@ -181,6 +189,8 @@ struct RawConfig {
     shared_prefix: bool,
     #[serde(default, deserialize_with = "zero_stage")]
     zero_stage: usize,
+    #[serde(default = "default_bucket_mb", deserialize_with = "bucket_mb")]
+    bucket_mb: f64,
 }
 
 // Hugging Face Trainer's defaults, where it has the key.
@@ -283,6 +293,21 @@ fn non_negative_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64,
     d.deserialize_f64(NumberVisitor {
         expected: "a number >= 0".into(),
         ok: |x| x.is_finite() && x >= 0.0,
+    })
+}
+
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+
+fn bucket_mb<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    d.deserialize_f64(NumberVisitor {
+        expected: format!(
+            "a bucket size in MiB in [{}, {}]",
+            short_number(BUCKET_MB_RANGE.0),
+            short_number(BUCKET_MB_RANGE.1)
+        ),
+        ok: |x| (BUCKET_MB_RANGE.0..=BUCKET_MB_RANGE.1).contains(&x),
     })
 }
 
@@ -747,6 +772,7 @@ impl Config {
             center_rewards_coefficient: raw.center_rewards_coefficient,
             shared_prefix: raw.shared_prefix,
             zero_stage: raw.zero_stage,
+            bucket_mb: raw.bucket_mb,
         })
     }
 

@@ -705,6 +705,9 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
             if cfg.zero_stage == 1 {
                 ranks.shard_optimizer(&mut model.backend)?;
             }
+            // MiB of f32 gradients, as DDP's bucket_cap_mb.
+            let bucket_len = (cfg.bucket_mb * 1024.0 * 1024.0 / 4.0).ceil() as usize;
+            ranks.overlap_gradients(&mut model.backend, bucket_len)?;
             Some(ranks)
         }
         (Some(_), Engine::Cpu(_)) => {

@@ -135,6 +135,7 @@ fn defaults_follow_the_hugging_face_trainer() {
         config.zero_stage, 0,
         "AdamW's state is replicated by default"
     );
+    assert_eq!(config.bucket_mb, 25.0, "PyTorch DDP's bucket_cap_mb");
     // Relative paths are taken from the current directory.
     let cwd = std::env::current_dir().unwrap();
     assert_eq!(config.output_dir, cwd.join("runs/test"));
@@ -148,7 +149,7 @@ fn explicit_values_and_loss_forms_are_read() {
         .replace("[kjv-jargon]", &format!("[kjv-jargon, {}]", data.display()))
         + "scheduler: cosine\ndevice: cpu\ndtype: bf16\ndropout: 0.0\neval_max_prompts: 16\n\
            eval_datasets: [Cargo.toml]\nseed: 7\nwarmup_ratio: 1\nshared_prefix: false\n\
-           zero_stage: 1\n";
+           zero_stage: 1\nbucket_mb: 0.5\n";
     let config = Config::load(&temp_file("explicit", "yml", &text)).unwrap();
     assert_eq!(
         config.loss,
@@ -168,6 +169,7 @@ fn explicit_values_and_loss_forms_are_read() {
     assert_eq!(config.warmup_ratio, 1.0);
     assert!(!config.shared_prefix);
     assert_eq!(config.zero_stage, 1);
+    assert_eq!(config.bucket_mb, 0.5);
     let cwd = std::env::current_dir().unwrap();
     assert_eq!(config.eval_files, [cwd.join("Cargo.toml")]);
 
@@ -253,6 +255,13 @@ fn wrong_types_name_the_key_and_line() {
         Some(6),
         &["zero_stage", "0 (none) or 1"],
     );
+    for size in ["0", "-1", "1e9", "big"] {
+        assert_error(
+            &with_line6(&format!("bucket_mb: {size}")),
+            Some(6),
+            &["bucket_mb", "bucket size in MiB"],
+        );
+    }
 }
 
 #[test]

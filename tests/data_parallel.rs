@@ -7,7 +7,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -73,19 +73,25 @@ fn config(dir: &Path, name: &str, extra: &[(&str, &str)]) -> (PathBuf, PathBuf) 
     (config, out)
 }
 
-fn rcx(library_path: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rcx"))
-        .args(args)
-        .env("LD_LIBRARY_PATH", library_path)
-        .env("RCX_EMU_DEVICES", "3")
-        .output()
-        .expect("the rcx binary runs")
+fn train_ok(library_path: &str, config: &Path, extra: &[&str]) {
+    train_traced(library_path, config, extra, None);
 }
 
-fn train_ok(library_path: &str, config: &Path, extra: &[&str]) {
+/// `rcx train CONFIG --quiet EXTRA` on the emulated device; with `trace`, the device writes
+/// its trace (a line per kernel launch and collective, in the order they ran) to
+/// `trace.<pid>`.
+fn train_traced(library_path: &str, config: &Path, extra: &[&str], trace: Option<&Path>) {
     let mut args = vec!["train", config.to_str().unwrap(), "--quiet"];
     args.extend_from_slice(extra);
-    let out = rcx(library_path, &args);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rcx"));
+    command
+        .args(&args)
+        .env("LD_LIBRARY_PATH", library_path)
+        .env("RCX_EMU_DEVICES", "3");
+    if let Some(trace) = trace {
+        command.env("RCX_EMU_TRACE", trace);
+    }
+    let out = command.output().expect("the rcx binary runs");
     assert!(
         out.status.success(),
         "rcx {args:?} failed ({}):\n{}",
@@ -180,11 +186,72 @@ fn assert_same_files(test: &str, what: &str, alone: &Path, out: &Path, files: &[
     }
 }
 
+/// The traces of the ranks of a run traced to `prefix` (`prefix.<pid>`), one per rank.
+fn traces(prefix: &Path) -> Vec<Vec<String>> {
+    let (dir, name) = (prefix.parent().unwrap(), prefix.file_name().unwrap());
+    let start = format!("{}.", name.to_string_lossy());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(&start))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect()
+        })
+        .collect()
+}
+
+/// Asserts from a rank's trace that its gradients were summed in buckets (at least
+/// `buckets` collectives of `kind` on the side stream in the step) and that the first
+/// started while the backward still ran: a backward kernel (the embeddings' gradient, the
+/// backward's last op) was launched after it and before the step's AdamW.
+fn assert_overlapped(test: &str, trace: &[String], kind: &str, buckets: usize) {
+    let is_sum = |line: &String| {
+        line.starts_with(&format!("nccl {kind}")) && line.ends_with("stream=created")
+    };
+    let first = trace
+        .iter()
+        .position(is_sum)
+        .unwrap_or_else(|| panic!("{test}: no {kind} on the side stream in the trace"));
+    let update = first
+        + trace[first..]
+            .iter()
+            .position(|l| l.starts_with("launch adamw_update"))
+            .expect("the step's AdamW after its sums");
+    let step = &trace[first..update];
+    let sums = step.iter().filter(|l| is_sum(l)).count();
+    let backward_after = step
+        .iter()
+        .filter(|l| l.starts_with("launch embedding_backward"))
+        .count();
+    eprintln!(
+        "{test}: {sums} bucket sums ({kind}) in the step; {backward_after} embedding-backward \
+         launches after the first"
+    );
+    assert!(
+        sums >= buckets,
+        "{sums} bucket sums, expected at least {buckets}"
+    );
+    assert!(
+        backward_after > 0,
+        "every bucket sum started after the backward had ended: no overlap"
+    );
+}
+
 /// Each emulated rank costs a process and a step about a minute of a loaded CI core, so one
-/// run covers all four claims: 2 ranks of plain data parallelism train step 1 and save
+/// run covers all the claims: 2 ranks of plain data parallelism train step 1 and save
 /// (checked against the process alone: weights and AdamW moments), then 3 ranks with ZeRO-1
 /// resume from that checkpoint and train step 2 (checked again: ZeRO-1's gathered moments
 /// included). Both equal the process alone's, so ZeRO-1 equals plain data parallelism.
+/// Both sum their gradients in one bucket per layer (`bucket_mb` below bert-tiny's layers),
+/// started while the backward runs, which the emulated device's trace shows.
 #[test]
 fn ranks_train_the_run_of_one_process_with_and_without_zero1_and_resume_with_another_count() {
     let test = "data_parallel";
@@ -204,8 +271,21 @@ fn ranks_train_the_run_of_one_process_with_and_without_zero1_and_resume_with_ano
         "a step moved no weight by more than {moved}"
     );
 
-    let (cfg, out) = config(&dir, "ranks", &[]);
-    train_ok(&lib, &cfg, &["--nproc", "2", "--stop-at", "1"]);
+    // 1 kB: each of bert-tiny's 2 layers (198 k parameters) is a bucket of its own.
+    let (cfg, out) = config(&dir, "ranks", &[("bucket_mb", "0.001")]);
+    let trace = dir.join("trace-2");
+    train_traced(
+        &lib,
+        &cfg,
+        &["--nproc", "2", "--stop-at", "1"],
+        Some(&trace),
+    );
+    let ranks = traces(&trace);
+    assert_eq!(ranks.len(), 2, "one trace per rank");
+    for rank in &ranks {
+        // The 2 layers, then the embeddings and the head.
+        assert_overlapped(test, rank, "ncclAllReduce", 4);
+    }
     let step1 = [
         "checkpoint-1/model.safetensors",
         "checkpoint-1/optimizer.safetensors",
@@ -214,7 +294,13 @@ fn ranks_train_the_run_of_one_process_with_and_without_zero1_and_resume_with_ano
 
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, format!("{text}zero_stage: 1\n")).unwrap();
-    train_ok(&lib, &cfg, &["--nproc", "3", "--resume"]);
+    let trace = dir.join("trace-3");
+    train_traced(&lib, &cfg, &["--nproc", "3", "--resume"], Some(&trace));
+    let ranks = traces(&trace);
+    assert_eq!(ranks.len(), 3, "one trace per rank");
+    for rank in &ranks {
+        assert_overlapped(test, rank, "ncclReduce", 4);
+    }
     let step2 = [
         "model.safetensors",
         "checkpoint-2/model.safetensors",

@@ -6,6 +6,11 @@
 // pointer is the host address, every buffer ends at a guard page); every stream and event
 // is synchronous: a launch or copy is done when its call returns.
 //
+// RCX_EMU_TRACE=PREFIX writes, to PREFIX.<pid>, one line per kernel launch and per NCCL
+// collective (fake_nccl.cpp), each with its stream ("default" or "created" by
+// cuStreamCreate): since every call completes at once, the file is the order the work ran
+// in, and tests read from it what a real device would overlap.
+//
 // Kernels: the directory of this library holds one library per kernel file, listed in
 // kernels.list, each with a trampoline `rcx_tramp_<kernel>(void** params)` per kernel
 // (trampoline.h) that calls the kernel with cuLaunchKernel's parameter array.
@@ -15,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <map>
@@ -81,6 +87,9 @@ struct FakeModule {
 struct FakeEvent {
     int unused;
 };
+struct FakeStream {
+    int unused;
+};
 
 namespace {
 
@@ -121,6 +130,25 @@ CUresult check_range(const char* op, CUdeviceptr ptr, size_t bytes) {
 }  // namespace
 
 #define API extern "C" __attribute__((visibility("default")))
+
+// One line of the RCX_EMU_TRACE file (nothing when it is unset).
+API void rcx_emu_trace(const char* line) {
+    static std::mutex trace_lock;
+    static FILE* trace = [] {
+        const char* prefix = getenv("RCX_EMU_TRACE");
+        if (!prefix || !*prefix) return (FILE*)nullptr;
+        const std::string path = std::string(prefix) + "." + std::to_string(getpid());
+        FILE* file = fopen(path.c_str(), "w");
+        if (!file) fail(CUDA_ERROR_INVALID_VALUE, "RCX_EMU_TRACE: cannot write " + path);
+        return file;
+    }();
+    if (!trace) return;
+    std::lock_guard<std::mutex> guard(trace_lock);
+    fprintf(trace, "%s\n", line);
+    fflush(trace);
+}
+
+static const char* stream_label(const void* stream) { return stream ? "created" : "default"; }
 
 API CUresult cuInit(unsigned) {
     std::lock_guard<std::mutex> guard(lock);
@@ -221,6 +249,16 @@ API CUresult cuCtxGetDevice(CUdevice* device) {
 API CUresult cuCtxSynchronize(void) { return CUDA_SUCCESS; }
 API CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
 API CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
+// Every stream runs its work inside the call, so a created one only has to be told apart
+// from the default (null) stream in the trace.
+API CUresult cuStreamCreate(CUstream* stream, unsigned) {
+    *stream = new FakeStream{};
+    return CUDA_SUCCESS;
+}
+API CUresult cuStreamDestroy_v2(CUstream stream) {
+    delete (FakeStream*)stream;
+    return CUDA_SUCCESS;
+}
 
 API CUresult cuEventCreate(CUevent* event, unsigned) {
     *event = new FakeEvent{};
@@ -353,7 +391,8 @@ void launch_body(void* ctx) {
 }  // namespace
 
 API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                            unsigned bz, unsigned shared_bytes, CUstream, void** params, void** extra) {
+                            unsigned bz, unsigned shared_bytes, CUstream stream, void** params, void** extra) {
+    rcx_emu_trace(("launch " + f->name + " stream=" + stream_label(stream)).c_str());
     if (extra) return fail(CUDA_ERROR_NOT_SUPPORTED, f->name + ": launch `extra` parameters are not emulated");
     LaunchCall call = {f->trampoline, params};
     if (rcx_emu_launch(gx, gy, gz, bx, by, bz, shared_bytes, f->shared_limit, launch_body, &call) != 0)

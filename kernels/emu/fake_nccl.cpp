@@ -49,6 +49,7 @@
 
 extern "C" size_t rcx_emu_extent(const void* p);  // emu.cpp
 extern "C" int cuCtxGetDevice(int* device);        // fake_cuda.cpp
+extern "C" void rcx_emu_trace(const char* line);    // fake_cuda.cpp
 
 // The enums and structs of NCCL 2.30's nccl.h that cudarc's `nccl` feature binds.
 typedef int ncclResult_t;
@@ -544,7 +545,7 @@ bool same_call(const Call& a, const Call& b) {
 bool in_device_memory(const void* p, size_t bytes) { return bytes == 0 || rcx_emu_extent(p) >= bytes; }
 
 ncclResult_t collective(ncclComm* comm, uint32_t kind, const void* send, void* recv, size_t count, int dtype,
-                        int op, int root) {
+                        int op, int root, const void* stream) {
     if (!comm) return global_fail(ncclInvalidArgument, std::string(kind_name(kind)) + ": the communicator is NULL");
     const ncclResult_t state = comm->state.load();
     if (state == ncclInProgress)
@@ -558,6 +559,7 @@ ncclResult_t collective(ncclComm* comm, uint32_t kind, const void* send, void* r
     Call& call = comm->slot(rank)->calls[seq & 1];
     call = Call{seq, kind, dtype, (uint64_t)count, op, root, 0, {0}};
     const std::string text = describe(call);
+    rcx_emu_trace(("nccl " + text + " stream=" + (stream ? "created" : "default")).c_str());
 
     // Wrong arguments on one rank are announced, so that every rank fails, not just this one.
     std::string invalid;
@@ -808,30 +810,30 @@ API ncclResult_t ncclGroupStart(void) { return ncclSuccess; }
 API ncclResult_t ncclGroupEnd(void) { return ncclSuccess; }
 
 API ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, int dtype, int op, ncclComm_t comm,
-                               cudaStream_t) {
-    return collective(comm, ALL_REDUCE, send, recv, count, dtype, op, 0);
+                               cudaStream_t stream) {
+    return collective(comm, ALL_REDUCE, send, recv, count, dtype, op, 0, stream);
 }
 
 API ncclResult_t ncclReduceScatter(const void* send, void* recv, size_t recvcount, int dtype, int op,
-                                   ncclComm_t comm, cudaStream_t) {
-    return collective(comm, REDUCE_SCATTER, send, recv, recvcount, dtype, op, 0);
+                                   ncclComm_t comm, cudaStream_t stream) {
+    return collective(comm, REDUCE_SCATTER, send, recv, recvcount, dtype, op, 0, stream);
 }
 
 API ncclResult_t ncclAllGather(const void* send, void* recv, size_t sendcount, int dtype, ncclComm_t comm,
-                               cudaStream_t) {
-    return collective(comm, ALL_GATHER, send, recv, sendcount, dtype, ncclSum, 0);
+                               cudaStream_t stream) {
+    return collective(comm, ALL_GATHER, send, recv, sendcount, dtype, ncclSum, 0, stream);
 }
 
 API ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, int dtype, int root, ncclComm_t comm,
-                               cudaStream_t) {
-    return collective(comm, BROADCAST, send, recv, count, dtype, ncclSum, root);
+                               cudaStream_t stream) {
+    return collective(comm, BROADCAST, send, recv, count, dtype, ncclSum, root, stream);
 }
 
-API ncclResult_t ncclBcast(void* buff, size_t count, int dtype, int root, ncclComm_t comm, cudaStream_t) {
-    return collective(comm, BROADCAST, buff, buff, count, dtype, ncclSum, root);
+API ncclResult_t ncclBcast(void* buff, size_t count, int dtype, int root, ncclComm_t comm, cudaStream_t stream) {
+    return collective(comm, BROADCAST, buff, buff, count, dtype, ncclSum, root, stream);
 }
 
 API ncclResult_t ncclReduce(const void* send, void* recv, size_t count, int dtype, int op, int root,
-                            ncclComm_t comm, cudaStream_t) {
-    return collective(comm, REDUCE, send, recv, count, dtype, op, root);
+                            ncclComm_t comm, cudaStream_t stream) {
+    return collective(comm, REDUCE, send, recv, count, dtype, op, root, stream);
 }

@@ -22,6 +22,27 @@ pub enum Arena {
     Stats,
 }
 
+/// The range of one arena that `bufs` tile together, without gaps (e.g. one layer's
+/// parameters): what a backward announces final with `Backend::grads_final`.
+pub fn span(bufs: impl IntoIterator<Item = Buf>) -> Result<Range<usize>> {
+    let mut bufs: Vec<Buf> = bufs.into_iter().collect();
+    bufs.sort_by_key(|b| b.offset);
+    let (Some(first), Some(last)) = (bufs.first(), bufs.last()) else {
+        return Ok(0..0);
+    };
+    let tiled = bufs
+        .windows(2)
+        .all(|w| w[0].arena == w[1].arena && w[0].range().end == w[1].offset);
+    match tiled {
+        true => Ok(first.offset..last.range().end),
+        false => Err(Error::internal(format!(
+            "{} tensors from offset {} do not lie together in one arena",
+            bufs.len(),
+            first.offset
+        ))),
+    }
+}
+
 /// A tensor: `len` elements of `arena` from `offset`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Buf {
@@ -135,5 +156,26 @@ pub(crate) fn check_bounds(buf: Buf, len: usize) -> Result<()> {
         Err(Error::internal(format!(
             "{buf:?} lies outside its arena of {len} elements"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_is_the_range_its_buffers_tile_and_refuses_a_gap() {
+        let buf = |offset, len| Buf {
+            arena: Arena::Grads,
+            offset,
+            len,
+        };
+        assert_eq!(span([buf(30, 5), buf(10, 20)]).unwrap(), 10..35);
+        assert!(span([buf(10, 20), buf(31, 5)]).is_err());
+        let other = Buf {
+            arena: Arena::Params,
+            ..buf(30, 5)
+        };
+        assert!(span([buf(10, 20), other]).is_err());
     }
 }

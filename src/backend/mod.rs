@@ -20,7 +20,7 @@ use std::ops::Range;
 
 pub use crate::data::Batch;
 pub use crate::float::Float;
-pub use arena::{Arena, Buf, Carver};
+pub use arena::{Arena, Buf, Carver, span};
 pub use cpu::AttentionDropout;
 
 use crate::error::Result;
@@ -547,6 +547,12 @@ pub trait Backend {
     fn start_training(&mut self) -> Result<()>;
     /// Grads = 0.
     fn zero_grads(&mut self) -> Result<()>;
+    /// The backward has finished the gradients of `range` of the gradient arena: nothing
+    /// after it in this step adds to them. A data-parallel backend may start summing them
+    /// with the other ranks' while the backward goes on (`backend::cuda::buckets`).
+    fn grads_final(&mut self, _range: Range<usize>) -> Result<()> {
+        Ok(())
+    }
     /// The global gradient norm (before clipping).
     fn grad_norm(&mut self) -> Result<f64>;
     /// AdamW on every parameter with the gradients scaled by `grad_scale` (the clip factor):

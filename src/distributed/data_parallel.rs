@@ -19,6 +19,8 @@ pub struct DataParallel {
     pub rank: Rank,
     comm: SharedCommunicator,
     control: Control,
+    /// The gradient buckets have summed this step's gradients during its backward.
+    summed: bool,
 }
 
 impl DataParallel {
@@ -39,7 +41,14 @@ impl DataParallel {
             rank,
             comm,
             control,
+            summed: false,
         })
+    }
+
+    /// Sums each step's gradients in buckets of at least `bucket_len` elements while the
+    /// backward runs (`backend::cuda::buckets`): required before the first step.
+    pub fn overlap_gradients(&self, backend: &mut Cuda, bucket_len: usize) -> Result<()> {
+        backend.overlap_grad_sums(self.comm.clone(), bucket_len)
     }
 
     /// ZeRO-1: shards `backend`'s AdamW moments over the ranks.
@@ -101,6 +110,20 @@ impl StepSync<Cuda> for DataParallel {
         lock(&self.comm)?.all_reduce_sum_host(values)
     }
 
+    fn micro_batch_starts(&mut self, backend: &mut Cuda, last: bool) -> Result<()> {
+        self.summed = false;
+        if last {
+            self.check_peers()?;
+            backend.arm_grad_sums();
+        }
+        Ok(())
+    }
+
+    fn backward_done(&mut self, backend: &mut Cuda) -> Result<()> {
+        self.summed = backend.finish_grad_sums()?;
+        Ok(())
+    }
+
     fn update(
         &mut self,
         backend: &mut Cuda,
@@ -108,10 +131,14 @@ impl StepSync<Cuda> for DataParallel {
         opt: &OptimStep,
     ) -> Result<f64> {
         self.check_peers()?;
-        if backend.optimizer_sharded() {
-            return backend.sharded_update(tensors, opt);
+        if !self.summed {
+            return Err(Error::internal(
+                "data parallel: the step's gradients were not summed (overlap_gradients)",
+            ));
         }
-        lock(&self.comm)?.all_reduce_sum(backend.grads_mut())?;
-        clip_and_update(backend, tensors, opt)
+        match backend.optimizer_sharded() {
+            true => backend.sharded_update(tensors, opt),
+            false => clip_and_update(backend, tensors, opt),
+        }
     }
 }

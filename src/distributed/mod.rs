@@ -27,6 +27,15 @@ pub trait StepSync<B: Backend> {
     fn world_size(&self) -> usize;
     /// Replaces `values` on every rank by their sum over the ranks.
     fn sum_values(&mut self, values: &mut [f64]) -> Result<()>;
+    /// Before each of this rank's micro-batches; `last`: the step's last, whose backward
+    /// finishes the gradients (and may start summing them, `Backend::grads_final`).
+    fn micro_batch_starts(&mut self, _backend: &mut B, _last: bool) -> Result<()> {
+        Ok(())
+    }
+    /// After this rank's last backward of the step: the sums it started are finished.
+    fn backward_done(&mut self, _backend: &mut B) -> Result<()> {
+        Ok(())
+    }
     /// After every rank's backward: the global gradient norm, clipping (torch's
     /// clip_grad_norm_) and AdamW over `tensors` (ranges of the arena, decay flag), every
     /// rank ending with the same weights. Returns the norm before clipping; a norm that is

@@ -7,11 +7,13 @@
 //! Notation: B sequences of T tokens (N = B*T rows), C hidden, NH heads of HS = C/NH
 //! channels, I the feed-forward width, V the vocabulary, P the positions.
 
+use std::ops::Range;
+
 use super::encoder::{
     FfnActs, FfnBranch, FfnDims, FfnParams, FfnScratch, encoder_ffn_backward, encoder_ffn_forward,
 };
 use super::{Dropout, ParamLayout, SITE_EMB, SITE_POOL, TensorSpec, attention_dropout, site_seed};
-use crate::backend::{Arena, AttentionDims, Backend, Buf, Carver};
+use crate::backend::{Arena, AttentionDims, Backend, Buf, Carver, span};
 use crate::error::{Error, Result};
 
 /// The architecture, as Hugging Face's BertConfig names it.
@@ -319,6 +321,14 @@ struct LayerParams {
     v_w: Buf,       // [C, C]
     v_b: Buf,       // [C]
     ffn: FfnParams, // the attention output's dense, LayerNorms, feed-forward
+}
+
+impl LayerParams {
+    /// The layer's range of its arena.
+    fn span(&self) -> Result<Range<usize>> {
+        let own = [self.q_w, self.q_b, self.k_w, self.k_b, self.v_w, self.v_b];
+        span(own.into_iter().chain(self.ffn.bufs()))
+    }
 }
 
 /// All parameters in the order of `ParamLayout::new`.
@@ -698,6 +708,7 @@ pub fn backward<B: Backend>(
         ] {
             be.matmul_backward(d_in, w_grad, Some(b_grad), d, input, weight, n, c, c)?;
         }
+        be.grads_final(lg.span()?)?;
         std::mem::swap(&mut d_out, &mut d_in);
     }
 

@@ -17,6 +17,7 @@
 //! real token attends to and the reward reads the first token, so rcx leaves them as they
 //! are: the logits and every gradient are the same.
 
+use std::ops::Range;
 use std::path::Path;
 
 use serde_json::{Value, json};
@@ -26,7 +27,7 @@ use super::encoder::{
 };
 use super::{Dropout, ParamLayout, SITE_EMB, SITE_POOL, TensorSpec, attention_dropout, site_seed};
 use crate::backend::cpu::{attention_span, disentangled_scale, relative_positions};
-use crate::backend::{Arena, AttentionDims, Backend, Buf, Carver, PositionBufs};
+use crate::backend::{Arena, AttentionDims, Backend, Buf, Carver, PositionBufs, span};
 use crate::error::{Error, Result};
 use crate::hf_config::{ConfigKeys, read_json_object};
 
@@ -525,6 +526,21 @@ struct LayerParams {
     pos_k: Option<Linear>, // [C, C], [C]: c2p's projection when not shared with k
     pos_q: Option<Linear>, // [C, C], [C]: p2c's projection when not shared with q
     ffn: FfnParams,        // the attention output's dense, LayerNorms, feed-forward (BERT's)
+}
+
+impl LayerParams {
+    /// The layer's range of its arena.
+    fn span(&self) -> Result<Range<usize>> {
+        let own = [
+            Some(self.q),
+            Some(self.k),
+            Some(self.v),
+            self.pos_k,
+            self.pos_q,
+        ];
+        let linears = own.into_iter().flatten().flat_map(|l| [l.w, l.b]);
+        span(linears.chain(self.ffn.bufs()))
+    }
 }
 
 /// All parameters, named from the layout (so the two can never disagree on an offset).
@@ -1119,6 +1135,7 @@ pub fn backward<B: Backend>(
         ] {
             be.matmul_backward(d_in, w_grad, Some(b_grad), d, input, weight, n, c, c)?;
         }
+        be.grads_final(lg.span()?)?;
         std::mem::swap(&mut d_out, &mut d_in);
     }
 

@@ -35,6 +35,23 @@ pub(super) struct FfnParams {
     pub ln2_b: Buf,  // [C]
 }
 
+impl FfnParams {
+    pub fn bufs(&self) -> [Buf; 10] {
+        [
+            self.o_w,
+            self.o_b,
+            self.ln1_w,
+            self.ln1_b,
+            self.ffn1_w,
+            self.ffn1_b,
+            self.ffn2_w,
+            self.ffn2_b,
+            self.ln2_w,
+            self.ln2_b,
+        ]
+    }
+}
+
 /// One layer's activations of the block, saved for the backward: Acts buffers unless
 /// marked Stats. The attention writes `ctx`, the block's input.
 pub(super) struct FfnActs {

@@ -9,6 +9,7 @@
 //! key/value heads of HD channels (QD = NH*HD, KD = NKV*HD), I the MLP width, V the
 //! vocabulary.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Once;
 
@@ -17,7 +18,7 @@ use serde_json::{Value, json};
 use super::{BatchTokens, Dropout, ParamLayout, TensorSpec, attention_dropout};
 use crate::backend::cpu::{Llama3RopeScaling, rope_inv_freq};
 use crate::backend::{
-    Arena, AttentionDropout, Backend, Batch, Buf, Carver, CausalDims, SharedPrefix,
+    Arena, AttentionDropout, Backend, Batch, Buf, Carver, CausalDims, SharedPrefix, span,
 };
 use crate::error::{Error, Result};
 use crate::hf_config::{ConfigKeys, read_json_object};
@@ -631,6 +632,17 @@ struct LayerParams {
     up: Linear,   // [I, C], [I]
     down: Linear, // [C, I], [C]
     ln2_w: Buf,   // [C]
+}
+
+impl LayerParams {
+    /// The layer's range of its arena.
+    fn span(&self) -> Result<Range<usize>> {
+        let linears = [
+            self.q, self.k, self.v, self.o, self.gate, self.up, self.down,
+        ];
+        let bufs = linears.into_iter().flat_map(|l| [Some(l.w), l.b]).flatten();
+        span(bufs.chain([self.ln1_w, self.ln2_w]))
+    }
 }
 
 /// All parameters in the order of `ParamLayout::llama`.
@@ -1448,6 +1460,7 @@ pub fn backward<B: Backend>(
         linear_backward(be, s.d_ln, lg.k, s.d_k_pre, la.ln1, lp.k, n, c, kd)?;
         linear_backward(be, s.d_ln, lg.v, s.d_v, la.ln1, lp.v, n, c, kd)?;
         be.rmsnorm_backward(s.d_x, lg.ln1_w, s.d_ln, x, lp.ln1_w, la.ln1_rstd, n, c)?;
+        be.grads_final(lg.span()?)?;
     }
 
     embedding_backward(be, g.wte, s.d_x, tokens, l, c)?;

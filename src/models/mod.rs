@@ -760,10 +760,12 @@ impl<B: Backend> Model<B> {
         // Every rank holds an equal share of the global step's micro-batches.
         let count = micro_batches.len() * sync.world_size();
         let mut step_loss = 0.0;
-        for (micro, extras) in micro_batches.iter().zip(extras) {
+        for (i, (micro, extras)) in micro_batches.iter().zip(extras).enumerate() {
+            sync.micro_batch_starts(&mut self.backend, i + 1 == micro_batches.len())?;
             // The step's loss is the mean of its micro-batches' means, as the HF Trainer.
             step_loss += self.accumulate(micro, loss, eps, extras, count)? / count as f64;
         }
+        sync.backward_done(&mut self.backend)?;
         if sync.world_size() > 1 {
             // Every rank then takes the same branch below, so none waits for the others.
             let mut summed = [step_loss];

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaViewMut};
 use half::bf16;
 
+use super::buckets::GradSync;
 use super::cast::ModelFloat;
 use super::deberta_ops::{DevicePositionGrads, DevicePositionTerms};
 use super::decoder_ops::{CausalPrefix, CausalPrefixGrads};
@@ -79,6 +80,8 @@ pub struct Cuda {
     /// ZeRO-1: this rank's part of the optimizer state (None: all of it). Its ranges of the
     /// parameter arena, one after another, are the [moments] of m and v.
     pub(super) optimizer_shard: Option<OptimizerShard>,
+    /// Data parallelism: the gradient buckets summed while the backward runs.
+    pub(super) grad_sync: Option<GradSync>,
 }
 
 impl Cuda {
@@ -105,17 +108,12 @@ impl Cuda {
             precision,
             rt,
             optimizer_shard: None,
+            grad_sync: None,
         })
     }
 
     pub fn runtime(&self) -> &Arc<CudaRuntime> {
         &self.rt
-    }
-
-    /// The gradient arena, [parameters] once training, for the data-parallel sum over ranks
-    /// (`nccl::Communicator`).
-    pub fn grads_mut(&mut self) -> &mut CudaSlice<f32> {
-        &mut self.grads
     }
 
     /// The activation type.
@@ -1478,6 +1476,10 @@ impl Backend for Cuda {
             .stream()
             .memset_zeros(&mut self.grads)
             .map_err(driver("zero the gradients"))
+    }
+
+    fn grads_final(&mut self, range: Range<usize>) -> Result<()> {
+        self.start_grad_sums(range)
     }
 
     fn grad_norm(&mut self) -> Result<f64> {

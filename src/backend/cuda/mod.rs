@@ -4,6 +4,7 @@
 //! launch wrapper, a method of `CudaRuntime`, mirroring the CPU op it is checked against.
 
 mod backend;
+pub mod buckets;
 mod cast;
 pub mod deberta_ops;
 pub mod decoder_ops;

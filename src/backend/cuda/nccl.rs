@@ -6,17 +6,23 @@
 //! polled; an error or the timeout aborts the communicator (`ncclCommAbort`, never
 //! `ncclCommDestroy`, which waits for pending work), so that a lost peer, a mismatched
 //! collective or a peer that never arrives ends this rank with an error, not a hang.
+//! The one exception is a gradient bucket's sum (`start_sum`), which runs on a side stream
+//! while the compute stream goes on with the backward; `wait_started` waits for them all,
+//! with the same polling.
 //!
 //! Without GPUs, the emulated device's fake libnccl (kernels/emu/fake_nccl.cpp) runs the
 //! ranks as processes; tests/nccl_emu.rs checks every collective here against sums computed
 //! on the host.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
+use std::ops::Range;
 use std::ptr::null_mut;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, sys as driver_sys};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, sys as driver_sys,
+};
 use cudarc::nccl::{NcclType, sys};
 
 use super::runtime::{CudaRuntime, DeviceRead, DeviceWrite};
@@ -160,6 +166,11 @@ pub struct Communicator {
     rank: usize,
     world_size: usize,
     timeout: Duration,
+    /// The stream the gradient buckets are summed on, beside the compute stream (made by
+    /// the first `start_sum`).
+    side: Option<Arc<CudaStream>>,
+    /// Sums started on `side` and not yet waited for.
+    started: usize,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one call at a time, which the
@@ -183,6 +194,8 @@ impl Communicator {
             rank,
             world_size,
             timeout,
+            side: None,
+            started: 0,
         };
         let what = "create the communicator";
         available().map_err(|why| this.error(what, &why))?;
@@ -490,12 +503,14 @@ impl Communicator {
         }
     }
 
-    /// Issues one collective on the runtime's stream and waits for it.
+    /// Issues one collective on the runtime's stream and waits for it (after the sums
+    /// started on the side stream, which NCCL must see finish first on every rank alike).
     fn run(
         &mut self,
         what: &str,
         call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> sys::ncclResult_t,
     ) -> Result<()> {
+        self.wait_started()?;
         if self.comm.is_null() {
             return Err(self.error(what, "the communicator was aborted after an earlier error"));
         }
@@ -506,6 +521,124 @@ impl Communicator {
             Ok(event) => event,
             Err(e) => return Err(self.fail(what, &format!("record a CUDA event: {e}"))),
         };
+        self.wait_for_event(what, status, started, &done)
+    }
+
+    /// Starts the sum over the ranks of `buf[range]`, in place, on the side stream after
+    /// all the work queued so far on the compute stream: every rank's sum (`root` None,
+    /// ncclAllReduce) or rank `root`'s alone (ncclReduce; the others' are left as they
+    /// are). Returns once NCCL has queued it, while the compute stream goes on; nothing may
+    /// touch `buf[range]` until `wait_started`.
+    pub fn start_sum(
+        &mut self,
+        buf: &mut CudaSlice<f32>,
+        range: Range<usize>,
+        root: Option<usize>,
+    ) -> Result<()> {
+        let count = range.len();
+        let what = match root {
+            None => format!("all-reduce (Sum) of gradient bucket {range:?} ({count} f32)"),
+            Some(root) => {
+                format!("reduce (Sum) to rank {root} of gradient bucket {range:?} ({count} f32)")
+            }
+        };
+        if self.comm.is_null() {
+            return Err(self.error(&what, "the communicator was aborted after an earlier error"));
+        }
+        if range.end > buf.len() || root.is_some_and(|r| r >= self.world_size) {
+            return Err(self.error(&what, "outside the buffer or the ranks"));
+        }
+        let side = self.side_stream(&what)?;
+        let compute = self.rt.stream().clone();
+        let queued = compute
+            .record_event(None)
+            .and_then(|event| side.wait(&event));
+        if let Err(e) = queued {
+            return Err(self.fail(
+                &what,
+                &format!("order the side stream after the backward: {e}"),
+            ));
+        }
+        let (base, _written) = buf.device_ptr_mut(&compute);
+        let ptr = (base as usize + range.start * size_of::<f32>()) as *mut c_void;
+        let started = Instant::now();
+        let stream = side.cu_stream() as sys::cudaStream_t;
+        // SAFETY: in place over `count` f32 inside `buf` (checked above), which the caller
+        // leaves alone until `wait_started`.
+        let status = unsafe {
+            match root {
+                None => sys::ncclAllReduce(
+                    ptr,
+                    ptr,
+                    count,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm,
+                    stream,
+                ),
+                Some(root) => sys::ncclReduce(
+                    ptr,
+                    ptr,
+                    count,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    root as c_int,
+                    self.comm,
+                    stream,
+                ),
+            }
+        };
+        // A non-blocking communicator has queued the call once it is no longer in progress.
+        self.wait(&what, status, started, || Ok(true))?;
+        self.started += 1;
+        Ok(())
+    }
+
+    /// Waits until every sum `start_sum` started has finished.
+    pub fn wait_started(&mut self) -> Result<()> {
+        let Some(side) = self.side.clone().filter(|_| self.started > 0) else {
+            return Ok(());
+        };
+        let what = format!("{} gradient bucket sums", self.started);
+        let started = Instant::now();
+        let done = match side.record_event(None) {
+            Ok(event) => event,
+            Err(e) => return Err(self.fail(&what, &format!("record a CUDA event: {e}"))),
+        };
+        self.wait_for_event(&what, sys::ncclResult_t::ncclSuccess, started, &done)?;
+        self.started = 0;
+        Ok(())
+    }
+
+    /// The side stream, made at the first call. rcx orders its two streams itself (an
+    /// event before each sum, a host wait after), so cudarc's per-buffer event tracking,
+    /// which would order every later launch after every sum, is turned off.
+    fn side_stream(&mut self, what: &str) -> Result<Arc<CudaStream>> {
+        if let Some(side) = &self.side {
+            return Ok(side.clone());
+        }
+        let ctx = self.rt.context().clone();
+        // SAFETY: the gradient arena, the one buffer both streams use, lives as long as the
+        // backend, and nothing on the compute stream touches a started bucket before
+        // `wait_started` has seen it finish.
+        unsafe { ctx.disable_event_tracking() };
+        match ctx.new_stream() {
+            Ok(side) => {
+                self.side = Some(side.clone());
+                Ok(side)
+            }
+            Err(e) => Err(self.fail(what, &format!("create the side stream: {e}"))),
+        }
+    }
+
+    /// `wait` for a call that returned `status`, until `done` (an event after it) is done.
+    fn wait_for_event(
+        &mut self,
+        what: &str,
+        status: sys::ncclResult_t,
+        started: Instant,
+        done: &CudaEvent,
+    ) -> Result<()> {
         self.wait(what, status, started, || {
             // SAFETY: a live event of this context.
             match unsafe { cudarc::driver::result::event::query(done.cu_event()) } {

@@ -2,11 +2,12 @@
 //!
 //! The parameter arena [P] splits into N shards of S = P / N elements and a tail
 //! [N·S, P) of fewer than N. Rank r owns shard r and, like every rank, the tail, so its
-//! moments are [S + tail] instead of [P] each. A step reduce-scatters the gradients in
-//! place (rank r's shard of the arena becomes the sum of everyone's), all-reduces the tail,
-//! sums the squared norms of the shards (the tail counted once), updates its shard and the
-//! tail with the common clipping factor, and all-gathers the fp32 weights in place (then
-//! refreshes the bf16 copy). The result is plain data parallelism's: the same sums, the
+//! moments are [S + tail] instead of [P] each. During a step's backward the gradient
+//! buckets (`super::buckets`) reduce each part of the arena to its owner (rank r's shard
+//! becomes the sum of everyone's: a reduce-scatter in buckets) and all-reduce the tail;
+//! the update sums the squared norms of the shards (the tail counted once), updates its
+//! shard and the tail with the common clipping factor, and all-gathers the fp32 weights in
+//! place (then refreshes the bf16 copy). The result is plain data parallelism's: the same sums, the
 //! same elementwise AdamW. Checkpoints hold whole moments: `with_state` gathers them.
 
 use std::ops::Range;
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::driver::CudaSlice;
 
 use super::backend::Cuda;
+use super::buckets::Owners;
 use super::nccl::Communicator;
 use super::runtime::{CudaRuntime, driver};
 use crate::backend::{Backend, OptimStep};
@@ -38,6 +40,14 @@ pub struct OptimizerShard {
 }
 
 impl OptimizerShard {
+    /// The shards' owners, for the gradient buckets.
+    pub fn owners(&self) -> Owners {
+        Owners {
+            world_size: self.world_size,
+            shard: self.shard,
+        }
+    }
+
     /// Rank r's parameter ranges: its shard, then the tail.
     pub fn owned(&self, total: usize) -> [Range<usize>; 2] {
         let (r, s) = (self.rank, self.shard);
@@ -98,8 +108,9 @@ impl Cuda {
         Ok(())
     }
 
-    /// ZeRO-1's update (see the module's comment); returns the global gradient norm before
-    /// clipping. Every rank calls it at the same step.
+    /// ZeRO-1's update (see the module's comment), after the gradient buckets have brought
+    /// each rank the sums of its shard and of the tail; returns the global gradient norm
+    /// before clipping. Every rank calls it at the same step.
     pub fn sharded_update(
         &mut self,
         tensors: &[(Range<usize>, bool)],
@@ -114,14 +125,6 @@ impl Cuda {
         let main = shard.world_size * shard.shard;
         let comm = shard.comm.clone();
         let first = shard.rank == 0;
-        {
-            let mut comm = lock(&comm)?;
-            comm.reduce_scatter_sum_in_place(&mut self.grads.slice_mut(..main))?;
-            // Every rank has the same tail, so all skip it alike when it is empty.
-            if !tail.is_empty() {
-                comm.all_reduce_sum(&mut self.grads.slice_mut(tail.clone()))?;
-            }
-        }
         let tail_squares = match first {
             true => self.rt.global_norm_squared(&[self.grads.slice(tail)])?,
             false => 0.0,
