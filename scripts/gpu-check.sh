@@ -16,7 +16,8 @@
 #      PyTorch's for each model and dtype both measured;
 #   6. on a machine with 2 or more GPUs, data-parallel training: a short bert-tiny run as one
 #      process, on 2 ranks (--nproc 2, NCCL from PyTorch's pip wheel) and on 2 ranks with
-#      ZeRO-1, whose final weights must equal the one process's within 2e-5.
+#      ZeRO-1, gradients summed in one bucket per layer during the backward, whose final
+#      weights must equal the one process's within 2e-5.
 # Every part runs under `timeout` within one budget (RCX_GPU_BUDGET_S, 450 s by default, at
 # most 570: the device tool stops a command at 600 s).
 #
@@ -680,6 +681,8 @@ eval_max_prompts: 2
 logging_steps: 1
 seed: 3
 zero_stage: $zero
+# Below bert-tiny's 0.8 MB layers: each layer's sum starts during the backward.
+bucket_mb: 0.5
 YAML
         local args=(train "$runs/$run.yml" --quiet)
         [ "$nproc" -eq 1 ] || args+=(--nproc "$nproc" --dist-timeout 60)
