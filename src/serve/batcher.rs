@@ -1,6 +1,8 @@
 //! Dynamic batching: requests queue their token sequences; the model's own thread gathers
 //! what has arrived into one forward pass, up to `max_batch` sequences or until the oldest
-//! request has waited `max_wait`, and answers each request with its logits. The queue is
+//! request has waited `max_wait`, and answers each request with its logits. Waiting pays
+//! only when other requests are coming, so a gather waits only after one that found several
+//! requests (concurrent clients); a lone client's request is scored at once. The queue is
 //! bounded (in sequences), so that a flood of requests is refused instead of growing memory.
 
 use super::metrics::Metrics;
@@ -36,6 +38,9 @@ struct Queue {
     jobs: VecDeque<Job>,
     pending: usize, // sequences in `jobs`
     closed: bool,
+    /// The last gather took several requests or left some queued: clients are concurrent,
+    /// so the next gather waits (up to `max_wait`) for more.
+    concurrent: bool,
 }
 
 pub struct Batcher {
@@ -53,6 +58,7 @@ impl Batcher {
                 jobs: VecDeque::new(),
                 pending: 0,
                 closed: false,
+                concurrent: false,
             }),
             arrived: Condvar::new(),
             max_batch,
@@ -96,9 +102,9 @@ impl Batcher {
         self.arrived.notify_all();
     }
 
-    /// The next gather of requests for the model: blocks until one has arrived, then until
-    /// `max_batch` sequences wait or the oldest has waited `max_wait`. None once closed
-    /// and empty.
+    /// The next gather of requests for the model: blocks until one has arrived, then (if the
+    /// clients are concurrent) until `max_batch` sequences wait or the oldest has waited
+    /// `max_wait`. None once closed and empty.
     fn gather(&self) -> Option<Vec<Job>> {
         let mut queue = lock(&self.queue);
         loop {
@@ -107,7 +113,11 @@ impl Batcher {
                 None => queue = wait(&self.arrived, queue),
                 Some(oldest) => {
                     let waited = oldest.arrived.elapsed();
-                    if queue.pending >= self.max_batch || queue.closed || waited >= self.max_wait {
+                    if !queue.concurrent
+                        || queue.pending >= self.max_batch
+                        || queue.closed
+                        || waited >= self.max_wait
+                    {
                         break;
                     }
                     let rest = self.max_wait - waited;
@@ -131,6 +141,7 @@ impl Batcher {
             jobs.extend(queue.jobs.pop_front());
         }
         queue.pending -= taken;
+        queue.concurrent = jobs.len() > 1 || !queue.jobs.is_empty();
         Some(jobs)
     }
 }
@@ -196,28 +207,38 @@ pub fn run(batcher: &Batcher, forward: &mut Forward<'_>, pad_id: u32, metrics: &
     }
 }
 
-/// Padded tokens a forward may hold per real token: a quarter more at most.
-const PADDING_LIMIT: (usize, usize) = (5, 4);
+/// A forward's fixed cost (launches, the weights' packing, its buffers) in tokens of work:
+/// measured on the CPU (examples/serve_forward.rs), a forward of one 60-token sequence
+/// takes as long as about 160 tokens inside a large batch.
+const FORWARD_COST_TOKENS: usize = 100;
 
 /// Cuts sequences sorted by length (ascending) into forwards: consecutive runs of at most
-/// `max_batch`, each closed before the next sequence would pad the run to more than
-/// PADDING_LIMIT times its real tokens. A forward's cost grows with its sequences times its
-/// longest, so a gather of mixed lengths costs less as several forwards than as one.
+/// `max_batch`, chosen to minimise the work Σ (FORWARD_COST_TOKENS + sequences × longest),
+/// a forward's cost being its padded tokens plus its fixed cost. Mixed lengths (the K
+/// completions of a ranking) cost less as several forwards than padded together, and a
+/// forward of one or two sequences only pays where their length sets them far apart.
 fn forwards(lengths: &[usize], max_batch: usize) -> Vec<std::ops::Range<usize>> {
-    let (num, den) = PADDING_LIMIT;
+    let n = lengths.len();
+    // best[i]: the least work for the first i sequences, and where its last run starts.
+    let mut best: Vec<(usize, usize)> = vec![(0, 0); n + 1];
+    for end in 1..=n {
+        best[end] = (1..=max_batch.max(1).min(end))
+            .map(|count| {
+                let start = end - count;
+                let work = best[start].0 + FORWARD_COST_TOKENS + count * lengths[end - 1];
+                (work, start)
+            })
+            .min()
+            .unwrap_or((0, 0));
+    }
     let mut runs = Vec::new();
-    let (mut start, mut real) = (0, 0);
-    for (i, &len) in lengths.iter().enumerate() {
-        let count = i - start + 1;
-        if count > 1 && (count > max_batch || den * count * len > num * (real + len)) {
-            runs.push(start..i);
-            (start, real) = (i, 0);
-        }
-        real += len;
+    let mut end = n;
+    while end > 0 {
+        let start = best[end].1;
+        runs.push(start..end);
+        end = start;
     }
-    if start < lengths.len() {
-        runs.push(start..lengths.len());
-    }
+    runs.reverse();
     runs
 }
 
@@ -257,18 +278,53 @@ mod tests {
     }
 
     #[test]
-    fn forwards_hold_at_most_max_batch_and_a_quarter_of_padding() {
-        // Equal lengths: only max_batch cuts.
-        assert_eq!(forwards(&[10; 5], 2), [0..2, 2..4, 4..5]);
-        // 10, 11, 12: padded 3 x 12 = 36 <= 1.25 x 33; 40 would pad 4 x 40 = 160 > 1.25 x 73.
-        assert_eq!(forwards(&[10, 11, 12, 40, 41], 8), [0..3, 3..5]);
-        // A long one after a short one goes alone.
-        assert_eq!(forwards(&[1, 100], 8), [0..1, 1..2]);
-        assert_eq!(
-            forwards(&[7], 8),
-            vec![std::ops::Range { start: 0, end: 1 }]
-        );
+    fn forwards_minimise_padded_tokens_plus_a_fixed_cost_each() {
+        // Equal lengths: only max_batch cuts (the first run the shortest, ties to the
+        // earliest start).
+        assert_eq!(forwards(&[10; 5], 2), [0..1, 1..3, 3..5]);
+        assert_eq!(forwards(&[10; 5], 8), [0..5]);
+        // 10, 11, 12 and 40, 41: one forward pads to 5 x 41 = 205 tokens + 100; two cost
+        // 3 x 12 + 100 + 2 x 41 + 100 = 318: one.
+        assert_eq!(forwards(&[10, 11, 12, 40, 41], 8), [0..5]);
+        // Eight short and eight long: 16 x 400 + 100 against 8 x 20 + 8 x 400 + 200.
+        let lengths: Vec<usize> = [[20; 8], [400; 8]].concat();
+        assert_eq!(forwards(&lengths, 64), [0..8, 8..16]);
+        // A long one alone only where its padding outweighs a forward's fixed cost.
+        assert_eq!(forwards(&[1, 1, 1, 300], 8), [0..3, 3..4]);
+        assert_eq!(forwards(&[7], 8), [0..1]);
         assert!(forwards(&[], 8).is_empty());
+        // Every run within max_batch, the runs covering the sequences in order.
+        let lengths: Vec<usize> = (0..100).map(|i| 20 + i * i % 140).collect();
+        let mut sorted = lengths.clone();
+        sorted.sort();
+        let runs = forwards(&sorted, 16);
+        assert!(runs.iter().all(|r| !r.is_empty() && r.len() <= 16));
+        assert!(runs.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!((runs[0].start, runs[runs.len() - 1].end), (0, 100));
+    }
+
+    #[test]
+    fn a_lone_client_is_not_kept_waiting_and_concurrent_ones_are_gathered() {
+        let batcher = Batcher::new(8, Duration::from_millis(200), 100);
+        let seq = || (vec![1u32], vec![0u8]);
+        // No concurrency seen yet: taken at once, well within max_wait.
+        let _a = batcher.submit(vec![seq()]).unwrap();
+        let started = Instant::now();
+        assert_eq!(batcher.gather().unwrap().len(), 1);
+        assert!(started.elapsed() < Duration::from_millis(100));
+        // Two requests in one gather: clients are concurrent, so the next gather waits for
+        // max_wait (a third request never comes).
+        let (_b, _c) = (batcher.submit(vec![seq()]), batcher.submit(vec![seq()]));
+        assert_eq!(batcher.gather().unwrap().len(), 2);
+        let _d = batcher.submit(vec![seq()]).unwrap();
+        let started = Instant::now();
+        assert_eq!(batcher.gather().unwrap().len(), 1);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        // That gather took one request alone: the next is taken at once again.
+        let _e = batcher.submit(vec![seq()]).unwrap();
+        let started = Instant::now();
+        assert_eq!(batcher.gather().unwrap().len(), 1);
+        assert!(started.elapsed() < Duration::from_millis(100));
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! A Linear layer with PyTorch's weight layout [oc, c]: out = inp · weight^T + bias.
 //! Everything goes through matrixmultiply's gemm (transposes are free via strides),
-//! spread over 2-D tiles of the output with rayon.
+//! spread over 2-D tiles of the output with rayon, except the f32 forward on CPUs with
+//! AVX-512, which has a kernel of its own (`matmul_avx512`).
 
 use rayon::prelude::*;
 
+use super::matmul_avx512;
+use super::vecmath::{as_f32, as_f32_mut};
 use super::{COLUMN_CHUNK, ELEMENTWISE_CHUNK, SendPtr};
 use crate::float::Float;
 
@@ -121,6 +124,16 @@ pub fn matmul_forward<F: Float>(
         "matmul_forward: weight is not [oc, c]"
     );
     if out.is_empty() {
+        return;
+    }
+    if let (true, Some(out), Some(inp), Some(weight)) = (
+        matmul_avx512::available(),
+        as_f32_mut(out),
+        as_f32(inp),
+        as_f32(weight),
+    ) {
+        let bias = bias.map(|b| as_f32(b).expect("bias of the same type as out"));
+        matmul_avx512::forward(out, inp, weight, bias, n, c, oc);
         return;
     }
     let beta = match bias {

@@ -18,6 +18,7 @@ mod gelu;
 mod last_token_pool;
 mod layernorm;
 mod matmul;
+mod matmul_avx512;
 mod norm;
 mod pool;
 mod residual;
