@@ -279,19 +279,20 @@ mod tests {
 
     #[test]
     fn forwards_minimise_padded_tokens_plus_a_fixed_cost_each() {
+        let whole = |n| std::ops::Range { start: 0, end: n };
         // Equal lengths: only max_batch cuts (the first run the shortest, ties to the
         // earliest start).
         assert_eq!(forwards(&[10; 5], 2), [0..1, 1..3, 3..5]);
-        assert_eq!(forwards(&[10; 5], 8), [0..5]);
+        assert_eq!(forwards(&[10; 5], 8), [whole(5)]);
         // 10, 11, 12 and 40, 41: one forward pads to 5 x 41 = 205 tokens + 100; two cost
         // 3 x 12 + 100 + 2 x 41 + 100 = 318: one.
-        assert_eq!(forwards(&[10, 11, 12, 40, 41], 8), [0..5]);
+        assert_eq!(forwards(&[10, 11, 12, 40, 41], 8), [whole(5)]);
         // Eight short and eight long: 16 x 400 + 100 against 8 x 20 + 8 x 400 + 200.
         let lengths: Vec<usize> = [[20; 8], [400; 8]].concat();
         assert_eq!(forwards(&lengths, 64), [0..8, 8..16]);
         // A long one alone only where its padding outweighs a forward's fixed cost.
         assert_eq!(forwards(&[1, 1, 1, 300], 8), [0..3, 3..4]);
-        assert_eq!(forwards(&[7], 8), [0..1]);
+        assert_eq!(forwards(&[7], 8), [whole(1)]);
         assert!(forwards(&[], 8).is_empty());
         // Every run within max_batch, the runs covering the sequences in order.
         let lengths: Vec<usize> = (0..100).map(|i| 20 + i * i % 140).collect();
