@@ -586,10 +586,13 @@ pub fn evaluate_model(dir: &Path, data: &Path, limit: Option<usize>) -> Result<S
     score_summaries(scores, spec.as_ref(), meta.as_ref().map_or(0.1, |m| m.eps))
 }
 
-/// The reward of a logit, normalised with `stats` when given.
+/// The reward of a logit: sigmoid(logit), or with `stats` the normalised logit
+/// (OpenRLHF's normalised reward).
 pub fn reward_of(logit: f32, stats: Option<&RewardStats>) -> f64 {
-    let reward = crate::loss::sigmoid(logit as f64);
-    stats.map_or(reward, |s| s.normalize(reward))
+    match stats {
+        Some(s) => s.normalize(logit as f64),
+        None => crate::loss::sigmoid(logit as f64),
+    }
 }
 
 pub fn cmd_score(args: ScoreArgs) -> Result<()> {
@@ -671,13 +674,10 @@ fn file_subset_report(data: &Path, scored: &ScoredFile) -> Result<Option<SubsetR
     Ok(subset_report(&subsets, &scored.logits, &labels))
 }
 
-/// `--save-normalization`: the statistics of every reward of the data file, into the model
-/// folder's config.json.
-fn save_normalization(model: &Path, data: &Path, scores: &[PromptScores]) -> Result<()> {
-    let rewards: Vec<f64> = scores
-        .iter()
-        .flat_map(|s| s.rewards.iter().copied())
-        .collect();
+/// `--save-normalization`: the statistics of every logit (raw reward) of the data file, into
+/// the model folder's config.json.
+fn save_normalization(model: &Path, data: &Path, logits: &[Vec<f32>]) -> Result<()> {
+    let rewards = crate::reward_norm::all_logits(logits);
     let stats = RewardStats::of_rewards(&rewards).map_err(|why| {
         Error::user(format!(
             "{}: cannot save reward normalisation from this data: {why}",
@@ -713,7 +713,7 @@ pub fn cmd_eval(args: EvalArgs) -> Result<()> {
     let mut report = summarize(&scores, spec.as_ref().map(|s| (s, eps)))?;
     report.subsets = file_subset_report(&data, &scored)?;
     if args.save_normalization {
-        save_normalization(&args.model, &data, &scores)?;
+        save_normalization(&args.model, &data, &scored.logits)?;
     }
     if args.json {
         let text = serde_json::to_string(&report).map_err(|e| Error::internal(e.to_string()))?;

@@ -1,6 +1,8 @@
 //! Reward normalisation, as OpenRLHF does it: the mean and standard deviation of a model's
-//! rewards over an evaluation set, kept in the model folder, so that an RLHF loop can ask
-//! for (r - mean) / std (`rcx score --normalize`, `rcx serve --normalize`).
+//! raw rewards (the head's outputs, rcx's logits) over an evaluation set, kept in the model
+//! folder, so that an RLHF loop can ask for (logit - mean) / std (`rcx score --normalize`,
+//! `rcx serve --normalize`). These are OpenRLHF's numbers under OpenRLHF's keys: a folder's
+//! statistics mean the same to both programs.
 //!
 //! The statistics live in the folder's `config.json` under OpenRLHF's own keys `"mean"` and
 //! `"std"`. transformers keeps unknown config keys as attributes, so the folder stays
@@ -9,13 +11,16 @@
 //! overwrites it with its caller's `--normalize_reward` before the model reads it, so whether
 //! rewards are normalised is the caller's choice there, as `--normalize` is here; a flag in
 //! the folder would say something that neither program reads.
-//! `r` is the reward rcx prints (sigmoid of the logit); `std` is the sample standard
-//! deviation (n - 1 in the denominator), as `torch.std`, which OpenRLHF uses, computes it.
+//! They are of the logits, not of rcx's rewards sigmoid(logit): OpenRLHF's reward is the
+//! head's raw output, and a normalised reward is that output standardised (the sigmoid's
+//! order, which is all a ranking says, is kept). `std` is the sample standard deviation
+//! (n - 1 in the denominator), as `torch.std`, which OpenRLHF uses, computes it. rcx before
+//! 2026-12-04 wrote the statistics of sigmoid(logit) under these keys: recompute them for
+//! such a folder with `rcx eval --save-normalization`.
 //! `rcx train` writes them at the final save from the final evaluation's rewards;
 //! `rcx eval --save-normalization` writes them for any folder from a data file's rewards.
 
 use crate::error::{Error, Result};
-use crate::scoring::PromptScores;
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -23,7 +28,7 @@ use std::path::Path;
 pub const MEAN_KEY: &str = "mean";
 pub const STD_KEY: &str = "std";
 
-/// The mean and sample standard deviation of a model's rewards.
+/// The mean and sample standard deviation of a model's logits (raw rewards).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RewardStats {
     pub mean: f64,
@@ -69,19 +74,21 @@ impl RewardStats {
         Ok(RewardStats { mean, std })
     }
 
-    pub fn normalize(&self, reward: f64) -> f64 {
-        (reward - self.mean) / self.std
+    /// (logit - mean) / std.
+    pub fn normalize(&self, logit: f64) -> f64 {
+        (logit - self.mean) / self.std
     }
 }
 
-/// The statistics of the final evaluation's rewards (every completion of every prompt it
+/// Every logit of scored prompts ([prompts][K]), for the statistics.
+pub fn all_logits(logits: &[Vec<f32>]) -> Vec<f64> {
+    logits.iter().flatten().map(|&l| l as f64).collect()
+}
+
+/// The statistics of the final evaluation's logits (every completion of every prompt it
 /// scored); None, with a warning, when they cannot normalise anything.
-pub fn final_stats(scores: &[PromptScores]) -> Option<RewardStats> {
-    let rewards: Vec<f64> = scores
-        .iter()
-        .flat_map(|s| s.rewards.iter().copied())
-        .collect();
-    match RewardStats::of_rewards(&rewards) {
+pub fn final_stats(logits: &[Vec<f32>]) -> Option<RewardStats> {
+    match RewardStats::of_rewards(&all_logits(logits)) {
         Ok(stats) => Some(stats),
         Err(why) => {
             eprintln!(

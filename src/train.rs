@@ -864,7 +864,7 @@ fn train_rank(cfg: &Config, opts: RunOptions, world: Option<&WorldEnv>) -> Resul
             )?;
             let scores = prompt_scores(&eval_set, &logits);
             if done == cfg.max_steps {
-                final_reward_stats = crate::reward_norm::final_stats(&scores);
+                final_reward_stats = crate::reward_norm::final_stats(&logits);
             }
             let loss = eval_loss(&scores, &eval_set, cfg)?;
             let report = summarize(&scores, Some((&cfg.loss, cfg.eps)))?;

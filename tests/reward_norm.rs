@@ -1,7 +1,7 @@
-//! Reward normalisation end to end: a tiny run saves the mean and sample std of its final
-//! evaluation's rewards in config.json; they equal the statistics of `rcx score`'s rewards
-//! on the eval set computed here; `rcx score --normalize` gives (r - mean) / std (mean 0,
-//! std 1 there); `rcx serve --normalize` answers the same numbers; a folder without the
+//! Reward normalisation end to end, as OpenRLHF's: a tiny run saves the mean and sample std
+//! of its final evaluation's logits (the raw rewards) in config.json; they equal the
+//! statistics of `rcx score`'s logits on the eval set computed here; `rcx score
+//! --normalize` gives (logit - mean) / std (mean 0, std 1 there); `rcx serve --normalize` answers the same numbers; a folder without the
 //! statistics (or with bad ones) is a one-line error, exit 2; `rcx eval
 //! --save-normalization` computes them for a folder that lacks them.
 
@@ -98,7 +98,9 @@ fn score(model: &Path, data: &Path, extra: &[&str]) -> (Vec<f64>, Vec<f64>) {
         .lines()
         .map(|line| {
             let v: Value = serde_json::from_str(line).unwrap();
-            (v["logit"].as_f64().unwrap(), v["reward"].as_f64().unwrap())
+            // The logit is printed as the f32 it is: back to that f32, exactly.
+            let logit = v["logit"].as_f64().unwrap() as f32 as f64;
+            (logit, v["reward"].as_f64().unwrap())
         })
         .unzip()
 }
@@ -154,7 +156,13 @@ fn training_saves_the_eval_sets_reward_statistics_and_score_normalizes_with_them
 
     let (logits, rewards) = score(model(), &eval, &[]);
     assert_eq!(rewards.len(), 16 * 4, "every completion of the eval set");
-    let (want_mean, want_std) = mean_and_sample_std(&rewards);
+    // Of the logits, OpenRLHF's raw rewards, not of the sigmoid rewards.
+    let (want_mean, want_std) = mean_and_sample_std(&logits);
+    let (sigmoid_mean, _) = mean_and_sample_std(&rewards);
+    assert!(
+        (mean - sigmoid_mean).abs() > 1e-6,
+        "statistics of the sigmoid rewards"
+    );
     // The training engine's eval forward and `rcx score` run the same CPU code on the
     // same batches; the tolerance only allows for summation order.
     assert!((mean - want_mean).abs() < 1e-9, "{mean} vs {want_mean}");
@@ -166,8 +174,8 @@ fn training_saves_the_eval_sets_reward_statistics_and_score_normalizes_with_them
         norm_logits, logits,
         "the logits stay as the model gives them"
     );
-    for (n, r) in normalized.iter().zip(&rewards) {
-        assert!((n - (r - mean) / std).abs() < 1e-12, "{n} vs {r}");
+    for (n, l) in normalized.iter().zip(&logits) {
+        assert!((n - (l - mean) / std).abs() < 1e-12, "{n} vs {l}");
     }
     let (n_mean, n_std) = mean_and_sample_std(&normalized);
     assert!(n_mean.abs() < 1e-6, "normalised mean {n_mean}");
@@ -239,9 +247,9 @@ fn eval_save_normalization_computes_them_for_an_existing_folder() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("saved reward normalisation"), "{stderr}");
 
-    // The statistics of every reward of the file given, the other keys untouched.
-    let (_, rewards) = score(&bare, &data, &[]);
-    let (want_mean, want_std) = mean_and_sample_std(&rewards);
+    // The statistics of every logit of the file given, the other keys untouched.
+    let (logits, _) = score(&bare, &data, &[]);
+    let (want_mean, want_std) = mean_and_sample_std(&logits);
     let (mean, std) = saved_stats(&bare);
     assert!((mean - want_mean).abs() < 1e-12, "{mean} vs {want_mean}");
     assert!((std - want_std).abs() < 1e-12, "{std} vs {want_std}");
@@ -252,9 +260,9 @@ fn eval_save_normalization_computes_them_for_an_existing_folder() {
     // mean and std only: no "normalize_reward" (see the training test).
     assert_eq!(after.len(), before.len() + 2, "{after:?}");
     let (_, normalized) = score(&bare, &eval, &["--normalize"]);
-    let (_, raw) = score(&bare, &eval, &[]);
-    for (n, r) in normalized.iter().zip(&raw) {
-        assert!((n - (r - mean) / std).abs() < 1e-12);
+    let (raw, _) = score(&bare, &eval, &[]);
+    for (n, l) in normalized.iter().zip(&raw) {
+        assert!((n - (l - mean) / std).abs() < 1e-12);
     }
 }
 
@@ -351,9 +359,9 @@ fn serve_normalize_answers_score_normalizes_numbers() {
             let (logit, reward) = (logit.as_f64().unwrap(), reward.as_f64().unwrap());
             // Batched with other sequences than `rcx score`'s, a logit may differ in f32
             // summation order (1e-5, as tests/serve.rs allows); a normalised reward then
-            // by at most sigmoid' <= 1/4 of that over std.
+            // by that over std.
             assert!((logit - logits[i]).abs() < 1e-5, "{logit} vs {}", logits[i]);
-            let tolerance = 0.25e-5 / std + 1e-12;
+            let tolerance = 1e-5 / std + 1e-12;
             assert!(
                 (reward - normalized[i]).abs() < tolerance,
                 "completion {i}: serve {reward}, rcx score --normalize {}",
@@ -381,8 +389,7 @@ fn serve_normalize_answers_score_normalizes_numbers() {
         .zip(answer["logits"].as_array().unwrap())
     {
         let logit = logit.as_f64().unwrap() as f32 as f64;
-        let raw = 1.0 / (1.0 + (-logit).exp());
-        assert!((reward.as_f64().unwrap() - (raw - mean) / std).abs() < 1e-9);
+        assert!((reward.as_f64().unwrap() - (logit - mean) / std).abs() < 1e-9);
     }
 }
 
@@ -392,7 +399,7 @@ fn serve_normalize_answers_score_normalizes_numbers() {
 fn a_folders_normalize_reward_flag_changes_nothing() {
     let eval = fixture("lengths_eval.jsonl");
     let (mean, std) = saved_stats(model());
-    let (_, raw) = score(model(), &eval, &[]);
+    let (logits, raw) = score(model(), &eval, &[]);
     for flag in [true, false] {
         let dir = copy_of_model(&format!("flag-{flag}"), |c| {
             c.insert("normalize_reward".into(), json!(flag));
@@ -400,9 +407,9 @@ fn a_folders_normalize_reward_flag_changes_nothing() {
         let (_, plain) = score(&dir, &eval, &[]);
         assert_eq!(plain, raw, "normalize_reward {flag} without --normalize");
         let (_, normalized) = score(&dir, &eval, &["--normalize"]);
-        for (n, r) in normalized.iter().zip(&raw) {
+        for (n, l) in normalized.iter().zip(&logits) {
             assert!(
-                (n - (r - mean) / std).abs() < 1e-12,
+                (n - (l - mean) / std).abs() < 1e-12,
                 "normalize_reward {flag}"
             );
         }
