@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::COLUMN_CHUNK;
+use super::vecmath::{as_f32, as_f32_mut, with_avx512_or_avx2};
+use super::{COLUMN_CHUNK, ELEMENTWISE_CHUNK};
 use crate::float::Float;
 
 /// out[n, c] = (inp - mean) · rstd · weight[c] + bias[c], row by row; saves mean[n] and
@@ -29,6 +30,23 @@ pub fn layernorm_forward<F: Float>(
     if out.is_empty() {
         return;
     }
+    if let (Some(out), Some(mean), Some(rstd), Some(inp), Some(weight), Some(bias)) = (
+        as_f32_mut(out),
+        as_f32_mut(mean),
+        as_f32_mut(rstd),
+        as_f32(inp),
+        as_f32(weight),
+        as_f32(bias),
+    ) {
+        let rows = (ELEMENTWISE_CHUNK / c).max(1);
+        out.par_chunks_mut(rows * c)
+            .zip(inp.par_chunks(rows * c))
+            .zip(mean.par_chunks_mut(rows).zip(rstd.par_chunks_mut(rows)))
+            .for_each(|((out, inp), (mean, rstd))| {
+                layernorm_rows_f32(out, mean, rstd, inp, weight, bias, eps)
+            });
+        return;
+    }
     out.par_chunks_mut(c)
         .zip(inp.par_chunks(c))
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
@@ -48,6 +66,56 @@ pub fn layernorm_forward<F: Float>(
             *mean_i = F::from_f64(m);
             *rstd_i = F::from_f64(rs);
         });
+}
+
+/// `layernorm_forward` of rows of f32 (c = weight.len()), compiled for AVX-512 or AVX2
+/// where the CPU has them. The row sums are 8 strided partial sums combined pairwise
+/// (`sum8`), which those builds run as vectors where one serial chain of dependent f64
+/// adds held the generic path; the order is fixed, so every build gives the same bits.
+fn layernorm_rows_f32(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f64,
+) {
+    with_avx512_or_avx2!(rows_avx512, rows_avx2(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], eps: f64) {
+        let c = weight.len();
+        let rows = out.chunks_exact_mut(c).zip(inp.chunks_exact(c));
+        for ((out_row, inp_row), (mean_i, rstd_i)) in rows.zip(mean.iter_mut().zip(rstd)) {
+            // Two passes: the centred sum of squares does not cancel like E[x²] - E[x]².
+            let m = sum8(inp_row, |x| x as f64) / c as f64;
+            let var = sum8(inp_row, |x| (x as f64 - m) * (x as f64 - m)) / c as f64;
+            let rs = 1.0 / (var + eps).sqrt();
+            for (((o, &x), &w), &b) in out_row.iter_mut().zip(inp_row).zip(weight).zip(bias) {
+                let norm = (x as f64 - m) * rs;
+                *o = (norm * w as f64 + b as f64) as f32;
+            }
+            *mean_i = m as f32;
+            *rstd_i = rs as f32;
+        }
+    })
+}
+
+/// Σ f(x) over `row` in f64, as 8 partial sums over the elements i mod 8, then
+/// ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)).
+#[inline(always)]
+fn sum8(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += f(x);
+        }
+    }
+    for (lane, &x) in lanes.iter_mut().zip(rest) {
+        *lane += f(x);
+    }
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 }
 
 /// dinp[n, c] += ∂L/∂inp; dweight[c] += Σ_rows dout · norm; dbias[c] += Σ_rows dout,

@@ -79,6 +79,8 @@ macro_rules! with_avx512_or_avx2 {
     }};
 }
 
+pub(crate) use with_avx512_or_avx2;
+
 /// As `with_avx2`, for integer-heavy loops that need AVX-512's 64-bit multiply and
 /// conversions (vpmullq, vcvtuqq2pd) to vectorise; integer results are exact, so both
 /// builds compute the same bits.
