@@ -13,6 +13,8 @@
 #   --model    default: a bert-tiny trained for 2 steps on the shipped set (weights do not
 #              change the speed), written under target/tmp/bench-serve/
 #   --seconds  measured seconds per (server, clients) point, after 1 s of warm-up (default 10)
+#   --max-batch  rcx's gather (default 256: on a CPU a forward gains little past ~8
+#              sequences, but a larger gather sorts by length better, so pads less)
 #   --threads  compute threads of each server (default: all cores)
 # Needs a python with torch and transformers in $PYTHON (default python3). Loopback only.
 set -euo pipefail
@@ -23,7 +25,7 @@ MODEL=""
 SECONDS_PER_POINT=10
 CLIENTS="1 16 64"
 COMPLETIONS=8
-MAX_BATCH=64
+MAX_BATCH=256
 MAX_WAIT_MS=5
 THREADS="$(nproc)"
 while [ $# -gt 0 ]; do

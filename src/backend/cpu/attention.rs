@@ -5,8 +5,11 @@
 
 use rayon::prelude::*;
 
+use std::any::TypeId;
+
 use super::SendPtr;
 use super::dropout::dropout_forward_at;
+use super::matmul_avx512;
 use super::vecmath::{as_f32_mut, exp_nonpositive_f32};
 use crate::float::Float;
 
@@ -76,10 +79,13 @@ pub fn attention_forward<F: Float>(
     let scale = F::from_f64(1.0 / (hs as f64).sqrt());
     let out_ptr = SendPtr(out.as_mut_ptr());
     probs.par_chunks_mut(t * t).enumerate().for_each_init(
-        // dropped [t, t]: the head's weights after dropout; scratch, one per rayon job
-        // rather than per head, empty without dropout.
-        || vec![F::ZERO; if dropout.is_some() { t * t } else { 0 }],
-        |dropped, (seq_head, probs)| {
+        // dropped [t, t]: the head's weights after dropout (empty without dropout), and the
+        // products' packing scratch; one per rayon job rather than per head.
+        || {
+            let dropped = vec![F::ZERO; if dropout.is_some() { t * t } else { 0 }];
+            (dropped, Vec::new())
+        },
+        |(dropped, packed), (seq_head, probs)| {
             let (seq, head) = (seq_head / nh, seq_head % nh);
             // First element of this head in the [b, t, nh*hs] tensors; rows are `channels` apart.
             let base = seq * t * channels + head * hs;
@@ -89,21 +95,13 @@ pub fn attention_forward<F: Float>(
             // tasks write disjoint heads of out, and out aliases no input.
             unsafe {
                 // probs = scale · q kᵀ (kᵀ: k read with swapped strides)
-                F::gemm(
-                    t,
-                    hs,
-                    t,
+                head_gemm(
+                    (t, hs, t),
                     scale,
-                    q.as_ptr().add(base),
-                    channels as isize,
-                    1,
-                    k.as_ptr().add(base),
-                    1,
-                    channels as isize,
-                    F::ZERO,
-                    probs.as_mut_ptr(),
-                    t as isize,
-                    1,
+                    (q.as_ptr().add(base), channels),
+                    (k.as_ptr().add(base), 1, channels),
+                    (probs.as_mut_ptr(), t),
+                    packed,
                 );
             }
             let any_real = mask.iter().any(|&m| m != 0);
@@ -120,25 +118,68 @@ pub fn attention_forward<F: Float>(
             };
             unsafe {
                 // out = weights · v
-                F::gemm(
-                    t,
-                    t,
-                    hs,
+                head_gemm(
+                    (t, t, hs),
                     F::ONE,
-                    weights.as_ptr(),
-                    t as isize,
-                    1,
-                    v.as_ptr().add(base),
-                    channels as isize,
-                    1,
-                    F::ZERO,
-                    out_ptr.get().add(base),
-                    channels as isize,
-                    1,
+                    (weights.as_ptr(), t),
+                    (v.as_ptr().add(base), channels, 1),
+                    (out_ptr.get().add(base), channels),
+                    packed,
                 );
             }
         },
     );
+}
+
+/// c[m, n] = alpha · a[m, k] · b[k, n] for one head, on this thread (a's and c's columns
+/// unit-strided, b's element (i, j) at i·b_rs + j·b_cs): rcx's AVX-512 kernel for f32 where
+/// the CPU has it (`matmul_avx512::gemm_single`, `packed` its scratch), matrixmultiply
+/// otherwise.
+///
+/// # Safety
+/// As `Float::gemm` with those strides: every addressed element inside its allocation, c
+/// overlapping neither a nor b.
+unsafe fn head_gemm<F: Float>(
+    (m, k, n): (usize, usize, usize),
+    alpha: F,
+    (a, a_rs): (*const F, usize),
+    (b, b_rs, b_cs): (*const F, usize, usize),
+    (c, c_rs): (*mut F, usize),
+    packed: &mut Vec<f32>,
+) {
+    if TypeId::of::<F>() == TypeId::of::<f32>() && matmul_avx512::available() {
+        // SAFETY: F is f32, so the casts change nothing; the caller's contract.
+        unsafe {
+            matmul_avx512::gemm_single(
+                (m, k, n),
+                alpha.to_f64() as f32,
+                (a.cast(), a_rs),
+                (b.cast(), b_rs, b_cs),
+                (c.cast(), c_rs),
+                packed,
+            )
+        }
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe {
+            F::gemm(
+                m,
+                k,
+                n,
+                alpha,
+                a,
+                a_rs as isize,
+                1,
+                b,
+                b_rs as isize,
+                b_cs as isize,
+                F::ZERO,
+                c,
+                c_rs as isize,
+                1,
+            )
+        }
+    }
 }
 
 /// Lanes of the softmax's max and sum: independent accumulators the compiler keeps in

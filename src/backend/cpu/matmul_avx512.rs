@@ -9,7 +9,9 @@
 //!
 //! Every output element is its bias (or 0) plus the products over k in order, each a
 //! fused multiply-add, whatever block or thread computes it: the result does not depend on
-//! the thread count.
+//! the thread count. `gemm_single` runs the same blocks on one thread for the attention's
+//! per-head products (scale · Q Kᵀ, P V), where matrixmultiply's packing of both [t, 64]
+//! operands cost about two fifths of its time.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -54,6 +56,58 @@ fn pack_weight(weight: &[f32], c: usize, oc: usize) -> Vec<f32> {
     packed
 }
 
+/// c[m, n] = alpha · a[m, k] · b[k, n] on this thread: a's rows `a_rs` apart (unit column
+/// stride), b's element (i, j) at `b + i·b_rs + j·b_cs`, c's rows `c_rs` apart. `packed` is
+/// scratch for b's panels, reused between calls. Call only where `available()`.
+///
+/// # Safety
+/// Every element those strides address lies in one allocation, c's m x n block included;
+/// c overlaps neither a nor b.
+pub unsafe fn gemm_single(
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    (a, a_rs): (*const f32, usize),
+    (b, b_rs, b_cs): (*const f32, usize, usize),
+    (c, c_rs): (*mut f32, usize),
+    packed: &mut Vec<f32>,
+) {
+    assert!(
+        available(),
+        "matmul_avx512::gemm_single on a CPU without AVX-512F"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    packed.clear();
+    packed.resize(n.div_ceil(NR) * k * NR, 0.0);
+    for (p, panel) in packed.chunks_exact_mut(k * NR).enumerate() {
+        for j in 0..NR.min(n - p * NR) {
+            for kk in 0..k {
+                // SAFETY: the caller's contract covers b's k x n elements.
+                panel[kk * NR + j] = unsafe { *b.add(kk * b_rs + (p * NR + j) * b_cs) };
+            }
+        }
+    }
+    for block in (0..m).step_by(MR) {
+        for (p, panel) in packed.chunks_exact(k * NR).enumerate() {
+            let at = Block {
+                // SAFETY (pointer arithmetic): inside c's and a's blocks (the contract).
+                out: unsafe { c.add(block * c_rs + p * NR) },
+                out_stride: c_rs,
+                inp: unsafe { a.add(block * a_rs) },
+                inp_stride: a_rs,
+                panel,
+                bias: None,
+                alpha,
+                c: k,
+                cols: NR.min(n - p * NR),
+            };
+            // SAFETY: AVX-512F asserted; the block's rows of a and c lie in the caller's.
+            unsafe { at.run(MR.min(m - block)) };
+        }
+    }
+}
+
 /// out[n, oc] = inp[n, c] · weight[oc, c]^T + bias[oc]. Call only where `available()`.
 pub fn forward(
     out: &mut [f32],
@@ -96,13 +150,16 @@ pub fn forward(
                 for (p, panel) in packed.chunks_exact(c * NR).enumerate() {
                     let cols = NR.min(oc - p * NR);
                     let bias = bias.map(|b| &b[p * NR..p * NR + cols]);
+                    let rows_of_inp = &inp[block * c..(block + block_rows) * c];
                     let at = Block {
                         // SAFETY (of the pointer arithmetic): block < n and p * NR < oc.
                         out: unsafe { out_ptr.get().add(block * oc + p * NR) },
                         out_stride: oc,
-                        inp: &inp[block * c..(block + block_rows) * c],
+                        inp: rows_of_inp.as_ptr(),
+                        inp_stride: c,
                         panel,
                         bias,
+                        alpha: 1.0,
                         c,
                         cols,
                     };
@@ -115,22 +172,25 @@ pub fn forward(
         });
 }
 
-/// One block of out: `rows` (≤ MR) rows of `inp` against one weight panel, written to
-/// `cols` (≤ NR) columns from `out`.
+/// One block of out: alpha · (`rows` (≤ MR) rows of `inp` against one weight panel, plus
+/// the bias), written to `cols` (≤ NR) columns from `out`.
 struct Block<'a> {
     out: *mut f32,
     out_stride: usize,
-    inp: &'a [f32],          // [rows, c]
+    inp: *const f32, // [rows, c], rows `inp_stride` apart
+    inp_stride: usize,
     panel: &'a [f32],        // [c, NR]
     bias: Option<&'a [f32]>, // [cols]
+    alpha: f32,
     c: usize,
     cols: usize,
 }
 
 impl Block<'_> {
     /// # Safety
-    /// The CPU has AVX-512F; `out` is valid for writes of `rows` rows of `cols` elements,
-    /// `out_stride` apart, that nothing else touches meanwhile.
+    /// The CPU has AVX-512F; `inp` is valid for reads of `rows` rows of `c` elements,
+    /// `inp_stride` apart; `out` for writes of `rows` rows of `cols` elements, `out_stride`
+    /// apart, that nothing else touches meanwhile.
     #[cfg(target_arch = "x86_64")]
     unsafe fn run(&self, rows: usize) {
         // SAFETY: forwarded.
@@ -156,8 +216,8 @@ impl Block<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn rows<const ROWS: usize>(&self) {
-        let c = self.c;
-        assert!(self.inp.len() == ROWS * c && self.panel.len() == c * NR);
+        let (c, stride) = (self.c, self.inp_stride);
+        assert!(self.panel.len() == c * NR);
         let lanes = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
         let (low, high) = (lanes(self.cols), lanes(self.cols.saturating_sub(16)));
         // SAFETY: masked loads read only the `cols` elements of the bias.
@@ -171,25 +231,27 @@ impl Block<'_> {
             None => [_mm512_setzero_ps(); 2],
         };
         let mut acc = [start; ROWS];
-        let (inp, panel) = (self.inp.as_ptr(), self.panel.as_ptr());
+        let (inp, panel) = (self.inp, self.panel.as_ptr());
         for k in 0..c {
-            // SAFETY: k < c, so k·NR + 31 < c·NR and r·c + k < ROWS·c (asserted lengths).
+            // SAFETY: k < c, so k·NR + 31 < c·NR (asserted length), and row r's element k
+            // is the caller's (the contract).
             unsafe {
                 let w_low = _mm512_loadu_ps(panel.add(k * NR));
                 let w_high = _mm512_loadu_ps(panel.add(k * NR + 16));
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let x = _mm512_set1_ps(*inp.add(r * c + k));
+                    let x = _mm512_set1_ps(*inp.add(r * stride + k));
                     row[0] = _mm512_fmadd_ps(x, w_low, row[0]);
                     row[1] = _mm512_fmadd_ps(x, w_high, row[1]);
                 }
             }
         }
+        let alpha = _mm512_set1_ps(self.alpha);
         for (r, row) in acc.iter().enumerate() {
             // SAFETY: the caller's contract: row r of the block, `cols` elements (masked).
             unsafe {
                 let out = self.out.add(r * self.out_stride);
-                _mm512_mask_storeu_ps(out, low, row[0]);
-                _mm512_mask_storeu_ps(out.wrapping_add(16), high, row[1]);
+                _mm512_mask_storeu_ps(out, low, _mm512_mul_ps(alpha, row[0]));
+                _mm512_mask_storeu_ps(out.wrapping_add(16), high, _mm512_mul_ps(alpha, row[1]));
             }
         }
     }
@@ -258,6 +320,55 @@ mod tests {
                         "n {n} c {c} oc {oc} bias {with_bias}: element {i} {got} against {want}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_single_matches_the_f64_reference_with_strides() {
+        if !available() {
+            eprintln!("matmul_avx512: skipped, this CPU has no AVX-512F");
+            return;
+        }
+        let mut rng = Rng::new(9);
+        // One head of a [t, 3 x 64] tensor: a and b rows 192 apart; b read transposed (Kᵀ,
+        // b_cs = the row stride) and not (V, b_rs = the row stride); c rows wider than n.
+        for &(m, k, n, transposed) in &[(37, 64, 37, false), (37, 64, 37, true), (5, 3, 70, true)] {
+            let stride = 192;
+            let a = random(&mut rng, m * stride);
+            let b = random(&mut rng, k.max(n) * stride);
+            let (b_rs, b_cs) = if transposed { (1, stride) } else { (stride, 1) };
+            let c_rs = n + 3;
+            let mut c = vec![f32::NAN; m * c_rs];
+            let mut packed = Vec::new();
+            // SAFETY: every strided element lies inside a, b and c (sizes above).
+            unsafe {
+                gemm_single(
+                    (m, k, n),
+                    0.125,
+                    (a.as_ptr(), stride),
+                    (b.as_ptr(), b_rs, b_cs),
+                    (c.as_mut_ptr(), c_rs),
+                    &mut packed,
+                )
+            };
+            for i in 0..m {
+                for j in 0..n {
+                    let terms =
+                        (0..k).map(|kk| a[i * stride + kk] as f64 * b[kk * b_rs + j * b_cs] as f64);
+                    let magnitude = terms.clone().map(f64::abs).sum::<f64>() * 0.125;
+                    let want = terms.sum::<f64>() * 0.125;
+                    let bound = (k as f64 + 2.0) * f32::EPSILON as f64 / 2.0 * magnitude;
+                    let got = c[i * c_rs + j] as f64;
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "{m}x{k}x{n} ({i}, {j}): {got} against {want}"
+                    );
+                }
+                assert!(
+                    c[i * c_rs + n..(i + 1) * c_rs].iter().all(|x| x.is_nan()),
+                    "wrote past n"
+                );
             }
         }
     }
