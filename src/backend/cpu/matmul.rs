@@ -123,6 +123,9 @@ pub fn matmul_forward<F: Float>(
         oc * c,
         "matmul_forward: weight is not [oc, c]"
     );
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), oc, "matmul_forward: bias is not [oc]");
+    }
     if out.is_empty() {
         return;
     }
@@ -138,7 +141,6 @@ pub fn matmul_forward<F: Float>(
     }
     let beta = match bias {
         Some(bias) => {
-            assert_eq!(bias.len(), oc, "matmul_forward: bias is not [oc]");
             let rows_per_task = (ELEMENTWISE_CHUNK / oc).max(1);
             out.par_chunks_mut(rows_per_task * oc).for_each(|rows| {
                 for row in rows.chunks_exact_mut(oc) {
