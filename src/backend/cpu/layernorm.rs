@@ -30,48 +30,56 @@ pub fn layernorm_forward<F: Float>(
     if out.is_empty() {
         return;
     }
-    if let (Some(out), Some(mean), Some(rstd), Some(inp), Some(weight), Some(bias)) = (
-        as_f32_mut(out),
-        as_f32_mut(mean),
-        as_f32_mut(rstd),
-        as_f32(inp),
-        as_f32(weight),
-        as_f32(bias),
-    ) {
-        let rows = (ELEMENTWISE_CHUNK / c).max(1);
-        out.par_chunks_mut(rows * c)
-            .zip(inp.par_chunks(rows * c))
-            .zip(mean.par_chunks_mut(rows).zip(rstd.par_chunks_mut(rows)))
-            .for_each(|((out, inp), (mean, rstd))| {
-                layernorm_rows_f32(out, mean, rstd, inp, weight, bias, eps)
-            });
-        return;
-    }
-    out.par_chunks_mut(c)
-        .zip(inp.par_chunks(c))
-        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
-        .for_each(|((out_row, inp_row), (mean_i, rstd_i))| {
-            // Two passes: the centred sum of squares does not cancel like E[x²] - E[x]².
-            let m = inp_row.iter().map(|x| x.to_f64()).sum::<f64>() / c as f64;
-            let var = inp_row
-                .iter()
-                .map(|x| (x.to_f64() - m) * (x.to_f64() - m))
-                .sum::<f64>()
-                / c as f64;
-            let rs = 1.0 / (var + eps).sqrt();
-            for (((o, x), w), b) in out_row.iter_mut().zip(inp_row).zip(weight).zip(bias) {
-                let norm = (x.to_f64() - m) * rs;
-                *o = F::from_f64(norm * w.to_f64() + b.to_f64());
+    let rows = (ELEMENTWISE_CHUNK / c).max(1);
+    out.par_chunks_mut(rows * c)
+        .zip(inp.par_chunks(rows * c))
+        .zip(mean.par_chunks_mut(rows).zip(rstd.par_chunks_mut(rows)))
+        .for_each(|((out, inp), (mean, rstd))| {
+            if let (Some(out), Some(mean), Some(rstd), Some(inp), Some(weight), Some(bias)) = (
+                as_f32_mut(out),
+                as_f32_mut(mean),
+                as_f32_mut(rstd),
+                as_f32(inp),
+                as_f32(weight),
+                as_f32(bias),
+            ) {
+                return layernorm_rows_f32(out, mean, rstd, inp, weight, bias, eps);
             }
-            *mean_i = F::from_f64(m);
-            *rstd_i = F::from_f64(rs);
+            layernorm_rows(out, mean, rstd, inp, weight, bias, eps)
         });
 }
 
-/// `layernorm_forward` of rows of f32 (c = weight.len()), compiled for AVX-512 or AVX2
-/// where the CPU has them. The row sums are 8 strided partial sums combined pairwise
-/// (`sum8`), which those builds run as vectors where one serial chain of dependent f64
-/// adds held the generic path; the order is fixed, so every build gives the same bits.
+/// `layernorm_forward` of whole rows (c = weight.len()). The row sums are 8 strided partial
+/// sums combined pairwise (`sum8`), which the vector builds of `layernorm_rows_f32` run as
+/// vectors where one serial chain of dependent f64 adds would hold them; the order is
+/// fixed, so every build gives the same bits.
+#[inline(always)]
+fn layernorm_rows<F: Float>(
+    out: &mut [F],
+    mean: &mut [F],
+    rstd: &mut [F],
+    inp: &[F],
+    weight: &[F],
+    bias: &[F],
+    eps: f64,
+) {
+    let c = weight.len();
+    let rows = out.chunks_exact_mut(c).zip(inp.chunks_exact(c));
+    for ((out_row, inp_row), (mean_i, rstd_i)) in rows.zip(mean.iter_mut().zip(rstd)) {
+        // Two passes: the centred sum of squares does not cancel like E[x²] - E[x]².
+        let m = sum8(inp_row, |x| x.to_f64()) / c as f64;
+        let var = sum8(inp_row, |x| (x.to_f64() - m) * (x.to_f64() - m)) / c as f64;
+        let rs = 1.0 / (var + eps).sqrt();
+        for (((o, x), w), b) in out_row.iter_mut().zip(inp_row).zip(weight).zip(bias) {
+            let norm = (x.to_f64() - m) * rs;
+            *o = F::from_f64(norm * w.to_f64() + b.to_f64());
+        }
+        *mean_i = F::from_f64(m);
+        *rstd_i = F::from_f64(rs);
+    }
+}
+
+/// `layernorm_rows` of f32, compiled for AVX-512 or AVX2 where the CPU has them.
 fn layernorm_rows_f32(
     out: &mut [f32],
     mean: &mut [f32],
@@ -82,27 +90,14 @@ fn layernorm_rows_f32(
     eps: f64,
 ) {
     with_avx512_or_avx2!(rows_avx512, rows_avx2(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], eps: f64) {
-        let c = weight.len();
-        let rows = out.chunks_exact_mut(c).zip(inp.chunks_exact(c));
-        for ((out_row, inp_row), (mean_i, rstd_i)) in rows.zip(mean.iter_mut().zip(rstd)) {
-            // Two passes: the centred sum of squares does not cancel like E[x²] - E[x]².
-            let m = sum8(inp_row, |x| x as f64) / c as f64;
-            let var = sum8(inp_row, |x| (x as f64 - m) * (x as f64 - m)) / c as f64;
-            let rs = 1.0 / (var + eps).sqrt();
-            for (((o, &x), &w), &b) in out_row.iter_mut().zip(inp_row).zip(weight).zip(bias) {
-                let norm = (x as f64 - m) * rs;
-                *o = (norm * w as f64 + b as f64) as f32;
-            }
-            *mean_i = m as f32;
-            *rstd_i = rs as f32;
-        }
+        layernorm_rows(out, mean, rstd, inp, weight, bias, eps)
     })
 }
 
 /// Σ f(x) over `row` in f64, as 8 partial sums over the elements i mod 8, then
 /// ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)).
 #[inline(always)]
-fn sum8(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+fn sum8<F: Float>(row: &[F], f: impl Fn(F) -> f64) -> f64 {
     let mut lanes = [0.0f64; 8];
     let chunks = row.chunks_exact(8);
     let rest = chunks.remainder();

@@ -38,22 +38,61 @@ pub fn available() -> bool {
     }
 }
 
-/// weight [oc, c] as panels of NR output columns, panel p holding [c][NR] (columns past oc
-/// are zero).
-fn pack_weight(weight: &[f32], c: usize, oc: usize) -> Vec<f32> {
-    let mut packed = vec![0.0; oc.div_ceil(NR) * c * NR];
-    packed
-        .par_chunks_mut(c * NR)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            for j in 0..NR.min(oc - p * NR) {
-                let row = &weight[(p * NR + j) * c..][..c];
-                for (k, &w) in row.iter().enumerate() {
-                    panel[k * NR + j] = w;
-                }
-            }
-        });
-    packed
+/// Panel p of b [k, n] (element (i, j) at `i·b_rs + j·b_cs`): [k][NR] of its columns
+/// p·NR.., those past n zero.
+///
+/// # Safety
+/// Every element of b's k x n block lies in one allocation.
+unsafe fn pack_panel(
+    panel: &mut [f32],
+    p: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    n: usize,
+) {
+    for j in 0..NR.min(n - p * NR) {
+        for (kk, column) in panel.chunks_exact_mut(NR).enumerate() {
+            // SAFETY: kk < k and p·NR + j < n (the contract).
+            column[j] = unsafe { *b.add(kk * b_rs + (p * NR + j) * b_cs) };
+        }
+    }
+}
+
+/// c[rows, n] = alpha · a[rows, k] · (the packed panels' b) + bias, block by block.
+///
+/// # Safety
+/// The CPU has AVX-512F; a's `rows` rows of k elements, `a_rs` apart, are readable; c's
+/// `rows` rows of n elements, `c_rs` apart, writable and touched by nobody else meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_blocks(
+    rows: usize,
+    (a, a_rs): (*const f32, usize),
+    packed: &[f32],
+    (k, n): (usize, usize),
+    bias: Option<&[f32]>,
+    alpha: f32,
+    (c, c_rs): (*mut f32, usize),
+) {
+    for block in (0..rows).step_by(MR) {
+        for (p, panel) in packed.chunks_exact(k * NR).enumerate() {
+            let cols = NR.min(n - p * NR);
+            let at = Block {
+                // SAFETY (pointer arithmetic): block < rows and p·NR < n (the contract).
+                out: unsafe { c.add(block * c_rs + p * NR) },
+                out_stride: c_rs,
+                inp: unsafe { a.add(block * a_rs) },
+                inp_stride: a_rs,
+                panel,
+                bias: bias.map(|b| &b[p * NR..p * NR + cols]),
+                alpha,
+                c: k,
+                cols,
+            };
+            // SAFETY: the contract, for this block's rows and columns.
+            unsafe { at.run(MR.min(rows - block)) };
+        }
+    }
 }
 
 /// c[m, n] = alpha · a[m, k] · b[k, n] on this thread: a's rows `a_rs` apart (unit column
@@ -81,31 +120,11 @@ pub unsafe fn gemm_single(
     packed.clear();
     packed.resize(n.div_ceil(NR) * k * NR, 0.0);
     for (p, panel) in packed.chunks_exact_mut(k * NR).enumerate() {
-        for j in 0..NR.min(n - p * NR) {
-            for kk in 0..k {
-                // SAFETY: the caller's contract covers b's k x n elements.
-                panel[kk * NR + j] = unsafe { *b.add(kk * b_rs + (p * NR + j) * b_cs) };
-            }
-        }
+        // SAFETY: the caller's contract covers b.
+        unsafe { pack_panel(panel, p, b, b_rs, b_cs, n) };
     }
-    for block in (0..m).step_by(MR) {
-        for (p, panel) in packed.chunks_exact(k * NR).enumerate() {
-            let at = Block {
-                // SAFETY (pointer arithmetic): inside c's and a's blocks (the contract).
-                out: unsafe { c.add(block * c_rs + p * NR) },
-                out_stride: c_rs,
-                inp: unsafe { a.add(block * a_rs) },
-                inp_stride: a_rs,
-                panel,
-                bias: None,
-                alpha,
-                c: k,
-                cols: NR.min(n - p * NR),
-            };
-            // SAFETY: AVX-512F asserted; the block's rows of a and c lie in the caller's.
-            unsafe { at.run(MR.min(m - block)) };
-        }
-    }
+    // SAFETY: AVX-512F asserted; the caller's contract covers a and c.
+    unsafe { run_blocks(m, (a, a_rs), packed, (k, n), None, alpha, (c, c_rs)) };
 }
 
 /// out[n, oc] = inp[n, c] · weight[oc, c]^T + bias[oc]. Call only where `available()`.
@@ -122,7 +141,7 @@ pub fn forward(
         available(),
         "matmul_avx512::forward on a CPU without AVX-512F"
     );
-    // The kernel's writes rely on these (`matmul_forward` has named each already).
+    // The kernel's reads and writes rely on these (`matmul_forward` has named each already).
     assert!(
         out.len() == n * oc
             && inp.len() == n * c
@@ -133,7 +152,13 @@ pub fn forward(
     if out.is_empty() {
         return;
     }
-    let packed = pack_weight(weight, c, oc);
+    // weightᵀ [c, oc] is b: weight read with swapped strides.
+    let mut packed = vec![0.0; oc.div_ceil(NR) * c * NR];
+    packed
+        .par_chunks_mut(c * NR)
+        .enumerate()
+        // SAFETY: weight holds oc x c elements (asserted).
+        .for_each(|(p, panel)| unsafe { pack_panel(panel, p, weight.as_ptr(), 1, c, oc) });
     // About four tasks per thread, whole blocks each: balance without tiny tasks.
     let tasks = 4 * rayon::current_num_threads();
     let rows_per_task = n.div_ceil(tasks).div_ceil(MR).max(1) * MR;
@@ -143,30 +168,13 @@ pub fn forward(
         .for_each(|task| {
             let first = task * rows_per_task;
             let rows = rows_per_task.min(n - first);
-            for block in (first..first + rows).step_by(MR) {
-                let block_rows = MR.min(first + rows - block);
-                for (p, panel) in packed.chunks_exact(c * NR).enumerate() {
-                    let cols = NR.min(oc - p * NR);
-                    let bias = bias.map(|b| &b[p * NR..p * NR + cols]);
-                    let rows_of_inp = &inp[block * c..(block + block_rows) * c];
-                    let at = Block {
-                        // SAFETY (of the pointer arithmetic): block < n and p * NR < oc.
-                        out: unsafe { out_ptr.get().add(block * oc + p * NR) },
-                        out_stride: oc,
-                        inp: rows_of_inp.as_ptr(),
-                        inp_stride: c,
-                        panel,
-                        bias,
-                        alpha: 1.0,
-                        c,
-                        cols,
-                    };
-                    // SAFETY: the CPU has AVX-512F (asserted above); `at.out` spans
-                    // block_rows rows of `cols` elements of out (asserted shapes), and tasks
-                    // write disjoint row ranges.
-                    unsafe { at.run(block_rows) };
-                }
-            }
+            let a = inp[first * c..].as_ptr();
+            // SAFETY: AVX-512F asserted; rows first.. of inp and out lie in them (asserted
+            // shapes), and tasks write disjoint row ranges of out.
+            unsafe {
+                let c_block = out_ptr.get().add(first * oc);
+                run_blocks(rows, (a, c), &packed, (c, oc), bias, 1.0, (c_block, oc))
+            };
         });
 }
 

@@ -7,8 +7,8 @@
 //! becomes the sum of everyone's: a reduce-scatter in buckets) and all-reduce the tail;
 //! the update sums the squared norms of the shards (the tail counted once), updates its
 //! shard and the tail with the common clipping factor, and all-gathers the fp32 weights in
-//! place (then refreshes the bf16 copy). The result is plain data parallelism's: the same sums, the
-//! same elementwise AdamW. Checkpoints hold whole moments: `with_state` gathers them.
+//! place (then refreshes the bf16 copy). The result is plain data parallelism's: the same
+//! sums, the same elementwise AdamW. Checkpoints hold whole moments: `with_state` gathers them.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
